@@ -1,0 +1,363 @@
+//! Real etcd servers for tests: one or three members on free loopback ports,
+//! verified to be our own children, cleaned up however the test ends.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use etcd_client::{Client, ConnectOptions, GetOptions};
+
+use crate::tls::TlsMaterial;
+
+#[derive(Default, Clone)]
+pub struct EtcdOptions {
+    pub members: usize,
+    /// Serve clients over mutual TLS with this material.
+    pub tls: Option<TlsMaterial>,
+    /// `--quota-backend-bytes`.
+    pub quota_backend_bytes: Option<u64>,
+    /// `--auto-compaction-retention` in revision mode.
+    pub auto_compaction_revisions: Option<u64>,
+    /// `--max-txn-ops` (etcd's default is 128).
+    pub max_txn_ops: Option<usize>,
+}
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+}
+
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    options: EtcdOptions,
+    token: String,
+    _dir: tempfile::TempDir,
+    credentials: Option<(String, String)>,
+}
+
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn random_token() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+impl EtcdCluster {
+    pub async fn start() -> Result<Self> {
+        Self::start_with(EtcdOptions::default()).await
+    }
+
+    pub async fn start_with(mut options: EtcdOptions) -> Result<Self> {
+        options.members = options.members.max(1);
+        // A free port can be taken between our probe and etcd's bind; try again.
+        let mut last_error = None;
+        for _ in 0..5 {
+            match Self::try_start(options.clone()).await {
+                Ok(cluster) => return Ok(cluster),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.expect("at least one attempt"))
+    }
+
+    async fn try_start(options: EtcdOptions) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("etcd-syncer-e2e-").tempdir()?;
+        let token = random_token();
+        let mut members = Vec::new();
+        for i in 0..options.members {
+            let name = format!("e2e-{token}-{i}");
+            members.push(Member {
+                data_dir: dir.path().join(&name),
+                log_path: dir.path().join(format!("{name}.log")),
+                name,
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                child: None,
+            });
+        }
+        let mut cluster = Self {
+            members,
+            options,
+            token,
+            _dir: dir,
+            credentials: None,
+        };
+        for i in 0..cluster.members.len() {
+            cluster.spawn_member(i, "new")?;
+        }
+        cluster.wait_ready(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    fn spawn_member(&mut self, index: usize, state: &str) -> Result<()> {
+        let initial_cluster = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let scheme = self.scheme();
+        let member = &self.members[index];
+        let client_url = format!("{scheme}://127.0.0.1:{}", member.client_port);
+        let peer_url = format!("http://127.0.0.1:{}", member.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&member.log_path)?;
+        let mut command = Command::new("etcd");
+        command
+            .arg("--name")
+            .arg(&member.name)
+            .arg("--data-dir")
+            .arg(&member.data_dir)
+            .arg("--listen-client-urls")
+            .arg(&client_url)
+            .arg("--advertise-client-urls")
+            .arg(&client_url)
+            .arg("--listen-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-cluster")
+            .arg(&initial_cluster)
+            .arg("--initial-cluster-token")
+            .arg(&self.token)
+            .arg("--initial-cluster-state")
+            .arg(state)
+            .arg("--logger")
+            .arg("zap")
+            .arg("--log-level")
+            .arg("warn")
+            // tmpfs-like speed is irrelevant to correctness; keep fsync honest but cheap.
+            .arg("--snapshot-count")
+            .arg("100000")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if let Some(tls) = &self.options.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca_cert)
+                .arg("--client-cert-auth");
+        }
+        if let Some(quota) = self.options.quota_backend_bytes {
+            command.arg("--quota-backend-bytes").arg(quota.to_string());
+        }
+        if let Some(revisions) = self.options.auto_compaction_revisions {
+            command
+                .arg("--auto-compaction-mode")
+                .arg("revision")
+                .arg("--auto-compaction-retention")
+                .arg(revisions.to_string());
+        }
+        if let Some(ops) = self.options.max_txn_ops {
+            command.arg("--max-txn-ops").arg(ops.to_string());
+        }
+        kill_with_parent(&mut command);
+        let child = command.spawn().context("spawn etcd (is etcd-server installed?)")?;
+        self.members[index].child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until every member answers, and checks that what answers is
+    /// the member we started: its name carries our random token.
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut exited = None;
+            for member in &mut self.members {
+                if let Some(child) = member.child.as_mut() {
+                    if let Some(status) = child.try_wait()? {
+                        exited = Some((member.name.clone(), status, member.log_path.clone()));
+                    }
+                }
+            }
+            if let Some((name, status, log)) = exited {
+                bail!("etcd member {name} exited with {status}: {}", tail(&log));
+            }
+            match self.verify_members().await {
+                Ok(()) => return Ok(()),
+                Err(error) if Instant::now() > deadline => {
+                    return Err(error.context(format!("etcd did not become ready in {timeout:?}")))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    async fn verify_members(&self) -> Result<()> {
+        for member in &self.members {
+            if member.child.is_none() {
+                continue;
+            }
+            let endpoint = format!("{}://127.0.0.1:{}", self.scheme(), member.client_port);
+            let mut client = self.connect_to(&[endpoint.clone()]).await?;
+            let status = tokio::time::timeout(Duration::from_secs(2), client.status()).await??;
+            let members = tokio::time::timeout(Duration::from_secs(2), client.member_list()).await??;
+            let me = members
+                .members()
+                .iter()
+                .find(|m| m.id() == status.header().map_or(0, |h| h.member_id()))
+                .context("answering member not in member list")?;
+            if me.name() != member.name {
+                bail!(
+                    "port {} is answered by etcd member {:?}, not by our child {:?}: refusing to use someone else's server",
+                    member.client_port,
+                    me.name(),
+                    member.name
+                );
+            }
+            if status.leader() == 0 {
+                bail!("no leader yet");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client_port))
+            .collect()
+    }
+
+    pub fn endpoints_arg(&self) -> String {
+        self.endpoints().join(",")
+    }
+
+    pub fn tls(&self) -> Option<&TlsMaterial> {
+        self.options.tls.as_ref()
+    }
+
+    /// Use these credentials for [`Self::client`] from now on (after auth is enabled).
+    pub fn set_credentials(&mut self, user: &str, password: &str) {
+        self.credentials = Some((user.to_string(), password.to_string()));
+    }
+
+    async fn connect_to(&self, endpoints: &[String]) -> Result<Client> {
+        let mut options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+        if let Some(tls) = &self.options.tls {
+            options = options.with_tls(tls.client_tls_options()?);
+        }
+        if let Some((user, password)) = &self.credentials {
+            options = options.with_user(user, password);
+        }
+        let client = tokio::time::timeout(Duration::from_secs(5), Client::connect(endpoints, Some(options))).await??;
+        Ok(client)
+    }
+
+    pub async fn client(&self) -> Result<Client> {
+        let endpoints: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client_port))
+            .collect();
+        self.connect_to(&endpoints).await
+    }
+
+    pub async fn revision(&self) -> Result<i64> {
+        let mut client = self.client().await?;
+        let response = client.get("\0", Some(GetOptions::new().with_count_only())).await?;
+        Ok(response.header().context("header")?.revision())
+    }
+
+    pub async fn cluster_id(&self) -> Result<u64> {
+        let mut client = self.client().await?;
+        let response = client.get("\0", Some(GetOptions::new().with_count_only())).await?;
+        Ok(response.header().context("header")?.cluster_id())
+    }
+
+    /// Compacts the history up to the current revision.
+    pub async fn compact(&self) -> Result<i64> {
+        let revision = self.revision().await?;
+        let mut client = self.client().await?;
+        client
+            .compact(revision, Some(etcd_client::CompactionOptions::new().with_physical()))
+            .await?;
+        Ok(revision)
+    }
+
+    /// SIGKILLs every member (data stays for [`Self::restart`]).
+    pub fn kill(&mut self) {
+        for member in &mut self.members {
+            if let Some(mut child) = member.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Starts the killed members again on the same ports and data.
+    pub async fn restart(&mut self) -> Result<()> {
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                self.spawn_member(i, "existing")?;
+            }
+        }
+        self.wait_ready(Duration::from_secs(30)).await
+    }
+
+    /// Restarts with a bigger quota and disarms the NOSPACE alarm.
+    pub async fn raise_quota(&mut self, quota: u64) -> Result<()> {
+        self.kill();
+        self.options.quota_backend_bytes = Some(quota);
+        self.restart().await?;
+        let mut client = self.client().await?;
+        client
+            .alarm(
+                etcd_client::AlarmAction::Deactivate,
+                etcd_client::AlarmType::Nospace,
+                Some(etcd_client::AlarmOptions::new()),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.members.iter().map(|m| tail(&m.log_path)).collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Children die with the test process even when it is killed, so a crashed
+/// run never leaves servers behind on the machine.
+pub(crate) fn kill_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+}

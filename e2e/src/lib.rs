@@ -1,0 +1,196 @@
+//! The end-to-end harness: real etcd servers, the real `etcd-syncer` binary,
+//! and an oracle written independently of the product's own checker.
+
+pub mod etcd;
+pub mod syncer;
+pub mod tls;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use etcd_client::{Client, GetOptions, Txn, TxnOp};
+
+pub use etcd::{EtcdCluster, EtcdOptions};
+pub use syncer::Syncer;
+pub use tls::TlsMaterial;
+
+pub const META_PREFIX: &str = "/-etcd-syncer-meta-/";
+
+/// Polls `check` until it returns true. The timeout only guards against a
+/// hang; nothing asserts how fast convergence happens.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(error) => last_error = Some(error),
+        }
+        if Instant::now() > deadline {
+            match last_error {
+                Some(error) => bail!("timed out after {timeout:?} waiting for {what}; last error: {error:#}"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sum of the samples of `name` whose labels include every pair in `labels`,
+/// from Prometheus text format.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut total = 0.0;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        let (label_text, value) = if let Some(rest) = rest.strip_prefix('{') {
+            let Some((labels, value)) = rest.split_once('}') else { continue };
+            (labels, value)
+        } else if rest.starts_with(' ') {
+            ("", rest)
+        } else {
+            continue;
+        };
+        let matches = labels
+            .iter()
+            .all(|(k, v)| label_text.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+        if matches {
+            total += value.trim().parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    total
+}
+
+/// Every key under `prefix` except the syncer's meta keys, by suffix.
+pub async fn read_prefix(client: &mut Client, prefix: &str) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
+    let response = client.get(prefix, Some(GetOptions::new().with_prefix())).await?;
+    Ok(response
+        .kvs()
+        .iter()
+        .filter(|kv| !kv.key().starts_with(META_PREFIX.as_bytes()))
+        .map(|kv| (kv.key()[prefix.len()..].to_vec(), kv.value().to_vec()))
+        .collect())
+}
+
+/// The oracle's verdict, by suffix below the job prefix.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Comparison {
+    pub missing_at_dest: Vec<String>,
+    pub extra_at_dest: Vec<String>,
+    pub value_differs: Vec<String>,
+    pub source_keys: usize,
+}
+
+impl Comparison {
+    pub fn is_equal(&self) -> bool {
+        self.missing_at_dest.is_empty() && self.extra_at_dest.is_empty() && self.value_differs.is_empty()
+    }
+}
+
+/// Compares two prefixes exactly, with plain maps: deliberately not the
+/// product's merge code, so that code is checked too.
+pub async fn compare(source: &EtcdCluster, source_prefix: &str, dest: &EtcdCluster, dest_prefix: &str) -> Result<Comparison> {
+    let source_map = read_prefix(&mut source.client().await?, source_prefix).await?;
+    let dest_map = read_prefix(&mut dest.client().await?, dest_prefix).await?;
+    let show = |k: &Vec<u8>| String::from_utf8_lossy(k).into_owned();
+    Ok(Comparison {
+        missing_at_dest: source_map.keys().filter(|k| !dest_map.contains_key(*k)).map(show).collect(),
+        extra_at_dest: dest_map.keys().filter(|k| !source_map.contains_key(*k)).map(show).collect(),
+        value_differs: source_map
+            .iter()
+            .filter(|(k, v)| dest_map.get(*k).is_some_and(|d| d != *v))
+            .map(|(k, _)| show(k))
+            .collect(),
+        source_keys: source_map.len(),
+    })
+}
+
+/// Waits until the destination equals the source exactly.
+pub async fn converge(source: &EtcdCluster, source_prefix: &str, dest: &EtcdCluster, dest_prefix: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = compare(source, source_prefix, dest, dest_prefix).await?;
+        if last.is_equal() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "not converged after {timeout:?}: {} missing at dest (e.g. {:?}), {} extra (e.g. {:?}), {} differ (e.g. {:?})",
+                last.missing_at_dest.len(),
+                last.missing_at_dest.first(),
+                last.extra_at_dest.len(),
+                last.extra_at_dest.first(),
+                last.value_differs.len(),
+                last.value_differs.first()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Puts `count` keys `<prefix>key-NNNNNN` with `value_size`-byte values, in
+/// txns of up to 100 puts.
+pub async fn put_many(client: &mut Client, prefix: &str, count: usize, value_size: usize, tag: &str) -> Result<()> {
+    let value: String = format!("{tag}:").chars().chain(std::iter::repeat('v')).take(value_size.max(tag.len() + 1)).collect();
+    let mut start = 0;
+    while start < count {
+        let end = (start + 100).min(count);
+        let ops: Vec<TxnOp> = (start..end)
+            .map(|i| TxnOp::put(format!("{prefix}key-{i:06}"), value.clone(), None))
+            .collect();
+        client.txn(Txn::new().and_then(ops)).await?;
+        start = end;
+    }
+    Ok(())
+}
+
+/// Common flags: both clusters, one prefix.
+pub fn mirror_args(source: &EtcdCluster, dest: &EtcdCluster, prefix: &str) -> Vec<String> {
+    let mut args = vec![
+        "mirror-plus".to_string(),
+        "--src-endpoints".into(),
+        source.endpoints_arg(),
+        "--dst-endpoints".into(),
+        dest.endpoints_arg(),
+        "--prefix".into(),
+        prefix.into(),
+        // Short intervals keep idle-checkpoint and stall detection quick in tests.
+        "--progress-interval".into(),
+        "1s".into(),
+        "--watch-idle-timeout".into(),
+        "10s".into(),
+    ];
+    if let Some(tls) = source.tls() {
+        args.extend(tls.syncer_args("src"));
+    }
+    if let Some(tls) = dest.tls() {
+        args.extend(tls.syncer_args("dst"));
+    }
+    args
+}
+
+pub fn args(extra: &[&str]) -> Vec<String> {
+    extra.iter().map(|s| s.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_prometheus_samples() {
+        let text = "# HELP x\nfoo_total{job=\"a\",kind=\"b\"} 3\nfoo_total{job=\"a\",kind=\"c\"} 4\nfoo_total{job=\"z\"} 9\nfoo 1\n";
+        assert_eq!(metric_value(text, "foo_total", &[("job", "a")]), 7.0);
+        assert_eq!(metric_value(text, "foo_total", &[("job", "a"), ("kind", "c")]), 4.0);
+        assert_eq!(metric_value(text, "foo", &[]), 1.0);
+    }
+}

@@ -1,0 +1,79 @@
+//! Certificates generated per test: a CA, a server certificate for
+//! 127.0.0.1/localhost, and a client certificate for mutual TLS.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use etcd_client::{Certificate, Identity, TlsOptions};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    _dir: Arc<tempfile::TempDir>,
+}
+
+impl TlsMaterial {
+    pub fn generate() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("etcd-syncer-tls-").tempdir()?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "etcd-syncer e2e CA");
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = ca_params.self_signed(&ca_key)?;
+
+        let leaf = |common_name: &str| -> Result<(String, String)> {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
+            params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse()?));
+            params.distinguished_name.push(DnType::CommonName, common_name);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            let cert = params.signed_by(&key, &ca, &ca_key)?;
+            Ok((cert.pem(), key.serialize_pem()))
+        };
+        let (server_pem, server_key_pem) = leaf("etcd-server")?;
+        let (client_pem, client_key_pem) = leaf("etcd-syncer")?;
+        let write = |name: &str, text: &str| -> Result<PathBuf> {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text)?;
+            Ok(path)
+        };
+        Ok(Self {
+            ca_cert: write("ca.pem", &ca.pem())?,
+            server_cert: write("server.pem", &server_pem)?,
+            server_key: write("server-key.pem", &server_key_pem)?,
+            client_cert: write("client.pem", &client_pem)?,
+            client_key: write("client-key.pem", &client_key_pem)?,
+            _dir: Arc::new(dir),
+        })
+    }
+
+    pub fn client_tls_options(&self) -> Result<TlsOptions> {
+        Ok(TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(&self.ca_cert)?))
+            .identity(Identity::from_pem(
+                std::fs::read(&self.client_cert)?,
+                std::fs::read(&self.client_key)?,
+            )))
+    }
+
+    /// Flags for one side of the syncer, e.g. `side = "src"`.
+    pub fn syncer_args(&self, side: &str) -> Vec<String> {
+        vec![
+            format!("--{side}-cacert"),
+            self.ca_cert.display().to_string(),
+            format!("--{side}-cert"),
+            self.client_cert.display().to_string(),
+            format!("--{side}-key"),
+            self.client_key.display().to_string(),
+        ]
+    }
+}

@@ -1,0 +1,204 @@
+//! `mirror-plus`: connects both clusters, serves the HTTP endpoints, and runs
+//! one task per job until cancelled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::client::{ClientError, Cluster, FailureKind};
+use crate::config::{ClusterSettings, ConfigError, Settings, Side};
+use crate::health::Health;
+use crate::keys::{KeyRewrite, MetaKeys};
+use crate::metrics::{JobMetrics, Metrics};
+use crate::mirror::meta::Fence;
+use crate::mirror::writer::DestWriter;
+use crate::mirror::{run_job, JobContext, JobError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Bind(#[from] crate::http::BindError),
+    #[error("job {job}: {source}")]
+    Job {
+        job: String,
+        #[source]
+        source: JobError,
+    },
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+impl AppError {
+    /// Exit code 2 for anything an operator fixes in the configuration.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AppError::Config(_) | AppError::Bind(_) => 2,
+            AppError::Job {
+                source: JobError::Loop { .. },
+                ..
+            } => 2,
+            AppError::Client(error) if error.kind() == FailureKind::Rejected => 2,
+            _ => 1,
+        }
+    }
+}
+
+const READINESS_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result<(), AppError> {
+    let metrics = Metrics::new();
+    let health = Arc::new(Health::new(settings.jobs.iter().map(|j| j.name.as_str())));
+    let job_metrics: Vec<JobMetrics> = settings.jobs.iter().map(|j| metrics.job(&j.name)).collect();
+    let (addr, http_task) = crate::http::serve(settings.metrics_addr, metrics.clone(), health.clone(), cancel.clone()).await?;
+    info!(
+        %addr,
+        instance = %settings.instance_id,
+        jobs = settings.jobs.len(),
+        "Metrics server listening."
+    );
+
+    let Some(source) = connect_with_retry(&settings.source, &settings, &job_metrics, &cancel).await? else {
+        return Ok(());
+    };
+    let Some(dest) = connect_with_retry(&settings.destination, &settings, &job_metrics, &cancel).await? else {
+        return Ok(());
+    };
+
+    let prober = tokio::spawn(probe_readiness(
+        source.clone(),
+        dest.clone(),
+        settings.jobs[0].prefix.as_bytes().to_vec(),
+        settings.meta_prefix.as_bytes().to_vec(),
+        health.clone(),
+        cancel.clone(),
+    ));
+
+    let mut jobs = JoinSet::new();
+    for (job, metrics) in settings.jobs.iter().zip(job_metrics) {
+        let keys = MetaKeys::new(&settings.meta_prefix, &job.name);
+        let fence = Fence::new(&keys, None);
+        let writer = Arc::new(DestWriter::new(dest.clone(), keys.clone(), fence, metrics.clone()));
+        let ctx = JobContext {
+            job: job.clone(),
+            rewrite: KeyRewrite::new(job.prefix.as_bytes(), job.dest_prefix.as_bytes()),
+            keys,
+            meta_prefix: settings.meta_prefix.as_bytes().to_vec(),
+            source: source.clone(),
+            dest: dest.clone(),
+            writer,
+            limits: settings.limits,
+            tuning: settings.tuning,
+            max_prune_ratio: settings.max_prune_ratio,
+            metrics,
+            instance_id: settings.instance_id.clone(),
+            health: health.clone(),
+        };
+        let name = job.name.clone();
+        let job_cancel = cancel.clone();
+        let reset = settings.reset_last_synced_rev;
+        jobs.spawn(async move { (name, run_job(ctx, reset, job_cancel).await) });
+    }
+
+    let mut failure = None;
+    while let Some(joined) = jobs.join_next().await {
+        match joined {
+            Ok((_, Ok(()))) => {}
+            Ok((job, Err(source))) => {
+                error!(%job, error = %source, "Job failed; stopping.");
+                cancel.cancel();
+                failure.get_or_insert(AppError::Job { job, source });
+            }
+            Err(join_error) => {
+                error!(error = %join_error, "Job task panicked; stopping.");
+                cancel.cancel();
+                failure.get_or_insert(AppError::Job {
+                    job: "<unknown>".into(),
+                    source: JobError::Internal(join_error.to_string()),
+                });
+            }
+        }
+    }
+    cancel.cancel();
+    let _ = prober.await;
+    let _ = http_task.await;
+    info!("Stopped.");
+    failure.map_or(Ok(()), Err)
+}
+
+/// Connecting authenticates when a user is set, so a wrong password or an
+/// unreachable cluster shows here. Both are retried: the process stays up,
+/// not ready, with the error counted, until the cluster answers.
+async fn connect_with_retry(
+    settings: &ClusterSettings,
+    all: &Settings,
+    job_metrics: &[JobMetrics],
+    cancel: &CancellationToken,
+) -> Result<Option<Cluster>, AppError> {
+    let mut backoff = backon::ExponentialBuilder::default()
+        .with_jitter()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(30))
+        .without_max_times()
+        .build();
+    loop {
+        let error = match Cluster::connect(settings, all.tuning.request_timeout).await {
+            Ok(cluster) => return Ok(Some(cluster)),
+            Err(error) => error,
+        };
+        if let ClientError::TlsFile { .. } = error {
+            return Err(error.into());
+        }
+        let kind = match (error.kind(), settings.side) {
+            (FailureKind::Auth, _) => "auth",
+            (_, Side::Source) => "source_unavailable",
+            (_, Side::Destination) => "dest_unavailable",
+        };
+        for metrics in job_metrics {
+            metrics.error(kind);
+        }
+        let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+        if error.kind() == FailureKind::Auth {
+            error!(%error, retry_in = ?delay, "Authentication failed; operator action needed.");
+        } else {
+            warn!(%error, retry_in = ?delay, "Cannot connect; retrying.");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Keeps `/readyz` honest: both clusters must answer a cheap read.
+async fn probe_readiness(
+    source: Cluster,
+    dest: Cluster,
+    source_probe: Vec<u8>,
+    dest_probe: Vec<u8>,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(READINESS_PROBE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (source_ok, dest_ok) = tokio::join!(source.head(&source_probe), dest.head(&dest_probe));
+        for (side, result) in [(Side::Source, source_ok), (Side::Destination, dest_ok)] {
+            let reachable = result.is_ok();
+            if health.reachable(side) && !reachable {
+                if let Err(error) = result {
+                    warn!(%side, %error, "Cluster became unreachable; not ready.");
+                }
+            }
+            health.set_reachable(side, reachable);
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! Connections to the source and destination clusters: endpoints, TLS, auth,
+//! keepalive, message size limits, and the classification of etcd errors that
+//! every retry decision and the `errors_total{kind}` metric rely on.
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, GetResponse, Identity, KvClient, LeaseClient, TlsOptions,
+    WatchClient,
+};
+
+use crate::config::{ClusterSettings, Side};
+
+/// Large enough for a page of big values or a fragmented watch response;
+/// etcd itself caps a request at 1.5 MiB by default.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// HTTP/2 pings detect a dead or half-open connection. etcd's default
+/// `--grpc-keepalive-min-time` is 5s, so pinging faster gets us disconnected.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What kind of failure an etcd error is; decides retries and metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Connection refused, reset, timed out, no leader: retry.
+    Unavailable,
+    /// Wrong user or password, or missing permission: retry slowly, an operator must act.
+    Auth,
+    /// The requested revision is gone from the MVCC history.
+    Compacted,
+    /// The destination is out of space (`mvcc: database space exceeded`).
+    QuotaExceeded,
+    /// The request was rejected as malformed or too large: retrying will not help.
+    Rejected,
+}
+
+impl FailureKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Unavailable => "unavailable",
+            FailureKind::Auth => "auth",
+            FailureKind::Compacted => "compacted",
+            FailureKind::QuotaExceeded => "quota_exceeded",
+            FailureKind::Rejected => "rejected",
+        }
+    }
+}
+
+pub fn classify(error: &etcd_client::Error) -> FailureKind {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    match error {
+        E::GRpcStatus(status) => {
+            let message = status.message();
+            if message.contains("required revision has been compacted") {
+                return FailureKind::Compacted;
+            }
+            if message.contains("database space exceeded") || message.contains("NOSPACE") {
+                return FailureKind::QuotaExceeded;
+            }
+            if message.contains("authentication failed")
+                || message.contains("permission denied")
+                || message.contains("user name is empty")
+                || message.contains("invalid auth token")
+            {
+                return FailureKind::Auth;
+            }
+            match status.code() {
+                Code::Unauthenticated | Code::PermissionDenied => FailureKind::Auth,
+                Code::OutOfRange => FailureKind::Compacted,
+                Code::ResourceExhausted => FailureKind::QuotaExceeded,
+                Code::InvalidArgument | Code::FailedPrecondition | Code::Unimplemented => {
+                    FailureKind::Rejected
+                }
+                _ => FailureKind::Unavailable,
+            }
+        }
+        E::InvalidArgs(_) | E::InvalidUri(_) | E::Utf8Error(_) | E::InvalidMetadataValue(_) => {
+            FailureKind::Rejected
+        }
+        _ => FailureKind::Unavailable,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{side} cluster ({endpoints}): {operation} failed: {source}{hint}", hint = hint(*side, classify(source)))]
+    Request {
+        side: Side,
+        endpoints: String,
+        operation: &'static str,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("{side} cluster ({endpoints}): {operation} timed out after {timeout:?}")]
+    Timeout {
+        side: Side,
+        endpoints: String,
+        operation: &'static str,
+        timeout: Duration,
+    },
+    #[error("cannot read {field} {path}: {source}")]
+    TlsFile {
+        field: String,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn hint(side: Side, kind: FailureKind) -> String {
+    let p = side.flag_prefix();
+    match kind {
+        FailureKind::Auth => format!(" (check --{p}-user/--{p}-password and that the user's role grants the prefix)"),
+        FailureKind::Unavailable => format!(" (check --{p}-endpoints, the network path, and TLS settings)"),
+        FailureKind::QuotaExceeded => " (the cluster's backend quota is full: compact and defragment it, or raise --quota-backend-bytes)".to_string(),
+        FailureKind::Compacted | FailureKind::Rejected => String::new(),
+    }
+}
+
+impl ClientError {
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            ClientError::Request { source, .. } => classify(source),
+            ClientError::Timeout { .. } => FailureKind::Unavailable,
+            ClientError::TlsFile { .. } => FailureKind::Rejected,
+        }
+    }
+
+    pub fn side(&self) -> Option<Side> {
+        match self {
+            ClientError::Request { side, .. } | ClientError::Timeout { side, .. } => Some(*side),
+            ClientError::TlsFile { .. } => None,
+        }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self.kind(), FailureKind::Rejected | FailureKind::Compacted)
+    }
+}
+
+/// One cluster: a client with raised message limits and a per-request deadline.
+#[derive(Clone)]
+pub struct Cluster {
+    side: Side,
+    endpoints: String,
+    client: Client,
+    kv: KvClient,
+    watch: WatchClient,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("side", &self.side)
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Builds the client. With auth this authenticates, so wrong credentials
+    /// and unreachable endpoints fail here; without auth the channel is lazy
+    /// and they show on the first request.
+    pub async fn connect(settings: &ClusterSettings, request_timeout: Duration) -> Result<Self, ClientError> {
+        let endpoints = settings.endpoints.join(",");
+        let mut options = ConnectOptions::new()
+            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+            // Pings without an open stream trip etcd's too_many_pings policy.
+            .with_keep_alive_while_idle(false)
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_tcp_keepalive(Duration::from_secs(30));
+        if let Some(credentials) = &settings.credentials {
+            options = options
+                .with_user(credentials.user.clone(), credentials.password.clone())
+                // etcd's simple tokens expire (5 min by default); a mirror runs for months.
+                .with_auto_token_refresh(true);
+        }
+        if let Some(tls_files) = &settings.tls {
+            let p = settings.side.flag_prefix();
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &tls_files.ca {
+                tls = tls.ca_certificate(Certificate::from_pem(read_tls_file(&format!("--{p}-cacert"), ca)?));
+            }
+            if let Some((cert, key)) = &tls_files.cert_and_key {
+                tls = tls.identity(Identity::from_pem(
+                    read_tls_file(&format!("--{p}-cert"), cert)?,
+                    read_tls_file(&format!("--{p}-key"), key)?,
+                ));
+            }
+            options = options.with_tls(tls);
+        }
+        let connect = Client::connect(settings.endpoints.clone(), Some(options));
+        let client = match tokio::time::timeout(request_timeout, connect).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(source)) => {
+                return Err(ClientError::Request {
+                    side: settings.side,
+                    endpoints,
+                    operation: "connect",
+                    source,
+                })
+            }
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    side: settings.side,
+                    endpoints,
+                    operation: "connect",
+                    timeout: request_timeout,
+                })
+            }
+        };
+        let kv = client
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let watch = client.watch_client().max_decoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self {
+            side: settings.side,
+            endpoints,
+            client,
+            kv,
+            watch,
+            request_timeout,
+        })
+    }
+
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    pub fn endpoints(&self) -> &str {
+        &self.endpoints
+    }
+
+    pub fn kv(&self) -> KvClient {
+        self.kv.clone()
+    }
+
+    pub fn watch_client(&self) -> WatchClient {
+        self.watch.clone()
+    }
+
+    pub fn lease_client(&self) -> LeaseClient {
+        self.client.lease_client()
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// Runs one unary request under the request deadline, naming the cluster
+    /// and the operation in any error.
+    pub async fn call<T, F>(&self, operation: &'static str, request: F) -> Result<T, ClientError>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match tokio::time::timeout(self.request_timeout, request).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(source)) => Err(ClientError::Request {
+                side: self.side,
+                endpoints: self.endpoints.clone(),
+                operation,
+                source,
+            }),
+            Err(_) => Err(ClientError::Timeout {
+                side: self.side,
+                endpoints: self.endpoints.clone(),
+                operation,
+                timeout: self.request_timeout,
+            }),
+        }
+    }
+
+    pub async fn get(
+        &self,
+        operation: &'static str,
+        key: impl Into<Vec<u8>>,
+        options: Option<GetOptions>,
+    ) -> Result<GetResponse, ClientError> {
+        let mut kv = self.kv.clone();
+        let key = key.into();
+        self.call(operation, async move { kv.get(key, options).await }).await
+    }
+
+    /// The cluster's id and current revision, read from a count-only range
+    /// header (works with a role limited to `probe_key`'s prefix).
+    pub async fn head(&self, probe_prefix: &[u8]) -> Result<ClusterHead, ClientError> {
+        let end = crate::keys::prefix_range_end(probe_prefix);
+        let response = self
+            .get(
+                "read current revision",
+                crate::keys::prefix_range_start(probe_prefix),
+                Some(GetOptions::new().with_range(end).with_count_only()),
+            )
+            .await?;
+        let header = response.header();
+        Ok(ClusterHead {
+            cluster_id: header.map_or(0, |h| h.cluster_id()),
+            revision: header.map_or(0, |h| h.revision()),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterHead {
+    pub cluster_id: u64,
+    pub revision: i64,
+}
+
+fn read_tls_file(field: &str, path: &std::path::Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|source| ClientError::TlsFile {
+        field: field.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        let status = |code, msg: &str| etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg));
+        assert_eq!(
+            classify(&status(tonic::Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted")),
+            FailureKind::Compacted
+        );
+        assert_eq!(
+            classify(&status(tonic::Code::InvalidArgument, "etcdserver: authentication failed, invalid user ID or password")),
+            FailureKind::Auth
+        );
+        assert_eq!(
+            classify(&status(tonic::Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded")),
+            FailureKind::QuotaExceeded
+        );
+        assert_eq!(classify(&status(tonic::Code::Unavailable, "connection refused")), FailureKind::Unavailable);
+        assert_eq!(
+            classify(&status(tonic::Code::InvalidArgument, "etcdserver: too many operations in txn request")),
+            FailureKind::Rejected
+        );
+    }
+}

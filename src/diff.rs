@@ -1,0 +1,201 @@
+//! A merge of two key-sorted streams, fed page by page.
+//!
+//! Both the full sync and the consistency checker walk the source and the
+//! destination side by side. Keys are compared by their suffix below the job
+//! prefix, which orders the same on both sides whatever the prefix rewrite.
+//! Memory is what the two page buffers hold, never the key count.
+
+use std::collections::VecDeque;
+
+/// One key with its value, named by its suffix below the job prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub suffix: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// What the merge found at one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Difference {
+    /// At the source, not at the destination ("dst miss").
+    MissingAtDest { suffix: Vec<u8>, value: Vec<u8> },
+    /// At the destination only ("src miss").
+    ExtraAtDest { suffix: Vec<u8> },
+    /// On both sides with different values; `value` is the source's.
+    ValueDiffers { suffix: Vec<u8>, value: Vec<u8> },
+}
+
+impl Difference {
+    pub fn suffix(&self) -> &[u8] {
+        match self {
+            Difference::MissingAtDest { suffix, .. }
+            | Difference::ExtraAtDest { suffix }
+            | Difference::ValueDiffers { suffix, .. } => suffix,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Differ(Difference),
+    /// The key is on both sides with the same value.
+    Same,
+    /// Feed the next source page (or call `source_exhausted`).
+    NeedSource,
+    /// Feed the next destination page (or call `dest_exhausted`).
+    NeedDest,
+    Done,
+}
+
+#[derive(Debug, Default)]
+pub struct SortedMerge {
+    source: VecDeque<Entry>,
+    dest: VecDeque<Entry>,
+    source_done: bool,
+    dest_done: bool,
+}
+
+impl SortedMerge {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push_source(&mut self, page: Vec<Entry>) {
+        self.source.extend(page);
+    }
+
+    pub fn push_dest(&mut self, page: Vec<Entry>) {
+        self.dest.extend(page);
+    }
+
+    pub fn source_exhausted(&mut self) {
+        self.source_done = true;
+    }
+
+    pub fn dest_exhausted(&mut self) {
+        self.dest_done = true;
+    }
+
+    pub fn step(&mut self) -> Step {
+        match (self.source.front(), self.dest.front()) {
+            (None, _) if !self.source_done => Step::NeedSource,
+            (_, None) if !self.dest_done => Step::NeedDest,
+            (None, None) => Step::Done,
+            (Some(_), None) => {
+                let Entry { suffix, value } = self.source.pop_front().expect("front checked");
+                Step::Differ(Difference::MissingAtDest { suffix, value })
+            }
+            (None, Some(_)) => {
+                let Entry { suffix, .. } = self.dest.pop_front().expect("front checked");
+                Step::Differ(Difference::ExtraAtDest { suffix })
+            }
+            (Some(source), Some(dest)) => match source.suffix.cmp(&dest.suffix) {
+                std::cmp::Ordering::Less => {
+                    let Entry { suffix, value } = self.source.pop_front().expect("front checked");
+                    Step::Differ(Difference::MissingAtDest { suffix, value })
+                }
+                std::cmp::Ordering::Greater => {
+                    let Entry { suffix, .. } = self.dest.pop_front().expect("front checked");
+                    Step::Differ(Difference::ExtraAtDest { suffix })
+                }
+                std::cmp::Ordering::Equal => {
+                    let source = self.source.pop_front().expect("front checked");
+                    let dest = self.dest.pop_front().expect("front checked");
+                    if source.value == dest.value {
+                        Step::Same
+                    } else {
+                        Step::Differ(Difference::ValueDiffers {
+                            suffix: source.suffix,
+                            value: source.value,
+                        })
+                    }
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn pages(map: &BTreeMap<Vec<u8>, Vec<u8>>, page: usize) -> Vec<Vec<Entry>> {
+        let entries: Vec<Entry> = map
+            .iter()
+            .map(|(k, v)| Entry { suffix: k.clone(), value: v.clone() })
+            .collect();
+        entries.chunks(page.max(1)).map(|c| c.to_vec()).collect()
+    }
+
+    fn run(
+        source: &BTreeMap<Vec<u8>, Vec<u8>>,
+        dest: &BTreeMap<Vec<u8>, Vec<u8>>,
+        page: usize,
+    ) -> (Vec<Difference>, usize) {
+        let mut source_pages = pages(source, page).into_iter();
+        let mut dest_pages = pages(dest, page).into_iter();
+        let mut merge = SortedMerge::new();
+        let mut diffs = Vec::new();
+        let mut same = 0;
+        loop {
+            match merge.step() {
+                Step::NeedSource => match source_pages.next() {
+                    Some(p) => merge.push_source(p),
+                    None => merge.source_exhausted(),
+                },
+                Step::NeedDest => match dest_pages.next() {
+                    Some(p) => merge.push_dest(p),
+                    None => merge.dest_exhausted(),
+                },
+                Step::Differ(d) => diffs.push(d),
+                Step::Same => same += 1,
+                Step::Done => return (diffs, same),
+            }
+        }
+    }
+
+    fn arb_map() -> impl Strategy<Value = BTreeMap<Vec<u8>, Vec<u8>>> {
+        proptest::collection::btree_map(
+            proptest::collection::vec(0u8..4, 0..4),
+            proptest::collection::vec(0u8..3, 0..2),
+            0..30,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn applying_the_differences_makes_dest_equal_source(source in arb_map(), dest in arb_map(), page in 1usize..7) {
+            let (diffs, same) = run(&source, &dest, page);
+            let mut patched = dest.clone();
+            for diff in &diffs {
+                match diff {
+                    Difference::MissingAtDest { suffix, value } | Difference::ValueDiffers { suffix, value } => {
+                        patched.insert(suffix.clone(), value.clone());
+                    }
+                    Difference::ExtraAtDest { suffix } => { patched.remove(suffix); }
+                }
+            }
+            prop_assert_eq!(&patched, &source);
+            let expected_same = source.iter().filter(|(k, v)| dest.get(*k) == Some(*v)).count();
+            prop_assert_eq!(same, expected_same);
+            // Differences come out in key order, so writes never run ahead of the merge.
+            let suffixes: Vec<&[u8]> = diffs.iter().map(Difference::suffix).collect();
+            let mut sorted = suffixes.clone();
+            sorted.sort();
+            prop_assert_eq!(suffixes, sorted);
+        }
+
+        #[test]
+        fn counts_match_a_set_comparison(source in arb_map(), dest in arb_map(), page in 1usize..7) {
+            let (diffs, _) = run(&source, &dest, page);
+            let missing = diffs.iter().filter(|d| matches!(d, Difference::MissingAtDest { .. })).count();
+            let extra = diffs.iter().filter(|d| matches!(d, Difference::ExtraAtDest { .. })).count();
+            let differs = diffs.iter().filter(|d| matches!(d, Difference::ValueDiffers { .. })).count();
+            prop_assert_eq!(missing, source.keys().filter(|k| !dest.contains_key(*k)).count());
+            prop_assert_eq!(extra, dest.keys().filter(|k| !source.contains_key(*k)).count());
+            prop_assert_eq!(differs, source.iter().filter(|(k, v)| dest.get(*k).is_some_and(|d| d != *v)).count());
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Key-space helpers: prefix ranges, the source→destination rewrite, and the
+//! layout of a job's meta keys on the destination.
+
+/// The exclusive end of the range that holds every key starting with `prefix`,
+/// as etcd computes it (`clientv3.GetPrefixRangeEnd`). An empty prefix, or one
+/// made only of 0xff bytes, has no upper bound and maps to `"\0"` (all keys).
+pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// The first key of the range holding every key with `prefix`. etcd
+/// rejects an empty key, so the whole keyspace starts at `"\0"`.
+pub fn prefix_range_start(prefix: &[u8]) -> Vec<u8> {
+    if prefix.is_empty() {
+        vec![0]
+    } else {
+        prefix.to_vec()
+    }
+}
+
+/// The smallest key strictly greater than `key`: where the next page starts.
+pub fn key_successor(key: &[u8]) -> Vec<u8> {
+    let mut next = Vec::with_capacity(key.len() + 1);
+    next.extend_from_slice(key);
+    next.push(0);
+    next
+}
+
+/// Two prefixes overlap when one of them is a prefix of the other: some key
+/// would then belong to both ranges.
+pub fn prefixes_overlap(a: &[u8], b: &[u8]) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+/// Maps keys between the source prefix and the destination prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRewrite {
+    source_prefix: Vec<u8>,
+    dest_prefix: Vec<u8>,
+}
+
+impl KeyRewrite {
+    pub fn new(source_prefix: impl Into<Vec<u8>>, dest_prefix: impl Into<Vec<u8>>) -> Self {
+        Self {
+            source_prefix: source_prefix.into(),
+            dest_prefix: dest_prefix.into(),
+        }
+    }
+
+    pub fn source_prefix(&self) -> &[u8] {
+        &self.source_prefix
+    }
+
+    pub fn dest_prefix(&self) -> &[u8] {
+        &self.dest_prefix
+    }
+
+    /// The part of a source key below the job prefix, or `None` for a key
+    /// outside it (a watch on the prefix never yields one).
+    pub fn source_suffix<'k>(&self, source_key: &'k [u8]) -> Option<&'k [u8]> {
+        source_key.strip_prefix(self.source_prefix.as_slice())
+    }
+
+    pub fn dest_suffix<'k>(&self, dest_key: &'k [u8]) -> Option<&'k [u8]> {
+        dest_key.strip_prefix(self.dest_prefix.as_slice())
+    }
+
+    pub fn to_dest(&self, source_key: &[u8]) -> Option<Vec<u8>> {
+        let suffix = self.source_suffix(source_key)?;
+        let mut key = Vec::with_capacity(self.dest_prefix.len() + suffix.len());
+        key.extend_from_slice(&self.dest_prefix);
+        key.extend_from_slice(suffix);
+        Some(key)
+    }
+
+    pub fn suffix_to_dest(&self, suffix: &[u8]) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.dest_prefix.len() + suffix.len());
+        key.extend_from_slice(&self.dest_prefix);
+        key.extend_from_slice(suffix);
+        key
+    }
+
+    pub fn suffix_to_source(&self, suffix: &[u8]) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.source_prefix.len() + suffix.len());
+        key.extend_from_slice(&self.source_prefix);
+        key.extend_from_slice(suffix);
+        key
+    }
+}
+
+/// Where one job keeps its state on the destination: `<meta-prefix><job>/…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaKeys {
+    job_root: String,
+}
+
+impl MetaKeys {
+    pub fn new(meta_prefix: &str, job_name: &str) -> Self {
+        Self {
+            job_root: format!("{meta_prefix}{job_name}/"),
+        }
+    }
+
+    /// The prefix under which every meta key of this job sits.
+    pub fn job_root(&self) -> &str {
+        &self.job_root
+    }
+
+    /// The last synced source revision, written in the same txn as the data.
+    pub fn checkpoint(&self) -> String {
+        format!("{}checkpoint", self.job_root)
+    }
+
+    /// Present while a full sync is under way; it fences that full sync's writes.
+    pub fn full_sync(&self) -> String {
+        format!("{}full-sync", self.job_root)
+    }
+
+    /// Election prefix: one key per campaigning instance, bound to its lease.
+    pub fn lock_prefix(&self) -> String {
+        format!("{}lock/", self.job_root)
+    }
+
+    /// Written by `promote`: while present, no replicator may write to this job.
+    pub fn promoted(&self) -> String {
+        format!("{}promoted", self.job_root)
+    }
+
+    /// A pending `--reset-last-synced-rev` request, consumed by the next leader.
+    pub fn reset_request(&self) -> String {
+        format!("{}reset-request", self.job_root)
+    }
+}
+
+/// A job name derived from its prefix: `/registry/services/` → `registry-services`.
+pub fn job_name_from_prefix(prefix: &str) -> String {
+    let mut name = String::with_capacity(prefix.len());
+    for ch in prefix.chars() {
+        if ch.is_ascii_alphanumeric() || ch == '.' || ch == '_' {
+            name.push(ch);
+        } else if !name.is_empty() && !name.ends_with('-') {
+            name.push('-');
+        }
+    }
+    while name.ends_with('-') {
+        name.pop();
+    }
+    if name.is_empty() {
+        "root".to_string()
+    } else {
+        name
+    }
+}
+
+/// Job names become path segments of meta keys and metric labels.
+pub fn is_valid_job_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn range_end_matches_etcd() {
+        assert_eq!(prefix_range_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_range_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_range_end(b""), vec![0]);
+        assert_eq!(prefix_range_end(b"\xff\xff"), vec![0]);
+    }
+
+    #[test]
+    fn rewrite_maps_between_prefixes() {
+        let rewrite = KeyRewrite::new("/src/", "/dst/");
+        assert_eq!(rewrite.to_dest(b"/src/a/b"), Some(b"/dst/a/b".to_vec()));
+        assert_eq!(rewrite.to_dest(b"/other"), None);
+        let strip = KeyRewrite::new("/src/", "");
+        assert_eq!(strip.to_dest(b"/src/x"), Some(b"x".to_vec()));
+    }
+
+    #[test]
+    fn job_names_from_prefixes() {
+        assert_eq!(job_name_from_prefix("/registry/services/"), "registry-services");
+        assert_eq!(job_name_from_prefix("/"), "root");
+        assert_eq!(job_name_from_prefix(""), "root");
+        assert!(is_valid_job_name(&job_name_from_prefix("/a b/c:d/")));
+        assert!(!is_valid_job_name("a/b"));
+    }
+
+    #[test]
+    fn overlap() {
+        assert!(prefixes_overlap(b"/a/", b"/a/b/"));
+        assert!(prefixes_overlap(b"", b"/x"));
+        assert!(!prefixes_overlap(b"/a/", b"/b/"));
+    }
+
+    proptest! {
+        #[test]
+        fn every_prefixed_key_is_inside_the_range(prefix in proptest::collection::vec(any::<u8>(), 0..6),
+                                                   tail in proptest::collection::vec(any::<u8>(), 0..6)) {
+            let end = prefix_range_end(&prefix);
+            let mut key = prefix.clone();
+            key.extend_from_slice(&tail);
+            prop_assert!(key >= prefix);
+            prop_assert!(end == vec![0] || key < end);
+        }
+
+        #[test]
+        fn rewrite_preserves_order(a in proptest::collection::vec(any::<u8>(), 0..8),
+                                   b in proptest::collection::vec(any::<u8>(), 0..8)) {
+            let rewrite = KeyRewrite::new("/s/", "/dd/");
+            let ka = rewrite.suffix_to_source(&a);
+            let kb = rewrite.suffix_to_source(&b);
+            let da = rewrite.to_dest(&ka).unwrap();
+            let db = rewrite.to_dest(&kb).unwrap();
+            prop_assert_eq!(ka.cmp(&kb), da.cmp(&db));
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Parse the command line, start telemetry, run, and map errors to exit codes:
+//! 0 ok, 1 runtime failure, 2 configuration error.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use etcd_syncer::app::{run_mirror, AppError};
+use etcd_syncer::config::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    etcd_syncer::telemetry::init(cli.telemetry.log_format, &cli.telemetry.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(cancel.clone()));
+        match cli.command {
+            Command::MirrorPlus(args) => run_mirror(args.into_settings()?, cancel).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => report(error),
+    }
+}
+
+fn report(error: AppError) -> ExitCode {
+    let code = error.exit_code();
+    if code == 2 {
+        tracing::error!(error = %error, "Invalid configuration.");
+        eprintln!("error: {error}");
+    } else {
+        tracing::error!(error = %error, "Exiting.");
+    }
+    ExitCode::from(code as u8)
+}
+
+/// SIGTERM (Kubernetes) and SIGINT (Ctrl-C) both stop cleanly.
+async fn cancel_on_signal(cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::warn!("Cannot install signal handlers; stop with SIGKILL.");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "Shutting down."),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "Shutting down."),
+    }
+    cancel.cancel();
+}

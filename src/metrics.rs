@@ -1,0 +1,292 @@
+//! Prometheus metrics. Every per-job series carries a `job` label; names
+//! follow the Prometheus conventions (`_total` counters, base units).
+//! `docs/metrics.md` documents each one.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    is_leader: IntGaugeVec,
+    last_synced_revision: IntGaugeVec,
+    source_revision: IntGaugeVec,
+    lag_revisions: IntGaugeVec,
+    lag_seconds: prometheus::GaugeVec,
+    fast_path_total: IntCounterVec,
+    slow_path_total: IntCounterVec,
+    full_sync_in_progress: IntGaugeVec,
+    full_sync_keys_total: IntCounterVec,
+    events_applied_total: IntCounterVec,
+    txns_total: IntCounterVec,
+    txn_ops: HistogramVec,
+    txn_duration_seconds: HistogramVec,
+    split_revisions_total: IntCounterVec,
+    txn_reorders_total: IntCounterVec,
+    errors_total: IntCounterVec,
+    leader_changes_total: IntCounterVec,
+    job_state: IntGaugeVec,
+}
+
+fn must<T>(result: prometheus::Result<T>) -> T {
+    // Registration only fails on a duplicate or malformed name: a bug, caught by the tests.
+    result.expect("metric definitions are valid and unique")
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let int_gauge = |name: &str, help: &str| {
+            let gauge = must(IntGaugeVec::new(Opts::new(name, help), &["job"]));
+            must(registry.register(Box::new(gauge.clone())));
+            gauge
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let counter = must(IntCounterVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(counter.clone())));
+            counter
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let histogram = must(HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["job"]));
+            must(registry.register(Box::new(histogram.clone())));
+            histogram
+        };
+        let lag_seconds = must(prometheus::GaugeVec::new(
+            Opts::new(
+                "etcd_syncer_lag_seconds",
+                "Seconds since the destination last reflected the source's head revision (0 when caught up)",
+            ),
+            &["job"],
+        ));
+        must(registry.register(Box::new(lag_seconds.clone())));
+
+        let metrics = Self {
+            is_leader: int_gauge("etcd_syncer_is_leader", "1 while this instance leads the job"),
+            last_synced_revision: int_gauge(
+                "etcd_syncer_last_synced_revision",
+                "Source revision the destination reflects, as committed in the checkpoint",
+            ),
+            source_revision: int_gauge("etcd_syncer_source_revision", "Latest source revision seen"),
+            lag_revisions: int_gauge(
+                "etcd_syncer_lag_revisions",
+                "Source revision minus last synced revision",
+            ),
+            lag_seconds,
+            fast_path_total: counter(
+                "etcd_syncer_fast_path_total",
+                "Starts that resumed watching from the checkpoint",
+                &["job"],
+            ),
+            slow_path_total: counter("etcd_syncer_slow_path_total", "Full syncs started", &["job"]),
+            full_sync_in_progress: int_gauge("etcd_syncer_full_sync_in_progress", "1 while a full sync runs"),
+            full_sync_keys_total: counter(
+                "etcd_syncer_full_sync_keys_total",
+                "Keys handled by full syncs, by what was done (put, delete, unchanged)",
+                &["job", "op"],
+            ),
+            events_applied_total: counter(
+                "etcd_syncer_events_applied_total",
+                "Source watch events applied to the destination",
+                &["job"],
+            ),
+            txns_total: counter("etcd_syncer_txns_total", "Destination txns committed", &["job"]),
+            txn_ops: histogram(
+                "etcd_syncer_txn_ops",
+                "Ops per committed destination txn",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0],
+            ),
+            txn_duration_seconds: histogram(
+                "etcd_syncer_txn_duration_seconds",
+                "Round trip of destination txns",
+                prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets"),
+            ),
+            split_revisions_total: counter(
+                "etcd_syncer_split_revisions_total",
+                "Source revisions too large for one txn, applied across several",
+                &["job"],
+            ),
+            txn_reorders_total: counter(
+                "etcd_syncer_txn_reorders_total",
+                "Pipelined txns etcd evaluated before their predecessor, re-sent unchanged",
+                &["job"],
+            ),
+            errors_total: counter(
+                "etcd_syncer_errors_total",
+                "Errors by kind (source_unavailable, dest_unavailable, fenced, compacted, prune_guard, auth, ...)",
+                &["job", "kind"],
+            ),
+            leader_changes_total: counter(
+                "etcd_syncer_leader_changes_total",
+                "Times this instance gained or lost leadership of the job",
+                &["job"],
+            ),
+            job_state: must(IntGaugeVec::new(
+                Opts::new(
+                    "etcd_syncer_job_state",
+                    "1 for the state the job is in (starting, full_sync, watching, error, prune_guard, promoted, standby)",
+                ),
+                &["job", "state"],
+            )),
+            registry,
+        };
+        must(metrics.registry.register(Box::new(metrics.job_state.clone())));
+        #[cfg(target_os = "linux")]
+        must(
+            metrics
+                .registry
+                .register(Box::new(prometheus::process_collector::ProcessCollector::for_self())),
+        );
+        metrics
+    }
+
+    pub fn job(&self, job: &str) -> JobMetrics {
+        let labels = [job];
+        let metrics = JobMetrics {
+            job: job.to_string(),
+            is_leader: self.is_leader.with_label_values(&labels),
+            last_synced_revision: self.last_synced_revision.with_label_values(&labels),
+            source_revision: self.source_revision.with_label_values(&labels),
+            lag_revisions: self.lag_revisions.with_label_values(&labels),
+            lag_seconds: self.lag_seconds.with_label_values(&labels),
+            fast_path_total: self.fast_path_total.with_label_values(&labels),
+            slow_path_total: self.slow_path_total.with_label_values(&labels),
+            full_sync_in_progress: self.full_sync_in_progress.with_label_values(&labels),
+            full_sync_put: self.full_sync_keys_total.with_label_values(&[job, "put"]),
+            full_sync_delete: self.full_sync_keys_total.with_label_values(&[job, "delete"]),
+            full_sync_unchanged: self.full_sync_keys_total.with_label_values(&[job, "unchanged"]),
+            events_applied_total: self.events_applied_total.with_label_values(&labels),
+            txns_total: self.txns_total.with_label_values(&labels),
+            txn_ops: self.txn_ops.with_label_values(&labels),
+            txn_duration_seconds: self.txn_duration_seconds.with_label_values(&labels),
+            split_revisions_total: self.split_revisions_total.with_label_values(&labels),
+            txn_reorders_total: self.txn_reorders_total.with_label_values(&labels),
+            errors_total: self.errors_total.clone(),
+            leader_changes_total: self.leader_changes_total.with_label_values(&labels),
+            job_state: self.job_state.clone(),
+        };
+        metrics.set_state(JobState::Starting);
+        metrics
+    }
+
+    /// The text exposition format served on `/metrics`.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(error) = encoder.encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(%error, "failed to encode metrics");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Starting,
+    Standby,
+    FullSync,
+    Watching,
+    Error,
+    PruneGuard,
+    Promoted,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Starting,
+        JobState::Standby,
+        JobState::FullSync,
+        JobState::Watching,
+        JobState::Error,
+        JobState::PruneGuard,
+        JobState::Promoted,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            JobState::Starting => "starting",
+            JobState::Standby => "standby",
+            JobState::FullSync => "full_sync",
+            JobState::Watching => "watching",
+            JobState::Error => "error",
+            JobState::PruneGuard => "prune_guard",
+            JobState::Promoted => "promoted",
+        }
+    }
+}
+
+/// The series of one job, labelled once.
+#[derive(Clone)]
+pub struct JobMetrics {
+    job: String,
+    pub is_leader: IntGauge,
+    pub last_synced_revision: IntGauge,
+    pub source_revision: IntGauge,
+    pub lag_revisions: IntGauge,
+    pub lag_seconds: prometheus::Gauge,
+    pub fast_path_total: IntCounter,
+    pub slow_path_total: IntCounter,
+    pub full_sync_in_progress: IntGauge,
+    pub full_sync_put: IntCounter,
+    pub full_sync_delete: IntCounter,
+    pub full_sync_unchanged: IntCounter,
+    pub events_applied_total: IntCounter,
+    pub txns_total: IntCounter,
+    pub txn_ops: Histogram,
+    pub txn_duration_seconds: Histogram,
+    pub split_revisions_total: IntCounter,
+    pub txn_reorders_total: IntCounter,
+    errors_total: IntCounterVec,
+    pub leader_changes_total: IntCounter,
+    job_state: IntGaugeVec,
+}
+
+impl JobMetrics {
+    pub fn error(&self, kind: &str) {
+        self.errors_total.with_label_values(&[self.job.as_str(), kind]).inc();
+    }
+
+    pub fn set_state(&self, state: JobState) {
+        for candidate in JobState::ALL {
+            self.job_state
+                .with_label_values(&[self.job.as_str(), candidate.label()])
+                .set(i64::from(candidate == state));
+        }
+    }
+
+    /// Records a committed checkpoint and the source head it is measured against.
+    pub fn set_progress(&self, last_synced_revision: i64, source_revision: i64) {
+        self.last_synced_revision.set(last_synced_revision);
+        if source_revision > self.source_revision.get() {
+            self.source_revision.set(source_revision);
+        }
+        self.lag_revisions
+            .set((self.source_revision.get() - last_synced_revision).max(0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_job_series() {
+        let metrics = Metrics::new();
+        let job = metrics.job("services");
+        job.fast_path_total.inc();
+        job.error("source_unavailable");
+        job.set_progress(10, 15);
+        let text = metrics.render();
+        assert!(text.contains("etcd_syncer_fast_path_total{job=\"services\"} 1"), "{text}");
+        assert!(text.contains("etcd_syncer_errors_total{job=\"services\",kind=\"source_unavailable\"} 1"));
+        assert!(text.contains("etcd_syncer_lag_revisions{job=\"services\"} 5"));
+        assert!(text.contains("etcd_syncer_job_state{job=\"services\",state=\"starting\"} 1"));
+    }
+}

@@ -1,0 +1,391 @@
+//! The slow path: make the destination prefix equal to the source prefix at
+//! one pinned revision, writing only the differences.
+//!
+//! 1. Pin revision R and write the full-sync marker (dropping the checkpoint:
+//!    mid-sync the destination matches no single source revision).
+//! 2. Pass one walks both prefixes side by side, puts what is missing or
+//!    different, and only counts what would be deleted.
+//! 3. If the deletions stay within `--max-prune-ratio`, pass two deletes
+//!    them; otherwise nothing is deleted and the job reports the guard.
+//! 4. One last txn writes the checkpoint R and removes the marker.
+
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use etcd_client::{GetOptions, TxnOp};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::batch::Mutation;
+use crate::client::Cluster;
+use crate::diff::{Difference, Entry, SortedMerge, Step};
+use crate::keys::{key_successor, prefix_range_end, prefix_range_start};
+use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker, JobMeta, KeyGuard};
+use crate::mirror::writer::{TxnOutcome, UnorderedWrites};
+use crate::mirror::{JobContext, JobError, SlowPathReason};
+
+/// Where the destination stands once a full sync has committed.
+#[derive(Debug, Clone)]
+pub struct Synced {
+    pub checkpoint: Checkpoint,
+    pub checkpoint_bytes: Vec<u8>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    scanned: u64,
+    dest_keys: u64,
+    put: u64,
+    deleted: u64,
+    would_delete: u64,
+    unchanged: u64,
+}
+
+pub async fn run(
+    ctx: &JobContext,
+    meta: &JobMeta,
+    reason: &SlowPathReason,
+    cancel: &CancellationToken,
+) -> Result<Synced, JobError> {
+    let started = Instant::now();
+    let head = ctx.source.head(ctx.rewrite.source_prefix()).await?;
+    let pinned_rev = head.revision;
+    ctx.metrics.set_progress(ctx.metrics.last_synced_revision.get(), pinned_rev);
+    let marker = FullSyncMarker {
+        id: rand::random(),
+        pinned_rev,
+        source_cluster_id: head.cluster_id,
+        started_at: now_rfc3339(),
+        instance: ctx.instance_id.clone(),
+        reason: reason.to_string(),
+    };
+    let marker_bytes = marker.encode();
+    begin(ctx, meta, &marker_bytes).await?;
+    info!(job = %ctx.job.name, pinned_revision = pinned_rev, %reason, "Full sync started.");
+
+    let marker_guard = KeyGuard::Holds(marker_bytes);
+    let mut counts = Counts::default();
+    merge_pass(ctx, pinned_rev, &marker_guard, Pass::PutsOnly, &mut counts, cancel).await?;
+
+    if counts.would_delete > 0 {
+        let allowed = (ctx.max_prune_ratio * counts.dest_keys as f64).floor() as u64;
+        if counts.would_delete > allowed {
+            ctx.metrics.full_sync_in_progress.set(0);
+            return Err(JobError::PruneGuard {
+                would_delete: counts.would_delete,
+                dest_keys: counts.dest_keys,
+                max_prune_ratio: ctx.max_prune_ratio,
+            });
+        }
+        let mut delete_counts = Counts::default();
+        merge_pass(ctx, pinned_rev, &marker_guard, Pass::All, &mut delete_counts, cancel).await?;
+        counts.deleted = delete_counts.deleted;
+        counts.put += delete_counts.put;
+    }
+
+    let synced = finish(ctx, &marker_guard, pinned_rev, head.cluster_id).await?;
+    let elapsed = started.elapsed();
+    info!(
+        job = %ctx.job.name,
+        pinned_revision = pinned_rev,
+        scanned = counts.scanned,
+        put = counts.put,
+        deleted = counts.deleted,
+        unchanged = counts.unchanged,
+        duration = %humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64)),
+        keys_per_second = rate(counts.scanned, elapsed),
+        "Full sync finished."
+    );
+    Ok(synced)
+}
+
+/// Pins the full sync: the marker goes in and the checkpoint goes out in one
+/// txn, guarded on the meta we read, so two leaders cannot both start one.
+async fn begin(ctx: &JobContext, meta: &JobMeta, marker_bytes: &[u8]) -> Result<(), JobError> {
+    let keys = ctx.writer.keys();
+    let guards = vec![
+        meta.checkpoint_guard().compare(&keys.checkpoint()),
+        meta.full_sync_guard().compare(&keys.full_sync()),
+        KeyGuard::of(meta.reset_request.as_deref()).compare(&keys.reset_request()),
+    ];
+    let ops = vec![
+        TxnOp::delete(keys.checkpoint(), None),
+        TxnOp::delete(keys.reset_request(), None),
+        TxnOp::put(keys.full_sync(), marker_bytes.to_vec(), None),
+    ];
+    match ctx.writer.commit("start full sync", guards, ops).await? {
+        TxnOutcome::Committed => {
+            ctx.metrics.full_sync_in_progress.set(1);
+            Ok(())
+        }
+        TxnOutcome::GuardFailed(failure) => Err(ctx.writer.explain(&failure, "job meta")),
+    }
+}
+
+async fn finish(ctx: &JobContext, marker_guard: &KeyGuard, pinned_rev: i64, cluster_id: u64) -> Result<Synced, JobError> {
+    let keys = ctx.writer.keys();
+    let checkpoint = Checkpoint {
+        last_synced_rev: pinned_rev,
+        source_cluster_id: cluster_id,
+        updated_at: now_rfc3339(),
+        instance: ctx.instance_id.clone(),
+        partial_revision: None,
+        write_id: rand::random(),
+    };
+    let checkpoint_bytes = checkpoint.encode();
+    let ops = vec![
+        TxnOp::put(keys.checkpoint(), checkpoint_bytes.clone(), None),
+        TxnOp::delete(keys.full_sync(), None),
+    ];
+    match ctx
+        .writer
+        .commit("finish full sync", vec![marker_guard.compare(&keys.full_sync())], ops)
+        .await?
+    {
+        TxnOutcome::Committed => {
+            ctx.metrics.full_sync_in_progress.set(0);
+            Ok(Synced {
+                checkpoint,
+                checkpoint_bytes,
+            })
+        }
+        TxnOutcome::GuardFailed(failure) => Err(ctx.writer.explain(&failure, "full-sync marker")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Put missing and changed keys, count the deletions.
+    PutsOnly,
+    /// Apply every difference.
+    All,
+}
+
+async fn merge_pass(
+    ctx: &JobContext,
+    pinned_rev: i64,
+    marker_guard: &KeyGuard,
+    pass: Pass,
+    counts: &mut Counts,
+    cancel: &CancellationToken,
+) -> Result<(), JobError> {
+    let pagers = cancel.child_token();
+    // Dropping the guard stops both pagers however this pass ends.
+    let _stop_pagers = pagers.clone().drop_guard();
+    let page_size = ctx.tuning.page_size;
+    let mut source_pages = spawn_pager(
+        ctx.source.clone(),
+        ctx.rewrite.source_prefix().to_vec(),
+        Some(pinned_rev),
+        page_size,
+        ctx.meta_prefix.clone(),
+        pagers.clone(),
+    );
+    let mut dest_pages = spawn_pager(
+        ctx.dest.clone(),
+        ctx.rewrite.dest_prefix().to_vec(),
+        None,
+        page_size,
+        ctx.meta_prefix.clone(),
+        pagers,
+    );
+    let mut writes = UnorderedWrites::new(
+        ctx.writer.clone(),
+        marker_guard.clone(),
+        ctx.tuning.max_inflight_txns,
+    );
+    let data_ops = ctx.limits.max_ops.saturating_sub(1).max(1);
+    let data_bytes = ctx.limits.max_bytes.saturating_sub(4096).max(1024);
+    let mut batch: Vec<Mutation> = Vec::with_capacity(data_ops);
+    let mut batch_bytes = 0usize;
+    let mut merge = SortedMerge::new();
+    let started = Instant::now();
+    let mut last_log = Instant::now();
+
+    loop {
+        let mutation = match merge.step() {
+            Step::NeedSource => {
+                match next_page(&mut source_pages, cancel).await? {
+                    Some(page) => {
+                        counts.scanned += page.len() as u64;
+                        merge.push_source(page);
+                    }
+                    None => merge.source_exhausted(),
+                }
+                ctx.heartbeat();
+                None
+            }
+            Step::NeedDest => {
+                match next_page(&mut dest_pages, cancel).await? {
+                    Some(page) => {
+                        counts.dest_keys += page.len() as u64;
+                        merge.push_dest(page);
+                    }
+                    None => merge.dest_exhausted(),
+                }
+                None
+            }
+            Step::Same => {
+                counts.unchanged += 1;
+                if pass == Pass::PutsOnly {
+                    ctx.metrics.full_sync_unchanged.inc();
+                }
+                None
+            }
+            Step::Differ(Difference::MissingAtDest { suffix, value } | Difference::ValueDiffers { suffix, value }) => {
+                counts.put += 1;
+                ctx.metrics.full_sync_put.inc();
+                Some(Mutation::Put {
+                    key: ctx.rewrite.suffix_to_dest(&suffix),
+                    value,
+                })
+            }
+            Step::Differ(Difference::ExtraAtDest { suffix }) => match pass {
+                Pass::PutsOnly => {
+                    counts.would_delete += 1;
+                    None
+                }
+                Pass::All => {
+                    counts.deleted += 1;
+                    ctx.metrics.full_sync_delete.inc();
+                    Some(Mutation::Delete {
+                        key: ctx.rewrite.suffix_to_dest(&suffix),
+                    })
+                }
+            },
+            Step::Done => break,
+        };
+        if let Some(mutation) = mutation {
+            let len = mutation.encoded_len();
+            if !batch.is_empty() && (batch.len() >= data_ops || batch_bytes + len > data_bytes) {
+                writes.submit(std::mem::take(&mut batch)).await?;
+                batch_bytes = 0;
+            }
+            batch_bytes += len;
+            batch.push(mutation);
+        }
+        if last_log.elapsed() >= ctx.tuning.progress_log_interval {
+            last_log = Instant::now();
+            info!(
+                job = %ctx.job.name,
+                pass = if pass == Pass::PutsOnly { "copy" } else { "prune" },
+                scanned = counts.scanned,
+                put = counts.put,
+                deleted = counts.deleted,
+                pending_deletes = counts.would_delete,
+                unchanged = counts.unchanged,
+                keys_per_second = rate(counts.scanned, started.elapsed()),
+                "Full sync in progress."
+            );
+        }
+    }
+    if !batch.is_empty() {
+        writes.submit(batch).await?;
+    }
+    writes.finish().await
+}
+
+fn rate(count: u64, elapsed: Duration) -> u64 {
+    let seconds = elapsed.as_secs_f64();
+    if seconds > 0.0 {
+        (count as f64 / seconds) as u64
+    } else {
+        0
+    }
+}
+
+/// A page of entries, or `Ok(None)` once the prefix is exhausted.
+type PageResult = Result<Option<Vec<Entry>>, JobError>;
+
+/// # Cancel-Safety
+/// Cancel-safe: a page not yet received stays in the channel.
+async fn next_page(pages: &mut mpsc::Receiver<PageResult>, cancel: &CancellationToken) -> PageResult {
+    tokio::select! {
+        _ = cancel.cancelled() => Err(JobError::Cancelled),
+        page = pages.recv() => match page {
+            Some(page) => page,
+            // A pager that stopped without saying "end" must never look like
+            // an exhausted prefix: that would turn every later key into a delete.
+            None => Err(JobError::Internal("range reader stopped before the end of the prefix".into())),
+        },
+    }
+}
+
+/// Reads one prefix page by page in key order, ahead of the merge (the
+/// channel holds two pages, which bounds memory). Keys under the meta prefix
+/// are skipped: they are never copied and never pruned.
+fn spawn_pager(
+    cluster: Cluster,
+    prefix: Vec<u8>,
+    revision: Option<i64>,
+    page_size: usize,
+    meta_prefix: Vec<u8>,
+    cancel: CancellationToken,
+) -> mpsc::Receiver<PageResult> {
+    let (pages, receiver) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let end = prefix_range_end(&prefix);
+        let mut start = prefix_range_start(&prefix);
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(page_size as i64);
+            if let Some(revision) = revision {
+                options = options.with_revision(revision);
+            }
+            let read = || {
+                let options = options.clone();
+                let start = start.clone();
+                let cluster = cluster.clone();
+                async move { cluster.get("read page", start, Some(options)).await }
+            };
+            let response = tokio::select! {
+                _ = cancel.cancelled() => return,
+                response = read
+                    .retry(page_retry())
+                    .when(|e: &crate::client::ClientError| e.is_retryable())
+                    .notify(|error, delay| warn!(%error, retry_in = ?delay, "Page read failed; retrying.")) => response,
+            };
+            let mut response = match response {
+                Ok(response) => response,
+                Err(error) => {
+                    let _ = pages.send(Err(JobError::from(error))).await;
+                    return;
+                }
+            };
+            let more = response.more();
+            let kvs = response.take_kvs();
+            let Some(last) = kvs.last() else {
+                let _ = pages.send(Ok(None)).await;
+                return;
+            };
+            start = key_successor(last.key());
+            let entries: Vec<Entry> = kvs
+                .into_iter()
+                .filter(|kv| !kv.key().starts_with(&meta_prefix))
+                .map(|kv| {
+                    let (key, value) = kv.into_key_value();
+                    Entry {
+                        suffix: key[prefix.len()..].to_vec(),
+                        value,
+                    }
+                })
+                .collect();
+            if pages.send(Ok(Some(entries))).await.is_err() {
+                return;
+            }
+            if !more {
+                let _ = pages.send(Ok(None)).await;
+                return;
+            }
+        }
+    });
+    receiver
+}
+
+fn page_retry() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_jitter()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(6)
+}

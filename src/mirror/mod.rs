@@ -1,0 +1,466 @@
+//! Replication of one job (one prefix): an explicit state machine.
+//!
+//! ```text
+//!            ┌──────────────── error: back off, re-read the checkpoint ───────────────┐
+//!            ▼                                                                        │
+//!   Resolve ─┬─ checkpoint usable ──────────────────────────────▶ Watch (fast path) ──┤
+//!            └─ none / reset / interrupted / replaced / behind ─▶ FullSync ─▶ Watch ──┤
+//!                                      ▲                                              │
+//!                                      └──────────── watch reports compaction ────────┘
+//! ```
+//!
+//! Every destination txn carries the checkpoint it completes, so whatever
+//! point this loop is interrupted at, the next Resolve finds the destination
+//! equal to the source at the checkpoint revision.
+
+pub mod full_sync;
+pub mod incremental;
+pub mod meta;
+pub mod writer;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::client::{ClientError, Cluster, ClusterHead, FailureKind};
+use crate::config::{JobSettings, Side, Tuning, TxnLimits};
+use crate::health::Health;
+use crate::keys::{prefixes_overlap, KeyRewrite, MetaKeys};
+use crate::metrics::{JobMetrics, JobState};
+use crate::mirror::meta::{now_rfc3339, read_job_meta, Checkpoint, JobMeta, KeyGuard};
+use crate::mirror::writer::{DestWriter, TxnOutcome};
+
+/// Everything one job needs, shared by its phases.
+pub struct JobContext {
+    pub job: JobSettings,
+    pub keys: MetaKeys,
+    pub rewrite: KeyRewrite,
+    pub meta_prefix: Vec<u8>,
+    pub source: Cluster,
+    pub dest: Cluster,
+    pub writer: Arc<DestWriter>,
+    pub limits: TxnLimits,
+    pub tuning: Tuning,
+    pub max_prune_ratio: f64,
+    pub metrics: JobMetrics,
+    pub instance_id: String,
+    pub health: Arc<Health>,
+}
+
+impl JobContext {
+    pub fn heartbeat(&self) {
+        self.health.heartbeat(&self.job.name);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("source history is compacted up to revision {compact_revision}, past the checkpoint; a full sync is needed")]
+    Compacted { compact_revision: i64 },
+    #[error("source watch failed: {source}")]
+    Watch { source: etcd_client::Error },
+    #[error("source closed the watch stream")]
+    WatchClosed,
+    #[error("source canceled the watch: {reason}")]
+    WatchCanceled { reason: String },
+    #[error("source watch delivered nothing for {idle:?}, not even a progress answer")]
+    WatchStalled { idle: Duration },
+    #[error("write fenced: {reason}")]
+    Fenced { reason: &'static str },
+    #[error("the job is promoted (a promoted marker exists on the destination); replication stays stopped until `promote --undo`")]
+    Promoted,
+    #[error("the {what} changed underneath this instance")]
+    GuardMoved { what: &'static str },
+    #[error(
+        "mass-delete guard: this full sync would delete {would_delete} of {dest_keys} destination keys, \
+         more than --max-prune-ratio {max_prune_ratio} allows; nothing was deleted. If the source really \
+         lost these keys, rerun with a higher --max-prune-ratio (1 allows all)"
+    )]
+    PruneGuard {
+        would_delete: u64,
+        dest_keys: u64,
+        max_prune_ratio: f64,
+    },
+    #[error("source and destination are the same cluster (id {cluster_id:x}) and the job's prefixes overlap: mirroring would copy the mirror into itself")]
+    Loop { cluster_id: u64 },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl JobError {
+    /// Low-cardinality label for `etcd_syncer_errors_total{kind}`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobError::Client(error) => match (error.kind(), error.side()) {
+                (FailureKind::Auth, _) => "auth",
+                (FailureKind::Compacted, _) => "compacted",
+                (FailureKind::QuotaExceeded, _) => "dest_quota_exceeded",
+                (FailureKind::Rejected, _) => "rejected",
+                (FailureKind::Unavailable, Some(Side::Destination)) => "dest_unavailable",
+                (FailureKind::Unavailable, _) => "source_unavailable",
+            },
+            JobError::Compacted { .. } => "compacted",
+            JobError::Watch { source } => match crate::client::classify(source) {
+                FailureKind::Auth => "auth",
+                _ => "source_unavailable",
+            },
+            JobError::WatchClosed | JobError::WatchCanceled { .. } => "source_unavailable",
+            JobError::WatchStalled { .. } => "watch_stalled",
+            JobError::Fenced { .. } => "fenced",
+            JobError::Promoted => "promoted",
+            JobError::GuardMoved { .. } => "checkpoint_moved",
+            JobError::PruneGuard { .. } => "prune_guard",
+            JobError::Loop { .. } => "loop",
+            JobError::Cancelled => "cancelled",
+            JobError::Internal(_) => "internal",
+        }
+    }
+
+    /// Errors that retrying cannot fix without an operator changing the setup.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, JobError::Loop { .. } | JobError::Cancelled)
+    }
+
+    /// Whether this error means the checkpoint's history is gone.
+    fn is_compaction(&self) -> bool {
+        match self {
+            JobError::Compacted { .. } => true,
+            JobError::Client(error) => error.kind() == FailureKind::Compacted,
+            _ => false,
+        }
+    }
+
+    /// ERROR means data at risk or an operator must act; the rest is WARN.
+    fn needs_operator(&self) -> bool {
+        match self {
+            JobError::PruneGuard { .. } | JobError::Loop { .. } | JobError::Internal(_) => true,
+            JobError::Client(error) => matches!(error.kind(), FailureKind::Auth | FailureKind::Rejected | FailureKind::QuotaExceeded),
+            JobError::Watch { source } => crate::client::classify(source) == FailureKind::Auth,
+            _ => false,
+        }
+    }
+}
+
+/// Why a full sync is needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlowPathReason {
+    NoCheckpoint,
+    UnreadableCheckpoint,
+    Reset,
+    Interrupted { pinned_rev: Option<i64> },
+    SourceReplaced { checkpoint_cluster_id: u64, source_cluster_id: u64 },
+    SourceBehind { checkpoint_rev: i64, source_rev: i64 },
+    Compacted,
+}
+
+impl std::fmt::Display for SlowPathReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SlowPathReason::NoCheckpoint => write!(f, "no checkpoint on the destination"),
+            SlowPathReason::UnreadableCheckpoint => write!(f, "the checkpoint is unreadable"),
+            SlowPathReason::Reset => write!(f, "--reset-last-synced-rev was requested"),
+            SlowPathReason::Interrupted { pinned_rev: Some(rev) } => {
+                write!(f, "a full sync at revision {rev} was interrupted")
+            }
+            SlowPathReason::Interrupted { pinned_rev: None } => write!(f, "a full sync was interrupted"),
+            SlowPathReason::SourceReplaced {
+                checkpoint_cluster_id,
+                source_cluster_id,
+            } => write!(
+                f,
+                "the source cluster changed (checkpoint from cluster {checkpoint_cluster_id:x}, source is {source_cluster_id:x})"
+            ),
+            SlowPathReason::SourceBehind { checkpoint_rev, source_rev } => write!(
+                f,
+                "the source revision {source_rev} is behind the checkpoint {checkpoint_rev} (restored from a backup?)"
+            ),
+            SlowPathReason::Compacted => write!(f, "the source compacted the history after the checkpoint"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Watch from the checkpoint; copy nothing.
+    Resume(Checkpoint),
+    FullSync(SlowPathReason),
+}
+
+/// Chooses the fast or the slow path from what the destination and source say.
+pub fn decide(meta: &JobMeta, source: ClusterHead, forced: Option<SlowPathReason>) -> Decision {
+    if let Some(reason) = forced {
+        return Decision::FullSync(reason);
+    }
+    if meta.reset_request.is_some() {
+        return Decision::FullSync(SlowPathReason::Reset);
+    }
+    if meta.full_sync_raw.is_some() {
+        return Decision::FullSync(SlowPathReason::Interrupted {
+            pinned_rev: meta.full_sync.as_ref().map(|m| m.pinned_rev),
+        });
+    }
+    match &meta.checkpoint {
+        None if meta.checkpoint_raw.is_some() => Decision::FullSync(SlowPathReason::UnreadableCheckpoint),
+        None => Decision::FullSync(SlowPathReason::NoCheckpoint),
+        Some(checkpoint) if checkpoint.source_cluster_id != source.cluster_id => {
+            Decision::FullSync(SlowPathReason::SourceReplaced {
+                checkpoint_cluster_id: checkpoint.source_cluster_id,
+                source_cluster_id: source.cluster_id,
+            })
+        }
+        Some(checkpoint) if source.revision < checkpoint.last_synced_rev => {
+            Decision::FullSync(SlowPathReason::SourceBehind {
+                checkpoint_rev: checkpoint.last_synced_rev,
+                source_rev: source.revision,
+            })
+        }
+        Some(checkpoint) => Decision::Resume(checkpoint.clone()),
+    }
+}
+
+fn job_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_jitter()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(30))
+        .without_max_times()
+        .build()
+}
+
+/// An attempt that ran this long before failing made progress: start the
+/// backoff again from its minimum.
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
+const PROMOTED_POLL: Duration = Duration::from_secs(10);
+
+/// Runs one job until cancelled, retrying every transient fault with capped,
+/// jittered backoff and resuming from the checkpoint each time.
+///
+/// # Cancel-Safety
+/// Returns promptly once `cancel` fires; an in-flight txn either commits with
+/// its checkpoint or not at all.
+pub async fn run_job(ctx: JobContext, reset_requested: bool, cancel: CancellationToken) -> Result<(), JobError> {
+    if reset_requested {
+        request_reset(&ctx, &cancel).await?;
+    }
+    let mut forced: Option<SlowPathReason> = None;
+    let mut backoff = job_backoff();
+    let mut promoted_logged = false;
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        let attempt_started = Instant::now();
+        let error = match run_once(&ctx, forced.take(), &cancel).await {
+            Ok(()) | Err(JobError::Cancelled) => return Ok(()),
+            Err(error) => error,
+        };
+        ctx.heartbeat();
+        ctx.metrics.error(error.kind());
+        if attempt_started.elapsed() >= BACKOFF_RESET_AFTER {
+            backoff = job_backoff();
+        }
+        if error.is_compaction() {
+            info!(job = %ctx.job.name, %error, "Source history is compacted past the checkpoint; starting a full sync.");
+            forced = Some(SlowPathReason::Compacted);
+            continue;
+        }
+        if !error.is_retryable() {
+            ctx.metrics.set_state(JobState::Error);
+            error!(job = %ctx.job.name, %error, "Job stopped.");
+            return Err(error);
+        }
+        let delay = match &error {
+            JobError::Promoted => {
+                ctx.metrics.set_state(JobState::Promoted);
+                if !promoted_logged {
+                    warn!(job = %ctx.job.name, "Job is promoted; replication is stopped until the marker is removed with `promote --undo`.");
+                    promoted_logged = true;
+                }
+                PROMOTED_POLL
+            }
+            _ => {
+                promoted_logged = false;
+                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                if matches!(error, JobError::PruneGuard { .. }) {
+                    ctx.metrics.set_state(JobState::PruneGuard);
+                } else {
+                    ctx.metrics.set_state(JobState::Error);
+                }
+                if error.needs_operator() {
+                    error!(job = %ctx.job.name, %error, retry_in = ?delay, "Replication failed; operator action needed.");
+                } else {
+                    warn!(job = %ctx.job.name, %error, retry_in = ?delay, "Replication interrupted; retrying from the checkpoint.");
+                }
+                delay
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn run_once(ctx: &JobContext, forced: Option<SlowPathReason>, cancel: &CancellationToken) -> Result<(), JobError> {
+    ctx.metrics.set_state(JobState::Starting);
+    let meta = read_job_meta(&ctx.dest, &ctx.keys).await?;
+    if meta.promoted.is_some() {
+        return Err(JobError::Promoted);
+    }
+    let head = ctx.source.head(ctx.rewrite.source_prefix()).await?;
+    if head.cluster_id != 0
+        && head.cluster_id == meta.dest_cluster_id
+        && prefixes_overlap(ctx.rewrite.source_prefix(), ctx.rewrite.dest_prefix())
+    {
+        return Err(JobError::Loop {
+            cluster_id: head.cluster_id,
+        });
+    }
+    ctx.metrics.set_progress(
+        meta.checkpoint.as_ref().map_or(0, |c| c.last_synced_rev),
+        head.revision,
+    );
+
+    let (guard, revision, cluster_id) = match decide(&meta, head, forced) {
+        Decision::Resume(checkpoint) => {
+            ctx.metrics.fast_path_total.inc();
+            info!(
+                job = %ctx.job.name,
+                path = "fast",
+                last_synced_revision = checkpoint.last_synced_rev,
+                source_revision = head.revision,
+                "Resuming from the checkpoint."
+            );
+            let raw = meta.checkpoint_raw.clone().expect("a parsed checkpoint has raw bytes");
+            (KeyGuard::Holds(raw), checkpoint.last_synced_rev, checkpoint.source_cluster_id)
+        }
+        Decision::FullSync(reason) => {
+            ctx.metrics.slow_path_total.inc();
+            ctx.metrics.set_state(JobState::FullSync);
+            info!(job = %ctx.job.name, path = "slow", %reason, "Taking the slow path.");
+            let synced = full_sync::run(ctx, &meta, &reason, cancel).await?;
+            (
+                KeyGuard::Holds(synced.checkpoint_bytes),
+                synced.checkpoint.last_synced_rev,
+                synced.checkpoint.source_cluster_id,
+            )
+        }
+    };
+    ctx.metrics.set_progress(revision, head.revision);
+    ctx.metrics.set_state(JobState::Watching);
+    incremental::run(ctx, guard, revision, cluster_id, cancel).await?;
+    Ok(())
+}
+
+/// Leaves a reset request under the job's meta prefix. Whichever instance
+/// next resolves the job consumes it in the txn that starts the full sync,
+/// so the reset happens exactly once.
+async fn request_reset(ctx: &JobContext, cancel: &CancellationToken) -> Result<(), JobError> {
+    let value = serde_json::json!({ "requested_at": now_rfc3339(), "instance": ctx.instance_id }).to_string();
+    let mut backoff = job_backoff();
+    loop {
+        let ops = vec![etcd_client::TxnOp::put(ctx.keys.reset_request(), value.clone(), None)];
+        let error = match ctx.writer.commit("request reset", Vec::new(), ops).await {
+            Ok(TxnOutcome::Committed) => {
+                info!(job = %ctx.job.name, "Reset requested: the checkpoint will be dropped and a full sync run.");
+                return Ok(());
+            }
+            Ok(TxnOutcome::GuardFailed(failure)) => ctx.writer.explain(&failure, "job meta"),
+            Err(error) => error,
+        };
+        if matches!(error, JobError::Promoted) {
+            warn!(job = %ctx.job.name, "Reset not requested: the job is promoted.");
+            return Ok(());
+        }
+        let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+        warn!(job = %ctx.job.name, %error, retry_in = ?delay, "Could not record the reset request; retrying.");
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(JobError::Cancelled),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mirror::meta::FullSyncMarker;
+
+    fn checkpoint(rev: i64, cluster: u64) -> Checkpoint {
+        Checkpoint {
+            last_synced_rev: rev,
+            source_cluster_id: cluster,
+            updated_at: now_rfc3339(),
+            instance: "i".into(),
+            partial_revision: None,
+            write_id: 1,
+        }
+    }
+
+    fn meta_with(checkpoint: Option<Checkpoint>) -> JobMeta {
+        JobMeta {
+            checkpoint_raw: checkpoint.as_ref().map(Checkpoint::encode),
+            checkpoint,
+            ..JobMeta::default()
+        }
+    }
+
+    const HEAD: ClusterHead = ClusterHead {
+        cluster_id: 7,
+        revision: 100,
+    };
+
+    #[test]
+    fn resumes_from_a_usable_checkpoint() {
+        let meta = meta_with(Some(checkpoint(90, 7)));
+        assert_eq!(decide(&meta, HEAD, None), Decision::Resume(meta.checkpoint.clone().unwrap()));
+        // The source at exactly the checkpoint revision is still resumable.
+        let at_head = meta_with(Some(checkpoint(100, 7)));
+        assert!(matches!(decide(&at_head, HEAD, None), Decision::Resume(_)));
+    }
+
+    #[test]
+    fn slow_path_reasons() {
+        assert_eq!(decide(&meta_with(None), HEAD, None), Decision::FullSync(SlowPathReason::NoCheckpoint));
+        assert!(matches!(
+            decide(&meta_with(Some(checkpoint(90, 8))), HEAD, None),
+            Decision::FullSync(SlowPathReason::SourceReplaced { .. })
+        ));
+        assert!(matches!(
+            decide(&meta_with(Some(checkpoint(120, 7))), HEAD, None),
+            Decision::FullSync(SlowPathReason::SourceBehind { .. })
+        ));
+        assert_eq!(
+            decide(&meta_with(Some(checkpoint(90, 7))), HEAD, Some(SlowPathReason::Compacted)),
+            Decision::FullSync(SlowPathReason::Compacted)
+        );
+        let mut reset = meta_with(Some(checkpoint(90, 7)));
+        reset.reset_request = Some(b"{}".to_vec());
+        assert_eq!(decide(&reset, HEAD, None), Decision::FullSync(SlowPathReason::Reset));
+        let mut interrupted = meta_with(None);
+        let marker = FullSyncMarker {
+            id: 1,
+            pinned_rev: 50,
+            source_cluster_id: 7,
+            started_at: now_rfc3339(),
+            instance: "i".into(),
+            reason: "test".into(),
+        };
+        interrupted.full_sync_raw = Some(marker.encode());
+        interrupted.full_sync = Some(marker);
+        assert_eq!(
+            decide(&interrupted, HEAD, None),
+            Decision::FullSync(SlowPathReason::Interrupted { pinned_rev: Some(50) })
+        );
+        let mut garbled = meta_with(None);
+        garbled.checkpoint_raw = Some(b"garbage".to_vec());
+        assert_eq!(decide(&garbled, HEAD, None), Decision::FullSync(SlowPathReason::UnreadableCheckpoint));
+    }
+}

@@ -1,0 +1,364 @@
+//! Every write to the destination goes through here, fenced.
+//!
+//! Incremental txns are *chained*: each one compares the checkpoint key with
+//! the exact value the previous txn wrote. That lets several txns be in flight
+//! at once (one round trip no longer caps throughput) while the destination
+//! still only moves through states the source really had: if txns arrive out
+//! of order, the early one fails its compare and nothing is applied. The
+//! same compare stops a deposed leader from rolling the checkpoint back.
+//!
+//! Full-sync txns touch disjoint keys and carry no checkpoint, so they run
+//! unordered in parallel, each fenced on the exact full-sync marker.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use etcd_client::{Compare, Txn, TxnOp, TxnOpResponse};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::batch::{Batch, Mutation};
+use crate::client::Cluster;
+use crate::keys::MetaKeys;
+use crate::metrics::JobMetrics;
+use crate::mirror::meta::{now_rfc3339, Checkpoint, Fence, KeyGuard};
+use crate::mirror::JobError;
+
+/// Why a guarded txn did not apply, read in the same txn's failure branch.
+#[derive(Debug, Clone)]
+pub struct GuardFailure {
+    pub promoted: bool,
+    pub lock_held: bool,
+}
+
+#[derive(Debug)]
+pub enum TxnOutcome {
+    Committed,
+    GuardFailed(GuardFailure),
+}
+
+/// Sends fenced txns for one job.
+pub struct DestWriter {
+    dest: Cluster,
+    keys: MetaKeys,
+    fence: Fence,
+    metrics: JobMetrics,
+}
+
+impl DestWriter {
+    pub fn new(dest: Cluster, keys: MetaKeys, fence: Fence, metrics: JobMetrics) -> Self {
+        Self {
+            dest,
+            keys,
+            fence,
+            metrics,
+        }
+    }
+
+    pub fn keys(&self) -> &MetaKeys {
+        &self.keys
+    }
+
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
+    pub fn metrics(&self) -> &JobMetrics {
+        &self.metrics
+    }
+
+    /// One txn: the fence and `guards` must hold for `ops` to apply.
+    pub async fn commit(
+        &self,
+        operation: &'static str,
+        guards: Vec<Compare>,
+        ops: Vec<TxnOp>,
+    ) -> Result<TxnOutcome, JobError> {
+        let op_count = ops.len();
+        let mut compares = self.fence.compares();
+        compares.extend(guards);
+        let mut failure_reads = vec![TxnOp::get(self.fence.promoted_key(), None)];
+        if let Some(lock) = self.fence.lock() {
+            failure_reads.push(TxnOp::get(lock.key.as_str(), None));
+        }
+        let txn = Txn::new().when(compares).and_then(ops).or_else(failure_reads);
+        let mut kv = self.dest.kv();
+        let started = Instant::now();
+        let response = self.dest.call(operation, async move { kv.txn(txn).await }).await?;
+        self.metrics
+            .txn_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if response.succeeded() {
+            self.metrics.txns_total.inc();
+            self.metrics.txn_ops.observe(op_count as f64);
+            return Ok(TxnOutcome::Committed);
+        }
+        let reads: Vec<bool> = response
+            .op_responses()
+            .into_iter()
+            .map(|r| matches!(r, TxnOpResponse::Get(get) if !get.kvs().is_empty()))
+            .collect();
+        let promoted = reads.first().copied().unwrap_or(false);
+        let lock_held = match self.fence.lock() {
+            None => true,
+            Some(_) => reads.get(1).copied().unwrap_or(false),
+        };
+        Ok(TxnOutcome::GuardFailed(GuardFailure { promoted, lock_held }))
+    }
+
+    /// The error a failed guard stands for. A moved checkpoint is retryable:
+    /// the job re-reads it and resumes from whatever committed.
+    pub fn explain(&self, failure: &GuardFailure, what: &'static str) -> JobError {
+        if failure.promoted {
+            JobError::Promoted
+        } else if !failure.lock_held {
+            JobError::Fenced {
+                reason: "this instance no longer holds the job lock",
+            }
+        } else {
+            JobError::GuardMoved { what }
+        }
+    }
+}
+
+pub fn mutation_op(mutation: Mutation) -> TxnOp {
+    match mutation {
+        Mutation::Put { key, value } => TxnOp::put(key, value, None),
+        Mutation::Delete { key } => TxnOp::delete(key, None),
+    }
+}
+
+/// Incremental txns in flight, applied strictly in order through the
+/// checkpoint chain.
+pub struct Pipeline {
+    writer: Arc<DestWriter>,
+    source_cluster_id: u64,
+    instance: String,
+    max_inflight: usize,
+    next_write_id: u64,
+    /// What the checkpoint key holds once every sent txn has committed.
+    tail_guard: KeyGuard,
+    tail_revision: i64,
+    committed_guard: KeyGuard,
+    committed_revision: i64,
+    inflight: VecDeque<InFlight>,
+}
+
+struct InFlight {
+    through_revision: i64,
+    checkpoint_bytes: Vec<u8>,
+    events: usize,
+    /// Kept to re-send the txn unchanged if etcd evaluated it before its predecessor.
+    guards: Vec<Compare>,
+    ops: Vec<TxnOp>,
+    resent: bool,
+    task: JoinHandle<Result<TxnOutcome, JobError>>,
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        // A txn already on the wire may still land; that is safe because its
+        // guard only matches the state it was built on.
+        for inflight in &self.inflight {
+            inflight.task.abort();
+        }
+    }
+}
+
+/// What the destination reflects after a txn committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    pub revision: i64,
+    pub events: usize,
+}
+
+impl Pipeline {
+    pub fn new(
+        writer: Arc<DestWriter>,
+        source_cluster_id: u64,
+        instance: String,
+        max_inflight: usize,
+        committed_guard: KeyGuard,
+        committed_revision: i64,
+    ) -> Self {
+        Self {
+            writer,
+            source_cluster_id,
+            instance,
+            max_inflight: max_inflight.max(1),
+            next_write_id: rand::random(),
+            tail_guard: committed_guard.clone(),
+            tail_revision: committed_revision,
+            committed_guard,
+            committed_revision,
+            inflight: VecDeque::new(),
+        }
+    }
+
+    pub fn has_room(&self) -> bool {
+        self.inflight.len() < self.max_inflight
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.inflight.is_empty()
+    }
+
+    pub fn committed_revision(&self) -> i64 {
+        self.committed_revision
+    }
+
+    /// The revision the destination will reflect once everything sent commits.
+    pub fn tail_revision(&self) -> i64 {
+        self.tail_revision
+    }
+
+    /// Sends `batch` with the checkpoint it completes. An empty batch only
+    /// advances the checkpoint (an idle prefix keeping up with compaction).
+    pub fn send(&mut self, batch: Batch) {
+        let checkpoint = Checkpoint {
+            // A partial batch leaves the previous revision as the resume point:
+            // on restart the whole oversized revision is applied again.
+            last_synced_rev: batch.through_revision,
+            source_cluster_id: self.source_cluster_id,
+            updated_at: now_rfc3339(),
+            instance: self.instance.clone(),
+            partial_revision: batch.partial_revision,
+            write_id: self.next_write_id,
+        };
+        self.next_write_id = self.next_write_id.wrapping_add(1);
+        let checkpoint_bytes = checkpoint.encode();
+        let checkpoint_key = self.writer.keys().checkpoint();
+        let guards = vec![self.tail_guard.compare(&checkpoint_key)];
+        let events = batch.mutations.len();
+        let mut ops: Vec<TxnOp> = batch.mutations.into_iter().map(mutation_op).collect();
+        ops.push(TxnOp::put(checkpoint_key, checkpoint_bytes.clone(), None));
+        let task = self.spawn_commit(guards.clone(), ops.clone());
+        self.tail_guard = KeyGuard::Holds(checkpoint_bytes.clone());
+        self.tail_revision = batch.through_revision;
+        self.inflight.push_back(InFlight {
+            through_revision: batch.through_revision,
+            checkpoint_bytes,
+            events,
+            guards,
+            ops,
+            resent: false,
+            task,
+        });
+    }
+
+    fn spawn_commit(&self, guards: Vec<Compare>, ops: Vec<TxnOp>) -> JoinHandle<Result<TxnOutcome, JobError>> {
+        let writer = self.writer.clone();
+        tokio::spawn(async move { writer.commit("apply batch", guards, ops).await })
+    }
+
+    /// Waits for the oldest txn in flight. Any failure other than a reorder
+    /// ends the pipeline: the job re-reads the checkpoint and resumes from
+    /// exactly what committed.
+    ///
+    /// etcd serves concurrent requests in parallel, so a txn can be evaluated
+    /// before the one sent just ahead of it and fail its checkpoint guard.
+    /// When that txn reaches the head of the queue, everything before it has
+    /// committed, so the checkpoint holds exactly its guard: it is re-sent
+    /// unchanged, and the txns behind it stay valid because its checkpoint
+    /// bytes do not change. A re-sent txn that fails again met a foreign write.
+    ///
+    /// # Cancel-Safety
+    /// Cancel-safe: the txn stays at the head of the queue until it resolves.
+    pub async fn next_committed(&mut self) -> Result<Committed, JobError> {
+        loop {
+            let Some(head) = self.inflight.front_mut() else {
+                return std::future::pending().await;
+            };
+            let outcome = match (&mut head.task).await {
+                Ok(outcome) => outcome?,
+                Err(join_error) => {
+                    return Err(JobError::Internal(format!("destination txn task failed: {join_error}")))
+                }
+            };
+            match outcome {
+                TxnOutcome::Committed => {
+                    let head = self.inflight.pop_front().expect("head exists");
+                    self.committed_guard = KeyGuard::Holds(head.checkpoint_bytes);
+                    self.committed_revision = head.through_revision;
+                    return Ok(Committed {
+                        revision: head.through_revision,
+                        events: head.events,
+                    });
+                }
+                TxnOutcome::GuardFailed(failure) if failure.promoted || !failure.lock_held || head.resent => {
+                    return Err(self.writer.explain(&failure, "checkpoint"));
+                }
+                TxnOutcome::GuardFailed(_) => {
+                    let (guards, ops) = (head.guards.clone(), head.ops.clone());
+                    let task = self.spawn_commit(guards, ops);
+                    let head = self.inflight.front_mut().expect("head exists");
+                    head.task = task;
+                    head.resent = true;
+                    self.writer.metrics().txn_reorders_total.inc();
+                }
+            }
+        }
+    }
+
+    /// Lets every txn in flight finish, for a clean shutdown.
+    pub async fn drain(&mut self) -> Result<Vec<Committed>, JobError> {
+        let mut done = Vec::new();
+        while !self.inflight.is_empty() {
+            done.push(self.next_committed().await?);
+        }
+        Ok(done)
+    }
+}
+
+/// Full-sync writes: disjoint keys, no ordering, bounded concurrency.
+pub struct UnorderedWrites {
+    writer: Arc<DestWriter>,
+    marker_key: String,
+    marker_guard: KeyGuard,
+    max_inflight: usize,
+    tasks: JoinSet<Result<TxnOutcome, JobError>>,
+}
+
+impl UnorderedWrites {
+    pub fn new(writer: Arc<DestWriter>, marker_guard: KeyGuard, max_inflight: usize) -> Self {
+        let marker_key = writer.keys().full_sync();
+        Self {
+            writer,
+            marker_key,
+            marker_guard,
+            max_inflight: max_inflight.max(1),
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// Sends one txn, first waiting for room if `max_inflight` are out.
+    pub async fn submit(&mut self, mutations: Vec<Mutation>) -> Result<(), JobError> {
+        while self.tasks.len() >= self.max_inflight {
+            self.reap_one().await?;
+        }
+        let guards = vec![self.marker_guard.compare(&self.marker_key)];
+        let ops: Vec<TxnOp> = mutations.into_iter().map(mutation_op).collect();
+        let writer = self.writer.clone();
+        self.tasks
+            .spawn(async move { writer.commit("full sync write", guards, ops).await });
+        Ok(())
+    }
+
+    pub async fn finish(&mut self) -> Result<(), JobError> {
+        while !self.tasks.is_empty() {
+            self.reap_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn reap_one(&mut self) -> Result<(), JobError> {
+        match self.tasks.join_next().await {
+            None => Ok(()),
+            Some(Err(join_error)) => Err(JobError::Internal(format!("full sync write task failed: {join_error}"))),
+            Some(Ok(outcome)) => match outcome? {
+                TxnOutcome::Committed => Ok(()),
+                TxnOutcome::GuardFailed(failure) => Err(self.writer.explain(&failure, "full-sync marker")),
+            },
+        }
+    }
+}
