@@ -55,7 +55,13 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
     let metrics = Metrics::new();
     let health = Arc::new(Health::new(settings.jobs.iter().map(|j| j.name.as_str())));
     let job_metrics: Vec<JobMetrics> = settings.jobs.iter().map(|j| metrics.job(&j.name)).collect();
-    let (addr, http_task) = crate::http::serve(settings.metrics_addr, metrics.clone(), health.clone(), cancel.clone()).await?;
+    let (addr, http_task) = crate::http::serve(
+        settings.metrics_addr,
+        metrics.clone(),
+        health.clone(),
+        cancel.clone(),
+    )
+    .await?;
     info!(
         %addr,
         instance = %settings.instance_id,
@@ -63,10 +69,14 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
         "Metrics server listening."
     );
 
-    let Some(source) = connect_with_retry(&settings.source, &settings, &job_metrics, &cancel).await? else {
+    let Some(source) =
+        connect_with_retry(&settings.source, &settings, &job_metrics, &cancel).await?
+    else {
         return Ok(());
     };
-    let Some(dest) = connect_with_retry(&settings.destination, &settings, &job_metrics, &cancel).await? else {
+    let Some(dest) =
+        connect_with_retry(&settings.destination, &settings, &job_metrics, &cancel).await?
+    else {
         return Ok(());
     };
 
@@ -83,7 +93,12 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
     for (job, metrics) in settings.jobs.iter().zip(job_metrics) {
         let keys = MetaKeys::new(&settings.meta_prefix, &job.name);
         let fence = Fence::new(&keys, None);
-        let writer = Arc::new(DestWriter::new(dest.clone(), keys.clone(), fence, metrics.clone()));
+        let writer = Arc::new(DestWriter::new(
+            dest.clone(),
+            keys.clone(),
+            fence,
+            metrics.clone(),
+        ));
         let ctx = JobContext {
             job: job.clone(),
             rewrite: KeyRewrite::new(job.prefix.as_bytes(), job.dest_prefix.as_bytes()),

@@ -174,12 +174,14 @@ impl Coalescer {
     fn add_to_open(&mut self, mutation: Mutation) {
         match self.open_index.get(mutation.key()) {
             Some(&at) => {
-                self.open_bytes = self.open_bytes - self.open[at].encoded_len() + mutation.encoded_len();
+                self.open_bytes =
+                    self.open_bytes - self.open[at].encoded_len() + mutation.encoded_len();
                 self.open[at] = mutation;
             }
             None => {
                 self.open_bytes += mutation.encoded_len();
-                self.open_index.insert(mutation.key().to_vec(), self.open.len());
+                self.open_index
+                    .insert(mutation.key().to_vec(), self.open.len());
                 self.open.push(mutation);
             }
         }
@@ -206,7 +208,8 @@ impl Coalescer {
         for mutation in mutations {
             let len = mutation.encoded_len();
             if !chunk.is_empty()
-                && (chunk.len() + 1 > self.limits.max_ops || chunk_bytes + len > self.limits.max_bytes)
+                && (chunk.len() + 1 > self.limits.max_ops
+                    || chunk_bytes + len > self.limits.max_bytes)
             {
                 chunks.push(std::mem::take(&mut chunk));
                 chunk_bytes = 0;
@@ -301,7 +304,8 @@ mod tests {
     }
 
     fn arb_limits() -> impl Strategy<Value = BatchLimits> {
-        (1usize..8, 20usize..300).prop_map(|(max_ops, max_bytes)| BatchLimits { max_ops, max_bytes })
+        (1usize..8, 20usize..300)
+            .prop_map(|(max_ops, max_bytes)| BatchLimits { max_ops, max_bytes })
     }
 
     /// Pushes every revision, draining at random points as the applier would.
@@ -398,16 +402,28 @@ mod tests {
 
     #[test]
     fn consecutive_revisions_share_one_batch() {
-        let limits = BatchLimits { max_ops: 10, max_bytes: 10_000 };
+        let limits = BatchLimits {
+            max_ops: 10,
+            max_bytes: 10_000,
+        };
         let mut coalescer = Coalescer::new(limits, 1);
         for rev in 2..6 {
             coalescer.push(SourceRevision {
                 revision: rev,
-                mutations: vec![Mutation::Put { key: b"a".to_vec(), value: vec![rev as u8] }],
+                mutations: vec![Mutation::Put {
+                    key: b"a".to_vec(),
+                    value: vec![rev as u8],
+                }],
             });
         }
         let batch = coalescer.next_batch().unwrap();
-        assert_eq!(batch.mutations, vec![Mutation::Put { key: b"a".to_vec(), value: vec![5] }]);
+        assert_eq!(
+            batch.mutations,
+            vec![Mutation::Put {
+                key: b"a".to_vec(),
+                value: vec![5]
+            }]
+        );
         assert_eq!(batch.through_revision, 5);
         assert!(coalescer.next_batch().is_none());
     }

@@ -6,8 +6,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, ConnectOptions, GetOptions, GetResponse, Identity, KvClient, LeaseClient, TlsOptions,
-    WatchClient,
+    Certificate, Client, ConnectOptions, GetOptions, GetResponse, Identity, KvClient, LeaseClient,
+    TlsOptions, WatchClient,
 };
 
 use crate::config::{ClusterSettings, Side};
@@ -165,7 +165,10 @@ impl Cluster {
     /// Builds the client. With auth this authenticates, so wrong credentials
     /// and unreachable endpoints fail here; without auth the channel is lazy
     /// and they show on the first request.
-    pub async fn connect(settings: &ClusterSettings, request_timeout: Duration) -> Result<Self, ClientError> {
+    pub async fn connect(
+        settings: &ClusterSettings,
+        request_timeout: Duration,
+    ) -> Result<Self, ClientError> {
         let endpoints = settings.endpoints.join(",");
         let mut options = ConnectOptions::new()
             .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
@@ -183,7 +186,10 @@ impl Cluster {
             let p = settings.side.flag_prefix();
             let mut tls = TlsOptions::new();
             if let Some(ca) = &tls_files.ca {
-                tls = tls.ca_certificate(Certificate::from_pem(read_tls_file(&format!("--{p}-cacert"), ca)?));
+                tls = tls.ca_certificate(Certificate::from_pem(read_tls_file(
+                    &format!("--{p}-cacert"),
+                    ca,
+                )?));
             }
             if let Some((cert, key)) = &tls_files.cert_and_key {
                 tls = tls.identity(Identity::from_pem(
@@ -217,7 +223,9 @@ impl Cluster {
             .kv_client()
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let watch = client.watch_client().max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let watch = client
+            .watch_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Self {
             side: settings.side,
             endpoints,
@@ -287,7 +295,8 @@ impl Cluster {
     ) -> Result<GetResponse, ClientError> {
         let mut kv = self.kv.clone();
         let key = key.into();
-        self.call(operation, async move { kv.get(key, options).await }).await
+        self.call(operation, async move { kv.get(key, options).await })
+            .await
     }
 
     /// The cluster's id and current revision, read from a count-only range
@@ -329,22 +338,38 @@ mod tests {
 
     #[test]
     fn classification() {
-        let status = |code, msg: &str| etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg));
+        let status =
+            |code, msg: &str| etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg));
         assert_eq!(
-            classify(&status(tonic::Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted")),
+            classify(&status(
+                tonic::Code::OutOfRange,
+                "etcdserver: mvcc: required revision has been compacted"
+            )),
             FailureKind::Compacted
         );
         assert_eq!(
-            classify(&status(tonic::Code::InvalidArgument, "etcdserver: authentication failed, invalid user ID or password")),
+            classify(&status(
+                tonic::Code::InvalidArgument,
+                "etcdserver: authentication failed, invalid user ID or password"
+            )),
             FailureKind::Auth
         );
         assert_eq!(
-            classify(&status(tonic::Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded")),
+            classify(&status(
+                tonic::Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded"
+            )),
             FailureKind::QuotaExceeded
         );
-        assert_eq!(classify(&status(tonic::Code::Unavailable, "connection refused")), FailureKind::Unavailable);
         assert_eq!(
-            classify(&status(tonic::Code::InvalidArgument, "etcdserver: too many operations in txn request")),
+            classify(&status(tonic::Code::Unavailable, "connection refused")),
+            FailureKind::Unavailable
+        );
+        assert_eq!(
+            classify(&status(
+                tonic::Code::InvalidArgument,
+                "etcdserver: too many operations in txn request"
+            )),
             FailureKind::Rejected
         );
     }

@@ -49,10 +49,21 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub struct TelemetryArgs {
     /// Log line format.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "ETCD_SYNCER_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "ETCD_SYNCER_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     /// Log filter, e.g. `info` or `etcd_syncer=debug`; RUST_LOG wins when set.
-    #[arg(long, global = true, default_value = "info", env = "ETCD_SYNCER_LOG_LEVEL")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "info",
+        env = "ETCD_SYNCER_LOG_LEVEL"
+    )]
     pub log_level: String,
 }
 
@@ -106,7 +117,11 @@ pub struct MirrorArgs {
     #[arg(long, env = "ETCD_SYNCER_PREFIX")]
     pub prefix: Option<String>,
     /// Destination prefix the source prefix is rewritten to (default: the same prefix).
-    #[arg(long, env = "ETCD_SYNCER_DEST_PREFIX", conflicts_with = "no_dest_prefix")]
+    #[arg(
+        long,
+        env = "ETCD_SYNCER_DEST_PREFIX",
+        conflicts_with = "no_dest_prefix"
+    )]
     pub dest_prefix: Option<String>,
     /// Mirror to the root of the destination: strip the source prefix.
     #[arg(long, env = "ETCD_SYNCER_NO_DEST_PREFIX")]
@@ -207,7 +222,10 @@ pub struct FileJob {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{field} is required: {fix}")]
-    Missing { field: &'static str, fix: &'static str },
+    Missing {
+        field: &'static str,
+        fix: &'static str,
+    },
     #[error("{field} = {value:?} is invalid: {reason}")]
     Invalid {
         field: String,
@@ -269,7 +287,9 @@ pub struct Credentials {
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials").field("user", &self.user).finish_non_exhaustive()
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
     }
 }
 
@@ -377,7 +397,11 @@ impl MirrorArgs {
             .or(file.meta_prefix)
             .unwrap_or_else(|| DEFAULT_META_PREFIX.to_string());
         if meta_prefix.is_empty() {
-            return Err(invalid("--meta-prefix", "", "must not be empty; the default is /-etcd-syncer-meta-/"));
+            return Err(invalid(
+                "--meta-prefix",
+                "",
+                "must not be empty; the default is /-etcd-syncer-meta-/",
+            ));
         }
 
         let jobs = match self.prefix {
@@ -399,7 +423,11 @@ impl MirrorArgs {
                 file.jobs
                     .into_iter()
                     .map(|job| {
-                        let dest_prefix = if job.no_dest_prefix { Some(String::new()) } else { job.dest_prefix };
+                        let dest_prefix = if job.no_dest_prefix {
+                            Some(String::new())
+                        } else {
+                            job.dest_prefix
+                        };
                         job_settings(job.name, job.prefix, dest_prefix)
                     })
                     .collect::<Result<Vec<_>, _>>()?
@@ -413,7 +441,10 @@ impl MirrorArgs {
         }
         validate_jobs(&jobs, &meta_prefix, &source, &destination)?;
 
-        let max_ops = self.max_txn_ops.or(file.max_txn_ops).unwrap_or(DEFAULT_MAX_TXN_OPS);
+        let max_ops = self
+            .max_txn_ops
+            .or(file.max_txn_ops)
+            .unwrap_or(DEFAULT_MAX_TXN_OPS);
         if !(2..=100_000).contains(&max_ops) {
             return Err(invalid(
                 "--max-txn-ops",
@@ -447,7 +478,10 @@ impl MirrorArgs {
 
         let defaults = Tuning::default();
         let tuning = Tuning {
-            page_size: self.page_size.or(file.page_size).unwrap_or(defaults.page_size),
+            page_size: self
+                .page_size
+                .or(file.page_size)
+                .unwrap_or(defaults.page_size),
             max_inflight_txns: self
                 .max_inflight_txns
                 .or(file.max_inflight_txns)
@@ -467,7 +501,11 @@ impl MirrorArgs {
             ..defaults
         };
         if !(1..=100_000).contains(&tuning.page_size) {
-            return Err(invalid("--page-size", &tuning.page_size.to_string(), "must be between 1 and 100000"));
+            return Err(invalid(
+                "--page-size",
+                &tuning.page_size.to_string(),
+                "must be between 1 and 100000",
+            ));
         }
         if !(1..=64).contains(&tuning.max_inflight_txns) {
             return Err(invalid(
@@ -498,7 +536,9 @@ impl MirrorArgs {
 
         let metrics_addr = match self.metrics_addr.or(file.metrics_addr) {
             Some(addr) => addr,
-            None => DEFAULT_METRICS_ADDR.parse().expect("default metrics address parses"),
+            None => DEFAULT_METRICS_ADDR
+                .parse()
+                .expect("default metrics address parses"),
         };
         let instance_id = self
             .instance_id
@@ -566,7 +606,11 @@ struct ClusterFlags {
     password: Option<String>,
 }
 
-fn cluster_settings(side: Side, flags: ClusterFlags, file: FileCluster) -> Result<ClusterSettings, ConfigError> {
+fn cluster_settings(
+    side: Side,
+    flags: ClusterFlags,
+    file: FileCluster,
+) -> Result<ClusterSettings, ConfigError> {
     let flag = |name: &str| format!("--{}-{}", side.flag_prefix(), name);
     let endpoints: Vec<String> = flags
         .endpoints
@@ -610,7 +654,7 @@ fn cluster_settings(side: Side, flags: ClusterFlags, file: FileCluster) -> Resul
             })
         }
     };
-    let tls = (cacert.is_some() || cert_and_key.is_some()).then(|| TlsFiles {
+    let tls = (cacert.is_some() || cert_and_key.is_some()).then_some(TlsFiles {
         ca: cacert,
         cert_and_key,
     });
@@ -620,9 +664,9 @@ fn cluster_settings(side: Side, flags: ClusterFlags, file: FileCluster) -> Resul
             Some((scheme, rest)) => (Some(scheme), rest),
             None => (None, endpoint.as_str()),
         };
-        let authority_ok = rest
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.trim_end_matches('/').parse::<u16>().is_ok());
+        let authority_ok = rest.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.trim_end_matches('/').parse::<u16>().is_ok()
+        });
         if !authority_ok {
             return Err(invalid(
                 &flag("endpoints"),
@@ -734,7 +778,9 @@ fn check_pem(field: &str, path: &Path, kind: PemKind) -> Result<(), ConfigError>
         source,
     })?;
     let ok = match kind {
-        PemKind::Certificate => CertificateDer::pem_slice_iter(&bytes).next().is_some_and(|c| c.is_ok()),
+        PemKind::Certificate => CertificateDer::pem_slice_iter(&bytes)
+            .next()
+            .is_some_and(|c| c.is_ok()),
         PemKind::PrivateKey => PrivateKeyDer::from_pem_slice(&bytes).is_ok(),
     };
     if ok {
@@ -751,7 +797,11 @@ fn check_pem(field: &str, path: &Path, kind: PemKind) -> Result<(), ConfigError>
     }
 }
 
-fn job_settings(name: Option<String>, prefix: String, dest_prefix: Option<String>) -> Result<JobSettings, ConfigError> {
+fn job_settings(
+    name: Option<String>,
+    prefix: String,
+    dest_prefix: Option<String>,
+) -> Result<JobSettings, ConfigError> {
     let name = name.unwrap_or_else(|| job_name_from_prefix(&prefix));
     if !is_valid_job_name(&name) {
         return Err(invalid(
@@ -802,8 +852,13 @@ fn validate_jobs(
         for b in &jobs[i + 1..] {
             if prefixes_overlap(a.prefix.as_bytes(), b.prefix.as_bytes()) {
                 return Err(ConfigError::Conflict {
-                    fields: format!("job {:?} prefix {:?} and job {:?} prefix {:?}", a.name, a.prefix, b.name, b.prefix),
-                    reason: "job prefixes overlap, so keys would be copied twice; make them disjoint".into(),
+                    fields: format!(
+                        "job {:?} prefix {:?} and job {:?} prefix {:?}",
+                        a.name, a.prefix, b.name, b.prefix
+                    ),
+                    reason:
+                        "job prefixes overlap, so keys would be copied twice; make them disjoint"
+                            .into(),
                 });
             }
             if prefixes_overlap(a.dest_prefix.as_bytes(), b.dest_prefix.as_bytes()) {
@@ -835,13 +890,17 @@ pub fn loop_error(job: &JobSettings) -> ConfigError {
 }
 
 fn normalize_endpoint(endpoint: &str) -> String {
-    let rest = endpoint.split_once("://").map_or(endpoint, |(_, rest)| rest);
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
     rest.trim_end_matches('/').replace("localhost", "127.0.0.1")
 }
 
 fn same_endpoints(a: &ClusterSettings, b: &ClusterSettings) -> bool {
     let a: HashSet<String> = a.endpoints.iter().map(|e| normalize_endpoint(e)).collect();
-    b.endpoints.iter().any(|e| a.contains(&normalize_endpoint(e)))
+    b.endpoints
+        .iter()
+        .any(|e| a.contains(&normalize_endpoint(e)))
 }
 
 #[cfg(test)]
@@ -884,8 +943,14 @@ mod tests {
 
     #[test]
     fn dest_prefix_rewrites() {
-        assert_eq!(with_base(&["--dest-prefix", "/copy/"]).unwrap().jobs[0].dest_prefix, "/copy/");
-        assert_eq!(with_base(&["--no-dest-prefix"]).unwrap().jobs[0].dest_prefix, "");
+        assert_eq!(
+            with_base(&["--dest-prefix", "/copy/"]).unwrap().jobs[0].dest_prefix,
+            "/copy/"
+        );
+        assert_eq!(
+            with_base(&["--no-dest-prefix"]).unwrap().jobs[0].dest_prefix,
+            ""
+        );
     }
 
     #[test]
@@ -900,42 +965,74 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        assert!(error_text(args(&["--dst-endpoints", "http://h:1", "--prefix", "/a/"])).contains("--src-endpoints"));
+        assert!(
+            error_text(args(&["--dst-endpoints", "http://h:1", "--prefix", "/a/"]))
+                .contains("--src-endpoints")
+        );
         assert!(error_text(with_base(&["--max-txn-ops", "0"])).contains("--max-txn-ops"));
         assert!(error_text(with_base(&["--max-prune-ratio", "1.5"])).contains("--max-prune-ratio"));
         assert!(error_text(with_base(&["--job-name", "a/b"])).contains("--job-name"));
-        assert!(error_text(with_base(&["--dest-prefix", "/-etcd-syncer-meta-/x/"])).contains("meta prefix"));
+        assert!(
+            error_text(with_base(&["--dest-prefix", "/-etcd-syncer-meta-/x/"]))
+                .contains("meta prefix")
+        );
         assert!(error_text(with_base(&["--src-cert", "/nonexistent"])).contains("--src-key"));
         assert!(error_text(with_base(&["--src-user", "root"])).contains("--src-password"));
-        assert!(error_text(with_base(&["--dst-cacert", "/nonexistent.pem"])).contains("--dst-endpoints"));
+        assert!(error_text(with_base(&["--dst-cacert", "/nonexistent.pem"]))
+            .contains("--dst-endpoints"));
     }
 
     #[test]
     fn https_needs_a_ca_and_the_ca_must_be_pem() {
         let text = error_text(args(&[
-            "--src-endpoints", "https://127.0.0.1:1", "--dst-endpoints", "http://127.0.0.1:2", "--prefix", "/a/",
+            "--src-endpoints",
+            "https://127.0.0.1:1",
+            "--dst-endpoints",
+            "http://127.0.0.1:2",
+            "--prefix",
+            "/a/",
         ]));
         assert!(text.contains("--src-cacert"), "{text}");
         let dir = tempfile::tempdir().unwrap();
         let bogus = dir.path().join("ca.pem");
         std::fs::write(&bogus, "not a certificate").unwrap();
         let text = error_text(args(&[
-            "--src-endpoints", "https://127.0.0.1:1", "--src-cacert", bogus.to_str().unwrap(),
-            "--dst-endpoints", "http://127.0.0.1:2", "--prefix", "/a/",
+            "--src-endpoints",
+            "https://127.0.0.1:1",
+            "--src-cacert",
+            bogus.to_str().unwrap(),
+            "--dst-endpoints",
+            "http://127.0.0.1:2",
+            "--prefix",
+            "/a/",
         ]));
-        assert!(text.contains("--src-cacert") && text.contains("PEM"), "{text}");
+        assert!(
+            text.contains("--src-cacert") && text.contains("PEM"),
+            "{text}"
+        );
     }
 
     #[test]
     fn loops_are_rejected() {
         let text = error_text(args(&[
-            "--src-endpoints", "http://localhost:5", "--dst-endpoints", "http://127.0.0.1:5", "--prefix", "/a/",
+            "--src-endpoints",
+            "http://localhost:5",
+            "--dst-endpoints",
+            "http://127.0.0.1:5",
+            "--prefix",
+            "/a/",
         ]));
         assert!(text.contains("same cluster"), "{text}");
         // Same cluster with disjoint prefixes is a legitimate copy.
         args(&[
-            "--src-endpoints", "http://127.0.0.1:5", "--dst-endpoints", "http://127.0.0.1:5",
-            "--prefix", "/a/", "--dest-prefix", "/b/",
+            "--src-endpoints",
+            "http://127.0.0.1:5",
+            "--dst-endpoints",
+            "http://127.0.0.1:5",
+            "--prefix",
+            "/a/",
+            "--dest-prefix",
+            "/b/",
         ])
         .unwrap();
     }
@@ -974,8 +1071,13 @@ mod tests {
 
     #[test]
     fn file_errors() {
-        let unknown = error_text(file("[source]\nendpoints = [\"http://h:1\"]\nendpoint = 1\n"));
-        assert!(unknown.contains("unknown field") && unknown.contains("endpoint"), "{unknown}");
+        let unknown = error_text(file(
+            "[source]\nendpoints = [\"http://h:1\"]\nendpoint = 1\n",
+        ));
+        assert!(
+            unknown.contains("unknown field") && unknown.contains("endpoint"),
+            "{unknown}"
+        );
         let overlap = error_text(file(
             "[source]\nendpoints=[\"http://h:1\"]\n[destination]\nendpoints=[\"http://h:2\"]\n[[jobs]]\nprefix=\"/a/\"\n[[jobs]]\nprefix=\"/a/b/\"\n",
         ));
@@ -983,7 +1085,10 @@ mod tests {
         let dest_overlap = error_text(file(
             "[source]\nendpoints=[\"http://h:1\"]\n[destination]\nendpoints=[\"http://h:2\"]\n[[jobs]]\nprefix=\"/a/\"\ndest-prefix=\"/x/\"\n[[jobs]]\nprefix=\"/b/\"\ndest-prefix=\"/x/y/\"\n",
         ));
-        assert!(dest_overlap.contains("destination prefixes overlap"), "{dest_overlap}");
+        assert!(
+            dest_overlap.contains("destination prefixes overlap"),
+            "{dest_overlap}"
+        );
         let bad_duration = error_text(file("progress-interval = \"soon\"\n"));
         assert!(bad_duration.contains("progress-interval"), "{bad_duration}");
     }
@@ -997,7 +1102,15 @@ mod tests {
             "max-txn-ops = 64\n[source]\nendpoints=[\"http://h:1\"]\n[destination]\nendpoints=[\"http://h:2\"]\n[[jobs]]\nprefix=\"/a/\"\n",
         )
         .unwrap();
-        let settings = args(&["--config", path.to_str().unwrap(), "--max-txn-ops", "32", "--prefix", "/z/"]).unwrap();
+        let settings = args(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--max-txn-ops",
+            "32",
+            "--prefix",
+            "/z/",
+        ])
+        .unwrap();
         assert_eq!(settings.limits.max_ops, 32);
         assert_eq!(settings.jobs.len(), 1);
         assert_eq!(settings.jobs[0].prefix, "/z/");

@@ -124,7 +124,10 @@ mod tests {
     fn pages(map: &BTreeMap<Vec<u8>, Vec<u8>>, page: usize) -> Vec<Vec<Entry>> {
         let entries: Vec<Entry> = map
             .iter()
-            .map(|(k, v)| Entry { suffix: k.clone(), value: v.clone() })
+            .map(|(k, v)| Entry {
+                suffix: k.clone(),
+                value: v.clone(),
+            })
             .collect();
         entries.chunks(page.max(1)).map(|c| c.to_vec()).collect()
     }

@@ -22,7 +22,9 @@ struct AppState {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on --metrics-addr {addr}: {source} (pick a free address, or port 0 for any)")]
+#[error(
+    "cannot listen on --metrics-addr {addr}: {source} (pick a free address, or port 0 for any)"
+)]
 pub struct BindError {
     pub addr: SocketAddr,
     #[source]
@@ -36,8 +38,12 @@ pub async fn serve(
     health: Arc<Health>,
     cancel: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), BindError> {
-    let listener = TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })?;
-    let local = listener.local_addr().map_err(|source| BindError { addr, source })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| BindError { addr, source })?;
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
@@ -45,7 +51,10 @@ pub async fn serve(
         .with_state(AppState { metrics, health });
     let task = tokio::spawn(async move {
         let shutdown = async move { cancel.cancelled().await };
-        if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        if let Err(error) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::error!(%error, "Metrics server failed.");
         }
     });
@@ -54,7 +63,10 @@ pub async fn serve(
 
 async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }
@@ -64,7 +76,10 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     if wedged.is_empty() {
         (StatusCode::OK, "ok\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("wedged jobs: {}\n", wedged.join(", ")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("wedged jobs: {}\n", wedged.join(", ")),
+        )
     }
 }
 
@@ -76,6 +91,10 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         if source { "reachable" } else { "unreachable" },
         if dest { "reachable" } else { "unreachable" }
     );
-    let status = if source && dest { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if source && dest {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, body)
 }

@@ -192,7 +192,10 @@ mod tests {
 
     #[test]
     fn job_names_from_prefixes() {
-        assert_eq!(job_name_from_prefix("/registry/services/"), "registry-services");
+        assert_eq!(
+            job_name_from_prefix("/registry/services/"),
+            "registry-services"
+        );
         assert_eq!(job_name_from_prefix("/"), "root");
         assert_eq!(job_name_from_prefix(""), "root");
         assert!(is_valid_job_name(&job_name_from_prefix("/a b/c:d/")));

@@ -12,7 +12,10 @@ use etcd_syncer::config::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     etcd_syncer::telemetry::init(cli.telemetry.log_format, &cli.telemetry.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -46,7 +49,10 @@ fn report(error: AppError) -> ExitCode {
 /// SIGTERM (Kubernetes) and SIGINT (Ctrl-C) both stop cleanly.
 async fn cancel_on_signal(cancel: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::warn!("Cannot install signal handlers; stop with SIGKILL.");
         return;
     };

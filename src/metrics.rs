@@ -3,8 +3,8 @@
 //! `docs/metrics.md` documents each one.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 #[derive(Clone)]
@@ -49,7 +49,10 @@ impl Metrics {
             counter
         };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let histogram = must(HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["job"]));
+            let histogram = must(HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets),
+                &["job"],
+            ));
             must(registry.register(Box::new(histogram.clone())));
             histogram
         };
@@ -131,13 +134,15 @@ impl Metrics {
             )),
             registry,
         };
-        must(metrics.registry.register(Box::new(metrics.job_state.clone())));
-        #[cfg(target_os = "linux")]
         must(
             metrics
                 .registry
-                .register(Box::new(prometheus::process_collector::ProcessCollector::for_self())),
+                .register(Box::new(metrics.job_state.clone())),
         );
+        #[cfg(target_os = "linux")]
+        must(metrics.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )));
         metrics
     }
 
@@ -154,8 +159,12 @@ impl Metrics {
             slow_path_total: self.slow_path_total.with_label_values(&labels),
             full_sync_in_progress: self.full_sync_in_progress.with_label_values(&labels),
             full_sync_put: self.full_sync_keys_total.with_label_values(&[job, "put"]),
-            full_sync_delete: self.full_sync_keys_total.with_label_values(&[job, "delete"]),
-            full_sync_unchanged: self.full_sync_keys_total.with_label_values(&[job, "unchanged"]),
+            full_sync_delete: self
+                .full_sync_keys_total
+                .with_label_values(&[job, "delete"]),
+            full_sync_unchanged: self
+                .full_sync_keys_total
+                .with_label_values(&[job, "unchanged"]),
             events_applied_total: self.events_applied_total.with_label_values(&labels),
             txns_total: self.txns_total.with_label_values(&labels),
             txn_ops: self.txn_ops.with_label_values(&labels),
@@ -250,7 +259,9 @@ pub struct JobMetrics {
 
 impl JobMetrics {
     pub fn error(&self, kind: &str) {
-        self.errors_total.with_label_values(&[self.job.as_str(), kind]).inc();
+        self.errors_total
+            .with_label_values(&[self.job.as_str(), kind])
+            .inc();
     }
 
     pub fn set_state(&self, state: JobState) {
@@ -284,8 +295,12 @@ mod tests {
         job.error("source_unavailable");
         job.set_progress(10, 15);
         let text = metrics.render();
-        assert!(text.contains("etcd_syncer_fast_path_total{job=\"services\"} 1"), "{text}");
-        assert!(text.contains("etcd_syncer_errors_total{job=\"services\",kind=\"source_unavailable\"} 1"));
+        assert!(
+            text.contains("etcd_syncer_fast_path_total{job=\"services\"} 1"),
+            "{text}"
+        );
+        assert!(text
+            .contains("etcd_syncer_errors_total{job=\"services\",kind=\"source_unavailable\"} 1"));
         assert!(text.contains("etcd_syncer_lag_revisions{job=\"services\"} 5"));
         assert!(text.contains("etcd_syncer_job_state{job=\"services\",state=\"starting\"} 1"));
     }

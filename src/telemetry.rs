@@ -14,7 +14,11 @@ pub fn init(format: LogFormat, level: &str) {
         .with_writer(std::io::stderr)
         .with_target(false);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
         LogFormat::Text => builder.init(),
     }
 }

@@ -69,7 +69,9 @@ impl EtcdCluster {
     }
 
     async fn try_start(options: EtcdOptions) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("etcd-syncer-e2e-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("etcd-syncer-e2e-")
+            .tempdir()?;
         let token = random_token();
         let mut members = Vec::new();
         for i in 0..options.members {
@@ -174,7 +176,9 @@ impl EtcdCluster {
             command.arg("--max-txn-ops").arg(ops.to_string());
         }
         kill_with_parent(&mut command);
-        let child = command.spawn().context("spawn etcd (is etcd-server installed?)")?;
+        let child = command
+            .spawn()
+            .context("spawn etcd (is etcd-server installed?)")?;
         self.members[index].child = Some(child);
         Ok(())
     }
@@ -211,9 +215,10 @@ impl EtcdCluster {
                 continue;
             }
             let endpoint = format!("{}://127.0.0.1:{}", self.scheme(), member.client_port);
-            let mut client = self.connect_to(&[endpoint.clone()]).await?;
+            let mut client = self.connect_to(std::slice::from_ref(&endpoint)).await?;
             let status = tokio::time::timeout(Duration::from_secs(2), client.status()).await??;
-            let members = tokio::time::timeout(Duration::from_secs(2), client.member_list()).await??;
+            let members =
+                tokio::time::timeout(Duration::from_secs(2), client.member_list()).await??;
             let me = members
                 .members()
                 .iter()
@@ -262,7 +267,11 @@ impl EtcdCluster {
         if let Some((user, password)) = &self.credentials {
             options = options.with_user(user, password);
         }
-        let client = tokio::time::timeout(Duration::from_secs(5), Client::connect(endpoints, Some(options))).await??;
+        let client = tokio::time::timeout(
+            Duration::from_secs(5),
+            Client::connect(endpoints, Some(options)),
+        )
+        .await??;
         Ok(client)
     }
 
@@ -278,13 +287,17 @@ impl EtcdCluster {
 
     pub async fn revision(&self) -> Result<i64> {
         let mut client = self.client().await?;
-        let response = client.get("\0", Some(GetOptions::new().with_count_only())).await?;
+        let response = client
+            .get("\0", Some(GetOptions::new().with_count_only()))
+            .await?;
         Ok(response.header().context("header")?.revision())
     }
 
     pub async fn cluster_id(&self) -> Result<u64> {
         let mut client = self.client().await?;
-        let response = client.get("\0", Some(GetOptions::new().with_count_only())).await?;
+        let response = client
+            .get("\0", Some(GetOptions::new().with_count_only()))
+            .await?;
         Ok(response.header().context("header")?.cluster_id())
     }
 
@@ -293,7 +306,10 @@ impl EtcdCluster {
         let revision = self.revision().await?;
         let mut client = self.client().await?;
         client
-            .compact(revision, Some(etcd_client::CompactionOptions::new().with_physical()))
+            .compact(
+                revision,
+                Some(etcd_client::CompactionOptions::new().with_physical()),
+            )
             .await?;
         Ok(revision)
     }
@@ -335,7 +351,11 @@ impl EtcdCluster {
     }
 
     pub fn log_tail(&self) -> String {
-        self.members.iter().map(|m| tail(&m.log_path)).collect::<Vec<_>>().join("\n")
+        self.members
+            .iter()
+            .map(|m| tail(&m.log_path))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -357,7 +377,8 @@ pub(crate) fn kill_with_parent(command: &mut Command) {
     use std::os::unix::process::CommandExt;
     unsafe {
         command.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
         });
     }
 }

@@ -35,7 +35,9 @@ where
         }
         if Instant::now() > deadline {
             match last_error {
-                Some(error) => bail!("timed out after {timeout:?} waiting for {what}; last error: {error:#}"),
+                Some(error) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {error:#}")
+                }
                 None => bail!("timed out after {timeout:?} waiting for {what}"),
             }
         }
@@ -51,18 +53,24 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         if line.starts_with('#') {
             continue;
         }
-        let Some(rest) = line.strip_prefix(name) else { continue };
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
         let (label_text, value) = if let Some(rest) = rest.strip_prefix('{') {
-            let Some((labels, value)) = rest.split_once('}') else { continue };
+            let Some((labels, value)) = rest.split_once('}') else {
+                continue;
+            };
             (labels, value)
         } else if rest.starts_with(' ') {
             ("", rest)
         } else {
             continue;
         };
-        let matches = labels
-            .iter()
-            .all(|(k, v)| label_text.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+        let matches = labels.iter().all(|(k, v)| {
+            label_text
+                .split(',')
+                .any(|pair| pair == format!("{k}=\"{v}\""))
+        });
         if matches {
             total += value.trim().parse::<f64>().unwrap_or(0.0);
         }
@@ -70,15 +78,55 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     total
 }
 
-/// Every key under `prefix` except the syncer's meta keys, by suffix.
+/// Every key under `prefix` except the syncer's meta keys, by suffix, read
+/// in pages so large prefixes stay under gRPC's message limit.
 pub async fn read_prefix(client: &mut Client, prefix: &str) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
-    let response = client.get(prefix, Some(GetOptions::new().with_prefix())).await?;
-    Ok(response
-        .kvs()
-        .iter()
-        .filter(|kv| !kv.key().starts_with(META_PREFIX.as_bytes()))
-        .map(|kv| (kv.key()[prefix.len()..].to_vec(), kv.value().to_vec()))
-        .collect())
+    let end = if prefix.is_empty() {
+        vec![0]
+    } else {
+        prefix_end(prefix.as_bytes())
+    };
+    let mut start = if prefix.is_empty() {
+        vec![0]
+    } else {
+        prefix.as_bytes().to_vec()
+    };
+    let mut map = BTreeMap::new();
+    let mut revision = 0;
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(5000);
+        if revision > 0 {
+            // Every page at the first page's revision: one consistent snapshot.
+            options = options.with_revision(revision);
+        }
+        let response = client.get(start.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = response.header().map_or(0, |h| h.revision());
+        }
+        for kv in response.kvs() {
+            if !kv.key().starts_with(META_PREFIX.as_bytes()) {
+                map.insert(kv.key()[prefix.len()..].to_vec(), kv.value().to_vec());
+            }
+        }
+        match response.kvs().last() {
+            Some(last) if response.more() => {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            _ => return Ok(map),
+        }
+    }
+}
+
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 /// The oracle's verdict, by suffix below the job prefix.
@@ -92,19 +140,34 @@ pub struct Comparison {
 
 impl Comparison {
     pub fn is_equal(&self) -> bool {
-        self.missing_at_dest.is_empty() && self.extra_at_dest.is_empty() && self.value_differs.is_empty()
+        self.missing_at_dest.is_empty()
+            && self.extra_at_dest.is_empty()
+            && self.value_differs.is_empty()
     }
 }
 
 /// Compares two prefixes exactly, with plain maps: deliberately not the
 /// product's merge code, so that code is checked too.
-pub async fn compare(source: &EtcdCluster, source_prefix: &str, dest: &EtcdCluster, dest_prefix: &str) -> Result<Comparison> {
+pub async fn compare(
+    source: &EtcdCluster,
+    source_prefix: &str,
+    dest: &EtcdCluster,
+    dest_prefix: &str,
+) -> Result<Comparison> {
     let source_map = read_prefix(&mut source.client().await?, source_prefix).await?;
     let dest_map = read_prefix(&mut dest.client().await?, dest_prefix).await?;
     let show = |k: &Vec<u8>| String::from_utf8_lossy(k).into_owned();
     Ok(Comparison {
-        missing_at_dest: source_map.keys().filter(|k| !dest_map.contains_key(*k)).map(show).collect(),
-        extra_at_dest: dest_map.keys().filter(|k| !source_map.contains_key(*k)).map(show).collect(),
+        missing_at_dest: source_map
+            .keys()
+            .filter(|k| !dest_map.contains_key(*k))
+            .map(show)
+            .collect(),
+        extra_at_dest: dest_map
+            .keys()
+            .filter(|k| !source_map.contains_key(*k))
+            .map(show)
+            .collect(),
         value_differs: source_map
             .iter()
             .filter(|(k, v)| dest_map.get(*k).is_some_and(|d| d != *v))
@@ -115,7 +178,13 @@ pub async fn compare(source: &EtcdCluster, source_prefix: &str, dest: &EtcdClust
 }
 
 /// Waits until the destination equals the source exactly.
-pub async fn converge(source: &EtcdCluster, source_prefix: &str, dest: &EtcdCluster, dest_prefix: &str, timeout: Duration) -> Result<()> {
+pub async fn converge(
+    source: &EtcdCluster,
+    source_prefix: &str,
+    dest: &EtcdCluster,
+    dest_prefix: &str,
+    timeout: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let last = compare(source, source_prefix, dest, dest_prefix).await?;
@@ -139,8 +208,18 @@ pub async fn converge(source: &EtcdCluster, source_prefix: &str, dest: &EtcdClus
 
 /// Puts `count` keys `<prefix>key-NNNNNN` with `value_size`-byte values, in
 /// txns of up to 100 puts.
-pub async fn put_many(client: &mut Client, prefix: &str, count: usize, value_size: usize, tag: &str) -> Result<()> {
-    let value: String = format!("{tag}:").chars().chain(std::iter::repeat('v')).take(value_size.max(tag.len() + 1)).collect();
+pub async fn put_many(
+    client: &mut Client,
+    prefix: &str,
+    count: usize,
+    value_size: usize,
+    tag: &str,
+) -> Result<()> {
+    let value: String = format!("{tag}:")
+        .chars()
+        .chain(std::iter::repeat('v'))
+        .take(value_size.max(tag.len() + 1))
+        .collect();
     let mut start = 0;
     while start < count {
         let end = (start + 100).min(count);
@@ -190,7 +269,10 @@ mod tests {
     fn parses_prometheus_samples() {
         let text = "# HELP x\nfoo_total{job=\"a\",kind=\"b\"} 3\nfoo_total{job=\"a\",kind=\"c\"} 4\nfoo_total{job=\"z\"} 9\nfoo 1\n";
         assert_eq!(metric_value(text, "foo_total", &[("job", "a")]), 7.0);
-        assert_eq!(metric_value(text, "foo_total", &[("job", "a"), ("kind", "c")]), 4.0);
+        assert_eq!(
+            metric_value(text, "foo_total", &[("job", "a"), ("kind", "c")]),
+            4.0
+        );
         assert_eq!(metric_value(text, "foo", &[]), 1.0);
     }
 }

@@ -39,7 +39,9 @@ impl Syncer {
     /// and waits until its HTTP endpoint is up.
     pub async fn start(name: &str, args: &[String]) -> Result<Self> {
         let mut syncer = Self::spawn(name, args, &[])?;
-        syncer.wait_for_metrics_addr(Duration::from_secs(20)).await?;
+        syncer
+            .wait_for_metrics_addr(Duration::from_secs(20))
+            .await?;
         Ok(syncer)
     }
 
@@ -54,7 +56,9 @@ impl Syncer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if args.first().is_some_and(|a| a == "mirror-plus") && !args.iter().any(|a| a == "--metrics-addr") {
+        if args.first().is_some_and(|a| a == "mirror-plus")
+            && !args.iter().any(|a| a == "--metrics-addr")
+        {
             command.arg("--metrics-addr").arg("127.0.0.1:0");
         }
         for (key, value) in env {
@@ -95,10 +99,18 @@ impl Syncer {
                 return Ok(());
             }
             if let Some(status) = self.try_wait()? {
-                bail!("{} exited with {status} before serving metrics:\n{}", self.name, self.log_text());
+                bail!(
+                    "{} exited with {status} before serving metrics:\n{}",
+                    self.name,
+                    self.log_text()
+                );
             }
             if Instant::now() > deadline {
-                bail!("{} did not start serving metrics:\n{}", self.name, self.log_text());
+                bail!(
+                    "{} did not start serving metrics:\n{}",
+                    self.name,
+                    self.log_text()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -192,10 +204,19 @@ impl Syncer {
             .filter(|line| {
                 serde_json::from_str::<serde_json::Value>(line)
                     .ok()
-                    .and_then(|v| v.get("level").and_then(|l| l.as_str()).map(|l| l == "ERROR"))
+                    .and_then(|v| {
+                        v.get("level")
+                            .and_then(|l| l.as_str())
+                            .map(|l| l == "ERROR")
+                    })
                     .unwrap_or(false)
             })
-            .filter(|line| !self.allowed_errors.iter().any(|allowed| line.contains(allowed)))
+            .filter(|line| {
+                !self
+                    .allowed_errors
+                    .iter()
+                    .any(|allowed| line.contains(allowed))
+            })
             .collect()
     }
 
@@ -205,7 +226,12 @@ impl Syncer {
 
     pub async fn get(&self, path: &str) -> Result<(u16, String)> {
         let url = format!("http://{}{}", self.metrics_addr()?, path);
-        let response = self.http.get(url).timeout(Duration::from_secs(5)).send().await?;
+        let response = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?;
         let status = response.status().as_u16();
         Ok((status, response.text().await?))
     }
@@ -230,7 +256,11 @@ impl Syncer {
         }
         let unexpected = self.unexpected_errors();
         if !unexpected.is_empty() {
-            bail!("{} logged unexpected ERROR lines:\n{}", self.name, unexpected.join("\n"));
+            bail!(
+                "{} logged unexpected ERROR lines:\n{}",
+                self.name,
+                unexpected.join("\n")
+            );
         }
         Ok(())
     }

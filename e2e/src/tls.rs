@@ -7,7 +7,8 @@ use std::sync::Arc;
 use anyhow::Result;
 use etcd_client::{Certificate, Identity, TlsOptions};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 
 #[derive(Clone)]
@@ -22,20 +23,31 @@ pub struct TlsMaterial {
 
 impl TlsMaterial {
     pub fn generate() -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("etcd-syncer-tls-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("etcd-syncer-tls-")
+            .tempdir()?;
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "etcd-syncer e2e CA");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "etcd-syncer e2e CA");
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca = ca_params.self_signed(&ca_key)?;
 
         let leaf = |common_name: &str| -> Result<(String, String)> {
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
-            params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse()?));
-            params.distinguished_name.push(DnType::CommonName, common_name);
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress("127.0.0.1".parse()?));
+            params
+                .distinguished_name
+                .push(DnType::CommonName, common_name);
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
             let cert = params.signed_by(&key, &ca, &ca_key)?;
             Ok((cert.pem(), key.serialize_pem()))
         };

@@ -17,7 +17,10 @@ async fn job_metric(syncer: &Syncer, name: &str, job: &str) -> Result<f64> {
 async fn wait_watching(syncer: &Syncer, job: &str) -> Result<()> {
     eventually(CONVERGE, "job to be watching", || async {
         Ok(syncer
-            .metric("etcd_syncer_job_state", &[("job", job), ("state", "watching")])
+            .metric(
+                "etcd_syncer_job_state",
+                &[("job", job), ("state", "watching")],
+            )
             .await?
             == 1.0)
     })
@@ -26,8 +29,12 @@ async fn wait_watching(syncer: &Syncer, job: &str) -> Result<()> {
 
 async fn checkpoint_rev(dest: &EtcdCluster, job: &str) -> Result<Option<i64>> {
     let mut client = dest.client().await?;
-    let response = client.get(format!("{META_PREFIX}{job}/checkpoint"), None).await?;
-    let Some(kv) = response.kvs().first() else { return Ok(None) };
+    let response = client
+        .get(format!("{META_PREFIX}{job}/checkpoint"), None)
+        .await?;
+    let Some(kv) = response.kvs().first() else {
+        return Ok(None);
+    };
     let value: serde_json::Value = serde_json::from_slice(kv.value())?;
     Ok(value["last_synced_rev"].as_i64())
 }
@@ -47,18 +54,37 @@ async fn full_sync_copies_prunes_and_keeps_outside_keys() -> Result<()> {
     let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
     wait_watching(&syncer, "app").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
-    assert_eq!(job_metric(&syncer, "etcd_syncer_slow_path_total", "app").await?, 1.0);
     assert_eq!(
-        syncer.metric("etcd_syncer_full_sync_keys_total", &[("job", "app"), ("op", "put")]).await?,
+        job_metric(&syncer, "etcd_syncer_slow_path_total", "app").await?,
+        1.0
+    );
+    assert_eq!(
+        syncer
+            .metric(
+                "etcd_syncer_full_sync_keys_total",
+                &[("job", "app"), ("op", "put")]
+            )
+            .await?,
         500.0,
         "499 missing keys and one wrong value"
     );
     assert_eq!(
-        syncer.metric("etcd_syncer_full_sync_keys_total", &[("job", "app"), ("op", "delete")]).await?,
+        syncer
+            .metric(
+                "etcd_syncer_full_sync_keys_total",
+                &[("job", "app"), ("op", "delete")]
+            )
+            .await?,
         1.0
     );
-    assert_eq!(dst.get("/other/keep", None).await?.kvs().len(), 1, "keys outside the prefix are untouched");
-    let pinned = checkpoint_rev(&dest, "app").await?.context("checkpoint written")?;
+    assert_eq!(
+        dst.get("/other/keep", None).await?.kvs().len(),
+        1,
+        "keys outside the prefix are untouched"
+    );
+    let pinned = checkpoint_rev(&dest, "app")
+        .await?
+        .context("checkpoint written")?;
     assert!(pinned >= source.revision().await? - 1);
 
     // Incremental: puts, a multi-key txn, a delete and a range delete.
@@ -69,7 +95,8 @@ async fn full_sync_copies_prunes_and_keeps_outside_keys() -> Result<()> {
         TxnOp::delete("/app/key-000001", None),
     ]))
     .await?;
-    src.delete("/app/key-0001", Some(DeleteOptions::new().with_prefix())).await?;
+    src.delete("/app/key-0001", Some(DeleteOptions::new().with_prefix()))
+        .await?;
     src.put("/elsewhere", "not mirrored", None).await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
     assert_eq!(dst.get("/elsewhere", None).await?.kvs().len(), 0);
@@ -98,14 +125,25 @@ async fn restart_resumes_on_the_fast_path_without_copying() -> Result<()> {
     let second = Syncer::start("second", &mirror_args(&source, &dest, "/app/")).await?;
     wait_watching(&second, "app").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
-    assert_eq!(job_metric(&second, "etcd_syncer_fast_path_total", "app").await?, 1.0);
-    assert_eq!(job_metric(&second, "etcd_syncer_slow_path_total", "app").await?, 0.0);
     assert_eq!(
-        second.metric("etcd_syncer_full_sync_keys_total", &[("job", "app")]).await?,
+        job_metric(&second, "etcd_syncer_fast_path_total", "app").await?,
+        1.0
+    );
+    assert_eq!(
+        job_metric(&second, "etcd_syncer_slow_path_total", "app").await?,
+        0.0
+    );
+    assert_eq!(
+        second
+            .metric("etcd_syncer_full_sync_keys_total", &[("job", "app")])
+            .await?,
         0.0,
         "nothing re-copied"
     );
-    assert_eq!(job_metric(&second, "etcd_syncer_events_applied_total", "app").await?, 2.0);
+    assert_eq!(
+        job_metric(&second, "etcd_syncer_events_applied_total", "app").await?,
+        2.0
+    );
     second.finish().await
 }
 
@@ -131,13 +169,29 @@ async fn compaction_during_downtime_forces_one_full_sync() -> Result<()> {
     let second = Syncer::start("second", &mirror_args(&source, &dest, "/app/")).await?;
     wait_watching(&second, "app").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
-    assert_eq!(job_metric(&second, "etcd_syncer_slow_path_total", "app").await?, 1.0);
     assert_eq!(
-        second.metric("etcd_syncer_full_sync_keys_total", &[("job", "app"), ("op", "delete")]).await?,
+        job_metric(&second, "etcd_syncer_slow_path_total", "app").await?,
+        1.0
+    );
+    assert_eq!(
+        second
+            .metric(
+                "etcd_syncer_full_sync_keys_total",
+                &[("job", "app"), ("op", "delete")]
+            )
+            .await?,
         40.0,
         "src miss keys are removed automatically"
     );
-    assert!(second.metric("etcd_syncer_errors_total", &[("job", "app"), ("kind", "compacted")]).await? >= 1.0);
+    assert!(
+        second
+            .metric(
+                "etcd_syncer_errors_total",
+                &[("job", "app"), ("kind", "compacted")]
+            )
+            .await?
+            >= 1.0
+    );
     second.finish().await
 }
 
@@ -163,9 +217,15 @@ async fn reset_last_synced_rev_repairs_a_diverged_destination() -> Result<()> {
     let second = Syncer::start("second", &args).await?;
     wait_watching(&second, "app").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
-    assert_eq!(job_metric(&second, "etcd_syncer_slow_path_total", "app").await?, 1.0);
     assert_eq!(
-        dst.get(format!("{META_PREFIX}app/reset-request"), None).await?.kvs().len(),
+        job_metric(&second, "etcd_syncer_slow_path_total", "app").await?,
+        1.0
+    );
+    assert_eq!(
+        dst.get(format!("{META_PREFIX}app/reset-request"), None)
+            .await?
+            .kvs()
+            .len(),
         0,
         "the reset request is consumed"
     );
@@ -197,7 +257,8 @@ async fn dest_prefix_rewrite_and_no_dest_prefix() -> Result<()> {
     eventually(CONVERGE, "stripped keys", || {
         let mut dst = dst.clone();
         async move {
-            Ok(dst.get("live", None).await?.kvs().len() == 1 && dst.get("key-000049", None).await?.kvs().len() == 1)
+            Ok(dst.get("live", None).await?.kvs().len() == 1
+                && dst.get("key-000049", None).await?.kvs().len() == 1)
         }
     })
     .await?;
@@ -210,18 +271,36 @@ async fn meta_prefix_is_never_copied_nor_pruned() -> Result<()> {
     let dest = EtcdCluster::start().await?;
     let mut src = source.client().await?;
     // The source is itself some other mirror's destination.
-    src.put(format!("{META_PREFIX}upstream/checkpoint"), "theirs", None).await?;
+    src.put(format!("{META_PREFIX}upstream/checkpoint"), "theirs", None)
+        .await?;
     src.put("/app/a", "1", None).await?;
     let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/")).await?;
     wait_watching(&syncer, "root").await?;
-    src.put(format!("{META_PREFIX}upstream/checkpoint"), "theirs-2", None).await?;
+    src.put(
+        format!("{META_PREFIX}upstream/checkpoint"),
+        "theirs-2",
+        None,
+    )
+    .await?;
     src.put("/app/b", "2", None).await?;
     converge(&source, "/", &dest, "/", CONVERGE).await?;
     let mut dst = dest.client().await?;
-    let meta = dst.get(META_PREFIX, Some(GetOptions::new().with_prefix())).await?;
-    let keys: Vec<String> = meta.kvs().iter().map(|kv| kv.key_str().unwrap_or("?").to_string()).collect();
-    assert!(keys.iter().all(|k| !k.contains("upstream")), "source meta leaked: {keys:?}");
-    assert!(keys.iter().any(|k| k.ends_with("root/checkpoint")), "own checkpoint kept: {keys:?}");
+    let meta = dst
+        .get(META_PREFIX, Some(GetOptions::new().with_prefix()))
+        .await?;
+    let keys: Vec<String> = meta
+        .kvs()
+        .iter()
+        .map(|kv| kv.key_str().unwrap_or("?").to_string())
+        .collect();
+    assert!(
+        keys.iter().all(|k| !k.contains("upstream")),
+        "source meta leaked: {keys:?}"
+    );
+    assert!(
+        keys.iter().any(|k| k.ends_with("root/checkpoint")),
+        "own checkpoint kept: {keys:?}"
+    );
     syncer.finish().await
 }
 
@@ -238,22 +317,42 @@ async fn mass_delete_guard_holds_until_overridden() -> Result<()> {
     first.finish().await?;
 
     // The source prefix comes back empty and its history is gone.
-    src.delete("/app/", Some(DeleteOptions::new().with_prefix())).await?;
-    src.put("/unrelated", "moves the revision past the delete", None).await?;
+    src.delete("/app/", Some(DeleteOptions::new().with_prefix()))
+        .await?;
+    src.put("/unrelated", "moves the revision past the delete", None)
+        .await?;
     source.compact().await?;
     let mut guarded = Syncer::start("guarded", &mirror_args(&source, &dest, "/app/")).await?;
     guarded.allow_error("mass-delete guard");
     eventually(CONVERGE, "prune guard to trip", || async {
-        Ok(guarded.metric("etcd_syncer_errors_total", &[("job", "app"), ("kind", "prune_guard")]).await? >= 1.0)
+        Ok(guarded
+            .metric(
+                "etcd_syncer_errors_total",
+                &[("job", "app"), ("kind", "prune_guard")],
+            )
+            .await?
+            >= 1.0)
     })
     .await?;
     assert_eq!(
-        guarded.metric("etcd_syncer_job_state", &[("job", "app"), ("state", "prune_guard")]).await?,
+        guarded
+            .metric(
+                "etcd_syncer_job_state",
+                &[("job", "app"), ("state", "prune_guard")]
+            )
+            .await?,
         1.0
     );
     let mut dst = dest.client().await?;
-    assert_eq!(read_prefix(&mut dst, "/app/").await?.len(), 100, "nothing deleted");
-    assert!(guarded.log_text().contains("--max-prune-ratio"), "the error names the override flag");
+    assert_eq!(
+        read_prefix(&mut dst, "/app/").await?.len(),
+        100,
+        "nothing deleted"
+    );
+    assert!(
+        guarded.log_text().contains("--max-prune-ratio"),
+        "the error names the override flag"
+    );
     guarded.finish().await?;
 
     let mut args = mirror_args(&source, &dest, "/app/");
@@ -276,12 +375,17 @@ async fn revisions_larger_than_one_txn_are_split_and_counted() -> Result<()> {
     let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
     wait_watching(&syncer, "app").await?;
     let mut src = source.client().await?;
-    let ops: Vec<TxnOp> = (0..300).map(|i| TxnOp::put(format!("/app/big-{i:04}"), "x", None)).collect();
+    let ops: Vec<TxnOp> = (0..300)
+        .map(|i| TxnOp::put(format!("/app/big-{i:04}"), "x", None))
+        .collect();
     src.txn(Txn::new().and_then(ops)).await?;
     // A value bigger than the default 1 MiB txn budget goes out on its own.
     src.put("/app/huge", vec![b'h'; 1_200_000], None).await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
-    assert_eq!(job_metric(&syncer, "etcd_syncer_split_revisions_total", "app").await?, 1.0);
+    assert_eq!(
+        job_metric(&syncer, "etcd_syncer_split_revisions_total", "app").await?,
+        1.0
+    );
     syncer.finish().await
 }
 
@@ -303,7 +407,12 @@ async fn mutual_tls_on_both_sides() -> Result<()> {
     syncer.finish().await
 }
 
-async fn enable_auth(cluster: &mut EtcdCluster, user: &str, password: &str, prefix: &str) -> Result<()> {
+async fn enable_auth(
+    cluster: &mut EtcdCluster,
+    user: &str,
+    password: &str,
+    prefix: &str,
+) -> Result<()> {
     use etcd_client::Permission;
     let mut client = cluster.client().await?;
     client.user_add("root", "rootpw", None).await?;
@@ -332,46 +441,123 @@ async fn user_password_auth_and_a_wrong_password() -> Result<()> {
     put_many(&mut src, "/app/", 50, 20, "v1").await?;
 
     let mut wrong = mirror_args(&source, &dest, "/app/");
-    wrong.extend(args(&["--src-user", "syncer", "--src-password", "nope", "--dst-user", "syncer", "--dst-password", "d3cret"]));
+    wrong.extend(args(&[
+        "--src-user",
+        "syncer",
+        "--src-password",
+        "nope",
+        "--dst-user",
+        "syncer",
+        "--dst-password",
+        "d3cret",
+    ]));
     let mut rejected = Syncer::start("wrong-password", &wrong).await?;
     rejected.allow_error("Authentication failed");
     eventually(CONVERGE, "auth errors to be counted", || async {
-        Ok(rejected.metric("etcd_syncer_errors_total", &[("job", "app"), ("kind", "auth")]).await? >= 2.0)
+        Ok(rejected
+            .metric(
+                "etcd_syncer_errors_total",
+                &[("job", "app"), ("kind", "auth")],
+            )
+            .await?
+            >= 2.0)
     })
     .await?;
     assert!(rejected.try_wait()?.is_none(), "stays up, retrying");
     assert_eq!(rejected.get("/readyz").await?.0, 503);
-    assert!(rejected.log_text().contains("--src-user/--src-password"), "the error names the fix");
+    assert!(
+        rejected.log_text().contains("--src-user/--src-password"),
+        "the error names the fix"
+    );
     rejected.finish().await?;
 
     let mut right = mirror_args(&source, &dest, "/app/");
-    right.extend(args(&["--src-user", "syncer", "--src-password", "s3cret", "--dst-user", "syncer", "--dst-password", "d3cret"]));
+    right.extend(args(&[
+        "--src-user",
+        "syncer",
+        "--src-password",
+        "s3cret",
+        "--dst-user",
+        "syncer",
+        "--dst-password",
+        "d3cret",
+    ]));
     let syncer = Syncer::start("syncer", &right).await?;
     wait_watching(&syncer, "app").await?;
     src.put("/app/live", "1", None).await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
-    eventually(CONVERGE, "ready", || async { Ok(syncer.get("/readyz").await?.0 == 200) }).await?;
+    eventually(CONVERGE, "ready", || async {
+        Ok(syncer.get("/readyz").await?.0 == 200)
+    })
+    .await?;
     syncer.finish().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_errors_exit_2_naming_the_field() -> Result<()> {
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (args(&["mirror-plus", "--dst-endpoints", "http://127.0.0.1:1", "--prefix", "/a/"]), "--src-endpoints"),
         (
-            args(&["mirror-plus", "--src-endpoints", "http://127.0.0.1:1", "--dst-endpoints", "http://127.0.0.1:2", "--prefix", "/a/", "--max-txn-ops", "0"]),
+            args(&[
+                "mirror-plus",
+                "--dst-endpoints",
+                "http://127.0.0.1:1",
+                "--prefix",
+                "/a/",
+            ]),
+            "--src-endpoints",
+        ),
+        (
+            args(&[
+                "mirror-plus",
+                "--src-endpoints",
+                "http://127.0.0.1:1",
+                "--dst-endpoints",
+                "http://127.0.0.1:2",
+                "--prefix",
+                "/a/",
+                "--max-txn-ops",
+                "0",
+            ]),
             "--max-txn-ops",
         ),
         (
-            args(&["mirror-plus", "--src-endpoints", "http://127.0.0.1:1", "--dst-endpoints", "http://127.0.0.1:1", "--prefix", "/a/"]),
+            args(&[
+                "mirror-plus",
+                "--src-endpoints",
+                "http://127.0.0.1:1",
+                "--dst-endpoints",
+                "http://127.0.0.1:1",
+                "--prefix",
+                "/a/",
+            ]),
             "same cluster",
         ),
         (
-            args(&["mirror-plus", "--src-endpoints", "https://127.0.0.1:1", "--src-cacert", "/nonexistent/ca.pem", "--dst-endpoints", "http://127.0.0.1:2", "--prefix", "/a/"]),
+            args(&[
+                "mirror-plus",
+                "--src-endpoints",
+                "https://127.0.0.1:1",
+                "--src-cacert",
+                "/nonexistent/ca.pem",
+                "--dst-endpoints",
+                "http://127.0.0.1:2",
+                "--prefix",
+                "/a/",
+            ]),
             "--src-cacert",
         ),
         (
-            args(&["mirror-plus", "--src-endpoints", "http://127.0.0.1:1", "--dst-endpoints", "http://127.0.0.1:2", "--prefix", "/a/", "--dest-prefix", "/-etcd-syncer-meta-/x/"]),
+            args(&[
+                "mirror-plus",
+                "--src-endpoints",
+                "http://127.0.0.1:1",
+                "--dst-endpoints",
+                "http://127.0.0.1:2",
+                "--prefix",
+                "/a/",
+                "--dest-prefix",
+                "/-etcd-syncer-meta-/x/",
+            ]),
             "meta prefix",
         ),
     ];
@@ -379,22 +565,44 @@ async fn config_errors_exit_2_naming_the_field() -> Result<()> {
         let mut syncer = Syncer::spawn("config", &argv, &[])?;
         let status = syncer.wait_exit(Duration::from_secs(20)).await?;
         assert_eq!(status.code(), Some(2), "{argv:?} must exit 2");
-        assert!(syncer.log_text().contains(field), "{argv:?}: error should name {field}:\n{}", syncer.log_text());
+        assert!(
+            syncer.log_text().contains(field),
+            "{argv:?}: error should name {field}:\n{}",
+            syncer.log_text()
+        );
     }
     // An unknown config field.
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("syncer.toml");
-    std::fs::write(&path, "[source]\nendpoints = [\"http://127.0.0.1:1\"]\nendpoitns = []\n")?;
-    let mut syncer = Syncer::spawn("config", &args(&["mirror-plus", "--config", path.to_str().unwrap()]), &[])?;
-    assert_eq!(syncer.wait_exit(Duration::from_secs(20)).await?.code(), Some(2));
+    std::fs::write(
+        &path,
+        "[source]\nendpoints = [\"http://127.0.0.1:1\"]\nendpoitns = []\n",
+    )?;
+    let mut syncer = Syncer::spawn(
+        "config",
+        &args(&["mirror-plus", "--config", path.to_str().unwrap()]),
+        &[],
+    )?;
+    assert_eq!(
+        syncer.wait_exit(Duration::from_secs(20)).await?.code(),
+        Some(2)
+    );
     assert!(syncer.log_text().contains("endpoitns"));
     // The environment works like flags.
     let mut syncer = Syncer::spawn(
         "config",
         &args(&["mirror-plus"]),
-        &[("ETCD_SYNCER_SRC_ENDPOINTS", "http://127.0.0.1:1"), ("ETCD_SYNCER_DST_ENDPOINTS", "http://127.0.0.1:2"), ("ETCD_SYNCER_PREFIX", "/a/"), ("ETCD_SYNCER_MAX_PRUNE_RATIO", "7")],
+        &[
+            ("ETCD_SYNCER_SRC_ENDPOINTS", "http://127.0.0.1:1"),
+            ("ETCD_SYNCER_DST_ENDPOINTS", "http://127.0.0.1:2"),
+            ("ETCD_SYNCER_PREFIX", "/a/"),
+            ("ETCD_SYNCER_MAX_PRUNE_RATIO", "7"),
+        ],
     )?;
-    assert_eq!(syncer.wait_exit(Duration::from_secs(20)).await?.code(), Some(2));
+    assert_eq!(
+        syncer.wait_exit(Duration::from_secs(20)).await?.code(),
+        Some(2)
+    );
     assert!(syncer.log_text().contains("--max-prune-ratio"));
     Ok(())
 }
@@ -408,7 +616,13 @@ async fn unreachable_destination_is_retried_and_not_ready() -> Result<()> {
     dest.kill();
     let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
     eventually(CONVERGE, "dest_unavailable errors", || async {
-        Ok(syncer.metric("etcd_syncer_errors_total", &[("job", "app"), ("kind", "dest_unavailable")]).await? >= 1.0)
+        Ok(syncer
+            .metric(
+                "etcd_syncer_errors_total",
+                &[("job", "app"), ("kind", "dest_unavailable")],
+            )
+            .await?
+            >= 1.0)
     })
     .await?;
     assert_eq!(syncer.get("/readyz").await?.0, 503);
@@ -416,6 +630,9 @@ async fn unreachable_destination_is_retried_and_not_ready() -> Result<()> {
     dest.restart().await?;
     wait_watching(&syncer, "app").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
-    eventually(CONVERGE, "ready", || async { Ok(syncer.get("/readyz").await?.0 == 200) }).await?;
+    eventually(CONVERGE, "ready", || async {
+        Ok(syncer.get("/readyz").await?.0 == 200)
+    })
+    .await?;
     syncer.finish().await
 }

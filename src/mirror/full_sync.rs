@@ -51,7 +51,8 @@ pub async fn run(
     let started = Instant::now();
     let head = ctx.source.head(ctx.rewrite.source_prefix()).await?;
     let pinned_rev = head.revision;
-    ctx.metrics.set_progress(ctx.metrics.last_synced_revision.get(), pinned_rev);
+    ctx.metrics
+        .set_progress(ctx.metrics.last_synced_revision.get(), pinned_rev);
     let marker = FullSyncMarker {
         id: rand::random(),
         pinned_rev,
@@ -66,7 +67,15 @@ pub async fn run(
 
     let marker_guard = KeyGuard::Holds(marker_bytes);
     let mut counts = Counts::default();
-    merge_pass(ctx, pinned_rev, &marker_guard, Pass::PutsOnly, &mut counts, cancel).await?;
+    merge_pass(
+        ctx,
+        pinned_rev,
+        &marker_guard,
+        Pass::PutsOnly,
+        &mut counts,
+        cancel,
+    )
+    .await?;
 
     if counts.would_delete > 0 {
         let allowed = (ctx.max_prune_ratio * counts.dest_keys as f64).floor() as u64;
@@ -79,7 +88,15 @@ pub async fn run(
             });
         }
         let mut delete_counts = Counts::default();
-        merge_pass(ctx, pinned_rev, &marker_guard, Pass::All, &mut delete_counts, cancel).await?;
+        merge_pass(
+            ctx,
+            pinned_rev,
+            &marker_guard,
+            Pass::All,
+            &mut delete_counts,
+            cancel,
+        )
+        .await?;
         counts.deleted = delete_counts.deleted;
         counts.put += delete_counts.put;
     }
@@ -123,7 +140,12 @@ async fn begin(ctx: &JobContext, meta: &JobMeta, marker_bytes: &[u8]) -> Result<
     }
 }
 
-async fn finish(ctx: &JobContext, marker_guard: &KeyGuard, pinned_rev: i64, cluster_id: u64) -> Result<Synced, JobError> {
+async fn finish(
+    ctx: &JobContext,
+    marker_guard: &KeyGuard,
+    pinned_rev: i64,
+    cluster_id: u64,
+) -> Result<Synced, JobError> {
     let keys = ctx.writer.keys();
     let checkpoint = Checkpoint {
         last_synced_rev: pinned_rev,
@@ -140,7 +162,11 @@ async fn finish(ctx: &JobContext, marker_guard: &KeyGuard, pinned_rev: i64, clus
     ];
     match ctx
         .writer
-        .commit("finish full sync", vec![marker_guard.compare(&keys.full_sync())], ops)
+        .commit(
+            "finish full sync",
+            vec![marker_guard.compare(&keys.full_sync())],
+            ops,
+        )
         .await?
     {
         TxnOutcome::Committed => {
@@ -233,7 +259,10 @@ async fn merge_pass(
                 }
                 None
             }
-            Step::Differ(Difference::MissingAtDest { suffix, value } | Difference::ValueDiffers { suffix, value }) => {
+            Step::Differ(
+                Difference::MissingAtDest { suffix, value }
+                | Difference::ValueDiffers { suffix, value },
+            ) => {
                 counts.put += 1;
                 ctx.metrics.full_sync_put.inc();
                 Some(Mutation::Put {
@@ -300,7 +329,10 @@ type PageResult = Result<Option<Vec<Entry>>, JobError>;
 
 /// # Cancel-Safety
 /// Cancel-safe: a page not yet received stays in the channel.
-async fn next_page(pages: &mut mpsc::Receiver<PageResult>, cancel: &CancellationToken) -> PageResult {
+async fn next_page(
+    pages: &mut mpsc::Receiver<PageResult>,
+    cancel: &CancellationToken,
+) -> PageResult {
     tokio::select! {
         _ = cancel.cancelled() => Err(JobError::Cancelled),
         page = pages.recv() => match page {
@@ -328,7 +360,9 @@ fn spawn_pager(
         let end = prefix_range_end(&prefix);
         let mut start = prefix_range_start(&prefix);
         loop {
-            let mut options = GetOptions::new().with_range(end.clone()).with_limit(page_size as i64);
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(page_size as i64);
             if let Some(revision) = revision {
                 options = options.with_revision(revision);
             }

@@ -46,13 +46,19 @@ pub async fn run(
     let mut watch_client = ctx.source.watch_client();
     let mut stream = ctx
         .source
-        .call("create watch", async move { watch_client.watch(prefix, Some(options)).await })
+        .call("create watch", async move {
+            watch_client.watch(prefix, Some(options)).await
+        })
         .await?;
     info!(job = %ctx.job.name, from_revision = committed_revision + 1, "Watching source.");
 
     let limits = BatchLimits {
         max_ops: ctx.limits.max_ops.saturating_sub(1).max(1),
-        max_bytes: ctx.limits.max_bytes.saturating_sub(CHECKPOINT_RESERVE_BYTES).max(1024),
+        max_bytes: ctx
+            .limits
+            .max_bytes
+            .saturating_sub(CHECKPOINT_RESERVE_BYTES)
+            .max(1024),
     };
     let mut coalescer = Coalescer::new(limits, committed_revision);
     let mut pipeline = Pipeline::new(
@@ -74,12 +80,16 @@ pub async fn run(
 
     loop {
         while pipeline.has_room() {
-            let Some(batch) = coalescer.next_batch() else { break };
+            let Some(batch) = coalescer.next_batch() else {
+                break;
+            };
             pipeline.send(batch);
         }
         let splits = coalescer.split_revisions();
         if splits > reported_splits {
-            ctx.metrics.split_revisions_total.inc_by(splits - reported_splits);
+            ctx.metrics
+                .split_revisions_total
+                .inc_by(splits - reported_splits);
             warn!(job = %ctx.job.name, revision = coalescer.through_revision(), "A source revision exceeded the txn limits and was applied across several txns.");
             reported_splits = splits;
         }
@@ -150,12 +160,15 @@ fn handle_response(
     }
     let header_revision = response.header().map_or(0, |h| h.revision());
     lag.saw_head(header_revision);
-    ctx.metrics.set_progress(pipeline.committed_revision(), header_revision);
+    ctx.metrics
+        .set_progress(pipeline.committed_revision(), header_revision);
     let events = response.events();
     if events.is_empty() {
         if !response.created() && header_revision > 0 {
             let quiet = assembling.is_none() && coalescer.is_empty() && pipeline.is_idle();
-            if let Some(revision) = idle.on_progress(header_revision, quiet, pipeline.tail_revision()) {
+            if let Some(revision) =
+                idle.on_progress(header_revision, quiet, pipeline.tail_revision())
+            {
                 pipeline.send(Batch {
                     mutations: Vec::new(),
                     through_revision: revision,
@@ -180,7 +193,9 @@ fn handle_response(
             // The source may itself be a mirror's destination: its meta keys stay there.
             continue;
         }
-        let Some(dest_key) = ctx.rewrite.to_dest(kv.key()) else { continue };
+        let Some(dest_key) = ctx.rewrite.to_dest(kv.key()) else {
+            continue;
+        };
         current.mutations.push(match event.event_type() {
             EventType::Put => Mutation::Put {
                 key: dest_key,
@@ -264,7 +279,11 @@ impl LagClock {
     }
 
     fn committed(&mut self, revision: i64) {
-        while self.pending_heads.front().is_some_and(|(r, _)| *r <= revision) {
+        while self
+            .pending_heads
+            .front()
+            .is_some_and(|(r, _)| *r <= revision)
+        {
             self.pending_heads.pop_front();
         }
     }
@@ -286,14 +305,30 @@ mod tests {
     #[test]
     fn idle_checkpoint_needs_a_confirming_second_answer() {
         let mut idle = IdleCheckpoint::new(Duration::ZERO);
-        assert_eq!(idle.on_progress(100, true, 50), None, "first answer is only a candidate");
+        assert_eq!(
+            idle.on_progress(100, true, 50),
+            None,
+            "first answer is only a candidate"
+        );
         assert_eq!(idle.on_progress(120, true, 50), Some(100));
         idle.on_events();
-        assert_eq!(idle.on_progress(130, true, 120), None, "events reset the candidate");
-        assert_eq!(idle.on_progress(140, false, 120), None, "busy pipeline never advances");
+        assert_eq!(
+            idle.on_progress(130, true, 120),
+            None,
+            "events reset the candidate"
+        );
+        assert_eq!(
+            idle.on_progress(140, false, 120),
+            None,
+            "busy pipeline never advances"
+        );
         assert_eq!(idle.on_progress(150, true, 120), None);
         assert_eq!(idle.on_progress(150, true, 120), Some(150));
-        assert_eq!(idle.on_progress(150, true, 150), None, "nothing new to advance to");
+        assert_eq!(
+            idle.on_progress(150, true, 150),
+            None,
+            "nothing new to advance to"
+        );
     }
 
     #[test]

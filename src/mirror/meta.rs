@@ -102,7 +102,11 @@ impl Fence {
     }
 
     pub fn compares(&self) -> Vec<Compare> {
-        let mut compares = vec![Compare::version(self.promoted_key.as_str(), CompareOp::Equal, 0)];
+        let mut compares = vec![Compare::version(
+            self.promoted_key.as_str(),
+            CompareOp::Equal,
+            0,
+        )];
         if let Some(lock) = &self.lock {
             compares.push(Compare::create_revision(
                 lock.key.as_str(),
@@ -151,15 +155,23 @@ pub async fn read_job_meta(dest: &Cluster, keys: &MetaKeys) -> Result<JobMeta, J
     let root = keys.job_root().as_bytes().to_vec();
     let end = prefix_range_end(&root);
     let response = dest
-        .get("read job meta", root, Some(GetOptions::new().with_range(end)))
+        .get(
+            "read job meta",
+            root,
+            Some(GetOptions::new().with_range(end)),
+        )
         .await?;
     let mut meta = JobMeta {
         dest_revision: response.header().map_or(0, |h| h.revision()),
         dest_cluster_id: response.header().map_or(0, |h| h.cluster_id()),
         ..JobMeta::default()
     };
-    let (checkpoint_key, full_sync_key, promoted_key, reset_key) =
-        (keys.checkpoint(), keys.full_sync(), keys.promoted(), keys.reset_request());
+    let (checkpoint_key, full_sync_key, promoted_key, reset_key) = (
+        keys.checkpoint(),
+        keys.full_sync(),
+        keys.promoted(),
+        keys.reset_request(),
+    );
     for kv in response.kvs() {
         let key = kv.key();
         if key == checkpoint_key.as_bytes() {
@@ -203,7 +215,9 @@ mod tests {
         };
         let decoded: Checkpoint = serde_json::from_slice(&checkpoint.encode()).unwrap();
         assert_eq!(decoded, checkpoint);
-        assert!(!String::from_utf8(checkpoint.encode()).unwrap().contains("partial_revision"));
+        assert!(!String::from_utf8(checkpoint.encode())
+            .unwrap()
+            .contains("partial_revision"));
     }
 
     #[test]

@@ -141,7 +141,10 @@ impl JobError {
     fn needs_operator(&self) -> bool {
         match self {
             JobError::PruneGuard { .. } | JobError::Loop { .. } | JobError::Internal(_) => true,
-            JobError::Client(error) => matches!(error.kind(), FailureKind::Auth | FailureKind::Rejected | FailureKind::QuotaExceeded),
+            JobError::Client(error) => matches!(
+                error.kind(),
+                FailureKind::Auth | FailureKind::Rejected | FailureKind::QuotaExceeded
+            ),
             JobError::Watch { source } => crate::client::classify(source) == FailureKind::Auth,
             _ => false,
         }
@@ -154,9 +157,17 @@ pub enum SlowPathReason {
     NoCheckpoint,
     UnreadableCheckpoint,
     Reset,
-    Interrupted { pinned_rev: Option<i64> },
-    SourceReplaced { checkpoint_cluster_id: u64, source_cluster_id: u64 },
-    SourceBehind { checkpoint_rev: i64, source_rev: i64 },
+    Interrupted {
+        pinned_rev: Option<i64>,
+    },
+    SourceReplaced {
+        checkpoint_cluster_id: u64,
+        source_cluster_id: u64,
+    },
+    SourceBehind {
+        checkpoint_rev: i64,
+        source_rev: i64,
+    },
     Compacted,
 }
 
@@ -207,7 +218,9 @@ pub fn decide(meta: &JobMeta, source: ClusterHead, forced: Option<SlowPathReason
         });
     }
     match &meta.checkpoint {
-        None if meta.checkpoint_raw.is_some() => Decision::FullSync(SlowPathReason::UnreadableCheckpoint),
+        None if meta.checkpoint_raw.is_some() => {
+            Decision::FullSync(SlowPathReason::UnreadableCheckpoint)
+        }
         None => Decision::FullSync(SlowPathReason::NoCheckpoint),
         Some(checkpoint) if checkpoint.source_cluster_id != source.cluster_id => {
             Decision::FullSync(SlowPathReason::SourceReplaced {
@@ -245,7 +258,11 @@ const PROMOTED_POLL: Duration = Duration::from_secs(10);
 /// # Cancel-Safety
 /// Returns promptly once `cancel` fires; an in-flight txn either commits with
 /// its checkpoint or not at all.
-pub async fn run_job(ctx: JobContext, reset_requested: bool, cancel: CancellationToken) -> Result<(), JobError> {
+pub async fn run_job(
+    ctx: JobContext,
+    reset_requested: bool,
+    cancel: CancellationToken,
+) -> Result<(), JobError> {
     if reset_requested {
         request_reset(&ctx, &cancel).await?;
     }
@@ -308,7 +325,11 @@ pub async fn run_job(ctx: JobContext, reset_requested: bool, cancel: Cancellatio
     }
 }
 
-async fn run_once(ctx: &JobContext, forced: Option<SlowPathReason>, cancel: &CancellationToken) -> Result<(), JobError> {
+async fn run_once(
+    ctx: &JobContext,
+    forced: Option<SlowPathReason>,
+    cancel: &CancellationToken,
+) -> Result<(), JobError> {
     ctx.metrics.set_state(JobState::Starting);
     let meta = read_job_meta(&ctx.dest, &ctx.keys).await?;
     if meta.promoted.is_some() {
@@ -338,8 +359,15 @@ async fn run_once(ctx: &JobContext, forced: Option<SlowPathReason>, cancel: &Can
                 source_revision = head.revision,
                 "Resuming from the checkpoint."
             );
-            let raw = meta.checkpoint_raw.clone().expect("a parsed checkpoint has raw bytes");
-            (KeyGuard::Holds(raw), checkpoint.last_synced_rev, checkpoint.source_cluster_id)
+            let raw = meta
+                .checkpoint_raw
+                .clone()
+                .expect("a parsed checkpoint has raw bytes");
+            (
+                KeyGuard::Holds(raw),
+                checkpoint.last_synced_rev,
+                checkpoint.source_cluster_id,
+            )
         }
         Decision::FullSync(reason) => {
             ctx.metrics.slow_path_total.inc();
@@ -363,10 +391,15 @@ async fn run_once(ctx: &JobContext, forced: Option<SlowPathReason>, cancel: &Can
 /// next resolves the job consumes it in the txn that starts the full sync,
 /// so the reset happens exactly once.
 async fn request_reset(ctx: &JobContext, cancel: &CancellationToken) -> Result<(), JobError> {
-    let value = serde_json::json!({ "requested_at": now_rfc3339(), "instance": ctx.instance_id }).to_string();
+    let value = serde_json::json!({ "requested_at": now_rfc3339(), "instance": ctx.instance_id })
+        .to_string();
     let mut backoff = job_backoff();
     loop {
-        let ops = vec![etcd_client::TxnOp::put(ctx.keys.reset_request(), value.clone(), None)];
+        let ops = vec![etcd_client::TxnOp::put(
+            ctx.keys.reset_request(),
+            value.clone(),
+            None,
+        )];
         let error = match ctx.writer.commit("request reset", Vec::new(), ops).await {
             Ok(TxnOutcome::Committed) => {
                 info!(job = %ctx.job.name, "Reset requested: the checkpoint will be dropped and a full sync run.");
@@ -420,7 +453,10 @@ mod tests {
     #[test]
     fn resumes_from_a_usable_checkpoint() {
         let meta = meta_with(Some(checkpoint(90, 7)));
-        assert_eq!(decide(&meta, HEAD, None), Decision::Resume(meta.checkpoint.clone().unwrap()));
+        assert_eq!(
+            decide(&meta, HEAD, None),
+            Decision::Resume(meta.checkpoint.clone().unwrap())
+        );
         // The source at exactly the checkpoint revision is still resumable.
         let at_head = meta_with(Some(checkpoint(100, 7)));
         assert!(matches!(decide(&at_head, HEAD, None), Decision::Resume(_)));
@@ -428,7 +464,10 @@ mod tests {
 
     #[test]
     fn slow_path_reasons() {
-        assert_eq!(decide(&meta_with(None), HEAD, None), Decision::FullSync(SlowPathReason::NoCheckpoint));
+        assert_eq!(
+            decide(&meta_with(None), HEAD, None),
+            Decision::FullSync(SlowPathReason::NoCheckpoint)
+        );
         assert!(matches!(
             decide(&meta_with(Some(checkpoint(90, 8))), HEAD, None),
             Decision::FullSync(SlowPathReason::SourceReplaced { .. })
@@ -438,12 +477,19 @@ mod tests {
             Decision::FullSync(SlowPathReason::SourceBehind { .. })
         ));
         assert_eq!(
-            decide(&meta_with(Some(checkpoint(90, 7))), HEAD, Some(SlowPathReason::Compacted)),
+            decide(
+                &meta_with(Some(checkpoint(90, 7))),
+                HEAD,
+                Some(SlowPathReason::Compacted)
+            ),
             Decision::FullSync(SlowPathReason::Compacted)
         );
         let mut reset = meta_with(Some(checkpoint(90, 7)));
         reset.reset_request = Some(b"{}".to_vec());
-        assert_eq!(decide(&reset, HEAD, None), Decision::FullSync(SlowPathReason::Reset));
+        assert_eq!(
+            decide(&reset, HEAD, None),
+            Decision::FullSync(SlowPathReason::Reset)
+        );
         let mut interrupted = meta_with(None);
         let marker = FullSyncMarker {
             id: 1,
@@ -457,10 +503,15 @@ mod tests {
         interrupted.full_sync = Some(marker);
         assert_eq!(
             decide(&interrupted, HEAD, None),
-            Decision::FullSync(SlowPathReason::Interrupted { pinned_rev: Some(50) })
+            Decision::FullSync(SlowPathReason::Interrupted {
+                pinned_rev: Some(50)
+            })
         );
         let mut garbled = meta_with(None);
         garbled.checkpoint_raw = Some(b"garbage".to_vec());
-        assert_eq!(decide(&garbled, HEAD, None), Decision::FullSync(SlowPathReason::UnreadableCheckpoint));
+        assert_eq!(
+            decide(&garbled, HEAD, None),
+            Decision::FullSync(SlowPathReason::UnreadableCheckpoint)
+        );
     }
 }

@@ -81,10 +81,16 @@ impl DestWriter {
         if let Some(lock) = self.fence.lock() {
             failure_reads.push(TxnOp::get(lock.key.as_str(), None));
         }
-        let txn = Txn::new().when(compares).and_then(ops).or_else(failure_reads);
+        let txn = Txn::new()
+            .when(compares)
+            .and_then(ops)
+            .or_else(failure_reads);
         let mut kv = self.dest.kv();
         let started = Instant::now();
-        let response = self.dest.call(operation, async move { kv.txn(txn).await }).await?;
+        let response = self
+            .dest
+            .call(operation, async move { kv.txn(txn).await })
+            .await?;
         self.metrics
             .txn_duration_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -103,7 +109,10 @@ impl DestWriter {
             None => true,
             Some(_) => reads.get(1).copied().unwrap_or(false),
         };
-        Ok(TxnOutcome::GuardFailed(GuardFailure { promoted, lock_held }))
+        Ok(TxnOutcome::GuardFailed(GuardFailure {
+            promoted,
+            lock_held,
+        }))
     }
 
     /// The error a failed guard stands for. A moved checkpoint is retryable:
@@ -246,7 +255,11 @@ impl Pipeline {
         });
     }
 
-    fn spawn_commit(&self, guards: Vec<Compare>, ops: Vec<TxnOp>) -> JoinHandle<Result<TxnOutcome, JobError>> {
+    fn spawn_commit(
+        &self,
+        guards: Vec<Compare>,
+        ops: Vec<TxnOp>,
+    ) -> JoinHandle<Result<TxnOutcome, JobError>> {
         let writer = self.writer.clone();
         tokio::spawn(async move { writer.commit("apply batch", guards, ops).await })
     }
@@ -272,7 +285,9 @@ impl Pipeline {
             let outcome = match (&mut head.task).await {
                 Ok(outcome) => outcome?,
                 Err(join_error) => {
-                    return Err(JobError::Internal(format!("destination txn task failed: {join_error}")))
+                    return Err(JobError::Internal(format!(
+                        "destination txn task failed: {join_error}"
+                    )))
                 }
             };
             match outcome {
@@ -285,7 +300,9 @@ impl Pipeline {
                         events: head.events,
                     });
                 }
-                TxnOutcome::GuardFailed(failure) if failure.promoted || !failure.lock_held || head.resent => {
+                TxnOutcome::GuardFailed(failure)
+                    if failure.promoted || !failure.lock_held || head.resent =>
+                {
                     return Err(self.writer.explain(&failure, "checkpoint"));
                 }
                 TxnOutcome::GuardFailed(_) => {
@@ -354,10 +371,14 @@ impl UnorderedWrites {
     async fn reap_one(&mut self) -> Result<(), JobError> {
         match self.tasks.join_next().await {
             None => Ok(()),
-            Some(Err(join_error)) => Err(JobError::Internal(format!("full sync write task failed: {join_error}"))),
+            Some(Err(join_error)) => Err(JobError::Internal(format!(
+                "full sync write task failed: {join_error}"
+            ))),
             Some(Ok(outcome)) => match outcome? {
                 TxnOutcome::Committed => Ok(()),
-                TxnOutcome::GuardFailed(failure) => Err(self.writer.explain(&failure, "full-sync marker")),
+                TxnOutcome::GuardFailed(failure) => {
+                    Err(self.writer.explain(&failure, "full-sync marker"))
+                }
             },
         }
     }

@@ -1,0 +1,46 @@
+# etcd-syncer: the two commands are `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+RELEASE_BIN := target/release/etcd-syncer
+DEBUG_BIN := target/debug/etcd-syncer
+
+.PHONY: all deps build release demo test unit e2e e2e-long lint bench clean
+
+all: build
+
+deps:
+	@scripts/ensure-deps.sh
+
+build: deps
+	$(CARGO) build --workspace --bins
+
+release: deps
+	$(CARGO) build --release --workspace --bins
+
+## make demo: start a local source and destination etcd, write data, mirror it, show the result.
+demo: release
+	ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/demo
+
+## make test: unit and property tests, then the end-to-end suite against real etcd.
+test: deps
+	$(CARGO) build --workspace --all-targets
+	$(CARGO) test --workspace --lib --bins
+	$(MAKE) e2e
+
+unit: deps
+	$(CARGO) test --workspace --lib --bins
+
+e2e: deps
+	$(CARGO) build --workspace --bins
+	ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) $(CARGO) test -p e2e --tests
+
+e2e-long: deps
+	$(CARGO) build --workspace --bins
+	ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) $(CARGO) test -p e2e --tests -- --ignored
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
