@@ -4,7 +4,7 @@ CARGO ?= cargo
 RELEASE_BIN := target/release/etcd-syncer
 DEBUG_BIN := target/debug/etcd-syncer
 
-.PHONY: all deps build release demo test unit e2e e2e-long lint bench clean
+.PHONY: all deps build release demo test unit e2e e2e-long lint bench bench-quick clean
 
 all: build
 
@@ -37,6 +37,13 @@ e2e: deps
 e2e-long: deps
 	$(CARGO) build --workspace --bins
 	ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) $(CARGO) test -p e2e --tests -- --ignored
+
+## make bench: etcd-syncer vs etcdctl make-mirror; writes docs/benchmarks.md.
+bench: release
+	ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/bench
+
+bench-quick: release
+	BENCH_QUICK=1 ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/bench
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -168,6 +168,9 @@ pub struct MirrorArgs {
     /// Per-request deadline towards either cluster.
     #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
     pub request_timeout: Option<Duration>,
+    /// Gap between consecutive pipelined txns, so etcd applies them in the order sent.
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_PIPELINE_SPACING")]
+    pub pipeline_spacing: Option<Duration>,
 }
 
 /// The config file. Unknown fields are rejected so a typo cannot silently
@@ -191,6 +194,8 @@ pub struct FileConfig {
     pub watch_idle_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub pipeline_spacing: Option<Duration>,
     #[serde(default)]
     pub jobs: Vec<FileJob>,
 }
@@ -326,6 +331,8 @@ pub struct Tuning {
     pub idle_checkpoint_interval: Duration,
     /// How often a full sync logs progress.
     pub progress_log_interval: Duration,
+    /// Gap between consecutive pipelined txns (see `mirror::writer::Pipeline::send_slot`).
+    pub pipeline_send_spacing: Duration,
 }
 
 impl Default for Tuning {
@@ -338,6 +345,7 @@ impl Default for Tuning {
             request_timeout: Duration::from_secs(30),
             idle_checkpoint_interval: Duration::from_secs(5),
             progress_log_interval: Duration::from_secs(5),
+            pipeline_send_spacing: Duration::from_millis(2),
         }
     }
 }
@@ -498,6 +506,10 @@ impl MirrorArgs {
                 .request_timeout
                 .or(file.request_timeout)
                 .unwrap_or(defaults.request_timeout),
+            pipeline_send_spacing: self
+                .pipeline_spacing
+                .or(file.pipeline_spacing)
+                .unwrap_or(defaults.pipeline_send_spacing),
             ..defaults
         };
         if !(1..=100_000).contains(&tuning.page_size) {

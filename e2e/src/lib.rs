@@ -2,6 +2,8 @@
 //! and an oracle written independently of the product's own checker.
 
 pub mod etcd;
+pub mod load;
+pub mod proxy;
 pub mod syncer;
 pub mod tls;
 

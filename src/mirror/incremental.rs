@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::batch::{Batch, BatchLimits, Coalescer, Mutation, SourceRevision};
 use crate::keys::{prefix_range_end, prefix_range_start};
 use crate::mirror::meta::KeyGuard;
-use crate::mirror::writer::Pipeline;
+use crate::mirror::writer::{Acked, Pipeline};
 use crate::mirror::{JobContext, JobError};
 
 /// Room kept in every txn for the fence compares and the checkpoint put.
@@ -66,6 +66,7 @@ pub async fn run(
         source_cluster_id,
         ctx.instance_id.clone(),
         ctx.tuning.max_inflight_txns,
+        ctx.tuning.pipeline_send_spacing,
         committed_guard,
         committed_revision,
     );
@@ -79,11 +80,21 @@ pub async fn run(
     let max_backlog = ctx.tuning.max_inflight_txns * MAX_SEALED_BACKLOG_FACTOR;
 
     loop {
-        while pipeline.has_room() {
-            let Some(batch) = coalescer.next_batch() else {
-                break;
-            };
-            pipeline.send(batch);
+        let mut send_at = None;
+        while !coalescer.is_empty() {
+            match pipeline.send_slot() {
+                Some(Ok(())) => {
+                    let Some(batch) = coalescer.next_batch() else {
+                        break;
+                    };
+                    pipeline.send(batch);
+                }
+                Some(Err(at)) => {
+                    send_at = Some(at);
+                    break;
+                }
+                None => break,
+            }
         }
         let splits = coalescer.split_revisions();
         if splits > reported_splits {
@@ -107,10 +118,14 @@ pub async fn run(
                 }
                 return Ok(Stopped::Cancelled);
             }
-            committed = pipeline.next_committed(), if !pipeline.is_idle() => {
-                let committed = committed?;
-                record_commit(ctx, committed.revision, committed.events, &mut lag);
-            }
+            acked = pipeline.next_committed(), if !pipeline.is_idle() => match acked? {
+                Acked::Committed(committed) => record_commit(ctx, committed.revision, committed.events, &mut lag),
+                // Outside the select: re-sending must not be interrupted by another branch.
+                Acked::Reordered => {
+                    debug!(job = %ctx.job.name, "A pipelined txn was applied out of order; re-sending the window.");
+                    pipeline.resend_window().await?;
+                }
+            },
             message = stream.message(), if reading => {
                 let Some(response) = message.map_err(|source| JobError::Watch { source })? else {
                     return Err(JobError::WatchClosed);
@@ -119,6 +134,7 @@ pub async fn run(
                 ctx.heartbeat();
                 handle_response(ctx, response, &mut assembling, &mut coalescer, &mut idle, &mut lag, &mut pipeline)?;
             }
+            _ = tokio::time::sleep_until(send_at.unwrap_or_else(Instant::now).into()), if send_at.is_some() => {}
             _ = progress_tick.tick() => {
                 ctx.heartbeat();
                 lag.publish(ctx, pipeline.committed_revision());

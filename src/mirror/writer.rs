@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, Txn, TxnOp, TxnOpResponse};
 use tokio::task::{JoinHandle, JoinSet};
@@ -137,6 +137,10 @@ pub fn mutation_op(mutation: Mutation) -> TxnOp {
     }
 }
 
+/// The widest gap between pipelined sends; at 25ms a busy pipeline still
+/// sends 40 txns/s, over 5,000 ops/s.
+pub const MAX_SEND_SPACING: Duration = Duration::from_millis(25);
+
 /// Incremental txns in flight, applied strictly in order through the
 /// checkpoint chain.
 pub struct Pipeline {
@@ -144,6 +148,10 @@ pub struct Pipeline {
     source_cluster_id: u64,
     instance: String,
     max_inflight: usize,
+    /// The configured gap; the floor of the adaptive one.
+    min_spacing: Duration,
+    send_spacing: Duration,
+    last_send: Instant,
     next_write_id: u64,
     /// What the checkpoint key holds once every sent txn has committed.
     tail_guard: KeyGuard,
@@ -174,6 +182,14 @@ impl Drop for Pipeline {
     }
 }
 
+/// What acknowledging the head of the pipeline found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acked {
+    Committed(Committed),
+    /// etcd applied the head after a later txn; see [`Pipeline::resend_window`].
+    Reordered,
+}
+
 /// What the destination reflects after a txn committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Committed {
@@ -187,6 +203,7 @@ impl Pipeline {
         source_cluster_id: u64,
         instance: String,
         max_inflight: usize,
+        send_spacing: Duration,
         committed_guard: KeyGuard,
         committed_revision: i64,
     ) -> Self {
@@ -195,6 +212,9 @@ impl Pipeline {
             source_cluster_id,
             instance,
             max_inflight: max_inflight.max(1),
+            min_spacing: send_spacing,
+            send_spacing,
+            last_send: Instant::now(),
             next_write_id: rand::random(),
             tail_guard: committed_guard.clone(),
             tail_revision: committed_revision,
@@ -204,8 +224,26 @@ impl Pipeline {
         }
     }
 
-    pub fn has_room(&self) -> bool {
-        self.inflight.len() < self.max_inflight
+    /// When the next txn may be sent: `Ok` now, or `Err(at)` once the
+    /// spacing since the previous send has passed. `None` when the pipeline is full.
+    ///
+    /// etcd's gRPC server starts a goroutine per request and Go runs the
+    /// newest one first, so two txns arriving together are usually applied
+    /// in reverse order and the later one fails its chain guard. A short gap
+    /// between sends lets the earlier txn reach raft first. Bigger txns need
+    /// a bigger gap, so it adapts: doubled on every reorder (up to
+    /// [`MAX_SEND_SPACING`]), shrunk by 1/32 on every clean commit down to the
+    /// configured minimum. An idle pipeline has nothing to overtake and sends at once.
+    pub fn send_slot(&self) -> Option<Result<(), Instant>> {
+        if self.inflight.len() >= self.max_inflight {
+            return None;
+        }
+        let at = self.last_send + self.send_spacing;
+        if self.inflight.is_empty() || Instant::now() >= at {
+            Some(Ok(()))
+        } else {
+            Some(Err(at))
+        }
     }
 
     pub fn is_idle(&self) -> bool {
@@ -242,6 +280,7 @@ impl Pipeline {
         let mut ops: Vec<TxnOp> = batch.mutations.into_iter().map(mutation_op).collect();
         ops.push(TxnOp::put(checkpoint_key, checkpoint_bytes.clone(), None));
         let task = self.spawn_commit(guards.clone(), ops.clone());
+        self.last_send = Instant::now();
         self.tail_guard = KeyGuard::Holds(checkpoint_bytes.clone());
         self.tail_revision = batch.through_revision;
         self.inflight.push_back(InFlight {
@@ -268,60 +307,97 @@ impl Pipeline {
     /// ends the pipeline: the job re-reads the checkpoint and resumes from
     /// exactly what committed.
     ///
-    /// etcd serves concurrent requests in parallel, so a txn can be evaluated
-    /// before the one sent just ahead of it and fail its checkpoint guard.
-    /// When that txn reaches the head of the queue, everything before it has
-    /// committed, so the checkpoint holds exactly its guard: it is re-sent
-    /// unchanged, and the txns behind it stay valid because its checkpoint
-    /// bytes do not change. A re-sent txn that fails again met a foreign write.
+    /// A reorder shows as the head failing its chain guard with the fence
+    /// intact; the caller must then call [`Self::resend_window`] before
+    /// anything else. The head is re-sent with all its predecessors
+    /// committed, so if it fails again, something else wrote the checkpoint.
     ///
     /// # Cancel-Safety
-    /// Cancel-safe: the txn stays at the head of the queue until it resolves.
-    pub async fn next_committed(&mut self) -> Result<Committed, JobError> {
-        loop {
-            let Some(head) = self.inflight.front_mut() else {
-                return std::future::pending().await;
-            };
-            let outcome = match (&mut head.task).await {
-                Ok(outcome) => outcome?,
-                Err(join_error) => {
-                    return Err(JobError::Internal(format!(
-                        "destination txn task failed: {join_error}"
-                    )))
+    /// Cancel-safe: the only await is on the head's task, which stays in the
+    /// queue until its outcome has been handled.
+    pub async fn next_committed(&mut self) -> Result<Acked, JobError> {
+        let Some(head) = self.inflight.front_mut() else {
+            return std::future::pending().await;
+        };
+        match Self::outcome(&mut head.task).await? {
+            TxnOutcome::Committed => {
+                let head = self.inflight.pop_front().expect("head exists");
+                if !head.resent {
+                    self.send_spacing =
+                        (self.send_spacing - self.send_spacing / 32).max(self.min_spacing);
                 }
-            };
-            match outcome {
-                TxnOutcome::Committed => {
-                    let head = self.inflight.pop_front().expect("head exists");
-                    self.committed_guard = KeyGuard::Holds(head.checkpoint_bytes);
-                    self.committed_revision = head.through_revision;
-                    return Ok(Committed {
-                        revision: head.through_revision,
-                        events: head.events,
-                    });
-                }
-                TxnOutcome::GuardFailed(failure)
-                    if failure.promoted || !failure.lock_held || head.resent =>
-                {
-                    return Err(self.writer.explain(&failure, "checkpoint"));
-                }
-                TxnOutcome::GuardFailed(_) => {
-                    let (guards, ops) = (head.guards.clone(), head.ops.clone());
-                    let task = self.spawn_commit(guards, ops);
-                    let head = self.inflight.front_mut().expect("head exists");
-                    head.task = task;
-                    head.resent = true;
-                    self.writer.metrics().txn_reorders_total.inc();
-                }
+                self.committed_guard = KeyGuard::Holds(head.checkpoint_bytes);
+                self.committed_revision = head.through_revision;
+                Ok(Acked::Committed(Committed {
+                    revision: head.through_revision,
+                    events: head.events,
+                }))
+            }
+            TxnOutcome::GuardFailed(failure)
+                if failure.promoted || !failure.lock_held || head.resent =>
+            {
+                Err(self.writer.explain(&failure, "checkpoint"))
+            }
+            TxnOutcome::GuardFailed(_) => Ok(Acked::Reordered),
+        }
+    }
+
+    async fn outcome(
+        task: &mut JoinHandle<Result<TxnOutcome, JobError>>,
+    ) -> Result<TxnOutcome, JobError> {
+        match task.await {
+            Ok(outcome) => outcome,
+            Err(join_error) => Err(JobError::Internal(format!(
+                "destination txn task failed: {join_error}"
+            ))),
+        }
+    }
+
+    /// Re-sends the whole window after the head was reordered. Every txn
+    /// behind the head chains on the head's checkpoint bytes, so they all
+    /// fail too; once they have, all are re-sent unchanged, in order and
+    /// spaced, before anything new goes out.
+    ///
+    /// # Cancel-Safety
+    /// Not cancel-safe: tasks already awaited are only replaced at the end.
+    /// Call it outside `select!`; dropping it mid-way is only fine when the
+    /// whole pipeline is dropped with it.
+    pub async fn resend_window(&mut self) -> Result<(), JobError> {
+        self.writer.metrics().txn_reorders_total.inc();
+        self.send_spacing =
+            (self.send_spacing * 2).clamp(Duration::from_millis(1), MAX_SEND_SPACING);
+        for behind in self.inflight.iter_mut().skip(1) {
+            if let TxnOutcome::Committed = Self::outcome(&mut behind.task).await? {
+                // Impossible unless the chain was broken by a foreign write.
+                return Err(JobError::GuardMoved { what: "checkpoint" });
             }
         }
+        for index in 0..self.inflight.len() {
+            if index > 0 {
+                tokio::time::sleep(self.send_spacing).await;
+            }
+            let (guards, ops) = (
+                self.inflight[index].guards.clone(),
+                self.inflight[index].ops.clone(),
+            );
+            let task = self.spawn_commit(guards, ops);
+            let entry = &mut self.inflight[index];
+            entry.task = task;
+            // Only the head is re-sent with every predecessor committed.
+            entry.resent = index == 0;
+        }
+        self.last_send = Instant::now();
+        Ok(())
     }
 
     /// Lets every txn in flight finish, for a clean shutdown.
     pub async fn drain(&mut self) -> Result<Vec<Committed>, JobError> {
         let mut done = Vec::new();
         while !self.inflight.is_empty() {
-            done.push(self.next_committed().await?);
+            match self.next_committed().await? {
+                Acked::Committed(committed) => done.push(committed),
+                Acked::Reordered => self.resend_window().await?,
+            }
         }
         Ok(done)
     }

@@ -1,0 +1,182 @@
+//! A TCP proxy standing in for a cross-region line between the syncer and
+//! one cluster: one-way delay in each direction, a bandwidth limit, and cuts
+//! that either hold bytes (a half-open link) or reset every connection.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+const PASS: u8 = 0;
+const HOLD: u8 = 1;
+const RESET: u8 = 2;
+
+#[derive(Default)]
+struct LinkState {
+    delay_micros: AtomicU64,
+    /// Bytes per second in each direction; 0 is unlimited.
+    bandwidth: AtomicU64,
+    mode: AtomicU8,
+    /// Connection tasks, aborted on reset.
+    connections: Mutex<JoinSet<()>>,
+}
+
+pub struct LinkProxy {
+    addr: SocketAddr,
+    state: Arc<LinkState>,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl LinkProxy {
+    /// Listens on a free loopback port and forwards to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(LinkState::default());
+        let accept_state = state.clone();
+        let accept_task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if accept_state.mode.load(Ordering::SeqCst) == RESET {
+                    let _ = client.set_zero_linger();
+                    drop(client);
+                    continue;
+                }
+                let state = accept_state.clone();
+                let mut connections = accept_state.connections.lock().expect("connections");
+                connections.spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    // Aborting the task then resets both sides instead of closing them.
+                    let _ = client.set_zero_linger();
+                    let _ = server.set_zero_linger();
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        pump(client_read, server_write, state.clone()),
+                        pump(server_read, client_write, state)
+                    );
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            state,
+            accept_task,
+        })
+    }
+
+    /// Starts a proxy in front of the first endpoint of an etcd cluster and
+    /// returns the proxy with the endpoint to give the syncer instead.
+    pub async fn in_front_of(endpoint: &str) -> Result<(Self, String)> {
+        let (scheme, authority) = endpoint.split_once("://").unwrap_or(("http", endpoint));
+        let proxy = Self::start(authority.parse()?).await?;
+        let proxied = format!("{scheme}://{}", proxy.addr());
+        Ok((proxy, proxied))
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// One-way delay added to each direction (15ms each way is a 30ms RTT).
+    pub fn set_delay(&self, one_way: Duration) {
+        self.state
+            .delay_micros
+            .store(one_way.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    pub fn set_bandwidth(&self, bytes_per_second: u64) {
+        self.state
+            .bandwidth
+            .store(bytes_per_second, Ordering::SeqCst);
+    }
+
+    /// Bytes stop flowing but connections stay open: a half-open link.
+    pub fn hold(&self) {
+        self.state.mode.store(HOLD, Ordering::SeqCst);
+    }
+
+    /// Every connection is reset, and new ones are refused, until [`Self::restore`].
+    pub fn reset(&self) {
+        self.state.mode.store(RESET, Ordering::SeqCst);
+        self.state
+            .connections
+            .lock()
+            .expect("connections")
+            .abort_all();
+    }
+
+    pub fn restore(&self) {
+        self.state.mode.store(PASS, Ordering::SeqCst);
+    }
+}
+
+impl Drop for LinkProxy {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+        self.state
+            .connections
+            .lock()
+            .expect("connections")
+            .abort_all();
+    }
+}
+
+/// Copies one direction. The reader stamps each chunk with its arrival time;
+/// the writer releases it `delay` later, so latency is added without capping
+/// throughput, and order is kept.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    state: Arc<LinkState>,
+) {
+    let (chunks, mut pending) = mpsc::channel::<(Instant, Vec<u8>)>(1024);
+    let reader = async move {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if chunks
+                        .send((Instant::now(), buffer[..n].to_vec()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((arrived, chunk)) = pending.recv().await {
+            while state.mode.load(Ordering::SeqCst) == HOLD {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let delay = Duration::from_micros(state.delay_micros.load(Ordering::SeqCst));
+            tokio::time::sleep_until(arrived + delay).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+            let bandwidth = state.bandwidth.load(Ordering::SeqCst);
+            if bandwidth > 0 {
+                tokio::time::sleep(Duration::from_secs_f64(
+                    chunk.len() as f64 / bandwidth as f64,
+                ))
+                .await;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
+}
