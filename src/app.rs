@@ -1,6 +1,7 @@
 //! `mirror-plus`: connects both clusters, serves the HTTP endpoints, and runs
 //! one task per job until cancelled.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,14 +10,21 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::admin::{
+    add_source_lag, collect_status, promote, render_text, undo_promote, wait_for_sync, AdminError,
+};
 use crate::client::{ClientError, Cluster, FailureKind};
-use crate::config::{ClusterSettings, ConfigError, Settings, Side};
+use crate::config::{
+    ClusterSettings, ConfigError, OutputFormat, PromoteArgs, Settings, Side, StatusArgs,
+};
+use crate::election::SessionManager;
 use crate::health::Health;
 use crate::keys::{KeyRewrite, MetaKeys};
 use crate::metrics::{JobMetrics, Metrics};
 use crate::mirror::meta::Fence;
 use crate::mirror::writer::DestWriter;
-use crate::mirror::{run_job, JobContext, JobError};
+use crate::mirror::{request_reset, JobContext, JobError};
+use crate::replica::{run_replica, Instance};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -32,6 +40,8 @@ pub enum AppError {
     },
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 impl AppError {
@@ -44,6 +54,7 @@ impl AppError {
                 ..
             } => 2,
             AppError::Client(error) if error.kind() == FailureKind::Rejected => 2,
+            AppError::Admin(AdminError::NoJobs { .. } | AdminError::UnknownJob { .. }) => 2,
             _ => 1,
         }
     }
@@ -89,17 +100,31 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
         cancel.clone(),
     ));
 
+    let sessions = Arc::new(SessionManager::new(dest.clone(), settings.lock_ttl));
+    let instance = Arc::new(Instance {
+        sessions: sessions.clone(),
+        leading: AtomicUsize::new(0),
+        rebalancing: AtomicBool::new(false),
+        total_jobs: settings.jobs.len(),
+        lock_ttl: settings.lock_ttl,
+        rebalance_interval: settings.rebalance_interval,
+    });
     let mut jobs = JoinSet::new();
     for (job, metrics) in settings.jobs.iter().zip(job_metrics) {
         let keys = MetaKeys::new(&settings.meta_prefix, &job.name);
-        let fence = Fence::new(&keys, None);
+        if settings.reset_last_synced_rev
+            && !request_reset_with_retry(&dest, &keys, &settings.instance_id, &cancel).await
+        {
+            return Ok(());
+        }
+        // Writes need the job lock; the replica adds it to the fence once elected.
         let writer = Arc::new(DestWriter::new(
             dest.clone(),
             keys.clone(),
-            fence,
+            Fence::new(&keys, None),
             metrics.clone(),
         ));
-        let ctx = JobContext {
+        let template = JobContext {
             job: job.clone(),
             rewrite: KeyRewrite::new(job.prefix.as_bytes(), job.dest_prefix.as_bytes()),
             keys,
@@ -115,9 +140,9 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
             health: health.clone(),
         };
         let name = job.name.clone();
-        let job_cancel = cancel.clone();
-        let reset = settings.reset_last_synced_rev;
-        jobs.spawn(async move { (name, run_job(ctx, reset, job_cancel).await) });
+        let replica_cancel = cancel.clone();
+        let instance = instance.clone();
+        jobs.spawn(async move { (name, run_replica(template, instance, replica_cancel).await) });
     }
 
     let mut failure = None;
@@ -140,6 +165,9 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
         }
     }
     cancel.cancel();
+    // Every replica has stopped writing: hand the locks over now instead of
+    // letting standbys wait out the TTL.
+    sessions.resign().await;
     let _ = prober.await;
     let _ = http_task.await;
     info!("Stopped.");
@@ -190,6 +218,41 @@ async fn connect_with_retry(
     }
 }
 
+/// Records `--reset-last-synced-rev` for one job, retrying until the
+/// destination answers. Returns false when cancelled first.
+async fn request_reset_with_retry(
+    dest: &Cluster,
+    keys: &MetaKeys,
+    instance: &str,
+    cancel: &CancellationToken,
+) -> bool {
+    let mut backoff = backon::ExponentialBuilder::default()
+        .with_jitter()
+        .with_max_delay(Duration::from_secs(30))
+        .without_max_times()
+        .build();
+    loop {
+        match request_reset(dest, keys, instance).await {
+            Ok(()) => {
+                info!(job_meta = %keys.job_root(), "Reset requested: the next leader drops the checkpoint and runs a full sync.");
+                return true;
+            }
+            Err(JobError::Promoted) => {
+                warn!(job_meta = %keys.job_root(), "Reset not requested: the job is promoted.");
+                return true;
+            }
+            Err(error) => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                warn!(%error, retry_in = ?delay, "Could not record the reset request; retrying.");
+                tokio::select! {
+                    _ = cancel.cancelled() => return false,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Keeps `/readyz` honest: both clusters must answer a cheap read.
 async fn probe_readiness(
     source: Cluster,
@@ -216,4 +279,81 @@ async fn probe_readiness(
             health.set_reachable(side, reachable);
         }
     }
+}
+
+/// `etcd-syncer status`.
+pub async fn run_status(args: StatusArgs) -> Result<(), AppError> {
+    let dest_settings = args.dest.into_settings()?;
+    let source_settings = args.source.into_optional_settings()?;
+    let dest = Cluster::connect(&dest_settings, args.request_timeout).await?;
+    let mut statuses = collect_status(&dest, &args.meta_prefix, args.job_name.as_deref()).await?;
+    if let Some(source_settings) = source_settings {
+        let source = Cluster::connect(&source_settings, args.request_timeout).await?;
+        add_source_lag(&source, &mut statuses).await?;
+    }
+    match args.output {
+        OutputFormat::Text => print!("{}", render_text(&statuses)),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&statuses).unwrap_or_default()
+        ),
+    }
+    Ok(())
+}
+
+/// `etcd-syncer promote`.
+pub async fn run_promote(args: PromoteArgs) -> Result<(), AppError> {
+    let dest_settings = args.dest.into_settings()?;
+    let source_settings = args.source.into_optional_settings()?;
+    let dest = Cluster::connect(&dest_settings, args.request_timeout).await?;
+    let source = match &source_settings {
+        Some(settings) => Some(Cluster::connect(settings, args.request_timeout).await?),
+        None => None,
+    };
+    let jobs: Vec<String> = match &args.job_name {
+        Some(job) => collect_status(&dest, &args.meta_prefix, Some(job))
+            .await?
+            .into_iter()
+            .map(|s| s.job)
+            .collect(),
+        None => collect_status(&dest, &args.meta_prefix, None)
+            .await?
+            .into_iter()
+            .map(|s| s.job)
+            .collect(),
+    };
+    let by = crate::config::default_instance_id();
+    let mut outcomes = Vec::new();
+    for job in &jobs {
+        let outcome = if args.undo {
+            undo_promote(&dest, &args.meta_prefix, job).await?
+        } else {
+            if let (true, Some(source)) = (args.wait_for_sync, &source) {
+                let reached =
+                    wait_for_sync(&dest, source, &args.meta_prefix, job, args.wait_timeout).await?;
+                info!(%job, checkpoint = reached, "Destination caught up with the source.");
+            }
+            promote(&dest, &args.meta_prefix, job, &by).await?
+        };
+        outcomes.push(outcome);
+    }
+    match args.output {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&outcomes).unwrap_or_default()
+        ),
+        OutputFormat::Text => {
+            for outcome in &outcomes {
+                println!(
+                    "job {}: {}; final checkpoint revision {}",
+                    outcome.job,
+                    outcome.action,
+                    outcome
+                        .final_checkpoint_revision
+                        .map_or_else(|| "none".to_string(), |r| r.to_string())
+                );
+            }
+        }
+    }
+    Ok(())
 }

@@ -19,6 +19,8 @@ pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 pub const DEFAULT_MAX_TXN_BYTES: u64 = 1024 * 1024;
 pub const DEFAULT_MAX_PRUNE_RATIO: f64 = 0.5;
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9091";
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(5);
+pub const DEFAULT_REBALANCE_INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +40,70 @@ pub enum Command {
     /// Replicate prefixes: full sync at a pinned revision, then watch, with a
     /// checkpoint on the destination so restarts resume where they stopped.
     MirrorPlus(Box<MirrorArgs>),
+    /// Print each job's leader, checkpoint, full-sync state and (with
+    /// --src-endpoints) lag, from the destination's meta keys.
+    Status(Box<StatusArgs>),
+    /// Turn the standby into a primary: from the marker on, no replicator
+    /// writes to the job's destination prefix. `--undo` removes it (failback).
+    Promote(Box<PromoteArgs>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub dest: DestArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Only this job.
+    #[arg(long, env = "ETCD_SYNCER_JOB_NAME")]
+    pub job_name: Option<String>,
+    #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
+    pub meta_prefix: String,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    #[command(flatten)]
+    pub dest: DestArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// The job to promote.
+    #[arg(
+        long,
+        env = "ETCD_SYNCER_JOB_NAME",
+        conflicts_with = "all",
+        required_unless_present = "all"
+    )]
+    pub job_name: Option<String>,
+    /// Every job found under the meta prefix.
+    #[arg(long)]
+    pub all: bool,
+    /// Planned switchover: first wait until the checkpoint reaches the
+    /// source's current revision (needs --src-endpoints).
+    #[arg(long, requires = "src_endpoints")]
+    pub wait_for_sync: bool,
+    /// How long --wait-for-sync waits before giving up (nothing is promoted then).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+    pub wait_timeout: Duration,
+    /// Remove the promoted marker so replication resumes (failback).
+    #[arg(long, conflicts_with = "wait_for_sync")]
+    pub undo: bool,
+    #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
+    pub meta_prefix: String,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -67,51 +133,19 @@ pub struct TelemetryArgs {
     pub log_level: String,
 }
 
-/// Connection flags of one side. Written out twice (src/dst) because clap
-/// cannot prefix a flattened group.
+/// Everything `mirror-plus` takes. The connection flags of each side are
+/// written out twice ([`SourceArgs`], [`DestArgs`]) because clap cannot
+/// prefix a flattened group.
 #[derive(Debug, Args, Default, Clone)]
 pub struct MirrorArgs {
     /// TOML file with the same settings and a list of jobs; flags override it.
     #[arg(long, env = "ETCD_SYNCER_CONFIG")]
     pub config: Option<PathBuf>,
 
-    /// Source cluster endpoints, comma separated (http://host:port or https://host:port).
-    #[arg(long, value_delimiter = ',', env = "ETCD_SYNCER_SRC_ENDPOINTS")]
-    pub src_endpoints: Option<Vec<String>>,
-    /// CA bundle that signed the source cluster's server certificates.
-    #[arg(long, env = "ETCD_SYNCER_SRC_CACERT")]
-    pub src_cacert: Option<PathBuf>,
-    /// Client certificate for mutual TLS with the source.
-    #[arg(long, env = "ETCD_SYNCER_SRC_CERT")]
-    pub src_cert: Option<PathBuf>,
-    /// Private key of --src-cert.
-    #[arg(long, env = "ETCD_SYNCER_SRC_KEY")]
-    pub src_key: Option<PathBuf>,
-    /// User name for the source's auth.
-    #[arg(long, env = "ETCD_SYNCER_SRC_USER")]
-    pub src_user: Option<String>,
-    /// Password of --src-user.
-    #[arg(long, env = "ETCD_SYNCER_SRC_PASSWORD", hide_env_values = true)]
-    pub src_password: Option<String>,
-
-    /// Destination cluster endpoints, comma separated.
-    #[arg(long, value_delimiter = ',', env = "ETCD_SYNCER_DST_ENDPOINTS")]
-    pub dst_endpoints: Option<Vec<String>>,
-    /// CA bundle that signed the destination cluster's server certificates.
-    #[arg(long, env = "ETCD_SYNCER_DST_CACERT")]
-    pub dst_cacert: Option<PathBuf>,
-    /// Client certificate for mutual TLS with the destination.
-    #[arg(long, env = "ETCD_SYNCER_DST_CERT")]
-    pub dst_cert: Option<PathBuf>,
-    /// Private key of --dst-cert.
-    #[arg(long, env = "ETCD_SYNCER_DST_KEY")]
-    pub dst_key: Option<PathBuf>,
-    /// User name for the destination's auth.
-    #[arg(long, env = "ETCD_SYNCER_DST_USER")]
-    pub dst_user: Option<String>,
-    /// Password of --dst-user.
-    #[arg(long, env = "ETCD_SYNCER_DST_PASSWORD", hide_env_values = true)]
-    pub dst_password: Option<String>,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub dest: DestArgs,
 
     /// Source key prefix to mirror (one job); replaces the file's job list.
     #[arg(long, env = "ETCD_SYNCER_PREFIX")]
@@ -168,9 +202,103 @@ pub struct MirrorArgs {
     /// Per-request deadline towards either cluster.
     #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
     pub request_timeout: Option<Duration>,
+    /// TTL of the lease behind each job lock: how long a dead leader keeps its jobs.
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_LOCK_TTL")]
+    pub lock_ttl: Option<Duration>,
+    /// How often a leader checks whether it leads more than its share of jobs.
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_REBALANCE_INTERVAL")]
+    pub rebalance_interval: Option<Duration>,
     /// Gap between consecutive pipelined txns, so etcd applies them in the order sent.
     #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_PIPELINE_SPACING")]
     pub pipeline_spacing: Option<Duration>,
+}
+
+/// How to reach the source cluster.
+#[derive(Debug, Args, Default, Clone)]
+pub struct SourceArgs {
+    /// Source cluster endpoints, comma separated (http://host:port or https://host:port).
+    #[arg(long, value_delimiter = ',', env = "ETCD_SYNCER_SRC_ENDPOINTS")]
+    pub src_endpoints: Option<Vec<String>>,
+    /// CA bundle that signed the source cluster's server certificates.
+    #[arg(long, env = "ETCD_SYNCER_SRC_CACERT")]
+    pub src_cacert: Option<PathBuf>,
+    /// Client certificate for mutual TLS with the source.
+    #[arg(long, env = "ETCD_SYNCER_SRC_CERT")]
+    pub src_cert: Option<PathBuf>,
+    /// Private key of --src-cert.
+    #[arg(long, env = "ETCD_SYNCER_SRC_KEY")]
+    pub src_key: Option<PathBuf>,
+    /// User name for the source's auth.
+    #[arg(long, env = "ETCD_SYNCER_SRC_USER")]
+    pub src_user: Option<String>,
+    /// Password of --src-user.
+    #[arg(long, env = "ETCD_SYNCER_SRC_PASSWORD", hide_env_values = true)]
+    pub src_password: Option<String>,
+}
+
+/// How to reach the destination cluster.
+#[derive(Debug, Args, Default, Clone)]
+pub struct DestArgs {
+    /// Destination cluster endpoints, comma separated.
+    #[arg(long, value_delimiter = ',', env = "ETCD_SYNCER_DST_ENDPOINTS")]
+    pub dst_endpoints: Option<Vec<String>>,
+    /// CA bundle that signed the destination cluster's server certificates.
+    #[arg(long, env = "ETCD_SYNCER_DST_CACERT")]
+    pub dst_cacert: Option<PathBuf>,
+    /// Client certificate for mutual TLS with the destination.
+    #[arg(long, env = "ETCD_SYNCER_DST_CERT")]
+    pub dst_cert: Option<PathBuf>,
+    /// Private key of --dst-cert.
+    #[arg(long, env = "ETCD_SYNCER_DST_KEY")]
+    pub dst_key: Option<PathBuf>,
+    /// User name for the destination's auth.
+    #[arg(long, env = "ETCD_SYNCER_DST_USER")]
+    pub dst_user: Option<String>,
+    /// Password of --dst-user.
+    #[arg(long, env = "ETCD_SYNCER_DST_PASSWORD", hide_env_values = true)]
+    pub dst_password: Option<String>,
+}
+
+impl SourceArgs {
+    fn flags(self) -> ClusterFlags {
+        ClusterFlags {
+            endpoints: self.src_endpoints,
+            cacert: self.src_cacert,
+            cert: self.src_cert,
+            key: self.src_key,
+            user: self.src_user,
+            password: self.src_password,
+        }
+    }
+
+    /// Settings for commands where the source is optional (`status`, `promote`).
+    pub fn into_optional_settings(self) -> Result<Option<ClusterSettings>, ConfigError> {
+        if self.src_endpoints.is_none() {
+            return Ok(None);
+        }
+        cluster_settings(Side::Source, self.flags(), FileCluster::default()).map(Some)
+    }
+
+    pub fn into_settings(self) -> Result<ClusterSettings, ConfigError> {
+        cluster_settings(Side::Source, self.flags(), FileCluster::default())
+    }
+}
+
+impl DestArgs {
+    fn flags(self) -> ClusterFlags {
+        ClusterFlags {
+            endpoints: self.dst_endpoints,
+            cacert: self.dst_cacert,
+            cert: self.dst_cert,
+            key: self.dst_key,
+            user: self.dst_user,
+            password: self.dst_password,
+        }
+    }
+
+    pub fn into_settings(self) -> Result<ClusterSettings, ConfigError> {
+        cluster_settings(Side::Destination, self.flags(), FileCluster::default())
+    }
 }
 
 /// The config file. Unknown fields are rejected so a typo cannot silently
@@ -196,6 +324,10 @@ pub struct FileConfig {
     pub request_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub pipeline_spacing: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub lock_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub rebalance_interval: Option<Duration>,
     #[serde(default)]
     pub jobs: Vec<FileJob>,
 }
@@ -361,6 +493,8 @@ pub struct Settings {
     pub reset_last_synced_rev: bool,
     pub metrics_addr: SocketAddr,
     pub instance_id: String,
+    pub lock_ttl: Duration,
+    pub rebalance_interval: Duration,
     pub tuning: Tuning,
 }
 
@@ -377,26 +511,12 @@ impl MirrorArgs {
     pub fn merge(self, file: FileConfig) -> Result<Settings, ConfigError> {
         let source = cluster_settings(
             Side::Source,
-            ClusterFlags {
-                endpoints: self.src_endpoints,
-                cacert: self.src_cacert,
-                cert: self.src_cert,
-                key: self.src_key,
-                user: self.src_user,
-                password: self.src_password,
-            },
+            self.source.flags(),
             file.source.unwrap_or_default(),
         )?;
         let destination = cluster_settings(
             Side::Destination,
-            ClusterFlags {
-                endpoints: self.dst_endpoints,
-                cacert: self.dst_cacert,
-                cert: self.dst_cert,
-                key: self.dst_key,
-                user: self.dst_user,
-                password: self.dst_password,
-            },
+            self.dest.flags(),
             file.destination.unwrap_or_default(),
         )?;
 
@@ -546,6 +666,24 @@ impl MirrorArgs {
             });
         }
 
+        let lock_ttl = self.lock_ttl.or(file.lock_ttl).unwrap_or(DEFAULT_LOCK_TTL);
+        if lock_ttl < Duration::from_secs(2) || lock_ttl.subsec_nanos() != 0 {
+            return Err(invalid(
+                "--lock-ttl",
+                &humantime::format_duration(lock_ttl).to_string(),
+                "must be whole seconds, at least 2s (etcd leases have second granularity); the default is 5s",
+            ));
+        }
+        let rebalance_interval = self
+            .rebalance_interval
+            .or(file.rebalance_interval)
+            .unwrap_or(DEFAULT_REBALANCE_INTERVAL);
+        if rebalance_interval < lock_ttl {
+            return Err(ConfigError::Conflict {
+                fields: "--rebalance-interval and --lock-ttl".into(),
+                reason: "rebalancing more often than the lock TTL would hand jobs back and forth; use at least the TTL".into(),
+            });
+        }
         let metrics_addr = match self.metrics_addr.or(file.metrics_addr) {
             Some(addr) => addr,
             None => DEFAULT_METRICS_ADDR
@@ -570,6 +708,8 @@ impl MirrorArgs {
             reset_last_synced_rev: self.reset_last_synced_rev,
             metrics_addr,
             instance_id,
+            lock_ttl,
+            rebalance_interval,
             tuning,
         })
     }
@@ -923,7 +1063,9 @@ mod tests {
         let mut argv = vec!["etcd-syncer", "mirror-plus"];
         argv.extend_from_slice(extra);
         let cli = Cli::try_parse_from(argv).expect("flags parse");
-        let Command::MirrorPlus(args) = cli.command;
+        let Command::MirrorPlus(args) = cli.command else {
+            panic!("parsed as another command")
+        };
         args.into_settings()
     }
 

@@ -8,17 +8,22 @@
 //! - [`batch`]: coalescing revisions into txns (pure).
 //! - [`diff`]: merging two sorted key streams (pure).
 //! - [`mirror`]: full sync, watch, apply, checkpoint: the job state machine.
+//! - [`election`], [`replica`]: one lock per job, fenced writes, takeover.
 //! - [`metrics`], [`http`], [`health`], [`telemetry`]: operations.
-//! - [`app`]: wiring for the `mirror-plus` command.
+//! - [`admin`]: the `status` and `promote` commands.
+//! - [`app`]: wiring for each command.
 
+pub mod admin;
 pub mod app;
 pub mod batch;
 pub mod client;
 pub mod config;
 pub mod diff;
+pub mod election;
 pub mod health;
 pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod mirror;
+pub mod replica;
 pub mod telemetry;

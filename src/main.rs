@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use etcd_syncer::app::{run_mirror, AppError};
+use etcd_syncer::app::{run_mirror, run_promote, run_status, AppError};
 use etcd_syncer::config::{Cli, Command};
 
 fn main() -> ExitCode {
@@ -27,6 +27,8 @@ fn main() -> ExitCode {
         tokio::spawn(cancel_on_signal(cancel.clone()));
         match cli.command {
             Command::MirrorPlus(args) => run_mirror(args.into_settings()?, cancel).await,
+            Command::Status(args) => run_status(*args).await,
+            Command::Promote(args) => run_promote(*args).await,
         }
     });
     match result {

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
-use etcd_client::{Client, GetOptions, Txn, TxnOp};
+use anyhow::{bail, Context, Result};
+use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, WatchOptions};
 
 pub use etcd::{EtcdCluster, EtcdOptions};
 pub use syncer::Syncer;
@@ -83,6 +83,15 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// Every key under `prefix` except the syncer's meta keys, by suffix, read
 /// in pages so large prefixes stay under gRPC's message limit.
 pub async fn read_prefix(client: &mut Client, prefix: &str) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
+    read_prefix_at(client, prefix, 0).await
+}
+
+/// [`read_prefix`] at a past revision (0 is the current one).
+pub async fn read_prefix_at(
+    client: &mut Client,
+    prefix: &str,
+    at_revision: i64,
+) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
     let end = if prefix.is_empty() {
         vec![0]
     } else {
@@ -94,7 +103,7 @@ pub async fn read_prefix(client: &mut Client, prefix: &str) -> Result<BTreeMap<V
         prefix.as_bytes().to_vec()
     };
     let mut map = BTreeMap::new();
-    let mut revision = 0;
+    let mut revision = at_revision;
     loop {
         let mut options = GetOptions::new().with_range(end.clone()).with_limit(5000);
         if revision > 0 {
@@ -205,6 +214,37 @@ pub async fn converge(
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every version the checkpoint key ever had: (destination revision, checkpoint JSON).
+pub async fn checkpoint_history(
+    dest: &EtcdCluster,
+    job: &str,
+) -> Result<Vec<(i64, serde_json::Value)>> {
+    let mut client = dest.client().await?;
+    let head = dest.revision().await?;
+    let key = format!("{META_PREFIX}{job}/checkpoint");
+    let mut stream = client
+        .watch(key, Some(WatchOptions::new().with_start_revision(1)))
+        .await?;
+    let mut history = Vec::new();
+    loop {
+        // The destination is quiet now: once the replay stops, history is complete.
+        let Ok(message) = tokio::time::timeout(Duration::from_secs(2), stream.message()).await
+        else {
+            return Ok(history);
+        };
+        let response = message?.context("watch closed")?;
+        for event in response.events() {
+            let kv = event.kv().context("kv")?;
+            if event.event_type() == EventType::Put {
+                history.push((kv.mod_revision(), serde_json::from_slice(kv.value())?));
+            }
+            if kv.mod_revision() >= head {
+                return Ok(history);
+            }
+        }
     }
 }
 

@@ -152,6 +152,7 @@ async fn finish(
         source_cluster_id: cluster_id,
         updated_at: now_rfc3339(),
         instance: ctx.instance_id.clone(),
+        source_prefix: String::from_utf8_lossy(ctx.rewrite.source_prefix()).into_owned(),
         partial_revision: None,
         write_id: rand::random(),
     };

@@ -64,6 +64,7 @@ pub async fn run(
     let mut pipeline = Pipeline::new(
         ctx.writer.clone(),
         source_cluster_id,
+        String::from_utf8_lossy(ctx.rewrite.source_prefix()).into_owned(),
         ctx.instance_id.clone(),
         ctx.tuning.max_inflight_txns,
         ctx.tuning.pipeline_send_spacing,
@@ -144,6 +145,7 @@ pub async fn run(
                 // Answers (progress or events) prove the stream is alive and
                 // tell us the source head while the prefix is quiet.
                 stream.request_progress().await.map_err(|source| JobError::Watch { source })?;
+                crate::mirror::check_operator_markers(ctx).await?;
             }
         }
     }

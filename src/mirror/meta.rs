@@ -22,6 +22,10 @@ pub struct Checkpoint {
     pub updated_at: String,
     /// The instance that wrote it.
     pub instance: String,
+    /// The job's source prefix, so `status` and `promote` can read the
+    /// source head with a role limited to that prefix.
+    #[serde(default)]
+    pub source_prefix: String,
     /// Set while a revision too large for one txn is half applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial_revision: Option<i64>,
@@ -210,6 +214,7 @@ mod tests {
             source_cluster_id: u64::MAX,
             updated_at: now_rfc3339(),
             instance: "pod-0".into(),
+            source_prefix: "/app/".into(),
             partial_revision: None,
             write_id: 7,
         };

@@ -30,10 +30,11 @@ use crate::config::{JobSettings, Side, Tuning, TxnLimits};
 use crate::health::Health;
 use crate::keys::{prefixes_overlap, KeyRewrite, MetaKeys};
 use crate::metrics::{JobMetrics, JobState};
-use crate::mirror::meta::{now_rfc3339, read_job_meta, Checkpoint, JobMeta, KeyGuard};
-use crate::mirror::writer::{DestWriter, TxnOutcome};
+use crate::mirror::meta::{now_rfc3339, read_job_meta, Checkpoint, Fence, JobMeta, KeyGuard};
+use crate::mirror::writer::DestWriter;
 
 /// Everything one job needs, shared by its phases.
+#[derive(Clone)]
 pub struct JobContext {
     pub job: JobSettings,
     pub keys: MetaKeys,
@@ -53,6 +54,18 @@ pub struct JobContext {
 impl JobContext {
     pub fn heartbeat(&self) {
         self.health.heartbeat(&self.job.name);
+    }
+
+    /// The same job writing under `fence` (the lock this instance now holds).
+    pub fn fenced(&self, fence: Fence) -> JobContext {
+        let mut ctx = self.clone();
+        ctx.writer = Arc::new(DestWriter::new(
+            self.dest.clone(),
+            self.keys.clone(),
+            fence,
+            self.metrics.clone(),
+        ));
+        ctx
     }
 }
 
@@ -88,6 +101,8 @@ pub enum JobError {
     },
     #[error("source and destination are the same cluster (id {cluster_id:x}) and the job's prefixes overlap: mirroring would copy the mirror into itself")]
     Loop { cluster_id: u64 },
+    #[error("a reset was requested (--reset-last-synced-rev)")]
+    ResetRequested,
     #[error("cancelled")]
     Cancelled,
     #[error("internal error: {0}")]
@@ -98,14 +113,7 @@ impl JobError {
     /// Low-cardinality label for `etcd_syncer_errors_total{kind}`.
     pub fn kind(&self) -> &'static str {
         match self {
-            JobError::Client(error) => match (error.kind(), error.side()) {
-                (FailureKind::Auth, _) => "auth",
-                (FailureKind::Compacted, _) => "compacted",
-                (FailureKind::QuotaExceeded, _) => "dest_quota_exceeded",
-                (FailureKind::Rejected, _) => "rejected",
-                (FailureKind::Unavailable, Some(Side::Destination)) => "dest_unavailable",
-                (FailureKind::Unavailable, _) => "source_unavailable",
-            },
+            JobError::Client(error) => client_error_kind(error),
             JobError::Compacted { .. } => "compacted",
             JobError::Watch { source } => match crate::client::classify(source) {
                 FailureKind::Auth => "auth",
@@ -118,14 +126,19 @@ impl JobError {
             JobError::GuardMoved { .. } => "checkpoint_moved",
             JobError::PruneGuard { .. } => "prune_guard",
             JobError::Loop { .. } => "loop",
+            JobError::ResetRequested => "reset",
             JobError::Cancelled => "cancelled",
             JobError::Internal(_) => "internal",
         }
     }
 
-    /// Errors that retrying cannot fix without an operator changing the setup.
+    /// Errors the job loop retries. A fenced write is not: the replica
+    /// steps down and campaigns again; a loop needs an operator.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, JobError::Loop { .. } | JobError::Cancelled)
+        !matches!(
+            self,
+            JobError::Loop { .. } | JobError::Cancelled | JobError::Fenced { .. }
+        )
     }
 
     /// Whether this error means the checkpoint's history is gone.
@@ -148,6 +161,18 @@ impl JobError {
             JobError::Watch { source } => crate::client::classify(source) == FailureKind::Auth,
             _ => false,
         }
+    }
+}
+
+/// The `errors_total{kind}` label of a client error.
+pub fn client_error_kind(error: &ClientError) -> &'static str {
+    match (error.kind(), error.side()) {
+        (FailureKind::Auth, _) => "auth",
+        (FailureKind::Compacted, _) => "compacted",
+        (FailureKind::QuotaExceeded, _) => "dest_quota_exceeded",
+        (FailureKind::Rejected, _) => "rejected",
+        (FailureKind::Unavailable, Some(Side::Destination)) => "dest_unavailable",
+        (FailureKind::Unavailable, _) => "source_unavailable",
     }
 }
 
@@ -258,14 +283,7 @@ const PROMOTED_POLL: Duration = Duration::from_secs(10);
 /// # Cancel-Safety
 /// Returns promptly once `cancel` fires; an in-flight txn either commits with
 /// its checkpoint or not at all.
-pub async fn run_job(
-    ctx: JobContext,
-    reset_requested: bool,
-    cancel: CancellationToken,
-) -> Result<(), JobError> {
-    if reset_requested {
-        request_reset(&ctx, &cancel).await?;
-    }
+pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), JobError> {
     let mut forced: Option<SlowPathReason> = None;
     let mut backoff = job_backoff();
     let mut promoted_logged = false;
@@ -279,6 +297,10 @@ pub async fn run_job(
             Err(error) => error,
         };
         ctx.heartbeat();
+        if matches!(error, JobError::ResetRequested) {
+            info!(job = %ctx.job.name, "Reset requested while replicating; taking the slow path.");
+            continue;
+        }
         ctx.metrics.error(error.kind());
         if attempt_started.elapsed() >= BACKOFF_RESET_AFTER {
             backoff = job_backoff();
@@ -290,7 +312,6 @@ pub async fn run_job(
         }
         if !error.is_retryable() {
             ctx.metrics.set_state(JobState::Error);
-            error!(job = %ctx.job.name, %error, "Job stopped.");
             return Err(error);
         }
         let delay = match &error {
@@ -388,36 +409,63 @@ async fn run_once(
 }
 
 /// Leaves a reset request under the job's meta prefix. Whichever instance
-/// next resolves the job consumes it in the txn that starts the full sync,
-/// so the reset happens exactly once.
-async fn request_reset(ctx: &JobContext, cancel: &CancellationToken) -> Result<(), JobError> {
-    let value = serde_json::json!({ "requested_at": now_rfc3339(), "instance": ctx.instance_id })
-        .to_string();
-    let mut backoff = job_backoff();
-    loop {
-        let ops = vec![etcd_client::TxnOp::put(
-            ctx.keys.reset_request(),
-            value.clone(),
+/// leads the job next consumes it in the txn that starts the full sync (a
+/// leader already replicating notices it within a progress interval), so
+/// the reset happens exactly once, whichever instance was given the flag.
+pub async fn request_reset(
+    dest: &Cluster,
+    keys: &MetaKeys,
+    instance: &str,
+) -> Result<(), JobError> {
+    let value =
+        serde_json::json!({ "requested_at": now_rfc3339(), "instance": instance }).to_string();
+    let txn = etcd_client::Txn::new()
+        .when(Fence::new(keys, None).compares())
+        .and_then(vec![etcd_client::TxnOp::put(
+            keys.reset_request(),
+            value,
             None,
-        )];
-        let error = match ctx.writer.commit("request reset", Vec::new(), ops).await {
-            Ok(TxnOutcome::Committed) => {
-                info!(job = %ctx.job.name, "Reset requested: the checkpoint will be dropped and a full sync run.");
-                return Ok(());
-            }
-            Ok(TxnOutcome::GuardFailed(failure)) => ctx.writer.explain(&failure, "job meta"),
-            Err(error) => error,
-        };
-        if matches!(error, JobError::Promoted) {
-            warn!(job = %ctx.job.name, "Reset not requested: the job is promoted.");
-            return Ok(());
-        }
-        let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-        warn!(job = %ctx.job.name, %error, retry_in = ?delay, "Could not record the reset request; retrying.");
-        tokio::select! {
-            _ = cancel.cancelled() => return Err(JobError::Cancelled),
-            _ = tokio::time::sleep(delay) => {}
-        }
+        )]);
+    let mut kv = dest.kv();
+    let response = dest
+        .call("request reset", async move { kv.txn(txn).await })
+        .await?;
+    if response.succeeded() {
+        Ok(())
+    } else {
+        Err(JobError::Promoted)
+    }
+}
+
+/// Reads the markers an operator may set while the job runs.
+///
+/// # Cancel-Safety
+/// Cancel-safe: a single read.
+pub async fn check_operator_markers(ctx: &JobContext) -> Result<(), JobError> {
+    let txn = etcd_client::Txn::new().and_then(vec![
+        etcd_client::TxnOp::get(
+            ctx.keys.promoted(),
+            Some(etcd_client::GetOptions::new().with_count_only()),
+        ),
+        etcd_client::TxnOp::get(
+            ctx.keys.reset_request(),
+            Some(etcd_client::GetOptions::new().with_count_only()),
+        ),
+    ]);
+    let mut kv = ctx.dest.kv();
+    let response = ctx
+        .dest
+        .call("read operator markers", async move { kv.txn(txn).await })
+        .await?;
+    let present: Vec<bool> = response
+        .op_responses()
+        .into_iter()
+        .map(|r| matches!(r, etcd_client::TxnOpResponse::Get(get) if get.count() > 0))
+        .collect();
+    match present.as_slice() {
+        [true, _] => Err(JobError::Promoted),
+        [_, true] => Err(JobError::ResetRequested),
+        _ => Ok(()),
     }
 }
 
@@ -432,6 +480,7 @@ mod tests {
             source_cluster_id: cluster,
             updated_at: now_rfc3339(),
             instance: "i".into(),
+            source_prefix: "/app/".into(),
             partial_revision: None,
             write_id: 1,
         }

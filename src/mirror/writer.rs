@@ -146,6 +146,7 @@ pub const MAX_SEND_SPACING: Duration = Duration::from_millis(25);
 pub struct Pipeline {
     writer: Arc<DestWriter>,
     source_cluster_id: u64,
+    source_prefix: String,
     instance: String,
     max_inflight: usize,
     /// The configured gap; the floor of the adaptive one.
@@ -201,6 +202,7 @@ impl Pipeline {
     pub fn new(
         writer: Arc<DestWriter>,
         source_cluster_id: u64,
+        source_prefix: String,
         instance: String,
         max_inflight: usize,
         send_spacing: Duration,
@@ -210,6 +212,7 @@ impl Pipeline {
         Self {
             writer,
             source_cluster_id,
+            source_prefix,
             instance,
             max_inflight: max_inflight.max(1),
             min_spacing: send_spacing,
@@ -269,6 +272,7 @@ impl Pipeline {
             source_cluster_id: self.source_cluster_id,
             updated_at: now_rfc3339(),
             instance: self.instance.clone(),
+            source_prefix: self.source_prefix.clone(),
             partial_revision: batch.partial_revision,
             write_id: self.next_write_id,
         };

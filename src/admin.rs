@@ -1,0 +1,339 @@
+//! Operator commands that read or set a job's state on the destination:
+//! `status` and `promote`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use serde::Serialize;
+
+use crate::client::{ClientError, Cluster};
+use crate::election::LockValue;
+use crate::keys::{prefix_range_end, MetaKeys};
+use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("no job state under meta prefix {meta_prefix:?} on the destination; check --dst-endpoints and --meta-prefix")]
+    NoJobs { meta_prefix: String },
+    #[error("no job named {job:?} under the meta prefix; known jobs: {known}")]
+    UnknownJob { job: String, known: String },
+    #[error("job {job}: the checkpoint reached revision {reached} but not the source revision {target} within {timeout:?}; nothing was promoted")]
+    SyncTimeout {
+        job: String,
+        reached: i64,
+        target: i64,
+        timeout: Duration,
+    },
+}
+
+/// One job as the destination's meta keys describe it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct JobStatus {
+    pub job: String,
+    /// The instance holding the job lock.
+    pub leader: Option<String>,
+    /// Instances queued for the lock, the leader included.
+    pub instances: usize,
+    pub last_synced_revision: Option<i64>,
+    pub checkpoint_updated_at: Option<String>,
+    pub source_prefix: Option<String>,
+    pub source_cluster_id: Option<String>,
+    pub full_sync_in_progress: bool,
+    pub full_sync_pinned_revision: Option<i64>,
+    pub promoted: bool,
+    pub promoted_at: Option<String>,
+    pub reset_pending: bool,
+    /// With `--src-endpoints`: the source's current revision and the lag.
+    pub source_revision: Option<i64>,
+    pub lag_revisions: Option<i64>,
+}
+
+#[derive(Default)]
+struct LockCandidate {
+    create_revision: i64,
+    instance: String,
+}
+
+/// Reads every job under `meta_prefix` (or only `job`).
+pub async fn collect_status(
+    dest: &Cluster,
+    meta_prefix: &str,
+    job: Option<&str>,
+) -> Result<Vec<JobStatus>, AdminError> {
+    let options = GetOptions::new().with_range(prefix_range_end(meta_prefix.as_bytes()));
+    let response = dest
+        .get("read meta keys", meta_prefix.as_bytes(), Some(options))
+        .await?;
+    let mut jobs: BTreeMap<String, (JobStatus, Option<LockCandidate>)> = BTreeMap::new();
+    for kv in response.kvs() {
+        let Some(rest) = kv.key().strip_prefix(meta_prefix.as_bytes()) else {
+            continue;
+        };
+        let rest = String::from_utf8_lossy(rest);
+        let Some((name, item)) = rest.split_once('/') else {
+            continue;
+        };
+        let (status, leader) = jobs.entry(name.to_string()).or_insert_with(|| {
+            (
+                JobStatus {
+                    job: name.to_string(),
+                    ..JobStatus::default()
+                },
+                None,
+            )
+        });
+        match item {
+            "checkpoint" => {
+                if let Ok(checkpoint) = serde_json::from_slice::<Checkpoint>(kv.value()) {
+                    status.last_synced_revision = Some(checkpoint.last_synced_rev);
+                    status.checkpoint_updated_at = Some(checkpoint.updated_at);
+                    status.source_cluster_id = Some(format!("{:x}", checkpoint.source_cluster_id));
+                    status.source_prefix = Some(checkpoint.source_prefix);
+                }
+            }
+            "full-sync" => {
+                status.full_sync_in_progress = true;
+                if let Ok(marker) = serde_json::from_slice::<FullSyncMarker>(kv.value()) {
+                    status.full_sync_pinned_revision = Some(marker.pinned_rev);
+                    status.source_cluster_id = Some(format!("{:x}", marker.source_cluster_id));
+                }
+            }
+            "promoted" => {
+                status.promoted = true;
+                status.promoted_at = serde_json::from_slice::<serde_json::Value>(kv.value())
+                    .ok()
+                    .and_then(|v| {
+                        v.get("promoted_at")
+                            .and_then(|t| t.as_str())
+                            .map(str::to_string)
+                    });
+            }
+            "reset-request" => status.reset_pending = true,
+            lock if lock.starts_with("lock/") => {
+                status.instances += 1;
+                let instance = serde_json::from_slice::<LockValue>(kv.value())
+                    .map(|v| v.instance)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(kv.value()).into_owned());
+                if leader
+                    .as_ref()
+                    .is_none_or(|l| kv.create_revision() < l.create_revision)
+                {
+                    *leader = Some(LockCandidate {
+                        create_revision: kv.create_revision(),
+                        instance,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    if jobs.is_empty() {
+        return Err(AdminError::NoJobs {
+            meta_prefix: meta_prefix.to_string(),
+        });
+    }
+    if let Some(job) = job {
+        if !jobs.contains_key(job) {
+            return Err(AdminError::UnknownJob {
+                job: job.to_string(),
+                known: jobs.keys().cloned().collect::<Vec<_>>().join(", "),
+            });
+        }
+    }
+    Ok(jobs
+        .into_values()
+        .filter(|(status, _)| job.is_none_or(|j| j == status.job))
+        .map(|(mut status, leader)| {
+            status.leader = leader.map(|l| l.instance);
+            status
+        })
+        .collect())
+}
+
+/// Adds the source's current revision and the lag in revisions.
+pub async fn add_source_lag(
+    source: &Cluster,
+    statuses: &mut [JobStatus],
+) -> Result<(), AdminError> {
+    for status in statuses {
+        let prefix = status.source_prefix.clone().unwrap_or_default();
+        let head = source.head(prefix.as_bytes()).await?;
+        status.source_revision = Some(head.revision);
+        status.lag_revisions = status
+            .last_synced_revision
+            .map(|synced| (head.revision - synced).max(0));
+    }
+    Ok(())
+}
+
+pub fn render_text(statuses: &[JobStatus]) -> String {
+    let mut rows = vec![[
+        "JOB".to_string(),
+        "LEADER".to_string(),
+        "INSTANCES".to_string(),
+        "LAST SYNCED REV".to_string(),
+        "CHECKPOINT AT".to_string(),
+        "FULL SYNC".to_string(),
+        "SOURCE CLUSTER".to_string(),
+        "SOURCE REV".to_string(),
+        "LAG".to_string(),
+        "STATE".to_string(),
+    ]];
+    let dash = || "-".to_string();
+    for status in statuses {
+        let mut state = Vec::new();
+        if status.promoted {
+            state.push("promoted");
+        }
+        if status.reset_pending {
+            state.push("reset pending");
+        }
+        if state.is_empty() {
+            state.push("replicating");
+        }
+        rows.push([
+            status.job.clone(),
+            status.leader.clone().unwrap_or_else(|| "(none)".into()),
+            status.instances.to_string(),
+            status
+                .last_synced_revision
+                .map_or_else(dash, |r| r.to_string()),
+            status.checkpoint_updated_at.clone().unwrap_or_else(dash),
+            match (
+                status.full_sync_in_progress,
+                status.full_sync_pinned_revision,
+            ) {
+                (true, Some(rev)) => format!("yes (at {rev})"),
+                (true, None) => "yes".into(),
+                (false, _) => "no".into(),
+            },
+            status.source_cluster_id.clone().unwrap_or_else(dash),
+            status.source_revision.map_or_else(dash, |r| r.to_string()),
+            status.lag_revisions.map_or_else(dash, |r| r.to_string()),
+            state.join(", "),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// What `promote` did to one job.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromoteOutcome {
+    pub job: String,
+    pub action: &'static str,
+    pub final_checkpoint_revision: Option<i64>,
+}
+
+/// Waits until the job's checkpoint covers the source revision current at
+/// the start, so a planned switchover loses nothing.
+pub async fn wait_for_sync(
+    dest: &Cluster,
+    source: &Cluster,
+    meta_prefix: &str,
+    job: &str,
+    timeout: Duration,
+) -> Result<i64, AdminError> {
+    let started = Instant::now();
+    let status = collect_status(dest, meta_prefix, Some(job))
+        .await?
+        .remove(0);
+    let target = source
+        .head(status.source_prefix.unwrap_or_default().as_bytes())
+        .await?
+        .revision;
+    loop {
+        let status = collect_status(dest, meta_prefix, Some(job))
+            .await?
+            .remove(0);
+        let reached = status.last_synced_revision.unwrap_or(0);
+        if reached >= target && !status.full_sync_in_progress {
+            return Ok(reached);
+        }
+        if started.elapsed() >= timeout {
+            return Err(AdminError::SyncTimeout {
+                job: job.to_string(),
+                reached,
+                target,
+                timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Writes the promoted marker. From this txn on, every replicator's fence
+/// fails for the job, so nothing more reaches its destination prefix.
+pub async fn promote(
+    dest: &Cluster,
+    meta_prefix: &str,
+    job: &str,
+    by: &str,
+) -> Result<PromoteOutcome, AdminError> {
+    let keys = MetaKeys::new(meta_prefix, job);
+    let marker = serde_json::json!({ "promoted_at": now_rfc3339(), "by": by }).to_string();
+    let txn = Txn::new()
+        .when(vec![Compare::version(keys.promoted(), CompareOp::Equal, 0)])
+        .and_then(vec![TxnOp::put(keys.promoted(), marker, None)]);
+    let mut kv = dest.kv();
+    let response = dest
+        .call("write promoted marker", async move { kv.txn(txn).await })
+        .await?;
+    // Read after the marker: no replicator can move the checkpoint any more.
+    let status = collect_status(dest, meta_prefix, Some(job))
+        .await?
+        .remove(0);
+    Ok(PromoteOutcome {
+        job: job.to_string(),
+        action: if response.succeeded() {
+            "promoted"
+        } else {
+            "already promoted"
+        },
+        final_checkpoint_revision: status.last_synced_revision,
+    })
+}
+
+/// Removes the promoted marker (failback): replicators resume on their next check.
+pub async fn undo_promote(
+    dest: &Cluster,
+    meta_prefix: &str,
+    job: &str,
+) -> Result<PromoteOutcome, AdminError> {
+    let keys = MetaKeys::new(meta_prefix, job);
+    let key = keys.promoted();
+    let mut kv = dest.kv();
+    let deleted = dest
+        .call("remove promoted marker", async move {
+            kv.delete(key, None).await
+        })
+        .await?
+        .deleted();
+    let status = collect_status(dest, meta_prefix, Some(job))
+        .await?
+        .remove(0);
+    Ok(PromoteOutcome {
+        job: job.to_string(),
+        action: if deleted > 0 {
+            "promotion undone"
+        } else {
+            "was not promoted"
+        },
+        final_checkpoint_revision: status.last_synced_revision,
+    })
+}
