@@ -40,6 +40,7 @@ pub struct JobStatus {
     pub last_synced_revision: Option<i64>,
     pub checkpoint_updated_at: Option<String>,
     pub source_prefix: Option<String>,
+    pub dest_prefix: Option<String>,
     pub source_cluster_id: Option<String>,
     pub full_sync_in_progress: bool,
     pub full_sync_pinned_revision: Option<i64>,
@@ -91,6 +92,9 @@ pub async fn collect_status(
                     status.last_synced_revision = Some(checkpoint.last_synced_rev);
                     status.checkpoint_updated_at = Some(checkpoint.updated_at);
                     status.source_cluster_id = Some(format!("{:x}", checkpoint.source_cluster_id));
+                    status.dest_prefix = checkpoint
+                        .dest_prefix
+                        .or_else(|| Some(checkpoint.source_prefix.clone()));
                     status.source_prefix = Some(checkpoint.source_prefix);
                 }
             }

@@ -202,22 +202,8 @@ impl Coalescer {
     /// revisions can still join it.
     fn split_into_chunks(&mut self, revision: i64, mutations: Vec<Mutation>) {
         let previous_revision = self.through_revision;
-        let mut chunk: Vec<Mutation> = Vec::new();
-        let mut chunk_bytes = 0usize;
-        let mut chunks: Vec<Vec<Mutation>> = Vec::new();
-        for mutation in mutations {
-            let len = mutation.encoded_len();
-            if !chunk.is_empty()
-                && (chunk.len() + 1 > self.limits.max_ops
-                    || chunk_bytes + len > self.limits.max_bytes)
-            {
-                chunks.push(std::mem::take(&mut chunk));
-                chunk_bytes = 0;
-            }
-            chunk_bytes += len;
-            chunk.push(mutation);
-        }
-        let last = chunk;
+        let mut chunks = chunk(mutations, self.limits);
+        let last = chunks.pop().unwrap_or_default();
         // A lone oversized mutation still goes out as one txn: not a split.
         if !chunks.is_empty() {
             self.split_revisions += 1;
@@ -233,6 +219,46 @@ impl Coalescer {
             self.add_to_open(mutation);
         }
     }
+
+    /// Queues a repair found by the consistency checker: mutations that give
+    /// keys their source values at [`Self::through_revision`]. Everything
+    /// pushed before goes out first, so the repair lands in order and the
+    /// checkpoint it carries stays true.
+    pub fn push_repair(&mut self, mutations: Vec<Mutation>) {
+        if !self.open.is_empty() {
+            self.seal_open();
+        }
+        for mutations in chunk(dedup_last_wins(mutations), self.limits) {
+            self.sealed.push_back(Batch {
+                mutations,
+                through_revision: self.through_revision,
+                partial_revision: None,
+            });
+        }
+    }
+}
+
+/// Cuts mutations into runs within the limits; a run holds at least one
+/// mutation even if that one alone is over the byte budget.
+fn chunk(mutations: Vec<Mutation>, limits: BatchLimits) -> Vec<Vec<Mutation>> {
+    let mut chunks = Vec::new();
+    let mut current: Vec<Mutation> = Vec::new();
+    let mut current_bytes = 0usize;
+    for mutation in mutations {
+        let len = mutation.encoded_len();
+        if !current.is_empty()
+            && (current.len() + 1 > limits.max_ops || current_bytes + len > limits.max_bytes)
+        {
+            chunks.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+        current_bytes += len;
+        current.push(mutation);
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
 }
 
 /// etcd never names a key twice in one revision, but a defensive pass keeps
@@ -379,6 +405,43 @@ mod tests {
             if let Some(last) = revisions.last() {
                 prop_assert_eq!(last_through, last.revision);
             }
+        }
+
+        #[test]
+        fn a_repair_applies_in_order_between_revisions(limits in arb_limits(), revisions in arb_revisions(),
+                                                       at in 0usize..40, repair in proptest::collection::vec(arb_mutation(), 1..20)) {
+            let at = at.min(revisions.len());
+            let mut coalescer = Coalescer::new(limits, 1);
+            let mut expected = State::new();
+            let mut batches = Vec::new();
+            for (i, revision) in revisions.iter().enumerate() {
+                if i == at {
+                    for mutation in dedup_last_wins(repair.clone()) { apply(&mut expected, &mutation); }
+                    coalescer.push_repair(repair.clone());
+                }
+                for mutation in &revision.mutations { apply(&mut expected, mutation); }
+                coalescer.push(revision.clone());
+                if i % 3 == 0 { while let Some(b) = coalescer.next_batch() { batches.push(b); } }
+            }
+            if at == revisions.len() {
+                for mutation in dedup_last_wins(repair.clone()) { apply(&mut expected, &mutation); }
+                coalescer.push_repair(repair.clone());
+            }
+            while let Some(b) = coalescer.next_batch() { batches.push(b); }
+            let mut applied = State::new();
+            let mut last_through = 1;
+            for batch in &batches {
+                let mut keys: Vec<&[u8]> = batch.mutations.iter().map(Mutation::key).collect();
+                let n = keys.len();
+                keys.sort();
+                keys.dedup();
+                prop_assert_eq!(n, keys.len());
+                prop_assert!(batch.mutations.len() <= limits.max_ops);
+                prop_assert!(batch.through_revision >= last_through);
+                last_through = batch.through_revision;
+                for mutation in &batch.mutations { apply(&mut applied, mutation); }
+            }
+            prop_assert_eq!(applied, expected);
         }
 
         #[test]

@@ -21,6 +21,7 @@ pub const DEFAULT_MAX_PRUNE_RATIO: f64 = 0.5;
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9091";
 pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(5);
 pub const DEFAULT_REBALANCE_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,6 +47,40 @@ pub enum Command {
     /// Turn the standby into a primary: from the marker on, no replicator
     /// writes to the job's destination prefix. `--undo` removes it (failback).
     Promote(Box<PromoteArgs>),
+    /// Compare source and destination exactly at the checkpoint revision.
+    /// Exit code 0 consistent, 1 differences, 2 error.
+    Check(Box<CheckArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub dest: DestArgs,
+    /// Source prefix of the job (default: read from the job's checkpoint).
+    #[arg(long, env = "ETCD_SYNCER_PREFIX")]
+    pub prefix: Option<String>,
+    /// Destination prefix (default: the same as --prefix).
+    #[arg(long, requires = "prefix", conflicts_with = "no_dest_prefix")]
+    pub dest_prefix: Option<String>,
+    /// The job mirrors to the root of the destination.
+    #[arg(long, requires = "prefix")]
+    pub no_dest_prefix: bool,
+    /// The job whose checkpoint pins the comparison (default: derived from --prefix).
+    #[arg(long, env = "ETCD_SYNCER_JOB_NAME", required_unless_present = "prefix")]
+    pub job_name: Option<String>,
+    #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
+    pub meta_prefix: String,
+    /// Sample keys printed for each kind of difference.
+    #[arg(long, default_value = "10")]
+    pub sample_size: usize,
+    #[arg(long, default_value = "2000")]
+    pub page_size: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -211,6 +246,15 @@ pub struct MirrorArgs {
     /// Gap between consecutive pipelined txns, so etcd applies them in the order sent.
     #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_PIPELINE_SPACING")]
     pub pipeline_spacing: Option<Duration>,
+    /// How often the leader of each job runs an exact consistency check (0 disables it).
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_CHECK_INTERVAL")]
+    pub check_interval: Option<Duration>,
+    /// Rewrite the keys an exact check finds different, through the normal fenced write path.
+    #[arg(long, env = "ETCD_SYNCER_CHECK_REPAIR")]
+    pub check_repair: bool,
+    /// Sample keys of each kind of difference shown in check logs.
+    #[arg(long, env = "ETCD_SYNCER_CHECK_SAMPLE_SIZE")]
+    pub check_sample_size: Option<usize>,
 }
 
 /// How to reach the source cluster.
@@ -324,6 +368,10 @@ pub struct FileConfig {
     pub request_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub pipeline_spacing: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub check_interval: Option<Duration>,
+    pub check_repair: Option<bool>,
+    pub check_sample_size: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     pub lock_ttl: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -495,7 +543,17 @@ pub struct Settings {
     pub instance_id: String,
     pub lock_ttl: Duration,
     pub rebalance_interval: Duration,
+    pub checks: CheckSettings,
     pub tuning: Tuning,
+}
+
+/// The leader's periodic consistency check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckSettings {
+    /// Zero disables the periodic check.
+    pub interval: Duration,
+    pub repair: bool,
+    pub sample_size: usize,
 }
 
 impl MirrorArgs {
@@ -684,6 +742,30 @@ impl MirrorArgs {
                 reason: "rebalancing more often than the lock TTL would hand jobs back and forth; use at least the TTL".into(),
             });
         }
+        let checks = CheckSettings {
+            interval: self
+                .check_interval
+                .or(file.check_interval)
+                .unwrap_or(DEFAULT_CHECK_INTERVAL),
+            repair: self.check_repair || file.check_repair.unwrap_or(false),
+            sample_size: self
+                .check_sample_size
+                .or(file.check_sample_size)
+                .unwrap_or(10),
+        };
+        if checks.sample_size > 1000 {
+            return Err(invalid(
+                "--check-sample-size",
+                &checks.sample_size.to_string(),
+                "must be at most 1000",
+            ));
+        }
+        if checks.repair && checks.interval.is_zero() {
+            return Err(ConfigError::Conflict {
+                fields: "--check-repair and --check-interval 0".into(),
+                reason: "repairs come from the periodic check, which is disabled; set a --check-interval".into(),
+            });
+        }
         let metrics_addr = match self.metrics_addr.or(file.metrics_addr) {
             Some(addr) => addr,
             None => DEFAULT_METRICS_ADDR
@@ -710,6 +792,7 @@ impl MirrorArgs {
             instance_id,
             lock_ttl,
             rebalance_interval,
+            checks,
             tuning,
         })
     }

@@ -13,12 +13,50 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Side;
 use crate::health::Health;
-use crate::metrics::Metrics;
+use crate::metrics::{JobMetrics, Metrics};
 
 #[derive(Clone)]
 struct AppState {
     metrics: Metrics,
     health: Arc<Health>,
+    status: Arc<StatusView>,
+}
+
+/// What `/status` reports: the destination's view of each job (as the
+/// `status` command prints it) next to this instance's own numbers.
+pub struct StatusView {
+    /// Set once the destination is connected.
+    pub dest: std::sync::OnceLock<crate::client::Cluster>,
+    pub meta_prefix: String,
+    pub instance_id: String,
+    pub jobs: Vec<JobMetrics>,
+}
+
+#[derive(serde::Serialize)]
+struct InstanceJobView {
+    job: String,
+    instance: String,
+    is_leader: bool,
+    state: &'static str,
+    last_synced_revision: i64,
+    source_revision: i64,
+    lag_revisions: i64,
+    lag_seconds: f64,
+    full_sync_in_progress: bool,
+    last_check: Option<LastCheck>,
+    /// The destination's meta keys for this job (leader, checkpoint, markers).
+    destination: Option<crate::admin::JobStatus>,
+    destination_error: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct LastCheck {
+    at_unix_seconds: f64,
+    exact: bool,
+    dst_miss: i64,
+    src_miss: i64,
+    mismatch: i64,
+    duration_seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +74,7 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
     health: Arc<Health>,
+    status: Arc<StatusView>,
     cancel: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), BindError> {
     let listener = TcpListener::bind(addr)
@@ -48,7 +87,12 @@ pub async fn serve(
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, health });
+        .route("/status", get(status_handler))
+        .with_state(AppState {
+            metrics,
+            health,
+            status,
+        });
     let task = tokio::spawn(async move {
         let shutdown = async move { cancel.cancelled().await };
         if let Err(error) = axum::serve(listener, app)
@@ -97,4 +141,50 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, body)
+}
+
+async fn status_handler(State(state): State<AppState>) -> impl IntoResponse {
+    let view = &state.status;
+    let (destination, error) = match view.dest.get() {
+        Some(dest) => match crate::admin::collect_status(dest, &view.meta_prefix, None).await {
+            Ok(statuses) => (statuses, None),
+            Err(error) => (Vec::new(), Some(error.to_string())),
+        },
+        None => (
+            Vec::new(),
+            Some("destination not connected yet".to_string()),
+        ),
+    };
+    let jobs: Vec<InstanceJobView> = view
+        .jobs
+        .iter()
+        .map(|metrics| {
+            let checked_at = metrics.check_last_success_timestamp_seconds.get();
+            InstanceJobView {
+                job: metrics.job_name().to_string(),
+                instance: view.instance_id.clone(),
+                is_leader: metrics.is_leader.get() == 1,
+                state: metrics.state(),
+                last_synced_revision: metrics.last_synced_revision.get(),
+                source_revision: metrics.source_revision.get(),
+                lag_revisions: metrics.lag_revisions.get(),
+                lag_seconds: metrics.lag_seconds.get(),
+                full_sync_in_progress: metrics.full_sync_in_progress.get() == 1,
+                last_check: (checked_at > 0.0).then(|| LastCheck {
+                    at_unix_seconds: checked_at,
+                    exact: metrics.check_exact.get() == 1,
+                    dst_miss: metrics.dst_miss_keys.get(),
+                    src_miss: metrics.src_miss_keys.get(),
+                    mismatch: metrics.mismatch_keys.get(),
+                    duration_seconds: metrics.check_duration_seconds.get(),
+                }),
+                destination: destination
+                    .iter()
+                    .find(|s| s.job == metrics.job_name())
+                    .cloned(),
+                destination_error: error.clone(),
+            }
+        })
+        .collect();
+    axum::Json(jobs)
 }

@@ -9,6 +9,7 @@
 //! - [`diff`]: merging two sorted key streams (pure).
 //! - [`mirror`]: full sync, watch, apply, checkpoint: the job state machine.
 //! - [`election`], [`replica`]: one lock per job, fenced writes, takeover.
+//! - [`check`]: the exact point-in-time consistency check; [`pager`] feeds it and the full sync.
 //! - [`metrics`], [`http`], [`health`], [`telemetry`]: operations.
 //! - [`admin`]: the `status` and `promote` commands.
 //! - [`app`]: wiring for each command.
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod app;
 pub mod batch;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod diff;
@@ -25,5 +27,6 @@ pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod mirror;
+pub mod pager;
 pub mod replica;
 pub mod telemetry;

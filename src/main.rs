@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use etcd_syncer::app::{run_mirror, run_promote, run_status, AppError};
+use etcd_syncer::app::{run_check, run_mirror, run_promote, run_status, AppError};
 use etcd_syncer::config::{Cli, Command};
 
 fn main() -> ExitCode {
@@ -29,10 +29,21 @@ fn main() -> ExitCode {
             Command::MirrorPlus(args) => run_mirror(args.into_settings()?, cancel).await,
             Command::Status(args) => run_status(*args).await,
             Command::Promote(args) => run_promote(*args).await,
+            // Exit code 1 means "differences found", so any error is 2 here.
+            Command::Check(args) => match run_check(*args).await {
+                Ok(true) => Ok(()),
+                Ok(false) => return Ok(ExitCode::from(1)),
+                Err(error) => {
+                    tracing::error!(error = %error, "Check failed.");
+                    eprintln!("error: {error}");
+                    return Ok(ExitCode::from(2));
+                }
+            },
         }
+        .map(|()| ExitCode::SUCCESS)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => report(error),
     }
 }

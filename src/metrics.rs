@@ -28,6 +28,13 @@ pub struct Metrics {
     errors_total: IntCounterVec,
     leader_changes_total: IntCounterVec,
     job_state: IntGaugeVec,
+    src_miss_keys: IntGaugeVec,
+    dst_miss_keys: IntGaugeVec,
+    mismatch_keys: IntGaugeVec,
+    check_exact: IntGaugeVec,
+    check_last_success_timestamp_seconds: prometheus::GaugeVec,
+    check_duration_seconds: prometheus::GaugeVec,
+    repaired_keys_total: IntCounterVec,
 }
 
 fn must<T>(result: prometheus::Result<T>) -> T {
@@ -56,14 +63,15 @@ impl Metrics {
             must(registry.register(Box::new(histogram.clone())));
             histogram
         };
-        let lag_seconds = must(prometheus::GaugeVec::new(
-            Opts::new(
-                "etcd_syncer_lag_seconds",
-                "Seconds since the destination last reflected the source's head revision (0 when caught up)",
-            ),
-            &["job"],
-        ));
-        must(registry.register(Box::new(lag_seconds.clone())));
+        let float_gauge = |name: &str, help: &str| {
+            let gauge = must(prometheus::GaugeVec::new(Opts::new(name, help), &["job"]));
+            must(registry.register(Box::new(gauge.clone())));
+            gauge
+        };
+        let lag_seconds = float_gauge(
+            "etcd_syncer_lag_seconds",
+            "Seconds since the destination last reflected the source's head revision (0 when caught up)",
+        );
 
         let metrics = Self {
             is_leader: int_gauge("etcd_syncer_is_leader", "1 while this instance leads the job"),
@@ -125,6 +133,35 @@ impl Metrics {
                 "Times this instance gained or lost leadership of the job",
                 &["job"],
             ),
+            src_miss_keys: int_gauge(
+                "etcd_syncer_src_miss_keys",
+                "Keys on the destination but not the source, at the last check",
+            ),
+            dst_miss_keys: int_gauge(
+                "etcd_syncer_dst_miss_keys",
+                "Keys on the source but missing on the destination, at the last check",
+            ),
+            mismatch_keys: int_gauge(
+                "etcd_syncer_mismatch_keys",
+                "Keys whose values differ, at the last check",
+            ),
+            check_exact: int_gauge(
+                "etcd_syncer_check_exact",
+                "1 if the last check compared at the checkpoint revision, 0 if it fell back to an approximate comparison",
+            ),
+            check_last_success_timestamp_seconds: float_gauge(
+                "etcd_syncer_check_last_success_timestamp_seconds",
+                "Unix time of the last completed consistency check",
+            ),
+            check_duration_seconds: float_gauge(
+                "etcd_syncer_check_duration_seconds",
+                "Duration of the last completed consistency check",
+            ),
+            repaired_keys_total: counter(
+                "etcd_syncer_repaired_keys_total",
+                "Keys rewritten by --check-repair, by what the check found (dst_miss, src_miss, mismatch)",
+                &["job", "kind"],
+            ),
             job_state: must(IntGaugeVec::new(
                 Opts::new(
                     "etcd_syncer_job_state",
@@ -174,7 +211,23 @@ impl Metrics {
             errors_total: self.errors_total.clone(),
             leader_changes_total: self.leader_changes_total.with_label_values(&labels),
             job_state: self.job_state.clone(),
+            src_miss_keys: self.src_miss_keys.with_label_values(&labels),
+            dst_miss_keys: self.dst_miss_keys.with_label_values(&labels),
+            mismatch_keys: self.mismatch_keys.with_label_values(&labels),
+            check_exact: self.check_exact.with_label_values(&labels),
+            check_last_success_timestamp_seconds: self
+                .check_last_success_timestamp_seconds
+                .with_label_values(&labels),
+            check_duration_seconds: self.check_duration_seconds.with_label_values(&labels),
+            repaired_keys_total: self.repaired_keys_total.clone(),
         };
+        // Every series exists from the start, so dashboards and alerts see 0, not "no data".
+        for kind in ["dst_miss", "src_miss", "mismatch"] {
+            metrics.repaired_keys_total.with_label_values(&[job, kind]);
+        }
+        for op in ["put", "delete", "unchanged"] {
+            self.full_sync_keys_total.with_label_values(&[job, op]);
+        }
         metrics.set_state(JobState::Starting);
         metrics
     }
@@ -255,9 +308,39 @@ pub struct JobMetrics {
     errors_total: IntCounterVec,
     pub leader_changes_total: IntCounter,
     job_state: IntGaugeVec,
+    pub src_miss_keys: IntGauge,
+    pub dst_miss_keys: IntGauge,
+    pub mismatch_keys: IntGauge,
+    pub check_exact: IntGauge,
+    pub check_last_success_timestamp_seconds: prometheus::Gauge,
+    pub check_duration_seconds: prometheus::Gauge,
+    repaired_keys_total: IntCounterVec,
 }
 
 impl JobMetrics {
+    pub fn job_name(&self) -> &str {
+        &self.job
+    }
+
+    pub fn repaired(&self, kind: &str, keys: u64) {
+        self.repaired_keys_total
+            .with_label_values(&[self.job.as_str(), kind])
+            .inc_by(keys);
+    }
+
+    /// The current state label, for `/status`.
+    pub fn state(&self) -> &'static str {
+        JobState::ALL
+            .into_iter()
+            .find(|s| {
+                self.job_state
+                    .with_label_values(&[self.job.as_str(), s.label()])
+                    .get()
+                    == 1
+            })
+            .map_or("unknown", JobState::label)
+    }
+
     pub fn error(&self, kind: &str) {
         self.errors_total
             .with_label_values(&[self.job.as_str(), kind])

@@ -11,19 +11,16 @@
 
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
-use etcd_client::{GetOptions, TxnOp};
-use tokio::sync::mpsc;
+use etcd_client::TxnOp;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::batch::Mutation;
-use crate::client::Cluster;
-use crate::diff::{Difference, Entry, SortedMerge, Step};
-use crate::keys::{key_successor, prefix_range_end, prefix_range_start};
+use crate::diff::{Difference, SortedMerge, Step};
 use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker, JobMeta, KeyGuard};
 use crate::mirror::writer::{TxnOutcome, UnorderedWrites};
 use crate::mirror::{JobContext, JobError, SlowPathReason};
+use crate::pager::{next_page, spawn_pager};
 
 /// Where the destination stands once a full sync has committed.
 #[derive(Debug, Clone)]
@@ -153,6 +150,7 @@ async fn finish(
         updated_at: now_rfc3339(),
         instance: ctx.instance_id.clone(),
         source_prefix: String::from_utf8_lossy(ctx.rewrite.source_prefix()).into_owned(),
+        dest_prefix: Some(String::from_utf8_lossy(ctx.rewrite.dest_prefix()).into_owned()),
         partial_revision: None,
         write_id: rand::random(),
     };
@@ -323,104 +321,4 @@ fn rate(count: u64, elapsed: Duration) -> u64 {
     } else {
         0
     }
-}
-
-/// A page of entries, or `Ok(None)` once the prefix is exhausted.
-type PageResult = Result<Option<Vec<Entry>>, JobError>;
-
-/// # Cancel-Safety
-/// Cancel-safe: a page not yet received stays in the channel.
-async fn next_page(
-    pages: &mut mpsc::Receiver<PageResult>,
-    cancel: &CancellationToken,
-) -> PageResult {
-    tokio::select! {
-        _ = cancel.cancelled() => Err(JobError::Cancelled),
-        page = pages.recv() => match page {
-            Some(page) => page,
-            // A pager that stopped without saying "end" must never look like
-            // an exhausted prefix: that would turn every later key into a delete.
-            None => Err(JobError::Internal("range reader stopped before the end of the prefix".into())),
-        },
-    }
-}
-
-/// Reads one prefix page by page in key order, ahead of the merge (the
-/// channel holds two pages, which bounds memory). Keys under the meta prefix
-/// are skipped: they are never copied and never pruned.
-fn spawn_pager(
-    cluster: Cluster,
-    prefix: Vec<u8>,
-    revision: Option<i64>,
-    page_size: usize,
-    meta_prefix: Vec<u8>,
-    cancel: CancellationToken,
-) -> mpsc::Receiver<PageResult> {
-    let (pages, receiver) = mpsc::channel(2);
-    tokio::spawn(async move {
-        let end = prefix_range_end(&prefix);
-        let mut start = prefix_range_start(&prefix);
-        loop {
-            let mut options = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(page_size as i64);
-            if let Some(revision) = revision {
-                options = options.with_revision(revision);
-            }
-            let read = || {
-                let options = options.clone();
-                let start = start.clone();
-                let cluster = cluster.clone();
-                async move { cluster.get("read page", start, Some(options)).await }
-            };
-            let response = tokio::select! {
-                _ = cancel.cancelled() => return,
-                response = read
-                    .retry(page_retry())
-                    .when(|e: &crate::client::ClientError| e.is_retryable())
-                    .notify(|error, delay| warn!(%error, retry_in = ?delay, "Page read failed; retrying.")) => response,
-            };
-            let mut response = match response {
-                Ok(response) => response,
-                Err(error) => {
-                    let _ = pages.send(Err(JobError::from(error))).await;
-                    return;
-                }
-            };
-            let more = response.more();
-            let kvs = response.take_kvs();
-            let Some(last) = kvs.last() else {
-                let _ = pages.send(Ok(None)).await;
-                return;
-            };
-            start = key_successor(last.key());
-            let entries: Vec<Entry> = kvs
-                .into_iter()
-                .filter(|kv| !kv.key().starts_with(&meta_prefix))
-                .map(|kv| {
-                    let (key, value) = kv.into_key_value();
-                    Entry {
-                        suffix: key[prefix.len()..].to_vec(),
-                        value,
-                    }
-                })
-                .collect();
-            if pages.send(Ok(Some(entries))).await.is_err() {
-                return;
-            }
-            if !more {
-                let _ = pages.send(Ok(None)).await;
-                return;
-            }
-        }
-    });
-    receiver
-}
-
-fn page_retry() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_jitter()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_max_times(6)
 }

@@ -61,16 +61,7 @@ pub async fn run(
             .max(1024),
     };
     let mut coalescer = Coalescer::new(limits, committed_revision);
-    let mut pipeline = Pipeline::new(
-        ctx.writer.clone(),
-        source_cluster_id,
-        String::from_utf8_lossy(ctx.rewrite.source_prefix()).into_owned(),
-        ctx.instance_id.clone(),
-        ctx.tuning.max_inflight_txns,
-        ctx.tuning.pipeline_send_spacing,
-        committed_guard,
-        committed_revision,
-    );
+    let mut pipeline = Pipeline::new(ctx, source_cluster_id, committed_guard, committed_revision);
     let mut assembling: Option<SourceRevision> = None;
     let mut reported_splits = 0u64;
     let mut idle = IdleCheckpoint::new(ctx.tuning.idle_checkpoint_interval);
@@ -136,6 +127,10 @@ pub async fn run(
                 handle_response(ctx, response, &mut assembling, &mut coalescer, &mut idle, &mut lag, &mut pipeline)?;
             }
             _ = tokio::time::sleep_until(send_at.unwrap_or_else(Instant::now).into()), if send_at.is_some() => {}
+            _ = ctx.repairs.requested() => {
+                let differences = ctx.repairs.take();
+                queue_repair(ctx, &mut coalescer, differences).await?;
+            }
             _ = progress_tick.tick() => {
                 ctx.heartbeat();
                 lag.publish(ctx, pipeline.committed_revision());
@@ -149,6 +144,44 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Reads the source values of the differing keys at the revision the
+/// coalescer has reached, and queues them behind everything already pushed:
+/// once that batch commits, those keys hold exactly what the checkpoint it
+/// carries says.
+async fn queue_repair(
+    ctx: &JobContext,
+    coalescer: &mut Coalescer,
+    differences: Vec<(Vec<u8>, crate::check::DifferenceKind)>,
+) -> Result<(), JobError> {
+    if differences.is_empty() {
+        return Ok(());
+    }
+    let suffixes: Vec<Vec<u8>> = differences.iter().map(|(s, _)| s.clone()).collect();
+    let at = coalescer.through_revision();
+    let to_source = |s: &[u8]| ctx.rewrite.suffix_to_source(s);
+    let values = match crate::check::read_keys_at(&ctx.source, &suffixes, to_source, Some(at)).await
+    {
+        Ok(values) => values,
+        // History that young compacted already: the watch carries any later change.
+        Err(error) if error.kind() == crate::client::FailureKind::Compacted => {
+            crate::check::read_keys(&ctx.source, &suffixes, to_source).await?
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let mut mutations = Vec::with_capacity(values.len());
+    for ((suffix, kind), value) in differences.iter().zip(values) {
+        let key = ctx.rewrite.suffix_to_dest(suffix);
+        mutations.push(match value {
+            Some(value) => Mutation::Put { key, value },
+            None => Mutation::Delete { key },
+        });
+        ctx.metrics.repaired(kind.label(), 1);
+    }
+    info!(job = %ctx.job.name, keys = mutations.len(), at_revision = at, "Repairing keys the consistency check found different.");
+    coalescer.push_repair(mutations);
+    Ok(())
 }
 
 fn record_commit(ctx: &JobContext, revision: i64, events: usize, lag: &mut LagClock) {

@@ -26,6 +26,10 @@ pub struct Checkpoint {
     /// source head with a role limited to that prefix.
     #[serde(default)]
     pub source_prefix: String,
+    /// Where the source prefix is mirrored to (`None` in checkpoints written
+    /// before this field existed: the same prefix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest_prefix: Option<String>,
     /// Set while a revision too large for one txn is half applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial_revision: Option<i64>,
@@ -215,6 +219,7 @@ mod tests {
             updated_at: now_rfc3339(),
             instance: "pod-0".into(),
             source_prefix: "/app/".into(),
+            dest_prefix: Some("/copy/".into()),
             partial_revision: None,
             write_id: 7,
         };

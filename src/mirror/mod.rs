@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::client::{ClientError, Cluster, ClusterHead, FailureKind};
-use crate::config::{JobSettings, Side, Tuning, TxnLimits};
+use crate::config::{CheckSettings, JobSettings, Side, Tuning, TxnLimits};
 use crate::health::Health;
 use crate::keys::{prefixes_overlap, KeyRewrite, MetaKeys};
 use crate::metrics::{JobMetrics, JobState};
@@ -49,6 +49,9 @@ pub struct JobContext {
     pub metrics: JobMetrics,
     pub instance_id: String,
     pub health: Arc<Health>,
+    pub checks: CheckSettings,
+    /// Filled by the periodic check with `--check-repair`; drained by the watch loop.
+    pub repairs: Arc<crate::check::RepairQueue>,
 }
 
 impl JobContext {
@@ -107,6 +110,16 @@ pub enum JobError {
     Cancelled,
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<crate::pager::PageError> for JobError {
+    fn from(error: crate::pager::PageError) -> Self {
+        match error {
+            crate::pager::PageError::Client(error) => JobError::Client(error),
+            crate::pager::PageError::Cancelled => JobError::Cancelled,
+            other @ crate::pager::PageError::StoppedEarly => JobError::Internal(other.to_string()),
+        }
+    }
 }
 
 impl JobError {
@@ -481,6 +494,7 @@ mod tests {
             updated_at: now_rfc3339(),
             instance: "i".into(),
             source_prefix: "/app/".into(),
+            dest_prefix: None,
             partial_revision: None,
             write_id: 1,
         }

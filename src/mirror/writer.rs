@@ -22,7 +22,7 @@ use crate::client::Cluster;
 use crate::keys::MetaKeys;
 use crate::metrics::JobMetrics;
 use crate::mirror::meta::{now_rfc3339, Checkpoint, Fence, KeyGuard};
-use crate::mirror::JobError;
+use crate::mirror::{JobContext, JobError};
 
 /// Why a guarded txn did not apply, read in the same txn's failure branch.
 #[derive(Debug, Clone)]
@@ -147,6 +147,7 @@ pub struct Pipeline {
     writer: Arc<DestWriter>,
     source_cluster_id: u64,
     source_prefix: String,
+    dest_prefix: String,
     instance: String,
     max_inflight: usize,
     /// The configured gap; the floor of the adaptive one.
@@ -200,21 +201,19 @@ pub struct Committed {
 
 impl Pipeline {
     pub fn new(
-        writer: Arc<DestWriter>,
+        ctx: &JobContext,
         source_cluster_id: u64,
-        source_prefix: String,
-        instance: String,
-        max_inflight: usize,
-        send_spacing: Duration,
         committed_guard: KeyGuard,
         committed_revision: i64,
     ) -> Self {
+        let send_spacing = ctx.tuning.pipeline_send_spacing;
         Self {
-            writer,
+            writer: ctx.writer.clone(),
             source_cluster_id,
-            source_prefix,
-            instance,
-            max_inflight: max_inflight.max(1),
+            source_prefix: String::from_utf8_lossy(ctx.rewrite.source_prefix()).into_owned(),
+            dest_prefix: String::from_utf8_lossy(ctx.rewrite.dest_prefix()).into_owned(),
+            instance: ctx.instance_id.clone(),
+            max_inflight: ctx.tuning.max_inflight_txns.max(1),
             min_spacing: send_spacing,
             send_spacing,
             last_send: Instant::now(),
@@ -273,6 +272,7 @@ impl Pipeline {
             updated_at: now_rfc3339(),
             instance: self.instance.clone(),
             source_prefix: self.source_prefix.clone(),
+            dest_prefix: Some(self.dest_prefix.clone()),
             partial_revision: batch.partial_revision,
             write_id: self.next_write_id,
         };

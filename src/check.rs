@@ -1,0 +1,518 @@
+//! The consistency checker: is the destination exactly the source?
+//!
+//! Exact by construction: the destination prefix and its checkpoint are read
+//! in one snapshot (every page pinned to one destination revision), which
+//! says the source revision R the destination must equal. The source prefix
+//! is then read *at R*. In-flight writes cannot cause false differences, so
+//! anything reported is a real divergence.
+//!
+//! If R has been compacted on the source, the check falls back to comparing
+//! with the current source, re-checks only the differing keys after a short
+//! delay, and reports the result as approximate.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{ClientError, Cluster, FailureKind};
+use crate::diff::{Difference, SortedMerge, Step};
+use crate::keys::{KeyRewrite, MetaKeys};
+use crate::mirror::meta::read_job_meta;
+use crate::pager::{next_page, spawn_pager, PageError};
+
+/// Differing keys kept for repair and re-checking; counts stay exact beyond it.
+pub const MAX_KEPT_DIFFERENCES: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("job {job} has no checkpoint on the destination yet (first full sync not finished); nothing to compare against")]
+    NoCheckpoint { job: String },
+    #[error("job {job} is in a full sync (pinned at revision {pinned:?}); the destination matches no single source revision until it finishes")]
+    FullSyncInProgress { job: String, pinned: Option<i64> },
+    #[error("job {job} is half-way through revision {revision}, too large for one txn; check again in a moment")]
+    PartialRevision { job: String, revision: i64 },
+    #[error("range reader stopped before the end of the prefix")]
+    StoppedEarly,
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<PageError> for CheckError {
+    fn from(error: PageError) -> Self {
+        match error {
+            PageError::Client(error) => CheckError::Client(error),
+            PageError::StoppedEarly => CheckError::StoppedEarly,
+            PageError::Cancelled => CheckError::Cancelled,
+        }
+    }
+}
+
+/// Which side lacks a key, or whether the values differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DifferenceKind {
+    /// At the source, not at the destination.
+    DstMiss,
+    /// At the destination only.
+    SrcMiss,
+    /// On both sides with different values.
+    Mismatch,
+}
+
+impl DifferenceKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            DifferenceKind::DstMiss => "dst_miss",
+            DifferenceKind::SrcMiss => "src_miss",
+            DifferenceKind::Mismatch => "mismatch",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Samples {
+    pub dst_miss: Vec<String>,
+    pub src_miss: Vec<String>,
+    pub mismatch: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    pub job: String,
+    /// The source revision compared against: the checkpoint, or the source's
+    /// current revision when the check is approximate.
+    pub source_revision: i64,
+    /// The destination revision the snapshot was read at.
+    pub dest_revision: i64,
+    /// False when the checkpoint revision was compacted on the source.
+    pub exact: bool,
+    pub source_keys: u64,
+    pub dest_keys: u64,
+    pub dst_miss: u64,
+    pub src_miss: u64,
+    pub mismatch: u64,
+    pub samples: Samples,
+    pub duration_seconds: f64,
+    /// Differing keys (suffixes below the job prefix), up to [`MAX_KEPT_DIFFERENCES`].
+    #[serde(skip)]
+    pub differences: Vec<(Vec<u8>, DifferenceKind)>,
+}
+
+impl CheckReport {
+    pub fn is_consistent(&self) -> bool {
+        self.dst_miss == 0 && self.src_miss == 0 && self.mismatch == 0
+    }
+
+    fn record(&mut self, suffix: &[u8], kind: DifferenceKind, sample_limit: usize) {
+        let (count, samples) = match kind {
+            DifferenceKind::DstMiss => (&mut self.dst_miss, &mut self.samples.dst_miss),
+            DifferenceKind::SrcMiss => (&mut self.src_miss, &mut self.samples.src_miss),
+            DifferenceKind::Mismatch => (&mut self.mismatch, &mut self.samples.mismatch),
+        };
+        *count += 1;
+        if samples.len() < sample_limit {
+            samples.push(String::from_utf8_lossy(suffix).into_owned());
+        }
+        if self.differences.len() < MAX_KEPT_DIFFERENCES {
+            self.differences.push((suffix.to_vec(), kind));
+        }
+    }
+}
+
+/// What to compare: one job's prefixes and meta keys.
+#[derive(Debug, Clone)]
+pub struct CheckTarget {
+    pub job: String,
+    pub rewrite: KeyRewrite,
+    pub keys: MetaKeys,
+    pub meta_prefix: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CheckOptions {
+    pub page_size: usize,
+    pub sample_limit: usize,
+    /// The approximate fallback re-checks differing keys after this delay.
+    pub recheck_delay: Duration,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        Self {
+            page_size: 2000,
+            sample_limit: 10,
+            recheck_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+pub async fn check(
+    source: &Cluster,
+    dest: &Cluster,
+    target: &CheckTarget,
+    options: CheckOptions,
+    cancel: &CancellationToken,
+) -> Result<CheckReport, CheckError> {
+    let started = Instant::now();
+    let meta = read_job_meta(dest, &target.keys)
+        .await
+        .map_err(|error| match error {
+            crate::mirror::JobError::Client(error) => CheckError::Client(error),
+            _ => CheckError::Cancelled,
+        })?;
+    if meta.full_sync_raw.is_some() {
+        return Err(CheckError::FullSyncInProgress {
+            job: target.job.clone(),
+            pinned: meta.full_sync.as_ref().map(|m| m.pinned_rev),
+        });
+    }
+    let Some(checkpoint) = meta.checkpoint else {
+        return Err(CheckError::NoCheckpoint {
+            job: target.job.clone(),
+        });
+    };
+    if let Some(revision) = checkpoint.partial_revision {
+        return Err(CheckError::PartialRevision {
+            job: target.job.clone(),
+            revision,
+        });
+    }
+    // The meta read and every destination page share one destination revision.
+    let exact = compare(
+        source,
+        dest,
+        target,
+        Some(checkpoint.last_synced_rev),
+        Some(meta.dest_revision),
+        options,
+        cancel,
+    )
+    .await;
+    let mut report = match exact {
+        Ok(report) => report,
+        Err(CheckError::Client(error)) if error.kind() == FailureKind::Compacted => {
+            let mut report = compare(source, dest, target, None, None, options, cancel).await?;
+            report.exact = false;
+            recheck(source, dest, target, &mut report, options, cancel).await?;
+            report
+        }
+        Err(error) => return Err(error),
+    };
+    report.duration_seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+async fn compare(
+    source: &Cluster,
+    dest: &Cluster,
+    target: &CheckTarget,
+    source_revision: Option<i64>,
+    dest_revision: Option<i64>,
+    options: CheckOptions,
+    cancel: &CancellationToken,
+) -> Result<CheckReport, CheckError> {
+    let (source_revision, dest_revision) = match (source_revision, dest_revision) {
+        (Some(s), Some(d)) => (s, d),
+        _ => (
+            source.head(target.rewrite.source_prefix()).await?.revision,
+            dest.head(target.rewrite.dest_prefix()).await?.revision,
+        ),
+    };
+    let pagers = cancel.child_token();
+    let _stop_pagers = pagers.clone().drop_guard();
+    let mut source_pages = spawn_pager(
+        source.clone(),
+        target.rewrite.source_prefix().to_vec(),
+        Some(source_revision),
+        options.page_size,
+        target.meta_prefix.clone(),
+        pagers.clone(),
+    );
+    let mut dest_pages = spawn_pager(
+        dest.clone(),
+        target.rewrite.dest_prefix().to_vec(),
+        Some(dest_revision),
+        options.page_size,
+        target.meta_prefix.clone(),
+        pagers,
+    );
+    let mut report = CheckReport {
+        job: target.job.clone(),
+        source_revision,
+        dest_revision,
+        exact: true,
+        ..CheckReport::default()
+    };
+    let mut merge = SortedMerge::new();
+    loop {
+        match merge.step() {
+            Step::NeedSource => match next_page(&mut source_pages, cancel).await? {
+                Some(page) => {
+                    report.source_keys += page.len() as u64;
+                    merge.push_source(page);
+                }
+                None => merge.source_exhausted(),
+            },
+            Step::NeedDest => match next_page(&mut dest_pages, cancel).await? {
+                Some(page) => {
+                    report.dest_keys += page.len() as u64;
+                    merge.push_dest(page);
+                }
+                None => merge.dest_exhausted(),
+            },
+            Step::Same => {}
+            Step::Differ(difference) => {
+                let kind = match &difference {
+                    Difference::MissingAtDest { .. } => DifferenceKind::DstMiss,
+                    Difference::ExtraAtDest { .. } => DifferenceKind::SrcMiss,
+                    Difference::ValueDiffers { .. } => DifferenceKind::Mismatch,
+                };
+                report.record(difference.suffix(), kind, options.sample_limit);
+            }
+            Step::Done => return Ok(report),
+        }
+    }
+}
+
+/// The approximate path: differences against a moving source may be writes
+/// in flight, so look at each differing key again after a pause and keep
+/// only those that still differ.
+async fn recheck(
+    source: &Cluster,
+    dest: &Cluster,
+    target: &CheckTarget,
+    report: &mut CheckReport,
+    options: CheckOptions,
+    cancel: &CancellationToken,
+) -> Result<(), CheckError> {
+    if report.is_consistent() {
+        return Ok(());
+    }
+    if report.differences.len() as u64 != report.dst_miss + report.src_miss + report.mismatch {
+        // Too many to re-check one by one: keep the counts of the first pass.
+        return Ok(());
+    }
+    tokio::select! {
+        _ = cancel.cancelled() => return Err(CheckError::Cancelled),
+        _ = tokio::time::sleep(options.recheck_delay) => {}
+    }
+    let suffixes: Vec<Vec<u8>> = report.differences.iter().map(|(s, _)| s.clone()).collect();
+    let source_values =
+        read_keys(source, &suffixes, |s| target.rewrite.suffix_to_source(s)).await?;
+    let dest_values = read_keys(dest, &suffixes, |s| target.rewrite.suffix_to_dest(s)).await?;
+    let mut rechecked = CheckReport {
+        job: report.job.clone(),
+        source_revision: report.source_revision,
+        dest_revision: report.dest_revision,
+        exact: false,
+        source_keys: report.source_keys,
+        dest_keys: report.dest_keys,
+        ..CheckReport::default()
+    };
+    for ((suffix, source_value), dest_value) in suffixes.iter().zip(source_values).zip(dest_values)
+    {
+        let kind = match (source_value, dest_value) {
+            (Some(_), None) => DifferenceKind::DstMiss,
+            (None, Some(_)) => DifferenceKind::SrcMiss,
+            (Some(s), Some(d)) if s != d => DifferenceKind::Mismatch,
+            _ => continue,
+        };
+        rechecked.record(suffix, kind, options.sample_limit);
+    }
+    *report = rechecked;
+    Ok(())
+}
+
+/// Current values of many keys, 64 per txn.
+pub async fn read_keys(
+    cluster: &Cluster,
+    suffixes: &[Vec<u8>],
+    key_of: impl Fn(&[u8]) -> Vec<u8>,
+) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+    read_keys_at(cluster, suffixes, key_of, None).await
+}
+
+/// Values of many keys at one revision (or the latest), 64 per txn.
+pub async fn read_keys_at(
+    cluster: &Cluster,
+    suffixes: &[Vec<u8>],
+    key_of: impl Fn(&[u8]) -> Vec<u8>,
+    revision: Option<i64>,
+) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+    let mut values = Vec::with_capacity(suffixes.len());
+    for chunk in suffixes.chunks(64) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|suffix| {
+                let options = revision.map(|r| GetOptions::new().with_revision(r));
+                TxnOp::get(key_of(suffix), options)
+            })
+            .collect();
+        let mut kv = cluster.kv();
+        let response = cluster
+            .call("read keys", async move {
+                kv.txn(Txn::new().and_then(ops)).await
+            })
+            .await?;
+        for op in response.op_responses() {
+            values.push(match op {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            });
+        }
+    }
+    Ok(values)
+}
+
+impl CheckTarget {
+    pub fn of(ctx: &crate::mirror::JobContext) -> Self {
+        Self {
+            job: ctx.job.name.clone(),
+            rewrite: ctx.rewrite.clone(),
+            keys: ctx.keys.clone(),
+            meta_prefix: ctx.meta_prefix.clone(),
+        }
+    }
+}
+
+/// The leader's periodic check: every `--check-interval`, results to the
+/// gauges and the log, and with `--check-repair` the differences to the
+/// job's writer.
+///
+/// # Cancel-Safety
+/// Cancel-safe: a check interrupted half-way records nothing.
+pub async fn run_periodic_checks(ctx: crate::mirror::JobContext, cancel: CancellationToken) {
+    if ctx.checks.interval.is_zero() {
+        return;
+    }
+    let target = CheckTarget::of(&ctx);
+    let options = CheckOptions {
+        page_size: ctx.tuning.page_size,
+        sample_limit: ctx.checks.sample_size,
+        ..CheckOptions::default()
+    };
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + ctx.checks.interval,
+        ctx.checks.interval,
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let report = match check(&ctx.source, &ctx.dest, &target, options, &cancel).await {
+            Ok(report) => report,
+            Err(CheckError::Cancelled) => return,
+            Err(
+                error @ (CheckError::FullSyncInProgress { .. }
+                | CheckError::NoCheckpoint { .. }
+                | CheckError::PartialRevision { .. }),
+            ) => {
+                tracing::info!(job = %ctx.job.name, %error, "Consistency check skipped.");
+                continue;
+            }
+            Err(error) => {
+                ctx.metrics.error("check_failed");
+                tracing::warn!(job = %ctx.job.name, %error, "Consistency check failed; trying again next interval.");
+                continue;
+            }
+        };
+        record(&ctx, &report);
+        if ctx.checks.repair && report.exact && !report.is_consistent() {
+            ctx.repairs.request(report.differences);
+        }
+    }
+}
+
+fn record(ctx: &crate::mirror::JobContext, report: &CheckReport) {
+    let metrics = &ctx.metrics;
+    metrics.dst_miss_keys.set(report.dst_miss as i64);
+    metrics.src_miss_keys.set(report.src_miss as i64);
+    metrics.mismatch_keys.set(report.mismatch as i64);
+    metrics.check_exact.set(i64::from(report.exact));
+    metrics.check_duration_seconds.set(report.duration_seconds);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    metrics.check_last_success_timestamp_seconds.set(now);
+    if report.is_consistent() {
+        tracing::info!(
+            job = %report.job,
+            source_revision = report.source_revision,
+            keys = report.source_keys,
+            exact = report.exact,
+            duration_seconds = report.duration_seconds,
+            "Consistency check passed."
+        );
+    } else {
+        tracing::error!(
+            job = %report.job,
+            source_revision = report.source_revision,
+            exact = report.exact,
+            dst_miss = report.dst_miss,
+            src_miss = report.src_miss,
+            mismatch = report.mismatch,
+            sample_dst_miss = ?report.samples.dst_miss,
+            sample_src_miss = ?report.samples.src_miss,
+            sample_mismatch = ?report.samples.mismatch,
+            repair = ctx.checks.repair,
+            "Consistency check found differences."
+        );
+    }
+}
+
+/// Differences the checker asks the job's writer to repair.
+#[derive(Debug, Default)]
+pub struct RepairQueue {
+    pending: std::sync::Mutex<Vec<(Vec<u8>, DifferenceKind)>>,
+    notify: tokio::sync::Notify,
+}
+
+impl RepairQueue {
+    pub fn request(&self, differences: Vec<(Vec<u8>, DifferenceKind)>) {
+        if differences.is_empty() {
+            return;
+        }
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.extend(differences);
+        }
+        self.notify.notify_one();
+    }
+
+    pub fn take(&self) -> Vec<(Vec<u8>, DifferenceKind)> {
+        self.pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default()
+    }
+
+    /// # Cancel-Safety
+    /// Cancel-safe: a request made while nobody waits is remembered.
+    pub async fn requested(&self) {
+        self.notify.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_keeps_bounded_samples_and_exact_counts() {
+        let mut report = CheckReport::default();
+        for i in 0..25u32 {
+            report.record(format!("k{i}").as_bytes(), DifferenceKind::DstMiss, 3);
+        }
+        report.record(b"x", DifferenceKind::Mismatch, 3);
+        assert_eq!(report.dst_miss, 25);
+        assert_eq!(report.samples.dst_miss, vec!["k0", "k1", "k2"]);
+        assert_eq!(report.mismatch, 1);
+        assert!(!report.is_consistent());
+        assert_eq!(report.differences.len(), 26);
+    }
+}
