@@ -392,7 +392,7 @@ pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
             let status = collect_status(&dest, &args.meta_prefix, Some(job))
                 .await?
                 .remove(0);
-            let prefix = status.source_prefix.ok_or_else(|| ConfigError::Missing {
+            let prefix = status.source_prefix.ok_or(ConfigError::Missing {
                 field: "--prefix",
                 fix: "the job has no checkpoint that records its prefix yet; give --prefix (and --dest-prefix if it differs)",
             })?;

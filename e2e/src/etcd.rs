@@ -340,13 +340,50 @@ impl EtcdCluster {
         self.options.quota_backend_bytes = Some(quota);
         self.restart().await?;
         let mut client = self.client().await?;
-        client
+        let alarms = client
             .alarm(
-                etcd_client::AlarmAction::Deactivate,
-                etcd_client::AlarmType::Nospace,
-                Some(etcd_client::AlarmOptions::new()),
+                etcd_client::AlarmAction::Get,
+                etcd_client::AlarmType::None,
+                None,
             )
             .await?;
+        // Like `etcdctl alarm disarm`: each alarm is disarmed for the member that raised it.
+        for alarm in alarms.alarms() {
+            let mut options = etcd_client::AlarmOptions::new();
+            options.with_member(alarm.member_id());
+            client
+                .alarm(
+                    etcd_client::AlarmAction::Deactivate,
+                    alarm.alarm(),
+                    Some(options),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Turns auth on: a `root` user (password `rootpw`, used by this fixture
+    /// from then on) and `user` with a role limited to `prefix` and the
+    /// syncer's meta prefix.
+    pub async fn enable_auth(&mut self, user: &str, password: &str, prefix: &str) -> Result<()> {
+        use etcd_client::Permission;
+        let mut client = self.client().await?;
+        client.user_add("root", "rootpw", None).await?;
+        client.user_grant_role("root", "root").await?;
+        client.role_add("mirror").await?;
+        client
+            .role_grant_permission("mirror", Permission::read_write(prefix).with_prefix())
+            .await?;
+        client
+            .role_grant_permission(
+                "mirror",
+                Permission::read_write(crate::META_PREFIX).with_prefix(),
+            )
+            .await?;
+        client.user_add(user, password, None).await?;
+        client.user_grant_role(user, "mirror").await?;
+        client.auth_enable().await?;
+        self.set_credentials("root", "rootpw");
         Ok(())
     }
 

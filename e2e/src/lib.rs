@@ -110,7 +110,10 @@ pub async fn read_prefix_at(
             // Every page at the first page's revision: one consistent snapshot.
             options = options.with_revision(revision);
         }
-        let response = client.get(start.clone(), Some(options)).await?;
+        let mut kv = client
+            .kv_client()
+            .max_decoding_message_size(256 * 1024 * 1024);
+        let response = kv.get(start.clone(), Some(options)).await?;
         if revision == 0 {
             revision = response.header().map_or(0, |h| h.revision());
         }

@@ -407,36 +407,12 @@ async fn mutual_tls_on_both_sides() -> Result<()> {
     syncer.finish().await
 }
 
-async fn enable_auth(
-    cluster: &mut EtcdCluster,
-    user: &str,
-    password: &str,
-    prefix: &str,
-) -> Result<()> {
-    use etcd_client::Permission;
-    let mut client = cluster.client().await?;
-    client.user_add("root", "rootpw", None).await?;
-    client.user_grant_role("root", "root").await?;
-    client.role_add("mirror").await?;
-    client
-        .role_grant_permission("mirror", Permission::read_write(prefix).with_prefix())
-        .await?;
-    client
-        .role_grant_permission("mirror", Permission::read_write(META_PREFIX).with_prefix())
-        .await?;
-    client.user_add(user, password, None).await?;
-    client.user_grant_role(user, "mirror").await?;
-    client.auth_enable().await?;
-    cluster.set_credentials("root", "rootpw");
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_password_auth_and_a_wrong_password() -> Result<()> {
     let mut source = EtcdCluster::start().await?;
     let mut dest = EtcdCluster::start().await?;
-    enable_auth(&mut source, "syncer", "s3cret", "/app/").await?;
-    enable_auth(&mut dest, "syncer", "d3cret", "/app/").await?;
+    source.enable_auth("syncer", "s3cret", "/app/").await?;
+    dest.enable_auth("syncer", "d3cret", "/app/").await?;
     let mut src = source.client().await?;
     put_many(&mut src, "/app/", 50, 20, "v1").await?;
 

@@ -276,11 +276,14 @@ pub fn decide(meta: &JobMeta, source: ClusterHead, forced: Option<SlowPathReason
     }
 }
 
+/// Capped at 10 s: after a long outage replication resumes within seconds
+/// of the link coming back, while a dead cluster still sees only a few
+/// requests a minute from each job.
 fn job_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_jitter()
         .with_min_delay(Duration::from_millis(250))
-        .with_max_delay(Duration::from_secs(30))
+        .with_max_delay(Duration::from_secs(10))
         .without_max_times()
         .build()
 }

@@ -1,0 +1,453 @@
+//! The field report's disaster drills, automated. Each ends with the oracle
+//! reporting exact equality unless it says otherwise. Drills covered
+//! elsewhere: auth (replicator.rs), kill -9 and split brain (ha.rs), long
+//! outage with compaction, reset and the mass-delete guard (replicator.rs).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use e2e::load::Load;
+use e2e::proxy::LinkProxy;
+use e2e::*;
+use etcd_client::GetOptions;
+use nix::sys::signal::Signal;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn with_endpoint(mut args: Vec<String>, flag: &str, endpoint: &str) -> Result<Vec<String>> {
+    let at = args
+        .iter()
+        .position(|a| a == flag)
+        .context("flag present")?
+        + 1;
+    args[at] = endpoint.to_string();
+    Ok(args)
+}
+
+async fn wait_state(syncer: &Syncer, job: &str, state: &str) -> Result<()> {
+    eventually(WAIT, state, || async {
+        Ok(syncer
+            .metric("etcd_syncer_job_state", &[("job", job), ("state", state)])
+            .await?
+            == 1.0)
+    })
+    .await
+}
+
+fn moderate_load(prefix: &str) -> Load {
+    let mut load = Load::new(prefix, 4, 200);
+    load.rate_per_writer = Some(50.0);
+    load.keys_per_txn = 3;
+    load.delete_every = Some(7);
+    load.range_delete_every = Some(13);
+    load
+}
+
+async fn drill_under_load(source: &EtcdCluster, dest: &EtcdCluster, name: &str) -> Result<()> {
+    put_many(&mut source.client().await?, "/app/", 2_000, 100, "v1").await?;
+    let syncer = Syncer::start(name, &mirror_args(source, dest, "/app/")).await?;
+    wait_state(&syncer, "app", "watching").await?;
+    let report = moderate_load("/app/")
+        .run(&[source.client().await?])
+        .await?;
+    converge(source, "/app/", dest, "/app/", WAIT).await?;
+    println!(
+        "{name}: {} source revisions mirrored under load",
+        report.operations
+    );
+    syncer.finish().await
+}
+
+/// Drill 1a: plain http, a three-member source cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_http_with_a_three_member_source() -> Result<()> {
+    let source = EtcdCluster::start_with(EtcdOptions {
+        members: 3,
+        ..EtcdOptions::default()
+    })
+    .await?;
+    let dest = EtcdCluster::start().await?;
+    drill_under_load(&source, &dest, "http").await
+}
+
+/// Drill 1b: mutual TLS on both clusters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_https_with_mutual_tls() -> Result<()> {
+    let options = EtcdOptions {
+        tls: Some(TlsMaterial::generate()?),
+        ..EtcdOptions::default()
+    };
+    let source = EtcdCluster::start_with(options.clone()).await?;
+    let dest = EtcdCluster::start_with(options).await?;
+    drill_under_load(&source, &dest, "https").await
+}
+
+/// Drill 3: SIGTERM of the leader during a full sync; the standby finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_sigterm_during_a_full_sync() -> Result<()> {
+    let source = EtcdCluster::start().await?;
+    let dest = EtcdCluster::start().await?;
+    put_many(&mut source.client().await?, "/app/", 20_000, 50, "v1").await?;
+    let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
+    proxy.set_delay(Duration::from_millis(15));
+    let replica = |id: &str, slow: bool| -> Result<Vec<String>> {
+        let mut args = mirror_args(&source, &dest, "/app/");
+        args.extend(e2e::args(&["--instance-id", id, "--lock-ttl", "2s"]));
+        if slow {
+            args.extend(e2e::args(&[
+                "--max-inflight-txns",
+                "1",
+                "--page-size",
+                "200",
+            ]));
+            args = with_endpoint(args, "--dst-endpoints", &proxied)?;
+        }
+        Ok(args)
+    };
+    let mut a = Syncer::start("a", &replica("replica-a", true)?).await?;
+    eventually(WAIT, "full sync under way", || async {
+        Ok(a.metric(
+            "etcd_syncer_full_sync_keys_total",
+            &[("job", "app"), ("op", "put")],
+        )
+        .await?
+            > 1000.0)
+    })
+    .await?;
+    let b = Syncer::start("b", &replica("replica-b", false)?).await?;
+    eventually(WAIT, "standby queued", || async {
+        let mut client = dest.client().await?;
+        let locks = client
+            .get(
+                format!("{META_PREFIX}app/lock/"),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await?;
+        Ok(locks.count() == 2)
+    })
+    .await?;
+    let stopped = Instant::now();
+    a.signal(Signal::SIGTERM)?;
+    eventually(WAIT, "standby leads", || async {
+        Ok(b.metric("etcd_syncer_is_leader", &[("job", "app")]).await? == 1.0)
+    })
+    .await?;
+    println!(
+        "failover after SIGTERM during a full sync: {:.2} s",
+        stopped.elapsed().as_secs_f64()
+    );
+    ensure!(
+        a.wait_exit(WAIT).await?.success(),
+        "SIGTERM exits 0 mid full sync"
+    );
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    ensure!(
+        b.metric("etcd_syncer_slow_path_total", &[("job", "app")])
+            .await?
+            == 1.0
+    );
+    a.finish().await?;
+    b.finish().await
+}
+
+/// Drill 4: the source link is cut (connections reset) for 10 s under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_short_outage_resumes_on_the_fast_path() -> Result<()> {
+    let source = EtcdCluster::start().await?;
+    let dest = EtcdCluster::start().await?;
+    put_many(&mut source.client().await?, "/app/", 500, 100, "v1").await?;
+    let (proxy, proxied) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
+    let args = with_endpoint(
+        mirror_args(&source, &dest, "/app/"),
+        "--src-endpoints",
+        &proxied,
+    )?;
+    let syncer = Syncer::start("syncer", &args).await?;
+    wait_state(&syncer, "app", "watching").await?;
+
+    let clients = vec![source.client().await?];
+    let load = tokio::spawn(async move {
+        let mut load = moderate_load("/app/");
+        load.ops_per_writer = 600;
+        load.run(&clients).await
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.reset();
+    let cut = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    proxy.restore();
+    load.await??;
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    println!(
+        "short outage: converged {:.1} s after the cut ended",
+        cut.elapsed().as_secs_f64() - 10.0
+    );
+    ensure!(
+        syncer
+            .metric(
+                "etcd_syncer_errors_total",
+                &[("job", "app"), ("kind", "source_unavailable")]
+            )
+            .await?
+            >= 1.0
+    );
+    ensure!(
+        syncer
+            .metric("etcd_syncer_slow_path_total", &[("job", "app")])
+            .await?
+            == 1.0,
+        "only the initial full sync"
+    );
+    ensure!(
+        syncer
+            .metric("etcd_syncer_fast_path_total", &[("job", "app")])
+            .await?
+            >= 1.0,
+        "resumed from the checkpoint"
+    );
+    syncer.finish().await
+}
+
+/// Drill 7: a half-open line (bytes held, no reset) for 2 minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_severed_line_while_streaming() -> Result<()> {
+    let source = EtcdCluster::start().await?;
+    let dest = EtcdCluster::start().await?;
+    put_many(&mut source.client().await?, "/app/", 200, 100, "v1").await?;
+    let (proxy, proxied) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
+    let args = with_endpoint(
+        mirror_args(&source, &dest, "/app/"),
+        "--src-endpoints",
+        &proxied,
+    )?;
+    let syncer = Syncer::start("syncer", &args).await?;
+    wait_state(&syncer, "app", "watching").await?;
+
+    proxy.hold();
+    let held = Instant::now();
+    let mut load = moderate_load("/app/");
+    load.ops_per_writer = 100;
+    load.run(&[source.client().await?]).await?;
+    eventually(WAIT, "the stall to be noticed", || async {
+        let stalled = syncer
+            .metric(
+                "etcd_syncer_errors_total",
+                &[("job", "app"), ("kind", "watch_stalled")],
+            )
+            .await?;
+        let unavailable = syncer
+            .metric(
+                "etcd_syncer_errors_total",
+                &[("job", "app"), ("kind", "source_unavailable")],
+            )
+            .await?;
+        Ok(stalled + unavailable >= 1.0)
+    })
+    .await?;
+    println!(
+        "half-open link noticed after {:.1} s",
+        held.elapsed().as_secs_f64()
+    );
+    let remaining = Duration::from_secs(120).saturating_sub(held.elapsed());
+    tokio::time::sleep(remaining).await;
+    proxy.restore();
+    let restored = Instant::now();
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    println!(
+        "converged {:.1} s after the line came back",
+        restored.elapsed().as_secs_f64()
+    );
+    ensure!(
+        syncer
+            .metric("etcd_syncer_slow_path_total", &[("job", "app")])
+            .await?
+            == 1.0,
+        "no extra full sync"
+    );
+    syncer.finish().await
+}
+
+/// Drill 8: 30 ms RTT and 1 MiB/s to the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_weak_network() -> Result<()> {
+    let source = EtcdCluster::start().await?;
+    let dest = EtcdCluster::start().await?;
+    put_many(&mut source.client().await?, "/app/", 20_000, 100, "v1").await?;
+    let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
+    proxy.set_delay(Duration::from_millis(15));
+    proxy.set_bandwidth(1024 * 1024);
+    let args = with_endpoint(
+        mirror_args(&source, &dest, "/app/"),
+        "--dst-endpoints",
+        &proxied,
+    )?;
+    let started = Instant::now();
+    let syncer = Syncer::start("syncer", &args).await?;
+    wait_state(&syncer, "app", "watching").await?;
+    println!(
+        "weak network: full sync of 20,000 keys in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let load_started = Instant::now();
+    let report = moderate_load("/app/")
+        .run(&[source.client().await?])
+        .await?;
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    println!(
+        "weak network: {} revisions in {:.1} s, destination caught up {:.2} s after the load ended",
+        report.operations,
+        report.elapsed.as_secs_f64(),
+        (load_started.elapsed() - report.elapsed).as_secs_f64()
+    );
+    syncer.finish().await
+}
+
+/// Drill 10: the syncer is pointed at a fresh source cluster (a new cluster
+/// id): it must not watch from a meaningless revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_source_replaced() -> Result<()> {
+    let old_source = EtcdCluster::start().await?;
+    let dest = EtcdCluster::start().await?;
+    put_many(&mut old_source.client().await?, "/app/", 300, 50, "old").await?;
+    let mut first = Syncer::start("first", &mirror_args(&old_source, &dest, "/app/")).await?;
+    wait_state(&first, "app", "watching").await?;
+    converge(&old_source, "/app/", &dest, "/app/", WAIT).await?;
+    // Many revisions on the old source, so the new one starts far behind the checkpoint.
+    let mut client = old_source.client().await?;
+    for i in 0..50 {
+        client
+            .put(format!("/app/key-{i:06}"), format!("old-{i}"), None)
+            .await?;
+    }
+    converge(&old_source, "/app/", &dest, "/app/", WAIT).await?;
+    first.stop().await?;
+    first.finish().await?;
+
+    let new_source = EtcdCluster::start().await?;
+    ensure!(new_source.cluster_id().await? != old_source.cluster_id().await?);
+    put_many(&mut new_source.client().await?, "/app/", 280, 50, "new").await?;
+    let second = Syncer::start("second", &mirror_args(&new_source, &dest, "/app/")).await?;
+    wait_state(&second, "app", "watching").await?;
+    converge(&new_source, "/app/", &dest, "/app/", WAIT).await?;
+    ensure!(
+        second
+            .metric("etcd_syncer_slow_path_total", &[("job", "app")])
+            .await?
+            == 1.0
+    );
+    ensure!(
+        second.log_text().contains("the source cluster changed"),
+        "the reason is logged"
+    );
+    second.finish().await
+}
+
+/// Drill 11: the destination runs out of quota, then gets more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_destination_quota_exceeded() -> Result<()> {
+    let source = EtcdCluster::start().await?;
+    let mut dest = EtcdCluster::start_with(EtcdOptions {
+        quota_backend_bytes: Some(4 * 1024 * 1024),
+        ..EtcdOptions::default()
+    })
+    .await?;
+    put_many(&mut source.client().await?, "/app/", 10, 100, "v1").await?;
+    let mut syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
+    syncer.allow_error("database space exceeded");
+    syncer.allow_error("backend quota is full");
+    wait_state(&syncer, "app", "watching").await?;
+
+    let mut src = source.client().await?;
+    let big = vec![b'q'; 200_000];
+    for i in 0..40 {
+        src.put(format!("/app/big-{i:03}"), big.clone(), None)
+            .await?;
+    }
+    eventually(WAIT, "quota errors", || async {
+        Ok(syncer
+            .metric(
+                "etcd_syncer_errors_total",
+                &[("job", "app"), ("kind", "dest_quota_exceeded")],
+            )
+            .await?
+            >= 1.0)
+    })
+    .await?;
+    // Once etcd has raised its NOSPACE alarm it takes no more puts; txns
+    // proposed before that may still land, so let them settle first.
+    eventually(WAIT, "the NOSPACE alarm", || async {
+        let mut client = dest.client().await?;
+        let alarms = client
+            .alarm(
+                etcd_client::AlarmAction::Get,
+                etcd_client::AlarmType::None,
+                None,
+            )
+            .await?;
+        Ok(!alarms.alarms().is_empty())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stuck_at = syncer
+        .metric("etcd_syncer_last_synced_revision", &[("job", "app")])
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        syncer
+            .metric("etcd_syncer_last_synced_revision", &[("job", "app")])
+            .await?
+            == stuck_at,
+        "the checkpoint does not advance while writes fail"
+    );
+    ensure!(
+        (stuck_at as i64) < source.revision().await?,
+        "the checkpoint stays behind the source"
+    );
+
+    dest.raise_quota(256 * 1024 * 1024).await?;
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    println!(
+        "quota drill: stuck at revision {stuck_at} until the quota was raised, then converged"
+    );
+    syncer.finish().await
+}
+
+/// Drill 13: A → B and B → C, mirroring the whole keyspace, each with its
+/// own meta keys. C equals A and no meta key of the first hop leaks into C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_cascade() -> Result<()> {
+    let a = EtcdCluster::start().await?;
+    let b = EtcdCluster::start().await?;
+    let c = EtcdCluster::start().await?;
+    put_many(&mut a.client().await?, "/svc/", 300, 50, "v1").await?;
+    let mut first = mirror_args(&a, &b, "/");
+    first.extend(e2e::args(&["--job-name", "a-to-b"]));
+    let mut second = mirror_args(&b, &c, "/");
+    second.extend(e2e::args(&["--job-name", "b-to-c"]));
+    let hop1 = Syncer::start("a-to-b", &first).await?;
+    let hop2 = Syncer::start("b-to-c", &second).await?;
+    wait_state(&hop1, "a-to-b", "watching").await?;
+    wait_state(&hop2, "b-to-c", "watching").await?;
+    moderate_load("/svc/").run(&[a.client().await?]).await?;
+    converge(&a, "/", &c, "/", WAIT).await?;
+    let mut client = c.client().await?;
+    let meta = client
+        .get(
+            META_PREFIX,
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await?;
+    let keys: Vec<String> = meta
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect();
+    ensure!(
+        keys.iter()
+            .all(|k| k.starts_with(&format!("{META_PREFIX}b-to-c/"))),
+        "meta keys leaked into C: {keys:?}"
+    );
+    ensure!(keys.iter().any(|k| k.ends_with("b-to-c/checkpoint")));
+    hop1.finish().await?;
+    hop2.finish().await
+}
