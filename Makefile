@@ -4,7 +4,7 @@ CARGO ?= cargo
 RELEASE_BIN := target/release/etcd-syncer
 DEBUG_BIN := target/debug/etcd-syncer
 
-.PHONY: all deps build release demo test unit e2e e2e-long lint bench bench-quick clean
+.PHONY: all deps build release demo test unit e2e e2e-long lint bench bench-quick chart-tools chart-test clean
 
 all: build
 
@@ -21,11 +21,21 @@ release: deps
 demo: release
 	ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/demo
 
-## make test: unit and property tests, then the end-to-end suite against real etcd.
-test: deps
+## make test: unit and property tests, the end-to-end suite against real etcd
+## (and a real Prometheus), then the chart and alert-rule validation.
+test: deps chart-tools
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --lib --bins
 	$(MAKE) e2e
+	$(MAKE) chart-test
+
+chart-tools:
+	@scripts/ensure-chart-tools.sh
+
+## make chart-test: helm lint/template, kubernetes-validate, promtool, rendered config.
+chart-test: chart-tools
+	$(CARGO) build --bins
+	ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) scripts/chart-test.sh
 
 unit: deps
 	$(CARGO) test --workspace --lib --bins

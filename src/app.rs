@@ -16,7 +16,8 @@ use crate::admin::{
 use crate::check::{check, CheckOptions, CheckReport, CheckTarget, RepairQueue};
 use crate::client::{ClientError, Cluster, FailureKind};
 use crate::config::{
-    CheckArgs, ClusterSettings, ConfigError, OutputFormat, PromoteArgs, Settings, Side, StatusArgs,
+    CheckArgs, ClusterSettings, ConfigError, OutputFormat, PromoteArgs, ResetArgs, Settings, Side,
+    StatusArgs,
 };
 use crate::election::SessionManager;
 use crate::health::Health;
@@ -455,4 +456,31 @@ fn render_check(report: &CheckReport) -> String {
         }
     }
     out
+}
+
+/// `etcd-syncer reset`: leaves a reset request for each chosen job.
+pub async fn run_reset(args: ResetArgs) -> Result<(), AppError> {
+    let request_timeout = args.request_timeout;
+    let (job_name, all) = (args.job_name.clone(), args.all);
+    let (dest_settings, meta_prefix, configured) = args.resolve()?;
+    let dest = Cluster::connect(&dest_settings, request_timeout).await?;
+    let jobs: Vec<String> = match (job_name, all) {
+        (Some(job), _) => vec![job],
+        (None, _) if !configured.is_empty() => configured,
+        (None, _) => collect_status(&dest, &meta_prefix, None)
+            .await?
+            .into_iter()
+            .map(|s| s.job)
+            .collect(),
+    };
+    let instance = crate::config::default_instance_id();
+    for job in jobs {
+        match request_reset(&dest, &MetaKeys::new(&meta_prefix, &job), &instance).await {
+            Ok(()) => println!("job {job}: reset requested; the leader drops the checkpoint and runs one full sync"),
+            Err(JobError::Promoted) => println!("job {job}: promoted, not reset"),
+            Err(JobError::Client(error)) => return Err(error.into()),
+            Err(other) => return Err(AppError::Job { job, source: other }),
+        }
+    }
+    Ok(())
 }

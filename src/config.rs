@@ -50,6 +50,58 @@ pub enum Command {
     /// Compare source and destination exactly at the checkpoint revision.
     /// Exit code 0 consistent, 1 differences, 2 error.
     Check(Box<CheckArgs>),
+    /// Request one full sync per job (what --reset-last-synced-rev does),
+    /// consumed by whichever replica leads the job next. For one-off repairs,
+    /// e.g. from a Kubernetes Job, without restarting the replicas.
+    Reset(Box<ResetArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    /// Take the destination and the jobs from this config file (flags override it).
+    #[arg(long, env = "ETCD_SYNCER_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub dest: DestArgs,
+    /// The job to reset.
+    #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+    pub job_name: Option<String>,
+    /// Every job of the config file, or every job found under the meta prefix.
+    #[arg(long)]
+    pub all: bool,
+    #[arg(long, env = "ETCD_SYNCER_META_PREFIX")]
+    pub meta_prefix: Option<String>,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
+    pub request_timeout: Duration,
+}
+
+impl ResetArgs {
+    /// The destination, the meta prefix and the configured job names
+    /// (empty without a config file).
+    pub fn resolve(self) -> Result<(ClusterSettings, String, Vec<String>), ConfigError> {
+        let file = match &self.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let destination = cluster_settings(
+            Side::Destination,
+            self.dest.flags(),
+            file.destination.unwrap_or_default(),
+        )?;
+        let meta_prefix = self
+            .meta_prefix
+            .or(file.meta_prefix)
+            .unwrap_or_else(|| DEFAULT_META_PREFIX.to_string());
+        let jobs = file
+            .jobs
+            .into_iter()
+            .map(|job| {
+                job.name
+                    .unwrap_or_else(|| job_name_from_prefix(&job.prefix))
+            })
+            .collect();
+        Ok((destination, meta_prefix, jobs))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -214,6 +266,11 @@ pub struct MirrorArgs {
     /// Delete the jobs' checkpoints before starting, forcing one full sync (repair runs).
     #[arg(long, env = "ETCD_SYNCER_RESET_LAST_SYNCED_REV")]
     pub reset_last_synced_rev: bool,
+
+    /// Check the configuration (flags, file, TLS and password files) and exit
+    /// without connecting: 0 if valid, 2 with the offending field if not.
+    #[arg(long)]
+    pub validate_config: bool,
 
     /// Address of the /metrics, /healthz and /readyz endpoints (port 0 picks a free port).
     #[arg(long, env = "ETCD_SYNCER_METRICS_ADDR")]

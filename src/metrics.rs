@@ -228,6 +228,9 @@ impl Metrics {
         for op in ["put", "delete", "unchanged"] {
             self.full_sync_keys_total.with_label_values(&[job, op]);
         }
+        for kind in PRECREATED_ERROR_KINDS {
+            self.errors_total.with_label_values(&[job, kind]);
+        }
         metrics.set_state(JobState::Starting);
         metrics
     }
@@ -248,6 +251,18 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// Error kinds whose series exist from the start at 0, so `rate()` and
+/// alerts work before the first failure. Rarer kinds appear when they happen.
+pub const PRECREATED_ERROR_KINDS: [&str; 7] = [
+    "source_unavailable",
+    "dest_unavailable",
+    "auth",
+    "compacted",
+    "fenced",
+    "lease_lost",
+    "prune_guard",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobState {
