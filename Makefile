@@ -4,7 +4,7 @@ CARGO ?= cargo
 RELEASE_BIN := target/release/etcd-syncer
 DEBUG_BIN := target/debug/etcd-syncer
 
-.PHONY: all deps build release demo test unit e2e e2e-long lint bench bench-quick chart-tools chart-test clean
+.PHONY: all deps build release demo test unit e2e e2e-long lint bench bench-quick chart-tools chart-test docs clean
 
 all: build
 
@@ -26,6 +26,7 @@ demo: release
 test: deps chart-tools
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --lib --bins
+	ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) scripts/gen-config-doc.sh --check
 	$(MAKE) e2e
 	$(MAKE) chart-test
 
@@ -54,6 +55,11 @@ bench: release
 
 bench-quick: release
 	BENCH_QUICK=1 ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/bench
+
+## make docs: regenerate docs/configuration.md from --help.
+docs:
+	$(CARGO) build --bins
+	ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) scripts/gen-config-doc.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -263,7 +263,8 @@ pub struct MirrorArgs {
     /// A full sync that would delete more than this share of the job's destination keys deletes nothing.
     #[arg(long, env = "ETCD_SYNCER_MAX_PRUNE_RATIO")]
     pub max_prune_ratio: Option<f64>,
-    /// Delete the jobs' checkpoints before starting, forcing one full sync (repair runs).
+    /// Request one full sync per job (repair runs): whichever replica leads a
+    /// job next drops its checkpoint, once, whatever instance got the flag.
     #[arg(long, env = "ETCD_SYNCER_RESET_LAST_SYNCED_REV")]
     pub reset_last_synced_rev: bool,
 
@@ -1385,6 +1386,75 @@ mod tests {
         );
         let bad_duration = error_text(file("progress-interval = \"soon\"\n"));
         assert!(bad_duration.contains("progress-interval"), "{bad_duration}");
+    }
+
+    /// docs/config-reference.toml documents every key: it must parse, and set them all.
+    #[test]
+    fn the_reference_config_sets_every_key() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/config-reference.toml");
+        let file = load_file(&path).expect("docs/config-reference.toml parses");
+        let FileConfig {
+            source,
+            destination,
+            meta_prefix,
+            max_txn_ops,
+            max_txn_bytes,
+            max_prune_ratio,
+            metrics_addr,
+            instance_id,
+            page_size,
+            max_inflight_txns,
+            progress_interval,
+            watch_idle_timeout,
+            request_timeout,
+            pipeline_spacing,
+            check_interval,
+            check_repair,
+            check_sample_size,
+            lock_ttl,
+            rebalance_interval,
+            jobs,
+        } = file;
+        assert!(
+            meta_prefix.is_some()
+                && max_txn_ops.is_some()
+                && max_txn_bytes.is_some()
+                && max_prune_ratio.is_some()
+        );
+        assert!(
+            metrics_addr.is_some()
+                && instance_id.is_some()
+                && page_size.is_some()
+                && max_inflight_txns.is_some()
+        );
+        assert!(
+            progress_interval.is_some()
+                && watch_idle_timeout.is_some()
+                && request_timeout.is_some()
+        );
+        assert!(pipeline_spacing.is_some() && check_interval.is_some() && check_repair.is_some());
+        assert!(check_sample_size.is_some() && lock_ttl.is_some() && rebalance_interval.is_some());
+        for side in [source.expect("source"), destination.expect("destination")] {
+            let FileCluster {
+                endpoints,
+                cacert,
+                cert,
+                key,
+                user,
+                password,
+                password_file,
+            } = side;
+            assert!(!endpoints.is_empty() && cacert.is_some() && cert.is_some() && key.is_some());
+            assert!(user.is_some() && password.is_some() && password_file.is_some());
+        }
+        let FileJob {
+            name,
+            prefix,
+            dest_prefix,
+            no_dest_prefix: _,
+        } = &jobs[0];
+        assert!(name.is_some() && !prefix.is_empty() && dest_prefix.is_some());
     }
 
     #[test]

@@ -7,11 +7,12 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use etcd_syncer::app::{run_check, run_mirror, run_promote, run_reset, run_status, AppError};
-use etcd_syncer::config::{Cli, Command};
+use etcd_syncer::config::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    etcd_syncer::telemetry::init(cli.telemetry.log_format, &cli.telemetry.log_level);
+    let log_format = cli.telemetry.log_format;
+    etcd_syncer::telemetry::init(log_format, &cli.telemetry.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -55,15 +56,18 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(code) => code,
-        Err(error) => report(error),
+        Err(error) => report(error, log_format),
     }
 }
 
-fn report(error: AppError) -> ExitCode {
+fn report(error: AppError, log_format: LogFormat) -> ExitCode {
     let code = error.exit_code();
     if code == 2 {
-        tracing::error!(error = %error, "Invalid configuration.");
-        eprintln!("error: {error}");
+        // A person reads this at the terminal; a collector reads the JSON line.
+        match log_format {
+            LogFormat::Json => tracing::error!(error = %error, "Invalid configuration."),
+            LogFormat::Text => eprintln!("error: {error}"),
+        }
     } else {
         tracing::error!(error = %error, "Exiting.");
     }
