@@ -2,7 +2,7 @@
 # `etcd-syncer:<appVersion>`, so build it as:
 #   docker build -t etcd-syncer:0.1.0 .
 
-FROM rust:1.88-bookworm AS build
+FROM rust:1-bookworm AS build
 # etcd-client's build generates its gRPC code with protoc.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends protobuf-compiler \

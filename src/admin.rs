@@ -242,6 +242,8 @@ pub struct PromoteOutcome {
     pub job: String,
     pub action: &'static str,
     pub final_checkpoint_revision: Option<i64>,
+    /// With a reachable source: the exact check at the final checkpoint.
+    pub consistency: Option<crate::check::CheckReport>,
 }
 
 /// Waits until the job's checkpoint covers the source revision current at
@@ -310,6 +312,7 @@ pub async fn promote(
             "already promoted"
         },
         final_checkpoint_revision: status.last_synced_revision,
+        consistency: None,
     })
 }
 
@@ -339,5 +342,6 @@ pub async fn undo_promote(
             "was not promoted"
         },
         final_checkpoint_revision: status.last_synced_revision,
+        consistency: None,
     })
 }

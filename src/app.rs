@@ -348,7 +348,12 @@ pub async fn run_promote(args: PromoteArgs) -> Result<(), AppError> {
                     wait_for_sync(&dest, source, &args.meta_prefix, job, args.wait_timeout).await?;
                 info!(%job, checkpoint = reached, "Destination caught up with the source.");
             }
-            promote(&dest, &args.meta_prefix, job, &by).await?
+            let mut outcome = promote(&dest, &args.meta_prefix, job, &by).await?;
+            if let Some(source) = &source {
+                outcome.consistency =
+                    promoted_consistency(source, &dest, &args.meta_prefix, job).await;
+            }
+            outcome
         };
         outcomes.push(outcome);
     }
@@ -371,6 +376,44 @@ pub async fn run_promote(args: PromoteArgs) -> Result<(), AppError> {
         }
     }
     Ok(())
+}
+
+/// The exact check right after promotion: what the new primary holds
+/// compared with the old one at the final checkpoint. Best effort: the
+/// source may be gone, which is why one promotes.
+async fn promoted_consistency(
+    source: &Cluster,
+    dest: &Cluster,
+    meta_prefix: &str,
+    job: &str,
+) -> Option<CheckReport> {
+    let status = collect_status(dest, meta_prefix, Some(job))
+        .await
+        .ok()?
+        .pop()?;
+    let prefix = status.source_prefix?;
+    let dest_prefix = status.dest_prefix.unwrap_or_else(|| prefix.clone());
+    let target = CheckTarget {
+        job: job.to_string(),
+        rewrite: KeyRewrite::new(prefix.as_bytes(), dest_prefix.as_bytes()),
+        keys: MetaKeys::new(meta_prefix, job),
+        meta_prefix: meta_prefix.as_bytes().to_vec(),
+    };
+    match check(
+        source,
+        dest,
+        &target,
+        CheckOptions::default(),
+        &CancellationToken::new(),
+    )
+    .await
+    {
+        Ok(report) => Some(report),
+        Err(error) => {
+            warn!(%job, %error, "No consistency summary after promotion.");
+            None
+        }
+    }
 }
 
 /// `etcd-syncer check`: true when the destination is consistent.

@@ -225,6 +225,7 @@ async fn compare(
     let pagers = cancel.child_token();
     let _stop_pagers = pagers.clone().drop_guard();
     let mut source_pages = spawn_pager(
+        target.job.clone(),
         source.clone(),
         target.rewrite.source_prefix().to_vec(),
         Some(source_revision),
@@ -233,6 +234,7 @@ async fn compare(
         pagers.clone(),
     );
     let mut dest_pages = spawn_pager(
+        target.job.clone(),
         dest.clone(),
         target.rewrite.dest_prefix().to_vec(),
         Some(dest_revision),

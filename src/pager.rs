@@ -51,6 +51,7 @@ pub async fn next_page(
 /// memory). Keys under the meta prefix are skipped: they are never copied,
 /// compared or pruned.
 pub fn spawn_pager(
+    job: String,
     cluster: Cluster,
     prefix: Vec<u8>,
     revision: Option<i64>,
@@ -80,7 +81,7 @@ pub fn spawn_pager(
                 response = read
                     .retry(page_retry())
                     .when(|e: &ClientError| e.is_retryable())
-                    .notify(|error, delay| warn!(%error, retry_in = ?delay, "Page read failed; retrying.")) => response,
+                    .notify(|error, delay| warn!(%job, %error, retry_in = ?delay, "Page read failed; retrying.")) => response,
             };
             let mut response = match response {
                 Ok(response) => response,

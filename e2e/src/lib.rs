@@ -251,6 +251,77 @@ pub async fn checkpoint_history(
     }
 }
 
+/// The checkpoint's history, checked to never go backwards (a deposed or
+/// reordered writer must not roll it back).
+pub async fn monotonic_checkpoint_history(
+    dest: &EtcdCluster,
+    job: &str,
+) -> Result<Vec<(i64, serde_json::Value)>> {
+    let history = checkpoint_history(dest, job).await?;
+    let mut previous = 0;
+    for (dest_revision, checkpoint) in &history {
+        let synced = checkpoint["last_synced_rev"]
+            .as_i64()
+            .context("last_synced_rev")?;
+        if synced < previous {
+            bail!("checkpoint went back from {previous} to {synced} at destination revision {dest_revision}");
+        }
+        previous = synced;
+    }
+    Ok(history)
+}
+
+/// Runs an `etcd-syncer` command to completion: (exit code, stdout + stderr).
+pub async fn run_cli(argv: &[String]) -> Result<(i32, String)> {
+    let output = tokio::process::Command::new(syncer::binary())
+        .args(argv)
+        .output()
+        .await?;
+    Ok((
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+    ))
+}
+
+/// `args` with the value after `flag` replaced, e.g. an endpoint by its proxy.
+pub fn replace_flag(mut args: Vec<String>, flag: &str, value: &str) -> Result<Vec<String>> {
+    let at = args
+        .iter()
+        .position(|a| a == flag)
+        .with_context(|| format!("{flag} not in the arguments"))?
+        + 1;
+    args[at] = value.to_string();
+    Ok(args)
+}
+
+/// Waits until the syncer reports `job` in `state` (e.g. "watching").
+pub async fn wait_job_state(syncer: &Syncer, job: &str, state: &str) -> Result<()> {
+    eventually(
+        Duration::from_secs(120),
+        &format!("job {job} to be {state}"),
+        || async {
+            Ok(syncer
+                .metric("etcd_syncer_job_state", &[("job", job), ("state", state)])
+                .await?
+                == 1.0)
+        },
+    )
+    .await
+}
+
+/// Instances queued for a job's lock on the destination.
+pub async fn lock_holders(dest: &EtcdCluster, job: &str) -> Result<usize> {
+    let mut client = dest.client().await?;
+    let response = client
+        .get(
+            format!("{META_PREFIX}{job}/lock/"),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await?;
+    Ok(response.count() as usize)
+}
+
 /// Puts `count` keys `<prefix>key-NNNNNN` with `value_size`-byte values, in
 /// txns of up to 100 puts.
 pub async fn put_many(

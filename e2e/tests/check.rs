@@ -9,18 +9,6 @@ use e2e::*;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-async fn run_cli(argv: &[String]) -> Result<(i32, String)> {
-    let output = tokio::process::Command::new(e2e::syncer::binary())
-        .args(argv)
-        .output()
-        .await?;
-    Ok((
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned()
-            + &String::from_utf8_lossy(&output.stderr),
-    ))
-}
-
 fn check_args(source: &EtcdCluster, dest: &EtcdCluster, extra: &[&str]) -> Vec<String> {
     let mut argv = e2e::args(&[
         "check",

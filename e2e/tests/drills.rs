@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use e2e::load::Load;
 use e2e::proxy::LinkProxy;
 use e2e::*;
@@ -13,26 +13,6 @@ use etcd_client::GetOptions;
 use nix::sys::signal::Signal;
 
 const WAIT: Duration = Duration::from_secs(120);
-
-fn with_endpoint(mut args: Vec<String>, flag: &str, endpoint: &str) -> Result<Vec<String>> {
-    let at = args
-        .iter()
-        .position(|a| a == flag)
-        .context("flag present")?
-        + 1;
-    args[at] = endpoint.to_string();
-    Ok(args)
-}
-
-async fn wait_state(syncer: &Syncer, job: &str, state: &str) -> Result<()> {
-    eventually(WAIT, state, || async {
-        Ok(syncer
-            .metric("etcd_syncer_job_state", &[("job", job), ("state", state)])
-            .await?
-            == 1.0)
-    })
-    .await
-}
 
 fn moderate_load(prefix: &str) -> Load {
     let mut load = Load::new(prefix, 4, 200);
@@ -46,7 +26,7 @@ fn moderate_load(prefix: &str) -> Load {
 async fn drill_under_load(source: &EtcdCluster, dest: &EtcdCluster, name: &str) -> Result<()> {
     put_many(&mut source.client().await?, "/app/", 2_000, 100, "v1").await?;
     let syncer = Syncer::start(name, &mirror_args(source, dest, "/app/")).await?;
-    wait_state(&syncer, "app", "watching").await?;
+    wait_job_state(&syncer, "app", "watching").await?;
     let report = moderate_load("/app/")
         .run(&[source.client().await?])
         .await?;
@@ -100,7 +80,7 @@ async fn drill_sigterm_during_a_full_sync() -> Result<()> {
                 "--page-size",
                 "200",
             ]));
-            args = with_endpoint(args, "--dst-endpoints", &proxied)?;
+            args = replace_flag(args, "--dst-endpoints", &proxied)?;
         }
         Ok(args)
     };
@@ -157,13 +137,13 @@ async fn drill_short_outage_resumes_on_the_fast_path() -> Result<()> {
     let dest = EtcdCluster::start().await?;
     put_many(&mut source.client().await?, "/app/", 500, 100, "v1").await?;
     let (proxy, proxied) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
-    let args = with_endpoint(
+    let args = replace_flag(
         mirror_args(&source, &dest, "/app/"),
         "--src-endpoints",
         &proxied,
     )?;
     let syncer = Syncer::start("syncer", &args).await?;
-    wait_state(&syncer, "app", "watching").await?;
+    wait_job_state(&syncer, "app", "watching").await?;
 
     let clients = vec![source.client().await?];
     let load = tokio::spawn(async move {
@@ -215,13 +195,13 @@ async fn drill_severed_line_while_streaming() -> Result<()> {
     let dest = EtcdCluster::start().await?;
     put_many(&mut source.client().await?, "/app/", 200, 100, "v1").await?;
     let (proxy, proxied) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
-    let args = with_endpoint(
+    let args = replace_flag(
         mirror_args(&source, &dest, "/app/"),
         "--src-endpoints",
         &proxied,
     )?;
     let syncer = Syncer::start("syncer", &args).await?;
-    wait_state(&syncer, "app", "watching").await?;
+    wait_job_state(&syncer, "app", "watching").await?;
 
     proxy.hold();
     let held = Instant::now();
@@ -276,14 +256,14 @@ async fn drill_weak_network() -> Result<()> {
     let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
     proxy.set_delay(Duration::from_millis(15));
     proxy.set_bandwidth(1024 * 1024);
-    let args = with_endpoint(
+    let args = replace_flag(
         mirror_args(&source, &dest, "/app/"),
         "--dst-endpoints",
         &proxied,
     )?;
     let started = Instant::now();
     let syncer = Syncer::start("syncer", &args).await?;
-    wait_state(&syncer, "app", "watching").await?;
+    wait_job_state(&syncer, "app", "watching").await?;
     println!(
         "weak network: full sync of 20,000 keys in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -310,7 +290,7 @@ async fn drill_source_replaced() -> Result<()> {
     let dest = EtcdCluster::start().await?;
     put_many(&mut old_source.client().await?, "/app/", 300, 50, "old").await?;
     let mut first = Syncer::start("first", &mirror_args(&old_source, &dest, "/app/")).await?;
-    wait_state(&first, "app", "watching").await?;
+    wait_job_state(&first, "app", "watching").await?;
     converge(&old_source, "/app/", &dest, "/app/", WAIT).await?;
     // Many revisions on the old source, so the new one starts far behind the checkpoint.
     let mut client = old_source.client().await?;
@@ -327,7 +307,7 @@ async fn drill_source_replaced() -> Result<()> {
     ensure!(new_source.cluster_id().await? != old_source.cluster_id().await?);
     put_many(&mut new_source.client().await?, "/app/", 280, 50, "new").await?;
     let second = Syncer::start("second", &mirror_args(&new_source, &dest, "/app/")).await?;
-    wait_state(&second, "app", "watching").await?;
+    wait_job_state(&second, "app", "watching").await?;
     converge(&new_source, "/app/", &dest, "/app/", WAIT).await?;
     ensure!(
         second
@@ -355,7 +335,7 @@ async fn drill_destination_quota_exceeded() -> Result<()> {
     let mut syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
     syncer.allow_error("database space exceeded");
     syncer.allow_error("backend quota is full");
-    wait_state(&syncer, "app", "watching").await?;
+    wait_job_state(&syncer, "app", "watching").await?;
 
     let mut src = source.client().await?;
     let big = vec![b'q'; 200_000];
@@ -426,8 +406,8 @@ async fn drill_cascade() -> Result<()> {
     second.extend(e2e::args(&["--job-name", "b-to-c"]));
     let hop1 = Syncer::start("a-to-b", &first).await?;
     let hop2 = Syncer::start("b-to-c", &second).await?;
-    wait_state(&hop1, "a-to-b", "watching").await?;
-    wait_state(&hop2, "b-to-c", "watching").await?;
+    wait_job_state(&hop1, "a-to-b", "watching").await?;
+    wait_job_state(&hop2, "b-to-c", "watching").await?;
     moderate_load("/svc/").run(&[a.client().await?]).await?;
     converge(&a, "/", &c, "/", WAIT).await?;
     let mut client = c.client().await?;

@@ -7,7 +7,6 @@ use anyhow::{ensure, Context, Result};
 use e2e::load::Load;
 use e2e::proxy::LinkProxy;
 use e2e::*;
-use etcd_client::GetOptions;
 use nix::sys::signal::Signal;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -43,17 +42,6 @@ async fn wait_leader<'a>(candidates: &'a [&'a Syncer], job: &str) -> Result<&'a 
         ensure!(Instant::now() < deadline, "no leader for {job}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn lock_holders(dest: &EtcdCluster, job: &str) -> Result<usize> {
-    let mut client = dest.client().await?;
-    let response = client
-        .get(
-            format!("{META_PREFIX}{job}/lock/"),
-            Some(GetOptions::new().with_prefix().with_count_only()),
-        )
-        .await?;
-    Ok(response.count() as usize)
 }
 
 fn slow_load() -> Load {
@@ -202,16 +190,7 @@ async fn a_frozen_leader_is_fenced_and_never_rolls_back() -> Result<()> {
         "the old leader does not come back"
     );
 
-    let history = checkpoint_history(&dest, "app").await?;
-    let mut previous = 0;
-    for (revision, checkpoint) in &history {
-        let synced = checkpoint["last_synced_rev"].as_i64().context("rev")?;
-        ensure!(
-            synced >= previous,
-            "checkpoint went back from {previous} to {synced} at destination revision {revision}"
-        );
-        previous = synced;
-    }
+    monotonic_checkpoint_history(&dest, "app").await?;
     // More writes after the thaw still land once, from the leader only.
     source
         .client()
@@ -320,18 +299,6 @@ async fn leadership_spreads_over_instances() -> Result<()> {
     }
     first.finish().await?;
     second.finish().await
-}
-
-async fn run_cli(argv: &[String]) -> Result<(i32, String)> {
-    let output = tokio::process::Command::new(e2e::syncer::binary())
-        .args(argv)
-        .output()
-        .await?;
-    Ok((
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned()
-            + &String::from_utf8_lossy(&output.stderr),
-    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,19 +14,6 @@ async fn job_metric(syncer: &Syncer, name: &str, job: &str) -> Result<f64> {
     syncer.metric(name, &[("job", job)]).await
 }
 
-async fn wait_watching(syncer: &Syncer, job: &str) -> Result<()> {
-    eventually(CONVERGE, "job to be watching", || async {
-        Ok(syncer
-            .metric(
-                "etcd_syncer_job_state",
-                &[("job", job), ("state", "watching")],
-            )
-            .await?
-            == 1.0)
-    })
-    .await
-}
-
 async fn checkpoint_rev(dest: &EtcdCluster, job: &str) -> Result<Option<i64>> {
     let mut client = dest.client().await?;
     let response = client
@@ -52,7 +39,7 @@ async fn full_sync_copies_prunes_and_keeps_outside_keys() -> Result<()> {
     dst.put("/other/keep", "y", None).await?;
 
     let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_watching(&syncer, "app").await?;
+    wait_job_state(&syncer, "app", "watching").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
     assert_eq!(
         job_metric(&syncer, "etcd_syncer_slow_path_total", "app").await?,
@@ -114,7 +101,7 @@ async fn restart_resumes_on_the_fast_path_without_copying() -> Result<()> {
     let mut src = source.client().await?;
     put_many(&mut src, "/app/", 300, 50, "v1").await?;
     let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_watching(&first, "app").await?;
+    wait_job_state(&first, "app", "watching").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
     assert!(first.stop().await?.success(), "SIGTERM exits cleanly");
     first.finish().await?;
@@ -123,7 +110,7 @@ async fn restart_resumes_on_the_fast_path_without_copying() -> Result<()> {
     src.put("/app/while-down", "1", None).await?;
     src.delete("/app/key-000003", None).await?;
     let second = Syncer::start("second", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_watching(&second, "app").await?;
+    wait_job_state(&second, "app", "watching").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
     assert_eq!(
         job_metric(&second, "etcd_syncer_fast_path_total", "app").await?,
@@ -154,7 +141,7 @@ async fn compaction_during_downtime_forces_one_full_sync() -> Result<()> {
     let mut src = source.client().await?;
     put_many(&mut src, "/app/", 200, 50, "v1").await?;
     let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_watching(&first, "app").await?;
+    wait_job_state(&first, "app", "watching").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
     first.stop().await?;
     first.finish().await?;
@@ -167,7 +154,7 @@ async fn compaction_during_downtime_forces_one_full_sync() -> Result<()> {
     source.compact().await?;
 
     let second = Syncer::start("second", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_watching(&second, "app").await?;
+    wait_job_state(&second, "app", "watching").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
     assert_eq!(
         job_metric(&second, "etcd_syncer_slow_path_total", "app").await?,
@@ -203,7 +190,7 @@ async fn reset_last_synced_rev_repairs_a_diverged_destination() -> Result<()> {
     let mut dst = dest.client().await?;
     put_many(&mut src, "/app/", 100, 50, "v1").await?;
     let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_watching(&first, "app").await?;
+    wait_job_state(&first, "app", "watching").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
     first.stop().await?;
     first.finish().await?;
@@ -215,7 +202,7 @@ async fn reset_last_synced_rev_repairs_a_diverged_destination() -> Result<()> {
     let mut args = mirror_args(&source, &dest, "/app/");
     args.push("--reset-last-synced-rev".into());
     let second = Syncer::start("second", &args).await?;
-    wait_watching(&second, "app").await?;
+    wait_job_state(&second, "app", "watching").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
     assert_eq!(
         job_metric(&second, "etcd_syncer_slow_path_total", "app").await?,
@@ -242,7 +229,7 @@ async fn dest_prefix_rewrite_and_no_dest_prefix() -> Result<()> {
     let mut rewrite = mirror_args(&source, &dest, "/app/");
     rewrite.extend(args(&["--dest-prefix", "/copy/"]));
     let syncer = Syncer::start("rewrite", &rewrite).await?;
-    wait_watching(&syncer, "app").await?;
+    wait_job_state(&syncer, "app", "watching").await?;
     src.put("/app/live", "1", None).await?;
     converge(&source, "/app/", &dest, "/copy/", CONVERGE).await?;
     syncer.finish().await?;
@@ -252,7 +239,7 @@ async fn dest_prefix_rewrite_and_no_dest_prefix() -> Result<()> {
     let mut strip = mirror_args(&source, &dest, "/app/");
     strip.extend(args(&["--no-dest-prefix", "--job-name", "stripped"]));
     let syncer = Syncer::start("strip", &strip).await?;
-    wait_watching(&syncer, "stripped").await?;
+    wait_job_state(&syncer, "stripped", "watching").await?;
     let dst = dest.client().await?;
     eventually(CONVERGE, "stripped keys", || {
         let mut dst = dst.clone();
@@ -275,7 +262,7 @@ async fn meta_prefix_is_never_copied_nor_pruned() -> Result<()> {
         .await?;
     src.put("/app/a", "1", None).await?;
     let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/")).await?;
-    wait_watching(&syncer, "root").await?;
+    wait_job_state(&syncer, "root", "watching").await?;
     src.put(
         format!("{META_PREFIX}upstream/checkpoint"),
         "theirs-2",
@@ -311,7 +298,7 @@ async fn mass_delete_guard_holds_until_overridden() -> Result<()> {
     let mut src = source.client().await?;
     put_many(&mut src, "/app/", 100, 20, "v1").await?;
     let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_watching(&first, "app").await?;
+    wait_job_state(&first, "app", "watching").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
     first.stop().await?;
     first.finish().await?;
@@ -358,7 +345,7 @@ async fn mass_delete_guard_holds_until_overridden() -> Result<()> {
     let mut args = mirror_args(&source, &dest, "/app/");
     args.extend(e2e::args(&["--max-prune-ratio", "1"]));
     let overridden = Syncer::start("overridden", &args).await?;
-    wait_watching(&overridden, "app").await?;
+    wait_job_state(&overridden, "app", "watching").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
     assert_eq!(read_prefix(&mut dst, "/app/").await?.len(), 0);
     overridden.finish().await
@@ -373,7 +360,7 @@ async fn revisions_larger_than_one_txn_are_split_and_counted() -> Result<()> {
     .await?;
     let dest = EtcdCluster::start().await?;
     let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_watching(&syncer, "app").await?;
+    wait_job_state(&syncer, "app", "watching").await?;
     let mut src = source.client().await?;
     let ops: Vec<TxnOp> = (0..300)
         .map(|i| TxnOp::put(format!("/app/big-{i:04}"), "x", None))
@@ -401,7 +388,7 @@ async fn mutual_tls_on_both_sides() -> Result<()> {
     let mut src = source.client().await?;
     put_many(&mut src, "/app/", 100, 20, "v1").await?;
     let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_watching(&syncer, "app").await?;
+    wait_job_state(&syncer, "app", "watching").await?;
     src.put("/app/live", "1", None).await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
     syncer.finish().await
@@ -459,7 +446,7 @@ async fn user_password_auth_and_a_wrong_password() -> Result<()> {
         "d3cret",
     ]));
     let syncer = Syncer::start("syncer", &right).await?;
-    wait_watching(&syncer, "app").await?;
+    wait_job_state(&syncer, "app", "watching").await?;
     src.put("/app/live", "1", None).await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
     eventually(CONVERGE, "ready", || async {
@@ -604,7 +591,7 @@ async fn unreachable_destination_is_retried_and_not_ready() -> Result<()> {
     assert_eq!(syncer.get("/readyz").await?.0, 503);
     assert_eq!(syncer.get("/healthz").await?.0, 200, "alive while retrying");
     dest.restart().await?;
-    wait_watching(&syncer, "app").await?;
+    wait_job_state(&syncer, "app", "watching").await?;
     converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
     eventually(CONVERGE, "ready", || async {
         Ok(syncer.get("/readyz").await?.0 == 200)

@@ -200,6 +200,7 @@ async fn merge_pass(
     let _stop_pagers = pagers.clone().drop_guard();
     let page_size = ctx.tuning.page_size;
     let mut source_pages = spawn_pager(
+        ctx.job.name.clone(),
         ctx.source.clone(),
         ctx.rewrite.source_prefix().to_vec(),
         Some(pinned_rev),
@@ -208,6 +209,7 @@ async fn merge_pass(
         pagers.clone(),
     );
     let mut dest_pages = spawn_pager(
+        ctx.job.name.clone(),
         ctx.dest.clone(),
         ctx.rewrite.dest_prefix().to_vec(),
         None,
