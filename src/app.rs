@@ -69,7 +69,10 @@ const READINESS_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result<(), AppError> {
     let metrics = Metrics::new();
-    let health = Arc::new(Health::new(settings.jobs.iter().map(|j| j.name.as_str())));
+    let health = Arc::new(Health::new(
+        settings.jobs.iter().map(|j| j.name.as_str()),
+        settings.liveness_timeout,
+    ));
     let job_metrics: Vec<JobMetrics> = settings.jobs.iter().map(|j| metrics.job(&j.name)).collect();
     let status_view = Arc::new(StatusView {
         dest: std::sync::OnceLock::new(),

@@ -313,6 +313,9 @@ pub struct MirrorArgs {
     /// Sample keys of each kind of difference shown in check logs.
     #[arg(long, env = "ETCD_SYNCER_CHECK_SAMPLE_SIZE")]
     pub check_sample_size: Option<usize>,
+    /// /healthz fails when a job's loop (leading or standby) has not woken for this long.
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_LIVENESS_TIMEOUT")]
+    pub liveness_timeout: Option<Duration>,
 }
 
 /// How to reach the source cluster.
@@ -430,6 +433,8 @@ pub struct FileConfig {
     pub check_interval: Option<Duration>,
     pub check_repair: Option<bool>,
     pub check_sample_size: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub liveness_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub lock_ttl: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -601,6 +606,7 @@ pub struct Settings {
     pub instance_id: String,
     pub lock_ttl: Duration,
     pub rebalance_interval: Duration,
+    pub liveness_timeout: Duration,
     pub checks: CheckSettings,
     pub tuning: Tuning,
 }
@@ -824,6 +830,19 @@ impl MirrorArgs {
                 reason: "repairs come from the periodic check, which is disabled; set a --check-interval".into(),
             });
         }
+        let liveness_timeout = self
+            .liveness_timeout
+            .or(file.liveness_timeout)
+            .unwrap_or(crate::health::DEFAULT_LIVENESS_TIMEOUT);
+        if liveness_timeout < Duration::from_secs(5)
+            || liveness_timeout <= tuning.progress_interval * 2
+        {
+            return Err(invalid(
+                "--liveness-timeout",
+                &humantime::format_duration(liveness_timeout).to_string(),
+                "must be at least 5s and more than twice --progress-interval, or healthy job loops look wedged between their wake-ups",
+            ));
+        }
         let metrics_addr = match self.metrics_addr.or(file.metrics_addr) {
             Some(addr) => addr,
             None => DEFAULT_METRICS_ADDR
@@ -850,6 +869,7 @@ impl MirrorArgs {
             instance_id,
             lock_ttl,
             rebalance_interval,
+            liveness_timeout,
             checks,
             tuning,
         })
@@ -1412,6 +1432,7 @@ mod tests {
             check_interval,
             check_repair,
             check_sample_size,
+            liveness_timeout,
             lock_ttl,
             rebalance_interval,
             jobs,
@@ -1435,6 +1456,7 @@ mod tests {
         );
         assert!(pipeline_spacing.is_some() && check_interval.is_some() && check_repair.is_some());
         assert!(check_sample_size.is_some() && lock_ttl.is_some() && rebalance_interval.is_some());
+        assert!(liveness_timeout.is_some());
         for side in [source.expect("source"), destination.expect("destination")] {
             let FileCluster {
                 endpoints,

@@ -8,20 +8,23 @@ use std::time::{Duration, Instant};
 use crate::config::Side;
 
 /// A job whose loop has not woken for this long is considered wedged: every
-/// phase wakes at least once per progress interval or backoff step (≤ 30s).
-pub const WEDGED_AFTER: Duration = Duration::from_secs(120);
+/// phase (standby included) wakes at least every few seconds, and a backoff
+/// step lasts at most 20 s.
+pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug)]
 pub struct Health {
+    liveness_timeout: Duration,
     heartbeats: Mutex<HashMap<String, Instant>>,
     source_reachable: AtomicBool,
     dest_reachable: AtomicBool,
 }
 
 impl Health {
-    pub fn new<'a>(jobs: impl IntoIterator<Item = &'a str>) -> Self {
+    pub fn new<'a>(jobs: impl IntoIterator<Item = &'a str>, liveness_timeout: Duration) -> Self {
         let now = Instant::now();
         Self {
+            liveness_timeout,
             heartbeats: Mutex::new(jobs.into_iter().map(|j| (j.to_string(), now)).collect()),
             source_reachable: AtomicBool::new(false),
             dest_reachable: AtomicBool::new(false),
@@ -48,14 +51,14 @@ impl Health {
         }
     }
 
-    /// Jobs whose loop has not woken within [`WEDGED_AFTER`].
+    /// Jobs whose loop has not woken within the liveness timeout.
     pub fn wedged_jobs(&self) -> Vec<String> {
         let Ok(heartbeats) = self.heartbeats.lock() else {
             return vec!["<health state poisoned>".to_string()];
         };
         let mut wedged: Vec<String> = heartbeats
             .iter()
-            .filter(|(_, seen)| seen.elapsed() > WEDGED_AFTER)
+            .filter(|(_, seen)| seen.elapsed() > self.liveness_timeout)
             .map(|(job, _)| job.clone())
             .collect();
         wedged.sort();
@@ -69,11 +72,18 @@ mod tests {
 
     #[test]
     fn readiness_follows_both_sides() {
-        let health = Health::new(["a"]);
+        let health = Health::new(["a"], DEFAULT_LIVENESS_TIMEOUT);
         assert!(!health.reachable(Side::Source));
         health.set_reachable(Side::Source, true);
         assert!(health.reachable(Side::Source));
         assert!(!health.reachable(Side::Destination));
         assert!(health.wedged_jobs().is_empty());
+        let strict = Health::new(["a"], Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(strict.wedged_jobs(), vec!["a".to_string()]);
+        strict.heartbeat("a");
+        assert!(Health::new(["b"], Duration::from_secs(60))
+            .wedged_jobs()
+            .is_empty());
     }
 }

@@ -40,6 +40,8 @@ fn fair_share(total_jobs: usize, instances: usize) -> usize {
     total_jobs.div_ceil(instances.max(1))
 }
 
+const STANDBY_HEARTBEAT: Duration = Duration::from_secs(1);
+
 enum StepDown {
     Shutdown,
     LeaseLost,
@@ -60,17 +62,27 @@ pub async fn run_replica(
             return Ok(());
         }
         metrics.set_state(JobState::Standby);
-        let (session, leadership) = match elect(&template, &instance, &cancel).await {
+        // A standby may wait for days: keep /healthz green while it does.
+        let election = elect(&template, &instance, &cancel);
+        tokio::pin!(election);
+        let mut heartbeat = tokio::time::interval(STANDBY_HEARTBEAT);
+        let elected = loop {
+            tokio::select! {
+                elected = &mut election => break elected,
+                _ = heartbeat.tick() => template.heartbeat(),
+            }
+        };
+        let (session, leadership) = match elected {
             Ok(Some(elected)) => elected,
             Ok(None) => return Ok(()),
             Err(error) => {
                 let delay = backoff.next().unwrap_or(Duration::from_secs(30));
                 metrics.error(error.kind());
                 warn!(job = %name, %error, retry_in = ?delay, "Campaign for the job lock failed; retrying.");
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => continue,
+                if template.pause(delay, &cancel).await {
+                    continue;
                 }
+                return Ok(());
             }
         };
         backoff = retry_backoff();
@@ -133,9 +145,8 @@ pub async fn run_replica(
                     warn!(job = %name, %error, "Could not release the job lock; it goes with the lease.");
                 }
                 // Let a standby take the lock before queueing again.
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(instance.lock_ttl) => {}
+                if !template.pause(instance.lock_ttl, &cancel).await {
+                    return Ok(());
                 }
                 instance.rebalancing.store(false, Ordering::SeqCst);
             }

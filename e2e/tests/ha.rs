@@ -246,6 +246,35 @@ async fn sigterm_hands_over_without_waiting_for_the_ttl() -> Result<()> {
     b.finish().await
 }
 
+/// A standby waits in the lock queue for as long as the leader lives; its
+/// /healthz must stay green meanwhile, or Kubernetes restarts it in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_standby_stays_healthy() -> Result<()> {
+    let source = EtcdCluster::start().await?;
+    let dest = EtcdCluster::start().await?;
+    let mut leader_args = replica_args(&source, &dest, "replica-a");
+    leader_args.extend(e2e::args(&["--liveness-timeout", "5s"]));
+    let a = Syncer::start("a", &leader_args).await?;
+    wait_leader(&[&a], "app").await?;
+    let mut standby_args = replica_args(&source, &dest, "replica-b");
+    standby_args.extend(e2e::args(&["--liveness-timeout", "5s"]));
+    let b = Syncer::start("b", &standby_args).await?;
+    eventually(WAIT, "both queued", || async {
+        Ok(lock_holders(&dest, "app").await? == 2)
+    })
+    .await?;
+    // Twice the liveness timeout with nothing to replicate.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    ensure!(!is_leader(&b, "app").await?, "b is still the standby");
+    ensure!(b.get("/healthz").await?.0 == 200, "the standby is healthy");
+    ensure!(
+        a.get("/healthz").await?.0 == 200,
+        "the idle leader is healthy"
+    );
+    a.finish().await?;
+    b.finish().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_spreads_over_instances() -> Result<()> {
     let source = EtcdCluster::start().await?;

@@ -59,6 +59,23 @@ impl JobContext {
         self.health.heartbeat(&self.job.name);
     }
 
+    /// Sleeps `delay` (a backoff step) while still telling /healthz the job
+    /// loop is alive. Returns false if cancelled first.
+    ///
+    /// # Cancel-Safety
+    /// Cancel-safe: it only sleeps.
+    pub async fn pause(&self, delay: Duration, cancel: &CancellationToken) -> bool {
+        let deadline = tokio::time::Instant::now() + delay;
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep_until(deadline) => return true,
+                _ = heartbeat.tick() => self.heartbeat(),
+            }
+        }
+    }
+
     /// The same job writing under `fence` (the lock this instance now holds).
     pub fn fenced(&self, fence: Fence) -> JobContext {
         let mut ctx = self.clone();
@@ -355,9 +372,8 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
                 delay
             }
         };
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(delay) => {}
+        if !ctx.pause(delay, &cancel).await {
+            return Ok(());
         }
     }
 }
