@@ -201,12 +201,7 @@ async fn connect_with_retry(
     job_metrics: &[JobMetrics],
     cancel: &CancellationToken,
 ) -> Result<Option<Cluster>, AppError> {
-    let mut backoff = backon::ExponentialBuilder::default()
-        .with_jitter()
-        .with_min_delay(Duration::from_millis(250))
-        .with_max_delay(Duration::from_secs(30))
-        .without_max_times()
-        .build();
+    let mut backoff = crate::client::retry_backoff(Duration::from_secs(30));
     loop {
         let error = match Cluster::connect(settings, all.tuning.request_timeout).await {
             Ok(cluster) => return Ok(Some(cluster)),

@@ -22,6 +22,18 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Capped, jittered exponential backoff without a retry limit, for loops
+/// that retry until cancelled (connecting, campaigning, replicating).
+pub fn retry_backoff(max_delay: Duration) -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_jitter()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(max_delay)
+        .without_max_times()
+        .build()
+}
+
 /// What kind of failure an etcd error is; decides retries and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
@@ -240,10 +252,6 @@ impl Cluster {
         self.side
     }
 
-    pub fn endpoints(&self) -> &str {
-        &self.endpoints
-    }
-
     pub fn kv(&self) -> KvClient {
         self.kv.clone()
     }
@@ -254,14 +262,6 @@ impl Cluster {
 
     pub fn lease_client(&self) -> LeaseClient {
         self.client.lease_client()
-    }
-
-    pub fn client(&self) -> Client {
-        self.client.clone()
-    }
-
-    pub fn request_timeout(&self) -> Duration {
-        self.request_timeout
     }
 
     /// Runs one unary request under the request deadline, naming the cluster

@@ -44,14 +44,6 @@ impl ElectionError {
             ElectionError::Cancelled => "cancelled",
         }
     }
-
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            ElectionError::Client(error) => error.is_retryable(),
-            ElectionError::Cancelled => false,
-            ElectionError::LeaseLost { .. } | ElectionError::KeepAlive(_) => true,
-        }
-    }
 }
 
 /// What an instance writes in its lock key; shown by `status`.

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::BackoffBuilder;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -208,12 +207,7 @@ async fn should_step_down(template: &JobContext, instance: &Instance) -> bool {
 }
 
 fn retry_backoff() -> impl Iterator<Item = Duration> {
-    backon::ExponentialBuilder::default()
-        .with_jitter()
-        .with_min_delay(Duration::from_millis(250))
-        .with_max_delay(Duration::from_secs(30))
-        .without_max_times()
-        .build()
+    crate::client::retry_backoff(Duration::from_secs(30))
 }
 
 #[cfg(test)]

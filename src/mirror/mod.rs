@@ -21,7 +21,6 @@ pub mod writer;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -297,12 +296,7 @@ pub fn decide(meta: &JobMeta, source: ClusterHead, forced: Option<SlowPathReason
 /// of the link coming back, while a dead cluster still sees only a few
 /// requests a minute from each job.
 fn job_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_jitter()
-        .with_min_delay(Duration::from_millis(250))
-        .with_max_delay(Duration::from_secs(10))
-        .without_max_times()
-        .build()
+    crate::client::retry_backoff(Duration::from_secs(10))
 }
 
 /// An attempt that ran this long before failing made progress: start the

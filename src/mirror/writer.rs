@@ -59,10 +59,6 @@ impl DestWriter {
         &self.keys
     }
 
-    pub fn fence(&self) -> &Fence {
-        &self.fence
-    }
-
     pub fn metrics(&self) -> &JobMetrics {
         &self.metrics
     }
@@ -158,14 +154,12 @@ pub struct Pipeline {
     /// What the checkpoint key holds once every sent txn has committed.
     tail_guard: KeyGuard,
     tail_revision: i64,
-    committed_guard: KeyGuard,
     committed_revision: i64,
     inflight: VecDeque<InFlight>,
 }
 
 struct InFlight {
     through_revision: i64,
-    checkpoint_bytes: Vec<u8>,
     events: usize,
     /// Kept to re-send the txn unchanged if etcd evaluated it before its predecessor.
     guards: Vec<Compare>,
@@ -218,9 +212,8 @@ impl Pipeline {
             send_spacing,
             last_send: Instant::now(),
             next_write_id: rand::random(),
-            tail_guard: committed_guard.clone(),
+            tail_guard: committed_guard,
             tail_revision: committed_revision,
-            committed_guard,
             committed_revision,
             inflight: VecDeque::new(),
         }
@@ -285,11 +278,11 @@ impl Pipeline {
         ops.push(TxnOp::put(checkpoint_key, checkpoint_bytes.clone(), None));
         let task = self.spawn_commit(guards.clone(), ops.clone());
         self.last_send = Instant::now();
-        self.tail_guard = KeyGuard::Holds(checkpoint_bytes.clone());
+        self.tail_guard = KeyGuard::Holds(checkpoint_bytes);
         self.tail_revision = batch.through_revision;
         self.inflight.push_back(InFlight {
             through_revision: batch.through_revision,
-            checkpoint_bytes,
+
             events,
             guards,
             ops,
@@ -330,7 +323,6 @@ impl Pipeline {
                     self.send_spacing =
                         (self.send_spacing - self.send_spacing / 32).max(self.min_spacing);
                 }
-                self.committed_guard = KeyGuard::Holds(head.checkpoint_bytes);
                 self.committed_revision = head.through_revision;
                 Ok(Acked::Committed(Committed {
                     revision: head.through_revision,
