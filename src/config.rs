@@ -12,7 +12,9 @@ use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::keys::{is_valid_job_name, job_name_from_prefix, prefixes_overlap};
+pub use crate::model::Side;
+pub use crate::telemetry::LogFormat;
+use crate::model::keys::{is_valid_job_name, job_name_from_prefix, prefixes_overlap};
 
 pub const DEFAULT_META_PREFIX: &str = "/-etcd-syncer-meta-/";
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;
@@ -193,11 +195,6 @@ pub struct PromoteArgs {
     pub request_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
 
 #[derive(Debug, Args)]
 pub struct TelemetryArgs {
@@ -493,33 +490,6 @@ pub enum ConfigError {
 }
 
 /// Which cluster a setting belongs to; also names its flags in errors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Source,
-    Destination,
-}
-
-impl Side {
-    pub fn flag_prefix(self) -> &'static str {
-        match self {
-            Side::Source => "src",
-            Side::Destination => "dst",
-        }
-    }
-
-    pub fn file_section(self) -> &'static str {
-        match self {
-            Side::Source => "source",
-            Side::Destination => "destination",
-        }
-    }
-}
-
-impl std::fmt::Display for Side {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.file_section())
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -833,7 +803,7 @@ impl MirrorArgs {
         let liveness_timeout = self
             .liveness_timeout
             .or(file.liveness_timeout)
-            .unwrap_or(crate::health::DEFAULT_LIVENESS_TIMEOUT);
+            .unwrap_or(crate::telemetry::health::DEFAULT_LIVENESS_TIMEOUT);
         if liveness_timeout < Duration::from_secs(5)
             || liveness_timeout <= tuning.progress_interval * 2
         {

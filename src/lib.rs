@@ -1,32 +1,26 @@
 //! etcd-syncer: mirror etcd key prefixes from a primary cluster to a hot
 //! standby, with an atomic checkpoint, fenced writes and exact checks.
 //!
-//! One module per responsibility:
+//! Layers, each using only the ones above it in this list:
+//! - [`model`]: pure logic and the on-destination schema (batching, diff,
+//!   keys, checkpoint and markers). No I/O.
+//! - [`telemetry`]: logs, metrics, liveness state.
 //! - [`config`]: command line, config file, validation (exit code 2).
-//! - [`client`]: connections, TLS, auth, error classification.
-//! - [`keys`]: prefix ranges, the dest-prefix rewrite, meta key layout.
-//! - [`batch`]: coalescing revisions into txns (pure).
-//! - [`diff`]: merging two sorted key streams (pure).
-//! - [`mirror`]: full sync, watch, apply, checkpoint: the job state machine.
-//! - [`election`], [`replica`]: one lock per job, fenced writes, takeover.
-//! - [`check`]: the exact point-in-time consistency check; [`pager`] feeds it and the full sync.
-//! - [`metrics`], [`http`], [`health`], [`telemetry`]: operations.
-//! - [`admin`]: the `status` and `promote` commands.
-//! - [`app`]: wiring for each command.
+//! - [`etcd`]: the narrow [`etcd::Etcd`] trait the replicator talks through,
+//!   its real implementation over `etcd-client`, the in-memory etcd model the
+//!   simulator runs on, error classification, paging.
+//! - [`check`]: the exact point-in-time consistency check.
+//! - [`mirror`]: full sync, watch, apply, checkpoint, fences: the job state machine.
+//! - [`ha`]: one lock per job, leader election, takeover.
+//! - [`ops`]: operator commands (`status`, `promote`, `reset`) and the HTTP endpoints.
+//! - [`cli`]: one file per command; `main.rs` only parses and maps exit codes.
 
-pub mod admin;
-pub mod app;
-pub mod batch;
 pub mod check;
-pub mod client;
+pub mod cli;
 pub mod config;
-pub mod diff;
-pub mod election;
-pub mod health;
-pub mod http;
-pub mod keys;
-pub mod metrics;
+pub mod etcd;
+pub mod ha;
 pub mod mirror;
-pub mod pager;
-pub mod replica;
+pub mod model;
+pub mod ops;
 pub mod telemetry;

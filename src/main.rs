@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use etcd_syncer::app::{run_check, run_mirror, run_promote, run_reset, run_status, AppError};
+use etcd_syncer::cli::{run_check, run_mirror, run_promote, run_reset, run_status, AppError};
 use etcd_syncer::config::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {

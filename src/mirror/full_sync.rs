@@ -15,12 +15,12 @@ use etcd_client::TxnOp;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::batch::Mutation;
-use crate::diff::{Difference, SortedMerge, Step};
+use crate::model::batch::Mutation;
+use crate::model::diff::{Difference, SortedMerge, Step};
 use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker, JobMeta, KeyGuard};
 use crate::mirror::writer::{TxnOutcome, UnorderedWrites};
 use crate::mirror::{JobContext, JobError, SlowPathReason};
-use crate::pager::{next_page, spawn_pager};
+use crate::etcd::pager::{next_page, spawn_pager};
 
 /// Where the destination stands once a full sync has committed.
 #[derive(Debug, Clone)]

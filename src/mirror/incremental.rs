@@ -11,8 +11,8 @@ use etcd_client::{EventType, WatchOptions, WatchResponse};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::batch::{Batch, BatchLimits, Coalescer, Mutation, SourceRevision};
-use crate::keys::{prefix_range_end, prefix_range_start};
+use crate::model::batch::{Batch, BatchLimits, Coalescer, Mutation, SourceRevision};
+use crate::model::keys::{prefix_range_end, prefix_range_start};
 use crate::mirror::meta::KeyGuard;
 use crate::mirror::writer::{Acked, Pipeline};
 use crate::mirror::{JobContext, JobError};
@@ -165,7 +165,7 @@ async fn queue_repair(
     {
         Ok(values) => values,
         // History that young compacted already: the watch carries any later change.
-        Err(error) if error.kind() == crate::client::FailureKind::Compacted => {
+        Err(error) if error.kind() == crate::etcd::client::FailureKind::Compacted => {
             crate::check::read_keys(&ctx.source, &suffixes, to_source).await?
         }
         Err(error) => return Err(error.into()),

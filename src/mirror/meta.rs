@@ -3,64 +3,11 @@
 //! guard every write.
 
 use etcd_client::{Compare, CompareOp, GetOptions};
-use serde::{Deserialize, Serialize};
 
-use crate::client::Cluster;
-use crate::keys::{prefix_range_end, MetaKeys};
+use crate::etcd::client::Cluster;
+use crate::model::keys::{prefix_range_end, MetaKeys};
 use crate::mirror::JobError;
-
-/// What the destination reflects. Written in the same txn as the data it
-/// describes, so it can never run ahead of it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// Every source revision up to this one is applied.
-    pub last_synced_rev: i64,
-    /// The source this checkpoint belongs to: a replaced or restored source
-    /// has another id, and its revisions mean nothing here.
-    pub source_cluster_id: u64,
-    /// RFC 3339, when this checkpoint was written.
-    pub updated_at: String,
-    /// The instance that wrote it.
-    pub instance: String,
-    /// The job's source prefix, so `status` and `promote` can read the
-    /// source head with a role limited to that prefix.
-    #[serde(default)]
-    pub source_prefix: String,
-    /// Where the source prefix is mirrored to (`None` in checkpoints written
-    /// before this field existed: the same prefix).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dest_prefix: Option<String>,
-    /// Set while a revision too large for one txn is half applied.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partial_revision: Option<i64>,
-    /// Distinct for every write, so comparing the stored value identifies
-    /// exactly which txn committed last.
-    pub write_id: u64,
-}
-
-impl Checkpoint {
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a checkpoint always serializes")
-    }
-}
-
-/// Present while a full sync is under way; its exact value fences that full
-/// sync's writes, and its presence at start means one was interrupted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FullSyncMarker {
-    pub id: u64,
-    pub pinned_rev: i64,
-    pub source_cluster_id: u64,
-    pub started_at: String,
-    pub instance: String,
-    pub reason: String,
-}
-
-impl FullSyncMarker {
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a marker always serializes")
-    }
-}
+pub use crate::model::schema::{now_rfc3339, Checkpoint, FullSyncMarker, JobMeta};
 
 /// What a key must hold for a txn to apply: the value we last saw or wrote,
 /// or nothing at all.
@@ -134,21 +81,6 @@ impl Fence {
     }
 }
 
-/// Everything under `<meta-prefix><job>/`, read in one range so it is one snapshot.
-#[derive(Debug, Clone, Default)]
-pub struct JobMeta {
-    pub checkpoint_raw: Option<Vec<u8>>,
-    pub checkpoint: Option<Checkpoint>,
-    pub full_sync_raw: Option<Vec<u8>>,
-    pub full_sync: Option<FullSyncMarker>,
-    pub promoted: Option<Vec<u8>>,
-    pub reset_request: Option<Vec<u8>>,
-    /// The destination revision the snapshot was read at.
-    pub dest_revision: i64,
-    /// The destination's cluster id, to recognise a source that is the same cluster.
-    pub dest_cluster_id: u64,
-}
-
 impl JobMeta {
     pub fn checkpoint_guard(&self) -> KeyGuard {
         KeyGuard::of(self.checkpoint_raw.as_deref())
@@ -203,9 +135,6 @@ pub async fn read_job_meta(dest: &Cluster, keys: &MetaKeys) -> Result<JobMeta, J
     Ok(meta)
 }
 
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
-}
 
 #[cfg(test)]
 mod tests {

@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::client::{ClientError, Cluster, ClusterHead, FailureKind};
+use crate::etcd::client::{ClientError, Cluster, ClusterHead, FailureKind};
 use crate::config::{CheckSettings, JobSettings, Side, Tuning, TxnLimits};
-use crate::health::Health;
-use crate::keys::{prefixes_overlap, KeyRewrite, MetaKeys};
-use crate::metrics::{JobMetrics, JobState};
+use crate::telemetry::health::Health;
+use crate::model::keys::{prefixes_overlap, KeyRewrite, MetaKeys};
+use crate::telemetry::metrics::{JobMetrics, JobState};
 use crate::mirror::meta::{now_rfc3339, read_job_meta, Checkpoint, Fence, JobMeta, KeyGuard};
 use crate::mirror::writer::DestWriter;
 
@@ -128,12 +128,12 @@ pub enum JobError {
     Internal(String),
 }
 
-impl From<crate::pager::PageError> for JobError {
-    fn from(error: crate::pager::PageError) -> Self {
+impl From<crate::etcd::pager::PageError> for JobError {
+    fn from(error: crate::etcd::pager::PageError) -> Self {
         match error {
-            crate::pager::PageError::Client(error) => JobError::Client(error),
-            crate::pager::PageError::Cancelled => JobError::Cancelled,
-            other @ crate::pager::PageError::StoppedEarly => JobError::Internal(other.to_string()),
+            crate::etcd::pager::PageError::Client(error) => JobError::Client(error),
+            crate::etcd::pager::PageError::Cancelled => JobError::Cancelled,
+            other @ crate::etcd::pager::PageError::StoppedEarly => JobError::Internal(other.to_string()),
         }
     }
 }
@@ -144,7 +144,7 @@ impl JobError {
         match self {
             JobError::Client(error) => client_error_kind(error),
             JobError::Compacted { .. } => "compacted",
-            JobError::Watch { source } => match crate::client::classify(source) {
+            JobError::Watch { source } => match crate::etcd::client::classify(source) {
                 FailureKind::Auth => "auth",
                 _ => "source_unavailable",
             },
@@ -187,7 +187,7 @@ impl JobError {
                 error.kind(),
                 FailureKind::Auth | FailureKind::Rejected | FailureKind::QuotaExceeded
             ),
-            JobError::Watch { source } => crate::client::classify(source) == FailureKind::Auth,
+            JobError::Watch { source } => crate::etcd::client::classify(source) == FailureKind::Auth,
             _ => false,
         }
     }
@@ -296,7 +296,7 @@ pub fn decide(meta: &JobMeta, source: ClusterHead, forced: Option<SlowPathReason
 /// of the link coming back, while a dead cluster still sees only a few
 /// requests a minute from each job.
 fn job_backoff() -> impl Iterator<Item = Duration> {
-    crate::client::retry_backoff(Duration::from_secs(10))
+    crate::etcd::client::retry_backoff(Duration::from_secs(10))
 }
 
 /// An attempt that ran this long before failing made progress: start the

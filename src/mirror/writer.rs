@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use etcd_client::{Compare, Txn, TxnOp, TxnOpResponse};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::batch::{Batch, Mutation};
-use crate::client::Cluster;
-use crate::keys::MetaKeys;
-use crate::metrics::JobMetrics;
+use crate::model::batch::{Batch, Mutation};
+use crate::etcd::client::Cluster;
+use crate::model::keys::MetaKeys;
+use crate::telemetry::metrics::JobMetrics;
 use crate::mirror::meta::{now_rfc3339, Checkpoint, Fence, KeyGuard};
 use crate::mirror::{JobContext, JobError};
 

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 use serde::Serialize;
 
-use crate::client::{ClientError, Cluster};
-use crate::election::LockValue;
-use crate::keys::{prefix_range_end, MetaKeys};
+use crate::etcd::client::{ClientError, Cluster};
+use crate::model::schema::LockValue;
+use crate::model::keys::{prefix_range_end, MetaKeys};
 use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker};
 
 #[derive(Debug, thiserror::Error)]

@@ -302,11 +302,11 @@ impl Cluster {
     /// The cluster's id and current revision, read from a count-only range
     /// header (works with a role limited to `probe_key`'s prefix).
     pub async fn head(&self, probe_prefix: &[u8]) -> Result<ClusterHead, ClientError> {
-        let end = crate::keys::prefix_range_end(probe_prefix);
+        let end = crate::model::keys::prefix_range_end(probe_prefix);
         let response = self
             .get(
                 "read current revision",
-                crate::keys::prefix_range_start(probe_prefix),
+                crate::model::keys::prefix_range_start(probe_prefix),
                 Some(GetOptions::new().with_range(end).with_count_only()),
             )
             .await?;

@@ -12,9 +12,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::client::{ClientError, Cluster};
-use crate::diff::Entry;
-use crate::keys::{key_successor, prefix_range_end, prefix_range_start};
+use crate::etcd::client::{ClientError, Cluster};
+use crate::model::diff::Entry;
+use crate::model::keys::{key_successor, prefix_range_end, prefix_range_start};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PageError {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::config::Side;
+use crate::model::Side;
 
 /// A job whose loop has not woken for this long is considered wedged: every
 /// phase (standby included) wakes at least every few seconds, and a backoff

@@ -9,10 +9,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::election::{
+use crate::ha::election::{
     campaign, queued_instances, release, ElectionError, Leadership, Session, SessionManager,
 };
-use crate::metrics::JobState;
+use crate::telemetry::metrics::JobState;
 use crate::mirror::meta::Fence;
 use crate::mirror::{run_job, JobContext, JobError};
 
@@ -207,7 +207,7 @@ async fn should_step_down(template: &JobContext, instance: &Instance) -> bool {
 }
 
 fn retry_backoff() -> impl Iterator<Item = Duration> {
-    crate::client::retry_backoff(Duration::from_secs(30))
+    crate::etcd::client::retry_backoff(Duration::from_secs(30))
 }
 
 #[cfg(test)]

@@ -1,9 +1,22 @@
 //! Structured logs: text for people, JSON for collectors. `RUST_LOG` wins
-//! over `--log-level` when set.
+//! over `--log-level` when set. Metrics and health state live here too:
+//! they are the operational surface every layer above reports to.
+
+pub mod health;
+pub mod metrics;
+
+use std::io::IsTerminal;
+
+use clap::ValueEnum;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env()
@@ -12,7 +25,9 @@ pub fn init(format: LogFormat, level: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false);
+        .with_target(false)
+        // Colour codes only for a person at a terminal, never in a log file or a pod log.
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => builder
             .json()

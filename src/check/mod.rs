@@ -16,11 +16,11 @@ use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{ClientError, Cluster, FailureKind};
-use crate::diff::{Difference, SortedMerge, Step};
-use crate::keys::{KeyRewrite, MetaKeys};
+use crate::etcd::client::{ClientError, Cluster, FailureKind};
+use crate::model::diff::{Difference, SortedMerge, Step};
+use crate::model::keys::{KeyRewrite, MetaKeys};
 use crate::mirror::meta::read_job_meta;
-use crate::pager::{next_page, spawn_pager, PageError};
+use crate::etcd::pager::{next_page, spawn_pager, PageError};
 
 /// Differing keys kept for repair and re-checking; counts stay exact beyond it.
 pub const MAX_KEPT_DIFFERENCES: usize = 10_000;

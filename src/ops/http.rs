@@ -11,9 +11,9 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Side;
-use crate::health::Health;
-use crate::metrics::{JobMetrics, Metrics};
+use crate::model::Side;
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::{JobMetrics, Metrics};
 
 #[derive(Clone)]
 struct AppState {
@@ -26,7 +26,7 @@ struct AppState {
 /// `status` command prints it) next to this instance's own numbers.
 pub struct StatusView {
     /// Set once the destination is connected.
-    pub dest: std::sync::OnceLock<crate::client::Cluster>,
+    pub dest: std::sync::OnceLock<crate::etcd::client::Cluster>,
     pub meta_prefix: String,
     pub instance_id: String,
     pub jobs: Vec<JobMetrics>,
@@ -45,7 +45,7 @@ struct InstanceJobView {
     full_sync_in_progress: bool,
     last_check: Option<LastCheck>,
     /// The destination's meta keys for this job (leader, checkpoint, markers).
-    destination: Option<crate::admin::JobStatus>,
+    destination: Option<crate::ops::admin::JobStatus>,
     destination_error: Option<String>,
 }
 
@@ -146,7 +146,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 async fn status_handler(State(state): State<AppState>) -> impl IntoResponse {
     let view = &state.status;
     let (destination, error) = match view.dest.get() {
-        Some(dest) => match crate::admin::collect_status(dest, &view.meta_prefix, None).await {
+        Some(dest) => match crate::ops::admin::collect_status(dest, &view.meta_prefix, None).await {
             Ok(statuses) => (statuses, None),
             Err(error) => (Vec::new(), Some(error.to_string())),
         },

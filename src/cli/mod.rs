@@ -10,31 +10,31 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::admin::{
+use crate::ops::admin::{
     add_source_lag, collect_status, promote, render_text, undo_promote, wait_for_sync, AdminError,
 };
 use crate::check::{check, CheckOptions, CheckReport, CheckTarget, RepairQueue};
-use crate::client::{ClientError, Cluster, FailureKind};
+use crate::etcd::client::{ClientError, Cluster, FailureKind};
 use crate::config::{
     CheckArgs, ClusterSettings, ConfigError, OutputFormat, PromoteArgs, ResetArgs, Settings, Side,
     StatusArgs,
 };
-use crate::election::SessionManager;
-use crate::health::Health;
-use crate::http::StatusView;
-use crate::keys::{KeyRewrite, MetaKeys};
-use crate::metrics::{JobMetrics, Metrics};
+use crate::ha::election::SessionManager;
+use crate::telemetry::health::Health;
+use crate::ops::http::StatusView;
+use crate::model::keys::{KeyRewrite, MetaKeys};
+use crate::telemetry::metrics::{JobMetrics, Metrics};
 use crate::mirror::meta::Fence;
 use crate::mirror::writer::DestWriter;
 use crate::mirror::{request_reset, JobContext, JobError};
-use crate::replica::{run_replica, Instance};
+use crate::ha::replica::{run_replica, Instance};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Bind(#[from] crate::http::BindError),
+    Bind(#[from] crate::ops::http::BindError),
     #[error("job {job}: {source}")]
     Job {
         job: String,
@@ -80,7 +80,7 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
         instance_id: settings.instance_id.clone(),
         jobs: job_metrics.clone(),
     });
-    let (addr, http_task) = crate::http::serve(
+    let (addr, http_task) = crate::ops::http::serve(
         settings.metrics_addr,
         metrics.clone(),
         health.clone(),
@@ -201,7 +201,7 @@ async fn connect_with_retry(
     job_metrics: &[JobMetrics],
     cancel: &CancellationToken,
 ) -> Result<Option<Cluster>, AppError> {
-    let mut backoff = crate::client::retry_backoff(Duration::from_secs(30));
+    let mut backoff = crate::etcd::client::retry_backoff(Duration::from_secs(30));
     loop {
         let error = match Cluster::connect(settings, all.tuning.request_timeout).await {
             Ok(cluster) => return Ok(Some(cluster)),
@@ -422,7 +422,7 @@ pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
         (Some(prefix), job) => {
             let job = job
                 .clone()
-                .unwrap_or_else(|| crate::keys::job_name_from_prefix(prefix));
+                .unwrap_or_else(|| crate::model::keys::job_name_from_prefix(prefix));
             let dest_prefix = if args.no_dest_prefix {
                 String::new()
             } else {

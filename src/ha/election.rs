@@ -14,14 +14,14 @@ use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
     TxnOpResponse, WatchOptions,
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::client::{ClientError, Cluster};
-use crate::keys::{prefix_range_end, MetaKeys};
-use crate::mirror::meta::{now_rfc3339, LockFence};
+use crate::etcd::client::{ClientError, Cluster};
+use crate::model::keys::{prefix_range_end, MetaKeys};
+use crate::mirror::meta::LockFence;
+use crate::model::schema::{now_rfc3339, LockValue};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElectionError {
@@ -46,12 +46,6 @@ impl ElectionError {
     }
 }
 
-/// What an instance writes in its lock key; shown by `status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LockValue {
-    pub instance: String,
-    pub campaigning_since: String,
-}
 
 /// One lease shared by every job of this instance.
 pub struct Session {

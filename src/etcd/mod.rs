@@ -1,0 +1,4 @@
+//! The etcd layer.
+
+pub mod client;
+pub mod pager;

@@ -1,0 +1,16 @@
+//! The pure model layer: no I/O, no clocks, no etcd client.
+//!
+//! - [`batch`]: coalescing source revisions into destination txns.
+//! - [`diff`]: merging two sorted key streams into differences.
+//! - [`keys`]: prefix ranges, the dest-prefix rewrite, the meta key layout.
+//! - [`schema`]: what the syncer stores on the destination (checkpoint,
+//!   markers, lock values), versioned by its JSON fields.
+//! - [`side`]: source or destination.
+
+pub mod batch;
+pub mod diff;
+pub mod keys;
+pub mod schema;
+pub mod side;
+
+pub use side::Side;

@@ -1,0 +1,5 @@
+//! What operators use: the `status`, `promote` and `reset` actions on a
+//! destination, and the HTTP endpoints (`/metrics`, `/healthz`, `/readyz`, `/status`).
+
+pub mod admin;
+pub mod http;
