@@ -12,14 +12,15 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::etcd::api::{Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster, FailureKind};
+use crate::etcd::meta::read_job_meta;
+use crate::model::Side;
 use crate::model::diff::{Difference, SortedMerge, Step};
 use crate::model::keys::{KeyRewrite, MetaKeys};
-use crate::mirror::meta::read_job_meta;
 use crate::etcd::pager::{next_page, spawn_pager, PageError};
 
 /// Differing keys kept for repair and re-checking; counts stay exact beyond it.
@@ -35,6 +36,8 @@ pub enum CheckError {
     FullSyncInProgress { job: String, pinned: Option<i64> },
     #[error("job {job} is half-way through revision {revision}, too large for one txn; check again in a moment")]
     PartialRevision { job: String, revision: i64 },
+    #[error("job {job}: the destination compacted the snapshot being checked {attempts} times in a row; check again, or lower the destination's compaction frequency")]
+    DestCompacted { job: String, attempts: usize },
     #[error("range reader stopped before the end of the prefix")]
     StoppedEarly,
     #[error("cancelled")]
@@ -150,6 +153,9 @@ impl Default for CheckOptions {
     }
 }
 
+/// A destination compacted while we read it gets this many fresh snapshots.
+const DEST_COMPACTED_ATTEMPTS: usize = 3;
+
 pub async fn check(
     source: &Cluster,
     dest: &Cluster,
@@ -158,12 +164,45 @@ pub async fn check(
     cancel: &CancellationToken,
 ) -> Result<CheckReport, CheckError> {
     let started = Instant::now();
-    let meta = read_job_meta(dest, &target.keys)
-        .await
-        .map_err(|error| match error {
-            crate::mirror::JobError::Client(error) => CheckError::Client(error),
-            _ => CheckError::Cancelled,
-        })?;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match check_once(source, dest, target, options, cancel).await {
+            // Our snapshot of the destination was compacted under us (its own
+            // auto-compaction): take a fresh one. The source is fine.
+            Err(CheckError::Client(error))
+                if error.kind() == FailureKind::Compacted
+                    && error.side() == Some(Side::Destination)
+                    && attempt < DEST_COMPACTED_ATTEMPTS =>
+            {
+                tracing::debug!(job = %target.job, %error, "Destination compacted during the check; reading a fresh snapshot.");
+            }
+            Err(CheckError::Client(error))
+                if error.kind() == FailureKind::Compacted
+                    && error.side() == Some(Side::Destination) =>
+            {
+                return Err(CheckError::DestCompacted {
+                    job: target.job.clone(),
+                    attempts: attempt,
+                });
+            }
+            Ok(mut report) => {
+                report.duration_seconds = started.elapsed().as_secs_f64();
+                return Ok(report);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+async fn check_once(
+    source: &Cluster,
+    dest: &Cluster,
+    target: &CheckTarget,
+    options: CheckOptions,
+    cancel: &CancellationToken,
+) -> Result<CheckReport, CheckError> {
+    let meta = read_job_meta(dest, &target.keys).await?;
     if meta.full_sync_raw.is_some() {
         return Err(CheckError::FullSyncInProgress {
             job: target.job.clone(),
@@ -192,18 +231,20 @@ pub async fn check(
         cancel,
     )
     .await;
-    let mut report = match exact {
-        Ok(report) => report,
-        Err(CheckError::Client(error)) if error.kind() == FailureKind::Compacted => {
+    match exact {
+        Ok(report) => Ok(report),
+        // Only the source's history decides exactness: the checkpoint
+        // revision is gone there, so compare with its present and re-check.
+        Err(CheckError::Client(error))
+            if error.kind() == FailureKind::Compacted && error.side() == Some(Side::Source) =>
+        {
             let mut report = compare(source, dest, target, None, None, options, cancel).await?;
             report.exact = false;
             recheck(source, dest, target, &mut report, options, cancel).await?;
-            report
+            Ok(report)
         }
-        Err(error) => return Err(error),
-    };
-    report.duration_seconds = started.elapsed().as_secs_f64();
-    Ok(report)
+        Err(error) => Err(error),
+    }
 }
 
 async fn compare(
@@ -347,157 +388,20 @@ pub async fn read_keys_at(
 ) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
     let mut values = Vec::with_capacity(suffixes.len());
     for chunk in suffixes.chunks(64) {
-        let ops: Vec<TxnOp> = chunk
+        let ops: Vec<Op> = chunk
             .iter()
-            .map(|suffix| {
-                let options = revision.map(|r| GetOptions::new().with_revision(r));
-                TxnOp::get(key_of(suffix), options)
-            })
+            .map(|suffix| Op::Range(RangeRequest::key(key_of(suffix)).at_revision(revision.unwrap_or(0))))
             .collect();
-        let mut kv = cluster.kv();
         let response = cluster
-            .call("read keys", async move {
-                kv.txn(Txn::new().and_then(ops)).await
-            })
+            .txn("read keys", TxnRequest::new().and_then(ops))
             .await?;
-        for op in response.op_responses() {
-            values.push(match op {
-                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-                _ => None,
-            });
-        }
+        values.extend(
+            response
+                .ranges()
+                .map(|range| range.kvs.first().map(|kv| kv.value.clone())),
+        );
     }
     Ok(values)
-}
-
-impl CheckTarget {
-    pub fn of(ctx: &crate::mirror::JobContext) -> Self {
-        Self {
-            job: ctx.job.name.clone(),
-            rewrite: ctx.rewrite.clone(),
-            keys: ctx.keys.clone(),
-            meta_prefix: ctx.meta_prefix.clone(),
-        }
-    }
-}
-
-/// The leader's periodic check: every `--check-interval`, results to the
-/// gauges and the log, and with `--check-repair` the differences to the
-/// job's writer.
-///
-/// # Cancel-Safety
-/// Cancel-safe: a check interrupted half-way records nothing.
-pub async fn run_periodic_checks(ctx: crate::mirror::JobContext, cancel: CancellationToken) {
-    if ctx.checks.interval.is_zero() {
-        return;
-    }
-    let target = CheckTarget::of(&ctx);
-    let options = CheckOptions {
-        page_size: ctx.tuning.page_size,
-        sample_limit: ctx.checks.sample_size,
-        ..CheckOptions::default()
-    };
-    let mut tick = tokio::time::interval_at(
-        tokio::time::Instant::now() + ctx.checks.interval,
-        ctx.checks.interval,
-    );
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let report = match check(&ctx.source, &ctx.dest, &target, options, &cancel).await {
-            Ok(report) => report,
-            Err(CheckError::Cancelled) => return,
-            Err(
-                error @ (CheckError::FullSyncInProgress { .. }
-                | CheckError::NoCheckpoint { .. }
-                | CheckError::PartialRevision { .. }),
-            ) => {
-                tracing::info!(job = %ctx.job.name, %error, "Consistency check skipped.");
-                continue;
-            }
-            Err(error) => {
-                ctx.metrics.error("check_failed");
-                tracing::warn!(job = %ctx.job.name, %error, "Consistency check failed; trying again next interval.");
-                continue;
-            }
-        };
-        record(&ctx, &report);
-        if ctx.checks.repair && report.exact && !report.is_consistent() {
-            ctx.repairs.request(report.differences);
-        }
-    }
-}
-
-fn record(ctx: &crate::mirror::JobContext, report: &CheckReport) {
-    let metrics = &ctx.metrics;
-    metrics.dst_miss_keys.set(report.dst_miss as i64);
-    metrics.src_miss_keys.set(report.src_miss as i64);
-    metrics.mismatch_keys.set(report.mismatch as i64);
-    metrics.check_exact.set(i64::from(report.exact));
-    metrics.check_duration_seconds.set(report.duration_seconds);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    metrics.check_last_success_timestamp_seconds.set(now);
-    if report.is_consistent() {
-        tracing::info!(
-            job = %report.job,
-            source_revision = report.source_revision,
-            keys = report.source_keys,
-            exact = report.exact,
-            duration_seconds = report.duration_seconds,
-            "Consistency check passed."
-        );
-    } else {
-        tracing::error!(
-            job = %report.job,
-            source_revision = report.source_revision,
-            exact = report.exact,
-            dst_miss = report.dst_miss,
-            src_miss = report.src_miss,
-            mismatch = report.mismatch,
-            sample_dst_miss = ?report.samples.dst_miss,
-            sample_src_miss = ?report.samples.src_miss,
-            sample_mismatch = ?report.samples.mismatch,
-            repair = ctx.checks.repair,
-            "Consistency check found differences."
-        );
-    }
-}
-
-/// Differences the checker asks the job's writer to repair.
-#[derive(Debug, Default)]
-pub struct RepairQueue {
-    pending: std::sync::Mutex<Vec<(Vec<u8>, DifferenceKind)>>,
-    notify: tokio::sync::Notify,
-}
-
-impl RepairQueue {
-    pub fn request(&self, differences: Vec<(Vec<u8>, DifferenceKind)>) {
-        if differences.is_empty() {
-            return;
-        }
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.extend(differences);
-        }
-        self.notify.notify_one();
-    }
-
-    pub fn take(&self) -> Vec<(Vec<u8>, DifferenceKind)> {
-        self.pending
-            .lock()
-            .map(|mut p| std::mem::take(&mut *p))
-            .unwrap_or_default()
-    }
-
-    /// # Cancel-Safety
-    /// Cancel-safe: a request made while nobody waits is remembered.
-    pub async fn requested(&self) {
-        self.notify.notified().await;
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 use crate::ops::admin::{
     add_source_lag, collect_status, promote, render_text, undo_promote, wait_for_sync, AdminError,
 };
-use crate::check::{check, CheckOptions, CheckReport, CheckTarget, RepairQueue};
+use crate::check::{check, CheckOptions, CheckReport, CheckTarget};
 use crate::etcd::client::{ClientError, Cluster, FailureKind};
 use crate::config::{
     CheckArgs, ClusterSettings, ConfigError, OutputFormat, PromoteArgs, ResetArgs, Settings, Side,
@@ -155,7 +155,6 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
             instance_id: settings.instance_id.clone(),
             health: health.clone(),
             checks: settings.checks,
-            repairs: Arc::new(RepairQueue::default()),
         };
         let name = job.name.clone();
         let replica_cancel = cancel.clone();

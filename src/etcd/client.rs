@@ -3,18 +3,18 @@
 //! every retry decision and the `errors_total{kind}` metric rely on.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{
-    Certificate, Client, ConnectOptions, GetOptions, GetResponse, Identity, KvClient, LeaseClient,
-    TlsOptions, WatchClient,
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+
+use crate::config::ClusterSettings;
+use crate::etcd::api::{
+    Etcd, LeaseKeeper, RangeRequest, RangeResponse, TxnRequest, TxnResponse, WatchRequest,
+    WatchStream,
 };
-
-use crate::config::{ClusterSettings, Side};
-
-/// Large enough for a page of big values or a fragmented watch response;
-/// etcd itself caps a request at 1.5 MiB by default.
-pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+use crate::etcd::real::RealEtcd;
+use crate::model::Side;
 
 /// HTTP/2 pings detect a dead or half-open connection. etcd's default
 /// `--grpc-keepalive-min-time` is 5s, so pinging faster gets us disconnected.
@@ -153,14 +153,15 @@ impl ClientError {
     }
 }
 
-/// One cluster: a client with raised message limits and a per-request deadline.
+/// One cluster as the replicator sees it: an [`Etcd`] backend (the real
+/// client or the in-memory model), the side it plays, and a deadline for
+/// every unary request. Every error names the side, the endpoints and the
+/// operation.
 #[derive(Clone)]
 pub struct Cluster {
     side: Side,
     endpoints: String,
-    client: Client,
-    kv: KvClient,
-    watch: WatchClient,
+    backend: Arc<dyn Etcd>,
     request_timeout: Duration,
 }
 
@@ -231,41 +232,39 @@ impl Cluster {
                 })
             }
         };
-        let kv = client
-            .kv_client()
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let watch = client
-            .watch_client()
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self {
-            side: settings.side,
+        Ok(Self::with_backend(
+            settings.side,
             endpoints,
-            client,
-            kv,
-            watch,
+            Arc::new(RealEtcd::new(client)),
             request_timeout,
-        })
+        ))
+    }
+
+    /// A cluster over any backend: the in-memory model in the simulator.
+    pub fn with_backend(
+        side: Side,
+        endpoints: impl Into<String>,
+        backend: Arc<dyn Etcd>,
+        request_timeout: Duration,
+    ) -> Self {
+        Self {
+            side,
+            endpoints: endpoints.into(),
+            backend,
+            request_timeout,
+        }
     }
 
     pub fn side(&self) -> Side {
         self.side
     }
 
-    pub fn kv(&self) -> KvClient {
-        self.kv.clone()
-    }
-
-    pub fn watch_client(&self) -> WatchClient {
-        self.watch.clone()
-    }
-
-    pub fn lease_client(&self) -> LeaseClient {
-        self.client.lease_client()
-    }
-
     /// Runs one unary request under the request deadline, naming the cluster
     /// and the operation in any error.
+    ///
+    /// # Cancel-Safety
+    /// Dropping it abandons the request; a txn already sent may still apply,
+    /// which every guarded write tolerates.
     pub async fn call<T, F>(&self, operation: &'static str, request: F) -> Result<T, ClientError>
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
@@ -287,33 +286,57 @@ impl Cluster {
         }
     }
 
-    pub async fn get(
+    pub async fn range(
         &self,
         operation: &'static str,
-        key: impl Into<Vec<u8>>,
-        options: Option<GetOptions>,
-    ) -> Result<GetResponse, ClientError> {
-        let mut kv = self.kv.clone();
-        let key = key.into();
-        self.call(operation, async move { kv.get(key, options).await })
+        request: RangeRequest,
+    ) -> Result<RangeResponse, ClientError> {
+        self.call(operation, self.backend.range(request)).await
+    }
+
+    pub async fn txn(
+        &self,
+        operation: &'static str,
+        request: TxnRequest,
+    ) -> Result<TxnResponse, ClientError> {
+        self.call(operation, self.backend.txn(request)).await
+    }
+
+    /// Opens a watch (the open is under the deadline; the stream is not).
+    pub async fn watch(
+        &self,
+        operation: &'static str,
+        request: WatchRequest,
+    ) -> Result<Box<dyn WatchStream>, ClientError> {
+        self.call(operation, self.backend.watch(request)).await
+    }
+
+    pub async fn lease_grant(&self, ttl_seconds: i64, id: i64) -> Result<i64, ClientError> {
+        self.call("grant lease", self.backend.lease_grant(ttl_seconds, id))
             .await
     }
 
+    pub async fn lease_keep_alive(&self, id: i64) -> Result<Box<dyn LeaseKeeper>, ClientError> {
+        self.call("open lease keepalive", self.backend.lease_keep_alive(id))
+            .await
+    }
+
+    pub async fn lease_revoke(&self, id: i64) -> Result<(), ClientError> {
+        self.call("revoke lease", self.backend.lease_revoke(id)).await
+    }
+
     /// The cluster's id and current revision, read from a count-only range
-    /// header (works with a role limited to `probe_key`'s prefix).
+    /// header (works with a role limited to `probe_prefix`).
     pub async fn head(&self, probe_prefix: &[u8]) -> Result<ClusterHead, ClientError> {
-        let end = crate::model::keys::prefix_range_end(probe_prefix);
         let response = self
-            .get(
+            .range(
                 "read current revision",
-                crate::model::keys::prefix_range_start(probe_prefix),
-                Some(GetOptions::new().with_range(end).with_count_only()),
+                RangeRequest::prefix(probe_prefix).count_only(),
             )
             .await?;
-        let header = response.header();
         Ok(ClusterHead {
-            cluster_id: header.map_or(0, |h| h.cluster_id()),
-            revision: header.map_or(0, |h| h.revision()),
+            cluster_id: response.header.cluster_id,
+            revision: response.header.revision,
         })
     }
 }

@@ -1,4 +1,20 @@
-//! The etcd layer.
+//! The etcd layer: everything that talks to a cluster goes through
+//! [`Cluster`], which wraps one [`api::Etcd`] backend.
+//!
+//! - [`api`]: the narrow trait and its plain request/response types.
+//! - [`real`]: the backend over `etcd-client`.
+//! - [`memory`]: the in-memory etcd model (for the simulator and tests).
+//! - [`client`]: [`Cluster`], deadlines, error classification.
+//! - [`retry`]: the one backoff and sleep helper every loop uses.
+//! - [`pager`]: reading a prefix page by page.
+//! - [`meta`]: reading a job's meta keys in one snapshot.
 
+pub mod api;
 pub mod client;
+pub mod memory;
+pub mod meta;
 pub mod pager;
+pub mod real;
+pub mod retry;
+
+pub use client::{ClientError, Cluster, ClusterHead, FailureKind};

@@ -7,11 +7,11 @@
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use etcd_client::GetOptions;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::etcd::api::RangeRequest;
 use crate::etcd::client::{ClientError, Cluster};
 use crate::model::diff::Entry;
 use crate::model::keys::{key_successor, prefix_range_end, prefix_range_start};
@@ -64,17 +64,17 @@ pub fn spawn_pager(
         let end = prefix_range_end(&prefix);
         let mut start = prefix_range_start(&prefix);
         loop {
-            let mut options = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(page_size as i64);
-            if let Some(revision) = revision {
-                options = options.with_revision(revision);
-            }
+            let request = RangeRequest {
+                key: start.clone(),
+                range_end: end.clone(),
+                revision: revision.unwrap_or(0),
+                limit: page_size as i64,
+                ..RangeRequest::default()
+            };
             let read = || {
-                let options = options.clone();
-                let start = start.clone();
+                let request = request.clone();
                 let cluster = cluster.clone();
-                async move { cluster.get("read page", start, Some(options)).await }
+                async move { cluster.range("read page", request).await }
             };
             let response = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -83,29 +83,26 @@ pub fn spawn_pager(
                     .when(|e: &ClientError| e.is_retryable())
                     .notify(|error, delay| warn!(%job, %error, retry_in = ?delay, "Page read failed; retrying.")) => response,
             };
-            let mut response = match response {
+            let response = match response {
                 Ok(response) => response,
                 Err(error) => {
                     let _ = pages.send(Err(PageError::from(error))).await;
                     return;
                 }
             };
-            let more = response.more();
-            let kvs = response.take_kvs();
+            let more = response.more;
+            let kvs = response.kvs;
             let Some(last) = kvs.last() else {
                 let _ = pages.send(Ok(None)).await;
                 return;
             };
-            start = key_successor(last.key());
+            start = key_successor(&last.key);
             let entries: Vec<Entry> = kvs
                 .into_iter()
-                .filter(|kv| !kv.key().starts_with(&meta_prefix))
-                .map(|kv| {
-                    let (key, value) = kv.into_key_value();
-                    Entry {
-                        suffix: key[prefix.len()..].to_vec(),
-                        value,
-                    }
+                .filter(|kv| !kv.key.starts_with(&meta_prefix))
+                .map(|kv| Entry {
+                    suffix: kv.key[prefix.len()..].to_vec(),
+                    value: kv.value,
                 })
                 .collect();
             if pages.send(Ok(Some(entries))).await.is_err() {

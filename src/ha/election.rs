@@ -8,18 +8,18 @@
 //! leader can apply, however late it arrives.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
-};
+// tokio's clock, so the simulator's paused time governs every deadline.
+use tokio::time::Instant;
+
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::etcd::api::{Compare, CompareOp, EventType, Op, RangeRequest, TxnRequest, WatchRequest};
 use crate::etcd::client::{ClientError, Cluster};
-use crate::model::keys::{prefix_range_end, MetaKeys};
+use crate::model::keys::MetaKeys;
 use crate::mirror::meta::LockFence;
 use crate::model::schema::{now_rfc3339, LockValue};
 
@@ -62,13 +62,7 @@ impl Session {
     /// have expired and someone else may lead.
     pub async fn start(dest: &Cluster, ttl: Duration) -> Result<Self, ElectionError> {
         let ttl_seconds = ttl.as_secs().max(1) as i64;
-        let mut lease_client = dest.lease_client();
-        let granted = dest
-            .call("grant lease", async move {
-                lease_client.grant(ttl_seconds, None).await
-            })
-            .await?;
-        let lease_id = granted.id();
+        let lease_id = dest.lease_grant(ttl_seconds, 0).await?;
         let lost = CancellationToken::new();
         let keeper = tokio::spawn(keep_alive(dest.clone(), lease_id, ttl, lost.clone()));
         debug!(lease = format!("{lease_id:x}"), ?ttl, "Lease granted.");
@@ -94,15 +88,8 @@ impl Session {
     pub async fn resign(&self) {
         self.keeper.abort();
         self.lost.cancel();
-        let mut lease_client = self.dest.lease_client();
         let lease_id = self.lease_id;
-        match self
-            .dest
-            .call("revoke lease", async move {
-                lease_client.revoke(lease_id).await
-            })
-            .await
-        {
+        match self.dest.lease_revoke(lease_id).await {
             Ok(_) => info!(lease = format!("{lease_id:x}"), "Released every job lock."),
             Err(error) => {
                 warn!(%error, "Could not revoke the lease; the locks expire with its TTL.")
@@ -124,10 +111,9 @@ async fn keep_alive(dest: Cluster, lease_id: i64, ttl: Duration, lost: Cancellat
         if last_ok.elapsed() >= ttl {
             break;
         }
-        let mut lease_client = dest.lease_client();
-        let opened = tokio::time::timeout(interval, lease_client.keep_alive(lease_id)).await;
-        let (mut keeper, mut stream) = match opened {
-            Ok(Ok(pair)) => pair,
+        let opened = tokio::time::timeout(interval, dest.lease_keep_alive(lease_id)).await;
+        let mut keeper = match opened {
+            Ok(Ok(keeper)) => keeper,
             Ok(Err(error)) => {
                 if error.to_string().contains("lease not found") {
                     break;
@@ -138,21 +124,21 @@ async fn keep_alive(dest: Cluster, lease_id: i64, ttl: Duration, lost: Cancellat
             }
             Err(_) => continue,
         };
-        last_ok = Instant::now();
         loop {
-            tokio::time::sleep(interval).await;
-            if keeper.keep_alive().await.is_err() {
-                continue 'reconnect;
-            }
-            match tokio::time::timeout(interval, stream.message()).await {
-                Ok(Ok(Some(response))) if response.ttl() > 0 => last_ok = Instant::now(),
-                Ok(Ok(Some(_))) => break 'reconnect,
+            match tokio::time::timeout(interval, keeper.keep_alive()).await {
+                Ok(Ok(ttl_left)) if ttl_left > 0 => last_ok = Instant::now(),
+                // The lease is gone on the server.
+                Ok(Ok(_)) => break 'reconnect,
                 _ => {
                     if last_ok.elapsed() >= ttl {
                         break 'reconnect;
                     }
                     continue 'reconnect;
                 }
+            }
+            tokio::time::sleep(interval).await;
+            if last_ok.elapsed() >= ttl {
+                break 'reconnect;
             }
         }
     }
@@ -197,32 +183,25 @@ pub async fn campaign(
         campaigning_since: now_rfc3339(),
     })
     .expect("lock value serializes");
-    let txn = Txn::new()
+    let txn = TxnRequest::new()
         .when(vec![Compare::create_revision(
-            key.as_str(),
+            key.as_bytes(),
             CompareOp::Equal,
             0,
         )])
-        .and_then(vec![TxnOp::put(
-            key.as_str(),
+        .and_then(vec![Op::put_with_lease(
+            key.as_bytes(),
             value,
-            Some(PutOptions::new().with_lease(session.lease_id())),
+            session.lease_id(),
         )])
-        .or_else(vec![TxnOp::get(key.as_str(), None)]);
-    let mut kv = dest.kv();
-    let response = dest
-        .call("queue for job lock", async move { kv.txn(txn).await })
-        .await?;
-    let create_revision = if response.succeeded() {
-        response.header().map_or(0, |h| h.revision())
+        .or_else(vec![Op::get(key.as_bytes())]);
+    let response = dest.txn("queue for job lock", txn).await?;
+    let create_revision = if response.succeeded {
+        response.header.revision
     } else {
         response
-            .op_responses()
-            .into_iter()
-            .find_map(|r| match r {
-                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.create_revision()),
-                _ => None,
-            })
+            .ranges()
+            .find_map(|get| get.kvs.first().map(|kv| kv.create_revision))
             .unwrap_or(0)
     };
     let lock_prefix = keys.lock_prefix();
@@ -232,27 +211,22 @@ pub async fn campaign(
                 lease: session.lease_id(),
             });
         }
-        let options = GetOptions::new()
-            .with_range(prefix_range_end(lock_prefix.as_bytes()))
-            .with_max_create_revision(create_revision - 1)
-            .with_sort(SortTarget::Create, SortOrder::Descend)
-            .with_limit(1)
-            .with_keys_only();
-        let ahead = dest
-            .get(
-                "find the lock holder ahead",
-                lock_prefix.as_bytes(),
-                Some(options),
-            )
-            .await?;
-        let Some(predecessor) = ahead.kvs().first() else {
+        let request = RangeRequest {
+            max_create_revision: create_revision - 1,
+            newest_created_first: true,
+            ..RangeRequest::prefix(lock_prefix.as_bytes())
+        }
+        .with_limit(1)
+        .keys_only();
+        let ahead = dest.range("find the lock holder ahead", request).await?;
+        let Some(predecessor) = ahead.kvs.first() else {
             return Ok(Leadership {
                 key,
                 create_revision,
             });
         };
-        let predecessor = predecessor.key().to_vec();
-        let from = ahead.header().map_or(0, |h| h.revision()) + 1;
+        let predecessor = predecessor.key.clone();
+        let from = ahead.header.revision + 1;
         wait_for_delete(dest, predecessor, from, session, cancel).await?;
     }
 }
@@ -264,20 +238,19 @@ async fn wait_for_delete(
     session: &Session,
     cancel: &CancellationToken,
 ) -> Result<(), ElectionError> {
-    let mut watch_client = dest.watch_client();
-    let options = WatchOptions::new().with_start_revision(from_revision);
-    let mut stream = dest
-        .call("watch the lock holder ahead", async move {
-            watch_client.watch(key, Some(options)).await
-        })
-        .await?;
+    let request = WatchRequest {
+        key,
+        start_revision: from_revision,
+        ..WatchRequest::default()
+    };
+    let mut stream = dest.watch("watch the lock holder ahead", request).await?;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Err(ElectionError::Cancelled),
             _ = session.lost().cancelled() => return Err(ElectionError::LeaseLost { lease: session.lease_id() }),
             message = stream.message() => match message {
                 Ok(Some(response)) => {
-                    if response.canceled() || response.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                    if response.canceled || response.events.iter().any(|e| e.kind == EventType::Delete) {
                         return Ok(());
                     }
                 }
@@ -290,16 +263,14 @@ async fn wait_for_delete(
 
 /// Leaves the queue for one job (for rebalancing), keeping the lease.
 pub async fn release(dest: &Cluster, leadership: &Leadership) -> Result<(), ElectionError> {
-    let txn = Txn::new()
+    let txn = TxnRequest::new()
         .when(vec![Compare::create_revision(
-            leadership.key.as_str(),
+            leadership.key.as_bytes(),
             CompareOp::Equal,
             leadership.create_revision,
         )])
-        .and_then(vec![TxnOp::delete(leadership.key.as_str(), None)]);
-    let mut kv = dest.kv();
-    dest.call("release job lock", async move { kv.txn(txn).await })
-        .await?;
+        .and_then(vec![Op::delete(leadership.key.as_bytes())]);
+    dest.txn("release job lock", txn).await?;
     Ok(())
 }
 
@@ -310,13 +281,13 @@ pub fn lock_key(keys: &MetaKeys, lease_id: i64) -> String {
 /// How many instances queue for a job's lock right now.
 pub async fn queued_instances(dest: &Cluster, keys: &MetaKeys) -> Result<usize, ElectionError> {
     let prefix = keys.lock_prefix();
-    let options = GetOptions::new()
-        .with_range(prefix_range_end(prefix.as_bytes()))
-        .with_count_only();
     let response = dest
-        .get("count lock holders", prefix.as_bytes(), Some(options))
+        .range(
+            "count lock holders",
+            RangeRequest::prefix(prefix.as_bytes()).count_only(),
+        )
         .await?;
-    Ok(response.count().max(0) as usize)
+    Ok(response.count.max(0) as usize)
 }
 
 /// Hands out a live session, starting a new one after a loss.

@@ -92,10 +92,6 @@ pub async fn run_replica(
 
         let ctx = template.fenced(Fence::new(&template.keys, Some(leadership.fence())));
         let job_cancel = cancel.child_token();
-        let checks = tokio::spawn(crate::check::run_periodic_checks(
-            ctx.clone(),
-            job_cancel.clone(),
-        ));
         let job = run_job(ctx, job_cancel.clone());
         tokio::pin!(job);
         let mut rebalance_tick = tokio::time::interval(instance.rebalance_interval);
@@ -119,7 +115,6 @@ pub async fn run_replica(
             }
         };
         job_cancel.cancel();
-        let _ = checks.await;
         instance.leading.fetch_sub(1, Ordering::SeqCst);
         metrics.is_leader.set(0);
         metrics.leader_changes_total.inc();

@@ -9,15 +9,19 @@
 //!    them; otherwise nothing is deleted and the job reports the guard.
 //! 4. One last txn writes the checkpoint R and removes the marker.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use etcd_client::TxnOp;
+// tokio's clock, so the simulator's paused time governs every deadline.
+use tokio::time::Instant;
+
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::model::batch::Mutation;
 use crate::model::diff::{Difference, SortedMerge, Step};
+use crate::etcd::api::{Op, RangeRequest};
 use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker, JobMeta, KeyGuard};
+use crate::model::schema::{prune_allowance, PruneBlock};
 use crate::mirror::writer::{TxnOutcome, UnorderedWrites};
 use crate::mirror::{JobContext, JobError, SlowPathReason};
 use crate::etcd::pager::{next_page, spawn_pager};
@@ -37,6 +41,8 @@ struct Counts {
     deleted: u64,
     would_delete: u64,
     unchanged: u64,
+    /// Pass two may delete at most this many (what the guard approved).
+    delete_budget: u64,
 }
 
 pub async fn run(
@@ -46,23 +52,41 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<Synced, JobError> {
     let started = Instant::now();
+    // An interrupted or refused full sync hands its guard state on.
+    let inherited = meta.full_sync.clone();
+    if let Some(block) = inherited.as_ref().and_then(|m| m.prune_blocked.as_ref()) {
+        // The decision stands until an operator overrides it: a higher
+        // --max-prune-ratio, or an explicit reset. Until then nothing is
+        // re-scanned.
+        let overridden =
+            ctx.max_prune_ratio > block.max_prune_ratio || *reason == SlowPathReason::Reset;
+        if !overridden {
+            return Err(JobError::PruneGuard {
+                would_delete: block.would_delete,
+                dest_keys: block.baseline_dest_keys,
+                max_prune_ratio: ctx.max_prune_ratio,
+            });
+        }
+        info!(job = %ctx.job.name, previous_ratio = block.max_prune_ratio, max_prune_ratio = ctx.max_prune_ratio, %reason, "Mass-delete guard overridden by the operator; scanning again.");
+    }
     let head = ctx.source.head(ctx.rewrite.source_prefix()).await?;
     let pinned_rev = head.revision;
     ctx.metrics
         .set_progress(ctx.metrics.last_synced_revision.get(), pinned_rev);
-    let marker = FullSyncMarker {
+    let mut marker = FullSyncMarker {
         id: rand::random(),
         pinned_rev,
         source_cluster_id: head.cluster_id,
         started_at: now_rfc3339(),
         instance: ctx.instance_id.clone(),
         reason: reason.to_string(),
+        baseline_dest_keys: inherited.as_ref().and_then(|m| m.baseline_dest_keys),
+        prune_reserved: inherited.as_ref().map_or(0, |m| m.prune_reserved),
+        prune_blocked: None,
     };
-    let marker_bytes = marker.encode();
-    begin(ctx, meta, &marker_bytes).await?;
-    info!(job = %ctx.job.name, pinned_revision = pinned_rev, %reason, "Full sync started.");
+    let mut marker_guard = begin(ctx, meta, &mut marker).await?;
+    info!(job = %ctx.job.name, pinned_revision = pinned_rev, %reason, baseline_dest_keys = marker.baseline_dest_keys, "Full sync started.");
 
-    let marker_guard = KeyGuard::Holds(marker_bytes);
     let mut counts = Counts::default();
     merge_pass(
         ctx,
@@ -75,16 +99,30 @@ pub async fn run(
     .await?;
 
     if counts.would_delete > 0 {
-        let allowed = (ctx.max_prune_ratio * counts.dest_keys as f64).floor() as u64;
-        if counts.would_delete > allowed {
+        let baseline = marker.baseline_dest_keys.unwrap_or(counts.dest_keys);
+        let allowance = prune_allowance(baseline, ctx.max_prune_ratio, marker.prune_reserved);
+        if counts.would_delete > allowance {
+            marker.prune_blocked = Some(PruneBlock {
+                would_delete: counts.would_delete,
+                baseline_dest_keys: baseline,
+                max_prune_ratio: ctx.max_prune_ratio,
+                at: now_rfc3339(),
+            });
+            update_marker(ctx, &mut marker_guard, &marker).await?;
             ctx.metrics.full_sync_in_progress.set(0);
             return Err(JobError::PruneGuard {
                 would_delete: counts.would_delete,
-                dest_keys: counts.dest_keys,
+                dest_keys: baseline,
                 max_prune_ratio: ctx.max_prune_ratio,
             });
         }
-        let mut delete_counts = Counts::default();
+        // Reserve before deleting: a crash mid-way leaves the budget spent.
+        marker.prune_reserved += counts.would_delete;
+        update_marker(ctx, &mut marker_guard, &marker).await?;
+        let mut delete_counts = Counts {
+            delete_budget: counts.would_delete,
+            ..Counts::default()
+        };
         merge_pass(
             ctx,
             pinned_rev,
@@ -116,24 +154,70 @@ pub async fn run(
 
 /// Pins the full sync: the marker goes in and the checkpoint goes out in one
 /// txn, guarded on the meta we read, so two leaders cannot both start one.
-async fn begin(ctx: &JobContext, meta: &JobMeta, marker_bytes: &[u8]) -> Result<(), JobError> {
+/// The first attempt of a full sync counts the destination keys in the same
+/// txn, before anything is written, and records that baseline in the marker.
+async fn begin(
+    ctx: &JobContext,
+    meta: &JobMeta,
+    marker: &mut FullSyncMarker,
+) -> Result<KeyGuard, JobError> {
     let keys = ctx.writer.keys();
     let guards = vec![
         meta.checkpoint_guard().compare(&keys.checkpoint()),
         meta.full_sync_guard().compare(&keys.full_sync()),
         KeyGuard::of(meta.reset_request.as_deref()).compare(&keys.reset_request()),
     ];
-    let ops = vec![
-        TxnOp::delete(keys.checkpoint(), None),
-        TxnOp::delete(keys.reset_request(), None),
-        TxnOp::put(keys.full_sync(), marker_bytes.to_vec(), None),
-    ];
-    match ctx.writer.commit("start full sync", guards, ops).await? {
-        TxnOutcome::Committed => {
-            ctx.metrics.full_sync_in_progress.set(1);
+    let dest_prefix = ctx.rewrite.dest_prefix();
+    let meta_inside = ctx.meta_prefix.starts_with(dest_prefix);
+    let mut ops = vec![Op::Range(RangeRequest::prefix(dest_prefix).count_only())];
+    if meta_inside {
+        ops.push(Op::Range(RangeRequest::prefix(&ctx.meta_prefix).count_only()));
+    }
+    let marker_bytes = marker.encode();
+    ops.extend([
+        Op::delete(keys.checkpoint()),
+        Op::delete(keys.reset_request()),
+        Op::put(keys.full_sync(), marker_bytes.clone()),
+    ]);
+    let response = match ctx.writer.commit("start full sync", guards, ops).await? {
+        TxnOutcome::Committed(response) => response,
+        TxnOutcome::GuardFailed(failure) => return Err(ctx.writer.explain(&failure, "job meta")),
+    };
+    ctx.metrics.full_sync_in_progress.set(1);
+    let mut guard = KeyGuard::Holds(marker_bytes);
+    if marker.baseline_dest_keys.is_none() {
+        let counts: Vec<i64> = response.ranges().map(|r| r.count).collect();
+        let in_prefix = counts.first().copied().unwrap_or(0);
+        let meta_keys = if meta_inside { counts.get(1).copied().unwrap_or(0) } else { 0 };
+        marker.baseline_dest_keys = Some((in_prefix - meta_keys).max(0) as u64);
+        update_marker(ctx, &mut guard, marker).await?;
+    }
+    Ok(guard)
+}
+
+/// Rewrites the marker (guarded on its exact current value) and moves the
+/// guard every later full-sync write carries to the new value.
+async fn update_marker(
+    ctx: &JobContext,
+    guard: &mut KeyGuard,
+    marker: &FullSyncMarker,
+) -> Result<(), JobError> {
+    let key = ctx.writer.keys().full_sync();
+    let bytes = marker.encode();
+    let outcome = ctx
+        .writer
+        .commit(
+            "update full-sync marker",
+            vec![guard.compare(&key)],
+            vec![Op::put(key.as_bytes(), bytes.clone())],
+        )
+        .await?;
+    match outcome {
+        TxnOutcome::Committed(_) => {
+            *guard = KeyGuard::Holds(bytes);
             Ok(())
         }
-        TxnOutcome::GuardFailed(failure) => Err(ctx.writer.explain(&failure, "job meta")),
+        TxnOutcome::GuardFailed(failure) => Err(ctx.writer.explain(&failure, "full-sync marker")),
     }
 }
 
@@ -156,8 +240,8 @@ async fn finish(
     };
     let checkpoint_bytes = checkpoint.encode();
     let ops = vec![
-        TxnOp::put(keys.checkpoint(), checkpoint_bytes.clone(), None),
-        TxnOp::delete(keys.full_sync(), None),
+        Op::put(keys.checkpoint(), checkpoint_bytes.clone()),
+        Op::delete(keys.full_sync()),
     ];
     match ctx
         .writer
@@ -168,7 +252,7 @@ async fn finish(
         )
         .await?
     {
-        TxnOutcome::Committed => {
+        TxnOutcome::Committed(_) => {
             ctx.metrics.full_sync_in_progress.set(0);
             Ok(Synced {
                 checkpoint,
@@ -277,6 +361,15 @@ async fn merge_pass(
                     None
                 }
                 Pass::All => {
+                    if counts.deleted >= counts.delete_budget {
+                        // The destination gained keys since pass one counted:
+                        // never delete more than the guard approved.
+                        return Err(JobError::PruneGuard {
+                            would_delete: counts.deleted + 1,
+                            dest_keys: counts.dest_keys,
+                            max_prune_ratio: ctx.max_prune_ratio,
+                        });
+                    }
                     counts.deleted += 1;
                     ctx.metrics.full_sync_delete.inc();
                     Some(Mutation::Delete {

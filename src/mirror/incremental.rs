@@ -2,20 +2,35 @@
 //! events in revision order, coalesced into chained txns.
 //!
 //! One task drives everything with a single `select!`: reading the watch,
-//! acknowledging txns, and the progress tick that both advances an idle
-//! checkpoint and detects a stalled stream.
+//! acknowledging txns, the progress tick that advances an idle checkpoint and
+//! detects a stalled stream, and the results of the helper tasks that do
+//! their own I/O (operator markers, the periodic check, repair reads), so no
+//! arm ever waits on the destination or the source while acks and
+//! cancellation queue up behind it.
+//!
+//! The [`Coalescer`] owns the revision bookkeeping: events, idle advances
+//! (an empty batch) and repairs all go through it, so the checkpoint each
+//! txn carries only ever moves forward.
 
-use std::time::{Duration, Instant};
+use std::collections::HashSet;
+use std::time::Duration;
 
-use etcd_client::{EventType, WatchOptions, WatchResponse};
+// tokio's clock, so the simulator's paused time governs every deadline.
+use tokio::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::model::batch::{Batch, BatchLimits, Coalescer, Mutation, SourceRevision};
-use crate::model::keys::{prefix_range_end, prefix_range_start};
+use crate::check::CheckReport;
+use crate::etcd::api::{EventType, WatchRequest, WatchResponse};
+use crate::etcd::FailureKind;
 use crate::mirror::meta::KeyGuard;
 use crate::mirror::writer::{Acked, Pipeline};
 use crate::mirror::{JobContext, JobError};
+use crate::model::batch::{BatchLimits, Coalescer, Mutation, SourceRevision};
+use crate::model::keys::{prefix_range_end, prefix_range_start};
 
 /// Room kept in every txn for the fence compares and the checkpoint put.
 const CHECKPOINT_RESERVE_BYTES: usize = 4096;
@@ -30,6 +45,12 @@ pub enum Stopped {
     Cancelled,
 }
 
+/// Source values for a repair, read at `at_revision`.
+struct RepairRead {
+    at_revision: i64,
+    mutations: Vec<(Mutation, &'static str)>,
+}
+
 pub async fn run(
     ctx: &JobContext,
     committed_guard: KeyGuard,
@@ -37,20 +58,25 @@ pub async fn run(
     source_cluster_id: u64,
     cancel: &CancellationToken,
 ) -> Result<Stopped, JobError> {
-    let prefix = prefix_range_start(ctx.rewrite.source_prefix());
-    let options = WatchOptions::new()
-        .with_range(prefix_range_end(ctx.rewrite.source_prefix()))
-        .with_start_revision(committed_revision + 1)
-        .with_progress_notify()
-        .with_fragment();
-    let mut watch_client = ctx.source.watch_client();
-    let mut stream = ctx
-        .source
-        .call("create watch", async move {
-            watch_client.watch(prefix, Some(options)).await
-        })
-        .await?;
+    let request = WatchRequest {
+        key: prefix_range_start(ctx.rewrite.source_prefix()),
+        range_end: prefix_range_end(ctx.rewrite.source_prefix()),
+        start_revision: committed_revision + 1,
+        progress_notify: true,
+        fragment: true,
+    };
+    let mut stream = ctx.source.watch("create watch", request).await?;
     info!(job = %ctx.job.name, from_revision = committed_revision + 1, "Watching source.");
+
+    // Everything this phase starts stops with it: checks and repairs belong
+    // to the Watching phase only (never a full sync, never a promoted job).
+    let phase = cancel.child_token();
+    let _stop_phase = phase.clone().drop_guard();
+    let mut markers = spawn_marker_watch(ctx.clone(), phase.clone());
+    let mut checks = crate::mirror::periodic_check::spawn(ctx.clone(), phase.clone());
+    let mut repair_read: Option<JoinHandle<Result<Option<RepairRead>, JobError>>> = None;
+    // Keys the watch changed since the pending repair read's revision.
+    let mut touched_since_read: Option<HashSet<Vec<u8>>> = None;
 
     let limits = BatchLimits {
         max_ops: ctx.limits.max_ops.saturating_sub(1).max(1),
@@ -79,7 +105,7 @@ pub async fn run(
                     let Some(batch) = coalescer.next_batch() else {
                         break;
                     };
-                    pipeline.send(batch);
+                    pipeline.send(batch)?;
                 }
                 Some(Err(at)) => {
                     send_at = Some(at);
@@ -97,6 +123,7 @@ pub async fn run(
             reported_splits = splits;
         }
         let reading = coalescer.sealed_len() < max_backlog;
+        let mut resend = false;
 
         tokio::select! {
             biased;
@@ -110,13 +137,12 @@ pub async fn run(
                 }
                 return Ok(Stopped::Cancelled);
             }
+            marker = markers.recv() => {
+                return Err(marker.unwrap_or_else(|| JobError::Internal("operator marker watch ended".into())));
+            }
             acked = pipeline.next_committed(), if !pipeline.is_idle() => match acked? {
                 Acked::Committed(committed) => record_commit(ctx, committed.revision, committed.events, &mut lag),
-                // Outside the select: re-sending must not be interrupted by another branch.
-                Acked::Reordered => {
-                    debug!(job = %ctx.job.name, "A pipelined txn was applied out of order; re-sending the window.");
-                    pipeline.resend_window().await?;
-                }
+                Acked::Reordered => resend = true,
             },
             message = stream.message(), if reading => {
                 let Some(response) = message.map_err(|source| JobError::Watch { source })? else {
@@ -124,12 +150,24 @@ pub async fn run(
                 };
                 last_message = Instant::now();
                 ctx.heartbeat();
-                handle_response(ctx, response, &mut assembling, &mut coalescer, &mut idle, &mut lag, &mut pipeline)?;
+                handle_response(ctx, response, &mut assembling, &mut coalescer, &mut idle, &mut lag, &pipeline, &mut touched_since_read)?;
             }
-            _ = tokio::time::sleep_until(send_at.unwrap_or_else(Instant::now).into()), if send_at.is_some() => {}
-            _ = ctx.repairs.requested() => {
-                let differences = ctx.repairs.take();
-                queue_repair(ctx, &mut coalescer, differences).await?;
+            _ = tokio::time::sleep_until(send_at.unwrap_or_else(Instant::now)), if send_at.is_some() => {}
+            report = checks.recv() => {
+                if let Some(report) = report {
+                    if repair_read.is_none() {
+                        touched_since_read = Some(HashSet::new());
+                        repair_read = Some(tokio::spawn(read_repair(ctx.clone(), report, coalescer.through_revision())));
+                    }
+                }
+            }
+            read = async { repair_read.as_mut().expect("guarded").await }, if repair_read.is_some() => {
+                repair_read = None;
+                let touched = touched_since_read.take().unwrap_or_default();
+                let read = read.map_err(|e| JobError::Internal(format!("repair read task failed: {e}")))??;
+                if let Some(read) = read {
+                    queue_repair(ctx, &mut coalescer, read, &touched);
+                }
             }
             _ = progress_tick.tick() => {
                 ctx.heartbeat();
@@ -138,50 +176,112 @@ pub async fn run(
                     return Err(JobError::WatchStalled { idle: last_message.elapsed() });
                 }
                 // Answers (progress or events) prove the stream is alive and
-                // tell us the source head while the prefix is quiet.
+                // tell us the source head while the prefix is quiet. This
+                // only queues a request on the open stream.
                 stream.request_progress().await.map_err(|source| JobError::Watch { source })?;
-                crate::mirror::check_operator_markers(ctx).await?;
+            }
+        }
+        if resend {
+            debug!(job = %ctx.job.name, "A pipelined txn was applied out of order; re-sending the window.");
+            // Re-sending must not be interleaved with new sends; only
+            // cancellation may interrupt it, and then the pipeline is dropped.
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(Stopped::Cancelled),
+                resent = pipeline.resend_window() => resent?,
             }
         }
     }
 }
 
-/// Reads the source values of the differing keys at the revision the
-/// coalescer has reached, and queues them behind everything already pushed:
-/// once that batch commits, those keys hold exactly what the checkpoint it
-/// carries says.
-async fn queue_repair(
+/// Polls the operator markers (promoted, reset request) on the destination
+/// every progress interval, in its own task; reports the first one seen.
+fn spawn_marker_watch(ctx: JobContext, cancel: CancellationToken) -> mpsc::Receiver<JobError> {
+    let (found, receiver) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(ctx.tuning.progress_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let checked = tokio::select! {
+                _ = cancel.cancelled() => return,
+                checked = crate::mirror::check_operator_markers(&ctx) => checked,
+            };
+            if let Err(error) = checked {
+                let _ = found.send(error).await;
+                return;
+            }
+        }
+    });
+    receiver
+}
+
+/// Reads the source values of the keys a check found different, at the
+/// revision the coalescer had reached when the read started.
+async fn read_repair(
+    ctx: JobContext,
+    report: CheckReport,
+    at_revision: i64,
+) -> Result<Option<RepairRead>, JobError> {
+    if report.differences.is_empty() {
+        return Ok(None);
+    }
+    let suffixes: Vec<Vec<u8>> = report.differences.iter().map(|(s, _)| s.clone()).collect();
+    let to_source = |s: &[u8]| ctx.rewrite.suffix_to_source(s);
+    let values =
+        match crate::check::read_keys_at(&ctx.source, &suffixes, to_source, Some(at_revision)).await {
+            Ok(values) => values,
+            // That history is gone; the watch is about to report the
+            // compaction, and the next check will find what still differs.
+            Err(error) if error.kind() == FailureKind::Compacted => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+    let mutations = report
+        .differences
+        .iter()
+        .zip(values)
+        .map(|((suffix, kind), value)| {
+            let key = ctx.rewrite.suffix_to_dest(suffix);
+            let mutation = match value {
+                Some(value) => Mutation::Put { key, value },
+                None => Mutation::Delete { key },
+            };
+            (mutation, kind.label())
+        })
+        .collect();
+    Ok(Some(RepairRead {
+        at_revision,
+        mutations,
+    }))
+}
+
+/// Queues repair mutations behind everything already pushed. A key the
+/// watch changed after the read's revision is left out: that event already
+/// carries its value at the coalescer's revision. Every other key held the
+/// same value from the read's revision to now, so once the batch commits,
+/// the keys hold exactly what the checkpoint it carries says.
+fn queue_repair(
     ctx: &JobContext,
     coalescer: &mut Coalescer,
-    differences: Vec<(Vec<u8>, crate::check::DifferenceKind)>,
-) -> Result<(), JobError> {
-    if differences.is_empty() {
-        return Ok(());
-    }
-    let suffixes: Vec<Vec<u8>> = differences.iter().map(|(s, _)| s.clone()).collect();
-    let at = coalescer.through_revision();
-    let to_source = |s: &[u8]| ctx.rewrite.suffix_to_source(s);
-    let values = match crate::check::read_keys_at(&ctx.source, &suffixes, to_source, Some(at)).await
-    {
-        Ok(values) => values,
-        // History that young compacted already: the watch carries any later change.
-        Err(error) if error.kind() == crate::etcd::client::FailureKind::Compacted => {
-            crate::check::read_keys(&ctx.source, &suffixes, to_source).await?
+    read: RepairRead,
+    touched: &HashSet<Vec<u8>>,
+) {
+    let mut mutations = Vec::with_capacity(read.mutations.len());
+    for (mutation, kind) in read.mutations {
+        if touched.contains(mutation.key()) {
+            continue;
         }
-        Err(error) => return Err(error.into()),
-    };
-    let mut mutations = Vec::with_capacity(values.len());
-    for ((suffix, kind), value) in differences.iter().zip(values) {
-        let key = ctx.rewrite.suffix_to_dest(suffix);
-        mutations.push(match value {
-            Some(value) => Mutation::Put { key, value },
-            None => Mutation::Delete { key },
-        });
-        ctx.metrics.repaired(kind.label(), 1);
+        ctx.metrics.repaired(kind, 1);
+        mutations.push(mutation);
     }
-    info!(job = %ctx.job.name, keys = mutations.len(), at_revision = at, "Repairing keys the consistency check found different.");
+    if mutations.is_empty() {
+        return;
+    }
+    info!(job = %ctx.job.name, keys = mutations.len(), read_at_revision = read.at_revision, applied_at_revision = coalescer.through_revision(), "Repairing keys the consistency check found different.");
     coalescer.push_repair(mutations);
-    Ok(())
 }
 
 fn record_commit(ctx: &JobContext, revision: i64, events: usize, lag: &mut LagClock) {
@@ -190,6 +290,7 @@ fn record_commit(ctx: &JobContext, revision: i64, events: usize, lag: &mut LagCl
     lag.publish(ctx, revision);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn handle_response(
     ctx: &JobContext,
     response: WatchResponse,
@@ -197,42 +298,44 @@ fn handle_response(
     coalescer: &mut Coalescer,
     idle: &mut IdleCheckpoint,
     lag: &mut LagClock,
-    pipeline: &mut Pipeline,
+    pipeline: &Pipeline,
+    touched: &mut Option<HashSet<Vec<u8>>>,
 ) -> Result<(), JobError> {
-    if response.canceled() {
-        if response.compact_revision() > 0 {
+    if response.canceled {
+        if response.compact_revision > 0 {
             return Err(JobError::Compacted {
-                compact_revision: response.compact_revision(),
+                compact_revision: response.compact_revision,
             });
         }
         return Err(JobError::WatchCanceled {
-            reason: response.cancel_reason().to_string(),
+            reason: response.cancel_reason,
         });
     }
-    let header_revision = response.header().map_or(0, |h| h.revision());
+    let header_revision = response.header.revision;
     lag.saw_head(header_revision);
     ctx.metrics
         .set_progress(pipeline.committed_revision(), header_revision);
-    let events = response.events();
-    if events.is_empty() {
-        if !response.created() && header_revision > 0 {
+    if response.events.is_empty() {
+        if !response.created && header_revision > 0 {
             let quiet = assembling.is_none() && coalescer.is_empty() && pipeline.is_idle();
             if let Some(revision) =
-                idle.on_progress(header_revision, quiet, pipeline.tail_revision())
+                idle.on_progress(header_revision, quiet, coalescer.through_revision())
             {
-                pipeline.send(Batch {
-                    mutations: Vec::new(),
-                    through_revision: revision,
-                    partial_revision: None,
-                });
+                // An idle advance is an empty batch: the coalescer stays the
+                // one owner of the revision the next txn carries.
+                coalescer.advance_to(revision);
             }
         }
         return Ok(());
     }
     idle.on_events();
-    for event in events {
-        let Some(kv) = event.kv() else { continue };
-        let revision = kv.mod_revision();
+    for event in response.events {
+        let revision = event.kv.mod_revision;
+        if revision <= coalescer.through_revision() {
+            // Already applied (a duplicate delivery after a resume): applying
+            // it again would move a key back in time.
+            continue;
+        }
         if assembling.as_ref().is_some_and(|r| r.revision != revision) {
             coalescer.push(assembling.take().expect("checked"));
         }
@@ -240,24 +343,27 @@ fn handle_response(
             revision,
             mutations: Vec::new(),
         });
-        if kv.key().starts_with(&ctx.meta_prefix) {
+        if event.kv.key.starts_with(&ctx.meta_prefix) {
             // The source may itself be a mirror's destination: its meta keys stay there.
             continue;
         }
-        let Some(dest_key) = ctx.rewrite.to_dest(kv.key()) else {
+        let Some(dest_key) = ctx.rewrite.to_dest(&event.kv.key) else {
             continue;
         };
-        current.mutations.push(match event.event_type() {
+        if let Some(touched) = touched.as_mut() {
+            touched.insert(dest_key.clone());
+        }
+        current.mutations.push(match event.kind {
             EventType::Put => Mutation::Put {
                 key: dest_key,
-                value: kv.value().to_vec(),
+                value: event.kv.value,
             },
             EventType::Delete => Mutation::Delete { key: dest_key },
         });
     }
     // A revision is only known complete once its response is not a fragment:
     // etcd never splits one revision across unfragmented responses.
-    if !response.0.fragment {
+    if !response.fragment {
         if let Some(revision) = assembling.take() {
             coalescer.push(revision);
         }

@@ -2,11 +2,10 @@
 //! the promoted marker and a pending reset request, and the compares that
 //! guard every write.
 
-use etcd_client::{Compare, CompareOp, GetOptions};
+use crate::etcd::api::{Compare, CompareOp};
 
-use crate::etcd::client::Cluster;
-use crate::model::keys::{prefix_range_end, MetaKeys};
-use crate::mirror::JobError;
+use crate::model::keys::MetaKeys;
+pub use crate::etcd::meta::read_job_meta;
 pub use crate::model::schema::{now_rfc3339, Checkpoint, FullSyncMarker, JobMeta};
 
 /// What a key must hold for a txn to apply: the value we last saw or wrote,
@@ -21,8 +20,8 @@ impl KeyGuard {
     pub fn compare(&self, key: &str) -> Compare {
         match self {
             // etcd fails every value compare on a missing key, so absence is version 0.
-            KeyGuard::Absent => Compare::version(key, CompareOp::Equal, 0),
-            KeyGuard::Holds(value) => Compare::value(key, CompareOp::Equal, value.clone()),
+            KeyGuard::Absent => Compare::version(key.as_bytes(), CompareOp::Equal, 0),
+            KeyGuard::Holds(value) => Compare::value(key.as_bytes(), CompareOp::Equal, value.clone()),
         }
     }
 
@@ -58,13 +57,13 @@ impl Fence {
 
     pub fn compares(&self) -> Vec<Compare> {
         let mut compares = vec![Compare::version(
-            self.promoted_key.as_str(),
+            self.promoted_key.as_bytes(),
             CompareOp::Equal,
             0,
         )];
         if let Some(lock) = &self.lock {
             compares.push(Compare::create_revision(
-                lock.key.as_str(),
+                lock.key.as_bytes(),
                 CompareOp::Equal,
                 lock.create_revision,
             ));
@@ -91,49 +90,6 @@ impl JobMeta {
     }
 }
 
-pub async fn read_job_meta(dest: &Cluster, keys: &MetaKeys) -> Result<JobMeta, JobError> {
-    let root = keys.job_root().as_bytes().to_vec();
-    let end = prefix_range_end(&root);
-    let response = dest
-        .get(
-            "read job meta",
-            root,
-            Some(GetOptions::new().with_range(end)),
-        )
-        .await?;
-    let mut meta = JobMeta {
-        dest_revision: response.header().map_or(0, |h| h.revision()),
-        dest_cluster_id: response.header().map_or(0, |h| h.cluster_id()),
-        ..JobMeta::default()
-    };
-    let (checkpoint_key, full_sync_key, promoted_key, reset_key) = (
-        keys.checkpoint(),
-        keys.full_sync(),
-        keys.promoted(),
-        keys.reset_request(),
-    );
-    for kv in response.kvs() {
-        let key = kv.key();
-        if key == checkpoint_key.as_bytes() {
-            meta.checkpoint_raw = Some(kv.value().to_vec());
-            meta.checkpoint = match serde_json::from_slice(kv.value()) {
-                Ok(checkpoint) => Some(checkpoint),
-                Err(error) => {
-                    tracing::warn!(key = %checkpoint_key, %error, "checkpoint is unreadable; a full sync will rebuild it");
-                    None
-                }
-            };
-        } else if key == full_sync_key.as_bytes() {
-            meta.full_sync_raw = Some(kv.value().to_vec());
-            meta.full_sync = serde_json::from_slice(kv.value()).ok();
-        } else if key == promoted_key.as_bytes() {
-            meta.promoted = Some(kv.value().to_vec());
-        } else if key == reset_key.as_bytes() {
-            meta.reset_request = Some(kv.value().to_vec());
-        }
-    }
-    Ok(meta)
-}
 
 
 #[cfg(test)]

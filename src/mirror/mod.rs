@@ -16,14 +16,19 @@
 pub mod full_sync;
 pub mod incremental;
 pub mod meta;
+pub mod periodic_check;
 pub mod writer;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so the simulator's paused time governs every deadline.
+use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::etcd::api::{Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster, ClusterHead, FailureKind};
 use crate::config::{CheckSettings, JobSettings, Side, Tuning, TxnLimits};
 use crate::telemetry::health::Health;
@@ -49,8 +54,6 @@ pub struct JobContext {
     pub instance_id: String,
     pub health: Arc<Health>,
     pub checks: CheckSettings,
-    /// Filled by the periodic check with `--check-repair`; drained by the watch loop.
-    pub repairs: Arc<crate::check::RepairQueue>,
 }
 
 impl JobContext {
@@ -445,18 +448,11 @@ pub async fn request_reset(
 ) -> Result<(), JobError> {
     let value =
         serde_json::json!({ "requested_at": now_rfc3339(), "instance": instance }).to_string();
-    let txn = etcd_client::Txn::new()
+    let txn = TxnRequest::new()
         .when(Fence::new(keys, None).compares())
-        .and_then(vec![etcd_client::TxnOp::put(
-            keys.reset_request(),
-            value,
-            None,
-        )]);
-    let mut kv = dest.kv();
-    let response = dest
-        .call("request reset", async move { kv.txn(txn).await })
-        .await?;
-    if response.succeeded() {
+        .and_then(vec![Op::put(keys.reset_request(), value)]);
+    let response = dest.txn("request reset", txn).await?;
+    if response.succeeded {
         Ok(())
     } else {
         Err(JobError::Promoted)
@@ -468,26 +464,12 @@ pub async fn request_reset(
 /// # Cancel-Safety
 /// Cancel-safe: a single read.
 pub async fn check_operator_markers(ctx: &JobContext) -> Result<(), JobError> {
-    let txn = etcd_client::Txn::new().and_then(vec![
-        etcd_client::TxnOp::get(
-            ctx.keys.promoted(),
-            Some(etcd_client::GetOptions::new().with_count_only()),
-        ),
-        etcd_client::TxnOp::get(
-            ctx.keys.reset_request(),
-            Some(etcd_client::GetOptions::new().with_count_only()),
-        ),
+    let txn = TxnRequest::new().and_then(vec![
+        Op::Range(RangeRequest::key(ctx.keys.promoted()).count_only()),
+        Op::Range(RangeRequest::key(ctx.keys.reset_request()).count_only()),
     ]);
-    let mut kv = ctx.dest.kv();
-    let response = ctx
-        .dest
-        .call("read operator markers", async move { kv.txn(txn).await })
-        .await?;
-    let present: Vec<bool> = response
-        .op_responses()
-        .into_iter()
-        .map(|r| matches!(r, etcd_client::TxnOpResponse::Get(get) if get.count() > 0))
-        .collect();
+    let response = ctx.dest.txn("read operator markers", txn).await?;
+    let present: Vec<bool> = response.ranges().map(|r| r.count > 0).collect();
     match present.as_slice() {
         [true, _] => Err(JobError::Promoted),
         [_, true] => Err(JobError::ResetRequested),
@@ -574,6 +556,9 @@ mod tests {
             started_at: now_rfc3339(),
             instance: "i".into(),
             reason: "test".into(),
+            baseline_dest_keys: None,
+            prune_reserved: 0,
+            prune_blocked: None,
         };
         interrupted.full_sync_raw = Some(marker.encode());
         interrupted.full_sync = Some(marker);

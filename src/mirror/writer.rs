@@ -12,12 +12,15 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use etcd_client::{Compare, Txn, TxnOp, TxnOpResponse};
+// tokio's clock, so the simulator's paused time governs every deadline.
+use tokio::time::Instant;
+
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::model::batch::{Batch, Mutation};
+use crate::etcd::api::{Compare, Op, TxnRequest, TxnResponse};
 use crate::etcd::client::Cluster;
 use crate::model::keys::MetaKeys;
 use crate::telemetry::metrics::JobMetrics;
@@ -33,7 +36,8 @@ pub struct GuardFailure {
 
 #[derive(Debug)]
 pub enum TxnOutcome {
-    Committed,
+    /// With the success branch's responses.
+    Committed(TxnResponse),
     GuardFailed(GuardFailure),
 }
 
@@ -68,38 +72,30 @@ impl DestWriter {
         &self,
         operation: &'static str,
         guards: Vec<Compare>,
-        ops: Vec<TxnOp>,
+        ops: Vec<Op>,
     ) -> Result<TxnOutcome, JobError> {
         let op_count = ops.len();
         let mut compares = self.fence.compares();
         compares.extend(guards);
-        let mut failure_reads = vec![TxnOp::get(self.fence.promoted_key(), None)];
+        let mut failure_reads = vec![Op::get(self.fence.promoted_key())];
         if let Some(lock) = self.fence.lock() {
-            failure_reads.push(TxnOp::get(lock.key.as_str(), None));
+            failure_reads.push(Op::get(lock.key.as_str()));
         }
-        let txn = Txn::new()
+        let txn = TxnRequest::new()
             .when(compares)
             .and_then(ops)
             .or_else(failure_reads);
-        let mut kv = self.dest.kv();
         let started = Instant::now();
-        let response = self
-            .dest
-            .call(operation, async move { kv.txn(txn).await })
-            .await?;
+        let response = self.dest.txn(operation, txn).await?;
         self.metrics
             .txn_duration_seconds
             .observe(started.elapsed().as_secs_f64());
-        if response.succeeded() {
+        if response.succeeded {
             self.metrics.txns_total.inc();
             self.metrics.txn_ops.observe(op_count as f64);
-            return Ok(TxnOutcome::Committed);
+            return Ok(TxnOutcome::Committed(response));
         }
-        let reads: Vec<bool> = response
-            .op_responses()
-            .into_iter()
-            .map(|r| matches!(r, TxnOpResponse::Get(get) if !get.kvs().is_empty()))
-            .collect();
+        let reads: Vec<bool> = response.ranges().map(|r| !r.kvs.is_empty()).collect();
         let promoted = reads.first().copied().unwrap_or(false);
         let lock_held = match self.fence.lock() {
             None => true,
@@ -126,10 +122,10 @@ impl DestWriter {
     }
 }
 
-pub fn mutation_op(mutation: Mutation) -> TxnOp {
+pub fn mutation_op(mutation: Mutation) -> Op {
     match mutation {
-        Mutation::Put { key, value } => TxnOp::put(key, value, None),
-        Mutation::Delete { key } => TxnOp::delete(key, None),
+        Mutation::Put { key, value } => Op::put(key, value),
+        Mutation::Delete { key } => Op::delete(key),
     }
 }
 
@@ -163,7 +159,7 @@ struct InFlight {
     events: usize,
     /// Kept to re-send the txn unchanged if etcd evaluated it before its predecessor.
     guards: Vec<Compare>,
-    ops: Vec<TxnOp>,
+    ops: Vec<Op>,
     resent: bool,
     task: JoinHandle<Result<TxnOutcome, JobError>>,
 }
@@ -256,7 +252,16 @@ impl Pipeline {
 
     /// Sends `batch` with the checkpoint it completes. An empty batch only
     /// advances the checkpoint (an idle prefix keeping up with compaction).
-    pub fn send(&mut self, batch: Batch) {
+    ///
+    /// Refuses a batch whose revision is behind what was already sent: that
+    /// txn would roll the checkpoint back.
+    pub fn send(&mut self, batch: Batch) -> Result<(), JobError> {
+        if batch.through_revision < self.tail_revision {
+            return Err(JobError::Internal(format!(
+                "refusing to move the checkpoint back from revision {} to {}",
+                self.tail_revision, batch.through_revision
+            )));
+        }
         let checkpoint = Checkpoint {
             // A partial batch leaves the previous revision as the resume point:
             // on restart the whole oversized revision is applied again.
@@ -274,8 +279,8 @@ impl Pipeline {
         let checkpoint_key = self.writer.keys().checkpoint();
         let guards = vec![self.tail_guard.compare(&checkpoint_key)];
         let events = batch.mutations.len();
-        let mut ops: Vec<TxnOp> = batch.mutations.into_iter().map(mutation_op).collect();
-        ops.push(TxnOp::put(checkpoint_key, checkpoint_bytes.clone(), None));
+        let mut ops: Vec<Op> = batch.mutations.into_iter().map(mutation_op).collect();
+        ops.push(Op::put(checkpoint_key, checkpoint_bytes.clone()));
         let task = self.spawn_commit(guards.clone(), ops.clone());
         self.last_send = Instant::now();
         self.tail_guard = KeyGuard::Holds(checkpoint_bytes);
@@ -289,12 +294,13 @@ impl Pipeline {
             resent: false,
             task,
         });
+        Ok(())
     }
 
     fn spawn_commit(
         &self,
         guards: Vec<Compare>,
-        ops: Vec<TxnOp>,
+        ops: Vec<Op>,
     ) -> JoinHandle<Result<TxnOutcome, JobError>> {
         let writer = self.writer.clone();
         tokio::spawn(async move { writer.commit("apply batch", guards, ops).await })
@@ -317,7 +323,7 @@ impl Pipeline {
             return std::future::pending().await;
         };
         match Self::outcome(&mut head.task).await? {
-            TxnOutcome::Committed => {
+            TxnOutcome::Committed(_) => {
                 let head = self.inflight.pop_front().expect("head exists");
                 if !head.resent {
                     self.send_spacing =
@@ -363,7 +369,7 @@ impl Pipeline {
         self.send_spacing =
             (self.send_spacing * 2).clamp(Duration::from_millis(1), MAX_SEND_SPACING);
         for behind in self.inflight.iter_mut().skip(1) {
-            if let TxnOutcome::Committed = Self::outcome(&mut behind.task).await? {
+            if let TxnOutcome::Committed(_) = Self::outcome(&mut behind.task).await? {
                 // Impossible unless the chain was broken by a foreign write.
                 return Err(JobError::GuardMoved { what: "checkpoint" });
             }
@@ -426,7 +432,7 @@ impl UnorderedWrites {
             self.reap_one().await?;
         }
         let guards = vec![self.marker_guard.compare(&self.marker_key)];
-        let ops: Vec<TxnOp> = mutations.into_iter().map(mutation_op).collect();
+        let ops: Vec<Op> = mutations.into_iter().map(mutation_op).collect();
         let writer = self.writer.clone();
         self.tasks
             .spawn(async move { writer.commit("full sync write", guards, ops).await });
@@ -447,7 +453,7 @@ impl UnorderedWrites {
                 "full sync write task failed: {join_error}"
             ))),
             Some(Ok(outcome)) => match outcome? {
-                TxnOutcome::Committed => Ok(()),
+                TxnOutcome::Committed(_) => Ok(()),
                 TxnOutcome::GuardFailed(failure) => {
                     Err(self.writer.explain(&failure, "full-sync marker"))
                 }

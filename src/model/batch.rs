@@ -220,6 +220,23 @@ impl Coalescer {
         }
     }
 
+    /// Moves to `revision` with no mutation in between: an idle source whose
+    /// head moved on outside the prefix. Goes out as a batch that only
+    /// advances the checkpoint, unless an open batch can carry it.
+    pub fn advance_to(&mut self, revision: i64) {
+        if revision <= self.through_revision {
+            return;
+        }
+        self.through_revision = revision;
+        if self.open.is_empty() {
+            self.sealed.push_back(Batch {
+                mutations: Vec::new(),
+                through_revision: revision,
+                partial_revision: None,
+            });
+        }
+    }
+
     /// Queues a repair found by the consistency checker: mutations that give
     /// keys their source values at [`Self::through_revision`]. Everything
     /// pushed before goes out first, so the repair lands in order and the

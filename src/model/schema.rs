@@ -43,7 +43,13 @@ impl Checkpoint {
 
 /// Present while a full sync is under way; its exact value fences that full
 /// sync's writes, and its presence at start means one was interrupted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// It also carries the mass-delete guard across attempts: the destination's
+/// key count before the first attempt wrote anything, the deletions already
+/// approved, and a decision to block. A retry, a restart or another leader
+/// inherits all three, so puts made by an earlier attempt can never dilute
+/// the ratio.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FullSyncMarker {
     pub id: u64,
     pub pinned_rev: i64,
@@ -51,6 +57,35 @@ pub struct FullSyncMarker {
     pub started_at: String,
     pub instance: String,
     pub reason: String,
+    /// Destination keys (meta keys excluded) when the first attempt began.
+    /// `None` only until that count is recorded, before any data write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_dest_keys: Option<u64>,
+    /// Deletions approved so far under this baseline, by any attempt.
+    #[serde(default)]
+    pub prune_reserved: u64,
+    /// Set when the guard refused: later attempts wait for an operator
+    /// (a higher `--max-prune-ratio`, or a `reset`) instead of re-scanning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune_blocked: Option<PruneBlock>,
+}
+
+/// What the mass-delete guard refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PruneBlock {
+    pub would_delete: u64,
+    pub baseline_dest_keys: u64,
+    pub max_prune_ratio: f64,
+    pub at: String,
+}
+
+/// How many deletions a full sync may still make: the ratio applies to
+/// the destination as it was before the first attempt, minus what earlier
+/// attempts were already allowed to delete.
+pub fn prune_allowance(baseline_dest_keys: u64, max_prune_ratio: f64, reserved: u64) -> u64 {
+    let ratio = max_prune_ratio.clamp(0.0, 1.0);
+    let allowed = (ratio * baseline_dest_keys as f64).floor() as u64;
+    allowed.saturating_sub(reserved)
 }
 
 impl FullSyncMarker {
@@ -83,4 +118,91 @@ pub struct LockValue {
 
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+impl JobMeta {
+    /// Builds the snapshot from the keys under the job's meta root, read at
+    /// `dest_revision`. An unreadable checkpoint is kept raw (so the next txn
+    /// can still guard on it) and reported as absent.
+    pub fn from_entries<'a>(
+        keys: &crate::model::keys::MetaKeys,
+        entries: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+        dest_revision: i64,
+        dest_cluster_id: u64,
+    ) -> Self {
+        let mut meta = JobMeta {
+            dest_revision,
+            dest_cluster_id,
+            ..JobMeta::default()
+        };
+        let (checkpoint_key, full_sync_key, promoted_key, reset_key) = (
+            keys.checkpoint(),
+            keys.full_sync(),
+            keys.promoted(),
+            keys.reset_request(),
+        );
+        for (key, value) in entries {
+            if key == checkpoint_key.as_bytes() {
+                meta.checkpoint_raw = Some(value.to_vec());
+                meta.checkpoint = match serde_json::from_slice(value) {
+                    Ok(checkpoint) => Some(checkpoint),
+                    Err(error) => {
+                        tracing::warn!(key = %checkpoint_key, %error, "Checkpoint is unreadable; a full sync will rebuild it.");
+                        None
+                    }
+                };
+            } else if key == full_sync_key.as_bytes() {
+                meta.full_sync_raw = Some(value.to_vec());
+                meta.full_sync = serde_json::from_slice(value).ok();
+            } else if key == promoted_key.as_bytes() {
+                meta.promoted = Some(value.to_vec());
+            } else if key == reset_key.as_bytes() {
+                meta.reset_request = Some(value.to_vec());
+            }
+        }
+        meta
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn prune_allowance_examples() {
+        assert_eq!(prune_allowance(1307, 0.5, 0), 653);
+        assert_eq!(prune_allowance(1307, 1.0, 0), 1307);
+        assert_eq!(prune_allowance(1307, 0.5, 600), 53);
+        assert_eq!(prune_allowance(1307, 0.5, 653), 0);
+        assert_eq!(prune_allowance(1307, 0.5, 700), 0);
+        assert_eq!(prune_allowance(0, 1.0, 0), 0);
+        assert_eq!(prune_allowance(10, 0.0, 0), 0);
+        assert_eq!(prune_allowance(10, 0.25, 0), 2);
+    }
+
+    proptest! {
+        /// However a budget is split across attempts, the total never exceeds
+        /// the ratio of the baseline.
+        #[test]
+        fn reservations_never_exceed_the_ratio(baseline in 0u64..10_000, ratio in 0.0f64..=1.0,
+                                               asks in proptest::collection::vec(0u64..5_000, 0..8)) {
+            let mut reserved = 0u64;
+            for ask in asks {
+                if ask <= prune_allowance(baseline, ratio, reserved) {
+                    reserved += ask;
+                }
+            }
+            prop_assert!(reserved as f64 <= ratio * baseline as f64);
+        }
+    }
+
+    #[test]
+    fn markers_from_older_versions_still_parse() {
+        let old = br#"{"id":1,"pinned_rev":5,"source_cluster_id":2,"started_at":"t","instance":"i","reason":"r"}"#;
+        let marker: FullSyncMarker = serde_json::from_slice(old).unwrap();
+        assert_eq!(marker.baseline_dest_keys, None);
+        assert_eq!(marker.prune_reserved, 0);
+        assert!(marker.prune_blocked.is_none());
+    }
 }

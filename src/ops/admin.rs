@@ -2,14 +2,17 @@
 //! `status` and `promote`.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+// tokio's clock, so the simulator's paused time governs every deadline.
+use tokio::time::Instant;
+
 use serde::Serialize;
 
+use crate::etcd::api::{Compare, CompareOp, Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster};
 use crate::model::schema::LockValue;
-use crate::model::keys::{prefix_range_end, MetaKeys};
+use crate::model::keys::MetaKeys;
 use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,13 +67,15 @@ pub async fn collect_status(
     meta_prefix: &str,
     job: Option<&str>,
 ) -> Result<Vec<JobStatus>, AdminError> {
-    let options = GetOptions::new().with_range(prefix_range_end(meta_prefix.as_bytes()));
     let response = dest
-        .get("read meta keys", meta_prefix.as_bytes(), Some(options))
+        .range(
+            "read meta keys",
+            RangeRequest::prefix(meta_prefix.as_bytes()),
+        )
         .await?;
     let mut jobs: BTreeMap<String, (JobStatus, Option<LockCandidate>)> = BTreeMap::new();
-    for kv in response.kvs() {
-        let Some(rest) = kv.key().strip_prefix(meta_prefix.as_bytes()) else {
+    for kv in &response.kvs {
+        let Some(rest) = kv.key.strip_prefix(meta_prefix.as_bytes()) else {
             continue;
         };
         let rest = String::from_utf8_lossy(rest);
@@ -88,7 +93,7 @@ pub async fn collect_status(
         });
         match item {
             "checkpoint" => {
-                if let Ok(checkpoint) = serde_json::from_slice::<Checkpoint>(kv.value()) {
+                if let Ok(checkpoint) = serde_json::from_slice::<Checkpoint>(&kv.value) {
                     status.last_synced_revision = Some(checkpoint.last_synced_rev);
                     status.checkpoint_updated_at = Some(checkpoint.updated_at);
                     status.source_cluster_id = Some(format!("{:x}", checkpoint.source_cluster_id));
@@ -100,14 +105,14 @@ pub async fn collect_status(
             }
             "full-sync" => {
                 status.full_sync_in_progress = true;
-                if let Ok(marker) = serde_json::from_slice::<FullSyncMarker>(kv.value()) {
+                if let Ok(marker) = serde_json::from_slice::<FullSyncMarker>(&kv.value) {
                     status.full_sync_pinned_revision = Some(marker.pinned_rev);
                     status.source_cluster_id = Some(format!("{:x}", marker.source_cluster_id));
                 }
             }
             "promoted" => {
                 status.promoted = true;
-                status.promoted_at = serde_json::from_slice::<serde_json::Value>(kv.value())
+                status.promoted_at = serde_json::from_slice::<serde_json::Value>(&kv.value)
                     .ok()
                     .and_then(|v| {
                         v.get("promoted_at")
@@ -118,15 +123,15 @@ pub async fn collect_status(
             "reset-request" => status.reset_pending = true,
             lock if lock.starts_with("lock/") => {
                 status.instances += 1;
-                let instance = serde_json::from_slice::<LockValue>(kv.value())
+                let instance = serde_json::from_slice::<LockValue>(&kv.value)
                     .map(|v| v.instance)
-                    .unwrap_or_else(|_| String::from_utf8_lossy(kv.value()).into_owned());
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&kv.value).into_owned());
                 if leader
                     .as_ref()
-                    .is_none_or(|l| kv.create_revision() < l.create_revision)
+                    .is_none_or(|l| kv.create_revision < l.create_revision)
                 {
                     *leader = Some(LockCandidate {
-                        create_revision: kv.create_revision(),
+                        create_revision: kv.create_revision,
                         instance,
                     });
                 }
@@ -293,20 +298,17 @@ pub async fn promote(
 ) -> Result<PromoteOutcome, AdminError> {
     let keys = MetaKeys::new(meta_prefix, job);
     let marker = serde_json::json!({ "promoted_at": now_rfc3339(), "by": by }).to_string();
-    let txn = Txn::new()
+    let txn = TxnRequest::new()
         .when(vec![Compare::version(keys.promoted(), CompareOp::Equal, 0)])
-        .and_then(vec![TxnOp::put(keys.promoted(), marker, None)]);
-    let mut kv = dest.kv();
-    let response = dest
-        .call("write promoted marker", async move { kv.txn(txn).await })
-        .await?;
+        .and_then(vec![Op::put(keys.promoted(), marker)]);
+    let response = dest.txn("write promoted marker", txn).await?;
     // Read after the marker: no replicator can move the checkpoint any more.
     let status = collect_status(dest, meta_prefix, Some(job))
         .await?
         .remove(0);
     Ok(PromoteOutcome {
         job: job.to_string(),
-        action: if response.succeeded() {
+        action: if response.succeeded {
             "promoted"
         } else {
             "already promoted"
@@ -324,13 +326,20 @@ pub async fn undo_promote(
 ) -> Result<PromoteOutcome, AdminError> {
     let keys = MetaKeys::new(meta_prefix, job);
     let key = keys.promoted();
-    let mut kv = dest.kv();
-    let deleted = dest
-        .call("remove promoted marker", async move {
-            kv.delete(key, None).await
+    let response = dest
+        .txn(
+            "remove promoted marker",
+            TxnRequest::new().and_then(vec![Op::delete(key)]),
+        )
+        .await?;
+    let deleted = response
+        .responses
+        .iter()
+        .map(|r| match r {
+            crate::etcd::api::OpResponse::Delete { deleted } => *deleted,
+            _ => 0,
         })
-        .await?
-        .deleted();
+        .sum::<i64>();
     let status = collect_status(dest, meta_prefix, Some(job))
         .await?
         .remove(0);

@@ -1,0 +1,277 @@
+//! [`Etcd`] over `etcd-client`: a thin translation of our request and
+//! response types to and from the gRPC ones.
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+use etcd_client::{
+    Client, DeleteOptions, GetOptions, KvClient, LeaseGrantOptions, PutOptions, SortOrder,
+    SortTarget, TxnOpResponse, WatchClient, WatchOptions,
+};
+
+use crate::etcd::api::{
+    Compare, CompareOp, CompareTarget, Etcd, EtcdResult, Event, EventType, Header, KeyValue,
+    LeaseKeeper, Op, OpResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+    WatchRequest, WatchResponse, WatchStream,
+};
+
+/// Large enough for a page of big values or a fragmented watch response;
+/// etcd itself caps a request at 1.5 MiB by default.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+pub struct RealEtcd {
+    client: Client,
+    kv: KvClient,
+    watch: WatchClient,
+}
+
+impl RealEtcd {
+    pub fn new(client: Client) -> Self {
+        let kv = client
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let watch = client
+            .watch_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        Self { client, kv, watch }
+    }
+}
+
+fn header(header: Option<&etcd_client::ResponseHeader>) -> Header {
+    Header {
+        cluster_id: header.map_or(0, |h| h.cluster_id()),
+        revision: header.map_or(0, |h| h.revision()),
+    }
+}
+
+fn key_value(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: kv.key().to_vec(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        version: kv.version(),
+        lease: kv.lease(),
+    }
+}
+
+fn get_options(request: &RangeRequest) -> GetOptions {
+    let mut options = GetOptions::new();
+    if !request.range_end.is_empty() {
+        options = options.with_range(request.range_end.clone());
+    }
+    if request.revision > 0 {
+        options = options.with_revision(request.revision);
+    }
+    if request.limit > 0 {
+        options = options.with_limit(request.limit);
+    }
+    if request.count_only {
+        options = options.with_count_only();
+    }
+    if request.keys_only {
+        options = options.with_keys_only();
+    }
+    if request.max_create_revision > 0 {
+        options = options.with_max_create_revision(request.max_create_revision);
+    }
+    if request.newest_created_first {
+        options = options.with_sort(SortTarget::Create, SortOrder::Descend);
+    }
+    options
+}
+
+fn range_response(response: &etcd_client::GetResponse) -> RangeResponse {
+    RangeResponse {
+        header: header(response.header()),
+        kvs: response.kvs().iter().map(key_value).collect(),
+        more: response.more(),
+        count: response.count(),
+    }
+}
+
+fn compare(compare: Compare) -> etcd_client::Compare {
+    let op = match compare.op {
+        CompareOp::Equal => etcd_client::CompareOp::Equal,
+        CompareOp::NotEqual => etcd_client::CompareOp::NotEqual,
+        CompareOp::Greater => etcd_client::CompareOp::Greater,
+        CompareOp::Less => etcd_client::CompareOp::Less,
+    };
+    match compare.target {
+        CompareTarget::Version(v) => etcd_client::Compare::version(compare.key, op, v),
+        CompareTarget::CreateRevision(r) => {
+            etcd_client::Compare::create_revision(compare.key, op, r)
+        }
+        CompareTarget::ModRevision(r) => etcd_client::Compare::mod_revision(compare.key, op, r),
+        CompareTarget::Value(v) => etcd_client::Compare::value(compare.key, op, v),
+    }
+}
+
+fn txn_op(op: Op) -> etcd_client::TxnOp {
+    match op {
+        Op::Range(request) => {
+            let options = get_options(&request);
+            etcd_client::TxnOp::get(request.key, Some(options))
+        }
+        Op::Put { key, value, lease } => {
+            let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+            etcd_client::TxnOp::put(key, value, options)
+        }
+        Op::Delete { key, range_end } => {
+            let options = (!range_end.is_empty()).then(|| DeleteOptions::new().with_range(range_end));
+            etcd_client::TxnOp::delete(key, options)
+        }
+    }
+}
+
+impl Etcd for RealEtcd {
+    fn range(&self, request: RangeRequest) -> BoxFuture<'_, EtcdResult<RangeResponse>> {
+        let mut kv = self.kv.clone();
+        async move {
+            let options = get_options(&request);
+            let response = kv.get(request.key, Some(options)).await?;
+            Ok(range_response(&response))
+        }
+        .boxed()
+    }
+
+    fn txn(&self, request: TxnRequest) -> BoxFuture<'_, EtcdResult<TxnResponse>> {
+        let mut kv = self.kv.clone();
+        async move {
+            let txn = etcd_client::Txn::new()
+                .when(request.compare.into_iter().map(compare).collect::<Vec<_>>())
+                .and_then(request.success.into_iter().map(txn_op).collect::<Vec<_>>())
+                .or_else(request.failure.into_iter().map(txn_op).collect::<Vec<_>>());
+            let response = kv.txn(txn).await?;
+            let responses = response
+                .op_responses()
+                .into_iter()
+                .map(|r| match r {
+                    TxnOpResponse::Get(get) => OpResponse::Range(range_response(&get)),
+                    TxnOpResponse::Put(_) => OpResponse::Put,
+                    TxnOpResponse::Delete(delete) => OpResponse::Delete {
+                        deleted: delete.deleted(),
+                    },
+                    // We never nest txns.
+                    TxnOpResponse::Txn(_) => OpResponse::Put,
+                })
+                .collect();
+            Ok(TxnResponse {
+                header: header(response.header()),
+                succeeded: response.succeeded(),
+                responses,
+            })
+        }
+        .boxed()
+    }
+
+    fn watch(&self, request: WatchRequest) -> BoxFuture<'_, EtcdResult<Box<dyn WatchStream>>> {
+        let mut watch = self.watch.clone();
+        async move {
+            let mut options = WatchOptions::new();
+            if !request.range_end.is_empty() {
+                options = options.with_range(request.range_end);
+            }
+            if request.start_revision > 0 {
+                options = options.with_start_revision(request.start_revision);
+            }
+            if request.progress_notify {
+                options = options.with_progress_notify();
+            }
+            if request.fragment {
+                options = options.with_fragment();
+            }
+            let stream = watch.watch(request.key, Some(options)).await?;
+            Ok(Box::new(RealWatch { stream }) as Box<dyn WatchStream>)
+        }
+        .boxed()
+    }
+
+    fn lease_grant(&self, ttl: i64, id: i64) -> BoxFuture<'_, EtcdResult<i64>> {
+        let mut lease = self.client.lease_client();
+        async move {
+            let options = (id != 0).then(|| LeaseGrantOptions::new().with_id(id));
+            Ok(lease.grant(ttl, options).await?.id())
+        }
+        .boxed()
+    }
+
+    fn lease_keep_alive(&self, id: i64) -> BoxFuture<'_, EtcdResult<Box<dyn LeaseKeeper>>> {
+        let mut lease = self.client.lease_client();
+        async move {
+            let (keeper, stream) = lease.keep_alive(id).await?;
+            Ok(Box::new(RealKeeper { keeper, stream }) as Box<dyn LeaseKeeper>)
+        }
+        .boxed()
+    }
+
+    fn lease_revoke(&self, id: i64) -> BoxFuture<'_, EtcdResult<()>> {
+        let mut lease = self.client.lease_client();
+        async move {
+            lease.revoke(id).await?;
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+struct RealWatch {
+    stream: etcd_client::WatchStream,
+}
+
+impl WatchStream for RealWatch {
+    fn message(&mut self) -> BoxFuture<'_, EtcdResult<Option<WatchResponse>>> {
+        async move {
+            let Some(response) = self.stream.message().await? else {
+                return Ok(None);
+            };
+            let events = response
+                .events()
+                .iter()
+                .filter_map(|event| {
+                    let kv = key_value(event.kv()?);
+                    let kind = match event.event_type() {
+                        etcd_client::EventType::Put => EventType::Put,
+                        etcd_client::EventType::Delete => EventType::Delete,
+                    };
+                    Some(Event { kind, kv })
+                })
+                .collect();
+            Ok(Some(WatchResponse {
+                header: header(response.header()),
+                created: response.created(),
+                canceled: response.canceled(),
+                compact_revision: response.compact_revision(),
+                cancel_reason: response.cancel_reason().to_string(),
+                fragment: response.0.fragment,
+                events,
+            }))
+        }
+        .boxed()
+    }
+
+    fn request_progress(&mut self) -> BoxFuture<'_, EtcdResult<()>> {
+        async move { self.stream.request_progress().await }.boxed()
+    }
+}
+
+struct RealKeeper {
+    keeper: etcd_client::LeaseKeeper,
+    stream: etcd_client::LeaseKeepAliveStream,
+}
+
+impl LeaseKeeper for RealKeeper {
+    fn keep_alive(&mut self) -> BoxFuture<'_, EtcdResult<i64>> {
+        async move {
+            self.keeper.keep_alive().await?;
+            match self.stream.message().await? {
+                Some(response) => Ok(response.ttl()),
+                None => Err(etcd_client::Error::WatchError(
+                    "lease keepalive stream closed".into(),
+                )),
+            }
+        }
+        .boxed()
+    }
+}

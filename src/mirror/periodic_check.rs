@@ -1,0 +1,119 @@
+//! The leader's periodic consistency check. It lives in the Watching phase
+//! only: it starts when the watch starts and stops with it, so it never runs
+//! during a full sync or on a promoted job, and its results (the repairs)
+//! cannot outlive the phase that asked for them.
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::check::{check, CheckError, CheckOptions, CheckReport, CheckTarget};
+use crate::mirror::JobContext;
+
+pub fn target_of(ctx: &JobContext) -> CheckTarget {
+    CheckTarget {
+        job: ctx.job.name.clone(),
+        rewrite: ctx.rewrite.clone(),
+        keys: ctx.keys.clone(),
+        meta_prefix: ctx.meta_prefix.clone(),
+    }
+}
+
+/// Every `--check-interval`: results to the gauges and the log; with
+/// `--check-repair`, exact reports with differences to the returned channel
+/// (one at a time: a report waiting to be repaired is not joined by another).
+///
+/// # Cancel-Safety
+/// Cancel-safe: a check interrupted half-way records nothing.
+pub fn spawn(ctx: JobContext, cancel: CancellationToken) -> mpsc::Receiver<CheckReport> {
+    let (reports, receiver) = mpsc::channel(1);
+    if ctx.checks.interval.is_zero() {
+        return receiver;
+    }
+    tokio::spawn(async move {
+        let target = target_of(&ctx);
+        let options = CheckOptions {
+            page_size: ctx.tuning.page_size,
+            sample_limit: ctx.checks.sample_size,
+            ..CheckOptions::default()
+        };
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + ctx.checks.interval,
+            ctx.checks.interval,
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let checked = tokio::select! {
+                _ = cancel.cancelled() => return,
+                checked = check(&ctx.source, &ctx.dest, &target, options, &cancel) => checked,
+            };
+            let report = match checked {
+                Ok(report) => report,
+                Err(CheckError::Cancelled) => return,
+                Err(
+                    error @ (CheckError::FullSyncInProgress { .. }
+                    | CheckError::NoCheckpoint { .. }
+                    | CheckError::PartialRevision { .. }),
+                ) => {
+                    tracing::info!(job = %ctx.job.name, %error, "Consistency check skipped.");
+                    continue;
+                }
+                Err(error) => {
+                    ctx.metrics.error("check_failed");
+                    tracing::warn!(job = %ctx.job.name, %error, "Consistency check failed; trying again next interval.");
+                    continue;
+                }
+            };
+            if cancel.is_cancelled() {
+                return;
+            }
+            record(&ctx, &report);
+            if ctx.checks.repair && report.exact && !report.is_consistent() {
+                // Full means a repair is already pending; the next check sees what is left.
+                let _ = reports.try_send(report);
+            }
+        }
+    });
+    receiver
+}
+
+fn record(ctx: &JobContext, report: &CheckReport) {
+    let metrics = &ctx.metrics;
+    metrics.dst_miss_keys.set(report.dst_miss as i64);
+    metrics.src_miss_keys.set(report.src_miss as i64);
+    metrics.mismatch_keys.set(report.mismatch as i64);
+    metrics.check_exact.set(i64::from(report.exact));
+    metrics.check_duration_seconds.set(report.duration_seconds);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    metrics.check_last_success_timestamp_seconds.set(now);
+    if report.is_consistent() {
+        tracing::info!(
+            job = %report.job,
+            source_revision = report.source_revision,
+            keys = report.source_keys,
+            exact = report.exact,
+            duration_seconds = report.duration_seconds,
+            "Consistency check passed."
+        );
+    } else {
+        tracing::error!(
+            job = %report.job,
+            source_revision = report.source_revision,
+            exact = report.exact,
+            dst_miss = report.dst_miss,
+            src_miss = report.src_miss,
+            mismatch = report.mismatch,
+            sample_dst_miss = ?report.samples.dst_miss,
+            sample_src_miss = ?report.samples.src_miss,
+            sample_mismatch = ?report.samples.mismatch,
+            repair = ctx.checks.repair,
+            "Consistency check found differences."
+        );
+    }
+}
+
