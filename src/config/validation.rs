@@ -1,0 +1,858 @@
+//! Merging flags and the config file into [`Settings`], and every check on
+//! the way. Anything wrong is a [`ConfigError`], exit code 2.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+
+use super::args::{MirrorArgs, ResetArgs};
+use super::file::{load_file, FileCluster, FileConfig};
+use super::settings::*;
+use crate::model::keys::{is_valid_job_name, job_name_from_prefix, prefixes_overlap};
+use crate::model::Side;
+
+impl ResetArgs {
+    /// The destination, the meta prefix and the configured job names
+    /// (empty without a config file).
+    pub fn resolve(self) -> Result<(ClusterSettings, String, Vec<String>), ConfigError> {
+        let file = match &self.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let destination = cluster_settings(
+            Side::Destination,
+            self.dest.flags(),
+            file.destination.unwrap_or_default(),
+        )?;
+        let meta_prefix = self
+            .meta_prefix
+            .or(file.meta_prefix)
+            .unwrap_or_else(|| DEFAULT_META_PREFIX.to_string());
+        let jobs = file
+            .jobs
+            .into_iter()
+            .map(|job| {
+                job.name
+                    .unwrap_or_else(|| job_name_from_prefix(&job.prefix))
+            })
+            .collect();
+        Ok((destination, meta_prefix, jobs))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{field} is required: {fix}")]
+    Missing {
+        field: &'static str,
+        fix: &'static str,
+    },
+    #[error("{field} = {value:?} is invalid: {reason}")]
+    Invalid {
+        field: String,
+        value: String,
+        reason: String,
+    },
+    #[error("{fields} conflict: {reason}")]
+    Conflict { fields: String, reason: String },
+    #[error("cannot read {field} file {path}: {source}")]
+    ReadFile {
+        field: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+impl MirrorArgs {
+    /// Reads the config file named by `--config` (if any), then merges and validates.
+    pub fn into_settings(self) -> Result<Settings, ConfigError> {
+        let file = match &self.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        self.merge(file)
+    }
+
+    pub fn merge(self, file: FileConfig) -> Result<Settings, ConfigError> {
+        let source = cluster_settings(
+            Side::Source,
+            self.source.flags(),
+            file.source.unwrap_or_default(),
+        )?;
+        let destination = cluster_settings(
+            Side::Destination,
+            self.dest.flags(),
+            file.destination.unwrap_or_default(),
+        )?;
+
+        let meta_prefix = self
+            .meta_prefix
+            .or(file.meta_prefix)
+            .unwrap_or_else(|| DEFAULT_META_PREFIX.to_string());
+        if meta_prefix.is_empty() {
+            return Err(invalid(
+                "--meta-prefix",
+                "",
+                "must not be empty; the default is /-etcd-syncer-meta-/",
+            ));
+        }
+
+        let jobs = match self.prefix {
+            Some(prefix) => {
+                let dest_prefix = if self.no_dest_prefix {
+                    Some(String::new())
+                } else {
+                    self.dest_prefix
+                };
+                vec![job_settings(self.job_name, prefix, dest_prefix)?]
+            }
+            None => {
+                if self.dest_prefix.is_some() || self.no_dest_prefix || self.job_name.is_some() {
+                    return Err(ConfigError::Conflict {
+                        fields: "--dest-prefix/--no-dest-prefix/--job-name and [[jobs]]".into(),
+                        reason: "these flags describe a single job and need --prefix; set them per job in the config file instead".into(),
+                    });
+                }
+                file.jobs
+                    .into_iter()
+                    .map(|job| {
+                        let dest_prefix = if job.no_dest_prefix {
+                            Some(String::new())
+                        } else {
+                            job.dest_prefix
+                        };
+                        job_settings(job.name, job.prefix, dest_prefix)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        if jobs.is_empty() {
+            return Err(ConfigError::Missing {
+                field: "--prefix",
+                fix: "give --prefix for one job, or a [[jobs]] list with a prefix each in --config",
+            });
+        }
+        validate_jobs(&jobs, &meta_prefix, &source, &destination)?;
+
+        let max_ops = self
+            .max_txn_ops
+            .or(file.max_txn_ops)
+            .unwrap_or(DEFAULT_MAX_TXN_OPS);
+        if !(2..=100_000).contains(&max_ops) {
+            return Err(invalid(
+                "--max-txn-ops",
+                &max_ops.to_string(),
+                "must be between 2 and 100000 and not above the destination's --max-txn-ops (128 by default)",
+            ));
+        }
+        let max_bytes = self
+            .max_txn_bytes
+            .or(file.max_txn_bytes)
+            .map(|b| b.as_u64())
+            .unwrap_or(DEFAULT_MAX_TXN_BYTES);
+        if !(16 * 1024..=64 * 1024 * 1024).contains(&max_bytes) {
+            return Err(invalid(
+                "--max-txn-bytes",
+                &ByteSize(max_bytes).to_string(),
+                "must be between 16KiB and 64MiB and below the destination's --max-request-bytes (1.5MiB by default)",
+            ));
+        }
+        let max_prune_ratio = self
+            .max_prune_ratio
+            .or(file.max_prune_ratio)
+            .unwrap_or(DEFAULT_MAX_PRUNE_RATIO);
+        if !(0.0..=1.0).contains(&max_prune_ratio) || max_prune_ratio.is_nan() {
+            return Err(invalid(
+                "--max-prune-ratio",
+                &max_prune_ratio.to_string(),
+                "must be between 0 and 1 (1 allows a full sync to delete every destination key)",
+            ));
+        }
+
+        let defaults = Tuning::default();
+        let tuning = Tuning {
+            page_size: self
+                .page_size
+                .or(file.page_size)
+                .unwrap_or(defaults.page_size),
+            max_inflight_txns: self
+                .max_inflight_txns
+                .or(file.max_inflight_txns)
+                .unwrap_or(defaults.max_inflight_txns),
+            progress_interval: self
+                .progress_interval
+                .or(file.progress_interval)
+                .unwrap_or(defaults.progress_interval),
+            watch_idle_timeout: self
+                .watch_idle_timeout
+                .or(file.watch_idle_timeout)
+                .unwrap_or(defaults.watch_idle_timeout),
+            request_timeout: self
+                .request_timeout
+                .or(file.request_timeout)
+                .unwrap_or(defaults.request_timeout),
+            pipeline_send_spacing: self
+                .pipeline_spacing
+                .or(file.pipeline_spacing)
+                .unwrap_or(defaults.pipeline_send_spacing),
+            ..defaults
+        };
+        if !(1..=100_000).contains(&tuning.page_size) {
+            return Err(invalid(
+                "--page-size",
+                &tuning.page_size.to_string(),
+                "must be between 1 and 100000",
+            ));
+        }
+        if !(1..=64).contains(&tuning.max_inflight_txns) {
+            return Err(invalid(
+                "--max-inflight-txns",
+                &tuning.max_inflight_txns.to_string(),
+                "must be between 1 and 64",
+            ));
+        }
+        for (field, value) in [
+            ("--progress-interval", tuning.progress_interval),
+            ("--watch-idle-timeout", tuning.watch_idle_timeout),
+            ("--request-timeout", tuning.request_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(field, "0s", "must be longer than zero, e.g. 5s"));
+            }
+        }
+        if tuning.watch_idle_timeout <= tuning.progress_interval {
+            return Err(ConfigError::Conflict {
+                fields: "--watch-idle-timeout and --progress-interval".into(),
+                reason: format!(
+                    "the idle timeout ({}) must be longer than the progress interval ({}), or every idle watch looks stalled",
+                    humantime::format_duration(tuning.watch_idle_timeout),
+                    humantime::format_duration(tuning.progress_interval)
+                ),
+            });
+        }
+
+        let lock_ttl = self.lock_ttl.or(file.lock_ttl).unwrap_or(DEFAULT_LOCK_TTL);
+        if lock_ttl < Duration::from_secs(2) || lock_ttl.subsec_nanos() != 0 {
+            return Err(invalid(
+                "--lock-ttl",
+                &humantime::format_duration(lock_ttl).to_string(),
+                "must be whole seconds, at least 2s (etcd leases have second granularity); the default is 5s",
+            ));
+        }
+        let rebalance_interval = self
+            .rebalance_interval
+            .or(file.rebalance_interval)
+            .unwrap_or(DEFAULT_REBALANCE_INTERVAL);
+        if rebalance_interval < lock_ttl {
+            return Err(ConfigError::Conflict {
+                fields: "--rebalance-interval and --lock-ttl".into(),
+                reason: "rebalancing more often than the lock TTL would hand jobs back and forth; use at least the TTL".into(),
+            });
+        }
+        let checks = CheckSettings {
+            interval: self
+                .check_interval
+                .or(file.check_interval)
+                .unwrap_or(DEFAULT_CHECK_INTERVAL),
+            repair: self.check_repair || file.check_repair.unwrap_or(false),
+            sample_size: self
+                .check_sample_size
+                .or(file.check_sample_size)
+                .unwrap_or(10),
+        };
+        if checks.sample_size > 1000 {
+            return Err(invalid(
+                "--check-sample-size",
+                &checks.sample_size.to_string(),
+                "must be at most 1000",
+            ));
+        }
+        if checks.repair && checks.interval.is_zero() {
+            return Err(ConfigError::Conflict {
+                fields: "--check-repair and --check-interval 0".into(),
+                reason: "repairs come from the periodic check, which is disabled; set a --check-interval".into(),
+            });
+        }
+        let liveness_timeout = self
+            .liveness_timeout
+            .or(file.liveness_timeout)
+            .unwrap_or(crate::telemetry::health::DEFAULT_LIVENESS_TIMEOUT);
+        if liveness_timeout < Duration::from_secs(5)
+            || liveness_timeout <= tuning.progress_interval * 2
+        {
+            return Err(invalid(
+                "--liveness-timeout",
+                &humantime::format_duration(liveness_timeout).to_string(),
+                "must be at least 5s and more than twice --progress-interval, or healthy job loops look wedged between their wake-ups",
+            ));
+        }
+        let metrics_addr = match self.metrics_addr.or(file.metrics_addr) {
+            Some(addr) => addr,
+            None => DEFAULT_METRICS_ADDR
+                .parse()
+                .expect("default metrics address parses"),
+        };
+        let instance_id = self
+            .instance_id
+            .or(file.instance_id)
+            .unwrap_or_else(default_instance_id);
+
+        Ok(Settings {
+            source,
+            destination,
+            jobs,
+            meta_prefix,
+            limits: TxnLimits {
+                max_ops,
+                max_bytes: max_bytes as usize,
+            },
+            max_prune_ratio,
+            reset_last_synced_rev: self.reset_last_synced_rev,
+            metrics_addr,
+            instance_id,
+            lock_ttl,
+            rebalance_interval,
+            liveness_timeout,
+            checks,
+            tuning,
+        })
+    }
+}
+
+fn invalid(field: &str, value: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_string(),
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// One side's connection flags, whichever side they came from.
+pub(super) struct ClusterFlags {
+    pub(super) endpoints: Option<Vec<String>>,
+    pub(super) cacert: Option<PathBuf>,
+    pub(super) cert: Option<PathBuf>,
+    pub(super) key: Option<PathBuf>,
+    pub(super) user: Option<String>,
+    pub(super) password: Option<String>,
+}
+
+pub(super) fn cluster_settings(
+    side: Side,
+    flags: ClusterFlags,
+    file: FileCluster,
+) -> Result<ClusterSettings, ConfigError> {
+    let flag = |name: &str| format!("--{}-{}", side.flag_prefix(), name);
+    let endpoints: Vec<String> = flags
+        .endpoints
+        .unwrap_or(file.endpoints)
+        .into_iter()
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    if endpoints.is_empty() {
+        return Err(ConfigError::Missing {
+            field: match side {
+                Side::Source => "--src-endpoints",
+                Side::Destination => "--dst-endpoints",
+            },
+            fix: "list the cluster's client URLs, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379 (or endpoints = [...] in the config file)",
+        });
+    }
+
+    let cacert = flags.cacert.or(file.cacert);
+    let cert = flags.cert.or(file.cert);
+    let key = flags.key.or(file.key);
+    let cert_and_key = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::Missing {
+                field: match side {
+                    Side::Source => "--src-key",
+                    Side::Destination => "--dst-key",
+                },
+                fix: "a client certificate needs its private key; give both or neither",
+            })
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Missing {
+                field: match side {
+                    Side::Source => "--src-cert",
+                    Side::Destination => "--dst-cert",
+                },
+                fix: "a private key needs its client certificate; give both or neither",
+            })
+        }
+    };
+    let tls = (cacert.is_some() || cert_and_key.is_some()).then_some(TlsFiles {
+        ca: cacert,
+        cert_and_key,
+    });
+
+    for endpoint in &endpoints {
+        let (scheme, rest) = match endpoint.split_once("://") {
+            Some((scheme, rest)) => (Some(scheme), rest),
+            None => (None, endpoint.as_str()),
+        };
+        let authority_ok = rest.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.trim_end_matches('/').parse::<u16>().is_ok()
+        });
+        if !authority_ok {
+            return Err(invalid(
+                &flag("endpoints"),
+                endpoint,
+                "expected http://host:port or https://host:port",
+            ));
+        }
+        match (scheme, &tls) {
+            (Some("http"), Some(_)) => {
+                return Err(invalid(
+                    &flag("endpoints"),
+                    endpoint,
+                    &format!(
+                        "TLS files are set for the {side} but this endpoint is plain http; use https:// or drop --{p}-cacert/--{p}-cert/--{p}-key",
+                        p = side.flag_prefix()
+                    ),
+                ))
+            }
+            (Some("https"), None) => {
+                return Err(invalid(
+                    &flag("endpoints"),
+                    endpoint,
+                    &format!(
+                        "an https endpoint needs the CA that signed the server: set --{}-cacert",
+                        side.flag_prefix()
+                    ),
+                ))
+            }
+            (Some("http") | Some("https") | None, _) => {}
+            (Some(other), _) => {
+                return Err(invalid(
+                    &flag("endpoints"),
+                    endpoint,
+                    &format!("unknown scheme {other:?}; use http:// or https://"),
+                ))
+            }
+        }
+    }
+    if let Some(tls) = &tls {
+        if let Some(ca) = &tls.ca {
+            check_pem(&flag("cacert"), ca, PemKind::Certificate)?;
+        }
+        if let Some((cert, key)) = &tls.cert_and_key {
+            check_pem(&flag("cert"), cert, PemKind::Certificate)?;
+            check_pem(&flag("key"), key, PemKind::PrivateKey)?;
+        }
+    }
+
+    let password = match (flags.password.or(file.password), file.password_file) {
+        (Some(password), _) => Some(password),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(&path)
+                .map_err(|source| ConfigError::ReadFile {
+                    field: format!("{}.password-file", side.file_section()),
+                    path: path.clone(),
+                    source,
+                })?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    let credentials = match (flags.user.or(file.user), password) {
+        (Some(user), Some(password)) if !user.is_empty() => Some(Credentials { user, password }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::Missing {
+                field: match side {
+                    Side::Source => "--src-password",
+                    Side::Destination => "--dst-password",
+                },
+                fix: "a user needs a password (flag, ETCD_SYNCER_*_PASSWORD, or password-file in the config file)",
+            })
+        }
+        (_, Some(_)) => {
+            return Err(ConfigError::Missing {
+                field: match side {
+                    Side::Source => "--src-user",
+                    Side::Destination => "--dst-user",
+                },
+                fix: "a password was given without a user name",
+            })
+        }
+    };
+
+    Ok(ClusterSettings {
+        side,
+        endpoints,
+        tls,
+        credentials,
+    })
+}
+
+#[derive(Clone, Copy)]
+enum PemKind {
+    Certificate,
+    PrivateKey,
+}
+
+/// Catches the common mistakes (wrong path, key and cert swapped, DER file)
+/// at start instead of as an opaque handshake failure later.
+fn check_pem(field: &str, path: &Path, kind: PemKind) -> Result<(), ConfigError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::ReadFile {
+        field: field.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let ok = match kind {
+        PemKind::Certificate => CertificateDer::pem_slice_iter(&bytes)
+            .next()
+            .is_some_and(|c| c.is_ok()),
+        PemKind::PrivateKey => PrivateKeyDer::from_pem_slice(&bytes).is_ok(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            &path.display().to_string(),
+            match kind {
+                PemKind::Certificate => "the file holds no PEM certificate (-----BEGIN CERTIFICATE-----); check the path and that cert and key are not swapped",
+                PemKind::PrivateKey => "the file holds no PEM private key (-----BEGIN PRIVATE KEY----- or RSA/EC PRIVATE KEY); check the path and that cert and key are not swapped",
+            },
+        ))
+    }
+}
+
+fn job_settings(
+    name: Option<String>,
+    prefix: String,
+    dest_prefix: Option<String>,
+) -> Result<JobSettings, ConfigError> {
+    let name = name.unwrap_or_else(|| job_name_from_prefix(&prefix));
+    if !is_valid_job_name(&name) {
+        return Err(invalid(
+            "--job-name",
+            &name,
+            "use 1-128 characters of letters, digits, '-', '_' or '.'",
+        ));
+    }
+    let dest_prefix = dest_prefix.unwrap_or_else(|| prefix.clone());
+    Ok(JobSettings {
+        name,
+        prefix,
+        dest_prefix,
+    })
+}
+
+fn validate_jobs(
+    jobs: &[JobSettings],
+    meta_prefix: &str,
+    source: &ClusterSettings,
+    destination: &ClusterSettings,
+) -> Result<(), ConfigError> {
+    let mut names = HashSet::new();
+    for job in jobs {
+        if !names.insert(job.name.as_str()) {
+            return Err(ConfigError::Conflict {
+                fields: format!("jobs named {:?}", job.name),
+                reason: "job names must be unique; set a distinct name per job".into(),
+            });
+        }
+        // Data written under the meta prefix would be mistaken for (or clobber)
+        // checkpoints and locks. The reverse, the meta prefix inside a job's
+        // range (e.g. mirroring "/"), is fine: meta keys are always excluded.
+        if job.dest_prefix.starts_with(meta_prefix) {
+            return Err(ConfigError::Conflict {
+                fields: format!("--dest-prefix {:?} and --meta-prefix {:?}", job.dest_prefix, meta_prefix),
+                reason: "the destination prefix lies inside the meta prefix; choose a destination prefix outside it or another --meta-prefix".into(),
+            });
+        }
+        if job.prefix.starts_with(meta_prefix) {
+            return Err(ConfigError::Conflict {
+                fields: format!("--prefix {:?} and --meta-prefix {:?}", job.prefix, meta_prefix),
+                reason: "the meta prefix is never copied, so this job would mirror nothing; choose a prefix outside it".into(),
+            });
+        }
+    }
+    for (i, a) in jobs.iter().enumerate() {
+        for b in &jobs[i + 1..] {
+            if prefixes_overlap(a.prefix.as_bytes(), b.prefix.as_bytes()) {
+                return Err(ConfigError::Conflict {
+                    fields: format!(
+                        "job {:?} prefix {:?} and job {:?} prefix {:?}",
+                        a.name, a.prefix, b.name, b.prefix
+                    ),
+                    reason:
+                        "job prefixes overlap, so keys would be copied twice; make them disjoint"
+                            .into(),
+                });
+            }
+            if prefixes_overlap(a.dest_prefix.as_bytes(), b.dest_prefix.as_bytes()) {
+                return Err(ConfigError::Conflict {
+                    fields: format!(
+                        "job {:?} dest prefix {:?} and job {:?} dest prefix {:?}",
+                        a.name, a.dest_prefix, b.name, b.dest_prefix
+                    ),
+                    reason: "destination prefixes overlap, so one job's full sync would delete the other's keys; make them disjoint".into(),
+                });
+            }
+        }
+    }
+    if same_endpoints(source, destination) {
+        for job in jobs {
+            if prefixes_overlap(job.prefix.as_bytes(), job.dest_prefix.as_bytes()) {
+                return Err(loop_error(job));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn loop_error(job: &JobSettings) -> ConfigError {
+    ConfigError::Conflict {
+        fields: format!("job {:?}: --prefix {:?} and --dest-prefix {:?}", job.name, job.prefix, job.dest_prefix),
+        reason: "source and destination are the same cluster and the prefixes overlap, which would copy the mirror into itself; use disjoint prefixes or another destination".into(),
+    }
+}
+
+fn normalize_endpoint(endpoint: &str) -> String {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    rest.trim_end_matches('/').replace("localhost", "127.0.0.1")
+}
+
+fn same_endpoints(a: &ClusterSettings, b: &ClusterSettings) -> bool {
+    let a: HashSet<String> = a.endpoints.iter().map(|e| normalize_endpoint(e)).collect();
+    b.endpoints
+        .iter()
+        .any(|e| a.contains(&normalize_endpoint(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::args::{Cli, Command};
+
+    fn args(extra: &[&str]) -> Result<Settings, ConfigError> {
+        let mut argv = vec!["etcd-syncer", "mirror-plus"];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).expect("flags parse");
+        let Command::MirrorPlus(args) = cli.command else {
+            panic!("parsed as another command")
+        };
+        args.into_settings()
+    }
+
+    const BASE: [&str; 6] = [
+        "--src-endpoints",
+        "http://127.0.0.1:1",
+        "--dst-endpoints",
+        "http://127.0.0.1:2",
+        "--prefix",
+        "/app/",
+    ];
+
+    fn with_base(extra: &[&str]) -> Result<Settings, ConfigError> {
+        let mut all = BASE.to_vec();
+        all.extend_from_slice(extra);
+        args(&all)
+    }
+
+    #[test]
+    fn defaults() {
+        let settings = with_base(&[]).unwrap();
+        assert_eq!(settings.jobs[0].name, "app");
+        assert_eq!(settings.jobs[0].dest_prefix, "/app/");
+        assert_eq!(settings.limits.max_ops, 128);
+        assert_eq!(settings.limits.max_bytes, 1024 * 1024);
+        assert_eq!(settings.meta_prefix, DEFAULT_META_PREFIX);
+        assert_eq!(settings.max_prune_ratio, 0.5);
+    }
+
+    #[test]
+    fn dest_prefix_rewrites() {
+        assert_eq!(
+            with_base(&["--dest-prefix", "/copy/"]).unwrap().jobs[0].dest_prefix,
+            "/copy/"
+        );
+        assert_eq!(
+            with_base(&["--no-dest-prefix"]).unwrap().jobs[0].dest_prefix,
+            ""
+        );
+    }
+
+    #[test]
+    fn sizes_parse_in_human_units() {
+        let settings = with_base(&["--max-txn-bytes", "512KiB"]).unwrap();
+        assert_eq!(settings.limits.max_bytes, 512 * 1024);
+    }
+
+    fn error_text(result: Result<Settings, ConfigError>) -> String {
+        result.expect_err("must be rejected").to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert!(
+            error_text(args(&["--dst-endpoints", "http://h:1", "--prefix", "/a/"]))
+                .contains("--src-endpoints")
+        );
+        assert!(error_text(with_base(&["--max-txn-ops", "0"])).contains("--max-txn-ops"));
+        assert!(error_text(with_base(&["--max-prune-ratio", "1.5"])).contains("--max-prune-ratio"));
+        assert!(error_text(with_base(&["--job-name", "a/b"])).contains("--job-name"));
+        assert!(
+            error_text(with_base(&["--dest-prefix", "/-etcd-syncer-meta-/x/"]))
+                .contains("meta prefix")
+        );
+        assert!(error_text(with_base(&["--src-cert", "/nonexistent"])).contains("--src-key"));
+        assert!(error_text(with_base(&["--src-user", "root"])).contains("--src-password"));
+        assert!(error_text(with_base(&["--dst-cacert", "/nonexistent.pem"]))
+            .contains("--dst-endpoints"));
+    }
+
+    #[test]
+    fn https_needs_a_ca_and_the_ca_must_be_pem() {
+        let text = error_text(args(&[
+            "--src-endpoints",
+            "https://127.0.0.1:1",
+            "--dst-endpoints",
+            "http://127.0.0.1:2",
+            "--prefix",
+            "/a/",
+        ]));
+        assert!(text.contains("--src-cacert"), "{text}");
+        let dir = tempfile::tempdir().unwrap();
+        let bogus = dir.path().join("ca.pem");
+        std::fs::write(&bogus, "not a certificate").unwrap();
+        let text = error_text(args(&[
+            "--src-endpoints",
+            "https://127.0.0.1:1",
+            "--src-cacert",
+            bogus.to_str().unwrap(),
+            "--dst-endpoints",
+            "http://127.0.0.1:2",
+            "--prefix",
+            "/a/",
+        ]));
+        assert!(
+            text.contains("--src-cacert") && text.contains("PEM"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn loops_are_rejected() {
+        let text = error_text(args(&[
+            "--src-endpoints",
+            "http://localhost:5",
+            "--dst-endpoints",
+            "http://127.0.0.1:5",
+            "--prefix",
+            "/a/",
+        ]));
+        assert!(text.contains("same cluster"), "{text}");
+        // Same cluster with disjoint prefixes is a legitimate copy.
+        args(&[
+            "--src-endpoints",
+            "http://127.0.0.1:5",
+            "--dst-endpoints",
+            "http://127.0.0.1:5",
+            "--prefix",
+            "/a/",
+            "--dest-prefix",
+            "/b/",
+        ])
+        .unwrap();
+    }
+
+    fn file(text: &str) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("syncer.toml");
+        std::fs::write(&path, text).unwrap();
+        args(&["--config", path.to_str().unwrap()])
+    }
+
+    #[test]
+    fn file_with_jobs() {
+        let settings = file(
+            r#"
+            max-txn-ops = 64
+            progress-interval = "2s"
+            [source]
+            endpoints = ["http://127.0.0.1:1"]
+            [destination]
+            endpoints = ["http://127.0.0.1:2"]
+            [[jobs]]
+            prefix = "/a/"
+            [[jobs]]
+            name = "bee"
+            prefix = "/b/"
+            dest-prefix = "/bb/"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(settings.jobs.len(), 2);
+        assert_eq!(settings.jobs[1].name, "bee");
+        assert_eq!(settings.limits.max_ops, 64);
+        assert_eq!(settings.tuning.progress_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn file_errors() {
+        let unknown = error_text(file(
+            "[source]\nendpoints = [\"http://h:1\"]\nendpoint = 1\n",
+        ));
+        assert!(
+            unknown.contains("unknown field") && unknown.contains("endpoint"),
+            "{unknown}"
+        );
+        let overlap = error_text(file(
+            "[source]\nendpoints=[\"http://h:1\"]\n[destination]\nendpoints=[\"http://h:2\"]\n[[jobs]]\nprefix=\"/a/\"\n[[jobs]]\nprefix=\"/a/b/\"\n",
+        ));
+        assert!(overlap.contains("prefixes overlap"), "{overlap}");
+        let dest_overlap = error_text(file(
+            "[source]\nendpoints=[\"http://h:1\"]\n[destination]\nendpoints=[\"http://h:2\"]\n[[jobs]]\nprefix=\"/a/\"\ndest-prefix=\"/x/\"\n[[jobs]]\nprefix=\"/b/\"\ndest-prefix=\"/x/y/\"\n",
+        ));
+        assert!(
+            dest_overlap.contains("destination prefixes overlap"),
+            "{dest_overlap}"
+        );
+        let bad_duration = error_text(file("progress-interval = \"soon\"\n"));
+        assert!(bad_duration.contains("progress-interval"), "{bad_duration}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("syncer.toml");
+        std::fs::write(
+            &path,
+            "max-txn-ops = 64\n[source]\nendpoints=[\"http://h:1\"]\n[destination]\nendpoints=[\"http://h:2\"]\n[[jobs]]\nprefix=\"/a/\"\n",
+        )
+        .unwrap();
+        let settings = args(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--max-txn-ops",
+            "32",
+            "--prefix",
+            "/z/",
+        ])
+        .unwrap();
+        assert_eq!(settings.limits.max_ops, 32);
+        assert_eq!(settings.jobs.len(), 1);
+        assert_eq!(settings.jobs[0].prefix, "/z/");
+    }
+}
