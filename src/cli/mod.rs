@@ -296,6 +296,7 @@ async fn probe_readiness(
 
 /// `etcd-syncer status`.
 pub async fn run_status(args: StatusArgs) -> Result<(), AppError> {
+    args.validate()?;
     let dest_settings = args.dest.into_settings()?;
     let source_settings = args.source.into_optional_settings()?;
     let dest = Cluster::connect(&dest_settings, args.request_timeout).await?;
@@ -316,6 +317,7 @@ pub async fn run_status(args: StatusArgs) -> Result<(), AppError> {
 
 /// `etcd-syncer promote`.
 pub async fn run_promote(args: PromoteArgs) -> Result<(), AppError> {
+    args.validate()?;
     let dest_settings = args.dest.into_settings()?;
     let source_settings = args.source.into_optional_settings()?;
     let dest = Cluster::connect(&dest_settings, args.request_timeout).await?;
@@ -416,6 +418,7 @@ async fn promoted_consistency(
 
 /// `etcd-syncer check`: true when the destination is consistent.
 pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
+    args.validate()?;
     let source = Cluster::connect(&args.source.into_settings()?, args.request_timeout).await?;
     let dest = Cluster::connect(&args.dest.into_settings()?, args.request_timeout).await?;
     let (job, prefix, dest_prefix) = match (&args.prefix, &args.job_name) {

@@ -15,6 +15,31 @@ pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(5);
 pub const DEFAULT_REBALANCE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(300);
 
+// Upper bounds of the duration settings. Anything longer is a typo, and
+// unbounded values overflowed timer arithmetic (2^63 s panicked); a value
+// above its bound is a configuration error (exit code 2) naming the field.
+const MINUTE: u64 = 60;
+const HOUR: u64 = 60 * MINUTE;
+const DAY: u64 = 24 * HOUR;
+/// `--progress-interval`: at most 1h.
+pub const MAX_PROGRESS_INTERVAL: Duration = Duration::from_secs(HOUR);
+/// `--watch-idle-timeout`: at most 24h.
+pub const MAX_WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(DAY);
+/// `--request-timeout` (every command): at most 1h.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(HOUR);
+/// `--pipeline-spacing`: at most 1s (the default is 2ms).
+pub const MAX_PIPELINE_SPACING: Duration = Duration::from_secs(1);
+/// `--lock-ttl`: whole seconds, at least 2s, at most 1h.
+pub const MAX_LOCK_TTL: Duration = Duration::from_secs(HOUR);
+/// `--rebalance-interval`: at most 24h.
+pub const MAX_REBALANCE_INTERVAL: Duration = Duration::from_secs(DAY);
+/// `--check-interval`: at most 7 days (0 disables the check).
+pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(7 * DAY);
+/// `--liveness-timeout`: at most 24h.
+pub const MAX_LIVENESS_TIMEOUT: Duration = Duration::from_secs(DAY);
+/// `promote --wait-timeout`: at most 24h.
+pub const MAX_WAIT_TIMEOUT: Duration = Duration::from_secs(DAY);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub ca: Option<PathBuf>,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 
-use super::args::{MirrorArgs, ResetArgs};
+use super::args::{CheckArgs, MirrorArgs, PromoteArgs, ResetArgs, StatusArgs};
 use super::file::{load_file, FileCluster, FileConfig};
 use super::settings::*;
 use crate::model::keys::{is_valid_job_name, job_name_from_prefix, prefixes_overlap};
@@ -17,6 +17,7 @@ impl ResetArgs {
     /// The destination, the meta prefix and the configured job names
     /// (empty without a config file).
     pub fn resolve(self) -> Result<(ClusterSettings, String, Vec<String>), ConfigError> {
+        check_request_timeout(self.request_timeout)?;
         let file = match &self.config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
@@ -40,6 +41,40 @@ impl ResetArgs {
             .collect();
         Ok((destination, meta_prefix, jobs))
     }
+}
+
+impl StatusArgs {
+    /// The checks clap cannot do: duration bounds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_request_timeout(self.request_timeout)
+    }
+}
+
+impl PromoteArgs {
+    /// The checks clap cannot do: duration bounds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_request_timeout(self.request_timeout)?;
+        check_at_most("--wait-timeout", self.wait_timeout, MAX_WAIT_TIMEOUT)
+    }
+}
+
+impl CheckArgs {
+    /// The checks clap cannot do: duration bounds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_request_timeout(self.request_timeout)
+    }
+}
+
+/// `--request-timeout` of the operator commands: above zero, at most 1h.
+fn check_request_timeout(value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(invalid(
+            "--request-timeout",
+            "0s",
+            "must be longer than zero, e.g. 10s",
+        ));
+    }
+    check_at_most("--request-timeout", value, MAX_REQUEST_TIMEOUT)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +208,58 @@ impl MirrorArgs {
             ));
         }
 
+        // Bounds first, so nothing below (or a timer at run time) does
+        // arithmetic on an absurd duration: 2^63 s used to overflow here.
+        for (name, flag, file, max) in [
+            (
+                "progress-interval",
+                self.progress_interval,
+                file.progress_interval,
+                MAX_PROGRESS_INTERVAL,
+            ),
+            (
+                "watch-idle-timeout",
+                self.watch_idle_timeout,
+                file.watch_idle_timeout,
+                MAX_WATCH_IDLE_TIMEOUT,
+            ),
+            (
+                "request-timeout",
+                self.request_timeout,
+                file.request_timeout,
+                MAX_REQUEST_TIMEOUT,
+            ),
+            (
+                "pipeline-spacing",
+                self.pipeline_spacing,
+                file.pipeline_spacing,
+                MAX_PIPELINE_SPACING,
+            ),
+            ("lock-ttl", self.lock_ttl, file.lock_ttl, MAX_LOCK_TTL),
+            (
+                "rebalance-interval",
+                self.rebalance_interval,
+                file.rebalance_interval,
+                MAX_REBALANCE_INTERVAL,
+            ),
+            (
+                "check-interval",
+                self.check_interval,
+                file.check_interval,
+                MAX_CHECK_INTERVAL,
+            ),
+            (
+                "liveness-timeout",
+                self.liveness_timeout,
+                file.liveness_timeout,
+                MAX_LIVENESS_TIMEOUT,
+            ),
+        ] {
+            if let Some(value) = flag.or(file) {
+                check_at_most(&origin(name, flag.is_some()), value, max)?;
+            }
+        }
+
         let defaults = Tuning::default();
         let tuning = Tuning {
             page_size: self
@@ -236,11 +323,14 @@ impl MirrorArgs {
         }
 
         let lock_ttl = self.lock_ttl.or(file.lock_ttl).unwrap_or(DEFAULT_LOCK_TTL);
-        if lock_ttl < Duration::from_secs(2) || lock_ttl.subsec_nanos() != 0 {
+        if lock_ttl < Duration::from_secs(2)
+            || lock_ttl > MAX_LOCK_TTL
+            || lock_ttl.subsec_nanos() != 0
+        {
             return Err(invalid(
-                "--lock-ttl",
+                &origin("lock-ttl", self.lock_ttl.is_some()),
                 &humantime::format_duration(lock_ttl).to_string(),
-                "must be whole seconds, at least 2s (etcd leases have second granularity); the default is 5s",
+                "must be whole seconds, at least 2s and at most 1h (etcd leases have second granularity); the default is 5s",
             ));
         }
         let rebalance_interval = self
@@ -282,7 +372,7 @@ impl MirrorArgs {
             .or(file.liveness_timeout)
             .unwrap_or(crate::telemetry::health::DEFAULT_LIVENESS_TIMEOUT);
         if liveness_timeout < Duration::from_secs(5)
-            || liveness_timeout <= tuning.progress_interval * 2
+            || liveness_timeout <= tuning.progress_interval.saturating_mul(2)
         {
             return Err(invalid(
                 "--liveness-timeout",
@@ -323,6 +413,36 @@ impl MirrorArgs {
     }
 }
 
+/// How a setting is named in errors: its flag, or its key when the value
+/// came from the config file.
+fn origin(name: &str, from_flag: bool) -> String {
+    if from_flag {
+        format!("--{name}")
+    } else {
+        format!("{name} (config file)")
+    }
+}
+
+/// Rejects a duration above its documented bound (see `settings::MAX_*`).
+pub(super) fn check_at_most(
+    field: &str,
+    value: Duration,
+    max: Duration,
+) -> Result<(), ConfigError> {
+    if value <= max {
+        return Ok(());
+    }
+    Err(invalid(
+        field,
+        &humantime::format_duration(value).to_string(),
+        &format!(
+            "must be at most {}; use a shorter duration such as {}",
+            humantime::format_duration(max),
+            humantime::format_duration(max / 2),
+        ),
+    ))
+}
+
 fn invalid(field: &str, value: &str, reason: &str) -> ConfigError {
     ConfigError::Invalid {
         field: field.to_string(),
@@ -347,6 +467,7 @@ pub(super) fn cluster_settings(
     file: FileCluster,
 ) -> Result<ClusterSettings, ConfigError> {
     let flag = |name: &str| format!("--{}-{}", side.flag_prefix(), name);
+    let endpoints_from_flag = flags.endpoints.is_some();
     let endpoints: Vec<String> = flags
         .endpoints
         .unwrap_or(file.endpoints)
@@ -394,25 +515,18 @@ pub(super) fn cluster_settings(
         cert_and_key,
     });
 
+    // Name the place the operator has to edit: the flag, or the file key.
+    let endpoints_field = if endpoints_from_flag {
+        flag("endpoints")
+    } else {
+        format!("{}.endpoints (config file)", side.file_section())
+    };
     for endpoint in &endpoints {
-        let (scheme, rest) = match endpoint.split_once("://") {
-            Some((scheme, rest)) => (Some(scheme), rest),
-            None => (None, endpoint.as_str()),
-        };
-        let authority_ok = rest.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty() && port.trim_end_matches('/').parse::<u16>().is_ok()
-        });
-        if !authority_ok {
-            return Err(invalid(
-                &flag("endpoints"),
-                endpoint,
-                "expected http://host:port or https://host:port",
-            ));
-        }
+        let scheme = check_endpoint(&endpoints_field, endpoint)?;
         match (scheme, &tls) {
-            (Some("http"), Some(_)) => {
+            (Some(Scheme::Http), Some(_)) => {
                 return Err(invalid(
-                    &flag("endpoints"),
+                    &endpoints_field,
                     endpoint,
                     &format!(
                         "TLS files are set for the {side} but this endpoint is plain http; use https:// or drop --{p}-cacert/--{p}-cert/--{p}-key",
@@ -420,9 +534,9 @@ pub(super) fn cluster_settings(
                     ),
                 ))
             }
-            (Some("https"), None) => {
+            (Some(Scheme::Https), None) => {
                 return Err(invalid(
-                    &flag("endpoints"),
+                    &endpoints_field,
                     endpoint,
                     &format!(
                         "an https endpoint needs the CA that signed the server: set --{}-cacert",
@@ -430,14 +544,7 @@ pub(super) fn cluster_settings(
                     ),
                 ))
             }
-            (Some("http") | Some("https") | None, _) => {}
-            (Some(other), _) => {
-                return Err(invalid(
-                    &flag("endpoints"),
-                    endpoint,
-                    &format!("unknown scheme {other:?}; use http:// or https://"),
-                ))
-            }
+            _ => {}
         }
     }
     if let Some(tls) = &tls {
@@ -493,6 +600,86 @@ pub(super) fn cluster_settings(
         tls,
         credentials,
     })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Http,
+    Https,
+}
+
+/// An endpoint must be a URI the gRPC channel can dial: `http://` or
+/// `https://`, a host, a non-zero port, and nothing after them but an
+/// optional `/`. Without a scheme (`host:port`) the client picks one from
+/// the TLS settings, so that form is checked as if it had one and `None` is
+/// returned for the scheme. Catching e.g. `http://[::1` here turns an endless
+/// connect retry into exit code 2.
+fn check_endpoint(field: &str, endpoint: &str) -> Result<Option<Scheme>, ConfigError> {
+    const FIX: &str = "expected http://host:port or https://host:port, e.g. http://10.0.0.1:2379 or https://[fd00::1]:2379";
+    let (scheme, uri) = match endpoint.split_once("://") {
+        Some(("http", _)) => (Some(Scheme::Http), endpoint.to_string()),
+        Some(("https", _)) => (Some(Scheme::Https), endpoint.to_string()),
+        Some((other, _)) => {
+            return Err(invalid(
+                field,
+                endpoint,
+                &format!("unknown scheme {other:?}; use http:// or https://"),
+            ))
+        }
+        None => (None, format!("http://{endpoint}")),
+    };
+    let uri: tonic::transport::Uri = uri.parse().map_err(|error| {
+        invalid(
+            field,
+            endpoint,
+            &format!("not a valid URI ({error}); {FIX}"),
+        )
+    })?;
+    let Some(authority) = uri.authority() else {
+        return Err(invalid(field, endpoint, &format!("no host; {FIX}")));
+    };
+    if authority.host().is_empty() || authority.host() == "[]" {
+        return Err(invalid(field, endpoint, &format!("no host; {FIX}")));
+    }
+    if authority.as_str().contains('@') {
+        return Err(invalid(
+            field,
+            endpoint,
+            "user info in the URL is not used; give the user with --src-user/--dst-user (or user in the config file)",
+        ));
+    }
+    match uri.port_u16() {
+        Some(0) => {
+            return Err(invalid(
+                field,
+                endpoint,
+                &format!("port 0 cannot be dialled; {FIX}"),
+            ))
+        }
+        Some(_) => {}
+        None if uri.port().is_some() => {
+            return Err(invalid(
+                field,
+                endpoint,
+                &format!("the port must be between 1 and 65535; {FIX}"),
+            ))
+        }
+        None => {
+            return Err(invalid(
+                field,
+                endpoint,
+                &format!("no port (etcd clients usually use 2379); {FIX}"),
+            ))
+        }
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(invalid(
+            field,
+            endpoint,
+            &format!("a path or query is not allowed; {FIX}"),
+        ));
+    }
+    Ok(scheme)
 }
 
 #[derive(Clone, Copy)]
@@ -854,5 +1041,306 @@ mod tests {
         assert_eq!(settings.limits.max_ops, 32);
         assert_eq!(settings.jobs.len(), 1);
         assert_eq!(settings.jobs[0].prefix, "/z/");
+    }
+
+    #[test]
+    fn huge_durations_are_config_errors_not_panics() {
+        // 2^63 s: used to overflow `progress_interval * 2` and exit 101.
+        let text = error_text(with_base(&[
+            "--progress-interval",
+            "9223372036854775808s",
+            "--watch-idle-timeout",
+            "18446744073709551615s",
+        ]));
+        assert!(
+            text.contains("--progress-interval") && text.contains("at most 1h"),
+            "{text}"
+        );
+        let text = error_text(with_base(&["--progress-interval", "9223372036854775807s"]));
+        assert!(text.contains("--progress-interval"), "{text}");
+        for (flag, value) in [
+            ("--watch-idle-timeout", "25h"),
+            ("--request-timeout", "2h"),
+            ("--pipeline-spacing", "2s"),
+            ("--lock-ttl", "2h"),
+            ("--rebalance-interval", "25h"),
+            ("--check-interval", "8days"),
+            ("--liveness-timeout", "25h"),
+        ] {
+            let text = error_text(with_base(&[flag, value]));
+            assert!(
+                text.contains(flag) && text.contains("at most"),
+                "{flag}: {text}"
+            );
+        }
+        // The bounds themselves are accepted.
+        with_base(&[
+            "--progress-interval",
+            "1h",
+            "--watch-idle-timeout",
+            "24h",
+            "--liveness-timeout",
+            "24h",
+            "--request-timeout",
+            "1h",
+            "--pipeline-spacing",
+            "1s",
+            "--lock-ttl",
+            "1h",
+            "--rebalance-interval",
+            "24h",
+            "--check-interval",
+            "7days",
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn lock_ttl_is_whole_seconds_in_range() {
+        for bad in ["1s", "1500ms", "3601s"] {
+            let text = error_text(with_base(&["--lock-ttl", bad]));
+            assert!(text.contains("--lock-ttl"), "{bad}: {text}");
+        }
+        let settings = with_base(&["--lock-ttl", "2s", "--rebalance-interval", "2s"]).unwrap();
+        assert_eq!(settings.lock_ttl, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn file_durations_are_bounded_and_name_the_key() {
+        let text = error_text(file(
+            "progress-interval = \"100years\"\n[source]\nendpoints=[\"http://h:1\"]\n[destination]\nendpoints=[\"http://h:2\"]\n[[jobs]]\nprefix=\"/a/\"\n",
+        ));
+        assert!(text.contains("progress-interval (config file)"), "{text}");
+    }
+
+    #[test]
+    fn subcommand_durations_are_bounded() {
+        let parse = |argv: &[&str]| Cli::try_parse_from(argv).expect("flags parse").command;
+        let Command::Status(status) = parse(&[
+            "etcd-syncer",
+            "status",
+            "--dst-endpoints",
+            "http://h:1",
+            "--request-timeout",
+            "9223372036854775808s",
+        ]) else {
+            panic!("not status")
+        };
+        assert!(status
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--request-timeout"));
+        let Command::Promote(promote) = parse(&[
+            "etcd-syncer",
+            "promote",
+            "--dst-endpoints",
+            "http://h:1",
+            "--job-name",
+            "a",
+            "--wait-timeout",
+            "48h",
+        ]) else {
+            panic!("not promote")
+        };
+        assert!(promote
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--wait-timeout"));
+        let Command::Check(check) = parse(&[
+            "etcd-syncer",
+            "check",
+            "--src-endpoints",
+            "http://h:1",
+            "--dst-endpoints",
+            "http://h:2",
+            "--prefix",
+            "/a/",
+            "--request-timeout",
+            "0s",
+        ]) else {
+            panic!("not check")
+        };
+        assert!(check
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--request-timeout"));
+        let Command::Reset(reset) = parse(&[
+            "etcd-syncer",
+            "reset",
+            "--dst-endpoints",
+            "http://h:1",
+            "--job-name",
+            "a",
+            "--request-timeout",
+            "2h",
+        ]) else {
+            panic!("not reset")
+        };
+        assert!(reset
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("--request-timeout"));
+    }
+
+    #[test]
+    fn endpoints_must_be_dialable_uris() {
+        for bad in [
+            "http://[::1",
+            "http://h",
+            "http://h:0",
+            "http://h:65536",
+            "http://:1",
+            "http://h:1/path",
+            "http://h:1?x=1",
+            "http://user@h:1",
+            "ftp://h:1",
+            "h",
+            "[::1",
+        ] {
+            let text = error_text(args(&[
+                "--src-endpoints",
+                bad,
+                "--dst-endpoints",
+                "http://127.0.0.1:2",
+                "--prefix",
+                "/a/",
+            ]));
+            assert!(text.contains("--src-endpoints"), "{bad}: {text}");
+            let text = error_text(args(&[
+                "--src-endpoints",
+                "http://127.0.0.1:1",
+                "--dst-endpoints",
+                bad,
+                "--prefix",
+                "/a/",
+            ]));
+            assert!(text.contains("--dst-endpoints"), "{bad}: {text}");
+        }
+        for good in [
+            "http://127.0.0.1:2379",
+            "http://[::1]:2379",
+            "http://etcd-0.etcd:2379/",
+            "127.0.0.1:2379",
+        ] {
+            args(&[
+                "--src-endpoints",
+                good,
+                "--dst-endpoints",
+                "http://127.0.0.1:2",
+                "--prefix",
+                "/a/",
+            ])
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        let text = error_text(file(
+            "[source]\nendpoints=[\"http://[::1\"]\n[destination]\nendpoints=[\"http://h:2\"]\n[[jobs]]\nprefix=\"/a/\"\n",
+        ));
+        assert!(text.contains("source.endpoints (config file)"), "{text}");
+    }
+
+    mod never_panics {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const DURATION_FLAGS: [&str; 8] = [
+            "--progress-interval",
+            "--watch-idle-timeout",
+            "--request-timeout",
+            "--pipeline-spacing",
+            "--lock-ttl",
+            "--rebalance-interval",
+            "--check-interval",
+            "--liveness-timeout",
+        ];
+
+        fn duration_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[0-9]{1,22}(ns|us|ms|s|m|h|d|w|M|y)?",
+                "([0-9]{1,20}(ns|ms|s|m|h|d|y) ?){1,4}",
+                any::<u64>().prop_map(|n| format!("{n}s")),
+                any::<u64>().prop_map(|n| format!("{n}ns")),
+            ]
+        }
+
+        fn endpoint_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "(https?|ftp|)(://)?\\[?[a-z0-9:.\\[\\]@%-]{0,20}\\]?(:[0-9]{0,6})?(/[a-z?=]{0,5})?",
+                (any::<u32>(), "(http|https)").prop_map(|(port, s)| format!("{s}://h:{port}")),
+            ]
+        }
+
+        /// Clap may reject the text; whatever it accepts must come back from
+        /// validation as Ok or a ConfigError, never a panic.
+        fn validate(extra: &[String]) {
+            let mut argv = vec!["etcd-syncer".to_string(), "mirror-plus".to_string()];
+            argv.extend(extra.iter().cloned());
+            if let Ok(cli) = Cli::try_parse_from(&argv) {
+                let Command::MirrorPlus(args) = cli.command else {
+                    panic!("parsed as another command")
+                };
+                let _ = args.into_settings();
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_durations(
+                flag in 0..DURATION_FLAGS.len(),
+                value in duration_text(),
+                second in duration_text(),
+            ) {
+                let mut extra: Vec<String> = BASE.iter().map(|s| s.to_string()).collect();
+                extra.push(format!("{}={value}", DURATION_FLAGS[flag]));
+                let next = DURATION_FLAGS[(flag + 1) % DURATION_FLAGS.len()];
+                extra.push(format!("{next}={second}"));
+                validate(&extra);
+            }
+
+            #[test]
+            fn arbitrary_duration_values(
+                values in proptest::collection::vec((any::<u64>(), prop_oneof![Just(0u32), 0u32..1_000_000_000]), 8),
+            ) {
+                // Straight into the merge, past humantime's own limits.
+                let d = |i: usize| Some(Duration::new(values[i].0, values[i].1));
+                let cluster = |endpoint: &str| FileCluster {
+                    endpoints: vec![endpoint.to_string()],
+                    ..FileCluster::default()
+                };
+                let args = MirrorArgs {
+                    prefix: Some("/a/".into()),
+                    ..MirrorArgs::default()
+                };
+                let file = FileConfig {
+                    source: Some(cluster("http://127.0.0.1:1")),
+                    destination: Some(cluster("http://127.0.0.1:2")),
+                    progress_interval: d(0),
+                    watch_idle_timeout: d(1),
+                    request_timeout: d(2),
+                    pipeline_spacing: d(3),
+                    lock_ttl: d(4),
+                    rebalance_interval: d(5),
+                    check_interval: d(6),
+                    liveness_timeout: d(7),
+                    ..FileConfig::default()
+                };
+                let _ = args.merge(file);
+            }
+
+            #[test]
+            fn arbitrary_endpoints(src in endpoint_text(), dst in endpoint_text()) {
+                validate(&[
+                    format!("--src-endpoints={src}"),
+                    format!("--dst-endpoints={dst}"),
+                    "--prefix=/a/".to_string(),
+                ]);
+            }
+        }
     }
 }
