@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use etcd_syncer::cli::{run_check, run_mirror, run_promote, run_reset, run_status, AppError};
+use etcd_syncer::cli::{
+    run_check, run_mirror, run_promote, run_reset, run_status, validate_config, AppError,
+};
 use etcd_syncer::config::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
@@ -27,16 +29,7 @@ fn main() -> ExitCode {
         let cancel = CancellationToken::new();
         tokio::spawn(cancel_on_signal(cancel.clone()));
         match cli.command {
-            Command::MirrorPlus(args) if args.validate_config => {
-                let settings = args.into_settings()?;
-                let jobs: Vec<&str> = settings.jobs.iter().map(|j| j.name.as_str()).collect();
-                println!(
-                    "configuration is valid: {} job(s): {}",
-                    jobs.len(),
-                    jobs.join(", ")
-                );
-                Ok(())
-            }
+            Command::MirrorPlus(args) if args.validate_config => validate_config(*args),
             Command::MirrorPlus(args) => run_mirror(args.into_settings()?, cancel).await,
             Command::Status(args) => run_status(*args).await,
             Command::Promote(args) => run_promote(*args).await,

@@ -1,86 +1,23 @@
-//! Command line, config file and environment, merged and validated into
-//! [`Settings`]. Flags override the file; every flag can also come from an
-//! `ETCD_SYNCER_*` variable. Anything wrong here is a [`ConfigError`], which
-//! `main` turns into exit code 2.
+//! Merging flags and the config file into [`Settings`], and every check on
+//! the way. Anything wrong is a [`ConfigError`], exit code 2.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde::Deserialize;
 
-pub use crate::model::Side;
-pub use crate::telemetry::LogFormat;
+use super::args::{CheckArgs, MirrorArgs, PromoteArgs, ResetArgs, StatusArgs};
+use super::file::{load_file, FileCluster, FileConfig};
+use super::settings::*;
 use crate::model::keys::{is_valid_job_name, job_name_from_prefix, prefixes_overlap};
-
-pub const DEFAULT_META_PREFIX: &str = "/-etcd-syncer-meta-/";
-pub const DEFAULT_MAX_TXN_OPS: usize = 128;
-pub const DEFAULT_MAX_TXN_BYTES: u64 = 1024 * 1024;
-pub const DEFAULT_MAX_PRUNE_RATIO: f64 = 0.5;
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9091";
-pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(5);
-pub const DEFAULT_REBALANCE_INTERVAL: Duration = Duration::from_secs(30);
-pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(300);
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "etcd-syncer",
-    version,
-    about = "Mirror etcd key prefixes from a primary cluster to a hot standby"
-)]
-pub struct Cli {
-    #[command(flatten)]
-    pub telemetry: TelemetryArgs,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Replicate prefixes: full sync at a pinned revision, then watch, with a
-    /// checkpoint on the destination so restarts resume where they stopped.
-    MirrorPlus(Box<MirrorArgs>),
-    /// Print each job's leader, checkpoint, full-sync state and (with
-    /// --src-endpoints) lag, from the destination's meta keys.
-    Status(Box<StatusArgs>),
-    /// Turn the standby into a primary: from the marker on, no replicator
-    /// writes to the job's destination prefix. `--undo` removes it (failback).
-    Promote(Box<PromoteArgs>),
-    /// Compare source and destination exactly at the checkpoint revision.
-    /// Exit code 0 consistent, 1 differences, 2 error.
-    Check(Box<CheckArgs>),
-    /// Request one full sync per job (what --reset-last-synced-rev does),
-    /// consumed by whichever replica leads the job next. For one-off repairs,
-    /// e.g. from a Kubernetes Job, without restarting the replicas.
-    Reset(Box<ResetArgs>),
-}
-
-#[derive(Debug, Args)]
-pub struct ResetArgs {
-    /// Take the destination and the jobs from this config file (flags override it).
-    #[arg(long, env = "ETCD_SYNCER_CONFIG")]
-    pub config: Option<PathBuf>,
-    #[command(flatten)]
-    pub dest: DestArgs,
-    /// The job to reset.
-    #[arg(long, conflicts_with = "all", required_unless_present = "all")]
-    pub job_name: Option<String>,
-    /// Every job of the config file, or every job found under the meta prefix.
-    #[arg(long)]
-    pub all: bool,
-    #[arg(long, env = "ETCD_SYNCER_META_PREFIX")]
-    pub meta_prefix: Option<String>,
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
-    pub request_timeout: Duration,
-}
+use crate::model::Side;
 
 impl ResetArgs {
     /// The destination, the meta prefix and the configured job names
     /// (empty without a config file).
     pub fn resolve(self) -> Result<(ClusterSettings, String, Vec<String>), ConfigError> {
+        check_request_timeout(self.request_timeout)?;
         let file = match &self.config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
@@ -106,362 +43,38 @@ impl ResetArgs {
     }
 }
 
-#[derive(Debug, Args)]
-pub struct CheckArgs {
-    #[command(flatten)]
-    pub source: SourceArgs,
-    #[command(flatten)]
-    pub dest: DestArgs,
-    /// Source prefix of the job (default: read from the job's checkpoint).
-    #[arg(long, env = "ETCD_SYNCER_PREFIX")]
-    pub prefix: Option<String>,
-    /// Destination prefix (default: the same as --prefix).
-    #[arg(long, requires = "prefix", conflicts_with = "no_dest_prefix")]
-    pub dest_prefix: Option<String>,
-    /// The job mirrors to the root of the destination.
-    #[arg(long, requires = "prefix")]
-    pub no_dest_prefix: bool,
-    /// The job whose checkpoint pins the comparison (default: derived from --prefix).
-    #[arg(long, env = "ETCD_SYNCER_JOB_NAME", required_unless_present = "prefix")]
-    pub job_name: Option<String>,
-    #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
-    pub meta_prefix: String,
-    /// Sample keys printed for each kind of difference.
-    #[arg(long, default_value = "10")]
-    pub sample_size: usize,
-    #[arg(long, default_value = "2000")]
-    pub page_size: usize,
-    #[arg(long, value_enum, default_value = "text")]
-    pub output: OutputFormat,
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
-    pub request_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Args)]
-pub struct StatusArgs {
-    #[command(flatten)]
-    pub dest: DestArgs,
-    #[command(flatten)]
-    pub source: SourceArgs,
-    /// Only this job.
-    #[arg(long, env = "ETCD_SYNCER_JOB_NAME")]
-    pub job_name: Option<String>,
-    #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
-    pub meta_prefix: String,
-    #[arg(long, value_enum, default_value = "text")]
-    pub output: OutputFormat,
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
-    pub request_timeout: Duration,
-}
-
-#[derive(Debug, Args)]
-pub struct PromoteArgs {
-    #[command(flatten)]
-    pub dest: DestArgs,
-    #[command(flatten)]
-    pub source: SourceArgs,
-    /// The job to promote.
-    #[arg(
-        long,
-        env = "ETCD_SYNCER_JOB_NAME",
-        conflicts_with = "all",
-        required_unless_present = "all"
-    )]
-    pub job_name: Option<String>,
-    /// Every job found under the meta prefix.
-    #[arg(long)]
-    pub all: bool,
-    /// Planned switchover: first wait until the checkpoint reaches the
-    /// source's current revision (needs --src-endpoints).
-    #[arg(long, requires = "src_endpoints")]
-    pub wait_for_sync: bool,
-    /// How long --wait-for-sync waits before giving up (nothing is promoted then).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
-    pub wait_timeout: Duration,
-    /// Remove the promoted marker so replication resumes (failback).
-    #[arg(long, conflicts_with = "wait_for_sync")]
-    pub undo: bool,
-    #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
-    pub meta_prefix: String,
-    #[arg(long, value_enum, default_value = "text")]
-    pub output: OutputFormat,
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
-    pub request_timeout: Duration,
-}
-
-
-#[derive(Debug, Args)]
-pub struct TelemetryArgs {
-    /// Log line format.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "text",
-        env = "ETCD_SYNCER_LOG_FORMAT"
-    )]
-    pub log_format: LogFormat,
-    /// Log filter, e.g. `info` or `etcd_syncer=debug`; RUST_LOG wins when set.
-    #[arg(
-        long,
-        global = true,
-        default_value = "info",
-        env = "ETCD_SYNCER_LOG_LEVEL"
-    )]
-    pub log_level: String,
-}
-
-/// Everything `mirror-plus` takes. The connection flags of each side are
-/// written out twice ([`SourceArgs`], [`DestArgs`]) because clap cannot
-/// prefix a flattened group.
-#[derive(Debug, Args, Default, Clone)]
-pub struct MirrorArgs {
-    /// TOML file with the same settings and a list of jobs; flags override it.
-    #[arg(long, env = "ETCD_SYNCER_CONFIG")]
-    pub config: Option<PathBuf>,
-
-    #[command(flatten)]
-    pub source: SourceArgs,
-    #[command(flatten)]
-    pub dest: DestArgs,
-
-    /// Source key prefix to mirror (one job); replaces the file's job list.
-    #[arg(long, env = "ETCD_SYNCER_PREFIX")]
-    pub prefix: Option<String>,
-    /// Destination prefix the source prefix is rewritten to (default: the same prefix).
-    #[arg(
-        long,
-        env = "ETCD_SYNCER_DEST_PREFIX",
-        conflicts_with = "no_dest_prefix"
-    )]
-    pub dest_prefix: Option<String>,
-    /// Mirror to the root of the destination: strip the source prefix.
-    #[arg(long, env = "ETCD_SYNCER_NO_DEST_PREFIX")]
-    pub no_dest_prefix: bool,
-    /// Job name (default: derived from the prefix); names the meta keys and metric labels.
-    #[arg(long, env = "ETCD_SYNCER_JOB_NAME")]
-    pub job_name: Option<String>,
-    /// Destination prefix for the syncer's own keys (checkpoint, locks).
-    #[arg(long, env = "ETCD_SYNCER_META_PREFIX")]
-    pub meta_prefix: Option<String>,
-
-    /// Most ops in one destination txn, checkpoint included (etcd's --max-txn-ops, 128 by default).
-    #[arg(long, env = "ETCD_SYNCER_MAX_TXN_OPS")]
-    pub max_txn_ops: Option<usize>,
-    /// Most bytes in one destination txn (etcd's request limit is 1.5MiB).
-    #[arg(long, env = "ETCD_SYNCER_MAX_TXN_BYTES")]
-    pub max_txn_bytes: Option<ByteSize>,
-    /// A full sync that would delete more than this share of the job's destination keys deletes nothing.
-    #[arg(long, env = "ETCD_SYNCER_MAX_PRUNE_RATIO")]
-    pub max_prune_ratio: Option<f64>,
-    /// Request one full sync per job (repair runs): whichever replica leads a
-    /// job next drops its checkpoint, once, whatever instance got the flag.
-    #[arg(long, env = "ETCD_SYNCER_RESET_LAST_SYNCED_REV")]
-    pub reset_last_synced_rev: bool,
-
-    /// Check the configuration (flags, file, TLS and password files) and exit
-    /// without connecting: 0 if valid, 2 with the offending field if not.
-    #[arg(long)]
-    pub validate_config: bool,
-
-    /// Address of the /metrics, /healthz and /readyz endpoints (port 0 picks a free port).
-    #[arg(long, env = "ETCD_SYNCER_METRICS_ADDR")]
-    pub metrics_addr: Option<SocketAddr>,
-    /// Identity shown in logs and status (default: POD_NAME, else hostname-pid).
-    #[arg(long, env = "ETCD_SYNCER_INSTANCE_ID")]
-    pub instance_id: Option<String>,
-
-    /// Keys per range page during a full sync.
-    #[arg(long, env = "ETCD_SYNCER_PAGE_SIZE")]
-    pub page_size: Option<usize>,
-    /// Destination txns in flight at once (ordered and chained, see docs/architecture.md).
-    #[arg(long, env = "ETCD_SYNCER_MAX_INFLIGHT_TXNS")]
-    pub max_inflight_txns: Option<usize>,
-    /// How often an idle watch asks the source for progress.
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_PROGRESS_INTERVAL")]
-    pub progress_interval: Option<Duration>,
-    /// A watch that delivers nothing, not even progress, for this long is re-created.
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_WATCH_IDLE_TIMEOUT")]
-    pub watch_idle_timeout: Option<Duration>,
-    /// Per-request deadline towards either cluster.
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
-    pub request_timeout: Option<Duration>,
-    /// TTL of the lease behind each job lock: how long a dead leader keeps its jobs.
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_LOCK_TTL")]
-    pub lock_ttl: Option<Duration>,
-    /// How often a leader checks whether it leads more than its share of jobs.
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_REBALANCE_INTERVAL")]
-    pub rebalance_interval: Option<Duration>,
-    /// Gap between consecutive pipelined txns, so etcd applies them in the order sent.
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_PIPELINE_SPACING")]
-    pub pipeline_spacing: Option<Duration>,
-    /// How often the leader of each job runs an exact consistency check (0 disables it).
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_CHECK_INTERVAL")]
-    pub check_interval: Option<Duration>,
-    /// Rewrite the keys an exact check finds different, through the normal fenced write path.
-    #[arg(long, env = "ETCD_SYNCER_CHECK_REPAIR")]
-    pub check_repair: bool,
-    /// Sample keys of each kind of difference shown in check logs.
-    #[arg(long, env = "ETCD_SYNCER_CHECK_SAMPLE_SIZE")]
-    pub check_sample_size: Option<usize>,
-    /// /healthz fails when a job's loop (leading or standby) has not woken for this long.
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_LIVENESS_TIMEOUT")]
-    pub liveness_timeout: Option<Duration>,
-}
-
-/// How to reach the source cluster.
-#[derive(Debug, Args, Default, Clone)]
-pub struct SourceArgs {
-    /// Source cluster endpoints, comma separated (http://host:port or https://host:port).
-    #[arg(long, value_delimiter = ',', env = "ETCD_SYNCER_SRC_ENDPOINTS")]
-    pub src_endpoints: Option<Vec<String>>,
-    /// CA bundle that signed the source cluster's server certificates.
-    #[arg(long, env = "ETCD_SYNCER_SRC_CACERT")]
-    pub src_cacert: Option<PathBuf>,
-    /// Client certificate for mutual TLS with the source.
-    #[arg(long, env = "ETCD_SYNCER_SRC_CERT")]
-    pub src_cert: Option<PathBuf>,
-    /// Private key of --src-cert.
-    #[arg(long, env = "ETCD_SYNCER_SRC_KEY")]
-    pub src_key: Option<PathBuf>,
-    /// User name for the source's auth.
-    #[arg(long, env = "ETCD_SYNCER_SRC_USER")]
-    pub src_user: Option<String>,
-    /// Password of --src-user.
-    #[arg(long, env = "ETCD_SYNCER_SRC_PASSWORD", hide_env_values = true)]
-    pub src_password: Option<String>,
-}
-
-/// How to reach the destination cluster.
-#[derive(Debug, Args, Default, Clone)]
-pub struct DestArgs {
-    /// Destination cluster endpoints, comma separated.
-    #[arg(long, value_delimiter = ',', env = "ETCD_SYNCER_DST_ENDPOINTS")]
-    pub dst_endpoints: Option<Vec<String>>,
-    /// CA bundle that signed the destination cluster's server certificates.
-    #[arg(long, env = "ETCD_SYNCER_DST_CACERT")]
-    pub dst_cacert: Option<PathBuf>,
-    /// Client certificate for mutual TLS with the destination.
-    #[arg(long, env = "ETCD_SYNCER_DST_CERT")]
-    pub dst_cert: Option<PathBuf>,
-    /// Private key of --dst-cert.
-    #[arg(long, env = "ETCD_SYNCER_DST_KEY")]
-    pub dst_key: Option<PathBuf>,
-    /// User name for the destination's auth.
-    #[arg(long, env = "ETCD_SYNCER_DST_USER")]
-    pub dst_user: Option<String>,
-    /// Password of --dst-user.
-    #[arg(long, env = "ETCD_SYNCER_DST_PASSWORD", hide_env_values = true)]
-    pub dst_password: Option<String>,
-}
-
-impl SourceArgs {
-    fn flags(self) -> ClusterFlags {
-        ClusterFlags {
-            endpoints: self.src_endpoints,
-            cacert: self.src_cacert,
-            cert: self.src_cert,
-            key: self.src_key,
-            user: self.src_user,
-            password: self.src_password,
-        }
-    }
-
-    /// Settings for commands where the source is optional (`status`, `promote`).
-    pub fn into_optional_settings(self) -> Result<Option<ClusterSettings>, ConfigError> {
-        if self.src_endpoints.is_none() {
-            return Ok(None);
-        }
-        cluster_settings(Side::Source, self.flags(), FileCluster::default()).map(Some)
-    }
-
-    pub fn into_settings(self) -> Result<ClusterSettings, ConfigError> {
-        cluster_settings(Side::Source, self.flags(), FileCluster::default())
+impl StatusArgs {
+    /// The checks clap cannot do: duration bounds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_request_timeout(self.request_timeout)
     }
 }
 
-impl DestArgs {
-    fn flags(self) -> ClusterFlags {
-        ClusterFlags {
-            endpoints: self.dst_endpoints,
-            cacert: self.dst_cacert,
-            cert: self.dst_cert,
-            key: self.dst_key,
-            user: self.dst_user,
-            password: self.dst_password,
-        }
-    }
-
-    pub fn into_settings(self) -> Result<ClusterSettings, ConfigError> {
-        cluster_settings(Side::Destination, self.flags(), FileCluster::default())
+impl PromoteArgs {
+    /// The checks clap cannot do: duration bounds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_request_timeout(self.request_timeout)?;
+        check_at_most("--wait-timeout", self.wait_timeout, MAX_WAIT_TIMEOUT)
     }
 }
 
-/// The config file. Unknown fields are rejected so a typo cannot silently
-/// fall back to a default.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileConfig {
-    pub source: Option<FileCluster>,
-    pub destination: Option<FileCluster>,
-    pub meta_prefix: Option<String>,
-    pub max_txn_ops: Option<usize>,
-    pub max_txn_bytes: Option<ByteSize>,
-    pub max_prune_ratio: Option<f64>,
-    pub metrics_addr: Option<SocketAddr>,
-    pub instance_id: Option<String>,
-    pub page_size: Option<usize>,
-    pub max_inflight_txns: Option<usize>,
-    #[serde(default, with = "humantime_serde")]
-    pub progress_interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub watch_idle_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub request_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub pipeline_spacing: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub check_interval: Option<Duration>,
-    pub check_repair: Option<bool>,
-    pub check_sample_size: Option<usize>,
-    #[serde(default, with = "humantime_serde")]
-    pub liveness_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub lock_ttl: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub rebalance_interval: Option<Duration>,
-    #[serde(default)]
-    pub jobs: Vec<FileJob>,
+impl CheckArgs {
+    /// The checks clap cannot do: duration bounds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_request_timeout(self.request_timeout)
+    }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileCluster {
-    #[serde(default)]
-    pub endpoints: Vec<String>,
-    pub cacert: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub user: Option<String>,
-    pub password: Option<String>,
-    /// Read the password from a file (a mounted Secret), trailing newline trimmed.
-    pub password_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileJob {
-    pub name: Option<String>,
-    pub prefix: String,
-    pub dest_prefix: Option<String>,
-    #[serde(default)]
-    pub no_dest_prefix: bool,
+/// `--request-timeout` of the operator commands: above zero, at most 1h.
+fn check_request_timeout(value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(invalid(
+            "--request-timeout",
+            "0s",
+            "must be longer than zero, e.g. 10s",
+        ));
+    }
+    check_at_most("--request-timeout", value, MAX_REQUEST_TIMEOUT)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -487,107 +100,6 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
-}
-
-/// Which cluster a setting belongs to; also names its flags in errors.
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub ca: Option<PathBuf>,
-    pub cert_and_key: Option<(PathBuf, PathBuf)>,
-}
-
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub user: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("user", &self.user)
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClusterSettings {
-    pub side: Side,
-    pub endpoints: Vec<String>,
-    pub tls: Option<TlsFiles>,
-    pub credentials: Option<Credentials>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobSettings {
-    pub name: String,
-    pub prefix: String,
-    pub dest_prefix: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TxnLimits {
-    /// Ops per txn including the checkpoint put.
-    pub max_ops: usize,
-    pub max_bytes: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Tuning {
-    pub page_size: usize,
-    pub max_inflight_txns: usize,
-    pub progress_interval: Duration,
-    pub watch_idle_timeout: Duration,
-    pub request_timeout: Duration,
-    /// The idle checkpoint advances at most this often.
-    pub idle_checkpoint_interval: Duration,
-    /// How often a full sync logs progress.
-    pub progress_log_interval: Duration,
-    /// Gap between consecutive pipelined txns (see `mirror::writer::Pipeline::send_slot`).
-    pub pipeline_send_spacing: Duration,
-}
-
-impl Default for Tuning {
-    fn default() -> Self {
-        Self {
-            page_size: 2000,
-            max_inflight_txns: 8,
-            progress_interval: Duration::from_secs(5),
-            watch_idle_timeout: Duration::from_secs(20),
-            request_timeout: Duration::from_secs(30),
-            idle_checkpoint_interval: Duration::from_secs(5),
-            progress_log_interval: Duration::from_secs(5),
-            pipeline_send_spacing: Duration::from_millis(2),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub source: ClusterSettings,
-    pub destination: ClusterSettings,
-    pub jobs: Vec<JobSettings>,
-    pub meta_prefix: String,
-    pub limits: TxnLimits,
-    pub max_prune_ratio: f64,
-    pub reset_last_synced_rev: bool,
-    pub metrics_addr: SocketAddr,
-    pub instance_id: String,
-    pub lock_ttl: Duration,
-    pub rebalance_interval: Duration,
-    pub liveness_timeout: Duration,
-    pub checks: CheckSettings,
-    pub tuning: Tuning,
-}
-
-/// The leader's periodic consistency check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CheckSettings {
-    /// Zero disables the periodic check.
-    pub interval: Duration,
-    pub repair: bool,
-    pub sample_size: usize,
 }
 
 impl MirrorArgs {
@@ -696,6 +208,58 @@ impl MirrorArgs {
             ));
         }
 
+        // Bounds first, so nothing below (or a timer at run time) does
+        // arithmetic on an absurd duration: 2^63 s used to overflow here.
+        for (name, flag, file, max) in [
+            (
+                "progress-interval",
+                self.progress_interval,
+                file.progress_interval,
+                MAX_PROGRESS_INTERVAL,
+            ),
+            (
+                "watch-idle-timeout",
+                self.watch_idle_timeout,
+                file.watch_idle_timeout,
+                MAX_WATCH_IDLE_TIMEOUT,
+            ),
+            (
+                "request-timeout",
+                self.request_timeout,
+                file.request_timeout,
+                MAX_REQUEST_TIMEOUT,
+            ),
+            (
+                "pipeline-spacing",
+                self.pipeline_spacing,
+                file.pipeline_spacing,
+                MAX_PIPELINE_SPACING,
+            ),
+            ("lock-ttl", self.lock_ttl, file.lock_ttl, MAX_LOCK_TTL),
+            (
+                "rebalance-interval",
+                self.rebalance_interval,
+                file.rebalance_interval,
+                MAX_REBALANCE_INTERVAL,
+            ),
+            (
+                "check-interval",
+                self.check_interval,
+                file.check_interval,
+                MAX_CHECK_INTERVAL,
+            ),
+            (
+                "liveness-timeout",
+                self.liveness_timeout,
+                file.liveness_timeout,
+                MAX_LIVENESS_TIMEOUT,
+            ),
+        ] {
+            if let Some(value) = flag.or(file) {
+                check_at_most(&origin(name, flag.is_some()), value, max)?;
+            }
+        }
+
         let defaults = Tuning::default();
         let tuning = Tuning {
             page_size: self
@@ -759,11 +323,14 @@ impl MirrorArgs {
         }
 
         let lock_ttl = self.lock_ttl.or(file.lock_ttl).unwrap_or(DEFAULT_LOCK_TTL);
-        if lock_ttl < Duration::from_secs(2) || lock_ttl.subsec_nanos() != 0 {
+        if lock_ttl < Duration::from_secs(2)
+            || lock_ttl > MAX_LOCK_TTL
+            || lock_ttl.subsec_nanos() != 0
+        {
             return Err(invalid(
-                "--lock-ttl",
+                &origin("lock-ttl", self.lock_ttl.is_some()),
                 &humantime::format_duration(lock_ttl).to_string(),
-                "must be whole seconds, at least 2s (etcd leases have second granularity); the default is 5s",
+                "must be whole seconds, at least 2s and at most 1h (etcd leases have second granularity); the default is 5s",
             ));
         }
         let rebalance_interval = self
@@ -805,7 +372,7 @@ impl MirrorArgs {
             .or(file.liveness_timeout)
             .unwrap_or(crate::telemetry::health::DEFAULT_LIVENESS_TIMEOUT);
         if liveness_timeout < Duration::from_secs(5)
-            || liveness_timeout <= tuning.progress_interval * 2
+            || liveness_timeout <= tuning.progress_interval.saturating_mul(2)
         {
             return Err(invalid(
                 "--liveness-timeout",
@@ -846,30 +413,34 @@ impl MirrorArgs {
     }
 }
 
-/// `POD_NAME` in Kubernetes, else `hostname-pid`.
-pub fn default_instance_id() -> String {
-    if let Ok(pod) = std::env::var("POD_NAME") {
-        if !pod.is_empty() {
-            return pod;
-        }
+/// How a setting is named in errors: its flag, or its key when the value
+/// came from the config file.
+fn origin(name: &str, from_flag: bool) -> String {
+    if from_flag {
+        format!("--{name}")
+    } else {
+        format!("{name} (config file)")
     }
-    let host = hostname::get()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "unknown-host".to_string());
-    format!("{host}-{}", std::process::id())
 }
 
-pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
-        field: "--config".into(),
-        path: path.to_path_buf(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+/// Rejects a duration above its documented bound (see `settings::MAX_*`).
+pub(super) fn check_at_most(
+    field: &str,
+    value: Duration,
+    max: Duration,
+) -> Result<(), ConfigError> {
+    if value <= max {
+        return Ok(());
+    }
+    Err(invalid(
+        field,
+        &humantime::format_duration(value).to_string(),
+        &format!(
+            "must be at most {}; use a shorter duration such as {}",
+            humantime::format_duration(max),
+            humantime::format_duration(max / 2),
+        ),
+    ))
 }
 
 fn invalid(field: &str, value: &str, reason: &str) -> ConfigError {
@@ -880,21 +451,23 @@ fn invalid(field: &str, value: &str, reason: &str) -> ConfigError {
     }
 }
 
-struct ClusterFlags {
-    endpoints: Option<Vec<String>>,
-    cacert: Option<PathBuf>,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    user: Option<String>,
-    password: Option<String>,
+/// One side's connection flags, whichever side they came from.
+pub(super) struct ClusterFlags {
+    pub(super) endpoints: Option<Vec<String>>,
+    pub(super) cacert: Option<PathBuf>,
+    pub(super) cert: Option<PathBuf>,
+    pub(super) key: Option<PathBuf>,
+    pub(super) user: Option<String>,
+    pub(super) password: Option<String>,
 }
 
-fn cluster_settings(
+pub(super) fn cluster_settings(
     side: Side,
     flags: ClusterFlags,
     file: FileCluster,
 ) -> Result<ClusterSettings, ConfigError> {
     let flag = |name: &str| format!("--{}-{}", side.flag_prefix(), name);
+    let endpoints_from_flag = flags.endpoints.is_some();
     let endpoints: Vec<String> = flags
         .endpoints
         .unwrap_or(file.endpoints)
@@ -942,25 +515,18 @@ fn cluster_settings(
         cert_and_key,
     });
 
+    // Name the place the operator has to edit: the flag, or the file key.
+    let endpoints_field = if endpoints_from_flag {
+        flag("endpoints")
+    } else {
+        format!("{}.endpoints (config file)", side.file_section())
+    };
     for endpoint in &endpoints {
-        let (scheme, rest) = match endpoint.split_once("://") {
-            Some((scheme, rest)) => (Some(scheme), rest),
-            None => (None, endpoint.as_str()),
-        };
-        let authority_ok = rest.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty() && port.trim_end_matches('/').parse::<u16>().is_ok()
-        });
-        if !authority_ok {
-            return Err(invalid(
-                &flag("endpoints"),
-                endpoint,
-                "expected http://host:port or https://host:port",
-            ));
-        }
+        let scheme = check_endpoint(&endpoints_field, endpoint)?;
         match (scheme, &tls) {
-            (Some("http"), Some(_)) => {
+            (Some(Scheme::Http), Some(_)) => {
                 return Err(invalid(
-                    &flag("endpoints"),
+                    &endpoints_field,
                     endpoint,
                     &format!(
                         "TLS files are set for the {side} but this endpoint is plain http; use https:// or drop --{p}-cacert/--{p}-cert/--{p}-key",
@@ -968,9 +534,9 @@ fn cluster_settings(
                     ),
                 ))
             }
-            (Some("https"), None) => {
+            (Some(Scheme::Https), None) => {
                 return Err(invalid(
-                    &flag("endpoints"),
+                    &endpoints_field,
                     endpoint,
                     &format!(
                         "an https endpoint needs the CA that signed the server: set --{}-cacert",
@@ -978,14 +544,7 @@ fn cluster_settings(
                     ),
                 ))
             }
-            (Some("http") | Some("https") | None, _) => {}
-            (Some(other), _) => {
-                return Err(invalid(
-                    &flag("endpoints"),
-                    endpoint,
-                    &format!("unknown scheme {other:?}; use http:// or https://"),
-                ))
-            }
+            _ => {}
         }
     }
     if let Some(tls) = &tls {
@@ -1041,6 +600,86 @@ fn cluster_settings(
         tls,
         credentials,
     })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Http,
+    Https,
+}
+
+/// An endpoint must be a URI the gRPC channel can dial: `http://` or
+/// `https://`, a host, a non-zero port, and nothing after them but an
+/// optional `/`. Without a scheme (`host:port`) the client picks one from
+/// the TLS settings, so that form is checked as if it had one and `None` is
+/// returned for the scheme. Catching e.g. `http://[::1` here turns an endless
+/// connect retry into exit code 2.
+fn check_endpoint(field: &str, endpoint: &str) -> Result<Option<Scheme>, ConfigError> {
+    const FIX: &str = "expected http://host:port or https://host:port, e.g. http://10.0.0.1:2379 or https://[fd00::1]:2379";
+    let (scheme, uri) = match endpoint.split_once("://") {
+        Some(("http", _)) => (Some(Scheme::Http), endpoint.to_string()),
+        Some(("https", _)) => (Some(Scheme::Https), endpoint.to_string()),
+        Some((other, _)) => {
+            return Err(invalid(
+                field,
+                endpoint,
+                &format!("unknown scheme {other:?}; use http:// or https://"),
+            ))
+        }
+        None => (None, format!("http://{endpoint}")),
+    };
+    let uri: tonic::transport::Uri = uri.parse().map_err(|error| {
+        invalid(
+            field,
+            endpoint,
+            &format!("not a valid URI ({error}); {FIX}"),
+        )
+    })?;
+    let Some(authority) = uri.authority() else {
+        return Err(invalid(field, endpoint, &format!("no host; {FIX}")));
+    };
+    if authority.host().is_empty() || authority.host() == "[]" {
+        return Err(invalid(field, endpoint, &format!("no host; {FIX}")));
+    }
+    if authority.as_str().contains('@') {
+        return Err(invalid(
+            field,
+            endpoint,
+            "user info in the URL is not used; give the user with --src-user/--dst-user (or user in the config file)",
+        ));
+    }
+    match uri.port_u16() {
+        Some(0) => {
+            return Err(invalid(
+                field,
+                endpoint,
+                &format!("port 0 cannot be dialled; {FIX}"),
+            ))
+        }
+        Some(_) => {}
+        None if uri.port().is_some() => {
+            return Err(invalid(
+                field,
+                endpoint,
+                &format!("the port must be between 1 and 65535; {FIX}"),
+            ))
+        }
+        None => {
+            return Err(invalid(
+                field,
+                endpoint,
+                &format!("no port (etcd clients usually use 2379); {FIX}"),
+            ))
+        }
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(invalid(
+            field,
+            endpoint,
+            &format!("a path or query is not allowed; {FIX}"),
+        ));
+    }
+    Ok(scheme)
 }
 
 #[derive(Clone, Copy)]
@@ -1188,7 +827,10 @@ fn same_endpoints(a: &ClusterSettings, b: &ClusterSettings) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+    use crate::config::args::{Cli, Command};
 
     fn args(extra: &[&str]) -> Result<Settings, ConfigError> {
         let mut argv = vec!["etcd-syncer", "mirror-plus"];
@@ -1378,77 +1020,6 @@ mod tests {
         assert!(bad_duration.contains("progress-interval"), "{bad_duration}");
     }
 
-    /// docs/config-reference.toml documents every key: it must parse, and set them all.
-    #[test]
-    fn the_reference_config_sets_every_key() {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/config-reference.toml");
-        let file = load_file(&path).expect("docs/config-reference.toml parses");
-        let FileConfig {
-            source,
-            destination,
-            meta_prefix,
-            max_txn_ops,
-            max_txn_bytes,
-            max_prune_ratio,
-            metrics_addr,
-            instance_id,
-            page_size,
-            max_inflight_txns,
-            progress_interval,
-            watch_idle_timeout,
-            request_timeout,
-            pipeline_spacing,
-            check_interval,
-            check_repair,
-            check_sample_size,
-            liveness_timeout,
-            lock_ttl,
-            rebalance_interval,
-            jobs,
-        } = file;
-        assert!(
-            meta_prefix.is_some()
-                && max_txn_ops.is_some()
-                && max_txn_bytes.is_some()
-                && max_prune_ratio.is_some()
-        );
-        assert!(
-            metrics_addr.is_some()
-                && instance_id.is_some()
-                && page_size.is_some()
-                && max_inflight_txns.is_some()
-        );
-        assert!(
-            progress_interval.is_some()
-                && watch_idle_timeout.is_some()
-                && request_timeout.is_some()
-        );
-        assert!(pipeline_spacing.is_some() && check_interval.is_some() && check_repair.is_some());
-        assert!(check_sample_size.is_some() && lock_ttl.is_some() && rebalance_interval.is_some());
-        assert!(liveness_timeout.is_some());
-        for side in [source.expect("source"), destination.expect("destination")] {
-            let FileCluster {
-                endpoints,
-                cacert,
-                cert,
-                key,
-                user,
-                password,
-                password_file,
-            } = side;
-            assert!(!endpoints.is_empty() && cacert.is_some() && cert.is_some() && key.is_some());
-            assert!(user.is_some() && password.is_some() && password_file.is_some());
-        }
-        let FileJob {
-            name,
-            prefix,
-            dest_prefix,
-            no_dest_prefix: _,
-        } = &jobs[0];
-        assert!(name.is_some() && !prefix.is_empty() && dest_prefix.is_some());
-    }
-
     #[test]
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -1470,5 +1041,306 @@ mod tests {
         assert_eq!(settings.limits.max_ops, 32);
         assert_eq!(settings.jobs.len(), 1);
         assert_eq!(settings.jobs[0].prefix, "/z/");
+    }
+
+    #[test]
+    fn huge_durations_are_config_errors_not_panics() {
+        // 2^63 s: used to overflow `progress_interval * 2` and exit 101.
+        let text = error_text(with_base(&[
+            "--progress-interval",
+            "9223372036854775808s",
+            "--watch-idle-timeout",
+            "18446744073709551615s",
+        ]));
+        assert!(
+            text.contains("--progress-interval") && text.contains("at most 1h"),
+            "{text}"
+        );
+        let text = error_text(with_base(&["--progress-interval", "9223372036854775807s"]));
+        assert!(text.contains("--progress-interval"), "{text}");
+        for (flag, value) in [
+            ("--watch-idle-timeout", "25h"),
+            ("--request-timeout", "2h"),
+            ("--pipeline-spacing", "2s"),
+            ("--lock-ttl", "2h"),
+            ("--rebalance-interval", "25h"),
+            ("--check-interval", "8days"),
+            ("--liveness-timeout", "25h"),
+        ] {
+            let text = error_text(with_base(&[flag, value]));
+            assert!(
+                text.contains(flag) && text.contains("at most"),
+                "{flag}: {text}"
+            );
+        }
+        // The bounds themselves are accepted.
+        with_base(&[
+            "--progress-interval",
+            "1h",
+            "--watch-idle-timeout",
+            "24h",
+            "--liveness-timeout",
+            "24h",
+            "--request-timeout",
+            "1h",
+            "--pipeline-spacing",
+            "1s",
+            "--lock-ttl",
+            "1h",
+            "--rebalance-interval",
+            "24h",
+            "--check-interval",
+            "7days",
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn lock_ttl_is_whole_seconds_in_range() {
+        for bad in ["1s", "1500ms", "3601s"] {
+            let text = error_text(with_base(&["--lock-ttl", bad]));
+            assert!(text.contains("--lock-ttl"), "{bad}: {text}");
+        }
+        let settings = with_base(&["--lock-ttl", "2s", "--rebalance-interval", "2s"]).unwrap();
+        assert_eq!(settings.lock_ttl, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn file_durations_are_bounded_and_name_the_key() {
+        let text = error_text(file(
+            "progress-interval = \"100years\"\n[source]\nendpoints=[\"http://h:1\"]\n[destination]\nendpoints=[\"http://h:2\"]\n[[jobs]]\nprefix=\"/a/\"\n",
+        ));
+        assert!(text.contains("progress-interval (config file)"), "{text}");
+    }
+
+    #[test]
+    fn subcommand_durations_are_bounded() {
+        let parse = |argv: &[&str]| Cli::try_parse_from(argv).expect("flags parse").command;
+        let Command::Status(status) = parse(&[
+            "etcd-syncer",
+            "status",
+            "--dst-endpoints",
+            "http://h:1",
+            "--request-timeout",
+            "9223372036854775808s",
+        ]) else {
+            panic!("not status")
+        };
+        assert!(status
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--request-timeout"));
+        let Command::Promote(promote) = parse(&[
+            "etcd-syncer",
+            "promote",
+            "--dst-endpoints",
+            "http://h:1",
+            "--job-name",
+            "a",
+            "--wait-timeout",
+            "48h",
+        ]) else {
+            panic!("not promote")
+        };
+        assert!(promote
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--wait-timeout"));
+        let Command::Check(check) = parse(&[
+            "etcd-syncer",
+            "check",
+            "--src-endpoints",
+            "http://h:1",
+            "--dst-endpoints",
+            "http://h:2",
+            "--prefix",
+            "/a/",
+            "--request-timeout",
+            "0s",
+        ]) else {
+            panic!("not check")
+        };
+        assert!(check
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--request-timeout"));
+        let Command::Reset(reset) = parse(&[
+            "etcd-syncer",
+            "reset",
+            "--dst-endpoints",
+            "http://h:1",
+            "--job-name",
+            "a",
+            "--request-timeout",
+            "2h",
+        ]) else {
+            panic!("not reset")
+        };
+        assert!(reset
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("--request-timeout"));
+    }
+
+    #[test]
+    fn endpoints_must_be_dialable_uris() {
+        for bad in [
+            "http://[::1",
+            "http://h",
+            "http://h:0",
+            "http://h:65536",
+            "http://:1",
+            "http://h:1/path",
+            "http://h:1?x=1",
+            "http://user@h:1",
+            "ftp://h:1",
+            "h",
+            "[::1",
+        ] {
+            let text = error_text(args(&[
+                "--src-endpoints",
+                bad,
+                "--dst-endpoints",
+                "http://127.0.0.1:2",
+                "--prefix",
+                "/a/",
+            ]));
+            assert!(text.contains("--src-endpoints"), "{bad}: {text}");
+            let text = error_text(args(&[
+                "--src-endpoints",
+                "http://127.0.0.1:1",
+                "--dst-endpoints",
+                bad,
+                "--prefix",
+                "/a/",
+            ]));
+            assert!(text.contains("--dst-endpoints"), "{bad}: {text}");
+        }
+        for good in [
+            "http://127.0.0.1:2379",
+            "http://[::1]:2379",
+            "http://etcd-0.etcd:2379/",
+            "127.0.0.1:2379",
+        ] {
+            args(&[
+                "--src-endpoints",
+                good,
+                "--dst-endpoints",
+                "http://127.0.0.1:2",
+                "--prefix",
+                "/a/",
+            ])
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        let text = error_text(file(
+            "[source]\nendpoints=[\"http://[::1\"]\n[destination]\nendpoints=[\"http://h:2\"]\n[[jobs]]\nprefix=\"/a/\"\n",
+        ));
+        assert!(text.contains("source.endpoints (config file)"), "{text}");
+    }
+
+    mod never_panics {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const DURATION_FLAGS: [&str; 8] = [
+            "--progress-interval",
+            "--watch-idle-timeout",
+            "--request-timeout",
+            "--pipeline-spacing",
+            "--lock-ttl",
+            "--rebalance-interval",
+            "--check-interval",
+            "--liveness-timeout",
+        ];
+
+        fn duration_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[0-9]{1,22}(ns|us|ms|s|m|h|d|w|M|y)?",
+                "([0-9]{1,20}(ns|ms|s|m|h|d|y) ?){1,4}",
+                any::<u64>().prop_map(|n| format!("{n}s")),
+                any::<u64>().prop_map(|n| format!("{n}ns")),
+            ]
+        }
+
+        fn endpoint_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "(https?|ftp|)(://)?\\[?[a-z0-9:.\\[\\]@%-]{0,20}\\]?(:[0-9]{0,6})?(/[a-z?=]{0,5})?",
+                (any::<u32>(), "(http|https)").prop_map(|(port, s)| format!("{s}://h:{port}")),
+            ]
+        }
+
+        /// Clap may reject the text; whatever it accepts must come back from
+        /// validation as Ok or a ConfigError, never a panic.
+        fn validate(extra: &[String]) {
+            let mut argv = vec!["etcd-syncer".to_string(), "mirror-plus".to_string()];
+            argv.extend(extra.iter().cloned());
+            if let Ok(cli) = Cli::try_parse_from(&argv) {
+                let Command::MirrorPlus(args) = cli.command else {
+                    panic!("parsed as another command")
+                };
+                let _ = args.into_settings();
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_durations(
+                flag in 0..DURATION_FLAGS.len(),
+                value in duration_text(),
+                second in duration_text(),
+            ) {
+                let mut extra: Vec<String> = BASE.iter().map(|s| s.to_string()).collect();
+                extra.push(format!("{}={value}", DURATION_FLAGS[flag]));
+                let next = DURATION_FLAGS[(flag + 1) % DURATION_FLAGS.len()];
+                extra.push(format!("{next}={second}"));
+                validate(&extra);
+            }
+
+            #[test]
+            fn arbitrary_duration_values(
+                values in proptest::collection::vec((any::<u64>(), prop_oneof![Just(0u32), 0u32..1_000_000_000]), 8),
+            ) {
+                // Straight into the merge, past humantime's own limits.
+                let d = |i: usize| Some(Duration::new(values[i].0, values[i].1));
+                let cluster = |endpoint: &str| FileCluster {
+                    endpoints: vec![endpoint.to_string()],
+                    ..FileCluster::default()
+                };
+                let args = MirrorArgs {
+                    prefix: Some("/a/".into()),
+                    ..MirrorArgs::default()
+                };
+                let file = FileConfig {
+                    source: Some(cluster("http://127.0.0.1:1")),
+                    destination: Some(cluster("http://127.0.0.1:2")),
+                    progress_interval: d(0),
+                    watch_idle_timeout: d(1),
+                    request_timeout: d(2),
+                    pipeline_spacing: d(3),
+                    lock_ttl: d(4),
+                    rebalance_interval: d(5),
+                    check_interval: d(6),
+                    liveness_timeout: d(7),
+                    ..FileConfig::default()
+                };
+                let _ = args.merge(file);
+            }
+
+            #[test]
+            fn arbitrary_endpoints(src in endpoint_text(), dst in endpoint_text()) {
+                validate(&[
+                    format!("--src-endpoints={src}"),
+                    format!("--dst-endpoints={dst}"),
+                    "--prefix=/a/".to_string(),
+                ]);
+            }
+        }
     }
 }

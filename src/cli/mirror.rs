@@ -1,0 +1,265 @@
+//! `mirror-plus`: connects both clusters, serves the HTTP endpoints, and runs
+//! one task per job until cancelled.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::AppError;
+use crate::config::{ClusterSettings, MirrorArgs, Settings, Side};
+use crate::etcd::client::{ClientError, Cluster, FailureKind};
+use crate::ha::election::SessionManager;
+use crate::ha::replica::{run_replica, Instance};
+use crate::mirror::meta::Fence;
+use crate::mirror::writer::DestWriter;
+use crate::mirror::{request_reset, JobContext, JobError};
+use crate::model::keys::{KeyRewrite, MetaKeys};
+use crate::ops::http::StatusView;
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::{JobMetrics, Metrics};
+
+/// `mirror-plus --validate-config`: merge and check everything, connect to
+/// nothing, and print the jobs.
+pub fn validate_config(args: MirrorArgs) -> Result<(), AppError> {
+    let settings = args.into_settings()?;
+    let jobs: Vec<&str> = settings.jobs.iter().map(|j| j.name.as_str()).collect();
+    println!(
+        "configuration is valid: {} job(s): {}",
+        jobs.len(),
+        jobs.join(", ")
+    );
+    Ok(())
+}
+
+const READINESS_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result<(), AppError> {
+    let metrics = Metrics::new();
+    let health = Arc::new(Health::new(
+        settings.jobs.iter().map(|j| j.name.as_str()),
+        settings.liveness_timeout,
+    ));
+    let job_metrics: Vec<JobMetrics> = settings.jobs.iter().map(|j| metrics.job(&j.name)).collect();
+    let status_view = Arc::new(StatusView {
+        dest: std::sync::OnceLock::new(),
+        meta_prefix: settings.meta_prefix.clone(),
+        instance_id: settings.instance_id.clone(),
+        jobs: job_metrics.clone(),
+    });
+    let (addr, http_task) = crate::ops::http::serve(
+        settings.metrics_addr,
+        metrics.clone(),
+        health.clone(),
+        status_view.clone(),
+        cancel.clone(),
+    )
+    .await?;
+    info!(
+        %addr,
+        instance = %settings.instance_id,
+        jobs = settings.jobs.len(),
+        "Metrics server listening."
+    );
+
+    let Some(source) =
+        connect_with_retry(&settings.source, &settings, &job_metrics, &cancel).await?
+    else {
+        return Ok(());
+    };
+    let Some(dest) =
+        connect_with_retry(&settings.destination, &settings, &job_metrics, &cancel).await?
+    else {
+        return Ok(());
+    };
+    let _ = status_view.dest.set(dest.clone());
+
+    let prober = tokio::spawn(probe_readiness(
+        source.clone(),
+        dest.clone(),
+        settings.jobs[0].prefix.as_bytes().to_vec(),
+        settings.meta_prefix.as_bytes().to_vec(),
+        health.clone(),
+        cancel.clone(),
+    ));
+
+    let sessions = Arc::new(SessionManager::new(dest.clone(), settings.lock_ttl));
+    let instance = Arc::new(Instance {
+        sessions: sessions.clone(),
+        leading: AtomicUsize::new(0),
+        rebalancing: AtomicBool::new(false),
+        total_jobs: settings.jobs.len(),
+        lock_ttl: settings.lock_ttl,
+        rebalance_interval: settings.rebalance_interval,
+    });
+    let mut jobs = JoinSet::new();
+    for (job, metrics) in settings.jobs.iter().zip(job_metrics) {
+        let keys = MetaKeys::new(&settings.meta_prefix, &job.name);
+        if settings.reset_last_synced_rev
+            && !request_reset_with_retry(&dest, &keys, &settings.instance_id, &cancel).await
+        {
+            return Ok(());
+        }
+        // Writes need the job lock; the replica adds it to the fence once elected.
+        let writer = Arc::new(DestWriter::new(
+            dest.clone(),
+            keys.clone(),
+            Fence::new(&keys, None),
+            metrics.clone(),
+        ));
+        let template = JobContext {
+            job: job.clone(),
+            rewrite: KeyRewrite::new(job.prefix.as_bytes(), job.dest_prefix.as_bytes()),
+            keys,
+            meta_prefix: settings.meta_prefix.as_bytes().to_vec(),
+            source: source.clone(),
+            dest: dest.clone(),
+            writer,
+            limits: settings.limits,
+            tuning: settings.tuning,
+            max_prune_ratio: settings.max_prune_ratio,
+            metrics,
+            instance_id: settings.instance_id.clone(),
+            health: health.clone(),
+            checks: settings.checks,
+        };
+        let name = job.name.clone();
+        let replica_cancel = cancel.clone();
+        let instance = instance.clone();
+        jobs.spawn(async move { (name, run_replica(template, instance, replica_cancel).await) });
+    }
+
+    let mut failure = None;
+    while let Some(joined) = jobs.join_next().await {
+        match joined {
+            Ok((_, Ok(()))) => {}
+            Ok((job, Err(source))) => {
+                error!(%job, error = %source, "Job failed; stopping.");
+                cancel.cancel();
+                failure.get_or_insert(AppError::Job { job, source });
+            }
+            Err(join_error) => {
+                error!(error = %join_error, "Job task panicked; stopping.");
+                cancel.cancel();
+                failure.get_or_insert(AppError::Job {
+                    job: "<unknown>".into(),
+                    source: JobError::Internal(join_error.to_string()),
+                });
+            }
+        }
+    }
+    cancel.cancel();
+    // Every replica has stopped writing: hand the locks over now instead of
+    // letting standbys wait out the TTL.
+    sessions.resign().await;
+    let _ = prober.await;
+    let _ = http_task.await;
+    info!("Stopped.");
+    failure.map_or(Ok(()), Err)
+}
+
+/// Connecting authenticates when a user is set, so a wrong password or an
+/// unreachable cluster shows here. Both are retried: the process stays up,
+/// not ready, with the error counted, until the cluster answers.
+async fn connect_with_retry(
+    settings: &ClusterSettings,
+    all: &Settings,
+    job_metrics: &[JobMetrics],
+    cancel: &CancellationToken,
+) -> Result<Option<Cluster>, AppError> {
+    let mut backoff = crate::etcd::client::retry_backoff(Duration::from_secs(30));
+    loop {
+        let error = match Cluster::connect(settings, all.tuning.request_timeout).await {
+            Ok(cluster) => return Ok(Some(cluster)),
+            Err(error) => error,
+        };
+        if let ClientError::TlsFile { .. } = error {
+            return Err(error.into());
+        }
+        let kind = match (error.kind(), settings.side) {
+            (FailureKind::Auth, _) => "auth",
+            (_, Side::Source) => "source_unavailable",
+            (_, Side::Destination) => "dest_unavailable",
+        };
+        for metrics in job_metrics {
+            metrics.error(kind);
+        }
+        let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+        if error.kind() == FailureKind::Auth {
+            error!(%error, retry_in = ?delay, "Authentication failed; operator action needed.");
+        } else {
+            warn!(%error, retry_in = ?delay, "Cannot connect; retrying.");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Records `--reset-last-synced-rev` for one job, retrying until the
+/// destination answers. Returns false when cancelled first.
+async fn request_reset_with_retry(
+    dest: &Cluster,
+    keys: &MetaKeys,
+    instance: &str,
+    cancel: &CancellationToken,
+) -> bool {
+    let mut backoff = backon::ExponentialBuilder::default()
+        .with_jitter()
+        .with_max_delay(Duration::from_secs(30))
+        .without_max_times()
+        .build();
+    loop {
+        match request_reset(dest, keys, instance).await {
+            Ok(()) => {
+                info!(job_meta = %keys.job_root(), "Reset requested: the next leader drops the checkpoint and runs a full sync.");
+                return true;
+            }
+            Err(JobError::Promoted) => {
+                warn!(job_meta = %keys.job_root(), "Reset not requested: the job is promoted.");
+                return true;
+            }
+            Err(error) => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                warn!(%error, retry_in = ?delay, "Could not record the reset request; retrying.");
+                tokio::select! {
+                    _ = cancel.cancelled() => return false,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Keeps `/readyz` honest: both clusters must answer a cheap read.
+async fn probe_readiness(
+    source: Cluster,
+    dest: Cluster,
+    source_probe: Vec<u8>,
+    dest_probe: Vec<u8>,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(READINESS_PROBE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (source_ok, dest_ok) = tokio::join!(source.head(&source_probe), dest.head(&dest_probe));
+        for (side, result) in [(Side::Source, source_ok), (Side::Destination, dest_ok)] {
+            let reachable = result.is_ok();
+            if health.reachable(side) && !reachable {
+                if let Err(error) = result {
+                    warn!(%side, %error, "Cluster became unreachable; not ready.");
+                }
+            }
+            health.set_reachable(side, reachable);
+        }
+    }
+}

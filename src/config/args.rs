@@ -1,0 +1,403 @@
+//! The command line: clap structs for every subcommand. Each flag can also
+//! come from its `ETCD_SYNCER_*` variable. Turning these into settings is
+//! [`super::validation`]'s job.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use super::file::FileCluster;
+use super::settings::{ClusterSettings, DEFAULT_META_PREFIX};
+use super::validation::{cluster_settings, ClusterFlags, ConfigError};
+use crate::model::Side;
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "etcd-syncer",
+    version,
+    about = "Mirror etcd key prefixes from a primary cluster to a hot standby"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Replicate prefixes: full sync at a pinned revision, then watch, with a
+    /// checkpoint on the destination so restarts resume where they stopped.
+    MirrorPlus(Box<MirrorArgs>),
+    /// Print each job's leader, checkpoint, full-sync state and (with
+    /// --src-endpoints) lag, from the destination's meta keys.
+    Status(Box<StatusArgs>),
+    /// Turn the standby into a primary: from the marker on, no replicator
+    /// writes to the job's destination prefix. `--undo` removes it (failback).
+    Promote(Box<PromoteArgs>),
+    /// Compare source and destination exactly at the checkpoint revision.
+    /// Exit code 0 consistent, 1 differences, 2 error.
+    Check(Box<CheckArgs>),
+    /// Request one full sync per job (what --reset-last-synced-rev does),
+    /// consumed by whichever replica leads the job next. For one-off repairs,
+    /// e.g. from a Kubernetes Job, without restarting the replicas.
+    Reset(Box<ResetArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    /// Take the destination and the jobs from this config file (flags override it).
+    #[arg(long, env = "ETCD_SYNCER_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub dest: DestArgs,
+    /// The job to reset.
+    #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+    pub job_name: Option<String>,
+    /// Every job of the config file, or every job found under the meta prefix.
+    #[arg(long)]
+    pub all: bool,
+    #[arg(long, env = "ETCD_SYNCER_META_PREFIX")]
+    pub meta_prefix: Option<String>,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub dest: DestArgs,
+    /// Source prefix of the job (default: read from the job's checkpoint).
+    #[arg(long, env = "ETCD_SYNCER_PREFIX")]
+    pub prefix: Option<String>,
+    /// Destination prefix (default: the same as --prefix).
+    #[arg(long, requires = "prefix", conflicts_with = "no_dest_prefix")]
+    pub dest_prefix: Option<String>,
+    /// The job mirrors to the root of the destination.
+    #[arg(long, requires = "prefix")]
+    pub no_dest_prefix: bool,
+    /// The job whose checkpoint pins the comparison (default: derived from --prefix).
+    #[arg(long, env = "ETCD_SYNCER_JOB_NAME", required_unless_present = "prefix")]
+    pub job_name: Option<String>,
+    #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
+    pub meta_prefix: String,
+    /// Sample keys printed for each kind of difference.
+    #[arg(long, default_value = "10")]
+    pub sample_size: usize,
+    #[arg(long, default_value = "2000")]
+    pub page_size: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub dest: DestArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Only this job.
+    #[arg(long, env = "ETCD_SYNCER_JOB_NAME")]
+    pub job_name: Option<String>,
+    #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
+    pub meta_prefix: String,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    #[command(flatten)]
+    pub dest: DestArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// The job to promote.
+    #[arg(
+        long,
+        env = "ETCD_SYNCER_JOB_NAME",
+        conflicts_with = "all",
+        required_unless_present = "all"
+    )]
+    pub job_name: Option<String>,
+    /// Every job found under the meta prefix.
+    #[arg(long)]
+    pub all: bool,
+    /// Planned switchover: first wait until the checkpoint reaches the
+    /// source's current revision (needs --src-endpoints).
+    #[arg(long, requires = "src_endpoints")]
+    pub wait_for_sync: bool,
+    /// How long --wait-for-sync waits before giving up (nothing is promoted then).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+    pub wait_timeout: Duration,
+    /// Remove the promoted marker so replication resumes (failback).
+    #[arg(long, conflicts_with = "wait_for_sync")]
+    pub undo: bool,
+    #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
+    pub meta_prefix: String,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct TelemetryArgs {
+    /// Log line format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "ETCD_SYNCER_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `etcd_syncer=debug`; RUST_LOG wins when set.
+    #[arg(
+        long,
+        global = true,
+        default_value = "info",
+        env = "ETCD_SYNCER_LOG_LEVEL"
+    )]
+    pub log_level: String,
+}
+
+/// Everything `mirror-plus` takes. The connection flags of each side come
+/// from one template (`cluster_args!` below), because clap cannot prefix a
+/// flattened group.
+#[derive(Debug, Args, Default, Clone)]
+pub struct MirrorArgs {
+    /// TOML file with the same settings and a list of jobs; flags override it.
+    #[arg(long, env = "ETCD_SYNCER_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub dest: DestArgs,
+
+    /// Source key prefix to mirror (one job); replaces the file's job list.
+    #[arg(long, env = "ETCD_SYNCER_PREFIX")]
+    pub prefix: Option<String>,
+    /// Destination prefix the source prefix is rewritten to (default: the same prefix).
+    #[arg(
+        long,
+        env = "ETCD_SYNCER_DEST_PREFIX",
+        conflicts_with = "no_dest_prefix"
+    )]
+    pub dest_prefix: Option<String>,
+    /// Mirror to the root of the destination: strip the source prefix.
+    #[arg(long, env = "ETCD_SYNCER_NO_DEST_PREFIX")]
+    pub no_dest_prefix: bool,
+    /// Job name (default: derived from the prefix); names the meta keys and metric labels.
+    #[arg(long, env = "ETCD_SYNCER_JOB_NAME")]
+    pub job_name: Option<String>,
+    /// Destination prefix for the syncer's own keys (checkpoint, locks).
+    #[arg(long, env = "ETCD_SYNCER_META_PREFIX")]
+    pub meta_prefix: Option<String>,
+
+    /// Most ops in one destination txn, checkpoint included (etcd's --max-txn-ops, 128 by default).
+    #[arg(long, env = "ETCD_SYNCER_MAX_TXN_OPS")]
+    pub max_txn_ops: Option<usize>,
+    /// Most bytes in one destination txn (etcd's request limit is 1.5MiB).
+    #[arg(long, env = "ETCD_SYNCER_MAX_TXN_BYTES")]
+    pub max_txn_bytes: Option<ByteSize>,
+    /// A full sync that would delete more than this share of the job's destination keys deletes nothing.
+    #[arg(long, env = "ETCD_SYNCER_MAX_PRUNE_RATIO")]
+    pub max_prune_ratio: Option<f64>,
+    /// Request one full sync per job (repair runs): whichever replica leads a
+    /// job next drops its checkpoint, once, whatever instance got the flag.
+    #[arg(long, env = "ETCD_SYNCER_RESET_LAST_SYNCED_REV")]
+    pub reset_last_synced_rev: bool,
+
+    /// Check the configuration (flags, file, TLS and password files) and exit
+    /// without connecting: 0 if valid, 2 with the offending field if not.
+    #[arg(long)]
+    pub validate_config: bool,
+
+    /// Address of the /metrics, /healthz and /readyz endpoints (port 0 picks a free port).
+    #[arg(long, env = "ETCD_SYNCER_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Identity shown in logs and status (default: POD_NAME, else hostname-pid).
+    #[arg(long, env = "ETCD_SYNCER_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// Keys per range page during a full sync.
+    #[arg(long, env = "ETCD_SYNCER_PAGE_SIZE")]
+    pub page_size: Option<usize>,
+    /// Destination txns in flight at once (ordered and chained, see docs/architecture.md).
+    #[arg(long, env = "ETCD_SYNCER_MAX_INFLIGHT_TXNS")]
+    pub max_inflight_txns: Option<usize>,
+    /// How often an idle watch asks the source for progress.
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_PROGRESS_INTERVAL")]
+    pub progress_interval: Option<Duration>,
+    /// A watch that delivers nothing, not even progress, for this long is re-created.
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_WATCH_IDLE_TIMEOUT")]
+    pub watch_idle_timeout: Option<Duration>,
+    /// Per-request deadline towards either cluster.
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<Duration>,
+    /// TTL of the lease behind each job lock: how long a dead leader keeps its jobs.
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_LOCK_TTL")]
+    pub lock_ttl: Option<Duration>,
+    /// How often a leader checks whether it leads more than its share of jobs.
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_REBALANCE_INTERVAL")]
+    pub rebalance_interval: Option<Duration>,
+    /// Gap between consecutive pipelined txns, so etcd applies them in the order sent.
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_PIPELINE_SPACING")]
+    pub pipeline_spacing: Option<Duration>,
+    /// How often the leader of each job runs an exact consistency check (0 disables it).
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_CHECK_INTERVAL")]
+    pub check_interval: Option<Duration>,
+    /// Rewrite the keys an exact check finds different, through the normal fenced write path.
+    #[arg(long, env = "ETCD_SYNCER_CHECK_REPAIR")]
+    pub check_repair: bool,
+    /// Sample keys of each kind of difference shown in check logs.
+    #[arg(long, env = "ETCD_SYNCER_CHECK_SAMPLE_SIZE")]
+    pub check_sample_size: Option<usize>,
+    /// /healthz fails when a job's loop (leading or standby) has not woken for this long.
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_LIVENESS_TIMEOUT")]
+    pub liveness_timeout: Option<Duration>,
+}
+
+/// Writes the connection flags of one side once: clap cannot prefix a
+/// flattened group, so [`SourceArgs`] (`--src-*`, `ETCD_SYNCER_SRC_*`) and
+/// [`DestArgs`] (`--dst-*`, `ETCD_SYNCER_DST_*`) are generated from this
+/// template. Flag names come from the field names, so those are spelled out.
+macro_rules! cluster_args {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            side: $side:expr,
+            // Flag prefix as typed: "src" or "dst".
+            flag: $flag:literal,
+            // Environment variable infix: "SRC" or "DST".
+            env: $env:literal,
+            // The cluster as help texts name it: "source" or "destination".
+            cluster: $cluster:literal,
+            endpoints_help: $endpoints_help:expr,
+            fields: [
+                $endpoints:ident,
+                $cacert:ident,
+                $cert:ident,
+                $key:ident,
+                $user:ident,
+                $password:ident $(,)?
+            ] $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Args, Default, Clone)]
+        pub struct $name {
+            #[doc = $endpoints_help]
+            #[arg(
+                long,
+                value_delimiter = ',',
+                env = concat!("ETCD_SYNCER_", $env, "_ENDPOINTS"),
+                help = $endpoints_help
+            )]
+            pub $endpoints: Option<Vec<String>>,
+            #[doc = concat!("CA bundle that signed the ", $cluster, " cluster's server certificates.")]
+            #[arg(
+                long,
+                env = concat!("ETCD_SYNCER_", $env, "_CACERT"),
+                help = concat!("CA bundle that signed the ", $cluster, " cluster's server certificates")
+            )]
+            pub $cacert: Option<PathBuf>,
+            #[doc = concat!("Client certificate for mutual TLS with the ", $cluster, ".")]
+            #[arg(
+                long,
+                env = concat!("ETCD_SYNCER_", $env, "_CERT"),
+                help = concat!("Client certificate for mutual TLS with the ", $cluster)
+            )]
+            pub $cert: Option<PathBuf>,
+            #[doc = concat!("Private key of --", $flag, "-cert.")]
+            #[arg(
+                long,
+                env = concat!("ETCD_SYNCER_", $env, "_KEY"),
+                help = concat!("Private key of --", $flag, "-cert")
+            )]
+            pub $key: Option<PathBuf>,
+            #[doc = concat!("User name for the ", $cluster, "'s auth.")]
+            #[arg(
+                long,
+                env = concat!("ETCD_SYNCER_", $env, "_USER"),
+                help = concat!("User name for the ", $cluster, "'s auth")
+            )]
+            pub $user: Option<String>,
+            #[doc = concat!("Password of --", $flag, "-user.")]
+            #[arg(
+                long,
+                env = concat!("ETCD_SYNCER_", $env, "_PASSWORD"),
+                hide_env_values = true,
+                help = concat!("Password of --", $flag, "-user")
+            )]
+            pub $password: Option<String>,
+        }
+
+        impl $name {
+            pub(super) fn flags(self) -> ClusterFlags {
+                ClusterFlags {
+                    endpoints: self.$endpoints,
+                    cacert: self.$cacert,
+                    cert: self.$cert,
+                    key: self.$key,
+                    user: self.$user,
+                    password: self.$password,
+                }
+            }
+
+            /// Settings for commands where this side is optional (`status`,
+            /// `promote`): `None` without endpoints.
+            pub fn into_optional_settings(self) -> Result<Option<ClusterSettings>, ConfigError> {
+                if self.$endpoints.is_none() {
+                    return Ok(None);
+                }
+                self.into_settings().map(Some)
+            }
+
+            pub fn into_settings(self) -> Result<ClusterSettings, ConfigError> {
+                cluster_settings($side, self.flags(), FileCluster::default())
+            }
+        }
+    };
+}
+
+cluster_args! {
+    /// How to reach the source cluster.
+    pub struct SourceArgs {
+        side: Side::Source,
+        flag: "src",
+        env: "SRC",
+        cluster: "source",
+        endpoints_help: "Source cluster endpoints, comma separated (http://host:port or https://host:port)",
+        fields: [src_endpoints, src_cacert, src_cert, src_key, src_user, src_password],
+    }
+}
+
+cluster_args! {
+    /// How to reach the destination cluster.
+    pub struct DestArgs {
+        side: Side::Destination,
+        flag: "dst",
+        env: "DST",
+        cluster: "destination",
+        endpoints_help: "Destination cluster endpoints, comma separated",
+        fields: [dst_endpoints, dst_cacert, dst_cert, dst_key, dst_user, dst_password],
+    }
+}

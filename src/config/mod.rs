@@ -1,0 +1,32 @@
+//! Command line, config file and environment, merged and validated into
+//! [`Settings`]. Flags override the file; every flag can also come from an
+//! `ETCD_SYNCER_*` variable. Anything wrong here is a [`ConfigError`], which
+//! `main` turns into exit code 2.
+//!
+//! - [`args`]: the clap structs of every subcommand.
+//! - [`file`]: the TOML config file.
+//! - [`settings`]: the validated result and its defaults.
+//! - [`validation`]: flags + file into settings, and every check.
+
+pub mod args;
+pub mod file;
+pub mod settings;
+pub mod validation;
+
+pub use crate::model::Side;
+pub use crate::telemetry::LogFormat;
+
+pub use args::{
+    CheckArgs, Cli, Command, DestArgs, MirrorArgs, OutputFormat, PromoteArgs, ResetArgs,
+    SourceArgs, StatusArgs, TelemetryArgs,
+};
+pub use file::{load_file, FileCluster, FileConfig, FileJob};
+pub use settings::{
+    default_instance_id, CheckSettings, ClusterSettings, Credentials, JobSettings, Settings,
+    TlsFiles, Tuning, TxnLimits, DEFAULT_CHECK_INTERVAL, DEFAULT_LOCK_TTL, DEFAULT_MAX_PRUNE_RATIO,
+    DEFAULT_MAX_TXN_BYTES, DEFAULT_MAX_TXN_OPS, DEFAULT_META_PREFIX, DEFAULT_METRICS_ADDR,
+    DEFAULT_REBALANCE_INTERVAL, MAX_CHECK_INTERVAL, MAX_LIVENESS_TIMEOUT, MAX_LOCK_TTL,
+    MAX_PIPELINE_SPACING, MAX_PROGRESS_INTERVAL, MAX_REBALANCE_INTERVAL, MAX_REQUEST_TIMEOUT,
+    MAX_WAIT_TIMEOUT, MAX_WATCH_IDLE_TIMEOUT,
+};
+pub use validation::{loop_error, ConfigError};

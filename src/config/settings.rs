@@ -1,0 +1,154 @@
+//! The validated configuration the rest of the crate runs on, and its defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::model::Side;
+
+pub const DEFAULT_META_PREFIX: &str = "/-etcd-syncer-meta-/";
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+pub const DEFAULT_MAX_TXN_BYTES: u64 = 1024 * 1024;
+pub const DEFAULT_MAX_PRUNE_RATIO: f64 = 0.5;
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9091";
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(5);
+pub const DEFAULT_REBALANCE_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(300);
+
+// Upper bounds of the duration settings. Anything longer is a typo, and
+// unbounded values overflowed timer arithmetic (2^63 s panicked); a value
+// above its bound is a configuration error (exit code 2) naming the field.
+const MINUTE: u64 = 60;
+const HOUR: u64 = 60 * MINUTE;
+const DAY: u64 = 24 * HOUR;
+/// `--progress-interval`: at most 1h.
+pub const MAX_PROGRESS_INTERVAL: Duration = Duration::from_secs(HOUR);
+/// `--watch-idle-timeout`: at most 24h.
+pub const MAX_WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(DAY);
+/// `--request-timeout` (every command): at most 1h.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(HOUR);
+/// `--pipeline-spacing`: at most 1s (the default is 2ms).
+pub const MAX_PIPELINE_SPACING: Duration = Duration::from_secs(1);
+/// `--lock-ttl`: whole seconds, at least 2s, at most 1h.
+pub const MAX_LOCK_TTL: Duration = Duration::from_secs(HOUR);
+/// `--rebalance-interval`: at most 24h.
+pub const MAX_REBALANCE_INTERVAL: Duration = Duration::from_secs(DAY);
+/// `--check-interval`: at most 7 days (0 disables the check).
+pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(7 * DAY);
+/// `--liveness-timeout`: at most 24h.
+pub const MAX_LIVENESS_TIMEOUT: Duration = Duration::from_secs(DAY);
+/// `promote --wait-timeout`: at most 24h.
+pub const MAX_WAIT_TIMEOUT: Duration = Duration::from_secs(DAY);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert_and_key: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    pub side: Side,
+    pub endpoints: Vec<String>,
+    pub tls: Option<TlsFiles>,
+    pub credentials: Option<Credentials>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSettings {
+    pub name: String,
+    pub prefix: String,
+    pub dest_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TxnLimits {
+    /// Ops per txn including the checkpoint put.
+    pub max_ops: usize,
+    pub max_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tuning {
+    pub page_size: usize,
+    pub max_inflight_txns: usize,
+    pub progress_interval: Duration,
+    pub watch_idle_timeout: Duration,
+    pub request_timeout: Duration,
+    /// The idle checkpoint advances at most this often.
+    pub idle_checkpoint_interval: Duration,
+    /// How often a full sync logs progress.
+    pub progress_log_interval: Duration,
+    /// Gap between consecutive pipelined txns (see `mirror::writer::Pipeline::send_slot`).
+    pub pipeline_send_spacing: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            page_size: 2000,
+            max_inflight_txns: 8,
+            progress_interval: Duration::from_secs(5),
+            watch_idle_timeout: Duration::from_secs(20),
+            request_timeout: Duration::from_secs(30),
+            idle_checkpoint_interval: Duration::from_secs(5),
+            progress_log_interval: Duration::from_secs(5),
+            pipeline_send_spacing: Duration::from_millis(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub source: ClusterSettings,
+    pub destination: ClusterSettings,
+    pub jobs: Vec<JobSettings>,
+    pub meta_prefix: String,
+    pub limits: TxnLimits,
+    pub max_prune_ratio: f64,
+    pub reset_last_synced_rev: bool,
+    pub metrics_addr: SocketAddr,
+    pub instance_id: String,
+    pub lock_ttl: Duration,
+    pub rebalance_interval: Duration,
+    pub liveness_timeout: Duration,
+    pub checks: CheckSettings,
+    pub tuning: Tuning,
+}
+
+/// The leader's periodic consistency check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckSettings {
+    /// Zero disables the periodic check.
+    pub interval: Duration,
+    pub repair: bool,
+    pub sample_size: usize,
+}
+
+/// `POD_NAME` in Kubernetes, else `hostname-pid`.
+pub fn default_instance_id() -> String {
+    if let Ok(pod) = std::env::var("POD_NAME") {
+        if !pod.is_empty() {
+            return pod;
+        }
+    }
+    let host = hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown-host".to_string());
+    format!("{host}-{}", std::process::id())
+}
