@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::BackoffBuilder;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -67,12 +66,12 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
     );
 
     let Some(source) =
-        connect_with_retry(&settings.source, &settings, &job_metrics, &cancel).await?
+        connect_with_retry(&settings.source, &settings, &job_metrics, &health, &cancel).await?
     else {
         return Ok(());
     };
     let Some(dest) =
-        connect_with_retry(&settings.destination, &settings, &job_metrics, &cancel).await?
+        connect_with_retry(&settings.destination, &settings, &job_metrics, &health, &cancel).await?
     else {
         return Ok(());
     };
@@ -169,18 +168,49 @@ async fn connect_with_retry(
     settings: &ClusterSettings,
     all: &Settings,
     job_metrics: &[JobMetrics],
+    health: &Health,
     cancel: &CancellationToken,
 ) -> Result<Option<Cluster>, AppError> {
-    let mut backoff = crate::etcd::client::retry_backoff(Duration::from_secs(30));
+    let request_timeout = all.tuning.request_timeout;
+    retry_connect(
+        || Cluster::connect(settings, request_timeout),
+        settings.side,
+        job_metrics,
+        health,
+        cancel,
+    )
+    .await
+}
+
+/// The connect loop: retries until connected or cancelled, counting each
+/// failure on every job and keeping their liveness heartbeats going (a
+/// cluster that is down at start is not a wedged process).
+async fn retry_connect<F, Fut>(
+    connect: F,
+    side: Side,
+    job_metrics: &[JobMetrics],
+    health: &Health,
+    cancel: &CancellationToken,
+) -> Result<Option<Cluster>, AppError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Cluster, ClientError>>,
+{
+    let mut backoff = crate::etcd::retry::backoff(Duration::from_secs(30));
+    let heartbeat = || health.heartbeat_all();
     loop {
-        let error = match Cluster::connect(settings, all.tuning.request_timeout).await {
-            Ok(cluster) => return Ok(Some(cluster)),
-            Err(error) => error,
+        heartbeat();
+        let error = tokio::select! {
+            _ = cancel.cancelled() => return Ok(None),
+            connected = connect() => match connected {
+                Ok(cluster) => return Ok(Some(cluster)),
+                Err(error) => error,
+            },
         };
         if let ClientError::TlsFile { .. } = error {
             return Err(error.into());
         }
-        let kind = match (error.kind(), settings.side) {
+        let kind = match (error.kind(), side) {
             (FailureKind::Auth, _) => "auth",
             (_, Side::Source) => "source_unavailable",
             (_, Side::Destination) => "dest_unavailable",
@@ -194,9 +224,8 @@ async fn connect_with_retry(
         } else {
             warn!(%error, retry_in = ?delay, "Cannot connect; retrying.");
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(delay) => {}
+        if !crate::etcd::retry::sleep_alive(delay, &heartbeat, cancel).await {
+            return Ok(None);
         }
     }
 }
@@ -209,11 +238,7 @@ async fn request_reset_with_retry(
     instance: &str,
     cancel: &CancellationToken,
 ) -> bool {
-    let mut backoff = backon::ExponentialBuilder::default()
-        .with_jitter()
-        .with_max_delay(Duration::from_secs(30))
-        .without_max_times()
-        .build();
+    let mut backoff = crate::etcd::retry::backoff(Duration::from_secs(30));
     loop {
         match request_reset(dest, keys, instance).await {
             Ok(()) => {
@@ -227,9 +252,8 @@ async fn request_reset_with_retry(
             Err(error) => {
                 let delay = backoff.next().unwrap_or(Duration::from_secs(30));
                 warn!(%error, retry_in = ?delay, "Could not record the reset request; retrying.");
-                tokio::select! {
-                    _ = cancel.cancelled() => return false,
-                    _ = tokio::time::sleep(delay) => {}
+                if !crate::etcd::retry::sleep_alive(delay, &|| {}, cancel).await {
+                    return false;
                 }
             }
         }
@@ -261,5 +285,47 @@ async fn probe_readiness(
             }
             health.set_reachable(side, reachable);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// B3: a cluster unreachable at start (with auth, connecting is where it
+    /// fails) must not turn /healthz red: the loop heartbeats while it waits.
+    #[tokio::test(start_paused = true)]
+    async fn connect_retries_keep_liveness() {
+        let timeout = Duration::from_secs(10);
+        let health = Health::new(["a", "b"], timeout);
+        let metrics = crate::telemetry::metrics::Metrics::new();
+        let jobs = vec![metrics.job("a"), metrics.job("b")];
+        let cancel = CancellationToken::new();
+        let attempts = std::sync::atomic::AtomicUsize::new(0);
+        let unreachable = || {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Err::<Cluster, _>(ClientError::Timeout {
+                    side: Side::Destination,
+                    endpoints: "http://127.0.0.1:1".into(),
+                    operation: "connect",
+                    timeout: Duration::from_secs(5),
+                })
+            }
+        };
+        let watchdog = async {
+            for _ in 0..60 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                assert!(health.wedged_jobs().is_empty(), "liveness failed while connecting");
+            }
+            cancel.cancel();
+        };
+        let (connected, ()) = tokio::join!(
+            retry_connect(unreachable, Side::Destination, &jobs, &health, &cancel),
+            watchdog
+        );
+        assert!(matches!(connected, Ok(None)));
+        assert!(attempts.load(std::sync::atomic::Ordering::SeqCst) > 5);
     }
 }

@@ -46,10 +46,7 @@ impl AppError {
     pub fn exit_code(&self) -> i32 {
         match self {
             AppError::Config(_) | AppError::Bind(_) => 2,
-            AppError::Job {
-                source: JobError::Loop { .. },
-                ..
-            } => 2,
+            AppError::Job { source, .. } => i32::from(source.policy().exit_code),
             AppError::Client(error) if error.kind() == FailureKind::Rejected => 2,
             AppError::Admin(AdminError::NoJobs { .. } | AdminError::UnknownJob { .. }) => 2,
             _ => 1,

@@ -22,18 +22,6 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Capped, jittered exponential backoff without a retry limit, for loops
-/// that retry until cancelled (connecting, campaigning, replicating).
-pub fn retry_backoff(max_delay: Duration) -> impl Iterator<Item = Duration> {
-    use backon::BackoffBuilder;
-    backon::ExponentialBuilder::default()
-        .with_jitter()
-        .with_min_delay(Duration::from_millis(250))
-        .with_max_delay(max_delay)
-        .without_max_times()
-        .build()
-}
-
 /// What kind of failure an etcd error is; decides retries and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {

@@ -14,7 +14,7 @@ use crate::ha::election::{
 };
 use crate::telemetry::metrics::JobState;
 use crate::mirror::meta::Fence;
-use crate::mirror::{run_job, JobContext, JobError};
+use crate::mirror::{run_job, Action, JobContext, JobError};
 
 /// What every replica of this instance shares.
 pub struct Instance {
@@ -97,6 +97,12 @@ pub async fn run_replica(
         let mut rebalance_tick = tokio::time::interval(instance.rebalance_interval);
         rebalance_tick.reset();
         let mut stepping_down: Option<StepDown> = None;
+        // Held while this job steps down to rebalance; dropping it (on any
+        // path) lets another job of this instance rebalance later.
+        let mut ticket: Option<RebalanceTicket> = None;
+        // The count of queued instances, read off the select loop so the
+        // job is never starved while the destination answers.
+        let mut probe: Option<tokio::task::JoinHandle<Result<usize, ElectionError>>> = None;
         let result = loop {
             tokio::select! {
                 result = &mut job => break result,
@@ -106,14 +112,27 @@ pub async fn run_replica(
                     stepping_down = Some(StepDown::LeaseLost);
                     job_cancel.cancel();
                 }
-                _ = rebalance_tick.tick(), if stepping_down.is_none() => {
-                    if should_step_down(&template, &instance).await {
-                        stepping_down = Some(StepDown::Rebalance);
-                        job_cancel.cancel();
+                _ = rebalance_tick.tick(), if stepping_down.is_none() && probe.is_none() => {
+                    let (dest, keys) = (template.dest.clone(), template.keys.clone());
+                    probe = Some(tokio::spawn(async move { queued_instances(&dest, &keys).await }));
+                }
+                probed = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
+                    probe = None;
+                    if let Ok(Ok(instances)) = probed {
+                        if stepping_down.is_none() {
+                            ticket = RebalanceTicket::take(&instance, instances);
+                            if ticket.is_some() {
+                                stepping_down = Some(StepDown::Rebalance);
+                                job_cancel.cancel();
+                            }
+                        }
                     }
                 }
             }
         };
+        if let Some(probe) = probe {
+            probe.abort();
+        }
         job_cancel.cancel();
         instance.leading.fetch_sub(1, Ordering::SeqCst);
         metrics.is_leader.set(0);
@@ -138,13 +157,14 @@ pub async fn run_replica(
                 if let Err(error) = release(&template.dest, &leadership).await {
                     warn!(job = %name, %error, "Could not release the job lock; it goes with the lease.");
                 }
-                // Let a standby take the lock before queueing again.
+                // Let a standby take the lock before queueing again; only
+                // then may another job of this instance step down.
                 if !template.pause(instance.lock_ttl, &cancel).await {
                     return Ok(());
                 }
-                instance.rebalancing.store(false, Ordering::SeqCst);
+                drop(ticket);
             }
-            StepDown::Failed(error @ JobError::Fenced { .. }) => {
+            StepDown::Failed(error) if error.policy().action == Action::StepDown => {
                 warn!(job = %name, %error, "A write was fenced: another instance leads this job now; campaigning again.");
                 let _ = release(&template.dest, &leadership).await;
             }
@@ -187,27 +207,82 @@ async fn elect(
     }
 }
 
-/// True when this instance leads more than its share and no other job of
-/// it is already stepping down.
-async fn should_step_down(template: &JobContext, instance: &Instance) -> bool {
-    let Ok(instances) = queued_instances(&template.dest, &template.keys).await else {
-        return false;
-    };
-    let leading = instance.leading.load(Ordering::SeqCst);
-    leading > instance.fair_share(instances)
-        && instance
-            .rebalancing
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
+/// The right to step down for rebalancing: one job of an instance at a
+/// time. Released when dropped, whichever way the step-down ends.
+struct RebalanceTicket {
+    instance: Arc<Instance>,
+}
+
+impl RebalanceTicket {
+    /// A ticket when this instance leads more than its share of the
+    /// `instances` queued and no other job of it holds one.
+    fn take(instance: &Arc<Instance>, instances: usize) -> Option<Self> {
+        let leading = instance.leading.load(Ordering::SeqCst);
+        let over_share = leading > instance.fair_share(instances);
+        (over_share
+            && instance
+                .rebalancing
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok())
+        .then(|| Self {
+            instance: instance.clone(),
+        })
+    }
+}
+
+impl Drop for RebalanceTicket {
+    fn drop(&mut self) {
+        self.instance.rebalancing.store(false, Ordering::SeqCst);
+    }
 }
 
 fn retry_backoff() -> impl Iterator<Item = Duration> {
-    crate::etcd::client::retry_backoff(Duration::from_secs(30))
+    crate::etcd::retry::backoff(Duration::from_secs(30))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn instance(total_jobs: usize, leading: usize) -> Arc<Instance> {
+        let store = crate::etcd::memory::new_store(1);
+        let client = crate::etcd::memory::MemoryEtcd::new(store, crate::etcd::memory::Link::new("t", 1));
+        let dest = crate::etcd::Cluster::with_backend(
+            crate::model::Side::Destination,
+            "memory",
+            Arc::new(client),
+            Duration::from_secs(1),
+        );
+        Arc::new(Instance {
+            sessions: Arc::new(SessionManager::new(dest, Duration::from_secs(5))),
+            leading: AtomicUsize::new(leading),
+            rebalancing: AtomicBool::new(false),
+            total_jobs,
+            lock_ttl: Duration::from_secs(5),
+            rebalance_interval: Duration::from_secs(30),
+        })
+    }
+
+    /// B6: the rebalancing flag is released on every step-down path, not
+    /// only after a clean rebalance (a fenced write used to leave it set, so
+    /// the instance never rebalanced again).
+    #[test]
+    fn a_rebalance_ticket_is_released_however_the_step_down_ends() {
+        let instance = instance(4, 4);
+        let first = RebalanceTicket::take(&instance, 2).expect("over its share of 2");
+        assert!(
+            RebalanceTicket::take(&instance, 2).is_none(),
+            "one job at a time"
+        );
+        // The step-down ended with a fenced write: the ticket goes with it.
+        drop(first);
+        assert!(!instance.rebalancing.load(Ordering::SeqCst));
+        assert!(RebalanceTicket::take(&instance, 2).is_some());
+        // Within its share: no ticket, flag untouched.
+        let fair = self::instance(4, 2);
+        assert!(RebalanceTicket::take(&fair, 2).is_none());
+        assert!(!fair.rebalancing.load(Ordering::SeqCst));
+    }
 
     #[test]
     fn fair_share_rounds_up() {

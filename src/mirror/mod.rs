@@ -67,15 +67,7 @@ impl JobContext {
     /// # Cancel-Safety
     /// Cancel-safe: it only sleeps.
     pub async fn pause(&self, delay: Duration, cancel: &CancellationToken) -> bool {
-        let deadline = tokio::time::Instant::now() + delay;
-        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return false,
-                _ = tokio::time::sleep_until(deadline) => return true,
-                _ = heartbeat.tick() => self.heartbeat(),
-            }
-        }
+        crate::etcd::retry::sleep_alive(delay, &|| self.heartbeat(), cancel).await
     }
 
     /// The same job writing under `fence` (the lock this instance now holds).
@@ -141,57 +133,99 @@ impl From<crate::etcd::pager::PageError> for JobError {
     }
 }
 
+/// What to do about an error: the one decision every loop follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Transient: back off (capped, jittered) and resume from the checkpoint.
+    Retry,
+    /// An operator must act (credentials, quota, the prune guard, a bug):
+    /// keep retrying slowly, log at ERROR.
+    NeedsOperator,
+    /// The checkpoint's history is gone or a reset was asked for: full sync now.
+    Resync,
+    /// The job is promoted: write nothing, poll for `promote --undo`.
+    Promoted,
+    /// Another instance leads: stop writing, campaign again.
+    StepDown,
+    /// Cannot go on (configuration): stop the process with `exit_code`.
+    Exit,
+    /// Cancelled: stop quietly.
+    Stop,
+}
+
+/// How an error is handled, counted, logged and reported at exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub action: Action,
+    /// `etcd_syncer_errors_total{kind}`.
+    pub label: &'static str,
+    pub level: tracing::Level,
+    /// The process exit code if this error ends the process.
+    pub exit_code: u8,
+}
+
+impl Policy {
+    const fn new(action: Action, label: &'static str, level: tracing::Level) -> Self {
+        let exit_code = match action {
+            Action::Exit => 2,
+            _ => 1,
+        };
+        Self {
+            action,
+            label,
+            level,
+            exit_code,
+        }
+    }
+}
+
 impl JobError {
+    /// The one place that decides, per error, what happens next.
+    pub fn policy(&self) -> Policy {
+        use tracing::Level;
+        match self {
+            JobError::Client(error) => client_policy(error),
+            JobError::Compacted { .. } => Policy::new(Action::Resync, "compacted", Level::INFO),
+            JobError::Watch { source } => match crate::etcd::client::classify(source) {
+                FailureKind::Auth => Policy::new(Action::NeedsOperator, "auth", Level::ERROR),
+                FailureKind::Compacted => Policy::new(Action::Resync, "compacted", Level::INFO),
+                _ => Policy::new(Action::Retry, "source_unavailable", Level::WARN),
+            },
+            JobError::WatchClosed | JobError::WatchCanceled { .. } => {
+                Policy::new(Action::Retry, "source_unavailable", Level::WARN)
+            }
+            JobError::WatchStalled { .. } => {
+                Policy::new(Action::Retry, "watch_stalled", Level::WARN)
+            }
+            JobError::Fenced { .. } => Policy::new(Action::StepDown, "fenced", Level::WARN),
+            JobError::Promoted => Policy::new(Action::Promoted, "promoted", Level::WARN),
+            JobError::GuardMoved { .. } => {
+                Policy::new(Action::Retry, "checkpoint_moved", Level::WARN)
+            }
+            JobError::PruneGuard { .. } => {
+                Policy::new(Action::NeedsOperator, "prune_guard", Level::ERROR)
+            }
+            JobError::Loop { .. } => Policy::new(Action::Exit, "loop", Level::ERROR),
+            JobError::ResetRequested => Policy::new(Action::Resync, "reset", Level::INFO),
+            JobError::Cancelled => Policy::new(Action::Stop, "cancelled", Level::DEBUG),
+            JobError::Internal(_) => Policy::new(Action::NeedsOperator, "internal", Level::ERROR),
+        }
+    }
+
     /// Low-cardinality label for `etcd_syncer_errors_total{kind}`.
     pub fn kind(&self) -> &'static str {
-        match self {
-            JobError::Client(error) => client_error_kind(error),
-            JobError::Compacted { .. } => "compacted",
-            JobError::Watch { source } => match crate::etcd::client::classify(source) {
-                FailureKind::Auth => "auth",
-                _ => "source_unavailable",
-            },
-            JobError::WatchClosed | JobError::WatchCanceled { .. } => "source_unavailable",
-            JobError::WatchStalled { .. } => "watch_stalled",
-            JobError::Fenced { .. } => "fenced",
-            JobError::Promoted => "promoted",
-            JobError::GuardMoved { .. } => "checkpoint_moved",
-            JobError::PruneGuard { .. } => "prune_guard",
-            JobError::Loop { .. } => "loop",
-            JobError::ResetRequested => "reset",
-            JobError::Cancelled => "cancelled",
-            JobError::Internal(_) => "internal",
-        }
+        self.policy().label
     }
+}
 
-    /// Errors the job loop retries. A fenced write is not: the replica
-    /// steps down and campaigns again; a loop needs an operator.
-    pub fn is_retryable(&self) -> bool {
-        !matches!(
-            self,
-            JobError::Loop { .. } | JobError::Cancelled | JobError::Fenced { .. }
-        )
-    }
-
-    /// Whether this error means the checkpoint's history is gone.
-    fn is_compaction(&self) -> bool {
-        match self {
-            JobError::Compacted { .. } => true,
-            JobError::Client(error) => error.kind() == FailureKind::Compacted,
-            _ => false,
-        }
-    }
-
-    /// ERROR means data at risk or an operator must act; the rest is WARN.
-    fn needs_operator(&self) -> bool {
-        match self {
-            JobError::PruneGuard { .. } | JobError::Loop { .. } | JobError::Internal(_) => true,
-            JobError::Client(error) => matches!(
-                error.kind(),
-                FailureKind::Auth | FailureKind::Rejected | FailureKind::QuotaExceeded
-            ),
-            JobError::Watch { source } => crate::etcd::client::classify(source) == FailureKind::Auth,
-            _ => false,
+fn client_policy(error: &ClientError) -> Policy {
+    use tracing::Level;
+    let label = client_error_kind(error);
+    match error.kind() {
+        FailureKind::Unavailable => Policy::new(Action::Retry, label, Level::WARN),
+        FailureKind::Compacted => Policy::new(Action::Resync, label, Level::INFO),
+        FailureKind::Auth | FailureKind::QuotaExceeded | FailureKind::Rejected => {
+            Policy::new(Action::NeedsOperator, label, Level::ERROR)
         }
     }
 }
@@ -299,13 +333,16 @@ pub fn decide(meta: &JobMeta, source: ClusterHead, forced: Option<SlowPathReason
 /// of the link coming back, while a dead cluster still sees only a few
 /// requests a minute from each job.
 fn job_backoff() -> impl Iterator<Item = Duration> {
-    crate::etcd::client::retry_backoff(Duration::from_secs(10))
+    crate::etcd::retry::backoff(Duration::from_secs(10))
 }
 
 /// An attempt that ran this long before failing made progress: start the
 /// backoff again from its minimum.
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 const PROMOTED_POLL: Duration = Duration::from_secs(10);
+/// A job the mass-delete guard stopped waits for an operator; it looks for
+/// a reset request or a new leader this often, without scanning anything.
+pub const PRUNE_GUARD_POLL: Duration = Duration::from_secs(60);
 
 /// Runs one job until cancelled, retrying every transient fault with capped,
 /// jittered backoff and resuming from the checkpoint each time.
@@ -323,29 +360,33 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
         }
         let attempt_started = Instant::now();
         let error = match run_once(&ctx, forced.take(), &cancel).await {
-            Ok(()) | Err(JobError::Cancelled) => return Ok(()),
+            Ok(()) => return Ok(()),
             Err(error) => error,
         };
         ctx.heartbeat();
-        if matches!(error, JobError::ResetRequested) {
-            info!(job = %ctx.job.name, "Reset requested while replicating; taking the slow path.");
-            continue;
-        }
-        ctx.metrics.error(error.kind());
+        let policy = error.policy();
         if attempt_started.elapsed() >= BACKOFF_RESET_AFTER {
             backoff = job_backoff();
         }
-        if error.is_compaction() {
-            info!(job = %ctx.job.name, %error, "Source history is compacted past the checkpoint; starting a full sync.");
-            forced = Some(SlowPathReason::Compacted);
-            continue;
-        }
-        if !error.is_retryable() {
-            ctx.metrics.set_state(JobState::Error);
-            return Err(error);
-        }
-        let delay = match &error {
-            JobError::Promoted => {
+        let delay = match policy.action {
+            Action::Stop => return Ok(()),
+            Action::StepDown | Action::Exit => {
+                ctx.metrics.error(policy.label);
+                ctx.metrics.set_state(JobState::Error);
+                return Err(error);
+            }
+            Action::Resync => {
+                if let JobError::ResetRequested = error {
+                    info!(job = %ctx.job.name, "Reset requested while replicating; taking the slow path.");
+                } else {
+                    ctx.metrics.error(policy.label);
+                    info!(job = %ctx.job.name, %error, "Source history is compacted past the checkpoint; starting a full sync.");
+                    forced = Some(SlowPathReason::Compacted);
+                }
+                continue;
+            }
+            Action::Promoted => {
+                ctx.metrics.error(policy.label);
                 ctx.metrics.set_state(JobState::Promoted);
                 if !promoted_logged {
                     warn!(job = %ctx.job.name, "Job is promoted; replication is stopped until the marker is removed with `promote --undo`.");
@@ -353,15 +394,17 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
                 }
                 PROMOTED_POLL
             }
-            _ => {
+            Action::Retry | Action::NeedsOperator => {
+                ctx.metrics.error(policy.label);
                 promoted_logged = false;
-                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                if matches!(error, JobError::PruneGuard { .. }) {
+                let delay = if matches!(error, JobError::PruneGuard { .. }) {
                     ctx.metrics.set_state(JobState::PruneGuard);
+                    PRUNE_GUARD_POLL
                 } else {
                     ctx.metrics.set_state(JobState::Error);
-                }
-                if error.needs_operator() {
+                    backoff.next().unwrap_or(Duration::from_secs(30))
+                };
+                if policy.level == tracing::Level::ERROR {
                     error!(job = %ctx.job.name, %error, retry_in = ?delay, "Replication failed; operator action needed.");
                 } else {
                     warn!(job = %ctx.job.name, %error, retry_in = ?delay, "Replication interrupted; retrying from the checkpoint.");

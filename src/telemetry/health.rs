@@ -40,6 +40,16 @@ impl Health {
         }
     }
 
+    /// Every job at once: for loops that run before any job does (connecting).
+    pub fn heartbeat_all(&self) {
+        if let Ok(mut heartbeats) = self.heartbeats.lock() {
+            let now = Instant::now();
+            for seen in heartbeats.values_mut() {
+                *seen = now;
+            }
+        }
+    }
+
     pub fn set_reachable(&self, side: Side, reachable: bool) {
         match side {
             Side::Source => self.source_reachable.store(reachable, Ordering::Relaxed),
