@@ -801,6 +801,7 @@ impl Etcd for MemoryEtcd {
                 client: self.clone(),
                 id,
                 rx,
+                held: None,
                 epoch,
                 broken: self.link.epoch.subscribe(),
             };
@@ -846,6 +847,9 @@ struct MemoryWatch {
     client: MemoryEtcd,
     id: u64,
     rx: mpsc::UnboundedReceiver<WatchResponse>,
+    /// Taken off the channel but held by a frozen link: kept here so that
+    /// dropping `message()` mid-wait loses nothing (cancel safety).
+    held: Option<Option<WatchResponse>>,
     epoch: u64,
     broken: watch::Receiver<u64>,
 }
@@ -870,20 +874,29 @@ impl WatchStream for MemoryWatch {
                 if self.is_broken() {
                     return Err(unavailable());
                 }
+                if self.held.is_some() {
+                    // Held while the link is frozen, like bytes in a proxy.
+                    tokio::select! {
+                        changed = self.broken.changed() => {
+                            if changed.is_err() {
+                                return Err(unavailable());
+                            }
+                            continue;
+                        }
+                        () = self.client.link.pass() => {}
+                    }
+                    if self.is_broken() {
+                        return Err(unavailable());
+                    }
+                    return Ok(self.held.take().expect("checked"));
+                }
                 tokio::select! {
                     changed = self.broken.changed() => {
                         if changed.is_err() {
                             return Err(unavailable());
                         }
                     }
-                    message = self.rx.recv() => {
-                        // Held while the link is frozen, like bytes in a proxy.
-                        self.client.link.pass().await;
-                        if self.is_broken() {
-                            return Err(unavailable());
-                        }
-                        return Ok(message);
-                    }
+                    message = self.rx.recv() => self.held = Some(message),
                 }
             }
         }

@@ -103,6 +103,7 @@ pub fn spawn_pager(
                 .map(|kv| Entry {
                     suffix: kv.key[prefix.len()..].to_vec(),
                     value: kv.value,
+                    create_revision: kv.create_revision,
                 })
                 .collect();
             if pages.send(Ok(Some(entries))).await.is_err() {

@@ -41,8 +41,16 @@ struct Counts {
     deleted: u64,
     would_delete: u64,
     unchanged: u64,
-    /// Pass two may delete at most this many (what the guard approved).
+    /// Of `would_delete`, the keys that predate this full sync.
+    would_delete_guarded: u64,
+    /// Destination keys that predate this full sync and are still there.
+    guarded_present: u64,
+    /// Pass two may delete at most this many keys that predate the full
+    /// sync (what the guard approved).
     delete_budget: u64,
+    /// Destination keys created at or before this revision predate the full sync.
+    baseline_revision: i64,
+    guarded_deleted: u64,
 }
 
 pub async fn run(
@@ -81,13 +89,16 @@ pub async fn run(
         instance: ctx.instance_id.clone(),
         reason: reason.to_string(),
         baseline_dest_keys: inherited.as_ref().and_then(|m| m.baseline_dest_keys),
-        prune_reserved: inherited.as_ref().map_or(0, |m| m.prune_reserved),
+        baseline_revision: inherited.as_ref().and_then(|m| m.baseline_revision),
         prune_blocked: None,
     };
     let mut marker_guard = begin(ctx, meta, &mut marker).await?;
     info!(job = %ctx.job.name, pinned_revision = pinned_rev, %reason, baseline_dest_keys = marker.baseline_dest_keys, "Full sync started.");
 
-    let mut counts = Counts::default();
+    let mut counts = Counts {
+        baseline_revision: marker.baseline_revision.unwrap_or(i64::MAX),
+        ..Counts::default()
+    };
     merge_pass(
         ctx,
         pinned_rev,
@@ -100,10 +111,15 @@ pub async fn run(
 
     if counts.would_delete > 0 {
         let baseline = marker.baseline_dest_keys.unwrap_or(counts.dest_keys);
-        let allowance = prune_allowance(baseline, ctx.max_prune_ratio, marker.prune_reserved);
-        if counts.would_delete > allowance {
+        // Keys of the baseline that are gone were deleted by earlier attempts.
+        let already_deleted = baseline.saturating_sub(counts.guarded_present);
+        let allowance = prune_allowance(baseline, ctx.max_prune_ratio, already_deleted);
+        // Only keys the destination held before this full sync count: the
+        // ones an earlier attempt put (the source has since dropped them)
+        // were never the destination's own data.
+        if counts.would_delete_guarded > allowance {
             marker.prune_blocked = Some(PruneBlock {
-                would_delete: counts.would_delete,
+                would_delete: counts.would_delete_guarded,
                 baseline_dest_keys: baseline,
                 max_prune_ratio: ctx.max_prune_ratio,
                 at: now_rfc3339(),
@@ -111,16 +127,14 @@ pub async fn run(
             update_marker(ctx, &mut marker_guard, &marker).await?;
             ctx.metrics.full_sync_in_progress.set(0);
             return Err(JobError::PruneGuard {
-                would_delete: counts.would_delete,
+                would_delete: counts.would_delete_guarded,
                 dest_keys: baseline,
                 max_prune_ratio: ctx.max_prune_ratio,
             });
         }
-        // Reserve before deleting: a crash mid-way leaves the budget spent.
-        marker.prune_reserved += counts.would_delete;
-        update_marker(ctx, &mut marker_guard, &marker).await?;
         let mut delete_counts = Counts {
-            delete_budget: counts.would_delete,
+            delete_budget: counts.would_delete_guarded,
+            baseline_revision: counts.baseline_revision,
             ..Counts::default()
         };
         merge_pass(
@@ -190,6 +204,7 @@ async fn begin(
         let in_prefix = counts.first().copied().unwrap_or(0);
         let meta_keys = if meta_inside { counts.get(1).copied().unwrap_or(0) } else { 0 };
         marker.baseline_dest_keys = Some((in_prefix - meta_keys).max(0) as u64);
+        marker.baseline_revision = Some(response.header.revision);
         update_marker(ctx, &mut guard, marker).await?;
     }
     Ok(guard)
@@ -331,6 +346,10 @@ async fn merge_pass(
                 match next_page(&mut dest_pages, cancel).await? {
                     Some(page) => {
                         counts.dest_keys += page.len() as u64;
+                        counts.guarded_present += page
+                            .iter()
+                            .filter(|e| e.create_revision <= counts.baseline_revision)
+                            .count() as u64;
                         merge.push_dest(page);
                     }
                     None => merge.dest_exhausted(),
@@ -355,21 +374,29 @@ async fn merge_pass(
                     value,
                 })
             }
-            Step::Differ(Difference::ExtraAtDest { suffix }) => match pass {
+            Step::Differ(Difference::ExtraAtDest {
+                suffix,
+                create_revision,
+            }) => match pass {
                 Pass::PutsOnly => {
                     counts.would_delete += 1;
+                    if create_revision <= counts.baseline_revision {
+                        counts.would_delete_guarded += 1;
+                    }
                     None
                 }
                 Pass::All => {
-                    if counts.deleted >= counts.delete_budget {
+                    let guarded = create_revision <= counts.baseline_revision;
+                    if guarded && counts.guarded_deleted >= counts.delete_budget {
                         // The destination gained keys since pass one counted:
                         // never delete more than the guard approved.
                         return Err(JobError::PruneGuard {
-                            would_delete: counts.deleted + 1,
+                            would_delete: counts.guarded_deleted + 1,
                             dest_keys: counts.dest_keys,
                             max_prune_ratio: ctx.max_prune_ratio,
                         });
                     }
+                    counts.guarded_deleted += u64::from(guarded);
                     counts.deleted += 1;
                     ctx.metrics.full_sync_delete.inc();
                     Some(Mutation::Delete {

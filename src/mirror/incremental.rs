@@ -74,6 +74,8 @@ pub async fn run(
     let _stop_phase = phase.clone().drop_guard();
     let mut markers = spawn_marker_watch(ctx.clone(), phase.clone());
     let mut checks = crate::mirror::periodic_check::spawn(ctx.clone(), phase.clone());
+    // Closed when periodic checks are off: then that arm must not spin.
+    let mut checks_open = true;
     let mut repair_read: Option<JoinHandle<Result<Option<RepairRead>, JobError>>> = None;
     // Keys the watch changed since the pending repair read's revision.
     let mut touched_since_read: Option<HashSet<Vec<u8>>> = None;
@@ -153,7 +155,10 @@ pub async fn run(
                 handle_response(ctx, response, &mut assembling, &mut coalescer, &mut idle, &mut lag, &pipeline, &mut touched_since_read)?;
             }
             _ = tokio::time::sleep_until(send_at.unwrap_or_else(Instant::now)), if send_at.is_some() => {}
-            report = checks.recv() => {
+            report = checks.recv(), if checks_open => {
+                if report.is_none() {
+                    checks_open = false;
+                }
                 if let Some(report) = report {
                     if repair_read.is_none() {
                         touched_since_read = Some(HashSet::new());

@@ -600,7 +600,7 @@ mod tests {
             instance: "i".into(),
             reason: "test".into(),
             baseline_dest_keys: None,
-            prune_reserved: 0,
+            baseline_revision: None,
             prune_blocked: None,
         };
         interrupted.full_sync_raw = Some(marker.encode());

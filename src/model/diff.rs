@@ -12,6 +12,9 @@ use std::collections::VecDeque;
 pub struct Entry {
     pub suffix: Vec<u8>,
     pub value: Vec<u8>,
+    /// The key's create revision on its cluster (0 when unknown). The full
+    /// sync's mass-delete guard tells keys that predate it from keys it wrote.
+    pub create_revision: i64,
 }
 
 /// What the merge found at one key.
@@ -20,7 +23,7 @@ pub enum Difference {
     /// At the source, not at the destination ("dst miss").
     MissingAtDest { suffix: Vec<u8>, value: Vec<u8> },
     /// At the destination only ("src miss").
-    ExtraAtDest { suffix: Vec<u8> },
+    ExtraAtDest { suffix: Vec<u8>, create_revision: i64 },
     /// On both sides with different values; `value` is the source's.
     ValueDiffers { suffix: Vec<u8>, value: Vec<u8> },
 }
@@ -29,7 +32,7 @@ impl Difference {
     pub fn suffix(&self) -> &[u8] {
         match self {
             Difference::MissingAtDest { suffix, .. }
-            | Difference::ExtraAtDest { suffix }
+            | Difference::ExtraAtDest { suffix, .. }
             | Difference::ValueDiffers { suffix, .. } => suffix,
         }
     }
@@ -82,21 +85,35 @@ impl SortedMerge {
             (_, None) if !self.dest_done => Step::NeedDest,
             (None, None) => Step::Done,
             (Some(_), None) => {
-                let Entry { suffix, value } = self.source.pop_front().expect("front checked");
+                let Entry { suffix, value, .. } = self.source.pop_front().expect("front checked");
                 Step::Differ(Difference::MissingAtDest { suffix, value })
             }
             (None, Some(_)) => {
-                let Entry { suffix, .. } = self.dest.pop_front().expect("front checked");
-                Step::Differ(Difference::ExtraAtDest { suffix })
+                let Entry {
+                    suffix,
+                    create_revision,
+                    ..
+                } = self.dest.pop_front().expect("front checked");
+                Step::Differ(Difference::ExtraAtDest {
+                    suffix,
+                    create_revision,
+                })
             }
             (Some(source), Some(dest)) => match source.suffix.cmp(&dest.suffix) {
                 std::cmp::Ordering::Less => {
-                    let Entry { suffix, value } = self.source.pop_front().expect("front checked");
+                    let Entry { suffix, value, .. } = self.source.pop_front().expect("front checked");
                     Step::Differ(Difference::MissingAtDest { suffix, value })
                 }
                 std::cmp::Ordering::Greater => {
-                    let Entry { suffix, .. } = self.dest.pop_front().expect("front checked");
-                    Step::Differ(Difference::ExtraAtDest { suffix })
+                    let Entry {
+                        suffix,
+                        create_revision,
+                        ..
+                    } = self.dest.pop_front().expect("front checked");
+                    Step::Differ(Difference::ExtraAtDest {
+                        suffix,
+                        create_revision,
+                    })
                 }
                 std::cmp::Ordering::Equal => {
                     let source = self.source.pop_front().expect("front checked");
@@ -127,6 +144,7 @@ mod tests {
             .map(|(k, v)| Entry {
                 suffix: k.clone(),
                 value: v.clone(),
+                create_revision: 0,
             })
             .collect();
         entries.chunks(page.max(1)).map(|c| c.to_vec()).collect()
@@ -177,7 +195,7 @@ mod tests {
                     Difference::MissingAtDest { suffix, value } | Difference::ValueDiffers { suffix, value } => {
                         patched.insert(suffix.clone(), value.clone());
                     }
-                    Difference::ExtraAtDest { suffix } => { patched.remove(suffix); }
+                    Difference::ExtraAtDest { suffix, .. } => { patched.remove(suffix); }
                 }
             }
             prop_assert_eq!(&patched, &source);

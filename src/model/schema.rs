@@ -45,10 +45,11 @@ impl Checkpoint {
 /// sync's writes, and its presence at start means one was interrupted.
 ///
 /// It also carries the mass-delete guard across attempts: the destination's
-/// key count before the first attempt wrote anything, the deletions already
-/// approved, and a decision to block. A retry, a restart or another leader
-/// inherits all three, so puts made by an earlier attempt can never dilute
-/// the ratio.
+/// key count and revision before the first attempt wrote anything, and a
+/// decision to block. A retry, a restart or another leader inherits both,
+/// so puts made by an earlier attempt can never dilute the ratio, and the
+/// deletions earlier attempts made are read off the destination itself (keys
+/// created at or before the baseline revision that are gone).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FullSyncMarker {
     pub id: u64,
@@ -61,9 +62,10 @@ pub struct FullSyncMarker {
     /// `None` only until that count is recorded, before any data write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline_dest_keys: Option<u64>,
-    /// Deletions approved so far under this baseline, by any attempt.
-    #[serde(default)]
-    pub prune_reserved: u64,
+    /// The destination revision of that count: keys created after it were
+    /// written by this full sync (or appeared during it) and are not guarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_revision: Option<i64>,
     /// Set when the guard refused: later attempts wait for an operator
     /// (a higher `--max-prune-ratio`, or a `reset`) instead of re-scanning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,13 +81,13 @@ pub struct PruneBlock {
     pub at: String,
 }
 
-/// How many deletions a full sync may still make: the ratio applies to
-/// the destination as it was before the first attempt, minus what earlier
-/// attempts were already allowed to delete.
-pub fn prune_allowance(baseline_dest_keys: u64, max_prune_ratio: f64, reserved: u64) -> u64 {
+/// How many of the keys the destination held before the full sync it may
+/// still delete: the ratio applies to the destination as it was before the
+/// first attempt, minus what earlier attempts already deleted.
+pub fn prune_allowance(baseline_dest_keys: u64, max_prune_ratio: f64, already_deleted: u64) -> u64 {
     let ratio = max_prune_ratio.clamp(0.0, 1.0);
     let allowed = (ratio * baseline_dest_keys as f64).floor() as u64;
-    allowed.saturating_sub(reserved)
+    allowed.saturating_sub(already_deleted)
 }
 
 impl FullSyncMarker {
@@ -182,18 +184,20 @@ mod tests {
     }
 
     proptest! {
-        /// However a budget is split across attempts, the total never exceeds
-        /// the ratio of the baseline.
+        /// However the deletions are split across attempts (each one asks
+        /// for what it finds, crashes and retries included), the total never
+        /// exceeds the ratio of the baseline.
         #[test]
-        fn reservations_never_exceed_the_ratio(baseline in 0u64..10_000, ratio in 0.0f64..=1.0,
-                                               asks in proptest::collection::vec(0u64..5_000, 0..8)) {
-            let mut reserved = 0u64;
-            for ask in asks {
-                if ask <= prune_allowance(baseline, ratio, reserved) {
-                    reserved += ask;
+        fn deletions_across_attempts_never_exceed_the_ratio(baseline in 0u64..10_000, ratio in 0.0f64..=1.0,
+                                                            asks in proptest::collection::vec((0u64..5_000, 0.0f64..=1.0), 0..8)) {
+            let mut deleted = 0u64;
+            for (ask, done) in asks {
+                if ask <= prune_allowance(baseline, ratio, deleted) {
+                    // An attempt may crash part-way: only some deletions land.
+                    deleted += (ask as f64 * done).floor() as u64;
                 }
             }
-            prop_assert!(reserved as f64 <= ratio * baseline as f64);
+            prop_assert!(deleted as f64 <= ratio * baseline as f64);
         }
     }
 
@@ -202,7 +206,6 @@ mod tests {
         let old = br#"{"id":1,"pinned_rev":5,"source_cluster_id":2,"started_at":"t","instance":"i","reason":"r"}"#;
         let marker: FullSyncMarker = serde_json::from_slice(old).unwrap();
         assert_eq!(marker.baseline_dest_keys, None);
-        assert_eq!(marker.prune_reserved, 0);
         assert!(marker.prune_blocked.is_none());
     }
 }
