@@ -24,6 +24,12 @@ struct LinkState {
     /// Bytes per second in each direction; 0 is unlimited.
     bandwidth: AtomicU64,
     mode: AtomicU8,
+    /// Bytes read from one side and not yet written to the other, per
+    /// direction: what a hold is sitting on.
+    pending_to_server: AtomicU64,
+    pending_to_client: AtomicU64,
+    /// Bytes written to the upstream server since the proxy started.
+    forwarded_to_server: AtomicU64,
     /// Connection tasks, aborted on reset.
     connections: Mutex<JoinSet<()>>,
 }
@@ -62,8 +68,13 @@ impl LinkProxy {
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
                     tokio::join!(
-                        pump(client_read, server_write, state.clone()),
-                        pump(server_read, client_write, state)
+                        pump(
+                            client_read,
+                            server_write,
+                            state.clone(),
+                            Direction::ToServer
+                        ),
+                        pump(server_read, client_write, state, Direction::ToClient)
                     );
                 });
             }
@@ -119,6 +130,23 @@ impl LinkProxy {
     pub fn restore(&self) {
         self.state.mode.store(PASS, Ordering::SeqCst);
     }
+
+    /// Bytes the clients sent that the server has not been given yet (held
+    /// or delayed): a request is known to be parked in the proxy once this
+    /// covers its size.
+    pub fn pending_to_server(&self) -> u64 {
+        self.state.pending_to_server.load(Ordering::SeqCst)
+    }
+
+    /// Bytes the server sent that the clients have not been given yet.
+    pub fn pending_to_client(&self) -> u64 {
+        self.state.pending_to_client.load(Ordering::SeqCst)
+    }
+
+    /// Bytes handed to the upstream server so far.
+    pub fn forwarded_to_server(&self) -> u64 {
+        self.state.forwarded_to_server.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for LinkProxy {
@@ -135,18 +163,38 @@ impl Drop for LinkProxy {
 /// Copies one direction. The reader stamps each chunk with its arrival time;
 /// the writer releases it `delay` later, so latency is added without capping
 /// throughput, and order is kept.
+#[derive(Clone, Copy)]
+enum Direction {
+    ToServer,
+    ToClient,
+}
+
+impl LinkState {
+    fn pending(&self, direction: Direction) -> &AtomicU64 {
+        match direction {
+            Direction::ToServer => &self.pending_to_server,
+            Direction::ToClient => &self.pending_to_client,
+        }
+    }
+}
+
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     state: Arc<LinkState>,
+    direction: Direction,
 ) {
     let (chunks, mut pending) = mpsc::channel::<(Instant, Vec<u8>)>(1024);
+    let reader_state = state.clone();
     let reader = async move {
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
             match from.read(&mut buffer).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
+                    reader_state
+                        .pending(direction)
+                        .fetch_add(n as u64, Ordering::SeqCst);
                     if chunks
                         .send((Instant::now(), buffer[..n].to_vec()))
                         .await
@@ -165,8 +213,17 @@ async fn pump(
             }
             let delay = Duration::from_micros(state.delay_micros.load(Ordering::SeqCst));
             tokio::time::sleep_until(arrived + delay).await;
-            if to.write_all(&chunk).await.is_err() {
+            let written = to.write_all(&chunk).await;
+            state
+                .pending(direction)
+                .fetch_sub(chunk.len() as u64, Ordering::SeqCst);
+            if written.is_err() {
                 return;
+            }
+            if let Direction::ToServer = direction {
+                state
+                    .forwarded_to_server
+                    .fetch_add(chunk.len() as u64, Ordering::SeqCst);
             }
             let bandwidth = state.bandwidth.load(Ordering::SeqCst);
             if bandwidth > 0 {
