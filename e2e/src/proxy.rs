@@ -30,6 +30,9 @@ struct LinkState {
     pending_to_client: AtomicU64,
     /// Bytes written to the upstream server since the proxy started.
     forwarded_to_server: AtomicU64,
+    /// When non-zero: switch to HOLD before forwarding a byte beyond this
+    /// many towards the server (see [`LinkProxy::hold_after_forwarding`]).
+    hold_after: AtomicU64,
     /// Connection tasks, aborted on reset.
     connections: Mutex<JoinSet<()>>,
 }
@@ -127,8 +130,24 @@ impl LinkProxy {
             .abort_all();
     }
 
+    /// Passes bytes again (also disarms [`Self::hold_after_forwarding`]).
     pub fn restore(&self) {
+        self.state.hold_after.store(0, Ordering::SeqCst);
         self.state.mode.store(PASS, Ordering::SeqCst);
+    }
+
+    /// Freezes the link by itself once `bytes` in total have reached the
+    /// server: no chunk that would go past that mark is forwarded. A test
+    /// can so stop a process at a point of its work fixed by volume (e.g.
+    /// a quarter into a full sync) instead of racing it with a timer.
+    pub fn hold_after_forwarding(&self, bytes: u64) {
+        self.state.hold_after.store(bytes.max(1), Ordering::SeqCst);
+    }
+
+    /// True while bytes are held ([`Self::hold`], or the mark of
+    /// [`Self::hold_after_forwarding`] was reached).
+    pub fn is_holding(&self) -> bool {
+        self.state.mode.load(Ordering::SeqCst) == HOLD
     }
 
     /// Bytes the clients sent that the server has not been given yet (held
@@ -208,6 +227,15 @@ async fn pump(
     };
     let writer = async move {
         while let Some((arrived, chunk)) = pending.recv().await {
+            if let Direction::ToServer = direction {
+                let mark = state.hold_after.load(Ordering::SeqCst);
+                if mark > 0
+                    && state.forwarded_to_server.load(Ordering::SeqCst) + chunk.len() as u64 > mark
+                {
+                    state.hold_after.store(0, Ordering::SeqCst);
+                    state.mode.store(HOLD, Ordering::SeqCst);
+                }
+            }
             while state.mode.load(Ordering::SeqCst) == HOLD {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
