@@ -152,7 +152,8 @@ impl LinkProxy {
 
     /// Bytes the clients sent that the server has not been given yet (held
     /// or delayed): a request is known to be parked in the proxy once this
-    /// covers its size.
+    /// covers its size. Bytes dropped by [`Self::reset`] stay counted, so
+    /// read it with holds, not across resets.
     pub fn pending_to_server(&self) -> u64 {
         self.state.pending_to_server.load(Ordering::SeqCst)
     }
