@@ -285,6 +285,31 @@ impl EtcdCluster {
         self.connect_to(&endpoints).await
     }
 
+    /// The first member's own Prometheus metrics (plain-http clusters only),
+    /// e.g. `grpc_server_handled_total{grpc_method="Txn"}` to know that a
+    /// request released from a proxy has been answered.
+    pub async fn server_metrics(&self) -> Result<String> {
+        if self.options.tls.is_some() {
+            bail!("server_metrics reads plain http only");
+        }
+        let url = format!("http://127.0.0.1:{}/metrics", self.members[0].client_port);
+        let response = reqwest::Client::new()
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?;
+        Ok(response.error_for_status()?.text().await?)
+    }
+
+    /// How many Txn requests the first member has answered, whatever the code.
+    pub async fn txns_handled(&self) -> Result<f64> {
+        Ok(crate::metric_value(
+            &self.server_metrics().await?,
+            "grpc_server_handled_total",
+            &[("grpc_method", "Txn")],
+        ))
+    }
+
     pub async fn revision(&self) -> Result<i64> {
         let mut client = self.client().await?;
         let response = client

@@ -24,6 +24,15 @@ struct LinkState {
     /// Bytes per second in each direction; 0 is unlimited.
     bandwidth: AtomicU64,
     mode: AtomicU8,
+    /// Bytes read from one side and not yet written to the other, per
+    /// direction: what a hold is sitting on.
+    pending_to_server: AtomicU64,
+    pending_to_client: AtomicU64,
+    /// Bytes written to the upstream server since the proxy started.
+    forwarded_to_server: AtomicU64,
+    /// When non-zero: switch to HOLD before forwarding a byte beyond this
+    /// many towards the server (see [`LinkProxy::hold_after_forwarding`]).
+    hold_after: AtomicU64,
     /// Connection tasks, aborted on reset.
     connections: Mutex<JoinSet<()>>,
 }
@@ -62,8 +71,13 @@ impl LinkProxy {
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
                     tokio::join!(
-                        pump(client_read, server_write, state.clone()),
-                        pump(server_read, client_write, state)
+                        pump(
+                            client_read,
+                            server_write,
+                            state.clone(),
+                            Direction::ToServer
+                        ),
+                        pump(server_read, client_write, state, Direction::ToClient)
                     );
                 });
             }
@@ -116,8 +130,42 @@ impl LinkProxy {
             .abort_all();
     }
 
+    /// Passes bytes again (also disarms [`Self::hold_after_forwarding`]).
     pub fn restore(&self) {
+        self.state.hold_after.store(0, Ordering::SeqCst);
         self.state.mode.store(PASS, Ordering::SeqCst);
+    }
+
+    /// Freezes the link by itself once `bytes` in total have reached the
+    /// server: no chunk that would go past that mark is forwarded. A test
+    /// can so stop a process at a point of its work fixed by volume (e.g.
+    /// a quarter into a full sync) instead of racing it with a timer.
+    pub fn hold_after_forwarding(&self, bytes: u64) {
+        self.state.hold_after.store(bytes.max(1), Ordering::SeqCst);
+    }
+
+    /// True while bytes are held ([`Self::hold`], or the mark of
+    /// [`Self::hold_after_forwarding`] was reached).
+    pub fn is_holding(&self) -> bool {
+        self.state.mode.load(Ordering::SeqCst) == HOLD
+    }
+
+    /// Bytes the clients sent that the server has not been given yet (held
+    /// or delayed): a request is known to be parked in the proxy once this
+    /// covers its size. Bytes dropped by [`Self::reset`] stay counted, so
+    /// read it with holds, not across resets.
+    pub fn pending_to_server(&self) -> u64 {
+        self.state.pending_to_server.load(Ordering::SeqCst)
+    }
+
+    /// Bytes the server sent that the clients have not been given yet.
+    pub fn pending_to_client(&self) -> u64 {
+        self.state.pending_to_client.load(Ordering::SeqCst)
+    }
+
+    /// Bytes handed to the upstream server so far.
+    pub fn forwarded_to_server(&self) -> u64 {
+        self.state.forwarded_to_server.load(Ordering::SeqCst)
     }
 }
 
@@ -135,18 +183,38 @@ impl Drop for LinkProxy {
 /// Copies one direction. The reader stamps each chunk with its arrival time;
 /// the writer releases it `delay` later, so latency is added without capping
 /// throughput, and order is kept.
+#[derive(Clone, Copy)]
+enum Direction {
+    ToServer,
+    ToClient,
+}
+
+impl LinkState {
+    fn pending(&self, direction: Direction) -> &AtomicU64 {
+        match direction {
+            Direction::ToServer => &self.pending_to_server,
+            Direction::ToClient => &self.pending_to_client,
+        }
+    }
+}
+
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     state: Arc<LinkState>,
+    direction: Direction,
 ) {
     let (chunks, mut pending) = mpsc::channel::<(Instant, Vec<u8>)>(1024);
+    let reader_state = state.clone();
     let reader = async move {
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
             match from.read(&mut buffer).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
+                    reader_state
+                        .pending(direction)
+                        .fetch_add(n as u64, Ordering::SeqCst);
                     if chunks
                         .send((Instant::now(), buffer[..n].to_vec()))
                         .await
@@ -160,13 +228,31 @@ async fn pump(
     };
     let writer = async move {
         while let Some((arrived, chunk)) = pending.recv().await {
+            if let Direction::ToServer = direction {
+                let mark = state.hold_after.load(Ordering::SeqCst);
+                if mark > 0
+                    && state.forwarded_to_server.load(Ordering::SeqCst) + chunk.len() as u64 > mark
+                {
+                    state.hold_after.store(0, Ordering::SeqCst);
+                    state.mode.store(HOLD, Ordering::SeqCst);
+                }
+            }
             while state.mode.load(Ordering::SeqCst) == HOLD {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let delay = Duration::from_micros(state.delay_micros.load(Ordering::SeqCst));
             tokio::time::sleep_until(arrived + delay).await;
-            if to.write_all(&chunk).await.is_err() {
+            let written = to.write_all(&chunk).await;
+            state
+                .pending(direction)
+                .fetch_sub(chunk.len() as u64, Ordering::SeqCst);
+            if written.is_err() {
                 return;
+            }
+            if let Direction::ToServer = direction {
+                state
+                    .forwarded_to_server
+                    .fetch_add(chunk.len() as u64, Ordering::SeqCst);
             }
             let bandwidth = state.bandwidth.load(Ordering::SeqCst);
             if bandwidth > 0 {

@@ -1,6 +1,8 @@
 //! The consistency checker (exact counts, no false positives under load,
 //! repair, exit codes, approximate fallback) and the HTTP endpoints.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -102,14 +104,31 @@ async fn check_counts_each_kind_of_divergence_exactly() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_has_no_false_positives_under_write_load() -> Result<()> {
     let (source, dest, syncer) = synced_pair(100, &[]).await?;
-    let mut load = Load::new("/app/", 8, 300);
+    let mut load = Load::new("/app/", 8, 100);
     load.keys_per_txn = 3;
     load.delete_every = Some(5);
     load.rate_per_writer = Some(60.0);
     let clients = vec![source.client().await?];
-    let writer = tokio::spawn(async move { load.run(&clients).await });
+    // The load keeps going, round after round, until enough checks ran
+    // during it: no race between the load's length and the checks' speed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer_stop = stop.clone();
+    let writer = tokio::spawn(async move {
+        let mut rounds = 0;
+        while !writer_stop.load(Ordering::SeqCst) {
+            load.tag = format!("round-{rounds}");
+            load.run(&clients).await?;
+            rounds += 1;
+        }
+        anyhow::Ok(rounds)
+    });
     let mut checks = 0;
-    while !writer.is_finished() {
+    while checks < 3 {
+        ensure!(
+            !writer.is_finished(),
+            "the load stopped early: {:?}",
+            writer.await
+        );
         let (code, report) = check_json(&source, &dest).await?;
         ensure!(
             code == 0 && report["exact"] == true,
@@ -117,9 +136,9 @@ async fn check_has_no_false_positives_under_write_load() -> Result<()> {
         );
         checks += 1;
     }
-    writer.await??;
-    ensure!(checks >= 3, "only {checks} checks ran during the load");
-    println!("{checks} exact checks under load, all consistent");
+    stop.store(true, Ordering::SeqCst);
+    let rounds = writer.await??;
+    println!("{checks} exact checks during {rounds} load rounds, all consistent");
     syncer.finish().await
 }
 

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use e2e::load::Load;
 use e2e::proxy::LinkProxy;
 use e2e::*;
@@ -63,51 +63,66 @@ async fn drill_https_with_mutual_tls() -> Result<()> {
 }
 
 /// Drill 3: SIGTERM of the leader during a full sync; the standby finishes it.
+///
+/// The leader's destination link freezes by itself a fixed volume into the
+/// full sync, so the SIGTERM lands mid full sync however fast the machine
+/// is; the link is let go once the leader has taken the signal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_sigterm_during_a_full_sync() -> Result<()> {
+    const KEYS: usize = 20_000;
     let source = EtcdCluster::start().await?;
     let dest = EtcdCluster::start().await?;
-    put_many(&mut source.client().await?, "/app/", 20_000, 50, "v1").await?;
+    put_many(&mut source.client().await?, "/app/", KEYS, 50, "v1").await?;
     let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
-    proxy.set_delay(Duration::from_millis(15));
-    let replica = |id: &str, slow: bool| -> Result<Vec<String>> {
+    // The full sync sends over 1.3 MB of puts; a quarter MiB in, it is
+    // certainly under way and certainly not done.
+    proxy.hold_after_forwarding(256 * 1024);
+    let replica = |id: &str, through_proxy: bool| -> Result<Vec<String>> {
         let mut args = mirror_args(&source, &dest, "/app/");
-        args.extend(e2e::args(&["--instance-id", id, "--lock-ttl", "2s"]));
-        if slow {
-            args.extend(e2e::args(&[
-                "--max-inflight-txns",
-                "1",
-                "--page-size",
-                "200",
-            ]));
+        // A TTL that outlasts the freeze: the leader still leads when the
+        // SIGTERM arrives, and hands over by revoking its lease.
+        args.extend(e2e::args(&["--instance-id", id, "--lock-ttl", "10s"]));
+        if through_proxy {
+            args.extend(e2e::args(&["--page-size", "200"]));
             args = replace_flag(args, "--dst-endpoints", &proxied)?;
         }
         Ok(args)
     };
     let mut a = Syncer::start("a", &replica("replica-a", true)?).await?;
-    eventually(WAIT, "full sync under way", || async {
-        Ok(a.metric(
-            "etcd_syncer_full_sync_keys_total",
-            &[("job", "app"), ("op", "put")],
-        )
-        .await?
-            > 1000.0)
-    })
+    eventually(
+        WAIT,
+        "the destination link to freeze mid full sync",
+        || async { Ok(proxy.is_holding()) },
+    )
     .await?;
+    ensure!(
+        a.metric("etcd_syncer_full_sync_in_progress", &[("job", "app")])
+            .await?
+            == 1.0,
+        "the leader is in a full sync when its link freezes"
+    );
+    let marker = dest
+        .client()
+        .await?
+        .get(format!("{META_PREFIX}app/full-sync"), None)
+        .await?;
+    ensure!(
+        marker.count() == 1,
+        "the full-sync marker is on the destination"
+    );
+
     let b = Syncer::start("b", &replica("replica-b", false)?).await?;
     eventually(WAIT, "standby queued", || async {
-        let mut client = dest.client().await?;
-        let locks = client
-            .get(
-                format!("{META_PREFIX}app/lock/"),
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            )
-            .await?;
-        Ok(locks.count() == 2)
+        Ok(lock_holders(&dest, "app").await? == 2)
     })
     .await?;
     let stopped = Instant::now();
     a.signal(Signal::SIGTERM)?;
+    eventually(WAIT, "the leader to take the SIGTERM", || async {
+        Ok(a.count_log_messages("Shutting down.") == 1)
+    })
+    .await?;
+    proxy.restore();
     eventually(WAIT, "standby leads", || async {
         Ok(b.metric("etcd_syncer_is_leader", &[("job", "app")]).await? == 1.0)
     })
@@ -120,11 +135,25 @@ async fn drill_sigterm_during_a_full_sync() -> Result<()> {
         a.wait_exit(WAIT).await?.success(),
         "SIGTERM exits 0 mid full sync"
     );
+    wait_job_state(&b, "app", "watching").await?;
     converge(&source, "/app/", &dest, "/app/", WAIT).await?;
     ensure!(
         b.metric("etcd_syncer_slow_path_total", &[("job", "app")])
             .await?
-            == 1.0
+            == 1.0,
+        "the standby redoes the interrupted full sync"
+    );
+    ensure!(
+        b.log_text().contains("was interrupted"),
+        "the reason is logged"
+    );
+    let history = monotonic_checkpoint_history(&dest, "app").await?;
+    ensure!(
+        history
+            .last()
+            .is_some_and(|(_, checkpoint)| checkpoint["instance"] == "replica-b"),
+        "the standby wrote the final checkpoint: {:?}",
+        history.last()
     );
     a.finish().await?;
     b.finish().await
@@ -353,8 +382,11 @@ async fn drill_destination_quota_exceeded() -> Result<()> {
             >= 1.0)
     })
     .await?;
-    // Once etcd has raised its NOSPACE alarm it takes no more puts; txns
-    // proposed before that may still land, so let them settle first.
+    // Once the NOSPACE alarm reads back as raised (alarm requests go
+    // through raft too), etcd's capped applier rejects every later txn that
+    // puts anything, checkpoint included. So the checkpoint is read on the
+    // destination itself: the syncer's own metric may still be catching up
+    // with a txn that committed just before the alarm.
     eventually(WAIT, "the NOSPACE alarm", || async {
         let mut client = dest.client().await?;
         let alarms = client
@@ -367,20 +399,28 @@ async fn drill_destination_quota_exceeded() -> Result<()> {
         Ok(!alarms.alarms().is_empty())
     })
     .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let stuck_at = syncer
-        .metric("etcd_syncer_last_synced_revision", &[("job", "app")])
-        .await?;
+    let checkpoint_key = format!("{META_PREFIX}app/checkpoint");
+    let read_checkpoint = || async {
+        let mut client = dest.client().await?;
+        let response = client.get(checkpoint_key.as_str(), None).await?;
+        let kv = response.kvs().first().context("checkpoint")?;
+        let value: serde_json::Value = serde_json::from_slice(kv.value())?;
+        anyhow::Ok((
+            kv.mod_revision(),
+            value["last_synced_rev"]
+                .as_i64()
+                .context("last_synced_rev")?,
+        ))
+    };
+    let (stuck_mod_revision, stuck_at) = read_checkpoint().await?;
+    // A negative check: nothing can flake here, only a bug can show.
     tokio::time::sleep(Duration::from_secs(3)).await;
     ensure!(
-        syncer
-            .metric("etcd_syncer_last_synced_revision", &[("job", "app")])
-            .await?
-            == stuck_at,
+        read_checkpoint().await? == (stuck_mod_revision, stuck_at),
         "the checkpoint does not advance while writes fail"
     );
     ensure!(
-        (stuck_at as i64) < source.revision().await?,
+        stuck_at < source.revision().await?,
         "the checkpoint stays behind the source"
     );
 

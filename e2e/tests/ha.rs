@@ -93,37 +93,39 @@ async fn kill_9_of_the_leader_under_load_fails_over_on_the_fast_path() -> Result
     b.finish().await
 }
 
+/// The leader's destination link freezes by itself a fixed volume into the
+/// full sync, so the kill lands mid full sync however fast the machine is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_during_a_full_sync() -> Result<()> {
     let source = EtcdCluster::start().await?;
     let dest = EtcdCluster::start().await?;
     put_many(&mut source.client().await?, "/app/", 20_000, 50, "v1").await?;
-    // A slow link and one txn at a time make the full sync last a while.
     let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
-    proxy.set_delay(Duration::from_millis(15));
-    let mut args = replica_args(&source, &dest, "replica-a");
-    let at = args
-        .iter()
-        .position(|a| a == "--dst-endpoints")
-        .context("flag")?
-        + 1;
-    args[at] = proxied;
-    args.extend(e2e::args(&[
-        "--max-inflight-txns",
-        "1",
-        "--page-size",
-        "200",
-    ]));
+    // Over 1.3 MB of puts in all: a quarter MiB in, the full sync is
+    // certainly under way and certainly not done.
+    proxy.hold_after_forwarding(256 * 1024);
+    let mut args = replace_flag(
+        replica_args(&source, &dest, "replica-a"),
+        "--dst-endpoints",
+        &proxied,
+    )?;
+    // Its lease outlives the freeze, so it is still the leader when killed.
+    args = replace_flag(args, "--lock-ttl", "5s")?;
+    args = replace_flag(args, "--rebalance-interval", "5s")?;
+    args.extend(e2e::args(&["--page-size", "200"]));
     let mut a = Syncer::start("a", &args).await?;
-    eventually(WAIT, "full sync under way", || async {
-        Ok(a.metric(
-            "etcd_syncer_full_sync_keys_total",
-            &[("job", "app"), ("op", "put")],
-        )
-        .await?
-            > 1000.0)
-    })
+    eventually(
+        WAIT,
+        "the destination link to freeze mid full sync",
+        || async { Ok(proxy.is_holding()) },
+    )
     .await?;
+    ensure!(
+        a.metric("etcd_syncer_full_sync_in_progress", &[("job", "app")])
+            .await?
+            == 1.0,
+        "the leader is in a full sync when its link freezes"
+    );
     let b = Syncer::start("b", &replica_args(&source, &dest, "replica-b")).await?;
     eventually(WAIT, "both queued", || async {
         Ok(lock_holders(&dest, "app").await? == 2)
@@ -131,6 +133,8 @@ async fn kill_9_of_the_leader_during_a_full_sync() -> Result<()> {
     .await?;
     a.kill9()?;
     wait_leader(&[&b], "app").await?;
+    // Whatever the dead leader left in the line arrives late: fenced.
+    proxy.restore();
     converge(&source, "/app/", &dest, "/app/", WAIT).await?;
     ensure!(
         b.metric("etcd_syncer_slow_path_total", &[("job", "app")])
@@ -142,6 +146,7 @@ async fn kill_9_of_the_leader_during_a_full_sync() -> Result<()> {
         b.log_text().contains("was interrupted"),
         "the reason is logged"
     );
+    monotonic_checkpoint_history(&dest, "app").await?;
     b.finish().await
 }
 
