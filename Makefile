@@ -4,7 +4,7 @@ CARGO ?= cargo
 RELEASE_BIN := target/release/etcd-syncer
 DEBUG_BIN := target/debug/etcd-syncer
 
-.PHONY: all deps build release demo test unit e2e e2e-long lint bench bench-quick chart-tools chart-test docs clean
+.PHONY: all deps build release demo test unit sim mutants e2e e2e-long lint bench bench-quick chart-tools chart-test docs clean
 
 all: build
 
@@ -21,11 +21,13 @@ release: deps
 demo: release
 	ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/demo
 
-## make test: unit and property tests, the end-to-end suite against real etcd
-## (and a real Prometheus), then the chart and alert-rule validation.
+## make test: unit and property tests, the deterministic simulation (1,000
+## seeds), the end-to-end suite against real etcd (and a real Prometheus),
+## then the chart and alert-rule validation.
 test: deps chart-tools
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --lib --bins
+	$(CARGO) test --test sim --test regressions --test layers -- --nocapture
 	ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) scripts/gen-config-doc.sh --check
 	$(MAKE) e2e
 	$(MAKE) chart-test
@@ -40,6 +42,18 @@ chart-test: chart-tools
 
 unit: deps
 	$(CARGO) test --workspace --lib --bins
+
+## make sim SEEDS=100000: more simulated fault schedules (release build).
+## One seed: make sim SEED=1234 (prints its actions; SIM_LOG=debug for logs).
+SEEDS ?= 10000
+sim:
+	SIM_SEEDS=$(SEEDS) $(if $(SEED),SIM_SEED=$(SEED)) $(CARGO) test --release --test sim -- --nocapture
+
+## make mutants: cargo-mutants over the safety code (.cargo/mutants.toml),
+## with the unit and simulation tests only.
+mutants:
+	@command -v cargo-mutants >/dev/null 2>&1 || $(CARGO) install --locked cargo-mutants
+	SIM_SEEDS=300 $(CARGO) mutants --timeout 120 -j 1
 
 e2e: deps
 	$(CARGO) build --workspace --bins

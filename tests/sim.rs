@@ -1079,7 +1079,7 @@ fn simulation() {
             report.push('\n');
         }
         report.push_str(&format!(
-            "replay: SIM_SEED={seed} cargo test --release --test sim -- --nocapture\n"
+            "replay: make sim SEED={seed}   (or SIM_SEED={seed} cargo test --test sim -- --nocapture)\n"
         ));
         for (seed, error, _) in failures.iter().skip(1) {
             report.push_str(&format!("also seed {seed}: {error}\n"));

@@ -118,6 +118,9 @@ pub struct Store {
     /// Events per watch response when fragmenting.
     pub fragment_events: usize,
     commits: Vec<CommitRecord>,
+    /// Range requests served (paging, heads, txn reads excluded), so tests
+    /// can tell a re-scan from a poll.
+    pub reads: u64,
 }
 
 impl Store {
@@ -136,6 +139,7 @@ impl Store {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             fragment_events: 4,
             commits: Vec::new(),
+            reads: 0,
         }
     }
 
@@ -766,7 +770,10 @@ impl Etcd for MemoryEtcd {
     fn range(&self, request: RangeRequest) -> BoxFuture<'_, EtcdResult<RangeResponse>> {
         async move {
             self.link.send().await;
-            let result = self.with_store(|store| store.range(&request));
+            let result = self.with_store(|store| {
+                store.reads += 1;
+                store.range(&request)
+            });
             self.link.answer(result).await
         }
         .boxed()

@@ -1,0 +1,285 @@
+//! Regression tests for defects found in review, each on the in-memory etcd
+//! model and paused time. Each one fails on the code before its fix.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use etcd_syncer::check::{check, CheckOptions, CheckTarget};
+use etcd_syncer::config::{CheckSettings, JobSettings, Tuning, TxnLimits};
+use etcd_syncer::etcd::api::{Etcd, Op, TxnRequest};
+use etcd_syncer::etcd::memory::{new_store, Faults, Link, MemoryEtcd, SharedStore};
+use etcd_syncer::etcd::Cluster;
+use etcd_syncer::mirror::meta::{Fence, KeyGuard};
+use etcd_syncer::mirror::writer::{DestWriter, Pipeline};
+use etcd_syncer::mirror::{run_job, JobContext, JobError};
+use etcd_syncer::model::batch::Batch;
+use etcd_syncer::model::keys::{KeyRewrite, MetaKeys};
+use etcd_syncer::model::schema::FullSyncMarker;
+use etcd_syncer::model::Side;
+use etcd_syncer::telemetry::health::Health;
+use etcd_syncer::telemetry::metrics::Metrics;
+
+const META: &str = "/-etcd-syncer-meta-/";
+
+fn cluster(side: Side, store: &SharedStore, name: &str) -> Cluster {
+    Cluster::with_backend(
+        side,
+        name,
+        Arc::new(MemoryEtcd::new(store.clone(), Link::new(name, 7))),
+        Duration::from_secs(2),
+    )
+}
+
+fn context(source: &SharedStore, dest: &SharedStore, checks: CheckSettings, ratio: f64) -> JobContext {
+    let source = cluster(Side::Source, source, "source");
+    let dest = cluster(Side::Destination, dest, "replica");
+    let keys = MetaKeys::new(META, "app");
+    let metrics = Metrics::new().job("app");
+    JobContext {
+        job: JobSettings {
+            name: "app".into(),
+            prefix: "/app/".into(),
+            dest_prefix: "/app/".into(),
+        },
+        writer: Arc::new(DestWriter::new(
+            dest.clone(),
+            keys.clone(),
+            Fence::new(&keys, None),
+            metrics.clone(),
+        )),
+        keys,
+        rewrite: KeyRewrite::new(b"/app/".to_vec(), b"/app/".to_vec()),
+        meta_prefix: META.as_bytes().to_vec(),
+        source,
+        dest,
+        limits: TxnLimits {
+            max_ops: 8,
+            max_bytes: 1 << 20,
+        },
+        tuning: Tuning {
+            page_size: 2,
+            max_inflight_txns: 2,
+            progress_interval: Duration::from_millis(500),
+            watch_idle_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(2),
+            idle_checkpoint_interval: Duration::from_secs(1),
+            progress_log_interval: Duration::from_secs(3600),
+            pipeline_send_spacing: Duration::from_millis(2),
+        },
+        max_prune_ratio: ratio,
+        metrics,
+        instance_id: "test".into(),
+        health: Arc::new(Health::new(["app"], Duration::from_secs(3600))),
+        checks,
+    }
+}
+
+async fn put(store: &SharedStore, pairs: &[(&str, &str)]) {
+    let client = MemoryEtcd::new(store.clone(), Link::new("writer", 1));
+    let ops = pairs.iter().map(|(k, v)| Op::put(*k, *v)).collect();
+    client
+        .txn(TxnRequest::new().and_then(ops))
+        .await
+        .expect("write");
+}
+
+fn prefix_of(store: &SharedStore) -> Vec<(Vec<u8>, Vec<u8>)> {
+    store
+        .lock()
+        .unwrap()
+        .current()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(b"/app/"))
+        .map(|(k, kv)| (k, kv.value))
+        .collect()
+}
+
+const NO_CHECKS: CheckSettings = CheckSettings {
+    interval: Duration::ZERO,
+    repair: false,
+    sample_size: 3,
+};
+
+/// B1: a txn that would move the checkpoint back is refused before it is
+/// sent (the old path let a repair after an idle advance write 1357 → 21).
+#[tokio::test(start_paused = true)]
+async fn the_pipeline_refuses_to_move_the_checkpoint_back() {
+    let (source, dest) = (new_store(1), new_store(2));
+    let ctx = context(&source, &dest, NO_CHECKS, 1.0);
+    let mut pipeline = Pipeline::new(&ctx, 1, KeyGuard::Absent, 10);
+    let empty = |through_revision| Batch {
+        mutations: Vec::new(),
+        through_revision,
+        partial_revision: None,
+    };
+    pipeline.send(empty(12)).expect("forward is fine");
+    pipeline.send(empty(12)).expect("the same revision is fine (a repair)");
+    let refused = pipeline.send(empty(11)).unwrap_err();
+    assert!(matches!(refused, JobError::Internal(_)), "{refused}");
+    assert_eq!(pipeline.tail_revision(), 12);
+}
+
+/// B2: checks and repairs belong to the Watching phase. While the job is
+/// promoted no check runs (the old code kept checking, logged differences at
+/// ERROR and queued repairs that landed after `promote --undo`).
+#[tokio::test(start_paused = true)]
+async fn no_check_or_repair_runs_while_promoted() {
+    let (source, dest) = (new_store(1), new_store(2));
+    put(&source, &[("/app/a", "1"), ("/app/b", "2")]).await;
+    let checks = CheckSettings {
+        interval: Duration::from_secs(1),
+        repair: true,
+        sample_size: 3,
+    };
+    let ctx = context(&source, &dest, checks, 1.0);
+    let metrics = ctx.metrics.clone();
+    let cancel = CancellationToken::new();
+    let job = tokio::spawn(run_job(ctx, cancel.clone()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(prefix_of(&dest), prefix_of(&source), "mirrored");
+
+    let operator = cluster(Side::Destination, &dest, "operator");
+    etcd_syncer::ops::admin::promote(&operator, META, "app", "test")
+        .await
+        .expect("promote");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The promoted standby takes its own writes.
+    put(&dest, &[("/app/a", "written after promotion")]).await;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(metrics.mismatch_keys.get(), 0, "a check ran on a promoted job");
+    }
+    assert_eq!(
+        prefix_of(&dest)[0].1,
+        b"written after promotion".to_vec(),
+        "nothing touched the promoted standby"
+    );
+
+    // After the undo a fresh check (not a stale queue) repairs it, once.
+    etcd_syncer::ops::admin::undo_promote(&operator, META, "app")
+        .await
+        .expect("undo");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(prefix_of(&dest), prefix_of(&source), "repaired after the undo");
+    cancel.cancel();
+    job.await.expect("joined").expect("clean stop");
+}
+
+/// B5 and B9: the guard's decision is taken on the destination as it was
+/// before the full sync wrote anything, survives retries, and a blocked job
+/// does not re-scan while it waits for an operator.
+#[tokio::test(start_paused = true)]
+async fn a_tripped_prune_guard_holds_across_retries_without_rescanning() {
+    let (source, dest) = (new_store(1), new_store(2));
+    // The destination had 10 keys; the source was emptied and refilled with
+    // 12 others (the field case: puts first, then the guard counts).
+    let old: Vec<(String, String)> = (0..10).map(|i| (format!("/app/old{i:02}"), "x".into())).collect();
+    let refs: Vec<(&str, &str)> = old.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    put(&dest, &refs).await;
+    let new: Vec<(String, String)> = (0..12).map(|i| (format!("/app/new{i:02}"), "y".into())).collect();
+    let refs: Vec<(&str, &str)> = new.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    put(&source, &refs).await;
+
+    let ctx = context(&source, &dest, NO_CHECKS, 0.5);
+    let keys = ctx.keys.clone();
+    let cancel = CancellationToken::new();
+    let job = tokio::spawn(run_job(ctx, cancel.clone()));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let marker = dest
+        .lock()
+        .unwrap()
+        .current()
+        .get(keys.full_sync().as_bytes())
+        .map(|kv| serde_json::from_slice::<FullSyncMarker>(&kv.value).expect("marker"));
+    let blocked = marker.and_then(|m| m.prune_blocked).expect("the guard tripped");
+    assert_eq!(blocked.would_delete, 10);
+    assert_eq!(blocked.baseline_dest_keys, 10);
+    let reads_at_trip = dest.lock().unwrap().reads;
+
+    // Ten minutes of retries: nothing deleted, and no re-scan (a scan of
+    // 22 keys in pages of 2 is 12 reads; a poll is one or two).
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let old_left = prefix_of(&dest).iter().filter(|(k, _)| k.starts_with(b"/app/old")).count();
+    assert_eq!(old_left, 10, "the retry deleted what the guard refused");
+    let polls = dest.lock().unwrap().reads - reads_at_trip;
+    assert!(polls <= 25, "{polls} destination reads in 10 minutes: the blocked job re-scans");
+    cancel.cancel();
+    job.await.expect("joined").expect("clean stop");
+
+    // The operator's override (a higher ratio) lets it finish.
+    let ctx = context(&source, &dest, NO_CHECKS, 1.0);
+    let cancel = CancellationToken::new();
+    let job = tokio::spawn(run_job(ctx, cancel.clone()));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(prefix_of(&dest), prefix_of(&source));
+    cancel.cancel();
+    job.await.expect("joined").expect("clean stop");
+}
+
+/// B8: the destination compacting the snapshot under a check is not the
+/// source's history being gone: the check takes a fresh snapshot and stays
+/// exact (the old code fell back to the approximate path and said the
+/// source was compacted).
+#[tokio::test(start_paused = true)]
+async fn a_destination_compacted_during_a_check_keeps_it_exact() {
+    let (source, dest) = (new_store(1), new_store(2));
+    put(&source, &[("/app/a", "1"), ("/app/b", "2"), ("/app/c", "3")]).await;
+    let ctx = context(&source, &dest, NO_CHECKS, 1.0);
+    let target = etcd_syncer::mirror::periodic_check::target_of(&ctx);
+    let cancel = CancellationToken::new();
+    let job = tokio::spawn(run_job(ctx, cancel.clone()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cancel.cancel();
+    job.await.expect("joined").expect("clean stop");
+
+    let checker_link = Link::new("checker", 3);
+    checker_link.set_faults(Faults {
+        delay: (Duration::from_millis(5), Duration::from_millis(5)),
+        ..Faults::default()
+    });
+    let checker_dest = Cluster::with_backend(
+        Side::Destination,
+        "checker",
+        Arc::new(MemoryEtcd::new(dest.clone(), checker_link)),
+        Duration::from_secs(2),
+    );
+    let checker_source = cluster(Side::Source, &source, "checker-source");
+    // Between the meta read and the first page: the destination writes and
+    // compacts, once.
+    let compacting = dest.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(12)).await;
+        put(&compacting, &[("/elsewhere", "x")]).await;
+        let mut store = compacting.lock().unwrap();
+        let head = store.revision();
+        store.compact(head);
+    });
+    let options = CheckOptions {
+        page_size: 2,
+        ..CheckOptions::default()
+    };
+    let report = check(&checker_source, &checker_dest, &target, options, &CancellationToken::new())
+        .await
+        .expect("check");
+    assert!(report.exact, "a destination compaction made the check approximate");
+    assert!(report.is_consistent());
+}
+
+/// The check target a CLI user builds by hand matches the job's own.
+#[test]
+fn check_targets_agree() {
+    let target = CheckTarget {
+        job: "app".into(),
+        rewrite: KeyRewrite::new(b"/app/".to_vec(), b"/app/".to_vec()),
+        keys: MetaKeys::new(META, "app"),
+        meta_prefix: META.as_bytes().to_vec(),
+    };
+    let (source, dest) = (new_store(1), new_store(2));
+    let ctx = context(&source, &dest, NO_CHECKS, 1.0);
+    let of_job = etcd_syncer::mirror::periodic_check::target_of(&ctx);
+    assert_eq!(of_job.job, target.job);
+    assert_eq!(of_job.rewrite, target.rewrite);
+    assert_eq!(of_job.meta_prefix, target.meta_prefix);
+}
