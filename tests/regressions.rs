@@ -33,8 +33,23 @@ fn cluster(side: Side, store: &SharedStore, name: &str) -> Cluster {
 }
 
 fn context(source: &SharedStore, dest: &SharedStore, checks: CheckSettings, ratio: f64) -> JobContext {
+    context_over(source, dest, Link::new("replica", 7), checks, ratio)
+}
+
+fn context_over(
+    source: &SharedStore,
+    dest: &SharedStore,
+    dest_link: Arc<Link>,
+    checks: CheckSettings,
+    ratio: f64,
+) -> JobContext {
     let source = cluster(Side::Source, source, "source");
-    let dest = cluster(Side::Destination, dest, "replica");
+    let dest = Cluster::with_backend(
+        Side::Destination,
+        "replica",
+        Arc::new(MemoryEtcd::new(dest.clone(), dest_link)),
+        Duration::from_secs(2),
+    );
     let keys = MetaKeys::new(META, "app");
     let metrics = Metrics::new().job("app");
     JobContext {
@@ -265,6 +280,38 @@ async fn a_destination_compacted_during_a_check_keeps_it_exact() {
         .expect("check");
     assert!(report.exact, "a destination compaction made the check approximate");
     assert!(report.is_consistent());
+}
+
+/// B7: no destination read is awaited inside the watch loop's `select!`:
+/// with the destination slow to answer, cancellation (and acks) still get
+/// through at once (the old loop sat in the operator-marker read for up to
+/// the request timeout).
+#[tokio::test(start_paused = true)]
+async fn a_slow_destination_read_does_not_stall_the_watch_loop() {
+    let (source, dest) = (new_store(1), new_store(2));
+    put(&source, &[("/app/a", "1")]).await;
+    let link = Link::new("replica", 7);
+    let mut ctx = context_over(&source, &dest, link.clone(), NO_CHECKS, 1.0);
+    // No idle checkpoint txns: only the marker poll talks to the destination.
+    ctx.tuning.idle_checkpoint_interval = Duration::from_secs(3600);
+    let cancel = CancellationToken::new();
+    let job = tokio::spawn(run_job(ctx, cancel.clone()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(prefix_of(&dest), prefix_of(&source), "watching");
+    link.set_faults(Faults {
+        delay: (Duration::from_millis(900), Duration::from_millis(900)),
+        ..Faults::default()
+    });
+    // A marker poll (every 500 ms) is now in flight for 1.8 s.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let asked = tokio::time::Instant::now();
+    cancel.cancel();
+    job.await.expect("joined").expect("clean stop");
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_millis(100),
+        "cancellation waited {took:?} behind a destination read"
+    );
 }
 
 /// The check target a CLI user builds by hand matches the job's own.

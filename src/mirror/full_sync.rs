@@ -66,9 +66,7 @@ pub async fn run(
         // The decision stands until an operator overrides it: a higher
         // --max-prune-ratio, or an explicit reset. Until then nothing is
         // re-scanned.
-        let overridden =
-            ctx.max_prune_ratio > block.max_prune_ratio || *reason == SlowPathReason::Reset;
-        if !overridden {
+        if !block.overridden_by(ctx.max_prune_ratio, *reason == SlowPathReason::Reset) {
             return Err(JobError::PruneGuard {
                 would_delete: block.would_delete,
                 dest_keys: block.baseline_dest_keys,

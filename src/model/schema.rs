@@ -81,6 +81,14 @@ pub struct PruneBlock {
     pub at: String,
 }
 
+impl PruneBlock {
+    /// The refusal stands until an operator overrides it: a higher
+    /// `--max-prune-ratio` than the one refused, or an explicit reset.
+    pub fn overridden_by(&self, max_prune_ratio: f64, reset_requested: bool) -> bool {
+        reset_requested || max_prune_ratio > self.max_prune_ratio
+    }
+}
+
 /// How many of the keys the destination held before the full sync it may
 /// still delete: the ratio applies to the destination as it was before the
 /// first attempt, minus what earlier attempts already deleted.
@@ -199,6 +207,20 @@ mod tests {
             }
             prop_assert!(deleted as f64 <= ratio * baseline as f64);
         }
+    }
+
+    #[test]
+    fn only_an_operator_overrides_a_refusal() {
+        let block = PruneBlock {
+            would_delete: 10,
+            baseline_dest_keys: 10,
+            max_prune_ratio: 0.5,
+            at: "t".into(),
+        };
+        assert!(!block.overridden_by(0.5, false), "a retry with the same ratio");
+        assert!(!block.overridden_by(0.25, false));
+        assert!(block.overridden_by(0.75, false), "a higher ratio");
+        assert!(block.overridden_by(0.5, true), "a reset");
     }
 
     #[test]
