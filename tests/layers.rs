@@ -6,7 +6,15 @@ use std::path::Path;
 
 /// Lowest first. A module may use its own layer and the ones before it.
 const LAYERS: &[&str] = &[
-    "model", "telemetry", "config", "etcd", "check", "mirror", "ha", "ops", "cli",
+    "model",
+    "telemetry",
+    "config",
+    "etcd",
+    "check",
+    "mirror",
+    "ha",
+    "ops",
+    "cli",
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
@@ -39,7 +47,10 @@ fn every_module_uses_only_the_layers_below_it() {
             continue;
         }
         let Some(own) = LAYERS.iter().position(|l| *l == top) else {
-            violations.push(format!("{}: module {top} is in no layer", relative.display()));
+            violations.push(format!(
+                "{}: module {top} is in no layer",
+                relative.display()
+            ));
             continue;
         };
         let text = std::fs::read_to_string(&file).expect("read file");
@@ -63,6 +74,13 @@ fn every_module_uses_only_the_layers_below_it() {
             }
         }
     }
-    assert!(checked > 100, "the scan found too few uses ({checked}) to mean anything");
-    assert!(violations.is_empty(), "layer violations:\n{}", violations.join("\n"));
+    assert!(
+        checked > 100,
+        "the scan found too few uses ({checked}) to mean anything"
+    );
+    assert!(
+        violations.is_empty(),
+        "layer violations:\n{}",
+        violations.join("\n")
+    );
 }

@@ -32,7 +32,12 @@ fn cluster(side: Side, store: &SharedStore, name: &str) -> Cluster {
     )
 }
 
-fn context(source: &SharedStore, dest: &SharedStore, checks: CheckSettings, ratio: f64) -> JobContext {
+fn context(
+    source: &SharedStore,
+    dest: &SharedStore,
+    checks: CheckSettings,
+    ratio: f64,
+) -> JobContext {
     context_over(source, dest, Link::new("replica", 7), checks, ratio)
 }
 
@@ -130,7 +135,9 @@ async fn the_pipeline_refuses_to_move_the_checkpoint_back() {
         partial_revision: None,
     };
     pipeline.send(empty(12)).expect("forward is fine");
-    pipeline.send(empty(12)).expect("the same revision is fine (a repair)");
+    pipeline
+        .send(empty(12))
+        .expect("the same revision is fine (a repair)");
     let refused = pipeline.send(empty(11)).unwrap_err();
     assert!(matches!(refused, JobError::Internal(_)), "{refused}");
     assert_eq!(pipeline.tail_revision(), 12);
@@ -164,7 +171,11 @@ async fn no_check_or_repair_runs_while_promoted() {
     put(&dest, &[("/app/a", "written after promotion")]).await;
     for _ in 0..30 {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(metrics.mismatch_keys.get(), 0, "a check ran on a promoted job");
+        assert_eq!(
+            metrics.mismatch_keys.get(),
+            0,
+            "a check ran on a promoted job"
+        );
     }
     assert_eq!(
         prefix_of(&dest)[0].1,
@@ -177,7 +188,11 @@ async fn no_check_or_repair_runs_while_promoted() {
         .await
         .expect("undo");
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert_eq!(prefix_of(&dest), prefix_of(&source), "repaired after the undo");
+    assert_eq!(
+        prefix_of(&dest),
+        prefix_of(&source),
+        "repaired after the undo"
+    );
     cancel.cancel();
     job.await.expect("joined").expect("clean stop");
 }
@@ -190,10 +205,14 @@ async fn a_tripped_prune_guard_holds_across_retries_without_rescanning() {
     let (source, dest) = (new_store(1), new_store(2));
     // The destination had 10 keys; the source was emptied and refilled with
     // 12 others (the field case: puts first, then the guard counts).
-    let old: Vec<(String, String)> = (0..10).map(|i| (format!("/app/old{i:02}"), "x".into())).collect();
+    let old: Vec<(String, String)> = (0..10)
+        .map(|i| (format!("/app/old{i:02}"), "x".into()))
+        .collect();
     let refs: Vec<(&str, &str)> = old.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     put(&dest, &refs).await;
-    let new: Vec<(String, String)> = (0..12).map(|i| (format!("/app/new{i:02}"), "y".into())).collect();
+    let new: Vec<(String, String)> = (0..12)
+        .map(|i| (format!("/app/new{i:02}"), "y".into()))
+        .collect();
     let refs: Vec<(&str, &str)> = new.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     put(&source, &refs).await;
 
@@ -208,7 +227,9 @@ async fn a_tripped_prune_guard_holds_across_retries_without_rescanning() {
         .current()
         .get(keys.full_sync().as_bytes())
         .map(|kv| serde_json::from_slice::<FullSyncMarker>(&kv.value).expect("marker"));
-    let blocked = marker.and_then(|m| m.prune_blocked).expect("the guard tripped");
+    let blocked = marker
+        .and_then(|m| m.prune_blocked)
+        .expect("the guard tripped");
     assert_eq!(blocked.would_delete, 10);
     assert_eq!(blocked.baseline_dest_keys, 10);
     let reads_at_trip = dest.lock().unwrap().reads;
@@ -216,10 +237,16 @@ async fn a_tripped_prune_guard_holds_across_retries_without_rescanning() {
     // Ten minutes of retries: nothing deleted, and no re-scan (a scan of
     // 22 keys in pages of 2 is 12 reads; a poll is one or two).
     tokio::time::sleep(Duration::from_secs(600)).await;
-    let old_left = prefix_of(&dest).iter().filter(|(k, _)| k.starts_with(b"/app/old")).count();
+    let old_left = prefix_of(&dest)
+        .iter()
+        .filter(|(k, _)| k.starts_with(b"/app/old"))
+        .count();
     assert_eq!(old_left, 10, "the retry deleted what the guard refused");
     let polls = dest.lock().unwrap().reads - reads_at_trip;
-    assert!(polls <= 25, "{polls} destination reads in 10 minutes: the blocked job re-scans");
+    assert!(
+        polls <= 25,
+        "{polls} destination reads in 10 minutes: the blocked job re-scans"
+    );
     cancel.cancel();
     job.await.expect("joined").expect("clean stop");
 
@@ -240,7 +267,11 @@ async fn a_tripped_prune_guard_holds_across_retries_without_rescanning() {
 #[tokio::test(start_paused = true)]
 async fn a_destination_compacted_during_a_check_keeps_it_exact() {
     let (source, dest) = (new_store(1), new_store(2));
-    put(&source, &[("/app/a", "1"), ("/app/b", "2"), ("/app/c", "3")]).await;
+    put(
+        &source,
+        &[("/app/a", "1"), ("/app/b", "2"), ("/app/c", "3")],
+    )
+    .await;
     let ctx = context(&source, &dest, NO_CHECKS, 1.0);
     let target = etcd_syncer::mirror::periodic_check::target_of(&ctx);
     let cancel = CancellationToken::new();
@@ -275,10 +306,19 @@ async fn a_destination_compacted_during_a_check_keeps_it_exact() {
         page_size: 2,
         ..CheckOptions::default()
     };
-    let report = check(&checker_source, &checker_dest, &target, options, &CancellationToken::new())
-        .await
-        .expect("check");
-    assert!(report.exact, "a destination compaction made the check approximate");
+    let report = check(
+        &checker_source,
+        &checker_dest,
+        &target,
+        options,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("check");
+    assert!(
+        report.exact,
+        "a destination compaction made the check approximate"
+    );
     assert!(report.is_consistent());
 }
 
@@ -312,6 +352,32 @@ async fn a_slow_destination_read_does_not_stall_the_watch_loop() {
         took < Duration::from_millis(100),
         "cancellation waited {took:?} behind a destination read"
     );
+}
+
+/// A full sync with nothing to delete walks the prefixes once: the prune
+/// pass runs only when pass one found deletions.
+#[tokio::test(start_paused = true)]
+async fn a_full_sync_without_deletions_scans_once() {
+    let (source, dest) = (new_store(1), new_store(2));
+    let pairs: Vec<(String, String)> = (0..10)
+        .map(|i| (format!("/app/k{i:02}"), "v".into()))
+        .collect();
+    let refs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    put(&source, &refs).await;
+    let ctx = context(&source, &dest, NO_CHECKS, 1.0);
+    let cancel = CancellationToken::new();
+    let job = tokio::spawn(run_job(ctx, cancel.clone()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(prefix_of(&dest), prefix_of(&source));
+    cancel.cancel();
+    job.await.expect("joined").expect("clean stop");
+    // The meta read and one page of an empty destination; a second pass
+    // would page through the ten keys it just wrote.
+    let reads = dest.lock().unwrap().reads;
+    assert!(reads <= 3, "{reads} destination reads for one full sync");
 }
 
 /// The check target a CLI user builds by hand matches the job's own.

@@ -40,7 +40,9 @@ use tokio_util::sync::CancellationToken;
 
 use etcd_syncer::config::{CheckSettings, JobSettings, Tuning, TxnLimits};
 use etcd_syncer::etcd::api::{Etcd, EventType, Op, TxnRequest};
-use etcd_syncer::etcd::memory::{new_store, CommitRecord, Faults, Link, MemoryEtcd, SharedStore, Store};
+use etcd_syncer::etcd::memory::{
+    new_store, CommitRecord, Faults, Link, MemoryEtcd, SharedStore, Store,
+};
 use etcd_syncer::etcd::Cluster;
 use etcd_syncer::ha::election::SessionManager;
 use etcd_syncer::ha::replica::{run_replica, Instance};
@@ -100,7 +102,11 @@ impl Profile {
             repair: rng.gen_bool(0.7),
             lock_ttl: Duration::from_secs(rng.gen_range(2..=4)),
             fault_phase: Duration::from_secs(rng.gen_range(10..40)),
-            preexisting: if rng.gen_bool(0.3) { rng.gen_range(1..6) } else { 0 },
+            preexisting: if rng.gen_bool(0.3) {
+                rng.gen_range(1..6)
+            } else {
+                0
+            },
         }
     }
 }
@@ -172,7 +178,10 @@ impl World {
         let operator = Cluster::with_backend(
             Side::Destination,
             "operator",
-            Arc::new(MemoryEtcd::new(dest.clone(), Link::new("operator", seed ^ 2))),
+            Arc::new(MemoryEtcd::new(
+                dest.clone(),
+                Link::new("operator", seed ^ 2),
+            )),
             Duration::from_secs(5),
         );
         let rewrite = KeyRewrite::new(SOURCE_PREFIX.as_bytes(), profile.dest_prefix.as_bytes());
@@ -248,11 +257,15 @@ impl World {
         let dst_faults = replica.dst_link.faults();
         replica.src_link = Link::new(
             format!("{instance_id}-src"),
-            self.seed.wrapping_mul(31).wrapping_add(replica.incarnation as u64 * 7 + index as u64),
+            self.seed
+                .wrapping_mul(31)
+                .wrapping_add(replica.incarnation as u64 * 7 + index as u64),
         );
         replica.dst_link = Link::new(
             instance_id.clone(),
-            self.seed.wrapping_mul(37).wrapping_add(replica.incarnation as u64 * 11 + index as u64),
+            self.seed
+                .wrapping_mul(37)
+                .wrapping_add(replica.incarnation as u64 * 11 + index as u64),
         );
         replica.src_link.set_faults(src_faults);
         replica.dst_link.set_faults(dst_faults);
@@ -260,7 +273,10 @@ impl World {
         let source = Cluster::with_backend(
             Side::Source,
             format!("{instance_id}->source"),
-            Arc::new(MemoryEtcd::new(self.source.clone(), replica.src_link.clone())),
+            Arc::new(MemoryEtcd::new(
+                self.source.clone(),
+                replica.src_link.clone(),
+            )),
             timeout,
         );
         let dest = Cluster::with_backend(
@@ -335,7 +351,10 @@ impl World {
             task.abort();
         }
         self.replicas[index].restart_at = Some(Instant::now() + down_for);
-        let name = format!("{}.{}", self.replicas[index].name, self.replicas[index].incarnation);
+        let name = format!(
+            "{}.{}",
+            self.replicas[index].name, self.replicas[index].incarnation
+        );
         self.note(format!("crash {name}, back in {down_for:?}"));
     }
 
@@ -441,8 +460,12 @@ impl World {
             79..=80 => {
                 if self.promoted_until.is_none() {
                     let by = "sim-operator";
-                    if etcd_syncer::ops::admin::promote(&self.operator, META, JOB, by).await.is_ok() {
-                        let until = Instant::now() + Duration::from_millis(self.rng.gen_range(500..6000));
+                    if etcd_syncer::ops::admin::promote(&self.operator, META, JOB, by)
+                        .await
+                        .is_ok()
+                    {
+                        let until =
+                            Instant::now() + Duration::from_millis(self.rng.gen_range(500..6000));
                         self.promoted_until = Some(until);
                         self.fault("promote");
                         self.note("promote".into());
@@ -450,7 +473,9 @@ impl World {
                 }
             }
             81..=82 => {
-                let result = etcd_syncer::mirror::request_reset(&self.operator, &self.keys, "sim-operator").await;
+                let result =
+                    etcd_syncer::mirror::request_reset(&self.operator, &self.keys, "sim-operator")
+                        .await;
                 if result.is_ok() {
                     self.fault("reset_request");
                     self.note("reset requested".into());
@@ -470,11 +495,17 @@ impl World {
         match self.rng.gen_range(0..6) {
             0 => Faults::default(),
             1 => Faults {
-                delay: (Duration::ZERO, Duration::from_millis(self.rng.gen_range(1..80))),
+                delay: (
+                    Duration::ZERO,
+                    Duration::from_millis(self.rng.gen_range(1..80)),
+                ),
                 ..Faults::default()
             },
             2 => Faults {
-                delay: (Duration::ZERO, Duration::from_millis(self.rng.gen_range(1..20))),
+                delay: (
+                    Duration::ZERO,
+                    Duration::from_millis(self.rng.gen_range(1..20)),
+                ),
                 drop_request: self.rng.gen_range(0.0..0.1),
                 lose_response: self.rng.gen_range(0.0..0.1),
                 ..Faults::default()
@@ -488,7 +519,10 @@ impl World {
                 ..Faults::default()
             },
             _ => Faults {
-                delay: (Duration::from_millis(1), Duration::from_millis(self.rng.gen_range(2..300))),
+                delay: (
+                    Duration::from_millis(1),
+                    Duration::from_millis(self.rng.gen_range(2..300)),
+                ),
                 ..Faults::default()
             },
         }
@@ -504,7 +538,10 @@ impl World {
         let op = if self.rng.gen_bool(0.3) {
             Op::delete(key.clone())
         } else {
-            Op::put(key.clone(), format!("tampered{}", self.rng.gen_range(0..100)))
+            Op::put(
+                key.clone(),
+                format!("tampered{}", self.rng.gen_range(0..100)),
+            )
         };
         if self
             .operator
@@ -532,7 +569,9 @@ impl World {
         let head = self.source.lock().unwrap().revision();
         self.source.lock().unwrap().compact(head);
         self.fault("mass_rewrite");
-        self.note(format!("source prefix emptied, refilled and compacted at {head}"));
+        self.note(format!(
+            "source prefix emptied, refilled and compacted at {head}"
+        ));
     }
 
     fn replace_source(&mut self) {
@@ -573,7 +612,11 @@ impl World {
                     .events
                     .iter()
                     .map(|e| match e.kind {
-                        EventType::Put => format!("put {}={}", String::from_utf8_lossy(&e.kv.key), String::from_utf8_lossy(&e.kv.value)),
+                        EventType::Put => format!(
+                            "put {}={}",
+                            String::from_utf8_lossy(&e.kv.key),
+                            String::from_utf8_lossy(&e.kv.value)
+                        ),
                         EventType::Delete => format!("del {}", String::from_utf8_lossy(&e.kv.key)),
                     })
                     .collect();
@@ -587,7 +630,8 @@ impl World {
                 changed = true;
                 match event.kind {
                     EventType::Put => {
-                        self.source_now.insert(suffix.to_vec(), event.kv.value.clone());
+                        self.source_now
+                            .insert(suffix.to_vec(), event.kv.value.clone());
                     }
                     EventType::Delete => {
                         self.source_now.remove(suffix);
@@ -653,14 +697,23 @@ impl World {
                     match e.kind {
                         EventType::Put if key.ends_with("/checkpoint") => format!(
                             "checkpoint={:?}",
-                            serde_json::from_slice::<Checkpoint>(&e.kv.value).map(|c| c.last_synced_rev).ok()
+                            serde_json::from_slice::<Checkpoint>(&e.kv.value)
+                                .map(|c| c.last_synced_rev)
+                                .ok()
                         ),
-                        EventType::Put => format!("put {key}={}", String::from_utf8_lossy(&e.kv.value)),
+                        EventType::Put => {
+                            format!("put {key}={}", String::from_utf8_lossy(&e.kv.value))
+                        }
                         EventType::Delete => format!("del {key}"),
                     }
                 })
                 .collect();
-            eprintln!("    dest rev {} by {}: {}", commit.revision, commit.by, summary.join(", "));
+            eprintln!(
+                "    dest rev {} by {}: {}",
+                commit.revision,
+                commit.by,
+                summary.join(", ")
+            );
         }
         let checkpoint_key = self.keys.checkpoint().into_bytes();
         let marker_key = self.keys.full_sync().into_bytes();
@@ -694,7 +747,11 @@ impl World {
         let mirror_before: BTreeSet<Vec<u8>> = if marker_before {
             BTreeSet::new()
         } else {
-            self.dest_now.keys().filter(|k| self.in_mirror(k)).cloned().collect()
+            self.dest_now
+                .keys()
+                .filter(|k| self.in_mirror(k))
+                .cloned()
+                .collect()
         };
         let mut deleted_in_mirror = Vec::new();
         for event in &commit.events {
@@ -796,7 +853,9 @@ impl World {
             if marker_after || checkpoint.partial_revision.is_some() {
                 return Ok(());
             }
-            let Some(expected) = self.source_at(checkpoint.source_cluster_id, checkpoint.last_synced_rev) else {
+            let Some(expected) =
+                self.source_at(checkpoint.source_cluster_id, checkpoint.last_synced_rev)
+            else {
                 return Ok(());
             };
             let actual = self.dest_prefix_state();
@@ -846,8 +905,7 @@ impl World {
             .collect();
         let checkpoint_ok = self
             .dest_now
-            .get(self.keys.checkpoint().as_bytes())
-            .is_some()
+            .contains_key(self.keys.checkpoint().as_bytes())
             && !self.dest_now.contains_key(self.keys.full_sync().as_bytes());
         checkpoint_ok && self.dest_prefix_state() == expected
     }
@@ -861,14 +919,13 @@ impl World {
                 self.start(index);
             }
         }
-        if self.promoted_until.is_some_and(|at| at <= Instant::now()) {
-            if etcd_syncer::ops::admin::undo_promote(&self.operator, META, JOB)
+        if self.promoted_until.is_some_and(|at| at <= Instant::now())
+            && etcd_syncer::ops::admin::undo_promote(&self.operator, META, JOB)
                 .await
                 .is_ok()
-            {
-                self.promoted_until = None;
-                self.note("promote --undo".into());
-            }
+        {
+            self.promoted_until = None;
+            self.note("promote --undo".into());
         }
     }
 
@@ -1031,9 +1088,17 @@ fn simulation() {
     }
     let seeds = env_u64("SIM_SEEDS").unwrap_or(1000);
     let first = env_u64("SIM_FIRST_SEED").unwrap_or(1);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8) as u64;
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8) as u64;
     let next = Arc::new(std::sync::atomic::AtomicU64::new(first));
-    let totals = Arc::new(Mutex::new((Duration::ZERO, BTreeMap::<&'static str, u64>::new(), 0u64, 0u64, 0u64)));
+    let totals = Arc::new(Mutex::new((
+        Duration::ZERO,
+        BTreeMap::<&'static str, u64>::new(),
+        0u64,
+        0u64,
+        0u64,
+    )));
     let failures = Arc::new(Mutex::new(Vec::new()));
     let started = std::time::Instant::now();
     std::thread::scope(|scope| {

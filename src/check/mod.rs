@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 use crate::etcd::api::{Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster, FailureKind};
 use crate::etcd::meta::read_job_meta;
-use crate::model::Side;
+use crate::etcd::pager::{next_page, spawn_pager, PageError};
 use crate::model::diff::{Difference, SortedMerge, Step};
 use crate::model::keys::{KeyRewrite, MetaKeys};
-use crate::etcd::pager::{next_page, spawn_pager, PageError};
+use crate::model::Side;
 
 /// Differing keys kept for repair and re-checking; counts stay exact beyond it.
 pub const MAX_KEPT_DIFFERENCES: usize = 10_000;
@@ -390,7 +390,9 @@ pub async fn read_keys_at(
     for chunk in suffixes.chunks(64) {
         let ops: Vec<Op> = chunk
             .iter()
-            .map(|suffix| Op::Range(RangeRequest::key(key_of(suffix)).at_revision(revision.unwrap_or(0))))
+            .map(|suffix| {
+                Op::Range(RangeRequest::key(key_of(suffix)).at_revision(revision.unwrap_or(0)))
+            })
             .collect();
         let response = cluster
             .txn("read keys", TxnRequest::new().and_then(ops))

@@ -70,8 +70,14 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
     else {
         return Ok(());
     };
-    let Some(dest) =
-        connect_with_retry(&settings.destination, &settings, &job_metrics, &health, &cancel).await?
+    let Some(dest) = connect_with_retry(
+        &settings.destination,
+        &settings,
+        &job_metrics,
+        &health,
+        &cancel,
+    )
+    .await?
     else {
         return Ok(());
     };
@@ -317,7 +323,10 @@ mod tests {
         let watchdog = async {
             for _ in 0..60 {
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                assert!(health.wedged_jobs().is_empty(), "liveness failed while connecting");
+                assert!(
+                    health.wedged_jobs().is_empty(),
+                    "liveness failed while connecting"
+                );
             }
             cancel.cancel();
         };

@@ -167,7 +167,10 @@ pub enum Op {
         lease: i64,
     },
     /// One key (`range_end` empty) or `[key, range_end)`.
-    Delete { key: Vec<u8>, range_end: Vec<u8> },
+    Delete {
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+    },
 }
 
 impl Op {

@@ -310,7 +310,8 @@ impl Cluster {
     }
 
     pub async fn lease_revoke(&self, id: i64) -> Result<(), ClientError> {
-        self.call("revoke lease", self.backend.lease_revoke(id)).await
+        self.call("revoke lease", self.backend.lease_revoke(id))
+            .await
     }
 
     /// The cluster's id and current revision, read from a count-only range

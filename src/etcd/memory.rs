@@ -222,7 +222,7 @@ impl Store {
             })
             .collect();
         if request.newest_created_first {
-            kvs.sort_by(|a, b| b.create_revision.cmp(&a.create_revision));
+            kvs.sort_by_key(|kv| std::cmp::Reverse(kv.create_revision));
         }
         let count = kvs.len() as i64;
         let limit = if request.limit > 0 {
@@ -396,7 +396,10 @@ impl Store {
                 }
                 Op::Delete { key, range_end } => {
                     let doomed: Vec<Vec<u8>> = if range_end.is_empty() {
-                        self.live(key).map(|kv| kv.key.clone()).into_iter().collect()
+                        self.live(key)
+                            .map(|kv| kv.key.clone())
+                            .into_iter()
+                            .collect()
                     } else {
                         self.keys_in(key, range_end)
                             .filter(|(_, v)| live_at(v, self.revision).is_some())
@@ -447,7 +450,13 @@ impl Store {
         self.revision = revision;
         self.log.insert(revision, events.clone());
         for watcher in &self.watchers {
-            send_events(watcher, revision, &events, self.cluster_id);
+            send_events(
+                watcher,
+                revision,
+                &events,
+                self.cluster_id,
+                self.fragment_events,
+            );
         }
         self.commits.push(CommitRecord {
             revision,
@@ -486,7 +495,13 @@ impl Store {
         }
         if start > 0 {
             for (revision, events) in self.log.range(start..) {
-                send_events(&watcher, *revision, events, self.cluster_id);
+                send_events(
+                    &watcher,
+                    *revision,
+                    events,
+                    self.cluster_id,
+                    self.fragment_events,
+                );
             }
         }
         self.watchers.push(watcher);
@@ -588,7 +603,13 @@ fn in_range(candidate: &[u8], key: &[u8], range_end: &[u8]) -> bool {
     candidate >= key && (range_end == [0] || candidate < range_end)
 }
 
-fn send_events(watcher: &Watcher, revision: i64, events: &[Event], cluster_id: u64) {
+fn send_events(
+    watcher: &Watcher,
+    revision: i64,
+    events: &[Event],
+    cluster_id: u64,
+    fragment_events: usize,
+) {
     let mine: Vec<Event> = events
         .iter()
         .filter(|e| in_range(&e.kv.key, &watcher.key, &watcher.range_end))
@@ -601,9 +622,9 @@ fn send_events(watcher: &Watcher, revision: i64, events: &[Event], cluster_id: u
         cluster_id,
         revision,
     };
+    // etcd fragments by bytes; a count makes fragments common in tests.
     let chunk = if watcher.fragment {
-        // The real limit is bytes; a count makes fragments common in tests.
-        4.max(1)
+        fragment_events.max(1)
     } else {
         usize::MAX
     };
@@ -729,7 +750,9 @@ impl Link {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock is a test failure already; keep going.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A shared store.
@@ -812,7 +835,9 @@ impl Etcd for MemoryEtcd {
                 epoch,
                 broken: self.link.epoch.subscribe(),
             };
-            self.link.answer(Ok(Box::new(stream) as Box<dyn WatchStream>)).await
+            self.link
+                .answer(Ok(Box::new(stream) as Box<dyn WatchStream>))
+                .await
         }
         .boxed()
     }
@@ -834,7 +859,9 @@ impl Etcd for MemoryEtcd {
                 id,
                 epoch: *self.link.epoch.borrow(),
             };
-            self.link.answer(Ok(Box::new(keeper) as Box<dyn LeaseKeeper>)).await
+            self.link
+                .answer(Ok(Box::new(keeper) as Box<dyn LeaseKeeper>))
+                .await
         }
         .boxed()
     }
@@ -996,9 +1023,25 @@ mod tests {
                 target,
             }])
         };
-        assert!(etcd.txn(on_missing(CompareTarget::Version(0))).await.unwrap().succeeded);
-        assert!(etcd.txn(on_missing(CompareTarget::CreateRevision(0))).await.unwrap().succeeded);
-        assert!(!etcd.txn(on_missing(CompareTarget::Value(Vec::new()))).await.unwrap().succeeded);
+        assert!(
+            etcd.txn(on_missing(CompareTarget::Version(0)))
+                .await
+                .unwrap()
+                .succeeded
+        );
+        assert!(
+            etcd.txn(on_missing(CompareTarget::CreateRevision(0)))
+                .await
+                .unwrap()
+                .succeeded
+        );
+        assert!(
+            !etcd
+                .txn(on_missing(CompareTarget::Value(Vec::new())))
+                .await
+                .unwrap()
+                .succeeded
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1006,7 +1049,8 @@ mod tests {
         let store = new_store(7);
         store.lock().unwrap().max_txn_ops = 2;
         let etcd = client(&store);
-        let many = TxnRequest::new().and_then(vec![Op::put("a", ""), Op::put("b", ""), Op::put("c", "")]);
+        let many =
+            TxnRequest::new().and_then(vec![Op::put("a", ""), Op::put("b", ""), Op::put("c", "")]);
         let error = etcd.txn(many).await.unwrap_err().to_string();
         assert!(error.contains("too many operations"), "{error}");
         let dup = TxnRequest::new().and_then(vec![Op::put("a", "1"), Op::delete("a")]);
@@ -1031,10 +1075,16 @@ mod tests {
             crate::etcd::client::classify(&error),
             crate::etcd::FailureKind::Compacted
         );
-        let at3 = etcd.range(RangeRequest::key("/a").at_revision(3)).await.unwrap();
+        let at3 = etcd
+            .range(RangeRequest::key("/a").at_revision(3))
+            .await
+            .unwrap();
         assert_eq!(at3.kvs[0].value, b"2");
         // The oracle still knows.
-        assert_eq!(store.lock().unwrap().state_at(2)[b"/a".as_slice()].value, b"1");
+        assert_eq!(
+            store.lock().unwrap().state_at(2)[b"/a".as_slice()].value,
+            b"1"
+        );
         // A watch from before the compaction is canceled with its revision.
         let mut watch = etcd
             .watch(WatchRequest {
@@ -1102,12 +1152,19 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert_eq!(keeper.keep_alive().await.unwrap(), 5);
         tokio::time::sleep(Duration::from_secs(4)).await;
-        assert_eq!(etcd.range(RangeRequest::prefix(b"/")).await.unwrap().count, 2);
+        assert_eq!(
+            etcd.range(RangeRequest::prefix(b"/")).await.unwrap().count,
+            2
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
         let revision_before = store.lock().unwrap().revision();
         let after = etcd.range(RangeRequest::prefix(b"/")).await.unwrap();
         assert_eq!(after.count, 0);
-        assert_eq!(after.header.revision, revision_before + 1, "one revision for both keys");
+        assert_eq!(
+            after.header.revision,
+            revision_before + 1,
+            "one revision for both keys"
+        );
         assert_eq!(keeper.keep_alive().await.unwrap(), 0);
     }
 
@@ -1120,11 +1177,16 @@ mod tests {
             frozen: true,
             ..Faults::default()
         });
-        let attempt = tokio::time::timeout(Duration::from_secs(1), etcd.txn(put("/late", "x"))).await;
+        let attempt =
+            tokio::time::timeout(Duration::from_secs(1), etcd.txn(put("/late", "x"))).await;
         assert!(attempt.is_err(), "held while frozen");
         assert_eq!(store.lock().unwrap().revision(), 1);
         link.set_faults(Faults::default());
         tokio::time::sleep(Duration::from_millis(1)).await;
-        assert_eq!(store.lock().unwrap().revision(), 2, "applied after the thaw");
+        assert_eq!(
+            store.lock().unwrap().revision(),
+            2,
+            "applied after the thaw"
+        );
     }
 }

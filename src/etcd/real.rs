@@ -119,7 +119,8 @@ fn txn_op(op: Op) -> etcd_client::TxnOp {
             etcd_client::TxnOp::put(key, value, options)
         }
         Op::Delete { key, range_end } => {
-            let options = (!range_end.is_empty()).then(|| DeleteOptions::new().with_range(range_end));
+            let options =
+                (!range_end.is_empty()).then(|| DeleteOptions::new().with_range(range_end));
             etcd_client::TxnOp::delete(key, options)
         }
     }

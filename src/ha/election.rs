@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 
 use crate::etcd::api::{Compare, CompareOp, EventType, Op, RangeRequest, TxnRequest, WatchRequest};
 use crate::etcd::client::{ClientError, Cluster};
-use crate::model::keys::MetaKeys;
 use crate::mirror::meta::LockFence;
+use crate::model::keys::MetaKeys;
 use crate::model::schema::{now_rfc3339, LockValue};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,6 @@ impl ElectionError {
         }
     }
 }
-
 
 /// One lease shared by every job of this instance.
 pub struct Session {

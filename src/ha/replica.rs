@@ -12,9 +12,9 @@ use tracing::{error, info, warn};
 use crate::ha::election::{
     campaign, queued_instances, release, ElectionError, Leadership, Session, SessionManager,
 };
-use crate::telemetry::metrics::JobState;
 use crate::mirror::meta::Fence;
 use crate::mirror::{run_job, Action, JobContext, JobError};
+use crate::telemetry::metrics::JobState;
 
 /// What every replica of this instance shares.
 pub struct Instance {
@@ -246,7 +246,8 @@ mod tests {
 
     fn instance(total_jobs: usize, leading: usize) -> Arc<Instance> {
         let store = crate::etcd::memory::new_store(1);
-        let client = crate::etcd::memory::MemoryEtcd::new(store, crate::etcd::memory::Link::new("t", 1));
+        let client =
+            crate::etcd::memory::MemoryEtcd::new(store, crate::etcd::memory::Link::new("t", 1));
         let dest = crate::etcd::Cluster::with_backend(
             crate::model::Side::Destination,
             "memory",

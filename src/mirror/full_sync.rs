@@ -17,14 +17,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::model::batch::Mutation;
-use crate::model::diff::{Difference, SortedMerge, Step};
 use crate::etcd::api::{Op, RangeRequest};
+use crate::etcd::pager::{next_page, spawn_pager};
 use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker, JobMeta, KeyGuard};
-use crate::model::schema::{prune_allowance, PruneBlock};
 use crate::mirror::writer::{TxnOutcome, UnorderedWrites};
 use crate::mirror::{JobContext, JobError, SlowPathReason};
-use crate::etcd::pager::{next_page, spawn_pager};
+use crate::model::batch::Mutation;
+use crate::model::diff::{Difference, SortedMerge, Step};
+use crate::model::schema::{prune_allowance, PruneBlock};
 
 /// Where the destination stands once a full sync has committed.
 #[derive(Debug, Clone)]
@@ -183,7 +183,9 @@ async fn begin(
     let meta_inside = ctx.meta_prefix.starts_with(dest_prefix);
     let mut ops = vec![Op::Range(RangeRequest::prefix(dest_prefix).count_only())];
     if meta_inside {
-        ops.push(Op::Range(RangeRequest::prefix(&ctx.meta_prefix).count_only()));
+        ops.push(Op::Range(
+            RangeRequest::prefix(&ctx.meta_prefix).count_only(),
+        ));
     }
     let marker_bytes = marker.encode();
     ops.extend([
@@ -200,7 +202,11 @@ async fn begin(
     if marker.baseline_dest_keys.is_none() {
         let counts: Vec<i64> = response.ranges().map(|r| r.count).collect();
         let in_prefix = counts.first().copied().unwrap_or(0);
-        let meta_keys = if meta_inside { counts.get(1).copied().unwrap_or(0) } else { 0 };
+        let meta_keys = if meta_inside {
+            counts.get(1).copied().unwrap_or(0)
+        } else {
+            0
+        };
         marker.baseline_dest_keys = Some((in_prefix - meta_keys).max(0) as u64);
         marker.baseline_revision = Some(response.header.revision);
         update_marker(ctx, &mut guard, marker).await?;

@@ -236,14 +236,20 @@ async fn read_repair(
     }
     let suffixes: Vec<Vec<u8>> = report.differences.iter().map(|(s, _)| s.clone()).collect();
     let to_source = |s: &[u8]| ctx.rewrite.suffix_to_source(s);
-    let values =
-        match crate::check::read_keys_at(&ctx.source, &suffixes, to_source, Some(at_revision)).await {
-            Ok(values) => values,
-            // That history is gone; the watch is about to report the
-            // compaction, and the next check will find what still differs.
-            Err(error) if error.kind() == FailureKind::Compacted => return Ok(None),
-            Err(error) => return Err(error.into()),
-        };
+    let values = match crate::check::read_keys_at(
+        &ctx.source,
+        &suffixes,
+        to_source,
+        Some(at_revision),
+    )
+    .await
+    {
+        Ok(values) => values,
+        // That history is gone; the watch is about to report the
+        // compaction, and the next check will find what still differs.
+        Err(error) if error.kind() == FailureKind::Compacted => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
     let mutations = report
         .differences
         .iter()

@@ -4,8 +4,8 @@
 
 use crate::etcd::api::{Compare, CompareOp};
 
-use crate::model::keys::MetaKeys;
 pub use crate::etcd::meta::read_job_meta;
+use crate::model::keys::MetaKeys;
 pub use crate::model::schema::{now_rfc3339, Checkpoint, FullSyncMarker, JobMeta};
 
 /// What a key must hold for a txn to apply: the value we last saw or wrote,
@@ -21,7 +21,9 @@ impl KeyGuard {
         match self {
             // etcd fails every value compare on a missing key, so absence is version 0.
             KeyGuard::Absent => Compare::version(key.as_bytes(), CompareOp::Equal, 0),
-            KeyGuard::Holds(value) => Compare::value(key.as_bytes(), CompareOp::Equal, value.clone()),
+            KeyGuard::Holds(value) => {
+                Compare::value(key.as_bytes(), CompareOp::Equal, value.clone())
+            }
         }
     }
 
@@ -89,8 +91,6 @@ impl JobMeta {
         KeyGuard::of(self.full_sync_raw.as_deref())
     }
 }
-
-
 
 #[cfg(test)]
 mod tests {

@@ -28,14 +28,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::config::{CheckSettings, JobSettings, Side, Tuning, TxnLimits};
 use crate::etcd::api::{Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster, ClusterHead, FailureKind};
-use crate::config::{CheckSettings, JobSettings, Side, Tuning, TxnLimits};
-use crate::telemetry::health::Health;
-use crate::model::keys::{prefixes_overlap, KeyRewrite, MetaKeys};
-use crate::telemetry::metrics::{JobMetrics, JobState};
 use crate::mirror::meta::{now_rfc3339, read_job_meta, Checkpoint, Fence, JobMeta, KeyGuard};
 use crate::mirror::writer::DestWriter;
+use crate::model::keys::{prefixes_overlap, KeyRewrite, MetaKeys};
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::{JobMetrics, JobState};
 
 /// Everything one job needs, shared by its phases.
 #[derive(Clone)]
@@ -128,7 +128,9 @@ impl From<crate::etcd::pager::PageError> for JobError {
         match error {
             crate::etcd::pager::PageError::Client(error) => JobError::Client(error),
             crate::etcd::pager::PageError::Cancelled => JobError::Cancelled,
-            other @ crate::etcd::pager::PageError::StoppedEarly => JobError::Internal(other.to_string()),
+            other @ crate::etcd::pager::PageError::StoppedEarly => {
+                JobError::Internal(other.to_string())
+            }
         }
     }
 }

@@ -116,4 +116,3 @@ fn record(ctx: &JobContext, report: &CheckReport) {
         );
     }
 }
-

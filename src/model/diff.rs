@@ -23,7 +23,10 @@ pub enum Difference {
     /// At the source, not at the destination ("dst miss").
     MissingAtDest { suffix: Vec<u8>, value: Vec<u8> },
     /// At the destination only ("src miss").
-    ExtraAtDest { suffix: Vec<u8>, create_revision: i64 },
+    ExtraAtDest {
+        suffix: Vec<u8>,
+        create_revision: i64,
+    },
     /// On both sides with different values; `value` is the source's.
     ValueDiffers { suffix: Vec<u8>, value: Vec<u8> },
 }
@@ -101,7 +104,8 @@ impl SortedMerge {
             }
             (Some(source), Some(dest)) => match source.suffix.cmp(&dest.suffix) {
                 std::cmp::Ordering::Less => {
-                    let Entry { suffix, value, .. } = self.source.pop_front().expect("front checked");
+                    let Entry { suffix, value, .. } =
+                        self.source.pop_front().expect("front checked");
                     Step::Differ(Difference::MissingAtDest { suffix, value })
                 }
                 std::cmp::Ordering::Greater => {

@@ -217,7 +217,10 @@ mod tests {
             max_prune_ratio: 0.5,
             at: "t".into(),
         };
-        assert!(!block.overridden_by(0.5, false), "a retry with the same ratio");
+        assert!(
+            !block.overridden_by(0.5, false),
+            "a retry with the same ratio"
+        );
         assert!(!block.overridden_by(0.25, false));
         assert!(block.overridden_by(0.75, false), "a higher ratio");
         assert!(block.overridden_by(0.5, true), "a reset");

@@ -11,9 +11,9 @@ use serde::Serialize;
 
 use crate::etcd::api::{Compare, CompareOp, Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster};
-use crate::model::schema::LockValue;
-use crate::model::keys::MetaKeys;
 use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker};
+use crate::model::keys::MetaKeys;
+use crate::model::schema::LockValue;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {

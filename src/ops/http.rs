@@ -146,10 +146,12 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 async fn status_handler(State(state): State<AppState>) -> impl IntoResponse {
     let view = &state.status;
     let (destination, error) = match view.dest.get() {
-        Some(dest) => match crate::ops::admin::collect_status(dest, &view.meta_prefix, None).await {
-            Ok(statuses) => (statuses, None),
-            Err(error) => (Vec::new(), Some(error.to_string())),
-        },
+        Some(dest) => {
+            match crate::ops::admin::collect_status(dest, &view.meta_prefix, None).await {
+                Ok(statuses) => (statuses, None),
+                Err(error) => (Vec::new(), Some(error.to_string())),
+            }
+        }
         None => (
             Vec::new(),
             Some("destination not connected yet".to_string()),

@@ -11,7 +11,6 @@ use clap::ValueEnum;
 
 use tracing_subscriber::EnvFilter;
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
