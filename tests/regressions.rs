@@ -128,17 +128,17 @@ const NO_CHECKS: CheckSettings = CheckSettings {
 async fn the_pipeline_refuses_to_move_the_checkpoint_back() {
     let (source, dest) = (new_store(1), new_store(2));
     let ctx = context(&source, &dest, NO_CHECKS, 1.0);
-    let mut pipeline = Pipeline::new(&ctx, 1, KeyGuard::Absent, 10);
+    let mut pipeline = Pipeline::new(&ctx, 1, KeyGuard::Absent, 10, None);
     let empty = |through_revision| Batch {
         mutations: Vec::new(),
         through_revision,
         partial_revision: None,
     };
-    pipeline.send(empty(12)).expect("forward is fine");
+    pipeline.send(empty(12), None).expect("forward is fine");
     pipeline
-        .send(empty(12))
+        .send(empty(12), None)
         .expect("the same revision is fine (a repair)");
-    let refused = pipeline.send(empty(11)).unwrap_err();
+    let refused = pipeline.send(empty(11), None).unwrap_err();
     assert!(matches!(refused, JobError::Internal(_)), "{refused}");
     assert_eq!(pipeline.tail_revision(), 12);
 }

@@ -174,6 +174,8 @@ impl World {
         for store in [&source, &dest] {
             store.lock().unwrap().max_txn_ops = profile.max_ops.max(4) + 4;
         }
+        // The source runs an etcd with etcd-io/etcd#18089, as 3.4.23 and 3.5.1 do.
+        source.lock().unwrap().loses_delete_at_compaction = true;
         let writer = MemoryEtcd::new(source.clone(), Link::new("writer", seed ^ 1));
         let operator = Cluster::with_backend(
             Side::Destination,
@@ -487,6 +489,8 @@ impl World {
             }
             87 => self.mass_rewrite().await,
             88 if self.rng.gen_bool(0.25) => self.replace_source(),
+            89 if self.rng.gen_bool(0.25) => self.rebuild_source_same_id().await,
+            90..=91 => self.compact_after_checkpoint().await,
             _ => self.write_source().await,
         }
     }
@@ -591,6 +595,65 @@ impl World {
             .insert(new_id, BTreeMap::from([(1, Arc::new(Prefix::new()))]));
         self.fault("source_replaced");
         self.note(format!("source replaced by cluster {new_id:x}"));
+    }
+
+    /// The source rebuilt from scratch with the same identity (cluster id):
+    /// it takes new writes until its revision passes the old checkpoint.
+    async fn rebuild_source_same_id(&mut self) {
+        let (id, old_revision) = {
+            let mut store = self.source.lock().unwrap();
+            let (id, revision) = (store.cluster_id(), store.revision());
+            let mut fresh = Store::new(id);
+            fresh.max_txn_ops = store.max_txn_ops;
+            fresh.loses_delete_at_compaction = store.loses_delete_at_compaction;
+            drop(std::mem::replace(&mut *store, fresh));
+            (id, revision)
+        };
+        for replica in &self.replicas {
+            replica.src_link.break_streams();
+        }
+        self.source_now.clear();
+        self.source_history
+            .insert(id, BTreeMap::from([(1, Arc::new(Prefix::new()))]));
+        for i in 0..old_revision + 2 {
+            let key = if i % 3 == 0 {
+                format!("{SOURCE_PREFIX}k{:02}", self.rng.gen_range(0..KEY_SPACE))
+            } else {
+                format!("/other/{i}")
+            };
+            let _ = self
+                .writer
+                .txn(TxnRequest::new().and_then(vec![Op::put(key, format!("rebuilt{i}"))]))
+                .await;
+        }
+        self.fault("source_rebuilt_same_id");
+        self.note(format!("source rebuilt with the same cluster id {id:x}, revision passed {old_revision}"));
+    }
+
+    /// Compacts the source exactly one revision past the destination's
+    /// checkpoint and breaks the replicas' watches, so a resume watches from
+    /// the compaction revision (where etcd-io/etcd#18089 loses a DELETE).
+    async fn compact_after_checkpoint(&mut self) {
+        let Some(checkpoint) = self
+            .dest_now
+            .get(self.keys.checkpoint().as_bytes())
+            .and_then(|v| serde_json::from_slice::<Checkpoint>(v).ok())
+        else {
+            return;
+        };
+        let at = checkpoint.last_synced_rev + 1;
+        {
+            let mut store = self.source.lock().unwrap();
+            if store.cluster_id() != checkpoint.source_cluster_id || at > store.revision() {
+                return;
+            }
+            store.compact(at);
+        }
+        for replica in &self.replicas {
+            replica.src_link.break_streams();
+        }
+        self.fault("compaction_at_checkpoint_plus_one");
+        self.note(format!("compact source at {at}, checkpoint + 1, and reset the watches"));
     }
 
     fn source_at(&self, cluster_id: u64, revision: i64) -> Option<&Prefix> {
@@ -849,7 +912,11 @@ impl World {
             }
         }
         // Invariant 2: a checkpointed state is the source at that revision.
-        if let Some(checkpoint) = checkpoint {
+        // Checked where the syncer claims it: every commit that writes the
+        // checkpoint (a source rebuilt with the same id has another history
+        // at the old revisions, which the destination never claimed).
+        let writes_checkpoint = commit.events.iter().any(|e| e.kv.key == checkpoint_key);
+        if let Some(checkpoint) = checkpoint.filter(|_| writes_checkpoint) {
             if marker_after || checkpoint.partial_revision.is_some() {
                 return Ok(());
             }

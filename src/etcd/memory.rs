@@ -117,6 +117,10 @@ pub struct Store {
     pub max_request_bytes: usize,
     /// Events per watch response when fragmenting.
     pub fragment_events: usize,
+    /// Reproduce etcd-io/etcd#18089 (etcd before 3.4.36 / 3.5.18): a watch
+    /// that starts exactly at the compaction revision does not get a DELETE
+    /// made at that revision.
+    pub loses_delete_at_compaction: bool,
     commits: Vec<CommitRecord>,
     /// Range requests served (paging, heads, txn reads excluded), so tests
     /// can tell a re-scan from a poll.
@@ -138,6 +142,7 @@ impl Store {
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             fragment_events: 4,
+            loses_delete_at_compaction: false,
             commits: Vec::new(),
             reads: 0,
         }
@@ -196,10 +201,16 @@ impl Store {
     }
 
     fn range(&self, request: &RangeRequest) -> EtcdResult<RangeResponse> {
+        self.range_up_to(request, self.revision)
+    }
+
+    /// A range whose newest readable revision is `head` (inside a txn, the
+    /// txn's own revision, so its reads see its earlier writes).
+    fn range_up_to(&self, request: &RangeRequest, head: i64) -> EtcdResult<RangeResponse> {
         let revision = if request.revision > 0 {
             request.revision
         } else {
-            self.revision
+            head
         };
         if revision < self.compact_revision {
             return Err(status(
@@ -207,7 +218,7 @@ impl Store {
                 "etcdserver: mvcc: required revision has been compacted",
             ));
         }
-        if revision > self.revision {
+        if revision > head {
             return Err(status(
                 Code::OutOfRange,
                 "etcdserver: mvcc: required revision is a future revision",
@@ -354,11 +365,10 @@ impl Store {
         for op in ops {
             match op {
                 Op::Range(range) => {
-                    // Reads inside a txn see the txn's earlier writes.
-                    let mut view = self.range(&RangeRequest {
-                        revision: 0,
-                        ..range.clone()
-                    })?;
+                    // A read at a revision is served at that revision; a
+                    // read of the latest sees the txn's earlier writes.
+                    let head = if events.is_empty() { self.revision } else { next };
+                    let mut view = self.range_up_to(range, head)?;
                     view.header.revision = next;
                     responses.push(OpResponse::Range(view));
                 }
@@ -495,6 +505,20 @@ impl Store {
         }
         if start > 0 {
             for (revision, events) in self.log.range(start..) {
+                let lost_delete = self.loses_delete_at_compaction
+                    && start == self.compact_revision
+                    && *revision == self.compact_revision;
+                let kept: Vec<Event>;
+                let events = if lost_delete {
+                    kept = events
+                        .iter()
+                        .filter(|e| e.kind != EventType::Delete)
+                        .cloned()
+                        .collect();
+                    &kept
+                } else {
+                    events
+                };
                 send_events(
                     &watcher,
                     *revision,
@@ -518,11 +542,13 @@ impl Store {
     }
 
     fn grant(&mut self, ttl: i64, id: i64, now: Instant) -> EtcdResult<i64> {
+        // etcd picks IDs that are never handed out twice.
         let id = if id == 0 {
             while self.leases.contains_key(&self.next_lease_id) {
                 self.next_lease_id += 1;
             }
-            self.next_lease_id
+            self.next_lease_id += 1;
+            self.next_lease_id - 1
         } else {
             id
         };
@@ -1132,6 +1158,30 @@ mod tests {
         let progress = watch.message().await.unwrap().unwrap();
         assert!(progress.events.is_empty());
         assert_eq!(progress.header.revision, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_compaction_revision_bug_can_be_reproduced() {
+        let store = new_store(7);
+        store.lock().unwrap().loses_delete_at_compaction = true;
+        let etcd = client(&store);
+        etcd.txn(put("/a", "1")).await.unwrap(); // 2
+        etcd.txn(TxnRequest::new().and_then(vec![Op::delete("/a")]))
+            .await
+            .unwrap(); // 3
+        store.lock().unwrap().compact(3);
+        let mut watch = etcd
+            .watch(WatchRequest {
+                key: b"/a".to_vec(),
+                start_revision: 3,
+                ..WatchRequest::default()
+            })
+            .await
+            .unwrap();
+        assert!(watch.message().await.unwrap().unwrap().created);
+        watch.request_progress().await.unwrap();
+        let next = watch.message().await.unwrap().unwrap();
+        assert!(next.events.is_empty(), "the delete at 3 is lost, as in etcd#18089");
     }
 
     #[tokio::test(start_paused = true)]

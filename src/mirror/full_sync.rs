@@ -90,6 +90,7 @@ pub async fn run(
         baseline_revision: inherited.as_ref().and_then(|m| m.baseline_revision),
         prune_blocked: None,
     };
+    let pinned_fingerprint = source_fingerprint(ctx, pinned_rev).await?;
     let mut marker_guard = begin(ctx, meta, &mut marker).await?;
     info!(job = %ctx.job.name, pinned_revision = pinned_rev, %reason, baseline_dest_keys = marker.baseline_dest_keys, "Full sync started.");
 
@@ -148,6 +149,14 @@ pub async fn run(
         counts.put += delete_counts.put;
     }
 
+    // Every page was read "at R"; make sure R still means the same history
+    // (a source rebuilt with the same cluster id mid-sync has another one).
+    if source_fingerprint(ctx, pinned_rev).await? != pinned_fingerprint {
+        return Err(JobError::SourceChanged {
+            pinned_rev,
+            what: "the key count or first key at the pinned revision changed during the full sync",
+        });
+    }
     let synced = finish(ctx, &marker_guard, pinned_rev, head.cluster_id).await?;
     let elapsed = started.elapsed();
     info!(
@@ -162,6 +171,23 @@ pub async fn run(
         "Full sync finished."
     );
     Ok(synced)
+}
+
+/// The source prefix at `revision`, cheaply: its key count and its first
+/// key's mod revision.
+async fn source_fingerprint(ctx: &JobContext, revision: i64) -> Result<(i64, Option<(Vec<u8>, i64)>), JobError> {
+    let first = ctx
+        .source
+        .range(
+            "fingerprint the pinned revision",
+            RangeRequest::prefix(ctx.rewrite.source_prefix())
+                .at_revision(revision)
+                .with_limit(1)
+                .keys_only(),
+        )
+        .await?;
+    let key = first.kvs.into_iter().next().map(|kv| (kv.key, kv.mod_revision));
+    Ok((first.count, key))
 }
 
 /// Pins the full sync: the marker goes in and the checkpoint goes out in one
@@ -256,6 +282,7 @@ async fn finish(
         dest_prefix: Some(String::from_utf8_lossy(ctx.rewrite.dest_prefix()).into_owned()),
         partial_revision: None,
         write_id: rand::random(),
+        last_event: None,
     };
     let checkpoint_bytes = checkpoint.encode();
     let ops = vec![

@@ -12,7 +12,7 @@
 //! (an empty batch) and repairs all go through it, so the checkpoint each
 //! txn carries only ever moves forward.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 // tokio's clock, so the simulator's paused time governs every deadline.
@@ -24,12 +24,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::check::CheckReport;
-use crate::etcd::api::{EventType, WatchRequest, WatchResponse};
+use crate::etcd::api::{EventType, RangeRequest, WatchRequest, WatchResponse};
 use crate::etcd::FailureKind;
 use crate::mirror::meta::KeyGuard;
 use crate::mirror::writer::{Acked, Pipeline};
 use crate::mirror::{JobContext, JobError};
 use crate::model::batch::{BatchLimits, Coalescer, Mutation, SourceRevision};
+use crate::model::schema::EventStamp;
 use crate::model::keys::{prefix_range_end, prefix_range_start};
 
 /// Room kept in every txn for the fence compares and the checkpoint put.
@@ -55,6 +56,7 @@ pub async fn run(
     ctx: &JobContext,
     committed_guard: KeyGuard,
     committed_revision: i64,
+    committed_event: Option<EventStamp>,
     source_cluster_id: u64,
     cancel: &CancellationToken,
 ) -> Result<Stopped, JobError> {
@@ -66,6 +68,28 @@ pub async fn run(
         fragment: true,
     };
     let mut stream = ctx.source.watch("create watch", request).await?;
+    // etcd-io/etcd#18089 (before 3.4.36 / 3.5.18): a watch that starts at
+    // exactly the compaction revision misses a DELETE made at it. Checked
+    // after the watch exists: if the checkpoint revision is still readable
+    // now, the compaction revision was at or below it when the watch began.
+    match ctx
+        .source
+        .range(
+            "check the history at the checkpoint",
+            RangeRequest::prefix(ctx.rewrite.source_prefix())
+                .count_only()
+                .at_revision(committed_revision),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(error) if error.kind() == FailureKind::Compacted => {
+            return Err(JobError::Compacted {
+                compact_revision: committed_revision + 1,
+            })
+        }
+        Err(error) => return Err(error.into()),
+    }
     info!(job = %ctx.job.name, from_revision = committed_revision + 1, "Watching source.");
 
     // Everything this phase starts stops with it: checks and repairs belong
@@ -89,7 +113,15 @@ pub async fn run(
             .max(1024),
     };
     let mut coalescer = Coalescer::new(limits, committed_revision);
-    let mut pipeline = Pipeline::new(ctx, source_cluster_id, committed_guard, committed_revision);
+    let mut pipeline = Pipeline::new(
+        ctx,
+        source_cluster_id,
+        committed_guard,
+        committed_revision,
+        committed_event,
+    );
+    // The last mirrored event of each revision pushed but not yet sent.
+    let mut stamps: VecDeque<(i64, EventStamp)> = VecDeque::new();
     let mut assembling: Option<SourceRevision> = None;
     let mut reported_splits = 0u64;
     let mut idle = IdleCheckpoint::new(ctx.tuning.idle_checkpoint_interval);
@@ -107,7 +139,8 @@ pub async fn run(
                     let Some(batch) = coalescer.next_batch() else {
                         break;
                     };
-                    pipeline.send(batch)?;
+                    let last_event = last_event_through(&mut stamps, &batch);
+                    pipeline.send(batch, last_event)?;
                 }
                 Some(Err(at)) => {
                     send_at = Some(at);
@@ -152,7 +185,7 @@ pub async fn run(
                 };
                 last_message = Instant::now();
                 ctx.heartbeat();
-                handle_response(ctx, response, &mut assembling, &mut coalescer, &mut idle, &mut lag, &pipeline, &mut touched_since_read)?;
+                handle_response(ctx, response, &mut assembling, &mut coalescer, &mut idle, &mut lag, &pipeline, &mut touched_since_read, &mut stamps)?;
             }
             _ = tokio::time::sleep_until(send_at.unwrap_or_else(Instant::now)), if send_at.is_some() => {}
             report = checks.recv(), if checks_open => {
@@ -197,6 +230,25 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The last mirrored event a batch completes: that of the newest revision
+/// at or below its revision. A partial batch completes no revision.
+fn last_event_through(
+    stamps: &mut VecDeque<(i64, EventStamp)>,
+    batch: &crate::model::batch::Batch,
+) -> Option<EventStamp> {
+    if batch.partial_revision.is_some() {
+        return None;
+    }
+    let mut last = None;
+    while stamps
+        .front()
+        .is_some_and(|(revision, _)| *revision <= batch.through_revision)
+    {
+        last = stamps.pop_front().map(|(_, stamp)| stamp);
+    }
+    last
 }
 
 /// Polls the operator markers (promoted, reset request) on the destination
@@ -311,6 +363,7 @@ fn handle_response(
     lag: &mut LagClock,
     pipeline: &Pipeline,
     touched: &mut Option<HashSet<Vec<u8>>>,
+    stamps: &mut VecDeque<(i64, EventStamp)>,
 ) -> Result<(), JobError> {
     if response.canceled {
         if response.compact_revision > 0 {
@@ -363,6 +416,14 @@ fn handle_response(
         };
         if let Some(touched) = touched.as_mut() {
             touched.insert(dest_key.clone());
+        }
+        let stamp = match event.kind {
+            EventType::Put => EventStamp::put(&event.kv.key, &event.kv.value, revision),
+            EventType::Delete => EventStamp::delete(&event.kv.key, revision),
+        };
+        match stamps.back_mut() {
+            Some((at, last)) if *at == revision => *last = stamp,
+            _ => stamps.push_back((revision, stamp)),
         }
         current.mutations.push(match event.kind {
             EventType::Put => Mutation::Put {

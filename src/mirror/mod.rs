@@ -103,6 +103,11 @@ pub enum JobError {
     Promoted,
     #[error("the {what} changed underneath this instance")]
     GuardMoved { what: &'static str },
+    #[error("the source's history at revision {pinned_rev} changed: {what}; starting over")]
+    SourceChanged {
+        pinned_rev: i64,
+        what: &'static str,
+    },
     #[error(
         "mass-delete guard: this full sync would delete {would_delete} of {dest_keys} destination keys, \
          more than --max-prune-ratio {max_prune_ratio} allows; nothing was deleted. If the source really \
@@ -204,6 +209,9 @@ impl JobError {
             JobError::GuardMoved { .. } => {
                 Policy::new(Action::Retry, "checkpoint_moved", Level::WARN)
             }
+            JobError::SourceChanged { .. } => {
+                Policy::new(Action::Retry, "source_changed", Level::WARN)
+            }
             JobError::PruneGuard { .. } => {
                 Policy::new(Action::NeedsOperator, "prune_guard", Level::ERROR)
             }
@@ -262,6 +270,14 @@ pub enum SlowPathReason {
         source_rev: i64,
     },
     Compacted,
+    /// The history at the checkpoint revision is compacted (etcd-io/etcd#18089).
+    CheckpointCompacted {
+        checkpoint_rev: i64,
+    },
+    /// The source's history at the checkpoint is not the destination's.
+    HistoryDiffers {
+        detail: String,
+    },
 }
 
 impl std::fmt::Display for SlowPathReason {
@@ -286,6 +302,14 @@ impl std::fmt::Display for SlowPathReason {
                 "the source revision {source_rev} is behind the checkpoint {checkpoint_rev} (restored from a backup?)"
             ),
             SlowPathReason::Compacted => write!(f, "the source compacted the history after the checkpoint"),
+            SlowPathReason::CheckpointCompacted { checkpoint_rev } => write!(
+                f,
+                "the source compacted revision {checkpoint_rev}, the checkpoint; a watch from the next revision could miss a delete there (etcd-io/etcd#18089)"
+            ),
+            SlowPathReason::HistoryDiffers { detail } => write!(
+                f,
+                "the source's history differs from what the destination reflects ({detail}); was the source rebuilt or restored with the same cluster id?"
+            ),
         }
     }
 }
@@ -444,7 +468,16 @@ async fn run_once(
         head.revision,
     );
 
-    let (guard, revision, cluster_id) = match decide(&meta, head, forced) {
+    let mut decision = decide(&meta, head, forced);
+    if let Decision::Resume(checkpoint) = &decision {
+        // The checkpoint names a revision; make sure the source still has
+        // that history, and that it is the history the destination reflects.
+        let evidence = read_resume_evidence(ctx, checkpoint).await?;
+        if let Some(reason) = verify_resume(checkpoint, &evidence) {
+            decision = Decision::FullSync(reason);
+        }
+    }
+    let (guard, revision, last_event, cluster_id) = match decision {
         Decision::Resume(checkpoint) => {
             ctx.metrics.fast_path_total.inc();
             info!(
@@ -461,6 +494,7 @@ async fn run_once(
             (
                 KeyGuard::Holds(raw),
                 checkpoint.last_synced_rev,
+                checkpoint.last_event,
                 checkpoint.source_cluster_id,
             )
         }
@@ -472,14 +506,140 @@ async fn run_once(
             (
                 KeyGuard::Holds(synced.checkpoint_bytes),
                 synced.checkpoint.last_synced_rev,
+                None,
                 synced.checkpoint.source_cluster_id,
             )
         }
     };
     ctx.metrics.set_progress(revision, head.revision);
     ctx.metrics.set_state(JobState::Watching);
-    incremental::run(ctx, guard, revision, cluster_id, cancel).await?;
+    incremental::run(ctx, guard, revision, last_event, cluster_id, cancel).await?;
     Ok(())
+}
+
+/// What the source and the destination say about a checkpoint's revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResumeEvidence {
+    /// The source compacted that revision away.
+    Compacted { compact_revision: Option<i64> },
+    Read {
+        /// Source keys in the prefix at the checkpoint revision (meta keys excluded).
+        source_keys: i64,
+        /// Destination keys in the mirrored prefix now (meta keys excluded).
+        dest_keys: i64,
+        /// The checkpoint's last event key on the source at that revision:
+        /// its mod revision and value, or `None` when absent.
+        last_event_key: Option<(i64, Vec<u8>)>,
+    },
+}
+
+/// Reads the evidence: count-only ranges on both sides and, when the
+/// checkpoint names its last event, that key at the checkpoint revision.
+async fn read_resume_evidence(
+    ctx: &JobContext,
+    checkpoint: &Checkpoint,
+) -> Result<ResumeEvidence, JobError> {
+    let at = checkpoint.last_synced_rev;
+    let source_prefix = ctx.rewrite.source_prefix();
+    let count_at = |prefix: &[u8], revision: i64| {
+        RangeRequest::prefix(prefix).count_only().at_revision(revision)
+    };
+    let counted = ctx
+        .source
+        .range("count the prefix at the checkpoint", count_at(source_prefix, at))
+        .await;
+    let mut source_keys = match counted {
+        Ok(response) => response.count,
+        Err(error) if error.kind() == FailureKind::Compacted => {
+            return Ok(ResumeEvidence::Compacted {
+                compact_revision: None,
+            })
+        }
+        Err(error) => return Err(error.into()),
+    };
+    if ctx.meta_prefix.starts_with(source_prefix) {
+        source_keys -= ctx
+            .source
+            .range("count meta keys at the checkpoint", count_at(&ctx.meta_prefix, at))
+            .await?
+            .count;
+    }
+    let dest_prefix = ctx.rewrite.dest_prefix();
+    let mut dest_keys = ctx
+        .dest
+        .range("count the mirrored prefix", count_at(dest_prefix, 0))
+        .await?
+        .count;
+    if ctx.meta_prefix.starts_with(dest_prefix) {
+        dest_keys -= ctx
+            .dest
+            .range("count meta keys", count_at(&ctx.meta_prefix, 0))
+            .await?
+            .count;
+    }
+    let mut last_event_key = None;
+    if let Some(key) = checkpoint.last_event.as_ref().and_then(|e| e.key()) {
+        let response = ctx
+            .source
+            .range(
+                "read the last event's key at the checkpoint",
+                RangeRequest::key(key).at_revision(at),
+            )
+            .await?;
+        last_event_key = response
+            .kvs
+            .into_iter()
+            .next()
+            .map(|kv| (kv.mod_revision, kv.value));
+    }
+    Ok(ResumeEvidence::Read {
+        source_keys,
+        dest_keys,
+        last_event_key,
+    })
+}
+
+/// Whether the fast path is still safe, from the evidence; `Some(reason)`
+/// sends the job down the slow path (a diff-only full sync).
+///
+/// - The checkpoint revision compacted on the source: a watch from the next
+///   revision may be accepted and still lose a DELETE at the compaction
+///   revision (etcd-io/etcd#18089, fixed only in 3.4.36 and 3.5.18).
+/// - Key counts differ, or the last event is not where the checkpoint says:
+///   the source's history is not the one the destination came from (a
+///   source rebuilt or restored with the same cluster id).
+pub fn verify_resume(checkpoint: &Checkpoint, evidence: &ResumeEvidence) -> Option<SlowPathReason> {
+    match evidence {
+        ResumeEvidence::Compacted { .. } => Some(SlowPathReason::CheckpointCompacted {
+            checkpoint_rev: checkpoint.last_synced_rev,
+        }),
+        ResumeEvidence::Read {
+            source_keys,
+            dest_keys,
+            last_event_key,
+        } => {
+            if source_keys != dest_keys {
+                return Some(SlowPathReason::HistoryDiffers {
+                    detail: format!(
+                        "the source prefix held {source_keys} keys at revision {} but the destination holds {dest_keys}",
+                        checkpoint.last_synced_rev
+                    ),
+                });
+            }
+            let event = checkpoint.last_event.as_ref()?;
+            let found = last_event_key.as_ref().map(|(r, v)| (*r, v.as_slice()));
+            if event.matches(found) {
+                None
+            } else {
+                Some(SlowPathReason::HistoryDiffers {
+                    detail: format!(
+                        "the last event the destination applied (revision {}) is not in the source's history",
+                        event.mod_revision
+                    ),
+                })
+            }
+        }
+    }
 }
 
 /// Leaves a reset request under the job's meta prefix. Whichever instance
@@ -537,6 +697,7 @@ mod tests {
             dest_prefix: None,
             partial_revision: None,
             write_id: 1,
+            last_event: None,
         }
     }
 

@@ -22,6 +22,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::etcd::api::{Compare, Op, TxnRequest, TxnResponse};
 use crate::etcd::client::Cluster;
 use crate::mirror::meta::{now_rfc3339, Checkpoint, Fence, KeyGuard};
+use crate::model::schema::EventStamp;
 use crate::mirror::{JobContext, JobError};
 use crate::model::batch::{Batch, Mutation};
 use crate::model::keys::MetaKeys;
@@ -149,6 +150,8 @@ pub struct Pipeline {
     next_write_id: u64,
     /// What the checkpoint key holds once every sent txn has committed.
     tail_guard: KeyGuard,
+    /// The last source event the destination reflects once they have.
+    tail_event: Option<EventStamp>,
     tail_revision: i64,
     committed_revision: i64,
     inflight: VecDeque<InFlight>,
@@ -195,6 +198,7 @@ impl Pipeline {
         source_cluster_id: u64,
         committed_guard: KeyGuard,
         committed_revision: i64,
+        committed_event: Option<EventStamp>,
     ) -> Self {
         let send_spacing = ctx.tuning.pipeline_send_spacing;
         Self {
@@ -209,6 +213,7 @@ impl Pipeline {
             last_send: Instant::now(),
             next_write_id: rand::random(),
             tail_guard: committed_guard,
+            tail_event: committed_event,
             tail_revision: committed_revision,
             committed_revision,
             inflight: VecDeque::new(),
@@ -253,9 +258,12 @@ impl Pipeline {
     /// Sends `batch` with the checkpoint it completes. An empty batch only
     /// advances the checkpoint (an idle prefix keeping up with compaction).
     ///
+    /// `last_event` is the last source event `batch` completes (none for a
+    /// batch that completes no new revision: the previous one stays).
+    ///
     /// Refuses a batch whose revision is behind what was already sent: that
     /// txn would roll the checkpoint back.
-    pub fn send(&mut self, batch: Batch) -> Result<(), JobError> {
+    pub fn send(&mut self, batch: Batch, last_event: Option<EventStamp>) -> Result<(), JobError> {
         if batch.through_revision < self.tail_revision {
             return Err(JobError::Internal(format!(
                 "refusing to move the checkpoint back from revision {} to {}",
@@ -273,7 +281,9 @@ impl Pipeline {
             dest_prefix: Some(self.dest_prefix.clone()),
             partial_revision: batch.partial_revision,
             write_id: self.next_write_id,
+            last_event: last_event.or_else(|| self.tail_event.clone()),
         };
+        self.tail_event = checkpoint.last_event.clone();
         self.next_write_id = self.next_write_id.wrapping_add(1);
         let checkpoint_bytes = checkpoint.encode();
         let checkpoint_key = self.writer.keys().checkpoint();
