@@ -380,6 +380,56 @@ async fn a_full_sync_without_deletions_scans_once() {
     assert!(reads <= 3, "{reads} destination reads for one full sync");
 }
 
+/// A full sync writes only the differences, and says exactly what it did.
+#[tokio::test(start_paused = true)]
+async fn a_full_sync_writes_only_the_differences() {
+    let (source, dest) = (new_store(1), new_store(2));
+    put(
+        &source,
+        &[
+            ("/app/same", "1"),
+            ("/app/changed", "new"),
+            ("/app/missing", "3"),
+            ("/app/z", "4"),
+        ],
+    )
+    .await;
+    put(
+        &dest,
+        &[
+            ("/app/same", "1"),
+            ("/app/changed", "old"),
+            ("/app/extra", "x"),
+            ("/app/z", "4"),
+        ],
+    )
+    .await;
+    let ctx = context(&source, &dest, NO_CHECKS, 1.0);
+    let meta = etcd_syncer::etcd::meta::read_job_meta(&ctx.dest, &ctx.keys)
+        .await
+        .expect("meta");
+    let revision_before = dest.lock().unwrap().revision();
+    let synced = etcd_syncer::mirror::full_sync::run(
+        &ctx,
+        &meta,
+        &etcd_syncer::mirror::SlowPathReason::NoCheckpoint,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("full sync");
+    let counts = synced.counts;
+    assert_eq!((counts.scanned, counts.dest_keys), (4, 4));
+    assert_eq!((counts.put, counts.deleted, counts.unchanged), (2, 1, 2));
+    assert_eq!(prefix_of(&dest), prefix_of(&source));
+    assert_eq!(
+        synced.checkpoint.last_synced_rev,
+        source.lock().unwrap().revision()
+    );
+    // begin, the baseline, one txn of puts, one of deletes, finish.
+    let txns = dest.lock().unwrap().revision() - revision_before;
+    assert_eq!(txns, 5, "only the differences are written");
+}
+
 /// The check target a CLI user builds by hand matches the job's own.
 #[test]
 fn check_targets_agree() {

@@ -69,6 +69,9 @@ struct Profile {
     replicas: usize,
     dest_prefix: String,
     max_ops: usize,
+    /// `--max-txn-bytes`, and the destination's request limit.
+    max_bytes: usize,
+    value_len: usize,
     page_size: usize,
     max_inflight: usize,
     max_prune_ratio: f64,
@@ -91,6 +94,16 @@ impl Profile {
             replicas: rng.gen_range(1..=3),
             dest_prefix,
             max_ops: rng.gen_range(3..=8),
+            max_bytes: if rng.gen_bool(0.3) {
+                rng.gen_range(5_500..9_000)
+            } else {
+                1 << 20
+            },
+            value_len: if rng.gen_bool(0.3) {
+                rng.gen_range(100..900)
+            } else {
+                0
+            },
             page_size: rng.gen_range(2..=8),
             max_inflight: rng.gen_range(1..=4),
             max_prune_ratio: [0.25, 0.5, 0.9, 1.0][rng.gen_range(0..4)],
@@ -174,6 +187,8 @@ impl World {
         for store in [&source, &dest] {
             store.lock().unwrap().max_txn_ops = profile.max_ops.max(4) + 4;
         }
+        // The destination enforces the byte limit the syncer is configured with.
+        dest.lock().unwrap().max_request_bytes = profile.max_bytes;
         // The source runs an etcd with etcd-io/etcd#18089, as 3.4.23 and 3.5.1 do.
         source.lock().unwrap().loses_delete_at_compaction = true;
         let writer = MemoryEtcd::new(source.clone(), Link::new("writer", seed ^ 1));
@@ -308,7 +323,7 @@ impl World {
             dest: dest.clone(),
             limits: TxnLimits {
                 max_ops: profile.max_ops,
-                max_bytes: 1 << 20,
+                max_bytes: profile.max_bytes,
             },
             tuning: Tuning {
                 page_size: profile.page_size,
@@ -380,7 +395,8 @@ impl World {
             if self.rng.gen_bool(0.25) {
                 ops.push(Op::delete(key));
             } else {
-                let value = format!("v{}", self.rng.gen_range(0..1000));
+                let mut value = format!("v{}", self.rng.gen_range(0..1000));
+                value.push_str(&"x".repeat(self.profile.value_len));
                 ops.push(Op::put(key, value));
             }
         }
@@ -627,7 +643,9 @@ impl World {
                 .await;
         }
         self.fault("source_rebuilt_same_id");
-        self.note(format!("source rebuilt with the same cluster id {id:x}, revision passed {old_revision}"));
+        self.note(format!(
+            "source rebuilt with the same cluster id {id:x}, revision passed {old_revision}"
+        ));
     }
 
     /// Compacts the source exactly one revision past the destination's
@@ -653,7 +671,9 @@ impl World {
             replica.src_link.break_streams();
         }
         self.fault("compaction_at_checkpoint_plus_one");
-        self.note(format!("compact source at {at}, checkpoint + 1, and reset the watches"));
+        self.note(format!(
+            "compact source at {at}, checkpoint + 1, and reset the watches"
+        ));
     }
 
     fn source_at(&self, cluster_id: u64, revision: i64) -> Option<&Prefix> {

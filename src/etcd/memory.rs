@@ -367,7 +367,11 @@ impl Store {
                 Op::Range(range) => {
                     // A read at a revision is served at that revision; a
                     // read of the latest sees the txn's earlier writes.
-                    let head = if events.is_empty() { self.revision } else { next };
+                    let head = if events.is_empty() {
+                        self.revision
+                    } else {
+                        next
+                    };
                     let mut view = self.range_up_to(range, head)?;
                     view.header.revision = next;
                     responses.push(OpResponse::Range(view));
@@ -1181,7 +1185,10 @@ mod tests {
         assert!(watch.message().await.unwrap().unwrap().created);
         watch.request_progress().await.unwrap();
         let next = watch.message().await.unwrap().unwrap();
-        assert!(next.events.is_empty(), "the delete at 3 is lost, as in etcd#18089");
+        assert!(
+            next.events.is_empty(),
+            "the delete at 3 is lost, as in etcd#18089"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -31,16 +31,22 @@ use crate::model::schema::{prune_allowance, PruneBlock};
 pub struct Synced {
     pub checkpoint: Checkpoint,
     pub checkpoint_bytes: Vec<u8>,
+    pub counts: Counts,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-struct Counts {
-    scanned: u64,
-    dest_keys: u64,
-    put: u64,
-    deleted: u64,
+/// What a full sync read and wrote (logged, and returned to the caller).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Source keys read at the pinned revision.
+    pub scanned: u64,
+    /// Destination keys read.
+    pub dest_keys: u64,
+    /// Keys written because they were missing or different.
+    pub put: u64,
+    pub deleted: u64,
     would_delete: u64,
-    unchanged: u64,
+    /// Keys already equal on both sides: not written.
+    pub unchanged: u64,
     /// Of `would_delete`, the keys that predate this full sync.
     would_delete_guarded: u64,
     /// Destination keys that predate this full sync and are still there.
@@ -157,7 +163,8 @@ pub async fn run(
             what: "the key count or first key at the pinned revision changed during the full sync",
         });
     }
-    let synced = finish(ctx, &marker_guard, pinned_rev, head.cluster_id).await?;
+    let mut synced = finish(ctx, &marker_guard, pinned_rev, head.cluster_id).await?;
+    synced.counts = counts;
     let elapsed = started.elapsed();
     info!(
         job = %ctx.job.name,
@@ -175,7 +182,10 @@ pub async fn run(
 
 /// The source prefix at `revision`, cheaply: its key count and its first
 /// key's mod revision.
-async fn source_fingerprint(ctx: &JobContext, revision: i64) -> Result<(i64, Option<(Vec<u8>, i64)>), JobError> {
+async fn source_fingerprint(
+    ctx: &JobContext,
+    revision: i64,
+) -> Result<(i64, Option<(Vec<u8>, i64)>), JobError> {
     let first = ctx
         .source
         .range(
@@ -186,7 +196,11 @@ async fn source_fingerprint(ctx: &JobContext, revision: i64) -> Result<(i64, Opt
                 .keys_only(),
         )
         .await?;
-    let key = first.kvs.into_iter().next().map(|kv| (kv.key, kv.mod_revision));
+    let key = first
+        .kvs
+        .into_iter()
+        .next()
+        .map(|kv| (kv.key, kv.mod_revision));
     Ok((first.count, key))
 }
 
@@ -303,6 +317,7 @@ async fn finish(
             Ok(Synced {
                 checkpoint,
                 checkpoint_bytes,
+                counts: Counts::default(),
             })
         }
         TxnOutcome::GuardFailed(failure) => Err(ctx.writer.explain(&failure, "full-sync marker")),

@@ -30,8 +30,8 @@ use crate::mirror::meta::KeyGuard;
 use crate::mirror::writer::{Acked, Pipeline};
 use crate::mirror::{JobContext, JobError};
 use crate::model::batch::{BatchLimits, Coalescer, Mutation, SourceRevision};
-use crate::model::schema::EventStamp;
 use crate::model::keys::{prefix_range_end, prefix_range_start};
+use crate::model::schema::EventStamp;
 
 /// Room kept in every txn for the fence compares and the checkpoint put.
 const CHECKPOINT_RESERVE_BYTES: usize = 4096;

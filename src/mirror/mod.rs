@@ -104,10 +104,7 @@ pub enum JobError {
     #[error("the {what} changed underneath this instance")]
     GuardMoved { what: &'static str },
     #[error("the source's history at revision {pinned_rev} changed: {what}; starting over")]
-    SourceChanged {
-        pinned_rev: i64,
-        what: &'static str,
-    },
+    SourceChanged { pinned_rev: i64, what: &'static str },
     #[error(
         "mass-delete guard: this full sync would delete {would_delete} of {dest_keys} destination keys, \
          more than --max-prune-ratio {max_prune_ratio} allows; nothing was deleted. If the source really \
@@ -542,11 +539,16 @@ async fn read_resume_evidence(
     let at = checkpoint.last_synced_rev;
     let source_prefix = ctx.rewrite.source_prefix();
     let count_at = |prefix: &[u8], revision: i64| {
-        RangeRequest::prefix(prefix).count_only().at_revision(revision)
+        RangeRequest::prefix(prefix)
+            .count_only()
+            .at_revision(revision)
     };
     let counted = ctx
         .source
-        .range("count the prefix at the checkpoint", count_at(source_prefix, at))
+        .range(
+            "count the prefix at the checkpoint",
+            count_at(source_prefix, at),
+        )
         .await;
     let mut source_keys = match counted {
         Ok(response) => response.count,
@@ -560,7 +562,10 @@ async fn read_resume_evidence(
     if ctx.meta_prefix.starts_with(source_prefix) {
         source_keys -= ctx
             .source
-            .range("count meta keys at the checkpoint", count_at(&ctx.meta_prefix, at))
+            .range(
+                "count meta keys at the checkpoint",
+                count_at(&ctx.meta_prefix, at),
+            )
             .await?
             .count;
     }

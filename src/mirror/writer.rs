@@ -22,10 +22,10 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::etcd::api::{Compare, Op, TxnRequest, TxnResponse};
 use crate::etcd::client::Cluster;
 use crate::mirror::meta::{now_rfc3339, Checkpoint, Fence, KeyGuard};
-use crate::model::schema::EventStamp;
 use crate::mirror::{JobContext, JobError};
 use crate::model::batch::{Batch, Mutation};
 use crate::model::keys::MetaKeys;
+use crate::model::schema::EventStamp;
 use crate::telemetry::metrics::JobMetrics;
 
 /// Why a guarded txn did not apply, read in the same txn's failure branch.
