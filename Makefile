@@ -53,7 +53,7 @@ sim:
 ## with the unit and simulation tests only.
 mutants:
 	@command -v cargo-mutants >/dev/null 2>&1 || $(CARGO) install --locked cargo-mutants
-	SIM_SEEDS=300 $(CARGO) mutants --timeout 120 -j 1
+	SIM_SEEDS=200 $(CARGO) mutants --timeout 120 -j 1
 
 e2e: deps
 	$(CARGO) build --workspace --bins

@@ -93,6 +93,7 @@ fn context_over(
         instance_id: "test".into(),
         health: Arc::new(Health::new(["app"], Duration::from_secs(3600))),
         checks,
+        quirks: Default::default(),
     }
 }
 

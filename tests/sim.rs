@@ -51,6 +51,7 @@ use etcd_syncer::mirror::writer::DestWriter;
 use etcd_syncer::mirror::JobContext;
 use etcd_syncer::model::keys::{KeyRewrite, MetaKeys};
 use etcd_syncer::model::schema::{Checkpoint, FullSyncMarker, LockValue};
+use etcd_syncer::model::versions::{Quirks, Version};
 use etcd_syncer::model::Side;
 use etcd_syncer::telemetry::health::Health;
 use etcd_syncer::telemetry::metrics::Metrics;
@@ -81,6 +82,9 @@ struct Profile {
     fault_phase: Duration,
     /// Keys on the destination before the mirror starts (not the source's).
     preexisting: usize,
+    /// The source's version as the syncer sees it (the model behaves as a
+    /// fixed server for progress, so every setting must hold).
+    quirks: Quirks,
 }
 
 impl Profile {
@@ -120,6 +124,9 @@ impl Profile {
             } else {
                 0
             },
+            quirks: Quirks::of(Version::parse(
+                ["unknown", "3.4.23", "3.5.1", "3.5.18"][rng.gen_range(0..4)],
+            )),
         }
     }
 }
@@ -157,7 +164,8 @@ struct World {
     keys: MetaKeys,
     rewrite: KeyRewrite,
     /// Per source cluster id: the prefix at every revision that changed it.
-    source_history: BTreeMap<u64, BTreeMap<i64, Arc<Prefix>>>,
+    /// A cluster id rebuilt from scratch has several histories: one each.
+    source_history: BTreeMap<u64, Vec<BTreeMap<i64, Arc<Prefix>>>>,
     source_now: Prefix,
     dest_now: BTreeMap<Vec<u8>, Vec<u8>>,
     /// Lock keys: holder instance and create revision.
@@ -203,7 +211,10 @@ impl World {
         );
         let rewrite = KeyRewrite::new(SOURCE_PREFIX.as_bytes(), profile.dest_prefix.as_bytes());
         let mut source_history = BTreeMap::new();
-        source_history.insert(source_id, BTreeMap::from([(1, Arc::new(Prefix::new()))]));
+        source_history.insert(
+            source_id,
+            vec![BTreeMap::from([(1, Arc::new(Prefix::new()))])],
+        );
         let mut world = Self {
             seed,
             rng,
@@ -344,6 +355,7 @@ impl World {
                 repair: profile.repair,
                 sample_size: 3,
             },
+            quirks: profile.quirks,
         };
         let instance = Arc::new(Instance {
             sessions: Arc::new(SessionManager::new(dest, profile.lock_ttl)),
@@ -595,6 +607,7 @@ impl World {
     }
 
     fn replace_source(&mut self) {
+        self.drain_source();
         let new_id = self.rng.gen::<u64>() | 1;
         let old = {
             let mut store = self.source.lock().unwrap();
@@ -608,7 +621,9 @@ impl World {
         }
         self.source_now.clear();
         self.source_history
-            .insert(new_id, BTreeMap::from([(1, Arc::new(Prefix::new()))]));
+            .entry(new_id)
+            .or_default()
+            .push(BTreeMap::from([(1, Arc::new(Prefix::new()))]));
         self.fault("source_replaced");
         self.note(format!("source replaced by cluster {new_id:x}"));
     }
@@ -616,6 +631,7 @@ impl World {
     /// The source rebuilt from scratch with the same identity (cluster id):
     /// it takes new writes until its revision passes the old checkpoint.
     async fn rebuild_source_same_id(&mut self) {
+        self.drain_source();
         let (id, old_revision) = {
             let mut store = self.source.lock().unwrap();
             let (id, revision) = (store.cluster_id(), store.revision());
@@ -630,7 +646,9 @@ impl World {
         }
         self.source_now.clear();
         self.source_history
-            .insert(id, BTreeMap::from([(1, Arc::new(Prefix::new()))]));
+            .entry(id)
+            .or_default()
+            .push(BTreeMap::from([(1, Arc::new(Prefix::new()))]));
         for i in 0..old_revision + 2 {
             let key = if i % 3 == 0 {
                 format!("{SOURCE_PREFIX}k{:02}", self.rng.gen_range(0..KEY_SPACE))
@@ -676,12 +694,15 @@ impl World {
         ));
     }
 
-    fn source_at(&self, cluster_id: u64, revision: i64) -> Option<&Prefix> {
+    /// The source prefix at `revision` in each history the cluster id had.
+    fn source_at(&self, cluster_id: u64, revision: i64) -> Vec<&Prefix> {
         self.source_history
-            .get(&cluster_id)?
-            .range(..=revision)
-            .next_back()
+            .get(&cluster_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|history| history.range(..=revision).next_back())
             .map(|(_, prefix)| prefix.as_ref())
+            .collect()
     }
 
     fn drain_source(&mut self) {
@@ -722,9 +743,13 @@ impl World {
                 }
             }
             if changed {
-                self.source_history
-                    .entry(cluster_id)
-                    .or_default()
+                let histories = self.source_history.entry(cluster_id).or_default();
+                if histories.is_empty() {
+                    histories.push(BTreeMap::new());
+                }
+                histories
+                    .last_mut()
+                    .expect("one history")
                     .insert(commit.revision, Arc::new(self.source_now.clone()));
             }
         }
@@ -940,33 +965,47 @@ impl World {
             if marker_after || checkpoint.partial_revision.is_some() {
                 return Ok(());
             }
-            let Some(expected) =
-                self.source_at(checkpoint.source_cluster_id, checkpoint.last_synced_rev)
-            else {
+            let candidates =
+                self.source_at(checkpoint.source_cluster_id, checkpoint.last_synced_rev);
+            if candidates.is_empty() {
                 return Ok(());
-            };
+            }
             let actual = self.dest_prefix_state();
             let tampered: BTreeSet<Vec<u8>> = self
                 .tampered
                 .iter()
                 .filter_map(|k| self.rewrite.dest_suffix(k).map(<[u8]>::to_vec))
                 .collect();
-            let suffixes: BTreeSet<&Vec<u8>> = expected.keys().chain(actual.keys()).collect();
-            for suffix in suffixes {
-                if tampered.contains(suffix) {
-                    continue;
-                }
-                if expected.get(suffix) != actual.get(suffix) {
-                    return err(format!(
-                        "invariant 2 (checkpointed state): at destination revision {} (by {}) the checkpoint says source revision {} but key {:?} is {:?} on the destination and {:?} on the source",
-                        commit.revision,
-                        commit.by,
-                        checkpoint.last_synced_rev,
-                        String::from_utf8_lossy(suffix),
-                        actual.get(suffix).map(|v| String::from_utf8_lossy(v).into_owned()),
-                        expected.get(suffix).map(|v| String::from_utf8_lossy(v).into_owned()),
-                    ));
-                }
+            let differs = |expected: &Prefix| -> Option<String> {
+                let suffixes: BTreeSet<&Vec<u8>> = expected.keys().chain(actual.keys()).collect();
+                suffixes
+                    .into_iter()
+                    .filter(|suffix| !tampered.contains(*suffix))
+                    .find(|suffix| expected.get(*suffix) != actual.get(*suffix))
+                    .map(|suffix| {
+                        format!(
+                            "key {:?} is {:?} on the destination and {:?} on the source",
+                            String::from_utf8_lossy(suffix),
+                            actual
+                                .get(suffix)
+                                .map(|v| String::from_utf8_lossy(v).into_owned()),
+                            expected
+                                .get(suffix)
+                                .map(|v| String::from_utf8_lossy(v).into_owned()),
+                        )
+                    })
+            };
+            // A source rebuilt with the same id: any of its histories will do
+            // (a txn built before the rebuild may land after it).
+            let mismatches: Vec<String> = candidates.iter().filter_map(|c| differs(c)).collect();
+            if mismatches.len() == candidates.len() {
+                return err(format!(
+                    "invariant 2 (checkpointed state): at destination revision {} (by {}) the checkpoint says source revision {} but {}",
+                    commit.revision,
+                    commit.by,
+                    checkpoint.last_synced_rev,
+                    mismatches.last().expect("at least one"),
+                ));
             }
             self.checkpoints_checked += 1;
         }

@@ -18,6 +18,7 @@ use crate::mirror::meta::Fence;
 use crate::mirror::writer::DestWriter;
 use crate::mirror::{request_reset, JobContext, JobError};
 use crate::model::keys::{KeyRewrite, MetaKeys};
+use crate::model::versions::{Quirks, Version};
 use crate::ops::http::StatusView;
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics::{JobMetrics, Metrics};
@@ -82,6 +83,7 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
         return Ok(());
     };
     let _ = status_view.dest.set(dest.clone());
+    let quirks = detect_versions(&source, &dest).await;
 
     let prober = tokio::spawn(probe_readiness(
         source.clone(),
@@ -131,6 +133,7 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
             instance_id: settings.instance_id.clone(),
             health: health.clone(),
             checks: settings.checks,
+            quirks,
         };
         let name = job.name.clone();
         let replica_cancel = cancel.clone();
@@ -186,6 +189,27 @@ async fn connect_with_retry(
         cancel,
     )
     .await
+}
+
+/// Reads both servers' versions and logs, once, which workarounds the
+/// source's version needs. A version we cannot read turns them all on.
+async fn detect_versions(source: &Cluster, dest: &Cluster) -> Quirks {
+    let (source_version, dest_version) =
+        tokio::join!(source.server_version(), dest.server_version());
+    let quirks = Quirks::of(source_version);
+    let shown = |v: Option<Version>| {
+        v.map_or_else(
+            || "unknown (needs root with auth on)".to_string(),
+            |v| v.to_string(),
+        )
+    };
+    info!(
+        source_version = %shown(source_version),
+        destination_version = %shown(dest_version),
+        workarounds = ?quirks.describe(),
+        "etcd versions detected."
+    );
+    quirks
 }
 
 /// The connect loop: retries until connected or cancelled, counting each

@@ -332,4 +332,7 @@ pub trait Etcd: Send + Sync {
     fn lease_grant(&self, ttl: i64, id: i64) -> BoxFuture<'_, EtcdResult<i64>>;
     fn lease_keep_alive(&self, id: i64) -> BoxFuture<'_, EtcdResult<Box<dyn LeaseKeeper>>>;
     fn lease_revoke(&self, id: i64) -> BoxFuture<'_, EtcdResult<()>>;
+    /// The server's version string (e.g. "3.5.1"). May be refused to a
+    /// user without root from etcd 3.4.42 / 3.5.28 on, with auth enabled.
+    fn server_version(&self) -> BoxFuture<'_, EtcdResult<String>>;
 }

@@ -314,6 +314,21 @@ impl Cluster {
             .await
     }
 
+    /// The server's version, or `None` when it will not say (etcd 3.4.42 /
+    /// 3.5.28 and later want root for it when auth is on).
+    pub async fn server_version(&self) -> Option<crate::model::versions::Version> {
+        match self
+            .call("read server version", self.backend.server_version())
+            .await
+        {
+            Ok(text) => crate::model::versions::Version::parse(&text),
+            Err(error) => {
+                tracing::debug!(side = %self.side, %error, "Server version not readable.");
+                None
+            }
+        }
+    }
+
     /// The cluster's id and current revision, read from a count-only range
     /// header (works with a role limited to `probe_prefix`).
     pub async fn head(&self, probe_prefix: &[u8]) -> Result<ClusterHead, ClientError> {

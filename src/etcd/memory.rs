@@ -121,6 +121,8 @@ pub struct Store {
     /// that starts exactly at the compaction revision does not get a DELETE
     /// made at that revision.
     pub loses_delete_at_compaction: bool,
+    /// What `server_version` answers; `None` refuses it (no root, auth on).
+    pub version: Option<String>,
     commits: Vec<CommitRecord>,
     /// Range requests served (paging, heads, txn reads excluded), so tests
     /// can tell a re-scan from a poll.
@@ -143,6 +145,7 @@ impl Store {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             fragment_events: 4,
             loses_delete_at_compaction: false,
+            version: Some("3.5.1".into()),
             commits: Vec::new(),
             reads: 0,
         }
@@ -892,6 +895,17 @@ impl Etcd for MemoryEtcd {
             self.link
                 .answer(Ok(Box::new(keeper) as Box<dyn LeaseKeeper>))
                 .await
+        }
+        .boxed()
+    }
+
+    fn server_version(&self) -> BoxFuture<'_, EtcdResult<String>> {
+        async move {
+            self.link.send().await;
+            let version = self.with_store(|store| store.version.clone());
+            let result = version
+                .ok_or_else(|| status(Code::PermissionDenied, "etcdserver: permission denied"));
+            self.link.answer(result).await
         }
         .boxed()
     }

@@ -126,45 +126,92 @@ fn txn_op(op: Op) -> etcd_client::TxnOp {
     }
 }
 
+/// etcd refuses a token minted before an auth-store change with "revision
+/// of auth store is old"; etcd-client re-authenticates only on an invalid
+/// or expired token. Either way: authenticate again, retry once.
+fn auth_is_stale(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => {
+            let message = status.message();
+            message.contains("revision of auth store is old")
+                || message.contains("invalid auth token")
+        }
+        _ => false,
+    }
+}
+
+impl RealEtcd {
+    /// Runs `call`; on a stale token, re-authenticates and runs it once more.
+    async fn with_fresh_token<T, F, Fut>(&self, call: F) -> EtcdResult<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = EtcdResult<T>>,
+    {
+        match call().await {
+            Err(error) if auth_is_stale(&error) => {
+                tracing::debug!(%error, "Auth token refused; authenticating again.");
+                self.client.refresh_token().await?;
+                call().await
+            }
+            result => result,
+        }
+    }
+
+    async fn range_once(&self, request: RangeRequest) -> EtcdResult<RangeResponse> {
+        let mut kv = self.kv.clone();
+        let options = get_options(&request);
+        let response = kv.get(request.key, Some(options)).await?;
+        Ok(range_response(&response))
+    }
+
+    async fn txn_once(&self, request: TxnRequest) -> EtcdResult<TxnResponse> {
+        let mut kv = self.kv.clone();
+        let txn = etcd_client::Txn::new()
+            .when(request.compare.into_iter().map(compare).collect::<Vec<_>>())
+            .and_then(request.success.into_iter().map(txn_op).collect::<Vec<_>>())
+            .or_else(request.failure.into_iter().map(txn_op).collect::<Vec<_>>());
+        let response = kv.txn(txn).await?;
+        let responses = response
+            .op_responses()
+            .into_iter()
+            .map(|r| match r {
+                TxnOpResponse::Get(get) => OpResponse::Range(range_response(&get)),
+                TxnOpResponse::Put(_) => OpResponse::Put,
+                TxnOpResponse::Delete(delete) => OpResponse::Delete {
+                    deleted: delete.deleted(),
+                },
+                // We never nest txns.
+                TxnOpResponse::Txn(_) => OpResponse::Put,
+            })
+            .collect();
+        Ok(TxnResponse {
+            header: header(response.header()),
+            succeeded: response.succeeded(),
+            responses,
+        })
+    }
+}
+
 impl Etcd for RealEtcd {
     fn range(&self, request: RangeRequest) -> BoxFuture<'_, EtcdResult<RangeResponse>> {
-        let mut kv = self.kv.clone();
         async move {
-            let options = get_options(&request);
-            let response = kv.get(request.key, Some(options)).await?;
-            Ok(range_response(&response))
+            self.with_fresh_token(|| self.range_once(request.clone()))
+                .await
         }
         .boxed()
     }
 
     fn txn(&self, request: TxnRequest) -> BoxFuture<'_, EtcdResult<TxnResponse>> {
-        let mut kv = self.kv.clone();
         async move {
-            let txn = etcd_client::Txn::new()
-                .when(request.compare.into_iter().map(compare).collect::<Vec<_>>())
-                .and_then(request.success.into_iter().map(txn_op).collect::<Vec<_>>())
-                .or_else(request.failure.into_iter().map(txn_op).collect::<Vec<_>>());
-            let response = kv.txn(txn).await?;
-            let responses = response
-                .op_responses()
-                .into_iter()
-                .map(|r| match r {
-                    TxnOpResponse::Get(get) => OpResponse::Range(range_response(&get)),
-                    TxnOpResponse::Put(_) => OpResponse::Put,
-                    TxnOpResponse::Delete(delete) => OpResponse::Delete {
-                        deleted: delete.deleted(),
-                    },
-                    // We never nest txns.
-                    TxnOpResponse::Txn(_) => OpResponse::Put,
-                })
-                .collect();
-            Ok(TxnResponse {
-                header: header(response.header()),
-                succeeded: response.succeeded(),
-                responses,
-            })
+            self.with_fresh_token(|| self.txn_once(request.clone()))
+                .await
         }
         .boxed()
+    }
+
+    fn server_version(&self) -> BoxFuture<'_, EtcdResult<String>> {
+        let mut maintenance = self.client.maintenance_client();
+        async move { Ok(maintenance.status().await?.version().to_string()) }.boxed()
     }
 
     fn watch(&self, request: WatchRequest) -> BoxFuture<'_, EtcdResult<Box<dyn WatchStream>>> {

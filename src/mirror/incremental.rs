@@ -124,7 +124,14 @@ pub async fn run(
     let mut stamps: VecDeque<(i64, EventStamp)> = VecDeque::new();
     let mut assembling: Option<SourceRevision> = None;
     let mut reported_splits = 0u64;
-    let mut idle = IdleCheckpoint::new(ctx.tuning.idle_checkpoint_interval);
+    let mut idle = IdleCheckpoint::new(
+        ctx.tuning.idle_checkpoint_interval,
+        ctx.quirks.progress_may_overtake_events,
+    );
+    // etcd-io/etcd#17507: on old servers a silent watch may just be one that
+    // never gets a progress answer. It is probed with a read (off the loop)
+    // instead of being recreated over and over.
+    let mut stall_probe: Option<JoinHandle<Result<(), JobError>>> = None;
     let mut lag = LagClock::default();
     let mut progress_tick = tokio::time::interval(ctx.tuning.progress_interval);
     progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -207,11 +214,31 @@ pub async fn run(
                     queue_repair(ctx, &mut coalescer, read, &touched);
                 }
             }
+            probed = async { stall_probe.as_mut().expect("guarded").await }, if stall_probe.is_some() => {
+                stall_probe = None;
+                match probed {
+                    // The source answers: the watch is quiet, not dead.
+                    Ok(Ok(())) => {
+                        debug!(job = %ctx.job.name, "Watch silent but the source answers; keeping it (etcd-io/etcd#17507).");
+                        last_message = Instant::now();
+                    }
+                    _ => return Err(JobError::WatchStalled { idle: last_message.elapsed() }),
+                }
+            }
             _ = progress_tick.tick() => {
                 ctx.heartbeat();
                 lag.publish(ctx, pipeline.committed_revision());
                 if last_message.elapsed() > ctx.tuning.watch_idle_timeout {
-                    return Err(JobError::WatchStalled { idle: last_message.elapsed() });
+                    if !ctx.quirks.progress_may_never_come {
+                        return Err(JobError::WatchStalled { idle: last_message.elapsed() });
+                    }
+                    if stall_probe.is_none() {
+                        let source = ctx.source.clone();
+                        let prefix = ctx.rewrite.source_prefix().to_vec();
+                        stall_probe = Some(tokio::spawn(async move {
+                            source.head(&prefix).await.map(|_| ()).map_err(JobError::from)
+                        }));
+                    }
                 }
                 // Answers (progress or events) prove the stream is alive and
                 // tell us the source head while the prefix is quiet. This
@@ -453,14 +480,17 @@ fn handle_response(
 #[derive(Debug)]
 struct IdleCheckpoint {
     interval: Duration,
+    /// Whether an answer must be confirmed by a later one (etcd-io/etcd#15220).
+    confirm: bool,
     candidate: Option<i64>,
     last_advanced: Instant,
 }
 
 impl IdleCheckpoint {
-    fn new(interval: Duration) -> Self {
+    fn new(interval: Duration, confirm: bool) -> Self {
         Self {
             interval,
+            confirm,
             candidate: None,
             last_advanced: Instant::now(),
         }
@@ -476,7 +506,12 @@ impl IdleCheckpoint {
             self.candidate = None;
             return None;
         }
-        let confirmed = self.candidate.filter(|c| *c > tail_revision && *c <= head);
+        let confirmed = if self.confirm {
+            self.candidate.filter(|c| *c > tail_revision && *c <= head)
+        } else {
+            // A fixed server answers progress only after every queued event.
+            Some(head).filter(|h| *h > tail_revision)
+        };
         self.candidate = Some(head);
         match confirmed {
             Some(revision) if self.last_advanced.elapsed() >= self.interval => {
@@ -533,7 +568,7 @@ mod tests {
 
     #[test]
     fn idle_checkpoint_needs_a_confirming_second_answer() {
-        let mut idle = IdleCheckpoint::new(Duration::ZERO);
+        let mut idle = IdleCheckpoint::new(Duration::ZERO, true);
         assert_eq!(
             idle.on_progress(100, true, 50),
             None,
@@ -562,9 +597,17 @@ mod tests {
 
     #[test]
     fn idle_checkpoint_respects_its_interval() {
-        let mut idle = IdleCheckpoint::new(Duration::from_secs(3600));
+        let mut idle = IdleCheckpoint::new(Duration::from_secs(3600), true);
         idle.on_progress(10, true, 1);
         assert_eq!(idle.on_progress(20, true, 1), None);
+    }
+
+    #[test]
+    fn a_fixed_server_needs_no_confirming_answer() {
+        let mut idle = IdleCheckpoint::new(Duration::ZERO, false);
+        assert_eq!(idle.on_progress(100, true, 50), Some(100));
+        assert_eq!(idle.on_progress(100, true, 100), None, "nothing new");
+        assert_eq!(idle.on_progress(120, false, 100), None, "busy");
     }
 
     #[test]

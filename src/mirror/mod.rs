@@ -54,6 +54,8 @@ pub struct JobContext {
     pub instance_id: String,
     pub health: Arc<Health>,
     pub checks: CheckSettings,
+    /// The workarounds the source's etcd version needs.
+    pub quirks: crate::model::versions::Quirks,
 }
 
 impl JobContext {

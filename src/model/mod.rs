@@ -6,11 +6,13 @@
 //! - [`schema`]: what the syncer stores on the destination (checkpoint,
 //!   markers, lock values), versioned by its JSON fields.
 //! - [`side`]: source or destination.
+//! - [`versions`]: etcd versions and the watch pitfalls of each.
 
 pub mod batch;
 pub mod diff;
 pub mod keys;
 pub mod schema;
 pub mod side;
+pub mod versions;
 
 pub use side::Side;
