@@ -431,6 +431,50 @@ async fn a_full_sync_writes_only_the_differences() {
     assert_eq!(txns, 5, "only the differences are written");
 }
 
+/// The resume check compares key counts with meta keys left out on both
+/// sides: mirroring a whole keyspace ("/" to "/", a source that is itself a
+/// mirror's destination) still resumes on the fast path.
+#[tokio::test(start_paused = true)]
+async fn whole_keyspace_mirrors_resume_on_the_fast_path() {
+    let (source, dest) = (new_store(1), new_store(2));
+    put(
+        &source,
+        &[
+            ("/app/a", "1"),
+            ("/b", "2"),
+            ("/-etcd-syncer-meta-/upstream/checkpoint", "{}"),
+        ],
+    )
+    .await;
+    let whole = |source: &SharedStore, dest: &SharedStore| {
+        let mut ctx = context(source, dest, NO_CHECKS, 1.0);
+        ctx.job.prefix = "/".into();
+        ctx.job.dest_prefix = "/".into();
+        ctx.rewrite = KeyRewrite::new(b"/".to_vec(), b"/".to_vec());
+        ctx
+    };
+    for round in 0..2 {
+        let ctx = whole(&source, &dest);
+        let metrics = ctx.metrics.clone();
+        let cancel = CancellationToken::new();
+        let job = tokio::spawn(run_job(ctx, cancel.clone()));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cancel.cancel();
+        job.await.expect("joined").expect("clean stop");
+        let (fast, slow) = (metrics.fast_path_total.get(), metrics.slow_path_total.get());
+        if round == 0 {
+            assert_eq!((fast, slow), (0, 1), "the first run copies");
+        } else {
+            assert_eq!((fast, slow), (1, 0), "a restart resumes");
+        }
+    }
+    let dest_keys = dest.lock().unwrap().current();
+    assert!(
+        dest_keys.contains_key(b"/app/a".as_slice()) && dest_keys.contains_key(b"/b".as_slice())
+    );
+    assert!(!dest_keys.contains_key(b"/-etcd-syncer-meta-/upstream/checkpoint".as_slice()));
+}
+
 /// The check target a CLI user builds by hand matches the job's own.
 #[test]
 fn check_targets_agree() {

@@ -269,10 +269,6 @@ pub enum SlowPathReason {
         source_rev: i64,
     },
     Compacted,
-    /// The history at the checkpoint revision is compacted (etcd-io/etcd#18089).
-    CheckpointCompacted {
-        checkpoint_rev: i64,
-    },
     /// The source's history at the checkpoint is not the destination's.
     HistoryDiffers {
         detail: String,
@@ -300,11 +296,7 @@ impl std::fmt::Display for SlowPathReason {
                 f,
                 "the source revision {source_rev} is behind the checkpoint {checkpoint_rev} (restored from a backup?)"
             ),
-            SlowPathReason::Compacted => write!(f, "the source compacted the history after the checkpoint"),
-            SlowPathReason::CheckpointCompacted { checkpoint_rev } => write!(
-                f,
-                "the source compacted revision {checkpoint_rev}, the checkpoint; a watch from the next revision could miss a delete there (etcd-io/etcd#18089)"
-            ),
+            SlowPathReason::Compacted => write!(f, "the source compacted the history at or after the checkpoint (a watch from there could miss a delete: etcd-io/etcd#18089)"),
             SlowPathReason::HistoryDiffers { detail } => write!(
                 f,
                 "the source's history differs from what the destination reflects ({detail}); was the source rebuilt or restored with the same cluster id?"
@@ -518,18 +510,14 @@ async fn run_once(
 
 /// What the source and the destination say about a checkpoint's revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ResumeEvidence {
-    /// The source compacted that revision away.
-    Compacted { compact_revision: Option<i64> },
-    Read {
-        /// Source keys in the prefix at the checkpoint revision (meta keys excluded).
-        source_keys: i64,
-        /// Destination keys in the mirrored prefix now (meta keys excluded).
-        dest_keys: i64,
-        /// The checkpoint's last event key on the source at that revision:
-        /// its mod revision and value, or `None` when absent.
-        last_event_key: Option<(i64, Vec<u8>)>,
-    },
+pub struct ResumeEvidence {
+    /// Source keys in the prefix at the checkpoint revision (meta keys excluded).
+    pub source_keys: i64,
+    /// Destination keys in the mirrored prefix now (meta keys excluded).
+    pub dest_keys: i64,
+    /// The checkpoint's last event key on the source at that revision:
+    /// its mod revision and value, or `None` when absent.
+    pub last_event_key: Option<(i64, Vec<u8>)>,
 }
 
 /// Reads the evidence: count-only ranges on both sides and, when the
@@ -545,22 +533,17 @@ async fn read_resume_evidence(
             .count_only()
             .at_revision(revision)
     };
-    let counted = ctx
+    // A compacted checkpoint revision fails here: the error's policy is a
+    // full sync (etcd-io/etcd#18089: a watch from the next revision could
+    // be accepted and still miss a DELETE).
+    let mut source_keys = ctx
         .source
         .range(
             "count the prefix at the checkpoint",
             count_at(source_prefix, at),
         )
-        .await;
-    let mut source_keys = match counted {
-        Ok(response) => response.count,
-        Err(error) if error.kind() == FailureKind::Compacted => {
-            return Ok(ResumeEvidence::Compacted {
-                compact_revision: None,
-            })
-        }
-        Err(error) => return Err(error.into()),
-    };
+        .await?
+        .count;
     if ctx.meta_prefix.starts_with(source_prefix) {
         source_keys -= ctx
             .source
@@ -599,7 +582,7 @@ async fn read_resume_evidence(
             .next()
             .map(|kv| (kv.mod_revision, kv.value));
     }
-    Ok(ResumeEvidence::Read {
+    Ok(ResumeEvidence {
         source_keys,
         dest_keys,
         last_event_key,
@@ -607,45 +590,33 @@ async fn read_resume_evidence(
 }
 
 /// Whether the fast path is still safe, from the evidence; `Some(reason)`
-/// sends the job down the slow path (a diff-only full sync).
-///
-/// - The checkpoint revision compacted on the source: a watch from the next
-///   revision may be accepted and still lose a DELETE at the compaction
-///   revision (etcd-io/etcd#18089, fixed only in 3.4.36 and 3.5.18).
-/// - Key counts differ, or the last event is not where the checkpoint says:
-///   the source's history is not the one the destination came from (a
-///   source rebuilt or restored with the same cluster id).
+/// sends the job down the slow path (a diff-only full sync). Key counts
+/// that differ, or a last event that is not where the checkpoint says,
+/// mean the source's history is not the one the destination came from (a
+/// source rebuilt or restored with the same cluster id).
 pub fn verify_resume(checkpoint: &Checkpoint, evidence: &ResumeEvidence) -> Option<SlowPathReason> {
-    match evidence {
-        ResumeEvidence::Compacted { .. } => Some(SlowPathReason::CheckpointCompacted {
-            checkpoint_rev: checkpoint.last_synced_rev,
-        }),
-        ResumeEvidence::Read {
-            source_keys,
-            dest_keys,
-            last_event_key,
-        } => {
-            if source_keys != dest_keys {
-                return Some(SlowPathReason::HistoryDiffers {
-                    detail: format!(
-                        "the source prefix held {source_keys} keys at revision {} but the destination holds {dest_keys}",
-                        checkpoint.last_synced_rev
-                    ),
-                });
-            }
-            let event = checkpoint.last_event.as_ref()?;
-            let found = last_event_key.as_ref().map(|(r, v)| (*r, v.as_slice()));
-            if event.matches(found) {
-                None
-            } else {
-                Some(SlowPathReason::HistoryDiffers {
-                    detail: format!(
-                        "the last event the destination applied (revision {}) is not in the source's history",
-                        event.mod_revision
-                    ),
-                })
-            }
-        }
+    if evidence.source_keys != evidence.dest_keys {
+        return Some(SlowPathReason::HistoryDiffers {
+            detail: format!(
+                "the source prefix held {} keys at revision {} but the destination holds {}",
+                evidence.source_keys, checkpoint.last_synced_rev, evidence.dest_keys
+            ),
+        });
+    }
+    let event = checkpoint.last_event.as_ref()?;
+    let found = evidence
+        .last_event_key
+        .as_ref()
+        .map(|(r, v)| (*r, v.as_slice()));
+    if event.matches(found) {
+        None
+    } else {
+        Some(SlowPathReason::HistoryDiffers {
+            detail: format!(
+                "the last event the destination applied (revision {}) is not in the source's history",
+                event.mod_revision
+            ),
+        })
     }
 }
 
@@ -731,6 +702,43 @@ mod tests {
         // The source at exactly the checkpoint revision is still resumable.
         let at_head = meta_with(Some(checkpoint(100, 7)));
         assert!(matches!(decide(&at_head, HEAD, None), Decision::Resume(_)));
+    }
+
+    #[test]
+    fn resume_verification() {
+        use crate::model::schema::EventStamp;
+        let mut checkpoint = checkpoint(90, 7);
+        let evidence = |source_keys, dest_keys, last: Option<(i64, &[u8])>| ResumeEvidence {
+            source_keys,
+            dest_keys,
+            last_event_key: last.map(|(r, v)| (r, v.to_vec())),
+        };
+        assert_eq!(verify_resume(&checkpoint, &evidence(3, 3, None)), None);
+        assert!(matches!(
+            verify_resume(&checkpoint, &evidence(3, 4, None)),
+            Some(SlowPathReason::HistoryDiffers { .. })
+        ));
+        checkpoint.last_event = Some(EventStamp::put(b"/app/k", b"v", 88));
+        assert_eq!(
+            verify_resume(&checkpoint, &evidence(3, 3, Some((88, b"v")))),
+            None
+        );
+        for rebuilt in [
+            None,
+            Some((88, b"w".as_slice())),
+            Some((89, b"v".as_slice())),
+        ] {
+            assert!(
+                matches!(
+                    verify_resume(&checkpoint, &evidence(3, 3, rebuilt)),
+                    Some(SlowPathReason::HistoryDiffers { .. })
+                ),
+                "{rebuilt:?}"
+            );
+        }
+        checkpoint.last_event = Some(EventStamp::delete(b"/app/k", 88));
+        assert_eq!(verify_resume(&checkpoint, &evidence(3, 3, None)), None);
+        assert!(verify_resume(&checkpoint, &evidence(3, 3, Some((80, b"v")))).is_some());
     }
 
     #[test]
