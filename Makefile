@@ -21,7 +21,7 @@ SAME := E2E_SOURCE_ETCD_BIN= E2E_DEST_ETCD_BIN=
 ## The scenarios run again on 3.4 and on mixed pairs.
 E2E_CORE := --test replicator --test ha --test fences --test ordering
 E2E_MIXED := --test replicator
-E2E_TEST = ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) $(CARGO) test -p e2e
+E2E_TEST = ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) $(CARGO) test -p e2e --no-fail-fast
 ## make bench ETCD=3.5 (or demo): which etcd the bench and demo servers run.
 ETCD ?= 3.4
 ifeq ($(ETCD),3.5)
