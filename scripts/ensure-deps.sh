@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the build and the tests need on a fresh Debian machine:
 # etcd 3.4 (server and etcdctl) and protoc (etcd-client's build needs it).
+# etcd 3.5.1 for the version matrix comes from scripts/ensure-etcd35.sh.
 set -euo pipefail
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)

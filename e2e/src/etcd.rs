@@ -1,9 +1,17 @@
 //! Real etcd servers for tests: one or three members on free loopback ports,
 //! verified to be our own children, cleaned up however the test ends.
+//!
+//! Which etcd runs is chosen by the environment, so one suite covers several
+//! versions: `E2E_ETCD_BIN` (default `etcd` on PATH), and for mixed pairs
+//! `E2E_SOURCE_ETCD_BIN` / `E2E_DEST_ETCD_BIN`, which override it for
+//! clusters started as a mirror's source or destination ([`Role`]).
+//! `E2E_ETCDCTL_BIN` (default `etcdctl`) is the client for tools that shell out.
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -11,9 +19,70 @@ use etcd_client::{Client, ConnectOptions, GetOptions};
 
 use crate::tls::TlsMaterial;
 
+/// The part a cluster plays in a test; picks its server binary (see the module doc).
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Neither side in particular: `E2E_ETCD_BIN`.
+    #[default]
+    Any,
+    /// A mirror's source: `E2E_SOURCE_ETCD_BIN`, else `E2E_ETCD_BIN`.
+    Source,
+    /// A mirror's destination: `E2E_DEST_ETCD_BIN`, else `E2E_ETCD_BIN`.
+    Dest,
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// The etcd server binary for a cluster playing `role`.
+pub fn etcd_binary(role: Role) -> String {
+    let per_role = match role {
+        Role::Any => None,
+        Role::Source => env_nonempty("E2E_SOURCE_ETCD_BIN"),
+        Role::Dest => env_nonempty("E2E_DEST_ETCD_BIN"),
+    };
+    per_role
+        .or_else(|| env_nonempty("E2E_ETCD_BIN"))
+        .unwrap_or_else(|| "etcd".to_string())
+}
+
+/// The etcdctl binary: `E2E_ETCDCTL_BIN`, default `etcdctl` on PATH.
+pub fn etcdctl_binary() -> String {
+    env_nonempty("E2E_ETCDCTL_BIN").unwrap_or_else(|| "etcdctl".to_string())
+}
+
+/// A server binary's version, e.g. `3.5.1`, from `<binary> --version`
+/// (run once per binary and process).
+pub fn etcd_version(binary: &str) -> Result<String> {
+    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(version) = cache.lock().unwrap().get(binary) {
+        return Ok(version.clone());
+    }
+    let output = Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {binary} --version (is etcd installed? see E2E_ETCD_BIN)"))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let version = text
+        .lines()
+        .find_map(|l| l.strip_prefix("etcd Version:"))
+        .map(|v| v.trim().to_string())
+        .with_context(|| format!("{binary} --version printed no version: {text:?}"))?;
+    cache
+        .lock()
+        .unwrap()
+        .insert(binary.to_string(), version.clone());
+    Ok(version)
+}
+
 #[derive(Default, Clone)]
 pub struct EtcdOptions {
     pub members: usize,
+    /// Source or destination of a mirror: picks the etcd binary.
+    pub role: Role,
     /// Serve clients over mutual TLS with this material.
     pub tls: Option<TlsMaterial>,
     /// `--quota-backend-bytes`.
@@ -36,6 +105,8 @@ struct Member {
 pub struct EtcdCluster {
     members: Vec<Member>,
     options: EtcdOptions,
+    binary: String,
+    version: String,
     token: String,
     _dir: tempfile::TempDir,
     credentials: Option<(String, String)>,
@@ -55,6 +126,24 @@ impl EtcdCluster {
         Self::start_with(EtcdOptions::default()).await
     }
 
+    /// A one-member cluster that plays a mirror's source.
+    pub async fn start_source() -> Result<Self> {
+        Self::start_with(EtcdOptions {
+            role: Role::Source,
+            ..EtcdOptions::default()
+        })
+        .await
+    }
+
+    /// A one-member cluster that plays a mirror's destination.
+    pub async fn start_dest() -> Result<Self> {
+        Self::start_with(EtcdOptions {
+            role: Role::Dest,
+            ..EtcdOptions::default()
+        })
+        .await
+    }
+
     pub async fn start_with(mut options: EtcdOptions) -> Result<Self> {
         options.members = options.members.max(1);
         // A free port can be taken between our probe and etcd's bind; try again.
@@ -69,6 +158,8 @@ impl EtcdCluster {
     }
 
     async fn try_start(options: EtcdOptions) -> Result<Self> {
+        let binary = etcd_binary(options.role);
+        let version = etcd_version(&binary)?;
         let dir = tempfile::Builder::new()
             .prefix("etcd-syncer-e2e-")
             .tempdir()?;
@@ -88,6 +179,8 @@ impl EtcdCluster {
         let mut cluster = Self {
             members,
             options,
+            binary,
+            version,
             token,
             _dir: dir,
             credentials: None,
@@ -122,7 +215,7 @@ impl EtcdCluster {
             .create(true)
             .append(true)
             .open(&member.log_path)?;
-        let mut command = Command::new("etcd");
+        let mut command = Command::new(&self.binary);
         command
             .arg("--name")
             .arg(&member.name)
@@ -142,6 +235,7 @@ impl EtcdCluster {
             .arg(&self.token)
             .arg("--initial-cluster-state")
             .arg(state)
+            // zap on both: 3.4's default (capnslog) is gone in 3.5.
             .arg("--logger")
             .arg("zap")
             .arg("--log-level")
@@ -178,7 +272,12 @@ impl EtcdCluster {
         kill_with_parent(&mut command);
         let child = command
             .spawn()
-            .context("spawn etcd (is etcd-server installed?)")?;
+            .with_context(|| format!("spawn {} (is etcd-server installed?)", self.binary))?;
+        // Once per started server, so a failure's output says which etcd ran.
+        eprintln!(
+            "e2e: etcd {} ({:?}) member {} on 127.0.0.1:{} from {}",
+            self.version, self.options.role, member.name, member.client_port, self.binary
+        );
         self.members[index].child = Some(child);
         Ok(())
     }
@@ -237,6 +336,16 @@ impl EtcdCluster {
             }
         }
         Ok(())
+    }
+
+    /// The server version these members run, e.g. `3.5.1`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The etcd binary these members run.
+    pub fn binary(&self) -> &str {
+        &self.binary
     }
 
     pub fn endpoints(&self) -> Vec<String> {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, WatchOptions};
 
-pub use etcd::{EtcdCluster, EtcdOptions};
+pub use etcd::{EtcdCluster, EtcdOptions, Role};
 pub use syncer::Syncer;
 pub use tls::TlsMaterial;
 

@@ -36,8 +36,8 @@ async fn check_json(source: &EtcdCluster, dest: &EtcdCluster) -> Result<(i32, se
 }
 
 async fn synced_pair(keys: usize, extra: &[&str]) -> Result<(EtcdCluster, EtcdCluster, Syncer)> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut source.client().await?, "/app/", keys, 40, "v1").await?;
     let mut args = mirror_args(&source, &dest, "/app/");
     args.extend(e2e::args(extra));
@@ -314,8 +314,8 @@ async fn metrics_and_status_endpoints_after_a_sync() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_fails_while_the_source_is_down() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let mut source = source;
     put_many(&mut source.client().await?, "/app/", 20, 20, "v1").await?;
     let mut syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;

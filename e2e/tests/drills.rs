@@ -42,11 +42,12 @@ async fn drill_under_load(source: &EtcdCluster, dest: &EtcdCluster, name: &str) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_http_with_a_three_member_source() -> Result<()> {
     let source = EtcdCluster::start_with(EtcdOptions {
+        role: Role::Source,
         members: 3,
         ..EtcdOptions::default()
     })
     .await?;
-    let dest = EtcdCluster::start().await?;
+    let dest = EtcdCluster::start_dest().await?;
     drill_under_load(&source, &dest, "http").await
 }
 
@@ -57,8 +58,16 @@ async fn drill_https_with_mutual_tls() -> Result<()> {
         tls: Some(TlsMaterial::generate()?),
         ..EtcdOptions::default()
     };
-    let source = EtcdCluster::start_with(options.clone()).await?;
-    let dest = EtcdCluster::start_with(options).await?;
+    let source = EtcdCluster::start_with(EtcdOptions {
+        role: Role::Source,
+        ..options.clone()
+    })
+    .await?;
+    let dest = EtcdCluster::start_with(EtcdOptions {
+        role: Role::Dest,
+        ..options
+    })
+    .await?;
     drill_under_load(&source, &dest, "https").await
 }
 
@@ -70,8 +79,8 @@ async fn drill_https_with_mutual_tls() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_sigterm_during_a_full_sync() -> Result<()> {
     const KEYS: usize = 20_000;
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut source.client().await?, "/app/", KEYS, 50, "v1").await?;
     let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
     // The full sync sends over 1.3 MB of puts; a quarter MiB in, it is
@@ -162,8 +171,8 @@ async fn drill_sigterm_during_a_full_sync() -> Result<()> {
 /// Drill 4: the source link is cut (connections reset) for 10 s under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_short_outage_resumes_on_the_fast_path() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut source.client().await?, "/app/", 500, 100, "v1").await?;
     let (proxy, proxied) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
     let args = replace_flag(
@@ -220,8 +229,8 @@ async fn drill_short_outage_resumes_on_the_fast_path() -> Result<()> {
 /// Drill 7: a half-open line (bytes held, no reset) for 2 minutes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_severed_line_while_streaming() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut source.client().await?, "/app/", 200, 100, "v1").await?;
     let (proxy, proxied) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
     let args = replace_flag(
@@ -279,8 +288,8 @@ async fn drill_severed_line_while_streaming() -> Result<()> {
 /// Drill 8: 30 ms RTT and 1 MiB/s to the destination.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_weak_network() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut source.client().await?, "/app/", 20_000, 100, "v1").await?;
     let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
     proxy.set_delay(Duration::from_millis(15));
@@ -315,8 +324,8 @@ async fn drill_weak_network() -> Result<()> {
 /// id): it must not watch from a meaningless revision.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_source_replaced() -> Result<()> {
-    let old_source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let old_source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut old_source.client().await?, "/app/", 300, 50, "old").await?;
     let mut first = Syncer::start("first", &mirror_args(&old_source, &dest, "/app/")).await?;
     wait_job_state(&first, "app", "watching").await?;
@@ -332,7 +341,7 @@ async fn drill_source_replaced() -> Result<()> {
     first.stop().await?;
     first.finish().await?;
 
-    let new_source = EtcdCluster::start().await?;
+    let new_source = EtcdCluster::start_source().await?;
     ensure!(new_source.cluster_id().await? != old_source.cluster_id().await?);
     put_many(&mut new_source.client().await?, "/app/", 280, 50, "new").await?;
     let second = Syncer::start("second", &mirror_args(&new_source, &dest, "/app/")).await?;
@@ -354,8 +363,9 @@ async fn drill_source_replaced() -> Result<()> {
 /// Drill 11: the destination runs out of quota, then gets more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_destination_quota_exceeded() -> Result<()> {
-    let source = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
     let mut dest = EtcdCluster::start_with(EtcdOptions {
+        role: Role::Dest,
         quota_backend_bytes: Some(4 * 1024 * 1024),
         ..EtcdOptions::default()
     })
@@ -436,9 +446,9 @@ async fn drill_destination_quota_exceeded() -> Result<()> {
 /// own meta keys. C equals A and no meta key of the first hop leaks into C.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_cascade() -> Result<()> {
-    let a = EtcdCluster::start().await?;
+    let a = EtcdCluster::start_source().await?;
     let b = EtcdCluster::start().await?;
-    let c = EtcdCluster::start().await?;
+    let c = EtcdCluster::start_dest().await?;
     put_many(&mut a.client().await?, "/svc/", 300, 50, "v1").await?;
     let mut first = mirror_args(&a, &b, "/");
     first.extend(e2e::args(&["--job-name", "a-to-b"]));

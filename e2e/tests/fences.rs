@@ -136,8 +136,8 @@ async fn put_revisions(dest: &EtcdCluster, key: &str) -> Result<Vec<i64>> {
 /// the lock fence can reject it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_fence_alone_rejects_a_deposed_leaders_txn() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut source.client().await?, "/app/", 50, 50, "v1").await?;
     let (dest_link_a, dest_via_a) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
     let mut args_a = mirror_args(&source, &dest, "/app/");
@@ -243,8 +243,8 @@ async fn lock_fence_alone_rejects_a_deposed_leaders_txn() -> Result<()> {
 /// meanwhile: only the promoted fence can reject it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promoted_fence_alone_rejects_a_held_txn() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut source.client().await?, "/app/", 50, 50, "v1").await?;
     let (dest_link, dest_via_link) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
     let mut args = mirror_args(&source, &dest, "/app/");

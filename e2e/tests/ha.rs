@@ -54,8 +54,8 @@ fn slow_load() -> Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_under_load_fails_over_on_the_fast_path() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut source.client().await?, "/app/", 200, 50, "v1").await?;
     let mut a = Syncer::start("a", &replica_args(&source, &dest, "replica-a")).await?;
     wait_leader(&[&a], "app").await?;
@@ -97,8 +97,8 @@ async fn kill_9_of_the_leader_under_load_fails_over_on_the_fast_path() -> Result
 /// full sync, so the kill lands mid full sync however fast the machine is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_during_a_full_sync() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut source.client().await?, "/app/", 20_000, 50, "v1").await?;
     let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
     // Over 1.3 MB of puts in all: a quarter MiB in, the full sync is
@@ -152,8 +152,8 @@ async fn kill_9_of_the_leader_during_a_full_sync() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_is_fenced_and_never_rolls_back() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut source.client().await?, "/app/", 100, 50, "v1").await?;
     let mut a = Syncer::start("a", &replica_args(&source, &dest, "replica-a")).await?;
     wait_leader(&[&a], "app").await?;
@@ -209,8 +209,8 @@ async fn a_frozen_leader_is_fenced_and_never_rolls_back() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_over_without_waiting_for_the_ttl() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut source.client().await?, "/app/", 50, 50, "v1").await?;
     // A long TTL: waiting it out would be obvious.
     let long_ttl = |id: &str| {
@@ -255,8 +255,8 @@ async fn sigterm_hands_over_without_waiting_for_the_ttl() -> Result<()> {
 /// /healthz must stay green meanwhile, or Kubernetes restarts it in a loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_standby_stays_healthy() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let mut leader_args = replica_args(&source, &dest, "replica-a");
     leader_args.extend(e2e::args(&["--liveness-timeout", "5s"]));
     let a = Syncer::start("a", &leader_args).await?;
@@ -282,8 +282,8 @@ async fn a_waiting_standby_stays_healthy() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_spreads_over_instances() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let mut src = source.client().await?;
     for job in ["a", "b", "c"] {
         put_many(&mut src, &format!("/{job}/"), 20, 20, "v1").await?;
@@ -337,8 +337,8 @@ async fn leadership_spreads_over_instances() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promote_stops_replication_and_undo_resumes_it() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let mut src = source.client().await?;
     put_many(&mut src, "/app/", 50, 20, "v1").await?;
     let mut syncer = Syncer::start("syncer", &replica_args(&source, &dest, "replica-a")).await?;
@@ -412,8 +412,8 @@ async fn promote_stops_replication_and_undo_resumes_it() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_in_text_and_json() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut source.client().await?, "/app/", 30, 20, "v1").await?;
     let syncer = Syncer::start("syncer", &replica_args(&source, &dest, "replica-a")).await?;
     wait_leader(&[&syncer], "app").await?;

@@ -19,8 +19,8 @@ const MAX_ROUNDS: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_only_passes_through_source_states() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
     proxy.set_delay(Duration::from_millis(15));
     let mut args = replace_flag(

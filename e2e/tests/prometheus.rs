@@ -150,8 +150,8 @@ fn selectors(expr: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_and_alert_works_against_a_real_prometheus() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut source.client().await?, "/app/", 200, 50, "v1").await?;
     let mut args = mirror_args(&source, &dest, "/app/");
     args.extend(e2e::args(&["--check-interval", "1s"]));

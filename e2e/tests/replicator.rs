@@ -28,8 +28,8 @@ async fn checkpoint_rev(dest: &EtcdCluster, job: &str) -> Result<Option<i64>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_sync_copies_prunes_and_keeps_outside_keys() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let mut src = source.client().await?;
     let mut dst = dest.client().await?;
     put_many(&mut src, "/app/", 500, 100, "v1").await?;
@@ -96,8 +96,8 @@ async fn full_sync_copies_prunes_and_keeps_outside_keys() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_resumes_on_the_fast_path_without_copying() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let mut src = source.client().await?;
     put_many(&mut src, "/app/", 300, 50, "v1").await?;
     let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
@@ -136,8 +136,8 @@ async fn restart_resumes_on_the_fast_path_without_copying() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_during_downtime_forces_one_full_sync() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let mut src = source.client().await?;
     put_many(&mut src, "/app/", 200, 50, "v1").await?;
     let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
@@ -184,8 +184,8 @@ async fn compaction_during_downtime_forces_one_full_sync() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_last_synced_rev_repairs_a_diverged_destination() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let mut src = source.client().await?;
     let mut dst = dest.client().await?;
     put_many(&mut src, "/app/", 100, 50, "v1").await?;
@@ -221,8 +221,8 @@ async fn reset_last_synced_rev_repairs_a_diverged_destination() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dest_prefix_rewrite_and_no_dest_prefix() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let mut src = source.client().await?;
     put_many(&mut src, "/app/", 50, 20, "v1").await?;
 
@@ -235,7 +235,7 @@ async fn dest_prefix_rewrite_and_no_dest_prefix() -> Result<()> {
     syncer.finish().await?;
 
     // A fresh destination: stripping mirrors onto its whole keyspace.
-    let dest = EtcdCluster::start().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let mut strip = mirror_args(&source, &dest, "/app/");
     strip.extend(args(&["--no-dest-prefix", "--job-name", "stripped"]));
     let syncer = Syncer::start("strip", &strip).await?;
@@ -254,8 +254,8 @@ async fn dest_prefix_rewrite_and_no_dest_prefix() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meta_prefix_is_never_copied_nor_pruned() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let mut src = source.client().await?;
     // The source is itself some other mirror's destination.
     src.put(format!("{META_PREFIX}upstream/checkpoint"), "theirs", None)
@@ -293,8 +293,8 @@ async fn meta_prefix_is_never_copied_nor_pruned() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mass_delete_guard_holds_until_overridden() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let mut src = source.client().await?;
     put_many(&mut src, "/app/", 100, 20, "v1").await?;
     let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
@@ -354,11 +354,12 @@ async fn mass_delete_guard_holds_until_overridden() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revisions_larger_than_one_txn_are_split_and_counted() -> Result<()> {
     let source = EtcdCluster::start_with(EtcdOptions {
+        role: Role::Source,
         max_txn_ops: Some(1000),
         ..EtcdOptions::default()
     })
     .await?;
-    let dest = EtcdCluster::start().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
     wait_job_state(&syncer, "app", "watching").await?;
     let mut src = source.client().await?;
@@ -383,8 +384,16 @@ async fn mutual_tls_on_both_sides() -> Result<()> {
         tls: Some(tls),
         ..EtcdOptions::default()
     };
-    let source = EtcdCluster::start_with(options.clone()).await?;
-    let dest = EtcdCluster::start_with(options).await?;
+    let source = EtcdCluster::start_with(EtcdOptions {
+        role: Role::Source,
+        ..options.clone()
+    })
+    .await?;
+    let dest = EtcdCluster::start_with(EtcdOptions {
+        role: Role::Dest,
+        ..options
+    })
+    .await?;
     let mut src = source.client().await?;
     put_many(&mut src, "/app/", 100, 20, "v1").await?;
     let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
@@ -396,8 +405,8 @@ async fn mutual_tls_on_both_sides() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_password_auth_and_a_wrong_password() -> Result<()> {
-    let mut source = EtcdCluster::start().await?;
-    let mut dest = EtcdCluster::start().await?;
+    let mut source = EtcdCluster::start_source().await?;
+    let mut dest = EtcdCluster::start_dest().await?;
     source.enable_auth("syncer", "s3cret", "/app/").await?;
     dest.enable_auth("syncer", "d3cret", "/app/").await?;
     let mut src = source.client().await?;
@@ -572,8 +581,8 @@ async fn config_errors_exit_2_naming_the_field() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_destination_is_retried_and_not_ready() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let mut dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let mut dest = EtcdCluster::start_dest().await?;
     let mut src = source.client().await?;
     put_many(&mut src, "/app/", 20, 20, "v1").await?;
     dest.kill();

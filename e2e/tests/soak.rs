@@ -15,8 +15,8 @@ const WAIT: Duration = Duration::from_secs(120);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "five minutes: run with make e2e-long"]
 async fn chaos_soak_with_repeated_failovers() -> Result<()> {
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     put_many(&mut source.client().await?, "/app/", 5_000, 100, "v1").await?;
     let replica = |id: &str| {
         let mut args = mirror_args(&source, &dest, "/app/");

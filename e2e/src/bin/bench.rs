@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use e2e::load::Load;
 use e2e::proxy::LinkProxy;
-use e2e::{mirror_args, put_many, EtcdCluster, Syncer};
+use e2e::{mirror_args, put_many, EtcdCluster, Role, Syncer};
 use etcd_client::{GetOptions, Txn, TxnOp};
 
 const PREFIX: &str = "/bench/";
@@ -87,7 +87,7 @@ async fn wait_for_count(
 fn spawn_make_mirror(source: &EtcdCluster, dest_endpoint: &str) -> Result<Child> {
     // Endpoints are always explicit: etcdctl's default is 127.0.0.1:2379,
     // which may be someone else's server.
-    let mut command = Command::new("etcdctl");
+    let mut command = Command::new(e2e::etcd::etcdctl_binary());
     command
         .arg(format!("--endpoints={}", source.endpoints_arg()))
         .arg("make-mirror")
@@ -153,7 +153,7 @@ async fn wait_watching(syncer: &Syncer) -> Result<()> {
 
 /// Keys/s of a plain batched writer into a fresh cluster: the destination's ceiling.
 async fn batched_put_ceiling(keys: usize) -> Result<f64> {
-    let dest = EtcdCluster::start().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let client = dest.client().await?;
     let value = "v".repeat(100);
     let started = Instant::now();
@@ -328,7 +328,7 @@ async fn main() -> Result<()> {
         "[1/8] full sync of {} keys on loopback",
         sizes.full_sync_keys
     );
-    let source = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
     put_many(
         &mut source.client().await?,
         PREFIX,
@@ -337,9 +337,9 @@ async fn main() -> Result<()> {
         "v1",
     )
     .await?;
-    let dest = EtcdCluster::start().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let full = syncer_full_sync(&source, &dest, None, sizes.full_sync_keys).await?;
-    let mm_dest = EtcdCluster::start().await?;
+    let mm_dest = EtcdCluster::start_dest().await?;
     let mm_rate = make_mirror_full_sync(
         &source,
         &mm_dest,
@@ -421,7 +421,7 @@ async fn main() -> Result<()> {
         "[4/8] full sync of {} keys across 30 ms RTT",
         sizes.rtt_full_sync_keys
     );
-    let source = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
     put_many(
         &mut source.client().await?,
         PREFIX,
@@ -430,13 +430,13 @@ async fn main() -> Result<()> {
         "v1",
     )
     .await?;
-    let dest = EtcdCluster::start().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
     proxy.set_delay(ONE_WAY);
     let rtt_full =
         syncer_full_sync(&source, &dest, Some(&proxied), sizes.rtt_full_sync_keys).await?;
     rtt_full.syncer.finish().await?;
-    let mm_dest = EtcdCluster::start().await?;
+    let mm_dest = EtcdCluster::start_dest().await?;
     let (mm_proxy, mm_proxied) = LinkProxy::in_front_of(&mm_dest.endpoints()[0]).await?;
     mm_proxy.set_delay(ONE_WAY);
     let mm_rtt_rate = make_mirror_full_sync(
@@ -483,8 +483,8 @@ async fn main() -> Result<()> {
         load.value_size = 100;
         let mut results = Vec::new();
         for tool in ["syncer", "make-mirror"] {
-            let source = EtcdCluster::start().await?;
-            let dest = EtcdCluster::start().await?;
+            let source = EtcdCluster::start_source().await?;
+            let dest = EtcdCluster::start_dest().await?;
             let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
             if delayed {
                 proxy.set_delay(ONE_WAY);
@@ -544,7 +544,7 @@ async fn main() -> Result<()> {
         "[8/8] memory during a full sync of {} keys",
         sizes.memory_large_keys
     );
-    let source = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
     let mut client = source.client().await?;
     for chunk in 0..10 {
         put_many(
@@ -556,7 +556,7 @@ async fn main() -> Result<()> {
         )
         .await?;
     }
-    let dest = EtcdCluster::start().await?;
+    let dest = EtcdCluster::start_dest().await?;
     let large = syncer_full_sync(&source, &dest, None, sizes.memory_large_keys).await?;
     large.syncer.finish().await?;
     rows.push(Row {
@@ -646,13 +646,17 @@ fn machine() -> Result<String> {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kib| kib.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
-    let etcd = Command::new("etcd")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .unwrap_or_default();
-    let etcd = etcd.lines().next().unwrap_or("etcd unknown");
+    // The servers' versions (E2E_ETCD_BIN, or per side for a mixed pair).
+    let version = |role| {
+        let binary = e2e::etcd::etcd_binary(role);
+        e2e::etcd::etcd_version(&binary).unwrap_or_else(|_| "unknown".to_string())
+    };
+    let (source, dest) = (version(Role::Source), version(Role::Dest));
+    let etcd = if source == dest {
+        format!("etcd {source}")
+    } else {
+        format!("etcd {source} (source), {dest} (destination)")
+    };
     Ok(format!(
         "{model}, {cores} cores, {mem_gib:.0} GiB RAM; {etcd}"
     ))

@@ -17,8 +17,8 @@ fn step(text: &str) {
 #[tokio::main]
 async fn main() -> Result<()> {
     step("Starting a source and a destination etcd on free loopback ports");
-    let source = EtcdCluster::start().await?;
-    let dest = EtcdCluster::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
     println!("    source:      {}", source.endpoints_arg());
     println!("    destination: {}", dest.endpoints_arg());
 
