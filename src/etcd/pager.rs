@@ -35,10 +35,14 @@ pub async fn next_page(
     pages: &mut mpsc::Receiver<PageResult>,
     cancel: &CancellationToken,
 ) -> PageResult {
+    // Cancellation first: a pager stopped by the same cancellation closes
+    // its channel, which must read as "cancelled", not "stopped early".
     tokio::select! {
+        biased;
         _ = cancel.cancelled() => Err(PageError::Cancelled),
         page = pages.recv() => match page {
             Some(page) => page,
+            None if cancel.is_cancelled() => Err(PageError::Cancelled),
             // A pager that stopped without saying "end" must never look like
             // an exhausted prefix: that would turn every later key into a delete.
             None => Err(PageError::StoppedEarly),
