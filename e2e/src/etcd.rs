@@ -91,6 +91,8 @@ pub struct EtcdOptions {
     pub auto_compaction_revisions: Option<u64>,
     /// `--max-txn-ops` (etcd's default is 128).
     pub max_txn_ops: Option<usize>,
+    /// Any other server flags, passed as given (e.g. `--auth-token-ttl 3`).
+    pub extra_args: Vec<String>,
 }
 
 struct Member {
@@ -269,6 +271,7 @@ impl EtcdCluster {
         if let Some(ops) = self.options.max_txn_ops {
             command.arg("--max-txn-ops").arg(ops.to_string());
         }
+        command.args(&self.options.extra_args);
         kill_with_parent(&mut command);
         let child = command
             .spawn()
@@ -464,6 +467,26 @@ impl EtcdCluster {
             if self.members[i].child.is_none() {
                 self.spawn_member(i, "existing")?;
             }
+        }
+        self.wait_ready(Duration::from_secs(30)).await
+    }
+
+    /// The cluster rebuilt with the same identity: every member is killed,
+    /// its data directory wiped, and the same members (names, ports, cluster
+    /// token) bootstrapped again. etcd derives member and cluster ids from
+    /// exactly those, so the new cluster has the old cluster id and an empty
+    /// history. Auth is off again, so the fixture's credentials are dropped.
+    pub async fn rebuild_empty(&mut self) -> Result<()> {
+        self.kill();
+        for member in &self.members {
+            if member.data_dir.exists() {
+                std::fs::remove_dir_all(&member.data_dir)
+                    .with_context(|| format!("wipe {}", member.data_dir.display()))?;
+            }
+        }
+        self.credentials = None;
+        for i in 0..self.members.len() {
+            self.spawn_member(i, "new")?;
         }
         self.wait_ready(Duration::from_secs(30)).await
     }

@@ -1,0 +1,549 @@
+//! The etcd version pitfalls of docs/architecture.md ("etcd versions and
+//! their watch pitfalls"), each built for real against whichever etcd the
+//! environment picks (`E2E_ETCD_BIN`): a delete at the compaction revision
+//! (etcd-io/etcd#18089), plain and by lease expiry; a source rebuilt with the
+//! same cluster id; a revision bigger than one watch message; auth tokens
+//! that expire or go stale under the syncer.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use e2e::proxy::LinkProxy;
+use e2e::*;
+use etcd_client::{
+    Client, CompactionOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// The checkpoint's `last_synced_rev` on the destination, if there is one.
+async fn checkpoint_rev(dest: &EtcdCluster, job: &str) -> Result<Option<i64>> {
+    let mut client = dest.client().await?;
+    let response = client
+        .get(format!("{META_PREFIX}{job}/checkpoint"), None)
+        .await?;
+    let Some(kv) = response.kvs().first() else {
+        return Ok(None);
+    };
+    let value: serde_json::Value = serde_json::from_slice(kv.value())?;
+    Ok(Some(
+        value["last_synced_rev"]
+            .as_i64()
+            .context("last_synced_rev")?,
+    ))
+}
+
+/// Waits until the (idle) checkpoint names the source's head revision, and
+/// returns it. Nothing may write to the source meanwhile.
+async fn wait_checkpoint_at_head(source: &EtcdCluster, dest: &EtcdCluster, job: &str) -> Result<i64> {
+    let head = std::sync::atomic::AtomicI64::new(0);
+    eventually(WAIT, "the checkpoint to reach the source head", || async {
+        let now = source.revision().await?;
+        head.store(now, std::sync::atomic::Ordering::SeqCst);
+        Ok(checkpoint_rev(dest, job).await? == Some(now))
+    })
+    .await?;
+    Ok(head.into_inner())
+}
+
+/// The `reason` of every "Taking the slow path." line, in order.
+fn slow_path_reasons(syncer: &Syncer) -> Vec<String> {
+    syncer
+        .logs()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|v| v["message"] == "Taking the slow path." && v["path"] == "slow")
+        .map(|v| v["reason"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+async fn key_count(cluster: &EtcdCluster, key: &str) -> Result<i64> {
+    let mut client = cluster.client().await?;
+    Ok(client
+        .get(key, Some(GetOptions::new().with_count_only()))
+        .await?
+        .count())
+}
+
+/// Compacts the source at exactly `revision` (physically, so the history
+/// below it is really gone).
+async fn compact_at(source: &EtcdCluster, revision: i64) -> Result<()> {
+    source
+        .client()
+        .await?
+        .compact(revision, Some(CompactionOptions::new().with_physical()))
+        .await?;
+    Ok(())
+}
+
+/// The restarted syncer converges, took the slow path because of the
+/// compaction, and logged no ERROR.
+async fn restart_and_expect_compaction_slow_path(
+    source: &EtcdCluster,
+    dest: &EtcdCluster,
+    gone: &str,
+) -> Result<()> {
+    let second = Syncer::start("second", &mirror_args(source, dest, "/app/")).await?;
+    wait_job_state(&second, "app", "watching").await?;
+    converge(source, "/app/", dest, "/app/", WAIT).await?;
+    ensure!(
+        key_count(dest, gone).await? == 0,
+        "{gone} is still on the destination"
+    );
+    let reasons = slow_path_reasons(&second);
+    ensure!(
+        reasons.iter().any(|r| r.contains("compacted")),
+        "the restart took the slow path because of the compaction; slow-path reasons: {reasons:?}\n{}",
+        second.log_text()
+    );
+    println!("slow path after the restart: {reasons:?}");
+    second.finish().await
+}
+
+/// etcd-io/etcd#18089: the checkpoint is at D-1, the delete is at D and the
+/// source is compacted at exactly D. A watch from D is accepted but (before
+/// 3.4.36 / 3.5.18) never delivers the delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_at_the_compaction_revision_is_not_lost() -> Result<()> {
+    let started = Instant::now();
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let mut src = source.client().await?;
+    put_many(&mut src, "/app/", 20, 50, "v1").await?;
+    let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
+    wait_job_state(&first, "app", "watching").await?;
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    wait_checkpoint_at_head(&source, &dest, "app").await?;
+    first.stop().await?;
+    first.finish().await?;
+    let checkpoint = checkpoint_rev(&dest, "app").await?.context("checkpoint")?;
+
+    let victim = "/app/key-000007";
+    let deleted = src.delete(victim, None).await?;
+    ensure!(deleted.deleted() == 1);
+    let delete_rev = deleted.header().context("header")?.revision();
+    ensure!(
+        delete_rev == checkpoint + 1,
+        "the delete ({delete_rev}) is the first revision after the checkpoint ({checkpoint})"
+    );
+    compact_at(&source, delete_rev).await?;
+
+    restart_and_expect_compaction_slow_path(&source, &dest, victim).await?;
+    println!(
+        "etcd {}: delete at the compaction revision {delete_rev}: {:.1} s",
+        source.version(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// As above, but the delete is a lease expiring while the syncer is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_key_expiring_at_the_compaction_revision_is_not_lost() -> Result<()> {
+    let started = Instant::now();
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let mut src = source.client().await?;
+    put_many(&mut src, "/app/", 20, 50, "v1").await?;
+    // A 2 s lease kept alive while the syncer mirrors it, left to expire
+    // once the syncer is down.
+    let lease = src.lease_grant(2, None).await?.id();
+    let (mut keeper, mut responses) = src.lease_keep_alive(lease).await?;
+    let keep_alive = tokio::spawn(async move {
+        loop {
+            keeper.keep_alive().await?;
+            responses.message().await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    });
+    let leased = "/app/leased";
+    src.put(leased, "short-lived", Some(PutOptions::new().with_lease(lease)))
+        .await?;
+
+    let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
+    wait_job_state(&first, "app", "watching").await?;
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    ensure!(key_count(&dest, leased).await? == 1);
+    wait_checkpoint_at_head(&source, &dest, "app").await?;
+    first.stop().await?;
+    first.finish().await?;
+    let checkpoint = checkpoint_rev(&dest, "app").await?.context("checkpoint")?;
+
+    keep_alive.abort();
+    let _ = keep_alive.await;
+    eventually(WAIT, "the lease to expire", || async {
+        Ok(key_count(&source, leased).await? == 0)
+    })
+    .await?;
+    // Nothing else writes: the revision after the expiry is its DELETE.
+    let expiry_rev = source.revision().await?;
+    ensure!(
+        expiry_rev == checkpoint + 1,
+        "the expiry ({expiry_rev}) is the first revision after the checkpoint ({checkpoint})"
+    );
+    let before = src
+        .get(leased, Some(GetOptions::new().with_revision(expiry_rev - 1)))
+        .await?;
+    ensure!(before.count() == 1, "the key existed just before {expiry_rev}");
+    compact_at(&source, expiry_rev).await?;
+
+    restart_and_expect_compaction_slow_path(&source, &dest, leased).await?;
+    println!(
+        "etcd {}: lease expiry at the compaction revision {expiry_rev}: {:.1} s",
+        source.version(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The source is wiped and bootstrapped again with the same member name,
+/// peer URL and cluster token (so the same cluster id), then written past
+/// the old checkpoint revision: the checkpoint names this cluster and a
+/// revision it has, yet the history is another one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_rebuilt_with_the_same_identity_is_detected() -> Result<()> {
+    let started = Instant::now();
+    let mut source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let mut src = source.client().await?;
+    put_many(&mut src, "/app/", 20, 50, "old").await?;
+    for i in 0..60 {
+        src.put(format!("/app/key-{:06}", i % 20), format!("old-{i}"), None)
+            .await?;
+    }
+    let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
+    wait_job_state(&first, "app", "watching").await?;
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    wait_checkpoint_at_head(&source, &dest, "app").await?;
+    first.stop().await?;
+    first.finish().await?;
+    let checkpoint = checkpoint_rev(&dest, "app").await?.context("checkpoint")?;
+    let old_cluster_id = source.cluster_id().await?;
+    let old_endpoints = source.endpoints();
+
+    drop(src);
+    source.rebuild_empty().await?;
+    ensure!(source.endpoints() == old_endpoints, "same client port");
+    let new_cluster_id = source.cluster_id().await?;
+    ensure!(
+        new_cluster_id == old_cluster_id,
+        "the rebuilt source has the same cluster id ({new_cluster_id:x} vs {old_cluster_id:x})"
+    );
+    let mut src = source.client().await?;
+    ensure!(
+        source.revision().await? < checkpoint,
+        "the rebuilt source starts over"
+    );
+    for i in 0..30 {
+        src.put(format!("/app/new-{i:03}"), format!("new-{i}"), None)
+            .await?;
+    }
+    let mut filler = 0;
+    while source.revision().await? <= checkpoint + 10 {
+        src.put("/elsewhere/filler", format!("{filler}"), None)
+            .await?;
+        filler += 1;
+    }
+    let head = source.revision().await?;
+    println!(
+        "cluster id {new_cluster_id:x} before and after the rebuild; old checkpoint {checkpoint}, new head {head}"
+    );
+
+    let second = Syncer::start("second", &mirror_args(&source, &dest, "/app/")).await?;
+    wait_job_state(&second, "app", "watching").await?;
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    let on_dest = read_prefix(&mut dest.client().await?, "/app/").await?;
+    ensure!(
+        on_dest.len() == 30 && on_dest.keys().all(|k| k.starts_with(b"new-")),
+        "only the new source's keys: {:?}",
+        on_dest.keys().map(|k| String::from_utf8_lossy(k)).collect::<Vec<_>>()
+    );
+    let reasons = slow_path_reasons(&second);
+    ensure!(
+        reasons.iter().any(|r| r.contains("history differs")
+            || r.contains("rebuilt or restored with the same cluster id")),
+        "the reason names the rebuilt history; slow-path reasons: {reasons:?}\n{}",
+        second.log_text()
+    );
+    println!("slow path after the rebuild: {reasons:?}");
+    second.finish().await?;
+    println!(
+        "etcd {}: rebuilt source detected: {:.1} s",
+        source.version(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// One revision deletes 60 keys of 100 KiB each. The syncer watches without
+/// previous values, so a delete event carries the key only: the keys are
+/// what is big. That revision's watch response (about 6 MiB) is far over
+/// etcd's --max-request-bytes (1.5 MiB), so etcd sends it in fragments, and
+/// its 60 deletes are more than one destination txn may carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_larger_than_a_watch_message_is_reassembled() -> Result<()> {
+    const KEYS: usize = 60;
+    const KEY_BYTES: usize = 100 * 1024;
+    let started = Instant::now();
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let mut src = source.client().await?;
+    src.put("/big/small", "seed", None).await?;
+    let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/big/")).await?;
+    wait_job_state(&syncer, "big", "watching").await?;
+
+    let big_key = |i: usize| {
+        let mut key = format!("/big/{i:03}-");
+        key.extend(std::iter::repeat('k').take(KEY_BYTES));
+        key
+    };
+    // Ten keys (about 1 MiB) per txn: each fits etcd's request limit.
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(10) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|&i| TxnOp::put(big_key(i), format!("value-{i}"), None))
+            .collect();
+        src.txn(Txn::new().and_then(ops)).await?;
+    }
+    converge(&source, "/big/", &dest, "/big/", WAIT).await?;
+    let split_before = syncer
+        .metric("etcd_syncer_split_revisions_total", &[("job", "big")])
+        .await?;
+    let split_logs_before =
+        syncer.count_log_messages("A source revision exceeded the txn limits and was applied across several txns.");
+
+    let deleted = src
+        .delete("/big/", Some(DeleteOptions::new().with_prefix()))
+        .await?;
+    ensure!(deleted.deleted() == KEYS as i64 + 1);
+    let delete_rev = deleted.header().context("header")?.revision();
+    converge(&source, "/big/", &dest, "/big/", WAIT).await?;
+    ensure!(read_prefix(&mut dest.client().await?, "/big/")
+        .await?
+        .is_empty());
+
+    // The premise, seen by a watcher of our own: etcd really fragments
+    // this revision.
+    let fragments = watch_fragments(&mut src, "/big/", delete_rev).await?;
+    ensure!(
+        fragments > 1,
+        "revision {delete_rev} came in {fragments} watch response(s), not fragmented"
+    );
+
+    let split_after = syncer
+        .metric("etcd_syncer_split_revisions_total", &[("job", "big")])
+        .await?;
+    let split_logs_after =
+        syncer.count_log_messages("A source revision exceeded the txn limits and was applied across several txns.");
+    println!(
+        "revision {delete_rev}: {fragments} watch fragments; etcd_syncer_split_revisions_total {split_before} -> {split_after}; split log lines {split_logs_before} -> {split_logs_after}"
+    );
+    ensure!(
+        split_after > split_before && split_logs_after > split_logs_before,
+        "the delete revision was split across txns by the syncer's txn limits"
+    );
+    syncer.finish().await?;
+    println!(
+        "etcd {}: fragmented revision reassembled: {:.1} s",
+        source.version(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// How many watch responses a fragmenting watch gets for `revision` alone.
+async fn watch_fragments(client: &mut Client, prefix: &str, revision: i64) -> Result<usize> {
+    let mut stream = client
+        .watch(
+            prefix,
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision)
+                    .with_fragment(),
+            ),
+        )
+        .await?;
+    let mut responses = 0;
+    loop {
+        let message = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .context("watch response")??
+            .context("watch closed")?;
+        if message.events().is_empty() {
+            continue;
+        }
+        ensure!(message
+            .events()
+            .iter()
+            .all(|e| e.kv().is_some_and(|kv| kv.mod_revision() == revision)));
+        responses += 1;
+        if !message.0.fragment {
+            return Ok(responses);
+        }
+    }
+}
+
+fn auth_args(source_password: &str, dest_password: &str) -> Vec<String> {
+    args(&[
+        "--src-user",
+        "syncer",
+        "--src-password",
+        source_password,
+        "--dst-user",
+        "syncer",
+        "--dst-password",
+        dest_password,
+    ])
+}
+
+/// Simple tokens that live 3 s: they expire whenever the syncer leaves a
+/// side alone longer than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_renewed() -> Result<()> {
+    let started = Instant::now();
+    let options = |role| EtcdOptions {
+        role,
+        extra_args: args(&["--auth-token", "simple", "--auth-token-ttl", "3"]),
+        ..EtcdOptions::default()
+    };
+    let mut source = EtcdCluster::start_with(options(Role::Source)).await?;
+    let mut dest = EtcdCluster::start_with(options(Role::Dest)).await?;
+    source.enable_auth("syncer", "s3cret", "/app/").await?;
+    dest.enable_auth("syncer", "d3cret", "/app/").await?;
+    let mut src = source.client().await?;
+    put_many(&mut src, "/app/", 50, 20, "v1").await?;
+    let mut args = mirror_args(&source, &dest, "/app/");
+    args.extend(auth_args("s3cret", "d3cret"));
+    let syncer = Syncer::start("syncer", &args).await?;
+    wait_job_state(&syncer, "app", "watching").await?;
+
+    // 15 s of writes: bursts, and pauses longer than the token TTL so both
+    // sides' tokens expire in between.
+    let writing = Instant::now();
+    let mut i = 0;
+    while writing.elapsed() < Duration::from_secs(15) {
+        let burst = Instant::now();
+        while burst.elapsed() < Duration::from_secs(2) {
+            src.put(format!("/app/live-{:03}", i % 200), format!("{i}"), None)
+                .await?;
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(4500)).await;
+    }
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    // And once more after everything was idle past the TTL.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    src.put("/app/last", "1", None).await?;
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+
+    let auth_errors = syncer
+        .metric(
+            "etcd_syncer_errors_total",
+            &[("job", "app"), ("kind", "auth")],
+        )
+        .await?;
+    ensure!(
+        auth_errors == 0.0,
+        "{auth_errors} auth errors counted:\n{}",
+        syncer.log_text()
+    );
+    ensure!(
+        syncer
+            .metric("etcd_syncer_slow_path_total", &[("job", "app")])
+            .await?
+            == 1.0,
+        "only the initial full sync"
+    );
+    println!("{i} writes over 15 s with 3 s tokens");
+    syncer.finish().await?;
+    println!(
+        "etcd {}: tokens renewed: {:.1} s",
+        source.version(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The auth store changes mid full sync, so every request with the token
+/// the syncer holds is refused ("revision of auth store is old").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auth_change_during_a_full_sync_is_survived() -> Result<()> {
+    const KEYS: usize = 20_000;
+    let started = Instant::now();
+    let mut source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    source.enable_auth("syncer", "s3cret", "/app/").await?;
+    put_many(&mut source.client().await?, "/app/", KEYS, 50, "v1").await?;
+    let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
+    // Over 1.3 MB of puts: a quarter MiB in, the full sync is under way and
+    // far from done.
+    proxy.hold_after_forwarding(256 * 1024);
+    let mut args = mirror_args(&source, &dest, "/app/");
+    args.extend(e2e::args(&[
+        "--src-user",
+        "syncer",
+        "--src-password",
+        "s3cret",
+        "--page-size",
+        "200",
+    ]));
+    let args = replace_flag(args, "--dst-endpoints", &proxied)?;
+    let syncer = Syncer::start("syncer", &args).await?;
+    eventually(WAIT, "the destination link to freeze mid full sync", || async {
+        Ok(proxy.is_holding())
+    })
+    .await?;
+    ensure!(
+        syncer
+            .metric("etcd_syncer_full_sync_in_progress", &[("job", "app")])
+            .await?
+            == 1.0,
+        "the syncer is in a full sync when its link freezes"
+    );
+
+    // Three auth-store changes; tokens issued before them are now stale.
+    let mut root = source.client().await?;
+    root.user_add("someone-else", "pw", None).await?;
+    root.role_add("another-role").await?;
+    root.user_grant_role("someone-else", "another-role").await?;
+    proxy.restore();
+
+    wait_job_state(&syncer, "app", "watching").await?;
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    let auth_errors = syncer
+        .metric(
+            "etcd_syncer_errors_total",
+            &[("job", "app"), ("kind", "auth")],
+        )
+        .await?;
+    ensure!(
+        auth_errors == 0.0,
+        "{auth_errors} auth errors counted:\n{}",
+        syncer.log_text()
+    );
+    ensure!(
+        syncer
+            .metric("etcd_syncer_slow_path_total", &[("job", "app")])
+            .await?
+            == 1.0,
+        "the full sync completed once, not started over:\n{}",
+        syncer.log_text()
+    );
+    let stale = syncer
+        .logs()
+        .iter()
+        .filter(|l| l.contains("auth store is old"))
+        .count();
+    println!("auth store changed mid full sync; {stale} log lines mention the stale token");
+    syncer.finish().await?;
+    println!(
+        "etcd {}: auth change during a full sync: {:.1} s",
+        source.version(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
