@@ -35,7 +35,11 @@ async fn checkpoint_rev(dest: &EtcdCluster, job: &str) -> Result<Option<i64>> {
 
 /// Waits until the (idle) checkpoint names the source's head revision, and
 /// returns it. Nothing may write to the source meanwhile.
-async fn wait_checkpoint_at_head(source: &EtcdCluster, dest: &EtcdCluster, job: &str) -> Result<i64> {
+async fn wait_checkpoint_at_head(
+    source: &EtcdCluster,
+    dest: &EtcdCluster,
+    job: &str,
+) -> Result<i64> {
     let head = std::sync::atomic::AtomicI64::new(0);
     eventually(WAIT, "the checkpoint to reach the source head", || async {
         let now = source.revision().await?;
@@ -159,8 +163,12 @@ async fn a_leased_key_expiring_at_the_compaction_revision_is_not_lost() -> Resul
         anyhow::Ok(())
     });
     let leased = "/app/leased";
-    src.put(leased, "short-lived", Some(PutOptions::new().with_lease(lease)))
-        .await?;
+    src.put(
+        leased,
+        "short-lived",
+        Some(PutOptions::new().with_lease(lease)),
+    )
+    .await?;
 
     let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
     wait_job_state(&first, "app", "watching").await?;
@@ -184,9 +192,15 @@ async fn a_leased_key_expiring_at_the_compaction_revision_is_not_lost() -> Resul
         "the expiry ({expiry_rev}) is the first revision after the checkpoint ({checkpoint})"
     );
     let before = src
-        .get(leased, Some(GetOptions::new().with_revision(expiry_rev - 1)))
+        .get(
+            leased,
+            Some(GetOptions::new().with_revision(expiry_rev - 1)),
+        )
         .await?;
-    ensure!(before.count() == 1, "the key existed just before {expiry_rev}");
+    ensure!(
+        before.count() == 1,
+        "the key existed just before {expiry_rev}"
+    );
     compact_at(&source, expiry_rev).await?;
 
     restart_and_expect_compaction_slow_path(&source, &dest, leased).await?;
@@ -251,14 +265,23 @@ async fn a_source_rebuilt_with_the_same_identity_is_detected() -> Result<()> {
         "cluster id {new_cluster_id:x} before and after the rebuild; old checkpoint {checkpoint}, new head {head}"
     );
 
-    let second = Syncer::start("second", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&second, "app", "watching").await?;
+    // Every key the destination has is one the new source lacks: the
+    // mass-delete guard would (rightly) park the job without this.
+    let mut args = mirror_args(&source, &dest, "/app/");
+    args.extend(e2e::args(&["--max-prune-ratio", "1"]));
+    let second = Syncer::start("second", &args).await?;
+    wait_job_state(&second, "app", "watching")
+        .await
+        .with_context(|| second.log_text())?;
     converge(&source, "/app/", &dest, "/app/", WAIT).await?;
     let on_dest = read_prefix(&mut dest.client().await?, "/app/").await?;
     ensure!(
         on_dest.len() == 30 && on_dest.keys().all(|k| k.starts_with(b"new-")),
         "only the new source's keys: {:?}",
-        on_dest.keys().map(|k| String::from_utf8_lossy(k)).collect::<Vec<_>>()
+        on_dest
+            .keys()
+            .map(|k| String::from_utf8_lossy(k))
+            .collect::<Vec<_>>()
     );
     let reasons = slow_path_reasons(&second);
     ensure!(
@@ -311,8 +334,9 @@ async fn a_revision_larger_than_a_watch_message_is_reassembled() -> Result<()> {
     let split_before = syncer
         .metric("etcd_syncer_split_revisions_total", &[("job", "big")])
         .await?;
-    let split_logs_before =
-        syncer.count_log_messages("A source revision exceeded the txn limits and was applied across several txns.");
+    let split_logs_before = syncer.count_log_messages(
+        "A source revision exceeded the txn limits and was applied across several txns.",
+    );
 
     let deleted = src
         .delete("/big/", Some(DeleteOptions::new().with_prefix()))
@@ -335,8 +359,9 @@ async fn a_revision_larger_than_a_watch_message_is_reassembled() -> Result<()> {
     let split_after = syncer
         .metric("etcd_syncer_split_revisions_total", &[("job", "big")])
         .await?;
-    let split_logs_after =
-        syncer.count_log_messages("A source revision exceeded the txn limits and was applied across several txns.");
+    let split_logs_after = syncer.count_log_messages(
+        "A source revision exceeded the txn limits and was applied across several txns.",
+    );
     println!(
         "revision {delete_rev}: {fragments} watch fragments; etcd_syncer_split_revisions_total {split_before} -> {split_after}; split log lines {split_logs_before} -> {split_logs_after}"
     );
@@ -386,6 +411,16 @@ async fn watch_fragments(client: &mut Client, prefix: &str, revision: i64) -> Re
     }
 }
 
+/// Requests the source refused as InvalidArgument, the code etcd gives
+/// "revision of auth store is old" (nothing else in these tests earns it).
+async fn stale_token_refusals(source: &EtcdCluster) -> Result<f64> {
+    Ok(metric_value(
+        &source.server_metrics().await?,
+        "grpc_server_handled_total",
+        &[("grpc_code", "InvalidArgument")],
+    ))
+}
+
 fn auth_args(source_password: &str, dest_password: &str) -> Vec<String> {
     args(&[
         "--src-user",
@@ -422,9 +457,11 @@ async fn tokens_are_renewed() -> Result<()> {
 
     // 15 s of writes: bursts, and pauses longer than the token TTL so both
     // sides' tokens expire in between.
+    // The test's own client does not renew its token: a new one per burst.
     let writing = Instant::now();
     let mut i = 0;
     while writing.elapsed() < Duration::from_secs(15) {
+        let mut src = source.client().await?;
         let burst = Instant::now();
         while burst.elapsed() < Duration::from_secs(2) {
             src.put(format!("/app/live-{:03}", i % 200), format!("{i}"), None)
@@ -437,7 +474,7 @@ async fn tokens_are_renewed() -> Result<()> {
     converge(&source, "/app/", &dest, "/app/", WAIT).await?;
     // And once more after everything was idle past the TTL.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    src.put("/app/last", "1", None).await?;
+    source.client().await?.put("/app/last", "1", None).await?;
     converge(&source, "/app/", &dest, "/app/", WAIT).await?;
 
     let auth_errors = syncer
@@ -468,13 +505,43 @@ async fn tokens_are_renewed() -> Result<()> {
     Ok(())
 }
 
+/// `--auth-token` flags for JWT tokens signed with a fresh ES256 key pair
+/// written under `dir`.
+fn jwt_token_args(dir: &std::path::Path) -> Result<Vec<String>> {
+    let key = rcgen::KeyPair::generate()?;
+    let private = dir.join("jwt-key.pem");
+    let public = dir.join("jwt-pub.pem");
+    std::fs::write(&private, key.serialize_pem())?;
+    std::fs::write(&public, key.public_key_pem())?;
+    Ok(vec![
+        "--auth-token".to_string(),
+        format!(
+            "jwt,pub-key={},priv-key={},sign-method=ES256",
+            public.display(),
+            private.display()
+        ),
+    ])
+}
+
 /// The auth store changes mid full sync, so every request with the token
 /// the syncer holds is refused ("revision of auth store is old").
+///
+/// The source issues JWT tokens: a JWT carries the auth revision it was
+/// issued at, so after the change every request with it is refused. A
+/// simple token is checked against the current auth revision each time it
+/// is looked up, and goes stale only in the narrow race of a write
+/// proposed before the change and applied after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_auth_change_during_a_full_sync_is_survived() -> Result<()> {
     const KEYS: usize = 20_000;
     let started = Instant::now();
-    let mut source = EtcdCluster::start_source().await?;
+    let keys = tempfile::tempdir()?;
+    let mut source = EtcdCluster::start_with(EtcdOptions {
+        role: Role::Source,
+        extra_args: jwt_token_args(keys.path())?,
+        ..EtcdOptions::default()
+    })
+    .await?;
     let dest = EtcdCluster::start_dest().await?;
     source.enable_auth("syncer", "s3cret", "/app/").await?;
     put_many(&mut source.client().await?, "/app/", KEYS, 50, "v1").await?;
@@ -493,9 +560,11 @@ async fn an_auth_change_during_a_full_sync_is_survived() -> Result<()> {
     ]));
     let args = replace_flag(args, "--dst-endpoints", &proxied)?;
     let syncer = Syncer::start("syncer", &args).await?;
-    eventually(WAIT, "the destination link to freeze mid full sync", || async {
-        Ok(proxy.is_holding())
-    })
+    eventually(
+        WAIT,
+        "the destination link to freeze mid full sync",
+        || async { Ok(proxy.is_holding()) },
+    )
     .await?;
     ensure!(
         syncer
@@ -506,10 +575,19 @@ async fn an_auth_change_during_a_full_sync_is_survived() -> Result<()> {
     );
 
     // Three auth-store changes; tokens issued before them are now stale.
-    let mut root = source.client().await?;
-    root.user_add("someone-else", "pw", None).await?;
-    root.role_add("another-role").await?;
-    root.user_grant_role("someone-else", "another-role").await?;
+    // A fresh client (token) for each: each change makes the last stale.
+    let refused_before = stale_token_refusals(&source).await?;
+    source
+        .client()
+        .await?
+        .user_add("someone-else", "pw", None)
+        .await?;
+    source.client().await?.role_add("another-role").await?;
+    source
+        .client()
+        .await?
+        .user_grant_role("someone-else", "another-role")
+        .await?;
     proxy.restore();
 
     wait_job_state(&syncer, "app", "watching").await?;
@@ -533,12 +611,20 @@ async fn an_auth_change_during_a_full_sync_is_survived() -> Result<()> {
         "the full sync completed once, not started over:\n{}",
         syncer.log_text()
     );
+    // The premise, seen from the source: the syncer's stale token was
+    // really refused (etcd answers InvalidArgument, "revision of auth store
+    // is old"), and retried with a fresh one.
+    let refused = stale_token_refusals(&source).await? - refused_before;
+    ensure!(
+        refused >= 1.0,
+        "the source never refused a stale token: the auth change missed the full sync"
+    );
     let stale = syncer
         .logs()
         .iter()
         .filter(|l| l.contains("auth store is old"))
         .count();
-    println!("auth store changed mid full sync; {stale} log lines mention the stale token");
+    println!("auth store changed mid full sync; the source refused {refused} request(s) with the stale token; {stale} syncer log lines mention it");
     syncer.finish().await?;
     println!(
         "etcd {}: auth change during a full sync: {:.1} s",
