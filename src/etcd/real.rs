@@ -126,14 +126,17 @@ fn txn_op(op: Op) -> etcd_client::TxnOp {
     }
 }
 
-/// etcd refuses a token minted before an auth-store change with "revision
-/// of auth store is old"; etcd-client re-authenticates only on an invalid
-/// or expired token. Either way: authenticate again, retry once.
+/// etcd refuses a token minted before an auth-store change ("revision of
+/// auth store is old" on 3.4, "auth: revision in header is old" on 3.5);
+/// etcd-client re-authenticates only on an invalid or expired token. Either way: authenticate again, retry once.
 fn auth_is_stale(error: &etcd_client::Error) -> bool {
     match error {
         etcd_client::Error::GRpcStatus(status) => {
             let message = status.message();
+            // 3.4: "revision of auth store is old" (InvalidArgument);
+            // 3.5: "auth: revision in header is old" (Unknown).
             message.contains("revision of auth store is old")
+                || message.contains("revision in header is old")
                 || message.contains("invalid auth token")
         }
         _ => false,
