@@ -51,11 +51,9 @@ pub struct Counts {
     would_delete_guarded: u64,
     /// Destination keys that predate this full sync and are still there.
     guarded_present: u64,
-    /// Pass two may delete at most this many keys that predate the full
-    /// sync (what the guard approved).
-    delete_budget: u64,
     /// Destination keys created at or before this revision predate the full sync.
     baseline_revision: i64,
+    /// Of `deleted`, the keys that predate this full sync (pass two).
     guarded_deleted: u64,
 }
 
@@ -137,22 +135,26 @@ pub async fn run(
                 max_prune_ratio: ctx.max_prune_ratio,
             });
         }
-        let mut delete_counts = Counts {
-            delete_budget: counts.would_delete_guarded,
-            baseline_revision: counts.baseline_revision,
-            ..Counts::default()
-        };
+        // Pass two deletes what pass one counted. While the source's history
+        // at R is the same, it cannot find more keys that predate the sync
+        // (those only go away, or come back with a new create revision); a
+        // source rebuilt under us could, so check before and count during.
+        if source_fingerprint(ctx, pinned_rev).await? != pinned_fingerprint {
+            return Err(JobError::SourceChanged {
+                pinned_rev,
+                what:
+                    "the key count or first key at the pinned revision changed before the deletions",
+            });
+        }
         merge_pass(
             ctx,
             pinned_rev,
             &marker_guard,
             Pass::All,
-            &mut delete_counts,
+            &mut counts,
             cancel,
         )
         .await?;
-        counts.deleted = delete_counts.deleted;
-        counts.put += delete_counts.put;
     }
 
     // Every page was read "at R"; make sure R still means the same history
@@ -380,7 +382,9 @@ async fn merge_pass(
             Step::NeedSource => {
                 match next_page(&mut source_pages, cancel).await? {
                     Some(page) => {
-                        counts.scanned += page.len() as u64;
+                        if pass == Pass::PutsOnly {
+                            counts.scanned += page.len() as u64;
+                        }
                         merge.push_source(page);
                     }
                     None => merge.source_exhausted(),
@@ -391,11 +395,13 @@ async fn merge_pass(
             Step::NeedDest => {
                 match next_page(&mut dest_pages, cancel).await? {
                     Some(page) => {
-                        counts.dest_keys += page.len() as u64;
-                        counts.guarded_present += page
-                            .iter()
-                            .filter(|e| e.create_revision <= counts.baseline_revision)
-                            .count() as u64;
+                        if pass == Pass::PutsOnly {
+                            counts.dest_keys += page.len() as u64;
+                            counts.guarded_present +=
+                                page.iter()
+                                    .filter(|e| e.create_revision <= counts.baseline_revision)
+                                    .count() as u64;
+                        }
                         merge.push_dest(page);
                     }
                     None => merge.dest_exhausted(),
@@ -403,8 +409,8 @@ async fn merge_pass(
                 None
             }
             Step::Same => {
-                counts.unchanged += 1;
                 if pass == Pass::PutsOnly {
+                    counts.unchanged += 1;
                     ctx.metrics.full_sync_unchanged.inc();
                 }
                 None
@@ -432,17 +438,15 @@ async fn merge_pass(
                     None
                 }
                 Pass::All => {
-                    let guarded = create_revision <= counts.baseline_revision;
-                    if guarded && counts.guarded_deleted >= counts.delete_budget {
-                        // The destination gained keys since pass one counted:
-                        // never delete more than the guard approved.
-                        return Err(JobError::PruneGuard {
-                            would_delete: counts.guarded_deleted + 1,
-                            dest_keys: counts.dest_keys,
-                            max_prune_ratio: ctx.max_prune_ratio,
-                        });
+                    if create_revision <= counts.baseline_revision {
+                        if counts.guarded_deleted >= counts.would_delete_guarded {
+                            return Err(JobError::SourceChanged {
+                                pinned_rev,
+                                what: "more keys to delete than the mass-delete guard approved",
+                            });
+                        }
+                        counts.guarded_deleted += 1;
                     }
-                    counts.guarded_deleted += u64::from(guarded);
                     counts.deleted += 1;
                     ctx.metrics.full_sync_delete.inc();
                     Some(Mutation::Delete {

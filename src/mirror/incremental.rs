@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::check::CheckReport;
-use crate::etcd::api::{EventType, RangeRequest, WatchRequest, WatchResponse};
+use crate::etcd::api::{EventType, WatchRequest, WatchResponse};
 use crate::etcd::FailureKind;
 use crate::mirror::meta::KeyGuard;
 use crate::mirror::writer::{Acked, Pipeline};
@@ -68,27 +68,22 @@ pub async fn run(
         fragment: true,
     };
     let mut stream = ctx.source.watch("create watch", request).await?;
-    // etcd-io/etcd#18089 (before 3.4.36 / 3.5.18): a watch that starts at
-    // exactly the compaction revision misses a DELETE made at it. Checked
-    // after the watch exists: if the checkpoint revision is still readable
-    // now, the compaction revision was at or below it when the watch began.
-    match ctx
-        .source
-        .range(
-            "check the history at the checkpoint",
-            RangeRequest::prefix(ctx.rewrite.source_prefix())
-                .count_only()
-                .at_revision(committed_revision),
-        )
-        .await
+    // Checked once the watch exists, so it is about the server the watch
+    // reads from:
+    // - etcd-io/etcd#18089 (before 3.4.36 / 3.5.18): a watch that starts at
+    //   exactly the compaction revision misses a DELETE made at it. If the
+    //   checkpoint revision is still readable now, the compaction revision
+    //   was at or below it when the watch began. (A compacted read fails
+    //   with a compaction error, whose policy is a full sync.)
+    // - a source rebuilt or restored with the same cluster id has another
+    //   history: the key counts and the last applied event must agree.
+    let evidence =
+        crate::mirror::read_resume_evidence(ctx, committed_revision, committed_event.as_ref())
+            .await?;
+    if let Some(reason) =
+        crate::mirror::verify_resume(committed_revision, committed_event.as_ref(), &evidence)
     {
-        Ok(_) => {}
-        Err(error) if error.kind() == FailureKind::Compacted => {
-            return Err(JobError::Compacted {
-                compact_revision: committed_revision + 1,
-            })
-        }
-        Err(error) => return Err(error.into()),
+        return Err(JobError::HistoryDiffers(reason));
     }
     info!(job = %ctx.job.name, from_revision = committed_revision + 1, "Watching source.");
 

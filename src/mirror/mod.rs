@@ -34,6 +34,7 @@ use crate::etcd::client::{ClientError, Cluster, ClusterHead, FailureKind};
 use crate::mirror::meta::{now_rfc3339, read_job_meta, Checkpoint, Fence, JobMeta, KeyGuard};
 use crate::mirror::writer::DestWriter;
 use crate::model::keys::{prefixes_overlap, KeyRewrite, MetaKeys};
+use crate::model::schema::EventStamp;
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics::{JobMetrics, JobState};
 
@@ -121,6 +122,8 @@ pub enum JobError {
     Loop { cluster_id: u64 },
     #[error("a reset was requested (--reset-last-synced-rev)")]
     ResetRequested,
+    #[error("{0}")]
+    HistoryDiffers(SlowPathReason),
     #[error("cancelled")]
     Cancelled,
     #[error("internal error: {0}")]
@@ -216,6 +219,9 @@ impl JobError {
             }
             JobError::Loop { .. } => Policy::new(Action::Exit, "loop", Level::ERROR),
             JobError::ResetRequested => Policy::new(Action::Resync, "reset", Level::INFO),
+            JobError::HistoryDiffers(_) => {
+                Policy::new(Action::Resync, "history_differs", Level::WARN)
+            }
             JobError::Cancelled => Policy::new(Action::Stop, "cancelled", Level::DEBUG),
             JobError::Internal(_) => Policy::new(Action::NeedsOperator, "internal", Level::ERROR),
         }
@@ -395,6 +401,9 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
             Action::Resync => {
                 if let JobError::ResetRequested = error {
                     info!(job = %ctx.job.name, "Reset requested while replicating; taking the slow path.");
+                } else if let JobError::HistoryDiffers(reason) = error {
+                    ctx.metrics.error(policy.label);
+                    forced = Some(reason);
                 } else {
                     ctx.metrics.error(policy.label);
                     info!(job = %ctx.job.name, %error, "Source history is compacted past the checkpoint; starting a full sync.");
@@ -459,15 +468,10 @@ async fn run_once(
         head.revision,
     );
 
-    let mut decision = decide(&meta, head, forced);
-    if let Decision::Resume(checkpoint) = &decision {
-        // The checkpoint names a revision; make sure the source still has
-        // that history, and that it is the history the destination reflects.
-        let evidence = read_resume_evidence(ctx, checkpoint).await?;
-        if let Some(reason) = verify_resume(checkpoint, &evidence) {
-            decision = Decision::FullSync(reason);
-        }
-    }
+    // Whichever path: once the watch exists, `incremental::run` checks
+    // that the source still has the checkpoint's history, and that it is
+    // the history the destination reflects.
+    let decision = decide(&meta, head, forced);
     let (guard, revision, last_event, cluster_id) = match decision {
         Decision::Resume(checkpoint) => {
             ctx.metrics.fast_path_total.inc();
@@ -522,11 +526,11 @@ pub struct ResumeEvidence {
 
 /// Reads the evidence: count-only ranges on both sides and, when the
 /// checkpoint names its last event, that key at the checkpoint revision.
-async fn read_resume_evidence(
+pub(crate) async fn read_resume_evidence(
     ctx: &JobContext,
-    checkpoint: &Checkpoint,
+    at: i64,
+    last_event: Option<&EventStamp>,
 ) -> Result<ResumeEvidence, JobError> {
-    let at = checkpoint.last_synced_rev;
     let source_prefix = ctx.rewrite.source_prefix();
     let count_at = |prefix: &[u8], revision: i64| {
         RangeRequest::prefix(prefix)
@@ -568,7 +572,7 @@ async fn read_resume_evidence(
             .count;
     }
     let mut last_event_key = None;
-    if let Some(key) = checkpoint.last_event.as_ref().and_then(|e| e.key()) {
+    if let Some(key) = last_event.and_then(|e| e.key()) {
         let response = ctx
             .source
             .range(
@@ -594,16 +598,20 @@ async fn read_resume_evidence(
 /// that differ, or a last event that is not where the checkpoint says,
 /// mean the source's history is not the one the destination came from (a
 /// source rebuilt or restored with the same cluster id).
-pub fn verify_resume(checkpoint: &Checkpoint, evidence: &ResumeEvidence) -> Option<SlowPathReason> {
+pub fn verify_resume(
+    revision: i64,
+    last_event: Option<&EventStamp>,
+    evidence: &ResumeEvidence,
+) -> Option<SlowPathReason> {
     if evidence.source_keys != evidence.dest_keys {
         return Some(SlowPathReason::HistoryDiffers {
             detail: format!(
-                "the source prefix held {} keys at revision {} but the destination holds {}",
-                evidence.source_keys, checkpoint.last_synced_rev, evidence.dest_keys
+                "the source prefix held {} keys at revision {revision} but the destination holds {}",
+                evidence.source_keys, evidence.dest_keys
             ),
         });
     }
-    let event = checkpoint.last_event.as_ref()?;
+    let event = last_event?;
     let found = evidence
         .last_event_key
         .as_ref()
@@ -708,6 +716,9 @@ mod tests {
     fn resume_verification() {
         use crate::model::schema::EventStamp;
         let mut checkpoint = checkpoint(90, 7);
+        let verify_resume = |c: &Checkpoint, e: &ResumeEvidence| {
+            super::verify_resume(c.last_synced_rev, c.last_event.as_ref(), e)
+        };
         let evidence = |source_keys, dest_keys, last: Option<(i64, &[u8])>| ResumeEvidence {
             source_keys,
             dest_keys,
