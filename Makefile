@@ -76,10 +76,13 @@ sim:
 	SIM_SEEDS=$(SEEDS) $(if $(SEED),SIM_SEED=$(SEED)) $(CARGO) test --release --test sim -- --nocapture
 
 ## make mutants: cargo-mutants over the safety code (.cargo/mutants.toml),
-## with the unit and simulation tests only.
+## with the unit, regression and simulation tests only. The core set (fences,
+## key guards, pipeline, resume decision, prune guard):
+##   make mutants MUTANTS_ARGS="--re '$(MUTANTS_CORE)'"
+MUTANTS_CORE := Fence::|KeyGuard::|DestWriter::|Pipeline::|in decide|verify_resume|prune_allowance|overridden_by|EventStamp::matches|full_sync.rs.*in (run|begin)
 mutants:
 	@command -v cargo-mutants >/dev/null 2>&1 || $(CARGO) install --locked cargo-mutants
-	SIM_SEEDS=200 $(CARGO) mutants --timeout 120 -j 1
+	SIM_SEEDS=150 $(CARGO) mutants --timeout 120 -j 2 $(MUTANTS_ARGS)
 
 ## make e2e: the version matrix, one suite after the other.
 e2e: e2e-35 e2e-34-core e2e-mixed
