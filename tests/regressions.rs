@@ -475,6 +475,124 @@ async fn whole_keyspace_mirrors_resume_on_the_fast_path() {
     assert!(!dest_keys.contains_key(b"/-etcd-syncer-meta-/upstream/checkpoint".as_slice()));
 }
 
+/// Why a fenced txn failed is read in the same txn: promoted, lock lost, or
+/// the guard moved. Each leads somewhere else (wait, step down, retry).
+#[tokio::test(start_paused = true)]
+async fn a_refused_write_says_which_fence_stopped_it() {
+    use etcd_syncer::mirror::meta::LockFence;
+    use etcd_syncer::mirror::writer::{GuardFailure, TxnOutcome};
+    let (source, dest) = (new_store(1), new_store(2));
+    let ctx = context(&source, &dest, NO_CHECKS, 1.0);
+    let keys = ctx.keys.clone();
+    let write = || vec![Op::put("/app/x", "1")];
+    let failure = |outcome: TxnOutcome| match outcome {
+        TxnOutcome::GuardFailed(failure) => failure,
+        TxnOutcome::Committed(_) => panic!("the fence let it through"),
+    };
+    // A lock this instance holds: a key with a known create revision.
+    put(&dest, &[("/-etcd-syncer-meta-/app/lock/1", "me")]).await;
+    let create_revision = dest.lock().unwrap().revision();
+    let lock = |create_revision| LockFence {
+        key: "/-etcd-syncer-meta-/app/lock/1".into(),
+        create_revision,
+    };
+    let writer = |lock: Option<LockFence>| {
+        DestWriter::new(
+            ctx.dest.clone(),
+            keys.clone(),
+            Fence::new(&keys, lock),
+            ctx.metrics.clone(),
+        )
+    };
+
+    // The guard moved, fences intact: retry.
+    let held = writer(Some(lock(create_revision)));
+    let moved = KeyGuard::Holds(b"not what is there".to_vec()).compare(&keys.checkpoint());
+    let outcome = failure(held.commit("t", vec![moved], write()).await.unwrap());
+    assert_eq!((outcome.promoted, outcome.lock_held), (false, true));
+    assert!(matches!(
+        held.explain(&outcome, "checkpoint"),
+        JobError::GuardMoved { .. }
+    ));
+
+    // Someone else's lock (another create revision): step down.
+    let deposed = writer(Some(lock(create_revision + 100)));
+    let outcome = failure(deposed.commit("t", vec![], write()).await.unwrap());
+    assert_eq!(
+        (outcome.promoted, outcome.lock_held),
+        (false, true),
+        "the key exists, but not ours"
+    );
+    let gone = writer(Some(LockFence {
+        key: "/-etcd-syncer-meta-/app/lock/2".into(),
+        create_revision,
+    }));
+    let outcome = failure(gone.commit("t", vec![], write()).await.unwrap());
+    assert_eq!((outcome.promoted, outcome.lock_held), (false, false));
+    assert!(matches!(
+        gone.explain(&outcome, "checkpoint"),
+        JobError::Fenced { .. }
+    ));
+
+    // Promoted: wait for the undo, whatever else holds.
+    put(&dest, &[("/-etcd-syncer-meta-/app/promoted", "{}")]).await;
+    let outcome = failure(held.commit("t", vec![], write()).await.unwrap());
+    assert_eq!((outcome.promoted, outcome.lock_held), (true, true));
+    assert!(matches!(
+        held.explain(&outcome, "checkpoint"),
+        JobError::Promoted
+    ));
+    let unused: GuardFailure = outcome;
+    let _ = unused;
+    assert!(prefix_of(&dest).is_empty(), "nothing got through");
+}
+
+/// The guard's baseline leaves meta keys out when the mirrored prefix holds
+/// them (mirroring "/"): other jobs' checkpoints are not the mirror's keys.
+#[tokio::test(start_paused = true)]
+async fn the_prune_baseline_leaves_meta_keys_out() {
+    let (source, dest) = (new_store(1), new_store(2));
+    put(
+        &dest,
+        &[
+            ("/app/old1", "x"),
+            ("/app/old2", "x"),
+            ("/-etcd-syncer-meta-/other/checkpoint", "{}"),
+            ("/-etcd-syncer-meta-/other/lock/1", "{}"),
+            ("/-etcd-syncer-meta-/other/lock/2", "{}"),
+            ("/-etcd-syncer-meta-/other/lock/3", "{}"),
+            ("/-etcd-syncer-meta-/other/promoted", "{}"),
+        ],
+    )
+    .await;
+    put(&source, &[("/b", "1")]).await;
+    let mut ctx = context(&source, &dest, NO_CHECKS, 0.5);
+    ctx.job.prefix = "/".into();
+    ctx.job.dest_prefix = "/".into();
+    ctx.rewrite = KeyRewrite::new(b"/".to_vec(), b"/".to_vec());
+    let meta = etcd_syncer::etcd::meta::read_job_meta(&ctx.dest, &ctx.keys)
+        .await
+        .expect("meta");
+    let refused = etcd_syncer::mirror::full_sync::run(
+        &ctx,
+        &meta,
+        &etcd_syncer::mirror::SlowPathReason::NoCheckpoint,
+        &CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(
+            refused,
+            Err(JobError::PruneGuard {
+                would_delete: 2,
+                dest_keys: 2,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+}
+
 /// The check target a CLI user builds by hand matches the job's own.
 #[test]
 fn check_targets_agree() {
