@@ -593,6 +593,43 @@ async fn the_prune_baseline_leaves_meta_keys_out() {
     );
 }
 
+/// The pipeline keeps at most `--max-inflight-txns` txns out and spaces
+/// sends while any is out (so etcd applies them in order, usually).
+#[tokio::test(start_paused = true)]
+async fn the_pipeline_bounds_and_spaces_what_it_sends() {
+    let (source, dest) = (new_store(1), new_store(2));
+    let link = Link::new("replica", 7);
+    // Nothing answers: every txn sent stays in flight.
+    link.set_faults(Faults {
+        frozen: true,
+        ..Faults::default()
+    });
+    let mut ctx = context_over(&source, &dest, link, NO_CHECKS, 1.0);
+    ctx.tuning.max_inflight_txns = 2;
+    ctx.tuning.pipeline_send_spacing = Duration::from_millis(2);
+    let mut pipeline = Pipeline::new(&ctx, 1, KeyGuard::Absent, 10, None);
+    let empty = |through_revision| Batch {
+        mutations: Vec::new(),
+        through_revision,
+        partial_revision: None,
+    };
+    assert_eq!(
+        pipeline.send_slot(),
+        Some(Ok(())),
+        "an idle pipeline sends at once"
+    );
+    pipeline.send(empty(11), None).unwrap();
+    let now = tokio::time::Instant::now();
+    match pipeline.send_slot() {
+        Some(Err(at)) => assert!(at > now && at <= now + Duration::from_millis(2), "{at:?}"),
+        other => panic!("the next send must wait for the spacing, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    assert_eq!(pipeline.send_slot(), Some(Ok(())));
+    pipeline.send(empty(12), None).unwrap();
+    assert_eq!(pipeline.send_slot(), None, "two in flight is the limit");
+}
+
 /// The check target a CLI user builds by hand matches the job's own.
 #[test]
 fn check_targets_agree() {
