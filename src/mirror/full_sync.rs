@@ -24,7 +24,7 @@ use crate::mirror::writer::{TxnOutcome, UnorderedWrites};
 use crate::mirror::{JobContext, JobError, SlowPathReason};
 use crate::model::batch::Mutation;
 use crate::model::diff::{Difference, SortedMerge, Step};
-use crate::model::schema::{prune_allowance, PruneBlock};
+use crate::model::schema::{prune_allowance, EventStamp, PruneBlock};
 
 /// Where the destination stands once a full sync has committed.
 #[derive(Debug, Clone)]
@@ -165,7 +165,10 @@ pub async fn run(
             what: "the key count or first key at the pinned revision changed during the full sync",
         });
     }
-    let mut synced = finish(ctx, &marker_guard, pinned_rev, head.cluster_id).await?;
+    // The first key at R stands in for "the last event" until the watch
+    // applies one: a resume can then tell this history from another.
+    let last_event = pinned_fingerprint.1.clone();
+    let mut synced = finish(ctx, &marker_guard, pinned_rev, head.cluster_id, last_event).await?;
     synced.counts = counts;
     let elapsed = started.elapsed();
     info!(
@@ -183,27 +186,28 @@ pub async fn run(
 }
 
 /// The source prefix at `revision`, cheaply: its key count and its first
-/// key's mod revision.
+/// key (with mod revision and value).
 async fn source_fingerprint(
     ctx: &JobContext,
     revision: i64,
-) -> Result<(i64, Option<(Vec<u8>, i64)>), JobError> {
+) -> Result<(i64, Option<EventStamp>), JobError> {
     let first = ctx
         .source
         .range(
             "fingerprint the pinned revision",
             RangeRequest::prefix(ctx.rewrite.source_prefix())
                 .at_revision(revision)
-                .with_limit(1)
-                .keys_only(),
+                .with_limit(1),
         )
         .await?;
-    let key = first
+    // A meta key (a source that is itself a mirror's destination) is never
+    // applied, so later changes to it would not update the stamp: skip it.
+    let stamp = first
         .kvs
-        .into_iter()
-        .next()
-        .map(|kv| (kv.key, kv.mod_revision));
-    Ok((first.count, key))
+        .first()
+        .filter(|kv| !kv.key.starts_with(&ctx.meta_prefix))
+        .map(|kv| EventStamp::put(&kv.key, &kv.value, kv.mod_revision));
+    Ok((first.count, stamp))
 }
 
 /// Pins the full sync: the marker goes in and the checkpoint goes out in one
@@ -287,6 +291,7 @@ async fn finish(
     marker_guard: &KeyGuard,
     pinned_rev: i64,
     cluster_id: u64,
+    last_event: Option<EventStamp>,
 ) -> Result<Synced, JobError> {
     let keys = ctx.writer.keys();
     let checkpoint = Checkpoint {
@@ -298,7 +303,7 @@ async fn finish(
         dest_prefix: Some(String::from_utf8_lossy(ctx.rewrite.dest_prefix()).into_owned()),
         partial_revision: None,
         write_id: rand::random(),
-        last_event: None,
+        last_event,
     };
     let checkpoint_bytes = checkpoint.encode();
     let ops = vec![

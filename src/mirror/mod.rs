@@ -501,7 +501,7 @@ async fn run_once(
             (
                 KeyGuard::Holds(synced.checkpoint_bytes),
                 synced.checkpoint.last_synced_rev,
-                None,
+                synced.checkpoint.last_event,
                 synced.checkpoint.source_cluster_id,
             )
         }
