@@ -630,6 +630,29 @@ async fn the_pipeline_bounds_and_spaces_what_it_sends() {
     assert_eq!(pipeline.send_slot(), None, "two in flight is the limit");
 }
 
+/// A head txn refused by the chain alone (fences intact) is a reorder: the
+/// window is re-sent. Refused again after the re-send, something else wrote
+/// the checkpoint: the job stops and re-reads it.
+#[tokio::test(start_paused = true)]
+async fn a_chain_refusal_is_a_reorder_once_then_an_error() {
+    use etcd_syncer::mirror::writer::Acked;
+    let (source, dest) = (new_store(1), new_store(2));
+    let ctx = context(&source, &dest, NO_CHECKS, 1.0);
+    // Someone wrote the checkpoint this pipeline believes absent.
+    put(&dest, &[("/-etcd-syncer-meta-/app/checkpoint", "{}")]).await;
+    let mut pipeline = Pipeline::new(&ctx, 1, KeyGuard::Absent, 10, None);
+    let batch = Batch {
+        mutations: Vec::new(),
+        through_revision: 11,
+        partial_revision: None,
+    };
+    pipeline.send(batch, None).unwrap();
+    assert_eq!(pipeline.next_committed().await.unwrap(), Acked::Reordered);
+    pipeline.resend_window().await.unwrap();
+    let error = pipeline.next_committed().await.unwrap_err();
+    assert!(matches!(error, JobError::GuardMoved { .. }), "{error}");
+}
+
 /// The check target a CLI user builds by hand matches the job's own.
 #[test]
 fn check_targets_agree() {
