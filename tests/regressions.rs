@@ -618,7 +618,14 @@ async fn the_pipeline_bounds_and_spaces_what_it_sends() {
         Some(Ok(())),
         "an idle pipeline sends at once"
     );
+    assert!(pipeline.is_idle());
+    assert_eq!(pipeline.committed_revision(), 10);
     pipeline.send(empty(11), None).unwrap();
+    assert!(!pipeline.is_idle());
+    assert_eq!(
+        (pipeline.committed_revision(), pipeline.tail_revision()),
+        (10, 11)
+    );
     let now = tokio::time::Instant::now();
     match pipeline.send_slot() {
         Some(Err(at)) => assert!(at > now && at <= now + Duration::from_millis(2), "{at:?}"),
