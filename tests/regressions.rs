@@ -660,6 +660,86 @@ async fn a_chain_refusal_is_a_reorder_once_then_an_error() {
     assert!(matches!(error, JobError::GuardMoved { .. }), "{error}");
 }
 
+/// After a reorder the whole window is re-sent in order, spaced by the
+/// doubled gap; a clean shutdown drains what is in flight and reports it.
+#[tokio::test(start_paused = true)]
+async fn a_reordered_window_is_resent_spaced_and_drained() {
+    use etcd_syncer::mirror::writer::Acked;
+    let (source, dest) = (new_store(1), new_store(2));
+    let mut ctx = context(&source, &dest, NO_CHECKS, 1.0);
+    ctx.tuning.max_inflight_txns = 4;
+    ctx.tuning.pipeline_send_spacing = Duration::from_millis(2);
+    let batch = |through_revision| Batch {
+        mutations: Vec::new(),
+        through_revision,
+        partial_revision: None,
+    };
+    // The chain starts from a checkpoint that is not there yet: every txn
+    // of the window fails until the checkpoint appears, as after a reorder.
+    let expected = b"{}".to_vec();
+    let mut pipeline = Pipeline::new(&ctx, 1, KeyGuard::Holds(expected), 10, None);
+    for revision in 11..=13 {
+        pipeline.send(batch(revision), None).unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(pipeline.next_committed().await.unwrap(), Acked::Reordered);
+    put(&dest, &[("/-etcd-syncer-meta-/app/checkpoint", "{}")]).await;
+    let started = tokio::time::Instant::now();
+    pipeline.resend_window().await.unwrap();
+    // Two gaps between three re-sends, each the doubled spacing (4 ms).
+    assert_eq!(started.elapsed(), Duration::from_millis(8));
+    let now = tokio::time::Instant::now();
+    assert_eq!(
+        pipeline.send_slot(),
+        Some(Err(now + Duration::from_millis(4)))
+    );
+    let drained = pipeline.drain().await.unwrap();
+    let revisions: Vec<i64> = drained.iter().map(|c| c.revision).collect();
+    assert_eq!(
+        revisions,
+        vec![11, 12, 13],
+        "everything in flight committed, in order"
+    );
+}
+
+/// A promoted destination or a lost lock stops the pipeline at once: no
+/// re-send first (that would be one more txn at a standby someone promoted).
+#[tokio::test(start_paused = true)]
+async fn a_fenced_pipeline_stops_without_a_resend() {
+    use etcd_syncer::mirror::meta::LockFence;
+    let (source, dest) = (new_store(1), new_store(2));
+    let batch = Batch {
+        mutations: Vec::new(),
+        through_revision: 11,
+        partial_revision: None,
+    };
+    put(&dest, &[("/-etcd-syncer-meta-/app/promoted", "{}")]).await;
+    let ctx = context(&source, &dest, NO_CHECKS, 1.0);
+    let mut pipeline = Pipeline::new(&ctx, 1, KeyGuard::Absent, 10, None);
+    pipeline.send(batch.clone(), None).unwrap();
+    let error = pipeline.next_committed().await.unwrap_err();
+    assert!(matches!(error, JobError::Promoted), "{error}");
+
+    let (source, dest) = (new_store(1), new_store(2));
+    let mut ctx = context(&source, &dest, NO_CHECKS, 1.0);
+    let keys = ctx.keys.clone();
+    let lost = LockFence {
+        key: "/-etcd-syncer-meta-/app/lock/9".into(),
+        create_revision: 5,
+    };
+    ctx.writer = Arc::new(DestWriter::new(
+        ctx.dest.clone(),
+        keys.clone(),
+        Fence::new(&keys, Some(lost)),
+        ctx.metrics.clone(),
+    ));
+    let mut pipeline = Pipeline::new(&ctx, 1, KeyGuard::Absent, 10, None);
+    pipeline.send(batch, None).unwrap();
+    let error = pipeline.next_committed().await.unwrap_err();
+    assert!(matches!(error, JobError::Fenced { .. }), "{error}");
+    assert_eq!(ctx.metrics.txn_reorders_total.get(), 0);
+}
+
 /// The check target a CLI user builds by hand matches the job's own.
 #[test]
 fn check_targets_agree() {
