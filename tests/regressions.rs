@@ -700,6 +700,12 @@ async fn a_reordered_window_is_resent_spaced_and_drained() {
         vec![11, 12, 13],
         "everything in flight committed, in order"
     );
+    // Each clean commit (not the re-sent head) shrinks the gap by 1/32.
+    let shrink = |d: Duration| d - d / 32;
+    let expected = shrink(shrink(Duration::from_millis(4)));
+    pipeline.send(batch(14), None).unwrap();
+    let now = tokio::time::Instant::now();
+    assert_eq!(pipeline.send_slot(), Some(Err(now + expected)));
 }
 
 /// A promoted destination or a lost lock stops the pipeline at once: no

@@ -333,6 +333,17 @@ mod tests {
     }
 
     #[test]
+    fn job_meta_keeps_the_snapshot_revision_and_cluster() {
+        let keys = crate::model::keys::MetaKeys::new("/m/", "job");
+        let checkpoint = keys.checkpoint();
+        let entries = [(checkpoint.as_bytes(), b"garbage".as_slice())];
+        let meta = JobMeta::from_entries(&keys, entries, 42, 7);
+        assert_eq!((meta.dest_revision, meta.dest_cluster_id), (42, 7));
+        assert!(meta.checkpoint.is_none(), "unreadable");
+        assert_eq!(meta.checkpoint_raw.as_deref(), Some(b"garbage".as_slice()));
+    }
+
+    #[test]
     fn markers_from_older_versions_still_parse() {
         let old = br#"{"id":1,"pinned_rev":5,"source_cluster_id":2,"started_at":"t","instance":"i","reason":"r"}"#;
         let marker: FullSyncMarker = serde_json::from_slice(old).unwrap();
