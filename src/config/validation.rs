@@ -1221,10 +1221,10 @@ mod tests {
             assert!(text.contains("--dst-endpoints"), "{bad}: {text}");
         }
         for good in [
-            "http://127.0.0.1:2379",
-            "http://[::1]:2379",
-            "http://etcd-0.etcd:2379/",
-            "127.0.0.1:2379",
+            "http://127.0.0.1:4001",
+            "http://[::1]:4001",
+            "http://etcd-0.etcd:4001/",
+            "127.0.0.1:4001",
         ] {
             args(&[
                 "--src-endpoints",
