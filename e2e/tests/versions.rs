@@ -319,7 +319,7 @@ async fn a_revision_larger_than_a_watch_message_is_reassembled() -> Result<()> {
 
     let big_key = |i: usize| {
         let mut key = format!("/big/{i:03}-");
-        key.extend(std::iter::repeat('k').take(KEY_BYTES));
+        key.extend(std::iter::repeat_n('k', KEY_BYTES));
         key
     };
     // Ten keys (about 1 MiB) per txn: each fits etcd's request limit.
