@@ -85,6 +85,10 @@ pub async fn run(
     {
         return Err(JobError::HistoryDiffers(reason));
     }
+    // Only now: before, the job still reads both sides and may yet fall
+    // back to a full sync, and `watching` tells operators (and tests) that
+    // events flow straight to the destination.
+    ctx.metrics.set_state(crate::telemetry::metrics::JobState::Watching);
     info!(job = %ctx.job.name, from_revision = committed_revision + 1, "Watching source.");
 
     // Everything this phase starts stops with it: checks and repairs belong

@@ -507,7 +507,7 @@ async fn run_once(
         }
     };
     ctx.metrics.set_progress(revision, head.revision);
-    ctx.metrics.set_state(JobState::Watching);
+    // `incremental::run` reports Watching once the resume is verified.
     incremental::run(ctx, guard, revision, last_event, cluster_id, cancel).await?;
     Ok(())
 }
