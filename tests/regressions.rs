@@ -94,6 +94,7 @@ fn context_over(
         health: Arc::new(Health::new(["app"], Duration::from_secs(3600))),
         checks,
         quirks: Default::default(),
+        lease_settings: Default::default(),
     }
 }
 
@@ -754,6 +755,7 @@ fn check_targets_agree() {
         rewrite: KeyRewrite::new(b"/app/".to_vec(), b"/app/".to_vec()),
         keys: MetaKeys::new(META, "app"),
         meta_prefix: META.as_bytes().to_vec(),
+        leases: true,
     };
     let (source, dest) = (new_store(1), new_store(2));
     let ctx = context(&source, &dest, NO_CHECKS, 1.0);

@@ -38,7 +38,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use etcd_syncer::config::{CheckSettings, JobSettings, Tuning, TxnLimits};
+use etcd_syncer::config::{
+    CheckSettings, JobSettings, LeaseMode, LeaseSettings, Tuning, TxnLimits,
+};
 use etcd_syncer::etcd::api::{Etcd, EventType, Op, TxnRequest};
 use etcd_syncer::etcd::memory::{
     new_store, CommitRecord, Faults, Link, MemoryEtcd, SharedStore, Store,
@@ -85,6 +87,8 @@ struct Profile {
     /// The source's version as the syncer sees it (the model behaves as a
     /// fixed server for progress, so every setting must hold).
     quirks: Quirks,
+    leases: LeaseMode,
+    lease_grace: Duration,
 }
 
 impl Profile {
@@ -127,6 +131,12 @@ impl Profile {
             quirks: Quirks::of(Version::parse(
                 ["unknown", "3.4.23", "3.5.1", "3.5.18"][rng.gen_range(0..4)],
             )),
+            leases: if rng.gen_bool(0.8) {
+                LeaseMode::Faithful
+            } else {
+                LeaseMode::Strip
+            },
+            lease_grace: Duration::from_secs(rng.gen_range(1..=8)),
         }
     }
 }
@@ -356,6 +366,10 @@ impl World {
                 sample_size: 3,
             },
             quirks: profile.quirks,
+            lease_settings: LeaseSettings {
+                mode: profile.leases,
+                grace: profile.lease_grace,
+            },
         };
         let instance = Arc::new(Instance {
             sessions: Arc::new(SessionManager::new(dest, profile.lock_ttl)),

@@ -10,16 +10,17 @@
 //! with the current source, re-checks only the differing keys after a short
 //! delay, and reports the result as approximate.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::etcd::api::{Op, RangeRequest, TxnRequest};
+use crate::etcd::api::{KeyValue, Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster, FailureKind};
 use crate::etcd::meta::read_job_meta;
 use crate::etcd::pager::{next_page, spawn_pager, PageError};
-use crate::model::diff::{Difference, SortedMerge, Step};
+use crate::model::diff::{Difference, LeaseRule, SortedMerge, Step};
 use crate::model::keys::{KeyRewrite, MetaKeys};
 use crate::model::Side;
 
@@ -64,6 +65,9 @@ pub enum DifferenceKind {
     SrcMiss,
     /// On both sides with different values.
     Mismatch,
+    /// The same value, but not on the destination lease that mirrors the
+    /// source key's lease (or leased on one side only).
+    LeaseMismatch,
 }
 
 impl DifferenceKind {
@@ -72,6 +76,7 @@ impl DifferenceKind {
             DifferenceKind::DstMiss => "dst_miss",
             DifferenceKind::SrcMiss => "src_miss",
             DifferenceKind::Mismatch => "mismatch",
+            DifferenceKind::LeaseMismatch => "lease_mismatch",
         }
     }
 }
@@ -81,6 +86,7 @@ pub struct Samples {
     pub dst_miss: Vec<String>,
     pub src_miss: Vec<String>,
     pub mismatch: Vec<String>,
+    pub lease_mismatch: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -98,6 +104,7 @@ pub struct CheckReport {
     pub dst_miss: u64,
     pub src_miss: u64,
     pub mismatch: u64,
+    pub lease_mismatch: u64,
     pub samples: Samples,
     pub duration_seconds: f64,
     /// Differing keys (suffixes below the job prefix), up to [`MAX_KEPT_DIFFERENCES`].
@@ -107,7 +114,12 @@ pub struct CheckReport {
 
 impl CheckReport {
     pub fn is_consistent(&self) -> bool {
-        self.dst_miss == 0 && self.src_miss == 0 && self.mismatch == 0
+        self.dst_miss == 0 && self.src_miss == 0 && self.mismatch == 0 && self.lease_mismatch == 0
+    }
+
+    /// Every difference found, of whatever kind.
+    pub fn total_differences(&self) -> u64 {
+        self.dst_miss + self.src_miss + self.mismatch + self.lease_mismatch
     }
 
     fn record(&mut self, suffix: &[u8], kind: DifferenceKind, sample_limit: usize) {
@@ -115,6 +127,9 @@ impl CheckReport {
             DifferenceKind::DstMiss => (&mut self.dst_miss, &mut self.samples.dst_miss),
             DifferenceKind::SrcMiss => (&mut self.src_miss, &mut self.samples.src_miss),
             DifferenceKind::Mismatch => (&mut self.mismatch, &mut self.samples.mismatch),
+            DifferenceKind::LeaseMismatch => {
+                (&mut self.lease_mismatch, &mut self.samples.lease_mismatch)
+            }
         };
         *count += 1;
         if samples.len() < sample_limit {
@@ -133,6 +148,9 @@ pub struct CheckTarget {
     pub rewrite: KeyRewrite,
     pub keys: MetaKeys,
     pub meta_prefix: Vec<u8>,
+    /// Compare lease attachments through the job's lease records
+    /// (false with `--leases strip`, where mirrored keys carry none).
+    pub leases: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -220,6 +238,12 @@ async fn check_once(
             revision,
         });
     }
+    let mapping: Option<HashMap<i64, i64>> = target.leases.then(|| {
+        meta.leases
+            .iter()
+            .map(|(source, record)| (*source, record.dest_lease))
+            .collect()
+    });
     // The meta read and every destination page share one destination revision.
     let exact = compare(
         source,
@@ -227,6 +251,7 @@ async fn check_once(
         target,
         Some(checkpoint.last_synced_rev),
         Some(meta.dest_revision),
+        mapping.clone(),
         options,
         cancel,
     )
@@ -238,9 +263,19 @@ async fn check_once(
         Err(CheckError::Client(error))
             if error.kind() == FailureKind::Compacted && error.side() == Some(Side::Source) =>
         {
-            let mut report = compare(source, dest, target, None, None, options, cancel).await?;
+            let mut report = compare(
+                source,
+                dest,
+                target,
+                None,
+                None,
+                mapping.clone(),
+                options,
+                cancel,
+            )
+            .await?;
             report.exact = false;
-            recheck(source, dest, target, &mut report, options, cancel).await?;
+            recheck(source, dest, target, &mut report, &mapping, options, cancel).await?;
             Ok(report)
         }
         Err(error) => Err(error),
@@ -253,6 +288,7 @@ async fn compare(
     target: &CheckTarget,
     source_revision: Option<i64>,
     dest_revision: Option<i64>,
+    leases: Option<HashMap<i64, i64>>,
     options: CheckOptions,
     cancel: &CancellationToken,
 ) -> Result<CheckReport, CheckError> {
@@ -290,7 +326,7 @@ async fn compare(
         exact: true,
         ..CheckReport::default()
     };
-    let mut merge = SortedMerge::new();
+    let mut merge = SortedMerge::with_leases(lease_rule(leases));
     loop {
         match merge.step() {
             Step::NeedSource => match next_page(&mut source_pages, cancel).await? {
@@ -313,11 +349,21 @@ async fn compare(
                     Difference::MissingAtDest { .. } => DifferenceKind::DstMiss,
                     Difference::ExtraAtDest { .. } => DifferenceKind::SrcMiss,
                     Difference::ValueDiffers { .. } => DifferenceKind::Mismatch,
+                    Difference::LeaseDiffers { .. } => DifferenceKind::LeaseMismatch,
                 };
                 report.record(difference.suffix(), kind, options.sample_limit);
             }
             Step::Done => return Ok(report),
         }
+    }
+}
+
+/// Leases compared through `mapping` (source lease → destination lease),
+/// or not at all.
+fn lease_rule(mapping: Option<HashMap<i64, i64>>) -> LeaseRule {
+    match mapping {
+        None => LeaseRule::Ignore,
+        Some(mapping) => LeaseRule::Mapped(Box::new(move |lease| mapping.get(&lease).copied())),
     }
 }
 
@@ -329,13 +375,14 @@ async fn recheck(
     dest: &Cluster,
     target: &CheckTarget,
     report: &mut CheckReport,
+    leases: &Option<HashMap<i64, i64>>,
     options: CheckOptions,
     cancel: &CancellationToken,
 ) -> Result<(), CheckError> {
     if report.is_consistent() {
         return Ok(());
     }
-    if report.differences.len() as u64 != report.dst_miss + report.src_miss + report.mismatch {
+    if report.differences.len() as u64 != report.total_differences() {
         // Too many to re-check one by one: keep the counts of the first pass.
         return Ok(());
     }
@@ -356,12 +403,13 @@ async fn recheck(
         dest_keys: report.dest_keys,
         ..CheckReport::default()
     };
-    for ((suffix, source_value), dest_value) in suffixes.iter().zip(source_values).zip(dest_values)
-    {
-        let kind = match (source_value, dest_value) {
+    let rule = lease_rule(leases.clone());
+    for ((suffix, source_kv), dest_kv) in suffixes.iter().zip(source_values).zip(dest_values) {
+        let kind = match (source_kv, dest_kv) {
             (Some(_), None) => DifferenceKind::DstMiss,
             (None, Some(_)) => DifferenceKind::SrcMiss,
-            (Some(s), Some(d)) if s != d => DifferenceKind::Mismatch,
+            (Some(s), Some(d)) if s.value != d.value => DifferenceKind::Mismatch,
+            (Some(s), Some(d)) if !rule.same(s.lease, d.lease) => DifferenceKind::LeaseMismatch,
             _ => continue,
         };
         rechecked.record(suffix, kind, options.sample_limit);
@@ -375,17 +423,17 @@ pub async fn read_keys(
     cluster: &Cluster,
     suffixes: &[Vec<u8>],
     key_of: impl Fn(&[u8]) -> Vec<u8>,
-) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+) -> Result<Vec<Option<KeyValue>>, ClientError> {
     read_keys_at(cluster, suffixes, key_of, None).await
 }
 
-/// Values of many keys at one revision (or the latest), 64 per txn.
+/// Many keys (value and lease) at one revision (or the latest), 64 per txn.
 pub async fn read_keys_at(
     cluster: &Cluster,
     suffixes: &[Vec<u8>],
     key_of: impl Fn(&[u8]) -> Vec<u8>,
     revision: Option<i64>,
-) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+) -> Result<Vec<Option<KeyValue>>, ClientError> {
     let mut values = Vec::with_capacity(suffixes.len());
     for chunk in suffixes.chunks(64) {
         let ops: Vec<Op> = chunk
@@ -397,11 +445,7 @@ pub async fn read_keys_at(
         let response = cluster
             .txn("read keys", TxnRequest::new().and_then(ops))
             .await?;
-        values.extend(
-            response
-                .ranges()
-                .map(|range| range.kvs.first().map(|kv| kv.value.clone())),
-        );
+        values.extend(response.ranges().map(|range| range.kvs.first().cloned()));
     }
     Ok(values)
 }

@@ -4,7 +4,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::AppError;
 use crate::check::{check, CheckOptions, CheckReport, CheckTarget};
-use crate::config::{CheckArgs, ConfigError, OutputFormat};
+use crate::config::{CheckArgs, ConfigError, LeaseMode, OutputFormat};
 use crate::etcd::client::Cluster;
 use crate::model::keys::{KeyRewrite, MetaKeys};
 use crate::ops::admin::collect_status;
@@ -44,6 +44,7 @@ pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
         job: job.clone(),
         rewrite: KeyRewrite::new(prefix.as_bytes(), dest_prefix.as_bytes()),
         meta_prefix: args.meta_prefix.as_bytes().to_vec(),
+        leases: args.leases.unwrap_or_default() == LeaseMode::Faithful,
     };
     let options = CheckOptions {
         page_size: args.page_size.clamp(1, 100_000),
@@ -79,13 +80,14 @@ fn render_check(report: &CheckReport) -> String {
     );
     if !report.is_consistent() {
         out.push_str(&format!(
-            "  dst miss (missing on the destination): {}\n  src miss (only on the destination):    {}\n  mismatch (values differ):              {}\n",
-            report.dst_miss, report.src_miss, report.mismatch
+            "  dst miss (missing on the destination): {}\n  src miss (only on the destination):    {}\n  mismatch (values differ):              {}\n  lease mismatch (same value, lease not mirrored): {}\n",
+            report.dst_miss, report.src_miss, report.mismatch, report.lease_mismatch
         ));
         for (label, samples) in [
             ("dst miss", &report.samples.dst_miss),
             ("src miss", &report.samples.src_miss),
             ("mismatch", &report.samples.mismatch),
+            ("lease mismatch", &report.samples.lease_mismatch),
         ] {
             if !samples.is_empty() {
                 out.push_str(&format!("  sample {label}: {}\n", samples.join(", ")));

@@ -134,6 +134,7 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
             health: health.clone(),
             checks: settings.checks,
             quirks,
+            lease_settings: settings.leases,
         };
         let name = job.name.clone();
         let replica_cancel = cancel.clone();

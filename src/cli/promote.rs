@@ -93,6 +93,8 @@ async fn promoted_consistency(
         rewrite: KeyRewrite::new(prefix.as_bytes(), dest_prefix.as_bytes()),
         keys: MetaKeys::new(meta_prefix, job),
         meta_prefix: meta_prefix.as_bytes().to_vec(),
+        // After a promotion the leases are the promoted cluster's own.
+        leases: false,
     };
     match check(
         source,

@@ -96,6 +96,10 @@ pub struct CheckArgs {
     pub output: OutputFormat,
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
     pub request_timeout: Duration,
+    /// How the job mirrors leases: with `faithful` (the default) a key on
+    /// another lease than its mirror counts as a lease mismatch.
+    #[arg(long, value_enum, env = "ETCD_SYNCER_LEASES")]
+    pub leases: Option<crate::config::LeaseMode>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -273,6 +277,15 @@ pub struct MirrorArgs {
     /// /healthz fails when a job's loop (leading or standby) has not woken for this long.
     #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_LIVENESS_TIMEOUT")]
     pub liveness_timeout: Option<Duration>,
+    /// `faithful` (default): a key on a source lease is written on a
+    /// destination lease kept alive while the source lease lives; `strip`:
+    /// every key is written without a lease (mirrored keys never expire).
+    #[arg(long, value_enum, env = "ETCD_SYNCER_LEASES")]
+    pub leases: Option<crate::config::LeaseMode>,
+    /// Added to each mirrored lease's TTL on the destination, so live keys
+    /// survive a replicator outage shorter than this (whole seconds, default 30s).
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_LEASE_GRACE")]
+    pub lease_grace: Option<Duration>,
 }
 
 /// Writes the connection flags of one side once: clap cannot prefix a

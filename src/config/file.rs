@@ -43,6 +43,9 @@ pub struct FileConfig {
     pub lock_ttl: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub rebalance_interval: Option<Duration>,
+    pub leases: Option<crate::config::LeaseMode>,
+    #[serde(default, with = "humantime_serde")]
+    pub lease_grace: Option<Duration>,
     #[serde(default)]
     pub jobs: Vec<FileJob>,
 }
@@ -114,6 +117,8 @@ mod tests {
             liveness_timeout,
             lock_ttl,
             rebalance_interval,
+            leases,
+            lease_grace,
             jobs,
         } = file;
         assert!(
@@ -135,7 +140,7 @@ mod tests {
         );
         assert!(pipeline_spacing.is_some() && check_interval.is_some() && check_repair.is_some());
         assert!(check_sample_size.is_some() && lock_ttl.is_some() && rebalance_interval.is_some());
-        assert!(liveness_timeout.is_some());
+        assert!(liveness_timeout.is_some() && leases.is_some() && lease_grace.is_some());
         for side in [source.expect("source"), destination.expect("destination")] {
             let FileCluster {
                 endpoints,

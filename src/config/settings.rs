@@ -31,6 +31,7 @@ pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(HOUR);
 pub const MAX_PIPELINE_SPACING: Duration = Duration::from_secs(1);
 /// `--lock-ttl`: whole seconds, at least 2s, at most 1h.
 pub const MAX_LOCK_TTL: Duration = Duration::from_secs(HOUR);
+pub const MAX_LEASE_GRACE: Duration = Duration::from_secs(HOUR);
 /// `--rebalance-interval`: at most 24h.
 pub const MAX_REBALANCE_INTERVAL: Duration = Duration::from_secs(DAY);
 /// `--check-interval`: at most 7 days (0 disables the check).
@@ -128,6 +129,34 @@ pub struct Settings {
     pub liveness_timeout: Duration,
     pub checks: CheckSettings,
     pub tuning: Tuning,
+    pub leases: LeaseSettings,
+}
+
+/// How keys attached to source leases are mirrored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LeaseMode {
+    /// On a destination lease that lives as long as the source's.
+    #[default]
+    Faithful,
+    /// Without a lease: mirrored keys never expire on the destination.
+    Strip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseSettings {
+    pub mode: LeaseMode,
+    /// Added to every destination lease's TTL.
+    pub grace: Duration,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        Self {
+            mode: LeaseMode::Faithful,
+            grace: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The leader's periodic consistency check.

@@ -390,6 +390,21 @@ impl MirrorArgs {
             .instance_id
             .or(file.instance_id)
             .unwrap_or_else(default_instance_id);
+        let lease_grace = self
+            .lease_grace
+            .or(file.lease_grace)
+            .unwrap_or(LeaseSettings::default().grace);
+        if lease_grace > MAX_LEASE_GRACE || lease_grace.subsec_nanos() != 0 {
+            return Err(invalid(
+                &origin("lease-grace", self.lease_grace.is_some()),
+                &humantime::format_duration(lease_grace).to_string(),
+                "must be whole seconds and at most 1h (etcd leases have second granularity); the default is 30s",
+            ));
+        }
+        let leases = LeaseSettings {
+            mode: self.leases.or(file.leases).unwrap_or_default(),
+            grace: lease_grace,
+        };
 
         Ok(Settings {
             source,
@@ -409,6 +424,7 @@ impl MirrorArgs {
             liveness_timeout,
             checks,
             tuning,
+            leases,
         })
     }
 }

@@ -320,6 +320,15 @@ pub trait LeaseKeeper: Send {
     fn keep_alive(&mut self) -> BoxFuture<'_, EtcdResult<i64>>;
 }
 
+/// A lease as `LeaseTimeToLive` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTtl {
+    /// The TTL it was granted with, in seconds.
+    pub granted: i64,
+    /// Seconds left before it expires.
+    pub remaining: i64,
+}
+
 /// What the replicator needs of a cluster. The source side uses `range` and
 /// `watch`; the destination side `range`, `txn`, `watch` (the election) and
 /// the lease calls.
@@ -332,6 +341,14 @@ pub trait Etcd: Send + Sync {
     fn lease_grant(&self, ttl: i64, id: i64) -> BoxFuture<'_, EtcdResult<i64>>;
     fn lease_keep_alive(&self, id: i64) -> BoxFuture<'_, EtcdResult<Box<dyn LeaseKeeper>>>;
     fn lease_revoke(&self, id: i64) -> BoxFuture<'_, EtcdResult<()>>;
+    /// Every live lease (`LeaseLeases`), with the header it was read under.
+    fn lease_list(&self) -> BoxFuture<'_, EtcdResult<(Header, Vec<i64>)>>;
+    /// `LeaseTimeToLive` without the attached keys (which would need read
+    /// permission on each); `None` when the lease does not exist.
+    fn lease_time_to_live(&self, id: i64) -> BoxFuture<'_, EtcdResult<Option<LeaseTtl>>>;
+    /// One keepalive round trip on a stream of its own: true when renewed,
+    /// false when the lease does not exist (etcd answers TTL 0).
+    fn lease_renew(&self, id: i64) -> BoxFuture<'_, EtcdResult<bool>>;
     /// The server's version string (e.g. "3.5.1"). May be refused to a
     /// user without root from etcd 3.4.42 / 3.5.28 on, with auth enabled.
     fn server_version(&self) -> BoxFuture<'_, EtcdResult<String>>;

@@ -10,8 +10,8 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
 use crate::config::ClusterSettings;
 use crate::etcd::api::{
-    Etcd, LeaseKeeper, RangeRequest, RangeResponse, TxnRequest, TxnResponse, WatchRequest,
-    WatchStream,
+    Etcd, Header, LeaseKeeper, LeaseTtl, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+    WatchRequest, WatchStream,
 };
 use crate::etcd::real::RealEtcd;
 use crate::model::Side;
@@ -134,6 +134,12 @@ impl ClientError {
             ClientError::Request { side, .. } | ClientError::Timeout { side, .. } => Some(*side),
             ClientError::TlsFile { .. } => None,
         }
+    }
+
+    /// A lease grant with a chosen ID that the cluster already has.
+    pub fn is_lease_exists(&self) -> bool {
+        matches!(self, ClientError::Request { source, .. }
+            if source.to_string().contains("lease already exists"))
     }
 
     pub fn is_retryable(&self) -> bool {
@@ -312,6 +318,20 @@ impl Cluster {
     pub async fn lease_revoke(&self, id: i64) -> Result<(), ClientError> {
         self.call("revoke lease", self.backend.lease_revoke(id))
             .await
+    }
+
+    pub async fn lease_list(&self) -> Result<(Header, Vec<i64>), ClientError> {
+        self.call("list leases", self.backend.lease_list()).await
+    }
+
+    pub async fn lease_time_to_live(&self, id: i64) -> Result<Option<LeaseTtl>, ClientError> {
+        self.call("read lease TTL", self.backend.lease_time_to_live(id))
+            .await
+    }
+
+    /// True when renewed, false when the lease is gone.
+    pub async fn lease_renew(&self, id: i64) -> Result<bool, ClientError> {
+        self.call("renew lease", self.backend.lease_renew(id)).await
     }
 
     /// The server's version, or `None` when it will not say (etcd 3.4.42 /

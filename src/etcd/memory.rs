@@ -54,7 +54,7 @@ use tonic::{Code, Status};
 
 use crate::etcd::api::{
     Compare, CompareOp, CompareTarget, Etcd, EtcdResult, Event, EventType, Header, KeyValue,
-    LeaseKeeper, Op, OpResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+    LeaseKeeper, LeaseTtl, Op, OpResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
     WatchRequest, WatchResponse, WatchStream,
 };
 
@@ -915,6 +915,39 @@ impl Etcd for MemoryEtcd {
             self.link.send().await;
             let by = self.link.name().to_string();
             let result = self.with_store(|store| store.revoke(id, &by));
+            self.link.answer(result).await
+        }
+        .boxed()
+    }
+
+    fn lease_list(&self) -> BoxFuture<'_, EtcdResult<(Header, Vec<i64>)>> {
+        async move {
+            self.link.send().await;
+            let result = self.with_store(|store| Ok((store.header(), store.lease_ids())));
+            self.link.answer(result).await
+        }
+        .boxed()
+    }
+
+    fn lease_time_to_live(&self, id: i64) -> BoxFuture<'_, EtcdResult<Option<LeaseTtl>>> {
+        async move {
+            self.link.send().await;
+            let now = Instant::now();
+            let result = self.with_store(|store| {
+                Ok(store.leases.get(&id).map(|lease| LeaseTtl {
+                    granted: lease.ttl,
+                    remaining: lease.expires_at.saturating_duration_since(now).as_secs() as i64,
+                }))
+            });
+            self.link.answer(result).await
+        }
+        .boxed()
+    }
+
+    fn lease_renew(&self, id: i64) -> BoxFuture<'_, EtcdResult<bool>> {
+        async move {
+            self.link.send().await;
+            let result = self.with_store(|store| Ok(store.keep_alive(id, Instant::now()) > 0));
             self.link.answer(result).await
         }
         .boxed()

@@ -108,6 +108,7 @@ pub fn spawn_pager(
                     suffix: kv.key[prefix.len()..].to_vec(),
                     value: kv.value,
                     create_revision: kv.create_revision,
+                    lease: kv.lease,
                 })
                 .collect();
             if pages.send(Ok(Some(entries))).await.is_err() {

@@ -11,7 +11,7 @@ use etcd_client::{
 
 use crate::etcd::api::{
     Compare, CompareOp, CompareTarget, Etcd, EtcdResult, Event, EventType, Header, KeyValue,
-    LeaseKeeper, Op, OpResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+    LeaseKeeper, LeaseTtl, Op, OpResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
     WatchRequest, WatchResponse, WatchStream,
 };
 
@@ -262,6 +262,47 @@ impl Etcd for RealEtcd {
         async move {
             lease.revoke(id).await?;
             Ok(())
+        }
+        .boxed()
+    }
+
+    fn lease_list(&self) -> BoxFuture<'_, EtcdResult<(Header, Vec<i64>)>> {
+        let mut lease = self.client.lease_client();
+        async move {
+            let response = lease.leases().await?;
+            let ids = response.leases().iter().map(|status| status.id()).collect();
+            Ok((header(response.header()), ids))
+        }
+        .boxed()
+    }
+
+    fn lease_time_to_live(&self, id: i64) -> BoxFuture<'_, EtcdResult<Option<LeaseTtl>>> {
+        let mut lease = self.client.lease_client();
+        async move {
+            let response = lease.time_to_live(id, None).await?;
+            // etcd answers TTL -1 for a lease it does not have.
+            Ok((response.ttl() >= 0).then(|| LeaseTtl {
+                granted: response.granted_ttl(),
+                remaining: response.ttl(),
+            }))
+        }
+        .boxed()
+    }
+
+    fn lease_renew(&self, id: i64) -> BoxFuture<'_, EtcdResult<bool>> {
+        let mut lease = self.client.lease_client();
+        async move {
+            // `keep_alive` sends the first request and waits for its answer;
+            // dropping the keeper closes the stream.
+            match lease.keep_alive(id).await {
+                Ok(_keeper_and_stream) => Ok(true),
+                Err(etcd_client::Error::LeaseKeepAliveError(message))
+                    if message.contains("not found") =>
+                {
+                    Ok(false)
+                }
+                Err(error) => Err(error),
+            }
         }
         .boxed()
     }

@@ -23,7 +23,7 @@ use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker, JobMeta, KeyG
 use crate::mirror::writer::{TxnOutcome, UnorderedWrites};
 use crate::mirror::{JobContext, JobError, SlowPathReason};
 use crate::model::batch::Mutation;
-use crate::model::diff::{Difference, SortedMerge, Step};
+use crate::model::diff::{Difference, LeaseRule, SortedMerge, Step};
 use crate::model::schema::{prune_allowance, EventStamp, PruneBlock};
 
 /// Where the destination stands once a full sync has committed.
@@ -81,6 +81,10 @@ pub async fn run(
     }
     let head = ctx.source.head(ctx.rewrite.source_prefix()).await?;
     let pinned_rev = head.revision;
+    if let Some(book) = ctx.leases() {
+        // The copy pass observes every source key again.
+        book.forget_keys();
+    }
     ctx.metrics
         .set_progress(ctx.metrics.last_synced_revision.get(), pinned_rev);
     let mut marker = FullSyncMarker {
@@ -378,7 +382,15 @@ async fn merge_pass(
     let data_bytes = ctx.limits.max_bytes.saturating_sub(4096).max(1024);
     let mut batch: Vec<Mutation> = Vec::with_capacity(data_ops);
     let mut batch_bytes = 0usize;
-    let mut merge = SortedMerge::new();
+    let mut merge = match ctx.leases() {
+        Some(book) => {
+            let book = book.clone();
+            SortedMerge::with_leases(LeaseRule::Mapped(Box::new(move |lease| {
+                book.dest_lease_of(lease)
+            })))
+        }
+        None => SortedMerge::new(),
+    };
     let started = Instant::now();
     let mut last_log = Instant::now();
 
@@ -389,6 +401,11 @@ async fn merge_pass(
                     Some(page) => {
                         if pass == Pass::PutsOnly {
                             counts.scanned += page.len() as u64;
+                            if let Some(book) = ctx.leases() {
+                                for entry in &page {
+                                    book.observe_key(&entry.suffix, Some(entry.lease));
+                                }
+                            }
                         }
                         merge.push_source(page);
                     }
@@ -421,14 +438,28 @@ async fn merge_pass(
                 None
             }
             Step::Differ(
-                Difference::MissingAtDest { suffix, value }
-                | Difference::ValueDiffers { suffix, value },
+                Difference::MissingAtDest {
+                    suffix,
+                    value,
+                    lease,
+                }
+                | Difference::ValueDiffers {
+                    suffix,
+                    value,
+                    lease,
+                }
+                | Difference::LeaseDiffers {
+                    suffix,
+                    value,
+                    lease,
+                },
             ) => {
                 counts.put += 1;
                 ctx.metrics.full_sync_put.inc();
                 Some(Mutation::Put {
                     key: ctx.rewrite.suffix_to_dest(&suffix),
                     value,
+                    lease,
                 })
             }
             Step::Differ(Difference::ExtraAtDest {

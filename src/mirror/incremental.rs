@@ -88,7 +88,8 @@ pub async fn run(
     // Only now: before, the job still reads both sides and may yet fall
     // back to a full sync, and `watching` tells operators (and tests) that
     // events flow straight to the destination.
-    ctx.metrics.set_state(crate::telemetry::metrics::JobState::Watching);
+    ctx.metrics
+        .set_state(crate::telemetry::metrics::JobState::Watching);
     info!(job = %ctx.job.name, from_revision = committed_revision + 1, "Watching source.");
 
     // Everything this phase starts stops with it: checks and repairs belong
@@ -335,7 +336,11 @@ async fn read_repair(
         .map(|((suffix, kind), value)| {
             let key = ctx.rewrite.suffix_to_dest(suffix);
             let mutation = match value {
-                Some(value) => Mutation::Put { key, value },
+                Some(kv) => Mutation::Put {
+                    key,
+                    value: kv.value,
+                    lease: kv.lease,
+                },
                 None => Mutation::Delete { key },
             };
             (mutation, kind.label())
@@ -451,10 +456,18 @@ fn handle_response(
             Some((at, last)) if *at == revision => *last = stamp,
             _ => stamps.push_back((revision, stamp)),
         }
+        if let Some(book) = ctx.leases() {
+            let suffix = &event.kv.key[ctx.rewrite.source_prefix().len()..];
+            book.observe_key(
+                suffix,
+                (event.kind == EventType::Put).then_some(event.kv.lease),
+            );
+        }
         current.mutations.push(match event.kind {
             EventType::Put => Mutation::Put {
                 key: dest_key,
                 value: event.kv.value,
+                lease: event.kv.lease,
             },
             EventType::Delete => Mutation::Delete { key: dest_key },
         });

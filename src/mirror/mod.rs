@@ -15,6 +15,7 @@
 
 pub mod full_sync;
 pub mod incremental;
+pub mod leases;
 pub mod meta;
 pub mod periodic_check;
 pub mod writer;
@@ -28,7 +29,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{CheckSettings, JobSettings, Side, Tuning, TxnLimits};
+use crate::config::{
+    CheckSettings, JobSettings, LeaseMode, LeaseSettings, Side, Tuning, TxnLimits,
+};
 use crate::etcd::api::{Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster, ClusterHead, FailureKind};
 use crate::mirror::meta::{now_rfc3339, read_job_meta, Checkpoint, Fence, JobMeta, KeyGuard};
@@ -57,6 +60,7 @@ pub struct JobContext {
     pub checks: CheckSettings,
     /// The workarounds the source's etcd version needs.
     pub quirks: crate::model::versions::Quirks,
+    pub lease_settings: LeaseSettings,
 }
 
 impl JobContext {
@@ -73,16 +77,35 @@ impl JobContext {
         crate::etcd::retry::sleep_alive(delay, &|| self.heartbeat(), cancel).await
     }
 
-    /// The same job writing under `fence` (the lock this instance now holds).
+    /// The same job writing under `fence` (the lock this instance now
+    /// holds), with a lease book of its own unless `--leases strip`.
     pub fn fenced(&self, fence: Fence) -> JobContext {
         let mut ctx = self.clone();
-        ctx.writer = Arc::new(DestWriter::new(
-            self.dest.clone(),
-            self.keys.clone(),
-            fence,
-            self.metrics.clone(),
-        ));
+        let book = (self.lease_settings.mode == LeaseMode::Faithful).then(|| {
+            Arc::new(leases::LeaseBook::new(
+                &self.job.name,
+                self.keys.clone(),
+                self.source.clone(),
+                self.dest.clone(),
+                self.lease_settings.grace,
+                self.metrics.clone(),
+            ))
+        });
+        ctx.writer = Arc::new(
+            DestWriter::new(
+                self.dest.clone(),
+                self.keys.clone(),
+                fence,
+                self.metrics.clone(),
+            )
+            .with_leases(book),
+        );
         ctx
+    }
+
+    /// The lease book of this leadership (`None` with `--leases strip`).
+    pub fn leases(&self) -> Option<&Arc<leases::LeaseBook>> {
+        self.writer.leases()
     }
 }
 
@@ -124,6 +147,8 @@ pub enum JobError {
     ResetRequested,
     #[error("{0}")]
     HistoryDiffers(SlowPathReason),
+    #[error("{leases} mirrored destination lease(s) expired while their source leases live; a full sync restores their keys")]
+    DestLeaseLost { leases: usize },
     #[error("cancelled")]
     Cancelled,
     #[error("internal error: {0}")]
@@ -222,6 +247,9 @@ impl JobError {
             JobError::HistoryDiffers(_) => {
                 Policy::new(Action::Resync, "history_differs", Level::WARN)
             }
+            JobError::DestLeaseLost { .. } => {
+                Policy::new(Action::Resync, "dest_lease_expired", Level::WARN)
+            }
             JobError::Cancelled => Policy::new(Action::Stop, "cancelled", Level::DEBUG),
             JobError::Internal(_) => Policy::new(Action::NeedsOperator, "internal", Level::ERROR),
         }
@@ -279,6 +307,10 @@ pub enum SlowPathReason {
     HistoryDiffers {
         detail: String,
     },
+    /// Destination leases expired on their own: the destination lost keys.
+    DestLeasesExpired {
+        leases: usize,
+    },
 }
 
 impl std::fmt::Display for SlowPathReason {
@@ -303,6 +335,10 @@ impl std::fmt::Display for SlowPathReason {
                 "the source revision {source_rev} is behind the checkpoint {checkpoint_rev} (restored from a backup?)"
             ),
             SlowPathReason::Compacted => write!(f, "the source compacted the history at or after the checkpoint (a watch from there could miss a delete: etcd-io/etcd#18089)"),
+            SlowPathReason::DestLeasesExpired { leases } => write!(
+                f,
+                "{leases} mirrored lease(s) expired on the destination while their source leases live (no replica ran for longer than TTL + --lease-grace?)"
+            ),
             SlowPathReason::HistoryDiffers { detail } => write!(
                 f,
                 "the source's history differs from what the destination reflects ({detail}); was the source rebuilt or restored with the same cluster id?"
@@ -374,6 +410,9 @@ pub const PRUNE_GUARD_POLL: Duration = Duration::from_secs(60);
 /// Returns promptly once `cancel` fires; an in-flight txn either commits with
 /// its checkpoint or not at all.
 pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), JobError> {
+    // Whatever this leadership starts (the lease keepalives) ends with it.
+    let leadership = cancel.child_token();
+    let _end_leadership = leadership.clone().drop_guard();
     let mut forced: Option<SlowPathReason> = None;
     let mut backoff = job_backoff();
     let mut promoted_logged = false;
@@ -382,7 +421,22 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
             return Ok(());
         }
         let attempt_started = Instant::now();
-        let error = match run_once(&ctx, forced.take(), &cancel).await {
+        // Cancelled early when a mirrored lease is found lost on the
+        // destination: the attempt gives way to a full sync.
+        let attempt = leadership.child_token();
+        if let Some(book) = ctx.leases() {
+            book.watch_attempt(attempt.clone());
+        }
+        let result = run_once(&ctx, forced.take(), &attempt, &leadership).await;
+        if let Some(book) = ctx.leases().filter(|_| !cancel.is_cancelled()) {
+            let lost = book.take_lost();
+            if !lost.is_empty() {
+                ctx.metrics.error("dest_lease_expired");
+                forced = Some(SlowPathReason::DestLeasesExpired { leases: lost.len() });
+                continue;
+            }
+        }
+        let error = match result {
             Ok(()) => return Ok(()),
             Err(error) => error,
         };
@@ -404,6 +458,9 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
                 } else if let JobError::HistoryDiffers(reason) = error {
                     ctx.metrics.error(policy.label);
                     forced = Some(reason);
+                } else if let JobError::DestLeaseLost { leases } = error {
+                    ctx.metrics.error(policy.label);
+                    forced = Some(SlowPathReason::DestLeasesExpired { leases });
                 } else {
                     ctx.metrics.error(policy.label);
                     info!(job = %ctx.job.name, %error, "Source history is compacted past the checkpoint; starting a full sync.");
@@ -414,6 +471,12 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
             Action::Promoted => {
                 ctx.metrics.error(policy.label);
                 ctx.metrics.set_state(JobState::Promoted);
+                // Nothing renews a promoted job's leases: mirrored keys
+                // expire after TTL + grace, as they would have on the primary.
+                if let Some(book) = ctx.leases() {
+                    book.stop_keeper();
+                    book.clear();
+                }
                 if !promoted_logged {
                     warn!(job = %ctx.job.name, "Job is promoted; replication is stopped until the marker is removed with `promote --undo`.");
                     promoted_logged = true;
@@ -448,11 +511,18 @@ async fn run_once(
     ctx: &JobContext,
     forced: Option<SlowPathReason>,
     cancel: &CancellationToken,
+    leadership: &CancellationToken,
 ) -> Result<(), JobError> {
     ctx.metrics.set_state(JobState::Starting);
     let meta = read_job_meta(&ctx.dest, &ctx.keys).await?;
     if meta.promoted.is_some() {
         return Err(JobError::Promoted);
+    }
+    if let Some(book) = ctx.leases() {
+        // A new leader renews the recorded leases at once, well within
+        // their grace, before anything else.
+        book.load(&meta.leases);
+        book.ensure_keeper(ctx.writer.clone(), leadership);
     }
     let head = ctx.source.head(ctx.rewrite.source_prefix()).await?;
     if head.cluster_id != 0
@@ -507,6 +577,9 @@ async fn run_once(
         }
     };
     ctx.metrics.set_progress(revision, head.revision);
+    if let Some(book) = ctx.leases() {
+        book.committed(revision);
+    }
     // `incremental::run` reports Watching once the resume is verified.
     incremental::run(ctx, guard, revision, last_event, cluster_id, cancel).await?;
     Ok(())

@@ -15,6 +15,7 @@ pub fn target_of(ctx: &JobContext) -> CheckTarget {
         rewrite: ctx.rewrite.clone(),
         keys: ctx.keys.clone(),
         meta_prefix: ctx.meta_prefix.clone(),
+        leases: ctx.lease_settings.mode == crate::config::LeaseMode::Faithful,
     }
 }
 
@@ -85,6 +86,9 @@ fn record(ctx: &JobContext, report: &CheckReport) {
     metrics.dst_miss_keys.set(report.dst_miss as i64);
     metrics.src_miss_keys.set(report.src_miss as i64);
     metrics.mismatch_keys.set(report.mismatch as i64);
+    metrics
+        .lease_mismatch_keys
+        .set(report.lease_mismatch as i64);
     metrics.check_exact.set(i64::from(report.exact));
     metrics.check_duration_seconds.set(report.duration_seconds);
     let now = std::time::SystemTime::now()
@@ -108,9 +112,11 @@ fn record(ctx: &JobContext, report: &CheckReport) {
             dst_miss = report.dst_miss,
             src_miss = report.src_miss,
             mismatch = report.mismatch,
+            lease_mismatch = report.lease_mismatch,
             sample_dst_miss = ?report.samples.dst_miss,
             sample_src_miss = ?report.samples.src_miss,
             sample_mismatch = ?report.samples.mismatch,
+            sample_lease_mismatch = ?report.samples.lease_mismatch,
             repair = ctx.checks.repair,
             "Consistency check found differences."
         );

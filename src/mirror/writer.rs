@@ -10,7 +10,7 @@
 //! Full-sync txns touch disjoint keys and carry no checkpoint, so they run
 //! unordered in parallel, each fenced on the exact full-sync marker.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::etcd::api::{Compare, Op, TxnRequest, TxnResponse};
 use crate::etcd::client::Cluster;
+use crate::mirror::leases::LeaseBook;
 use crate::mirror::meta::{now_rfc3339, Checkpoint, Fence, KeyGuard};
 use crate::mirror::{JobContext, JobError};
 use crate::model::batch::{Batch, Mutation};
@@ -48,6 +49,8 @@ pub struct DestWriter {
     keys: MetaKeys,
     fence: Fence,
     metrics: JobMetrics,
+    /// `None` with `--leases strip`: keys are written without a lease.
+    leases: Option<Arc<LeaseBook>>,
 }
 
 impl DestWriter {
@@ -57,7 +60,46 @@ impl DestWriter {
             keys,
             fence,
             metrics,
+            leases: None,
         }
+    }
+
+    /// The same writer, attaching leased keys to leases from `book`.
+    pub fn with_leases(mut self, book: Option<Arc<LeaseBook>>) -> Self {
+        self.leases = book;
+        self
+    }
+
+    pub fn leases(&self) -> Option<&Arc<LeaseBook>> {
+        self.leases.as_ref()
+    }
+
+    /// One txn of mutations, then `tail`: every leased key is attached to
+    /// the destination lease that mirrors its source lease (granted and
+    /// recorded first if new).
+    pub async fn commit_mutations(
+        &self,
+        operation: &'static str,
+        guards: Vec<Compare>,
+        mutations: Vec<Mutation>,
+        tail: Vec<Op>,
+    ) -> Result<TxnOutcome, JobError> {
+        let leases = match &self.leases {
+            Some(book) => {
+                let wanted = mutations.iter().filter_map(|m| match m {
+                    Mutation::Put { lease, .. } => Some(*lease),
+                    Mutation::Delete { .. } => None,
+                });
+                book.resolve(self, wanted).await?
+            }
+            None => HashMap::new(),
+        };
+        let mut ops: Vec<Op> = mutations
+            .into_iter()
+            .map(|mutation| mutation_op(mutation, &leases))
+            .collect();
+        ops.extend(tail);
+        self.commit(operation, guards, ops).await
     }
 
     pub fn keys(&self) -> &MetaKeys {
@@ -123,9 +165,13 @@ impl DestWriter {
     }
 }
 
-pub fn mutation_op(mutation: Mutation) -> Op {
+/// The op for `mutation`, its source lease replaced by the destination
+/// lease in `leases` (no lease when it has none there).
+pub fn mutation_op(mutation: Mutation, leases: &HashMap<i64, i64>) -> Op {
     match mutation {
-        Mutation::Put { key, value } => Op::put(key, value),
+        Mutation::Put { key, value, lease } => {
+            Op::put_with_lease(key, value, leases.get(&lease).copied().unwrap_or(0))
+        }
         Mutation::Delete { key } => Op::delete(key),
     }
 }
@@ -162,7 +208,8 @@ struct InFlight {
     events: usize,
     /// Kept to re-send the txn unchanged if etcd evaluated it before its predecessor.
     guards: Vec<Compare>,
-    ops: Vec<Op>,
+    mutations: Vec<Mutation>,
+    tail: Vec<Op>,
     resent: bool,
     task: JoinHandle<Result<TxnOutcome, JobError>>,
 }
@@ -289,9 +336,8 @@ impl Pipeline {
         let checkpoint_key = self.writer.keys().checkpoint();
         let guards = vec![self.tail_guard.compare(&checkpoint_key)];
         let events = batch.mutations.len();
-        let mut ops: Vec<Op> = batch.mutations.into_iter().map(mutation_op).collect();
-        ops.push(Op::put(checkpoint_key, checkpoint_bytes.clone()));
-        let task = self.spawn_commit(guards.clone(), ops.clone());
+        let tail = vec![Op::put(checkpoint_key, checkpoint_bytes.clone())];
+        let task = self.spawn_commit(guards.clone(), batch.mutations.clone(), tail.clone());
         self.last_send = Instant::now();
         self.tail_guard = KeyGuard::Holds(checkpoint_bytes);
         self.tail_revision = batch.through_revision;
@@ -300,7 +346,8 @@ impl Pipeline {
 
             events,
             guards,
-            ops,
+            mutations: batch.mutations,
+            tail,
             resent: false,
             task,
         });
@@ -310,10 +357,15 @@ impl Pipeline {
     fn spawn_commit(
         &self,
         guards: Vec<Compare>,
-        ops: Vec<Op>,
+        mutations: Vec<Mutation>,
+        tail: Vec<Op>,
     ) -> JoinHandle<Result<TxnOutcome, JobError>> {
         let writer = self.writer.clone();
-        tokio::spawn(async move { writer.commit("apply batch", guards, ops).await })
+        tokio::spawn(async move {
+            writer
+                .commit_mutations("apply batch", guards, mutations, tail)
+                .await
+        })
     }
 
     /// Waits for the oldest txn in flight. Any failure other than a reorder
@@ -340,6 +392,9 @@ impl Pipeline {
                         (self.send_spacing - self.send_spacing / 32).max(self.min_spacing);
                 }
                 self.committed_revision = head.through_revision;
+                if let Some(book) = self.writer.leases() {
+                    book.committed(head.through_revision);
+                }
                 Ok(Acked::Committed(Committed {
                     revision: head.through_revision,
                     events: head.events,
@@ -388,11 +443,12 @@ impl Pipeline {
             if index > 0 {
                 tokio::time::sleep(self.send_spacing).await;
             }
-            let (guards, ops) = (
-                self.inflight[index].guards.clone(),
-                self.inflight[index].ops.clone(),
+            let entry = &self.inflight[index];
+            let task = self.spawn_commit(
+                entry.guards.clone(),
+                entry.mutations.clone(),
+                entry.tail.clone(),
             );
-            let task = self.spawn_commit(guards, ops);
             let entry = &mut self.inflight[index];
             entry.task = task;
             // Only the head is re-sent with every predecessor committed.
@@ -442,10 +498,12 @@ impl UnorderedWrites {
             self.reap_one().await?;
         }
         let guards = vec![self.marker_guard.compare(&self.marker_key)];
-        let ops: Vec<Op> = mutations.into_iter().map(mutation_op).collect();
         let writer = self.writer.clone();
-        self.tasks
-            .spawn(async move { writer.commit("full sync write", guards, ops).await });
+        self.tasks.spawn(async move {
+            writer
+                .commit_mutations("full sync write", guards, mutations, vec![])
+                .await
+        });
         Ok(())
     }
 

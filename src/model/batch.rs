@@ -19,8 +19,16 @@ pub const OP_OVERHEAD_BYTES: usize = 16;
 /// One change to one destination key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mutation {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
+    /// `lease` is the source key's lease (0 for none); the writer attaches
+    /// the key to the destination lease that mirrors it.
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: i64,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
 }
 
 impl Mutation {
@@ -33,7 +41,7 @@ impl Mutation {
     /// Bytes this mutation adds to a txn request.
     pub fn encoded_len(&self) -> usize {
         match self {
-            Mutation::Put { key, value } => key.len() + value.len() + OP_OVERHEAD_BYTES,
+            Mutation::Put { key, value, .. } => key.len() + value.len() + OP_OVERHEAD_BYTES,
             Mutation::Delete { key } => key.len() + OP_OVERHEAD_BYTES,
         }
     }
@@ -309,12 +317,13 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
-    type State = BTreeMap<Vec<u8>, Vec<u8>>;
+    /// Key → (value, lease): the lease is part of what a revision leaves.
+    type State = BTreeMap<Vec<u8>, (Vec<u8>, i64)>;
 
     fn apply(state: &mut State, mutation: &Mutation) {
         match mutation {
-            Mutation::Put { key, value } => {
-                state.insert(key.clone(), value.clone());
+            Mutation::Put { key, value, lease } => {
+                state.insert(key.clone(), (value.clone(), *lease));
             }
             Mutation::Delete { key } => {
                 state.remove(key);
@@ -326,8 +335,8 @@ mod tests {
         // A small key space makes repeated keys, and so coalescing, common.
         let key = (0u8..12).prop_map(|k| vec![b'k', k]);
         prop_oneof![
-            3 => (key.clone(), proptest::collection::vec(any::<u8>(), 0..40))
-                .prop_map(|(key, value)| Mutation::Put { key, value }),
+            3 => (key.clone(), proptest::collection::vec(any::<u8>(), 0..40), 0i64..3)
+                .prop_map(|(key, value, lease)| Mutation::Put { key, value, lease }),
             1 => key.prop_map(|key| Mutation::Delete { key }),
         ]
     }
@@ -493,6 +502,7 @@ mod tests {
                 mutations: vec![Mutation::Put {
                     key: b"a".to_vec(),
                     value: vec![rev as u8],
+                    lease: 0,
                 }],
             });
         }
@@ -501,7 +511,8 @@ mod tests {
             batch.mutations,
             vec![Mutation::Put {
                 key: b"a".to_vec(),
-                value: vec![5]
+                value: vec![5],
+                lease: 0
             }]
         );
         assert_eq!(batch.through_revision, 5);

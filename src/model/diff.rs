@@ -15,20 +15,71 @@ pub struct Entry {
     /// The key's create revision on its cluster (0 when unknown). The full
     /// sync's mass-delete guard tells keys that predate it from keys it wrote.
     pub create_revision: i64,
+    /// The lease the key is attached to on its own cluster (0 for none).
+    pub lease: i64,
 }
 
-/// What the merge found at one key.
+/// How the merge compares lease attachments.
+pub enum LeaseRule {
+    /// Not compared: `--leases strip`.
+    Ignore,
+    /// A source key on lease L belongs on the destination lease the
+    /// function maps L to (`None`: not mapped yet, so any attachment
+    /// differs); a key on no lease belongs on no lease.
+    Mapped(Box<dyn Fn(i64) -> Option<i64> + Send + Sync>),
+}
+
+impl LeaseRule {
+    pub fn same(&self, source_lease: i64, dest_lease: i64) -> bool {
+        match self {
+            LeaseRule::Ignore => true,
+            LeaseRule::Mapped(_) if source_lease == 0 => dest_lease == 0,
+            LeaseRule::Mapped(map) => map(source_lease) == Some(dest_lease),
+        }
+    }
+}
+
+impl Default for LeaseRule {
+    fn default() -> Self {
+        LeaseRule::Ignore
+    }
+}
+
+impl std::fmt::Debug for LeaseRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeaseRule::Ignore => f.write_str("Ignore"),
+            LeaseRule::Mapped(_) => f.write_str("Mapped"),
+        }
+    }
+}
+
+/// What the merge found at one key. `value` and `lease` are the source's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Difference {
     /// At the source, not at the destination ("dst miss").
-    MissingAtDest { suffix: Vec<u8>, value: Vec<u8> },
+    MissingAtDest {
+        suffix: Vec<u8>,
+        value: Vec<u8>,
+        lease: i64,
+    },
     /// At the destination only ("src miss").
     ExtraAtDest {
         suffix: Vec<u8>,
         create_revision: i64,
     },
-    /// On both sides with different values; `value` is the source's.
-    ValueDiffers { suffix: Vec<u8>, value: Vec<u8> },
+    /// On both sides with different values.
+    ValueDiffers {
+        suffix: Vec<u8>,
+        value: Vec<u8>,
+        lease: i64,
+    },
+    /// The same value on a lease attachment the rule says differs.
+    LeaseDiffers {
+        suffix: Vec<u8>,
+        value: Vec<u8>,
+        lease: i64,
+    },
 }
 
 impl Difference {
@@ -36,7 +87,8 @@ impl Difference {
         match self {
             Difference::MissingAtDest { suffix, .. }
             | Difference::ExtraAtDest { suffix, .. }
-            | Difference::ValueDiffers { suffix, .. } => suffix,
+            | Difference::ValueDiffers { suffix, .. }
+            | Difference::LeaseDiffers { suffix, .. } => suffix,
         }
     }
 }
@@ -59,11 +111,21 @@ pub struct SortedMerge {
     dest: VecDeque<Entry>,
     source_done: bool,
     dest_done: bool,
+    leases: LeaseRule,
 }
 
 impl SortedMerge {
+    /// A merge that compares values only.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A merge that also compares lease attachments by `leases`.
+    pub fn with_leases(leases: LeaseRule) -> Self {
+        Self {
+            leases,
+            ..Self::default()
+        }
     }
 
     pub fn push_source(&mut self, page: Vec<Entry>) {
@@ -88,8 +150,17 @@ impl SortedMerge {
             (_, None) if !self.dest_done => Step::NeedDest,
             (None, None) => Step::Done,
             (Some(_), None) => {
-                let Entry { suffix, value, .. } = self.source.pop_front().expect("front checked");
-                Step::Differ(Difference::MissingAtDest { suffix, value })
+                let Entry {
+                    suffix,
+                    value,
+                    lease,
+                    ..
+                } = self.source.pop_front().expect("front checked");
+                Step::Differ(Difference::MissingAtDest {
+                    suffix,
+                    value,
+                    lease,
+                })
             }
             (None, Some(_)) => {
                 let Entry {
@@ -104,9 +175,17 @@ impl SortedMerge {
             }
             (Some(source), Some(dest)) => match source.suffix.cmp(&dest.suffix) {
                 std::cmp::Ordering::Less => {
-                    let Entry { suffix, value, .. } =
-                        self.source.pop_front().expect("front checked");
-                    Step::Differ(Difference::MissingAtDest { suffix, value })
+                    let Entry {
+                        suffix,
+                        value,
+                        lease,
+                        ..
+                    } = self.source.pop_front().expect("front checked");
+                    Step::Differ(Difference::MissingAtDest {
+                        suffix,
+                        value,
+                        lease,
+                    })
                 }
                 std::cmp::Ordering::Greater => {
                     let Entry {
@@ -122,13 +201,19 @@ impl SortedMerge {
                 std::cmp::Ordering::Equal => {
                     let source = self.source.pop_front().expect("front checked");
                     let dest = self.dest.pop_front().expect("front checked");
-                    if source.value == dest.value {
-                        Step::Same
-                    } else {
-                        Step::Differ(Difference::ValueDiffers {
+                    let same_lease = self.leases.same(source.lease, dest.lease);
+                    match (source.value == dest.value, same_lease) {
+                        (true, true) => Step::Same,
+                        (true, false) => Step::Differ(Difference::LeaseDiffers {
                             suffix: source.suffix,
                             value: source.value,
-                        })
+                            lease: source.lease,
+                        }),
+                        (false, _) => Step::Differ(Difference::ValueDiffers {
+                            suffix: source.suffix,
+                            value: source.value,
+                            lease: source.lease,
+                        }),
                     }
                 }
             },
@@ -149,6 +234,7 @@ mod tests {
                 suffix: k.clone(),
                 value: v.clone(),
                 create_revision: 0,
+                lease: 0,
             })
             .collect();
         entries.chunks(page.max(1)).map(|c| c.to_vec()).collect()
@@ -196,7 +282,9 @@ mod tests {
             let mut patched = dest.clone();
             for diff in &diffs {
                 match diff {
-                    Difference::MissingAtDest { suffix, value } | Difference::ValueDiffers { suffix, value } => {
+                    Difference::MissingAtDest { suffix, value, .. }
+                    | Difference::ValueDiffers { suffix, value, .. }
+                    | Difference::LeaseDiffers { suffix, value, .. } => {
                         patched.insert(suffix.clone(), value.clone());
                     }
                     Difference::ExtraAtDest { suffix, .. } => { patched.remove(suffix); }

@@ -137,6 +137,28 @@ impl MetaKeys {
     pub fn reset_request(&self) -> String {
         format!("{}reset-request", self.job_root)
     }
+
+    /// One record per mirrored source lease: which destination lease
+    /// stands for it (see [`crate::model::schema::LeaseRecord`]).
+    pub fn lease_records(&self) -> String {
+        format!("{}leases/", self.job_root)
+    }
+
+    /// The record of source lease `source_lease` (16 hex digits, so the
+    /// records sort by ID).
+    pub fn lease_record(&self, source_lease: i64) -> String {
+        format!("{}{:016x}", self.lease_records(), source_lease)
+    }
+
+    /// The source lease a record key names, if `key` is one.
+    pub fn lease_of_record(&self, key: &[u8]) -> Option<i64> {
+        let hex = key.strip_prefix(self.lease_records().as_bytes())?;
+        let hex = std::str::from_utf8(hex).ok()?;
+        if hex.len() != 16 {
+            return None;
+        }
+        u64::from_str_radix(hex, 16).ok().map(|id| id as i64)
+    }
 }
 
 /// A job name derived from its prefix: `/registry/services/` → `registry-services`.

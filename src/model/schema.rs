@@ -178,6 +178,26 @@ impl FullSyncMarker {
     }
 }
 
+/// Which destination lease mirrors one source lease, under
+/// `<meta-prefix><job>/leases/<source lease, 16 hex digits>`. Written (fenced)
+/// before the first key is attached to the destination lease, so a new
+/// leader always knows every destination lease it must keep alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// The destination lease: the source's ID when it was free there.
+    pub dest_lease: i64,
+    /// The source lease's granted TTL, in seconds.
+    pub source_ttl: i64,
+    /// The destination lease's TTL: the source's plus `--lease-grace`.
+    pub dest_ttl: i64,
+}
+
+impl LeaseRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a lease record always serializes")
+    }
+}
+
 /// Everything under `<meta-prefix><job>/`, read in one range so it is one snapshot.
 #[derive(Debug, Clone, Default)]
 pub struct JobMeta {
@@ -191,6 +211,9 @@ pub struct JobMeta {
     pub dest_revision: i64,
     /// The destination's cluster id, to recognise a source that is the same cluster.
     pub dest_cluster_id: u64,
+    /// Mirrored leases: source lease → its record. Unreadable records are
+    /// skipped (their destination lease then expires on its own).
+    pub leases: std::collections::BTreeMap<i64, LeaseRecord>,
 }
 
 /// What an instance writes in its lock key; shown by `status`.
@@ -242,6 +265,15 @@ impl JobMeta {
                 meta.promoted = Some(value.to_vec());
             } else if key == reset_key.as_bytes() {
                 meta.reset_request = Some(value.to_vec());
+            } else if let Some(source_lease) = keys.lease_of_record(key) {
+                match serde_json::from_slice::<LeaseRecord>(value) {
+                    Ok(record) => {
+                        meta.leases.insert(source_lease, record);
+                    }
+                    Err(error) => {
+                        tracing::warn!(key = %String::from_utf8_lossy(key), %error, "Lease record is unreadable; its destination lease will expire on its own.");
+                    }
+                }
             }
         }
         meta

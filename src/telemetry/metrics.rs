@@ -35,6 +35,11 @@ pub struct Metrics {
     check_last_success_timestamp_seconds: prometheus::GaugeVec,
     check_duration_seconds: prometheus::GaugeVec,
     repaired_keys_total: IntCounterVec,
+    lease_mismatch_keys: IntGaugeVec,
+    leases_mirrored: IntGaugeVec,
+    lease_backed_keys: IntGaugeVec,
+    lease_keepalives_total: IntCounterVec,
+    lease_keepalive_failures_total: IntCounterVec,
 }
 
 fn must<T>(result: prometheus::Result<T>) -> T {
@@ -162,6 +167,28 @@ impl Metrics {
                 "Keys rewritten by --check-repair, by what the check found (dst_miss, src_miss, mismatch)",
                 &["job", "kind"],
             ),
+            lease_mismatch_keys: int_gauge(
+                "etcd_syncer_lease_mismatch_keys",
+                "Keys with equal values but a different lease attachment, at the last check",
+            ),
+            leases_mirrored: int_gauge(
+                "etcd_syncer_leases_mirrored",
+                "Source leases this leader mirrors with a destination lease",
+            ),
+            lease_backed_keys: int_gauge(
+                "etcd_syncer_lease_backed_keys",
+                "Mirrored keys attached to a lease, as this leader last saw them",
+            ),
+            lease_keepalives_total: counter(
+                "etcd_syncer_lease_keepalives_total",
+                "Keepalives sent for mirrored destination leases",
+                &["job"],
+            ),
+            lease_keepalive_failures_total: counter(
+                "etcd_syncer_lease_keepalive_failures_total",
+                "Keepalives of mirrored destination leases that failed or found the lease gone",
+                &["job"],
+            ),
             job_state: must(IntGaugeVec::new(
                 Opts::new(
                     "etcd_syncer_job_state",
@@ -220,6 +247,13 @@ impl Metrics {
                 .with_label_values(&labels),
             check_duration_seconds: self.check_duration_seconds.with_label_values(&labels),
             repaired_keys_total: self.repaired_keys_total.clone(),
+            lease_mismatch_keys: self.lease_mismatch_keys.with_label_values(&labels),
+            leases_mirrored: self.leases_mirrored.with_label_values(&labels),
+            lease_backed_keys: self.lease_backed_keys.with_label_values(&labels),
+            lease_keepalives_total: self.lease_keepalives_total.with_label_values(&labels),
+            lease_keepalive_failures_total: self
+                .lease_keepalive_failures_total
+                .with_label_values(&labels),
         };
         // Every series exists from the start, so dashboards and alerts see 0, not "no data".
         for kind in ["dst_miss", "src_miss", "mismatch"] {
@@ -330,6 +364,11 @@ pub struct JobMetrics {
     pub check_last_success_timestamp_seconds: prometheus::Gauge,
     pub check_duration_seconds: prometheus::Gauge,
     repaired_keys_total: IntCounterVec,
+    pub lease_mismatch_keys: IntGauge,
+    pub leases_mirrored: IntGauge,
+    pub lease_backed_keys: IntGauge,
+    pub lease_keepalives_total: IntCounter,
+    pub lease_keepalive_failures_total: IntCounter,
 }
 
 impl JobMetrics {

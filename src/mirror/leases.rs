@@ -1,0 +1,533 @@
+//! Lease-faithful mirroring: a key on source lease L is written on a
+//! destination lease that lives exactly as long as L does (plus a grace).
+//!
+//! - **Mapping.** L is mirrored by destination lease L itself when the
+//!   destination does not have that ID (etcd's `LeaseGrant` takes a chosen
+//!   ID), else by a fresh one. The mapping is recorded under the job's meta
+//!   prefix ([`LeaseRecord`]) in a fenced txn *before* any key is attached to
+//!   the destination lease, so a new leader knows every lease to keep alive.
+//! - **TTL.** The destination lease gets the source's granted TTL plus
+//!   `--lease-grace`: live keys survive a replicator outage shorter than
+//!   the grace.
+//! - **Keepalive.** The [`LeaseBook::keep`] task lists the source's leases
+//!   (one `LeaseLeases` per tick, never one call per key) and renews each
+//!   destination lease whose source lease lives, a third of its TTL after
+//!   the last renewal. A source lease that is gone keeps its destination
+//!   lease alive until the checkpoint passes the revision by which it was
+//!   seen gone: by then its keys' DELETE events are applied, so revoking it
+//!   deletes nothing and the destination never drops a key on its own.
+//! - **Loss.** A destination lease found gone while its source lease lives
+//!   means the destination dropped keys the source still has (an outage
+//!   longer than TTL + grace): its record is deleted and the job is sent
+//!   to a full sync, which re-grants it and restores the keys.
+//! - **Promotion.** The book lives only while the job replicates: after
+//!   `promote` nothing renews, and mirrored keys expire after TTL + grace,
+//!   as they would have on the primary.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+// tokio's clock, so the simulator's paused time governs every deadline.
+use tokio::time::Instant;
+
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::etcd::api::Op;
+use crate::etcd::client::Cluster;
+use crate::mirror::writer::{DestWriter, TxnOutcome};
+use crate::mirror::JobError;
+use crate::model::keys::MetaKeys;
+use crate::model::schema::LeaseRecord;
+use crate::telemetry::metrics::JobMetrics;
+
+/// etcd raises shorter TTLs to its minimum anyway (`minLeaseTTL`, a few
+/// seconds); a destination lease never gets less.
+const MIN_DEST_TTL_SECONDS: i64 = 5;
+/// Lease records written per txn: well under etcd's default 128 ops.
+const RECORDS_PER_TXN: usize = 64;
+/// Grants, TTL reads and keepalives in flight at once.
+const CONCURRENT_LEASE_CALLS: usize = 32;
+const MIN_TICK: Duration = Duration::from_millis(500);
+const MAX_TICK: Duration = Duration::from_secs(5);
+
+/// One mirrored source lease.
+#[derive(Debug, Clone, Copy)]
+struct Mirrored {
+    record: LeaseRecord,
+    /// The record is on the destination (written by this leader, or read).
+    recorded: bool,
+    /// `None`: renew at the next tick (a lease loaded from the records).
+    last_renewed: Option<Instant>,
+    /// The source revision by which the source lease was seen gone.
+    gone_at: Option<i64>,
+}
+
+impl Mirrored {
+    fn renewal_due(&self, now: Instant) -> bool {
+        let period = Duration::from_secs((self.record.dest_ttl.max(1) as u64).div_ceil(3));
+        self.last_renewed
+            .is_none_or(|last| now.saturating_duration_since(last) >= period)
+    }
+}
+
+#[derive(Default)]
+struct BookState {
+    leases: HashMap<i64, Mirrored>,
+    /// One grant at a time per source lease, shared by concurrent writers.
+    granting: HashMap<i64, Arc<OnceCell<()>>>,
+    /// The source revision the destination's checkpoint holds.
+    committed_revision: i64,
+    /// Source leases whose destination lease was found gone.
+    lost: BTreeSet<i64>,
+    /// The attempt to interrupt when a lease is lost.
+    attempt: Option<CancellationToken>,
+    /// Leased keys (hash of the key below the job prefix → source lease),
+    /// for `etcd_syncer_lease_backed_keys`.
+    leased_keys: HashMap<u64, i64>,
+}
+
+/// The leader's view of the job's mirrored leases, shared by the writer
+/// (which resolves leases before each txn) and the keepalive task.
+pub struct LeaseBook {
+    /// Stops the running keepalive task.
+    keeper: Mutex<Option<CancellationToken>>,
+    job: String,
+    keys: MetaKeys,
+    source: Cluster,
+    dest: Cluster,
+    grace_seconds: i64,
+    metrics: JobMetrics,
+    state: Mutex<BookState>,
+}
+
+impl std::fmt::Debug for LeaseBook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseBook")
+            .field("job", &self.job)
+            .finish_non_exhaustive()
+    }
+}
+
+fn key_hash(suffix: &[u8]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    suffix.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl LeaseBook {
+    pub fn new(
+        job: &str,
+        keys: MetaKeys,
+        source: Cluster,
+        dest: Cluster,
+        grace: Duration,
+        metrics: JobMetrics,
+    ) -> Self {
+        Self {
+            keeper: Mutex::new(None),
+            job: job.to_string(),
+            keys,
+            source,
+            dest,
+            grace_seconds: grace.as_secs() as i64,
+            metrics,
+            state: Mutex::new(BookState::default()),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, BookState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adopts the records read from the destination (a new leader, or a
+    /// new attempt); leases already known keep their renewal state.
+    pub fn load(&self, records: &BTreeMap<i64, LeaseRecord>) {
+        let mut state = self.state();
+        for (source_lease, record) in records {
+            if state.lost.contains(source_lease) {
+                continue;
+            }
+            state.leases.entry(*source_lease).or_insert(Mirrored {
+                record: *record,
+                recorded: true,
+                last_renewed: None,
+                gone_at: None,
+            });
+        }
+        self.metrics.leases_mirrored.set(state.leases.len() as i64);
+    }
+
+    /// Starts the keepalive task under `parent` unless it runs already.
+    pub fn ensure_keeper(self: &Arc<Self>, writer: Arc<DestWriter>, parent: &CancellationToken) {
+        let mut keeper = self.keeper.lock().unwrap_or_else(|p| p.into_inner());
+        if keeper.as_ref().is_some_and(|token| !token.is_cancelled()) {
+            return;
+        }
+        let token = parent.child_token();
+        *keeper = Some(token.clone());
+        tokio::spawn(self.clone().keep(writer, token));
+    }
+
+    pub fn stop_keeper(&self) {
+        if let Some(token) = self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            token.cancel();
+        }
+    }
+
+    /// Forgets everything (the job was promoted: nothing is renewed, and
+    /// `promote --undo` starts again from the records).
+    pub fn clear(&self) {
+        let mut state = self.state();
+        state.leases.clear();
+        state.granting.clear();
+        state.lost.clear();
+        self.metrics.leases_mirrored.set(0);
+    }
+
+    /// The destination lease mirroring `source_lease`, if it has one.
+    pub fn dest_lease_of(&self, source_lease: i64) -> Option<i64> {
+        self.state()
+            .leases
+            .get(&source_lease)
+            .map(|m| m.record.dest_lease)
+    }
+
+    /// Every mapping known now (for a consistency check's lease rule).
+    pub fn mapping(&self) -> HashMap<i64, i64> {
+        self.state()
+            .leases
+            .iter()
+            .map(|(source, m)| (*source, m.record.dest_lease))
+            .collect()
+    }
+
+    pub fn mirrored_count(&self) -> usize {
+        self.state().leases.len()
+    }
+
+    /// The destination now reflects the source up to `revision`.
+    pub fn committed(&self, revision: i64) {
+        let mut state = self.state();
+        state.committed_revision = state.committed_revision.max(revision);
+    }
+
+    /// Interrupt `attempt` when a destination lease is found lost.
+    pub fn watch_attempt(&self, attempt: CancellationToken) {
+        let mut state = self.state();
+        if !state.lost.is_empty() {
+            attempt.cancel();
+        }
+        state.attempt = Some(attempt);
+    }
+
+    /// Source leases whose destination lease was lost since the last call.
+    pub fn take_lost(&self) -> Vec<i64> {
+        std::mem::take(&mut self.state().lost).into_iter().collect()
+    }
+
+    /// A key below the job prefix is now on `lease` (0: none), or deleted (`None`).
+    pub fn observe_key(&self, suffix: &[u8], lease: Option<i64>) {
+        let mut state = self.state();
+        match lease {
+            Some(lease) if lease != 0 => {
+                state.leased_keys.insert(key_hash(suffix), lease);
+            }
+            _ => {
+                state.leased_keys.remove(&key_hash(suffix));
+            }
+        }
+        self.metrics
+            .lease_backed_keys
+            .set(state.leased_keys.len() as i64);
+    }
+
+    /// A full sync starts: it observes every source key again.
+    pub fn forget_keys(&self) {
+        let mut state = self.state();
+        state.leased_keys.clear();
+        self.metrics.lease_backed_keys.set(0);
+    }
+
+    /// Destination leases for `source_leases`: granted where missing, and
+    /// recorded (fenced, through `writer`) before the caller attaches keys.
+    ///
+    /// # Cancel-Safety
+    /// Cancel-safe: a grant whose record is never written leaves a
+    /// destination lease without keys, which expires on its own.
+    pub async fn resolve(
+        &self,
+        writer: &DestWriter,
+        source_leases: impl IntoIterator<Item = i64>,
+    ) -> Result<HashMap<i64, i64>, JobError> {
+        let wanted: BTreeSet<i64> = source_leases.into_iter().filter(|l| *l != 0).collect();
+        if wanted.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let unknown: Vec<(i64, Arc<OnceCell<()>>)> = {
+            let mut state = self.state();
+            let state = &mut *state;
+            wanted
+                .iter()
+                .filter(|lease| !state.leases.contains_key(lease))
+                .map(|lease| (*lease, state.granting.entry(*lease).or_default().clone()))
+                .collect()
+        };
+        futures::stream::iter(unknown)
+            .map(|(lease, cell)| async move {
+                cell.get_or_try_init(|| self.grant(lease)).await?;
+                self.state().granting.remove(&lease);
+                Ok::<(), JobError>(())
+            })
+            .buffer_unordered(CONCURRENT_LEASE_CALLS)
+            .try_collect::<Vec<()>>()
+            .await?;
+
+        let unrecorded: Vec<(i64, LeaseRecord)> = {
+            let state = self.state();
+            wanted
+                .iter()
+                .filter_map(|lease| state.leases.get(lease).map(|m| (*lease, *m)))
+                .filter(|(_, m)| !m.recorded)
+                .map(|(lease, m)| (lease, m.record))
+                .collect()
+        };
+        for chunk in unrecorded.chunks(RECORDS_PER_TXN) {
+            let ops = chunk
+                .iter()
+                .map(|(lease, record)| Op::put(self.keys.lease_record(*lease), record.encode()))
+                .collect();
+            match writer.commit("record mirrored leases", vec![], ops).await? {
+                TxnOutcome::Committed(_) => {
+                    let mut state = self.state();
+                    for (lease, _) in chunk {
+                        if let Some(mirrored) = state.leases.get_mut(lease) {
+                            mirrored.recorded = true;
+                        }
+                    }
+                }
+                TxnOutcome::GuardFailed(failure) => {
+                    return Err(writer.explain(&failure, "lease records"));
+                }
+            }
+        }
+
+        let state = self.state();
+        wanted
+            .into_iter()
+            .map(|lease| match state.leases.get(&lease) {
+                Some(mirrored) => Ok((lease, mirrored.record.dest_lease)),
+                // Lost between the grant and now: the job is being sent to
+                // a full sync; this txn must not attach keys to nothing.
+                None => Err(JobError::DestLeaseLost { leases: 1 }),
+            })
+            .collect()
+    }
+
+    /// Grants the destination lease for `source_lease`.
+    async fn grant(&self, source_lease: i64) -> Result<(), JobError> {
+        let source_ttl = self
+            .source
+            .lease_time_to_live(source_lease)
+            .await?
+            // Gone already: its keys' DELETE events follow; the keepalive
+            // task keeps this lease until they are applied.
+            .map_or(0, |ttl| ttl.granted);
+        let dest_ttl = (source_ttl + self.grace_seconds).max(MIN_DEST_TTL_SECONDS);
+        let dest_lease = match self.dest.lease_grant(dest_ttl, source_lease).await {
+            Ok(id) => id,
+            Err(error) if error.is_lease_exists() => self.dest.lease_grant(dest_ttl, 0).await?,
+            Err(error) => return Err(error.into()),
+        };
+        debug!(job = %self.job, source_lease, dest_lease, dest_ttl, "Mirroring a source lease.");
+        let mut state = self.state();
+        state.leases.insert(
+            source_lease,
+            Mirrored {
+                record: LeaseRecord {
+                    dest_lease,
+                    source_ttl,
+                    dest_ttl,
+                },
+                recorded: false,
+                last_renewed: Some(Instant::now()),
+                gone_at: None,
+            },
+        );
+        self.metrics.leases_mirrored.set(state.leases.len() as i64);
+        Ok(())
+    }
+
+    fn tick_period(&self) -> Duration {
+        let shortest = self
+            .state()
+            .leases
+            .values()
+            .map(|m| m.record.dest_ttl)
+            .min()
+            .unwrap_or(i64::MAX);
+        Duration::from_secs((shortest.max(1) as u64).div_ceil(6)).clamp(MIN_TICK, MAX_TICK)
+    }
+
+    /// Keeps the destination leases alive while their source leases live,
+    /// and revokes them once the source's have gone and the checkpoint
+    /// passed that point. Runs until `cancel`.
+    ///
+    /// # Cancel-Safety
+    /// Stops at the next await; a keepalive or revoke in flight either
+    /// happened or not, and the next leader starts from the records.
+    pub async fn keep(self: Arc<Self>, writer: Arc<DestWriter>, cancel: CancellationToken) {
+        let mut first = true;
+        loop {
+            if !first {
+                let period = self.tick_period();
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(period) => {}
+                }
+            }
+            first = false;
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.tick(&writer) => {}
+            }
+        }
+    }
+
+    async fn tick(&self, writer: &DestWriter) {
+        if self.state().leases.is_empty() {
+            return;
+        }
+        let (header, live) = match self.source.lease_list().await {
+            Ok((header, live)) => (header, live.into_iter().collect::<BTreeSet<i64>>()),
+            Err(error) => {
+                // Nothing is renewed blind: the grace covers a short outage.
+                self.metrics.error(crate::mirror::client_error_kind(&error));
+                warn!(job = %self.job, %error, "Cannot list the source's leases; keepalives wait.");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let (renew, retire) = {
+            let mut state = self.state();
+            let committed = state.committed_revision;
+            let mut renew = Vec::new();
+            let mut retire = Vec::new();
+            for (source_lease, mirrored) in state.leases.iter_mut() {
+                if !live.contains(source_lease) {
+                    mirrored.gone_at.get_or_insert(header.revision);
+                }
+                match mirrored.gone_at {
+                    Some(gone_at) if committed >= gone_at => {
+                        retire.push((*source_lease, mirrored.record.dest_lease));
+                    }
+                    _ if mirrored.renewal_due(now) => {
+                        renew.push((*source_lease, mirrored.record.dest_lease));
+                    }
+                    _ => {}
+                }
+            }
+            (renew, retire)
+        };
+
+        let renewed: Vec<(i64, Result<bool, _>)> = futures::stream::iter(renew)
+            .map(|(source_lease, dest_lease)| async move {
+                (source_lease, self.dest.lease_renew(dest_lease).await)
+            })
+            .buffer_unordered(CONCURRENT_LEASE_CALLS)
+            .collect()
+            .await;
+        let mut lost = Vec::new();
+        {
+            let mut state = self.state();
+            for (source_lease, outcome) in renewed {
+                self.metrics.lease_keepalives_total.inc();
+                match outcome {
+                    Ok(true) => {
+                        if let Some(mirrored) = state.leases.get_mut(&source_lease) {
+                            mirrored.last_renewed = Some(now);
+                        }
+                    }
+                    Ok(false) => {
+                        self.metrics.lease_keepalive_failures_total.inc();
+                        let still_live = state
+                            .leases
+                            .get(&source_lease)
+                            .is_some_and(|m| m.gone_at.is_none());
+                        state.leases.remove(&source_lease);
+                        if still_live {
+                            lost.push(source_lease);
+                        }
+                    }
+                    Err(error) => {
+                        self.metrics.lease_keepalive_failures_total.inc();
+                        debug!(job = %self.job, source_lease, %error, "Lease keepalive failed; retrying next tick.");
+                    }
+                }
+            }
+            self.metrics.leases_mirrored.set(state.leases.len() as i64);
+        }
+
+        for (source_lease, dest_lease) in &retire {
+            match self.dest.lease_revoke(*dest_lease).await {
+                Ok(()) => {}
+                Err(error) if error.to_string().contains("lease not found") => {}
+                Err(error) => {
+                    debug!(job = %self.job, dest_lease, %error, "Revoking a retired lease failed; retrying next tick.");
+                    continue;
+                }
+            }
+            self.state().leases.remove(source_lease);
+        }
+        let forget: Vec<i64> = retire
+            .iter()
+            .map(|(source, _)| *source)
+            .filter(|source| !self.state().leases.contains_key(source))
+            .chain(lost.iter().copied())
+            .collect();
+        self.forget_records(writer, &forget).await;
+        self.metrics
+            .leases_mirrored
+            .set(self.state().leases.len() as i64);
+
+        if !lost.is_empty() {
+            warn!(
+                job = %self.job,
+                leases = lost.len(),
+                "Destination leases expired while their source leases live (an outage longer than TTL + --lease-grace?); a full sync restores their keys."
+            );
+            let mut state = self.state();
+            state.lost.extend(lost);
+            if let Some(attempt) = &state.attempt {
+                attempt.cancel();
+            }
+        }
+    }
+
+    /// Deletes the records of `source_leases` (fenced); a failure leaves
+    /// them for the next leader, who finds the leases gone and retries.
+    async fn forget_records(&self, writer: &DestWriter, source_leases: &[i64]) {
+        for chunk in source_leases.chunks(RECORDS_PER_TXN) {
+            let ops = chunk
+                .iter()
+                .map(|lease| Op::delete(self.keys.lease_record(*lease)))
+                .collect();
+            match writer.commit("forget mirrored leases", vec![], ops).await {
+                Ok(TxnOutcome::Committed(_)) => {
+                    info!(job = %self.job, leases = chunk.len(), "Retired mirrored leases.");
+                }
+                Ok(TxnOutcome::GuardFailed(_)) => return,
+                Err(error) => {
+                    debug!(job = %self.job, %error, "Forgetting lease records failed; the next leader retries.");
+                    return;
+                }
+            }
+        }
+    }
+}
