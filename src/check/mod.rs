@@ -249,8 +249,7 @@ async fn check_once(
         source,
         dest,
         target,
-        Some(checkpoint.last_synced_rev),
-        Some(meta.dest_revision),
+        Some((checkpoint.last_synced_rev, meta.dest_revision)),
         mapping.clone(),
         options,
         cancel,
@@ -263,17 +262,8 @@ async fn check_once(
         Err(CheckError::Client(error))
             if error.kind() == FailureKind::Compacted && error.side() == Some(Side::Source) =>
         {
-            let mut report = compare(
-                source,
-                dest,
-                target,
-                None,
-                None,
-                mapping.clone(),
-                options,
-                cancel,
-            )
-            .await?;
+            let mut report =
+                compare(source, dest, target, None, mapping.clone(), options, cancel).await?;
             report.exact = false;
             recheck(source, dest, target, &mut report, &mapping, options, cancel).await?;
             Ok(report)
@@ -286,15 +276,15 @@ async fn compare(
     source: &Cluster,
     dest: &Cluster,
     target: &CheckTarget,
-    source_revision: Option<i64>,
-    dest_revision: Option<i64>,
+    // (source revision, destination revision); `None`: both sides' present.
+    revisions: Option<(i64, i64)>,
     leases: Option<HashMap<i64, i64>>,
     options: CheckOptions,
     cancel: &CancellationToken,
 ) -> Result<CheckReport, CheckError> {
-    let (source_revision, dest_revision) = match (source_revision, dest_revision) {
-        (Some(s), Some(d)) => (s, d),
-        _ => (
+    let (source_revision, dest_revision) = match revisions {
+        Some(pinned) => pinned,
+        None => (
             source.head(target.rewrite.source_prefix()).await?.revision,
             dest.head(target.rewrite.dest_prefix()).await?.revision,
         ),

@@ -20,8 +20,10 @@ pub struct Entry {
 }
 
 /// How the merge compares lease attachments.
+#[derive(Default)]
 pub enum LeaseRule {
     /// Not compared: `--leases strip`.
+    #[default]
     Ignore,
     /// A source key on lease L belongs on the destination lease the
     /// function maps L to (`None`: not mapped yet, so any attachment
@@ -36,12 +38,6 @@ impl LeaseRule {
             LeaseRule::Mapped(_) if source_lease == 0 => dest_lease == 0,
             LeaseRule::Mapped(map) => map(source_lease) == Some(dest_lease),
         }
-    }
-}
-
-impl Default for LeaseRule {
-    fn default() -> Self {
-        LeaseRule::Ignore
     }
 }
 
