@@ -52,7 +52,7 @@ use etcd_syncer::mirror::meta::Fence;
 use etcd_syncer::mirror::writer::DestWriter;
 use etcd_syncer::mirror::JobContext;
 use etcd_syncer::model::keys::{KeyRewrite, MetaKeys};
-use etcd_syncer::model::schema::{Checkpoint, FullSyncMarker, LockValue};
+use etcd_syncer::model::schema::{Checkpoint, FullSyncMarker, LeaseRecord, LockValue};
 use etcd_syncer::model::versions::{Quirks, Version};
 use etcd_syncer::model::Side;
 use etcd_syncer::telemetry::health::Health;
@@ -64,7 +64,9 @@ const SOURCE_PREFIX: &str = "/app/";
 const KEY_SPACE: usize = 16;
 const LIVENESS_BOUND: Duration = Duration::from_secs(180);
 
-type Prefix = BTreeMap<Vec<u8>, Vec<u8>>;
+/// Suffix → (value, lease): on the source its lease, on the destination
+/// the lease it is attached to there.
+type Prefix = BTreeMap<Vec<u8>, (Vec<u8>, i64)>;
 
 /// What one seed chose.
 #[derive(Debug, Clone)]
@@ -178,6 +180,10 @@ struct World {
     source_history: BTreeMap<u64, Vec<BTreeMap<i64, Arc<Prefix>>>>,
     source_now: Prefix,
     dest_now: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The lease of each destination key attached to one.
+    dest_leases: BTreeMap<Vec<u8>, i64>,
+    /// Source leases the "clients" hold: (ID, still kept alive).
+    source_leases: Vec<(i64, bool)>,
     /// Lock keys: holder instance and create revision.
     dest_lock_create: BTreeMap<Vec<u8>, (String, i64)>,
     last_checkpoint: BTreeMap<u64, i64>,
@@ -239,6 +245,8 @@ impl World {
             source_history,
             source_now: Prefix::new(),
             dest_now: BTreeMap::new(),
+            dest_leases: BTreeMap::new(),
+            source_leases: Vec::new(),
             dest_lock_create: BTreeMap::new(),
             last_checkpoint: BTreeMap::new(),
             tampered: BTreeSet::new(),
@@ -423,13 +431,52 @@ impl World {
             } else {
                 let mut value = format!("v{}", self.rng.gen_range(0..1000));
                 value.push_str(&"x".repeat(self.profile.value_len));
-                ops.push(Op::put(key, value));
+                // A registration: attached to a lease some client holds.
+                let lease = if !self.source_leases.is_empty() && self.rng.gen_bool(0.35) {
+                    self.source_leases[self.rng.gen_range(0..self.source_leases.len())].0
+                } else {
+                    0
+                };
+                ops.push(Op::put_with_lease(key, value, lease));
             }
         }
         let _ = self.writer.txn(TxnRequest::new().and_then(ops)).await;
     }
 
+    /// The source's clients: grant leases, keep some alive, let others
+    /// expire or revoke them. Expiry deletes their keys in one revision.
+    async fn lease_clients(&mut self) {
+        for (id, keep) in self.source_leases.clone() {
+            if keep {
+                let _ = self.writer.lease_renew(id).await;
+            }
+        }
+        let alive: Vec<i64> = self.source.lock().unwrap().lease_ids();
+        self.source_leases.retain(|(id, _)| alive.contains(id));
+        let roll = self.rng.gen_range(0..100);
+        if roll < 6 && self.source_leases.len() < 6 {
+            let ttl = self.rng.gen_range(2..=6);
+            if let Ok(id) = self.writer.lease_grant(ttl, 0).await {
+                self.source_leases.push((id, true));
+                self.note(format!("source client grants lease {id:x} (ttl {ttl}s)"));
+            }
+        } else if (6..9).contains(&roll) && !self.source_leases.is_empty() {
+            let index = self.rng.gen_range(0..self.source_leases.len());
+            self.source_leases[index].1 = false;
+            self.fault("source_lease_abandoned");
+            let id = self.source_leases[index].0;
+            self.note(format!("source client stops renewing lease {id:x}"));
+        } else if roll == 9 && !self.source_leases.is_empty() {
+            let index = self.rng.gen_range(0..self.source_leases.len());
+            let (id, _) = self.source_leases.remove(index);
+            let _ = self.writer.lease_revoke(id).await;
+            self.fault("source_lease_revoked");
+            self.note(format!("source client revokes lease {id:x}"));
+        }
+    }
+
     async fn random_action(&mut self) {
+        self.lease_clients().await;
         let roll = self.rng.gen_range(0..100);
         match roll {
             0..=54 => self.write_source().await,
@@ -748,8 +795,10 @@ impl World {
                 changed = true;
                 match event.kind {
                     EventType::Put => {
-                        self.source_now
-                            .insert(suffix.to_vec(), event.kv.value.clone());
+                        self.source_now.insert(
+                            suffix.to_vec(),
+                            (event.kv.value.clone(), event.kv.lease),
+                        );
                     }
                     EventType::Delete => {
                         self.source_now.remove(suffix);
@@ -774,7 +823,41 @@ impl World {
         self.dest_now
             .iter()
             .filter(|(k, _)| k.starts_with(dest_prefix) && !k.starts_with(META.as_bytes()))
-            .map(|(k, v)| (k[dest_prefix.len()..].to_vec(), v.clone()))
+            .map(|(k, v)| {
+                let lease = self.dest_leases.get(k).copied().unwrap_or(0);
+                (k[dest_prefix.len()..].to_vec(), (v.clone(), lease))
+            })
+            .collect()
+    }
+
+    /// The destination state `source` should be mirrored as: each source
+    /// lease replaced by the destination lease its record names (`-1`, which
+    /// no key has, when there is no record), or by none with `--leases strip`.
+    fn expected_dest(&self, source: &Prefix) -> Prefix {
+        let records = self.lease_records();
+        source
+            .iter()
+            .map(|(suffix, (value, lease))| {
+                let dest_lease = match (self.profile.leases, *lease) {
+                    (LeaseMode::Strip, _) | (_, 0) => 0,
+                    (LeaseMode::Faithful, lease) => records.get(&lease).copied().unwrap_or(-1),
+                };
+                (suffix.clone(), (value.clone(), dest_lease))
+            })
+            .collect()
+    }
+
+    /// Source lease → destination lease, from the records on the destination.
+    fn lease_records(&self) -> BTreeMap<i64, i64> {
+        let prefix = self.keys.lease_records();
+        self.dest_now
+            .range(prefix.as_bytes().to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix.as_bytes()))
+            .filter_map(|(k, v)| {
+                let source = self.keys.lease_of_record(k)?;
+                let record: LeaseRecord = serde_json::from_slice(v).ok()?;
+                Some((source, record.dest_lease))
+            })
             .collect()
     }
 
@@ -897,8 +980,14 @@ impl World {
             match event.kind {
                 EventType::Put => {
                     self.dest_now.insert(key.clone(), event.kv.value.clone());
+                    if event.kv.lease != 0 {
+                        self.dest_leases.insert(key.clone(), event.kv.lease);
+                    } else {
+                        self.dest_leases.remove(key);
+                    }
                 }
                 EventType::Delete => {
+                    self.dest_leases.remove(key);
                     if self.dest_now.remove(key).is_some() && self.in_mirror(key) {
                         deleted_in_mirror.push(key.clone());
                     }
@@ -906,6 +995,17 @@ impl World {
             }
             if by_replica {
                 self.tampered.remove(key);
+            }
+        }
+        if commit.by == "lease-expiry" && commit.events.iter().any(|e| self.in_mirror(&e.kv.key)) {
+            // A mirrored lease ran out on the destination: no replica renewed
+            // it for TTL + grace (a long outage or a promotion). Those keys
+            // are the destination's loss until a full sync restores them.
+            self.fault("dest_lease_expired");
+            for event in &commit.events {
+                if self.in_mirror(&event.kv.key) {
+                    self.tampered.insert(event.kv.key.clone());
+                }
             }
         }
         if commit.by == "operator" {
@@ -990,6 +1090,10 @@ impl World {
                 .iter()
                 .filter_map(|k| self.rewrite.dest_suffix(k).map(<[u8]>::to_vec))
                 .collect();
+            let candidates: Vec<Prefix> = candidates
+                .into_iter()
+                .map(|source| self.expected_dest(source))
+                .collect();
             let differs = |expected: &Prefix| -> Option<String> {
                 let suffixes: BTreeSet<&Vec<u8>> = expected.keys().chain(actual.keys()).collect();
                 suffixes
@@ -1002,10 +1106,10 @@ impl World {
                             String::from_utf8_lossy(suffix),
                             actual
                                 .get(suffix)
-                                .map(|v| String::from_utf8_lossy(v).into_owned()),
+                                .map(|(v, l)| (String::from_utf8_lossy(v).into_owned(), l)),
                             expected
                                 .get(suffix)
-                                .map(|v| String::from_utf8_lossy(v).into_owned()),
+                                .map(|(v, l)| (String::from_utf8_lossy(v).into_owned(), l)),
                         )
                     })
             };
@@ -1036,13 +1140,14 @@ impl World {
 
     fn converged(&self) -> bool {
         let source = self.source.lock().unwrap().current();
-        let expected: Prefix = source
+        let source: Prefix = source
             .into_iter()
             .filter_map(|(k, kv)| {
                 k.strip_prefix(SOURCE_PREFIX.as_bytes())
-                    .map(|s| (s.to_vec(), kv.value))
+                    .map(|s| (s.to_vec(), (kv.value, kv.lease)))
             })
             .collect();
+        let expected = self.expected_dest(&source);
         let checkpoint_ok = self
             .dest_now
             .contains_key(self.keys.checkpoint().as_bytes())

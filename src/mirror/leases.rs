@@ -37,7 +37,7 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::etcd::api::Op;
+use crate::etcd::api::{Compare, CompareOp, Op};
 use crate::etcd::client::Cluster;
 use crate::mirror::writer::{DestWriter, TxnOutcome};
 use crate::mirror::JobError;
@@ -63,8 +63,24 @@ struct Mirrored {
     recorded: bool,
     /// `None`: renew at the next tick (a lease loaded from the records).
     last_renewed: Option<Instant>,
+}
+
+/// A mirrored lease whose source lease is gone: renewed until the
+/// destination reflects its keys' deletes, then revoked.
+#[derive(Debug, Clone, Copy)]
+struct Retiring {
+    source_lease: i64,
+    mirrored: Mirrored,
     /// The source revision by which the source lease was seen gone.
+    /// `None` after a full sync: the source may have another history now
+    /// (rebuilt or replaced), so the next list observes it again.
     gone_at: Option<i64>,
+}
+
+impl Retiring {
+    fn done(&self, committed: i64) -> bool {
+        self.gone_at.is_some_and(|gone_at| committed >= gone_at)
+    }
 }
 
 impl Mirrored {
@@ -78,12 +94,19 @@ impl Mirrored {
 #[derive(Default)]
 struct BookState {
     leases: HashMap<i64, Mirrored>,
+    /// Source leases seen gone. Kept apart from `leases`: a source rebuilt
+    /// from a backup may hand the same ID out again, and that is a new
+    /// lease needing a destination lease of its own.
+    retiring: Vec<Retiring>,
     /// One grant at a time per source lease, shared by concurrent writers.
     granting: HashMap<i64, Arc<OnceCell<()>>>,
     /// The source revision the destination's checkpoint holds.
     committed_revision: i64,
     /// Source leases whose destination lease was found gone.
     lost: BTreeSet<i64>,
+    /// Destination leases found gone: a record naming one (its deletion
+    /// may have failed) is never adopted again.
+    dead: BTreeSet<i64>,
     /// The attempt to interrupt when a lease is lost.
     attempt: Option<CancellationToken>,
     /// Leased keys (hash of the key below the job prefix → source lease),
@@ -119,6 +142,27 @@ fn key_hash(suffix: &[u8]) -> u64 {
     hasher.finish()
 }
 
+impl BookState {
+    /// The destination lease keys on `source_lease` go to: its mapping,
+    /// else its retiring destination lease.
+    fn mapped(&self, source_lease: i64) -> Option<i64> {
+        self.leases
+            .get(&source_lease)
+            .map(|m| m.record.dest_lease)
+            .or_else(|| {
+                self.retiring
+                    .iter()
+                    .rev()
+                    .find(|r| r.source_lease == source_lease)
+                    .map(|r| r.mirrored.record.dest_lease)
+            })
+    }
+
+    fn is_retiring(&self, source_lease: i64) -> bool {
+        self.retiring.iter().any(|r| r.source_lease == source_lease)
+    }
+}
+
 impl LeaseBook {
     pub fn new(
         job: &str,
@@ -151,14 +195,13 @@ impl LeaseBook {
     pub fn load(&self, records: &BTreeMap<i64, LeaseRecord>) {
         let mut state = self.state();
         for (source_lease, record) in records {
-            if state.lost.contains(source_lease) {
+            if state.lost.contains(source_lease) || state.dead.contains(&record.dest_lease) {
                 continue;
             }
             state.leases.entry(*source_lease).or_insert(Mirrored {
                 record: *record,
                 recorded: true,
                 last_renewed: None,
-                gone_at: None,
             });
         }
         self.metrics.leases_mirrored.set(state.leases.len() as i64);
@@ -186,6 +229,7 @@ impl LeaseBook {
     pub fn clear(&self) {
         let mut state = self.state();
         state.leases.clear();
+        state.retiring.clear();
         state.granting.clear();
         state.lost.clear();
         self.metrics.leases_mirrored.set(0);
@@ -193,10 +237,7 @@ impl LeaseBook {
 
     /// The destination lease mirroring `source_lease`, if it has one.
     pub fn dest_lease_of(&self, source_lease: i64) -> Option<i64> {
-        self.state()
-            .leases
-            .get(&source_lease)
-            .map(|m| m.record.dest_lease)
+        self.state().mapped(source_lease)
     }
 
     /// Every mapping known now (for a consistency check's lease rule).
@@ -212,10 +253,20 @@ impl LeaseBook {
         self.state().leases.len()
     }
 
-    /// The destination now reflects the source up to `revision`.
+    /// The destination now reflects the source up to `revision` (of the
+    /// source's current history: it may go down when the source changes).
     pub fn committed(&self, revision: i64) {
+        self.state().committed_revision = revision;
+    }
+
+    /// A full sync finished at `revision`: revisions of the source's
+    /// earlier history (if it was rebuilt or replaced) mean nothing now.
+    pub fn full_sync_done(&self, revision: i64) {
         let mut state = self.state();
-        state.committed_revision = state.committed_revision.max(revision);
+        state.committed_revision = revision;
+        for retiring in &mut state.retiring {
+            retiring.gone_at = None;
+        }
     }
 
     /// Interrupt `attempt` when a destination lease is found lost.
@@ -321,24 +372,32 @@ impl LeaseBook {
         let state = self.state();
         wanted
             .into_iter()
-            .map(|lease| match state.leases.get(&lease) {
-                Some(mirrored) => Ok((lease, mirrored.record.dest_lease)),
+            .map(|lease| match state.mapped(lease) {
+                Some(dest_lease) => Ok((lease, dest_lease)),
                 // Lost between the grant and now: the job is being sent to
                 // a full sync; this txn must not attach keys to nothing.
-                None => Err(JobError::DestLeaseLost { leases: 1 }),
+                None => {
+                    debug!(job = %self.job, source_lease = lease, "Mirrored lease vanished while resolving.");
+                    Err(JobError::DestLeaseLost { leases: 1 })
+                }
             })
             .collect()
     }
 
     /// Grants the destination lease for `source_lease`.
     async fn grant(&self, source_lease: i64) -> Result<(), JobError> {
-        let source_ttl = self
-            .source
-            .lease_time_to_live(source_lease)
-            .await?
-            // Gone already: its keys' DELETE events follow; the keepalive
-            // task keeps this lease until they are applied.
-            .map_or(0, |ttl| ttl.granted);
+        let source_ttl = self.source.lease_time_to_live(source_lease).await?;
+        if source_ttl.is_none() && self.state().is_retiring(source_lease) {
+            // A key put before the lease went: it joins the other keys of
+            // that lease on their retiring destination lease, and goes with
+            // them when the source's deletes arrive.
+            return Ok(());
+        }
+        // Gone already (and never mapped): its keys' DELETE events follow;
+        // the keepalive task keeps this lease until they are applied. Alive
+        // while retiring: the source handed the ID out again (a source
+        // rebuilt from a backup), a new lease that needs its own.
+        let source_ttl = source_ttl.map_or(0, |ttl| ttl.granted);
         let dest_ttl = (source_ttl + self.grace_seconds).max(MIN_DEST_TTL_SECONDS);
         let dest_lease = match self.dest.lease_grant(dest_ttl, source_lease).await {
             Ok(id) => id,
@@ -357,11 +416,51 @@ impl LeaseBook {
                 },
                 recorded: false,
                 last_renewed: Some(Instant::now()),
-                gone_at: None,
             },
         );
         self.metrics.leases_mirrored.set(state.leases.len() as i64);
         Ok(())
+    }
+
+    /// Forgets the mappings whose destination lease is gone (of
+    /// `dest_leases`), as lost, with their records; returns how many.
+    pub async fn evict_dead(
+        &self,
+        writer: &DestWriter,
+        dest_leases: impl IntoIterator<Item = i64>,
+    ) -> usize {
+        let mut dead = Vec::new();
+        for dest_lease in dest_leases.into_iter().collect::<BTreeSet<i64>>() {
+            if let Ok(None) = self.dest.lease_time_to_live(dest_lease).await {
+                dead.push(dest_lease);
+            }
+        }
+        let lost = self.mark_dead(&dead);
+        self.forget_records(writer, &lost).await;
+        lost.len()
+    }
+
+    /// Drops every use of the `dead` destination leases; returns the live
+    /// mappings that were lost with them.
+    fn mark_dead(&self, dead: &[i64]) -> Vec<(i64, LeaseRecord)> {
+        let mut state = self.state();
+        // Retiring ones only stop being used: their keys are on their way out.
+        state
+            .retiring
+            .retain(|r| !dead.contains(&r.mirrored.record.dest_lease));
+        state.dead.extend(dead.iter().copied());
+        let lost: Vec<(i64, LeaseRecord)> = state
+            .leases
+            .iter()
+            .filter(|(_, m)| dead.contains(&m.record.dest_lease))
+            .map(|(source, m)| (*source, m.record))
+            .collect();
+        for (source, _) in &lost {
+            state.leases.remove(source);
+        }
+        state.lost.extend(lost.iter().map(|(source, _)| *source));
+        self.metrics.leases_mirrored.set(state.leases.len() as i64);
+        lost
     }
 
     fn tick_period(&self) -> Duration {
@@ -401,8 +500,11 @@ impl LeaseBook {
     }
 
     async fn tick(&self, writer: &DestWriter) {
-        if self.state().leases.is_empty() {
-            return;
+        {
+            let state = self.state();
+            if state.leases.is_empty() && state.retiring.is_empty() {
+                return;
+            }
         }
         let (header, live) = match self.source.lease_list().await {
             Ok((header, live)) => (header, live.into_iter().collect::<BTreeSet<i64>>()),
@@ -414,55 +516,82 @@ impl LeaseBook {
             }
         };
         let now = Instant::now();
+        // (source lease, destination lease, retiring)
         let (renew, retire) = {
             let mut state = self.state();
-            let committed = state.committed_revision;
-            let mut renew = Vec::new();
-            let mut retire = Vec::new();
-            for (source_lease, mirrored) in state.leases.iter_mut() {
-                if !live.contains(source_lease) {
-                    mirrored.gone_at.get_or_insert(header.revision);
-                }
-                match mirrored.gone_at {
-                    Some(gone_at) if committed >= gone_at => {
-                        retire.push((*source_lease, mirrored.record.dest_lease));
-                    }
-                    _ if mirrored.renewal_due(now) => {
-                        renew.push((*source_lease, mirrored.record.dest_lease));
-                    }
-                    _ => {}
+            let state = &mut *state;
+            let gone: Vec<i64> = state
+                .leases
+                .keys()
+                .filter(|lease| !live.contains(lease))
+                .copied()
+                .collect();
+            for source_lease in gone {
+                if let Some(mirrored) = state.leases.remove(&source_lease) {
+                    state.retiring.push(Retiring {
+                        source_lease,
+                        mirrored,
+                        gone_at: Some(header.revision),
+                    });
                 }
             }
+            for retiring in &mut state.retiring {
+                retiring.gone_at.get_or_insert(header.revision);
+            }
+            let committed = state.committed_revision;
+            let renew: Vec<(i64, i64, bool)> = state
+                .leases
+                .iter()
+                .filter(|(_, m)| m.renewal_due(now))
+                .map(|(source, m)| (*source, m.record.dest_lease, false))
+                .chain(
+                    state
+                        .retiring
+                        .iter()
+                        .filter(|r| !r.done(committed) && r.mirrored.renewal_due(now))
+                        .map(|r| (r.source_lease, r.mirrored.record.dest_lease, true)),
+                )
+                .collect();
+            let (retire, keep): (Vec<Retiring>, Vec<Retiring>) = state
+                .retiring
+                .drain(..)
+                .partition(|r| r.done(committed));
+            state.retiring = keep;
             (renew, retire)
         };
 
-        let renewed: Vec<(i64, Result<bool, _>)> = futures::stream::iter(renew)
-            .map(|(source_lease, dest_lease)| async move {
-                (source_lease, self.dest.lease_renew(dest_lease).await)
-            })
+        let renewed: Vec<((i64, i64, bool), Result<bool, _>)> = futures::stream::iter(renew)
+            .map(|target| async move { (target, self.dest.lease_renew(target.1).await) })
             .buffer_unordered(CONCURRENT_LEASE_CALLS)
             .collect()
             .await;
         let mut lost = Vec::new();
         {
             let mut state = self.state();
-            for (source_lease, outcome) in renewed {
+            for ((source_lease, dest_lease, retiring), outcome) in renewed {
                 self.metrics.lease_keepalives_total.inc();
                 match outcome {
+                    Ok(true) if retiring => {
+                        for r in state.retiring.iter_mut().filter(|r| r.mirrored.record.dest_lease == dest_lease) {
+                            r.mirrored.last_renewed = Some(now);
+                        }
+                    }
                     Ok(true) => {
                         if let Some(mirrored) = state.leases.get_mut(&source_lease) {
                             mirrored.last_renewed = Some(now);
                         }
                     }
+                    // Its source lease is gone too: the keys it still holds
+                    // are being deleted on the source; nothing to restore.
+                    Ok(false) if retiring => {
+                        self.metrics.lease_keepalive_failures_total.inc();
+                        state.retiring.retain(|r| r.mirrored.record.dest_lease != dest_lease);
+                    }
                     Ok(false) => {
                         self.metrics.lease_keepalive_failures_total.inc();
-                        let still_live = state
-                            .leases
-                            .get(&source_lease)
-                            .is_some_and(|m| m.gone_at.is_none());
-                        state.leases.remove(&source_lease);
-                        if still_live {
-                            lost.push(source_lease);
+                        state.dead.insert(dest_lease);
+                        if let Some(mirrored) = state.leases.remove(&source_lease) {
+                            lost.push((source_lease, mirrored.record));
                         }
                     }
                     Err(error) => {
@@ -474,27 +603,21 @@ impl LeaseBook {
             self.metrics.leases_mirrored.set(state.leases.len() as i64);
         }
 
-        for (source_lease, dest_lease) in &retire {
-            match self.dest.lease_revoke(*dest_lease).await {
+        let mut forget = Vec::new();
+        for retiring in retire {
+            match self.dest.lease_revoke(retiring.mirrored.record.dest_lease).await {
                 Ok(()) => {}
                 Err(error) if error.to_string().contains("lease not found") => {}
                 Err(error) => {
-                    debug!(job = %self.job, dest_lease, %error, "Revoking a retired lease failed; retrying next tick.");
+                    debug!(job = %self.job, dest_lease = retiring.mirrored.record.dest_lease, %error, "Revoking a retired lease failed; retrying next tick.");
+                    self.state().retiring.push(retiring);
                     continue;
                 }
             }
-            self.state().leases.remove(source_lease);
+            forget.push((retiring.source_lease, retiring.mirrored.record));
         }
-        let forget: Vec<i64> = retire
-            .iter()
-            .map(|(source, _)| *source)
-            .filter(|source| !self.state().leases.contains_key(source))
-            .chain(lost.iter().copied())
-            .collect();
+        forget.extend(lost.iter().copied());
         self.forget_records(writer, &forget).await;
-        self.metrics
-            .leases_mirrored
-            .set(self.state().leases.len() as i64);
 
         if !lost.is_empty() {
             warn!(
@@ -503,31 +626,34 @@ impl LeaseBook {
                 "Destination leases expired while their source leases live (an outage longer than TTL + --lease-grace?); a full sync restores their keys."
             );
             let mut state = self.state();
-            state.lost.extend(lost);
+            state.lost.extend(lost.iter().map(|(source, _)| *source));
             if let Some(attempt) = &state.attempt {
                 attempt.cancel();
             }
         }
     }
 
-    /// Deletes the records of `source_leases` (fenced); a failure leaves
-    /// them for the next leader, who finds the leases gone and retries.
-    async fn forget_records(&self, writer: &DestWriter, source_leases: &[i64]) {
-        for chunk in source_leases.chunks(RECORDS_PER_TXN) {
-            let ops = chunk
-                .iter()
-                .map(|lease| Op::delete(self.keys.lease_record(*lease)))
-                .collect();
-            match writer.commit("forget mirrored leases", vec![], ops).await {
-                Ok(TxnOutcome::Committed(_)) => {
-                    info!(job = %self.job, leases = chunk.len(), "Retired mirrored leases.");
-                }
-                Ok(TxnOutcome::GuardFailed(_)) => return,
+    /// Deletes the records of `records` (fenced), each only if it still
+    /// holds what was retired (the same source ID may have a new mapping
+    /// by now). A failure leaves them for the next leader, who finds the
+    /// leases gone and retries.
+    async fn forget_records(&self, writer: &DestWriter, records: &[(i64, LeaseRecord)]) {
+        for (source_lease, record) in records {
+            let key = self.keys.lease_record(*source_lease);
+            let guard = vec![Compare::value(key.clone(), CompareOp::Equal, record.encode())];
+            match writer
+                .commit("forget mirrored lease", guard, vec![Op::delete(key)])
+                .await
+            {
+                Ok(_) => {}
                 Err(error) => {
-                    debug!(job = %self.job, %error, "Forgetting lease records failed; the next leader retries.");
+                    debug!(job = %self.job, %error, "Forgetting a lease record failed; the next leader retries.");
                     return;
                 }
             }
+        }
+        if !records.is_empty() {
+            info!(job = %self.job, leases = records.len(), "Retired mirrored leases.");
         }
     }
 }

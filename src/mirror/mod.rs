@@ -416,6 +416,7 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
     let mut forced: Option<SlowPathReason> = None;
     let mut backoff = job_backoff();
     let mut promoted_logged = false;
+    let mut consecutive_resyncs = 0u32;
     loop {
         if cancel.is_cancelled() {
             return Ok(());
@@ -433,6 +434,13 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
             if !lost.is_empty() {
                 ctx.metrics.error("dest_lease_expired");
                 forced = Some(SlowPathReason::DestLeasesExpired { leases: lost.len() });
+                consecutive_resyncs += 1;
+                if consecutive_resyncs > 2 {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    if !ctx.pause(delay, &cancel).await {
+                        return Ok(());
+                    }
+                }
                 continue;
             }
         }
@@ -444,6 +452,7 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
         let policy = error.policy();
         if attempt_started.elapsed() >= BACKOFF_RESET_AFTER {
             backoff = job_backoff();
+            consecutive_resyncs = 0;
         }
         let delay = match policy.action {
             Action::Stop => return Ok(()),
@@ -453,6 +462,16 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
                 return Err(error);
             }
             Action::Resync => {
+                // A full sync that keeps failing the same way right away
+                // must not spin: from the third in a row, back off.
+                consecutive_resyncs += 1;
+                if consecutive_resyncs > 2 {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    warn!(job = %ctx.job.name, %error, retry_in = ?delay, "Full syncs keep being interrupted; backing off.");
+                    if !ctx.pause(delay, &cancel).await {
+                        return Ok(());
+                    }
+                }
                 if let JobError::ResetRequested = error {
                     info!(job = %ctx.job.name, "Reset requested while replicating; taking the slow path.");
                 } else if let JobError::HistoryDiffers(reason) = error {
@@ -568,6 +587,9 @@ async fn run_once(
             ctx.metrics.set_state(JobState::FullSync);
             info!(job = %ctx.job.name, path = "slow", %reason, "Taking the slow path.");
             let synced = full_sync::run(ctx, &meta, &reason, cancel).await?;
+            if let Some(book) = ctx.leases() {
+                book.full_sync_done(synced.checkpoint.last_synced_rev);
+            }
             (
                 KeyGuard::Holds(synced.checkpoint_bytes),
                 synced.checkpoint.last_synced_rev,

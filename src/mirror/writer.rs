@@ -99,7 +99,20 @@ impl DestWriter {
             .map(|mutation| mutation_op(mutation, &leases))
             .collect();
         ops.extend(tail);
-        self.commit(operation, guards, ops).await
+        match self.commit(operation, guards, ops).await {
+            // A destination lease expired since it was mapped (the keepalive
+            // task had not noticed yet): drop the dead ones, so the full sync
+            // this error leads to grants them again.
+            Err(JobError::Client(error))
+                if !leases.is_empty() && error.to_string().contains("lease not found") =>
+            {
+                let book = self.leases.as_ref().expect("leases resolved through the book");
+                let lost = book.evict_dead(self, leases.values().copied()).await;
+                tracing::debug!(%error, ?leases, lost, "A destination lease was gone when a txn used it.");
+                Err(JobError::DestLeaseLost { leases: lost.max(1) })
+            }
+            outcome => outcome,
+        }
     }
 
     pub fn keys(&self) -> &MetaKeys {
