@@ -104,9 +104,10 @@ struct BookState {
     committed_revision: i64,
     /// Source leases whose destination lease was found gone.
     lost: BTreeSet<i64>,
-    /// Destination leases found gone: a record naming one (its deletion
-    /// may have failed) is never adopted again.
-    dead: BTreeSet<i64>,
+    /// (source lease, destination lease) pairs found dead: a record naming
+    /// one (its deletion may have failed) is never adopted again. Pairs,
+    /// because an expired destination ID can be granted again for another.
+    dead: BTreeSet<(i64, i64)>,
     /// The attempt to interrupt when a lease is lost.
     attempt: Option<CancellationToken>,
     /// Leased keys (hash of the key below the job prefix → source lease),
@@ -195,7 +196,9 @@ impl LeaseBook {
     pub fn load(&self, records: &BTreeMap<i64, LeaseRecord>) {
         let mut state = self.state();
         for (source_lease, record) in records {
-            if state.lost.contains(source_lease) || state.dead.contains(&record.dest_lease) {
+            if state.lost.contains(source_lease)
+                || state.dead.contains(&(*source_lease, record.dest_lease))
+            {
                 continue;
             }
             state.leases.entry(*source_lease).or_insert(Mirrored {
@@ -406,6 +409,37 @@ impl LeaseBook {
         };
         debug!(job = %self.job, source_lease, dest_lease, dest_ttl, "Mirroring a source lease.");
         let mut state = self.state();
+        // The destination handed out an ID another mapping names: that
+        // lease had expired (records adopted before the keepalive task got
+        // to them). Its keys are gone; a live one is lost.
+        let stale: Vec<(i64, LeaseRecord)> = state
+            .leases
+            .iter()
+            .filter(|(source, m)| **source != source_lease && m.record.dest_lease == dest_lease)
+            .map(|(source, m)| (*source, m.record))
+            .collect();
+        for (source, _) in &stale {
+            state.leases.remove(source);
+            state.dead.insert((*source, dest_lease));
+            state.lost.insert(*source);
+        }
+        let stale_retiring: Vec<i64> = state
+            .retiring
+            .iter()
+            .filter(|r| r.mirrored.record.dest_lease == dest_lease)
+            .map(|r| r.source_lease)
+            .collect();
+        for source in stale_retiring {
+            state.dead.insert((source, dest_lease));
+        }
+        state
+            .retiring
+            .retain(|r| r.mirrored.record.dest_lease != dest_lease);
+        if !stale.is_empty() {
+            if let Some(attempt) = &state.attempt {
+                attempt.cancel();
+            }
+        }
         state.leases.insert(
             source_lease,
             Mirrored {
@@ -445,18 +479,25 @@ impl LeaseBook {
     fn mark_dead(&self, dead: &[i64]) -> Vec<(i64, LeaseRecord)> {
         let mut state = self.state();
         // Retiring ones only stop being used: their keys are on their way out.
+        let dead_retiring: Vec<(i64, i64)> = state
+            .retiring
+            .iter()
+            .filter(|r| dead.contains(&r.mirrored.record.dest_lease))
+            .map(|r| (r.source_lease, r.mirrored.record.dest_lease))
+            .collect();
+        state.dead.extend(dead_retiring);
         state
             .retiring
             .retain(|r| !dead.contains(&r.mirrored.record.dest_lease));
-        state.dead.extend(dead.iter().copied());
         let lost: Vec<(i64, LeaseRecord)> = state
             .leases
             .iter()
             .filter(|(_, m)| dead.contains(&m.record.dest_lease))
             .map(|(source, m)| (*source, m.record))
             .collect();
-        for (source, _) in &lost {
+        for (source, record) in &lost {
             state.leases.remove(source);
+            state.dead.insert((*source, record.dest_lease));
         }
         state.lost.extend(lost.iter().map(|(source, _)| *source));
         self.metrics.leases_mirrored.set(state.leases.len() as i64);
@@ -589,7 +630,7 @@ impl LeaseBook {
                     }
                     Ok(false) => {
                         self.metrics.lease_keepalive_failures_total.inc();
-                        state.dead.insert(dest_lease);
+                        state.dead.insert((source_lease, dest_lease));
                         if let Some(mirrored) = state.leases.remove(&source_lease) {
                             lost.push((source_lease, mirrored.record));
                         }
@@ -605,6 +646,16 @@ impl LeaseBook {
 
         let mut forget = Vec::new();
         for retiring in retire {
+            let in_use = self
+                .state()
+                .leases
+                .values()
+                .any(|m| m.record.dest_lease == retiring.mirrored.record.dest_lease);
+            if in_use {
+                // Expired and granted again for another source lease.
+                forget.push((retiring.source_lease, retiring.mirrored.record));
+                continue;
+            }
             match self.dest.lease_revoke(retiring.mirrored.record.dest_lease).await {
                 Ok(()) => {}
                 Err(error) if error.to_string().contains("lease not found") => {}

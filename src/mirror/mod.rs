@@ -586,6 +586,11 @@ async fn run_once(
             ctx.metrics.slow_path_total.inc();
             ctx.metrics.set_state(JobState::FullSync);
             info!(job = %ctx.job.name, path = "slow", %reason, "Taking the slow path.");
+            if let Some(book) = ctx.leases() {
+                // Until it finishes the destination reflects no revision: no
+                // retiring lease may be revoked on an old checkpoint's word.
+                book.committed(0);
+            }
             let synced = full_sync::run(ctx, &meta, &reason, cancel).await?;
             if let Some(book) = ctx.leases() {
                 book.full_sync_done(synced.checkpoint.last_synced_rev);
