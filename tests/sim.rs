@@ -705,6 +705,8 @@ impl World {
         for replica in &self.replicas {
             replica.src_link.break_streams();
         }
+        // A new history: its checkpoints start again from the bottom.
+        self.last_checkpoint.remove(&id);
         self.source_now.clear();
         self.source_history
             .entry(id)

@@ -192,6 +192,16 @@ pub async fn run(
                 };
                 last_message = Instant::now();
                 ctx.heartbeat();
+                // The watch may have reconnected to another cluster behind
+                // the same endpoints (the source replaced between the full
+                // sync and now): its revisions are not the checkpoint's.
+                let cluster_id = response.header.cluster_id;
+                if cluster_id != 0 && source_cluster_id != 0 && cluster_id != source_cluster_id {
+                    return Err(JobError::HistoryDiffers(crate::mirror::SlowPathReason::SourceReplaced {
+                        checkpoint_cluster_id: source_cluster_id,
+                        source_cluster_id: cluster_id,
+                    }));
+                }
                 handle_response(ctx, response, &mut assembling, &mut coalescer, &mut idle, &mut lag, &pipeline, &mut touched_since_read, &mut stamps)?;
             }
             _ = tokio::time::sleep_until(send_at.unwrap_or_else(Instant::now)), if send_at.is_some() => {}

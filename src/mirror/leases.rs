@@ -93,7 +93,7 @@ impl Mirrored {
 
 #[derive(Default)]
 struct BookState {
-    leases: HashMap<i64, Mirrored>,
+    leases: BTreeMap<i64, Mirrored>,
     /// Source leases seen gone. Kept apart from `leases`: a source rebuilt
     /// from a backup may hand the same ID out again, and that is a new
     /// lease needing a destination lease of its own.
@@ -447,6 +447,7 @@ impl LeaseBook {
                     dest_lease,
                     source_ttl,
                     dest_ttl,
+                    grant: rand::random(),
                 },
                 recorded: false,
                 last_renewed: Some(Instant::now()),
@@ -690,6 +691,10 @@ impl LeaseBook {
     /// leases gone and retries.
     async fn forget_records(&self, writer: &DestWriter, records: &[(i64, LeaseRecord)]) {
         for (source_lease, record) in records {
+            if self.state().leases.contains_key(source_lease) {
+                // Mapped again since: the record is the new mapping's.
+                continue;
+            }
             let key = self.keys.lease_record(*source_lease);
             let guard = vec![Compare::value(key.clone(), CompareOp::Equal, record.encode())];
             match writer

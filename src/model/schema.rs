@@ -190,6 +190,10 @@ pub struct LeaseRecord {
     pub source_ttl: i64,
     /// The destination lease's TTL: the source's plus `--lease-grace`.
     pub dest_ttl: i64,
+    /// Tells one grant's record from another's with the same IDs (a
+    /// retired record is deleted only if it is still the one retired).
+    #[serde(default)]
+    pub grant: u64,
 }
 
 impl LeaseRecord {
