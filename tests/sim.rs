@@ -797,10 +797,8 @@ impl World {
                 changed = true;
                 match event.kind {
                     EventType::Put => {
-                        self.source_now.insert(
-                            suffix.to_vec(),
-                            (event.kv.value.clone(), event.kv.lease),
-                        );
+                        self.source_now
+                            .insert(suffix.to_vec(), (event.kv.value.clone(), event.kv.lease));
                     }
                     EventType::Delete => {
                         self.source_now.remove(suffix);

@@ -594,10 +594,8 @@ impl LeaseBook {
                         .map(|r| (r.source_lease, r.mirrored.record.dest_lease, true)),
                 )
                 .collect();
-            let (retire, keep): (Vec<Retiring>, Vec<Retiring>) = state
-                .retiring
-                .drain(..)
-                .partition(|r| r.done(committed));
+            let (retire, keep): (Vec<Retiring>, Vec<Retiring>) =
+                state.retiring.drain(..).partition(|r| r.done(committed));
             state.retiring = keep;
             (renew, retire)
         };
@@ -614,7 +612,11 @@ impl LeaseBook {
                 self.metrics.lease_keepalives_total.inc();
                 match outcome {
                     Ok(true) if retiring => {
-                        for r in state.retiring.iter_mut().filter(|r| r.mirrored.record.dest_lease == dest_lease) {
+                        for r in state
+                            .retiring
+                            .iter_mut()
+                            .filter(|r| r.mirrored.record.dest_lease == dest_lease)
+                        {
                             r.mirrored.last_renewed = Some(now);
                         }
                     }
@@ -627,7 +629,9 @@ impl LeaseBook {
                     // are being deleted on the source; nothing to restore.
                     Ok(false) if retiring => {
                         self.metrics.lease_keepalive_failures_total.inc();
-                        state.retiring.retain(|r| r.mirrored.record.dest_lease != dest_lease);
+                        state
+                            .retiring
+                            .retain(|r| r.mirrored.record.dest_lease != dest_lease);
                     }
                     Ok(false) => {
                         self.metrics.lease_keepalive_failures_total.inc();
@@ -657,7 +661,11 @@ impl LeaseBook {
                 forget.push((retiring.source_lease, retiring.mirrored.record));
                 continue;
             }
-            match self.dest.lease_revoke(retiring.mirrored.record.dest_lease).await {
+            match self
+                .dest
+                .lease_revoke(retiring.mirrored.record.dest_lease)
+                .await
+            {
                 Ok(()) => {}
                 Err(error) if error.to_string().contains("lease not found") => {}
                 Err(error) => {
@@ -696,7 +704,11 @@ impl LeaseBook {
                 continue;
             }
             let key = self.keys.lease_record(*source_lease);
-            let guard = vec![Compare::value(key.clone(), CompareOp::Equal, record.encode())];
+            let guard = vec![Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                record.encode(),
+            )];
             match writer
                 .commit("forget mirrored lease", guard, vec![Op::delete(key)])
                 .await

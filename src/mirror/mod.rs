@@ -622,6 +622,9 @@ pub struct ResumeEvidence {
     /// The checkpoint's last event key on the source at that revision:
     /// its mod revision and value, or `None` when absent.
     pub last_event_key: Option<(i64, Vec<u8>)>,
+    /// When the last event is a delete: whether the key existed on the
+    /// source just before it (`None` when that revision is compacted).
+    pub existed_before_delete: Option<bool>,
 }
 
 /// Reads the evidence: count-only ranges on both sides and, when the
@@ -686,10 +689,33 @@ pub(crate) async fn read_resume_evidence(
             .next()
             .map(|kv| (kv.mod_revision, kv.value));
     }
+    // A delete leaves no key to compare: a rebuilt history with the key
+    // absent at the checkpoint would pass. The key must have existed just
+    // before the deleting revision.
+    let mut existed_before_delete = None;
+    if let Some(event) = last_event.filter(|e| e.value_hash.is_none() && e.mod_revision > 1) {
+        if let Some(key) = event.key() {
+            let before = ctx
+                .source
+                .range(
+                    "read the last deleted key before its delete",
+                    RangeRequest::key(key)
+                        .count_only()
+                        .at_revision(event.mod_revision - 1),
+                )
+                .await;
+            existed_before_delete = match before {
+                Ok(response) => Some(response.count > 0),
+                Err(error) if error.kind() == FailureKind::Compacted => None,
+                Err(error) => return Err(error.into()),
+            };
+        }
+    }
     Ok(ResumeEvidence {
         source_keys,
         dest_keys,
         last_event_key,
+        existed_before_delete,
     })
 }
 
@@ -716,7 +742,7 @@ pub fn verify_resume(
         .last_event_key
         .as_ref()
         .map(|(r, v)| (*r, v.as_slice()));
-    if event.matches(found) {
+    if event.matches(found) && evidence.existed_before_delete != Some(false) {
         None
     } else {
         Some(SlowPathReason::HistoryDiffers {
@@ -823,6 +849,7 @@ mod tests {
             source_keys,
             dest_keys,
             last_event_key: last.map(|(r, v)| (r, v.to_vec())),
+            existed_before_delete: None,
         };
         assert_eq!(verify_resume(&checkpoint, &evidence(3, 3, None)), None);
         assert!(matches!(
@@ -850,6 +877,17 @@ mod tests {
         checkpoint.last_event = Some(EventStamp::delete(b"/app/k", 88));
         assert_eq!(verify_resume(&checkpoint, &evidence(3, 3, None)), None);
         assert!(verify_resume(&checkpoint, &evidence(3, 3, Some((80, b"v")))).is_some());
+        // A rebuilt history where the deleted key never existed.
+        let never_existed = ResumeEvidence {
+            existed_before_delete: Some(false),
+            ..evidence(3, 3, None)
+        };
+        assert!(verify_resume(&checkpoint, &never_existed).is_some());
+        let existed = ResumeEvidence {
+            existed_before_delete: Some(true),
+            ..evidence(3, 3, None)
+        };
+        assert_eq!(verify_resume(&checkpoint, &existed), None);
     }
 
     #[test]

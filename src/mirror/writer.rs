@@ -106,10 +106,15 @@ impl DestWriter {
             Err(JobError::Client(error))
                 if !leases.is_empty() && error.to_string().contains("lease not found") =>
             {
-                let book = self.leases.as_ref().expect("leases resolved through the book");
+                let book = self
+                    .leases
+                    .as_ref()
+                    .expect("leases resolved through the book");
                 let lost = book.evict_dead(self, leases.values().copied()).await;
                 tracing::debug!(%error, ?leases, lost, "A destination lease was gone when a txn used it.");
-                Err(JobError::DestLeaseLost { leases: lost.max(1) })
+                Err(JobError::DestLeaseLost {
+                    leases: lost.max(1),
+                })
             }
             outcome => outcome,
         }
