@@ -290,6 +290,8 @@ pub async fn run_auth_sync(
                 info!("Auth sync: no longer leading the first job; stopped.");
                 connected = None;
                 previous = None;
+                // The new leader reports from now on.
+                config.metrics.users_unsynced.set(0);
             }
             was_leading = leading;
         }
