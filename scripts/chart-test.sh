@@ -39,7 +39,7 @@ for name in ("default", "full"):
             (out / f"{name}.toml").write_text(doc["data"]["config.toml"])
 PY
 "$BIN" mirror-plus --config "$out/default.toml" --validate-config
-# The full values mount TLS and password Secrets: stand in for them.
+# The full values mount TLS, password and auth-passwords Secrets: stand in for them.
 root="$out/etc"
 for side in source destination; do
   mkdir -p "$root/$side-tls" "$root/$side-auth"
@@ -48,6 +48,8 @@ for side in source destination; do
   cp "$root/$side-tls/tls.crt" "$root/$side-tls/ca.crt"
   echo secret > "$root/$side-auth/password"
 done
+mkdir -p "$root/auth-passwords"
+echo 'app = "secret"' > "$root/auth-passwords/passwords.toml"
 sed "s#/etc/etcd-syncer/#$root/#g" "$out/full.toml" > "$out/full-local.toml"
 "$BIN" mirror-plus --config "$out/full-local.toml" --validate-config
 echo "chart-test: all checks passed"

@@ -103,6 +103,15 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
         lock_ttl: settings.lock_ttl,
         rebalance_interval: settings.rebalance_interval,
     });
+    let auth_sync = settings.auth.enabled.then(|| {
+        tokio::spawn(start_auth_sync(
+            &settings,
+            dest.clone(),
+            &metrics,
+            &job_metrics[0],
+            cancel.clone(),
+        ))
+    });
     let mut jobs = JoinSet::new();
     for (job, metrics) in settings.jobs.iter().zip(job_metrics) {
         let keys = MetaKeys::new(&settings.meta_prefix, &job.name);
@@ -165,10 +174,46 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
     // Every replica has stopped writing: hand the locks over now instead of
     // letting standbys wait out the TTL.
     sessions.resign().await;
+    if let Some(auth_sync) = auth_sync {
+        let _ = auth_sync.await;
+    }
     let _ = prober.await;
     let _ = http_task.await;
     info!("Stopped.");
     failure.map_or(Ok(()), Err)
+}
+
+/// `--sync-auth`: one loop per process, working while this instance leads
+/// the first job (its `is_leader` gauge is what the replica sets).
+fn start_auth_sync(
+    settings: &Settings,
+    dest: Cluster,
+    metrics: &Metrics,
+    first_job: &JobMetrics,
+    cancel: CancellationToken,
+) -> impl std::future::Future<Output = ()> {
+    let first_job_leader = first_job.is_leader.clone();
+    let config = crate::ha::auth_sync::AuthSyncLoop {
+        source: settings.source.clone(),
+        destination: settings.destination.clone(),
+        request_timeout: settings.tuning.request_timeout,
+        interval: settings.auth.interval,
+        dest_kv: dest,
+        meta_prefix: settings.meta_prefix.clone(),
+        rewrites: settings
+            .jobs
+            .iter()
+            .map(|j| KeyRewrite::new(j.prefix.as_bytes(), j.dest_prefix.as_bytes()))
+            .collect(),
+        passwords: settings.auth.passwords.clone(),
+        instance_id: settings.instance_id.clone(),
+        metrics: metrics.auth(),
+    };
+    crate::ha::auth_sync::run_auth_sync(
+        config,
+        Arc::new(move || first_job_leader.get() == 1),
+        cancel,
+    )
 }
 
 /// Connecting authenticates when a user is set, so a wrong password or an

@@ -3,7 +3,9 @@
 //!
 //! - [`mirror`]: `mirror-plus` (and `--validate-config`).
 //! - [`status`], [`promote`], [`check`], [`reset`]: the operator commands.
+//! - [`auth`]: `promote --sync-auth`'s auth pass.
 
+pub mod auth;
 pub mod check;
 pub mod mirror;
 pub mod promote;
@@ -39,6 +41,8 @@ pub enum AppError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Check(#[from] crate::check::CheckError),
+    #[error(transparent)]
+    AuthSync(#[from] crate::ha::auth_sync::AuthSyncError),
 }
 
 impl AppError {
@@ -49,6 +53,7 @@ impl AppError {
             AppError::Job { source, .. } => i32::from(source.policy().exit_code),
             AppError::Client(error) if error.kind() == FailureKind::Rejected => 2,
             AppError::Admin(AdminError::NoJobs { .. } | AdminError::UnknownJob { .. }) => 2,
+            AppError::AuthSync(error) if error.label() == "rejected" => 2,
             _ => 1,
         }
     }

@@ -32,6 +32,16 @@ pub async fn run_promote(args: PromoteArgs) -> Result<(), AppError> {
             .map(|s| s.job)
             .collect(),
     };
+    super::auth::sync_auth_before_promote(
+        &args.auth,
+        args.undo,
+        &args.meta_prefix,
+        source_settings.as_ref(),
+        &dest_settings,
+        &dest,
+        args.request_timeout,
+    )
+    .await?;
     let by = crate::config::default_instance_id();
     let mut outcomes = Vec::new();
     for job in &jobs {

@@ -152,12 +152,26 @@ pub struct PromoteArgs {
     /// Remove the promoted marker so replication resumes (failback).
     #[arg(long, conflicts_with = "wait_for_sync")]
     pub undo: bool,
+    #[command(flatten)]
+    pub auth: PromoteAuthArgs,
     #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
     pub meta_prefix: String,
     #[arg(long, value_enum, default_value = "text")]
     pub output: OutputFormat,
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
     pub request_timeout: Duration,
+}
+
+/// `promote --sync-auth`: one auth sync pass before the promoted marker.
+#[derive(Debug, Args, Default, Clone)]
+pub struct PromoteAuthArgs {
+    /// Mirror auth roles and users from the source once more before
+    /// promoting, as `mirror-plus --sync-auth` does (needs --src-endpoints).
+    #[arg(long, requires = "src_endpoints", env = "ETCD_SYNCER_SYNC_AUTH")]
+    pub sync_auth: bool,
+    /// Passwords for users created on the destination (see mirror-plus).
+    #[arg(long, requires = "sync_auth", env = "ETCD_SYNCER_AUTH_PASSWORDS_FILE")]
+    pub auth_passwords_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -286,6 +300,19 @@ pub struct MirrorArgs {
     /// survive a replicator outage shorter than this (whole seconds, default 30s).
     #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_LEASE_GRACE")]
     pub lease_grace: Option<Duration>,
+
+    /// Mirror auth roles (with their permissions, dest-prefix rewritten) and
+    /// users (with their role grants) to the destination, cluster-wide; run
+    /// by the leader of the first job. Needs the root role on both sides.
+    #[arg(long, env = "ETCD_SYNCER_SYNC_AUTH")]
+    pub sync_auth: bool,
+    /// How often --sync-auth compares and mirrors roles and users (default 1m).
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_AUTH_SYNC_INTERVAL")]
+    pub auth_sync_interval: Option<Duration>,
+    /// TOML file of `user = "password"` lines: passwords for users --sync-auth
+    /// creates on the destination (etcd never reveals password hashes).
+    #[arg(long, env = "ETCD_SYNCER_AUTH_PASSWORDS_FILE")]
+    pub auth_passwords_file: Option<PathBuf>,
 }
 
 /// Writes the connection flags of one side once: clap cannot prefix a

@@ -46,6 +46,10 @@ pub struct FileConfig {
     pub leases: Option<crate::config::LeaseMode>,
     #[serde(default, with = "humantime_serde")]
     pub lease_grace: Option<Duration>,
+    pub sync_auth: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub auth_sync_interval: Option<Duration>,
+    pub auth_passwords_file: Option<PathBuf>,
     #[serde(default)]
     pub jobs: Vec<FileJob>,
 }
@@ -119,6 +123,9 @@ mod tests {
             rebalance_interval,
             leases,
             lease_grace,
+            sync_auth,
+            auth_sync_interval,
+            auth_passwords_file,
             jobs,
         } = file;
         assert!(
@@ -141,6 +148,9 @@ mod tests {
         assert!(pipeline_spacing.is_some() && check_interval.is_some() && check_repair.is_some());
         assert!(check_sample_size.is_some() && lock_ttl.is_some() && rebalance_interval.is_some());
         assert!(liveness_timeout.is_some() && leases.is_some() && lease_grace.is_some());
+        assert!(
+            sync_auth.is_some() && auth_sync_interval.is_some() && auth_passwords_file.is_some()
+        );
         for side in [source.expect("source"), destination.expect("destination")] {
             let FileCluster {
                 endpoints,

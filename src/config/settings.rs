@@ -40,6 +40,12 @@ pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(7 * DAY);
 pub const MAX_LIVENESS_TIMEOUT: Duration = Duration::from_secs(DAY);
 /// `promote --wait-timeout`: at most 24h.
 pub const MAX_WAIT_TIMEOUT: Duration = Duration::from_secs(DAY);
+/// `--auth-sync-interval`: the default.
+pub const DEFAULT_AUTH_SYNC_INTERVAL: Duration = Duration::from_secs(MINUTE);
+/// `--auth-sync-interval`: at least 1s.
+pub const MIN_AUTH_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// `--auth-sync-interval`: at most 24h.
+pub const MAX_AUTH_SYNC_INTERVAL: Duration = Duration::from_secs(DAY);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -130,6 +136,7 @@ pub struct Settings {
     pub checks: CheckSettings,
     pub tuning: Tuning,
     pub leases: LeaseSettings,
+    pub auth: AuthSyncSettings,
 }
 
 /// How keys attached to source leases are mirrored.
@@ -156,6 +163,53 @@ impl Default for LeaseSettings {
             mode: LeaseMode::Faithful,
             grace: Duration::from_secs(30),
         }
+    }
+}
+
+/// `--sync-auth`: mirroring roles and users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthSyncSettings {
+    pub enabled: bool,
+    pub interval: Duration,
+    pub passwords: AuthPasswords,
+}
+
+impl Default for AuthSyncSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval: DEFAULT_AUTH_SYNC_INTERVAL,
+            passwords: AuthPasswords::default(),
+        }
+    }
+}
+
+/// Passwords for users `--sync-auth` creates, from `--auth-passwords-file`.
+/// Debug output shows the user names only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AuthPasswords(std::collections::BTreeMap<String, String>);
+
+impl AuthPasswords {
+    pub fn new(passwords: std::collections::BTreeMap<String, String>) -> Self {
+        Self(passwords)
+    }
+
+    pub fn get(&self, user: &str) -> Option<&str> {
+        self.0.get(user).map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for AuthPasswords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
     }
 }
 

@@ -405,6 +405,18 @@ impl MirrorArgs {
             mode: self.leases.or(file.leases).unwrap_or_default(),
             grace: lease_grace,
         };
+        let auth = auth_sync_settings(
+            (
+                self.sync_auth,
+                self.auth_sync_interval,
+                self.auth_passwords_file,
+            ),
+            (
+                file.sync_auth,
+                file.auth_sync_interval,
+                file.auth_passwords_file,
+            ),
+        )?;
 
         Ok(Settings {
             source,
@@ -425,8 +437,103 @@ impl MirrorArgs {
             checks,
             tuning,
             leases,
+            auth,
         })
     }
+}
+
+/// `--sync-auth`, `--auth-sync-interval` and `--auth-passwords-file`, from
+/// the flags or the file.
+fn auth_sync_settings(
+    (sync_auth, interval_flag, passwords_flag): (bool, Option<Duration>, Option<PathBuf>),
+    (file_sync_auth, file_interval, file_passwords): (
+        Option<bool>,
+        Option<Duration>,
+        Option<PathBuf>,
+    ),
+) -> Result<AuthSyncSettings, ConfigError> {
+    let enabled = sync_auth || file_sync_auth.unwrap_or(false);
+    let interval = interval_flag
+        .or(file_interval)
+        .unwrap_or(DEFAULT_AUTH_SYNC_INTERVAL);
+    let interval_field = origin("auth-sync-interval", interval_flag.is_some());
+    check_at_most(&interval_field, interval, MAX_AUTH_SYNC_INTERVAL)?;
+    if interval < MIN_AUTH_SYNC_INTERVAL {
+        return Err(invalid(
+            &interval_field,
+            &humantime::format_duration(interval).to_string(),
+            "must be at least 1s; the default is 1m",
+        ));
+    }
+    let from_flag = passwords_flag.is_some();
+    let passwords_path = passwords_flag.or(file_passwords);
+    let passwords = match &passwords_path {
+        Some(path) => {
+            if !enabled {
+                return Err(ConfigError::Conflict {
+                    fields: "--auth-passwords-file without --sync-auth".into(),
+                    reason: "the passwords are only used to create mirrored users; add --sync-auth (sync-auth = true in the config file) or drop the file".into(),
+                });
+            }
+            load_passwords_from(&origin("auth-passwords-file", from_flag), path)?
+        }
+        None => AuthPasswords::default(),
+    };
+    Ok(AuthSyncSettings {
+        enabled,
+        interval,
+        passwords,
+    })
+}
+
+/// Reads and checks `--auth-passwords-file` (for `promote --sync-auth`).
+pub fn load_auth_passwords(path: &Path) -> Result<AuthPasswords, ConfigError> {
+    load_passwords_from("--auth-passwords-file", path)
+}
+
+fn load_passwords_from(field: &str, path: &Path) -> Result<AuthPasswords, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        field: field.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_auth_passwords(&text)
+        .map_err(|reason| invalid(field, &path.display().to_string(), &reason))
+}
+
+/// The passwords file: TOML, one `user = "password"` line per user. The
+/// error says what is wrong and how to write it; it never quotes a password.
+pub fn parse_auth_passwords(text: &str) -> Result<AuthPasswords, String> {
+    const FORMAT: &str = "write one line per user, e.g. app = \"s3cret\" (quote user names with other characters than letters, digits, '-' and '_': \"app.v2\" = \"s3cret\")";
+    let table: toml::Table = toml::from_str(text).map_err(|error| {
+        // toml's message quotes the offending line, which may hold a password.
+        let line = error
+            .span()
+            .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        match line {
+            Some(line) => format!("not valid TOML at line {line}; {FORMAT}"),
+            None => format!("not valid TOML; {FORMAT}"),
+        }
+    })?;
+    let mut passwords = std::collections::BTreeMap::new();
+    for (user, value) in table {
+        let Some(password) = value.as_str() else {
+            return Err(format!(
+                "the value for user {user:?} is a {}, not a quoted string; {FORMAT}",
+                value.type_str()
+            ));
+        };
+        if user.is_empty() {
+            return Err(format!("a line has an empty user name; {FORMAT}"));
+        }
+        if password.is_empty() {
+            return Err(format!(
+                "user {user:?} has an empty password; remove the line (on etcd 3.5+ the user is then created without a password, else it is reported and not created)"
+            ));
+        }
+        passwords.insert(user, password.to_string());
+    }
+    Ok(AuthPasswords::new(passwords))
 }
 
 /// How a setting is named in errors: its flag, or its key when the value
@@ -1358,5 +1465,140 @@ mod tests {
                 ]);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use super::*;
+    use clap::Parser;
+
+    fn mirror(extra: &[&str]) -> Result<Settings, ConfigError> {
+        let mut argv = vec![
+            "etcd-syncer",
+            "mirror-plus",
+            "--src-endpoints",
+            "http://127.0.0.1:1",
+            "--dst-endpoints",
+            "http://127.0.0.1:2",
+            "--prefix",
+            "/app/",
+        ];
+        argv.extend_from_slice(extra);
+        let cli = crate::config::Cli::try_parse_from(argv).expect("flags parse");
+        match cli.command {
+            crate::config::Command::MirrorPlus(args) => args.into_settings(),
+            _ => unreachable!("mirror-plus"),
+        }
+    }
+
+    fn passwords_file(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), text).expect("write");
+        file
+    }
+
+    #[test]
+    fn the_passwords_file_is_toml_user_lines() {
+        let parsed = parse_auth_passwords("app = \"s3cret\"\n\"app.v2\" = \"x y\"\n").unwrap();
+        assert_eq!(parsed.get("app"), Some("s3cret"));
+        assert_eq!(parsed.get("app.v2"), Some("x y"));
+        assert_eq!(parsed.get("other"), None);
+        assert_eq!(parsed.len(), 2);
+        assert!(parse_auth_passwords("").unwrap().is_empty());
+        // Debug shows names only.
+        assert!(!format!("{parsed:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn passwords_file_errors_say_how_to_fix_it_and_never_quote_a_password() {
+        let missing_quotes = parse_auth_passwords("app = hunter2\n").unwrap_err();
+        assert!(missing_quotes.contains("line 1"), "{missing_quotes}");
+        assert!(
+            missing_quotes.contains("app = \"s3cret\""),
+            "{missing_quotes}"
+        );
+        assert!(!missing_quotes.contains("hunter2"), "{missing_quotes}");
+        let number = parse_auth_passwords("app = 12345\n").unwrap_err();
+        assert!(number.contains("not a quoted string"), "{number}");
+        assert!(!number.contains("12345"));
+        let empty = parse_auth_passwords("app = \"\"\n").unwrap_err();
+        assert!(empty.contains("empty password"), "{empty}");
+        let table = parse_auth_passwords("[app]\npassword = \"x\"\n").unwrap_err();
+        assert!(table.contains("not a quoted string"), "{table}");
+    }
+
+    #[test]
+    fn sync_auth_settings_and_their_errors() {
+        let off = mirror(&[]).unwrap();
+        assert!(!off.auth.enabled);
+        assert_eq!(off.auth.interval, DEFAULT_AUTH_SYNC_INTERVAL);
+
+        let file = passwords_file("app = \"s3cret\"\n");
+        let path = file.path().to_str().unwrap();
+        let on = mirror(&[
+            "--sync-auth",
+            "--auth-sync-interval",
+            "2s",
+            "--auth-passwords-file",
+            path,
+        ])
+        .unwrap();
+        assert!(on.auth.enabled);
+        assert_eq!(on.auth.interval, Duration::from_secs(2));
+        assert_eq!(on.auth.passwords.get("app"), Some("s3cret"));
+
+        let bad = passwords_file("app = hunter2\n");
+        let error = mirror(&[
+            "--sync-auth",
+            "--auth-passwords-file",
+            bad.path().to_str().unwrap(),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("--auth-passwords-file"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
+
+        let error = mirror(&["--auth-passwords-file", path])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--sync-auth"), "{error}");
+        let error = mirror(&["--sync-auth", "--auth-passwords-file", "/nonexistent"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--auth-passwords-file"), "{error}");
+
+        for (interval, fragment) in [("0s", "at least 1s"), ("30d", "at most")] {
+            let error = mirror(&["--sync-auth", "--auth-sync-interval", interval])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("--auth-sync-interval") && error.contains(fragment),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn sync_auth_from_the_config_file_names_its_keys() {
+        let file = passwords_file("app = \"s3cret\"\n");
+        let config: FileConfig = toml::from_str(&format!(
+            "sync-auth = true\nauth-sync-interval = \"5m\"\nauth-passwords-file = {:?}\n",
+            file.path().to_str().unwrap()
+        ))
+        .unwrap();
+        let from_file = |c: FileConfig| (c.sync_auth, c.auth_sync_interval, c.auth_passwords_file);
+        let settings = auth_sync_settings((false, None, None), from_file(config)).unwrap();
+        assert!(settings.enabled);
+        assert_eq!(settings.interval, Duration::from_secs(300));
+        let config: FileConfig =
+            toml::from_str("sync-auth = true\nauth-sync-interval = \"0s\"\n").unwrap();
+        let error = auth_sync_settings((false, None, None), from_file(config))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("auth-sync-interval (config file)"),
+            "{error}"
+        );
     }
 }

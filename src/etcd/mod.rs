@@ -8,8 +8,10 @@
 //! - [`retry`]: the one backoff and sleep helper every loop uses.
 //! - [`pager`]: reading a prefix page by page.
 //! - [`meta`]: reading a job's meta keys in one snapshot.
+//! - [`auth`]: the auth store (roles, users) behind its own narrow trait, for `--sync-auth`.
 
 pub mod api;
+pub mod auth;
 pub mod client;
 pub mod memory;
 pub mod meta;

@@ -420,6 +420,92 @@ impl JobMetrics {
     }
 }
 
+/// The `--sync-auth` series: cluster-wide, so no `job` label.
+#[derive(Clone)]
+pub struct AuthMetrics {
+    sync_total: IntCounterVec,
+    /// Source users that cannot be created on the destination (no password for them).
+    pub users_unsynced: IntGauge,
+    pub last_sync_timestamp_seconds: prometheus::Gauge,
+}
+
+/// `etcd_syncer_auth_sync_total{result}` values that exist from the start.
+pub const AUTH_SYNC_RESULTS: [&str; 5] = [
+    "ok",
+    "source_unavailable",
+    "dest_unavailable",
+    "auth",
+    "rejected",
+];
+
+impl AuthMetrics {
+    /// Counts one auth sync pass by its result (`ok` or an error label).
+    pub fn pass(&self, result: &str) {
+        self.sync_total.with_label_values(&[result]).inc();
+    }
+}
+
+impl Metrics {
+    /// The auth sync series, registered on this registry. Call it once per
+    /// registry; a second call returns series that are not exported.
+    pub fn auth(&self) -> AuthMetrics {
+        let metrics = AuthMetrics {
+            sync_total: must(IntCounterVec::new(
+                Opts::new(
+                    "etcd_syncer_auth_sync_total",
+                    "Auth sync passes (--sync-auth) by result: ok, or the error kind",
+                ),
+                &["result"],
+            )),
+            users_unsynced: must(IntGauge::new(
+                "etcd_syncer_auth_users_unsynced",
+                "Source users --sync-auth cannot create on the destination: no password in --auth-passwords-file and no --no-password support (etcd < 3.5)",
+            )),
+            last_sync_timestamp_seconds: must(prometheus::Gauge::new(
+                "etcd_syncer_auth_last_sync_timestamp_seconds",
+                "Unix time of the last completed auth sync pass",
+            )),
+        };
+        for result in AUTH_SYNC_RESULTS {
+            metrics.sync_total.with_label_values(&[result]);
+        }
+        let collectors: [Box<dyn prometheus::core::Collector>; 3] = [
+            Box::new(metrics.sync_total.clone()),
+            Box::new(metrics.users_unsynced.clone()),
+            Box::new(metrics.last_sync_timestamp_seconds.clone()),
+        ];
+        for collector in collectors {
+            if let Err(error) = self.registry.register(collector) {
+                tracing::debug!(%error, "Auth sync metrics already registered.");
+            }
+        }
+        metrics
+    }
+}
+
+#[cfg(test)]
+mod auth_metrics_tests {
+    use super::*;
+
+    #[test]
+    fn auth_series_exist_from_the_start() {
+        let metrics = Metrics::new();
+        let auth = metrics.auth();
+        auth.pass("ok");
+        auth.users_unsynced.set(2);
+        let text = metrics.render();
+        assert!(
+            text.contains("etcd_syncer_auth_sync_total{result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("etcd_syncer_auth_sync_total{result=\"dest_unavailable\"} 0"));
+        assert!(text.contains("etcd_syncer_auth_users_unsynced 2"));
+        assert!(text.contains("etcd_syncer_auth_last_sync_timestamp_seconds 0"));
+        // A second call does not panic.
+        let _ = metrics.auth();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,6 +76,15 @@ password-file = "/etc/etcd-syncer/{{ $side }}-auth/password"
     defaultMode: 0440
 {{- end }}
 {{- end }}
+{{- if and .Values.syncAuth.enabled .Values.syncAuth.passwordsSecret }}
+- name: auth-passwords
+  secret:
+    secretName: {{ .Values.syncAuth.passwordsSecret }}
+    defaultMode: 0440
+    items:
+      - key: passwords.toml
+        path: passwords.toml
+{{- end }}
 {{- end -}}
 
 {{- define "etcd-syncer.secretMounts" -}}
@@ -90,5 +99,10 @@ password-file = "/etc/etcd-syncer/{{ $side }}-auth/password"
   mountPath: /etc/etcd-syncer/{{ $side }}-auth
   readOnly: true
 {{- end }}
+{{- end }}
+{{- if and .Values.syncAuth.enabled .Values.syncAuth.passwordsSecret }}
+- name: auth-passwords
+  mountPath: /etc/etcd-syncer/auth-passwords
+  readOnly: true
 {{- end }}
 {{- end -}}
