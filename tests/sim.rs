@@ -1115,7 +1115,7 @@ impl World {
             };
             // A source rebuilt with the same id: any of its histories will do
             // (a txn built before the rebuild may land after it).
-            let mismatches: Vec<String> = candidates.iter().filter_map(|c| differs(c)).collect();
+            let mismatches: Vec<String> = candidates.iter().filter_map(differs).collect();
             if mismatches.len() == candidates.len() {
                 return err(format!(
                     "invariant 2 (checkpointed state): at destination revision {} (by {}) the checkpoint says source revision {} but {}",

@@ -77,6 +77,14 @@ struct Retiring {
     gone_at: Option<i64>,
 }
 
+/// One keepalive to send.
+#[derive(Debug, Clone, Copy)]
+struct Renewal {
+    source_lease: i64,
+    dest_lease: i64,
+    retiring: bool,
+}
+
 impl Retiring {
     fn done(&self, committed: i64) -> bool {
         self.gone_at.is_some_and(|gone_at| committed >= gone_at)
@@ -558,7 +566,6 @@ impl LeaseBook {
             }
         };
         let now = Instant::now();
-        // (source lease, destination lease, retiring)
         let (renew, retire) = {
             let mut state = self.state();
             let state = &mut *state;
@@ -581,17 +588,25 @@ impl LeaseBook {
                 retiring.gone_at.get_or_insert(header.revision);
             }
             let committed = state.committed_revision;
-            let renew: Vec<(i64, i64, bool)> = state
+            let renew: Vec<Renewal> = state
                 .leases
                 .iter()
                 .filter(|(_, m)| m.renewal_due(now))
-                .map(|(source, m)| (*source, m.record.dest_lease, false))
+                .map(|(source, m)| Renewal {
+                    source_lease: *source,
+                    dest_lease: m.record.dest_lease,
+                    retiring: false,
+                })
                 .chain(
                     state
                         .retiring
                         .iter()
                         .filter(|r| !r.done(committed) && r.mirrored.renewal_due(now))
-                        .map(|r| (r.source_lease, r.mirrored.record.dest_lease, true)),
+                        .map(|r| Renewal {
+                            source_lease: r.source_lease,
+                            dest_lease: r.mirrored.record.dest_lease,
+                            retiring: true,
+                        }),
                 )
                 .collect();
             let (retire, keep): (Vec<Retiring>, Vec<Retiring>) =
@@ -600,15 +615,23 @@ impl LeaseBook {
             (renew, retire)
         };
 
-        let renewed: Vec<((i64, i64, bool), Result<bool, _>)> = futures::stream::iter(renew)
-            .map(|target| async move { (target, self.dest.lease_renew(target.1).await) })
+        let renewed: Vec<(Renewal, Result<bool, _>)> = futures::stream::iter(renew)
+            .map(|target| async move { (target, self.dest.lease_renew(target.dest_lease).await) })
             .buffer_unordered(CONCURRENT_LEASE_CALLS)
             .collect()
             .await;
         let mut lost = Vec::new();
         {
             let mut state = self.state();
-            for ((source_lease, dest_lease, retiring), outcome) in renewed {
+            for (
+                Renewal {
+                    source_lease,
+                    dest_lease,
+                    retiring,
+                },
+                outcome,
+            ) in renewed
+            {
                 self.metrics.lease_keepalives_total.inc();
                 match outcome {
                     Ok(true) if retiring => {
