@@ -764,3 +764,269 @@ fn check_targets_agree() {
     assert_eq!(of_job.rewrite, target.rewrite);
     assert_eq!(of_job.meta_prefix, target.meta_prefix);
 }
+
+// ---------------------------------------------------------------------------
+// Lease bookkeeping (src/mirror/leases.rs) on the model: what each step
+// costs in requests, and what a new leader, a lost lease and a gone source
+// lease do. Time is paused: the keepalive task runs on simulated seconds.
+
+mod leases {
+    use super::*;
+    use etcd_syncer::etcd::meta::read_job_meta;
+    use etcd_syncer::model::batch::Mutation;
+
+    /// `keys` keys on each of `leases` source leases of `ttl` seconds.
+    async fn leased_source(store: &SharedStore, leases: usize, keys: usize, ttl: i64) -> Vec<i64> {
+        let client = MemoryEtcd::new(store.clone(), Link::new("clients", 3));
+        let mut ids = Vec::new();
+        for l in 0..leases {
+            let id = client.lease_grant(ttl, 0).await.expect("grant");
+            let ops = (0..keys)
+                .map(|k| Op::put_with_lease(format!("/app/l{l}/k{k}"), "up", id))
+                .collect();
+            client
+                .txn(TxnRequest::new().and_then(ops))
+                .await
+                .expect("put");
+            ids.push(id);
+        }
+        ids
+    }
+
+    fn renew_source(store: &SharedStore, ids: &[i64]) {
+        let mut store = store.lock().unwrap();
+        let now = tokio::time::Instant::now();
+        for id in ids {
+            let _ = store.renew_for_test(*id, now);
+        }
+    }
+
+    /// The source's keys as mutations, carrying their source leases.
+    fn source_mutations(store: &SharedStore) -> Vec<Mutation> {
+        store
+            .lock()
+            .unwrap()
+            .current()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(b"/app/"))
+            .map(|(key, kv)| Mutation::Put {
+                key,
+                value: kv.value,
+                lease: kv.lease,
+            })
+            .collect()
+    }
+
+    fn requests(store: &SharedStore, kind: &str) -> u64 {
+        store
+            .lock()
+            .unwrap()
+            .lease_requests
+            .get(kind)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn dest_leases_of_keys(store: &SharedStore) -> std::collections::BTreeMap<Vec<u8>, i64> {
+        store
+            .lock()
+            .unwrap()
+            .current()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(b"/app/"))
+            .map(|(k, kv)| (k, kv.lease))
+            .collect()
+    }
+
+    fn leader(source: &SharedStore, dest: &SharedStore) -> JobContext {
+        let template = context(source, dest, NO_CHECKS, 1.0);
+        template.fenced(Fence::new(&template.keys, None))
+    }
+
+    /// 60 keys on 3 leases: one TTL read and one grant per lease, the
+    /// three records in one txn, and nothing more for the same leases again.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_costs_one_lookup_and_one_grant_per_new_lease() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 3, 20, 10).await;
+        let ctx = leader(&source, &dest);
+        let commits_before = dest.lock().unwrap().revision();
+        let outcome = ctx
+            .writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        assert!(matches!(
+            outcome,
+            etcd_syncer::mirror::writer::TxnOutcome::Committed(_)
+        ));
+        assert_eq!(requests(&source, "ttl"), 3, "one TTL read per source lease");
+        assert_eq!(requests(&dest, "grant"), 3, "one grant per source lease");
+        // The records, then the data: two revisions.
+        assert_eq!(dest.lock().unwrap().revision(), commits_before + 2);
+        let on_dest = dest_leases_of_keys(&dest);
+        assert_eq!(on_dest.len(), 60);
+        for (l, id) in ids.iter().enumerate() {
+            let leases: std::collections::BTreeSet<i64> = on_dest
+                .iter()
+                .filter(|(k, _)| k.starts_with(format!("/app/l{l}/").as_bytes()))
+                .map(|(_, lease)| *lease)
+                .collect();
+            assert_eq!(
+                leases.len(),
+                1,
+                "the keys of one source lease share one destination lease"
+            );
+            let dest_lease = *leases.iter().next().unwrap();
+            assert_eq!(ctx.leases().unwrap().dest_lease_of(*id), Some(dest_lease));
+            let ttl = dest
+                .lock()
+                .unwrap()
+                .lease_ttl_for_test(dest_lease)
+                .expect("granted");
+            assert_eq!(ttl, 10 + 30, "source TTL plus the default grace");
+        }
+        ctx.writer
+            .commit_mutations("again", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        assert_eq!(requests(&source, "ttl"), 3);
+        assert_eq!(requests(&dest, "grant"), 3);
+    }
+
+    /// A new leader adopts the recorded mapping: it grants nothing, renews
+    /// every lease within its first tick, and keeps them past their TTL.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_leader_renews_the_recorded_leases_without_granting() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 4, 5, 6).await;
+        let first = leader(&source, &dest);
+        first
+            .writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let mapping = first.leases().unwrap().mapping();
+        drop(first);
+
+        let second = leader(&source, &dest);
+        let book = second.leases().unwrap().clone();
+        let meta = read_job_meta(&second.dest, &second.keys)
+            .await
+            .expect("meta");
+        assert_eq!(meta.leases.len(), 4, "one record per source lease");
+        book.load(&meta.leases);
+        assert_eq!(book.mapping(), mapping);
+        let stop = CancellationToken::new();
+        book.ensure_keeper(second.writer.clone(), &stop);
+        let grants = requests(&dest, "grant");
+        // Three destination TTLs (6 + 30 s) with the source leases alive.
+        for _ in 0..(3 * 36) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            renew_source(&source, &ids);
+        }
+        assert_eq!(requests(&dest, "grant"), grants, "no lease granted again");
+        assert_eq!(dest_leases_of_keys(&dest).len(), 20, "no key expired");
+        let renewals = requests(&dest, "renew");
+        // Renewed at a third of 36 s: about 9 rounds of 4 leases in 108 s.
+        assert!((4 * 8..=4 * 11).contains(&renewals), "{renewals} renewals");
+        // One list of the source's leases per tick, not one call per key.
+        let lists = requests(&source, "list");
+        assert!(lists <= 108 / 5 + 2, "{lists} lists");
+        assert_eq!(
+            requests(&source, "ttl"),
+            4,
+            "no TTL read after the first grants"
+        );
+        stop.cancel();
+    }
+
+    /// A destination lease that vanished while its source lease lives: the
+    /// keepalive task reports it lost (the job then full-syncs) and deletes
+    /// its record, so no later leader adopts it.
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_destination_lease_is_reported_and_forgotten() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 2, 3, 20).await;
+        let ctx = leader(&source, &dest);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap().clone();
+        let lost_dest = book.dest_lease_of(ids[0]).unwrap();
+        let operator = MemoryEtcd::new(dest.clone(), Link::new("operator", 5));
+        operator.lease_revoke(lost_dest).await.expect("revoke");
+        let attempt = CancellationToken::new();
+        book.watch_attempt(attempt.clone());
+        let stop = CancellationToken::new();
+        book.ensure_keeper(ctx.writer.clone(), &stop);
+        // Found at its first renewal, a third of 20 + 30 s after the grant
+        // (on the next 5 s tick).
+        for _ in 0..25 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            renew_source(&source, &ids);
+        }
+        assert!(attempt.is_cancelled(), "the running attempt is interrupted");
+        assert_eq!(book.take_lost(), vec![ids[0]]);
+        assert_eq!(book.dest_lease_of(ids[0]), None);
+        let meta = read_job_meta(&ctx.dest, &ctx.keys).await.expect("meta");
+        assert_eq!(
+            meta.leases.keys().copied().collect::<Vec<_>>(),
+            vec![ids[1]]
+        );
+        stop.cancel();
+    }
+
+    /// A source lease that ends: its destination lease lives on until the
+    /// checkpoint passes its keys' deletes (so the destination never drops
+    /// them first), then is revoked and its record deleted.
+    #[tokio::test(start_paused = true)]
+    async fn a_gone_source_lease_is_revoked_only_after_its_deletes() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 1, 3, 5).await;
+        let ctx = leader(&source, &dest);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap().clone();
+        let dest_lease = book.dest_lease_of(ids[0]).unwrap();
+        let checkpoint = source.lock().unwrap().revision();
+        book.committed(checkpoint);
+        let stop = CancellationToken::new();
+        book.ensure_keeper(ctx.writer.clone(), &stop);
+        let clients = MemoryEtcd::new(source.clone(), Link::new("clients", 3));
+        clients.lease_revoke(ids[0]).await.expect("revoke");
+        let deleted_at = source.lock().unwrap().revision();
+        assert!(deleted_at > checkpoint);
+        // Far past the destination TTL (5 + 30 s): still renewed, keys kept.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(dest
+            .lock()
+            .unwrap()
+            .lease_ttl_for_test(dest_lease)
+            .is_some());
+        assert_eq!(dest_leases_of_keys(&dest).len(), 3);
+        // The deletes are applied (as the pipeline would) and checkpointed.
+        let ops = (0..3)
+            .map(|k| Op::delete(format!("/app/l0/k{k}")))
+            .collect();
+        ctx.dest
+            .txn("apply deletes", TxnRequest::new().and_then(ops))
+            .await
+            .expect("deletes");
+        book.committed(deleted_at);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            dest.lock()
+                .unwrap()
+                .lease_ttl_for_test(dest_lease)
+                .is_none(),
+            "revoked"
+        );
+        let meta = read_job_meta(&ctx.dest, &ctx.keys).await.expect("meta");
+        assert!(meta.leases.is_empty(), "record deleted");
+        stop.cancel();
+    }
+}

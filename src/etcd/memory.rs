@@ -109,6 +109,9 @@ pub struct Store {
     keys: BTreeMap<Vec<u8>, Vec<Version>>,
     leases: BTreeMap<i64, Lease>,
     next_lease_id: i64,
+    /// Lease requests served, by kind ("grant", "list", "ttl", "renew",
+    /// "revoke"): what the replicator's lease bookkeeping costs.
+    pub lease_requests: BTreeMap<&'static str, u64>,
     watchers: Vec<Watcher>,
     next_watcher_id: u64,
     /// Events per revision, for watches that start in the past.
@@ -138,6 +141,7 @@ impl Store {
             keys: BTreeMap::new(),
             leases: BTreeMap::new(),
             next_lease_id: 0x1000,
+            lease_requests: BTreeMap::new(),
             watchers: Vec::new(),
             next_watcher_id: 1,
             log: BTreeMap::new(),
@@ -197,6 +201,17 @@ impl Store {
         }
         self.compact_revision = revision;
         self.log = self.log.split_off(&revision);
+    }
+
+    /// Renews lease `id` as a client's keepalive would (tests).
+    pub fn renew_for_test(&mut self, id: i64, now: Instant) -> bool {
+        self.keep_alive(id, now) > 0
+    }
+
+    /// The granted TTL of lease `id`, if it is alive at `Instant::now()` (tests).
+    pub fn lease_ttl_for_test(&mut self, id: i64) -> Option<i64> {
+        self.expire_leases(Instant::now());
+        self.leases.get(&id).map(|lease| lease.ttl)
     }
 
     pub fn lease_ids(&self) -> Vec<i64> {
@@ -878,7 +893,10 @@ impl Etcd for MemoryEtcd {
     fn lease_grant(&self, ttl: i64, id: i64) -> BoxFuture<'_, EtcdResult<i64>> {
         async move {
             self.link.send().await;
-            let result = self.with_store(|store| store.grant(ttl, id, Instant::now()));
+            let result = self.with_store(|store| {
+                *store.lease_requests.entry("grant").or_default() += 1;
+                store.grant(ttl, id, Instant::now())
+            });
             self.link.answer(result).await
         }
         .boxed()
@@ -914,7 +932,10 @@ impl Etcd for MemoryEtcd {
         async move {
             self.link.send().await;
             let by = self.link.name().to_string();
-            let result = self.with_store(|store| store.revoke(id, &by));
+            let result = self.with_store(|store| {
+                *store.lease_requests.entry("revoke").or_default() += 1;
+                store.revoke(id, &by)
+            });
             self.link.answer(result).await
         }
         .boxed()
@@ -923,7 +944,10 @@ impl Etcd for MemoryEtcd {
     fn lease_list(&self) -> BoxFuture<'_, EtcdResult<(Header, Vec<i64>)>> {
         async move {
             self.link.send().await;
-            let result = self.with_store(|store| Ok((store.header(), store.lease_ids())));
+            let result = self.with_store(|store| {
+                *store.lease_requests.entry("list").or_default() += 1;
+                Ok((store.header(), store.lease_ids()))
+            });
             self.link.answer(result).await
         }
         .boxed()
@@ -934,6 +958,7 @@ impl Etcd for MemoryEtcd {
             self.link.send().await;
             let now = Instant::now();
             let result = self.with_store(|store| {
+                *store.lease_requests.entry("ttl").or_default() += 1;
                 Ok(store.leases.get(&id).map(|lease| LeaseTtl {
                     granted: lease.ttl,
                     remaining: lease.expires_at.saturating_duration_since(now).as_secs() as i64,
@@ -947,7 +972,10 @@ impl Etcd for MemoryEtcd {
     fn lease_renew(&self, id: i64) -> BoxFuture<'_, EtcdResult<bool>> {
         async move {
             self.link.send().await;
-            let result = self.with_store(|store| Ok(store.keep_alive(id, Instant::now()) > 0));
+            let result = self.with_store(|store| {
+                *store.lease_requests.entry("renew").or_default() += 1;
+                Ok(store.keep_alive(id, Instant::now()) > 0)
+            });
             self.link.answer(result).await
         }
         .boxed()
