@@ -125,28 +125,49 @@ impl Drop for LeaseRenewer {
 }
 
 async fn renew_loop(
-    mut client: Client,
+    client: Client,
     alive: Arc<Mutex<BTreeSet<i64>>>,
     renewals: Arc<AtomicU64>,
     period: Duration,
     cancel: CancellationToken,
 ) {
+    use futures::StreamExt;
     let mut streams: HashMap<i64, (LeaseKeeper, LeaseKeepAliveStream)> = HashMap::new();
     loop {
         let wanted: BTreeSet<i64> = alive.lock().expect("lease set").clone();
         // Dropping a stream stops its lease's renewals.
         streams.retain(|lease, _| wanted.contains(lease));
-        for lease in &wanted {
-            if !streams.contains_key(lease) {
-                if let Ok(stream) = client.lease_keep_alive(*lease).await {
-                    streams.insert(*lease, stream);
-                }
+        let missing: Vec<i64> = wanted
+            .iter()
+            .filter(|lease| !streams.contains_key(lease))
+            .copied()
+            .collect();
+        // Opening a stream sends its first keepalive: no second one this pass.
+        let opened: Vec<(
+            i64,
+            Result<(LeaseKeeper, LeaseKeepAliveStream), etcd_client::Error>,
+        )> = futures::stream::iter(missing)
+            .map(|lease| {
+                let mut client = client.clone();
+                async move { (lease, client.lease_keep_alive(lease).await) }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        let fresh: BTreeSet<i64> = opened
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(lease, _)| *lease)
+            .collect();
+        for (lease, stream) in opened {
+            if let Ok(stream) = stream {
+                streams.insert(lease, stream);
             }
         }
         // Every request first, then every answer: one pass, not one round trip per lease.
         let mut broken = Vec::new();
         for (lease, (keeper, _)) in streams.iter_mut() {
-            if keeper.keep_alive().await.is_err() {
+            if !fresh.contains(lease) && keeper.keep_alive().await.is_err() {
                 broken.push(*lease);
             }
         }
