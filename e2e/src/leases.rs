@@ -142,7 +142,8 @@ async fn renew_loop(
             .filter(|lease| !streams.contains_key(lease))
             .copied()
             .collect();
-        // Opening a stream sends its first keepalive: no second one this pass.
+        // Opening a stream sends its first keepalive and reads the answer:
+        // that is this pass's renewal of the lease.
         let opened: Vec<(
             i64,
             Result<(LeaseKeeper, LeaseKeepAliveStream), etcd_client::Error>,
@@ -161,25 +162,28 @@ async fn renew_loop(
             .collect();
         for (lease, stream) in opened {
             if let Ok(stream) = stream {
+                renewals.fetch_add(1, Ordering::Relaxed);
                 streams.insert(lease, stream);
             }
         }
         // Every request first, then every answer: one pass, not one round trip per lease.
-        let mut broken = Vec::new();
+        let mut broken = BTreeSet::new();
         for (lease, (keeper, _)) in streams.iter_mut() {
             if !fresh.contains(lease) && keeper.keep_alive().await.is_err() {
-                broken.push(*lease);
+                broken.insert(*lease);
             }
         }
         for (lease, (_, stream)) in streams.iter_mut() {
-            if broken.contains(lease) {
+            if fresh.contains(lease) || broken.contains(lease) {
                 continue;
             }
             match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
                 Ok(Ok(Some(_))) => {
                     renewals.fetch_add(1, Ordering::Relaxed);
                 }
-                _ => broken.push(*lease),
+                _ => {
+                    broken.insert(*lease);
+                }
             }
         }
         for lease in broken {
