@@ -542,3 +542,82 @@ async fn detach_chunk(
     }
     Ok((detached, skipped))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::etcd::memory::{new_store, Link, MemoryEtcd};
+    use crate::model::Side;
+
+    fn dest() -> Cluster {
+        Cluster::with_backend(
+            Side::Destination,
+            "dest",
+            Arc::new(MemoryEtcd::new(new_store(1), Link::new("dest", 7))),
+            Duration::from_secs(2),
+        )
+    }
+
+    async fn put(dest: &Cluster, op: Op) {
+        let response = dest
+            .txn("test put", TxnRequest::new().and_then(vec![op]))
+            .await
+            .expect("put");
+        assert!(response.succeeded);
+    }
+
+    async fn get(dest: &Cluster, key: &str) -> Option<crate::etcd::api::KeyValue> {
+        dest.range("test get", RangeRequest::key(key))
+            .await
+            .expect("get")
+            .kvs
+            .pop()
+    }
+
+    #[tokio::test]
+    async fn a_key_written_since_it_was_read_is_skipped_and_the_rest_detached() {
+        let dest = dest();
+        let keys = MetaKeys::new("/meta/", "app");
+        put(&dest, Op::put(keys.promoted(), "{}")).await;
+        let lease = dest.lease_grant(60, 0).await.expect("grant");
+        for key in ["/app/a", "/app/b", "/app/c"] {
+            put(&dest, Op::put_with_lease(key, "v", lease)).await;
+        }
+        let read = dest
+            .range("test read", RangeRequest::prefix(b"/app/"))
+            .await
+            .expect("read")
+            .kvs;
+        // A client of the promoted cluster rewrites one key meanwhile.
+        put(&dest, Op::put("/app/b", "client")).await;
+        let chunk: Vec<&crate::etcd::api::KeyValue> = read.iter().collect();
+        let (detached, skipped) = detach_chunk(&dest, &keys, "app", &chunk)
+            .await
+            .expect("detach");
+        assert_eq!((detached, skipped), (2, 1));
+        for key in ["/app/a", "/app/c"] {
+            let kv = get(&dest, key).await.expect("key kept");
+            assert_eq!((kv.value.as_slice(), kv.lease), (&b"v"[..], 0));
+        }
+        let b = get(&dest, "/app/b").await.expect("b kept");
+        assert_eq!(b.value, b"client", "the client's write wins");
+    }
+
+    #[tokio::test]
+    async fn nothing_is_detached_once_the_promotion_is_undone() {
+        let dest = dest();
+        let keys = MetaKeys::new("/meta/", "app");
+        let lease = dest.lease_grant(60, 0).await.expect("grant");
+        put(&dest, Op::put_with_lease("/app/a", "v", lease)).await;
+        let read = get(&dest, "/app/a").await.expect("a");
+        let outcome = detach_chunk(&dest, &keys, "app", &[&read]).await;
+        assert!(matches!(outcome, Err(AdminError::NotPromoted { .. })));
+        assert_eq!(get(&dest, "/app/a").await.expect("a").lease, lease);
+        assert!(matches!(
+            detach_leases(&dest, "/meta/", "app").await,
+            Err(AdminError::NotPromoted { .. })
+        ));
+    }
+}
