@@ -124,6 +124,8 @@ impl Drop for LeaseRenewer {
     }
 }
 
+type KeepAlive = (LeaseKeeper, LeaseKeepAliveStream);
+
 async fn renew_loop(
     client: Client,
     alive: Arc<Mutex<BTreeSet<i64>>>,
@@ -132,7 +134,7 @@ async fn renew_loop(
     cancel: CancellationToken,
 ) {
     use futures::StreamExt;
-    let mut streams: HashMap<i64, (LeaseKeeper, LeaseKeepAliveStream)> = HashMap::new();
+    let mut streams: HashMap<i64, KeepAlive> = HashMap::new();
     loop {
         let wanted: BTreeSet<i64> = alive.lock().expect("lease set").clone();
         // Dropping a stream stops its lease's renewals.
@@ -144,17 +146,15 @@ async fn renew_loop(
             .collect();
         // Opening a stream sends its first keepalive and reads the answer:
         // that is this pass's renewal of the lease.
-        let opened: Vec<(
-            i64,
-            Result<(LeaseKeeper, LeaseKeepAliveStream), etcd_client::Error>,
-        )> = futures::stream::iter(missing)
-            .map(|lease| {
-                let mut client = client.clone();
-                async move { (lease, client.lease_keep_alive(lease).await) }
-            })
-            .buffer_unordered(64)
-            .collect()
-            .await;
+        let opened: Vec<(i64, Result<KeepAlive, etcd_client::Error>)> =
+            futures::stream::iter(missing)
+                .map(|lease| {
+                    let mut client = client.clone();
+                    async move { (lease, client.lease_keep_alive(lease).await) }
+                })
+                .buffer_unordered(64)
+                .collect()
+                .await;
         let fresh: BTreeSet<i64> = opened
             .iter()
             .filter(|(_, r)| r.is_ok())
