@@ -446,3 +446,92 @@ async fn promote_with_detach_leases_keeps_mirrored_keys() -> Result<()> {
     );
     Ok(())
 }
+
+/// A promotion while the replicator runs (the source still healthy): the
+/// replicator stops renewing at once, so mirrored leased keys expire on the
+/// promoted cluster; `promote --undo` then finds the leases lost and
+/// restores everything with one full sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_stops_renewals_and_undo_restores_the_leased_keys() -> Result<()> {
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let (_leases, renewer) = registry(&source, 30, 6).await?;
+    let mut syncer = Syncer::start("syncer", &syncer_args(&source, &dest, "3s")).await?;
+    let all: Vec<String> = (0..30).map(instance_key).collect();
+    wait_mirrored(&dest, &all).await?;
+
+    let (code, output) = run_cli(&promote_args(&dest, &[])).await?;
+    ensure!(
+        code == 0 && output.contains("job svc: promoted"),
+        "{output}"
+    );
+    wait_job_state(&syncer, JOB, "promoted").await?;
+    eventually(
+        WAIT,
+        "mirrored leased keys to expire after promotion",
+        || async {
+            let keys = leased_keys(&mut dest.client().await?, PREFIX).await?;
+            Ok(!keys.keys().any(|k| k.contains("/inst-")))
+        },
+    )
+    .await?;
+    ensure!(
+        syncer
+            .metric("etcd_syncer_leases_mirrored", &[("job", JOB)])
+            .await?
+            == 0.0,
+        "a promoted job mirrors no lease"
+    );
+
+    let (code, output) = run_cli(&promote_args(&dest, &["--undo"])).await?;
+    ensure!(code == 0 && output.contains("promotion undone"), "{output}");
+    converge(&source, PREFIX, &dest, PREFIX, WAIT).await?;
+    wait_mirrored(&dest, &all).await?;
+    check_consistent(&source, &dest).await?;
+    drop(renewer);
+    syncer.allow_error("never");
+    syncer.finish().await
+}
+
+/// `--detach-leases` while the replicator runs, then failback: after the
+/// undo the detached keys carry no lease, and the documented `reset` puts
+/// them back on mirrored leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undo_after_detach_and_a_reset_mirror_the_leases_again() -> Result<()> {
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let (_leases, renewer) = registry(&source, 30, 6).await?;
+    let mut syncer = Syncer::start("syncer", &syncer_args(&source, &dest, "3s")).await?;
+    let all: Vec<String> = (0..30).map(instance_key).collect();
+    wait_mirrored(&dest, &all).await?;
+
+    let (code, output) = run_cli(&promote_args(&dest, &["--detach-leases"])).await?;
+    ensure!(
+        code == 0 && output.contains("detached 30 keys from their mirrored leases"),
+        "{output}"
+    );
+    wait_job_state(&syncer, JOB, "promoted").await?;
+    let keys = leased_keys(&mut dest.client().await?, PREFIX).await?;
+    ensure!(
+        all.iter().all(|k| keys.get(k).is_some_and(|v| v.1 == 0)),
+        "every mirrored key detached"
+    );
+
+    let (code, output) = run_cli(&promote_args(&dest, &["--undo"])).await?;
+    ensure!(code == 0 && output.contains("promotion undone"), "{output}");
+    let (code, output) = run_cli(&e2e::args(&[
+        "reset",
+        "--dst-endpoints",
+        &dest.endpoints_arg(),
+        "--job-name",
+        JOB,
+    ]))
+    .await?;
+    ensure!(code == 0, "{output}");
+    wait_mirrored(&dest, &all).await?;
+    converge(&source, PREFIX, &dest, PREFIX, WAIT).await?;
+    check_consistent(&source, &dest).await?;
+    drop(renewer);
+    syncer.allow_error("never");
+    syncer.finish().await
+}
