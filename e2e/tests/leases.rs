@@ -659,9 +659,18 @@ async fn switching_from_strip_to_faithful() -> Result<()> {
 /// destination after TTL + grace while the source still has it (the strip
 /// replicator stays on the fast path; `check --leases strip` reports them
 /// as missing on the destination).
+///
+/// Marked `should_panic` so `make e2e-long` (which runs ignored tests) stays
+/// green while the defect exists and fails once it is fixed: then drop both
+/// attributes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "known defect: faithful -> strip loses the leased keys on the destination"]
-async fn switching_from_faithful_to_strip_keeps_the_keys() -> Result<()> {
+#[should_panic(expected = "every instance key is still on the destination")]
+async fn switching_from_faithful_to_strip_keeps_the_keys() {
+    faithful_to_strip().await.unwrap();
+}
+
+async fn faithful_to_strip() -> Result<()> {
     let source = EtcdCluster::start_source().await?;
     let dest = EtcdCluster::start_dest().await?;
     let (_leases, renewer) = registry(&source, 10, 6).await?;
