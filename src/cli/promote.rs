@@ -8,7 +8,7 @@ use crate::check::{check, CheckOptions, CheckReport, CheckTarget};
 use crate::config::{OutputFormat, PromoteArgs};
 use crate::etcd::client::Cluster;
 use crate::model::keys::{KeyRewrite, MetaKeys};
-use crate::ops::admin::{collect_status, promote, undo_promote, wait_for_sync};
+use crate::ops::admin::{collect_status, detach_leases, promote, undo_promote, wait_for_sync};
 
 /// `etcd-syncer promote`.
 pub async fn run_promote(args: PromoteArgs) -> Result<(), AppError> {
@@ -54,6 +54,9 @@ pub async fn run_promote(args: PromoteArgs) -> Result<(), AppError> {
                 info!(%job, checkpoint = reached, "Destination caught up with the source.");
             }
             let mut outcome = promote(&dest, &args.meta_prefix, job, &by).await?;
+            if args.detach_leases {
+                outcome.detached = Some(detach_leases(&dest, &args.meta_prefix, job).await?);
+            }
             if let Some(source) = &source {
                 outcome.consistency =
                     promoted_consistency(source, &dest, &args.meta_prefix, job).await;
@@ -77,6 +80,12 @@ pub async fn run_promote(args: PromoteArgs) -> Result<(), AppError> {
                         .final_checkpoint_revision
                         .map_or_else(|| "none".to_string(), |r| r.to_string())
                 );
+                if let Some(detached) = &outcome.detached {
+                    println!(
+                        "job {}: detached {} keys from their mirrored leases; {} skipped (changed on the promoted cluster since read); {} lease records removed",
+                        outcome.job, detached.detached, detached.skipped, detached.records_deleted
+                    );
+                }
             }
         }
     }

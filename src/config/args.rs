@@ -154,6 +154,15 @@ pub struct PromoteArgs {
     pub undo: bool,
     #[command(flatten)]
     pub auth: PromoteAuthArgs,
+    /// After promoting, keep the mirrored keys that were on a mirrored
+    /// lease: rewrite each as the same value without a lease (a key a client
+    /// changed on the promoted cluster meanwhile is left alone), then drop
+    /// the job's lease records. Without it nothing renews those leases
+    /// after the promotion, and mirrored registrations of instances that
+    /// died with the primary vanish after their TTL + --lease-grace, as
+    /// they would have on the primary.
+    #[arg(long, conflicts_with = "undo")]
+    pub detach_leases: bool,
     #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
     pub meta_prefix: String,
     #[arg(long, value_enum, default_value = "text")]

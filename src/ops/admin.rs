@@ -23,6 +23,12 @@ pub enum AdminError {
     NoJobs { meta_prefix: String },
     #[error("no job named {job:?} under the meta prefix; known jobs: {known}")]
     UnknownJob { job: String, known: String },
+    #[error("job {job} is not promoted (or its promotion was undone meanwhile); leases are detached only on a promoted job")]
+    NotPromoted { job: String },
+    #[error(
+        "job {job} has no checkpoint, so its destination prefix is unknown; no lease was detached"
+    )]
+    NoDestPrefix { job: String },
     #[error("job {job}: the checkpoint reached revision {reached} but not the source revision {target} within {timeout:?}; nothing was promoted")]
     SyncTimeout {
         job: String,
@@ -249,6 +255,9 @@ pub struct PromoteOutcome {
     pub final_checkpoint_revision: Option<i64>,
     /// With a reachable source: the exact check at the final checkpoint.
     pub consistency: Option<crate::check::CheckReport>,
+    /// With `--detach-leases`: what was detached.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detached: Option<DetachOutcome>,
 }
 
 /// Waits until the job's checkpoint covers the source revision current at
@@ -315,6 +324,7 @@ pub async fn promote(
         },
         final_checkpoint_revision: status.last_synced_revision,
         consistency: None,
+        detached: None,
     })
 }
 
@@ -352,5 +362,262 @@ pub async fn undo_promote(
         },
         final_checkpoint_revision: status.last_synced_revision,
         consistency: None,
+        detached: None,
     })
+}
+
+/// What `promote --detach-leases` did to one job.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DetachOutcome {
+    pub job: String,
+    /// Mirrored keys rewritten without a lease.
+    pub detached: u64,
+    /// Mirrored keys changed or deleted on the promoted cluster since they
+    /// were read (its own write wins), left as they are.
+    pub skipped: u64,
+    /// Lease records removed from the job's meta keys.
+    pub records_deleted: u64,
+}
+
+/// Ops per detach txn: well under etcd's default `--max-txn-ops` (128),
+/// counting the compares too.
+const DETACH_OPS_PER_TXN: usize = 64;
+const DETACH_PAGE: i64 = 1000;
+
+/// `promote --detach-leases`: on a promoted job, rewrites every key under
+/// the job's destination prefix that is attached to one of the job's
+/// mirrored leases as the same value without a lease, so the promoted
+/// cluster keeps them although nothing renews those leases any more; then
+/// deletes the job's lease records.
+///
+/// Only leases the job recorded are detached: a key on a lease the
+/// promoted cluster's own clients granted stays on it. Each rewrite is
+/// guarded by the key's `mod_revision` as read, so a client write on the
+/// promoted cluster since then wins (the key is counted as skipped), and
+/// by the promoted marker, so nothing is rewritten once a `promote --undo`
+/// lets replicators write again. The destination leases are not revoked:
+/// with no key left on them they expire on their own.
+pub async fn detach_leases(
+    dest: &Cluster,
+    meta_prefix: &str,
+    job: &str,
+) -> Result<DetachOutcome, AdminError> {
+    let keys = MetaKeys::new(meta_prefix, job);
+    let meta = crate::mirror::meta::read_job_meta(dest, &keys).await?;
+    if meta.promoted.is_none() {
+        return Err(AdminError::NotPromoted {
+            job: job.to_string(),
+        });
+    }
+    let mut outcome = DetachOutcome {
+        job: job.to_string(),
+        ..DetachOutcome::default()
+    };
+    let mirrored: std::collections::HashSet<i64> = meta
+        .leases
+        .values()
+        .map(|record| record.dest_lease)
+        .collect();
+    if !mirrored.is_empty() {
+        let checkpoint = meta.checkpoint.as_ref().ok_or(AdminError::NoDestPrefix {
+            job: job.to_string(),
+        })?;
+        let dest_prefix = checkpoint
+            .dest_prefix
+            .clone()
+            .unwrap_or_else(|| checkpoint.source_prefix.clone());
+        let end = crate::model::keys::prefix_range_end(dest_prefix.as_bytes());
+        let mut start = crate::model::keys::prefix_range_start(dest_prefix.as_bytes());
+        loop {
+            let page = dest
+                .range(
+                    "read keys to detach",
+                    RangeRequest {
+                        key: start.clone(),
+                        range_end: end.clone(),
+                        limit: DETACH_PAGE,
+                        ..RangeRequest::default()
+                    },
+                )
+                .await?;
+            let attached: Vec<_> = page
+                .kvs
+                .iter()
+                // Meta keys (job locks are leased too) are never touched.
+                .filter(|kv| !kv.key.starts_with(meta_prefix.as_bytes()))
+                .filter(|kv| kv.lease != 0 && mirrored.contains(&kv.lease))
+                .collect();
+            for chunk in attached.chunks(DETACH_OPS_PER_TXN) {
+                let (detached, skipped) = detach_chunk(dest, &keys, job, chunk).await?;
+                outcome.detached += detached;
+                outcome.skipped += skipped;
+            }
+            match page.kvs.last() {
+                Some(last) if page.more => start = crate::model::keys::key_successor(&last.key),
+                _ => break,
+            }
+        }
+    }
+    // The records go last, and only while the job is still promoted: an
+    // undo in between leaves them for the replicator to find.
+    let records = keys.lease_records();
+    let response = dest
+        .txn(
+            "delete lease records",
+            TxnRequest::new()
+                .when(vec![Compare::version(
+                    keys.promoted(),
+                    CompareOp::Greater,
+                    0,
+                )])
+                .and_then(vec![Op::Delete {
+                    range_end: crate::model::keys::prefix_range_end(records.as_bytes()),
+                    key: records.into_bytes(),
+                }]),
+        )
+        .await?;
+    if !response.succeeded {
+        return Err(AdminError::NotPromoted {
+            job: job.to_string(),
+        });
+    }
+    outcome.records_deleted = response
+        .responses
+        .iter()
+        .map(|r| match r {
+            crate::etcd::api::OpResponse::Delete { deleted } => *deleted as u64,
+            _ => 0,
+        })
+        .sum();
+    Ok(outcome)
+}
+
+/// Detaches `chunk` in one txn; when any key changed since it was read,
+/// key by key, so only the changed ones are skipped. Returns (detached, skipped).
+async fn detach_chunk(
+    dest: &Cluster,
+    keys: &MetaKeys,
+    job: &str,
+    chunk: &[&crate::etcd::api::KeyValue],
+) -> Result<(u64, u64), AdminError> {
+    let attempt = |kvs: &[&crate::etcd::api::KeyValue]| {
+        let mut compare = vec![Compare::version(keys.promoted(), CompareOp::Greater, 0)];
+        compare
+            .extend(kvs.iter().map(|kv| {
+                Compare::mod_revision(kv.key.clone(), CompareOp::Equal, kv.mod_revision)
+            }));
+        TxnRequest::new()
+            .when(compare)
+            .and_then(
+                kvs.iter()
+                    .map(|kv| Op::put(kv.key.clone(), kv.value.clone()))
+                    .collect(),
+            )
+            .or_else(vec![Op::get(keys.promoted())])
+    };
+    let still_promoted = |response: &crate::etcd::api::TxnResponse| {
+        response.ranges().any(|range| !range.kvs.is_empty())
+    };
+    let response = dest.txn("detach leases", attempt(chunk)).await?;
+    if response.succeeded {
+        return Ok((chunk.len() as u64, 0));
+    }
+    if !still_promoted(&response) {
+        return Err(AdminError::NotPromoted {
+            job: job.to_string(),
+        });
+    }
+    let (mut detached, mut skipped) = (0, 0);
+    for kv in chunk {
+        let response = dest.txn("detach a lease", attempt(&[*kv])).await?;
+        if response.succeeded {
+            detached += 1;
+        } else if still_promoted(&response) {
+            skipped += 1;
+        } else {
+            return Err(AdminError::NotPromoted {
+                job: job.to_string(),
+            });
+        }
+    }
+    Ok((detached, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::etcd::memory::{new_store, Link, MemoryEtcd};
+    use crate::model::Side;
+
+    fn dest() -> Cluster {
+        Cluster::with_backend(
+            Side::Destination,
+            "dest",
+            Arc::new(MemoryEtcd::new(new_store(1), Link::new("dest", 7))),
+            Duration::from_secs(2),
+        )
+    }
+
+    async fn put(dest: &Cluster, op: Op) {
+        let response = dest
+            .txn("test put", TxnRequest::new().and_then(vec![op]))
+            .await
+            .expect("put");
+        assert!(response.succeeded);
+    }
+
+    async fn get(dest: &Cluster, key: &str) -> Option<crate::etcd::api::KeyValue> {
+        dest.range("test get", RangeRequest::key(key))
+            .await
+            .expect("get")
+            .kvs
+            .pop()
+    }
+
+    #[tokio::test]
+    async fn a_key_written_since_it_was_read_is_skipped_and_the_rest_detached() {
+        let dest = dest();
+        let keys = MetaKeys::new("/meta/", "app");
+        put(&dest, Op::put(keys.promoted(), "{}")).await;
+        let lease = dest.lease_grant(60, 0).await.expect("grant");
+        for key in ["/app/a", "/app/b", "/app/c"] {
+            put(&dest, Op::put_with_lease(key, "v", lease)).await;
+        }
+        let read = dest
+            .range("test read", RangeRequest::prefix(b"/app/"))
+            .await
+            .expect("read")
+            .kvs;
+        // A client of the promoted cluster rewrites one key meanwhile.
+        put(&dest, Op::put("/app/b", "client")).await;
+        let chunk: Vec<&crate::etcd::api::KeyValue> = read.iter().collect();
+        let (detached, skipped) = detach_chunk(&dest, &keys, "app", &chunk)
+            .await
+            .expect("detach");
+        assert_eq!((detached, skipped), (2, 1));
+        for key in ["/app/a", "/app/c"] {
+            let kv = get(&dest, key).await.expect("key kept");
+            assert_eq!((kv.value.as_slice(), kv.lease), (&b"v"[..], 0));
+        }
+        let b = get(&dest, "/app/b").await.expect("b kept");
+        assert_eq!(b.value, b"client", "the client's write wins");
+    }
+
+    #[tokio::test]
+    async fn nothing_is_detached_once_the_promotion_is_undone() {
+        let dest = dest();
+        let keys = MetaKeys::new("/meta/", "app");
+        let lease = dest.lease_grant(60, 0).await.expect("grant");
+        put(&dest, Op::put_with_lease("/app/a", "v", lease)).await;
+        let read = get(&dest, "/app/a").await.expect("a");
+        let outcome = detach_chunk(&dest, &keys, "app", &[&read]).await;
+        assert!(matches!(outcome, Err(AdminError::NotPromoted { .. })));
+        assert_eq!(get(&dest, "/app/a").await.expect("a").lease, lease);
+        assert!(matches!(
+            detach_leases(&dest, "/meta/", "app").await,
+            Err(AdminError::NotPromoted { .. })
+        ));
+    }
 }

@@ -34,6 +34,9 @@ struct Sizes {
     incremental_revisions: usize,
     memory_large_keys: usize,
     make_mirror_cap: Duration,
+    lease_count: usize,
+    leased_keys: usize,
+    lease_window: Duration,
 }
 
 impl Sizes {
@@ -46,6 +49,9 @@ impl Sizes {
                 incremental_revisions: 4_000,
                 memory_large_keys: 100_000,
                 make_mirror_cap: Duration::from_secs(10),
+                lease_count: 1_000,
+                leased_keys: 10_000,
+                lease_window: Duration::from_secs(60),
             }
         } else {
             Self {
@@ -55,6 +61,9 @@ impl Sizes {
                 incremental_revisions: 20_000,
                 memory_large_keys: 1_000_000,
                 make_mirror_cap: Duration::from_secs(30),
+                lease_count: 10_000,
+                leased_keys: 100_000,
+                lease_window: Duration::from_secs(120),
             }
         }
     }
@@ -320,12 +329,27 @@ async fn incremental(
 #[tokio::main]
 async fn main() -> Result<()> {
     let sizes = Sizes::from_env();
+    if std::env::var("BENCH_LEASES_ONLY").is_ok() {
+        // `make bench-leases`: only the lease scenario, spliced into the
+        // existing docs/benchmarks.md.
+        println!("[1/1] lease mirroring");
+        let section = lease_section(&sizes).await?;
+        println!("\n{section}");
+        if std::env::var("BENCH_QUICK").is_err() {
+            let path =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
+            let existing = std::fs::read_to_string(&path).unwrap_or_default();
+            std::fs::write(&path, splice_lease_section(&existing, &section))?;
+            println!("written to {}", path.display());
+        }
+        return Ok(());
+    }
     let mut rows: Vec<Row> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
 
     // 1. Full sync, loopback.
     println!(
-        "[1/8] full sync of {} keys on loopback",
+        "[1/9] full sync of {} keys on loopback",
         sizes.full_sync_keys
     );
     let source = EtcdCluster::start_source().await?;
@@ -365,7 +389,7 @@ async fn main() -> Result<()> {
     let rss_small = full.peak_rss_mib;
 
     // 7. The exact consistency check over everything just mirrored.
-    println!("[2/8] exact check over {} keys", sizes.full_sync_keys);
+    println!("[2/9] exact check over {} keys", sizes.full_sync_keys);
     let (check_time, check_rss, consistent) = timed_check(&source, &dest).await?;
     anyhow::ensure!(consistent, "the check must find the mirror consistent");
     rows.push(Row {
@@ -384,7 +408,7 @@ async fn main() -> Result<()> {
     });
 
     // 5. Restart with everything mirrored and no changes.
-    println!("[3/8] restart with {} keys mirrored", sizes.full_sync_keys);
+    println!("[3/9] restart with {} keys mirrored", sizes.full_sync_keys);
     let mut first = full.syncer;
     first.stop().await?;
     let dest_revision_before = dest.revision().await?;
@@ -418,7 +442,7 @@ async fn main() -> Result<()> {
 
     // 2. Full sync across a 30 ms round trip to the destination.
     println!(
-        "[4/8] full sync of {} keys across 30 ms RTT",
+        "[4/9] full sync of {} keys across 30 ms RTT",
         sizes.rtt_full_sync_keys
     );
     let source = EtcdCluster::start_source().await?;
@@ -472,7 +496,7 @@ async fn main() -> Result<()> {
     ];
     for (index, (label, keys_per_txn, delayed)) in cases.into_iter().enumerate() {
         let index = index + 1;
-        println!("[{}/8] {label}", 4 + index);
+        println!("[{}/9] {label}", 4 + index);
         let revisions = if keys_per_txn > 1 {
             sizes.incremental_revisions / 5
         } else {
@@ -541,7 +565,7 @@ async fn main() -> Result<()> {
 
     // 6. Memory: peak RSS for a large full sync, next to the small one.
     println!(
-        "[8/8] memory during a full sync of {} keys",
+        "[8/9] memory during a full sync of {} keys",
         sizes.memory_large_keys
     );
     let source = EtcdCluster::start_source().await?;
@@ -579,7 +603,9 @@ async fn main() -> Result<()> {
         target: "< 64 MiB, flat in key count".into(),
     });
 
-    let report = render(&rows, &notes)?;
+    println!("[9/9] lease mirroring");
+    let leases = lease_section(&sizes).await?;
+    let report = splice_lease_section(&render(&rows, &notes)?, &leases);
     println!("\n{report}");
     if std::env::var("BENCH_QUICK").is_err() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
@@ -660,4 +686,175 @@ fn machine() -> Result<String> {
     Ok(format!(
         "{model}, {cores} cores, {mem_gib:.0} GiB RAM; {etcd}"
     ))
+}
+
+/// Source lease TTL and the destination's grace in the lease scenario.
+const LEASE_TTL: i64 = 60;
+const LEASE_GRACE: i64 = 30;
+const LEASES_HEADING: &str = "## Lease mirroring";
+
+struct LeaseRun {
+    full_sync: Duration,
+    window: Duration,
+    keepalives: f64,
+    failures: f64,
+    mirrored: f64,
+    peak_rss_mib: f64,
+    test_renewals_per_s: f64,
+}
+
+/// One run of the lease scenario: `keys` keys spread evenly over `leases`
+/// source leases (TTL 60 s, kept alive by the bench itself over keepalive
+/// streams), mirrored with `--leases <mode>`; full sync, then `window` of
+/// steady state in which nothing changes on the source.
+async fn lease_run(mode: &str, leases: usize, keys: usize, window: Duration) -> Result<LeaseRun> {
+    use e2e::leases::{grant_leases, put_leased, LeaseRenewer};
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let ids = grant_leases(&source.client().await?, leases, LEASE_TTL).await?;
+    // A third of the TTL, like any etcd client.
+    let renewer = LeaseRenewer::start(
+        source.client().await?,
+        &ids,
+        Duration::from_secs(LEASE_TTL as u64 / 3),
+    );
+    let per_lease = keys.div_ceil(leases);
+    let value = "v".repeat(100);
+    let entries: Vec<(String, String, i64)> = (0..keys)
+        .map(|i| {
+            (
+                format!("{PREFIX}l{:05}/k{:03}", i / per_lease, i % per_lease),
+                value.clone(),
+                ids[i / per_lease],
+            )
+        })
+        .collect();
+    put_leased(&mut source.client().await?, &entries).await?;
+    drop(entries);
+
+    let mut args = mirror_args(&source, &dest, PREFIX);
+    args.extend(e2e::args(&[
+        "--job-name",
+        "bench",
+        "--leases",
+        mode,
+        "--lease-grace",
+        &format!("{LEASE_GRACE}s"),
+    ]));
+    let started = Instant::now();
+    let syncer = Syncer::start(mode, &args).await?;
+    let (full_sync, reached) =
+        wait_for_count(&dest, keys as i64, started, Duration::from_secs(900)).await?;
+    anyhow::ensure!(reached == keys as i64, "mirrored {reached} of {keys} keys");
+    wait_watching(&syncer).await?;
+    let mirrored = syncer
+        .metric("etcd_syncer_leases_mirrored", &[("job", "bench")])
+        .await?;
+
+    // Steady state: only keepalives, on both sides.
+    let keepalives_before = syncer
+        .metric("etcd_syncer_lease_keepalives_total", &[("job", "bench")])
+        .await?;
+    let renewals_before = renewer.renewals();
+    let window_start = Instant::now();
+    tokio::time::sleep(window).await;
+    let keepalives = syncer
+        .metric("etcd_syncer_lease_keepalives_total", &[("job", "bench")])
+        .await?
+        - keepalives_before;
+    let window = window_start.elapsed();
+    let test_renewals_per_s = rate((renewer.renewals() - renewals_before) as f64, window);
+    let failures = syncer
+        .metric(
+            "etcd_syncer_lease_keepalive_failures_total",
+            &[("job", "bench")],
+        )
+        .await?;
+    let peak_rss_mib = peak_rss_mib(syncer.pid().context("pid")?.as_raw() as u32)?;
+    let (_, still) = wait_for_count(&dest, keys as i64, Instant::now(), Duration::ZERO).await?;
+    anyhow::ensure!(
+        still == keys as i64,
+        "the destination lost keys in steady state: {still} of {keys}"
+    );
+    syncer.finish().await?;
+    renewer.stop();
+    Ok(LeaseRun {
+        full_sync,
+        window,
+        keepalives,
+        failures,
+        mirrored,
+        peak_rss_mib,
+        test_renewals_per_s,
+    })
+}
+
+/// The lease scenario, faithful and strip, as a markdown section.
+async fn lease_section(sizes: &Sizes) -> Result<String> {
+    let (leases, keys) = (sizes.lease_count, sizes.leased_keys);
+    let faithful = lease_run("faithful", leases, keys, sizes.lease_window).await?;
+    let strip = lease_run("strip", leases, keys, Duration::from_secs(60)).await?;
+    let dest_ttl = LEASE_TTL + LEASE_GRACE;
+    let expected = leases as f64 / (dest_ttl as f64 / 3.0);
+    let mut out = String::new();
+    writeln!(out, "{LEASES_HEADING}\n")?;
+    writeln!(
+        out,
+        "Produced by `make bench-leases` (also the last step of `make bench`) on {} (UTC); {}.\n",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+        machine()?
+    )?;
+    writeln!(
+        out,
+        "{} keys of 100 B on {} source leases ({} keys each, TTL {LEASE_TTL} s, kept alive by the \
+         bench over one keepalive stream per lease, renewed every {} s), `--lease-grace {LEASE_GRACE}s`: \
+         each destination lease has a {dest_ttl} s TTL and is renewed every third of it, so the \
+         expected rate is {} / {} s = {expected:.0} keepalives/s. Full sync from process start \
+         until the destination holds every key; then a steady state with no source writes, over \
+         which `etcd_syncer_lease_keepalives_total` is read at both ends. Peak RSS is the \
+         syncer's `VmHWM` at the end of the run.\n",
+        group(keys as u64),
+        group(leases as u64),
+        keys.div_ceil(leases),
+        LEASE_TTL / 3,
+        group(leases as u64),
+        dest_ttl / 3,
+    )?;
+    writeln!(
+        out,
+        "| `--leases` | full sync | destination leases | keepalives/s (steady state) | keepalive failures | peak RSS |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|")?;
+    for (mode, run) in [("faithful", &faithful), ("strip (reference)", &strip)] {
+        writeln!(
+            out,
+            "| {mode} | {:.1} s ({}) | {} | {:.0} ({} in {:.0} s) | {} | {:.1} MiB |",
+            run.full_sync.as_secs_f64(),
+            fmt_rate(rate(keys as f64, run.full_sync), "keys/s"),
+            group(run.mirrored as u64),
+            rate(run.keepalives, run.window),
+            group(run.keepalives as u64),
+            run.window.as_secs_f64(),
+            run.failures,
+            run.peak_rss_mib,
+        )?;
+    }
+    writeln!(
+        out,
+        "\nThe bench's own renewals of the source leases ran at {:.0}/s during the faithful run. \
+         Renewals are due in bursts (every lease was granted during the full sync), so a window \
+         catches whole bursts only: the rate over a window is within one burst of the expected one.",
+        faithful.test_renewals_per_s
+    )?;
+    Ok(out)
+}
+
+/// `report` with its lease section (from the heading to the end) replaced
+/// by `section`, or `section` appended.
+fn splice_lease_section(report: &str, section: &str) -> String {
+    let kept = match report.find(LEASES_HEADING) {
+        Some(at) => &report[..at],
+        None => report,
+    };
+    format!("{}\n\n{section}", kept.trim_end())
 }
