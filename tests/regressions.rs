@@ -755,7 +755,7 @@ fn check_targets_agree() {
         rewrite: KeyRewrite::new(b"/app/".to_vec(), b"/app/".to_vec()),
         keys: MetaKeys::new(META, "app"),
         meta_prefix: META.as_bytes().to_vec(),
-        leases: true,
+        leases: etcd_syncer::check::LeaseCheck::Mirrored,
     };
     let (source, dest) = (new_store(1), new_store(2));
     let ctx = context(&source, &dest, NO_CHECKS, 1.0);

@@ -493,11 +493,11 @@ async fn promote_stops_renewals_and_undo_restores_the_leased_keys() -> Result<()
     syncer.finish().await
 }
 
-/// `--detach-leases` while the replicator runs, then failback: after the
-/// undo the detached keys carry no lease, and the documented `reset` puts
-/// them back on mirrored leases.
+/// `--detach-leases` while the replicator runs, then failback: the detach
+/// marks the checkpoint as not on mirrored leases, so after the undo the
+/// replicator's full sync puts the keys back on mirrored leases by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn undo_after_detach_and_a_reset_mirror_the_leases_again() -> Result<()> {
+async fn undo_after_detach_mirrors_the_leases_again() -> Result<()> {
     let source = EtcdCluster::start_source().await?;
     let dest = EtcdCluster::start_dest().await?;
     let (_leases, renewer) = registry(&source, 30, 6).await?;
@@ -519,15 +519,6 @@ async fn undo_after_detach_and_a_reset_mirror_the_leases_again() -> Result<()> {
 
     let (code, output) = run_cli(&promote_args(&dest, &["--undo"])).await?;
     ensure!(code == 0 && output.contains("promotion undone"), "{output}");
-    let (code, output) = run_cli(&e2e::args(&[
-        "reset",
-        "--dst-endpoints",
-        &dest.endpoints_arg(),
-        "--job-name",
-        JOB,
-    ]))
-    .await?;
-    ensure!(code == 0, "{output}");
     wait_mirrored(&dest, &all).await?;
     converge(&source, PREFIX, &dest, PREFIX, WAIT).await?;
     check_consistent(&source, &dest).await?;
@@ -619,8 +610,8 @@ async fn lease_changes_collisions_and_revokes_are_mirrored() -> Result<()> {
     syncer.finish().await
 }
 
-/// A job switched from `--leases strip` to `faithful` resumes from its
-/// checkpoint; the keys it wrote without leases stay so until a full sync.
+/// A job switched from `--leases strip` to `faithful`: the checkpoint says
+/// its keys carry no lease, so it takes the slow path and attaches them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_from_strip_to_faithful() -> Result<()> {
     let source = EtcdCluster::start_source().await?;
@@ -634,17 +625,13 @@ async fn switching_from_strip_to_faithful() -> Result<()> {
     syncer.finish().await?;
     let syncer = Syncer::start("faithful", &syncer_args(&source, &dest, "5s")).await?;
     wait_job_state(&syncer, JOB, "watching").await?;
-    // The resume copies nothing: the keys it wrote without a lease stay so
-    // (check reports lease mismatches) until a full sync, as documented.
-    let (code, output) = run_cli(&e2e::args(&[
-        "reset",
-        "--dst-endpoints",
-        &dest.endpoints_arg(),
-        "--job-name",
-        JOB,
-    ]))
-    .await?;
-    ensure!(code == 0, "{output}");
+    ensure!(
+        syncer
+            .metric("etcd_syncer_slow_path_total", &[("job", JOB)])
+            .await?
+            == 1.0,
+        "the change of --leases took one full sync"
+    );
     let all: Vec<String> = (0..10).map(instance_key).collect();
     wait_mirrored(&dest, &all).await?;
     check_consistent(&source, &dest).await?;
@@ -652,25 +639,12 @@ async fn switching_from_strip_to_faithful() -> Result<()> {
     syncer.finish().await
 }
 
-/// Known defect (ignored until fixed in the replicator): a job switched
-/// from `--leases faithful` to `strip` stops renewing the destination
-/// leases it created but neither rewrites their keys without a lease nor
-/// runs a full sync, so every mirrored leased key vanishes from the
-/// destination after TTL + grace while the source still has it (the strip
-/// replicator stays on the fast path; `check --leases strip` reports them
-/// as missing on the destination).
-///
-/// Marked `should_panic` so `make e2e-long` (which runs ignored tests) stays
-/// green while the defect exists and fails once it is fixed: then drop both
-/// attributes.
+/// A job switched from `--leases faithful` to `strip` stops renewing the
+/// destination leases it created: the checkpoint says its keys sit on them,
+/// so it takes the slow path and rewrites them without a lease before the
+/// leases run out (found by this test: the keys used to vanish).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect: faithful -> strip loses the leased keys on the destination"]
-#[should_panic(expected = "every instance key is still on the destination")]
-async fn switching_from_faithful_to_strip_keeps_the_keys() {
-    faithful_to_strip().await.unwrap();
-}
-
-async fn faithful_to_strip() -> Result<()> {
+async fn switching_from_faithful_to_strip_keeps_the_keys() -> Result<()> {
     let source = EtcdCluster::start_source().await?;
     let dest = EtcdCluster::start_dest().await?;
     let (_leases, renewer) = registry(&source, 10, 6).await?;

@@ -148,9 +148,18 @@ pub struct CheckTarget {
     pub rewrite: KeyRewrite,
     pub keys: MetaKeys,
     pub meta_prefix: Vec<u8>,
-    /// Compare lease attachments through the job's lease records
-    /// (false with `--leases strip`, where mirrored keys carry none).
-    pub leases: bool,
+    pub leases: LeaseCheck,
+}
+
+/// How a check compares lease attachments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseCheck {
+    /// Through the job's lease records (`--leases faithful`).
+    Mirrored,
+    /// Every destination key on no lease (`--leases strip`).
+    Unleased,
+    /// Not at all (a promoted cluster's leases are its own).
+    Ignore,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -238,12 +247,16 @@ async fn check_once(
             revision,
         });
     }
-    let mapping: Option<HashMap<i64, i64>> = target.leases.then(|| {
-        meta.leases
-            .iter()
-            .map(|(source, record)| (*source, record.dest_lease))
-            .collect()
-    });
+    let mapping = match target.leases {
+        LeaseCheck::Mirrored => LeaseMapping::Records(
+            meta.leases
+                .iter()
+                .map(|(source, record)| (*source, record.dest_lease))
+                .collect(),
+        ),
+        LeaseCheck::Unleased => LeaseMapping::Unleased,
+        LeaseCheck::Ignore => LeaseMapping::Ignore,
+    };
     // The meta read and every destination page share one destination revision.
     let exact = compare(
         source,
@@ -278,7 +291,7 @@ async fn compare(
     target: &CheckTarget,
     // (source revision, destination revision); `None`: both sides' present.
     revisions: Option<(i64, i64)>,
-    leases: Option<HashMap<i64, i64>>,
+    leases: LeaseMapping,
     options: CheckOptions,
     cancel: &CancellationToken,
 ) -> Result<CheckReport, CheckError> {
@@ -348,12 +361,22 @@ async fn compare(
     }
 }
 
-/// Leases compared through `mapping` (source lease → destination lease),
-/// or not at all.
-fn lease_rule(mapping: Option<HashMap<i64, i64>>) -> LeaseRule {
+/// What a check compares leases with, read with the job's meta.
+#[derive(Debug, Clone)]
+enum LeaseMapping {
+    /// Source lease → destination lease, from the records.
+    Records(HashMap<i64, i64>),
+    Unleased,
+    Ignore,
+}
+
+fn lease_rule(mapping: LeaseMapping) -> LeaseRule {
     match mapping {
-        None => LeaseRule::Ignore,
-        Some(mapping) => LeaseRule::Mapped(Box::new(move |lease| mapping.get(&lease).copied())),
+        LeaseMapping::Ignore => LeaseRule::Ignore,
+        LeaseMapping::Unleased => LeaseRule::Unleased,
+        LeaseMapping::Records(mapping) => {
+            LeaseRule::Mapped(Box::new(move |lease| mapping.get(&lease).copied()))
+        }
     }
 }
 
@@ -365,7 +388,7 @@ async fn recheck(
     dest: &Cluster,
     target: &CheckTarget,
     report: &mut CheckReport,
-    leases: &Option<HashMap<i64, i64>>,
+    leases: &LeaseMapping,
     options: CheckOptions,
     cancel: &CancellationToken,
 ) -> Result<(), CheckError> {

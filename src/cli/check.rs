@@ -3,7 +3,7 @@
 use tokio_util::sync::CancellationToken;
 
 use super::AppError;
-use crate::check::{check, CheckOptions, CheckReport, CheckTarget};
+use crate::check::{check, CheckOptions, CheckReport, CheckTarget, LeaseCheck};
 use crate::config::{CheckArgs, ConfigError, LeaseMode, OutputFormat};
 use crate::etcd::client::Cluster;
 use crate::model::keys::{KeyRewrite, MetaKeys};
@@ -44,7 +44,10 @@ pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
         job: job.clone(),
         rewrite: KeyRewrite::new(prefix.as_bytes(), dest_prefix.as_bytes()),
         meta_prefix: args.meta_prefix.as_bytes().to_vec(),
-        leases: args.leases.unwrap_or_default() == LeaseMode::Faithful,
+        leases: match args.leases.unwrap_or_default() {
+            LeaseMode::Faithful => LeaseCheck::Mirrored,
+            LeaseMode::Strip => LeaseCheck::Unleased,
+        },
     };
     let options = CheckOptions {
         page_size: args.page_size.clamp(1, 100_000),

@@ -4,7 +4,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::AppError;
-use crate::check::{check, CheckOptions, CheckReport, CheckTarget};
+use crate::check::{check, CheckOptions, CheckReport, CheckTarget, LeaseCheck};
 use crate::config::{OutputFormat, PromoteArgs};
 use crate::etcd::client::Cluster;
 use crate::model::keys::{KeyRewrite, MetaKeys};
@@ -113,7 +113,7 @@ async fn promoted_consistency(
         keys: MetaKeys::new(meta_prefix, job),
         meta_prefix: meta_prefix.as_bytes().to_vec(),
         // After a promotion the leases are the promoted cluster's own.
-        leases: false,
+        leases: LeaseCheck::Ignore,
     };
     match check(
         source,

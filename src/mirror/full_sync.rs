@@ -308,6 +308,7 @@ async fn finish(
         partial_revision: None,
         write_id: rand::random(),
         last_event,
+        leases_mirrored: ctx.leases().is_some(),
     };
     let checkpoint_bytes = checkpoint.encode();
     let ops = vec![
@@ -389,7 +390,9 @@ async fn merge_pass(
                 book.dest_lease_of(lease)
             })))
         }
-        None => SortedMerge::new(),
+        // `--leases strip`: every destination key on no lease, so keys a
+        // faithful run left on (now unrenewed) leases are rewritten.
+        None => SortedMerge::with_leases(LeaseRule::Unleased),
     };
     let started = Instant::now();
     let mut last_log = Instant::now();

@@ -311,6 +311,10 @@ pub enum SlowPathReason {
     DestLeasesExpired {
         leases: usize,
     },
+    /// `--leases` changed since the checkpoint was written.
+    LeaseModeChanged {
+        leases_mirrored: bool,
+    },
 }
 
 impl std::fmt::Display for SlowPathReason {
@@ -335,6 +339,14 @@ impl std::fmt::Display for SlowPathReason {
                 "the source revision {source_rev} is behind the checkpoint {checkpoint_rev} (restored from a backup?)"
             ),
             SlowPathReason::Compacted => write!(f, "the source compacted the history at or after the checkpoint (a watch from there could miss a delete: etcd-io/etcd#18089)"),
+            SlowPathReason::LeaseModeChanged { leases_mirrored: true } => write!(
+                f,
+                "--leases faithful: the destination's keys were written without their leases (by --leases strip, or a version that did not mirror leases)"
+            ),
+            SlowPathReason::LeaseModeChanged { leases_mirrored: false } => write!(
+                f,
+                "--leases strip: the destination's keys sit on mirrored leases that nothing renews any more"
+            ),
             SlowPathReason::DestLeasesExpired { leases } => write!(
                 f,
                 "{leases} mirrored lease(s) expired on the destination while their source leases live (no replica ran for longer than TTL + --lease-grace?)"
@@ -386,6 +398,15 @@ pub fn decide(meta: &JobMeta, source: ClusterHead, forced: Option<SlowPathReason
         }
         Some(checkpoint) => Decision::Resume(checkpoint.clone()),
     }
+}
+
+/// A checkpoint written under the other `--leases` mode: the destination's
+/// keys sit on leases they should not (or not on those they should), which
+/// only a full sync's diff can put right.
+pub fn lease_mode_changed(meta: &JobMeta, leases_mirrored: bool) -> Option<SlowPathReason> {
+    let checkpoint = meta.checkpoint.as_ref()?;
+    (checkpoint.leases_mirrored != leases_mirrored)
+        .then_some(SlowPathReason::LeaseModeChanged { leases_mirrored })
 }
 
 /// Capped at 10 s: after a long outage replication resumes within seconds
@@ -560,6 +581,7 @@ async fn run_once(
     // Whichever path: once the watch exists, `incremental::run` checks
     // that the source still has the checkpoint's history, and that it is
     // the history the destination reflects.
+    let forced = forced.or_else(|| lease_mode_changed(&meta, ctx.leases().is_some()));
     let decision = decide(&meta, head, forced);
     let (guard, revision, last_event, cluster_id) = match decision {
         Decision::Resume(checkpoint) => {
@@ -810,6 +832,7 @@ mod tests {
             partial_revision: None,
             write_id: 1,
             last_event: None,
+            leases_mirrored: false,
         }
     }
 

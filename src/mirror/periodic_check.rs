@@ -15,7 +15,10 @@ pub fn target_of(ctx: &JobContext) -> CheckTarget {
         rewrite: ctx.rewrite.clone(),
         keys: ctx.keys.clone(),
         meta_prefix: ctx.meta_prefix.clone(),
-        leases: ctx.lease_settings.mode == crate::config::LeaseMode::Faithful,
+        leases: match ctx.lease_settings.mode {
+            crate::config::LeaseMode::Faithful => crate::check::LeaseCheck::Mirrored,
+            crate::config::LeaseMode::Strip => crate::check::LeaseCheck::Unleased,
+        },
     }
 }
 

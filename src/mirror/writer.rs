@@ -347,6 +347,7 @@ impl Pipeline {
             partial_revision: batch.partial_revision,
             write_id: self.next_write_id,
             last_event: last_event.or_else(|| self.tail_event.clone()),
+            leases_mirrored: self.writer.leases().is_some(),
         };
         self.tail_event = checkpoint.last_event.clone();
         self.next_write_id = self.next_write_id.wrapping_add(1);

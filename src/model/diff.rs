@@ -22,9 +22,11 @@ pub struct Entry {
 /// How the merge compares lease attachments.
 #[derive(Default)]
 pub enum LeaseRule {
-    /// Not compared: `--leases strip`.
+    /// Not compared.
     #[default]
     Ignore,
+    /// Every destination key on no lease (`--leases strip`).
+    Unleased,
     /// A source key on lease L belongs on the destination lease the
     /// function maps L to (`None`: not mapped yet, so any attachment
     /// differs); a key on no lease belongs on no lease.
@@ -35,6 +37,7 @@ impl LeaseRule {
     pub fn same(&self, source_lease: i64, dest_lease: i64) -> bool {
         match self {
             LeaseRule::Ignore => true,
+            LeaseRule::Unleased => dest_lease == 0,
             LeaseRule::Mapped(_) if source_lease == 0 => dest_lease == 0,
             LeaseRule::Mapped(map) => map(source_lease) == Some(dest_lease),
         }
@@ -45,6 +48,7 @@ impl std::fmt::Debug for LeaseRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             LeaseRule::Ignore => f.write_str("Ignore"),
+            LeaseRule::Unleased => f.write_str("Unleased"),
             LeaseRule::Mapped(_) => f.write_str("Mapped"),
         }
     }

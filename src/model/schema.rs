@@ -38,6 +38,11 @@ pub struct Checkpoint {
     /// source rebuilt with the same cluster id has another history).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event: Option<EventStamp>,
+    /// Whether the destination's keys sit on mirrored leases (`--leases
+    /// faithful`). False in checkpoints written before leases were
+    /// mirrored, like `strip`: a change of mode takes one full sync.
+    #[serde(default)]
+    pub leases_mirrored: bool,
 }
 
 /// One source event, small enough to ride in every checkpoint.

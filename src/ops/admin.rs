@@ -459,21 +459,29 @@ pub async fn detach_leases(
         }
     }
     // The records go last, and only while the job is still promoted: an
-    // undo in between leaves them for the replicator to find.
+    // undo in between leaves them for the replicator to find. The
+    // checkpoint then says the keys are not on mirrored leases, so after
+    // `promote --undo` a faithful replicator puts them back with a full sync.
     let records = keys.lease_records();
+    let mut compares = vec![Compare::version(keys.promoted(), CompareOp::Greater, 0)];
+    let mut ops = vec![Op::Delete {
+        range_end: crate::model::keys::prefix_range_end(records.as_bytes()),
+        key: records.into_bytes(),
+    }];
+    if let (Some(raw), Some(checkpoint)) = (&meta.checkpoint_raw, &meta.checkpoint) {
+        let mut detached = checkpoint.clone();
+        detached.leases_mirrored = false;
+        compares.push(Compare::value(
+            keys.checkpoint(),
+            CompareOp::Equal,
+            raw.clone(),
+        ));
+        ops.push(Op::put(keys.checkpoint(), detached.encode()));
+    }
     let response = dest
         .txn(
             "delete lease records",
-            TxnRequest::new()
-                .when(vec![Compare::version(
-                    keys.promoted(),
-                    CompareOp::Greater,
-                    0,
-                )])
-                .and_then(vec![Op::Delete {
-                    range_end: crate::model::keys::prefix_range_end(records.as_bytes()),
-                    key: records.into_bytes(),
-                }]),
+            TxnRequest::new().when(compares).and_then(ops),
         )
         .await?;
     if !response.succeeded {
