@@ -56,9 +56,52 @@ pub struct JobStatus {
     pub promoted: bool,
     pub promoted_at: Option<String>,
     pub reset_pending: bool,
+    /// The mass-delete guard stopped the full sync: keys it would delete.
+    pub prune_blocked: Option<u64>,
+    /// Source leases mirrored by a destination lease (lease records).
+    pub mirrored_leases: usize,
+    /// A revision too large for one txn is half applied.
+    pub partial_revision: Option<i64>,
     /// With `--src-endpoints`: the source's current revision and the lag.
     pub source_revision: Option<i64>,
     pub lag_revisions: Option<i64>,
+}
+
+impl JobStatus {
+    /// What the destination's meta keys say the job is doing, most
+    /// pressing first; "replicating" only when nothing else applies.
+    pub fn state(&self) -> Vec<String> {
+        let mut state = Vec::new();
+        if self.promoted {
+            state.push("promoted".to_string());
+        }
+        if let Some(would_delete) = self.prune_blocked {
+            state.push(format!(
+                "stopped by the mass-delete guard ({would_delete} deletes)"
+            ));
+        } else if self.full_sync_in_progress {
+            state.push("full sync".to_string());
+        }
+        if self.leader.is_none() && !self.promoted {
+            state.push("no leader".to_string());
+        }
+        if let Some(revision) = self.partial_revision {
+            state.push(format!("mid-revision {revision}"));
+        }
+        if self.reset_pending {
+            state.push("reset pending".to_string());
+        }
+        if self.last_synced_revision.is_none() && !self.full_sync_in_progress {
+            state.push("no checkpoint".to_string());
+        }
+        if state.is_empty() {
+            state.push("replicating".to_string());
+        }
+        if self.mirrored_leases > 0 {
+            state.push(format!("{} leases mirrored", self.mirrored_leases));
+        }
+        state
+    }
 }
 
 #[derive(Default)]
@@ -107,6 +150,7 @@ pub async fn collect_status(
                         .dest_prefix
                         .or_else(|| Some(checkpoint.source_prefix.clone()));
                     status.source_prefix = Some(checkpoint.source_prefix);
+                    status.partial_revision = checkpoint.partial_revision;
                 }
             }
             "full-sync" => {
@@ -114,6 +158,7 @@ pub async fn collect_status(
                 if let Ok(marker) = serde_json::from_slice::<FullSyncMarker>(&kv.value) {
                     status.full_sync_pinned_revision = Some(marker.pinned_rev);
                     status.source_cluster_id = Some(format!("{:x}", marker.source_cluster_id));
+                    status.prune_blocked = marker.prune_blocked.map(|block| block.would_delete);
                 }
             }
             "promoted" => {
@@ -127,6 +172,7 @@ pub async fn collect_status(
                     });
             }
             "reset-request" => status.reset_pending = true,
+            record if record.starts_with("leases/") => status.mirrored_leases += 1,
             lock if lock.starts_with("lock/") => {
                 status.instances += 1;
                 let instance = serde_json::from_slice::<LockValue>(&kv.value)
@@ -199,16 +245,7 @@ pub fn render_text(statuses: &[JobStatus]) -> String {
     ]];
     let dash = || "-".to_string();
     for status in statuses {
-        let mut state = Vec::new();
-        if status.promoted {
-            state.push("promoted");
-        }
-        if status.reset_pending {
-            state.push("reset pending");
-        }
-        if state.is_empty() {
-            state.push("replicating");
-        }
+        let state = status.state().join(", ");
         rows.push([
             status.job.clone(),
             status.leader.clone().unwrap_or_else(|| "(none)".into()),
@@ -228,7 +265,7 @@ pub fn render_text(statuses: &[JobStatus]) -> String {
             status.source_cluster_id.clone().unwrap_or_else(dash),
             status.source_revision.map_or_else(dash, |r| r.to_string()),
             status.lag_revisions.map_or_else(dash, |r| r.to_string()),
-            state.join(", "),
+            state,
         ]);
     }
     let widths: Vec<usize> = (0..rows[0].len())
@@ -558,6 +595,54 @@ mod tests {
     use super::*;
     use crate::etcd::memory::{new_store, Link, MemoryEtcd};
     use crate::model::Side;
+
+    /// `status` says what the meta keys show, not "replicating" whenever
+    /// the job is not promoted.
+    #[test]
+    fn status_state_shows_what_stops_the_job() {
+        let healthy = JobStatus {
+            job: "app".into(),
+            leader: Some("pod-0".into()),
+            last_synced_revision: Some(10),
+            ..JobStatus::default()
+        };
+        assert_eq!(healthy.state(), vec!["replicating"]);
+        let leaderless = JobStatus {
+            leader: None,
+            ..healthy.clone()
+        };
+        assert_eq!(leaderless.state(), vec!["no leader"]);
+        let guarded = JobStatus {
+            full_sync_in_progress: true,
+            prune_blocked: Some(653),
+            mirrored_leases: 4,
+            ..healthy.clone()
+        };
+        assert_eq!(
+            guarded.state(),
+            vec![
+                "stopped by the mass-delete guard (653 deletes)",
+                "4 leases mirrored"
+            ]
+        );
+        let syncing = JobStatus {
+            full_sync_in_progress: true,
+            last_synced_revision: None,
+            ..healthy.clone()
+        };
+        assert_eq!(syncing.state(), vec!["full sync"]);
+        let fresh = JobStatus {
+            last_synced_revision: None,
+            ..healthy.clone()
+        };
+        assert_eq!(fresh.state(), vec!["no checkpoint"]);
+        let promoted = JobStatus {
+            promoted: true,
+            leader: None,
+            ..healthy
+        };
+        assert_eq!(promoted.state(), vec!["promoted"]);
+    }
 
     fn dest() -> Cluster {
         Cluster::with_backend(
