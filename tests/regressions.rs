@@ -95,6 +95,7 @@ fn context_over(
         checks,
         quirks: Default::default(),
         lease_settings: Default::default(),
+        lag_origin: Default::default(),
     }
 }
 

@@ -378,6 +378,7 @@ impl World {
                 mode: profile.leases,
                 grace: profile.lease_grace,
             },
+            lag_origin: Default::default(),
         };
         let instance = Arc::new(Instance {
             sessions: Arc::new(SessionManager::new(dest, profile.lock_ttl)),

@@ -144,6 +144,7 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
             checks: settings.checks,
             quirks,
             lease_settings: settings.leases,
+            lag_origin: Default::default(),
         };
         let name = job.name.clone();
         let replica_cancel = cancel.clone();

@@ -132,7 +132,7 @@ pub async fn run(
     // never gets a progress answer. It is probed with a read (off the loop)
     // instead of being recreated over and over.
     let mut stall_probe: Option<JoinHandle<Result<(), JobError>>> = None;
-    let mut lag = LagClock::default();
+    let mut lag = LagClock::resume(ctx.lag_origin.clone(), committed_revision);
     let mut progress_tick = tokio::time::interval(ctx.tuning.progress_interval);
     progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_message = Instant::now();
@@ -551,9 +551,35 @@ impl IdleCheckpoint {
 struct LagClock {
     /// Heads seen and when, oldest first; pruned as commits pass them.
     pending_heads: std::collections::VecDeque<(i64, Instant)>,
+    /// Where the oldest pending head is kept between attempts, so a job
+    /// that keeps failing to apply shows a lag that grows (it used to
+    /// start again from zero with every retry).
+    origin: LagOrigin,
+}
+
+/// The oldest source head the destination did not reflect yet, and when it
+/// was seen; shared by a job's attempts.
+pub type LagOrigin = std::sync::Arc<std::sync::Mutex<Option<(i64, Instant)>>>;
+
+impl Drop for LagClock {
+    fn drop(&mut self) {
+        if let Ok(mut origin) = self.origin.lock() {
+            *origin = self.pending_heads.front().copied();
+        }
+    }
 }
 
 impl LagClock {
+    fn resume(origin: LagOrigin, committed_revision: i64) -> Self {
+        let oldest = origin.lock().ok().and_then(|mut o| o.take());
+        let mut clock = Self {
+            pending_heads: oldest.into_iter().collect(),
+            origin,
+        };
+        clock.committed(committed_revision);
+        clock
+    }
+
     fn saw_head(&mut self, revision: i64) {
         if self.pending_heads.back().is_none_or(|(r, _)| *r < revision) {
             if self.pending_heads.len() >= 1024 {
@@ -641,5 +667,26 @@ mod tests {
         assert_eq!(lag.pending_heads.front().map(|(r, _)| *r), Some(20));
         lag.committed(20);
         assert!(lag.pending_heads.is_empty());
+    }
+
+    /// A retry does not start the lag from zero: the oldest head the
+    /// destination did not reflect carries over to the next attempt.
+    #[tokio::test(start_paused = true)]
+    async fn lag_carries_over_between_attempts() {
+        let origin = LagOrigin::default();
+        {
+            let mut first = LagClock::resume(origin.clone(), 5);
+            first.saw_head(10);
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            first.saw_head(12);
+        }
+        let seen = origin.lock().unwrap().expect("kept").1;
+        assert_eq!(origin.lock().unwrap().map(|(r, _)| r), Some(10));
+        let second = LagClock::resume(origin.clone(), 5);
+        assert_eq!(second.pending_heads.front(), Some(&(10, seen)));
+        drop(second);
+        // An attempt that reflects it prunes it.
+        let third = LagClock::resume(origin.clone(), 11);
+        assert!(third.pending_heads.is_empty());
     }
 }

@@ -61,6 +61,8 @@ pub struct JobContext {
     /// The workarounds the source's etcd version needs.
     pub quirks: crate::model::versions::Quirks,
     pub lease_settings: LeaseSettings,
+    /// The oldest source head not yet reflected, kept across attempts.
+    pub lag_origin: incremental::LagOrigin,
 }
 
 impl JobContext {
@@ -74,7 +76,23 @@ impl JobContext {
     /// # Cancel-Safety
     /// Cancel-safe: it only sleeps.
     pub async fn pause(&self, delay: Duration, cancel: &CancellationToken) -> bool {
-        crate::etcd::retry::sleep_alive(delay, &|| self.heartbeat(), cancel).await
+        let alive = || {
+            self.heartbeat();
+            self.publish_lag_while_stopped();
+        };
+        crate::etcd::retry::sleep_alive(delay, &alive, cancel).await
+    }
+
+    /// Between attempts nothing applies: the lag keeps growing from the
+    /// oldest head the destination does not reflect, so lag alerts fire
+    /// on a job that retries for ever.
+    fn publish_lag_while_stopped(&self) {
+        let origin = self.lag_origin.lock().ok().and_then(|o| *o);
+        if let Some((revision, seen)) = origin {
+            if revision > self.metrics.last_synced_revision.get() {
+                self.metrics.lag_seconds.set(seen.elapsed().as_secs_f64());
+            }
+        }
     }
 
     /// The same job writing under `fence` (the lock this instance now
