@@ -106,3 +106,20 @@ password-file = "/etc/etcd-syncer/{{ $side }}-auth/password"
   readOnly: true
 {{- end }}
 {{- end -}}
+
+{{/* The etcd client ports the pods connect to: networkPolicy.egress.etcdPorts, else every endpoint's port. */}}
+{{- define "etcd-syncer.etcdPorts" -}}
+{{- $ports := list -}}
+{{- if .Values.networkPolicy.egress.etcdPorts -}}
+{{- $ports = .Values.networkPolicy.egress.etcdPorts -}}
+{{- else -}}
+{{- range concat .Values.source.endpoints .Values.destination.endpoints -}}
+{{- $host := (urlParse .).host -}}
+{{- if not (regexMatch ":[0-9]+$" $host) -}}
+{{- fail (printf "endpoint %s has no port (etcd clients usually use 2379)" .) -}}
+{{- end -}}
+{{- $ports = append $ports (regexFind "[0-9]+$" $host | atoi) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson ($ports | uniq) -}}
+{{- end -}}
