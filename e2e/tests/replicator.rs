@@ -608,3 +608,43 @@ async fn unreachable_destination_is_retried_and_not_ready() -> Result<()> {
     .await?;
     syncer.finish().await
 }
+
+/// A value the destination refuses (larger than its request limit) stops
+/// the job; every retry fails the same way. `etcd_syncer_lag_seconds` must
+/// keep growing through the retries (it used to restart from zero with
+/// each one, so the lag alert never fired), and the job reports an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_grows_while_the_destination_refuses_every_write() -> Result<()> {
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_with(EtcdOptions {
+        role: Role::Dest,
+        extra_args: vec!["--max-request-bytes".into(), "65536".into()],
+        ..EtcdOptions::default()
+    })
+    .await?;
+    let mut src = source.client().await?;
+    put_many(&mut src, "/app/", 10, 10, "v1").await?;
+    let mut syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
+    syncer.allow_error("Replication failed; operator action needed.");
+    wait_job_state(&syncer, "app", "watching").await?;
+    src.put("/app/huge", "x".repeat(200 * 1024), None).await?;
+    eventually(CONVERGE, "the job to fail on the refused value", || async {
+        Ok(syncer
+            .metric(
+                "etcd_syncer_job_state",
+                &[("job", "app"), ("state", "error")],
+            )
+            .await?
+            == 1.0)
+    })
+    .await?;
+    // Several retries later the lag still measures from the refused write.
+    eventually(CONVERGE, "the lag to pass 15 s", || async {
+        Ok(syncer
+            .metric("etcd_syncer_lag_seconds", &[("job", "app")])
+            .await?
+            > 15.0)
+    })
+    .await?;
+    syncer.finish().await
+}
