@@ -10,15 +10,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{
-    Certificate, Client, ConnectOptions, Identity, PermissionType, RoleRevokePermissionOptions,
-    TlsOptions, UserAddOptions,
-};
+use etcd_client::{Client, PermissionType, RoleRevokePermissionOptions, UserAddOptions};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use crate::config::ClusterSettings;
-use crate::etcd::client::ClientError;
+use crate::etcd::client::{connect_client, ClientError};
 use crate::model::Side;
 
 /// What a permission allows.
@@ -255,58 +252,14 @@ impl std::fmt::Debug for RealAuth {
     }
 }
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 impl RealAuth {
     /// Connects (and, with a user, authenticates) like [`crate::etcd::Cluster::connect`].
     pub async fn connect(
         settings: &ClusterSettings,
         request_timeout: Duration,
     ) -> Result<Self, ClientError> {
+        let client = connect_client(settings, request_timeout, "connect for auth sync").await?;
         let endpoints = settings.endpoints.join(",");
-        let mut options = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT);
-        if let Some(credentials) = &settings.credentials {
-            options = options
-                .with_user(credentials.user.clone(), credentials.password.clone())
-                .with_auto_token_refresh(true);
-        }
-        if let Some(tls_files) = &settings.tls {
-            let p = settings.side.flag_prefix();
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &tls_files.ca {
-                tls = tls.ca_certificate(Certificate::from_pem(read_tls_file(
-                    &format!("--{p}-cacert"),
-                    ca,
-                )?));
-            }
-            if let Some((cert, key)) = &tls_files.cert_and_key {
-                tls = tls.identity(Identity::from_pem(
-                    read_tls_file(&format!("--{p}-cert"), cert)?,
-                    read_tls_file(&format!("--{p}-key"), key)?,
-                ));
-            }
-            options = options.with_tls(tls);
-        }
-        let connect = Client::connect(settings.endpoints.clone(), Some(options));
-        let client = match tokio::time::timeout(request_timeout, connect).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(source)) => {
-                return Err(ClientError::Request {
-                    side: settings.side,
-                    endpoints,
-                    operation: "connect for auth sync",
-                    source,
-                })
-            }
-            Err(_) => {
-                return Err(ClientError::Timeout {
-                    side: settings.side,
-                    endpoints,
-                    operation: "connect for auth sync",
-                    timeout: request_timeout,
-                })
-            }
-        };
         Ok(Self {
             client,
             side: settings.side,
@@ -364,14 +317,6 @@ fn token_is_stale(error: &etcd_client::Error) -> bool {
         }
         _ => false,
     }
-}
-
-fn read_tls_file(field: &str, path: &std::path::Path) -> Result<Vec<u8>, ClientError> {
-    std::fs::read(path).map_err(|source| ClientError::TlsFile {
-        field: field.to_string(),
-        path: path.to_path_buf(),
-        source,
-    })
 }
 
 impl EtcdAuth for RealAuth {

@@ -168,6 +168,67 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// An `etcd-client` connection to one side: keepalives, token refresh, TLS
+/// files read with errors naming their flag, and the connect bounded by
+/// `request_timeout`. `operation` names the attempt in errors.
+pub async fn connect_client(
+    settings: &ClusterSettings,
+    request_timeout: Duration,
+    operation: &'static str,
+) -> Result<Client, ClientError> {
+    let endpoints = settings.endpoints.join(",");
+    let mut options = ConnectOptions::new()
+        .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+        // Pings without an open stream trip etcd's too_many_pings policy.
+        .with_keep_alive_while_idle(false)
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_tcp_keepalive(Duration::from_secs(30));
+    if let Some(credentials) = &settings.credentials {
+        options = options
+            .with_user(credentials.user.clone(), credentials.password.clone())
+            // etcd's simple tokens expire (5 min by default); a mirror runs for months.
+            .with_auto_token_refresh(true);
+    }
+    if let Some(tls_files) = &settings.tls {
+        let p = settings.side.flag_prefix();
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &tls_files.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read_tls_file(
+                &format!("--{p}-cacert"),
+                ca,
+            )?));
+        }
+        if let Some((cert, key)) = &tls_files.cert_and_key {
+            tls = tls.identity(Identity::from_pem(
+                read_tls_file(&format!("--{p}-cert"), cert)?,
+                read_tls_file(&format!("--{p}-key"), key)?,
+            ));
+        }
+        options = options.with_tls(tls);
+    }
+    let connect = Client::connect(settings.endpoints.clone(), Some(options));
+    let client = match tokio::time::timeout(request_timeout, connect).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(source)) => {
+            return Err(ClientError::Request {
+                side: settings.side,
+                endpoints,
+                operation,
+                source,
+            })
+        }
+        Err(_) => {
+            return Err(ClientError::Timeout {
+                side: settings.side,
+                endpoints,
+                operation,
+                timeout: request_timeout,
+            })
+        }
+    };
+    Ok(client)
+}
+
 impl Cluster {
     /// Builds the client. With auth this authenticates, so wrong credentials
     /// and unreachable endpoints fail here; without auth the channel is lazy
@@ -176,59 +237,10 @@ impl Cluster {
         settings: &ClusterSettings,
         request_timeout: Duration,
     ) -> Result<Self, ClientError> {
-        let endpoints = settings.endpoints.join(",");
-        let mut options = ConnectOptions::new()
-            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-            // Pings without an open stream trip etcd's too_many_pings policy.
-            .with_keep_alive_while_idle(false)
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_tcp_keepalive(Duration::from_secs(30));
-        if let Some(credentials) = &settings.credentials {
-            options = options
-                .with_user(credentials.user.clone(), credentials.password.clone())
-                // etcd's simple tokens expire (5 min by default); a mirror runs for months.
-                .with_auto_token_refresh(true);
-        }
-        if let Some(tls_files) = &settings.tls {
-            let p = settings.side.flag_prefix();
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &tls_files.ca {
-                tls = tls.ca_certificate(Certificate::from_pem(read_tls_file(
-                    &format!("--{p}-cacert"),
-                    ca,
-                )?));
-            }
-            if let Some((cert, key)) = &tls_files.cert_and_key {
-                tls = tls.identity(Identity::from_pem(
-                    read_tls_file(&format!("--{p}-cert"), cert)?,
-                    read_tls_file(&format!("--{p}-key"), key)?,
-                ));
-            }
-            options = options.with_tls(tls);
-        }
-        let connect = Client::connect(settings.endpoints.clone(), Some(options));
-        let client = match tokio::time::timeout(request_timeout, connect).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(source)) => {
-                return Err(ClientError::Request {
-                    side: settings.side,
-                    endpoints,
-                    operation: "connect",
-                    source,
-                })
-            }
-            Err(_) => {
-                return Err(ClientError::Timeout {
-                    side: settings.side,
-                    endpoints,
-                    operation: "connect",
-                    timeout: request_timeout,
-                })
-            }
-        };
+        let client = connect_client(settings, request_timeout, "connect").await?;
         Ok(Self::with_backend(
             settings.side,
-            endpoints,
+            settings.endpoints.join(","),
             Arc::new(RealEtcd::new(client)),
             request_timeout,
         ))

@@ -145,11 +145,18 @@ impl SortedMerge {
     }
 
     pub fn step(&mut self) -> Step {
-        match (self.source.front(), self.dest.front()) {
-            (None, _) if !self.source_done => Step::NeedSource,
-            (_, None) if !self.dest_done => Step::NeedDest,
-            (None, None) => Step::Done,
-            (Some(_), None) => {
+        use std::cmp::Ordering;
+        let order = match (self.source.front(), self.dest.front()) {
+            (None, _) if !self.source_done => return Step::NeedSource,
+            (_, None) if !self.dest_done => return Step::NeedDest,
+            (None, None) => return Step::Done,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(source), Some(dest)) => source.suffix.cmp(&dest.suffix),
+        };
+        match order {
+            // Only at the source.
+            Ordering::Less => {
                 let Entry {
                     suffix,
                     value,
@@ -162,7 +169,8 @@ impl SortedMerge {
                     lease,
                 })
             }
-            (None, Some(_)) => {
+            // Only at the destination.
+            Ordering::Greater => {
                 let Entry {
                     suffix,
                     create_revision,
@@ -173,50 +181,24 @@ impl SortedMerge {
                     create_revision,
                 })
             }
-            (Some(source), Some(dest)) => match source.suffix.cmp(&dest.suffix) {
-                std::cmp::Ordering::Less => {
-                    let Entry {
-                        suffix,
-                        value,
-                        lease,
-                        ..
-                    } = self.source.pop_front().expect("front checked");
-                    Step::Differ(Difference::MissingAtDest {
-                        suffix,
-                        value,
-                        lease,
-                    })
+            Ordering::Equal => {
+                let source = self.source.pop_front().expect("front checked");
+                let dest = self.dest.pop_front().expect("front checked");
+                let same_lease = self.leases.same(source.lease, dest.lease);
+                match (source.value == dest.value, same_lease) {
+                    (true, true) => Step::Same,
+                    (true, false) => Step::Differ(Difference::LeaseDiffers {
+                        suffix: source.suffix,
+                        value: source.value,
+                        lease: source.lease,
+                    }),
+                    (false, _) => Step::Differ(Difference::ValueDiffers {
+                        suffix: source.suffix,
+                        value: source.value,
+                        lease: source.lease,
+                    }),
                 }
-                std::cmp::Ordering::Greater => {
-                    let Entry {
-                        suffix,
-                        create_revision,
-                        ..
-                    } = self.dest.pop_front().expect("front checked");
-                    Step::Differ(Difference::ExtraAtDest {
-                        suffix,
-                        create_revision,
-                    })
-                }
-                std::cmp::Ordering::Equal => {
-                    let source = self.source.pop_front().expect("front checked");
-                    let dest = self.dest.pop_front().expect("front checked");
-                    let same_lease = self.leases.same(source.lease, dest.lease);
-                    match (source.value == dest.value, same_lease) {
-                        (true, true) => Step::Same,
-                        (true, false) => Step::Differ(Difference::LeaseDiffers {
-                            suffix: source.suffix,
-                            value: source.value,
-                            lease: source.lease,
-                        }),
-                        (false, _) => Step::Differ(Difference::ValueDiffers {
-                            suffix: source.suffix,
-                            value: source.value,
-                            lease: source.lease,
-                        }),
-                    }
-                }
-            },
+            }
         }
     }
 }
@@ -298,6 +280,91 @@ mod tests {
             let mut sorted = suffixes.clone();
             sorted.sort();
             prop_assert_eq!(suffixes, sorted);
+        }
+
+        /// With leases compared through a mapping, applying the differences
+        /// (each put on the mapped lease) leaves every key on the lease its
+        /// source lease maps to, and only same-value keys on a wrong lease
+        /// are reported as lease differences.
+        #[test]
+        fn lease_differences_are_exactly_the_misattached_keys(
+            source in proptest::collection::btree_map(
+                proptest::collection::vec(0u8..4, 0..3),
+                (proptest::collection::vec(0u8..2, 0..2), 0i64..3),
+                0..20,
+            ),
+            dest in proptest::collection::btree_map(
+                proptest::collection::vec(0u8..4, 0..3),
+                (proptest::collection::vec(0u8..2, 0..2), 0i64..4),
+                0..20,
+            ),
+            page in 1usize..5,
+        ) {
+            // Source lease 1 → 10, 2 → unmapped; the destination has 0..4.
+            let map = |lease: i64| (lease == 1).then_some(10);
+            let to_entries = |m: &BTreeMap<Vec<u8>, (Vec<u8>, i64)>, dest_side: bool| -> Vec<Vec<Entry>> {
+                let entries: Vec<Entry> = m.iter().map(|(k, (v, l))| Entry {
+                    suffix: k.clone(),
+                    value: v.clone(),
+                    create_revision: 0,
+                    // Destination lease 1 stands for the mapped one.
+                    lease: if dest_side && *l == 1 { 10 } else { *l },
+                }).collect();
+                entries.chunks(page).map(|c| c.to_vec()).collect()
+            };
+            let mut merge = SortedMerge::with_leases(LeaseRule::Mapped(Box::new(map)));
+            let mut sources = to_entries(&source, false).into_iter();
+            let mut dests = to_entries(&dest, true).into_iter();
+            let mut patched: BTreeMap<Vec<u8>, (Vec<u8>, i64)> = dest
+                .iter()
+                .map(|(k, (v, l))| (k.clone(), (v.clone(), if *l == 1 { 10 } else { *l })))
+                .collect();
+            let mut lease_diffs = 0;
+            loop {
+                match merge.step() {
+                    Step::NeedSource => match sources.next() {
+                        Some(p) => merge.push_source(p),
+                        None => merge.source_exhausted(),
+                    },
+                    Step::NeedDest => match dests.next() {
+                        Some(p) => merge.push_dest(p),
+                        None => merge.dest_exhausted(),
+                    },
+                    Step::Differ(Difference::ExtraAtDest { suffix, .. }) => { patched.remove(&suffix); }
+                    Step::Differ(difference) => {
+                        if matches!(difference, Difference::LeaseDiffers { .. }) {
+                            lease_diffs += 1;
+                        }
+                        let (Difference::MissingAtDest { suffix, value, lease }
+                        | Difference::ValueDiffers { suffix, value, lease }
+                        | Difference::LeaseDiffers { suffix, value, lease }) = difference
+                        else {
+                            unreachable!("extra keys matched above")
+                        };
+                        // The writer grants a lease for an unmapped one: -1 here.
+                        let attached = if lease == 0 { 0 } else { map(lease).unwrap_or(-1) };
+                        patched.insert(suffix, (value, attached));
+                    }
+                    Step::Same => {}
+                    Step::Done => break,
+                }
+            }
+            let expected: BTreeMap<Vec<u8>, (Vec<u8>, i64)> = source
+                .iter()
+                .map(|(k, (v, l))| (k.clone(), (v.clone(), if *l == 0 { 0 } else { map(*l).unwrap_or(-1) })))
+                .collect();
+            let misattached = source
+                .iter()
+                .filter(|(k, (v, l))| {
+                    dest.get(*k).is_some_and(|(dv, dl)| {
+                        let dest_lease = if *dl == 1 { 10 } else { *dl };
+                        let wanted = if *l == 0 { Some(0) } else { map(*l) };
+                        dv == v && wanted != Some(dest_lease)
+                    })
+                })
+                .count();
+            prop_assert_eq!(patched, expected);
+            prop_assert_eq!(lease_diffs, misattached);
         }
 
         #[test]
