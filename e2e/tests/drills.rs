@@ -422,6 +422,7 @@ async fn drill_destination_quota_exceeded() -> Result<()> {
                 .context("last_synced_rev")?,
         ))
     };
+    wait_job_state(&syncer, "app", "no_space").await?;
     let (stuck_mod_revision, stuck_at) = read_checkpoint().await?;
     // A negative check: nothing can flake here, only a bug can show.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -436,6 +437,7 @@ async fn drill_destination_quota_exceeded() -> Result<()> {
 
     dest.raise_quota(256 * 1024 * 1024).await?;
     converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    wait_job_state(&syncer, "app", "watching").await?;
     println!(
         "quota drill: stuck at revision {stuck_at} until the quota was raised, then converged"
     );

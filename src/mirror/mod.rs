@@ -273,6 +273,11 @@ impl JobError {
         }
     }
 
+    /// The destination refused a write for lack of space (NOSPACE alarm).
+    pub fn is_dest_out_of_space(&self) -> bool {
+        matches!(self, JobError::Client(error) if error.kind() == FailureKind::QuotaExceeded)
+    }
+
     /// Low-cardinality label for `etcd_syncer_errors_total{kind}`.
     pub fn kind(&self) -> &'static str {
         self.policy().label
@@ -441,6 +446,8 @@ const PROMOTED_POLL: Duration = Duration::from_secs(10);
 /// A job the mass-delete guard stopped waits for an operator; it looks for
 /// a reset request or a new leader this often, without scanning anything.
 pub const PRUNE_GUARD_POLL: Duration = Duration::from_secs(60);
+/// A destination out of space is tried again this often.
+pub const NO_SPACE_POLL: Duration = Duration::from_secs(15);
 
 /// Runs one job until cancelled, retrying every transient fault with capped,
 /// jittered backoff and resuming from the checkpoint each time.
@@ -547,6 +554,12 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
                 let delay = if matches!(error, JobError::PruneGuard { .. }) {
                     ctx.metrics.set_state(JobState::PruneGuard);
                     PRUNE_GUARD_POLL
+                } else if error.is_dest_out_of_space() {
+                    // Nothing will apply until an operator compacts,
+                    // defragments and disarms the alarm: park, and look
+                    // again now and then.
+                    ctx.metrics.set_state(JobState::NoSpace);
+                    NO_SPACE_POLL
                 } else {
                     ctx.metrics.set_state(JobState::Error);
                     backoff.next().unwrap_or(Duration::from_secs(30))

@@ -192,7 +192,7 @@ impl Metrics {
             job_state: must(IntGaugeVec::new(
                 Opts::new(
                     "etcd_syncer_job_state",
-                    "1 for the state the job is in (starting, full_sync, watching, error, prune_guard, promoted, standby)",
+                    "1 for the state the job is in (starting, full_sync, watching, error, prune_guard, no_space, promoted, standby)",
                 ),
                 &["job", "state"],
             )),
@@ -306,17 +306,20 @@ pub enum JobState {
     Watching,
     Error,
     PruneGuard,
+    /// The destination is out of space (NOSPACE alarm): parked, retrying slowly.
+    NoSpace,
     Promoted,
 }
 
 impl JobState {
-    pub const ALL: [JobState; 7] = [
+    pub const ALL: [JobState; 8] = [
         JobState::Starting,
         JobState::Standby,
         JobState::FullSync,
         JobState::Watching,
         JobState::Error,
         JobState::PruneGuard,
+        JobState::NoSpace,
         JobState::Promoted,
     ];
 
@@ -328,6 +331,7 @@ impl JobState {
             JobState::Watching => "watching",
             JobState::Error => "error",
             JobState::PruneGuard => "prune_guard",
+            JobState::NoSpace => "no_space",
             JobState::Promoted => "promoted",
         }
     }
