@@ -1030,4 +1030,483 @@ mod leases {
         assert!(meta.leases.is_empty(), "record deleted");
         stop.cancel();
     }
+
+    // --- The lease book's decisions, one mutation each (see .cargo/mutants.toml).
+
+    /// A leader whose destination link the test can fault.
+    fn leader_over(source: &SharedStore, dest: &SharedStore) -> (JobContext, Arc<Link>) {
+        let link = Link::new("replica", 7);
+        let template = context_over(source, dest, link.clone(), NO_CHECKS, 1.0);
+        (template.fenced(Fence::new(&template.keys, None)), link)
+    }
+
+    fn alive(store: &SharedStore, lease: i64) -> bool {
+        store.lock().unwrap().lease_ttl_for_test(lease).is_some()
+    }
+
+    /// The destination keys of source lease number `l` (of `leased_source`).
+    fn keys_of(store: &SharedStore, l: usize) -> std::collections::BTreeMap<Vec<u8>, i64> {
+        dest_leases_of_keys(store)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(format!("/app/l{l}/").as_bytes()))
+            .collect()
+    }
+
+    async fn recorded(ctx: &JobContext) -> Vec<i64> {
+        read_job_meta(&ctx.dest, &ctx.keys)
+            .await
+            .expect("meta")
+            .leases
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// Applies the deletes of source lease number `l`'s `keys` keys on the
+    /// destination, as the pipeline would.
+    async fn apply_deletes(ctx: &JobContext, l: usize, keys: usize) {
+        let ops = (0..keys)
+            .map(|k| Op::delete(format!("/app/l{l}/k{k}")))
+            .collect();
+        ctx.dest
+            .txn("apply deletes", TxnRequest::new().and_then(ops))
+            .await
+            .expect("deletes");
+    }
+
+    /// Sleeps `seconds` of paused time, the source's clients renewing `ids`.
+    async fn run_for(source: &SharedStore, ids: &[i64], seconds: u64) {
+        for _ in 0..seconds {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            renew_source(source, ids);
+        }
+    }
+
+    /// The destination's own clients hold a lease with a source lease's ID:
+    /// that source lease gets a fresh destination lease, the other its own ID.
+    #[tokio::test(start_paused = true)]
+    async fn a_source_lease_id_taken_on_the_destination_gets_a_fresh_one() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 2, 2, 10).await;
+        let operator = MemoryEtcd::new(dest.clone(), Link::new("operator", 5));
+        operator.lease_grant(600, ids[0]).await.expect("grant");
+        let ctx = leader(&source, &dest);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap();
+        let fresh = book.dest_lease_of(ids[0]).expect("mapped");
+        assert_ne!(fresh, ids[0], "not the destination's own lease");
+        let other = book.dest_lease_of(ids[1]).expect("mapped");
+        assert_ne!(other, fresh);
+        assert_eq!(book.mirrored_count(), 2);
+        assert!(keys_of(&dest, 0).values().all(|lease| *lease == fresh));
+        assert!(keys_of(&dest, 1).values().all(|lease| *lease == other));
+        assert_eq!(dest.lock().unwrap().lease_ttl_for_test(fresh), Some(40));
+        assert_eq!(
+            dest.lock().unwrap().lease_ttl_for_test(ids[0]),
+            Some(600),
+            "the destination's own lease is left alone"
+        );
+    }
+
+    /// A grant that fails for another reason (its answer lost) fails the
+    /// txn: it is not sent again under a fresh ID, which would leave a
+    /// second orphan lease; the next attempt finds the first under the
+    /// source's ID and takes a fresh one.
+    #[tokio::test(start_paused = true)]
+    async fn a_grant_that_fails_is_not_repeated_under_a_fresh_id() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 1, 2, 10).await;
+        let (ctx, link) = leader_over(&source, &dest);
+        link.set_faults(Faults {
+            lose_response: 1.0,
+            ..Faults::default()
+        });
+        let failed = ctx
+            .writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await;
+        assert!(failed.is_err());
+        assert_eq!(requests(&dest, "grant"), 1, "one grant sent");
+        assert_eq!(dest_leases_of_keys(&dest).len(), 0);
+        link.set_faults(Faults::default());
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let fresh = ctx.leases().unwrap().dest_lease_of(ids[0]).expect("mapped");
+        assert_ne!(fresh, ids[0]);
+        assert!(keys_of(&dest, 0).values().all(|lease| *lease == fresh));
+    }
+
+    /// A put on a source lease that is retiring (replayed from before the
+    /// lease went) joins its retiring destination lease; a put on a lease
+    /// the source never had mapped and no longer has gets a destination
+    /// lease of the grace alone, kept until its deletes are applied.
+    #[tokio::test(start_paused = true)]
+    async fn keys_on_gone_source_leases_get_destination_leases() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 2, 2, 10).await;
+        let ctx = leader(&source, &dest);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap().clone();
+        let retiring_dest = book.dest_lease_of(ids[1]).unwrap();
+        book.committed(source.lock().unwrap().revision());
+        let clients = MemoryEtcd::new(source.clone(), Link::new("clients", 3));
+        clients.lease_revoke(ids[1]).await.expect("revoke");
+        let stop = CancellationToken::new();
+        book.ensure_keeper(ctx.writer.clone(), &stop);
+        run_for(&source, &ids[..1], 1).await;
+        assert_eq!(book.mapping().len(), 1, "the gone lease is retiring");
+        let grants = requests(&dest, "grant");
+
+        let late = |key: &str, lease| Mutation::Put {
+            key: key.as_bytes().to_vec(),
+            value: b"late".to_vec(),
+            lease,
+        };
+        let never_mapped = 0x5555;
+        ctx.writer
+            .commit_mutations(
+                "late",
+                vec![],
+                vec![late("/app/l1/k9", ids[1]), late("/app/gone/k0", never_mapped)],
+                vec![],
+            )
+            .await
+            .expect("commit");
+        let on_dest = dest_leases_of_keys(&dest);
+        assert_eq!(on_dest[&b"/app/l1/k9".to_vec()], retiring_dest);
+        let gone_dest = book.dest_lease_of(never_mapped).expect("mapped");
+        assert_eq!(on_dest[&b"/app/gone/k0".to_vec()], gone_dest);
+        assert_ne!(gone_dest, retiring_dest);
+        assert_eq!(dest.lock().unwrap().lease_ttl_for_test(gone_dest), Some(30));
+        assert_eq!(requests(&dest, "grant"), grants + 1, "one grant, for the new one");
+        stop.cancel();
+    }
+
+    /// A retiring lease is renewed a third of its TTL apart like a live one,
+    /// outlives grants for other leases, and once the checkpoint passes its
+    /// deletes it is revoked at once, while the other leases live on.
+    #[tokio::test(start_paused = true)]
+    async fn a_retiring_lease_is_renewed_on_time_then_revoked_beside_live_ones() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let mut ids = leased_source(&source, 2, 2, 10).await;
+        let ctx = leader(&source, &dest);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap().clone();
+        let retiring_dest = book.dest_lease_of(ids[1]).unwrap();
+        book.committed(source.lock().unwrap().revision());
+        let clients = MemoryEtcd::new(source.clone(), Link::new("clients", 3));
+        clients.lease_revoke(ids[1]).await.expect("revoke");
+        let deleted_at = source.lock().unwrap().revision();
+        let live = ids.remove(0);
+        let stop = CancellationToken::new();
+        book.ensure_keeper(ctx.writer.clone(), &stop);
+        run_for(&source, &[live], 20).await;
+        // A new source lease is mirrored while the other one retires.
+        let newer = clients.lease_grant(10, 0).await.expect("grant");
+        clients
+            .txn(TxnRequest::new().and_then(vec![Op::put_with_lease("/app/l9/k0", "up", newer)]))
+            .await
+            .expect("put");
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        run_for(&source, &[live, newer], 100).await;
+        assert!(alive(&dest, retiring_dest), "still renewed");
+        assert_eq!(keys_of(&dest, 1).len(), 2, "its keys are kept");
+        // Every 15 s (a third of 40 s, on the 5 s tick) for the first two
+        // leases over 120 s, and for the newer one over 100 s.
+        let renewals = requests(&dest, "renew");
+        assert!((18..=26).contains(&renewals), "{renewals} renewals");
+
+        apply_deletes(&ctx, 1, 2).await;
+        book.committed(deleted_at.max(source.lock().unwrap().revision()));
+        run_for(&source, &[live, newer], 6).await;
+        assert!(!alive(&dest, retiring_dest), "revoked");
+        assert_eq!(requests(&dest, "revoke"), 1);
+        assert!(alive(&dest, book.dest_lease_of(live).unwrap()));
+        assert!(alive(&dest, book.dest_lease_of(newer).unwrap()));
+        let mut expected = vec![live, newer];
+        expected.sort();
+        assert_eq!(recorded(&ctx).await, expected);
+        stop.cancel();
+    }
+
+    /// A retiring lease whose destination lease vanished is dropped at its
+    /// first failed renewal: no more renewals, no revoke, and its record is
+    /// left for the next leader.
+    #[tokio::test(start_paused = true)]
+    async fn a_retiring_lease_found_gone_is_dropped() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 1, 2, 10).await;
+        let ctx = leader(&source, &dest);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap().clone();
+        let dest_lease = book.dest_lease_of(ids[0]).unwrap();
+        book.committed(source.lock().unwrap().revision());
+        let clients = MemoryEtcd::new(source.clone(), Link::new("clients", 3));
+        clients.lease_revoke(ids[0]).await.expect("revoke");
+        let stop = CancellationToken::new();
+        book.ensure_keeper(ctx.writer.clone(), &stop);
+        run_for(&source, &[], 1).await;
+        let operator = MemoryEtcd::new(dest.clone(), Link::new("operator", 5));
+        operator.lease_revoke(dest_lease).await.expect("revoke");
+        run_for(&source, &[], 60).await;
+        assert_eq!(requests(&dest, "renew"), 1, "one failed renewal");
+        assert_eq!(book.dest_lease_of(ids[0]), None);
+        book.committed(source.lock().unwrap().revision());
+        run_for(&source, &[], 20).await;
+        assert_eq!(requests(&dest, "revoke"), 1, "the operator's alone");
+        assert_eq!(recorded(&ctx).await, vec![ids[0]]);
+        stop.cancel();
+    }
+
+    /// A retired lease the destination no longer has ("lease not found" on
+    /// revoke) is done: its record is deleted and it is not revoked again.
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_lease_already_gone_is_forgotten() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 1, 2, 10).await;
+        let ctx = leader(&source, &dest);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap().clone();
+        let dest_lease = book.dest_lease_of(ids[0]).unwrap();
+        book.committed(source.lock().unwrap().revision());
+        let clients = MemoryEtcd::new(source.clone(), Link::new("clients", 3));
+        clients.lease_revoke(ids[0]).await.expect("revoke");
+        let stop = CancellationToken::new();
+        book.ensure_keeper(ctx.writer.clone(), &stop);
+        run_for(&source, &[], 1).await;
+        let operator = MemoryEtcd::new(dest.clone(), Link::new("operator", 5));
+        operator.lease_revoke(dest_lease).await.expect("revoke");
+        book.committed(source.lock().unwrap().revision());
+        run_for(&source, &[], 30).await;
+        assert!(recorded(&ctx).await.is_empty(), "record deleted");
+        assert_eq!(requests(&dest, "revoke"), 2, "the operator's and one more");
+        stop.cancel();
+    }
+
+    /// A revoke that fails (the destination unreachable) is retried at the
+    /// next tick, and only then is the record deleted.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_revoke_is_retried() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 1, 2, 30).await;
+        let (ctx, link) = leader_over(&source, &dest);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap().clone();
+        let dest_lease = book.dest_lease_of(ids[0]).unwrap();
+        book.committed(source.lock().unwrap().revision());
+        let clients = MemoryEtcd::new(source.clone(), Link::new("clients", 3));
+        clients.lease_revoke(ids[0]).await.expect("revoke");
+        let stop = CancellationToken::new();
+        book.ensure_keeper(ctx.writer.clone(), &stop);
+        run_for(&source, &[], 1).await;
+        apply_deletes(&ctx, 0, 2).await;
+        link.set_faults(Faults {
+            partitioned: true,
+            ..Faults::default()
+        });
+        book.committed(source.lock().unwrap().revision());
+        run_for(&source, &[], 10).await;
+        assert!(alive(&dest, dest_lease), "not revoked through the partition");
+        link.set_faults(Faults::default());
+        run_for(&source, &[], 10).await;
+        assert!(!alive(&dest, dest_lease), "revoked once reachable");
+        assert!(recorded(&ctx).await.is_empty(), "record deleted");
+        stop.cancel();
+    }
+
+    /// A full sync of a rebuilt source (lower revisions) restarts the clock
+    /// of a retiring lease: it is revoked once the new history's checkpoint
+    /// passes where the lease was seen gone in it.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_sync_restarts_the_retiring_clock() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 1, 2, 10).await;
+        for i in 0..20 {
+            put(&source, &[("/other/k", format!("{i}").as_str())]).await;
+        }
+        let ctx = leader(&source, &dest);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap().clone();
+        let dest_lease = book.dest_lease_of(ids[0]).unwrap();
+        book.committed(source.lock().unwrap().revision());
+        let clients = MemoryEtcd::new(source.clone(), Link::new("clients", 3));
+        clients.lease_revoke(ids[0]).await.expect("revoke");
+        let stop = CancellationToken::new();
+        book.ensure_keeper(ctx.writer.clone(), &stop);
+        run_for(&source, &[], 1).await;
+        // The source is rebuilt: a new history, at revision 2.
+        *source.lock().unwrap() = etcd_syncer::etcd::memory::Store::new(1);
+        put(&source, &[("/app/new", "1")]).await;
+        let synced_at = source.lock().unwrap().revision();
+        assert_eq!(synced_at, 2);
+        apply_deletes(&ctx, 0, 2).await;
+        book.full_sync_done(synced_at);
+        run_for(&source, &[], 10).await;
+        assert!(!alive(&dest, dest_lease), "revoked");
+        assert!(recorded(&ctx).await.is_empty(), "record deleted");
+        stop.cancel();
+    }
+
+    /// An adopted record whose destination lease expired, and whose ID the
+    /// destination hands out again for another source lease: that mapping
+    /// is lost (the attempt is interrupted), and its record is never
+    /// adopted again.
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_lease_id_granted_again_loses_the_old_mapping() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ctx = leader(&source, &dest);
+        let book = ctx.leases().unwrap().clone();
+        let (stale_source, reused) = (0x7000, 0x2000);
+        let records = std::collections::BTreeMap::from([(
+            stale_source,
+            etcd_syncer::model::schema::LeaseRecord {
+                dest_lease: reused,
+                source_ttl: 10,
+                dest_ttl: 40,
+                grant: 7,
+            },
+        )]);
+        book.load(&records);
+        assert_eq!(book.dest_lease_of(stale_source), Some(reused));
+        let attempt = CancellationToken::new();
+        book.watch_attempt(attempt.clone());
+        assert!(!attempt.is_cancelled(), "nothing lost yet");
+
+        let clients = MemoryEtcd::new(source.clone(), Link::new("clients", 3));
+        let id = clients.lease_grant(10, reused).await.expect("grant");
+        clients
+            .txn(TxnRequest::new().and_then(vec![Op::put_with_lease("/app/l0/k0", "up", id)]))
+            .await
+            .expect("put");
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        assert_eq!(book.dest_lease_of(id), Some(reused));
+        assert_eq!(dest_leases_of_keys(&dest)[&b"/app/l0/k0".to_vec()], reused);
+        assert_eq!(book.dest_lease_of(stale_source), None);
+        assert!(attempt.is_cancelled(), "the attempt is interrupted");
+        assert_eq!(book.take_lost(), vec![stale_source]);
+        // A new attempt reads the same records again.
+        book.load(&records);
+        assert_eq!(book.dest_lease_of(stale_source), None, "not adopted again");
+        assert_eq!(book.mapping(), std::collections::HashMap::from([(id, reused)]));
+    }
+
+    /// A txn that finds destination leases expired evicts exactly those, as
+    /// lost (with their records), reports how many, and leaves a retiring
+    /// lease alone; the next txn grants them again.
+    #[tokio::test(start_paused = true)]
+    async fn a_txn_on_expired_destination_leases_evicts_them() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 3, 2, 10).await;
+        let ctx = leader(&source, &dest);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap().clone();
+        let retiring_dest = book.dest_lease_of(ids[1]).unwrap();
+        book.committed(source.lock().unwrap().revision());
+        let clients = MemoryEtcd::new(source.clone(), Link::new("clients", 3));
+        clients.lease_revoke(ids[1]).await.expect("revoke");
+        let live = [ids[0], ids[2]];
+        let stop = CancellationToken::new();
+        book.ensure_keeper(ctx.writer.clone(), &stop);
+        run_for(&source, &live, 1).await;
+        let operator = MemoryEtcd::new(dest.clone(), Link::new("operator", 5));
+        for id in live {
+            operator
+                .lease_revoke(book.dest_lease_of(id).unwrap())
+                .await
+                .expect("revoke");
+        }
+        let error = ctx
+            .writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect_err("the leases are gone");
+        assert!(
+            matches!(error, JobError::DestLeaseLost { leases: 2 }),
+            "{error:?}"
+        );
+        assert_eq!(book.take_lost(), live.to_vec());
+        assert!(book.mapping().is_empty());
+        assert_eq!(recorded(&ctx).await, vec![ids[1]]);
+        run_for(&source, &live, 100).await;
+        assert!(alive(&dest, retiring_dest), "the retiring lease is renewed");
+        assert_eq!(keys_of(&dest, 1).len(), 2);
+        let grants = requests(&dest, "grant");
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        assert_eq!(requests(&dest, "grant"), grants + 2);
+        assert_eq!(keys_of(&dest, 0).len() + keys_of(&dest, 2).len(), 4);
+        stop.cancel();
+    }
+
+    /// The keepalive task starts again under a new parent once the old one
+    /// is cancelled (one task, not two), stops on request, and `clear`
+    /// forgets every mapping (a promoted job renews nothing).
+    #[tokio::test(start_paused = true)]
+    async fn the_keeper_restarts_stops_and_clears() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 1, 2, 10).await;
+        let ctx = leader(&source, &dest);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap().clone();
+        let dest_lease = book.dest_lease_of(ids[0]).unwrap();
+        let first = CancellationToken::new();
+        book.ensure_keeper(ctx.writer.clone(), &first);
+        run_for(&source, &ids, 20).await;
+        first.cancel();
+        let second = CancellationToken::new();
+        book.ensure_keeper(ctx.writer.clone(), &second);
+        book.ensure_keeper(ctx.writer.clone(), &second);
+        run_for(&source, &ids, 100).await;
+        assert!(alive(&dest, dest_lease), "renewed by the new task");
+        // Every 15 s over 120 s, by one task.
+        let renewals = requests(&dest, "renew");
+        assert!((6..=9).contains(&renewals), "{renewals} renewals");
+
+        book.stop_keeper();
+        run_for(&source, &ids, 60).await;
+        assert_eq!(requests(&dest, "renew"), renewals, "nothing renews");
+        assert!(!alive(&dest, dest_lease), "expired");
+        book.clear();
+        assert!(book.mapping().is_empty());
+        assert_eq!(book.dest_lease_of(ids[0]), None);
+        assert_eq!(book.mirrored_count(), 0);
+        second.cancel();
+    }
 }
