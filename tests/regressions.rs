@@ -1175,7 +1175,10 @@ mod leases {
             .commit_mutations(
                 "late",
                 vec![],
-                vec![late("/app/l1/k9", ids[1]), late("/app/gone/k0", never_mapped)],
+                vec![
+                    late("/app/l1/k9", ids[1]),
+                    late("/app/gone/k0", never_mapped),
+                ],
                 vec![],
             )
             .await
@@ -1186,7 +1189,11 @@ mod leases {
         assert_eq!(on_dest[&b"/app/gone/k0".to_vec()], gone_dest);
         assert_ne!(gone_dest, retiring_dest);
         assert_eq!(dest.lock().unwrap().lease_ttl_for_test(gone_dest), Some(30));
-        assert_eq!(requests(&dest, "grant"), grants + 1, "one grant, for the new one");
+        assert_eq!(
+            requests(&dest, "grant"),
+            grants + 1,
+            "one grant, for the new one"
+        );
         stop.cancel();
     }
 
@@ -1329,7 +1336,10 @@ mod leases {
         });
         book.committed(source.lock().unwrap().revision());
         run_for(&source, &[], 10).await;
-        assert!(alive(&dest, dest_lease), "not revoked through the partition");
+        assert!(
+            alive(&dest, dest_lease),
+            "not revoked through the partition"
+        );
         link.set_faults(Faults::default());
         run_for(&source, &[], 10).await;
         assert!(!alive(&dest, dest_lease), "revoked once reachable");
@@ -1416,7 +1426,10 @@ mod leases {
         // A new attempt reads the same records again.
         book.load(&records);
         assert_eq!(book.dest_lease_of(stale_source), None, "not adopted again");
-        assert_eq!(book.mapping(), std::collections::HashMap::from([(id, reused)]));
+        assert_eq!(
+            book.mapping(),
+            std::collections::HashMap::from([(id, reused)])
+        );
     }
 
     /// A txn that finds destination leases expired evicts exactly those, as
@@ -1508,5 +1521,72 @@ mod leases {
         assert_eq!(book.dest_lease_of(ids[0]), None);
         assert_eq!(book.mirrored_count(), 0);
         second.cancel();
+    }
+
+    /// A new attempt reads the records again: a lease already retiring
+    /// (its source lease gone) stays retiring, not adopted as a live
+    /// mapping beside it (found by mutation testing).
+    #[tokio::test(start_paused = true)]
+    async fn a_reloaded_record_of_a_retiring_lease_stays_retiring() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 2, 2, 10).await;
+        let ctx = leader(&source, &dest);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap().clone();
+        book.committed(source.lock().unwrap().revision());
+        let clients = MemoryEtcd::new(source.clone(), Link::new("clients", 3));
+        clients.lease_revoke(ids[0]).await.expect("revoke");
+        let stop = CancellationToken::new();
+        book.ensure_keeper(ctx.writer.clone(), &stop);
+        run_for(&source, &ids[1..], 1).await;
+        assert_eq!(
+            book.mapping().keys().copied().collect::<Vec<_>>(),
+            vec![ids[1]]
+        );
+        let meta = read_job_meta(&ctx.dest, &ctx.keys).await.expect("meta");
+        assert_eq!(meta.leases.len(), 2, "the retiring lease keeps its record");
+        book.load(&meta.leases);
+        assert_eq!(
+            book.mapping().keys().copied().collect::<Vec<_>>(),
+            vec![ids[1]],
+            "the retiring lease is not adopted again"
+        );
+        stop.cancel();
+    }
+
+    /// A destination lease lost, then granted again with the same free ID:
+    /// that pair is live again, so a promotion and its undo adopt its
+    /// record (it used to stay "dead" and go unrenewed).
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_granted_again_after_a_loss_survives_promote_and_undo() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, 1, 2, 10).await;
+        let ctx = leader(&source, &dest);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap().clone();
+        let first = book.dest_lease_of(ids[0]).unwrap();
+        let operator = MemoryEtcd::new(dest.clone(), Link::new("operator", 5));
+        operator.lease_revoke(first).await.expect("revoke");
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect_err("the lease is gone");
+        assert_eq!(book.take_lost(), vec![ids[0]]);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(&source), vec![])
+            .await
+            .expect("granted again");
+        assert_eq!(book.dest_lease_of(ids[0]), Some(first), "the same free ID");
+        // Promotion forgets everything; the undo adopts the records again.
+        book.clear();
+        let meta = read_job_meta(&ctx.dest, &ctx.keys).await.expect("meta");
+        book.load(&meta.leases);
+        assert_eq!(book.dest_lease_of(ids[0]), Some(first));
     }
 }

@@ -204,7 +204,11 @@ impl LeaseBook {
     pub fn load(&self, records: &BTreeMap<i64, LeaseRecord>) {
         let mut state = self.state();
         for (source_lease, record) in records {
-            if state.lost.contains(source_lease)
+            let retiring = state.retiring.iter().any(|r| {
+                r.source_lease == *source_lease && r.mirrored.record.dest_lease == record.dest_lease
+            });
+            if retiring
+                || state.lost.contains(source_lease)
                 || state.dead.contains(&(*source_lease, record.dest_lease))
             {
                 continue;
@@ -242,6 +246,8 @@ impl LeaseBook {
         state.leases.clear();
         state.retiring.clear();
         state.granting.clear();
+        // After the promotion the records are the truth again.
+        state.dead.clear();
         state.lost.clear();
         self.metrics.leases_mirrored.set(0);
     }
@@ -417,6 +423,8 @@ impl LeaseBook {
         };
         debug!(job = %self.job, source_lease, dest_lease, dest_ttl, "Mirroring a source lease.");
         let mut state = self.state();
+        // A pair that died and was granted again (the same free ID) is live.
+        state.dead.remove(&(source_lease, dest_lease));
         // The destination handed out an ID another mapping names: that
         // lease had expired (records adopted before the keepalive task got
         // to them). Its keys are gone; a live one is lost.
