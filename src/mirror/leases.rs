@@ -545,12 +545,16 @@ impl LeaseBook {
             if !first {
                 let period = self.tick_period();
                 tokio::select! {
+                    biased;
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(period) => {}
                 }
             }
             first = false;
+            // Biased: once stopped (promoted, deposed), no renewal goes out,
+            // even one due at the same instant.
             tokio::select! {
+                biased;
                 _ = cancel.cancelled() => return,
                 _ = self.tick(&writer) => {}
             }
