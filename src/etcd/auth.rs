@@ -15,7 +15,8 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use crate::config::ClusterSettings;
-use crate::etcd::client::{connect_client, ClientError};
+use crate::etcd::client::{connect_client, within_deadline, ClientError};
+use crate::etcd::real::auth_is_stale;
 use crate::model::Side;
 
 /// What a permission allows.
@@ -278,7 +279,7 @@ impl RealAuth {
     {
         let attempt = async {
             match request(self.client.clone()).await {
-                Err(error) if token_is_stale(&error) => {
+                Err(error) if auth_is_stale(&error) => {
                     tracing::debug!(%error, "Auth token refused; authenticating again.");
                     self.client.refresh_token().await?;
                     request(self.client.clone()).await
@@ -286,36 +287,14 @@ impl RealAuth {
                 result => result,
             }
         };
-        match tokio::time::timeout(self.request_timeout, attempt).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => Err(ClientError::Request {
-                side: self.side,
-                endpoints: self.endpoints.clone(),
-                operation,
-                source,
-            }),
-            Err(_) => Err(ClientError::Timeout {
-                side: self.side,
-                endpoints: self.endpoints.clone(),
-                operation,
-                timeout: self.request_timeout,
-            }),
-        }
-    }
-}
-
-/// The same test as the KV backend's: a token minted before an auth-store
-/// change ("revision of auth store is old" on 3.4, "auth: revision in header
-/// is old" on 3.5), or an invalid one.
-fn token_is_stale(error: &etcd_client::Error) -> bool {
-    match error {
-        etcd_client::Error::GRpcStatus(status) => {
-            let message = status.message();
-            message.contains("revision of auth store is old")
-                || message.contains("revision in header is old")
-                || message.contains("invalid auth token")
-        }
-        _ => false,
+        within_deadline(
+            self.side,
+            &self.endpoints,
+            self.request_timeout,
+            operation,
+            attempt,
+        )
+        .await
     }
 }
 

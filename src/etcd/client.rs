@@ -229,6 +229,32 @@ pub async fn connect_client(
     Ok(client)
 }
 
+/// Runs `request` under `timeout`; an error or the deadline names the side,
+/// the endpoints and the operation. Shared by every client of a cluster.
+pub(crate) async fn within_deadline<T>(
+    side: Side,
+    endpoints: &str,
+    timeout: Duration,
+    operation: &'static str,
+    request: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, ClientError> {
+    match tokio::time::timeout(timeout, request).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(source)) => Err(ClientError::Request {
+            side,
+            endpoints: endpoints.to_string(),
+            operation,
+            source,
+        }),
+        Err(_) => Err(ClientError::Timeout {
+            side,
+            endpoints: endpoints.to_string(),
+            operation,
+            timeout,
+        }),
+    }
+}
+
 impl Cluster {
     /// Builds the client. With auth this authenticates, so wrong credentials
     /// and unreachable endpoints fail here; without auth the channel is lazy
@@ -275,21 +301,14 @@ impl Cluster {
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(self.request_timeout, request).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => Err(ClientError::Request {
-                side: self.side,
-                endpoints: self.endpoints.clone(),
-                operation,
-                source,
-            }),
-            Err(_) => Err(ClientError::Timeout {
-                side: self.side,
-                endpoints: self.endpoints.clone(),
-                operation,
-                timeout: self.request_timeout,
-            }),
-        }
+        within_deadline(
+            self.side,
+            &self.endpoints,
+            self.request_timeout,
+            operation,
+            request,
+        )
+        .await
     }
 
     pub async fn range(

@@ -129,7 +129,7 @@ fn txn_op(op: Op) -> etcd_client::TxnOp {
 /// etcd refuses a token minted before an auth-store change ("revision of
 /// auth store is old" on 3.4, "auth: revision in header is old" on 3.5);
 /// etcd-client re-authenticates only on an invalid or expired token. Either way: authenticate again, retry once.
-fn auth_is_stale(error: &etcd_client::Error) -> bool {
+pub(crate) fn auth_is_stale(error: &etcd_client::Error) -> bool {
     match error {
         etcd_client::Error::GRpcStatus(status) => {
             let message = status.message();
