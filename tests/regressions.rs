@@ -87,6 +87,7 @@ fn context_over(
             idle_checkpoint_interval: Duration::from_secs(1),
             progress_log_interval: Duration::from_secs(3600),
             pipeline_send_spacing: Duration::from_millis(2),
+            ..Tuning::default()
         },
         max_prune_ratio: ratio,
         metrics,

@@ -21,7 +21,9 @@
 //! 4. no full sync deletes more than `--max-prune-ratio` of the destination
 //!    keys it started from (across all its retries);
 //! 5. once faults stop, the destination converges to exact equality within
-//!    a bounded simulated time.
+//!    a bounded simulated time;
+//! 6. a revision-map sample is written only in the txn that writes the
+//!    checkpoint of the same whole source revision.
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 1000), `SIM_SEED=S` replays one with
 //! its action log, `SIM_FIRST_SEED` moves the range. A failure prints the
@@ -91,6 +93,8 @@ struct Profile {
     quirks: Quirks,
     leases: LeaseMode,
     lease_grace: Duration,
+    revision_map_interval: Duration,
+    revision_map_retention: Duration,
 }
 
 impl Profile {
@@ -139,6 +143,8 @@ impl Profile {
                 LeaseMode::Strip
             },
             lease_grace: Duration::from_secs(rng.gen_range(1..=8)),
+            revision_map_interval: Duration::from_millis(rng.gen_range(0..5_000)),
+            revision_map_retention: Duration::from_secs(rng.gen_range(5..60)),
         }
     }
 }
@@ -194,6 +200,7 @@ struct World {
     faults: BTreeMap<&'static str, u64>,
     commits_checked: u64,
     checkpoints_checked: u64,
+    samples_checked: u64,
     verbose: bool,
 }
 
@@ -256,6 +263,7 @@ impl World {
             faults: BTreeMap::new(),
             commits_checked: 0,
             checkpoints_checked: 0,
+            samples_checked: 0,
             verbose,
         };
         for i in 0..world.profile.replicas {
@@ -363,6 +371,8 @@ impl World {
                 idle_checkpoint_interval: Duration::from_secs(1),
                 progress_log_interval: Duration::from_secs(3600),
                 pipeline_send_spacing: Duration::from_millis(2),
+                revision_map_interval: profile.revision_map_interval,
+                revision_map_retention: profile.revision_map_retention,
             },
             max_prune_ratio: replica.max_prune_ratio,
             metrics,
@@ -1071,6 +1081,27 @@ impl World {
                 *last = checkpoint.last_synced_rev;
             }
         }
+        // Invariant 6: a revision-map sample is written only by the txn
+        // that writes the checkpoint of the same, whole source revision, so
+        // its mod revision maps that source revision to this destination state.
+        let map_prefix = self.keys.revision_map().into_bytes();
+        for event in &commit.events {
+            if event.kind != EventType::Put || !event.kv.key.starts_with(&map_prefix) {
+                continue;
+            }
+            self.samples_checked += 1;
+            let sampled = self.keys.revision_of_sample(&event.kv.key);
+            let claimed = checkpoint
+                .as_ref()
+                .filter(|c| c.partial_revision.is_none())
+                .map(|c| c.last_synced_rev);
+            if !commit.events.iter().any(|e| e.kv.key == checkpoint_key) || sampled != claimed {
+                return err(format!(
+                    "invariant 6 (revision map): the sample for source revision {:?} was written at destination revision {} (by {}) with checkpoint {:?}",
+                    sampled, commit.revision, commit.by, claimed
+                ));
+            }
+        }
         // Invariant 2: a checkpointed state is the source at that revision.
         // Checked where the syncer claims it: every commit that writes the
         // checkpoint (a source rebuilt with the same id has another history
@@ -1206,6 +1237,7 @@ struct Outcome {
     faults: BTreeMap<&'static str, u64>,
     commits: u64,
     checkpoints: u64,
+    samples: u64,
 }
 
 async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<String>)> {
@@ -1295,6 +1327,7 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
         faults: world.faults,
         commits: world.commits_checked,
         checkpoints: world.checkpoints_checked,
+        samples: world.samples_checked,
     })
 }
 
@@ -1344,6 +1377,7 @@ fn simulation() {
         0u64,
         0u64,
         0u64,
+        0u64,
     )));
     let failures = Arc::new(Mutex::new(Vec::new()));
     let started = std::time::Instant::now();
@@ -1365,6 +1399,7 @@ fn simulation() {
                         totals.2 += outcome.commits;
                         totals.3 += outcome.checkpoints;
                         totals.4 += 1;
+                        totals.5 += outcome.samples;
                     }
                     Err((error, log)) => failures.lock().unwrap().push((seed, error, log)),
                 }
@@ -1373,12 +1408,13 @@ fn simulation() {
     });
     let totals = totals.lock().unwrap();
     eprintln!(
-        "simulation: {} seeds passed in {:.1} s: {:.1} simulated hours, {} destination commits and {} checkpointed states checked; faults injected: {:?}",
+        "simulation: {} seeds passed in {:.1} s: {:.1} simulated hours, {} destination commits, {} checkpointed states and {} revision-map samples checked; faults injected: {:?}",
         totals.4,
         started.elapsed().as_secs_f64(),
         totals.0.as_secs_f64() / 3600.0,
         totals.2,
         totals.3,
+        totals.5,
         totals.1
     );
     let failures = failures.lock().unwrap();

@@ -3,7 +3,7 @@
 use super::AppError;
 use crate::config::{OutputFormat, StatusArgs};
 use crate::etcd::client::Cluster;
-use crate::ops::admin::{add_source_lag, collect_status, render_text};
+use crate::ops::admin::{add_history_window, add_source_lag, collect_status, render_text};
 
 /// `etcd-syncer status`.
 pub async fn run_status(args: StatusArgs) -> Result<(), AppError> {
@@ -12,6 +12,7 @@ pub async fn run_status(args: StatusArgs) -> Result<(), AppError> {
     let source_settings = args.source.into_optional_settings()?;
     let dest = Cluster::connect(&dest_settings, args.request_timeout).await?;
     let mut statuses = collect_status(&dest, &args.meta_prefix, args.job_name.as_deref()).await?;
+    add_history_window(&dest, &args.meta_prefix, &mut statuses).await?;
     if let Some(source_settings) = source_settings {
         let source = Cluster::connect(&source_settings, args.request_timeout).await?;
         add_source_lag(&source, &mut statuses).await?;

@@ -102,6 +102,11 @@ pub struct Tuning {
     pub progress_log_interval: Duration,
     /// Gap between consecutive pipelined txns (see `mirror::writer::Pipeline::send_slot`).
     pub pipeline_send_spacing: Duration,
+    /// A checkpoint txn records a revision-map sample at most this often
+    /// (zero: never), for point-in-time promotion and `status`.
+    pub revision_map_interval: Duration,
+    /// Samples older than this are deleted by a later checkpoint txn.
+    pub revision_map_retention: Duration,
 }
 
 impl Default for Tuning {
@@ -115,6 +120,8 @@ impl Default for Tuning {
             idle_checkpoint_interval: Duration::from_secs(5),
             progress_log_interval: Duration::from_secs(5),
             pipeline_send_spacing: Duration::from_millis(2),
+            revision_map_interval: Duration::from_secs(60),
+            revision_map_retention: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -12,7 +12,11 @@ pub async fn read_job_meta(dest: &Cluster, keys: &MetaKeys) -> Result<JobMeta, C
     let response = dest
         .range(
             "read job meta",
-            RangeRequest::prefix(keys.job_root().as_bytes()),
+            RangeRequest {
+                key: keys.job_root().as_bytes().to_vec(),
+                range_end: keys.state_range_end(),
+                ..RangeRequest::default()
+            },
         )
         .await?;
     let entries = response

@@ -105,7 +105,13 @@ pub async fn run(
     let mut touched_since_read: Option<HashSet<Vec<u8>>> = None;
 
     let limits = BatchLimits {
-        max_ops: ctx.limits.max_ops.saturating_sub(1).max(1),
+        // The checkpoint, and room for a revision-map sample and its
+        // pruning once txns are big enough to spare it.
+        max_ops: ctx
+            .limits
+            .max_ops
+            .saturating_sub(if ctx.limits.max_ops >= 8 { 3 } else { 1 })
+            .max(1),
         max_bytes: ctx
             .limits
             .max_bytes

@@ -219,6 +219,58 @@ pub struct Pipeline {
     tail_revision: i64,
     committed_revision: i64,
     inflight: VecDeque<InFlight>,
+    revision_map: RevisionMapWriter,
+}
+
+/// Adds a revision-map sample to a checkpoint txn now and then, and
+/// deletes samples past the retention in the same txn. A sample rides in
+/// the txn that writes its checkpoint, so its key's mod revision is the
+/// destination revision at which the prefix equals the source at the
+/// sample's revision: the map cannot disagree with the data.
+struct RevisionMapWriter {
+    interval: Duration,
+    retention: Duration,
+    /// Ops a txn may hold in all (etcd's `--max-txn-ops`).
+    max_ops: usize,
+    last_sample: Option<Instant>,
+    /// Samples this writer made: when, and for which source revision.
+    written: VecDeque<(Instant, i64)>,
+}
+
+impl RevisionMapWriter {
+    /// The ops to add to a checkpoint txn of `data_ops` ops (checkpoint
+    /// included) that completes `revision`. A half-applied revision is
+    /// never sampled: the destination does not equal any source state then.
+    fn ops(&mut self, keys: &MetaKeys, revision: i64, partial: bool, data_ops: usize) -> Vec<Op> {
+        let due = self
+            .last_sample
+            .is_none_or(|at| at.elapsed() >= self.interval);
+        if self.interval.is_zero() || partial || !due || data_ops + 2 > self.max_ops {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        self.last_sample = Some(now);
+        let sample = crate::model::schema::RevisionSample { at: now_rfc3339() };
+        let mut ops = vec![Op::put(keys.revision_sample(revision), sample.encode())];
+        // Everything at or below the newest expired sample goes, including
+        // samples an earlier leader wrote.
+        let mut expired = None;
+        while let Some(&(at, old)) = self.written.front() {
+            if now.duration_since(at) < self.retention || old >= revision {
+                break;
+            }
+            expired = Some(old);
+            self.written.pop_front();
+        }
+        if let Some(old) = expired {
+            ops.push(Op::Delete {
+                key: keys.revision_map().into_bytes(),
+                range_end: keys.revision_sample(old + 1).into_bytes(),
+            });
+        }
+        self.written.push_back((now, revision));
+        ops
+    }
 }
 
 struct InFlight {
@@ -282,6 +334,13 @@ impl Pipeline {
             tail_revision: committed_revision,
             committed_revision,
             inflight: VecDeque::new(),
+            revision_map: RevisionMapWriter {
+                interval: ctx.tuning.revision_map_interval,
+                retention: ctx.tuning.revision_map_retention,
+                max_ops: ctx.limits.max_ops,
+                last_sample: None,
+                written: VecDeque::new(),
+            },
         }
     }
 
@@ -355,7 +414,13 @@ impl Pipeline {
         let checkpoint_key = self.writer.keys().checkpoint();
         let guards = vec![self.tail_guard.compare(&checkpoint_key)];
         let events = batch.mutations.len();
-        let tail = vec![Op::put(checkpoint_key, checkpoint_bytes.clone())];
+        let mut tail = vec![Op::put(checkpoint_key, checkpoint_bytes.clone())];
+        tail.extend(self.revision_map.ops(
+            self.writer.keys(),
+            batch.through_revision,
+            batch.partial_revision.is_some(),
+            events + 1,
+        ));
         let task = self.spawn_commit(guards.clone(), batch.mutations.clone(), tail.clone());
         self.last_send = Instant::now();
         self.tail_guard = KeyGuard::Holds(checkpoint_bytes);

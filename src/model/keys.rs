@@ -150,6 +150,36 @@ impl MetaKeys {
         format!("{}{:016x}", self.lease_records(), source_lease)
     }
 
+    /// Samples of the revision map: `<source revision, 20 digits>`, each
+    /// written in a checkpoint txn, so the sample key's mod revision is the
+    /// destination revision at which the prefix equals the source at that
+    /// source revision. It sorts after every other item of the job root
+    /// ("revision-map/" > "reset-request"), so [`Self::state_range_end`]
+    /// leaves the samples out of the job's state reads.
+    pub fn revision_map(&self) -> String {
+        format!("{}revision-map/", self.job_root)
+    }
+
+    /// The sample for source revision `source_revision` (zero-padded, so
+    /// samples sort by revision).
+    pub fn revision_sample(&self, source_revision: i64) -> String {
+        format!("{}{:020}", self.revision_map(), source_revision.max(0))
+    }
+
+    /// The source revision a sample key names, if `key` is one.
+    pub fn revision_of_sample(&self, key: &[u8]) -> Option<i64> {
+        let digits = key.strip_prefix(self.revision_map().as_bytes())?;
+        let digits = std::str::from_utf8(digits).ok()?;
+        (digits.len() == 20).then(|| digits.parse().ok()).flatten()
+    }
+
+    /// The end of the range that holds the job's state (checkpoint,
+    /// markers, locks, lease records) but not the revision map, which can
+    /// hold a thousand samples and is only read by operator commands.
+    pub fn state_range_end(&self) -> Vec<u8> {
+        self.revision_map().into_bytes()
+    }
+
     /// The source lease a record key names, if `key` is one.
     pub fn lease_of_record(&self, key: &[u8]) -> Option<i64> {
         let hex = key.strip_prefix(self.lease_records().as_bytes())?;
@@ -222,6 +252,27 @@ mod tests {
         assert_eq!(job_name_from_prefix(""), "root");
         assert!(is_valid_job_name(&job_name_from_prefix("/a b/c:d/")));
         assert!(!is_valid_job_name("a/b"));
+    }
+
+    #[test]
+    fn the_revision_map_sorts_after_every_state_key() {
+        let keys = MetaKeys::new("/m/", "job");
+        let end = keys.state_range_end();
+        for state in [
+            keys.checkpoint(),
+            keys.full_sync(),
+            keys.lock_prefix() + "ffff",
+            keys.promoted(),
+            keys.reset_request(),
+            keys.lease_record(i64::MAX),
+        ] {
+            assert!(state.as_bytes() < end.as_slice(), "{state}");
+        }
+        let sample = keys.revision_sample(42);
+        assert!(sample.as_bytes() >= end.as_slice());
+        assert_eq!(keys.revision_of_sample(sample.as_bytes()), Some(42));
+        assert!(keys.revision_sample(9) < keys.revision_sample(10));
+        assert_eq!(keys.revision_of_sample(keys.checkpoint().as_bytes()), None);
     }
 
     #[test]

@@ -207,6 +207,94 @@ impl LeaseRecord {
     }
 }
 
+/// The promoted marker's value (`<meta-prefix><job>/promoted`): what the
+/// standby held when it was promoted, so `failback` knows where the two
+/// histories part and `status` can show it. Markers written before these
+/// fields existed hold only `promoted_at` and `by`; the rest then default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromotionRecord {
+    pub promoted_at: String,
+    pub by: String,
+    /// The source revision the promoted prefix reflects: the checkpoint,
+    /// or the revision a point-in-time promotion went back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_revision: Option<i64>,
+    /// The destination revision at which the prefix equalled the source at
+    /// `source_revision` (the checkpoint txn's revision). Whatever changed
+    /// on the destination after it is the standby's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_dest_revision: Option<i64>,
+    /// The destination revision of the marker txn itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest_revision: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_cluster_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest_prefix: Option<String>,
+    /// Set by `promote --at-source-revision` / `--at-time`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point_in_time: Option<PointInTime>,
+    /// Set while `failback` fences this cluster (the old primary): no
+    /// replicator writes to the job here until failback hands over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failback: Option<FailbackFence>,
+}
+
+/// What a point-in-time promotion restored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointInTime {
+    /// What the operator asked for (a source revision, or a time mapped to one).
+    pub requested: String,
+    /// The source revision whose state the prefix now holds: the newest
+    /// checkpoint at or before the request.
+    pub source_revision: i64,
+    /// The destination revision that state was read at.
+    pub read_dest_revision: i64,
+    pub puts: u64,
+    pub deletes: u64,
+    /// Keys a client changed on the promoted cluster meanwhile (its write wins).
+    pub skipped: u64,
+}
+
+/// A `failback` run fencing the old primary.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailbackFence {
+    pub id: u64,
+    pub started_at: String,
+    pub by: String,
+    /// The promoted standby whose state is being copied back.
+    pub standby_cluster_id: u64,
+}
+
+impl PromotionRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a promotion record always serializes")
+    }
+
+    /// Reads a marker; `None` for a marker too old or too damaged to say
+    /// anything but that the job is promoted.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// One sample of the revision map (`<meta-prefix><job>/revision-map/<source
+/// revision>`), written in a checkpoint txn. Its key names the source
+/// revision and its mod revision is the destination revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionSample {
+    /// RFC 3339, when the checkpoint txn was built.
+    pub at: String,
+}
+
+impl RevisionSample {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a revision sample always serializes")
+    }
+}
+
 /// Everything under `<meta-prefix><job>/`, read in one range so it is one snapshot.
 #[derive(Debug, Clone, Default)]
 pub struct JobMeta {
@@ -382,6 +470,27 @@ mod tests {
         assert_eq!((meta.dest_revision, meta.dest_cluster_id), (42, 7));
         assert!(meta.checkpoint.is_none(), "unreadable");
         assert_eq!(meta.checkpoint_raw.as_deref(), Some(b"garbage".as_slice()));
+    }
+
+    #[test]
+    fn promotion_records_from_older_versions_still_parse() {
+        let old = br#"{"promoted_at":"2026-01-01T00:00:00Z","by":"ops"}"#;
+        let record = PromotionRecord::decode(old).expect("old marker");
+        assert_eq!(record.by, "ops");
+        assert_eq!(record.source_revision, None);
+        assert!(record.failback.is_none());
+        let full = PromotionRecord {
+            source_revision: Some(7),
+            base_dest_revision: Some(9),
+            failback: Some(FailbackFence::default()),
+            ..record
+        };
+        assert_eq!(PromotionRecord::decode(&full.encode()), Some(full));
+        assert_eq!(
+            PromotionRecord::decode(b"{}"),
+            None,
+            "promoted_at is required"
+        );
     }
 
     #[test]

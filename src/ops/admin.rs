@@ -13,7 +13,7 @@ use crate::etcd::api::{Compare, CompareOp, Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster};
 use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker};
 use crate::model::keys::MetaKeys;
-use crate::model::schema::LockValue;
+use crate::model::schema::{LockValue, PromotionRecord, RevisionSample};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -55,6 +55,11 @@ pub struct JobStatus {
     pub full_sync_pinned_revision: Option<i64>,
     pub promoted: bool,
     pub promoted_at: Option<String>,
+    /// The promoted marker's record (where the histories part).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<PromotionRecord>,
+    /// The revision map's samples (source revision ↔ destination revision).
+    pub revision_map: RevisionMapStatus,
     pub reset_pending: bool,
     /// The mass-delete guard stopped the full sync: keys it would delete.
     pub prune_blocked: Option<u64>,
@@ -101,6 +106,48 @@ impl JobStatus {
             state.push(format!("{} leases mirrored", self.mirrored_leases));
         }
         state
+    }
+}
+
+/// One revision-map sample: the destination equalled the source at
+/// `source_revision` at destination revision `dest_revision`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct RevisionPoint {
+    pub source_revision: i64,
+    pub dest_revision: i64,
+    pub at: String,
+}
+
+/// What the revision map holds: how many samples, the oldest and newest,
+/// and (from `status`, which probes the destination) the oldest one whose
+/// destination revision is not compacted yet: how far back a point-in-time
+/// promotion can go.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RevisionMapStatus {
+    pub samples: usize,
+    pub oldest: Option<RevisionPoint>,
+    pub newest: Option<RevisionPoint>,
+    pub oldest_reachable: Option<RevisionPoint>,
+    /// Seconds between `oldest_reachable` and now.
+    pub window_seconds: Option<f64>,
+    #[serde(skip)]
+    points: Vec<RevisionPoint>,
+}
+
+impl RevisionMapStatus {
+    fn add(&mut self, point: RevisionPoint) {
+        self.samples += 1;
+        // Samples arrive in key order: by source revision.
+        if self.oldest.is_none() {
+            self.oldest = Some(point.clone());
+        }
+        self.newest = Some(point.clone());
+        self.points.push(point);
+    }
+
+    /// Every sample, oldest first.
+    pub fn points(&self) -> &[RevisionPoint] {
+        &self.points
     }
 }
 
@@ -163,13 +210,21 @@ pub async fn collect_status(
             }
             "promoted" => {
                 status.promoted = true;
-                status.promoted_at = serde_json::from_slice::<serde_json::Value>(&kv.value)
-                    .ok()
-                    .and_then(|v| {
-                        v.get("promoted_at")
-                            .and_then(|t| t.as_str())
-                            .map(str::to_string)
+                status.promotion = PromotionRecord::decode(&kv.value);
+                status.promoted_at = status.promotion.as_ref().map(|r| r.promoted_at.clone());
+            }
+            sample if sample.starts_with("revision-map/") => {
+                let keys = MetaKeys::new(meta_prefix, name);
+                if let Some(source_revision) = keys.revision_of_sample(&kv.key) {
+                    let at = serde_json::from_slice::<RevisionSample>(&kv.value)
+                        .map(|s| s.at)
+                        .unwrap_or_default();
+                    status.revision_map.add(RevisionPoint {
+                        source_revision,
+                        dest_revision: kv.mod_revision,
+                        at,
                     });
+                }
             }
             "reset-request" => status.reset_pending = true,
             record if record.starts_with("leases/") => status.mirrored_leases += 1,
@@ -230,6 +285,111 @@ pub async fn add_source_lag(
     Ok(())
 }
 
+/// Whether the destination can still be read at `revision` (it is not
+/// compacted away).
+pub async fn readable_at(dest: &Cluster, probe: &str, revision: i64) -> Result<bool, AdminError> {
+    match dest
+        .range(
+            "probe the destination's history",
+            RangeRequest::key(probe).count_only().at_revision(revision),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(error) if error.kind() == crate::etcd::client::FailureKind::Compacted => Ok(false),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Fills each job's `oldest_reachable` sample and window: the oldest
+/// revision-map sample whose destination revision is not compacted.
+/// Readability only grows with the revision, so a binary search over the
+/// samples takes about log2(samples) reads.
+pub async fn add_history_window(
+    dest: &Cluster,
+    meta_prefix: &str,
+    statuses: &mut [JobStatus],
+) -> Result<(), AdminError> {
+    for status in statuses {
+        let probe = MetaKeys::new(meta_prefix, &status.job).checkpoint();
+        let points = status.revision_map.points().to_vec();
+        let (mut low, mut high) = (0usize, points.len());
+        while low < high {
+            let mid = (low + high) / 2;
+            if readable_at(dest, &probe, points[mid].dest_revision).await? {
+                high = mid;
+            } else {
+                low = mid + 1;
+            }
+        }
+        if let Some(point) = points.get(low) {
+            status.revision_map.window_seconds = humantime::parse_rfc3339_weak(&point.at)
+                .ok()
+                .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
+                .map(|age| age.as_secs_f64());
+            status.revision_map.oldest_reachable = Some(point.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Lines under the table: what the promoted marker records and how far
+/// back a point-in-time promotion can go.
+fn render_details(status: &JobStatus) -> String {
+    let mut out = String::new();
+    if let Some(record) = &status.promotion {
+        let or_dash = |v: Option<i64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+        out.push_str(&format!(
+            "job {}: promoted at {} by {}: holds source revision {} (cluster {}), destination revision {} at that checkpoint, {} at the marker\n",
+            status.job,
+            record.promoted_at,
+            record.by,
+            or_dash(record.source_revision),
+            record
+                .source_cluster_id
+                .map_or_else(|| "-".to_string(), |id| format!("{id:x}")),
+            or_dash(record.base_dest_revision),
+            or_dash(record.dest_revision),
+        ));
+        if let Some(pit) = &record.point_in_time {
+            out.push_str(&format!(
+                "job {}: point in time {}: restored source revision {} read at destination revision {} ({} puts, {} deletes, {} skipped)\n",
+                status.job, pit.requested, pit.source_revision, pit.read_dest_revision, pit.puts, pit.deletes, pit.skipped
+            ));
+        }
+        if let Some(fence) = &record.failback {
+            out.push_str(&format!(
+                "job {}: fenced by failback {:x} since {} ({}), copying from standby cluster {:x}\n",
+                status.job, fence.id, fence.started_at, fence.by, fence.standby_cluster_id
+            ));
+        }
+    }
+    let map = &status.revision_map;
+    if let (Some(oldest), Some(newest)) = (&map.oldest, &map.newest) {
+        out.push_str(&format!(
+            "job {}: revision map: {} samples, source revisions {}..{} ({} .. {})",
+            status.job,
+            map.samples,
+            oldest.source_revision,
+            newest.source_revision,
+            oldest.at,
+            newest.at
+        ));
+        match (&map.oldest_reachable, map.window_seconds) {
+            (Some(point), Some(window)) => out.push_str(&format!(
+                "; point in time reachable back to source revision {} ({}, {:.0} s ago)\n",
+                point.source_revision, point.at, window
+            )),
+            (Some(point), None) => out.push_str(&format!(
+                "; point in time reachable back to source revision {}\n",
+                point.source_revision
+            )),
+            (None, _) => out.push_str("; every sample is compacted on the destination\n"),
+        }
+    }
+    out
+}
+
 pub fn render_text(statuses: &[JobStatus]) -> String {
     let mut rows = vec![[
         "JOB".to_string(),
@@ -281,6 +441,9 @@ pub fn render_text(statuses: &[JobStatus]) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
+    for status in statuses {
+        out.push_str(&render_details(status));
+    }
     out
 }
 
@@ -290,6 +453,9 @@ pub struct PromoteOutcome {
     pub job: String,
     pub action: &'static str,
     pub final_checkpoint_revision: Option<i64>,
+    /// What the promoted marker records.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<PromotionRecord>,
     /// With a reachable source: the exact check at the final checkpoint.
     pub consistency: Option<crate::check::CheckReport>,
     /// With `--detach-leases`: what was detached.
@@ -336,6 +502,12 @@ pub async fn wait_for_sync(
 
 /// Writes the promoted marker. From this txn on, every replicator's fence
 /// fails for the job, so nothing more reaches its destination prefix.
+///
+/// The marker records where the standby's history parts from the
+/// primary's: the checkpoint and the destination revision it was written
+/// at, read in the marker's own txn (so no replicator txn can land between
+/// the two), then written into the marker by a second txn guarded on the
+/// first one's exact value.
 pub async fn promote(
     dest: &Cluster,
     meta_prefix: &str,
@@ -343,11 +515,46 @@ pub async fn promote(
     by: &str,
 ) -> Result<PromoteOutcome, AdminError> {
     let keys = MetaKeys::new(meta_prefix, job);
-    let marker = serde_json::json!({ "promoted_at": now_rfc3339(), "by": by }).to_string();
+    let mut record = PromotionRecord {
+        promoted_at: now_rfc3339(),
+        by: by.to_string(),
+        ..PromotionRecord::default()
+    };
+    let first = record.encode();
     let txn = TxnRequest::new()
         .when(vec![Compare::version(keys.promoted(), CompareOp::Equal, 0)])
-        .and_then(vec![Op::put(keys.promoted(), marker)]);
+        .and_then(vec![
+            Op::put(keys.promoted(), first.clone()),
+            Op::get(keys.checkpoint()),
+        ]);
     let response = dest.txn("write promoted marker", txn).await?;
+    if response.succeeded {
+        record.dest_revision = Some(response.header.revision);
+        if let Some(kv) = response.ranges().next().and_then(|r| r.kvs.first()) {
+            if let Ok(checkpoint) = serde_json::from_slice::<Checkpoint>(&kv.value) {
+                record.source_revision = Some(checkpoint.last_synced_rev);
+                record.base_dest_revision = Some(kv.mod_revision);
+                record.source_cluster_id = Some(checkpoint.source_cluster_id);
+                record.dest_prefix = Some(
+                    checkpoint
+                        .dest_prefix
+                        .clone()
+                        .unwrap_or_else(|| checkpoint.source_prefix.clone()),
+                );
+                record.source_prefix = Some(checkpoint.source_prefix);
+            }
+        }
+        let update = TxnRequest::new()
+            .when(vec![Compare::value(
+                keys.promoted(),
+                CompareOp::Equal,
+                first,
+            )])
+            .and_then(vec![Op::put(keys.promoted(), record.encode())]);
+        if !dest.txn("record the promotion", update).await?.succeeded {
+            tracing::warn!(%job, "The promoted marker changed before its record was written (a concurrent undo?); the promotion record is incomplete.");
+        }
+    }
     // Read after the marker: no replicator can move the checkpoint any more.
     let status = collect_status(dest, meta_prefix, Some(job))
         .await?
@@ -360,6 +567,7 @@ pub async fn promote(
             "already promoted"
         },
         final_checkpoint_revision: status.last_synced_revision,
+        promotion: status.promotion.clone(),
         consistency: None,
         detached: None,
     })
@@ -398,6 +606,7 @@ pub async fn undo_promote(
             "was not promoted"
         },
         final_checkpoint_revision: status.last_synced_revision,
+        promotion: None,
         consistency: None,
         detached: None,
     })
