@@ -7,7 +7,8 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use etcd_syncer::cli::{
-    run_check, run_mirror, run_promote, run_reset, run_status, validate_config, AppError,
+    run_check, run_failback, run_mirror, run_promote, run_reset, run_status, validate_config,
+    AppError,
 };
 use etcd_syncer::config::{Cli, Command, LogFormat};
 
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
             Command::Status(args) => run_status(*args).await,
             Command::Promote(args) => run_promote(*args).await,
             Command::Reset(args) => run_reset(*args).await,
+            Command::Failback(args) => run_failback(*args, cancel).await,
             // Exit code 1 means "differences found", so any error is 2 here.
             Command::Check(args) => match run_check(*args).await {
                 Ok(true) => Ok(()),

@@ -2,17 +2,19 @@
 //! [`AppError::exit_code`] `main` exits with.
 //!
 //! - [`mirror`]: `mirror-plus` (and `--validate-config`).
-//! - [`status`], [`promote`], [`check`], [`reset`]: the operator commands.
+//! - [`status`], [`promote`], [`check`], [`reset`], [`failback`]: the operator commands.
 //! - [`auth`]: `promote --sync-auth`'s auth pass.
 
 pub mod auth;
 pub mod check;
+pub mod failback;
 pub mod mirror;
 pub mod promote;
 pub mod reset;
 pub mod status;
 
 pub use check::run_check;
+pub use failback::run_failback;
 pub use mirror::{run_mirror, validate_config};
 pub use promote::run_promote;
 pub use reset::run_reset;
@@ -43,6 +45,8 @@ pub enum AppError {
     Check(#[from] crate::check::CheckError),
     #[error(transparent)]
     AuthSync(#[from] crate::ha::auth_sync::AuthSyncError),
+    #[error(transparent)]
+    Failback(#[from] crate::ops::failback::FailbackError),
 }
 
 impl AppError {
@@ -54,6 +58,12 @@ impl AppError {
             AppError::Client(error) if error.kind() == FailureKind::Rejected => 2,
             AppError::Admin(AdminError::NoJobs { .. } | AdminError::UnknownJob { .. }) => 2,
             AppError::AuthSync(error) if error.label() == "rejected" => 2,
+            AppError::Failback(error) if error.is_usage() => 2,
+            AppError::Failback(crate::ops::failback::FailbackError::Client(error))
+                if error.kind() == FailureKind::Rejected =>
+            {
+                2
+            }
             _ => 1,
         }
     }

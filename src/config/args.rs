@@ -42,10 +42,38 @@ pub enum Command {
     /// Compare source and destination exactly at the checkpoint revision.
     /// Exit code 0 consistent, 1 differences, 2 error.
     Check(Box<CheckArgs>),
+    /// Copy a promoted standby back to the old primary, writing only the
+    /// keys either side changed since the promotion, after saving the old
+    /// primary's lost writes; then `mirror-plus` from the standby to the old
+    /// primary resumes without a full sync. Takes the job's own flags or
+    /// config: the source is the old primary, the destination the standby.
+    Failback(Box<FailbackArgs>),
     /// Request one full sync per job (what --reset-last-synced-rev does),
     /// consumed by whichever replica leads the job next. For one-off repairs,
     /// e.g. from a Kubernetes Job, without restarting the replicas.
     Reset(Box<ResetArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct FailbackArgs {
+    /// The job's `mirror-plus` settings, unchanged: --src-* is the old
+    /// primary, --dst-* the promoted standby.
+    #[command(flatten)]
+    pub job: MirrorArgs,
+    /// New file for the old primary's lost writes (JSON lines: key, what
+    /// the old primary holds, what the standby holds), written and synced
+    /// before anything is overwritten. An existing file is never replaced.
+    #[arg(
+        long,
+        env = "ETCD_SYNCER_LOST_WRITES_FILE",
+        required_unless_present = "dry_run"
+    )]
+    pub lost_writes_file: Option<PathBuf>,
+    /// Print the counts and the lost writes; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
 }
 
 #[derive(Debug, Args)]

@@ -17,8 +17,8 @@ pub use crate::model::Side;
 pub use crate::telemetry::LogFormat;
 
 pub use args::{
-    CheckArgs, Cli, Command, DestArgs, MirrorArgs, OutputFormat, PromoteArgs, PromoteAuthArgs,
-    ResetArgs, SourceArgs, StatusArgs, TelemetryArgs,
+    CheckArgs, Cli, Command, DestArgs, FailbackArgs, MirrorArgs, OutputFormat, PromoteArgs,
+    PromoteAuthArgs, ResetArgs, SourceArgs, StatusArgs, TelemetryArgs,
 };
 pub use file::{load_file, FileCluster, FileConfig, FileJob};
 pub use settings::{

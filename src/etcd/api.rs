@@ -45,6 +45,9 @@ pub struct RangeRequest {
     pub keys_only: bool,
     /// 0 means no filter; otherwise only keys created at or before it.
     pub max_create_revision: i64,
+    /// 0 means no filter; otherwise only keys last written at or after it.
+    /// Like etcd, filters thin out `kvs` but not `count`.
+    pub min_mod_revision: i64,
     /// Sort by create revision, newest first (the election's "who is ahead of me").
     pub newest_created_first: bool,
 }

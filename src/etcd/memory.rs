@@ -245,15 +245,17 @@ impl Store {
         let mut kvs: Vec<KeyValue> = self
             .keys_in(&request.key, &request.range_end)
             .filter_map(|(_, versions)| live_at(versions, revision).cloned())
-            .filter(|kv| {
-                request.max_create_revision == 0
-                    || kv.create_revision <= request.max_create_revision
-            })
             .collect();
+        // etcd counts the range before its revision filters prune `kvs`
+        // (etcdserver's applier sets `Count` from the unfiltered range).
+        let count = kvs.len() as i64;
+        kvs.retain(|kv| {
+            (request.max_create_revision == 0 || kv.create_revision <= request.max_create_revision)
+                && (request.min_mod_revision == 0 || kv.mod_revision >= request.min_mod_revision)
+        });
         if request.newest_created_first {
             kvs.sort_by_key(|kv| std::cmp::Reverse(kv.create_revision));
         }
-        let count = kvs.len() as i64;
         let limit = if request.limit > 0 {
             request.limit as usize
         } else {

@@ -76,6 +76,9 @@ fn get_options(request: &RangeRequest) -> GetOptions {
     if request.max_create_revision > 0 {
         options = options.with_max_create_revision(request.max_create_revision);
     }
+    if request.min_mod_revision > 0 {
+        options = options.with_min_mod_revision(request.min_mod_revision);
+    }
     if request.newest_created_first {
         options = options.with_sort(SortTarget::Create, SortOrder::Descend);
     }

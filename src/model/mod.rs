@@ -2,6 +2,8 @@
 //!
 //! - [`batch`]: coalescing source revisions into destination txns.
 //! - [`diff`]: merging two sorted key streams into differences.
+//! - [`failback`]: the keys that can differ after a promotion, the lost
+//!   writes of the old primary, and what makes it equal the standby.
 //! - [`keys`]: prefix ranges, the dest-prefix rewrite, the meta key layout.
 //! - [`schema`]: what the syncer stores on the destination (checkpoint,
 //!   markers, lock values), versioned by its JSON fields.
@@ -10,6 +12,7 @@
 
 pub mod batch;
 pub mod diff;
+pub mod failback;
 pub mod keys;
 pub mod schema;
 pub mod side;

@@ -1,5 +1,7 @@
 //! What operators use: the `status`, `promote` and `reset` actions on a
-//! destination, and the HTTP endpoints (`/metrics`, `/healthz`, `/readyz`, `/status`).
+//! destination, `failback` (the promoted standby copied back to the old
+//! primary), and the HTTP endpoints (`/metrics`, `/healthz`, `/readyz`, `/status`).
 
 pub mod admin;
+pub mod failback;
 pub mod http;
