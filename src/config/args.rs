@@ -37,7 +37,7 @@ pub enum Command {
     /// --src-endpoints) lag, from the destination's meta keys.
     Status(Box<StatusArgs>),
     /// Turn the standby into a primary: from the marker on, no replicator
-    /// writes to the job's destination prefix. `--undo` removes it (failback).
+    /// writes to the job's destination prefix. `--undo` removes it.
     Promote(Box<PromoteArgs>),
     /// Compare source and destination exactly at the checkpoint revision.
     /// Exit code 0 consistent, 1 differences, 2 error.
