@@ -49,15 +49,14 @@ async fn diverged() -> Result<Diverged> {
         changed_on_a.insert(key);
     }
 
-    let (code, output) = run_cli(&args(&[
+    cli_ok(&[
         "promote",
         "--dst-endpoints",
         &b.endpoints_arg(),
         "--job-name",
         "app",
-    ]))
+    ])
     .await?;
-    ensure!(code == 0, "promote failed: {output}");
     let mut b_client = b.client().await?;
     for i in 0..5 {
         b_client
@@ -198,15 +197,14 @@ async fn failback_cost_at_100k_keys_with_1_percent_changed() -> Result<()> {
                 _ => a_client.delete(key, None).await.map(drop)?,
             }
         }
-        let (code, output) = run_cli(&args(&[
+        cli_ok(&[
             "promote",
             "--dst-endpoints",
             &b.endpoints_arg(),
             "--job-name",
             "app",
-        ]))
+        ])
         .await?;
-        ensure!(code == 0, "{output}");
         if compact {
             a.compact().await?;
         }
@@ -303,13 +301,7 @@ async fn the_planned_switchover_round_trip_twice() -> Result<()> {
 
     // Failback A, then reverse replication on the fast path.
     let dir = tempfile::tempdir()?;
-    let mut argv = mirror_args(&a, &b, "/app/");
-    argv[0] = "failback".into();
-    argv.extend([
-        "--lost-writes-file".into(),
-        dir.path().join("1.jsonl").display().to_string(),
-    ]);
-    let (code, output) = run_cli(&argv).await?;
+    let (code, output) = run_cli(&failback_args(&a, &b, &dir.path().join("1.jsonl"))).await?;
     ensure!(code == 0 && output.contains(" 0 lost writes"), "{output}");
     let reverse = fast_path_replica("reverse", &b, &a).await?;
     b.client()
@@ -337,13 +329,7 @@ async fn the_planned_switchover_round_trip_twice() -> Result<()> {
         .await?
         .put("/app/written-on-a", "3", None)
         .await?;
-    let mut argv = mirror_args(&b, &a, "/app/");
-    argv[0] = "failback".into();
-    argv.extend([
-        "--lost-writes-file".into(),
-        dir.path().join("2.jsonl").display().to_string(),
-    ]);
-    let (code, output) = run_cli(&argv).await?;
+    let (code, output) = run_cli(&failback_args(&b, &a, &dir.path().join("2.jsonl"))).await?;
     ensure!(code == 0 && output.contains(" 0 lost writes"), "{output}");
     let forward = fast_path_replica("forward-again", &a, &b).await?;
     a.client().await?.put("/app/home-again", "4", None).await?;
