@@ -224,6 +224,11 @@ async fn failback_cost_at_100k_keys_with_1_percent_changed() -> Result<()> {
             compare(&b, "/app/", &a, "/app/").await?.is_equal(),
             "not equal"
         );
+        let lost = report[0]["lost_writes"].as_u64().unwrap_or(0);
+        ensure!(
+            lost == changed as u64,
+            "{lost} lost writes named, {changed} made"
+        );
         // The reference: a full reverse sync of the same prefix.
         let mut reverse_args = mirror_args(&b, &a, "/app/");
         reverse_args.push("--reset-last-synced-rev".into());
@@ -237,7 +242,7 @@ async fn failback_cost_at_100k_keys_with_1_percent_changed() -> Result<()> {
     let (history_time, history_bytes, full_a) = run(false).await?;
     let (diff_time, diff_bytes, full_b) = run(true).await?;
     println!(
-        "failback of {keys} keys, {changed} changed: from histories {:.2} s reading {history_bytes} bytes; by the full diff {:.2} s reading {diff_bytes} bytes; full reverse sync {:.2} s / {:.2} s (ratio {:.3})",
+        "failback of {keys} keys, {changed} changed (each named as a lost write): from histories {:.2} s reading {history_bytes} bytes; by the full diff {:.2} s reading {diff_bytes} bytes; full reverse sync {:.2} s / {:.2} s (ratio {:.3})",
         history_time.as_secs_f64(),
         diff_time.as_secs_f64(),
         full_a.as_secs_f64(),

@@ -21,6 +21,8 @@ pub async fn run_failback(args: FailbackArgs, cancel: CancellationToken) -> Resu
             dest_prefix: job.dest_prefix.clone(),
             meta_prefix: settings.meta_prefix.clone(),
             page_size: settings.tuning.page_size,
+            max_txn_ops: settings.limits.max_ops,
+            max_txn_bytes: settings.limits.max_bytes,
             leases_faithful: settings.leases.mode == LeaseMode::Faithful,
         };
         let options = FailbackOptions {

@@ -125,6 +125,9 @@ pub struct FailbackJob {
     pub dest_prefix: String,
     pub meta_prefix: String,
     pub page_size: usize,
+    /// The job's `--max-txn-ops` and `--max-txn-bytes`, for the writes.
+    pub max_txn_ops: usize,
+    pub max_txn_bytes: usize,
     /// `--leases faithful`: the reverse job's checkpoint says the keys sit
     /// on mirrored leases (no key failback wrote was on a lease).
     pub leases_faithful: bool,
@@ -757,7 +760,7 @@ pub async fn failback(
 
     // 5. The writes.
     let fence_compare = Compare::value(keys.promoted(), CompareOp::Equal, fence_bytes.clone());
-    for chunk in found.chunks(KEYS_PER_TXN) {
+    for chunk in txn_chunks(&found, job.max_txn_ops, job.max_txn_bytes) {
         write_chunk(
             old_primary_cluster,
             &old_primary,
@@ -829,6 +832,27 @@ pub async fn failback(
         "Failback done: the old primary equals the standby; reverse replication can resume from the checkpoint."
     );
     Ok(report)
+}
+
+/// Splits the writes into txns within the job's `--max-txn-ops` (one op
+/// and one compare per key, plus the fence) and `--max-txn-bytes`; a key
+/// larger than the byte limit goes alone, as the replicator sends it.
+fn txn_chunks(writes: &[Divergence], max_ops: usize, max_bytes: usize) -> Vec<&[Divergence]> {
+    let max_keys = max_ops.saturating_sub(1).clamp(1, KEYS_PER_TXN);
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (index, write) in writes.iter().enumerate() {
+        let size = write.suffix.len() + write.standby.as_ref().map_or(0, |h| h.value.len());
+        if index > start && (index - start >= max_keys || bytes + size > max_bytes) {
+            chunks.push(&writes[start..index]);
+            (start, bytes) = (index, 0);
+        }
+        bytes += size;
+    }
+    if start < writes.len() {
+        chunks.push(&writes[start..]);
+    }
+    chunks
 }
 
 /// Puts this run's record in the job's promoted marker on the old
@@ -1105,6 +1129,8 @@ mod tests {
                 dest_prefix: "/copy/".into(),
                 meta_prefix: META.into(),
                 page_size: 7,
+                max_txn_ops: 128,
+                max_txn_bytes: 1 << 20,
                 leases_faithful: true,
             },
             dir: tempfile::tempdir().expect("tempdir"),
@@ -1298,6 +1324,33 @@ mod tests {
             "{outcome:?}"
         );
         assert_eq!(state(&world.a, "/app/")[b"n0".as_slice()], b"client");
+    }
+
+    proptest::proptest! {
+        /// Every write lands in exactly one txn, in order, within the op
+        /// limit, and within the byte limit unless it is alone.
+        #[test]
+        fn txn_chunks_cover_every_write_within_the_limits(sizes in proptest::collection::vec(0usize..300, 0..200),
+                                                          max_ops in 2usize..140, max_bytes in 1usize..2000) {
+            let writes: Vec<Divergence> = sizes.iter().enumerate().map(|(i, size)| Divergence {
+                suffix: format!("{i:04}").into_bytes(),
+                old_primary: None,
+                standby: Some(Held { value: vec![0; *size], mod_revision: 1, create_revision: 1, lease: 0 }),
+                loss: Loss::None,
+            }).collect();
+            let chunks = txn_chunks(&writes, max_ops, max_bytes);
+            let flat: Vec<&Divergence> = chunks.iter().flat_map(|c| c.iter()).collect();
+            proptest::prop_assert_eq!(flat.len(), writes.len());
+            for (a, b) in flat.iter().zip(&writes) {
+                proptest::prop_assert_eq!(&a.suffix, &b.suffix);
+            }
+            for chunk in chunks {
+                proptest::prop_assert!(!chunk.is_empty());
+                proptest::prop_assert!(chunk.len() < max_ops.max(2) && chunk.len() <= KEYS_PER_TXN);
+                let bytes: usize = chunk.iter().map(|d| d.suffix.len() + d.standby.as_ref().unwrap().value.len()).sum();
+                proptest::prop_assert!(bytes <= max_bytes || chunk.len() == 1);
+            }
+        }
     }
 
     #[tokio::test]
