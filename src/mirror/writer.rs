@@ -613,3 +613,80 @@ impl UnorderedWrites {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map_writer(interval: Duration, retention: Duration, max_ops: usize) -> RevisionMapWriter {
+        RevisionMapWriter {
+            interval,
+            retention,
+            max_ops,
+            last_sample: None,
+            written: VecDeque::new(),
+        }
+    }
+
+    fn sampled(ops: &[Op], keys: &MetaKeys) -> Option<i64> {
+        ops.iter().find_map(|op| match op {
+            Op::Put { key, .. } => keys.revision_of_sample(key),
+            _ => None,
+        })
+    }
+
+    fn pruned_below(ops: &[Op], keys: &MetaKeys) -> Option<i64> {
+        ops.iter().find_map(|op| match op {
+            Op::Delete { key, range_end } => {
+                assert_eq!(key, keys.revision_map().as_bytes(), "from the first sample");
+                keys.revision_of_sample(range_end)
+            }
+            _ => None,
+        })
+    }
+
+    /// One sample per interval, none for a half-applied revision or a txn
+    /// without room for it, and samples past the retention deleted up to
+    /// the newest expired one, never the new sample.
+    #[tokio::test(start_paused = true)]
+    async fn the_revision_map_samples_each_interval_and_prunes_past_the_retention() {
+        let keys = MetaKeys::new("/m/", "job");
+        let mut map = map_writer(Duration::from_secs(10), Duration::from_secs(25), 8);
+        assert_eq!(sampled(&map.ops(&keys, 5, true, 1), &keys), None, "partial");
+        assert_eq!(
+            sampled(&map.ops(&keys, 5, false, 7), &keys),
+            None,
+            "no room for 2 more ops"
+        );
+        let first = map.ops(&keys, 5, false, 6);
+        assert_eq!((sampled(&first, &keys), first.len()), (Some(5), 1));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(map.ops(&keys, 6, false, 1).is_empty(), "not due yet");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(sampled(&map.ops(&keys, 7, false, 1), &keys), Some(7));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let third = map.ops(&keys, 9, false, 1);
+        assert_eq!(
+            (sampled(&third, &keys), pruned_below(&third, &keys)),
+            (Some(9), None)
+        );
+        // At 30 s only the sample taken at 0 s (revision 5) is older than 25 s.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let fourth = map.ops(&keys, 12, false, 1);
+        assert_eq!(sampled(&fourth, &keys), Some(12));
+        assert_eq!(
+            pruned_below(&fourth, &keys),
+            Some(6),
+            "deletes samples up to 5"
+        );
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let fifth = map.ops(&keys, 20, false, 1);
+        assert_eq!(
+            pruned_below(&fifth, &keys),
+            Some(13),
+            "up to 12, the newest expired"
+        );
+        let off = map_writer(Duration::ZERO, Duration::from_secs(1), 8).ops(&keys, 5, false, 1);
+        assert!(off.is_empty(), "an interval of zero turns sampling off");
+    }
+}
