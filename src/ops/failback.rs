@@ -1354,6 +1354,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_wrong_direction_or_the_wrong_prefix_is_refused_before_any_write() {
+        let world = diverged().await;
+        // A fenced old primary given as the standby: the operator swapped the sides.
+        let keys = MetaKeys::new(META, "app");
+        fence(&world.old_primary, &keys, "app", 2, "ops")
+            .await
+            .expect("fence");
+        let options = FailbackOptions::default();
+        let swapped = FailbackJob {
+            prefix: "/copy/".into(),
+            dest_prefix: "/app/".into(),
+            ..world.job.clone()
+        };
+        let before = world.b.lock().unwrap().revision();
+        let outcome = failback(
+            &world.standby,
+            &world.old_primary,
+            &swapped,
+            &options,
+            &CancellationToken::new(),
+        )
+        .await;
+        assert!(
+            matches!(outcome, Err(FailbackError::WrongDirection { .. })),
+            "{outcome:?}"
+        );
+        let wrong_prefix = FailbackJob {
+            dest_prefix: "/elsewhere/".into(),
+            ..world.job.clone()
+        };
+        let outcome = failback(
+            &world.old_primary,
+            &world.standby,
+            &wrong_prefix,
+            &options,
+            &CancellationToken::new(),
+        )
+        .await;
+        assert!(
+            matches!(
+                outcome,
+                Err(FailbackError::PrefixMismatch {
+                    field: "--dest-prefix",
+                    ..
+                })
+            ),
+            "{outcome:?}"
+        );
+        assert!(outcome.unwrap_err().is_usage());
+        assert_eq!(
+            world.b.lock().unwrap().revision(),
+            before,
+            "nothing written"
+        );
+    }
+
+    #[tokio::test]
     async fn an_unpromoted_standby_is_refused() {
         let world = diverged().await;
         let meta = MetaKeys::new(META, "app");
