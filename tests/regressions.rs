@@ -62,6 +62,7 @@ fn context_over(
             name: "app".into(),
             prefix: "/app/".into(),
             dest_prefix: "/app/".into(),
+            ..Default::default()
         },
         writer: Arc::new(DestWriter::new(
             dest.clone(),
@@ -841,7 +842,7 @@ mod leases {
 
     fn leader(source: &SharedStore, dest: &SharedStore) -> JobContext {
         let template = context(source, dest, NO_CHECKS, 1.0);
-        template.fenced(Fence::new(&template.keys, None))
+        template.fenced(Fence::new(&template.keys, None), &CancellationToken::new())
     }
 
     /// 60 keys on 3 leases: one TTL read and one grant per lease, the
@@ -1037,7 +1038,10 @@ mod leases {
     fn leader_over(source: &SharedStore, dest: &SharedStore) -> (JobContext, Arc<Link>) {
         let link = Link::new("replica", 7);
         let template = context_over(source, dest, link.clone(), NO_CHECKS, 1.0);
-        (template.fenced(Fence::new(&template.keys, None)), link)
+        (
+            template.fenced(Fence::new(&template.keys, None), &CancellationToken::new()),
+            link,
+        )
     }
 
     fn alive(store: &SharedStore, lease: i64) -> bool {

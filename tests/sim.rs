@@ -338,6 +338,7 @@ impl World {
                 name: JOB.into(),
                 prefix: SOURCE_PREFIX.into(),
                 dest_prefix: profile.dest_prefix.clone(),
+                ..Default::default()
             },
             writer: Arc::new(DestWriter::new(
                 dest.clone(),

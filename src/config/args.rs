@@ -237,6 +237,14 @@ pub struct MirrorArgs {
     /// Destination prefix for the syncer's own keys (checkpoint, locks).
     #[arg(long, env = "ETCD_SYNCER_META_PREFIX")]
     pub meta_prefix: Option<String>,
+    /// Most destination ops per second for the job (full sync and watch
+    /// alike; they slow down rather than fail). 0 or unset: unlimited.
+    #[arg(long, env = "ETCD_SYNCER_MAX_WRITE_OPS_PER_SECOND")]
+    pub max_write_ops_per_second: Option<u64>,
+    /// Most destination bytes (keys and values) per second for the job, e.g.
+    /// 5MiB. 0 or unset: unlimited.
+    #[arg(long, env = "ETCD_SYNCER_MAX_WRITE_BYTES_PER_SECOND")]
+    pub max_write_bytes_per_second: Option<ByteSize>,
 
     /// Most ops in one destination txn, checkpoint included (etcd's --max-txn-ops, 128 by default).
     #[arg(long, env = "ETCD_SYNCER_MAX_TXN_OPS")]

@@ -76,6 +76,8 @@ pub struct FileJob {
     pub dest_prefix: Option<String>,
     #[serde(default)]
     pub no_dest_prefix: bool,
+    pub max_write_ops_per_second: Option<u64>,
+    pub max_write_bytes_per_second: Option<ByteSize>,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -169,7 +171,10 @@ mod tests {
             prefix,
             dest_prefix,
             no_dest_prefix: _,
+            max_write_ops_per_second,
+            max_write_bytes_per_second,
         } = &jobs[0];
         assert!(name.is_some() && !prefix.is_empty() && dest_prefix.is_some());
+        assert!(max_write_ops_per_second.is_some() && max_write_bytes_per_second.is_some());
     }
 }

@@ -75,11 +75,20 @@ pub struct ClusterSettings {
     pub credentials: Option<Credentials>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct JobSettings {
     pub name: String,
     pub prefix: String,
     pub dest_prefix: String,
+    pub write_rate: WriteRateLimit,
+}
+
+/// `max-write-ops-per-second` / `max-write-bytes-per-second` of one job:
+/// destination writes are slowed to these rates (0 = unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteRateLimit {
+    pub ops_per_second: u64,
+    pub bytes_per_second: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -143,12 +143,26 @@ impl MirrorArgs {
                 } else {
                     self.dest_prefix
                 };
-                vec![job_settings(self.job_name, prefix, dest_prefix)?]
+                let write_rate = WriteRateLimit {
+                    ops_per_second: self.max_write_ops_per_second.unwrap_or(0),
+                    bytes_per_second: self.max_write_bytes_per_second.map_or(0, |b| b.as_u64()),
+                };
+                vec![job_settings(
+                    self.job_name,
+                    prefix,
+                    dest_prefix,
+                    write_rate,
+                )?]
             }
             None => {
-                if self.dest_prefix.is_some() || self.no_dest_prefix || self.job_name.is_some() {
+                if self.dest_prefix.is_some()
+                    || self.no_dest_prefix
+                    || self.job_name.is_some()
+                    || self.max_write_ops_per_second.is_some()
+                    || self.max_write_bytes_per_second.is_some()
+                {
                     return Err(ConfigError::Conflict {
-                        fields: "--dest-prefix/--no-dest-prefix/--job-name and [[jobs]]".into(),
+                        fields: "--dest-prefix/--no-dest-prefix/--job-name/--max-write-*-per-second and [[jobs]]".into(),
                         reason: "these flags describe a single job and need --prefix; set them per job in the config file instead".into(),
                     });
                 }
@@ -160,7 +174,13 @@ impl MirrorArgs {
                         } else {
                             job.dest_prefix
                         };
-                        job_settings(job.name, job.prefix, dest_prefix)
+                        let write_rate = WriteRateLimit {
+                            ops_per_second: job.max_write_ops_per_second.unwrap_or(0),
+                            bytes_per_second: job
+                                .max_write_bytes_per_second
+                                .map_or(0, |b| b.as_u64()),
+                        };
+                        job_settings(job.name, job.prefix, dest_prefix, write_rate)
                     })
                     .collect::<Result<Vec<_>, _>>()?
             }
@@ -846,6 +866,7 @@ fn job_settings(
     name: Option<String>,
     prefix: String,
     dest_prefix: Option<String>,
+    write_rate: WriteRateLimit,
 ) -> Result<JobSettings, ConfigError> {
     let name = name.unwrap_or_else(|| job_name_from_prefix(&prefix));
     if !is_valid_job_name(&name) {
@@ -860,6 +881,7 @@ fn job_settings(
         name,
         prefix,
         dest_prefix,
+        write_rate,
     })
 }
 
@@ -1117,6 +1139,56 @@ mod tests {
         assert_eq!(settings.jobs[1].name, "bee");
         assert_eq!(settings.limits.max_ops, 64);
         assert_eq!(settings.tuning.progress_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn write_rate_limits_per_job() {
+        assert_eq!(
+            with_base(&[]).unwrap().jobs[0].write_rate,
+            WriteRateLimit::default()
+        );
+        let limited = with_base(&[
+            "--max-write-ops-per-second",
+            "500",
+            "--max-write-bytes-per-second",
+            "2MiB",
+        ])
+        .unwrap();
+        assert_eq!(
+            limited.jobs[0].write_rate,
+            WriteRateLimit {
+                ops_per_second: 500,
+                bytes_per_second: 2 * 1024 * 1024,
+            }
+        );
+        let settings = file(
+            r#"
+            [source]
+            endpoints = ["http://127.0.0.1:1"]
+            [destination]
+            endpoints = ["http://127.0.0.1:2"]
+            [[jobs]]
+            prefix = "/a/"
+            max-write-ops-per-second = 100
+            [[jobs]]
+            prefix = "/b/"
+            max-write-bytes-per-second = "1KiB"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(settings.jobs[0].write_rate.ops_per_second, 100);
+        assert_eq!(settings.jobs[0].write_rate.bytes_per_second, 0);
+        assert_eq!(settings.jobs[1].write_rate.bytes_per_second, 1024);
+        // The single-job flags need --prefix, like --dest-prefix.
+        let text = error_text(args(&[
+            "--src-endpoints",
+            "http://127.0.0.1:1",
+            "--dst-endpoints",
+            "http://127.0.0.1:2",
+            "--max-write-ops-per-second",
+            "5",
+        ]));
+        assert!(text.contains("--max-write-*-per-second"), "{text}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod incremental;
 pub mod leases;
 pub mod meta;
 pub mod periodic_check;
+pub mod rate;
 pub mod writer;
 
 use std::sync::Arc;
@@ -96,8 +97,9 @@ impl JobContext {
     }
 
     /// The same job writing under `fence` (the lock this instance now
-    /// holds), with a lease book of its own unless `--leases strip`.
-    pub fn fenced(&self, fence: Fence) -> JobContext {
+    /// holds), with a lease book of its own unless `--leases strip`; a wait
+    /// for the write-rate limit ends when `cancel` (the job's token) fires.
+    pub fn fenced(&self, fence: Fence, cancel: &CancellationToken) -> JobContext {
         let mut ctx = self.clone();
         let book = (self.lease_settings.mode == LeaseMode::Faithful).then(|| {
             Arc::new(leases::LeaseBook::new(
@@ -116,7 +118,8 @@ impl JobContext {
                 fence,
                 self.metrics.clone(),
             )
-            .with_leases(book),
+            .with_leases(book)
+            .with_rate(self.writer.rate().cloned(), cancel.clone()),
         );
         ctx
     }
