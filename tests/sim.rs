@@ -21,7 +21,13 @@
 //! 4. no full sync deletes more than `--max-prune-ratio` of the destination
 //!    keys it started from (across all its retries);
 //! 5. once faults stop, the destination converges to exact equality within
-//!    a bounded simulated time.
+//!    a bounded simulated time;
+//! 6. no replica ever writes a key under an `exclude-prefixes` range, and
+//!    the destination's own keys there survive unchanged.
+//!
+//! Invariants 2 and 5 compare modulo the excluded ranges (drawn from the
+//! seed with their own generator, so the rest of each seed's world is the
+//! same as without them).
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 1000), `SIM_SEED=S` replays one with
 //! its action log, `SIM_FIRST_SEED` moves the range. A failure prints the
@@ -91,6 +97,8 @@ struct Profile {
     quirks: Quirks,
     leases: LeaseMode,
     lease_grace: Duration,
+    /// `exclude-prefixes`, as source prefixes.
+    excluded: Vec<String>,
 }
 
 impl Profile {
@@ -139,6 +147,7 @@ impl Profile {
                 LeaseMode::Strip
             },
             lease_grace: Duration::from_secs(rng.gen_range(1..=8)),
+            excluded: Vec::new(),
         }
     }
 }
@@ -188,6 +197,9 @@ struct World {
     dest_lock_create: BTreeMap<Vec<u8>, (String, i64)>,
     last_checkpoint: BTreeMap<u64, i64>,
     tampered: BTreeSet<Vec<u8>>,
+    /// Destination-local keys under an excluded prefix, with their values:
+    /// no replica may touch them.
+    local_keys: BTreeMap<Vec<u8>, Vec<u8>>,
     episode: Option<Episode>,
     promoted_until: Option<Instant>,
     log: Vec<String>,
@@ -197,6 +209,26 @@ struct World {
     verbose: bool,
 }
 
+/// `exclude-prefixes` for `seed`, from a generator of their own: in 40% of
+/// the worlds one or two ranges of the source's key space (`k1` covers
+/// `k10`-`k19`, `k07` one key).
+fn draw_excluded(seed: u64) -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x6578_636c_7564_6521);
+    if !rng.gen_bool(0.4) {
+        return Vec::new();
+    }
+    let choices = ["k1", "k07", "k0", "k12"];
+    let count = rng.gen_range(1..=2);
+    (0..count)
+        .map(|_| {
+            format!(
+                "{SOURCE_PREFIX}{}",
+                choices[rng.gen_range(0..choices.len())]
+            )
+        })
+        .collect()
+}
+
 fn err<T>(message: String) -> Result<T, String> {
     Err(message)
 }
@@ -204,7 +236,8 @@ fn err<T>(message: String) -> Result<T, String> {
 impl World {
     fn new(seed: u64, verbose: bool) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
-        let profile = Profile::draw(&mut rng);
+        let mut profile = Profile::draw(&mut rng);
+        profile.excluded = draw_excluded(seed);
         let source_id = rng.gen::<u64>() | 1;
         let source = new_store(source_id);
         let dest = new_store(rng.gen::<u64>() | 1);
@@ -225,7 +258,8 @@ impl World {
             )),
             Duration::from_secs(5),
         );
-        let rewrite = KeyRewrite::new(SOURCE_PREFIX.as_bytes(), profile.dest_prefix.as_bytes());
+        let rewrite = KeyRewrite::new(SOURCE_PREFIX.as_bytes(), profile.dest_prefix.as_bytes())
+            .excluding(&profile.excluded);
         let mut source_history = BTreeMap::new();
         source_history.insert(
             source_id,
@@ -250,6 +284,7 @@ impl World {
             dest_lock_create: BTreeMap::new(),
             last_checkpoint: BTreeMap::new(),
             tampered: BTreeSet::new(),
+            local_keys: BTreeMap::new(),
             episode: None,
             promoted_until: None,
             log: Vec::new(),
@@ -338,6 +373,7 @@ impl World {
                 name: JOB.into(),
                 prefix: SOURCE_PREFIX.into(),
                 dest_prefix: profile.dest_prefix.clone(),
+                exclude_prefixes: profile.excluded.clone(),
                 ..Default::default()
             },
             writer: Arc::new(DestWriter::new(
@@ -825,6 +861,7 @@ impl World {
         self.dest_now
             .iter()
             .filter(|(k, _)| k.starts_with(dest_prefix) && !k.starts_with(META.as_bytes()))
+            .filter(|(k, _)| !self.rewrite.is_excluded_suffix(&k[dest_prefix.len()..]))
             .map(|(k, v)| {
                 let lease = self.dest_leases.get(k).copied().unwrap_or(0);
                 (k[dest_prefix.len()..].to_vec(), (v.clone(), lease))
@@ -839,6 +876,7 @@ impl World {
         let records = self.lease_records();
         source
             .iter()
+            .filter(|(suffix, _)| !self.rewrite.is_excluded_suffix(suffix))
             .map(|(suffix, (value, lease))| {
                 let dest_lease = match (self.profile.leases, *lease) {
                     (LeaseMode::Strip, _) | (_, 0) => 0,
@@ -930,6 +968,28 @@ impl World {
         let touches_mirror = commit.events.iter().any(|e| {
             self.in_mirror(&e.kv.key) || e.kv.key == checkpoint_key || e.kv.key == marker_key
         });
+        // Invariant 6: excluded keys are not the job's.
+        let excluded_key = |key: &[u8]| {
+            self.rewrite
+                .dest_suffix(key)
+                .is_some_and(|s| self.rewrite.is_excluded_suffix(s))
+                && !key.starts_with(META.as_bytes())
+        };
+        for event in &commit.events {
+            if !excluded_key(&event.kv.key) {
+                continue;
+            }
+            if by_replica {
+                return err(format!(
+                    "invariant 6 (excluded prefix): {} wrote {:?} at destination revision {}, under an excluded prefix",
+                    commit.by,
+                    String::from_utf8_lossy(&event.kv.key),
+                    commit.revision
+                ));
+            }
+            // The world changed it (tampering): no longer the local original.
+            self.local_keys.remove(&event.kv.key);
+        }
         // Invariant 3: only the lock holder writes, and nobody while promoted.
         if by_replica && touches_mirror {
             if self.dest_now.contains_key(&promoted_key) {
@@ -1177,7 +1237,14 @@ impl World {
     }
 
     async fn seed_destination(&mut self) {
-        if self.profile.preexisting == 0 {
+        // The destination's own keys under each excluded prefix.
+        let mut local_keys = BTreeMap::new();
+        for (i, prefix) in self.profile.excluded.iter().enumerate() {
+            let source_key = format!("{prefix}-local{i}");
+            let key = self.rewrite.to_dest(source_key.as_bytes()).expect("inside");
+            local_keys.insert(key, format!("destination-local {i}").into_bytes());
+        }
+        if self.profile.preexisting == 0 && local_keys.is_empty() {
             return;
         }
         let ops: Vec<Op> = (0..self.profile.preexisting)
@@ -1187,6 +1254,11 @@ impl World {
                     "before the mirror",
                 )
             })
+            .chain(
+                local_keys
+                    .iter()
+                    .map(|(k, v)| Op::put(k.clone(), v.clone())),
+            )
             .collect();
         self.operator
             .txn("preexisting", TxnRequest::new().and_then(ops))
@@ -1195,6 +1267,7 @@ impl World {
         // Not tampering: the first full sync owns these.
         self.check().expect("no invariant on seeding");
         self.tampered.clear();
+        self.local_keys = local_keys;
     }
 }
 
@@ -1290,6 +1363,17 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
     }
     if let Err(error) = world.check() {
         return Err((error, world.log));
+    }
+    for (key, value) in &world.local_keys {
+        if world.dest_now.get(key) != Some(value) {
+            let message = format!(
+                "invariant 6 (excluded prefix): the destination's own key {:?} is {:?} at the end, not {:?}",
+                String::from_utf8_lossy(key),
+                world.dest_now.get(key).map(|v| String::from_utf8_lossy(v).into_owned()),
+                String::from_utf8_lossy(value),
+            );
+            return Err((message, world.log));
+        }
     }
     Ok(Outcome {
         simulated: started.elapsed(),

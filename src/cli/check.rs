@@ -39,10 +39,23 @@ pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
         }
         (None, None) => unreachable!("clap requires --prefix or --job-name"),
     };
+    if let Some(outside) = args
+        .exclude_prefixes
+        .iter()
+        .find(|e| !e.starts_with(&prefix) || e.len() == prefix.len())
+    {
+        return Err(ConfigError::Invalid {
+            field: "--exclude-prefix".into(),
+            value: outside.clone(),
+            reason: format!("must lie inside the job's prefix {prefix:?} and be longer than it"),
+        }
+        .into());
+    }
     let target = CheckTarget {
         keys: MetaKeys::new(&args.meta_prefix, &job),
         job: job.clone(),
-        rewrite: KeyRewrite::new(prefix.as_bytes(), dest_prefix.as_bytes()),
+        rewrite: KeyRewrite::new(prefix.as_bytes(), dest_prefix.as_bytes())
+            .excluding(&args.exclude_prefixes),
         meta_prefix: args.meta_prefix.as_bytes().to_vec(),
         leases: match args.leases.unwrap_or_default() {
             LeaseMode::Faithful => LeaseCheck::Mirrored,

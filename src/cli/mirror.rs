@@ -133,7 +133,8 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
         );
         let template = JobContext {
             job: job.clone(),
-            rewrite: KeyRewrite::new(job.prefix.as_bytes(), job.dest_prefix.as_bytes()),
+            rewrite: KeyRewrite::new(job.prefix.as_bytes(), job.dest_prefix.as_bytes())
+                .excluding(&job.exclude_prefixes),
             keys,
             meta_prefix: settings.meta_prefix.as_bytes().to_vec(),
             source: source.clone(),

@@ -87,6 +87,14 @@ pub struct CheckArgs {
     pub job_name: Option<String>,
     #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
     pub meta_prefix: String,
+    /// A sub-prefix the job excludes (its `exclude-prefixes`; repeat or
+    /// comma-separate): keys under it are not compared.
+    #[arg(
+        long = "exclude-prefix",
+        value_delimiter = ',',
+        env = "ETCD_SYNCER_EXCLUDE_PREFIXES"
+    )]
+    pub exclude_prefixes: Vec<String>,
     /// Sample keys printed for each kind of difference.
     #[arg(long, default_value = "10")]
     pub sample_size: usize,
@@ -237,6 +245,15 @@ pub struct MirrorArgs {
     /// Destination prefix for the syncer's own keys (checkpoint, locks).
     #[arg(long, env = "ETCD_SYNCER_META_PREFIX")]
     pub meta_prefix: Option<String>,
+    /// Leave keys under this sub-prefix of --prefix out of the job (repeat
+    /// or comma-separate for several): never copied, never pruned on the
+    /// destination, never reported by the check.
+    #[arg(
+        long = "exclude-prefix",
+        value_delimiter = ',',
+        env = "ETCD_SYNCER_EXCLUDE_PREFIXES"
+    )]
+    pub exclude_prefixes: Vec<String>,
     /// Most destination ops per second for the job (full sync and watch
     /// alike; they slow down rather than fail). 0 or unset: unlimited.
     #[arg(long, env = "ETCD_SYNCER_MAX_WRITE_OPS_PER_SECOND")]

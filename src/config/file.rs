@@ -78,6 +78,8 @@ pub struct FileJob {
     pub no_dest_prefix: bool,
     pub max_write_ops_per_second: Option<u64>,
     pub max_write_bytes_per_second: Option<ByteSize>,
+    #[serde(default)]
+    pub exclude_prefixes: Vec<String>,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -173,8 +175,10 @@ mod tests {
             no_dest_prefix: _,
             max_write_ops_per_second,
             max_write_bytes_per_second,
+            exclude_prefixes,
         } = &jobs[0];
         assert!(name.is_some() && !prefix.is_empty() && dest_prefix.is_some());
         assert!(max_write_ops_per_second.is_some() && max_write_bytes_per_second.is_some());
+        assert!(!exclude_prefixes.is_empty());
     }
 }

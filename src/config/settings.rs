@@ -81,6 +81,9 @@ pub struct JobSettings {
     pub prefix: String,
     pub dest_prefix: String,
     pub write_rate: WriteRateLimit,
+    /// Sub-prefixes of `prefix` left out of the job: keys under them are
+    /// never copied, pruned or compared, on either side.
+    pub exclude_prefixes: Vec<String>,
 }
 
 /// `max-write-ops-per-second` / `max-write-bytes-per-second` of one job:

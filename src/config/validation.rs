@@ -147,11 +147,13 @@ impl MirrorArgs {
                     ops_per_second: self.max_write_ops_per_second.unwrap_or(0),
                     bytes_per_second: self.max_write_bytes_per_second.map_or(0, |b| b.as_u64()),
                 };
+                let excludes = (self.exclude_prefixes, "--exclude-prefix".to_string());
                 vec![job_settings(
                     self.job_name,
                     prefix,
                     dest_prefix,
                     write_rate,
+                    excludes,
                 )?]
             }
             None => {
@@ -160,15 +162,17 @@ impl MirrorArgs {
                     || self.job_name.is_some()
                     || self.max_write_ops_per_second.is_some()
                     || self.max_write_bytes_per_second.is_some()
+                    || !self.exclude_prefixes.is_empty()
                 {
                     return Err(ConfigError::Conflict {
-                        fields: "--dest-prefix/--no-dest-prefix/--job-name/--max-write-*-per-second and [[jobs]]".into(),
+                        fields: "--dest-prefix/--no-dest-prefix/--job-name/--exclude-prefix/--max-write-*-per-second and [[jobs]]".into(),
                         reason: "these flags describe a single job and need --prefix; set them per job in the config file instead".into(),
                     });
                 }
                 file.jobs
                     .into_iter()
-                    .map(|job| {
+                    .enumerate()
+                    .map(|(index, job)| {
                         let dest_prefix = if job.no_dest_prefix {
                             Some(String::new())
                         } else {
@@ -180,7 +184,11 @@ impl MirrorArgs {
                                 .max_write_bytes_per_second
                                 .map_or(0, |b| b.as_u64()),
                         };
-                        job_settings(job.name, job.prefix, dest_prefix, write_rate)
+                        let excludes = (
+                            job.exclude_prefixes,
+                            format!("jobs[{index}].exclude-prefixes (config file)"),
+                        );
+                        job_settings(job.name, job.prefix, dest_prefix, write_rate, excludes)
                     })
                     .collect::<Result<Vec<_>, _>>()?
             }
@@ -867,6 +875,7 @@ fn job_settings(
     prefix: String,
     dest_prefix: Option<String>,
     write_rate: WriteRateLimit,
+    (exclude_prefixes, exclude_field): (Vec<String>, String),
 ) -> Result<JobSettings, ConfigError> {
     let name = name.unwrap_or_else(|| job_name_from_prefix(&prefix));
     if !is_valid_job_name(&name) {
@@ -876,12 +885,27 @@ fn job_settings(
             "use 1-128 characters of letters, digits, '-', '_' or '.'",
         ));
     }
+    // An exclude outside the prefix would silently exclude nothing, and one
+    // equal to it would mirror nothing.
+    for exclude in &exclude_prefixes {
+        if !exclude.starts_with(&prefix) || exclude.len() == prefix.len() {
+            return Err(invalid(
+                &exclude_field,
+                exclude,
+                &format!(
+                    "must lie inside the job's prefix {prefix:?} and be longer than it, e.g. {:?}",
+                    format!("{prefix}local/")
+                ),
+            ));
+        }
+    }
     let dest_prefix = dest_prefix.unwrap_or_else(|| prefix.clone());
     Ok(JobSettings {
         name,
         prefix,
         dest_prefix,
         write_rate,
+        exclude_prefixes,
     })
 }
 
@@ -1139,6 +1163,37 @@ mod tests {
         assert_eq!(settings.jobs[1].name, "bee");
         assert_eq!(settings.limits.max_ops, 64);
         assert_eq!(settings.tuning.progress_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn exclude_prefixes_lie_inside_the_job_prefix() {
+        let settings = with_base(&["--exclude-prefix", "/app/a/,/app/b/"]).unwrap();
+        assert_eq!(settings.jobs[0].exclude_prefixes, ["/app/a/", "/app/b/"]);
+        for outside in ["/other/", "/app/"] {
+            let text = error_text(with_base(&["--exclude-prefix", outside]));
+            assert!(
+                text.contains("--exclude-prefix") && text.contains("inside the job's prefix"),
+                "{text}"
+            );
+        }
+        let text = error_text(file(
+            r#"
+            [source]
+            endpoints = ["http://127.0.0.1:1"]
+            [destination]
+            endpoints = ["http://127.0.0.1:2"]
+            [[jobs]]
+            prefix = "/a/"
+            exclude-prefixes = ["/a/x/"]
+            [[jobs]]
+            prefix = "/b/"
+            exclude-prefixes = ["/a/y/"]
+            "#,
+        ));
+        assert!(
+            text.contains("jobs[1].exclude-prefixes (config file)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -717,16 +717,38 @@ pub(crate) async fn read_resume_evidence(
             .await?
             .count;
     }
+    // Excluded keys are not the job's: on the source they are not copied,
+    // on the destination they may be the destination's own.
+    for prefix in ctx.rewrite.excluded_source_prefixes() {
+        source_keys -= ctx
+            .source
+            .range(
+                "count excluded keys at the checkpoint",
+                count_at(&prefix, at),
+            )
+            .await?
+            .count;
+    }
     let dest_prefix = ctx.rewrite.dest_prefix();
-    let mut dest_keys = ctx
+    let counted = ctx
         .dest
         .range("count the mirrored prefix", count_at(dest_prefix, 0))
-        .await?
-        .count;
+        .await?;
+    let mut dest_keys = counted.count;
+    // Destination-local writers may be busy under an excluded prefix: count
+    // it at the same revision.
+    let dest_revision = counted.header.revision;
     if ctx.meta_prefix.starts_with(dest_prefix) {
         dest_keys -= ctx
             .dest
             .range("count meta keys", count_at(&ctx.meta_prefix, 0))
+            .await?
+            .count;
+    }
+    for prefix in ctx.rewrite.excluded_dest_prefixes() {
+        dest_keys -= ctx
+            .dest
+            .range("count excluded keys", count_at(&prefix, dest_revision))
             .await?
             .count;
     }
