@@ -400,6 +400,8 @@ impl World {
                 idle_checkpoint_interval: Duration::from_secs(1),
                 progress_log_interval: Duration::from_secs(3600),
                 pipeline_send_spacing: Duration::from_millis(2),
+                resync_loop_full_syncs: 3,
+                resync_loop_stable_period: Duration::from_secs(600),
             },
             max_prune_ratio: replica.max_prune_ratio,
             metrics,

@@ -313,6 +313,14 @@ pub struct MirrorArgs {
     /// Gap between consecutive pipelined txns, so etcd applies them in the order sent.
     #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_PIPELINE_SPACING")]
     pub pipeline_spacing: Option<Duration>,
+    /// This many full syncs in a row, without a watch staying up for
+    /// --resync-loop-stable-period in between, put the job in state
+    /// resync_loop (default 3).
+    #[arg(long, env = "ETCD_SYNCER_RESYNC_LOOP_FULL_SYNCS")]
+    pub resync_loop_full_syncs: Option<u32>,
+    /// How long a watch must stay up to count as stable and end a resync loop (default 10m).
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_RESYNC_LOOP_STABLE_PERIOD")]
+    pub resync_loop_stable_period: Option<Duration>,
     /// How often the leader of each job runs an exact consistency check (0 disables it).
     #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_CHECK_INTERVAL")]
     pub check_interval: Option<Duration>,

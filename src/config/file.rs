@@ -35,6 +35,9 @@ pub struct FileConfig {
     pub pipeline_spacing: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub check_interval: Option<Duration>,
+    pub resync_loop_full_syncs: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub resync_loop_stable_period: Option<Duration>,
     pub check_repair: Option<bool>,
     pub check_sample_size: Option<usize>,
     #[serde(default, with = "humantime_serde")]
@@ -120,6 +123,8 @@ mod tests {
             request_timeout,
             pipeline_spacing,
             check_interval,
+            resync_loop_full_syncs,
+            resync_loop_stable_period,
             check_repair,
             check_sample_size,
             liveness_timeout,
@@ -150,6 +155,7 @@ mod tests {
                 && request_timeout.is_some()
         );
         assert!(pipeline_spacing.is_some() && check_interval.is_some() && check_repair.is_some());
+        assert!(resync_loop_full_syncs.is_some() && resync_loop_stable_period.is_some());
         assert!(check_sample_size.is_some() && lock_ttl.is_some() && rebalance_interval.is_some());
         assert!(liveness_timeout.is_some() && leases.is_some() && lease_grace.is_some());
         assert!(

@@ -36,6 +36,8 @@ pub const MAX_LEASE_GRACE: Duration = Duration::from_secs(HOUR);
 pub const MAX_REBALANCE_INTERVAL: Duration = Duration::from_secs(DAY);
 /// `--check-interval`: at most 7 days (0 disables the check).
 pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(7 * DAY);
+/// `--resync-loop-stable-period`: at most 24h.
+pub const MAX_RESYNC_LOOP_STABLE_PERIOD: Duration = Duration::from_secs(DAY);
 /// `--liveness-timeout`: at most 24h.
 pub const MAX_LIVENESS_TIMEOUT: Duration = Duration::from_secs(DAY);
 /// `promote --wait-timeout`: at most 24h.
@@ -114,6 +116,10 @@ pub struct Tuning {
     pub progress_log_interval: Duration,
     /// Gap between consecutive pipelined txns (see `mirror::writer::Pipeline::send_slot`).
     pub pipeline_send_spacing: Duration,
+    /// This many full syncs in a row without a stable watch is a resync loop.
+    pub resync_loop_full_syncs: u32,
+    /// A watch up this long is stable: it ends a resync loop.
+    pub resync_loop_stable_period: Duration,
 }
 
 impl Default for Tuning {
@@ -127,6 +133,8 @@ impl Default for Tuning {
             idle_checkpoint_interval: Duration::from_secs(5),
             progress_log_interval: Duration::from_secs(5),
             pipeline_send_spacing: Duration::from_millis(2),
+            resync_loop_full_syncs: 3,
+            resync_loop_stable_period: Duration::from_secs(10 * MINUTE),
         }
     }
 }

@@ -282,6 +282,12 @@ impl MirrorArgs {
                 file.liveness_timeout,
                 MAX_LIVENESS_TIMEOUT,
             ),
+            (
+                "resync-loop-stable-period",
+                self.resync_loop_stable_period,
+                file.resync_loop_stable_period,
+                MAX_RESYNC_LOOP_STABLE_PERIOD,
+            ),
         ] {
             if let Some(value) = flag.or(file) {
                 check_at_most(&origin(name, flag.is_some()), value, max)?;
@@ -314,8 +320,36 @@ impl MirrorArgs {
                 .pipeline_spacing
                 .or(file.pipeline_spacing)
                 .unwrap_or(defaults.pipeline_send_spacing),
+            resync_loop_full_syncs: self
+                .resync_loop_full_syncs
+                .or(file.resync_loop_full_syncs)
+                .unwrap_or(defaults.resync_loop_full_syncs),
+            resync_loop_stable_period: self
+                .resync_loop_stable_period
+                .or(file.resync_loop_stable_period)
+                .unwrap_or(defaults.resync_loop_stable_period),
             ..defaults
         };
+        if !(1..=100).contains(&tuning.resync_loop_full_syncs) {
+            return Err(invalid(
+                &origin(
+                    "resync-loop-full-syncs",
+                    self.resync_loop_full_syncs.is_some(),
+                ),
+                &tuning.resync_loop_full_syncs.to_string(),
+                "must be between 1 and 100; the default is 3",
+            ));
+        }
+        if tuning.resync_loop_stable_period.is_zero() {
+            return Err(invalid(
+                &origin(
+                    "resync-loop-stable-period",
+                    self.resync_loop_stable_period.is_some(),
+                ),
+                "0s",
+                "must be longer than zero; the default is 10m",
+            ));
+        }
         if !(1..=100_000).contains(&tuning.page_size) {
             return Err(invalid(
                 "--page-size",
