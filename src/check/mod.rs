@@ -133,7 +133,7 @@ impl CheckReport {
         };
         *count += 1;
         if samples.len() < sample_limit {
-            samples.push(String::from_utf8_lossy(suffix).into_owned());
+            samples.push(crate::model::redact::key(suffix).to_string());
         }
         if self.differences.len() < MAX_KEPT_DIFFERENCES {
             self.differences.push((suffix.to_vec(), kind));

@@ -210,6 +210,11 @@ pub struct TelemetryArgs {
         env = "ETCD_SYNCER_LOG_LEVEL"
     )]
     pub log_level: String,
+    /// Show keys and values in logs, error messages and check samples only
+    /// as a stable short hash (`<key:fnv1a-hex>`), for prefixes whose key
+    /// names are sensitive.
+    #[arg(long, global = true, env = "ETCD_SYNCER_REDACT_KEYS")]
+    pub redact_keys: bool,
 }
 
 /// Everything `mirror-plus` takes. The connection flags of each side come

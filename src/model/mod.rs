@@ -3,6 +3,7 @@
 //! - [`batch`]: coalescing source revisions into destination txns.
 //! - [`diff`]: merging two sorted key streams into differences.
 //! - [`keys`]: prefix ranges, the dest-prefix rewrite, the meta key layout.
+//! - [`redact`]: how keys and values appear in logs (`--redact-keys`).
 //! - [`schema`]: what the syncer stores on the destination (checkpoint,
 //!   markers, lock values), versioned by its JSON fields.
 //! - [`side`]: source or destination.
@@ -11,6 +12,7 @@
 pub mod batch;
 pub mod diff;
 pub mod keys;
+pub mod redact;
 pub mod schema;
 pub mod side;
 pub mod versions;
