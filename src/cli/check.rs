@@ -39,18 +39,7 @@ pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
         }
         (None, None) => unreachable!("clap requires --prefix or --job-name"),
     };
-    if let Some(outside) = args
-        .exclude_prefixes
-        .iter()
-        .find(|e| !e.starts_with(&prefix) || e.len() == prefix.len())
-    {
-        return Err(ConfigError::Invalid {
-            field: "--exclude-prefix".into(),
-            value: outside.clone(),
-            reason: format!("must lie inside the job's prefix {prefix:?} and be longer than it"),
-        }
-        .into());
-    }
+    crate::config::check_exclude_prefixes("--exclude-prefix", &prefix, &args.exclude_prefixes)?;
     let target = CheckTarget {
         keys: MetaKeys::new(&args.meta_prefix, &job),
         job: job.clone(),

@@ -30,4 +30,6 @@ pub use settings::{
     MAX_LOCK_TTL, MAX_PIPELINE_SPACING, MAX_PROGRESS_INTERVAL, MAX_REBALANCE_INTERVAL,
     MAX_REQUEST_TIMEOUT, MAX_WAIT_TIMEOUT, MAX_WATCH_IDLE_TIMEOUT,
 };
-pub use validation::{load_auth_passwords, loop_error, parse_auth_passwords, ConfigError};
+pub use validation::{
+    check_exclude_prefixes, load_auth_passwords, loop_error, parse_auth_passwords, ConfigError,
+};

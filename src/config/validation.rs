@@ -919,20 +919,7 @@ fn job_settings(
             "use 1-128 characters of letters, digits, '-', '_' or '.'",
         ));
     }
-    // An exclude outside the prefix would silently exclude nothing, and one
-    // equal to it would mirror nothing.
-    for exclude in &exclude_prefixes {
-        if !exclude.starts_with(&prefix) || exclude.len() == prefix.len() {
-            return Err(invalid(
-                &exclude_field,
-                exclude,
-                &format!(
-                    "must lie inside the job's prefix {prefix:?} and be longer than it, e.g. {:?}",
-                    format!("{prefix}local/")
-                ),
-            ));
-        }
-    }
+    check_exclude_prefixes(&exclude_field, &prefix, &exclude_prefixes)?;
     let dest_prefix = dest_prefix.unwrap_or_else(|| prefix.clone());
     Ok(JobSettings {
         name,
@@ -941,6 +928,29 @@ fn job_settings(
         write_rate,
         exclude_prefixes,
     })
+}
+
+/// `exclude-prefixes` of a job (mirror-plus, check): each inside `prefix`.
+/// One outside would silently exclude nothing, one equal to it mirror nothing.
+pub fn check_exclude_prefixes(
+    field: &str,
+    prefix: &str,
+    excludes: &[String],
+) -> Result<(), ConfigError> {
+    match excludes
+        .iter()
+        .find(|e| !e.starts_with(prefix) || e.len() == prefix.len())
+    {
+        Some(outside) => Err(invalid(
+            field,
+            outside,
+            &format!(
+                "must lie inside the job's prefix {prefix:?} and be longer than it, e.g. {:?}",
+                format!("{prefix}local/")
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn validate_jobs(
@@ -1167,6 +1177,13 @@ mod tests {
         .unwrap();
     }
 
+    /// A config file with both clusters' endpoints, then `rest`.
+    fn file_with_endpoints(rest: &str) -> Result<Settings, ConfigError> {
+        file(&format!(
+            "[source]\nendpoints = [\"http://127.0.0.1:1\"]\n[destination]\nendpoints = [\"http://127.0.0.1:2\"]\n{rest}"
+        ))
+    }
+
     fn file(text: &str) -> Result<Settings, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("syncer.toml");
@@ -1210,12 +1227,8 @@ mod tests {
                 "{text}"
             );
         }
-        let text = error_text(file(
+        let text = error_text(file_with_endpoints(
             r#"
-            [source]
-            endpoints = ["http://127.0.0.1:1"]
-            [destination]
-            endpoints = ["http://127.0.0.1:2"]
             [[jobs]]
             prefix = "/a/"
             exclude-prefixes = ["/a/x/"]
@@ -1250,12 +1263,8 @@ mod tests {
                 bytes_per_second: 2 * 1024 * 1024,
             }
         );
-        let settings = file(
+        let settings = file_with_endpoints(
             r#"
-            [source]
-            endpoints = ["http://127.0.0.1:1"]
-            [destination]
-            endpoints = ["http://127.0.0.1:2"]
             [[jobs]]
             prefix = "/a/"
             max-write-ops-per-second = 100
