@@ -1,4 +1,5 @@
-//! Per-job controls against real etcd: the destination write-rate limit.
+//! Per-job controls against real etcd: the destination write-rate limit and
+//! excluded sub-prefixes.
 
 use std::time::Duration;
 
@@ -66,6 +67,63 @@ async fn the_write_rate_limit_slows_a_full_sync() -> Result<()> {
     // The watch is limited too, but only slowed: a write still arrives.
     src.put("/app/after", "a", None).await?;
     converge(&source, "/app/", &dest, "/app/", Duration::from_secs(60)).await?;
+    syncer.finish().await
+}
+
+/// `--exclude-prefix /app/local/`: the source's keys there are not copied
+/// (by the full sync nor the watch), the destination's own keys there are
+/// not pruned, and `check --exclude-prefix` finds the job consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn excluded_prefixes_are_neither_copied_nor_pruned() -> Result<()> {
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let mut src = source.client().await?;
+    let mut dst = dest.client().await?;
+    src.put("/app/a", "1", None).await?;
+    src.put("/app/local/from-source", "s", None).await?;
+    dst.put("/app/local/destination-own", "d", None).await?;
+
+    let mut args = mirror_args(&source, &dest, "/app/");
+    args.extend(e2e::args(&["--exclude-prefix", "/app/local/"]));
+    let syncer = Syncer::start("syncer", &args).await?;
+    wait_job_state(&syncer, "app", "watching").await?;
+    src.put("/app/b", "2", None).await?;
+    src.put("/app/local/later", "s", None).await?;
+    src.put("/app/c", "3", None).await?;
+    eventually(Duration::from_secs(60), "/app/c mirrored", || async {
+        let mut dst = dest.client().await?;
+        Ok(!dst.get("/app/c", None).await?.kvs().is_empty())
+    })
+    .await?;
+    // Suffixes below /app/.
+    let mirrored = read_prefix(&mut dst, "/app/").await?;
+    let keys: Vec<&[u8]> = mirrored.keys().map(Vec::as_slice).collect();
+    assert_eq!(
+        keys,
+        [b"a".as_slice(), b"b", b"c", b"local/destination-own"],
+        "the source's excluded keys are not copied, the destination's stay"
+    );
+    assert_eq!(mirrored[b"local/destination-own".as_slice()], b"d");
+
+    let check = |excluded: bool| {
+        let mut argv = e2e::args(&[
+            "check",
+            "--src-endpoints",
+            &source.endpoints_arg(),
+            "--dst-endpoints",
+            &dest.endpoints_arg(),
+            "--prefix",
+            "/app/",
+        ]);
+        if excluded {
+            argv.extend(e2e::args(&["--exclude-prefix", "/app/local/"]));
+        }
+        argv
+    };
+    let (code, output) = run_cli(&check(true)).await?;
+    assert_eq!(code, 0, "consistent modulo the excluded range:\n{output}");
+    let (code, output) = run_cli(&check(false)).await?;
+    assert_eq!(code, 1, "without the exclusion they differ:\n{output}");
     syncer.finish().await
 }
 
