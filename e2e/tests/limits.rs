@@ -106,19 +106,12 @@ async fn excluded_prefixes_are_neither_copied_nor_pruned() -> Result<()> {
     assert_eq!(mirrored[b"local/destination-own".as_slice()], b"d");
 
     let check = |excluded: bool| {
-        let mut argv = e2e::args(&[
-            "check",
-            "--src-endpoints",
-            &source.endpoints_arg(),
-            "--dst-endpoints",
-            &dest.endpoints_arg(),
-            "--prefix",
-            "/app/",
-        ]);
-        if excluded {
-            argv.extend(e2e::args(&["--exclude-prefix", "/app/local/"]));
-        }
-        argv
+        let extra: &[&str] = if excluded {
+            &["--prefix", "/app/", "--exclude-prefix", "/app/local/"]
+        } else {
+            &["--prefix", "/app/"]
+        };
+        check_args(&source, &dest, extra)
     };
     let (code, output) = run_cli(&check(true)).await?;
     assert_eq!(code, 0, "consistent modulo the excluded range:\n{output}");

@@ -46,16 +46,11 @@ async fn a_redacting_run_logs_no_key_text() -> Result<()> {
         "the samples are shown as hashes:\n{logs}"
     );
 
-    let (code, output) = run_cli(&e2e::args(&[
-        "--redact-keys",
-        "check",
-        "--src-endpoints",
-        &source.endpoints_arg(),
-        "--dst-endpoints",
-        &dest.endpoints_arg(),
-        "--prefix",
-        "/app/",
-    ]))
+    let (code, output) = run_cli(&check_args(
+        &source,
+        &dest,
+        &["--prefix", "/app/", "--redact-keys"],
+    ))
     .await?;
     assert_eq!(code, 1, "differences found:\n{output}");
     assert!(
