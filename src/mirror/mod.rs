@@ -586,8 +586,13 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
     }
 }
 
-/// How often a running attempt looks whether its watch has become stable.
-const STABILITY_POLL: Duration = Duration::from_secs(1);
+/// How often a running attempt counts new full syncs and looks whether its
+/// watch has become stable: a sixtieth of the stable period (10 s for the
+/// default 10m), within 1 s to 1 min, so a loop is flagged and cleared a
+/// little late rather than every job waking each second.
+fn stability_poll(stable_period: Duration) -> Duration {
+    (stable_period / 60).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
 
 /// Full syncs in a row without a stable watch (`--resync-loop-full-syncs`,
 /// `--resync-loop-stable-period`): a source compacting faster than the job
@@ -649,7 +654,7 @@ async fn watch_stability(
 ) -> Result<(), JobError> {
     tokio::pin!(attempt);
     let mut stable = false;
-    let mut poll = tokio::time::interval(STABILITY_POLL);
+    let mut poll = tokio::time::interval(stability_poll(ctx.tuning.resync_loop_stable_period));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stable_now = || {
         ctx.metrics
