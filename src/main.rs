@@ -15,6 +15,7 @@ use etcd_syncer::config::{Cli, Command, LogFormat};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log_format = cli.telemetry.log_format;
+    etcd_syncer::model::redact::set_enabled(cli.telemetry.redact_keys);
     etcd_syncer::telemetry::init(log_format, &cli.telemetry.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -62,6 +62,7 @@ fn context_over(
             name: "app".into(),
             prefix: "/app/".into(),
             dest_prefix: "/app/".into(),
+            ..Default::default()
         },
         writer: Arc::new(DestWriter::new(
             dest.clone(),
@@ -87,6 +88,8 @@ fn context_over(
             idle_checkpoint_interval: Duration::from_secs(1),
             progress_log_interval: Duration::from_secs(3600),
             pipeline_send_spacing: Duration::from_millis(2),
+            resync_loop_full_syncs: 3,
+            resync_loop_stable_period: Duration::from_secs(600),
             ..Tuning::default()
         },
         max_prune_ratio: ratio,
@@ -842,7 +845,7 @@ mod leases {
 
     fn leader(source: &SharedStore, dest: &SharedStore) -> JobContext {
         let template = context(source, dest, NO_CHECKS, 1.0);
-        template.fenced(Fence::new(&template.keys, None))
+        template.fenced(Fence::new(&template.keys, None), &CancellationToken::new())
     }
 
     /// 60 keys on 3 leases: one TTL read and one grant per lease, the
@@ -1038,7 +1041,10 @@ mod leases {
     fn leader_over(source: &SharedStore, dest: &SharedStore) -> (JobContext, Arc<Link>) {
         let link = Link::new("replica", 7);
         let template = context_over(source, dest, link.clone(), NO_CHECKS, 1.0);
-        (template.fenced(Fence::new(&template.keys, None)), link)
+        (
+            template.fenced(Fence::new(&template.keys, None), &CancellationToken::new()),
+            link,
+        )
     }
 
     fn alive(store: &SharedStore, lease: i64) -> bool {
@@ -1593,4 +1599,90 @@ mod leases {
         book.load(&meta.leases);
         assert_eq!(book.dest_lease_of(ids[0]), Some(first));
     }
+}
+
+/// Resync-loop detection: a source that compacts past the checkpoint every
+/// time the job is cut off makes every resume a full sync. After
+/// `--resync-loop-full-syncs` (3) of them without a watch staying up for
+/// `--resync-loop-stable-period`, the job shows state `resync_loop` and
+/// counts one loop; a watch that then stays up ends it.
+#[tokio::test(start_paused = true)]
+async fn full_syncs_without_a_stable_watch_are_a_resync_loop() {
+    let (source, dest) = (new_store(1), new_store(2));
+    put(&source, &[("/app/a", "1")]).await;
+    let checks = CheckSettings {
+        interval: Duration::ZERO,
+        repair: false,
+        sample_size: 3,
+    };
+    let mut ctx = context(&source, &dest, checks, 1.0);
+    let link = Link::new("source", 7);
+    ctx.source = Cluster::with_backend(
+        Side::Source,
+        "source",
+        Arc::new(MemoryEtcd::new(source.clone(), link.clone())),
+        Duration::from_secs(2),
+    );
+    ctx.tuning.resync_loop_stable_period = Duration::from_secs(60);
+    let metrics = ctx.metrics.clone();
+    let cancel = CancellationToken::new();
+    let job = tokio::spawn(run_job(ctx, cancel.clone()));
+    // Simulated seconds until `done` holds (paused time: no wall-clock wait).
+    async fn within(seconds: u64, what: &str, done: impl Fn() -> bool) {
+        for _ in 0..seconds * 10 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("not within {seconds} simulated seconds: {what}");
+    }
+    within(30, "first full sync, then watching", || {
+        metrics.slow_path_total.get() == 1 && metrics.state() == "watching"
+    })
+    .await;
+    for round in 2..=3u64 {
+        // Cut the job off, write and compact past its checkpoint, reconnect:
+        // the checkpoint's history is gone, so it takes the slow path.
+        link.set_faults(Faults {
+            partitioned: true,
+            ..Faults::default()
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        put(&source, &[("/app/a", &format!("round {round}"))]).await;
+        {
+            let mut store = source.lock().unwrap();
+            let head = store.revision();
+            store.compact(head);
+        }
+        link.set_faults(Faults::default());
+        within(60, "the next full sync", || {
+            metrics.slow_path_total.get() == round
+                && matches!(metrics.state(), "watching" | "resync_loop")
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if round < 3 {
+            assert_eq!(
+                metrics.state(),
+                "watching",
+                "{round} full syncs are no loop yet"
+            );
+            assert_eq!(metrics.resync_loops_total.get(), 0);
+        }
+    }
+    assert_eq!(metrics.state(), "resync_loop", "three full syncs in a row");
+    assert_eq!(metrics.resync_loops_total.get(), 1);
+    assert_eq!(prefix_of(&dest), prefix_of(&source), "still mirrored");
+    // Still looping well within the stable period...
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(metrics.state(), "resync_loop");
+    // ...and over once the watch has stayed up for it.
+    within(60, "the watch to count as stable", || {
+        metrics.state() == "watching"
+    })
+    .await;
+    assert_eq!(metrics.resync_loops_total.get(), 1);
+    cancel.cancel();
+    job.await.expect("joined").expect("clean stop");
 }

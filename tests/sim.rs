@@ -22,8 +22,14 @@
 //!    keys it started from (across all its retries);
 //! 5. once faults stop, the destination converges to exact equality within
 //!    a bounded simulated time;
-//! 6. a revision-map sample is written only in the txn that writes the
+//! 6. no replica ever writes a key under an `exclude-prefixes` range, and
+//!    the destination's own keys there survive unchanged;
+//! 7. a revision-map sample is written only in the txn that writes the
 //!    checkpoint of the same whole source revision.
+//!
+//! Invariants 2 and 5 compare modulo the excluded ranges (drawn from the
+//! seed with their own generator, so the rest of each seed's world is the
+//! same as without them).
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 1000), `SIM_SEED=S` replays one with
 //! its action log, `SIM_FIRST_SEED` moves the range. A failure prints the
@@ -95,6 +101,8 @@ struct Profile {
     lease_grace: Duration,
     revision_map_interval: Duration,
     revision_map_retention: Duration,
+    /// `exclude-prefixes`, as source prefixes.
+    excluded: Vec<String>,
 }
 
 impl Profile {
@@ -145,6 +153,7 @@ impl Profile {
             lease_grace: Duration::from_secs(rng.gen_range(1..=8)),
             revision_map_interval: Duration::from_millis(rng.gen_range(0..5_000)),
             revision_map_retention: Duration::from_secs(rng.gen_range(5..60)),
+            excluded: Vec::new(),
         }
     }
 }
@@ -194,6 +203,9 @@ struct World {
     dest_lock_create: BTreeMap<Vec<u8>, (String, i64)>,
     last_checkpoint: BTreeMap<u64, i64>,
     tampered: BTreeSet<Vec<u8>>,
+    /// Destination-local keys under an excluded prefix, with their values:
+    /// no replica may touch them.
+    local_keys: BTreeMap<Vec<u8>, Vec<u8>>,
     episode: Option<Episode>,
     promoted_until: Option<Instant>,
     log: Vec<String>,
@@ -204,6 +216,26 @@ struct World {
     verbose: bool,
 }
 
+/// `exclude-prefixes` for `seed`, from a generator of their own: in 40% of
+/// the worlds one or two ranges of the source's key space (`k1` covers
+/// `k10`-`k19`, `k07` one key).
+fn draw_excluded(seed: u64) -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x6578_636c_7564_6521);
+    if !rng.gen_bool(0.4) {
+        return Vec::new();
+    }
+    let choices = ["k1", "k07", "k0", "k12"];
+    let count = rng.gen_range(1..=2);
+    (0..count)
+        .map(|_| {
+            format!(
+                "{SOURCE_PREFIX}{}",
+                choices[rng.gen_range(0..choices.len())]
+            )
+        })
+        .collect()
+}
+
 fn err<T>(message: String) -> Result<T, String> {
     Err(message)
 }
@@ -211,7 +243,8 @@ fn err<T>(message: String) -> Result<T, String> {
 impl World {
     fn new(seed: u64, verbose: bool) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
-        let profile = Profile::draw(&mut rng);
+        let mut profile = Profile::draw(&mut rng);
+        profile.excluded = draw_excluded(seed);
         let source_id = rng.gen::<u64>() | 1;
         let source = new_store(source_id);
         let dest = new_store(rng.gen::<u64>() | 1);
@@ -232,7 +265,8 @@ impl World {
             )),
             Duration::from_secs(5),
         );
-        let rewrite = KeyRewrite::new(SOURCE_PREFIX.as_bytes(), profile.dest_prefix.as_bytes());
+        let rewrite = KeyRewrite::new(SOURCE_PREFIX.as_bytes(), profile.dest_prefix.as_bytes())
+            .excluding(&profile.excluded);
         let mut source_history = BTreeMap::new();
         source_history.insert(
             source_id,
@@ -257,6 +291,7 @@ impl World {
             dest_lock_create: BTreeMap::new(),
             last_checkpoint: BTreeMap::new(),
             tampered: BTreeSet::new(),
+            local_keys: BTreeMap::new(),
             episode: None,
             promoted_until: None,
             log: Vec::new(),
@@ -346,6 +381,8 @@ impl World {
                 name: JOB.into(),
                 prefix: SOURCE_PREFIX.into(),
                 dest_prefix: profile.dest_prefix.clone(),
+                exclude_prefixes: profile.excluded.clone(),
+                ..Default::default()
             },
             writer: Arc::new(DestWriter::new(
                 dest.clone(),
@@ -373,6 +410,8 @@ impl World {
                 pipeline_send_spacing: Duration::from_millis(2),
                 revision_map_interval: profile.revision_map_interval,
                 revision_map_retention: profile.revision_map_retention,
+                resync_loop_full_syncs: 3,
+                resync_loop_stable_period: Duration::from_secs(600),
             },
             max_prune_ratio: replica.max_prune_ratio,
             metrics,
@@ -834,6 +873,7 @@ impl World {
         self.dest_now
             .iter()
             .filter(|(k, _)| k.starts_with(dest_prefix) && !k.starts_with(META.as_bytes()))
+            .filter(|(k, _)| !self.rewrite.is_excluded_suffix(&k[dest_prefix.len()..]))
             .map(|(k, v)| {
                 let lease = self.dest_leases.get(k).copied().unwrap_or(0);
                 (k[dest_prefix.len()..].to_vec(), (v.clone(), lease))
@@ -848,6 +888,7 @@ impl World {
         let records = self.lease_records();
         source
             .iter()
+            .filter(|(suffix, _)| !self.rewrite.is_excluded_suffix(suffix))
             .map(|(suffix, (value, lease))| {
                 let dest_lease = match (self.profile.leases, *lease) {
                     (LeaseMode::Strip, _) | (_, 0) => 0,
@@ -939,6 +980,28 @@ impl World {
         let touches_mirror = commit.events.iter().any(|e| {
             self.in_mirror(&e.kv.key) || e.kv.key == checkpoint_key || e.kv.key == marker_key
         });
+        // Invariant 6: excluded keys are not the job's.
+        let excluded_key = |key: &[u8]| {
+            self.rewrite
+                .dest_suffix(key)
+                .is_some_and(|s| self.rewrite.is_excluded_suffix(s))
+                && !key.starts_with(META.as_bytes())
+        };
+        for event in &commit.events {
+            if !excluded_key(&event.kv.key) {
+                continue;
+            }
+            if by_replica {
+                return err(format!(
+                    "invariant 6 (excluded prefix): {} wrote {:?} at destination revision {}, under an excluded prefix",
+                    commit.by,
+                    String::from_utf8_lossy(&event.kv.key),
+                    commit.revision
+                ));
+            }
+            // The world changed it (tampering): no longer the local original.
+            self.local_keys.remove(&event.kv.key);
+        }
         // Invariant 3: only the lock holder writes, and nobody while promoted.
         if by_replica && touches_mirror {
             if self.dest_now.contains_key(&promoted_key) {
@@ -1081,7 +1144,7 @@ impl World {
                 *last = checkpoint.last_synced_rev;
             }
         }
-        // Invariant 6: a revision-map sample is written only by the txn
+        // Invariant 7: a revision-map sample is written only by the txn
         // that writes the checkpoint of the same, whole source revision, so
         // its mod revision maps that source revision to this destination state.
         let map_prefix = self.keys.revision_map().into_bytes();
@@ -1097,7 +1160,7 @@ impl World {
                 .map(|c| c.last_synced_rev);
             if !commit.events.iter().any(|e| e.kv.key == checkpoint_key) || sampled != claimed {
                 return err(format!(
-                    "invariant 6 (revision map): the sample for source revision {:?} was written at destination revision {} (by {}) with checkpoint {:?}",
+                    "invariant 7 (revision map): the sample for source revision {:?} was written at destination revision {} (by {}) with checkpoint {:?}",
                     sampled, commit.revision, commit.by, claimed
                 ));
             }
@@ -1207,7 +1270,14 @@ impl World {
     }
 
     async fn seed_destination(&mut self) {
-        if self.profile.preexisting == 0 {
+        // The destination's own keys under each excluded prefix.
+        let mut local_keys = BTreeMap::new();
+        for (i, prefix) in self.profile.excluded.iter().enumerate() {
+            let source_key = format!("{prefix}-local{i}");
+            let key = self.rewrite.to_dest(source_key.as_bytes()).expect("inside");
+            local_keys.insert(key, format!("destination-local {i}").into_bytes());
+        }
+        if self.profile.preexisting == 0 && local_keys.is_empty() {
             return;
         }
         let ops: Vec<Op> = (0..self.profile.preexisting)
@@ -1217,6 +1287,11 @@ impl World {
                     "before the mirror",
                 )
             })
+            .chain(
+                local_keys
+                    .iter()
+                    .map(|(k, v)| Op::put(k.clone(), v.clone())),
+            )
             .collect();
         self.operator
             .txn("preexisting", TxnRequest::new().and_then(ops))
@@ -1225,6 +1300,7 @@ impl World {
         // Not tampering: the first full sync owns these.
         self.check().expect("no invariant on seeding");
         self.tampered.clear();
+        self.local_keys = local_keys;
     }
 }
 
@@ -1321,6 +1397,17 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
     }
     if let Err(error) = world.check() {
         return Err((error, world.log));
+    }
+    for (key, value) in &world.local_keys {
+        if world.dest_now.get(key) != Some(value) {
+            let message = format!(
+                "invariant 6 (excluded prefix): the destination's own key {:?} is {:?} at the end, not {:?}",
+                String::from_utf8_lossy(key),
+                world.dest_now.get(key).map(|v| String::from_utf8_lossy(v).into_owned()),
+                String::from_utf8_lossy(value),
+            );
+            return Err((message, world.log));
+        }
     }
     Ok(Outcome {
         simulated: started.elapsed(),

@@ -374,6 +374,19 @@ pub fn mirror_args(source: &EtcdCluster, dest: &EtcdCluster, prefix: &str) -> Ve
     args
 }
 
+/// `etcd-syncer check` against both clusters, then `extra`.
+pub fn check_args(source: &EtcdCluster, dest: &EtcdCluster, extra: &[&str]) -> Vec<String> {
+    let mut argv = args(&[
+        "check",
+        "--src-endpoints",
+        &source.endpoints_arg(),
+        "--dst-endpoints",
+        &dest.endpoints_arg(),
+    ]);
+    argv.extend(args(extra));
+    argv
+}
+
 pub fn args(extra: &[&str]) -> Vec<String> {
     extra.iter().map(|s| s.to_string()).collect()
 }

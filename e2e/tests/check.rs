@@ -11,18 +11,6 @@ use e2e::*;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn check_args(source: &EtcdCluster, dest: &EtcdCluster, extra: &[&str]) -> Vec<String> {
-    let mut argv = e2e::args(&[
-        "check",
-        "--src-endpoints",
-        &source.endpoints_arg(),
-        "--dst-endpoints",
-        &dest.endpoints_arg(),
-    ]);
-    argv.extend(e2e::args(extra));
-    argv
-}
-
 async fn check_json(source: &EtcdCluster, dest: &EtcdCluster) -> Result<(i32, serde_json::Value)> {
     let (code, output) = run_cli(&check_args(
         source,

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::etcd::api::{KeyValue, Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster, FailureKind};
 use crate::etcd::meta::read_job_meta;
-use crate::etcd::pager::{next_page, spawn_pager, PageError};
+use crate::etcd::pager::{next_page, spawn_pager, PageError, Skipped};
 use crate::model::diff::{Difference, LeaseRule, SortedMerge, Step};
 use crate::model::keys::{KeyRewrite, MetaKeys};
 use crate::model::Side;
@@ -133,7 +133,7 @@ impl CheckReport {
         };
         *count += 1;
         if samples.len() < sample_limit {
-            samples.push(String::from_utf8_lossy(suffix).into_owned());
+            samples.push(crate::model::redact::key(suffix).to_string());
         }
         if self.differences.len() < MAX_KEPT_DIFFERENCES {
             self.differences.push((suffix.to_vec(), kind));
@@ -310,7 +310,10 @@ async fn compare(
         target.rewrite.source_prefix().to_vec(),
         Some(source_revision),
         options.page_size,
-        target.meta_prefix.clone(),
+        Skipped {
+            meta_prefix: target.meta_prefix.clone(),
+            rewrite: target.rewrite.clone(),
+        },
         pagers.clone(),
     );
     let mut dest_pages = spawn_pager(
@@ -319,7 +322,10 @@ async fn compare(
         target.rewrite.dest_prefix().to_vec(),
         Some(dest_revision),
         options.page_size,
-        target.meta_prefix.clone(),
+        Skipped {
+            meta_prefix: target.meta_prefix.clone(),
+            rewrite: target.rewrite.clone(),
+        },
         pagers,
     );
     let mut report = CheckReport {

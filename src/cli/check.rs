@@ -39,10 +39,12 @@ pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
         }
         (None, None) => unreachable!("clap requires --prefix or --job-name"),
     };
+    crate::config::check_exclude_prefixes("--exclude-prefix", &prefix, &args.exclude_prefixes)?;
     let target = CheckTarget {
         keys: MetaKeys::new(&args.meta_prefix, &job),
         job: job.clone(),
-        rewrite: KeyRewrite::new(prefix.as_bytes(), dest_prefix.as_bytes()),
+        rewrite: KeyRewrite::new(prefix.as_bytes(), dest_prefix.as_bytes())
+            .excluding(&args.exclude_prefixes),
         meta_prefix: args.meta_prefix.as_bytes().to_vec(),
         leases: match args.leases.unwrap_or_default() {
             LeaseMode::Faithful => LeaseCheck::Mirrored,

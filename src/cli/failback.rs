@@ -20,6 +20,7 @@ pub async fn run_failback(args: FailbackArgs, cancel: CancellationToken) -> Resu
             prefix: job.prefix.clone(),
             dest_prefix: job.dest_prefix.clone(),
             meta_prefix: settings.meta_prefix.clone(),
+            exclude_prefixes: job.exclude_prefixes.clone(),
             page_size: settings.tuning.page_size,
             max_txn_ops: settings.limits.max_ops,
             max_txn_bytes: settings.limits.max_bytes,

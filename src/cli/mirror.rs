@@ -15,6 +15,7 @@ use crate::etcd::client::{ClientError, Cluster, FailureKind};
 use crate::ha::election::SessionManager;
 use crate::ha::replica::{run_replica, Instance};
 use crate::mirror::meta::Fence;
+use crate::mirror::rate::WriteRate;
 use crate::mirror::writer::DestWriter;
 use crate::mirror::{request_reset, JobContext, JobError};
 use crate::model::keys::{KeyRewrite, MetaKeys};
@@ -121,15 +122,19 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
             return Ok(());
         }
         // Writes need the job lock; the replica adds it to the fence once elected.
-        let writer = Arc::new(DestWriter::new(
-            dest.clone(),
-            keys.clone(),
-            Fence::new(&keys, None),
-            metrics.clone(),
-        ));
+        let writer = Arc::new(
+            DestWriter::new(
+                dest.clone(),
+                keys.clone(),
+                Fence::new(&keys, None),
+                metrics.clone(),
+            )
+            .with_rate(WriteRate::new(job.write_rate).map(Arc::new), cancel.clone()),
+        );
         let template = JobContext {
             job: job.clone(),
-            rewrite: KeyRewrite::new(job.prefix.as_bytes(), job.dest_prefix.as_bytes()),
+            rewrite: KeyRewrite::new(job.prefix.as_bytes(), job.dest_prefix.as_bytes())
+                .excluding(&job.exclude_prefixes),
             keys,
             meta_prefix: settings.meta_prefix.as_bytes().to_vec(),
             source: source.clone(),

@@ -115,6 +115,14 @@ pub struct CheckArgs {
     pub job_name: Option<String>,
     #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
     pub meta_prefix: String,
+    /// A sub-prefix the job excludes (its `exclude-prefixes`; repeat or
+    /// comma-separate): keys under it are not compared.
+    #[arg(
+        long = "exclude-prefix",
+        value_delimiter = ',',
+        env = "ETCD_SYNCER_EXCLUDE_PREFIXES"
+    )]
+    pub exclude_prefixes: Vec<String>,
     /// Sample keys printed for each kind of difference.
     #[arg(long, default_value = "10")]
     pub sample_size: usize,
@@ -230,6 +238,11 @@ pub struct TelemetryArgs {
         env = "ETCD_SYNCER_LOG_LEVEL"
     )]
     pub log_level: String,
+    /// Show keys and values in logs, error messages and check samples only
+    /// as a stable short hash (`<key:fnv1a-hex>`), for prefixes whose key
+    /// names are sensitive.
+    #[arg(long, global = true, env = "ETCD_SYNCER_REDACT_KEYS")]
+    pub redact_keys: bool,
 }
 
 /// Everything `mirror-plus` takes. The connection flags of each side come
@@ -265,6 +278,23 @@ pub struct MirrorArgs {
     /// Destination prefix for the syncer's own keys (checkpoint, locks).
     #[arg(long, env = "ETCD_SYNCER_META_PREFIX")]
     pub meta_prefix: Option<String>,
+    /// Leave keys under this sub-prefix of --prefix out of the job (repeat
+    /// or comma-separate for several): never copied, never pruned on the
+    /// destination, never reported by the check.
+    #[arg(
+        long = "exclude-prefix",
+        value_delimiter = ',',
+        env = "ETCD_SYNCER_EXCLUDE_PREFIXES"
+    )]
+    pub exclude_prefixes: Vec<String>,
+    /// Most destination ops per second for the job (full sync and watch
+    /// alike; they slow down rather than fail). 0 or unset: unlimited.
+    #[arg(long, env = "ETCD_SYNCER_MAX_WRITE_OPS_PER_SECOND")]
+    pub max_write_ops_per_second: Option<u64>,
+    /// Most destination bytes (keys and values) per second for the job, e.g.
+    /// 5MiB. 0 or unset: unlimited.
+    #[arg(long, env = "ETCD_SYNCER_MAX_WRITE_BYTES_PER_SECOND")]
+    pub max_write_bytes_per_second: Option<ByteSize>,
 
     /// Most ops in one destination txn, checkpoint included (etcd's --max-txn-ops, 128 by default).
     #[arg(long, env = "ETCD_SYNCER_MAX_TXN_OPS")]
@@ -316,6 +346,14 @@ pub struct MirrorArgs {
     /// Gap between consecutive pipelined txns, so etcd applies them in the order sent.
     #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_PIPELINE_SPACING")]
     pub pipeline_spacing: Option<Duration>,
+    /// This many full syncs in a row, without a watch staying up for
+    /// --resync-loop-stable-period in between, put the job in state
+    /// resync_loop (default 3).
+    #[arg(long, env = "ETCD_SYNCER_RESYNC_LOOP_FULL_SYNCS")]
+    pub resync_loop_full_syncs: Option<u32>,
+    /// How long a watch must stay up to count as stable and end a resync loop (default 10m).
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_RESYNC_LOOP_STABLE_PERIOD")]
+    pub resync_loop_stable_period: Option<Duration>,
     /// How often the leader of each job runs an exact consistency check (0 disables it).
     #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_CHECK_INTERVAL")]
     pub check_interval: Option<Duration>,

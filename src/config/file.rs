@@ -35,6 +35,9 @@ pub struct FileConfig {
     pub pipeline_spacing: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub check_interval: Option<Duration>,
+    pub resync_loop_full_syncs: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub resync_loop_stable_period: Option<Duration>,
     pub check_repair: Option<bool>,
     pub check_sample_size: Option<usize>,
     #[serde(default, with = "humantime_serde")]
@@ -76,6 +79,10 @@ pub struct FileJob {
     pub dest_prefix: Option<String>,
     #[serde(default)]
     pub no_dest_prefix: bool,
+    pub max_write_ops_per_second: Option<u64>,
+    pub max_write_bytes_per_second: Option<ByteSize>,
+    #[serde(default)]
+    pub exclude_prefixes: Vec<String>,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -116,6 +123,8 @@ mod tests {
             request_timeout,
             pipeline_spacing,
             check_interval,
+            resync_loop_full_syncs,
+            resync_loop_stable_period,
             check_repair,
             check_sample_size,
             liveness_timeout,
@@ -146,6 +155,7 @@ mod tests {
                 && request_timeout.is_some()
         );
         assert!(pipeline_spacing.is_some() && check_interval.is_some() && check_repair.is_some());
+        assert!(resync_loop_full_syncs.is_some() && resync_loop_stable_period.is_some());
         assert!(check_sample_size.is_some() && lock_ttl.is_some() && rebalance_interval.is_some());
         assert!(liveness_timeout.is_some() && leases.is_some() && lease_grace.is_some());
         assert!(
@@ -169,7 +179,12 @@ mod tests {
             prefix,
             dest_prefix,
             no_dest_prefix: _,
+            max_write_ops_per_second,
+            max_write_bytes_per_second,
+            exclude_prefixes,
         } = &jobs[0];
         assert!(name.is_some() && !prefix.is_empty() && dest_prefix.is_some());
+        assert!(max_write_ops_per_second.is_some() && max_write_bytes_per_second.is_some());
+        assert!(!exclude_prefixes.is_empty());
     }
 }

@@ -24,10 +24,12 @@ pub use file::{load_file, FileCluster, FileConfig, FileJob};
 pub use settings::{
     default_instance_id, AuthPasswords, AuthSyncSettings, CheckSettings, ClusterSettings,
     Credentials, JobSettings, LeaseMode, LeaseSettings, Settings, TlsFiles, Tuning, TxnLimits,
-    DEFAULT_CHECK_INTERVAL, DEFAULT_LOCK_TTL, DEFAULT_MAX_PRUNE_RATIO, DEFAULT_MAX_TXN_BYTES,
-    DEFAULT_MAX_TXN_OPS, DEFAULT_META_PREFIX, DEFAULT_METRICS_ADDR, DEFAULT_REBALANCE_INTERVAL,
-    MAX_CHECK_INTERVAL, MAX_LEASE_GRACE, MAX_LIVENESS_TIMEOUT, MAX_LOCK_TTL, MAX_PIPELINE_SPACING,
-    MAX_PROGRESS_INTERVAL, MAX_REBALANCE_INTERVAL, MAX_REQUEST_TIMEOUT, MAX_WAIT_TIMEOUT,
-    MAX_WATCH_IDLE_TIMEOUT,
+    WriteRateLimit, DEFAULT_CHECK_INTERVAL, DEFAULT_LOCK_TTL, DEFAULT_MAX_PRUNE_RATIO,
+    DEFAULT_MAX_TXN_BYTES, DEFAULT_MAX_TXN_OPS, DEFAULT_META_PREFIX, DEFAULT_METRICS_ADDR,
+    DEFAULT_REBALANCE_INTERVAL, MAX_CHECK_INTERVAL, MAX_LEASE_GRACE, MAX_LIVENESS_TIMEOUT,
+    MAX_LOCK_TTL, MAX_PIPELINE_SPACING, MAX_PROGRESS_INTERVAL, MAX_REBALANCE_INTERVAL,
+    MAX_REQUEST_TIMEOUT, MAX_WAIT_TIMEOUT, MAX_WATCH_IDLE_TIMEOUT,
 };
-pub use validation::{load_auth_passwords, loop_error, parse_auth_passwords, ConfigError};
+pub use validation::{
+    check_exclude_prefixes, load_auth_passwords, loop_error, parse_auth_passwords, ConfigError,
+};

@@ -36,6 +36,8 @@ pub const MAX_LEASE_GRACE: Duration = Duration::from_secs(HOUR);
 pub const MAX_REBALANCE_INTERVAL: Duration = Duration::from_secs(DAY);
 /// `--check-interval`: at most 7 days (0 disables the check).
 pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(7 * DAY);
+/// `--resync-loop-stable-period`: at most 24h.
+pub const MAX_RESYNC_LOOP_STABLE_PERIOD: Duration = Duration::from_secs(DAY);
 /// `--liveness-timeout`: at most 24h.
 pub const MAX_LIVENESS_TIMEOUT: Duration = Duration::from_secs(DAY);
 /// `promote --wait-timeout`: at most 24h.
@@ -75,11 +77,23 @@ pub struct ClusterSettings {
     pub credentials: Option<Credentials>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct JobSettings {
     pub name: String,
     pub prefix: String,
     pub dest_prefix: String,
+    pub write_rate: WriteRateLimit,
+    /// Sub-prefixes of `prefix` left out of the job: keys under them are
+    /// never copied, pruned or compared, on either side.
+    pub exclude_prefixes: Vec<String>,
+}
+
+/// `max-write-ops-per-second` / `max-write-bytes-per-second` of one job:
+/// destination writes are slowed to these rates (0 = unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteRateLimit {
+    pub ops_per_second: u64,
+    pub bytes_per_second: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -107,6 +121,10 @@ pub struct Tuning {
     pub revision_map_interval: Duration,
     /// Samples older than this are deleted by a later checkpoint txn.
     pub revision_map_retention: Duration,
+    /// This many full syncs in a row without a stable watch is a resync loop.
+    pub resync_loop_full_syncs: u32,
+    /// A watch up this long is stable: it ends a resync loop.
+    pub resync_loop_stable_period: Duration,
 }
 
 impl Default for Tuning {
@@ -122,6 +140,8 @@ impl Default for Tuning {
             pipeline_send_spacing: Duration::from_millis(2),
             revision_map_interval: Duration::from_secs(60),
             revision_map_retention: Duration::from_secs(24 * 3600),
+            resync_loop_full_syncs: 3,
+            resync_loop_stable_period: Duration::from_secs(10 * MINUTE),
         }
     }
 }

@@ -143,24 +143,52 @@ impl MirrorArgs {
                 } else {
                     self.dest_prefix
                 };
-                vec![job_settings(self.job_name, prefix, dest_prefix)?]
+                let write_rate = WriteRateLimit {
+                    ops_per_second: self.max_write_ops_per_second.unwrap_or(0),
+                    bytes_per_second: self.max_write_bytes_per_second.map_or(0, |b| b.as_u64()),
+                };
+                let excludes = (self.exclude_prefixes, "--exclude-prefix".to_string());
+                vec![job_settings(
+                    self.job_name,
+                    prefix,
+                    dest_prefix,
+                    write_rate,
+                    excludes,
+                )?]
             }
             None => {
-                if self.dest_prefix.is_some() || self.no_dest_prefix || self.job_name.is_some() {
+                if self.dest_prefix.is_some()
+                    || self.no_dest_prefix
+                    || self.job_name.is_some()
+                    || self.max_write_ops_per_second.is_some()
+                    || self.max_write_bytes_per_second.is_some()
+                    || !self.exclude_prefixes.is_empty()
+                {
                     return Err(ConfigError::Conflict {
-                        fields: "--dest-prefix/--no-dest-prefix/--job-name and [[jobs]]".into(),
+                        fields: "--dest-prefix/--no-dest-prefix/--job-name/--exclude-prefix/--max-write-*-per-second and [[jobs]]".into(),
                         reason: "these flags describe a single job and need --prefix; set them per job in the config file instead".into(),
                     });
                 }
                 file.jobs
                     .into_iter()
-                    .map(|job| {
+                    .enumerate()
+                    .map(|(index, job)| {
                         let dest_prefix = if job.no_dest_prefix {
                             Some(String::new())
                         } else {
                             job.dest_prefix
                         };
-                        job_settings(job.name, job.prefix, dest_prefix)
+                        let write_rate = WriteRateLimit {
+                            ops_per_second: job.max_write_ops_per_second.unwrap_or(0),
+                            bytes_per_second: job
+                                .max_write_bytes_per_second
+                                .map_or(0, |b| b.as_u64()),
+                        };
+                        let excludes = (
+                            job.exclude_prefixes,
+                            format!("jobs[{index}].exclude-prefixes (config file)"),
+                        );
+                        job_settings(job.name, job.prefix, dest_prefix, write_rate, excludes)
                     })
                     .collect::<Result<Vec<_>, _>>()?
             }
@@ -254,6 +282,12 @@ impl MirrorArgs {
                 file.liveness_timeout,
                 MAX_LIVENESS_TIMEOUT,
             ),
+            (
+                "resync-loop-stable-period",
+                self.resync_loop_stable_period,
+                file.resync_loop_stable_period,
+                MAX_RESYNC_LOOP_STABLE_PERIOD,
+            ),
         ] {
             if let Some(value) = flag.or(file) {
                 check_at_most(&origin(name, flag.is_some()), value, max)?;
@@ -286,8 +320,36 @@ impl MirrorArgs {
                 .pipeline_spacing
                 .or(file.pipeline_spacing)
                 .unwrap_or(defaults.pipeline_send_spacing),
+            resync_loop_full_syncs: self
+                .resync_loop_full_syncs
+                .or(file.resync_loop_full_syncs)
+                .unwrap_or(defaults.resync_loop_full_syncs),
+            resync_loop_stable_period: self
+                .resync_loop_stable_period
+                .or(file.resync_loop_stable_period)
+                .unwrap_or(defaults.resync_loop_stable_period),
             ..defaults
         };
+        if !(1..=100).contains(&tuning.resync_loop_full_syncs) {
+            return Err(invalid(
+                &origin(
+                    "resync-loop-full-syncs",
+                    self.resync_loop_full_syncs.is_some(),
+                ),
+                &tuning.resync_loop_full_syncs.to_string(),
+                "must be between 1 and 100; the default is 3",
+            ));
+        }
+        if tuning.resync_loop_stable_period.is_zero() {
+            return Err(invalid(
+                &origin(
+                    "resync-loop-stable-period",
+                    self.resync_loop_stable_period.is_some(),
+                ),
+                "0s",
+                "must be longer than zero; the default is 10m",
+            ));
+        }
         if !(1..=100_000).contains(&tuning.page_size) {
             return Err(invalid(
                 "--page-size",
@@ -846,6 +908,8 @@ fn job_settings(
     name: Option<String>,
     prefix: String,
     dest_prefix: Option<String>,
+    write_rate: WriteRateLimit,
+    (exclude_prefixes, exclude_field): (Vec<String>, String),
 ) -> Result<JobSettings, ConfigError> {
     let name = name.unwrap_or_else(|| job_name_from_prefix(&prefix));
     if !is_valid_job_name(&name) {
@@ -855,12 +919,38 @@ fn job_settings(
             "use 1-128 characters of letters, digits, '-', '_' or '.'",
         ));
     }
+    check_exclude_prefixes(&exclude_field, &prefix, &exclude_prefixes)?;
     let dest_prefix = dest_prefix.unwrap_or_else(|| prefix.clone());
     Ok(JobSettings {
         name,
         prefix,
         dest_prefix,
+        write_rate,
+        exclude_prefixes,
     })
+}
+
+/// `exclude-prefixes` of a job (mirror-plus, check): each inside `prefix`.
+/// One outside would silently exclude nothing, one equal to it mirror nothing.
+pub fn check_exclude_prefixes(
+    field: &str,
+    prefix: &str,
+    excludes: &[String],
+) -> Result<(), ConfigError> {
+    match excludes
+        .iter()
+        .find(|e| !e.starts_with(prefix) || e.len() == prefix.len())
+    {
+        Some(outside) => Err(invalid(
+            field,
+            outside,
+            &format!(
+                "must lie inside the job's prefix {prefix:?} and be longer than it, e.g. {:?}",
+                format!("{prefix}local/")
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn validate_jobs(
@@ -1087,6 +1177,13 @@ mod tests {
         .unwrap();
     }
 
+    /// A config file with both clusters' endpoints, then `rest`.
+    fn file_with_endpoints(rest: &str) -> Result<Settings, ConfigError> {
+        file(&format!(
+            "[source]\nendpoints = [\"http://127.0.0.1:1\"]\n[destination]\nendpoints = [\"http://127.0.0.1:2\"]\n{rest}"
+        ))
+    }
+
     fn file(text: &str) -> Result<Settings, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("syncer.toml");
@@ -1117,6 +1214,79 @@ mod tests {
         assert_eq!(settings.jobs[1].name, "bee");
         assert_eq!(settings.limits.max_ops, 64);
         assert_eq!(settings.tuning.progress_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn exclude_prefixes_lie_inside_the_job_prefix() {
+        let settings = with_base(&["--exclude-prefix", "/app/a/,/app/b/"]).unwrap();
+        assert_eq!(settings.jobs[0].exclude_prefixes, ["/app/a/", "/app/b/"]);
+        for outside in ["/other/", "/app/"] {
+            let text = error_text(with_base(&["--exclude-prefix", outside]));
+            assert!(
+                text.contains("--exclude-prefix") && text.contains("inside the job's prefix"),
+                "{text}"
+            );
+        }
+        let text = error_text(file_with_endpoints(
+            r#"
+            [[jobs]]
+            prefix = "/a/"
+            exclude-prefixes = ["/a/x/"]
+            [[jobs]]
+            prefix = "/b/"
+            exclude-prefixes = ["/a/y/"]
+            "#,
+        ));
+        assert!(
+            text.contains("jobs[1].exclude-prefixes (config file)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn write_rate_limits_per_job() {
+        assert_eq!(
+            with_base(&[]).unwrap().jobs[0].write_rate,
+            WriteRateLimit::default()
+        );
+        let limited = with_base(&[
+            "--max-write-ops-per-second",
+            "500",
+            "--max-write-bytes-per-second",
+            "2MiB",
+        ])
+        .unwrap();
+        assert_eq!(
+            limited.jobs[0].write_rate,
+            WriteRateLimit {
+                ops_per_second: 500,
+                bytes_per_second: 2 * 1024 * 1024,
+            }
+        );
+        let settings = file_with_endpoints(
+            r#"
+            [[jobs]]
+            prefix = "/a/"
+            max-write-ops-per-second = 100
+            [[jobs]]
+            prefix = "/b/"
+            max-write-bytes-per-second = "1KiB"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(settings.jobs[0].write_rate.ops_per_second, 100);
+        assert_eq!(settings.jobs[0].write_rate.bytes_per_second, 0);
+        assert_eq!(settings.jobs[1].write_rate.bytes_per_second, 1024);
+        // The single-job flags need --prefix, like --dest-prefix.
+        let text = error_text(args(&[
+            "--src-endpoints",
+            "http://127.0.0.1:1",
+            "--dst-endpoints",
+            "http://127.0.0.1:2",
+            "--max-write-ops-per-second",
+            "5",
+        ]));
+        assert!(text.contains("--max-write-*-per-second"), "{text}");
     }
 
     #[test]

@@ -74,7 +74,7 @@ impl KeyRange {
 
 impl std::fmt::Display for KeyRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let show = |b: &[u8]| String::from_utf8_lossy(b).escape_debug().to_string();
+        let show = |b: &[u8]| crate::model::redact::key(b).to_string();
         if self.range_end.is_empty() {
             write!(f, "[{}]", show(&self.key))
         } else {

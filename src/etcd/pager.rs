@@ -14,7 +14,7 @@ use tracing::warn;
 use crate::etcd::api::RangeRequest;
 use crate::etcd::client::{ClientError, Cluster};
 use crate::model::diff::Entry;
-use crate::model::keys::{key_successor, prefix_range_end, prefix_range_start};
+use crate::model::keys::{key_successor, prefix_range_end, prefix_range_start, KeyRewrite};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PageError {
@@ -50,19 +50,31 @@ pub async fn next_page(
     }
 }
 
+/// The keys a pager leaves out: the meta prefix, and the job's excluded ranges.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    pub meta_prefix: Vec<u8>,
+    pub rewrite: KeyRewrite,
+}
+
 /// Reads `prefix` at `revision` (or the latest) page by page in key order,
 /// one page ahead of the merge (the channel holds two pages, which bounds
-/// memory). Keys under the meta prefix are skipped: they are never copied,
-/// compared or pruned.
+/// memory). Keys under the meta prefix, and keys the job excludes
+/// (`exclude-prefixes`, per `rewrite`, by suffix below `prefix`) are
+/// skipped: they are never copied, compared or pruned.
 pub fn spawn_pager(
     job: String,
     cluster: Cluster,
     prefix: Vec<u8>,
     revision: Option<i64>,
     page_size: usize,
-    meta_prefix: Vec<u8>,
+    skipped: Skipped,
     cancel: CancellationToken,
 ) -> mpsc::Receiver<PageResult> {
+    let Skipped {
+        meta_prefix,
+        rewrite,
+    } = skipped;
     let (pages, receiver) = mpsc::channel(2);
     tokio::spawn(async move {
         let end = prefix_range_end(&prefix);
@@ -103,7 +115,10 @@ pub fn spawn_pager(
             start = key_successor(&last.key);
             let entries: Vec<Entry> = kvs
                 .into_iter()
-                .filter(|kv| !kv.key.starts_with(&meta_prefix))
+                .filter(|kv| {
+                    !kv.key.starts_with(&meta_prefix)
+                        && !rewrite.is_excluded_suffix(&kv.key[prefix.len()..])
+                })
                 .map(|kv| Entry {
                     suffix: kv.key[prefix.len()..].to_vec(),
                     value: kv.value,

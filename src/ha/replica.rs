@@ -90,8 +90,11 @@ pub async fn run_replica(
         metrics.leader_changes_total.inc();
         instance.leading.fetch_add(1, Ordering::SeqCst);
 
-        let ctx = template.fenced(Fence::new(&template.keys, Some(leadership.fence())));
         let job_cancel = cancel.child_token();
+        let ctx = template.fenced(
+            Fence::new(&template.keys, Some(leadership.fence())),
+            &job_cancel,
+        );
         let job = run_job(ctx, job_cancel.clone());
         tokio::pin!(job);
         let mut rebalance_tick = tokio::time::interval(instance.rebalance_interval);

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::etcd::api::{Op, RangeRequest};
-use crate::etcd::pager::{next_page, spawn_pager};
+use crate::etcd::pager::{next_page, spawn_pager, Skipped};
 use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker, JobMeta, KeyGuard};
 use crate::mirror::writer::{TxnOutcome, UnorderedWrites};
 use crate::mirror::{JobContext, JobError, SlowPathReason};
@@ -204,12 +204,14 @@ async fn source_fingerprint(
                 .with_limit(1),
         )
         .await?;
-    // A meta key (a source that is itself a mirror's destination) is never
-    // applied, so later changes to it would not update the stamp: skip it.
+    // A meta key (a source that is itself a mirror's destination) or an
+    // excluded key is never applied, so later changes to it would not update the stamp: skip it.
     let stamp = first
         .kvs
         .first()
-        .filter(|kv| !kv.key.starts_with(&ctx.meta_prefix))
+        .filter(|kv| {
+            !kv.key.starts_with(&ctx.meta_prefix) && !ctx.rewrite.is_excluded_source(&kv.key)
+        })
         .map(|kv| EventStamp::put(&kv.key, &kv.value, kv.mod_revision));
     Ok((first.count, stamp))
 }
@@ -237,6 +239,11 @@ async fn begin(
             RangeRequest::prefix(&ctx.meta_prefix).count_only(),
         ));
     }
+    // Excluded keys are not the job's: the prune guard's baseline leaves them out.
+    let excluded: Vec<Vec<u8>> = ctx.rewrite.excluded_dest_prefixes().collect();
+    for prefix in &excluded {
+        ops.push(Op::Range(RangeRequest::prefix(prefix).count_only()));
+    }
     let marker_bytes = marker.encode();
     ops.extend([
         Op::delete(keys.checkpoint()),
@@ -257,7 +264,13 @@ async fn begin(
         } else {
             0
         };
-        marker.baseline_dest_keys = Some((in_prefix - meta_keys).max(0) as u64);
+        let first_excluded = if meta_inside { 2 } else { 1 };
+        let excluded_keys: i64 = counts
+            .iter()
+            .skip(first_excluded)
+            .take(excluded.len())
+            .sum();
+        marker.baseline_dest_keys = Some((in_prefix - meta_keys - excluded_keys).max(0) as u64);
         marker.baseline_revision = Some(response.header.revision);
         update_marker(ctx, &mut guard, marker).await?;
     }
@@ -368,7 +381,10 @@ async fn merge_pass(
         ctx.rewrite.source_prefix().to_vec(),
         Some(pinned_rev),
         page_size,
-        ctx.meta_prefix.clone(),
+        Skipped {
+            meta_prefix: ctx.meta_prefix.clone(),
+            rewrite: ctx.rewrite.clone(),
+        },
         pagers.clone(),
     );
     let mut dest_pages = spawn_pager(
@@ -377,7 +393,10 @@ async fn merge_pass(
         ctx.rewrite.dest_prefix().to_vec(),
         None,
         page_size,
-        ctx.meta_prefix.clone(),
+        Skipped {
+            meta_prefix: ctx.meta_prefix.clone(),
+            rewrite: ctx.rewrite.clone(),
+        },
         pagers,
     );
     let mut writes = UnorderedWrites::new(

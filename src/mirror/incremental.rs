@@ -458,6 +458,10 @@ fn handle_response(
             // The source may itself be a mirror's destination: its meta keys stay there.
             continue;
         }
+        if ctx.rewrite.is_excluded_source(&event.kv.key) {
+            // `exclude-prefixes`: neither applied nor recorded as the last event.
+            continue;
+        }
         let Some(dest_key) = ctx.rewrite.to_dest(&event.kv.key) else {
             continue;
         };

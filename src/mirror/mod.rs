@@ -18,6 +18,7 @@ pub mod incremental;
 pub mod leases;
 pub mod meta;
 pub mod periodic_check;
+pub mod rate;
 pub mod writer;
 
 use std::sync::Arc;
@@ -96,8 +97,9 @@ impl JobContext {
     }
 
     /// The same job writing under `fence` (the lock this instance now
-    /// holds), with a lease book of its own unless `--leases strip`.
-    pub fn fenced(&self, fence: Fence) -> JobContext {
+    /// holds), with a lease book of its own unless `--leases strip`; a wait
+    /// for the write-rate limit ends when `cancel` (the job's token) fires.
+    pub fn fenced(&self, fence: Fence, cancel: &CancellationToken) -> JobContext {
         let mut ctx = self.clone();
         let book = (self.lease_settings.mode == LeaseMode::Faithful).then(|| {
             Arc::new(leases::LeaseBook::new(
@@ -116,7 +118,8 @@ impl JobContext {
                 fence,
                 self.metrics.clone(),
             )
-            .with_leases(book),
+            .with_leases(book)
+            .with_rate(self.writer.rate().cloned(), cancel.clone()),
         );
         ctx
     }
@@ -463,6 +466,10 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
     let mut backoff = job_backoff();
     let mut promoted_logged = false;
     let mut consecutive_resyncs = 0u32;
+    let mut resync_loop = ResyncLoop {
+        full_syncs: 0,
+        seen: ctx.metrics.slow_path_total.get(),
+    };
     loop {
         if cancel.is_cancelled() {
             return Ok(());
@@ -474,7 +481,8 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
         if let Some(book) = ctx.leases() {
             book.watch_attempt(attempt.clone());
         }
-        let result = run_once(&ctx, forced.take(), &attempt, &leadership).await;
+        let once = run_once(&ctx, forced.take(), &attempt, &leadership);
+        let result = watch_stability(&ctx, once, &cancel, &mut resync_loop).await;
         if let Some(book) = ctx.leases().filter(|_| !cancel.is_cancelled()) {
             let lost = book.take_lost();
             if !lost.is_empty() {
@@ -576,6 +584,102 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
             return Ok(());
         }
     }
+}
+
+/// How often a running attempt counts new full syncs and looks whether its
+/// watch has become stable: a sixtieth of the stable period (10 s for the
+/// default 10m), within 1 s to 1 min, so a loop is flagged and cleared a
+/// little late rather than every job waking each second.
+fn stability_poll(stable_period: Duration) -> Duration {
+    (stable_period / 60).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// Full syncs in a row without a stable watch (`--resync-loop-full-syncs`,
+/// `--resync-loop-stable-period`): a source compacting faster than the job
+/// resumes, or a source that keeps being replaced, makes every attempt a
+/// full sync; correct, but the standby is never caught up for long.
+#[derive(Debug)]
+struct ResyncLoop {
+    full_syncs: u64,
+    /// `etcd_syncer_slow_path_total` as far as already counted.
+    seen: u64,
+}
+
+impl ResyncLoop {
+    /// A watch stayed up for the stable period: the loop (if any) is over.
+    fn stable(&mut self, ctx: &JobContext) {
+        self.full_syncs = 0;
+        self.seen = ctx.metrics.slow_path_total.get();
+        if ctx.metrics.in_resync_loop() {
+            ctx.metrics.set_resync_loop(false);
+            info!(job = %ctx.job.name, stable_for = ?ctx.tuning.resync_loop_stable_period, "The watch stayed up; the resync loop is over.");
+        }
+    }
+
+    /// Counts the full syncs started since the last look; enough of them in
+    /// a row start the loop.
+    fn observe(&mut self, ctx: &JobContext) {
+        let started = ctx.metrics.slow_path_total.get();
+        if started <= self.seen {
+            return;
+        }
+        self.full_syncs += started - self.seen;
+        self.seen = started;
+        if self.full_syncs >= u64::from(ctx.tuning.resync_loop_full_syncs)
+            && !ctx.metrics.in_resync_loop()
+        {
+            ctx.metrics.set_resync_loop(true);
+            ctx.metrics.resync_loops_total.inc();
+            error!(
+                job = %ctx.job.name,
+                full_syncs = self.full_syncs,
+                stable_period = ?ctx.tuning.resync_loop_stable_period,
+                "Resync loop: full sync after full sync without the watch staying up in between. Usually the source compacts its history before the job resumes: raise the source's --auto-compaction-retention (keep at least an hour of history). Otherwise the source keeps being replaced or restored (a new cluster or history each time): find what replaces it."
+            );
+        }
+    }
+}
+
+/// Runs `attempt` to its end, counting the full syncs it starts and ending
+/// a resync loop as soon as its watch has stayed up for the stable period.
+///
+/// # Cancel-Safety
+/// On cancellation the attempt is still awaited: it stops on the same token
+/// and finishes its in-flight txns.
+async fn watch_stability(
+    ctx: &JobContext,
+    attempt: impl std::future::Future<Output = Result<(), JobError>>,
+    cancel: &CancellationToken,
+    resync_loop: &mut ResyncLoop,
+) -> Result<(), JobError> {
+    tokio::pin!(attempt);
+    let mut stable = false;
+    let mut poll = tokio::time::interval(stability_poll(ctx.tuning.resync_loop_stable_period));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stable_now = || {
+        ctx.metrics
+            .watching_for()
+            .is_some_and(|up| up >= ctx.tuning.resync_loop_stable_period)
+    };
+    let result = loop {
+        tokio::select! {
+            biased;
+            result = &mut attempt => break result,
+            _ = cancel.cancelled() => break (&mut attempt).await,
+            _ = poll.tick() => {
+                resync_loop.observe(ctx);
+                if !stable && stable_now() {
+                    stable = true;
+                    resync_loop.stable(ctx);
+                }
+            }
+        }
+    };
+    resync_loop.observe(ctx);
+    if !stable && stable_now() {
+        resync_loop.stable(ctx);
+    }
+    result
 }
 
 async fn run_once(
@@ -714,16 +818,38 @@ pub(crate) async fn read_resume_evidence(
             .await?
             .count;
     }
+    // Excluded keys are not the job's: on the source they are not copied,
+    // on the destination they may be the destination's own.
+    for prefix in ctx.rewrite.excluded_source_prefixes() {
+        source_keys -= ctx
+            .source
+            .range(
+                "count excluded keys at the checkpoint",
+                count_at(&prefix, at),
+            )
+            .await?
+            .count;
+    }
     let dest_prefix = ctx.rewrite.dest_prefix();
-    let mut dest_keys = ctx
+    let counted = ctx
         .dest
         .range("count the mirrored prefix", count_at(dest_prefix, 0))
-        .await?
-        .count;
+        .await?;
+    let mut dest_keys = counted.count;
+    // Destination-local writers may be busy under an excluded prefix: count
+    // it at the same revision.
+    let dest_revision = counted.header.revision;
     if ctx.meta_prefix.starts_with(dest_prefix) {
         dest_keys -= ctx
             .dest
             .range("count meta keys", count_at(&ctx.meta_prefix, 0))
+            .await?
+            .count;
+    }
+    for prefix in ctx.rewrite.excluded_dest_prefixes() {
+        dest_keys -= ctx
+            .dest
+            .range("count excluded keys", count_at(&prefix, dest_revision))
             .await?
             .count;
     }

@@ -18,11 +18,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 
 use crate::etcd::api::{Compare, Op, TxnRequest, TxnResponse};
 use crate::etcd::client::Cluster;
 use crate::mirror::leases::LeaseBook;
 use crate::mirror::meta::{now_rfc3339, Checkpoint, Fence, KeyGuard};
+use crate::mirror::rate::WriteRate;
 use crate::mirror::{JobContext, JobError};
 use crate::model::batch::{Batch, Mutation};
 use crate::model::keys::MetaKeys;
@@ -51,6 +53,10 @@ pub struct DestWriter {
     metrics: JobMetrics,
     /// `None` with `--leases strip`: keys are written without a lease.
     leases: Option<Arc<LeaseBook>>,
+    /// `None` without a write-rate limit.
+    rate: Option<Arc<WriteRate>>,
+    /// Ends a wait for the rate limit: the job's token.
+    cancel: CancellationToken,
 }
 
 impl DestWriter {
@@ -61,7 +67,21 @@ impl DestWriter {
             fence,
             metrics,
             leases: None,
+            rate: None,
+            cancel: CancellationToken::new(),
         }
+    }
+
+    /// The same writer, waiting for `rate` before each txn until `cancel` fires.
+    pub fn with_rate(mut self, rate: Option<Arc<WriteRate>>, cancel: CancellationToken) -> Self {
+        self.rate = rate;
+        self.cancel = cancel;
+        self
+    }
+
+    /// The write-rate limit, shared by every leadership of the job.
+    pub fn rate(&self) -> Option<&Arc<WriteRate>> {
+        self.rate.as_ref()
     }
 
     /// The same writer, attaching leased keys to leases from `book`.
@@ -136,6 +156,12 @@ impl DestWriter {
         ops: Vec<Op>,
     ) -> Result<TxnOutcome, JobError> {
         let op_count = ops.len();
+        if let Some(rate) = &self.rate {
+            let bytes = ops.iter().map(Op::encoded_len).sum();
+            if !rate.acquire(op_count, bytes, &self.cancel).await {
+                return Err(JobError::Cancelled);
+            }
+        }
         let mut compares = self.fence.compares();
         compares.extend(guards);
         let mut failure_reads = vec![Op::get(self.fence.promoted_key())];

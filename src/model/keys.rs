@@ -39,11 +39,15 @@ pub fn prefixes_overlap(a: &[u8], b: &[u8]) -> bool {
     a.starts_with(b) || b.starts_with(a)
 }
 
-/// Maps keys between the source prefix and the destination prefix.
+/// Maps keys between the source prefix and the destination prefix. Keys
+/// under an excluded sub-prefix (`exclude-prefixes`) belong to neither side
+/// of the job: never copied, compared or pruned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRewrite {
     source_prefix: Vec<u8>,
     dest_prefix: Vec<u8>,
+    /// Excluded sub-prefixes, as suffixes below the job prefix.
+    excluded: Vec<Vec<u8>>,
 }
 
 impl KeyRewrite {
@@ -51,7 +55,52 @@ impl KeyRewrite {
         Self {
             source_prefix: source_prefix.into(),
             dest_prefix: dest_prefix.into(),
+            excluded: Vec::new(),
         }
+    }
+
+    /// The same rewrite, leaving out every key under one of `prefixes`
+    /// (source keys; each must start with the source prefix, which the
+    /// config validation guarantees; any other is ignored).
+    ///
+    /// Kept disjoint (duplicates and prefixes inside another dropped), so
+    /// counting keys per excluded range never counts a key twice.
+    pub fn excluding<P: AsRef<[u8]>>(mut self, prefixes: impl IntoIterator<Item = P>) -> Self {
+        let mut excluded: Vec<Vec<u8>> = prefixes
+            .into_iter()
+            .filter_map(|p| {
+                p.as_ref()
+                    .strip_prefix(self.source_prefix.as_slice())
+                    .map(<[u8]>::to_vec)
+            })
+            .collect();
+        // Sorted, a prefix comes right before everything under it.
+        excluded.sort();
+        excluded.dedup_by(|later, kept| later.starts_with(kept.as_slice()));
+        self.excluded = excluded;
+        self
+    }
+
+    /// Whether a key with this suffix below the job prefix (on either side)
+    /// is excluded from the job.
+    pub fn is_excluded_suffix(&self, suffix: &[u8]) -> bool {
+        self.excluded.iter().any(|e| suffix.starts_with(e))
+    }
+
+    /// Whether a source key is excluded (a key outside the prefix is not).
+    pub fn is_excluded_source(&self, source_key: &[u8]) -> bool {
+        self.source_suffix(source_key)
+            .is_some_and(|s| self.is_excluded_suffix(s))
+    }
+
+    /// The excluded ranges as source prefixes.
+    pub fn excluded_source_prefixes(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
+        self.excluded.iter().map(|e| self.suffix_to_source(e))
+    }
+
+    /// The excluded ranges as destination prefixes.
+    pub fn excluded_dest_prefixes(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
+        self.excluded.iter().map(|e| self.suffix_to_dest(e))
     }
 
     pub fn source_prefix(&self) -> &[u8] {
@@ -291,6 +340,40 @@ mod tests {
             key.extend_from_slice(&tail);
             prop_assert!(key >= prefix);
             prop_assert!(end == vec![0] || key < end);
+        }
+
+        /// A key is excluded exactly when it lies under one of the
+        /// excluded prefixes, the same on both sides of the rewrite, and a
+        /// key outside the job prefix never is.
+        #[test]
+        fn exclusion_is_by_prefix_on_both_sides(
+            excluded in proptest::collection::vec(proptest::collection::vec(0u8..3, 0..3), 0..3),
+            suffix in proptest::collection::vec(0u8..3, 0..4),
+            outside in proptest::collection::vec(0u8..3, 0..4),
+        ) {
+            let prefixes: Vec<Vec<u8>> = excluded
+                .iter()
+                .map(|e| [b"/s/".as_slice(), e].concat())
+                .collect();
+            let rewrite = KeyRewrite::new("/s/", "/dd/").excluding(&prefixes);
+            let source_key = rewrite.suffix_to_source(&suffix);
+            let expected = prefixes.iter().any(|p| source_key.starts_with(p));
+            prop_assert_eq!(rewrite.is_excluded_source(&source_key), expected);
+            prop_assert_eq!(rewrite.is_excluded_suffix(&suffix), expected);
+            let dest_key = rewrite.to_dest(&source_key).unwrap();
+            let dest_expected = rewrite
+                .excluded_dest_prefixes()
+                .any(|p| dest_key.starts_with(&p));
+            prop_assert_eq!(dest_expected, expected);
+            // The ranges are disjoint: no key is counted twice.
+            let ranges: Vec<Vec<u8>> = rewrite.excluded_source_prefixes().collect();
+            for (i, a) in ranges.iter().enumerate() {
+                for b in &ranges[i + 1..] {
+                    prop_assert!(!prefixes_overlap(a, b), "{:?} and {:?}", a, b);
+                }
+            }
+            let elsewhere = [b"/t/".as_slice(), &outside].concat();
+            prop_assert!(!rewrite.is_excluded_source(&elsewhere));
         }
 
         #[test]

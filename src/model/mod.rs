@@ -5,6 +5,7 @@
 //! - [`failback`]: the keys that can differ after a promotion, the lost
 //!   writes of the old primary, and what makes it equal the standby.
 //! - [`keys`]: prefix ranges, the dest-prefix rewrite, the meta key layout.
+//! - [`redact`]: how keys and values appear in logs (`--redact-keys`).
 //! - [`schema`]: what the syncer stores on the destination (checkpoint,
 //!   markers, lock values), versioned by its JSON fields.
 //! - [`side`]: source or destination.
@@ -14,6 +15,7 @@ pub mod batch;
 pub mod diff;
 pub mod failback;
 pub mod keys;
+pub mod redact;
 pub mod schema;
 pub mod side;
 pub mod versions;

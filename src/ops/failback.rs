@@ -35,12 +35,14 @@ use tracing::{info, warn};
 use crate::etcd::api::{Compare, CompareOp, KeyValue, Op, RangeRequest, TxnRequest, WatchRequest};
 use crate::etcd::client::{ClientError, Cluster, ClusterHead, FailureKind};
 use crate::etcd::meta::read_job_meta;
-use crate::etcd::pager::{next_page, spawn_pager, PageError};
+use crate::etcd::pager::{next_page, spawn_pager, PageError, Skipped};
 use crate::model::diff::{SortedMerge, Step};
 use crate::model::failback::{
     dirty_set, divergences, Bytes, Changes, Divergence, Held, Knowledge, Loss, LostWrite, SideState,
 };
-use crate::model::keys::{key_successor, prefix_range_end, prefix_range_start, MetaKeys};
+use crate::model::keys::{
+    key_successor, prefix_range_end, prefix_range_start, KeyRewrite, MetaKeys,
+};
 use crate::model::schema::{now_rfc3339, Checkpoint, EventStamp, FailbackFence, PromotionRecord};
 
 /// Keys read per txn of point reads, and written per txn: well under
@@ -124,6 +126,8 @@ pub struct FailbackJob {
     pub prefix: String,
     pub dest_prefix: String,
     pub meta_prefix: String,
+    /// `exclude-prefixes`, as source prefixes.
+    pub exclude_prefixes: Vec<String>,
     pub page_size: usize,
     /// The job's `--max-txn-ops` and `--max-txn-bytes`, for the writes.
     pub max_txn_ops: usize,
@@ -216,12 +220,19 @@ struct Side<'a> {
     cluster: &'a Cluster,
     prefix: &'a [u8],
     meta_prefix: &'a [u8],
+    /// The job's `exclude-prefixes` (by suffix): local to each side, never
+    /// compared or written.
+    rewrite: &'a KeyRewrite,
+    /// The same ranges as this side's key prefixes.
+    excluded: Vec<Vec<u8>>,
     traffic: Traffic,
 }
 
 impl Side<'_> {
     fn is_data(&self, key: &[u8]) -> bool {
-        key.starts_with(self.prefix) && !key.starts_with(self.meta_prefix)
+        key.starts_with(self.prefix)
+            && !key.starts_with(self.meta_prefix)
+            && !self.rewrite.is_excluded_suffix(self.suffix(key))
     }
 
     fn suffix<'k>(&self, key: &'k [u8]) -> &'k [u8] {
@@ -250,6 +261,13 @@ impl Side<'_> {
             keys -= self
                 .cluster
                 .range("count meta keys", count(self.meta_prefix))
+                .await?
+                .count;
+        }
+        for excluded in &self.excluded {
+            keys -= self
+                .cluster
+                .range("count excluded keys", count(excluded))
                 .await?
                 .count;
         }
@@ -478,7 +496,10 @@ async fn diff_candidates(
             side.prefix.to_vec(),
             Some(revision),
             page_size,
-            side.meta_prefix.to_vec(),
+            Skipped {
+                meta_prefix: side.meta_prefix.to_vec(),
+                rewrite: side.rewrite.clone(),
+            },
             pagers.clone(),
         )
     };
@@ -544,11 +565,15 @@ pub async fn failback(
 ) -> Result<FailbackReport, FailbackError> {
     let name = job.name.as_str();
     let keys = MetaKeys::new(&job.meta_prefix, name);
+    let rewrite = KeyRewrite::new(job.prefix.as_bytes(), job.dest_prefix.as_bytes())
+        .excluding(&job.exclude_prefixes);
     let old_primary = Side {
         name: "old primary",
         cluster: old_primary_cluster,
         prefix: job.prefix.as_bytes(),
         meta_prefix: job.meta_prefix.as_bytes(),
+        rewrite: &rewrite,
+        excluded: rewrite.excluded_source_prefixes().collect(),
         traffic: Traffic::default(),
     };
     let standby = Side {
@@ -556,6 +581,8 @@ pub async fn failback(
         cluster: standby_cluster,
         prefix: job.dest_prefix.as_bytes(),
         meta_prefix: job.meta_prefix.as_bytes(),
+        rewrite: &rewrite,
+        excluded: rewrite.excluded_dest_prefixes().collect(),
         traffic: Traffic::default(),
     };
 
@@ -1128,6 +1155,7 @@ mod tests {
                 prefix: "/app/".into(),
                 dest_prefix: "/copy/".into(),
                 meta_prefix: META.into(),
+                exclude_prefixes: Vec::new(),
                 page_size: 7,
                 max_txn_ops: 128,
                 max_txn_bytes: 1 << 20,
@@ -1291,11 +1319,14 @@ mod tests {
         let fence_bytes = fence(&world.old_primary, &fence_keys, "app", 2, "ops")
             .await
             .expect("fence");
+        let rewrite = KeyRewrite::new("/app/", "/copy/");
         let old_primary = Side {
             name: "old primary",
             cluster: &world.old_primary,
             prefix: b"/app/",
             meta_prefix: META.as_bytes(),
+            rewrite: &rewrite,
+            excluded: Vec::new(),
             traffic: Traffic::default(),
         };
         let read = old_primary

@@ -2,6 +2,12 @@
 //! follow the Prometheus conventions (`_total` counters, base units).
 //! `docs/metrics.md` documents each one.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+// tokio's clock, so paused-time tests and the simulator govern it.
+use tokio::time::Instant;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -17,6 +23,7 @@ pub struct Metrics {
     lag_seconds: prometheus::GaugeVec,
     fast_path_total: IntCounterVec,
     slow_path_total: IntCounterVec,
+    resync_loops_total: IntCounterVec,
     full_sync_in_progress: IntGaugeVec,
     full_sync_keys_total: IntCounterVec,
     events_applied_total: IntCounterVec,
@@ -96,6 +103,11 @@ impl Metrics {
                 &["job"],
             ),
             slow_path_total: counter("etcd_syncer_slow_path_total", "Full syncs started", &["job"]),
+            resync_loops_total: counter(
+                "etcd_syncer_resync_loops_total",
+                "Times the job entered a resync loop (full syncs again and again without a stable watch)",
+                &["job"],
+            ),
             full_sync_in_progress: int_gauge("etcd_syncer_full_sync_in_progress", "1 while a full sync runs"),
             full_sync_keys_total: counter(
                 "etcd_syncer_full_sync_keys_total",
@@ -192,7 +204,7 @@ impl Metrics {
             job_state: must(IntGaugeVec::new(
                 Opts::new(
                     "etcd_syncer_job_state",
-                    "1 for the state the job is in (starting, full_sync, watching, error, prune_guard, no_space, promoted, standby)",
+                    "1 for the state the job is in (starting, full_sync, watching, error, prune_guard, no_space, resync_loop, promoted, standby)",
                 ),
                 &["job", "state"],
             )),
@@ -221,6 +233,9 @@ impl Metrics {
             lag_seconds: self.lag_seconds.with_label_values(&labels),
             fast_path_total: self.fast_path_total.with_label_values(&labels),
             slow_path_total: self.slow_path_total.with_label_values(&labels),
+            resync_loops_total: self.resync_loops_total.with_label_values(&labels),
+            resync_loop: Default::default(),
+            watching_since: Default::default(),
             full_sync_in_progress: self.full_sync_in_progress.with_label_values(&labels),
             full_sync_put: self.full_sync_keys_total.with_label_values(&[job, "put"]),
             full_sync_delete: self
@@ -308,11 +323,13 @@ pub enum JobState {
     PruneGuard,
     /// The destination is out of space (NOSPACE alarm): parked, retrying slowly.
     NoSpace,
+    /// Full syncs again and again without a stable watch in between.
+    ResyncLoop,
     Promoted,
 }
 
 impl JobState {
-    pub const ALL: [JobState; 8] = [
+    pub const ALL: [JobState; 9] = [
         JobState::Starting,
         JobState::Standby,
         JobState::FullSync,
@@ -320,6 +337,7 @@ impl JobState {
         JobState::Error,
         JobState::PruneGuard,
         JobState::NoSpace,
+        JobState::ResyncLoop,
         JobState::Promoted,
     ];
 
@@ -332,6 +350,7 @@ impl JobState {
             JobState::Error => "error",
             JobState::PruneGuard => "prune_guard",
             JobState::NoSpace => "no_space",
+            JobState::ResyncLoop => "resync_loop",
             JobState::Promoted => "promoted",
         }
     }
@@ -348,6 +367,11 @@ pub struct JobMetrics {
     pub lag_seconds: prometheus::Gauge,
     pub fast_path_total: IntCounter,
     pub slow_path_total: IntCounter,
+    pub resync_loops_total: IntCounter,
+    /// In a resync loop: a running job shows state `resync_loop`.
+    resync_loop: Arc<AtomicBool>,
+    /// Since when the job has been in state `watching`.
+    watching_since: Arc<Mutex<Option<Instant>>>,
     pub full_sync_in_progress: IntGauge,
     pub full_sync_put: IntCounter,
     pub full_sync_delete: IntCounter,
@@ -406,11 +430,56 @@ impl JobMetrics {
     }
 
     pub fn set_state(&self, state: JobState) {
+        {
+            let mut since = self
+                .watching_since
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match state {
+                JobState::Watching => {
+                    since.get_or_insert_with(Instant::now);
+                }
+                _ => *since = None,
+            }
+        }
+        // A job caught in a resync loop keeps running (full sync, watch),
+        // but shows the loop until a watch stays up for the stable period.
+        let state = match state {
+            JobState::Starting | JobState::FullSync | JobState::Watching
+                if self.resync_loop.load(Ordering::SeqCst) =>
+            {
+                JobState::ResyncLoop
+            }
+            other => other,
+        };
         for candidate in JobState::ALL {
             self.job_state
                 .with_label_values(&[self.job.as_str(), candidate.label()])
                 .set(i64::from(candidate == state));
         }
+    }
+
+    /// How long the job has been watching without interruption (`None`
+    /// when not watching).
+    pub fn watching_for(&self) -> Option<std::time::Duration> {
+        self.watching_since
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .map(|since| since.elapsed())
+    }
+
+    /// Enters or leaves the resync loop; the shown state follows at once
+    /// (a watching job keeps its watch start).
+    pub fn set_resync_loop(&self, looping: bool) {
+        self.resync_loop.store(looping, Ordering::SeqCst);
+        let shown = self.state();
+        if matches!(shown, "watching" | "resync_loop") && self.watching_for().is_some() {
+            self.set_state(JobState::Watching);
+        }
+    }
+
+    pub fn in_resync_loop(&self) -> bool {
+        self.resync_loop.load(Ordering::SeqCst)
     }
 
     /// Records a committed checkpoint and the source head it is measured against.
