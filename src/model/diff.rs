@@ -15,6 +15,9 @@ pub struct Entry {
     /// The key's create revision on its cluster (0 when unknown). The full
     /// sync's mass-delete guard tells keys that predate it from keys it wrote.
     pub create_revision: i64,
+    /// The key's mod revision on its cluster (0 when unknown): a restore
+    /// guards its write on it.
+    pub mod_revision: i64,
     /// The lease the key is attached to on its own cluster (0 for none).
     pub lease: i64,
 }
@@ -216,6 +219,7 @@ mod tests {
                 suffix: k.clone(),
                 value: v.clone(),
                 create_revision: 0,
+                mod_revision: 0,
                 lease: 0,
             })
             .collect();
@@ -307,6 +311,7 @@ mod tests {
                     suffix: k.clone(),
                     value: v.clone(),
                     create_revision: 0,
+                    mod_revision: 0,
                     // Destination lease 1 stands for the mapped one.
                     lease: if dest_side && *l == 1 { 10 } else { *l },
                 }).collect();

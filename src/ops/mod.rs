@@ -3,3 +3,4 @@
 
 pub mod admin;
 pub mod http;
+pub mod point_in_time;
