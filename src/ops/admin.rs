@@ -299,17 +299,7 @@ pub async fn add_source_lag(
 /// Whether the destination can still be read at `revision` (it is not
 /// compacted away).
 pub async fn readable_at(dest: &Cluster, probe: &str, revision: i64) -> Result<bool, AdminError> {
-    match dest
-        .range(
-            "probe the destination's history",
-            RangeRequest::key(probe).count_only().at_revision(revision),
-        )
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(error) if error.kind() == crate::etcd::client::FailureKind::Compacted => Ok(false),
-        Err(error) => Err(error.into()),
-    }
+    Ok(crate::etcd::meta::readable_at(dest, probe, revision).await?)
 }
 
 /// Fills each job's `oldest_reachable` sample and window: the oldest
@@ -324,20 +314,10 @@ pub async fn add_history_window(
     for status in statuses {
         let probe = MetaKeys::new(meta_prefix, &status.job).checkpoint();
         let points = status.revision_map.points().to_vec();
-        let (mut low, mut high) = (0usize, points.len());
-        while low < high {
-            let mid = (low + high) / 2;
-            if readable_at(dest, &probe, points[mid].dest_revision).await? {
-                high = mid;
-            } else {
-                low = mid + 1;
-            }
-        }
-        if let Some(point) = points.get(low) {
-            status.revision_map.window_seconds = humantime::parse_rfc3339_weak(&point.at)
-                .ok()
-                .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
-                .map(|age| age.as_secs_f64());
+        let revisions: Vec<i64> = points.iter().map(|p| p.dest_revision).collect();
+        let oldest = crate::etcd::meta::oldest_readable_index(dest, &probe, &revisions).await?;
+        if let Some(point) = oldest.and_then(|at| points.get(at)) {
+            status.revision_map.window_seconds = crate::etcd::meta::age_seconds(&point.at);
             status.revision_map.oldest_reachable = Some(point.clone());
         }
     }
