@@ -98,6 +98,14 @@ async fn restores_exactly(
     let (source, dest, _syncer, before, between) = mirrored_mass_delete().await?;
     let point = point(before, between);
     let point: Vec<&str> = point.iter().map(String::as_str).collect();
+    // What an operator looks at first: how far back the standby reaches.
+    let (code, status) =
+        run_cli(&args(&["status", "--dst-endpoints", &dest.endpoints_arg()])).await?;
+    println!("{status}");
+    ensure!(
+        code == 0 && status.contains("point in time reachable back to source revision"),
+        "status shows the window ({code}): {status}"
+    );
     let mut argv = promote_args(&dest, &point);
     if check_json {
         argv.extend(args(&["--output", "json"]));
