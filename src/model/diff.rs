@@ -86,6 +86,34 @@ pub enum Difference {
 }
 
 impl Difference {
+    /// What makes the destination equal the source here: `Ok((suffix,
+    /// value, lease))`, the source's key to put, or `Err((suffix,
+    /// create_revision))`, a destination-only key to delete.
+    #[allow(clippy::type_complexity)]
+    pub fn into_put(self) -> Result<(Vec<u8>, Vec<u8>, i64), (Vec<u8>, i64)> {
+        match self {
+            Difference::MissingAtDest {
+                suffix,
+                value,
+                lease,
+            }
+            | Difference::ValueDiffers {
+                suffix,
+                value,
+                lease,
+            }
+            | Difference::LeaseDiffers {
+                suffix,
+                value,
+                lease,
+            } => Ok((suffix, value, lease)),
+            Difference::ExtraAtDest {
+                suffix,
+                create_revision,
+            } => Err((suffix, create_revision)),
+        }
+    }
+
     pub fn suffix(&self) -> &[u8] {
         match self {
             Difference::MissingAtDest { suffix, .. }

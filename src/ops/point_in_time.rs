@@ -18,7 +18,7 @@ use crate::etcd::api::{Compare, CompareOp, Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster};
 use crate::etcd::pager::{next_page, spawn_pager};
 use crate::mirror::meta::Checkpoint;
-use crate::model::diff::{Difference, SortedMerge, Step};
+use crate::model::diff::{SortedMerge, Step};
 use crate::model::keys::MetaKeys;
 use crate::model::schema::{PointInTime, PromotionRecord};
 use crate::ops::admin::{
@@ -268,9 +268,9 @@ pub async fn restore(
     // a page only once it consumed the previous one, so a page bounds it.
     let mut current: VecDeque<(Vec<u8>, i64)> = VecDeque::new();
     let mut lease_alive: HashMap<i64, bool> = HashMap::new();
-    let mut counts = RestoreCounts::default();
-    let mut puts = Batch::default();
-    let mut deletes = Batch::default();
+    let mut leases_dropped = 0;
+    let mut puts = Batch::new(dest, keys, job);
+    let mut deletes = Batch::new(dest, keys, job);
     let key_of = |suffix: &[u8]| [dest_prefix.as_bytes(), suffix].concat();
     loop {
         match merge.step() {
@@ -287,84 +287,56 @@ pub async fn restore(
                 None => merge.dest_exhausted(),
             },
             Step::Same => {}
-            Step::Differ(Difference::ExtraAtDest { suffix, .. }) => {
-                let key = key_of(&suffix);
-                let write = GuardedWrite {
-                    read_mod_revision: mod_revision_now(&mut current, &suffix),
-                    op: Op::delete(key.clone()),
-                    key,
-                };
-                deletes
-                    .push(
-                        write,
-                        dest,
-                        keys,
-                        job,
-                        &mut counts.deletes,
-                        &mut counts.skipped,
-                    )
-                    .await?;
-            }
-            Step::Differ(
-                Difference::MissingAtDest {
-                    suffix,
-                    value,
-                    lease,
+            Step::Differ(difference) => match difference.into_put() {
+                Err((suffix, _)) => {
+                    let key = key_of(&suffix);
+                    deletes
+                        .push(GuardedWrite {
+                            read_mod_revision: mod_revision_now(&mut current, &suffix),
+                            op: Op::delete(key.clone()),
+                            key,
+                        })
+                        .await?;
                 }
-                | Difference::ValueDiffers {
-                    suffix,
-                    value,
-                    lease,
-                }
-                | Difference::LeaseDiffers {
-                    suffix,
-                    value,
-                    lease,
-                },
-            ) => {
-                let lease = if lease == 0 {
-                    0
-                } else {
-                    let alive = match lease_alive.get(&lease) {
-                        Some(alive) => *alive,
-                        None => {
-                            let alive = dest.lease_time_to_live(lease).await?.is_some();
-                            lease_alive.insert(lease, alive);
-                            alive
+                Ok((suffix, value, lease)) => {
+                    let lease = if lease == 0 {
+                        0
+                    } else {
+                        let alive = match lease_alive.get(&lease) {
+                            Some(alive) => *alive,
+                            None => {
+                                let alive = dest.lease_time_to_live(lease).await?.is_some();
+                                lease_alive.insert(lease, alive);
+                                alive
+                            }
+                        };
+                        if alive {
+                            lease
+                        } else {
+                            leases_dropped += 1;
+                            0
                         }
                     };
-                    if alive {
-                        lease
-                    } else {
-                        counts.leases_dropped += 1;
-                        0
-                    }
-                };
-                let key = key_of(&suffix);
-                let write = GuardedWrite {
-                    read_mod_revision: mod_revision_now(&mut current, &suffix),
-                    op: Op::put_with_lease(key.clone(), value, lease),
-                    key,
-                };
-                puts.push(
-                    write,
-                    dest,
-                    keys,
-                    job,
-                    &mut counts.puts,
-                    &mut counts.skipped,
-                )
-                .await?;
-            }
+                    let key = key_of(&suffix);
+                    puts.push(GuardedWrite {
+                        read_mod_revision: mod_revision_now(&mut current, &suffix),
+                        op: Op::put_with_lease(key.clone(), value, lease),
+                        key,
+                    })
+                    .await?;
+                }
+            },
             Step::Done => break,
         }
     }
-    puts.flush(dest, keys, job, &mut counts.puts, &mut counts.skipped)
-        .await?;
-    deletes
-        .flush(dest, keys, job, &mut counts.deletes, &mut counts.skipped)
-        .await?;
-    Ok(counts)
+    puts.flush().await?;
+    deletes.flush().await?;
+    Ok(RestoreCounts {
+        puts: puts.applied,
+        deletes: deletes.applied,
+        skipped: puts.skipped + deletes.skipped,
+        leases_dropped,
+    })
 }
 
 /// The mod revision `suffix` has now (0: absent), from the current page.
@@ -380,48 +352,55 @@ fn mod_revision_now(current: &mut VecDeque<(Vec<u8>, i64)>, suffix: &[u8]) -> i6
 
 /// Guarded writes of one kind, sent in txns of at most
 /// [`DETACH_OPS_PER_TXN`] ops and [`RESTORE_BYTES_PER_TXN`] bytes.
-#[derive(Default)]
-struct Batch {
+struct Batch<'a> {
+    dest: &'a Cluster,
+    keys: &'a MetaKeys,
+    job: &'a str,
     writes: Vec<GuardedWrite>,
     bytes: usize,
+    applied: u64,
+    skipped: u64,
 }
 
-impl Batch {
-    async fn push(
-        &mut self,
-        write: GuardedWrite,
-        dest: &Cluster,
-        keys: &MetaKeys,
-        job: &str,
-        applied: &mut u64,
-        skipped: &mut u64,
-    ) -> Result<(), AdminError> {
+impl<'a> Batch<'a> {
+    fn new(dest: &'a Cluster, keys: &'a MetaKeys, job: &'a str) -> Self {
+        Self {
+            dest,
+            keys,
+            job,
+            writes: Vec::new(),
+            bytes: 0,
+            applied: 0,
+            skipped: 0,
+        }
+    }
+
+    async fn push(&mut self, write: GuardedWrite) -> Result<(), AdminError> {
         let len = write.op.encoded_len();
         if !self.writes.is_empty()
             && (self.writes.len() >= DETACH_OPS_PER_TXN || self.bytes + len > RESTORE_BYTES_PER_TXN)
         {
-            self.flush(dest, keys, job, applied, skipped).await?;
+            self.flush().await?;
         }
         self.bytes += len;
         self.writes.push(write);
         Ok(())
     }
 
-    async fn flush(
-        &mut self,
-        dest: &Cluster,
-        keys: &MetaKeys,
-        job: &str,
-        applied: &mut u64,
-        skipped: &mut u64,
-    ) -> Result<(), AdminError> {
+    async fn flush(&mut self) -> Result<(), AdminError> {
         if self.writes.is_empty() {
             return Ok(());
         }
-        let (done, left) =
-            guarded_chunk(dest, keys, job, "restore a point in time", &self.writes).await?;
-        *applied += done;
-        *skipped += left;
+        let (applied, skipped) = guarded_chunk(
+            self.dest,
+            self.keys,
+            self.job,
+            "restore a point in time",
+            &self.writes,
+        )
+        .await?;
+        self.applied += applied;
+        self.skipped += skipped;
         self.writes.clear();
         self.bytes = 0;
         Ok(())
