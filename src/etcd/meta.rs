@@ -74,3 +74,67 @@ pub fn age_seconds(at: &str) -> Option<f64> {
         .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
         .map(|age| age.as_secs_f64())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::etcd::api::{Op, TxnRequest};
+    use crate::etcd::memory::{new_store, Link, MemoryEtcd};
+    use crate::model::Side;
+
+    /// The window's search: the oldest sample revision not compacted, none
+    /// when all are, and every one before any compaction.
+    #[tokio::test]
+    async fn the_oldest_readable_sample_is_the_first_past_the_compaction() {
+        let store = new_store(1);
+        let dest = Cluster::with_backend(
+            Side::Destination,
+            "dest",
+            Arc::new(MemoryEtcd::new(store.clone(), Link::new("dest", 7))),
+            Duration::from_secs(2),
+        );
+        let mut revisions = Vec::new();
+        for i in 0..10 {
+            let put = TxnRequest::new().and_then(vec![Op::put(format!("/k{i}"), "v")]);
+            revisions.push(
+                dest.txn("test put", put)
+                    .await
+                    .expect("put")
+                    .header
+                    .revision,
+            );
+        }
+        let samples: Vec<i64> = revisions.iter().copied().step_by(2).collect();
+        let oldest = |samples: Vec<i64>| {
+            let dest = dest.clone();
+            async move {
+                oldest_readable_index(&dest, "/k0", &samples)
+                    .await
+                    .expect("probe")
+            }
+        };
+        assert_eq!(oldest(samples.clone()).await, Some(0));
+        store.lock().expect("store").compact(samples[2]);
+        assert_eq!(
+            oldest(samples.clone()).await,
+            Some(2),
+            "compacted at a sample"
+        );
+        store.lock().expect("store").compact(samples[3] - 1);
+        assert_eq!(
+            oldest(samples.clone()).await,
+            Some(3),
+            "compacted between samples"
+        );
+        store.lock().expect("store").compact(revisions[9]);
+        assert_eq!(
+            oldest(samples.clone()).await,
+            None,
+            "every sample compacted"
+        );
+        assert_eq!(oldest(Vec::new()).await, None);
+    }
+}
