@@ -668,6 +668,39 @@ mod tests {
         );
     }
 
+    /// Samples narrow the search: fewer reads for the same answer.
+    #[tokio::test]
+    async fn revision_map_samples_save_reads() {
+        let (dest, store) = dest();
+        let mut written = Vec::new();
+        for i in 1..=512 {
+            let ops = vec![Op::put(format!("/app/k{}", i % 7), i.to_string())];
+            written.push((
+                i * 10,
+                checkpoint_txn(&dest, checkpoint(i * 10, None), ops).await,
+            ));
+        }
+        let newest = written.last().expect("written").1;
+        let samples: Vec<RevisionPoint> = written
+            .iter()
+            .step_by(32)
+            .map(|&(source, dest)| sample(source, dest))
+            .collect();
+        let expected = written[122];
+        let mut reads = Vec::new();
+        for samples in [&[][..], &samples[..]] {
+            let before = store.lock().expect("store").reads;
+            let target = PointTarget::SourceRevision(expected.0 + 5);
+            assert_eq!(
+                found(&dest, target, samples, newest).await.expect("found"),
+                expected
+            );
+            reads.push(store.lock().expect("store").reads - before);
+        }
+        println!("reads without samples {}, with {}", reads[0], reads[1]);
+        assert!(reads[1] < reads[0], "{reads:?}");
+    }
+
     #[tokio::test]
     async fn a_point_before_the_compacted_history_is_refused_naming_what_is_reachable() {
         let (dest, store) = dest();
