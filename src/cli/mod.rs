@@ -56,7 +56,11 @@ impl AppError {
             AppError::Config(_) | AppError::Bind(_) => 2,
             AppError::Job { source, .. } => i32::from(source.policy().exit_code),
             AppError::Client(error) if error.kind() == FailureKind::Rejected => 2,
-            AppError::Admin(AdminError::NoJobs { .. } | AdminError::UnknownJob { .. }) => 2,
+            AppError::Admin(
+                AdminError::NoJobs { .. }
+                | AdminError::UnknownJob { .. }
+                | AdminError::OutsideWindow { .. },
+            ) => 2,
             AppError::AuthSync(error) if error.label() == "rejected" => 2,
             AppError::Failback(error) if error.is_usage() => 2,
             AppError::Failback(crate::ops::failback::FailbackError::Client(error))

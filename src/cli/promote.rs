@@ -9,6 +9,10 @@ use crate::config::{OutputFormat, PromoteArgs};
 use crate::etcd::client::Cluster;
 use crate::model::keys::{KeyRewrite, MetaKeys};
 use crate::ops::admin::{collect_status, detach_leases, promote, undo_promote, wait_for_sync};
+use crate::ops::point_in_time::{promote_at, PointTarget};
+
+/// Keys per page when a point-in-time promotion reads the prefix.
+const RESTORE_PAGE: usize = 1000;
 
 /// `etcd-syncer promote`.
 pub async fn run_promote(args: PromoteArgs) -> Result<(), AppError> {
@@ -43,6 +47,14 @@ pub async fn run_promote(args: PromoteArgs) -> Result<(), AppError> {
     )
     .await?;
     let by = crate::config::default_instance_id();
+    let target = match (args.at_source_revision, args.at_time) {
+        (Some(revision), _) => Some(PointTarget::SourceRevision(revision)),
+        (None, Some(at)) => Some(PointTarget::Time(
+            at,
+            humantime::format_rfc3339(at).to_string(),
+        )),
+        (None, None) => None,
+    };
     let mut outcomes = Vec::new();
     for job in &jobs {
         let outcome = if args.undo {
@@ -53,11 +65,27 @@ pub async fn run_promote(args: PromoteArgs) -> Result<(), AppError> {
                     wait_for_sync(&dest, source, &args.meta_prefix, job, args.wait_timeout).await?;
                 info!(%job, checkpoint = reached, "Destination caught up with the source.");
             }
-            let mut outcome = promote(&dest, &args.meta_prefix, job, &by).await?;
+            let mut outcome = match &target {
+                Some(target) => {
+                    promote_at(
+                        &dest,
+                        &args.meta_prefix,
+                        job,
+                        &by,
+                        target,
+                        RESTORE_PAGE,
+                        &CancellationToken::new(),
+                    )
+                    .await?
+                }
+                None => promote(&dest, &args.meta_prefix, job, &by).await?,
+            };
             if args.detach_leases {
                 outcome.detached = Some(detach_leases(&dest, &args.meta_prefix, job).await?);
             }
-            if let Some(source) = &source {
+            // The check compares with the source at the checkpoint, which a
+            // point-in-time promotion went back from.
+            if let (Some(source), None) = (&source, &target) {
                 outcome.consistency =
                     promoted_consistency(source, &dest, &args.meta_prefix, job).await;
             }
@@ -80,6 +108,23 @@ pub async fn run_promote(args: PromoteArgs) -> Result<(), AppError> {
                         .final_checkpoint_revision
                         .map_or_else(|| "none".to_string(), |r| r.to_string())
                 );
+                if let Some(point) = outcome
+                    .promotion
+                    .as_ref()
+                    .and_then(|r| r.point_in_time.as_ref())
+                {
+                    println!(
+                        "job {}: point in time ({}): restored source revision {} read at destination revision {}: {} puts, {} deletes, {} skipped (changed on the promoted cluster since read), {} restored without their lease (it no longer exists)",
+                        outcome.job,
+                        point.requested,
+                        point.source_revision,
+                        point.read_dest_revision,
+                        point.puts,
+                        point.deletes,
+                        point.skipped,
+                        point.leases_dropped
+                    );
+                }
                 if let Some(detached) = &outcome.detached {
                     println!(
                         "job {}: detached {} keys from their mirrored leases; {} skipped (changed on the promoted cluster since read); {} lease records removed",

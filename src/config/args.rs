@@ -199,6 +199,27 @@ pub struct PromoteArgs {
     /// they would have on the primary.
     #[arg(long, conflicts_with = "undo")]
     pub detach_leases: bool,
+    /// Point-in-time promotion: promote, then restore the job's destination
+    /// prefix to its state at this source revision (the newest checkpoint
+    /// at or before it), read from the destination's own history, e.g. to
+    /// undo a mass delete the standby already replicated. Refused, with
+    /// nothing written, when the destination has compacted that history.
+    #[arg(
+        long,
+        requires = "job_name",
+        conflicts_with_all = ["undo", "all", "at_time"],
+        value_parser = clap::value_parser!(i64).range(1..)
+    )]
+    pub at_source_revision: Option<i64>,
+    /// Point-in-time promotion to the newest checkpoint written at or before
+    /// this RFC 3339 time (e.g. 2026-12-04T00:30:00Z).
+    #[arg(
+        long,
+        requires = "job_name",
+        conflicts_with_all = ["undo", "all"],
+        value_parser = humantime::parse_rfc3339_weak
+    )]
+    pub at_time: Option<std::time::SystemTime>,
     #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
     pub meta_prefix: String,
     #[arg(long, value_enum, default_value = "text")]

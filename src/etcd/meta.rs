@@ -2,7 +2,7 @@
 //! so they are one consistent snapshot.
 
 use crate::etcd::api::RangeRequest;
-use crate::etcd::client::{ClientError, Cluster};
+use crate::etcd::client::{ClientError, Cluster, FailureKind};
 use crate::model::keys::MetaKeys;
 use crate::model::schema::JobMeta;
 
@@ -29,4 +29,112 @@ pub async fn read_job_meta(dest: &Cluster, keys: &MetaKeys) -> Result<JobMeta, C
         response.header.revision,
         response.header.cluster_id,
     ))
+}
+
+/// Whether the destination can still be read at `revision` (it is not
+/// compacted away).
+pub async fn readable_at(dest: &Cluster, probe: &str, revision: i64) -> Result<bool, ClientError> {
+    match dest
+        .range(
+            "probe the destination's history",
+            RangeRequest::key(probe).count_only().at_revision(revision),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(error) if error.kind() == FailureKind::Compacted => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// The index of the oldest of `dest_revisions` (ascending) still readable,
+/// `None` when none is. Readability only grows with the revision, so a
+/// binary search takes about log2(len) reads.
+pub async fn oldest_readable_index(
+    dest: &Cluster,
+    probe: &str,
+    dest_revisions: &[i64],
+) -> Result<Option<usize>, ClientError> {
+    let (mut low, mut high) = (0usize, dest_revisions.len());
+    while low < high {
+        let mid = (low + high) / 2;
+        if readable_at(dest, probe, dest_revisions[mid]).await? {
+            high = mid;
+        } else {
+            low = mid + 1;
+        }
+    }
+    Ok((low < dest_revisions.len()).then_some(low))
+}
+
+/// Seconds from an RFC 3339 time to now; `None` when unreadable or ahead.
+pub fn age_seconds(at: &str) -> Option<f64> {
+    humantime::parse_rfc3339_weak(at)
+        .ok()
+        .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
+        .map(|age| age.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::etcd::api::{Op, TxnRequest};
+    use crate::etcd::memory::{new_store, Link, MemoryEtcd};
+    use crate::model::Side;
+
+    /// The window's search: the oldest sample revision not compacted, none
+    /// when all are, and every one before any compaction.
+    #[tokio::test]
+    async fn the_oldest_readable_sample_is_the_first_past_the_compaction() {
+        let store = new_store(1);
+        let dest = Cluster::with_backend(
+            Side::Destination,
+            "dest",
+            Arc::new(MemoryEtcd::new(store.clone(), Link::new("dest", 7))),
+            Duration::from_secs(2),
+        );
+        let mut revisions = Vec::new();
+        for i in 0..10 {
+            let put = TxnRequest::new().and_then(vec![Op::put(format!("/k{i}"), "v")]);
+            revisions.push(
+                dest.txn("test put", put)
+                    .await
+                    .expect("put")
+                    .header
+                    .revision,
+            );
+        }
+        let samples: Vec<i64> = revisions.iter().copied().step_by(2).collect();
+        let oldest = |samples: Vec<i64>| {
+            let dest = dest.clone();
+            async move {
+                oldest_readable_index(&dest, "/k0", &samples)
+                    .await
+                    .expect("probe")
+            }
+        };
+        assert_eq!(oldest(samples.clone()).await, Some(0));
+        store.lock().expect("store").compact(samples[2]);
+        assert_eq!(
+            oldest(samples.clone()).await,
+            Some(2),
+            "compacted at a sample"
+        );
+        store.lock().expect("store").compact(samples[3] - 1);
+        assert_eq!(
+            oldest(samples.clone()).await,
+            Some(3),
+            "compacted between samples"
+        );
+        store.lock().expect("store").compact(revisions[9]);
+        assert_eq!(
+            oldest(samples.clone()).await,
+            None,
+            "every sample compacted"
+        );
+        assert_eq!(oldest(Vec::new()).await, None);
+    }
 }

@@ -123,6 +123,7 @@ pub fn spawn_pager(
                     suffix: kv.key[prefix.len()..].to_vec(),
                     value: kv.value,
                     create_revision: kv.create_revision,
+                    mod_revision: kv.mod_revision,
                     lease: kv.lease,
                 })
                 .collect();

@@ -23,7 +23,7 @@ use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker, JobMeta, KeyG
 use crate::mirror::writer::{TxnOutcome, UnorderedWrites};
 use crate::mirror::{JobContext, JobError, SlowPathReason};
 use crate::model::batch::Mutation;
-use crate::model::diff::{Difference, LeaseRule, SortedMerge, Step};
+use crate::model::diff::{LeaseRule, SortedMerge, Step};
 use crate::model::schema::{prune_allowance, EventStamp, PruneBlock};
 
 /// Where the destination stands once a full sync has committed.
@@ -465,58 +465,41 @@ async fn merge_pass(
                 }
                 None
             }
-            Step::Differ(
-                Difference::MissingAtDest {
-                    suffix,
-                    value,
-                    lease,
-                }
-                | Difference::ValueDiffers {
-                    suffix,
-                    value,
-                    lease,
-                }
-                | Difference::LeaseDiffers {
-                    suffix,
-                    value,
-                    lease,
-                },
-            ) => {
-                counts.put += 1;
-                ctx.metrics.full_sync_put.inc();
-                Some(Mutation::Put {
-                    key: ctx.rewrite.suffix_to_dest(&suffix),
-                    value,
-                    lease,
-                })
-            }
-            Step::Differ(Difference::ExtraAtDest {
-                suffix,
-                create_revision,
-            }) => match pass {
-                Pass::PutsOnly => {
-                    counts.would_delete += 1;
-                    if create_revision <= counts.baseline_revision {
-                        counts.would_delete_guarded += 1;
-                    }
-                    None
-                }
-                Pass::All => {
-                    if create_revision <= counts.baseline_revision {
-                        if counts.guarded_deleted >= counts.would_delete_guarded {
-                            return Err(JobError::SourceChanged {
-                                pinned_rev,
-                                what: "more keys to delete than the mass-delete guard approved",
-                            });
-                        }
-                        counts.guarded_deleted += 1;
-                    }
-                    counts.deleted += 1;
-                    ctx.metrics.full_sync_delete.inc();
-                    Some(Mutation::Delete {
+            Step::Differ(difference) => match difference.into_put() {
+                Ok((suffix, value, lease)) => {
+                    counts.put += 1;
+                    ctx.metrics.full_sync_put.inc();
+                    Some(Mutation::Put {
                         key: ctx.rewrite.suffix_to_dest(&suffix),
+                        value,
+                        lease,
                     })
                 }
+                Err((suffix, create_revision)) => match pass {
+                    Pass::PutsOnly => {
+                        counts.would_delete += 1;
+                        if create_revision <= counts.baseline_revision {
+                            counts.would_delete_guarded += 1;
+                        }
+                        None
+                    }
+                    Pass::All => {
+                        if create_revision <= counts.baseline_revision {
+                            if counts.guarded_deleted >= counts.would_delete_guarded {
+                                return Err(JobError::SourceChanged {
+                                    pinned_rev,
+                                    what: "more keys to delete than the mass-delete guard approved",
+                                });
+                            }
+                            counts.guarded_deleted += 1;
+                        }
+                        counts.deleted += 1;
+                        ctx.metrics.full_sync_delete.inc();
+                        Some(Mutation::Delete {
+                            key: ctx.rewrite.suffix_to_dest(&suffix),
+                        })
+                    }
+                },
             },
             Step::Done => break,
         };

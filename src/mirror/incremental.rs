@@ -98,6 +98,7 @@ pub async fn run(
     let _stop_phase = phase.clone().drop_guard();
     let mut markers = spawn_marker_watch(ctx.clone(), phase.clone());
     let mut checks = crate::mirror::periodic_check::spawn(ctx.clone(), phase.clone());
+    crate::mirror::history_window::spawn(ctx.clone(), phase.clone());
     // Closed when periodic checks are off: then that arm must not spin.
     let mut checks_open = true;
     let mut repair_read: Option<JoinHandle<Result<Option<RepairRead>, JobError>>> = None;

@@ -14,6 +14,7 @@
 //! equal to the source at the checkpoint revision.
 
 pub mod full_sync;
+pub mod history_window;
 pub mod incremental;
 pub mod leases;
 pub mod meta;

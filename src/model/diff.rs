@@ -15,6 +15,9 @@ pub struct Entry {
     /// The key's create revision on its cluster (0 when unknown). The full
     /// sync's mass-delete guard tells keys that predate it from keys it wrote.
     pub create_revision: i64,
+    /// The key's mod revision on its cluster (0 when unknown): a restore
+    /// guards its write on it.
+    pub mod_revision: i64,
     /// The lease the key is attached to on its own cluster (0 for none).
     pub lease: i64,
 }
@@ -83,6 +86,34 @@ pub enum Difference {
 }
 
 impl Difference {
+    /// What makes the destination equal the source here: `Ok((suffix,
+    /// value, lease))`, the source's key to put, or `Err((suffix,
+    /// create_revision))`, a destination-only key to delete.
+    #[allow(clippy::type_complexity)]
+    pub fn into_put(self) -> Result<(Vec<u8>, Vec<u8>, i64), (Vec<u8>, i64)> {
+        match self {
+            Difference::MissingAtDest {
+                suffix,
+                value,
+                lease,
+            }
+            | Difference::ValueDiffers {
+                suffix,
+                value,
+                lease,
+            }
+            | Difference::LeaseDiffers {
+                suffix,
+                value,
+                lease,
+            } => Ok((suffix, value, lease)),
+            Difference::ExtraAtDest {
+                suffix,
+                create_revision,
+            } => Err((suffix, create_revision)),
+        }
+    }
+
     pub fn suffix(&self) -> &[u8] {
         match self {
             Difference::MissingAtDest { suffix, .. }
@@ -216,6 +247,7 @@ mod tests {
                 suffix: k.clone(),
                 value: v.clone(),
                 create_revision: 0,
+                mod_revision: 0,
                 lease: 0,
             })
             .collect();
@@ -307,6 +339,7 @@ mod tests {
                     suffix: k.clone(),
                     value: v.clone(),
                     create_revision: 0,
+                    mod_revision: 0,
                     // Destination lease 1 stands for the mapped one.
                     lease: if dest_side && *l == 1 { 10 } else { *l },
                 }).collect();

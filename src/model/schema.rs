@@ -256,6 +256,9 @@ pub struct PointInTime {
     pub deletes: u64,
     /// Keys a client changed on the promoted cluster meanwhile (its write wins).
     pub skipped: u64,
+    /// Keys restored without the lease they had then (it no longer exists).
+    #[serde(default)]
+    pub leases_dropped: u64,
 }
 
 /// A `failback` run fencing the old primary.

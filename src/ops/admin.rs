@@ -29,6 +29,17 @@ pub enum AdminError {
         "job {job} has no checkpoint, so its destination prefix is unknown; no lease was detached"
     )]
     NoDestPrefix { job: String },
+    #[error(transparent)]
+    Page(#[from] crate::etcd::pager::PageError),
+    /// A point-in-time promotion asked for a state the destination's
+    /// history no longer holds (or never held).
+    #[error("job {job}: {requested} is outside the destination's history window: the oldest state a point-in-time promotion can reach is {reachable}; nothing was written. Ask for a later point, or keep more history on the destination (raise its --auto-compaction-retention)")]
+    OutsideWindow {
+        job: String,
+        requested: String,
+        /// "source revision N (updated_at)", or why nothing is reachable.
+        reachable: String,
+    },
     #[error("job {job}: the checkpoint reached revision {reached} but not the source revision {target} within {timeout:?}; nothing was promoted")]
     SyncTimeout {
         job: String,
@@ -288,17 +299,7 @@ pub async fn add_source_lag(
 /// Whether the destination can still be read at `revision` (it is not
 /// compacted away).
 pub async fn readable_at(dest: &Cluster, probe: &str, revision: i64) -> Result<bool, AdminError> {
-    match dest
-        .range(
-            "probe the destination's history",
-            RangeRequest::key(probe).count_only().at_revision(revision),
-        )
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(error) if error.kind() == crate::etcd::client::FailureKind::Compacted => Ok(false),
-        Err(error) => Err(error.into()),
-    }
+    Ok(crate::etcd::meta::readable_at(dest, probe, revision).await?)
 }
 
 /// Fills each job's `oldest_reachable` sample and window: the oldest
@@ -313,20 +314,10 @@ pub async fn add_history_window(
     for status in statuses {
         let probe = MetaKeys::new(meta_prefix, &status.job).checkpoint();
         let points = status.revision_map.points().to_vec();
-        let (mut low, mut high) = (0usize, points.len());
-        while low < high {
-            let mid = (low + high) / 2;
-            if readable_at(dest, &probe, points[mid].dest_revision).await? {
-                high = mid;
-            } else {
-                low = mid + 1;
-            }
-        }
-        if let Some(point) = points.get(low) {
-            status.revision_map.window_seconds = humantime::parse_rfc3339_weak(&point.at)
-                .ok()
-                .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
-                .map(|age| age.as_secs_f64());
+        let revisions: Vec<i64> = points.iter().map(|p| p.dest_revision).collect();
+        let oldest = crate::etcd::meta::oldest_readable_index(dest, &probe, &revisions).await?;
+        if let Some(point) = oldest.and_then(|at| points.get(at)) {
+            status.revision_map.window_seconds = crate::etcd::meta::age_seconds(&point.at);
             status.revision_map.oldest_reachable = Some(point.clone());
         }
     }
@@ -627,7 +618,7 @@ pub struct DetachOutcome {
 
 /// Ops per detach txn: well under etcd's default `--max-txn-ops` (128),
 /// counting the compares too.
-const DETACH_OPS_PER_TXN: usize = 64;
+pub(crate) const DETACH_OPS_PER_TXN: usize = 64;
 const DETACH_PAGE: i64 = 1000;
 
 /// `promote --detach-leases`: on a promoted job, rewrites every key under
@@ -754,47 +745,74 @@ async fn detach_chunk(
     job: &str,
     chunk: &[&crate::etcd::api::KeyValue],
 ) -> Result<(u64, u64), AdminError> {
-    let attempt = |kvs: &[&crate::etcd::api::KeyValue]| {
+    let writes: Vec<GuardedWrite> = chunk
+        .iter()
+        .map(|kv| GuardedWrite {
+            key: kv.key.clone(),
+            read_mod_revision: kv.mod_revision,
+            op: Op::put(kv.key.clone(), kv.value.clone()),
+        })
+        .collect();
+    guarded_chunk(dest, keys, job, "detach leases", &writes).await
+}
+
+/// One write on a promoted job's prefix, applied only while the key is as
+/// it was read.
+#[derive(Debug, Clone)]
+pub(crate) struct GuardedWrite {
+    pub key: Vec<u8>,
+    /// The key's mod revision as read; 0 when it was absent.
+    pub read_mod_revision: i64,
+    pub op: Op,
+}
+
+/// Applies `writes` in one txn guarded by the promoted marker and each
+/// key's mod revision as read; when any key changed since, key by key, so
+/// only the changed ones are skipped (a client's write on the promoted
+/// cluster wins). Returns (applied, skipped).
+pub(crate) async fn guarded_chunk(
+    dest: &Cluster,
+    keys: &MetaKeys,
+    job: &str,
+    what: &'static str,
+    writes: &[GuardedWrite],
+) -> Result<(u64, u64), AdminError> {
+    let attempt = |writes: &[GuardedWrite]| {
         let mut compare = vec![Compare::version(keys.promoted(), CompareOp::Greater, 0)];
-        compare
-            .extend(kvs.iter().map(|kv| {
-                Compare::mod_revision(kv.key.clone(), CompareOp::Equal, kv.mod_revision)
-            }));
+        compare.extend(writes.iter().map(|w| match w.read_mod_revision {
+            0 => Compare::version(w.key.clone(), CompareOp::Equal, 0),
+            revision => Compare::mod_revision(w.key.clone(), CompareOp::Equal, revision),
+        }));
         TxnRequest::new()
             .when(compare)
-            .and_then(
-                kvs.iter()
-                    .map(|kv| Op::put(kv.key.clone(), kv.value.clone()))
-                    .collect(),
-            )
+            .and_then(writes.iter().map(|w| w.op.clone()).collect())
             .or_else(vec![Op::get(keys.promoted())])
     };
     let still_promoted = |response: &crate::etcd::api::TxnResponse| {
         response.ranges().any(|range| !range.kvs.is_empty())
     };
-    let response = dest.txn("detach leases", attempt(chunk)).await?;
+    let not_promoted = || AdminError::NotPromoted {
+        job: job.to_string(),
+    };
+    let response = dest.txn(what, attempt(writes)).await?;
     if response.succeeded {
-        return Ok((chunk.len() as u64, 0));
+        return Ok((writes.len() as u64, 0));
     }
     if !still_promoted(&response) {
-        return Err(AdminError::NotPromoted {
-            job: job.to_string(),
-        });
+        return Err(not_promoted());
     }
-    let (mut detached, mut skipped) = (0, 0);
-    for kv in chunk {
-        let response = dest.txn("detach a lease", attempt(&[*kv])).await?;
+    let (mut applied, mut skipped) = (0, 0);
+    for write in writes {
+        let response = dest.txn(what, attempt(std::slice::from_ref(write))).await?;
         if response.succeeded {
-            detached += 1;
+            applied += 1;
         } else if still_promoted(&response) {
             skipped += 1;
         } else {
-            return Err(AdminError::NotPromoted {
-                job: job.to_string(),
-            });
+            return Err(not_promoted());
         }
     }
-    Ok((detached, skipped))
+    Ok((applied, skipped))
 }
 
 #[cfg(test)]

@@ -670,7 +670,14 @@ pub async fn failback(
     } else {
         None
     };
-    let standby_changes = match record.base_dest_revision {
+    // Where the standby equalled the old primary at `synced`: after a
+    // point-in-time promotion, the state it went back to.
+    let standby_base = record
+        .point_in_time
+        .as_ref()
+        .map(|pit| pit.read_dest_revision)
+        .or(record.base_dest_revision);
+    let standby_changes = match standby_base {
         Some(base) => changes_since(name, &standby, base, standby_revision, cancel).await?,
         None => None,
     };
@@ -691,12 +698,12 @@ pub async fn failback(
                 }
             } else if old_changes.is_none() {
                 format!("the old primary's history is compacted past the checkpoint {checkpoint_revision}")
-            } else if record.base_dest_revision.is_none() {
+            } else if standby_base.is_none() {
                 "the promotion record does not say where the standby's history starts (promoted by an older version)".to_string()
             } else {
                 format!(
                     "the standby's history is compacted past revision {}",
-                    record.base_dest_revision.unwrap_or(0)
+                    standby_base.unwrap_or(0)
                 )
             },
         },
@@ -723,7 +730,7 @@ pub async fn failback(
     let standby_state = standby.read_at(&candidates, standby_revision).await?;
     // Without the old primary's history, the standby's state at its base
     // (the old primary's at the checkpoint) tells a lost delete.
-    let standby_at_base = match (&old_changes, &standby_changes, record.base_dest_revision) {
+    let standby_at_base = match (&old_changes, &standby_changes, standby_base) {
         (None, Some(_), Some(base)) => Some(standby.read_at(&candidates, base).await?),
         _ => None,
     };

@@ -5,3 +5,4 @@
 pub mod admin;
 pub mod failback;
 pub mod http;
+pub mod point_in_time;

@@ -41,6 +41,7 @@ pub struct Metrics {
     check_exact: IntGaugeVec,
     check_last_success_timestamp_seconds: prometheus::GaugeVec,
     check_duration_seconds: prometheus::GaugeVec,
+    history_window_seconds: prometheus::GaugeVec,
     repaired_keys_total: IntCounterVec,
     lease_mismatch_keys: IntGaugeVec,
     leases_mirrored: IntGaugeVec,
@@ -170,6 +171,10 @@ impl Metrics {
                 "etcd_syncer_check_last_success_timestamp_seconds",
                 "Unix time of the last completed consistency check",
             ),
+            history_window_seconds: float_gauge(
+                "etcd_syncer_history_window_seconds",
+                "How far back a point-in-time promotion can go: age of the oldest revision-map sample whose destination revision is not compacted",
+            ),
             check_duration_seconds: float_gauge(
                 "etcd_syncer_check_duration_seconds",
                 "Duration of the last completed consistency check",
@@ -261,6 +266,7 @@ impl Metrics {
                 .check_last_success_timestamp_seconds
                 .with_label_values(&labels),
             check_duration_seconds: self.check_duration_seconds.with_label_values(&labels),
+            history_window_seconds: self.history_window_seconds.with_label_values(&labels),
             repaired_keys_total: self.repaired_keys_total.clone(),
             lease_mismatch_keys: self.lease_mismatch_keys.with_label_values(&labels),
             leases_mirrored: self.leases_mirrored.with_label_values(&labels),
@@ -391,6 +397,7 @@ pub struct JobMetrics {
     pub check_exact: IntGauge,
     pub check_last_success_timestamp_seconds: prometheus::Gauge,
     pub check_duration_seconds: prometheus::Gauge,
+    pub history_window_seconds: prometheus::Gauge,
     repaired_keys_total: IntCounterVec,
     pub lease_mismatch_keys: IntGauge,
     pub leases_mirrored: IntGauge,
