@@ -712,6 +712,11 @@ mod tests {
             Some(13),
             "up to 12, the newest expired"
         );
+        // A sample exactly as old as the retention is past it.
+        let mut edge = map_writer(Duration::from_secs(5), Duration::from_secs(10), 8);
+        edge.ops(&keys, 1, false, 1);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(pruned_below(&edge.ops(&keys, 2, false, 1), &keys), Some(2));
         let off = map_writer(Duration::ZERO, Duration::from_secs(1), 8).ops(&keys, 5, false, 1);
         assert!(off.is_empty(), "an interval of zero turns sampling off");
     }
