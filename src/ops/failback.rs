@@ -48,8 +48,6 @@ use crate::model::schema::{now_rfc3339, Checkpoint, EventStamp, FailbackFence, P
 /// Keys read per txn of point reads, and written per txn: well under
 /// etcd's default `--max-txn-ops` (128), compares included.
 const KEYS_PER_TXN: usize = 64;
-/// Keys per page of the written-since read.
-const WRITTEN_PAGE: i64 = 10_000;
 /// A history watch that delivers nothing for this long while deletes are
 /// still missing is given up.
 const WATCH_SILENCE: Duration = Duration::from_secs(30);
@@ -225,6 +223,10 @@ struct Side<'a> {
     rewrite: &'a KeyRewrite,
     /// The same ranges as this side's key prefixes.
     excluded: Vec<Vec<u8>>,
+    /// Keys per page of the written-since read (`--page-size`; etcd
+    /// filters by mod revision after reading the range, so bigger pages
+    /// mean fewer scans on the server).
+    page: i64,
     traffic: Traffic,
 }
 
@@ -349,7 +351,7 @@ async fn changes_since(
                     key: start.clone(),
                     range_end: end.clone(),
                     revision: at,
-                    limit: WRITTEN_PAGE,
+                    limit: side.page,
                     min_mod_revision: base + 1,
                     ..RangeRequest::default()
                 },
@@ -574,6 +576,7 @@ pub async fn failback(
         meta_prefix: job.meta_prefix.as_bytes(),
         rewrite: &rewrite,
         excluded: rewrite.excluded_source_prefixes().collect(),
+        page: job.page_size.max(1) as i64,
         traffic: Traffic::default(),
     };
     let standby = Side {
@@ -583,6 +586,7 @@ pub async fn failback(
         meta_prefix: job.meta_prefix.as_bytes(),
         rewrite: &rewrite,
         excluded: rewrite.excluded_dest_prefixes().collect(),
+        page: job.page_size.max(1) as i64,
         traffic: Traffic::default(),
     };
 
@@ -1334,6 +1338,7 @@ mod tests {
             meta_prefix: META.as_bytes(),
             rewrite: &rewrite,
             excluded: Vec::new(),
+            page: 2,
             traffic: Traffic::default(),
         };
         let read = old_primary
@@ -1445,6 +1450,95 @@ mod tests {
             world.b.lock().unwrap().revision(),
             before,
             "nothing written"
+        );
+    }
+
+    /// The old primary as a failback side, reading written keys 2 a page.
+    fn side_of<'a>(cluster: &'a Cluster, rewrite: &'a KeyRewrite) -> Side<'a> {
+        Side {
+            name: "old primary",
+            cluster,
+            prefix: b"/app/",
+            meta_prefix: META.as_bytes(),
+            rewrite,
+            excluded: Vec::new(),
+            page: 2,
+            traffic: Traffic::default(),
+        }
+    }
+
+    /// The history read at `at` sees nothing written after it, reads only
+    /// the prefix's written keys (over several pages), and a base equal
+    /// to `at` is an empty history, not an unknown one.
+    #[tokio::test]
+    async fn the_written_since_read_is_pinned_paged_and_bounded_to_the_prefix() {
+        let store = new_store(1);
+        let old_primary = cluster(&store, Role::Source, "a");
+        apply(
+            &old_primary,
+            vec![Op::put("/app/k1", "v"), Op::put("/app/k2", "v")],
+        )
+        .await;
+        let base = store.lock().unwrap().revision();
+        let token = CancellationToken::new();
+        let rewrite = KeyRewrite::new("/app/", "/app/");
+        let side = side_of(&old_primary, &rewrite);
+        let empty = changes_since("app", &side, base, base, &token)
+            .await
+            .expect("read");
+        assert_eq!(empty, Some(Changes::default()));
+        apply(
+            &old_primary,
+            vec![
+                Op::put("/aaa", "before the prefix"),
+                Op::put("/app/k1", "w"),
+                Op::put("/app/n1", "new"),
+                Op::put("/app/n2", "new"),
+                Op::put("/zzz", "after the prefix"),
+            ],
+        )
+        .await;
+        let at = store.lock().unwrap().revision();
+        apply(&old_primary, vec![Op::put("/app/n3", "after at")]).await;
+        let side = side_of(&old_primary, &rewrite);
+        let changes = changes_since("app", &side, base, at, &token)
+            .await
+            .expect("read")
+            .expect("history");
+        let written: Vec<&[u8]> = changes.written.keys().map(Vec::as_slice).collect();
+        assert_eq!(written, [b"k1".as_slice(), b"n1", b"n2"]);
+        assert!(changes.deleted.is_empty());
+        let bytes: usize = ["/app/k1w", "/app/n1new", "/app/n2new"]
+            .iter()
+            .map(|s| s.len())
+            .sum();
+        assert_eq!(
+            side.traffic.get(),
+            bytes as u64,
+            "only the prefix's written keys are read"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_side_is_an_error_not_a_compacted_history() {
+        let world = diverged().await;
+        let rewrite = KeyRewrite::new("/app/", "/copy/");
+        let link = Link::new("cut", 9);
+        link.set_faults(crate::etcd::memory::Faults {
+            partitioned: true,
+            ..Default::default()
+        });
+        let cut = Cluster::with_backend(
+            Role::Source,
+            "cut",
+            Arc::new(MemoryEtcd::new(world.a.clone(), link)),
+            Duration::from_millis(200),
+        );
+        let side = side_of(&cut, &rewrite);
+        let outcome = changes_since("app", &side, 1, 5, &CancellationToken::new()).await;
+        assert!(
+            matches!(outcome, Err(FailbackError::Client(_))),
+            "{outcome:?}"
         );
     }
 
