@@ -280,11 +280,13 @@ async fn promoted_fence_alone_rejects_a_held_txn() -> Result<()> {
     let marker = client
         .get(format!("{META_PREFIX}app/promoted"), None)
         .await?;
+    // `promote` is two txns: the marker, then its record (the checkpoint
+    // it read). Nothing may land after the record.
     let promoted_revision = marker
         .kvs()
         .first()
         .context("promoted marker")?
-        .create_revision();
+        .mod_revision();
 
     // The premise: the lock and the checkpoint are as the replicator knows
     // them, so its parked txn passes the lock and chain compares.

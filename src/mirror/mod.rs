@@ -344,6 +344,22 @@ pub enum SlowPathReason {
     },
 }
 
+impl SlowPathReason {
+    /// Whether the source's history made this full sync necessary: what a
+    /// resync loop is made of (an interrupted full sync too: compaction
+    /// retention shorter than a full sync takes restarts it for ever).
+    pub fn forced_by_source(&self) -> bool {
+        matches!(
+            self,
+            SlowPathReason::Compacted
+                | SlowPathReason::SourceReplaced { .. }
+                | SlowPathReason::SourceBehind { .. }
+                | SlowPathReason::HistoryDiffers { .. }
+                | SlowPathReason::Interrupted { .. }
+        )
+    }
+}
+
 impl std::fmt::Display for SlowPathReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -469,7 +485,7 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
     let mut consecutive_resyncs = 0u32;
     let mut resync_loop = ResyncLoop {
         full_syncs: 0,
-        seen: ctx.metrics.slow_path_total.get(),
+        seen: ctx.metrics.forced_full_syncs(),
     };
     loop {
         if cancel.is_cancelled() {
@@ -602,7 +618,9 @@ fn stability_poll(stable_period: Duration) -> Duration {
 #[derive(Debug)]
 struct ResyncLoop {
     full_syncs: u64,
-    /// `etcd_syncer_slow_path_total` as far as already counted.
+    /// Source-forced full syncs as far as already counted (a first sync, a
+    /// reset, a lease-mode change or lost destination leases are not the
+    /// source's doing and start no loop).
     seen: u64,
 }
 
@@ -610,7 +628,7 @@ impl ResyncLoop {
     /// A watch stayed up for the stable period: the loop (if any) is over.
     fn stable(&mut self, ctx: &JobContext) {
         self.full_syncs = 0;
-        self.seen = ctx.metrics.slow_path_total.get();
+        self.seen = ctx.metrics.forced_full_syncs();
         if ctx.metrics.in_resync_loop() {
             ctx.metrics.set_resync_loop(false);
             info!(job = %ctx.job.name, stable_for = ?ctx.tuning.resync_loop_stable_period, "The watch stayed up; the resync loop is over.");
@@ -620,7 +638,7 @@ impl ResyncLoop {
     /// Counts the full syncs started since the last look; enough of them in
     /// a row start the loop.
     fn observe(&mut self, ctx: &JobContext) {
-        let started = ctx.metrics.slow_path_total.get();
+        let started = ctx.metrics.forced_full_syncs();
         if started <= self.seen {
             return;
         }
@@ -742,6 +760,9 @@ async fn run_once(
         }
         Decision::FullSync(reason) => {
             ctx.metrics.slow_path_total.inc();
+            if reason.forced_by_source() {
+                ctx.metrics.count_forced_full_sync();
+            }
             ctx.metrics.set_state(JobState::FullSync);
             info!(job = %ctx.job.name, path = "slow", %reason, "Taking the slow path.");
             if let Some(book) = ctx.leases() {
@@ -1069,6 +1090,34 @@ mod tests {
             ..evidence(3, 3, None)
         };
         assert_eq!(verify_resume(&checkpoint, &existed), None);
+    }
+
+    #[test]
+    fn only_the_source_forces_the_full_syncs_a_resync_loop_counts() {
+        let forced = [
+            SlowPathReason::Compacted,
+            SlowPathReason::Interrupted { pinned_rev: None },
+            SlowPathReason::SourceReplaced {
+                checkpoint_cluster_id: 1,
+                source_cluster_id: 2,
+            },
+            SlowPathReason::SourceBehind {
+                checkpoint_rev: 9,
+                source_rev: 3,
+            },
+            SlowPathReason::HistoryDiffers { detail: "x".into() },
+        ];
+        assert!(forced.iter().all(SlowPathReason::forced_by_source));
+        let chosen = [
+            SlowPathReason::NoCheckpoint,
+            SlowPathReason::UnreadableCheckpoint,
+            SlowPathReason::Reset,
+            SlowPathReason::DestLeasesExpired { leases: 1 },
+            SlowPathReason::LeaseModeChanged {
+                leases_mirrored: true,
+            },
+        ];
+        assert!(!chosen.iter().any(SlowPathReason::forced_by_source));
     }
 
     #[test]

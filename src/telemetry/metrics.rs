@@ -2,7 +2,7 @@
 //! follow the Prometheus conventions (`_total` counters, base units).
 //! `docs/metrics.md` documents each one.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 // tokio's clock, so paused-time tests and the simulator govern it.
@@ -240,6 +240,7 @@ impl Metrics {
             slow_path_total: self.slow_path_total.with_label_values(&labels),
             resync_loops_total: self.resync_loops_total.with_label_values(&labels),
             resync_loop: Default::default(),
+            forced_full_syncs: Default::default(),
             watching_since: Default::default(),
             full_sync_in_progress: self.full_sync_in_progress.with_label_values(&labels),
             full_sync_put: self.full_sync_keys_total.with_label_values(&[job, "put"]),
@@ -376,6 +377,9 @@ pub struct JobMetrics {
     pub resync_loops_total: IntCounter,
     /// In a resync loop: a running job shows state `resync_loop`.
     resync_loop: Arc<AtomicBool>,
+    /// Full syncs the source forced (compaction, a replaced or rebuilt
+    /// source, an interrupted full sync): what a resync loop counts.
+    forced_full_syncs: Arc<AtomicU64>,
     /// Since when the job has been in state `watching`.
     watching_since: Arc<Mutex<Option<Instant>>>,
     pub full_sync_in_progress: IntGauge,
@@ -487,6 +491,15 @@ impl JobMetrics {
 
     pub fn in_resync_loop(&self) -> bool {
         self.resync_loop.load(Ordering::SeqCst)
+    }
+
+    /// Counts a full sync the source forced.
+    pub fn count_forced_full_sync(&self) {
+        self.forced_full_syncs.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn forced_full_syncs(&self) -> u64 {
+        self.forced_full_syncs.load(Ordering::SeqCst)
     }
 
     /// Records a committed checkpoint and the source head it is measured against.
