@@ -1542,6 +1542,80 @@ mod tests {
         );
     }
 
+    /// k0..k3 written one revision each (k3 at the checkpoint itself),
+    /// mirrored, the standby promoted, then `a_ops` on the old primary.
+    async fn seeded(a_ops: Vec<Op>) -> World {
+        let (a, b) = (new_store(1), new_store(2));
+        let old_primary = cluster(&a, Role::Source, "a");
+        let standby = cluster(&b, Role::Destination, "b");
+        for k in ["k0", "k1", "k2", "k3"] {
+            apply(&old_primary, vec![Op::put(format!("/app/{k}"), "v0")]).await;
+            apply(&standby, vec![Op::put(format!("/copy/{k}"), "v0")]).await;
+        }
+        let checkpoint = Checkpoint {
+            last_synced_rev: a.lock().unwrap().revision(),
+            source_cluster_id: 1,
+            updated_at: now_rfc3339(),
+            instance: "r0".into(),
+            source_prefix: "/app/".into(),
+            dest_prefix: Some("/copy/".into()),
+            partial_revision: None,
+            write_id: 1,
+            last_event: None,
+            leases_mirrored: false,
+        };
+        let meta = MetaKeys::new(META, "app");
+        apply(
+            &standby,
+            vec![Op::put(meta.checkpoint(), checkpoint.encode())],
+        )
+        .await;
+        crate::ops::admin::promote(&standby, META, "app", "test")
+            .await
+            .expect("promote");
+        apply(&old_primary, a_ops).await;
+        let mut world = diverged().await;
+        (world.a, world.b, world.old_primary, world.standby) = (a, b, old_primary, standby);
+        world
+    }
+
+    /// The delete watch stops on the count, never on a timeout: a delete at
+    /// exactly the revision read (a dry run reads at the head), a key
+    /// deleted and created again, a key created at the checkpoint itself.
+    /// On paused time a watch left waiting would end in its silence error.
+    #[tokio::test(start_paused = true)]
+    async fn every_delete_up_to_the_read_revision_is_counted() {
+        let world = seeded(vec![
+            Op::put("/app/k3", "a"),
+            Op::delete("/app/k0"),
+            Op::delete("/app/k2"),
+            Op::put("/app/k2", "again"),
+            Op::delete("/app/k1"),
+        ])
+        .await;
+        let report = world.run(true).await.expect("dry run");
+        assert_eq!(report.method, Method::History);
+        assert_eq!(report.old_primary_changed, Some(4));
+        let lost: Vec<String> = report
+            .lost
+            .iter()
+            .map(|l| {
+                serde_json::to_value(l).unwrap()["key"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(lost, ["/app/k0", "/app/k1", "/app/k2", "/app/k3"]);
+        // Only deletes of keys created again: the count is met without a watch.
+        let recreated = seeded(vec![Op::delete("/app/k2"), Op::put("/app/k2", "again")]).await;
+        let report = recreated.run(true).await.expect("dry run");
+        assert_eq!(
+            (report.old_primary_changed, report.lost_writes),
+            (Some(1), 1)
+        );
+    }
+
     #[tokio::test]
     async fn an_unpromoted_standby_is_refused() {
         let world = diverged().await;
