@@ -1073,6 +1073,32 @@ mod tests {
             .collect()
     }
 
+    /// The standby's checkpoint at the old primary's current revision (its
+    /// copy is complete), then the promotion.
+    async fn checkpoint_and_promote(a: &SharedStore, standby: &Cluster) {
+        let checkpoint = Checkpoint {
+            last_synced_rev: a.lock().unwrap().revision(),
+            source_cluster_id: 1,
+            updated_at: now_rfc3339(),
+            instance: "r0".into(),
+            source_prefix: "/app/".into(),
+            dest_prefix: Some("/copy/".into()),
+            partial_revision: None,
+            write_id: 1,
+            last_event: None,
+            leases_mirrored: false,
+        };
+        let meta = MetaKeys::new(META, "app");
+        apply(
+            standby,
+            vec![Op::put(meta.checkpoint(), checkpoint.encode())],
+        )
+        .await;
+        crate::ops::admin::promote(standby, META, "app", "test")
+            .await
+            .expect("promote");
+    }
+
     struct World {
         a: SharedStore,
         b: SharedStore,
@@ -1103,27 +1129,7 @@ mod tests {
                 .collect(),
         )
         .await;
-        let checkpoint = Checkpoint {
-            last_synced_rev: a.lock().unwrap().revision(),
-            source_cluster_id: 1,
-            updated_at: now_rfc3339(),
-            instance: "r0".into(),
-            source_prefix: "/app/".into(),
-            dest_prefix: Some("/copy/".into()),
-            partial_revision: None,
-            write_id: 1,
-            last_event: None,
-            leases_mirrored: false,
-        };
-        let meta = MetaKeys::new(META, "app");
-        apply(
-            &standby,
-            vec![Op::put(meta.checkpoint(), checkpoint.encode())],
-        )
-        .await;
-        crate::ops::admin::promote(&standby, META, "app", "test")
-            .await
-            .expect("promote");
+        checkpoint_and_promote(&a, &standby).await;
         // The old primary's writes that never reached the standby.
         apply(
             &old_primary,
@@ -1552,27 +1558,7 @@ mod tests {
             apply(&old_primary, vec![Op::put(format!("/app/{k}"), "v0")]).await;
             apply(&standby, vec![Op::put(format!("/copy/{k}"), "v0")]).await;
         }
-        let checkpoint = Checkpoint {
-            last_synced_rev: a.lock().unwrap().revision(),
-            source_cluster_id: 1,
-            updated_at: now_rfc3339(),
-            instance: "r0".into(),
-            source_prefix: "/app/".into(),
-            dest_prefix: Some("/copy/".into()),
-            partial_revision: None,
-            write_id: 1,
-            last_event: None,
-            leases_mirrored: false,
-        };
-        let meta = MetaKeys::new(META, "app");
-        apply(
-            &standby,
-            vec![Op::put(meta.checkpoint(), checkpoint.encode())],
-        )
-        .await;
-        crate::ops::admin::promote(&standby, META, "app", "test")
-            .await
-            .expect("promote");
+        checkpoint_and_promote(&a, &standby).await;
         apply(&old_primary, a_ops).await;
         let mut world = diverged().await;
         (world.a, world.b, world.old_primary, world.standby) = (a, b, old_primary, standby);
