@@ -845,7 +845,18 @@ mod leases {
 
     fn leader(source: &SharedStore, dest: &SharedStore) -> JobContext {
         let template = context(source, dest, NO_CHECKS, 1.0);
-        template.fenced(Fence::new(&template.keys, None), &CancellationToken::new())
+        resumed(
+            source,
+            template.fenced(Fence::new(&template.keys, None), &CancellationToken::new()),
+        )
+    }
+
+    /// The job has read its checkpoint: the book counts revisions in the
+    /// source's history (as `run_once` tells it).
+    fn resumed(source: &SharedStore, ctx: JobContext) -> JobContext {
+        let cluster_id = source.lock().unwrap().cluster_id();
+        ctx.leases().unwrap().resumed(cluster_id, 0);
+        ctx
     }
 
     /// 60 keys on 3 leases: one TTL read and one grant per lease, the
@@ -1042,7 +1053,10 @@ mod leases {
         let link = Link::new("replica", 7);
         let template = context_over(source, dest, link.clone(), NO_CHECKS, 1.0);
         (
-            template.fenced(Fence::new(&template.keys, None), &CancellationToken::new()),
+            resumed(
+                source,
+                template.fenced(Fence::new(&template.keys, None), &CancellationToken::new()),
+            ),
             link,
         )
     }
@@ -1383,11 +1397,56 @@ mod leases {
         let synced_at = source.lock().unwrap().revision();
         assert_eq!(synced_at, 2);
         apply_deletes(&ctx, 0, 2).await;
-        book.full_sync_done(synced_at);
+        book.full_sync_done(1, synced_at);
         run_for(&source, &[], 10).await;
         assert!(!alive(&dest, dest_lease), "revoked");
         assert!(recorded(&ctx).await.is_empty(), "record deleted");
         stop.cancel();
+    }
+
+    /// The source is replaced (another cluster id) or rebuilt (the same id,
+    /// revisions below the checkpoint) while the job still counts in the
+    /// old history: its lease list, where no mirrored lease exists, is no
+    /// word on them. Nothing is revoked (seed 1440 revoked and so deleted
+    /// two mirrored keys after a promotion) until a full sync of the new
+    /// history says so.
+    #[tokio::test(start_paused = true)]
+    async fn another_history_s_lease_list_revokes_nothing() {
+        for rebuilt_in_place in [false, true] {
+            let (source, dest) = (new_store(1), new_store(2));
+            let ids = leased_source(&source, 1, 2, 10).await;
+            for i in 0..20 {
+                put(&source, &[("/other/k", format!("{i}").as_str())]).await;
+            }
+            let ctx = leader(&source, &dest);
+            ctx.writer
+                .commit_mutations("test", vec![], source_mutations(&source), vec![])
+                .await
+                .expect("commit");
+            let book = ctx.leases().unwrap().clone();
+            let dest_lease = book.dest_lease_of(ids[0]).unwrap();
+            book.committed(source.lock().unwrap().revision());
+            let new_cluster = if rebuilt_in_place { 1 } else { 9 };
+            *source.lock().unwrap() = etcd_syncer::etcd::memory::Store::new(new_cluster);
+            put(&source, &[("/app/new", "1")]).await;
+            let stop = CancellationToken::new();
+            book.ensure_keeper(ctx.writer.clone(), &stop);
+            // Within TTL + grace (10 + 30 s): nothing renewed on the other
+            // history's word, nothing revoked.
+            run_for(&source, &[], 30).await;
+            assert!(
+                alive(&dest, dest_lease),
+                "rebuilt in place: {rebuilt_in_place}: not revoked"
+            );
+            assert_eq!(dest_leases_of_keys(&dest).len(), 2, "keys kept");
+            assert_eq!(requests(&dest, "revoke"), 0);
+            // A full sync of the new history: now its list is the word.
+            apply_deletes(&ctx, 0, 2).await;
+            book.full_sync_done(new_cluster, source.lock().unwrap().revision());
+            run_for(&source, &[], 10).await;
+            assert!(!alive(&dest, dest_lease), "revoked after the full sync");
+            stop.cancel();
+        }
     }
 
     /// An adopted record whose destination lease expired, and whose ID the

@@ -85,6 +85,13 @@ struct Renewal {
     retiring: bool,
 }
 
+/// The lease list read under `header` and the checkpoint count in one
+/// source history: the same cluster, and not behind the checkpoint (a
+/// revision never goes down within a history).
+fn same_history(state: &BookState, header: crate::etcd::api::Header) -> bool {
+    header.cluster_id == state.committed_cluster && header.revision >= state.committed_revision
+}
+
 impl Retiring {
     fn done(&self, committed: i64) -> bool {
         self.gone_at.is_some_and(|gone_at| committed >= gone_at)
@@ -110,6 +117,9 @@ struct BookState {
     granting: HashMap<i64, Arc<OnceCell<()>>>,
     /// The source revision the destination's checkpoint holds.
     committed_revision: i64,
+    /// The source cluster whose history `committed_revision` counts in
+    /// (0: not known yet, e.g. before the first checkpoint was read).
+    committed_cluster: u64,
     /// Source leases whose destination lease was found gone.
     lost: BTreeSet<i64>,
     /// (source lease, destination lease) pairs found dead: a record naming
@@ -276,10 +286,22 @@ impl LeaseBook {
         self.state().committed_revision = revision;
     }
 
-    /// A full sync finished at `revision`: revisions of the source's
-    /// earlier history (if it was rebuilt or replaced) mean nothing now.
-    pub fn full_sync_done(&self, revision: i64) {
+    /// The job (re)starts from a checkpoint of `cluster_id`'s history at
+    /// `revision`. Until then, and while the source answers with another
+    /// cluster id or a revision below it (replaced or rebuilt, which the
+    /// job's resume check is about to find), no lease is judged gone.
+    pub fn resumed(&self, cluster_id: u64, revision: i64) {
         let mut state = self.state();
+        state.committed_cluster = cluster_id;
+        state.committed_revision = revision;
+    }
+
+    /// A full sync finished at `revision` of `cluster_id`: revisions of the
+    /// source's earlier history (if it was rebuilt or replaced) mean
+    /// nothing now.
+    pub fn full_sync_done(&self, cluster_id: u64, revision: i64) {
+        let mut state = self.state();
+        state.committed_cluster = cluster_id;
         state.committed_revision = revision;
         for retiring in &mut state.retiring {
             retiring.gone_at = None;
@@ -581,10 +603,28 @@ impl LeaseBook {
         let (renew, retire) = {
             let mut state = self.state();
             let state = &mut *state;
+            // Unknown until the job has read its checkpoint: renew what
+            // lives, judge nothing gone.
+            let history_known = state.committed_cluster != 0;
+            if history_known && !same_history(state, header) {
+                // A source lease missing from another history says nothing
+                // about this one: revoking on its word would delete keys
+                // the destination still mirrors (and, after a promotion,
+                // keys the replicator may no longer touch).
+                warn!(
+                    job = %self.job,
+                    source_cluster_id = header.cluster_id,
+                    source_revision = header.revision,
+                    checkpoint_cluster_id = state.committed_cluster,
+                    checkpoint_revision = state.committed_revision,
+                    "The source's lease list comes from another history than the checkpoint (replaced or rebuilt?); keepalives wait for the job to re-sync."
+                );
+                return;
+            }
             let gone: Vec<i64> = state
                 .leases
                 .keys()
-                .filter(|lease| !live.contains(lease))
+                .filter(|lease| history_known && !live.contains(lease))
                 .copied()
                 .collect();
             for source_lease in gone {
@@ -596,14 +636,16 @@ impl LeaseBook {
                     });
                 }
             }
-            for retiring in &mut state.retiring {
-                retiring.gone_at.get_or_insert(header.revision);
+            if history_known {
+                for retiring in &mut state.retiring {
+                    retiring.gone_at.get_or_insert(header.revision);
+                }
             }
             let committed = state.committed_revision;
             let renew: Vec<Renewal> = state
                 .leases
                 .iter()
-                .filter(|(_, m)| m.renewal_due(now))
+                .filter(|(source, m)| live.contains(source) && m.renewal_due(now))
                 .map(|(source, m)| Renewal {
                     source_lease: *source,
                     dest_lease: m.record.dest_lease,

@@ -766,13 +766,17 @@ async fn run_once(
             ctx.metrics.set_state(JobState::FullSync);
             info!(job = %ctx.job.name, path = "slow", %reason, "Taking the slow path.");
             if let Some(book) = ctx.leases() {
-                // Until it finishes the destination reflects no revision: no
-                // retiring lease may be revoked on an old checkpoint's word.
-                book.committed(0);
+                // Until it finishes the destination reflects no revision of
+                // the history it copies: no retiring lease may be revoked
+                // on an old checkpoint's word.
+                book.resumed(head.cluster_id, 0);
             }
             let synced = full_sync::run(ctx, &meta, &reason, cancel).await?;
             if let Some(book) = ctx.leases() {
-                book.full_sync_done(synced.checkpoint.last_synced_rev);
+                book.full_sync_done(
+                    synced.checkpoint.source_cluster_id,
+                    synced.checkpoint.last_synced_rev,
+                );
             }
             (
                 KeyGuard::Holds(synced.checkpoint_bytes),
@@ -784,7 +788,9 @@ async fn run_once(
     };
     ctx.metrics.set_progress(revision, head.revision);
     if let Some(book) = ctx.leases() {
-        book.committed(revision);
+        // A checkpoint from before cluster ids were recorded resumes on the
+        // head's word (the resume check compares the rest).
+        book.resumed(if cluster_id != 0 { cluster_id } else { head.cluster_id }, revision);
     }
     // `incremental::run` reports Watching once the resume is verified.
     incremental::run(ctx, guard, revision, last_event, cluster_id, cancel).await?;
