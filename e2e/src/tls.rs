@@ -18,6 +18,8 @@ pub struct TlsMaterial {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// The CA, kept to sign replacement client certificates.
+    ca: Arc<(rcgen::Certificate, KeyPair)>,
     _dir: Arc<tempfile::TempDir>,
 }
 
@@ -35,24 +37,8 @@ impl TlsMaterial {
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca = ca_params.self_signed(&ca_key)?;
 
-        let leaf = |common_name: &str| -> Result<(String, String)> {
-            let key = KeyPair::generate()?;
-            let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
-            params
-                .subject_alt_names
-                .push(SanType::IpAddress("127.0.0.1".parse()?));
-            params
-                .distinguished_name
-                .push(DnType::CommonName, common_name);
-            params.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
-            let cert = params.signed_by(&key, &ca, &ca_key)?;
-            Ok((cert.pem(), key.serialize_pem()))
-        };
-        let (server_pem, server_key_pem) = leaf("etcd-server")?;
-        let (client_pem, client_key_pem) = leaf("etcd-syncer")?;
+        let (server_pem, server_key_pem) = leaf(&ca, &ca_key, "etcd-server", None)?;
+        let (client_pem, client_key_pem) = leaf(&ca, &ca_key, "etcd-syncer", None)?;
         let write = |name: &str, text: &str| -> Result<PathBuf> {
             let path = dir.path().join(name);
             std::fs::write(&path, text)?;
@@ -64,8 +50,20 @@ impl TlsMaterial {
             server_key: write("server-key.pem", &server_key_pem)?,
             client_cert: write("client.pem", &client_pem)?,
             client_key: write("client-key.pem", &client_key_pem)?,
+            ca: Arc::new((ca, ca_key)),
             _dir: Arc::new(dir),
         })
+    }
+
+    /// Replaces the client certificate and key in place with a new pair
+    /// from the same CA, valid until `not_after_year`-01-01 (as a rotated
+    /// Secret does: the key first, then the certificate).
+    pub fn rotate_client(&self, not_after_year: i32) -> Result<()> {
+        let (ca, ca_key) = &*self.ca;
+        let (pem, key_pem) = leaf(ca, ca_key, "etcd-syncer", Some(not_after_year))?;
+        std::fs::write(&self.client_key, key_pem)?;
+        std::fs::write(&self.client_cert, pem)?;
+        Ok(())
     }
 
     pub fn client_tls_options(&self) -> Result<TlsOptions> {
@@ -88,4 +86,30 @@ impl TlsMaterial {
             self.client_key.display().to_string(),
         ]
     }
+}
+
+/// A leaf certificate for 127.0.0.1/localhost, for servers and clients.
+fn leaf(
+    ca: &rcgen::Certificate,
+    ca_key: &KeyPair,
+    common_name: &str,
+    not_after_year: Option<i32>,
+) -> Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse()?));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    if let Some(year) = not_after_year {
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+    }
+    let cert = params.signed_by(&key, ca, ca_key)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }

@@ -67,12 +67,12 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
         "Metrics server listening."
     );
 
-    let Some(source) =
+    let Some((source, source_group)) =
         connect_with_retry(&settings.source, &settings, &job_metrics, &health, &cancel).await?
     else {
         return Ok(());
     };
-    let Some(dest) = connect_with_retry(
+    let Some((dest, dest_group)) = connect_with_retry(
         &settings.destination,
         &settings,
         &job_metrics,
@@ -84,6 +84,33 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
         return Ok(());
     };
     let _ = status_view.dest.set(dest.clone());
+    // Endpoint-group failover and rotated files, for each side.
+    let routes = [
+        (
+            source.clone(),
+            &settings.source,
+            source_group,
+            settings.jobs[0].prefix.clone(),
+        ),
+        (
+            dest.clone(),
+            &settings.destination,
+            dest_group,
+            settings.meta_prefix.clone(),
+        ),
+    ]
+    .map(|(cluster, cluster_settings, group, probe_prefix)| {
+        tokio::spawn(
+            crate::etcd::routes::Routes::new(
+                cluster,
+                cluster_settings.clone(),
+                settings.failover,
+                probe_prefix.into_bytes(),
+                metrics.routes(),
+            )
+            .run(group, cancel.clone()),
+        )
+    });
     let quirks = detect_versions(&source, &dest).await;
 
     let prober = tokio::spawn(probe_readiness(
@@ -184,6 +211,9 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
         let _ = auth_sync.await;
     }
     let _ = prober.await;
+    for route in routes {
+        let _ = route.await;
+    }
     let _ = http_task.await;
     info!("Stopped.");
     failure.map_or(Ok(()), Err)
@@ -231,10 +261,10 @@ async fn connect_with_retry(
     job_metrics: &[JobMetrics],
     health: &Health,
     cancel: &CancellationToken,
-) -> Result<Option<Cluster>, AppError> {
+) -> Result<Option<(Cluster, usize)>, AppError> {
     let request_timeout = all.tuning.request_timeout;
     retry_connect(
-        || Cluster::connect(settings, request_timeout),
+        || crate::etcd::routes::connect_preferred(settings, request_timeout),
         settings.side,
         job_metrics,
         health,
@@ -267,16 +297,16 @@ async fn detect_versions(source: &Cluster, dest: &Cluster) -> Quirks {
 /// The connect loop: retries until connected or cancelled, counting each
 /// failure on every job and keeping their liveness heartbeats going (a
 /// cluster that is down at start is not a wedged process).
-async fn retry_connect<F, Fut>(
+async fn retry_connect<F, Fut, T>(
     connect: F,
     side: Side,
     job_metrics: &[JobMetrics],
     health: &Health,
     cancel: &CancellationToken,
-) -> Result<Option<Cluster>, AppError>
+) -> Result<Option<T>, AppError>
 where
     F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<Cluster, ClientError>>,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
     let mut backoff = crate::etcd::retry::backoff(Duration::from_secs(30));
     let heartbeat = || health.heartbeat_all();

@@ -409,6 +409,18 @@ pub struct MirrorArgs {
     /// creates on the destination (etcd never reveals password hashes).
     #[arg(long, env = "ETCD_SYNCER_AUTH_PASSWORDS_FILE")]
     pub auth_passwords_file: Option<PathBuf>,
+    /// How often every endpoint group of each side is health-checked
+    /// (default 5s).
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_ENDPOINT_CHECK_INTERVAL")]
+    pub endpoint_check_interval: Option<Duration>,
+    /// Failed health checks in a row of the endpoint group in use before
+    /// switching to the most preferred healthy group (default 3).
+    #[arg(long, env = "ETCD_SYNCER_ENDPOINT_FAILOVER_AFTER")]
+    pub endpoint_failover_after: Option<u32>,
+    /// How long a more preferred endpoint group must stay healthy before
+    /// switching back to it (default 1m).
+    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_ENDPOINT_FAILBACK_AFTER")]
+    pub endpoint_failback_after: Option<Duration>,
 }
 
 /// Writes the connection flags of one side once: clap cannot prefix a
@@ -429,6 +441,7 @@ macro_rules! cluster_args {
             endpoints_help: $endpoints_help:expr,
             fields: [
                 $endpoints:ident,
+                $groups:ident,
                 $cacert:ident,
                 $cert:ident,
                 $key:ident,
@@ -448,6 +461,15 @@ macro_rules! cluster_args {
                 help = $endpoints_help
             )]
             pub $endpoints: Option<Vec<String>>,
+            #[doc = concat!("A named endpoint group, NAME=URL[,URL...]; repeat for several, most preferred first (e.g. a private line, then the public network). The first healthy group is used; see --endpoint-failover-after. Instead of --", $flag, "-endpoints.")]
+            #[arg(
+                long = concat!($flag, "-endpoint-group"),
+                value_name = "NAME=URLS",
+                value_delimiter = ';',
+                env = concat!("ETCD_SYNCER_", $env, "_ENDPOINT_GROUPS"),
+                help = concat!("A named endpoint group, NAME=URL[,URL...]; repeat for several, most preferred first (e.g. a private line, then the public network). The first healthy group is used; see --endpoint-failover-after. Instead of --", $flag, "-endpoints")
+            )]
+            pub $groups: Vec<String>,
             #[doc = concat!("CA bundle that signed the ", $cluster, " cluster's server certificates.")]
             #[arg(
                 long,
@@ -490,6 +512,7 @@ macro_rules! cluster_args {
             pub(super) fn flags(self) -> ClusterFlags {
                 ClusterFlags {
                     endpoints: self.$endpoints,
+                    endpoint_groups: self.$groups,
                     cacert: self.$cacert,
                     cert: self.$cert,
                     key: self.$key,
@@ -501,7 +524,7 @@ macro_rules! cluster_args {
             /// Settings for commands where this side is optional (`status`,
             /// `promote`): `None` without endpoints.
             pub fn into_optional_settings(self) -> Result<Option<ClusterSettings>, ConfigError> {
-                if self.$endpoints.is_none() {
+                if self.$endpoints.is_none() && self.$groups.is_empty() {
                     return Ok(None);
                 }
                 self.into_settings().map(Some)
@@ -522,7 +545,7 @@ cluster_args! {
         env: "SRC",
         cluster: "source",
         endpoints_help: "Source cluster endpoints, comma separated (http://host:port or https://host:port)",
-        fields: [src_endpoints, src_cacert, src_cert, src_key, src_user, src_password],
+        fields: [src_endpoints, src_endpoint_groups, src_cacert, src_cert, src_key, src_user, src_password],
     }
 }
 
@@ -534,6 +557,6 @@ cluster_args! {
         env: "DST",
         cluster: "destination",
         endpoints_help: "Destination cluster endpoints, comma separated",
-        fields: [dst_endpoints, dst_cacert, dst_cert, dst_key, dst_user, dst_password],
+        fields: [dst_endpoints, dst_endpoint_groups, dst_cacert, dst_cert, dst_key, dst_user, dst_password],
     }
 }

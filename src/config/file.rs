@@ -53,6 +53,11 @@ pub struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     pub auth_sync_interval: Option<Duration>,
     pub auth_passwords_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub endpoint_check_interval: Option<Duration>,
+    pub endpoint_failover_after: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub endpoint_failback_after: Option<Duration>,
     #[serde(default)]
     pub jobs: Vec<FileJob>,
 }
@@ -62,6 +67,10 @@ pub struct FileConfig {
 pub struct FileCluster {
     #[serde(default)]
     pub endpoints: Vec<String>,
+    /// Several ways to reach the cluster, most preferred first (instead of
+    /// `endpoints`): `[[source.endpoint-groups]]` with a name and endpoints.
+    #[serde(default)]
+    pub endpoint_groups: Vec<FileEndpointGroup>,
     pub cacert: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -69,6 +78,13 @@ pub struct FileCluster {
     pub password: Option<String>,
     /// Read the password from a file (a mounted Secret), trailing newline trimmed.
     pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileEndpointGroup {
+    pub name: String,
+    pub endpoints: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,8 +151,16 @@ mod tests {
             sync_auth,
             auth_sync_interval,
             auth_passwords_file,
+            endpoint_check_interval,
+            endpoint_failover_after,
+            endpoint_failback_after,
             jobs,
         } = file;
+        assert!(
+            endpoint_check_interval.is_some()
+                && endpoint_failover_after.is_some()
+                && endpoint_failback_after.is_some()
+        );
         assert!(
             meta_prefix.is_some()
                 && max_txn_ops.is_some()
@@ -161,9 +185,11 @@ mod tests {
         assert!(
             sync_auth.is_some() && auth_sync_interval.is_some() && auth_passwords_file.is_some()
         );
+        let mut groups_shown = false;
         for side in [source.expect("source"), destination.expect("destination")] {
             let FileCluster {
                 endpoints,
+                endpoint_groups,
                 cacert,
                 cert,
                 key,
@@ -171,9 +197,14 @@ mod tests {
                 password,
                 password_file,
             } = side;
-            assert!(!endpoints.is_empty() && cacert.is_some() && cert.is_some() && key.is_some());
+            // One side shows `endpoints`, the other `[[endpoint-groups]]`.
+            assert!(endpoints.is_empty() != endpoint_groups.is_empty());
+            groups_shown |= endpoint_groups.iter().all(|g| !g.endpoints.is_empty())
+                && endpoint_groups.len() > 1;
+            assert!(cacert.is_some() && cert.is_some() && key.is_some());
             assert!(user.is_some() && password.is_some() && password_file.is_some());
         }
+        assert!(groups_shown);
         let FileJob {
             name,
             prefix,

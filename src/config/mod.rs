@@ -31,5 +31,6 @@ pub use settings::{
     MAX_REQUEST_TIMEOUT, MAX_WAIT_TIMEOUT, MAX_WATCH_IDLE_TIMEOUT,
 };
 pub use validation::{
-    check_exclude_prefixes, load_auth_passwords, loop_error, parse_auth_passwords, ConfigError,
+    check_exclude_prefixes, load_auth_passwords, loop_error, parse_auth_passwords,
+    read_password_file, ConfigError,
 };

@@ -72,9 +72,95 @@ impl std::fmt::Debug for Credentials {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSettings {
     pub side: Side,
-    pub endpoints: Vec<String>,
+    /// Ways to reach the cluster, most preferred first (at least one): e.g.
+    /// a private line, then the public network. `--src-endpoints` is one
+    /// group named [`DEFAULT_GROUP`].
+    pub groups: Vec<EndpointGroup>,
     pub tls: Option<TlsFiles>,
     pub credentials: Option<Credentials>,
+    /// Where the password was read from, re-read when it changes.
+    pub password_file: Option<PathBuf>,
+}
+
+/// The group name of `--src-endpoints` / `endpoints = [...]`.
+pub const DEFAULT_GROUP: &str = "default";
+
+/// One way to reach a cluster: a name for logs and metrics, and its URLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointGroup {
+    pub name: String,
+    pub endpoints: Vec<String>,
+}
+
+impl ClusterSettings {
+    /// The preferred group's endpoints.
+    pub fn endpoints(&self) -> &[String] {
+        &self.groups[0].endpoints
+    }
+
+    /// The same cluster reached through group `index` only.
+    pub fn through_group(&self, index: usize) -> ClusterSettings {
+        ClusterSettings {
+            groups: vec![self.groups[index].clone()],
+            ..self.clone()
+        }
+    }
+
+    /// The files whose change means a reconnect: TLS material and the
+    /// password file.
+    pub fn watched_files(&self) -> Vec<(String, PathBuf)> {
+        let p = self.side.flag_prefix();
+        let mut files = Vec::new();
+        if let Some(tls) = &self.tls {
+            if let Some(ca) = &tls.ca {
+                files.push((format!("--{p}-cacert"), ca.clone()));
+            }
+            if let Some((cert, key)) = &tls.cert_and_key {
+                files.push((format!("--{p}-cert"), cert.clone()));
+                files.push((format!("--{p}-key"), key.clone()));
+            }
+        }
+        if let Some(path) = &self.password_file {
+            files.push((
+                format!("{}.password-file", self.side.file_section()),
+                path.clone(),
+            ));
+        }
+        files
+    }
+}
+
+/// When to leave the endpoint group in use, and when to come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailoverSettings {
+    /// Every group is health-checked this often.
+    pub check_interval: Duration,
+    /// This many failed checks in a row of the group in use: switch to the
+    /// most preferred healthy group.
+    pub failover_after: u32,
+    /// A more preferred group healthy this long: switch back to it.
+    pub failback_after: Duration,
+}
+
+pub const DEFAULT_ENDPOINT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_ENDPOINT_FAILOVER_AFTER: u32 = 3;
+pub const DEFAULT_ENDPOINT_FAILBACK_AFTER: Duration = Duration::from_secs(60);
+/// `--endpoint-check-interval`: at least 100ms, at most 1h.
+pub const MIN_ENDPOINT_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+pub const MAX_ENDPOINT_CHECK_INTERVAL: Duration = Duration::from_secs(HOUR);
+/// `--endpoint-failback-after`: at most 24h.
+pub const MAX_ENDPOINT_FAILBACK_AFTER: Duration = Duration::from_secs(DAY);
+/// TLS and password files are checked for changes this often.
+pub const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+impl Default for FailoverSettings {
+    fn default() -> Self {
+        Self {
+            check_interval: DEFAULT_ENDPOINT_CHECK_INTERVAL,
+            failover_after: DEFAULT_ENDPOINT_FAILOVER_AFTER,
+            failback_after: DEFAULT_ENDPOINT_FAILBACK_AFTER,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -164,6 +250,7 @@ pub struct Settings {
     pub tuning: Tuning,
     pub leases: LeaseSettings,
     pub auth: AuthSyncSettings,
+    pub failover: FailoverSettings,
 }
 
 /// How keys attached to source leases are mirrored.

@@ -480,6 +480,19 @@ impl MirrorArgs {
             ),
         )?;
 
+        let failover = failover_settings(
+            (
+                self.endpoint_check_interval,
+                self.endpoint_failover_after,
+                self.endpoint_failback_after,
+            ),
+            (
+                file.endpoint_check_interval,
+                file.endpoint_failover_after,
+                file.endpoint_failback_after,
+            ),
+        )?;
+
         Ok(Settings {
             source,
             destination,
@@ -500,8 +513,169 @@ impl MirrorArgs {
             tuning,
             leases,
             auth,
+            failover,
         })
     }
+}
+
+/// `--endpoint-check-interval`, `--endpoint-failover-after` and
+/// `--endpoint-failback-after`, from the flags or the file.
+fn failover_settings(
+    (interval_flag, after_flag, back_flag): (Option<Duration>, Option<u32>, Option<Duration>),
+    (interval_file, after_file, back_file): (Option<Duration>, Option<u32>, Option<Duration>),
+) -> Result<FailoverSettings, ConfigError> {
+    let defaults = FailoverSettings::default();
+    let check_interval = interval_flag
+        .or(interval_file)
+        .unwrap_or(defaults.check_interval);
+    let interval_field = origin("endpoint-check-interval", interval_flag.is_some());
+    if check_interval < MIN_ENDPOINT_CHECK_INTERVAL {
+        return Err(invalid(
+            &interval_field,
+            &humantime::format_duration(check_interval).to_string(),
+            "must be at least 100ms; the default is 5s",
+        ));
+    }
+    check_at_most(&interval_field, check_interval, MAX_ENDPOINT_CHECK_INTERVAL)?;
+    let failover_after = after_flag.or(after_file).unwrap_or(defaults.failover_after);
+    if failover_after == 0 {
+        return Err(invalid(
+            &origin("endpoint-failover-after", after_flag.is_some()),
+            "0",
+            "must be at least 1 failed check; the default is 3",
+        ));
+    }
+    let failback_after = back_flag.or(back_file).unwrap_or(defaults.failback_after);
+    check_at_most(
+        &origin("endpoint-failback-after", back_flag.is_some()),
+        failback_after,
+        MAX_ENDPOINT_FAILBACK_AFTER,
+    )?;
+    Ok(FailoverSettings {
+        check_interval,
+        failover_after,
+        failback_after,
+    })
+}
+
+/// `NAME=URL[,URL...]` of `--src-endpoint-group`.
+fn parse_group_flag(field: &str, text: &str) -> Result<(String, Vec<String>), ConfigError> {
+    match text.split_once('=') {
+        Some((name, urls)) if !name.trim().is_empty() => Ok((
+            name.trim().to_string(),
+            urls.split(',').map(str::to_string).collect(),
+        )),
+        _ => Err(invalid(
+            field,
+            text,
+            "write NAME=URL[,URL...], e.g. private=https://10.0.0.1:2379,https://10.0.0.2:2379 (repeat the flag for each group, most preferred first)",
+        )),
+    }
+}
+
+/// The endpoint groups of one side: `--*-endpoints` (one group), else
+/// `--*-endpoint-group` (repeated), else the file's `endpoints` or
+/// `[[*.endpoint-groups]]`. Returns the groups and the field each came
+/// from (for errors).
+fn endpoint_groups(
+    side: Side,
+    flags: &ClusterFlags,
+    file: &FileCluster,
+) -> Result<Vec<(EndpointGroup, String)>, ConfigError> {
+    let p = side.flag_prefix();
+    let section = side.file_section();
+    if flags.endpoints.is_some() && !flags.endpoint_groups.is_empty() {
+        return Err(ConfigError::Conflict {
+            fields: format!("--{p}-endpoints and --{p}-endpoint-group"),
+            reason: format!("give one group with --{p}-endpoints, or several with --{p}-endpoint-group, not both"),
+        });
+    }
+    if !file.endpoints.is_empty() && !file.endpoint_groups.is_empty() {
+        return Err(ConfigError::Conflict {
+            fields: format!("{section}.endpoints and {section}.endpoint-groups (config file)"),
+            reason: "list the endpoints once: in endpoints (one group), or in [[endpoint-groups]] entries".into(),
+        });
+    }
+    let raw: Vec<(String, Vec<String>, String)> = if let Some(endpoints) = &flags.endpoints {
+        vec![(
+            DEFAULT_GROUP.to_string(),
+            endpoints.clone(),
+            format!("--{p}-endpoints"),
+        )]
+    } else if !flags.endpoint_groups.is_empty() {
+        let field = format!("--{p}-endpoint-group");
+        flags
+            .endpoint_groups
+            .iter()
+            .map(|text| {
+                parse_group_flag(&field, text).map(|(name, urls)| (name, urls, field.clone()))
+            })
+            .collect::<Result<_, _>>()?
+    } else if !file.endpoint_groups.is_empty() {
+        file.endpoint_groups
+            .iter()
+            .enumerate()
+            .map(|(i, group)| {
+                (
+                    group.name.clone(),
+                    group.endpoints.clone(),
+                    format!("{section}.endpoint-groups[{i}].endpoints (config file)"),
+                )
+            })
+            .collect()
+    } else {
+        vec![(
+            DEFAULT_GROUP.to_string(),
+            file.endpoints.clone(),
+            format!("{section}.endpoints (config file)"),
+        )]
+    };
+    let mut groups: Vec<(EndpointGroup, String)> = Vec::new();
+    for (name, urls, field) in raw {
+        let endpoints: Vec<String> = urls
+            .into_iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if groups.iter().any(|(g, _)| g.name == name) {
+            return Err(invalid(
+                &field,
+                &name,
+                "two endpoint groups have this name; give each group its own name (it labels metrics and logs)",
+            ));
+        }
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                &field,
+                &name,
+                "a group name is letters, digits, '-' and '_' (it labels metrics)",
+            ));
+        }
+        if endpoints.is_empty() {
+            let only_default = name == DEFAULT_GROUP
+                && flags.endpoint_groups.is_empty()
+                && file.endpoint_groups.is_empty();
+            if only_default {
+                return Err(ConfigError::Missing {
+                    field: match side {
+                        Side::Source => "--src-endpoints",
+                        Side::Destination => "--dst-endpoints",
+                    },
+                    fix: "list the cluster's client URLs, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379 (or endpoints = [...] in the config file)",
+                });
+            }
+            return Err(invalid(
+                &field,
+                &name,
+                "this endpoint group lists no endpoints",
+            ));
+        }
+        groups.push((EndpointGroup { name, endpoints }, field));
+    }
+    Ok(groups)
 }
 
 /// `--sync-auth`, `--auth-sync-interval` and `--auth-passwords-file`, from
@@ -639,6 +813,7 @@ fn invalid(field: &str, value: &str, reason: &str) -> ConfigError {
 /// One side's connection flags, whichever side they came from.
 pub(super) struct ClusterFlags {
     pub(super) endpoints: Option<Vec<String>>,
+    pub(super) endpoint_groups: Vec<String>,
     pub(super) cacert: Option<PathBuf>,
     pub(super) cert: Option<PathBuf>,
     pub(super) key: Option<PathBuf>,
@@ -652,23 +827,7 @@ pub(super) fn cluster_settings(
     file: FileCluster,
 ) -> Result<ClusterSettings, ConfigError> {
     let flag = |name: &str| format!("--{}-{}", side.flag_prefix(), name);
-    let endpoints_from_flag = flags.endpoints.is_some();
-    let endpoints: Vec<String> = flags
-        .endpoints
-        .unwrap_or(file.endpoints)
-        .into_iter()
-        .map(|e| e.trim().to_string())
-        .filter(|e| !e.is_empty())
-        .collect();
-    if endpoints.is_empty() {
-        return Err(ConfigError::Missing {
-            field: match side {
-                Side::Source => "--src-endpoints",
-                Side::Destination => "--dst-endpoints",
-            },
-            fix: "list the cluster's client URLs, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379 (or endpoints = [...] in the config file)",
-        });
-    }
+    let groups = endpoint_groups(side, &flags, &file)?;
 
     let cacert = flags.cacert.or(file.cacert);
     let cert = flags.cert.or(file.cert);
@@ -701,17 +860,16 @@ pub(super) fn cluster_settings(
     });
 
     // Name the place the operator has to edit: the flag, or the file key.
-    let endpoints_field = if endpoints_from_flag {
-        flag("endpoints")
-    } else {
-        format!("{}.endpoints (config file)", side.file_section())
-    };
-    for endpoint in &endpoints {
-        let scheme = check_endpoint(&endpoints_field, endpoint)?;
+    for (endpoints_field, endpoint) in groups
+        .iter()
+        .flat_map(|(group, field)| group.endpoints.iter().map(move |e| (field, e)))
+    {
+        let endpoints_field = endpoints_field.as_str();
+        let scheme = check_endpoint(endpoints_field, endpoint)?;
         match (scheme, &tls) {
             (Some(Scheme::Http), Some(_)) => {
                 return Err(invalid(
-                    &endpoints_field,
+                    endpoints_field,
                     endpoint,
                     &format!(
                         "TLS files are set for the {side} but this endpoint is plain http; use https:// or drop --{p}-cacert/--{p}-cert/--{p}-key",
@@ -721,7 +879,7 @@ pub(super) fn cluster_settings(
             }
             (Some(Scheme::Https), None) => {
                 return Err(invalid(
-                    &endpoints_field,
+                    endpoints_field,
                     endpoint,
                     &format!(
                         "an https endpoint needs the CA that signed the server: set --{}-cacert",
@@ -742,19 +900,10 @@ pub(super) fn cluster_settings(
         }
     }
 
-    let password = match (flags.password.or(file.password), file.password_file) {
-        (Some(password), _) => Some(password),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(&path)
-                .map_err(|source| ConfigError::ReadFile {
-                    field: format!("{}.password-file", side.file_section()),
-                    path: path.clone(),
-                    source,
-                })?
-                .trim_end_matches(['\n', '\r'])
-                .to_string(),
-        ),
-        (None, None) => None,
+    let (password, password_file) = match (flags.password.or(file.password), file.password_file) {
+        (Some(password), _) => (Some(password), None),
+        (None, Some(path)) => (Some(read_password_file(side, &path)?), Some(path)),
+        (None, None) => (None, None),
     };
     let credentials = match (flags.user.or(file.user), password) {
         (Some(user), Some(password)) if !user.is_empty() => Some(Credentials { user, password }),
@@ -781,10 +930,24 @@ pub(super) fn cluster_settings(
 
     Ok(ClusterSettings {
         side,
-        endpoints,
+        groups: groups.into_iter().map(|(group, _)| group).collect(),
         tls,
         credentials,
+        password_file,
     })
+}
+
+/// A `password-file` (a mounted Secret), trailing newline trimmed; read at
+/// start and again whenever it changes.
+pub fn read_password_file(side: Side, path: &std::path::Path) -> Result<String, ConfigError> {
+    Ok(std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::ReadFile {
+            field: format!("{}.password-file", side.file_section()),
+            path: path.to_path_buf(),
+            source,
+        })?
+        .trim_end_matches(['\n', '\r'])
+        .to_string())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1031,11 +1194,15 @@ fn normalize_endpoint(endpoint: &str) -> String {
     rest.trim_end_matches('/').replace("localhost", "127.0.0.1")
 }
 
+/// Any endpoint of any group in common.
 fn same_endpoints(a: &ClusterSettings, b: &ClusterSettings) -> bool {
-    let a: HashSet<String> = a.endpoints.iter().map(|e| normalize_endpoint(e)).collect();
-    b.endpoints
-        .iter()
-        .any(|e| a.contains(&normalize_endpoint(e)))
+    let all = |c: &ClusterSettings| -> HashSet<String> {
+        c.groups
+            .iter()
+            .flat_map(|g| g.endpoints.iter().map(|e| normalize_endpoint(e)))
+            .collect()
+    };
+    !all(a).is_disjoint(&all(b))
 }
 
 #[cfg(test)]
@@ -1635,6 +1802,155 @@ mod tests {
                 ]);
             }
         }
+    }
+    fn with_file(text: &str, extra: &[&str]) -> Result<Settings, ConfigError> {
+        let cli = Cli::try_parse_from(
+            ["etcd-syncer", "mirror-plus", "--prefix", "/app/"]
+                .iter()
+                .chain(extra),
+        )
+        .expect("flags parse");
+        let Command::MirrorPlus(args) = cli.command else {
+            panic!("parsed as another command")
+        };
+        args.merge(toml::from_str(text).expect("toml"))
+    }
+
+    #[test]
+    fn endpoint_groups_from_flags_and_file() {
+        let settings = args(&[
+            "--src-endpoint-group",
+            "private=http://10.0.0.1:2379,http://10.0.0.2:2379",
+            "--src-endpoint-group",
+            "public=http://1.2.3.4:2379",
+            "--dst-endpoints",
+            "http://127.0.0.1:2",
+            "--prefix",
+            "/app/",
+        ])
+        .unwrap();
+        let names: Vec<&str> = settings
+            .source
+            .groups
+            .iter()
+            .map(|g| g.name.as_str())
+            .collect();
+        assert_eq!(names, ["private", "public"]);
+        assert_eq!(
+            settings.source.endpoints(),
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        assert_eq!(settings.destination.groups[0].name, DEFAULT_GROUP);
+        assert_eq!(settings.failover, FailoverSettings::default());
+
+        let file = r#"
+            endpoint-failover-after = 2
+            endpoint-failback-after = "10s"
+            endpoint-check-interval = "1s"
+            [source]
+            endpoints = ["http://127.0.0.1:1"]
+            [[destination.endpoint-groups]]
+            name = "line"
+            endpoints = ["http://127.0.0.1:2"]
+            [[destination.endpoint-groups]]
+            name = "internet"
+            endpoints = ["http://127.0.0.1:3"]
+        "#;
+        let settings = with_file(file, &[]).unwrap();
+        assert_eq!(settings.destination.groups.len(), 2);
+        assert_eq!(
+            settings.destination.groups[1].endpoints,
+            ["http://127.0.0.1:3"]
+        );
+        assert_eq!(
+            settings.failover,
+            FailoverSettings {
+                check_interval: Duration::from_secs(1),
+                failover_after: 2,
+                failback_after: Duration::from_secs(10),
+            }
+        );
+        // A flag replaces the file's groups.
+        let settings = with_file(file, &["--dst-endpoints", "http://127.0.0.1:9"]).unwrap();
+        assert_eq!(settings.destination.groups.len(), 1);
+    }
+
+    #[test]
+    fn endpoint_group_errors_name_the_field_and_the_fix() {
+        let cases: [(&[&str], &str); 5] = [
+            (&["--src-endpoint-group", "nourls"], "write NAME=URL"),
+            (
+                &[
+                    "--src-endpoint-group",
+                    "a=http://h:1",
+                    "--src-endpoint-group",
+                    "a=http://h:2",
+                ],
+                "its own name",
+            ),
+            (
+                &["--src-endpoint-group", "a b=http://h:1"],
+                "letters, digits",
+            ),
+            (&["--src-endpoint-group", "a="], "lists no endpoints"),
+            (
+                &[
+                    "--src-endpoint-group",
+                    "a=http://h:1",
+                    "--src-endpoints",
+                    "http://h:2",
+                ],
+                "not both",
+            ),
+        ];
+        for (flags, fragment) in cases {
+            let mut all = flags.to_vec();
+            all.extend(["--dst-endpoints", "http://127.0.0.1:2", "--prefix", "/app/"]);
+            let text = error_text(args(&all));
+            assert!(
+                text.contains("--src-endpoint") && text.contains(fragment),
+                "{flags:?}: {text}"
+            );
+        }
+        let text = error_text(with_file(
+            "[source]\nendpoints = [\"http://h:1\"]\n[[source.endpoint-groups]]\nname = \"a\"\nendpoints = [\"http://h:2\"]\n",
+            &["--dst-endpoints", "http://127.0.0.1:2"],
+        ));
+        assert!(
+            text.contains("source.endpoints and source.endpoint-groups"),
+            "{text}"
+        );
+        let text = error_text(with_file(
+            "[[source.endpoint-groups]]\nname = \"a\"\nendpoints = [\"ftp://h:2\"]\n",
+            &["--dst-endpoints", "http://127.0.0.1:2"],
+        ));
+        assert!(
+            text.contains("source.endpoint-groups[0].endpoints (config file)"),
+            "{text}"
+        );
+        for (flag, value, fragment) in [
+            ("--endpoint-failover-after", "0", "at least 1"),
+            ("--endpoint-check-interval", "10ms", "at least 100ms"),
+            ("--endpoint-failback-after", "2d", "at most"),
+        ] {
+            let text = error_text(with_base(&[flag, value]));
+            assert!(text.contains(flag) && text.contains(fragment), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_same_cluster_check_sees_every_group() {
+        let text = error_text(args(&[
+            "--src-endpoint-group",
+            "a=http://127.0.0.1:1",
+            "--src-endpoint-group",
+            "b=http://127.0.0.1:2",
+            "--dst-endpoints",
+            "http://127.0.0.1:2",
+            "--prefix",
+            "/app/",
+        ]));
+        assert!(text.contains("same cluster"), "{text}");
     }
 }
 

@@ -260,7 +260,7 @@ impl RealAuth {
         request_timeout: Duration,
     ) -> Result<Self, ClientError> {
         let client = connect_client(settings, request_timeout, "connect for auth sync").await?;
-        let endpoints = settings.endpoints.join(",");
+        let endpoints = settings.endpoints().join(",");
         Ok(Self {
             client,
             side: settings.side,

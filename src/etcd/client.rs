@@ -13,7 +13,6 @@ use crate::etcd::api::{
     Etcd, Header, LeaseKeeper, LeaseTtl, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
     WatchRequest, WatchStream,
 };
-use crate::etcd::real::RealEtcd;
 use crate::model::Side;
 
 /// HTTP/2 pings detect a dead or half-open connection. etcd's default
@@ -151,20 +150,80 @@ impl ClientError {
 /// client or the in-memory model), the side it plays, and a deadline for
 /// every unary request. Every error names the side, the endpoints and the
 /// operation.
+///
+/// The backend can be replaced while the process runs (another endpoint
+/// group, rotated certificates): every clone sees the new one at its next
+/// request, and watches opened on the old one end (`Ok(None)`, a closed
+/// stream, which every caller re-opens), so nothing stays on a path that
+/// was left.
 #[derive(Clone)]
 pub struct Cluster {
     side: Side,
-    endpoints: String,
-    backend: Arc<dyn Etcd>,
+    route: Arc<Route>,
     request_timeout: Duration,
+}
+
+/// The connection in use, shared by every clone of a [`Cluster`].
+struct Route {
+    current: std::sync::RwLock<Connection>,
+    /// Bumped at every switch; open watches end when it moves.
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Clone)]
+struct Connection {
+    endpoints: Arc<str>,
+    backend: Arc<dyn Etcd>,
 }
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
             .field("side", &self.side)
-            .field("endpoints", &self.endpoints)
+            .field("endpoints", &self.connection().endpoints)
             .finish_non_exhaustive()
+    }
+}
+
+/// A watch opened before the connection was switched ends as if the server
+/// had closed it.
+struct SwitchableWatch {
+    inner: Box<dyn WatchStream>,
+    generation: tokio::sync::watch::Receiver<u64>,
+    switched: bool,
+}
+
+impl WatchStream for SwitchableWatch {
+    /// # Cancel-Safety
+    /// Cancel-safe: both arms are (the inner stream keeps an unread message
+    /// queued; `changed` only marks the generation seen once it returns).
+    fn message(
+        &mut self,
+    ) -> futures::future::BoxFuture<
+        '_,
+        crate::etcd::api::EtcdResult<Option<crate::etcd::api::WatchResponse>>,
+    > {
+        Box::pin(async move {
+            if self.switched {
+                return Ok(None);
+            }
+            tokio::select! {
+                biased;
+                changed = self.generation.changed() => {
+                    // A dropped sender (the cluster is gone) ends it too.
+                    let _ = changed;
+                    self.switched = true;
+                    Ok(None)
+                }
+                message = self.inner.message() => message,
+            }
+        })
+    }
+
+    fn request_progress(
+        &mut self,
+    ) -> futures::future::BoxFuture<'_, crate::etcd::api::EtcdResult<()>> {
+        self.inner.request_progress()
     }
 }
 
@@ -176,7 +235,7 @@ pub async fn connect_client(
     request_timeout: Duration,
     operation: &'static str,
 ) -> Result<Client, ClientError> {
-    let endpoints = settings.endpoints.join(",");
+    let endpoints = settings.endpoints().join(",");
     let mut options = ConnectOptions::new()
         .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
         // Pings without an open stream trip etcd's too_many_pings policy.
@@ -206,7 +265,7 @@ pub async fn connect_client(
         }
         options = options.with_tls(tls);
     }
-    let connect = Client::connect(settings.endpoints.clone(), Some(options));
+    let connect = Client::connect(settings.endpoints().to_vec(), Some(options));
     let client = match tokio::time::timeout(request_timeout, connect).await {
         Ok(Ok(client)) => client,
         Ok(Err(source)) => {
@@ -256,20 +315,17 @@ pub(crate) async fn within_deadline<T>(
 }
 
 impl Cluster {
-    /// Builds the client. With auth this authenticates, so wrong credentials
-    /// and unreachable endpoints fail here; without auth the channel is lazy
-    /// and they show on the first request.
+    /// Builds the client, through the first endpoint group that connects.
+    /// With auth this authenticates, so wrong credentials and unreachable
+    /// endpoints fail here; without auth the channel is lazy and they show
+    /// on the first request.
     pub async fn connect(
         settings: &ClusterSettings,
         request_timeout: Duration,
     ) -> Result<Self, ClientError> {
-        let client = connect_client(settings, request_timeout, "connect").await?;
-        Ok(Self::with_backend(
-            settings.side,
-            settings.endpoints.join(","),
-            Arc::new(RealEtcd::new(client)),
-            request_timeout,
-        ))
+        crate::etcd::routes::connect_preferred(settings, request_timeout)
+            .await
+            .map(|(cluster, _)| cluster)
     }
 
     /// A cluster over any backend: the in-memory model in the simulator.
@@ -279,16 +335,59 @@ impl Cluster {
         backend: Arc<dyn Etcd>,
         request_timeout: Duration,
     ) -> Self {
+        let endpoints: String = endpoints.into();
         Self {
             side,
-            endpoints: endpoints.into(),
-            backend,
+            route: Arc::new(Route {
+                current: std::sync::RwLock::new(Connection {
+                    endpoints: endpoints.into(),
+                    backend,
+                }),
+                generation: tokio::sync::watch::Sender::new(0),
+            }),
             request_timeout,
         }
     }
 
     pub fn side(&self) -> Side {
         self.side
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    fn connection(&self) -> Connection {
+        self.route
+            .current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The endpoints requests go to now.
+    pub fn endpoints(&self) -> String {
+        self.connection().endpoints.to_string()
+    }
+
+    /// From now on every clone sends its requests to `backend`, and the
+    /// watches open now end (their callers re-open them here).
+    pub fn switch_to(&self, endpoints: impl Into<String>, backend: Arc<dyn Etcd>) {
+        let endpoints: String = endpoints.into();
+        *self
+            .route
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Connection {
+            endpoints: endpoints.into(),
+            backend,
+        };
+        self.route.generation.send_modify(|g| *g += 1);
+    }
+
+    /// How many times the connection was switched.
+    pub fn switches(&self) -> u64 {
+        *self.route.generation.borrow()
     }
 
     /// Runs one unary request under the request deadline, naming the cluster
@@ -303,7 +402,7 @@ impl Cluster {
     {
         within_deadline(
             self.side,
-            &self.endpoints,
+            &self.connection().endpoints,
             self.request_timeout,
             operation,
             request,
@@ -311,12 +410,21 @@ impl Cluster {
         .await
     }
 
+    fn backend(&self) -> Arc<dyn Etcd> {
+        self.connection().backend
+    }
+
+    /// The backend requests go to now (for [`crate::etcd::routes`]).
+    pub(crate) fn current_backend(&self) -> Arc<dyn Etcd> {
+        self.backend()
+    }
+
     pub async fn range(
         &self,
         operation: &'static str,
         request: RangeRequest,
     ) -> Result<RangeResponse, ClientError> {
-        self.call(operation, self.backend.range(request)).await
+        self.call(operation, self.backend().range(request)).await
     }
 
     pub async fn txn(
@@ -324,7 +432,7 @@ impl Cluster {
         operation: &'static str,
         request: TxnRequest,
     ) -> Result<TxnResponse, ClientError> {
-        self.call(operation, self.backend.txn(request)).await
+        self.call(operation, self.backend().txn(request)).await
     }
 
     /// Opens a watch (the open is under the deadline; the stream is not).
@@ -333,43 +441,52 @@ impl Cluster {
         operation: &'static str,
         request: WatchRequest,
     ) -> Result<Box<dyn WatchStream>, ClientError> {
-        self.call(operation, self.backend.watch(request)).await
+        let mut generation = self.route.generation.subscribe();
+        generation.borrow_and_update();
+        let inner = self.call(operation, self.backend().watch(request)).await?;
+        Ok(Box::new(SwitchableWatch {
+            inner,
+            // Switched while it opened: it ends at once, and is re-opened.
+            switched: generation.has_changed().unwrap_or(true),
+            generation,
+        }))
     }
 
     pub async fn lease_grant(&self, ttl_seconds: i64, id: i64) -> Result<i64, ClientError> {
-        self.call("grant lease", self.backend.lease_grant(ttl_seconds, id))
+        self.call("grant lease", self.backend().lease_grant(ttl_seconds, id))
             .await
     }
 
     pub async fn lease_keep_alive(&self, id: i64) -> Result<Box<dyn LeaseKeeper>, ClientError> {
-        self.call("open lease keepalive", self.backend.lease_keep_alive(id))
+        self.call("open lease keepalive", self.backend().lease_keep_alive(id))
             .await
     }
 
     pub async fn lease_revoke(&self, id: i64) -> Result<(), ClientError> {
-        self.call("revoke lease", self.backend.lease_revoke(id))
+        self.call("revoke lease", self.backend().lease_revoke(id))
             .await
     }
 
     pub async fn lease_list(&self) -> Result<(Header, Vec<i64>), ClientError> {
-        self.call("list leases", self.backend.lease_list()).await
+        self.call("list leases", self.backend().lease_list()).await
     }
 
     pub async fn lease_time_to_live(&self, id: i64) -> Result<Option<LeaseTtl>, ClientError> {
-        self.call("read lease TTL", self.backend.lease_time_to_live(id))
+        self.call("read lease TTL", self.backend().lease_time_to_live(id))
             .await
     }
 
     /// True when renewed, false when the lease is gone.
     pub async fn lease_renew(&self, id: i64) -> Result<bool, ClientError> {
-        self.call("renew lease", self.backend.lease_renew(id)).await
+        self.call("renew lease", self.backend().lease_renew(id))
+            .await
     }
 
     /// The server's version, or `None` when it will not say (etcd 3.4.42 /
     /// 3.5.28 and later want root for it when auth is on).
     pub async fn server_version(&self) -> Option<crate::model::versions::Version> {
         match self
-            .call("read server version", self.backend.server_version())
+            .call("read server version", self.backend().server_version())
             .await
         {
             Ok(text) => crate::model::versions::Version::parse(&text),
@@ -413,6 +530,73 @@ fn read_tls_file(field: &str, path: &std::path::Path) -> Result<Vec<u8>, ClientE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After `switch_to`, every clone's requests reach the new backend, and
+    /// a watch opened before the switch ends (as a closed stream) instead
+    /// of staying on the path that was left; one opened after it lives.
+    #[tokio::test(start_paused = true)]
+    async fn a_switch_moves_requests_and_ends_old_watches() {
+        use crate::etcd::memory::{new_store, Link, MemoryEtcd};
+        let (a, b) = (new_store(7), new_store(7));
+        let cluster = Cluster::with_backend(
+            Side::Source,
+            "a",
+            Arc::new(MemoryEtcd::new(a.clone(), Link::new("a", 1))),
+            Duration::from_secs(5),
+        );
+        let clone = cluster.clone();
+        let watch_all = || WatchRequest {
+            key: b"/".to_vec(),
+            range_end: b"0".to_vec(),
+            ..WatchRequest::default()
+        };
+        let mut old_watch = cluster.watch("watch", watch_all()).await.unwrap();
+        cluster.switch_to("b", Arc::new(MemoryEtcd::new(b.clone(), Link::new("b", 2))));
+        assert_eq!(clone.endpoints(), "b");
+        assert_eq!(cluster.switches(), 1);
+        assert!(
+            matches!(old_watch.message().await, Ok(None)),
+            "ended by the switch"
+        );
+        assert!(
+            matches!(old_watch.message().await, Ok(None)),
+            "and stays ended"
+        );
+        let mut new_watch = clone.watch("watch", watch_all()).await.unwrap();
+        let a_before = a.lock().unwrap().revision();
+        clone
+            .txn(
+                "put",
+                TxnRequest::new().and_then(vec![crate::etcd::api::Op::put("/k", "v")]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            b.lock().unwrap().revision(),
+            a_before + 1,
+            "written through the new backend"
+        );
+        assert_eq!(
+            a.lock().unwrap().revision(),
+            a_before,
+            "not through the old one"
+        );
+        // The first message may be the watch's creation.
+        let mut events = 0;
+        for _ in 0..3 {
+            events += new_watch
+                .message()
+                .await
+                .unwrap()
+                .expect("open")
+                .events
+                .len();
+            if events > 0 {
+                break;
+            }
+        }
+        assert_eq!(events, 1, "the new watch sees the write");
+    }
 
     #[test]
     fn classification() {

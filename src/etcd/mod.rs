@@ -5,6 +5,8 @@
 //! - [`real`]: the backend over `etcd-client`.
 //! - [`memory`]: the in-memory etcd model (for the simulator and tests).
 //! - [`client`]: [`Cluster`], deadlines, error classification.
+//! - [`routes`]: endpoint-group failover and reconnects on rotated TLS
+//!   and password files, swapping the connection under a [`Cluster`].
 //! - [`retry`]: the one backoff and sleep helper every loop uses.
 //! - [`pager`]: reading a prefix page by page.
 //! - [`meta`]: reading a job's meta keys in one snapshot.
@@ -18,5 +20,6 @@ pub mod meta;
 pub mod pager;
 pub mod real;
 pub mod retry;
+pub mod routes;
 
 pub use client::{ClientError, Cluster, ClusterHead, FailureKind};

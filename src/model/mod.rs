@@ -4,6 +4,7 @@
 //! - [`diff`]: merging two sorted key streams into differences.
 //! - [`failback`]: the keys that can differ after a promotion, the lost
 //!   writes of the old primary, and what makes it equal the standby.
+//! - [`failover`]: which endpoint group of a cluster to use.
 //! - [`keys`]: prefix ranges, the dest-prefix rewrite, the meta key layout.
 //! - [`redact`]: how keys and values appear in logs (`--redact-keys`).
 //! - [`schema`]: what the syncer stores on the destination (checkpoint,
@@ -14,6 +15,7 @@
 pub mod batch;
 pub mod diff;
 pub mod failback;
+pub mod failover;
 pub mod keys;
 pub mod redact;
 pub mod schema;

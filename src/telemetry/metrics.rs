@@ -48,6 +48,7 @@ pub struct Metrics {
     lease_backed_keys: IntGaugeVec,
     lease_keepalives_total: IntCounterVec,
     lease_keepalive_failures_total: IntCounterVec,
+    routes: std::sync::Arc<std::sync::Mutex<Option<RouteMetrics>>>,
 }
 
 fn must<T>(result: prometheus::Result<T>) -> T {
@@ -214,6 +215,7 @@ impl Metrics {
                 &["job", "state"],
             )),
             registry,
+            routes: Default::default(),
         };
         must(
             metrics
@@ -572,6 +574,81 @@ impl Metrics {
                 tracing::debug!(%error, "Auth sync metrics already registered.");
             }
         }
+        metrics
+    }
+}
+
+/// Connection metrics of both sides: the endpoint group in use, each
+/// group's health, switches, reconnects, and certificate expiry.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    /// 1 for the endpoint group in use (`priority` 0 is the preferred one).
+    pub group_active: IntGaugeVec,
+    /// 1 when the group answered its last health check.
+    pub group_healthy: IntGaugeVec,
+    pub group_switches_total: IntCounterVec,
+    pub reconnects_total: IntCounterVec,
+    pub tls_cert_expiry_timestamp_seconds: prometheus::GaugeVec,
+}
+
+impl Metrics {
+    /// The connection metrics (registered once; later calls share them).
+    pub fn routes(&self) -> RouteMetrics {
+        let mut guard = self
+            .routes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(metrics) = guard.as_ref() {
+            return metrics.clone();
+        }
+        let metrics = RouteMetrics {
+            group_active: must(IntGaugeVec::new(
+                Opts::new(
+                    "etcd_syncer_endpoint_group_active",
+                    "1 for the endpoint group each side uses now; priority 0 is the most preferred",
+                ),
+                &["side", "group", "priority"],
+            )),
+            group_healthy: must(IntGaugeVec::new(
+                Opts::new(
+                    "etcd_syncer_endpoint_group_healthy",
+                    "1 when the endpoint group answered its last health check",
+                ),
+                &["side", "group"],
+            )),
+            group_switches_total: must(IntCounterVec::new(
+                Opts::new(
+                    "etcd_syncer_endpoint_group_switches_total",
+                    "Switches of the endpoint group in use, by reason (failover, failback)",
+                ),
+                &["side", "reason"],
+            )),
+            reconnects_total: must(IntCounterVec::new(
+                Opts::new(
+                    "etcd_syncer_reconnects_total",
+                    "Connections rebuilt without a restart, by reason (files_changed: TLS or password files rotated)",
+                ),
+                &["side", "reason"],
+            )),
+            tls_cert_expiry_timestamp_seconds: must(prometheus::GaugeVec::new(
+                Opts::new(
+                    "etcd_syncer_tls_cert_expiry_timestamp_seconds",
+                    "Unix time the earliest certificate in the file expires (notAfter), re-read when the file changes",
+                ),
+                &["side", "file"],
+            )),
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 5] = [
+            Box::new(metrics.group_active.clone()),
+            Box::new(metrics.group_healthy.clone()),
+            Box::new(metrics.group_switches_total.clone()),
+            Box::new(metrics.reconnects_total.clone()),
+            Box::new(metrics.tls_cert_expiry_timestamp_seconds.clone()),
+        ];
+        for collector in collectors {
+            must(self.registry.register(collector));
+        }
+        *guard = Some(metrics.clone());
         metrics
     }
 }

@@ -1,0 +1,225 @@
+//! Day-two operations without a restart: endpoint-group failover and
+//! fail-back, and rotated TLS files. Each ends with exact equality and no
+//! full sync beyond the first.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use e2e::load::Load;
+use e2e::proxy::LinkProxy;
+use e2e::tls::TlsMaterial;
+use e2e::*;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn moderate_load(prefix: &str) -> Load {
+    let mut load = Load::new(prefix, 4, 300);
+    load.rate_per_writer = Some(50.0);
+    load.keys_per_txn = 3;
+    load.delete_every = Some(7);
+    load
+}
+
+/// Drops `--src-endpoints` and its value.
+fn without_src_endpoints(args: Vec<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for arg in args {
+        if skip {
+            skip = false;
+        } else if arg == "--src-endpoints" {
+            skip = true;
+        } else {
+            out.push(arg);
+        }
+    }
+    out
+}
+
+async fn active_group(syncer: &Syncer, group: &str, priority: &str) -> Result<bool> {
+    Ok(syncer
+        .metric(
+            "etcd_syncer_endpoint_group_active",
+            &[("side", "source"), ("group", group), ("priority", priority)],
+        )
+        .await?
+        == 1.0)
+}
+
+/// The private line (preferred group) is cut under load: the syncer moves
+/// to the public group after 3 failed checks, keeps mirroring, and comes
+/// back once the line has been healthy for the fail-back period. No full
+/// sync, exact equality.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_groups_fail_over_and_back_without_a_full_sync() -> Result<()> {
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    put_many(&mut source.client().await?, "/app/", 500, 100, "v1").await?;
+    let (private, private_url) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
+    let (_public, public_url) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
+    let mut args = without_src_endpoints(mirror_args(&source, &dest, "/app/"));
+    args.extend([
+        "--src-endpoint-group".to_string(),
+        format!("private={private_url}"),
+        "--src-endpoint-group".to_string(),
+        format!("public={public_url}"),
+        "--endpoint-check-interval".into(),
+        "500ms".into(),
+        "--endpoint-failover-after".into(),
+        "3".into(),
+        "--endpoint-failback-after".into(),
+        "3s".into(),
+    ]);
+    let mut syncer = Syncer::start("groups", &args).await?;
+    syncer.allow_error("source_unavailable");
+    wait_job_state(&syncer, "app", "watching").await?;
+    ensure!(active_group(&syncer, "private", "0").await?);
+
+    let clients = vec![source.client().await?];
+    let load = tokio::spawn(async move { moderate_load("/app/").run(&clients).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    private.reset();
+    eventually(WAIT, "the public group in use", || async {
+        active_group(&syncer, "public", "1").await
+    })
+    .await?;
+    let healthy_private = syncer
+        .metric(
+            "etcd_syncer_endpoint_group_healthy",
+            &[("side", "source"), ("group", "private")],
+        )
+        .await?;
+    ensure!(healthy_private == 0.0, "the cut line is reported unhealthy");
+    // Mirroring goes on over the public group while the line is down.
+    let applied = syncer
+        .metric("etcd_syncer_events_applied_total", &[("job", "app")])
+        .await?;
+    eventually(WAIT, "events applied over the public group", || async {
+        Ok(syncer
+            .metric("etcd_syncer_events_applied_total", &[("job", "app")])
+            .await?
+            > applied)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    private.restore();
+    eventually(WAIT, "back on the private line", || async {
+        active_group(&syncer, "private", "0").await
+    })
+    .await?;
+    load.await??;
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+
+    let switches = |reason: &'static str| {
+        let syncer = &syncer;
+        async move {
+            syncer
+                .metric(
+                    "etcd_syncer_endpoint_group_switches_total",
+                    &[("side", "source"), ("reason", reason)],
+                )
+                .await
+        }
+    };
+    ensure!(switches("failover").await? == 1.0);
+    ensure!(switches("failback").await? == 1.0);
+    ensure!(
+        syncer
+            .metric("etcd_syncer_slow_path_total", &[("job", "app")])
+            .await?
+            == 1.0,
+        "only the initial full sync"
+    );
+    ensure!(
+        syncer
+            .metric("etcd_syncer_fast_path_total", &[("job", "app")])
+            .await?
+            >= 1.0,
+        "resumed from the checkpoint after a switch"
+    );
+    ensure!(
+        syncer.count_log_messages(
+            "Endpoint group stopped answering; switched to the next healthy one. Jobs resume from their checkpoints."
+        ) == 1
+    );
+    syncer.finish().await
+}
+
+/// The destination's client certificate is replaced on disk (a rotated
+/// Secret): the syncer reconnects with it within the file check interval,
+/// reports the new expiry, and keeps mirroring from its checkpoint.
+/// Files that do not load are not switched to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_client_certificates_are_used_without_a_restart() -> Result<()> {
+    let tls = TlsMaterial::generate()?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_with(EtcdOptions {
+        role: Role::Dest,
+        tls: Some(tls.clone()),
+        ..EtcdOptions::default()
+    })
+    .await?;
+    put_many(&mut source.client().await?, "/app/", 300, 100, "v1").await?;
+    let mut syncer = Syncer::start("rotation", &mirror_args(&source, &dest, "/app/")).await?;
+    syncer.allow_error("do not load yet");
+    wait_job_state(&syncer, "app", "watching").await?;
+    let file = tls.client_cert.display().to_string();
+    let expiry = || async {
+        syncer
+            .metric(
+                "etcd_syncer_tls_cert_expiry_timestamp_seconds",
+                &[("side", "destination"), ("file", file.as_str())],
+            )
+            .await
+    };
+    let first = expiry().await?;
+    ensure!(first > 1.0e9, "the first certificate's expiry: {first}");
+
+    // Half-written files: kept out, the old connection stays.
+    std::fs::write(&tls.client_cert, "-----BEGIN CERTIFICATE-----\n")?;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    ensure!(
+        syncer.count_log_messages(
+            "TLS files changed but do not load yet; keeping the current connection until they do."
+        ) >= 1
+    );
+    // (The test's own destination client reads the same files: the
+    // syncer's progress is read off its metrics until they are whole.)
+    let applied = syncer
+        .metric("etcd_syncer_events_applied_total", &[("job", "app")])
+        .await?;
+    put_many(&mut source.client().await?, "/app/", 50, 100, "v2").await?;
+    eventually(WAIT, "writes applied over the kept connection", || async {
+        Ok(syncer
+            .metric("etcd_syncer_events_applied_total", &[("job", "app")])
+            .await?
+            >= applied + 50.0)
+    })
+    .await?;
+
+    // The rotated pair: valid until 2031-01-01T00:00:00Z.
+    tls.rotate_client(2031)?;
+    eventually(WAIT, "the new certificate's expiry", || async {
+        Ok(expiry().await? == 1_924_992_000.0)
+    })
+    .await?;
+    ensure!(
+        syncer
+            .metric(
+                "etcd_syncer_reconnects_total",
+                &[("side", "destination"), ("reason", "files_changed")]
+            )
+            .await?
+            == 1.0
+    );
+    put_many(&mut source.client().await?, "/app/", 50, 100, "v3").await?;
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    ensure!(
+        syncer
+            .metric("etcd_syncer_slow_path_total", &[("job", "app")])
+            .await?
+            == 1.0,
+        "only the initial full sync"
+    );
+    syncer.finish().await
+}
