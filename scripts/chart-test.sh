@@ -66,6 +66,11 @@ echo "--- helm template + kubernetes-validate"
 "$HELM" template release "$CHART" --set networkPolicy.enabled=true --set 'networkPolicy.egress.etcdPorts={2379,32379}' \
   --set networkPolicy.egress.dns=false --show-only templates/networkpolicy.yaml > "$out/np-ports.yaml"
 must_fail "has no port" "$HELM" template release "$CHART" --set networkPolicy.enabled=true --set 'source.endpoints={http://a}'
+# Endpoint groups: a misspelled field fails; their ports feed the NetworkPolicy.
+must_fail "nmae" "$HELM" template release "$CHART" --set 'destination.endpointGroups[0].nmae=x'
+"$HELM" template release "$CHART" --set networkPolicy.enabled=true \
+  --set 'destination.endpointGroups[0].name=line' --set 'destination.endpointGroups[0].endpoints={http://10.0.0.1:22379}' \
+  --show-only templates/networkpolicy.yaml | grep -q "port: 22379" || { echo "endpoint group ports must reach the NetworkPolicy" >&2; exit 1; }
 "$HELM" template release "$CHART" --set prometheusRule.enabled=true \
   --set 'prometheusRule.disabledAlerts={EtcdSyncerRepeatedSlowPaths,EtcdSyncerLagHigh}' \
   --show-only templates/prometheusrule.yaml > "$out/rules-disabled.yaml"
@@ -118,8 +123,12 @@ for name in ("default", "full"):
     [container] = pod["containers"]
     args = container["args"]
     assert args[0] == "status", args
-    dest = ",".join(yaml.safe_load((chart / ("ci/full-values.yaml" if name == "full" else "values.yaml")).read_text())["destination"]["endpoints"])
-    assert f"--dst-endpoints={dest}" in args, args
+    values = yaml.safe_load((chart / ("ci/full-values.yaml" if name == "full" else "values.yaml")).read_text())["destination"]
+    if values.get("endpointGroups"):
+        want = [f"--dst-endpoint-group={g['name']}={','.join(g['endpoints'])}" for g in values["endpointGroups"]]
+        assert [a for a in args if a.startswith("--dst-endpoint")] == want, args
+    else:
+        assert f"--dst-endpoints={','.join(values['endpoints'])}" in args, args
     assert pod["restartPolicy"] == "Never"
     assert pod["volumes"] == deploy["volumes"], (pod["volumes"], deploy["volumes"])
     assert container["volumeMounts"] == deploy["containers"][0]["volumeMounts"]
@@ -202,4 +211,5 @@ mkdir -p "$root/auth-passwords"
 echo 'app = "secret"' > "$root/auth-passwords/passwords.toml"
 sed "s#/etc/etcd-syncer/#$root/#g" "$out/full.toml" > "$out/full-local.toml"
 "$BIN" mirror-plus --config "$out/full-local.toml" --validate-config
+grep -q '^\[\[destination.endpoint-groups\]\]$' "$out/full.toml" || { echo "full values must render endpoint groups" >&2; exit 1; }
 echo "chart-test: all checks passed"

@@ -286,6 +286,28 @@ pub async fn run_cli(argv: &[String]) -> Result<(i32, String)> {
 }
 
 /// `args` with the value after `flag` replaced, e.g. an endpoint by its proxy.
+/// `args` with `--{side}-endpoints` replaced by one `--{side}-endpoint-group
+/// NAME=URL` per group, most preferred first (`side` is "src" or "dst").
+pub fn with_endpoint_groups(args: Vec<String>, side: &str, groups: &[(&str, &str)]) -> Vec<String> {
+    let flag = format!("--{side}-endpoints");
+    let mut out = Vec::new();
+    let mut skip = false;
+    for arg in args {
+        if skip {
+            skip = false;
+        } else if arg == flag {
+            skip = true;
+        } else {
+            out.push(arg);
+        }
+    }
+    for (name, url) in groups {
+        out.push(format!("--{side}-endpoint-group"));
+        out.push(format!("{name}={url}"));
+    }
+    out
+}
+
 pub fn replace_flag(mut args: Vec<String>, flag: &str, value: &str) -> Result<Vec<String>> {
     let at = args
         .iter()

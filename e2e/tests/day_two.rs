@@ -20,22 +20,6 @@ fn moderate_load(prefix: &str) -> Load {
     load
 }
 
-/// Drops `--src-endpoints` and its value.
-fn without_src_endpoints(args: Vec<String>) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut skip = false;
-    for arg in args {
-        if skip {
-            skip = false;
-        } else if arg == "--src-endpoints" {
-            skip = true;
-        } else {
-            out.push(arg);
-        }
-    }
-    out
-}
-
 async fn active_group(syncer: &Syncer, group: &str, priority: &str) -> Result<bool> {
     Ok(syncer
         .metric(
@@ -57,13 +41,13 @@ async fn endpoint_groups_fail_over_and_back_without_a_full_sync() -> Result<()> 
     put_many(&mut source.client().await?, "/app/", 500, 100, "v1").await?;
     let (private, private_url) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
     let (_public, public_url) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
-    let mut args = without_src_endpoints(mirror_args(&source, &dest, "/app/"));
+    let mut args = with_endpoint_groups(
+        mirror_args(&source, &dest, "/app/"),
+        "src",
+        &[("private", &private_url), ("public", &public_url)],
+    );
     args.extend([
-        "--src-endpoint-group".to_string(),
-        format!("private={private_url}"),
-        "--src-endpoint-group".to_string(),
-        format!("public={public_url}"),
-        "--endpoint-check-interval".into(),
+        "--endpoint-check-interval".to_string(),
         "500ms".into(),
         "--endpoint-failover-after".into(),
         "3".into(),

@@ -151,9 +151,21 @@ fn selectors(expr: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_and_alert_works_against_a_real_prometheus() -> Result<()> {
     let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
+    // TLS and two endpoint groups on the destination, so the certificate
+    // and endpoint-group series exist for their alerts.
+    let dest = EtcdCluster::start_with(EtcdOptions {
+        role: Role::Dest,
+        tls: Some(e2e::tls::TlsMaterial::generate()?),
+        ..EtcdOptions::default()
+    })
+    .await?;
     put_many(&mut source.client().await?, "/app/", 200, 50, "v1").await?;
-    let mut args = mirror_args(&source, &dest, "/app/");
+    let url = dest.endpoints()[0].clone();
+    let mut args = with_endpoint_groups(
+        mirror_args(&source, &dest, "/app/"),
+        "dst",
+        &[("preferred", &url), ("fallback", &url)],
+    );
     args.extend(e2e::args(&["--check-interval", "1s"]));
     let syncer = Syncer::start("syncer", &args).await?;
     let prometheus = Prometheus::start(syncer.metrics_addr()?).await?;

@@ -43,12 +43,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "etcd-syncer.cluster" -}}
 {{- $side := index . 0 -}}
 {{- $values := index . 1 -}}
-{{- range $values.endpoints }}
+{{- range (include "etcd-syncer.allEndpoints" $values | fromJsonArray) }}
 {{- if and (hasPrefix "https://" .) (not $values.tls.existingSecret) }}
 {{- fail (printf "%s.tls.existingSecret is required for the https endpoint %s (a Secret with ca.crt, tls.crt and tls.key)" $side .) }}
 {{- end }}
 {{- end }}
+{{- if not $values.endpointGroups }}
 endpoints = [{{ range $i, $e := $values.endpoints }}{{ if $i }}, {{ end }}{{ $e | quote }}{{ end }}]
+{{- end }}
 {{- if $values.tls.existingSecret }}
 cacert = "/etc/etcd-syncer/{{ $side }}-tls/ca.crt"
 cert = "/etc/etcd-syncer/{{ $side }}-tls/tls.crt"
@@ -58,6 +60,25 @@ key = "/etc/etcd-syncer/{{ $side }}-tls/tls.key"
 user = {{ $values.auth.username | quote }}
 password-file = "/etc/etcd-syncer/{{ $side }}-auth/password"
 {{- end }}
+{{- range $values.endpointGroups }}
+
+[[{{ $side }}.endpoint-groups]]
+name = {{ .name | quote }}
+endpoints = [{{ range $i, $e := .endpoints }}{{ if $i }}, {{ end }}{{ $e | quote }}{{ end }}]
+{{- end }}
+{{- end -}}
+
+{{/* One side's endpoints: its endpointGroups' if set, else endpoints (a JSON list). */}}
+{{- define "etcd-syncer.allEndpoints" -}}
+{{- $all := list -}}
+{{- if .endpointGroups -}}
+{{- range .endpointGroups -}}
+{{- $all = concat $all .endpoints -}}
+{{- end -}}
+{{- else -}}
+{{- $all = .endpoints -}}
+{{- end -}}
+{{- toJson $all -}}
 {{- end -}}
 
 {{/* Secret volumes and mounts for TLS and auth, shared by the Deployment and the repair Job. */}}
@@ -113,7 +134,7 @@ password-file = "/etc/etcd-syncer/{{ $side }}-auth/password"
 {{- if .Values.networkPolicy.egress.etcdPorts -}}
 {{- $ports = .Values.networkPolicy.egress.etcdPorts -}}
 {{- else -}}
-{{- range concat .Values.source.endpoints .Values.destination.endpoints -}}
+{{- range concat (include "etcd-syncer.allEndpoints" .Values.source | fromJsonArray) (include "etcd-syncer.allEndpoints" .Values.destination | fromJsonArray) -}}
 {{- $host := (urlParse .).host -}}
 {{- if not (regexMatch ":[0-9]+$" $host) -}}
 {{- fail (printf "endpoint %s has no port (etcd clients usually use 2379)" .) -}}
