@@ -32,7 +32,10 @@ fn main() -> ExitCode {
         tokio::spawn(cancel_on_signal(cancel.clone()));
         match cli.command {
             Command::MirrorPlus(args) if args.validate_config => validate_config(*args),
-            Command::MirrorPlus(args) => run_mirror(args.into_settings()?, cancel).await,
+            Command::MirrorPlus(args) => {
+                let settings = args.clone().into_settings()?;
+                run_mirror(settings, Some(*args), cancel).await
+            }
             Command::Status(args) => run_status(*args).await,
             Command::Promote(args) => run_promote(*args).await,
             Command::Reset(args) => run_reset(*args).await,

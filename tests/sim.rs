@@ -433,7 +433,7 @@ impl World {
             sessions: Arc::new(SessionManager::new(dest, profile.lock_ttl)),
             leading: AtomicUsize::new(0),
             rebalancing: AtomicBool::new(false),
-            total_jobs: 1,
+            total_jobs: 1.into(),
             lock_ttl: profile.lock_ttl,
             rebalance_interval: Duration::from_secs(30),
         });

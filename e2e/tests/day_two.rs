@@ -207,3 +207,147 @@ async fn rotated_client_certificates_are_used_without_a_restart() -> Result<()> 
     );
     syncer.finish().await
 }
+
+fn config_text(source: &EtcdCluster, dest: &EtcdCluster, jobs: &str) -> String {
+    format!(
+        "[source]\nendpoints = [{:?}]\n\n[destination]\nendpoints = [{:?}]\n\n{jobs}",
+        source.endpoints()[0],
+        dest.endpoints()[0]
+    )
+}
+
+fn job(name: &str, extra: &str) -> String {
+    format!("[[jobs]]\nname = \"{name}\"\nprefix = \"/{name}/\"\n{extra}\n")
+}
+
+async fn dest_keys(dest: &EtcdCluster, prefix: &str) -> Result<i64> {
+    let response = dest
+        .client()
+        .await?
+        .get(
+            prefix,
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await?;
+    Ok(response.count())
+}
+
+/// SIGHUP and a changed config file reload the configuration in place:
+/// a job added starts, a job removed stops (its lock key goes, its
+/// checkpoint stays, its metrics go), a changed job resumes from its
+/// checkpoint; an invalid file is refused and the running jobs go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_removes_and_changes_jobs_without_a_restart() -> Result<()> {
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    for prefix in ["/a/", "/b/", "/c/", "/d/"] {
+        put_many(&mut source.client().await?, prefix, 100, 50, "v1").await?;
+    }
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        config_text(&source, &dest, &(job("a", "") + &job("b", ""))),
+    )?;
+    let args = e2e::args(&[
+        "mirror-plus",
+        "--config",
+        config.to_str().unwrap(),
+        "--progress-interval",
+        "1s",
+        "--watch-idle-timeout",
+        "10s",
+    ]);
+    let mut syncer = Syncer::start("reload", &args).await?;
+    syncer.allow_error("Configuration reload refused");
+    wait_job_state(&syncer, "a", "watching").await?;
+    wait_job_state(&syncer, "b", "watching").await?;
+
+    ensure!(
+        dest_keys(&dest, "/-etcd-syncer-meta-/b/lock/").await? == 1,
+        "b's lock key is there while it runs"
+    );
+    // a changes (a write-rate limit), b goes, c comes: on SIGHUP.
+    std::fs::write(
+        &config,
+        config_text(
+            &source,
+            &dest,
+            &(job("a", "max-write-ops-per-second = 5000") + &job("c", "")),
+        ),
+    )?;
+    syncer.signal(nix::sys::signal::Signal::SIGHUP)?;
+    wait_job_state(&syncer, "c", "watching").await?;
+    converge(&source, "/c/", &dest, "/c/", WAIT).await?;
+    eventually(WAIT, "job b's series removed", || async {
+        Ok(!syncer.scrape().await?.contains("job=\"b\""))
+    })
+    .await?;
+    ensure!(
+        dest_keys(&dest, "/-etcd-syncer-meta-/b/lock/").await? == 0,
+        "b's lock key deleted"
+    );
+    ensure!(
+        dest_keys(&dest, "/-etcd-syncer-meta-/b/checkpoint").await? == 1,
+        "b's checkpoint kept"
+    );
+    wait_job_state(&syncer, "a", "watching").await?;
+    ensure!(
+        syncer
+            .metric("etcd_syncer_fast_path_total", &[("job", "a")])
+            .await?
+            >= 1.0,
+        "a resumed from its checkpoint"
+    );
+    ensure!(
+        syncer
+            .metric("etcd_syncer_slow_path_total", &[("job", "a")])
+            .await?
+            == 1.0,
+        "a's restart took no full sync (only the first)"
+    );
+    put_many(&mut source.client().await?, "/a/", 20, 50, "v2").await?;
+    converge(&source, "/a/", &dest, "/a/", WAIT).await?;
+
+    // An invalid file: refused, counted, the jobs go on.
+    std::fs::write(&config, "jobs = 5\n")?;
+    syncer.signal(nix::sys::signal::Signal::SIGHUP)?;
+    eventually(WAIT, "the refused reload counted", || async {
+        Ok(syncer
+            .metric("etcd_syncer_config_reloads_total", &[("result", "error")])
+            .await?
+            >= 1.0)
+    })
+    .await?;
+    ensure!(
+        syncer.count_log_messages(
+            "Configuration reload refused: the running configuration stays. Fix the config and reload again (`--validate-config` checks it first)."
+        ) == 1
+    );
+    put_many(&mut source.client().await?, "/c/", 20, 50, "v2").await?;
+    converge(&source, "/c/", &dest, "/c/", WAIT).await?;
+
+    // The file changes again (a ConfigMap update): no signal needed.
+    std::fs::write(
+        &config,
+        config_text(
+            &source,
+            &dest,
+            &(job("a", "max-write-ops-per-second = 5000") + &job("c", "") + &job("d", "")),
+        ),
+    )?;
+    wait_job_state(&syncer, "d", "watching").await?;
+    converge(&source, "/d/", &dest, "/d/", WAIT).await?;
+    ensure!(
+        syncer
+            .metric("etcd_syncer_config_reloads_total", &[("result", "ok")])
+            .await?
+            == 2.0
+    );
+    ensure!(syncer.count_log_messages("Configuration reloaded.") == 2);
+    syncer.finish().await
+}

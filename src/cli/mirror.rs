@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -13,14 +12,12 @@ use super::AppError;
 use crate::config::{ClusterSettings, MirrorArgs, Settings, Side};
 use crate::etcd::client::{ClientError, Cluster, FailureKind};
 use crate::ha::election::SessionManager;
-use crate::ha::replica::{run_replica, Instance};
-use crate::mirror::meta::Fence;
-use crate::mirror::rate::WriteRate;
-use crate::mirror::writer::DestWriter;
-use crate::mirror::{request_reset, JobContext, JobError};
+use crate::ha::replica::Instance;
+use crate::mirror::{request_reset, JobError};
 use crate::model::keys::{KeyRewrite, MetaKeys};
 use crate::model::versions::{Quirks, Version};
 use crate::ops::http::StatusView;
+use crate::ops::supervisor::{JobFailure, ReloadSource, Shared, Supervisor};
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics::{JobMetrics, Metrics};
 
@@ -39,7 +36,13 @@ pub fn validate_config(args: MirrorArgs) -> Result<(), AppError> {
 
 const READINESS_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
-pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result<(), AppError> {
+/// Runs every job until cancelled. `reload` (the flags as given) lets a
+/// SIGHUP or a change of the config file apply a new configuration.
+pub async fn run_mirror(
+    settings: Settings,
+    reload: Option<MirrorArgs>,
+    cancel: CancellationToken,
+) -> Result<(), AppError> {
     let metrics = Metrics::new();
     let health = Arc::new(Health::new(
         settings.jobs.iter().map(|j| j.name.as_str()),
@@ -50,7 +53,7 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
         dest: std::sync::OnceLock::new(),
         meta_prefix: settings.meta_prefix.clone(),
         instance_id: settings.instance_id.clone(),
-        jobs: job_metrics.clone(),
+        jobs: std::sync::RwLock::new(job_metrics.clone()),
     });
     let (addr, http_task) = crate::ops::http::serve(
         settings.metrics_addr,
@@ -84,33 +87,6 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
         return Ok(());
     };
     let _ = status_view.dest.set(dest.clone());
-    // Endpoint-group failover and rotated files, for each side.
-    let routes = [
-        (
-            source.clone(),
-            &settings.source,
-            source_group,
-            settings.jobs[0].prefix.clone(),
-        ),
-        (
-            dest.clone(),
-            &settings.destination,
-            dest_group,
-            settings.meta_prefix.clone(),
-        ),
-    ]
-    .map(|(cluster, cluster_settings, group, probe_prefix)| {
-        tokio::spawn(
-            crate::etcd::routes::Routes::new(
-                cluster,
-                cluster_settings.clone(),
-                settings.failover,
-                probe_prefix.into_bytes(),
-                metrics.routes(),
-            )
-            .run(group, cancel.clone()),
-        )
-    });
     let quirks = detect_versions(&source, &dest).await;
 
     let prober = tokio::spawn(probe_readiness(
@@ -127,7 +103,7 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
         sessions: sessions.clone(),
         leading: AtomicUsize::new(0),
         rebalancing: AtomicBool::new(false),
-        total_jobs: settings.jobs.len(),
+        total_jobs: AtomicUsize::new(settings.jobs.len()),
         lock_ttl: settings.lock_ttl,
         rebalance_interval: settings.rebalance_interval,
     });
@@ -140,69 +116,36 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
             cancel.clone(),
         ))
     });
-    let mut jobs = JoinSet::new();
-    for (job, metrics) in settings.jobs.iter().zip(job_metrics) {
-        let keys = MetaKeys::new(&settings.meta_prefix, &job.name);
-        if settings.reset_last_synced_rev
-            && !request_reset_with_retry(&dest, &keys, &settings.instance_id, &cancel).await
-        {
-            return Ok(());
+    if settings.reset_last_synced_rev {
+        for job in &settings.jobs {
+            let keys = MetaKeys::new(&settings.meta_prefix, &job.name);
+            if !request_reset_with_retry(&dest, &keys, &settings.instance_id, &cancel).await {
+                return Ok(());
+            }
         }
-        // Writes need the job lock; the replica adds it to the fence once elected.
-        let writer = Arc::new(
-            DestWriter::new(
-                dest.clone(),
-                keys.clone(),
-                Fence::new(&keys, None),
-                metrics.clone(),
-            )
-            .with_rate(WriteRate::new(job.write_rate).map(Arc::new), cancel.clone()),
-        );
-        let template = JobContext {
-            job: job.clone(),
-            rewrite: KeyRewrite::new(job.prefix.as_bytes(), job.dest_prefix.as_bytes())
-                .excluding(&job.exclude_prefixes),
-            keys,
-            meta_prefix: settings.meta_prefix.as_bytes().to_vec(),
-            source: source.clone(),
-            dest: dest.clone(),
-            writer,
-            limits: settings.limits,
-            tuning: settings.tuning,
-            max_prune_ratio: settings.max_prune_ratio,
-            metrics,
-            instance_id: settings.instance_id.clone(),
+    }
+    let jobs = settings.jobs.clone();
+    let mut supervisor = Supervisor::new(
+        Shared {
+            source,
+            dest,
+            metrics: metrics.clone(),
             health: health.clone(),
-            checks: settings.checks,
+            status: status_view.clone(),
+            instance,
             quirks,
-            lease_settings: settings.leases,
-            lag_origin: Default::default(),
-        };
-        let name = job.name.clone();
-        let replica_cancel = cancel.clone();
-        let instance = instance.clone();
-        jobs.spawn(async move { (name, run_replica(template, instance, replica_cancel).await) });
+        },
+        settings,
+        reload.map(|args| ReloadSource { args }),
+        cancel.clone(),
+    );
+    // Endpoint-group failover and rotated files, for each side.
+    supervisor.start_routes(Side::Source, source_group);
+    supervisor.start_routes(Side::Destination, dest_group);
+    for job in &jobs {
+        supervisor.start_job(job);
     }
-
-    let mut failure = None;
-    while let Some(joined) = jobs.join_next().await {
-        match joined {
-            Ok((_, Ok(()))) => {}
-            Ok((job, Err(source))) => {
-                error!(%job, error = %source, "Job failed; stopping.");
-                cancel.cancel();
-                failure.get_or_insert(AppError::Job { job, source });
-            }
-            Err(join_error) => {
-                error!(error = %join_error, "Job task panicked; stopping.");
-                cancel.cancel();
-                failure.get_or_insert(AppError::Job {
-                    job: "<unknown>".into(),
-                    source: JobError::Internal(join_error.to_string()),
-                });
-            }
-        }
-    }
+    let failure = supervisor.run().await;
     cancel.cancel();
     // Every replica has stopped writing: hand the locks over now instead of
     // letting standbys wait out the TTL.
@@ -211,12 +154,11 @@ pub async fn run_mirror(settings: Settings, cancel: CancellationToken) -> Result
         let _ = auth_sync.await;
     }
     let _ = prober.await;
-    for route in routes {
-        let _ = route.await;
-    }
     let _ = http_task.await;
     info!("Stopped.");
-    failure.map_or(Ok(()), Err)
+    failure.map_or(Ok(()), |JobFailure { job, source }| {
+        Err(AppError::Job { job, source })
+    })
 }
 
 /// `--sync-auth`: one loop per process, working while this instance leads

@@ -10,6 +10,7 @@
 
 pub mod args;
 pub mod file;
+pub mod reload;
 pub mod settings;
 pub mod validation;
 

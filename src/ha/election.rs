@@ -260,6 +260,22 @@ async fn wait_for_delete(
     }
 }
 
+/// Leaves the queue of one job for good (a reload removed it): this
+/// instance's lock key for the job goes, whether it led or waited.
+pub async fn leave(
+    dest: &Cluster,
+    keys: &MetaKeys,
+    session: &Session,
+) -> Result<(), ElectionError> {
+    let key = lock_key(keys, session.lease_id());
+    dest.txn(
+        "leave job lock queue",
+        TxnRequest::new().and_then(vec![Op::delete(key.as_bytes())]),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Leaves the queue for one job (for rebalancing), keeping the lease.
 pub async fn release(dest: &Cluster, leadership: &Leadership) -> Result<(), ElectionError> {
     let txn = TxnRequest::new()
@@ -315,6 +331,16 @@ impl SessionManager {
         let session = Arc::new(Session::start(&self.dest, self.ttl).await?);
         *current = Some(session.clone());
         Ok(session)
+    }
+
+    /// The live session, if one was started (without starting one).
+    pub async fn existing(&self) -> Option<Arc<Session>> {
+        self.current
+            .lock()
+            .await
+            .as_ref()
+            .filter(|session| !session.lost().is_cancelled())
+            .cloned()
     }
 
     /// Revokes the current lease, if any: every lock is released at once.

@@ -23,14 +23,15 @@ pub struct Instance {
     pub leading: AtomicUsize,
     /// Set while one job steps down to rebalance, so only one does at a time.
     pub rebalancing: AtomicBool,
-    pub total_jobs: usize,
+    /// Jobs configured now (a reload changes it).
+    pub total_jobs: AtomicUsize,
     pub lock_ttl: Duration,
     pub rebalance_interval: Duration,
 }
 
 impl Instance {
     fn fair_share(&self, instances: usize) -> usize {
-        fair_share(self.total_jobs, instances)
+        fair_share(self.total_jobs.load(Ordering::SeqCst), instances)
     }
 }
 
@@ -261,7 +262,7 @@ mod tests {
             sessions: Arc::new(SessionManager::new(dest, Duration::from_secs(5))),
             leading: AtomicUsize::new(leading),
             rebalancing: AtomicBool::new(false),
-            total_jobs,
+            total_jobs: AtomicUsize::new(total_jobs),
             lock_ttl: Duration::from_secs(5),
             rebalance_interval: Duration::from_secs(30),
         })

@@ -1,6 +1,6 @@
 //! Which cluster: the flags, config sections and metric labels of each side.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Side {
     Source,
     Destination,

@@ -29,7 +29,8 @@ pub struct StatusView {
     pub dest: std::sync::OnceLock<crate::etcd::client::Cluster>,
     pub meta_prefix: String,
     pub instance_id: String,
-    pub jobs: Vec<JobMetrics>,
+    /// The jobs running now (a reload changes them).
+    pub jobs: std::sync::RwLock<Vec<JobMetrics>>,
 }
 
 #[derive(serde::Serialize)]
@@ -157,8 +158,12 @@ async fn status_handler(State(state): State<AppState>) -> impl IntoResponse {
             Some("destination not connected yet".to_string()),
         ),
     };
-    let jobs: Vec<InstanceJobView> = view
+    let running = view
         .jobs
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    let jobs: Vec<InstanceJobView> = running
         .iter()
         .map(|metrics| {
             let checked_at = metrics.check_last_success_timestamp_seconds.get();

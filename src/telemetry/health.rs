@@ -40,6 +40,13 @@ impl Health {
         }
     }
 
+    /// Stops watching `job` (removed by a reload).
+    pub fn remove(&self, job: &str) {
+        if let Ok(mut heartbeats) = self.heartbeats.lock() {
+            heartbeats.remove(job);
+        }
+    }
+
     /// Every job at once: for loops that run before any job does (connecting).
     pub fn heartbeat_all(&self) {
         if let Ok(mut heartbeats) = self.heartbeats.lock() {

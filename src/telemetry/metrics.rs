@@ -49,6 +49,7 @@ pub struct Metrics {
     lease_keepalives_total: IntCounterVec,
     lease_keepalive_failures_total: IntCounterVec,
     routes: std::sync::Arc<std::sync::Mutex<Option<RouteMetrics>>>,
+    config_reloads_total: IntCounterVec,
 }
 
 fn must<T>(result: prometheus::Result<T>) -> T {
@@ -214,9 +215,17 @@ impl Metrics {
                 ),
                 &["job", "state"],
             )),
+            config_reloads_total: counter(
+                "etcd_syncer_config_reloads_total",
+                "Configuration reloads (SIGHUP or the config file changed), by result: ok, or error (the running configuration stays)",
+                &["result"],
+            ),
             registry,
             routes: Default::default(),
         };
+        for result in ["ok", "error"] {
+            metrics.config_reloads_total.with_label_values(&[result]);
+        }
         must(
             metrics
                 .registry
@@ -291,6 +300,81 @@ impl Metrics {
         }
         metrics.set_state(JobState::Starting);
         metrics
+    }
+
+    /// Removes every series of `job` (stopped by a reload), so no alert
+    /// keeps judging a job that no longer runs here.
+    pub fn forget_job(&self, job: &str) {
+        let labels = [job];
+        macro_rules! forget {
+            ($($vec:ident),* $(,)?) => {
+                $( let _ = self.$vec.remove_label_values(&labels); )*
+            };
+        }
+        forget!(
+            is_leader,
+            last_synced_revision,
+            source_revision,
+            lag_revisions,
+            lag_seconds,
+            fast_path_total,
+            slow_path_total,
+            resync_loops_total,
+            full_sync_in_progress,
+            events_applied_total,
+            txns_total,
+            txn_ops,
+            txn_duration_seconds,
+            split_revisions_total,
+            txn_reorders_total,
+            leader_changes_total,
+            src_miss_keys,
+            dst_miss_keys,
+            mismatch_keys,
+            check_exact,
+            check_last_success_timestamp_seconds,
+            check_duration_seconds,
+            history_window_seconds,
+            lease_mismatch_keys,
+            leases_mirrored,
+            lease_backed_keys,
+            lease_keepalives_total,
+            lease_keepalive_failures_total,
+        );
+        for op in ["put", "delete", "unchanged"] {
+            let _ = self.full_sync_keys_total.remove_label_values(&[job, op]);
+        }
+        for kind in ["dst_miss", "src_miss", "mismatch"] {
+            let _ = self.repaired_keys_total.remove_label_values(&[job, kind]);
+        }
+        for state in JobState::ALL {
+            let _ = self.job_state.remove_label_values(&[job, state.label()]);
+        }
+        // Error kinds are open-ended: remove the ones the job has.
+        for family in self.registry.gather() {
+            if family.name() != "etcd_syncer_errors_total" {
+                continue;
+            }
+            for metric in family.get_metric() {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_string())
+                };
+                if label("job").as_deref() == Some(job) {
+                    if let Some(kind) = label("kind") {
+                        let _ = self.errors_total.remove_label_values(&[job, &kind]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `etcd_syncer_config_reloads_total{result}`: `ok` or `error`.
+    pub fn config_reloaded(&self, result: &str) {
+        self.config_reloads_total.with_label_values(&[result]).inc();
     }
 
     /// The text exposition format served on `/metrics`.
