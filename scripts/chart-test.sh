@@ -66,6 +66,10 @@ echo "--- helm template + kubernetes-validate"
 "$HELM" template release "$CHART" --set networkPolicy.enabled=true --set 'networkPolicy.egress.etcdPorts={2379,32379}' \
   --set networkPolicy.egress.dns=false --show-only templates/networkpolicy.yaml > "$out/np-ports.yaml"
 must_fail "has no port" "$HELM" template release "$CHART" --set networkPolicy.enabled=true --set 'source.endpoints={http://a}'
+# Config reload: live (default) keeps pods on a config change; restart rolls them.
+"$HELM" template release "$CHART" --show-only templates/deployment.yaml | grep -q "checksum/config" && { echo "configReload=live must not roll pods on a config change" >&2; exit 1; }
+"$HELM" template release "$CHART" --set configReload=restart --show-only templates/deployment.yaml | grep -q "checksum/config" || { echo "configReload=restart must roll pods" >&2; exit 1; }
+must_fail "configReload" "$HELM" template release "$CHART" --set configReload=sometimes
 # Endpoint groups: a misspelled field fails; their ports feed the NetworkPolicy.
 must_fail "nmae" "$HELM" template release "$CHART" --set 'destination.endpointGroups[0].nmae=x'
 "$HELM" template release "$CHART" --set networkPolicy.enabled=true \
