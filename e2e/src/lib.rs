@@ -286,6 +286,22 @@ pub async fn run_cli(argv: &[String]) -> Result<(i32, String)> {
 }
 
 /// `args` with the value after `flag` replaced, e.g. an endpoint by its proxy.
+/// The job ran its first full sync only, and resumed from its checkpoint
+/// at least once since (after a cut, a switch, a restart of the job).
+pub async fn ensure_resumed_without_full_sync(syncer: &Syncer, job: &str) -> Result<()> {
+    let slow = syncer
+        .metric("etcd_syncer_slow_path_total", &[("job", job)])
+        .await?;
+    let fast = syncer
+        .metric("etcd_syncer_fast_path_total", &[("job", job)])
+        .await?;
+    anyhow::ensure!(
+        slow == 1.0 && fast >= 1.0,
+        "job {job}: {slow} full syncs (only the first expected), {fast} resumes from the checkpoint (at least one expected)"
+    );
+    Ok(())
+}
+
 /// `args` with `--{side}-endpoints` replaced by one `--{side}-endpoint-group
 /// NAME=URL` per group, most preferred first (`side` is "src" or "dst").
 pub fn with_endpoint_groups(args: Vec<String>, side: &str, groups: &[(&str, &str)]) -> Vec<String> {

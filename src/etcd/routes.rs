@@ -367,7 +367,7 @@ impl Routes {
             .with_label_values(&[self.side().as_str(), "files_changed"])
             .inc();
         self.record_expiry();
-        info!(side = %self.settings.side, group = %slots[active].name, "TLS or password files changed; reconnected with them. Jobs resume from their checkpoints.");
+        info!(side = %self.settings.side, group = %slots[active].name, "TLS or password files changed; reconnected with them (open watches re-open over the new connection).");
         true
     }
 }
