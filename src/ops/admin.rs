@@ -81,7 +81,14 @@ pub struct JobStatus {
     /// With `--src-endpoints`: the source's current revision and the lag.
     pub source_revision: Option<i64>,
     pub lag_revisions: Option<i64>,
+    /// With `--src-endpoints`: seconds since the checkpoint was written.
+    pub checkpoint_age_seconds: Option<f64>,
 }
+
+/// A job behind the source whose checkpoint has not moved for this long is
+/// stalled: a leader applies, or writes an idle checkpoint, every few
+/// seconds while it can.
+pub const STALLED_AFTER_SECONDS: f64 = 60.0;
 
 impl JobStatus {
     /// What the destination's meta keys say the job is doing, most
@@ -95,11 +102,26 @@ impl JobStatus {
             state.push(format!(
                 "stopped by the mass-delete guard ({would_delete} deletes)"
             ));
+        } else if self.full_sync_in_progress && self.leader.is_none() && !self.promoted {
+            // The marker stays until a full sync finishes: nobody runs it now.
+            state.push("full sync interrupted".to_string());
         } else if self.full_sync_in_progress {
             state.push("full sync".to_string());
         }
         if self.leader.is_none() && !self.promoted {
             state.push("no leader".to_string());
+        }
+        if let (Some(lag), Some(age)) = (self.lag_revisions, self.checkpoint_age_seconds) {
+            if lag > 0
+                && age >= STALLED_AFTER_SECONDS
+                && !self.promoted
+                && !self.full_sync_in_progress
+            {
+                state.push(format!(
+                    "stalled ({lag} revisions behind, checkpoint {}s old)",
+                    age.round() as i64
+                ));
+            }
         }
         if let Some(revision) = self.partial_revision {
             state.push(format!("mid-revision {revision}"));
@@ -292,6 +314,10 @@ pub async fn add_source_lag(
         status.lag_revisions = status
             .last_synced_revision
             .map(|synced| (head.revision - synced).max(0));
+        status.checkpoint_age_seconds = status
+            .checkpoint_updated_at
+            .as_deref()
+            .and_then(crate::etcd::meta::age_seconds);
     }
     Ok(())
 }
@@ -858,6 +884,29 @@ mod tests {
             ..healthy.clone()
         };
         assert_eq!(syncing.state(), vec!["full sync"]);
+        let interrupted = JobStatus {
+            leader: None,
+            ..syncing.clone()
+        };
+        assert_eq!(
+            interrupted.state(),
+            vec!["full sync interrupted", "no leader"]
+        );
+        let behind = |lag, age| JobStatus {
+            lag_revisions: Some(lag),
+            checkpoint_age_seconds: Some(age),
+            ..healthy.clone()
+        };
+        assert_eq!(
+            behind(12, 61.4).state(),
+            vec!["stalled (12 revisions behind, checkpoint 61s old)"]
+        );
+        assert_eq!(behind(12, 59.0).state(), vec!["replicating"], "recent");
+        assert_eq!(
+            behind(0, 600.0).state(),
+            vec!["replicating"],
+            "caught up, idle"
+        );
         let fresh = JobStatus {
             last_synced_revision: None,
             ..healthy.clone()
