@@ -325,5 +325,36 @@ async fn reload_adds_removes_and_changes_jobs_without_a_restart() -> Result<()> 
             == 2.0
     );
     ensure!(syncer.count_log_messages("Configuration reloaded.") == 2);
+
+    // The source's endpoint changes (to a proxy in front of it): the source
+    // is reconnected under the running jobs, none restarts.
+    let (proxy, proxied) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
+    let jobs = job("a", "max-write-ops-per-second = 5000") + &job("c", "") + &job("d", "");
+    std::fs::write(
+        &config,
+        config_text(&source, &dest, &jobs).replacen(&source.endpoints()[0], &proxied, 1),
+    )?;
+    syncer.signal(nix::sys::signal::Signal::SIGHUP)?;
+    eventually(WAIT, "requests through the new endpoint", || async {
+        Ok(proxy.forwarded_to_server() > 0)
+    })
+    .await?;
+    put_many(&mut source.client().await?, "/d/", 20, 50, "v3").await?;
+    converge(&source, "/d/", &dest, "/d/", WAIT).await?;
+    ensure!(
+        syncer.count_log_messages(
+            "Job restarted with its new settings; it resumes from its checkpoint."
+        ) == 1,
+        "only a's restart, earlier"
+    );
+    for name in ["a", "c", "d"] {
+        ensure!(
+            syncer
+                .metric("etcd_syncer_slow_path_total", &[("job", name)])
+                .await?
+                == 1.0,
+            "job {name}: no full sync beyond its first"
+        );
+    }
     syncer.finish().await
 }
