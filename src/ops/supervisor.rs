@@ -283,7 +283,9 @@ impl Supervisor {
             let event = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => Event::Cancelled,
-                joined = self.jobs.join_next() => Event::Joined(joined),
+                // Never empty while running (a configuration has a job),
+                // but an empty set must not read as "every job ended".
+                joined = self.jobs.join_next(), if !self.jobs.is_empty() => Event::Joined(joined),
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } }, if self.reload.is_some() => Event::Reload("SIGHUP"),
                 _ = file_checks.tick(), if config_path.is_some() => {
                     let now = file_fingerprint(&config_path);
