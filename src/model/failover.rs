@@ -155,8 +155,10 @@ mod tests {
     fn nowhere_to_go_stays() {
         let mut s = GroupSelector::new(3, 0, 1, Duration::ZERO);
         assert_eq!(s.observe(TICK, &[false, false, false]), None);
+        assert_eq!(s.observe(TICK * 2, &[false, false, false]), None);
         assert_eq!(s.active(), 0);
-        assert_eq!(s.failures(0), 1);
+        assert_eq!(s.failures(0), 2, "counted in a row");
+        assert_eq!(s.failures(1), 2);
     }
 
     #[test]
