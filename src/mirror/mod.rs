@@ -790,7 +790,14 @@ async fn run_once(
     if let Some(book) = ctx.leases() {
         // A checkpoint from before cluster ids were recorded resumes on the
         // head's word (the resume check compares the rest).
-        book.resumed(if cluster_id != 0 { cluster_id } else { head.cluster_id }, revision);
+        book.resumed(
+            if cluster_id != 0 {
+                cluster_id
+            } else {
+                head.cluster_id
+            },
+            revision,
+        );
     }
     // `incremental::run` reports Watching once the resume is verified.
     incremental::run(ctx, guard, revision, last_event, cluster_id, cancel).await?;
