@@ -354,6 +354,75 @@ async fn traced_full_sync(source: &EtcdCluster, keys: usize) -> Result<TracedFul
     })
 }
 
+/// `BENCH_SLOW_PATH_ONLY=1`: the slow path after a compaction, 1% of
+/// `BENCH_KEYS` (default 1,000,000) changed (a third new keys, a third
+/// updated, a third deleted), next to the full copy of the same keys into
+/// an empty destination in the same run. Prints, writes nothing.
+async fn slow_path_vs_full_copy() -> Result<()> {
+    let keys: usize = std::env::var("BENCH_KEYS")
+        .ok()
+        .map(|k| k.replace('_', "").parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
+    let third = keys / 300;
+    println!(
+        "{}; {} keys of 100 B, {} changed",
+        machine()?,
+        group(keys as u64),
+        group(3 * third as u64)
+    );
+    let source = loaded_source(keys).await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let copy = syncer_full_sync(&source, &dest, None, keys).await?;
+    let mut first = copy.syncer;
+    first.stop().await?;
+    // Changes the replicator never sees: it is stopped, then the history
+    // is compacted past its checkpoint, so the restart must take the slow path.
+    let mut client = source.client().await?;
+    let updated = format!("v2:{}", "v".repeat(97));
+    let mut ops: Vec<TxnOp> = Vec::new();
+    for i in 0..third {
+        ops.push(TxnOp::put(bench_key(keys + i), bench_value(), None));
+        ops.push(TxnOp::put(bench_key(3 * i), updated.clone(), None));
+        ops.push(TxnOp::delete(bench_key(3 * i + 1), None));
+        if ops.len() >= 96 {
+            client
+                .txn(Txn::new().and_then(std::mem::take(&mut ops)))
+                .await?;
+        }
+    }
+    if !ops.is_empty() {
+        client.txn(Txn::new().and_then(ops)).await?;
+    }
+    source.compact().await?;
+    let slow = syncer_full_sync(&source, &dest, None, keys).await?;
+    let finished = "Full sync finished.";
+    let field = |name: &str| {
+        slow.syncer
+            .find_log_field(finished, name)
+            .unwrap_or_default()
+    };
+    println!(
+        "full copy into an empty destination: {:.2} s ({}); slow path after compaction: {:.2} s ({} put, {} deleted, {} unchanged; source read {} B, destination read {} B; source wait {} ms, destination wait {} ms, write-slot wait {} ms, merge work {} ms): {:.0}% of the full copy's wall time; peak RSS {:.1} MiB",
+        keys as f64 / copy.rate,
+        fmt_rate(copy.rate, "keys/s"),
+        keys as f64 / slow.rate,
+        field("put"),
+        field("deleted"),
+        field("unchanged"),
+        field("source_bytes"),
+        field("dest_bytes"),
+        field("source_wait_ms"),
+        field("dest_wait_ms"),
+        field("write_slot_wait_ms"),
+        field("merge_work_ms"),
+        100.0 * copy.rate / slow.rate,
+        slow.peak_rss_mib,
+    );
+    slow.syncer.finish().await?;
+    Ok(())
+}
+
 /// `BENCH_FULL_SYNC_ONLY=1`: the full sync next to the batched-writer
 /// ceiling, `BENCH_ROUNDS` times interleaved (default 2), best of each; the
 /// key count from `BENCH_KEYS` (default 100,000). With
@@ -612,6 +681,9 @@ async fn incremental(
 #[tokio::main]
 async fn main() -> Result<()> {
     let sizes = Sizes::from_env();
+    if std::env::var("BENCH_SLOW_PATH_ONLY").is_ok() {
+        return slow_path_vs_full_copy().await;
+    }
     if std::env::var("BENCH_FULL_SYNC_ONLY").is_ok() {
         return full_sync_vs_ceiling().await;
     }
