@@ -286,6 +286,21 @@ fn extra_syncer_args() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Full syncs the ceiling rows take the best of: the ceiling is the best
+/// of four runs (its writer counts), so on a noisy machine one full sync
+/// against it would be compared with a lucky draw.
+const FULL_SYNC_RUNS: usize = 3;
+
+/// The best rate of `first` (a run already made) and FULL_SYNC_RUNS - 1
+/// more full syncs of `source`, each into a fresh destination.
+async fn best_full_sync(source: &EtcdCluster, keys: usize, first: f64) -> Result<f64> {
+    let mut best = first;
+    for _ in 1..FULL_SYNC_RUNS {
+        best = best.max(traced_full_sync(source, keys).await?.rate);
+    }
+    Ok(best)
+}
+
 /// One full sync of the bench key set, with its trace.
 struct TracedFullSync {
     /// From process start until the destination holds every key.
@@ -723,20 +738,21 @@ async fn main() -> Result<()> {
         Duration::from_secs(300),
     )
     .await?;
+    let best_full = best_full_sync(&source, sizes.full_sync_keys, full.rate).await?;
     let ceiling_runs = batched_writer_ceiling(sizes.full_sync_keys).await?;
     let ceiling = best_ceiling(&ceiling_runs);
     rows.push(Row {
         scenario: format!(
-            "Full sync, {} keys of 100 B, loopback, vs the destination's batched-writer ceiling ({CEILING_TXN_OPS}-op txns, best of 1/2/4/8 writers, same keys, empty etcd)",
+            "Full sync, {} keys of 100 B, loopback, best of {FULL_SYNC_RUNS} runs, vs the destination's batched-writer ceiling ({CEILING_TXN_OPS}-op txns, best of 1/2/4/8 writers, same keys, empty etcd)",
             group(sizes.full_sync_keys as u64)
         ),
-        syncer: fmt_rate(full.rate, "keys/s"),
+        syncer: fmt_rate(best_full, "keys/s"),
         make_mirror: format!(
             "ceiling {} ({} writers)",
             fmt_rate(ceiling.rate, "keys/s"),
             ceiling.writers
         ),
-        ratio: format!("{:.0}% of the ceiling", 100.0 * full.rate / ceiling.rate),
+        ratio: format!("{:.0}% of the ceiling", 100.0 * best_full / ceiling.rate),
         target: "≥ 80% of the ceiling".into(),
     });
     rows.push(Row {
@@ -935,16 +951,17 @@ async fn main() -> Result<()> {
     let dest = EtcdCluster::start_dest().await?;
     let large = syncer_full_sync(&source, &dest, None, sizes.memory_large_keys).await?;
     large.syncer.finish().await?;
+    let best_large = best_full_sync(&source, sizes.memory_large_keys, large.rate).await?;
     drop((source, dest));
     let large_ceiling_runs = batched_writer_ceiling(sizes.memory_large_keys).await?;
     let large_ceiling = best_ceiling(&large_ceiling_runs);
     rows.push(Row {
         scenario: format!(
-            "Full sync, {} keys of 100 B, loopback, vs the ceiling at {} keys",
+            "Full sync, {} keys of 100 B, loopback, best of {FULL_SYNC_RUNS} runs, vs the ceiling at {} keys",
             group(sizes.memory_large_keys as u64),
             group(sizes.memory_large_keys as u64)
         ),
-        syncer: fmt_rate(large.rate, "keys/s"),
+        syncer: fmt_rate(best_large, "keys/s"),
         make_mirror: format!(
             "ceiling {} ({} writers)",
             fmt_rate(large_ceiling.rate, "keys/s"),
@@ -952,7 +969,7 @@ async fn main() -> Result<()> {
         ),
         ratio: format!(
             "{:.0}% of the ceiling",
-            100.0 * large.rate / large_ceiling.rate
+            100.0 * best_large / large_ceiling.rate
         ),
         target: "≥ 80% of the ceiling, peak RSS < 64 MiB".into(),
     });
@@ -1255,4 +1272,21 @@ fn keep_written_sections(report: &str, existing: &str) -> String {
     }
     out.push('\n');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new report keeps the sections only the old file had, in order,
+    /// and replaces the ones it writes itself.
+    #[test]
+    fn a_new_report_keeps_the_sections_it_does_not_write() {
+        let existing = "# B\n\nold table\n\n## Lease mirroring\n\nold leases\n\n## Failback\n\nby hand\n\n## Issue 15\n\nalso by hand\n";
+        let report = "# B\n\nnew table\n\n## Lease mirroring\n\nnew leases\n";
+        assert_eq!(
+            keep_written_sections(report, existing),
+            "# B\n\nnew table\n\n## Lease mirroring\n\nnew leases\n\n## Failback\n\nby hand\n\n## Issue 15\n\nalso by hand\n"
+        );
+    }
 }
