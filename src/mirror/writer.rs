@@ -587,7 +587,19 @@ pub struct UnorderedWrites {
     marker_key: String,
     marker_guard: KeyGuard,
     max_inflight: usize,
-    tasks: JoinSet<Result<TxnOutcome, JobError>>,
+    tasks: JoinSet<(Result<TxnOutcome, JobError>, Duration)>,
+    trace: WriteTrace,
+}
+
+/// What the full-sync writes cost, for the full sync's trace: their sum of
+/// txn latencies over the pass's wall time is the mean number in flight.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriteTrace {
+    pub txns: u64,
+    /// Sum of every committed txn's latency (wall clock).
+    pub txn_time: Duration,
+    /// Time `submit` and `finish` waited for a txn to complete.
+    pub slot_wait: Duration,
 }
 
 impl UnorderedWrites {
@@ -599,6 +611,7 @@ impl UnorderedWrites {
             marker_guard,
             max_inflight: max_inflight.max(1),
             tasks: JoinSet::new(),
+            trace: WriteTrace::default(),
         }
     }
 
@@ -610,13 +623,17 @@ impl UnorderedWrites {
         let guards = vec![self.marker_guard.compare(&self.marker_key)];
         let writer = self.writer.clone();
         self.tasks.spawn(async move {
-            writer
+            // A measurement only (wall clock, also under the simulator's paused time).
+            let started = std::time::Instant::now();
+            let outcome = writer
                 .commit_mutations("full sync write", guards, mutations, vec![])
-                .await
+                .await;
+            (outcome, started.elapsed())
         });
         Ok(())
     }
 
+    /// Waits until every txn sent has committed (or one failed).
     pub async fn finish(&mut self) -> Result<(), JobError> {
         while !self.tasks.is_empty() {
             self.reap_one().await?;
@@ -624,14 +641,25 @@ impl UnorderedWrites {
         Ok(())
     }
 
+    pub fn trace(&self) -> WriteTrace {
+        self.trace
+    }
+
     async fn reap_one(&mut self) -> Result<(), JobError> {
-        match self.tasks.join_next().await {
+        let waited = std::time::Instant::now();
+        let joined = self.tasks.join_next().await;
+        self.trace.slot_wait += waited.elapsed();
+        match joined {
             None => Ok(()),
             Some(Err(join_error)) => Err(JobError::Internal(format!(
                 "full sync write task failed: {join_error}"
             ))),
-            Some(Ok(outcome)) => match outcome? {
-                TxnOutcome::Committed(_) => Ok(()),
+            Some(Ok((outcome, latency))) => match outcome? {
+                TxnOutcome::Committed(_) => {
+                    self.trace.txns += 1;
+                    self.trace.txn_time += latency;
+                    Ok(())
+                }
                 TxnOutcome::GuardFailed(failure) => {
                     Err(self.writer.explain(&failure, "full-sync marker"))
                 }
