@@ -318,6 +318,16 @@ async fn reload_adds_removes_and_changes_jobs_without_a_restart() -> Result<()> 
     )?;
     wait_job_state(&syncer, "d", "watching").await?;
     converge(&source, "/d/", &dest, "/d/", WAIT).await?;
+    // Starting d left the running c as it was (not back to "starting").
+    ensure!(
+        syncer
+            .metric(
+                "etcd_syncer_job_state",
+                &[("job", "c"), ("state", "watching")]
+            )
+            .await?
+            == 1.0
+    );
     ensure!(
         syncer
             .metric("etcd_syncer_config_reloads_total", &[("result", "ok")])

@@ -13,8 +13,6 @@
 //! counts it.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +24,7 @@ use crate::config::reload::{keep_fixed, plan};
 use crate::config::settings::FILE_CHECK_INTERVAL;
 use crate::config::{JobSettings, MirrorArgs, Settings};
 use crate::etcd::client::Cluster;
-use crate::etcd::routes::{connect_preferred, Routes};
+use crate::etcd::routes::{connect_preferred, file_fingerprint, Routes};
 use crate::ha::election::leave;
 use crate::ha::replica::{run_replica, Instance};
 use crate::mirror::meta::Fence;
@@ -38,7 +36,7 @@ use crate::model::versions::Quirks;
 use crate::model::Side;
 use crate::ops::http::StatusView;
 use crate::telemetry::health::Health;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{JobMetrics, Metrics};
 
 /// How long a removed job may take to stop before its lock is deleted
 /// anyway (its writes are fenced on that lock).
@@ -70,6 +68,8 @@ pub struct JobFailure {
 
 struct Running {
     settings: JobSettings,
+    /// Its series (`Metrics::job` again would reset its state to starting).
+    metrics: JobMetrics,
     cancel: CancellationToken,
 }
 
@@ -92,13 +92,6 @@ enum Event {
     Cancelled,
     Joined(Option<Result<JobEnd, tokio::task::JoinError>>),
     Reload(&'static str),
-}
-
-fn file_fingerprint(path: &Option<PathBuf>) -> Option<u64> {
-    let bytes = std::fs::read(path.as_ref()?).ok()?;
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    Some(hasher.finish())
 }
 
 impl Supervisor {
@@ -198,6 +191,7 @@ impl Supervisor {
             job.name.clone(),
             Running {
                 settings: job.clone(),
+                metrics: metrics.clone(),
                 cancel,
             },
         );
@@ -205,11 +199,11 @@ impl Supervisor {
     }
 
     fn publish_jobs(&self) {
-        let mut names: Vec<&String> = self.running.keys().collect();
-        names.sort();
-        let jobs = names
+        let mut running: Vec<(&String, &Running)> = self.running.iter().collect();
+        running.sort_by_key(|(name, _)| *name);
+        let jobs = running
             .into_iter()
-            .map(|name| self.shared.metrics.job(name))
+            .map(|(_, job)| job.metrics.clone())
             .collect();
         *self
             .shared
@@ -275,7 +269,7 @@ impl Supervisor {
             warn!("Cannot install the SIGHUP handler; the config file is still watched.");
         }
         let config_path = self.reload.as_ref().and_then(|r| r.args.config.clone());
-        let mut loaded = file_fingerprint(&config_path);
+        let mut loaded = config_path.as_deref().and_then(file_fingerprint);
         let mut file_checks = tokio::time::interval(FILE_CHECK_INTERVAL);
         file_checks.tick().await;
         let mut failure = None;
@@ -288,7 +282,7 @@ impl Supervisor {
                 joined = self.jobs.join_next(), if !self.jobs.is_empty() => Event::Joined(joined),
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } }, if self.reload.is_some() => Event::Reload("SIGHUP"),
                 _ = file_checks.tick(), if config_path.is_some() => {
-                    let now = file_fingerprint(&config_path);
+                    let now = config_path.as_deref().and_then(file_fingerprint);
                     if now != loaded && now.is_some() {
                         loaded = now;
                         Event::Reload("the config file changed")
