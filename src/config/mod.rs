@@ -32,6 +32,6 @@ pub use settings::{
     MAX_REQUEST_TIMEOUT, MAX_WAIT_TIMEOUT, MAX_WATCH_IDLE_TIMEOUT,
 };
 pub use validation::{
-    check_exclude_prefixes, load_auth_passwords, loop_error, parse_auth_passwords,
+    check_exclude_prefixes, check_tls_files, load_auth_passwords, loop_error, parse_auth_passwords,
     read_password_file, ConfigError,
 };

@@ -826,7 +826,6 @@ pub(super) fn cluster_settings(
     flags: ClusterFlags,
     file: FileCluster,
 ) -> Result<ClusterSettings, ConfigError> {
-    let flag = |name: &str| format!("--{}-{}", side.flag_prefix(), name);
     let groups = endpoint_groups(side, &flags, &file)?;
 
     let cacert = flags.cacert.or(file.cacert);
@@ -891,13 +890,7 @@ pub(super) fn cluster_settings(
         }
     }
     if let Some(tls) = &tls {
-        if let Some(ca) = &tls.ca {
-            check_pem(&flag("cacert"), ca, PemKind::Certificate)?;
-        }
-        if let Some((cert, key)) = &tls.cert_and_key {
-            check_pem(&flag("cert"), cert, PemKind::Certificate)?;
-            check_pem(&flag("key"), key, PemKind::PrivateKey)?;
-        }
+        check_tls_files(side, tls)?;
     }
 
     let (password, password_file) = match (flags.password.or(file.password), file.password_file) {
@@ -1038,6 +1031,20 @@ enum PemKind {
 
 /// Catches the common mistakes (wrong path, key and cert swapped, DER file)
 /// at start instead of as an opaque handshake failure later.
+/// The TLS files hold what their flags say (a certificate, a private
+/// key): checked at start and again when they change on disk.
+pub fn check_tls_files(side: Side, tls: &TlsFiles) -> Result<(), ConfigError> {
+    let flag = |name: &str| format!("--{}-{}", side.flag_prefix(), name);
+    if let Some(ca) = &tls.ca {
+        check_pem(&flag("cacert"), ca, PemKind::Certificate)?;
+    }
+    if let Some((cert, key)) = &tls.cert_and_key {
+        check_pem(&flag("cert"), cert, PemKind::Certificate)?;
+        check_pem(&flag("key"), key, PemKind::PrivateKey)?;
+    }
+    Ok(())
+}
+
 fn check_pem(field: &str, path: &Path, kind: PemKind) -> Result<(), ConfigError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};

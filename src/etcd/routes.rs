@@ -88,15 +88,19 @@ fn fingerprint(files: &[(String, PathBuf)]) -> Fingerprint {
     Fingerprint(
         files
             .iter()
-            .map(|(_, path)| {
-                std::fs::read(path).ok().map(|bytes| {
-                    let mut hasher = DefaultHasher::new();
-                    bytes.hash(&mut hasher);
-                    hasher.finish()
-                })
-            })
+            .map(|(_, path)| file_fingerprint(path))
             .collect(),
     )
+}
+
+/// A hash of the file's content (`None` when it does not read): what a
+/// watcher compares to tell a changed file (a rotated Secret, an updated
+/// ConfigMap) from one merely rewritten.
+pub fn file_fingerprint(path: &Path) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut hasher = DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 /// The earliest `notAfter` (Unix seconds) of the certificates in a PEM file.
@@ -372,28 +376,22 @@ impl Routes {
     }
 }
 
-/// The PEM files parse and the certificate matches its key (what the TLS
-/// handshake would refuse, told before the working connection is left).
+/// The files hold what their flags say (the checks at start), and each
+/// certificate file parses as X.509 (what the expiry metric reads): told
+/// before the working connection is left.
 fn check_files_load(settings: &ClusterSettings) -> Result<(), String> {
     let Some(tls) = &settings.tls else {
         return Ok(());
     };
-    let read = |path: &Path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
-    if let Some(ca) = &tls.ca {
-        if earliest_expiry(&read(ca)?).is_none() {
-            return Err(format!("{}: no certificate in it", ca.display()));
-        }
-    }
-    if let Some((cert, key)) = &tls.cert_and_key {
-        if earliest_expiry(&read(cert)?).is_none() {
-            return Err(format!("{}: no certificate in it", cert.display()));
-        }
-        let key_pem = read(key)?;
-        let has_key = x509_parser::pem::Pem::iter_from_buffer(&key_pem)
-            .filter_map(Result::ok)
-            .any(|pem| pem.label.ends_with("PRIVATE KEY"));
-        if !has_key {
-            return Err(format!("{}: no private key in it", key.display()));
+    crate::config::check_tls_files(settings.side, tls).map_err(|error| error.to_string())?;
+    let certificates = tls
+        .ca
+        .iter()
+        .chain(tls.cert_and_key.iter().map(|(cert, _)| cert));
+    for path in certificates {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if earliest_expiry(&bytes).is_none() {
+            return Err(format!("{}: no X.509 certificate in it", path.display()));
         }
     }
     Ok(())
