@@ -1368,24 +1368,41 @@ mod leases {
         stop.cancel();
     }
 
+    /// Two keys on one source lease (TTL 10 s) behind 20 other writes,
+    /// mirrored and checkpointed: the leader, its book, the source lease
+    /// ids and the destination lease.
+    async fn one_lease_mirrored_past_other_writes(
+        source: &SharedStore,
+        dest: &SharedStore,
+    ) -> (
+        JobContext,
+        Arc<etcd_syncer::mirror::leases::LeaseBook>,
+        Vec<i64>,
+        i64,
+    ) {
+        let ids = leased_source(source, 1, 2, 10).await;
+        for i in 0..20 {
+            put(source, &[("/other/k", format!("{i}").as_str())]).await;
+        }
+        let ctx = leader(source, dest);
+        ctx.writer
+            .commit_mutations("test", vec![], source_mutations(source), vec![])
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap().clone();
+        let dest_lease = book.dest_lease_of(ids[0]).unwrap();
+        book.committed(source.lock().unwrap().revision());
+        (ctx, book, ids, dest_lease)
+    }
+
     /// A full sync of a rebuilt source (lower revisions) restarts the clock
     /// of a retiring lease: it is revoked once the new history's checkpoint
     /// passes where the lease was seen gone in it.
     #[tokio::test(start_paused = true)]
     async fn a_full_sync_restarts_the_retiring_clock() {
         let (source, dest) = (new_store(1), new_store(2));
-        let ids = leased_source(&source, 1, 2, 10).await;
-        for i in 0..20 {
-            put(&source, &[("/other/k", format!("{i}").as_str())]).await;
-        }
-        let ctx = leader(&source, &dest);
-        ctx.writer
-            .commit_mutations("test", vec![], source_mutations(&source), vec![])
-            .await
-            .expect("commit");
-        let book = ctx.leases().unwrap().clone();
-        let dest_lease = book.dest_lease_of(ids[0]).unwrap();
-        book.committed(source.lock().unwrap().revision());
+        let (ctx, book, ids, dest_lease) =
+            one_lease_mirrored_past_other_writes(&source, &dest).await;
         let clients = MemoryEtcd::new(source.clone(), Link::new("clients", 3));
         clients.lease_revoke(ids[0]).await.expect("revoke");
         let stop = CancellationToken::new();
@@ -1414,18 +1431,8 @@ mod leases {
     async fn another_history_s_lease_list_revokes_nothing() {
         for rebuilt_in_place in [false, true] {
             let (source, dest) = (new_store(1), new_store(2));
-            let ids = leased_source(&source, 1, 2, 10).await;
-            for i in 0..20 {
-                put(&source, &[("/other/k", format!("{i}").as_str())]).await;
-            }
-            let ctx = leader(&source, &dest);
-            ctx.writer
-                .commit_mutations("test", vec![], source_mutations(&source), vec![])
-                .await
-                .expect("commit");
-            let book = ctx.leases().unwrap().clone();
-            let dest_lease = book.dest_lease_of(ids[0]).unwrap();
-            book.committed(source.lock().unwrap().revision());
+            let (ctx, book, _, dest_lease) =
+                one_lease_mirrored_past_other_writes(&source, &dest).await;
             let new_cluster = if rebuilt_in_place { 1 } else { 9 };
             *source.lock().unwrap() = etcd_syncer::etcd::memory::Store::new(new_cluster);
             put(&source, &[("/app/new", "1")]).await;
