@@ -341,8 +341,8 @@ impl Supervisor {
         let new = match source.args.clone().into_settings() {
             Ok(new) => new,
             Err(error) => {
-                self.shared.metrics.config_reloaded("error");
                 error!(%error, "Configuration reload refused: the running configuration stays. Fix the config and reload again (`--validate-config` checks it first).");
+                self.shared.metrics.config_reloaded("error");
                 return;
             }
         };
