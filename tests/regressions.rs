@@ -437,6 +437,55 @@ async fn a_full_sync_writes_only_the_differences() {
     assert_eq!(txns, 5, "only the differences are written");
 }
 
+/// Deletions found by the copy pass are remembered and deleted without a
+/// second walk of both prefixes; past the memory budget the second walk
+/// deletes the same keys. Either way the guard counts and the result agree.
+#[tokio::test(start_paused = true)]
+async fn a_full_sync_deletes_what_it_remembered_or_walks_again() {
+    let mut reads_by_budget = Vec::new();
+    for budget in [8 << 20, 0] {
+        let (source, dest) = (new_store(1), new_store(2));
+        let pairs: Vec<(String, String)> = (0..12)
+            .map(|i| (format!("/app/k{i:02}"), "v".into()))
+            .collect();
+        let refs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        put(&source, &refs[..8]).await;
+        // Four keys the source does not hold, interleaved with some it does.
+        put(&dest, &refs).await;
+        let mut ctx = context(&source, &dest, NO_CHECKS, 1.0);
+        ctx.tuning.full_sync_delete_memory = budget;
+        let meta = etcd_syncer::etcd::meta::read_job_meta(&ctx.dest, &ctx.keys)
+            .await
+            .expect("meta");
+        let reads_before = dest.lock().unwrap().reads;
+        let synced = etcd_syncer::mirror::full_sync::run(
+            &ctx,
+            &meta,
+            &etcd_syncer::mirror::SlowPathReason::NoCheckpoint,
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("full sync");
+        let counts = synced.counts;
+        assert_eq!(
+            (counts.put, counts.deleted, counts.unchanged),
+            (0, 4, 8),
+            "budget {budget}"
+        );
+        assert_eq!(prefix_of(&dest), prefix_of(&source), "budget {budget}");
+        reads_by_budget.push(dest.lock().unwrap().reads - reads_before);
+    }
+    // Pages of two: the second walk pages through the eight keys left.
+    let (remembered, walked) = (reads_by_budget[0], reads_by_budget[1]);
+    assert!(
+        walked >= remembered + 4,
+        "{remembered} destination reads when remembered, {walked} when walked again"
+    );
+}
+
 /// The resume check compares key counts with meta keys left out on both
 /// sides: mirroring a whole keyspace ("/" to "/", a source that is itself a
 /// mirror's destination) still resumes on the fast path.

@@ -103,6 +103,10 @@ struct Profile {
     revision_map_retention: Duration,
     /// `exclude-prefixes`, as source prefixes.
     excluded: Vec<String>,
+    /// Derived from the page size, not drawn, so every seed's schedule stays
+    /// as it was: odd page sizes remember about three deletions, so the
+    /// full sync overflows into the second walk; even ones remember all.
+    full_sync_delete_memory: usize,
 }
 
 impl Profile {
@@ -112,7 +116,7 @@ impl Profile {
             1 => "/mirror/".to_string(),
             _ => SOURCE_PREFIX.to_string(),
         };
-        Self {
+        let mut profile = Self {
             replicas: rng.gen_range(1..=3),
             dest_prefix,
             max_ops: rng.gen_range(3..=8),
@@ -127,6 +131,7 @@ impl Profile {
                 0
             },
             page_size: rng.gen_range(2..=8),
+            full_sync_delete_memory: 8 << 20,
             max_inflight: rng.gen_range(1..=4),
             max_prune_ratio: [0.25, 0.5, 0.9, 1.0][rng.gen_range(0..4)],
             check_interval: if rng.gen_bool(0.6) {
@@ -154,7 +159,11 @@ impl Profile {
             revision_map_interval: Duration::from_millis(rng.gen_range(0..5_000)),
             revision_map_retention: Duration::from_secs(rng.gen_range(5..60)),
             excluded: Vec::new(),
+        };
+        if profile.page_size % 2 == 1 {
+            profile.full_sync_delete_memory = 3 * 48;
         }
+        profile
     }
 }
 
@@ -412,6 +421,7 @@ impl World {
                 revision_map_retention: profile.revision_map_retention,
                 resync_loop_full_syncs: 3,
                 resync_loop_stable_period: Duration::from_secs(600),
+                full_sync_delete_memory: profile.full_sync_delete_memory,
             },
             max_prune_ratio: replica.max_prune_ratio,
             metrics,

@@ -211,6 +211,9 @@ pub struct Tuning {
     pub resync_loop_full_syncs: u32,
     /// A watch up this long is stable: it ends a resync loop.
     pub resync_loop_stable_period: Duration,
+    /// Bytes of destination keys a full sync's copy pass remembers for
+    /// deletion; past it the deletions take a second walk of both prefixes.
+    pub full_sync_delete_memory: usize,
 }
 
 impl Default for Tuning {
@@ -228,6 +231,9 @@ impl Default for Tuning {
             revision_map_retention: Duration::from_secs(24 * 3600),
             resync_loop_full_syncs: 3,
             resync_loop_stable_period: Duration::from_secs(10 * MINUTE),
+            // 8 MiB: about 130,000 deletions of 30-byte keys, far below the
+            // 64 MiB the replicator is meant to stay under.
+            full_sync_delete_memory: 8 << 20,
         }
     }
 }

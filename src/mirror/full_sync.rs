@@ -4,9 +4,12 @@
 //! 1. Pin revision R and write the full-sync marker (dropping the checkpoint:
 //!    mid-sync the destination matches no single source revision).
 //! 2. Pass one walks both prefixes side by side, puts what is missing or
-//!    different, and only counts what would be deleted.
-//! 3. If the deletions stay within `--max-prune-ratio`, pass two deletes
-//!    them; otherwise nothing is deleted and the job reports the guard.
+//!    different, and only counts (and remembers, within a byte budget) what
+//!    would be deleted.
+//! 3. If the deletions stay within `--max-prune-ratio`, they are deleted:
+//!    the remembered keys directly, or, when there were too many to
+//!    remember, by a second walk of both prefixes; otherwise nothing is
+//!    deleted and the job reports the guard.
 //! 4. One last txn writes the checkpoint R and removes the marker.
 
 use std::sync::Arc;
@@ -159,11 +162,12 @@ pub async fn run(
         ..Counts::default()
     };
     let mut trace = Trace::default();
+    let mut pending = PendingDeletes::with_budget(ctx.tuning.full_sync_delete_memory);
     merge_pass(
         ctx,
         pinned_rev,
         &marker_guard,
-        Pass::PutsOnly,
+        Pass::PutsOnly(&mut pending),
         &mut counts,
         &mut trace,
         cancel,
@@ -193,10 +197,11 @@ pub async fn run(
                 max_prune_ratio: ctx.max_prune_ratio,
             });
         }
-        // Pass two deletes what pass one counted. While the source's history
-        // at R is the same, it cannot find more keys that predate the sync
-        // (those only go away, or come back with a new create revision); a
-        // source rebuilt under us could, so check before and count during.
+        // Delete what pass one counted. While the source's history at R is
+        // the same, a second walk cannot find more keys that predate the
+        // sync (those only go away, or come back with a new create
+        // revision); a source rebuilt under us could, so check before and
+        // count during.
         if source_fingerprint(ctx, pinned_rev).await? != pinned_fingerprint {
             return Err(JobError::SourceChanged {
                 pinned_rev,
@@ -204,16 +209,36 @@ pub async fn run(
                     "the key count or first key at the pinned revision changed before the deletions",
             });
         }
-        merge_pass(
-            ctx,
-            pinned_rev,
-            &marker_guard,
-            Pass::All,
-            &mut counts,
-            &mut trace,
-            cancel,
-        )
-        .await?;
+        match pending.into_complete() {
+            // Only this leader writes the destination prefix (every write
+            // carries the marker guard) and pass one's puts are all source
+            // keys: the remembered keys are exactly what a second walk
+            // would find to delete.
+            Some(remembered) => {
+                delete_remembered(
+                    ctx,
+                    pinned_rev,
+                    &marker_guard,
+                    remembered,
+                    &mut counts,
+                    &mut trace,
+                    cancel,
+                )
+                .await?
+            }
+            None => {
+                merge_pass(
+                    ctx,
+                    pinned_rev,
+                    &marker_guard,
+                    Pass::All,
+                    &mut counts,
+                    &mut trace,
+                    cancel,
+                )
+                .await?
+            }
+        }
     }
 
     // Every page was read "at R"; make sure R still means the same history
@@ -424,19 +449,179 @@ async fn finish(
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pass {
-    /// Put missing and changed keys, count the deletions.
-    PutsOnly,
+enum Pass<'a> {
+    /// Put missing and changed keys, count (and remember) the deletions.
+    PutsOnly(&'a mut PendingDeletes),
     /// Apply every difference.
     All,
+}
+
+impl Pass<'_> {
+    fn is_copy(&self) -> bool {
+        matches!(self, Pass::PutsOnly(_))
+    }
+}
+
+/// What one remembered deletion costs beyond its key bytes (the Vec's
+/// pointer, length and capacity, and the create revision).
+const PENDING_DELETE_OVERHEAD: usize = 32;
+
+/// The destination keys pass one found missing from the source, remembered
+/// while they fit the budget (`Tuning::full_sync_delete_memory`), so the
+/// deletions need no second walk of both prefixes. Past the budget nothing
+/// is kept and the deletions take the second walk, so memory stays bounded
+/// however much a destination holds that the source does not.
+#[derive(Debug)]
+struct PendingDeletes {
+    /// Destination key and its create revision, in key order.
+    keys: Vec<(Vec<u8>, i64)>,
+    bytes: usize,
+    budget: usize,
+    overflowed: bool,
+}
+
+impl PendingDeletes {
+    fn with_budget(budget: usize) -> Self {
+        Self {
+            keys: Vec::new(),
+            bytes: 0,
+            budget,
+            overflowed: false,
+        }
+    }
+
+    fn remember(&mut self, dest_key: Vec<u8>, create_revision: i64) {
+        if self.overflowed {
+            return;
+        }
+        let cost = dest_key.len() + PENDING_DELETE_OVERHEAD;
+        if self.bytes + cost > self.budget {
+            self.overflowed = true;
+            self.keys = Vec::new();
+            self.bytes = 0;
+            return;
+        }
+        self.bytes += cost;
+        self.keys.push((dest_key, create_revision));
+    }
+
+    /// Every key pass one would delete, or None if they did not all fit.
+    fn into_complete(self) -> Option<Vec<(Vec<u8>, i64)>> {
+        (!self.overflowed).then_some(self.keys)
+    }
+}
+
+/// Counts one deletion the guard approved, refusing any beyond what it
+/// approved among the keys that predate the full sync.
+fn count_deletion(
+    ctx: &JobContext,
+    pinned_rev: i64,
+    create_revision: i64,
+    counts: &mut Counts,
+) -> Result<(), JobError> {
+    if create_revision <= counts.baseline_revision {
+        if counts.guarded_deleted >= counts.would_delete_guarded {
+            return Err(JobError::SourceChanged {
+                pinned_rev,
+                what: "more keys to delete than the mass-delete guard approved",
+            });
+        }
+        counts.guarded_deleted += 1;
+    }
+    counts.deleted += 1;
+    ctx.metrics.full_sync_delete.inc();
+    Ok(())
+}
+
+/// Mutations cut into txns within the destination's limits, one op and
+/// some bytes kept free for the marker guard.
+struct TxnBatcher {
+    batch: Vec<Mutation>,
+    bytes: usize,
+    max_ops: usize,
+    max_bytes: usize,
+}
+
+impl TxnBatcher {
+    fn new(ctx: &JobContext) -> Self {
+        let max_ops = ctx.limits.max_ops.saturating_sub(1).max(1);
+        Self {
+            batch: Vec::with_capacity(max_ops),
+            bytes: 0,
+            max_ops,
+            max_bytes: ctx.limits.max_bytes.saturating_sub(4096).max(1024),
+        }
+    }
+
+    /// Adds `mutation`; returns the full batch it did not fit in, to send.
+    fn push(&mut self, mutation: Mutation) -> Option<Vec<Mutation>> {
+        let len = mutation.encoded_len();
+        let full = !self.batch.is_empty()
+            && (self.batch.len() >= self.max_ops || self.bytes + len > self.max_bytes);
+        let sealed = full.then(|| {
+            self.bytes = 0;
+            std::mem::replace(&mut self.batch, Vec::with_capacity(self.max_ops))
+        });
+        self.bytes += len;
+        self.batch.push(mutation);
+        sealed
+    }
+
+    /// The last, partly filled batch, if any.
+    fn rest(self) -> Option<Vec<Mutation>> {
+        (!self.batch.is_empty()).then_some(self.batch)
+    }
+}
+
+/// Deletes the keys pass one remembered, in key order, with the marker
+/// guard on every txn.
+///
+/// # Cancel-Safety
+/// Stops between txns when `cancel` fires; txns already sent either commit
+/// (each is a whole set of deletions the guard approved) or fail, and the
+/// marker still says a full sync is under way, so the next attempt starts over.
+async fn delete_remembered(
+    ctx: &JobContext,
+    pinned_rev: i64,
+    marker_guard: &KeyGuard,
+    remembered: Vec<(Vec<u8>, i64)>,
+    counts: &mut Counts,
+    trace: &mut Trace,
+    cancel: &CancellationToken,
+) -> Result<(), JobError> {
+    let started = std::time::Instant::now();
+    let mut writes = UnorderedWrites::new(
+        ctx.writer.clone(),
+        marker_guard.clone(),
+        ctx.tuning.max_inflight_txns,
+    );
+    let mut batcher = TxnBatcher::new(ctx);
+    for (key, create_revision) in remembered {
+        if cancel.is_cancelled() {
+            return Err(JobError::Cancelled);
+        }
+        count_deletion(ctx, pinned_rev, create_revision, counts)?;
+        if let Some(sealed) = batcher.push(Mutation::Delete { key }) {
+            writes.submit(sealed).await?;
+        }
+    }
+    if let Some(rest) = batcher.rest() {
+        writes.submit(rest).await?;
+    }
+    writes.finish().await?;
+    trace.add(&Trace {
+        wall: started.elapsed(),
+        writes: writes.trace(),
+        ..Trace::default()
+    });
+    Ok(())
 }
 
 async fn merge_pass(
     ctx: &JobContext,
     pinned_rev: i64,
     marker_guard: &KeyGuard,
-    pass: Pass,
+    mut pass: Pass<'_>,
     counts: &mut Counts,
     trace: &mut Trace,
     cancel: &CancellationToken,
@@ -480,10 +665,7 @@ async fn merge_pass(
         marker_guard.clone(),
         ctx.tuning.max_inflight_txns,
     );
-    let data_ops = ctx.limits.max_ops.saturating_sub(1).max(1);
-    let data_bytes = ctx.limits.max_bytes.saturating_sub(4096).max(1024);
-    let mut batch: Vec<Mutation> = Vec::with_capacity(data_ops);
-    let mut batch_bytes = 0usize;
+    let mut batcher = TxnBatcher::new(ctx);
     let mut merge = match ctx.leases() {
         Some(book) => {
             let book = book.clone();
@@ -506,7 +688,7 @@ async fn merge_pass(
                 pass_trace.source_wait += waited.elapsed();
                 match page {
                     Some(page) => {
-                        if pass == Pass::PutsOnly {
+                        if pass.is_copy() {
                             counts.scanned += page.len() as u64;
                             if let Some(book) = ctx.leases() {
                                 for entry in &page {
@@ -527,7 +709,7 @@ async fn merge_pass(
                 pass_trace.dest_wait += waited.elapsed();
                 match page {
                     Some(page) => {
-                        if pass == Pass::PutsOnly {
+                        if pass.is_copy() {
                             counts.dest_keys += page.len() as u64;
                             counts.guarded_present +=
                                 page.iter()
@@ -541,7 +723,7 @@ async fn merge_pass(
                 None
             }
             Step::Same => {
-                if pass == Pass::PutsOnly {
+                if pass.is_copy() {
                     counts.unchanged += 1;
                     ctx.metrics.full_sync_unchanged.inc();
                 }
@@ -557,26 +739,17 @@ async fn merge_pass(
                         lease,
                     })
                 }
-                Err((suffix, create_revision)) => match pass {
-                    Pass::PutsOnly => {
+                Err((suffix, create_revision)) => match &mut pass {
+                    Pass::PutsOnly(pending) => {
                         counts.would_delete += 1;
                         if create_revision <= counts.baseline_revision {
                             counts.would_delete_guarded += 1;
                         }
+                        pending.remember(ctx.rewrite.suffix_to_dest(&suffix), create_revision);
                         None
                     }
                     Pass::All => {
-                        if create_revision <= counts.baseline_revision {
-                            if counts.guarded_deleted >= counts.would_delete_guarded {
-                                return Err(JobError::SourceChanged {
-                                    pinned_rev,
-                                    what: "more keys to delete than the mass-delete guard approved",
-                                });
-                            }
-                            counts.guarded_deleted += 1;
-                        }
-                        counts.deleted += 1;
-                        ctx.metrics.full_sync_delete.inc();
+                        count_deletion(ctx, pinned_rev, create_revision, counts)?;
                         Some(Mutation::Delete {
                             key: ctx.rewrite.suffix_to_dest(&suffix),
                         })
@@ -585,20 +758,14 @@ async fn merge_pass(
             },
             Step::Done => break,
         };
-        if let Some(mutation) = mutation {
-            let len = mutation.encoded_len();
-            if !batch.is_empty() && (batch.len() >= data_ops || batch_bytes + len > data_bytes) {
-                writes.submit(std::mem::take(&mut batch)).await?;
-                batch_bytes = 0;
-            }
-            batch_bytes += len;
-            batch.push(mutation);
+        if let Some(sealed) = mutation.and_then(|m| batcher.push(m)) {
+            writes.submit(sealed).await?;
         }
         if last_log.elapsed() >= ctx.tuning.progress_log_interval {
             last_log = Instant::now();
             info!(
                 job = %ctx.job.name,
-                pass = if pass == Pass::PutsOnly { "copy" } else { "prune" },
+                pass = if pass.is_copy() { "copy" } else { "prune" },
                 scanned = counts.scanned,
                 put = counts.put,
                 deleted = counts.deleted,
@@ -609,8 +776,8 @@ async fn merge_pass(
             );
         }
     }
-    if !batch.is_empty() {
-        writes.submit(batch).await?;
+    if let Some(rest) = batcher.rest() {
+        writes.submit(rest).await?;
     }
     writes.finish().await?;
     pass_trace.wall = pass_started.elapsed();
