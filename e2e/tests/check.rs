@@ -253,6 +253,7 @@ async fn metrics_and_status_endpoints_after_a_sync() -> Result<()> {
         "etcd_syncer_mismatch_keys",
         "etcd_syncer_check_last_success_timestamp_seconds",
         "etcd_syncer_check_duration_seconds",
+        "etcd_syncer_check_read_bytes_total",
         "etcd_syncer_leader_changes_total",
         "etcd_syncer_repaired_keys_total",
         "process_resident_memory_bytes",
@@ -282,6 +283,20 @@ async fn metrics_and_status_endpoints_after_a_sync() -> Result<()> {
     ensure!(metric_value(&text, "etcd_syncer_source_revision", &[("job", "app")]) <= head);
     ensure!(metric_value(&text, "etcd_syncer_lag_revisions", &[("job", "app")]) >= 0.0);
     ensure!(metric_value(&text, "etcd_syncer_dst_miss_keys", &[("job", "app")]) == 0.0);
+    // Every check reads both prefixes whole.
+    let read = |side| {
+        metric_value(
+            &text,
+            "etcd_syncer_check_read_bytes_total",
+            &[("job", "app"), ("side", side)],
+        )
+    };
+    ensure!(
+        read("source") >= 100.0 && read("destination") >= 100.0,
+        "check bytes read: source {}, destination {}",
+        read("source"),
+        read("destination")
+    );
 
     let (code, body) = syncer.get("/status").await?;
     ensure!(code == 200, "{body}");

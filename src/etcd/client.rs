@@ -497,13 +497,17 @@ impl Cluster {
         }
     }
 
-    /// The cluster's id and current revision, read from a count-only range
-    /// header (works with a role limited to `probe_prefix`).
+    /// The cluster's id and current revision, read from the header of a
+    /// count-only read of the one key `probe_prefix` (a role limited to the
+    /// prefix may read it). Not of the whole prefix: etcd counts a range by
+    /// walking every key in it, a million index entries for a job that size.
     pub async fn head(&self, probe_prefix: &[u8]) -> Result<ClusterHead, ClientError> {
         let response = self
             .range(
                 "read current revision",
-                RangeRequest::prefix(probe_prefix).count_only(),
+                // The prefix's first possible key ("\0" for the whole keyspace).
+                RangeRequest::key(crate::model::keys::prefix_range_start(probe_prefix))
+                    .count_only(),
             )
             .await?;
         Ok(ClusterHead {

@@ -45,14 +45,23 @@ fn header(header: Option<&etcd_client::ResponseHeader>) -> Header {
     }
 }
 
-fn key_value(kv: &etcd_client::KeyValue) -> KeyValue {
+/// Takes the key and value out of etcd-client's pair instead of copying
+/// them: a full sync moves every byte of both prefixes through here.
+fn key_value(kv: etcd_client::KeyValue) -> KeyValue {
+    let (create_revision, mod_revision, version, lease) = (
+        kv.create_revision(),
+        kv.mod_revision(),
+        kv.version(),
+        kv.lease(),
+    );
+    let (key, value) = kv.into_key_value();
     KeyValue {
-        key: kv.key().to_vec(),
-        value: kv.value().to_vec(),
-        create_revision: kv.create_revision(),
-        mod_revision: kv.mod_revision(),
-        version: kv.version(),
-        lease: kv.lease(),
+        key,
+        value,
+        create_revision,
+        mod_revision,
+        version,
+        lease,
     }
 }
 
@@ -85,12 +94,12 @@ fn get_options(request: &RangeRequest) -> GetOptions {
     options
 }
 
-fn range_response(response: &etcd_client::GetResponse) -> RangeResponse {
+fn range_response(mut response: etcd_client::GetResponse) -> RangeResponse {
     RangeResponse {
         header: header(response.header()),
-        kvs: response.kvs().iter().map(key_value).collect(),
         more: response.more(),
         count: response.count(),
+        kvs: response.take_kvs().into_iter().map(key_value).collect(),
     }
 }
 
@@ -167,7 +176,7 @@ impl RealEtcd {
         let mut kv = self.kv.clone();
         let options = get_options(&request);
         let response = kv.get(request.key, Some(options)).await?;
-        Ok(range_response(&response))
+        Ok(range_response(response))
     }
 
     async fn txn_once(&self, request: TxnRequest) -> EtcdResult<TxnResponse> {
@@ -181,7 +190,7 @@ impl RealEtcd {
             .op_responses()
             .into_iter()
             .map(|r| match r {
-                TxnOpResponse::Get(get) => OpResponse::Range(range_response(&get)),
+                TxnOpResponse::Get(get) => OpResponse::Range(range_response(get)),
                 TxnOpResponse::Put(_) => OpResponse::Put,
                 TxnOpResponse::Delete(delete) => OpResponse::Delete {
                     deleted: delete.deleted(),
@@ -325,7 +334,8 @@ impl WatchStream for RealWatch {
                 .events()
                 .iter()
                 .filter_map(|event| {
-                    let kv = key_value(event.kv()?);
+                    // etcd-client lends watch events only: one copy, as before.
+                    let kv = key_value(event.kv()?.clone());
                     let kind = match event.event_type() {
                         etcd_client::EventType::Put => EventType::Put,
                         etcd_client::EventType::Delete => EventType::Delete,

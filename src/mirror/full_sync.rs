@@ -514,7 +514,6 @@ impl PendingDeletes {
 /// Counts one deletion the guard approved, refusing any beyond what it
 /// approved among the keys that predate the full sync.
 fn count_deletion(
-    ctx: &JobContext,
     pinned_rev: i64,
     create_revision: i64,
     counts: &mut Counts,
@@ -529,7 +528,6 @@ fn count_deletion(
         counts.guarded_deleted += 1;
     }
     counts.deleted += 1;
-    ctx.metrics.full_sync_delete.inc();
     Ok(())
 }
 
@@ -600,7 +598,8 @@ async fn delete_remembered(
         if cancel.is_cancelled() {
             return Err(JobError::Cancelled);
         }
-        count_deletion(ctx, pinned_rev, create_revision, counts)?;
+        count_deletion(pinned_rev, create_revision, counts)?;
+        ctx.metrics.full_sync_delete.inc();
         if let Some(sealed) = batcher.push(Mutation::Delete { key }) {
             writes.submit(sealed).await?;
         }
@@ -749,7 +748,8 @@ async fn merge_pass(
                         None
                     }
                     Pass::All => {
-                        count_deletion(ctx, pinned_rev, create_revision, counts)?;
+                        count_deletion(pinned_rev, create_revision, counts)?;
+                        ctx.metrics.full_sync_delete.inc();
                         Some(Mutation::Delete {
                             key: ctx.rewrite.suffix_to_dest(&suffix),
                         })
@@ -794,5 +794,61 @@ fn rate(count: u64, elapsed: Duration) -> u64 {
         (count as f64 / seconds) as u64
     } else {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys are remembered up to the budget exactly; one byte past it and
+    /// nothing is kept, so the deletions take the second walk.
+    /// The guard's approval is a hard limit on deletions of keys that
+    /// predate the full sync; keys created since are not counted against it.
+    #[test]
+    fn deletions_beyond_the_guard_s_approval_are_refused() {
+        let mut counts = Counts {
+            baseline_revision: 10,
+            would_delete_guarded: 2,
+            ..Counts::default()
+        };
+        count_deletion(20, 9, &mut counts).unwrap();
+        count_deletion(20, 11, &mut counts).unwrap();
+        count_deletion(20, 10, &mut counts).unwrap();
+        assert_eq!((counts.guarded_deleted, counts.deleted), (2, 3));
+        let refused = count_deletion(20, 3, &mut counts);
+        assert!(
+            matches!(refused, Err(JobError::SourceChanged { pinned_rev: 20, .. })),
+            "{refused:?}"
+        );
+        assert_eq!((counts.guarded_deleted, counts.deleted), (2, 3));
+        // A key created after the baseline is still deleted.
+        count_deletion(20, 12, &mut counts).unwrap();
+        assert_eq!(counts.deleted, 4);
+    }
+
+    #[test]
+    fn pending_deletes_fill_the_budget_exactly_then_give_up() {
+        let cost = |key: &[u8]| key.len() + PENDING_DELETE_OVERHEAD;
+        let budget = cost(b"a") + cost(b"bb");
+        let mut pending = PendingDeletes::with_budget(budget);
+        pending.remember(b"a".to_vec(), 1);
+        pending.remember(b"bb".to_vec(), 2);
+        assert_eq!(
+            pending.into_complete(),
+            Some(vec![(b"a".to_vec(), 1), (b"bb".to_vec(), 2)])
+        );
+
+        let mut pending = PendingDeletes::with_budget(budget - 1);
+        pending.remember(b"a".to_vec(), 1);
+        pending.remember(b"bb".to_vec(), 2);
+        assert_eq!(pending.into_complete(), None);
+
+        // Once over, later keys that would fit are not taken either: the
+        // list must be all of them or nothing.
+        let mut pending = PendingDeletes::with_budget(cost(b"a"));
+        pending.remember(b"bb".to_vec(), 2);
+        pending.remember(b"a".to_vec(), 1);
+        assert_eq!(pending.into_complete(), None);
     }
 }

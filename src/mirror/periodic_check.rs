@@ -94,6 +94,12 @@ fn record(ctx: &JobContext, report: &CheckReport) {
         .set(report.lease_mismatch as i64);
     metrics.check_exact.set(i64::from(report.exact));
     metrics.check_duration_seconds.set(report.duration_seconds);
+    metrics
+        .check_source_read_bytes_total
+        .inc_by(report.source_bytes_read);
+    metrics
+        .check_dest_read_bytes_total
+        .inc_by(report.dest_bytes_read);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());

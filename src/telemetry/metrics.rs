@@ -41,6 +41,7 @@ pub struct Metrics {
     check_exact: IntGaugeVec,
     check_last_success_timestamp_seconds: prometheus::GaugeVec,
     check_duration_seconds: prometheus::GaugeVec,
+    check_read_bytes_total: IntCounterVec,
     history_window_seconds: prometheus::GaugeVec,
     repaired_keys_total: IntCounterVec,
     lease_mismatch_keys: IntGaugeVec,
@@ -181,6 +182,11 @@ impl Metrics {
                 "etcd_syncer_check_duration_seconds",
                 "Duration of the last completed consistency check",
             ),
+            check_read_bytes_total: counter(
+                "etcd_syncer_check_read_bytes_total",
+                "Bytes of keys and values the periodic consistency checks read, by side (source, destination)",
+                &["job", "side"],
+            ),
             repaired_keys_total: counter(
                 "etcd_syncer_repaired_keys_total",
                 "Keys rewritten by --check-repair, by what the check found (dst_miss, src_miss, mismatch)",
@@ -278,6 +284,12 @@ impl Metrics {
                 .check_last_success_timestamp_seconds
                 .with_label_values(&labels),
             check_duration_seconds: self.check_duration_seconds.with_label_values(&labels),
+            check_source_read_bytes_total: self
+                .check_read_bytes_total
+                .with_label_values(&[job, "source"]),
+            check_dest_read_bytes_total: self
+                .check_read_bytes_total
+                .with_label_values(&[job, "destination"]),
             history_window_seconds: self.history_window_seconds.with_label_values(&labels),
             repaired_keys_total: self.repaired_keys_total.clone(),
             lease_mismatch_keys: self.lease_mismatch_keys.with_label_values(&labels),
@@ -346,6 +358,11 @@ impl Metrics {
         }
         for kind in ["dst_miss", "src_miss", "mismatch"] {
             let _ = self.repaired_keys_total.remove_label_values(&[job, kind]);
+        }
+        for side in ["source", "destination"] {
+            let _ = self
+                .check_read_bytes_total
+                .remove_label_values(&[job, side]);
         }
         for state in JobState::ALL {
             let _ = self.job_state.remove_label_values(&[job, state.label()]);
@@ -487,6 +504,9 @@ pub struct JobMetrics {
     pub check_exact: IntGauge,
     pub check_last_success_timestamp_seconds: prometheus::Gauge,
     pub check_duration_seconds: prometheus::Gauge,
+    /// What the periodic checks cost across each link.
+    pub check_source_read_bytes_total: IntCounter,
+    pub check_dest_read_bytes_total: IntCounter,
     pub history_window_seconds: prometheus::Gauge,
     repaired_keys_total: IntCounterVec,
     pub lease_mismatch_keys: IntGauge,
