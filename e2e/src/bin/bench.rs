@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use e2e::load::Load;
 use e2e::proxy::LinkProxy;
 use e2e::{mirror_args, put_many, EtcdCluster, Role, Syncer};
-use etcd_client::{GetOptions, Txn, TxnOp};
+use etcd_client::{Client, GetOptions, Txn, TxnOp};
 
 const PREFIX: &str = "/bench/";
 const ONE_WAY: Duration = Duration::from_millis(15);
@@ -186,7 +186,11 @@ const CEILING_WRITERS: [usize; 4] = [1, 2, 4, 8];
 /// writers, each taking the next 128 keys in key order (as a full sync
 /// sends them); returns the wall time from the first txn to the last commit.
 async fn batched_write(cluster: &EtcdCluster, keys: usize, writers: usize) -> Result<Duration> {
-    let client = cluster.client().await?;
+    batched_write_with(cluster.client().await?, keys, writers).await
+}
+
+/// [`batched_write`] over `client` (connected directly or through the link proxy).
+async fn batched_write_with(client: Client, keys: usize, writers: usize) -> Result<Duration> {
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let value = bench_value();
     let started = Instant::now();
@@ -233,11 +237,28 @@ struct CeilingRun {
 /// txns into a fresh, empty etcd, for each of 1/2/4/8 writers; the best
 /// rate is the reference the full sync is measured against.
 async fn batched_writer_ceiling(keys: usize) -> Result<Vec<CeilingRun>> {
+    batched_writer_ceiling_via(keys, None).await
+}
+
+/// The ceiling with every writer's txns through a link proxy that delays
+/// each direction by `one_way` (`None`: loopback, no proxy).
+async fn batched_writer_ceiling_via(
+    keys: usize,
+    one_way: Option<Duration>,
+) -> Result<Vec<CeilingRun>> {
     let mut runs = Vec::new();
     for writers in CEILING_WRITERS {
         let dest = EtcdCluster::start_dest().await?;
         let cpu_before = etcd_cpu_seconds(&dest).await?;
-        let elapsed = batched_write(&dest, keys, writers).await?;
+        let elapsed = match one_way {
+            None => batched_write(&dest, keys, writers).await?,
+            Some(one_way) => {
+                let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
+                proxy.set_delay(one_way);
+                let client = Client::connect([proxied], None).await?;
+                batched_write_with(client, keys, writers).await?
+            }
+        };
         let cpu = etcd_cpu_seconds(&dest).await? - cpu_before;
         runs.push(CeilingRun {
             writers,
@@ -291,12 +312,60 @@ fn extra_syncer_args() -> Vec<String> {
 /// against it would be compared with a lucky draw.
 const FULL_SYNC_RUNS: usize = 3;
 
-/// The best rate of `first` (a run already made) and FULL_SYNC_RUNS - 1
-/// more full syncs of `source`, each into a fresh destination.
-async fn best_full_sync(source: &EtcdCluster, keys: usize, first: f64) -> Result<f64> {
+/// A full sync's rate, measured two ways: from process start until the
+/// destination holds every key (the figure an operator waits for), and
+/// over the syncer's own full-sync duration (its "Full sync finished."
+/// line), which leaves out process start, connects and the lock, as the
+/// batched-writer ceiling leaves out its own connect.
+#[derive(Clone, Copy)]
+struct SyncRates {
+    from_start: f64,
+    in_process: f64,
+}
+
+impl SyncRates {
+    fn of(full: &FullSyncResult, keys: usize) -> Result<Self> {
+        let in_process = full
+            .syncer
+            .find_log_field("Full sync finished.", "duration")
+            .context("full sync duration")?;
+        Ok(Self {
+            from_start: full.rate,
+            in_process: rate(keys as f64, humantime::parse_duration(&in_process)?),
+        })
+    }
+
+    fn best(self, other: Self) -> Self {
+        Self {
+            from_start: self.from_start.max(other.from_start),
+            in_process: self.in_process.max(other.in_process),
+        }
+    }
+}
+
+/// The best rates of `first` (a run already made) and FULL_SYNC_RUNS - 1
+/// more full syncs of `source`, each into a fresh destination, through a
+/// link proxy delaying each direction by `one_way` if given.
+async fn best_full_sync(
+    source: &EtcdCluster,
+    keys: usize,
+    first: SyncRates,
+    one_way: Option<Duration>,
+) -> Result<SyncRates> {
     let mut best = first;
     for _ in 1..FULL_SYNC_RUNS {
-        best = best.max(traced_full_sync(source, keys).await?.rate);
+        let dest = EtcdCluster::start_dest().await?;
+        // The proxy outlives the syncer: it keeps watching until finished.
+        let mut link = None;
+        if let Some(one_way) = one_way {
+            let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
+            proxy.set_delay(one_way);
+            link = Some((proxy, proxied));
+        }
+        let proxied = link.as_ref().map(|(_, endpoint)| endpoint.as_str());
+        let full = syncer_full_sync(source, &dest, proxied, keys).await?;
+        best = best.best(SyncRates::of(&full, keys)?);
+        full.syncer.finish().await?;
     }
     Ok(best)
 }
@@ -369,30 +438,78 @@ async fn traced_full_sync(source: &EtcdCluster, keys: usize) -> Result<TracedFul
     })
 }
 
-/// `BENCH_SLOW_PATH_ONLY=1`: the slow path after a compaction, 1% of
-/// `BENCH_KEYS` (default 1,000,000) changed (a third new keys, a third
-/// updated, a third deleted), next to the full copy of the same keys into
-/// an empty destination in the same run. Prints, writes nothing.
-async fn slow_path_vs_full_copy() -> Result<()> {
-    let keys: usize = std::env::var("BENCH_KEYS")
-        .ok()
-        .map(|k| k.replace('_', "").parse())
-        .transpose()?
-        .unwrap_or(1_000_000);
+/// The slow path after a compaction, measured.
+struct SlowPath {
+    wall: Duration,
+    peak_rss_mib: f64,
+    /// CPU seconds over the slow path: source etcd, destination etcd, syncer.
+    cpu: (f64, f64, f64),
+    /// "Full sync finished." fields, by name.
+    fields: Vec<(&'static str, String)>,
+}
+
+impl SlowPath {
+    fn field(&self, name: &str) -> &str {
+        self.fields
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} put, {} deleted, {} unchanged; read: source {} B in {} pages ({} ms of requests), destination {} B in {} pages ({} ms); full sync {} in process, of which the merge {} ms; merge waits: source pages {} ms, destination pages {} ms, write slots {} ms; merge work {} ms; CPU s: source etcd {:.2}, destination etcd {:.2}, syncer {:.2} (the two cores give {:.2})",
+            self.field("put"),
+            self.field("deleted"),
+            self.field("unchanged"),
+            self.field("source_bytes"),
+            self.field("source_pages"),
+            self.field("source_read_ms"),
+            self.field("dest_bytes"),
+            self.field("dest_pages"),
+            self.field("dest_read_ms"),
+            self.field("duration"),
+            self.field("merge_ms"),
+            self.field("source_wait_ms"),
+            self.field("dest_wait_ms"),
+            self.field("write_slot_wait_ms"),
+            self.field("merge_work_ms"),
+            self.cpu.0,
+            self.cpu.1,
+            self.cpu.2,
+            2.0 * self.wall.as_secs_f64(),
+        )
+    }
+}
+
+const SLOW_PATH_FIELDS: [&str; 15] = [
+    "duration",
+    "merge_ms",
+    "source_pages",
+    "source_read_ms",
+    "dest_pages",
+    "dest_read_ms",
+    "put",
+    "deleted",
+    "unchanged",
+    "source_bytes",
+    "dest_bytes",
+    "source_wait_ms",
+    "dest_wait_ms",
+    "write_slot_wait_ms",
+    "merge_work_ms",
+];
+
+/// Changes 1% of the `keys` bench keys on `source` (a third new keys, a
+/// third updated, a third deleted) while no replicator runs, compacts the
+/// source past the checkpoint of job "bench" on `dest` (which mirrors
+/// every key), then times the restart's slow path until its checkpoint.
+async fn slow_path_after_compaction(
+    source: &EtcdCluster,
+    dest: &EtcdCluster,
+    keys: usize,
+) -> Result<SlowPath> {
     let third = keys / 300;
-    println!(
-        "{}; {} keys of 100 B, {} changed",
-        machine()?,
-        group(keys as u64),
-        group(3 * third as u64)
-    );
-    let source = loaded_source(keys).await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let copy = syncer_full_sync(&source, &dest, None, keys).await?;
-    let mut first = copy.syncer;
-    first.stop().await?;
-    // Changes the replicator never sees: it is stopped, then the history
-    // is compacted past its checkpoint, so the restart must take the slow path.
     let mut client = source.client().await?;
     let updated = format!("v2:{}", "v".repeat(97));
     let mut ops: Vec<TxnOp> = Vec::new();
@@ -410,31 +527,78 @@ async fn slow_path_vs_full_copy() -> Result<()> {
         client.txn(Txn::new().and_then(ops)).await?;
     }
     source.compact().await?;
-    let slow = syncer_full_sync(&source, &dest, None, keys).await?;
-    let finished = "Full sync finished.";
-    let field = |name: &str| {
-        slow.syncer
-            .find_log_field(finished, name)
-            .unwrap_or_default()
+    let cpu_before = (
+        etcd_cpu_seconds(source).await?,
+        etcd_cpu_seconds(dest).await?,
+    );
+    let slow = syncer_full_sync(source, dest, None, keys).await?;
+    let cpu = (
+        etcd_cpu_seconds(source).await? - cpu_before.0,
+        etcd_cpu_seconds(dest).await? - cpu_before.1,
+        process_cpu_seconds(slow.syncer.pid().context("pid")?.as_raw() as u32)?,
+    );
+    let fields = SLOW_PATH_FIELDS
+        .iter()
+        .map(|f| {
+            (
+                *f,
+                slow.syncer
+                    .find_log_field("Full sync finished.", f)
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    anyhow::ensure!(
+        slow.syncer.count_log_messages("Full sync finished.") == 1,
+        "one full sync"
+    );
+    let result = SlowPath {
+        wall: Duration::from_secs_f64(keys as f64 / slow.rate),
+        peak_rss_mib: slow.peak_rss_mib,
+        cpu,
+        fields,
     };
+    let expected = [("put", 2 * third), ("deleted", third)];
+    for (name, count) in expected {
+        anyhow::ensure!(
+            result.field(name) == count.to_string(),
+            "the slow path must write exactly the differences: {name}={} (expected {count})",
+            result.field(name)
+        );
+    }
+    slow.syncer.finish().await?;
+    Ok(result)
+}
+
+/// `BENCH_SLOW_PATH_ONLY=1`: the slow path after a compaction, 1% of
+/// `BENCH_KEYS` (default 1,000,000) changed, next to the full copy of the
+/// same keys into an empty destination in the same run. Prints, writes nothing.
+async fn slow_path_vs_full_copy() -> Result<()> {
+    let keys: usize = std::env::var("BENCH_KEYS")
+        .ok()
+        .map(|k| k.replace('_', "").parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
     println!(
-        "full copy into an empty destination: {:.2} s ({}); slow path after compaction: {:.2} s ({} put, {} deleted, {} unchanged; source read {} B, destination read {} B; source wait {} ms, destination wait {} ms, write-slot wait {} ms, merge work {} ms): {:.0}% of the full copy's wall time; peak RSS {:.1} MiB",
+        "{}; {} keys of 100 B, {} changed",
+        machine()?,
+        group(keys as u64),
+        group(3 * (keys / 300) as u64)
+    );
+    let source = loaded_source(keys).await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let copy = syncer_full_sync(&source, &dest, None, keys).await?;
+    copy.syncer.finish().await?;
+    let slow = slow_path_after_compaction(&source, &dest, keys).await?;
+    println!(
+        "full copy into an empty destination: {:.2} s ({}); slow path after compaction: {:.2} s ({}): {:.0}% of the full copy's wall time; peak RSS {:.1} MiB",
         keys as f64 / copy.rate,
         fmt_rate(copy.rate, "keys/s"),
-        keys as f64 / slow.rate,
-        field("put"),
-        field("deleted"),
-        field("unchanged"),
-        field("source_bytes"),
-        field("dest_bytes"),
-        field("source_wait_ms"),
-        field("dest_wait_ms"),
-        field("write_slot_wait_ms"),
-        field("merge_work_ms"),
-        100.0 * copy.rate / slow.rate,
+        slow.wall.as_secs_f64(),
+        slow.summary(),
+        100.0 * slow.wall.as_secs_f64() * copy.rate / keys as f64,
         slow.peak_rss_mib,
     );
-    slow.syncer.finish().await?;
     Ok(())
 }
 
@@ -542,8 +706,19 @@ async fn full_sync_vs_ceiling() -> Result<()> {
     Ok(())
 }
 
-/// Runs `etcd-syncer check` as a child, sampling its peak RSS until it exits.
-async fn timed_check(source: &EtcdCluster, dest: &EtcdCluster) -> Result<(Duration, f64, bool)> {
+/// One `etcd-syncer check` run.
+struct CheckRun {
+    elapsed: Duration,
+    peak_rss_mib: f64,
+    consistent: bool,
+    exact: bool,
+    source_bytes: u64,
+    dest_bytes: u64,
+}
+
+/// Runs `etcd-syncer check --output json` as a child, sampling its peak RSS
+/// until it exits, and reads the bytes it read from each side.
+async fn timed_check(source: &EtcdCluster, dest: &EtcdCluster) -> Result<CheckRun> {
     let started = Instant::now();
     let mut child = Command::new(e2e::syncer::binary())
         .args([
@@ -554,21 +729,37 @@ async fn timed_check(source: &EtcdCluster, dest: &EtcdCluster) -> Result<(Durati
             &dest.endpoints_arg(),
             "--job-name",
             "bench",
+            "--output",
+            "json",
         ])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
     let mut peak = 0.0f64;
-    loop {
+    let status = loop {
         if let Ok(rss) = peak_rss_mib(child.id()) {
             peak = peak.max(rss);
         }
         if let Some(status) = child.try_wait()? {
-            return Ok((started.elapsed(), peak, status.code() == Some(0)));
+            break status;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    };
+    let elapsed = started.elapsed();
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().context("stdout")?, &mut stdout)?;
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout).with_context(|| format!("check output: {stdout}"))?;
+    let number = |field: &str| report.get(field).and_then(|v| v.as_u64()).unwrap_or(0);
+    Ok(CheckRun {
+        elapsed,
+        peak_rss_mib: peak,
+        consistent: status.code() == Some(0),
+        exact: report.get("exact").and_then(|v| v.as_bool()) == Some(true),
+        source_bytes: number("source_bytes_read"),
+        dest_bytes: number("dest_bytes_read"),
+    })
 }
 
 fn rate(n: f64, d: Duration) -> f64 {
@@ -653,8 +844,20 @@ async fn make_mirror_full_sync(
 }
 
 struct IncrementalResult {
+    /// Revisions mirrored per second, from the first write to the last one applied.
     rate: f64,
+    /// The writers' own rate with the tool running.
+    load_rate: f64,
     lag: String,
+    /// How long after the last write the destination held it all; None
+    /// when it had not within the cap.
+    caught_up_after: Option<Duration>,
+}
+
+impl IncrementalResult {
+    fn caught_up_within(&self, limit: Duration) -> bool {
+        self.caught_up_after.is_some_and(|lag| lag < limit)
+    }
 }
 
 /// Runs the load against the source while `tool` mirrors it, then waits for
@@ -678,6 +881,7 @@ async fn incremental(
     let (lag, reached) = wait_for_count(dest, expected, load_done, cap).await?;
     let total = report.elapsed + lag;
     let revisions = report.operations as f64 * reached as f64 / expected as f64;
+    let caught_up_after = (reached >= expected).then_some(lag);
     let lag = if reached >= expected {
         format!("{:.2} s", lag.as_secs_f64())
     } else {
@@ -689,7 +893,9 @@ async fn incremental(
     };
     Ok(IncrementalResult {
         rate: rate(revisions, total),
+        load_rate: rate(report.operations as f64, report.elapsed),
         lag,
+        caught_up_after,
     })
 }
 
@@ -706,7 +912,7 @@ async fn main() -> Result<()> {
         // `make bench-leases`: only the lease scenario, spliced into the
         // existing docs/benchmarks.md.
         println!("[1/1] lease mirroring");
-        let section = lease_section(&sizes).await?;
+        let (section, _) = lease_section(&sizes).await?;
         println!("\n{section}");
         if std::env::var("BENCH_QUICK").is_err() {
             let path =
@@ -720,10 +926,12 @@ async fn main() -> Result<()> {
     }
     let mut rows: Vec<Row> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
+    let mut targets: Vec<Target> = Vec::new();
+    const STEPS: usize = 11;
 
     // 1. Full sync, loopback.
     println!(
-        "[1/9] full sync of {} keys on loopback",
+        "[1/{STEPS}] full sync of {} keys on loopback",
         sizes.full_sync_keys
     );
     let source = loaded_source(sizes.full_sync_keys).await?;
@@ -738,23 +946,32 @@ async fn main() -> Result<()> {
         Duration::from_secs(300),
     )
     .await?;
-    let best_full = best_full_sync(&source, sizes.full_sync_keys, full.rate).await?;
+    let best_full = best_full_sync(
+        &source,
+        sizes.full_sync_keys,
+        SyncRates::of(&full, sizes.full_sync_keys)?,
+        None,
+    )
+    .await?;
     let ceiling_runs = batched_writer_ceiling(sizes.full_sync_keys).await?;
     let ceiling = best_ceiling(&ceiling_runs);
-    rows.push(Row {
+    let compared = AgainstCeiling {
         scenario: format!(
             "Full sync, {} keys of 100 B, loopback, best of {FULL_SYNC_RUNS} runs, vs the destination's batched-writer ceiling ({CEILING_TXN_OPS}-op txns, best of 1/2/4/8 writers, same keys, empty etcd)",
             group(sizes.full_sync_keys as u64)
         ),
-        syncer: fmt_rate(best_full, "keys/s"),
-        make_mirror: format!(
-            "ceiling {} ({} writers)",
-            fmt_rate(ceiling.rate, "keys/s"),
-            ceiling.writers
+        measure: format!(
+            "full sync, {} keys of 100 B, loopback",
+            group(sizes.full_sync_keys as u64)
         ),
-        ratio: format!("{:.0}% of the ceiling", 100.0 * best_full / ceiling.rate),
-        target: "≥ 80% of the ceiling".into(),
-    });
+        rates: best_full,
+        ceiling,
+        reference: "the batched-writer ceiling",
+        share: 0.80,
+        rss_mib: None,
+    };
+    rows.push(compared.row());
+    targets.push(compared.target());
     rows.push(Row {
         scenario: format!(
             "Full sync, {} keys of 100 B, loopback",
@@ -767,27 +984,36 @@ async fn main() -> Result<()> {
     });
     let rss_small = full.peak_rss_mib;
 
-    // 7. The exact consistency check over everything just mirrored.
-    println!("[2/9] exact check over {} keys", sizes.full_sync_keys);
-    let (check_time, check_rss, consistent) = timed_check(&source, &dest).await?;
-    anyhow::ensure!(consistent, "the check must find the mirror consistent");
+    // 2. The exact consistency check over everything just mirrored.
+    println!("[2/{STEPS}] exact check over {} keys", sizes.full_sync_keys);
+    let check = timed_check(&source, &dest).await?;
+    anyhow::ensure!(
+        check.consistent && check.exact,
+        "the check must find the mirror exactly consistent"
+    );
     rows.push(Row {
         scenario: format!(
             "Exact consistency check, {} keys",
             group(sizes.full_sync_keys as u64)
         ),
         syncer: format!(
-            "{:.2} s, peak RSS {check_rss:.1} MiB ({} keys/s)",
-            check_time.as_secs_f64(),
-            fmt_rate(sizes.full_sync_keys as f64 / check_time.as_secs_f64(), "").trim()
+            "{:.2} s, peak RSS {:.1} MiB ({} keys/s); read {} B from the source, {} B from the destination",
+            check.elapsed.as_secs_f64(),
+            check.peak_rss_mib,
+            fmt_rate(sizes.full_sync_keys as f64 / check.elapsed.as_secs_f64(), "").trim(),
+            group(check.source_bytes),
+            group(check.dest_bytes),
         ),
         make_mirror: "no checker".into(),
         ratio: "n/a".into(),
         target: "exact, memory flat".into(),
     });
 
-    // 5. Restart with everything mirrored and no changes.
-    println!("[3/9] restart with {} keys mirrored", sizes.full_sync_keys);
+    // 3. Restart with everything mirrored and no changes.
+    println!(
+        "[3/{STEPS}] restart with {} keys mirrored",
+        sizes.full_sync_keys
+    );
     let mut first = full.syncer;
     first.stop().await?;
     let dest_revision_before = dest.revision().await?;
@@ -817,11 +1043,56 @@ async fn main() -> Result<()> {
         ratio: format!("{:.0}×", (sizes.full_sync_keys as f64 / mm_rate) / to_watching.as_secs_f64()),
         target: "< 1 s, zero keys re-written".into(),
     });
-    drop((source, dest, mm_dest));
+    drop((dest, mm_dest));
 
-    // 2. Full sync across a 30 ms round trip to the destination.
+    // 4. The same keys across a 30 ms round trip to the destination, next
+    // to the ceiling through the same link proxy.
     println!(
-        "[4/9] full sync of {} keys across 30 ms RTT",
+        "[4/{STEPS}] full sync of {} keys across 30 ms RTT vs the ceiling through the proxy",
+        sizes.full_sync_keys
+    );
+    let rtt_best = {
+        let dest = EtcdCluster::start_dest().await?;
+        let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
+        proxy.set_delay(ONE_WAY);
+        let first = syncer_full_sync(&source, &dest, Some(&proxied), sizes.full_sync_keys).await?;
+        let rates = SyncRates::of(&first, sizes.full_sync_keys)?;
+        first.syncer.finish().await?;
+        best_full_sync(&source, sizes.full_sync_keys, rates, Some(ONE_WAY)).await?
+    };
+    let rtt_ceiling_runs = batched_writer_ceiling_via(sizes.full_sync_keys, Some(ONE_WAY)).await?;
+    let rtt_ceiling = best_ceiling(&rtt_ceiling_runs);
+    notes.push(format!(
+        "Ceiling through the 30 ms link proxy, {} keys, by writers: {}.",
+        group(sizes.full_sync_keys as u64),
+        rtt_ceiling_runs
+            .iter()
+            .map(|c| format!("{} {}", c.writers, fmt_rate(c.rate, "keys/s")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let compared = AgainstCeiling {
+        scenario: format!(
+            "Full sync, {} keys of 100 B, 30 ms RTT, best of {FULL_SYNC_RUNS} runs, vs the batched-writer ceiling through the same link proxy",
+            group(sizes.full_sync_keys as u64)
+        ),
+        measure: format!(
+            "full sync, {} keys, 30 ms RTT",
+            group(sizes.full_sync_keys as u64)
+        ),
+        rates: rtt_best,
+        ceiling: rtt_ceiling,
+        reference: "the ceiling through the same link proxy",
+        share: 0.70,
+        rss_mib: None,
+    };
+    rows.push(compared.row());
+    targets.push(compared.target());
+    drop(source);
+
+    // 5. Full sync across a 30 ms round trip, next to make-mirror.
+    println!(
+        "[5/{STEPS}] full sync of {} keys across 30 ms RTT vs make-mirror",
         sizes.rtt_full_sync_keys
     );
     let source = EtcdCluster::start_source().await?;
@@ -866,16 +1137,17 @@ async fn main() -> Result<()> {
     });
     drop((proxy, mm_proxy, source, dest, mm_dest));
 
-    // 3 and 4. Incremental: 16 writers at full speed; single-key revisions
-    // on loopback and across 30 ms, then 10-key txns across 30 ms.
+    // 6 to 9. Incremental: 16 writers at full speed, single-key revisions
+    // and 10-key txns, on loopback and across 30 ms; the reference is the
+    // same load against the source alone (no tool running).
     let cases = [
         ("Incremental, single-key revisions, loopback", 1usize, false),
+        ("Incremental, 10-key txns, loopback", 10, false),
         ("Incremental, single-key revisions, 30 ms RTT", 1, true),
         ("Incremental, 10-key txns, 30 ms RTT", 10, true),
     ];
     for (index, (label, keys_per_txn, delayed)) in cases.into_iter().enumerate() {
-        let index = index + 1;
-        println!("[{}/9] {label}", 4 + index);
+        println!("[{}/{STEPS}] {label}", 6 + index);
         let revisions = if keys_per_txn > 1 {
             sizes.incremental_revisions / 5
         } else {
@@ -884,6 +1156,7 @@ async fn main() -> Result<()> {
         let mut load = Load::new(PREFIX, 16, revisions / 16);
         load.keys_per_txn = keys_per_txn;
         load.value_size = 100;
+        let alone = source_alone_rate(&load).await?;
         let mut results = Vec::new();
         for tool in ["syncer", "make-mirror"] {
             let source = EtcdCluster::start_source().await?;
@@ -910,7 +1183,7 @@ async fn main() -> Result<()> {
                 let txns = syncer
                     .metric("etcd_syncer_txns_total", &[("job", "bench")])
                     .await?;
-                notes.push(format!("{label}: etcd-syncer used {txns} txns ({:.1} revisions per txn), {reorders} re-sent after reordering.", load.writers as f64 * load.ops_per_writer as f64 / txns.max(1.0)));
+                notes.push(format!("{label}: etcd-syncer used {txns} txns ({:.1} revisions per txn), {reorders} re-sent after reordering; the writers reached {} with it running, {} against the source alone.", load.writers as f64 * load.ops_per_writer as f64 / txns.max(1.0), fmt_rate(result.load_rate, "rev/s"), fmt_rate(alone, "rev/s")));
                 syncer.finish().await?;
             }
             if let Some(child) = child {
@@ -918,6 +1191,7 @@ async fn main() -> Result<()> {
             }
             results.push(result);
         }
+        let syncer = &results[0];
         rows.push(Row {
             scenario: format!(
                 "{label}, {} revisions from 16 writers",
@@ -925,54 +1199,77 @@ async fn main() -> Result<()> {
             ),
             syncer: format!(
                 "{} (lag at end {})",
-                fmt_rate(results[0].rate, "rev/s"),
-                results[0].lag
+                fmt_rate(syncer.rate, "rev/s"),
+                syncer.lag
             ),
             make_mirror: format!(
                 "{} (lag at end {})",
                 fmt_rate(results[1].rate, "rev/s"),
                 results[1].lag
             ),
-            ratio: ratio(results[0].rate, results[1].rate),
+            ratio: ratio(syncer.rate, results[1].rate),
             target: match (delayed, keys_per_txn) {
                 (true, 1) => "≥ 3,000 rev/s, lag < 1 s".into(),
-                (true, _) => "keeps up (lag < 1 s)".into(),
-                (false, _) => "keeps up".into(),
+                _ => "keeps up (lag < 1 s)".into(),
             },
+        });
+        targets.push(Target {
+            measure: format!("incremental, {}", label.trim_start_matches("Incremental, ")),
+            reference: format!(
+                "16 writers against the source alone: {}",
+                fmt_rate(alone, "rev/s")
+            ),
+            target: "keeps up (lag < 1 s at the end)".into(),
+            result: format!(
+                "{} mirrored, lag at end {}; the writers reached {} ({:.0}% of alone) with the syncer, destination etcd and writers sharing the cores",
+                fmt_rate(syncer.rate, "rev/s"),
+                syncer.lag,
+                fmt_rate(syncer.load_rate, "rev/s"),
+                100.0 * syncer.load_rate / alone
+            ),
+            met: syncer.caught_up_within(Duration::from_secs(1)),
         });
     }
 
-    // 6. Memory: peak RSS for a large full sync, next to the small one.
+    // 10. A million keys: the full sync and its memory, the exact check,
+    // the ceiling, then the slow path after a compaction.
     println!(
-        "[8/9] memory during a full sync of {} keys",
+        "[10/{STEPS}] full sync, exact check and slow path at {} keys",
         sizes.memory_large_keys
     );
     let source = loaded_source(sizes.memory_large_keys).await?;
     let dest = EtcdCluster::start_dest().await?;
     let large = syncer_full_sync(&source, &dest, None, sizes.memory_large_keys).await?;
+    let large_rates = SyncRates::of(&large, sizes.memory_large_keys)?;
     large.syncer.finish().await?;
-    let best_large = best_full_sync(&source, sizes.memory_large_keys, large.rate).await?;
-    drop((source, dest));
+    let large_check = timed_check(&source, &dest).await?;
+    anyhow::ensure!(
+        large_check.consistent && large_check.exact,
+        "the check must find the mirror exactly consistent"
+    );
+    let best_large = best_full_sync(&source, sizes.memory_large_keys, large_rates, None).await?;
     let large_ceiling_runs = batched_writer_ceiling(sizes.memory_large_keys).await?;
     let large_ceiling = best_ceiling(&large_ceiling_runs);
-    rows.push(Row {
+    let slow = slow_path_after_compaction(&source, &dest, sizes.memory_large_keys).await?;
+    drop((source, dest));
+    let compared = AgainstCeiling {
         scenario: format!(
             "Full sync, {} keys of 100 B, loopback, best of {FULL_SYNC_RUNS} runs, vs the ceiling at {} keys",
             group(sizes.memory_large_keys as u64),
             group(sizes.memory_large_keys as u64)
         ),
-        syncer: fmt_rate(best_large, "keys/s"),
-        make_mirror: format!(
-            "ceiling {} ({} writers)",
-            fmt_rate(large_ceiling.rate, "keys/s"),
-            large_ceiling.writers
+        measure: format!(
+            "full sync, {} keys of 100 B, loopback",
+            group(sizes.memory_large_keys as u64)
         ),
-        ratio: format!(
-            "{:.0}% of the ceiling",
-            100.0 * best_large / large_ceiling.rate
-        ),
-        target: "≥ 80% of the ceiling, peak RSS < 64 MiB".into(),
-    });
+        rates: best_large,
+        ceiling: large_ceiling,
+        reference: "the batched-writer ceiling at the same key count",
+        share: 0.80,
+        rss_mib: Some(large.peak_rss_mib),
+    };
+    rows.push(compared.row());
+    targets.push(compared.target());
     rows.push(Row {
         scenario: format!(
             "Peak RSS during full sync ({} vs {} keys)",
@@ -992,10 +1289,98 @@ async fn main() -> Result<()> {
         ),
         target: "< 64 MiB, flat in key count".into(),
     });
+    let copy_wall = sizes.memory_large_keys as f64 / best_large.from_start;
+    let slow_share = slow.wall.as_secs_f64() / copy_wall;
+    rows.push(Row {
+        scenario: format!(
+            "Slow path after a compaction, {} keys of which 1% changed, vs the fastest full copy of them into an empty destination",
+            group(sizes.memory_large_keys as u64)
+        ),
+        syncer: format!(
+            "{:.2} s ({}); peak RSS {:.1} MiB",
+            slow.wall.as_secs_f64(),
+            slow.summary(),
+            slow.peak_rss_mib
+        ),
+        make_mirror: format!("full copy {copy_wall:.2} s"),
+        ratio: format!("{:.0}% of the full copy", 100.0 * slow_share),
+        target: "only the differences; ≤ 20% of the full copy".into(),
+    });
+    targets.push(Target {
+        measure: format!(
+            "slow path after compaction, {} keys, 1% changed",
+            group(sizes.memory_large_keys as u64)
+        ),
+        reference: format!(
+            "the fastest full copy of the same keys into an empty destination: {copy_wall:.2} s"
+        ),
+        target: "writes only the differences; wall time ≤ 20% of the full copy".into(),
+        result: format!(
+            "{:.2} s = {:.0}% of the full copy; wrote {} puts and {} deletes (exactly the differences, asserted); read each side once ({} B source, {} B destination)",
+            slow.wall.as_secs_f64(),
+            100.0 * slow_share,
+            slow.field("put"),
+            slow.field("deleted"),
+            slow.field("source_bytes"),
+            slow.field("dest_bytes"),
+        ),
+        met: slow_share <= 0.20,
+    });
+    rows.push(Row {
+        scenario: format!(
+            "Exact consistency check, {} keys",
+            group(sizes.memory_large_keys as u64)
+        ),
+        syncer: format!(
+            "{:.2} s, peak RSS {:.1} MiB; read {} B from the source, {} B from the destination",
+            large_check.elapsed.as_secs_f64(),
+            large_check.peak_rss_mib,
+            group(large_check.source_bytes),
+            group(large_check.dest_bytes),
+        ),
+        make_mirror: "no checker".into(),
+        ratio: "n/a".into(),
+        target: "< 10 s, < 64 MiB".into(),
+    });
+    targets.push(Target {
+        measure: format!(
+            "exact check, {} keys",
+            group(sizes.memory_large_keys as u64)
+        ),
+        reference: "—".into(),
+        target: "< 10 s, < 64 MiB; bytes read from each side".into(),
+        result: format!(
+            "{:.2} s, peak RSS {:.1} MiB; read {} B from the source and {} B from the destination (keys and values, each side once)",
+            large_check.elapsed.as_secs_f64(),
+            large_check.peak_rss_mib,
+            group(large_check.source_bytes),
+            group(large_check.dest_bytes),
+        ),
+        met: large_check.elapsed < Duration::from_secs(10) && large_check.peak_rss_mib < 64.0,
+    });
 
-    println!("[9/9] lease mirroring");
-    let leases = lease_section(&sizes).await?;
-    let report = splice_lease_section(&render(&rows, &notes)?, &leases);
+    println!("[11/{STEPS}] lease mirroring");
+    let (leases, lease_figures) = lease_section(&sizes).await?;
+    targets.push(Target {
+        measure: format!(
+            "mirrored leases: {} keys on {} leases",
+            group(sizes.leased_keys as u64),
+            group(sizes.lease_count as u64)
+        ),
+        reference: format!(
+            "`--leases strip` on the same keys: peak RSS {:.1} MiB",
+            lease_figures.strip_rss_mib
+        ),
+        target: "keepalive traffic and RSS reported; RSS < 64 MiB".into(),
+        result: format!(
+            "peak RSS {:.1} MiB; {:.0} keepalives/s in steady state ({} failures)",
+            lease_figures.faithful_rss_mib, lease_figures.keepalives_per_s, lease_figures.failures
+        ),
+        met: lease_figures.faithful_rss_mib < 64.0,
+    });
+    let report = render(&rows, &notes)?;
+    let report = format!("{}\n\n{}", report.trim_end(), render_targets(&targets)?);
+    let report = splice_lease_section(&report, &leases);
     println!("\n{report}");
     if std::env::var("BENCH_QUICK").is_err() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
@@ -1005,6 +1390,135 @@ async fn main() -> Result<()> {
         println!("written to {}", path.display());
     }
     Ok(())
+}
+
+/// A full sync's best rates next to a ceiling measured in the same run,
+/// as a row of the main table and of the targets table. Judged on the
+/// in-process rate: the ceiling, too, is timed from its first txn with
+/// its client already connected.
+struct AgainstCeiling<'a> {
+    scenario: String,
+    measure: String,
+    rates: SyncRates,
+    ceiling: &'a CeilingRun,
+    reference: &'a str,
+    /// The target share of the ceiling.
+    share: f64,
+    /// Peak RSS, where the target bounds it.
+    rss_mib: Option<f64>,
+}
+
+impl AgainstCeiling<'_> {
+    fn target_text(&self) -> String {
+        format!(
+            "≥ {:.0}% of the ceiling{}",
+            100.0 * self.share,
+            if self.rss_mib.is_some() {
+                ", peak RSS < 64 MiB"
+            } else {
+                ""
+            }
+        )
+    }
+
+    fn row(&self) -> Row {
+        Row {
+            scenario: self.scenario.clone(),
+            syncer: format!(
+                "{} in process ({} from process start)",
+                fmt_rate(self.rates.in_process, "keys/s"),
+                fmt_rate(self.rates.from_start, "keys/s")
+            ),
+            make_mirror: format!(
+                "ceiling {} ({} writers)",
+                fmt_rate(self.ceiling.rate, "keys/s"),
+                self.ceiling.writers
+            ),
+            ratio: format!(
+                "{:.0}% of the ceiling ({:.0}% from process start)",
+                100.0 * self.rates.in_process / self.ceiling.rate,
+                100.0 * self.rates.from_start / self.ceiling.rate
+            ),
+            target: self.target_text(),
+        }
+    }
+
+    fn target(&self) -> Target {
+        let in_process = self.rates.in_process / self.ceiling.rate;
+        Target {
+            measure: self.measure.clone(),
+            reference: format!(
+                "{}: {} ({} writers)",
+                self.reference,
+                fmt_rate(self.ceiling.rate, "keys/s"),
+                self.ceiling.writers
+            ),
+            target: self.target_text(),
+            result: format!(
+                "{} in process = {:.0}%; from process start {} = {:.0}%{}",
+                fmt_rate(self.rates.in_process, "keys/s"),
+                100.0 * in_process,
+                fmt_rate(self.rates.from_start, "keys/s"),
+                100.0 * self.rates.from_start / self.ceiling.rate,
+                self.rss_mib
+                    .map_or(String::new(), |rss| format!("; peak RSS {rss:.1} MiB"))
+            ),
+            met: in_process >= self.share && self.rss_mib.is_none_or(|rss| rss < 64.0),
+        }
+    }
+}
+
+/// One row of the issue-15 targets table.
+struct Target {
+    measure: String,
+    reference: String,
+    target: String,
+    result: String,
+    met: bool,
+}
+
+const TARGETS_HEADING: &str = "## The issue 15 targets, from this run";
+
+fn render_targets(targets: &[Target]) -> Result<String> {
+    let mut out = String::new();
+    writeln!(out, "{TARGETS_HEADING}\n")?;
+    writeln!(
+        out,
+        "Each figure next to its reference measured in the same `make bench` run, on the machine and etcd named above. \
+         A full sync is judged on its in-process rate (from the start of the full sync to its committed checkpoint), \
+         because the ceiling too is timed from its first txn with its client connected; the rate from process start \
+         (connects, the lock, the meta reads) is shown next to it. Where a target is not met, \
+         \"Performance at the destination's limit\" below names the bottleneck with its evidence.\n"
+    )?;
+    writeln!(
+        out,
+        "| measure | reference in the same run | target | result | met |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|")?;
+    for t in targets {
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            t.measure,
+            t.reference,
+            t.target,
+            t.result,
+            if t.met { "yes" } else { "**no**" }
+        )?;
+    }
+    Ok(out)
+}
+
+/// The load's rate against a fresh source with nothing else running: the
+/// highest rate this machine sustains for it, the incremental reference.
+async fn source_alone_rate(load: &Load) -> Result<f64> {
+    let source = EtcdCluster::start_source().await?;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(source.client().await?);
+    }
+    let report = load.run(&clients).await?;
+    Ok(rate(report.operations as f64, report.elapsed))
 }
 
 fn render(rows: &[Row], notes: &[String]) -> Result<String> {
@@ -1181,8 +1695,16 @@ async fn lease_run(mode: &str, leases: usize, keys: usize, window: Duration) -> 
     })
 }
 
+/// The lease figures the targets table reads.
+struct LeaseFigures {
+    faithful_rss_mib: f64,
+    strip_rss_mib: f64,
+    keepalives_per_s: f64,
+    failures: f64,
+}
+
 /// The lease scenario, faithful and strip, as a markdown section.
-async fn lease_section(sizes: &Sizes) -> Result<String> {
+async fn lease_section(sizes: &Sizes) -> Result<(String, LeaseFigures)> {
     let (leases, keys) = (sizes.lease_count, sizes.leased_keys);
     let faithful = lease_run("faithful", leases, keys, sizes.lease_window).await?;
     let strip = lease_run("strip", leases, keys, Duration::from_secs(60)).await?;
@@ -1238,7 +1760,13 @@ async fn lease_section(sizes: &Sizes) -> Result<String> {
          catches whole bursts only: the rate over a window is within one burst of the expected one.",
         faithful.test_renewals_per_s
     )?;
-    Ok(out)
+    let figures = LeaseFigures {
+        faithful_rss_mib: faithful.peak_rss_mib,
+        strip_rss_mib: strip.peak_rss_mib,
+        keepalives_per_s: rate(faithful.keepalives, faithful.window),
+        failures: faithful.failures,
+    };
+    Ok((out, figures))
 }
 
 /// `report` with its lease section (from the heading to the end) replaced
