@@ -103,6 +103,34 @@ fn context_over(
     }
 }
 
+/// The job's first full sync, started as the job starts it.
+async fn first_full_sync(
+    ctx: &JobContext,
+) -> Result<etcd_syncer::mirror::full_sync::Synced, JobError> {
+    let meta = etcd_syncer::etcd::meta::read_job_meta(&ctx.dest, &ctx.keys)
+        .await
+        .expect("meta");
+    etcd_syncer::mirror::full_sync::run(
+        ctx,
+        &meta,
+        &etcd_syncer::mirror::SlowPathReason::NoCheckpoint,
+        &CancellationToken::new(),
+    )
+    .await
+}
+
+/// Puts `/app/k00`, `/app/k01`, … (value "v") for each number in `numbers`.
+async fn put_numbered(store: &SharedStore, numbers: std::ops::Range<usize>) {
+    let pairs: Vec<(String, String)> = numbers
+        .map(|i| (format!("/app/k{i:02}"), "v".into()))
+        .collect();
+    let refs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    put(store, &refs).await;
+}
+
 async fn put(store: &SharedStore, pairs: &[(&str, &str)]) {
     let client = MemoryEtcd::new(store.clone(), Link::new("writer", 1));
     let ops = pairs.iter().map(|(k, v)| Op::put(*k, *v)).collect();
@@ -366,14 +394,7 @@ async fn a_slow_destination_read_does_not_stall_the_watch_loop() {
 #[tokio::test(start_paused = true)]
 async fn a_full_sync_without_deletions_scans_once() {
     let (source, dest) = (new_store(1), new_store(2));
-    let pairs: Vec<(String, String)> = (0..10)
-        .map(|i| (format!("/app/k{i:02}"), "v".into()))
-        .collect();
-    let refs: Vec<(&str, &str)> = pairs
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    put(&source, &refs).await;
+    put_numbered(&source, 0..10).await;
     let ctx = context(&source, &dest, NO_CHECKS, 1.0);
     let cancel = CancellationToken::new();
     let job = tokio::spawn(run_job(ctx, cancel.clone()));
@@ -412,18 +433,8 @@ async fn a_full_sync_writes_only_the_differences() {
     )
     .await;
     let ctx = context(&source, &dest, NO_CHECKS, 1.0);
-    let meta = etcd_syncer::etcd::meta::read_job_meta(&ctx.dest, &ctx.keys)
-        .await
-        .expect("meta");
     let revision_before = dest.lock().unwrap().revision();
-    let synced = etcd_syncer::mirror::full_sync::run(
-        &ctx,
-        &meta,
-        &etcd_syncer::mirror::SlowPathReason::NoCheckpoint,
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("full sync");
+    let synced = first_full_sync(&ctx).await.expect("full sync");
     let counts = synced.counts;
     assert_eq!((counts.scanned, counts.dest_keys), (4, 4));
     assert_eq!((counts.put, counts.deleted, counts.unchanged), (2, 1, 2));
@@ -445,30 +456,13 @@ async fn a_full_sync_deletes_what_it_remembered_or_walks_again() {
     let mut reads_by_budget = Vec::new();
     for budget in [8 << 20, 0] {
         let (source, dest) = (new_store(1), new_store(2));
-        let pairs: Vec<(String, String)> = (0..12)
-            .map(|i| (format!("/app/k{i:02}"), "v".into()))
-            .collect();
-        let refs: Vec<(&str, &str)> = pairs
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        put(&source, &refs[..8]).await;
-        // Four keys the source does not hold, interleaved with some it does.
-        put(&dest, &refs).await;
+        put_numbered(&source, 0..8).await;
+        // Four keys the source does not hold, after the eight it does.
+        put_numbered(&dest, 0..12).await;
         let mut ctx = context(&source, &dest, NO_CHECKS, 1.0);
         ctx.tuning.full_sync_delete_memory = budget;
-        let meta = etcd_syncer::etcd::meta::read_job_meta(&ctx.dest, &ctx.keys)
-            .await
-            .expect("meta");
         let reads_before = dest.lock().unwrap().reads;
-        let synced = etcd_syncer::mirror::full_sync::run(
-            &ctx,
-            &meta,
-            &etcd_syncer::mirror::SlowPathReason::NoCheckpoint,
-            &CancellationToken::new(),
-        )
-        .await
-        .expect("full sync");
+        let synced = first_full_sync(&ctx).await.expect("full sync");
         let counts = synced.counts;
         assert_eq!(
             (counts.put, counts.deleted, counts.unchanged),
@@ -625,16 +619,7 @@ async fn the_prune_baseline_leaves_meta_keys_out() {
     ctx.job.prefix = "/".into();
     ctx.job.dest_prefix = "/".into();
     ctx.rewrite = KeyRewrite::new(b"/".to_vec(), b"/".to_vec());
-    let meta = etcd_syncer::etcd::meta::read_job_meta(&ctx.dest, &ctx.keys)
-        .await
-        .expect("meta");
-    let refused = etcd_syncer::mirror::full_sync::run(
-        &ctx,
-        &meta,
-        &etcd_syncer::mirror::SlowPathReason::NoCheckpoint,
-        &CancellationToken::new(),
-    )
-    .await;
+    let refused = first_full_sync(&ctx).await;
     assert!(
         matches!(
             refused,
