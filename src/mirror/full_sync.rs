@@ -801,8 +801,6 @@ fn rate(count: u64, elapsed: Duration) -> u64 {
 mod tests {
     use super::*;
 
-    /// Keys are remembered up to the budget exactly; one byte past it and
-    /// nothing is kept, so the deletions take the second walk.
     /// The guard's approval is a hard limit on deletions of keys that
     /// predate the full sync; keys created since are not counted against it.
     #[test]
@@ -827,6 +825,8 @@ mod tests {
         assert_eq!(counts.deleted, 4);
     }
 
+    /// Keys are remembered up to the budget exactly; one byte past it and
+    /// nothing is kept, so the deletions take the second walk.
     #[test]
     fn pending_deletes_fill_the_budget_exactly_then_give_up() {
         let cost = |key: &[u8]| key.len() + PENDING_DELETE_OVERHEAD;

@@ -325,13 +325,9 @@ struct SyncRates {
 
 impl SyncRates {
     fn of(full: &FullSyncResult, keys: usize) -> Result<Self> {
-        let in_process = full
-            .syncer
-            .find_log_field("Full sync finished.", "duration")
-            .context("full sync duration")?;
         Ok(Self {
             from_start: full.rate,
-            in_process: rate(keys as f64, humantime::parse_duration(&in_process)?),
+            in_process: rate(keys as f64, full.in_process()?),
         })
     }
 
@@ -404,28 +400,11 @@ const TRACE_FIELDS: [&str; 15] = [
 
 async fn traced_full_sync(source: &EtcdCluster, keys: usize) -> Result<TracedFullSync> {
     let dest = EtcdCluster::start_dest().await?;
-    let source_before = etcd_cpu_seconds(source).await?;
-    let dest_before = etcd_cpu_seconds(&dest).await?;
+    let before = servers_cpu(source, &dest).await?;
     let full = syncer_full_sync(source, &dest, None, keys).await?;
-    let source_cpu = etcd_cpu_seconds(source).await? - source_before;
-    let dest_cpu = etcd_cpu_seconds(&dest).await? - dest_before;
-    let pid = full.syncer.pid().context("pid")?.as_raw() as u32;
-    let syncer_cpu = process_cpu_seconds(pid)?;
-    let finished = "Full sync finished.";
-    let in_process = full
-        .syncer
-        .find_log_field(finished, "duration")
-        .context("full sync duration")?;
-    let in_process = humantime::parse_duration(&in_process)?;
-    let trace = TRACE_FIELDS
-        .iter()
-        .map(|f| {
-            (
-                *f,
-                full.syncer.find_log_field(finished, f).unwrap_or_default(),
-            )
-        })
-        .collect();
+    let (source_cpu, dest_cpu, syncer_cpu) = full.cpu_since(before, source, &dest).await?;
+    let in_process = full.in_process()?;
+    let trace = full.finished_fields(&TRACE_FIELDS);
     full.syncer.finish().await?;
     Ok(TracedFullSync {
         rate: full.rate,
@@ -527,29 +506,12 @@ async fn slow_path_after_compaction(
         client.txn(Txn::new().and_then(ops)).await?;
     }
     source.compact().await?;
-    let cpu_before = (
-        etcd_cpu_seconds(source).await?,
-        etcd_cpu_seconds(dest).await?,
-    );
+    let before = servers_cpu(source, dest).await?;
     let slow = syncer_full_sync(source, dest, None, keys).await?;
-    let cpu = (
-        etcd_cpu_seconds(source).await? - cpu_before.0,
-        etcd_cpu_seconds(dest).await? - cpu_before.1,
-        process_cpu_seconds(slow.syncer.pid().context("pid")?.as_raw() as u32)?,
-    );
-    let fields = SLOW_PATH_FIELDS
-        .iter()
-        .map(|f| {
-            (
-                *f,
-                slow.syncer
-                    .find_log_field("Full sync finished.", f)
-                    .unwrap_or_default(),
-            )
-        })
-        .collect();
+    let cpu = slow.cpu_since(before, source, dest).await?;
+    let fields = slow.finished_fields(&SLOW_PATH_FIELDS);
     anyhow::ensure!(
-        slow.syncer.count_log_messages("Full sync finished.") == 1,
+        slow.syncer.count_log_messages(FINISHED) == 1,
         "one full sync"
     );
     let result = SlowPath {
@@ -796,6 +758,59 @@ struct FullSyncResult {
     syncer: Syncer,
 }
 
+/// The syncer's log line that ends a full sync, with its trace fields.
+const FINISHED: &str = "Full sync finished.";
+
+impl FullSyncResult {
+    /// The syncer's own full-sync duration (its "Full sync finished." line).
+    fn in_process(&self) -> Result<Duration> {
+        let duration = self
+            .syncer
+            .find_log_field(FINISHED, "duration")
+            .context("full sync duration")?;
+        Ok(humantime::parse_duration(&duration)?)
+    }
+
+    /// The named fields of the "Full sync finished." line ("" if absent).
+    fn finished_fields(&self, names: &[&'static str]) -> Vec<(&'static str, String)> {
+        names
+            .iter()
+            .map(|name| {
+                (
+                    *name,
+                    self.syncer
+                        .find_log_field(FINISHED, name)
+                        .unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// CPU seconds since `before` (from [`servers_cpu`]): the source etcd,
+    /// the destination etcd, and the syncer (its whole life).
+    async fn cpu_since(
+        &self,
+        before: (f64, f64),
+        source: &EtcdCluster,
+        dest: &EtcdCluster,
+    ) -> Result<(f64, f64, f64)> {
+        let pid = self.syncer.pid().context("pid")?.as_raw() as u32;
+        Ok((
+            etcd_cpu_seconds(source).await? - before.0,
+            etcd_cpu_seconds(dest).await? - before.1,
+            process_cpu_seconds(pid)?,
+        ))
+    }
+}
+
+/// Both etcd servers' CPU seconds so far, for [`FullSyncResult::cpu_since`].
+async fn servers_cpu(source: &EtcdCluster, dest: &EtcdCluster) -> Result<(f64, f64)> {
+    Ok((
+        etcd_cpu_seconds(source).await?,
+        etcd_cpu_seconds(dest).await?,
+    ))
+}
+
 async fn syncer_full_sync(
     source: &EtcdCluster,
     dest: &EtcdCluster,
@@ -809,7 +824,7 @@ async fn syncer_full_sync(
     // 20 ms would cost the destination a walk of its index each time, CPU
     // the batched-writer ceiling it is compared with never pays.
     let elapsed = loop {
-        if syncer.count_log_messages("Full sync finished.") > 0 {
+        if syncer.count_log_messages(FINISHED) > 0 {
             break started.elapsed();
         }
         anyhow::ensure!(
@@ -868,12 +883,7 @@ async fn incremental(
     load: &Load,
     cap: Duration,
 ) -> Result<IncrementalResult> {
-    let clients = vec![
-        source.client().await?,
-        source.client().await?,
-        source.client().await?,
-        source.client().await?,
-    ];
+    let clients = load_clients(source).await?;
     let expected = (load.writers * load.ops_per_writer * load.keys_per_txn) as i64;
     let report = load.run(&clients).await?;
     let load_done = Instant::now();
@@ -1513,12 +1523,17 @@ fn render_targets(targets: &[Target]) -> Result<String> {
 /// highest rate this machine sustains for it, the incremental reference.
 async fn source_alone_rate(load: &Load) -> Result<f64> {
     let source = EtcdCluster::start_source().await?;
+    let report = load.run(&load_clients(&source).await?).await?;
+    Ok(rate(report.operations as f64, report.elapsed))
+}
+
+/// The four connections the load's 16 writers share, whatever is measured.
+async fn load_clients(source: &EtcdCluster) -> Result<Vec<Client>> {
     let mut clients = Vec::new();
     for _ in 0..4 {
         clients.push(source.client().await?);
     }
-    let report = load.run(&clients).await?;
-    Ok(rate(report.operations as f64, report.elapsed))
+    Ok(clients)
 }
 
 fn render(rows: &[Row], notes: &[String]) -> Result<String> {
