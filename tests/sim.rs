@@ -33,9 +33,30 @@
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 1000), `SIM_SEED=S` replays one with
 //! its action log, `SIM_FIRST_SEED` moves the range. A failure prints the
-//! command that replays it.
+//! command that replays it, in the build profile that ran it.
+//!
+//! The simulator cannot pass a failing world: a replica whose task returns
+//! an error its policy calls fatal, or any task that panics, fails the
+//! seed; keys a destination lease's expiry deleted are exempt from
+//! invariant 2 only until a full sync that began after the expiry has
+//! checkpointed; a timer undoes only the fault it set.
+//!
+//! Same seed, same world: every random choice comes from the seed (the
+//! data path's ids too, through `JobContext::ids`), `select!` branch order
+//! from tokio's seeded RNG (`--cfg tokio_unstable`, which this file refuses
+//! to compile without), and each seed's trace (actions, source and
+//! destination commits) hashes to a digest; `the_same_seeds_give_the_same_digests`
+//! runs seeds twice and compares them.
+
+#[cfg(not(tokio_unstable))]
+compile_error!(
+    "the simulator needs `--cfg tokio_unstable` (set in .cargo/config.toml): without it select! \
+     branch order is not a function of the seed. A RUSTFLAGS in the environment replaces the \
+     config's rustflags: add `--cfg tokio_unstable` to it."
+);
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -59,6 +80,7 @@ use etcd_syncer::ha::replica::{run_replica, Instance};
 use etcd_syncer::mirror::meta::Fence;
 use etcd_syncer::mirror::writer::DestWriter;
 use etcd_syncer::mirror::JobContext;
+use etcd_syncer::model::ids::Ids;
 use etcd_syncer::model::keys::{KeyRewrite, MetaKeys};
 use etcd_syncer::model::schema::{Checkpoint, FullSyncMarker, LeaseRecord, LockValue};
 use etcd_syncer::model::versions::{Quirks, Version};
@@ -107,6 +129,15 @@ struct Profile {
     /// as it was: odd page sizes remember about three deletions, so the
     /// full sync overflows into the second walk; even ones remember all.
     full_sync_delete_memory: usize,
+    /// What every replica's link to the source always has (a WAN: latency
+    /// and jitter; a lagging member behind it), whatever else is drawn.
+    source_base: Faults,
+    /// Source clients that grant a lease, attach keys and revoke it or
+    /// let it expire within about a second, concurrently with everything.
+    churn: bool,
+    /// How many keys a resume compares one by one (0: it proves the
+    /// history from the newest event alone, as for a large prefix).
+    resume_exact_max_keys: u64,
 }
 
 impl Profile {
@@ -155,10 +186,15 @@ impl Profile {
             } else {
                 LeaseMode::Strip
             },
-            lease_grace: Duration::from_secs(rng.gen_range(1..=8)),
+            // `--lease-grace` is at least 5 s (L8); the draw keeps its place
+            // in the sequence so every seed's schedule stays as it was.
+            lease_grace: Duration::from_secs(rng.gen_range(1..=8).max(5)),
             revision_map_interval: Duration::from_millis(rng.gen_range(0..5_000)),
             revision_map_retention: Duration::from_secs(rng.gen_range(5..60)),
             excluded: Vec::new(),
+            source_base: Faults::default(),
+            churn: false,
+            resume_exact_max_keys: Tuning::default().resume_exact_max_keys,
         };
         if profile.page_size % 2 == 1 {
             profile.full_sync_delete_memory = 3 * 48;
@@ -223,6 +259,41 @@ struct World {
     checkpoints_checked: u64,
     samples_checked: u64,
     verbose: bool,
+    /// Replica tasks that ended with an error (only fatal ones end them).
+    fatal: Arc<Mutex<Vec<String>>>,
+    /// What timers and the churning clients did, for the log.
+    deferred: Arc<Mutex<Vec<String>>>,
+    /// Mirror keys a destination lease's expiry deleted, with its
+    /// destination revision: exempt from invariant 2 until a full sync that
+    /// began after it has checkpointed.
+    expired: BTreeMap<Vec<u8>, i64>,
+    /// The destination revision at which the full-sync marker appeared.
+    marker_since: Option<i64>,
+    /// The trace so far: actions, source and destination commits.
+    digest: std::collections::hash_map::DefaultHasher,
+    /// Stops the churning clients when faults stop.
+    churn: CancellationToken,
+}
+
+/// The lease races' world for `seed`, from a generator of its own (so the
+/// rest of each seed's schedule is what it was before it existed): in a
+/// third of the worlds the source is across a WAN (2-40 ms each way, with
+/// jitter), in a quarter a member behind it lags (its lease list is up to
+/// 1.5 s old), and in half source clients churn leases.
+fn draw_lease_world(seed: u64) -> (Faults, bool) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x6c65_6173_6573_2121);
+    let mut base = Faults::default();
+    if rng.gen_bool(0.33) {
+        let low = rng.gen_range(2..20);
+        base.delay = (
+            Duration::from_millis(low),
+            Duration::from_millis(low + rng.gen_range(1..20)),
+        );
+    }
+    if rng.gen_bool(0.25) {
+        base.lagging = Duration::from_millis(rng.gen_range(100..1500));
+    }
+    (base, rng.gen_bool(0.5))
 }
 
 /// `exclude-prefixes` for `seed`, from a generator of their own: in 40% of
@@ -254,6 +325,11 @@ impl World {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut profile = Profile::draw(&mut rng);
         profile.excluded = draw_excluded(seed);
+        (profile.source_base, profile.churn) = draw_lease_world(seed);
+        // A third of the worlds resume as a large prefix would.
+        if StdRng::seed_from_u64(seed ^ 0x7265_7375_6d65_2121).gen_bool(0.33) {
+            profile.resume_exact_max_keys = 0;
+        }
         let source_id = rng.gen::<u64>() | 1;
         let source = new_store(source_id);
         let dest = new_store(rng.gen::<u64>() | 1);
@@ -309,6 +385,12 @@ impl World {
             checkpoints_checked: 0,
             samples_checked: 0,
             verbose,
+            fatal: Arc::new(Mutex::new(Vec::new())),
+            deferred: Arc::new(Mutex::new(Vec::new())),
+            expired: BTreeMap::new(),
+            marker_since: None,
+            digest: std::collections::hash_map::DefaultHasher::new(),
+            churn: CancellationToken::new(),
         };
         for i in 0..world.profile.replicas {
             let name = format!("r{i}");
@@ -328,13 +410,29 @@ impl World {
     }
 
     fn note(&mut self, what: String) {
+        let line = format!("{:.3}s {what}", self.now_secs());
         if self.verbose {
             eprintln!("[{:>8.3}s] {what}", self.now_secs());
         }
-        self.log.push(format!("{:.3}s {what}", self.now_secs()));
+        line.hash(&mut self.digest);
+        self.log.push(line);
         if self.log.len() > 60 {
             self.log.remove(0);
         }
+    }
+
+    /// Notes from timers and clients, then any replica that stopped.
+    fn collect(&mut self) -> Result<(), String> {
+        let deferred = std::mem::take(&mut *self.deferred.lock().unwrap());
+        for line in deferred {
+            self.note(line);
+        }
+        if let Some(stopped) = self.fatal.lock().unwrap().first() {
+            return err(format!(
+                "a replica stopped with an error its policy calls fatal: {stopped}"
+            ));
+        }
+        Ok(())
     }
 
     fn now_secs(&self) -> f64 {
@@ -367,6 +465,12 @@ impl World {
         );
         replica.src_link.set_faults(src_faults);
         replica.dst_link.set_faults(dst_faults);
+        // The process's random ids, from the seed.
+        let ids = Ids::seeded(
+            self.seed
+                .wrapping_mul(41)
+                .wrapping_add(replica.incarnation as u64 * 13 + index as u64),
+        );
         let timeout = Duration::from_secs(2);
         let source = Cluster::with_backend(
             Side::Source,
@@ -422,6 +526,7 @@ impl World {
                 resync_loop_full_syncs: 3,
                 resync_loop_stable_period: Duration::from_secs(600),
                 full_sync_delete_memory: profile.full_sync_delete_memory,
+                resume_exact_max_keys: profile.resume_exact_max_keys,
             },
             max_prune_ratio: replica.max_prune_ratio,
             metrics,
@@ -438,6 +543,7 @@ impl World {
                 grace: profile.lease_grace,
             },
             lag_origin: Default::default(),
+            ids,
         };
         let instance = Arc::new(Instance {
             sessions: Arc::new(SessionManager::new(dest, profile.lock_ttl)),
@@ -450,8 +556,17 @@ impl World {
         let cancel = CancellationToken::new();
         replica.cancel = cancel.clone();
         replica.restart_at = None;
+        let fatal = self.fatal.clone();
+        let name = instance_id.clone();
         replica.task = Some(tokio::spawn(async move {
-            let _ = run_replica(template, instance, cancel).await;
+            // `run_replica` returns an error only when the job cannot go on.
+            if let Err(error) = run_replica(template, instance, cancel).await {
+                let action = error.policy().action;
+                fatal
+                    .lock()
+                    .unwrap()
+                    .push(format!("{name}: {error} ({action:?})"));
+            }
         }));
         let ratio = replica.max_prune_ratio;
         self.note(format!("start {instance_id} (max-prune-ratio {ratio})"));
@@ -569,10 +684,10 @@ impl World {
                 };
                 self.fault(kind);
                 let replica = &self.replicas[index];
-                let link = if dest_side {
-                    replica.dst_link.clone()
+                let (link, faults) = if dest_side {
+                    (replica.dst_link.clone(), faults)
                 } else {
-                    replica.src_link.clone()
+                    (replica.src_link.clone(), self.over_source_base(faults))
                 };
                 link.set_faults(faults.clone());
                 self.note(format!("{kind} {} {:?}", link.name(), faults));
@@ -593,19 +708,26 @@ impl World {
                     frozen: true,
                     ..Faults::default()
                 };
-                self.replicas[index].src_link.set_faults(frozen.clone());
-                self.replicas[index].dst_link.set_faults(frozen);
-                let name = self.replicas[index].dst_link.name().to_string();
-                self.fault("freeze_past_ttl");
-                self.note(format!("freeze {name} for {:?}", ttl * 2));
                 let (src, dst) = (
                     self.replicas[index].src_link.clone(),
                     self.replicas[index].dst_link.clone(),
                 );
+                let src_set = src.set_faults(frozen.clone());
+                let dst_set = dst.set_faults(frozen);
+                let name = dst.name().to_string();
+                self.fault("freeze_past_ttl");
+                self.note(format!("freeze {name} for {:?}", ttl * 2));
+                let (base, deferred) = (self.profile.source_base.clone(), self.deferred.clone());
+                let started = START.with(|s| s.get());
                 tokio::spawn(async move {
                     tokio::time::sleep(ttl * 2).await;
-                    src.set_faults(Faults::default());
-                    dst.set_faults(Faults::default());
+                    // Only what this freeze set: a fault drawn since stays.
+                    let healed_src = src.set_faults_if(src_set, base);
+                    let healed_dst = dst.set_faults_if(dst_set, Faults::default());
+                    let at = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+                    deferred.lock().unwrap().push(format!(
+                        "[timer {at:.3}s] freeze of {name} ends (source side healed: {healed_src}, destination side healed: {healed_dst})"
+                    ));
                 });
             }
             79..=80 => {
@@ -641,6 +763,21 @@ impl World {
             89 if self.rng.gen_bool(0.25) => self.rebuild_source_same_id().await,
             90..=91 => self.compact_after_checkpoint().await,
             _ => self.write_source().await,
+        }
+    }
+
+    /// `faults` on a link to the source, which always has the world's WAN
+    /// latency (unless the fault draws a delay of its own) and lagging member.
+    fn over_source_base(&self, faults: Faults) -> Faults {
+        let base = &self.profile.source_base;
+        Faults {
+            delay: if faults.delay.1.is_zero() {
+                base.delay
+            } else {
+                faults.delay
+            },
+            lagging: base.lagging,
+            ..faults
         }
     }
 
@@ -834,6 +971,16 @@ impl World {
             (store.cluster_id(), store.take_commits())
         };
         for commit in commits {
+            ("source", cluster_id, commit.revision, &commit.by).hash(&mut self.digest);
+            for event in &commit.events {
+                (
+                    event.kind == EventType::Put,
+                    &event.kv.key,
+                    &event.kv.value,
+                    event.kv.lease,
+                )
+                    .hash(&mut self.digest);
+            }
             if self.verbose {
                 let summary: Vec<String> = commit
                     .events
@@ -929,6 +1076,7 @@ impl World {
 
     /// Checks invariants 1 to 4 on every destination commit since the last call.
     fn check(&mut self) -> Result<(), String> {
+        self.collect()?;
         self.drain_source();
         let commits = self.dest.lock().unwrap().take_commits();
         // The lock holder as of before each commit: replay lock keys too.
@@ -955,6 +1103,22 @@ impl World {
         locks: &mut BTreeMap<Vec<u8>, (String, i64)>,
     ) -> Result<(), String> {
         self.commits_checked += 1;
+        ("dest", commit.revision, &commit.by).hash(&mut self.digest);
+        for event in &commit.events {
+            // Meta values carry wall-clock times: their keys alone.
+            let value: &[u8] = if event.kv.key.starts_with(META.as_bytes()) {
+                b""
+            } else {
+                &event.kv.value
+            };
+            (
+                event.kind == EventType::Put,
+                &event.kv.key,
+                value,
+                event.kv.lease,
+            )
+                .hash(&mut self.digest);
+        }
         if self.verbose {
             let summary: Vec<String> = commit
                 .events
@@ -1079,16 +1243,18 @@ impl World {
             }
             if by_replica {
                 self.tampered.remove(key);
+                self.expired.remove(key);
             }
         }
         if commit.by == "lease-expiry" && commit.events.iter().any(|e| self.in_mirror(&e.kv.key)) {
             // A mirrored lease ran out on the destination: no replica renewed
             // it for TTL + grace (a long outage or a promotion). Those keys
-            // are the destination's loss until a full sync restores them.
+            // are the destination's loss until a full sync that begins after
+            // this restores them.
             self.fault("dest_lease_expired");
             for event in &commit.events {
                 if self.in_mirror(&event.kv.key) {
-                    self.tampered.insert(event.kv.key.clone());
+                    self.expired.insert(event.kv.key.clone(), commit.revision);
                 }
             }
         }
@@ -1101,6 +1267,18 @@ impl World {
             }
         }
         let marker_after = self.dest_now.contains_key(&marker_key);
+        if !marker_before && marker_after {
+            self.marker_since = Some(commit.revision);
+        }
+        if marker_before
+            && !marker_after
+            && commit.events.iter().any(|e| e.kv.key == checkpoint_key)
+        {
+            // A full sync checkpointed: whatever expired before it began
+            // must be back now.
+            let since = self.marker_since.unwrap_or(0);
+            self.expired.retain(|_, at| *at > since);
+        }
         if !marker_before && marker_after {
             let ratio = self
                 .replicas
@@ -1193,6 +1371,7 @@ impl World {
             let tampered: BTreeSet<Vec<u8>> = self
                 .tampered
                 .iter()
+                .chain(self.expired.keys())
                 .filter_map(|k| self.rewrite.dest_suffix(k).map(<[u8]>::to_vec))
                 .collect();
             let candidates: Vec<Prefix> = candidates
@@ -1314,6 +1493,83 @@ impl World {
     }
 }
 
+/// A cancelled replica must stop: within the request timeout's worth of
+/// simulated time, not hang (a hung task is a failure, not a pass).
+async fn stopped(task: JoinHandle<()>) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(60), task).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(join)) => err(format!("a replica task failed: {join}")),
+        Err(_) => err("a cancelled replica did not stop within 60 simulated seconds".into()),
+    }
+}
+
+/// Service instances that come and go: each grants a lease, registers a
+/// key or two on it and, within about a second, revokes it or stops
+/// renewing it (it expires). They run beside everything else, through their
+/// own link with the world's WAN latency, until `stop`; then every lease
+/// still theirs is revoked, so the source settles.
+async fn churn_clients(
+    source: SharedStore,
+    seed: u64,
+    base: Faults,
+    deferred: Arc<Mutex<Vec<String>>>,
+    stop: CancellationToken,
+) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x6368_7572_6e21_2121);
+    let link = Link::new("churn", seed ^ 3);
+    link.set_faults(Faults {
+        lagging: Duration::ZERO,
+        ..base
+    });
+    let client = MemoryEtcd::new(source, link);
+    let started = START.with(|s| s.get());
+    let mut lives = tokio::task::JoinSet::new();
+    let held = Arc::new(Mutex::new(BTreeSet::new()));
+    loop {
+        let pause = Duration::from_millis(rng.gen_range(50..400));
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        let ttl = rng.gen_range(2..=5);
+        let Ok(id) = client.lease_grant(ttl, 0).await else {
+            continue;
+        };
+        held.lock().unwrap().insert(id);
+        let keys: BTreeSet<String> = (0..rng.gen_range(1..=2))
+            .map(|_| format!("{SOURCE_PREFIX}k{:02}", rng.gen_range(0..KEY_SPACE)))
+            .collect();
+        let ops: Vec<Op> = keys
+            .into_iter()
+            .map(|key| Op::put_with_lease(key, format!("c{}", rng.gen_range(0..1000)), id))
+            .collect();
+        let _ = client.txn(TxnRequest::new().and_then(ops)).await;
+        let life = Duration::from_millis(rng.gen_range(0..1200));
+        let revoke = rng.gen_bool(0.7);
+        let (client, held, deferred) = (client.clone(), held.clone(), deferred.clone());
+        lives.spawn(async move {
+            tokio::time::sleep(life).await;
+            let at = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+            if revoke {
+                let _ = client.lease_revoke(id).await;
+                held.lock().unwrap().remove(&id);
+                deferred.lock().unwrap().push(format!(
+                    "[churn {at:.3}s] lease {id:x} (ttl {ttl}s) revoked after {life:?}"
+                ));
+            } else {
+                deferred.lock().unwrap().push(format!(
+                    "[churn {at:.3}s] lease {id:x} (ttl {ttl}s) left to expire after {life:?}"
+                ));
+            }
+        });
+    }
+    lives.abort_all();
+    let ids: Vec<i64> = held.lock().unwrap().iter().copied().collect();
+    for id in ids {
+        let _ = client.lease_revoke(id).await;
+    }
+}
+
 thread_local! {
     static START: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
@@ -1324,6 +1580,8 @@ struct Outcome {
     commits: u64,
     checkpoints: u64,
     samples: u64,
+    /// The trace's digest: the same seed must give the same one.
+    digest: u64,
 }
 
 async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<String>)> {
@@ -1332,8 +1590,22 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
     let started = Instant::now();
     world.note(format!("profile {:?}", world.profile));
     world.seed_destination().await;
+    for replica in &world.replicas {
+        replica
+            .src_link
+            .set_faults(world.profile.source_base.clone());
+    }
     for index in 0..world.replicas.len() {
         world.start(index);
+    }
+    if world.profile.churn {
+        tokio::spawn(churn_clients(
+            world.source.clone(),
+            seed,
+            world.profile.source_base.clone(),
+            world.deferred.clone(),
+            world.churn.clone(),
+        ));
     }
     let fault_end = Instant::now() + world.profile.fault_phase;
     while Instant::now() < fault_end {
@@ -1348,8 +1620,11 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
     // Faults stop: heal every link, undo a promotion, bring every replica
     // back; an operator overrides a prune guard that tripped.
     world.note("faults stop".into());
+    world.churn.cancel();
     for replica in &world.replicas {
-        replica.src_link.set_faults(Faults::default());
+        replica
+            .src_link
+            .set_faults(world.profile.source_base.clone());
         replica.dst_link.set_faults(Faults::default());
     }
     if world.promoted_until.is_some() {
@@ -1382,7 +1657,9 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
                 world.replicas[index].max_prune_ratio = 1.0;
                 if let Some(task) = world.replicas[index].task.take() {
                     world.replicas[index].cancel.cancel();
-                    let _ = task.await;
+                    if let Err(error) = stopped(task).await {
+                        return Err((error, world.log));
+                    }
                 }
                 world.start(index);
             }
@@ -1399,10 +1676,12 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
         }
     }
     world.note("converged".into());
-    for replica in &mut world.replicas {
-        replica.cancel.cancel();
-        if let Some(task) = replica.task.take() {
-            let _ = task.await;
+    for index in 0..world.replicas.len() {
+        world.replicas[index].cancel.cancel();
+        if let Some(task) = world.replicas[index].task.take() {
+            if let Err(error) = stopped(task).await {
+                return Err((error, world.log));
+            }
         }
     }
     if let Err(error) = world.check() {
@@ -1419,27 +1698,157 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
             return Err((message, world.log));
         }
     }
+    if let Err(error) = world.collect() {
+        return Err((error, world.log));
+    }
     Ok(Outcome {
         simulated: started.elapsed(),
         faults: world.faults,
         commits: world.commits_checked,
         checkpoints: world.checkpoints_checked,
         samples: world.samples_checked,
+        digest: world.digest.finish(),
     })
 }
 
 fn run_seed(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<String>)> {
     let mut builder = tokio::runtime::Builder::new_current_thread();
-    builder.enable_time().start_paused(true);
-    #[cfg(tokio_unstable)]
-    builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
+    builder
+        .enable_time()
+        .start_paused(true)
+        // A panic in any task (a keeper, a txn, a pager) ends the world:
+        // the seed fails with it instead of running on without that task.
+        .unhandled_panic(tokio::runtime::UnhandledPanic::ShutdownRuntime)
+        .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
     let runtime = builder.build().expect("runtime");
     fastrand::seed(seed);
-    runtime.block_on(simulate(seed, verbose))
+    // Timestamps in what the syncer writes follow simulated time, so the
+    // seed writes the same bytes every run.
+    etcd_syncer::telemetry::clock::set_for_this_thread(Some(simulated_wall_clock));
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(simulate(seed, verbose))
+    })) {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a task panicked".into());
+            Err((format!("panic: {message}"), Vec::new()))
+        }
+    }
+}
+
+/// 2027-01-15T08:00:00Z plus the seed's simulated time.
+fn simulated_wall_clock() -> std::time::SystemTime {
+    let elapsed = START
+        .with(|s| s.get())
+        .map_or(Duration::ZERO, |s| s.elapsed());
+    std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000) + elapsed
+}
+
+/// How to replay `seed` in the build profile that just ran it (the
+/// schedule is the same in both, but a replay should run the same code).
+fn replay_command(seed: u64) -> String {
+    let profile = if cfg!(debug_assertions) {
+        "dev"
+    } else {
+        "release"
+    };
+    format!("make sim SEED={seed} PROFILE={profile}")
 }
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// What a run of many seeds found.
+#[derive(Default)]
+struct Summary {
+    simulated: Duration,
+    faults: BTreeMap<&'static str, u64>,
+    commits: u64,
+    checkpoints: u64,
+    samples: u64,
+    digests: BTreeMap<u64, u64>,
+    failures: Vec<(u64, String, Vec<String>)>,
+}
+
+impl Summary {
+    /// One digest for the whole run, in seed order.
+    fn digest(&self) -> u64 {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.digests.hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
+/// Seeds `first..first + count` on every core (each seed on its own
+/// runtime, so threads do not change a seed's world); stops early after
+/// three failures.
+fn run_seeds(first: u64, count: u64) -> Summary {
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8) as u64;
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(first));
+    let summary = Arc::new(Mutex::new(Summary::default()));
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let (next, summary) = (next.clone(), summary.clone());
+            scope.spawn(move || loop {
+                let seed = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if seed >= first + count || summary.lock().unwrap().failures.len() >= 3 {
+                    return;
+                }
+                let outcome = run_seed(seed, false);
+                let mut summary = summary.lock().unwrap();
+                match outcome {
+                    Ok(outcome) => {
+                        summary.simulated += outcome.simulated;
+                        for (kind, n) in outcome.faults {
+                            *summary.faults.entry(kind).or_default() += n;
+                        }
+                        summary.commits += outcome.commits;
+                        summary.checkpoints += outcome.checkpoints;
+                        summary.samples += outcome.samples;
+                        summary.digests.insert(seed, outcome.digest);
+                    }
+                    Err((error, log)) => summary.failures.push((seed, error, log)),
+                }
+            });
+        }
+    });
+    Arc::try_unwrap(summary)
+        .ok()
+        .expect("threads joined")
+        .into_inner()
+        .unwrap()
+}
+
+fn fail_on(summary: &Summary) {
+    let Some((seed, error, log)) = summary.failures.first() else {
+        return;
+    };
+    let mut report = format!("seed {seed} failed: {error}\nlast actions:\n");
+    for line in log {
+        report.push_str("  ");
+        report.push_str(line);
+        report.push('\n');
+    }
+    report.push_str(&format!(
+        "replay: {}   (or SIM_SEED={seed} cargo test{} --test sim -- --nocapture)\n",
+        replay_command(*seed),
+        if cfg!(debug_assertions) {
+            ""
+        } else {
+            " --release"
+        }
+    ));
+    for (seed, error, _) in summary.failures.iter().skip(1) {
+        report.push_str(&format!("also seed {seed}: {error}\n"));
+    }
+    panic!("{report}");
 }
 
 #[test]
@@ -1453,81 +1862,67 @@ fn simulation() {
         }
         match run_seed(seed, true) {
             Ok(outcome) => eprintln!(
-                "seed {seed}: ok, {:.0} simulated s, {} commits checked, faults {:?}",
+                "seed {seed}: ok, {:.0} simulated s, {} commits checked, faults {:?}, digest {:016x}",
                 outcome.simulated.as_secs_f64(),
                 outcome.commits,
-                outcome.faults
+                outcome.faults,
+                outcome.digest
             ),
-            Err((error, _)) => panic!("seed {seed}: {error}"),
+            Err((error, _)) => panic!("seed {seed}: {error}\nreplay: {}", replay_command(seed)),
         }
         return;
     }
     let seeds = env_u64("SIM_SEEDS").unwrap_or(1000);
     let first = env_u64("SIM_FIRST_SEED").unwrap_or(1);
-    let threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .min(8) as u64;
-    let next = Arc::new(std::sync::atomic::AtomicU64::new(first));
-    let totals = Arc::new(Mutex::new((
-        Duration::ZERO,
-        BTreeMap::<&'static str, u64>::new(),
-        0u64,
-        0u64,
-        0u64,
-        0u64,
-    )));
-    let failures = Arc::new(Mutex::new(Vec::new()));
     let started = std::time::Instant::now();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            let (next, totals, failures) = (next.clone(), totals.clone(), failures.clone());
-            scope.spawn(move || loop {
-                let seed = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if seed >= first + seeds || failures.lock().unwrap().len() >= 3 {
-                    return;
-                }
-                match run_seed(seed, false) {
-                    Ok(outcome) => {
-                        let mut totals = totals.lock().unwrap();
-                        totals.0 += outcome.simulated;
-                        for (kind, n) in outcome.faults {
-                            *totals.1.entry(kind).or_default() += n;
-                        }
-                        totals.2 += outcome.commits;
-                        totals.3 += outcome.checkpoints;
-                        totals.4 += 1;
-                        totals.5 += outcome.samples;
-                    }
-                    Err((error, log)) => failures.lock().unwrap().push((seed, error, log)),
-                }
-            });
-        }
-    });
-    let totals = totals.lock().unwrap();
+    let summary = run_seeds(first, seeds);
     eprintln!(
-        "simulation: {} seeds passed in {:.1} s: {:.1} simulated hours, {} destination commits, {} checkpointed states and {} revision-map samples checked; faults injected: {:?}",
-        totals.4,
+        "simulation: {} seeds ({first}..{}) passed in {:.1} s: {:.1} simulated hours, {} destination commits, {} checkpointed states and {} revision-map samples checked, digest {:016x}; faults injected: {:?}",
+        summary.digests.len(),
+        first + seeds,
         started.elapsed().as_secs_f64(),
-        totals.0.as_secs_f64() / 3600.0,
-        totals.2,
-        totals.3,
-        totals.5,
-        totals.1
+        summary.simulated.as_secs_f64() / 3600.0,
+        summary.commits,
+        summary.checkpoints,
+        summary.samples,
+        summary.digest(),
+        summary.faults
     );
-    let failures = failures.lock().unwrap();
-    if let Some((seed, error, log)) = failures.first() {
-        let mut report = format!("seed {seed} failed: {error}\nlast actions:\n");
-        for line in log {
-            report.push_str("  ");
-            report.push_str(line);
-            report.push('\n');
+    if std::env::var_os("SIM_DIGESTS").is_some() {
+        for (seed, digest) in &summary.digests {
+            eprintln!("seed {seed} digest {digest:016x}");
         }
-        report.push_str(&format!(
-            "replay: make sim SEED={seed}   (or SIM_SEED={seed} cargo test --test sim -- --nocapture)\n"
-        ));
-        for (seed, error, _) in failures.iter().skip(1) {
-            report.push_str(&format!("also seed {seed}: {error}\n"));
-        }
-        panic!("{report}");
     }
+    fail_on(&summary);
+}
+
+/// Same seed, same world: a few hundred seeds (their own range, so this
+/// runs beside `simulation`) twice, with the same digest each time.
+#[test]
+fn the_same_seeds_give_the_same_digests() {
+    if env_u64("SIM_SEED").is_some() {
+        return;
+    }
+    let count = env_u64("SIM_DETERMINISM_SEEDS").unwrap_or(200);
+    let first = 1_000_001;
+    let once = run_seeds(first, count);
+    fail_on(&once);
+    let again = run_seeds(first, count);
+    fail_on(&again);
+    let differ: Vec<u64> = once
+        .digests
+        .iter()
+        .filter(|(seed, digest)| again.digests.get(seed) != Some(digest))
+        .map(|(seed, _)| *seed)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "these seeds gave another world the second time: {differ:?} (first {:?})",
+        differ.first().map(|s| replay_command(*s))
+    );
+    assert_eq!(once.digests.len() as u64, count);
+    eprintln!(
+        "determinism: {count} seeds from {first}, twice, digest {:016x} both times",
+        once.digest()
+    );
 }

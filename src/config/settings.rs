@@ -214,6 +214,12 @@ pub struct Tuning {
     /// Bytes of destination keys a full sync's copy pass remembers for
     /// deletion; past it the deletions take a second walk of both prefixes.
     pub full_sync_delete_memory: usize,
+    /// A resume compares the source prefix at the checkpoint with the
+    /// destination key by key when it holds at most this many keys (the
+    /// proof that the source's history is the one the destination
+    /// reflects); above, it checks the newest event and that nothing newer
+    /// exists (see `mirror::verify_resume`).
+    pub resume_exact_max_keys: u64,
 }
 
 impl Default for Tuning {
@@ -234,6 +240,9 @@ impl Default for Tuning {
             // 8 MiB: about 130,000 deletions of 30-byte keys, far below the
             // 64 MiB the replicator is meant to stay under.
             full_sync_delete_memory: 8 << 20,
+            // Two or three pages of each side: a resume costs less than a
+            // periodic check of a small prefix.
+            resume_exact_max_keys: 10_000,
         }
     }
 }

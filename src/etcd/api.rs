@@ -88,6 +88,12 @@ impl RangeRequest {
         self.keys_only = true;
         self
     }
+
+    /// Only keys last written at or after `revision`.
+    pub fn with_min_mod_revision(mut self, revision: i64) -> Self {
+        self.min_mod_revision = revision;
+        self
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

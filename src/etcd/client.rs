@@ -135,10 +135,28 @@ impl ClientError {
         }
     }
 
-    /// A lease grant with a chosen ID that the cluster already has.
+    /// The gRPC code of a request etcd answered with an error.
+    fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Request {
+                source: etcd_client::Error::GRpcStatus(status),
+                ..
+            } => Some(status.code()),
+            _ => None,
+        }
+    }
+
+    /// A lease grant with a chosen ID that the cluster already has
+    /// (`ErrGRPCLeaseExist`: FailedPrecondition, the only one a grant gets).
     pub fn is_lease_exists(&self) -> bool {
-        matches!(self, ClientError::Request { source, .. }
-            if source.to_string().contains("lease already exists"))
+        self.code() == Some(tonic::Code::FailedPrecondition)
+    }
+
+    /// A lease the request names is not on the cluster
+    /// (`ErrGRPCLeaseNotFound`: NotFound, which etcd uses for nothing else a
+    /// put, revoke or keepalive can get).
+    pub fn is_lease_not_found(&self) -> bool {
+        self.code() == Some(tonic::Code::NotFound)
     }
 
     pub fn is_retryable(&self) -> bool {
@@ -482,6 +500,19 @@ impl Cluster {
             .await
     }
 
+    /// [`Self::lease_time_to_live`], hedged (see [`hedged`]).
+    pub async fn lease_time_to_live_hedged(
+        &self,
+        id: i64,
+    ) -> Result<Option<LeaseTtl>, ClientError> {
+        hedged(HEDGE_AFTER, HEDGED_COPIES, || self.lease_time_to_live(id)).await
+    }
+
+    /// [`Self::lease_renew`], hedged (see [`hedged`]): a keepalive is idempotent.
+    pub async fn lease_renew_hedged(&self, id: i64) -> Result<bool, ClientError> {
+        hedged(HEDGE_AFTER, HEDGED_COPIES, || self.lease_renew(id)).await
+    }
+
     /// The server's version, or `None` when it will not say (etcd 3.4.42 /
     /// 3.5.28 and later want root for it when auth is on).
     pub async fn server_version(&self) -> Option<crate::model::versions::Version> {
@@ -514,6 +545,61 @@ impl Cluster {
             cluster_id: response.header.cluster_id,
             revision: response.header.revision,
         })
+    }
+}
+
+/// A hedged request's next copy goes out after this long without an answer:
+/// well above a WAN round trip, well below the request timeout.
+pub const HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+/// Copies of a hedged request at most.
+pub const HEDGED_COPIES: usize = 3;
+
+/// Runs an idempotent request, sending another copy whenever `after`
+/// passes without an answer (up to `copies`), or at once after a retryable
+/// error; the first success wins.
+///
+/// Why: `etcd-client` spreads requests over a cluster's members, and a
+/// member that stops answering (a SIGSTOPped or wedged process still
+/// accepts connections) holds every request sent its way until the request
+/// timeout. Lease keepalives cannot wait that long; a second copy most
+/// likely reaches a member that answers.
+///
+/// # Cancel-Safety
+/// Cancel-safe: dropping it drops every copy (the request is idempotent).
+pub async fn hedged<T, F, Fut>(
+    after: std::time::Duration,
+    copies: usize,
+    request: F,
+) -> Result<T, ClientError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, ClientError>>,
+{
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let mut pending = FuturesUnordered::new();
+    pending.push(request());
+    let mut sent = 1;
+    let mut next_copy = tokio::time::Instant::now() + after;
+    loop {
+        tokio::select! {
+            answer = pending.next() => match answer {
+                Some(Ok(value)) => return Ok(value),
+                Some(Err(error)) if !error.is_retryable() || (sent >= copies && pending.is_empty()) => return Err(error),
+                Some(Err(_)) => {
+                    if pending.is_empty() {
+                        pending.push(request());
+                        sent += 1;
+                        next_copy = tokio::time::Instant::now() + after;
+                    }
+                }
+                None => unreachable!("a copy is always pending here"),
+            },
+            _ = tokio::time::sleep_until(next_copy), if sent < copies => {
+                pending.push(request());
+                sent += 1;
+                next_copy = tokio::time::Instant::now() + after;
+            }
+        }
     }
 }
 

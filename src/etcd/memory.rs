@@ -134,6 +134,11 @@ pub struct Store {
     /// request's start to its range end to count them, whatever the limit,
     /// so this is what paging costs the server.
     pub walked: u64,
+    /// When each lease was granted and ended, and the revision at each
+    /// instant a commit happened: what a lagging member's lessor and store
+    /// showed a while ago (see [`Faults::lagging`]).
+    lease_times: BTreeMap<i64, (Instant, Option<Instant>)>,
+    revision_times: Vec<(Instant, i64)>,
 }
 
 impl Store {
@@ -157,7 +162,37 @@ impl Store {
             commits: Vec::new(),
             reads: 0,
             walked: 0,
+            lease_times: BTreeMap::new(),
+            revision_times: Vec::new(),
         }
+    }
+
+    /// The leases a member lagging `lag` behind lists now, with the
+    /// revision it has applied: what the store held `lag` ago. etcd answers
+    /// `LeaseLeases` from whichever member receives it, from its own lessor.
+    fn lease_list_lagging(&self, now: Instant, lag: Duration) -> (Header, Vec<i64>) {
+        let Some(then) = now.checked_sub(lag) else {
+            return (self.header(), Vec::new());
+        };
+        let revision = self
+            .revision_times
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= then)
+            .map_or(1, |(_, revision)| *revision);
+        let ids = self
+            .lease_times
+            .iter()
+            .filter(|(_, (granted, ended))| *granted <= then && ended.is_none_or(|e| e > then))
+            .map(|(id, _)| *id)
+            .collect();
+        (
+            Header {
+                cluster_id: self.cluster_id,
+                revision,
+            },
+            ids,
+        )
     }
 
     fn header(&self) -> Header {
@@ -486,6 +521,7 @@ impl Store {
     }
 
     fn commit(&mut self, revision: i64, events: Vec<Event>, by: &str) {
+        self.revision_times.push((Instant::now(), revision));
         self.revision = revision;
         self.log.insert(revision, events.clone());
         for watcher in &self.watchers {
@@ -595,6 +631,7 @@ impl Store {
                 keys: BTreeSet::new(),
             },
         );
+        self.lease_times.insert(id, (now, None));
         Ok(id)
     }
 
@@ -615,6 +652,9 @@ impl Store {
                 "etcdserver: requested lease not found",
             ));
         };
+        if let Some((_, ended)) = self.lease_times.get_mut(&id) {
+            *ended = Some(Instant::now());
+        }
         if lease.keys.is_empty() {
             return Ok(());
         }
@@ -709,6 +749,10 @@ pub struct Faults {
     pub partitioned: bool,
     /// Requests wait until the freeze ends, then go on.
     pub frozen: bool,
+    /// The member this client talks to lags this far behind the leader:
+    /// its `LeaseLeases` lists the leases of that long ago (leader-answered
+    /// requests such as `LeaseTimeToLive` are current).
+    pub lagging: Duration,
 }
 
 /// One client's connection: its faults and a seeded random source.
@@ -718,7 +762,8 @@ pub struct Link {
     rng: Mutex<StdRng>,
     /// Bumped when the connection breaks; streams of an older epoch fail.
     epoch: watch::Sender<u64>,
-    /// Bumped when the faults change, to wake held requests.
+    /// Bumped when the faults change, to wake held requests; each
+    /// [`Link::set_faults`] returns the value it set.
     changed: watch::Sender<u64>,
 }
 
@@ -742,13 +787,32 @@ impl Link {
     }
 
     /// Replaces the faults. Starting a partition breaks open streams.
-    pub fn set_faults(&self, faults: Faults) {
-        let breaks = faults.partitioned && !lock(&self.faults).partitioned;
-        *lock(&self.faults) = faults;
+    /// Returns the faults' generation, for [`Link::set_faults_if`].
+    pub fn set_faults(&self, faults: Faults) -> u64 {
+        let mut current = lock(&self.faults);
+        let breaks = faults.partitioned && !current.partitioned;
+        *current = faults;
+        drop(current);
         if breaks {
             self.break_streams();
         }
-        self.changed.send_modify(|v| *v += 1);
+        let mut generation = 0;
+        self.changed.send_modify(|v| {
+            *v += 1;
+            generation = *v;
+        });
+        generation
+    }
+
+    /// Replaces the faults only if nothing replaced them since the
+    /// [`Link::set_faults`] that returned `generation`: a timer undoes only
+    /// the fault it set. Returns whether it did.
+    pub fn set_faults_if(&self, generation: u64, faults: Faults) -> bool {
+        if *self.changed.borrow() != generation {
+            return false;
+        }
+        self.set_faults(faults);
+        true
     }
 
     /// Closes every open watch and keepalive stream (a reset connection).
@@ -955,9 +1019,14 @@ impl Etcd for MemoryEtcd {
     fn lease_list(&self) -> BoxFuture<'_, EtcdResult<(Header, Vec<i64>)>> {
         async move {
             self.link.send().await;
+            let lag = self.link.faults().lagging;
             let result = self.with_store(|store| {
                 *store.lease_requests.entry("list").or_default() += 1;
-                Ok((store.header(), store.lease_ids()))
+                Ok(if lag.is_zero() {
+                    (store.header(), store.lease_ids())
+                } else {
+                    store.lease_list_lagging(Instant::now(), lag)
+                })
             });
             self.link.answer(result).await
         }

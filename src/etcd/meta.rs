@@ -71,7 +71,7 @@ pub async fn oldest_readable_index(
 pub fn age_seconds(at: &str) -> Option<f64> {
     humantime::parse_rfc3339_weak(at)
         .ok()
-        .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
+        .and_then(|at| crate::telemetry::clock::now().duration_since(at).ok())
         .map(|age| age.as_secs_f64())
 }
 

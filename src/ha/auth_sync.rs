@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -132,7 +132,7 @@ impl AuthSync {
         let value = serde_json::to_vec(&RecordValue {
             roles: &names.roles,
             users: &names.users,
-            updated_at: crate::model::schema::now_rfc3339(),
+            updated_at: crate::telemetry::clock::now_rfc3339(),
             instance: &self.instance_id,
         })
         .unwrap_or_default();
@@ -319,7 +319,7 @@ pub async fn run_auth_sync(
                         .users_unsynced
                         .set(report.unsynced_users.len() as i64);
                     config.metrics.last_sync_timestamp_seconds.set(
-                        SystemTime::now()
+                        crate::telemetry::clock::now()
                             .duration_since(UNIX_EPOCH)
                             .map_or(0.0, |d| d.as_secs_f64()),
                     );

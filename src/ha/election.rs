@@ -21,7 +21,8 @@ use crate::etcd::api::{Compare, CompareOp, EventType, Op, RangeRequest, TxnReque
 use crate::etcd::client::{ClientError, Cluster};
 use crate::mirror::meta::LockFence;
 use crate::model::keys::MetaKeys;
-use crate::model::schema::{now_rfc3339, LockValue};
+use crate::model::schema::LockValue;
+use crate::telemetry::clock::now_rfc3339;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElectionError {

@@ -23,12 +23,14 @@ use tracing::info;
 
 use crate::etcd::api::{Op, RangeRequest};
 use crate::etcd::pager::{next_page, spawn_pager_with_stats, PagerStats, PagerTotals, Skipped};
-use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker, JobMeta, KeyGuard};
+use crate::mirror::meta::{Checkpoint, FullSyncMarker, JobMeta, KeyGuard};
 use crate::mirror::writer::{TxnOutcome, UnorderedWrites, WriteTrace};
 use crate::mirror::{JobContext, JobError, SlowPathReason};
 use crate::model::batch::Mutation;
 use crate::model::diff::{LeaseRule, SortedMerge, Step};
+use crate::model::lease_book::Want;
 use crate::model::schema::{prune_allowance, EventStamp, PruneBlock};
+use crate::telemetry::clock::now_rfc3339;
 
 /// Where the destination stands once a full sync has committed.
 #[derive(Debug, Clone)]
@@ -39,7 +41,7 @@ pub struct Synced {
 }
 
 /// What a full sync read and wrote (logged, and returned to the caller).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Counts {
     /// Source keys read at the pinned revision.
     pub scanned: u64,
@@ -59,6 +61,9 @@ pub struct Counts {
     baseline_revision: i64,
     /// Of `deleted`, the keys that predate this full sync (pass two).
     guarded_deleted: u64,
+    /// The mirrored source key at R modified last (its mod revision, key
+    /// and value): the checkpoint's last event, which a resume proves.
+    newest: Option<(i64, Vec<u8>, Vec<u8>)>,
 }
 
 /// Where a full sync's time went, over both passes (logged with "Full sync
@@ -143,7 +148,7 @@ pub async fn run(
     ctx.metrics
         .set_progress(ctx.metrics.last_synced_revision.get(), pinned_rev);
     let mut marker = FullSyncMarker {
-        id: rand::random(),
+        id: ctx.ids.next(),
         pinned_rev,
         source_cluster_id: head.cluster_id,
         started_at: now_rfc3339(),
@@ -249,11 +254,19 @@ pub async fn run(
             what: "the key count or first key at the pinned revision changed during the full sync",
         });
     }
-    // The first key at R stands in for "the last event" until the watch
+    // An attempt cancelled meanwhile (a destination lease it wrote keys
+    // on was found lost, a step-down) must not claim R: the destination
+    // may no longer hold what the passes wrote.
+    if cancel.is_cancelled() {
+        return Err(JobError::Cancelled);
+    }
+    // The newest mirrored change at R is "the last event" until the watch
     // applies one: a resume can then tell this history from another.
-    let last_event = pinned_fingerprint.1.clone();
+    let last_event = counts
+        .newest
+        .as_ref()
+        .map(|(mod_revision, key, value)| EventStamp::put(key, value, *mod_revision));
     let mut synced = finish(ctx, &marker_guard, pinned_rev, head.cluster_id, last_event).await?;
-    synced.counts = counts;
     let elapsed = started.elapsed();
     info!(
         job = %ctx.job.name,
@@ -280,6 +293,7 @@ pub async fn run(
         txns_in_flight_mean = trace.mean_inflight(),
         "Full sync finished."
     );
+    synced.counts = counts;
     Ok(synced)
 }
 
@@ -413,7 +427,7 @@ async fn finish(
         source_prefix: String::from_utf8_lossy(ctx.rewrite.source_prefix()).into_owned(),
         dest_prefix: Some(String::from_utf8_lossy(ctx.rewrite.dest_prefix()).into_owned()),
         partial_revision: None,
-        write_id: rand::random(),
+        write_id: ctx.ids.next(),
         last_event,
         leases_mirrored: ctx.leases().is_some(),
     };
@@ -590,6 +604,7 @@ async fn delete_remembered(
     let started = std::time::Instant::now();
     let mut writes = UnorderedWrites::new(
         ctx.writer.clone(),
+        pinned_rev,
         marker_guard.clone(),
         ctx.tuning.max_inflight_txns,
     );
@@ -661,15 +676,21 @@ async fn merge_pass(
     );
     let mut writes = UnorderedWrites::new(
         ctx.writer.clone(),
+        pinned_rev,
         marker_guard.clone(),
         ctx.tuning.max_inflight_txns,
     );
     let mut batcher = TxnBatcher::new(ctx);
     let mut merge = match ctx.leases() {
+        // A key is where it belongs when it sits on the lease its source
+        // lease's key would be attached to now, for the source at R.
         Some(book) => {
             let book = book.clone();
             SortedMerge::with_leases(LeaseRule::Mapped(Box::new(move |lease| {
-                book.dest_lease_of(lease)
+                book.target(Want {
+                    lease,
+                    at: pinned_rev,
+                })
             })))
         }
         // `--leases strip`: every destination key on no lease, so keys a
@@ -689,6 +710,19 @@ async fn merge_pass(
                     Some(page) => {
                         if pass.is_copy() {
                             counts.scanned += page.len() as u64;
+                            for entry in &page {
+                                if counts
+                                    .newest
+                                    .as_ref()
+                                    .is_none_or(|(m, _, _)| entry.mod_revision > *m)
+                                {
+                                    counts.newest = Some((
+                                        entry.mod_revision,
+                                        ctx.rewrite.suffix_to_source(&entry.suffix),
+                                        entry.value.clone(),
+                                    ));
+                                }
+                            }
                             if let Some(book) = ctx.leases() {
                                 for entry in &page {
                                     book.observe_key(&entry.suffix, Some(entry.lease));

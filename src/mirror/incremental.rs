@@ -52,12 +52,25 @@ struct RepairRead {
     mutations: Vec<(Mutation, &'static str)>,
 }
 
+/// How a watch phase came to its checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A resume from a checkpoint found on the destination: the source's
+    /// history must be proved to be the one it reflects.
+    Resume,
+    /// Right after this attempt's full sync: only that the watch reads the
+    /// same history is checked (the cheap proof; the sync just compared
+    /// every key).
+    AfterFullSync,
+}
+
 pub async fn run(
     ctx: &JobContext,
     committed_guard: KeyGuard,
     committed_revision: i64,
     committed_event: Option<EventStamp>,
     source_cluster_id: u64,
+    start: Start,
     cancel: &CancellationToken,
 ) -> Result<Stopped, JobError> {
     let request = WatchRequest {
@@ -77,9 +90,14 @@ pub async fn run(
     //   with a compaction error, whose policy is a full sync.)
     // - a source rebuilt or restored with the same cluster id has another
     //   history: the key counts and the last applied event must agree.
-    let evidence =
-        crate::mirror::read_resume_evidence(ctx, committed_revision, committed_event.as_ref())
-            .await?;
+    let evidence = crate::mirror::read_resume_evidence(
+        ctx,
+        committed_revision,
+        committed_event.as_ref(),
+        start == Start::Resume,
+        cancel,
+    )
+    .await?;
     if let Some(reason) =
         crate::mirror::verify_resume(committed_revision, committed_event.as_ref(), &evidence)
     {

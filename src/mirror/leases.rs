@@ -1,131 +1,75 @@
-//! Lease-faithful mirroring: a key on source lease L is written on a
-//! destination lease that lives exactly as long as L does (plus a grace).
+//! Lease-faithful mirroring (`--leases faithful`): a key on source lease L
+//! is written on a destination lease that lives as long as L does (plus
+//! `--lease-grace`).
 //!
-//! - **Mapping.** L is mirrored by destination lease L itself when the
-//!   destination does not have that ID (etcd's `LeaseGrant` takes a chosen
-//!   ID), else by a fresh one. The mapping is recorded under the job's meta
-//!   prefix ([`LeaseRecord`]) in a fenced txn *before* any key is attached to
-//!   the destination lease, so a new leader knows every lease to keep alive.
-//! - **TTL.** The destination lease gets the source's granted TTL plus
-//!   `--lease-grace`: live keys survive a replicator outage shorter than
-//!   the grace.
-//! - **Keepalive.** The [`LeaseBook::keep`] task lists the source's leases
-//!   (one `LeaseLeases` per tick, never one call per key) and renews each
-//!   destination lease whose source lease lives, a third of its TTL after
-//!   the last renewal. A source lease that is gone keeps its destination
-//!   lease alive until the checkpoint passes the revision by which it was
-//!   seen gone: by then its keys' DELETE events are applied, so revoking it
-//!   deletes nothing and the destination never drops a key on its own.
-//! - **Loss.** A destination lease found gone while its source lease lives
-//!   means the destination dropped keys the source still has (an outage
-//!   longer than TTL + grace): its record is deleted and the job is sent
-//!   to a full sync, which re-grants it and restores the keys.
+//! The rules are in [`crate::model::lease_book`], a pure state machine
+//! ([`LeaseCore`]); this is its shell. One [`LeaseBook`] per leadership:
+//! every input (a writer's request, the answer to an effect, checkpoint
+//! progress, a tick) goes through [`LeaseCore::step`] under one lock, so no
+//! two paths ever decide about a lease with different views of it; the
+//! effects it returns are performed by one executor task, at most
+//! [`CONCURRENT_LEASE_CALLS`] at a time, and their answers come back as inputs.
+//!
+//! - **Mapping.** L is mirrored by destination lease L when the destination
+//!   does not have that ID (etcd's `LeaseGrant` takes a chosen ID), else by
+//!   a fresh one; the mapping is recorded under the job's meta prefix in a
+//!   fenced txn before any key is attached to it.
+//! - **Keepalive.** A destination lease is renewed a third of its TTL after
+//!   the last renewal, once a `LeaseTimeToLive` of its source lease (which
+//!   etcd answers on the leader) found it alive. Probes and renewals are
+//!   hedged: a member that stops answering holds one copy, not the answer.
+//! - **End of a lease.** A probe that finds the source lease gone, then a
+//!   linearizable read of the source's head (revision G), retire it; it is
+//!   revoked once the checkpoint reaches G, when its keys' deletes are on
+//!   the destination, so revoking deletes nothing the source still has.
+//! - **Loss.** A destination lease found gone while the destination still
+//!   needed it (an outage longer than TTL + grace) sends the job to a full
+//!   sync, which grants it again and restores the keys.
 //! - **Promotion.** The book lives only while the job replicates: after
 //!   `promote` nothing renews, and mirrored keys expire after TTL + grace,
 //!   as they would have on the primary.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 // tokio's clock, so the simulator's paused time governs every deadline.
 use tokio::time::Instant;
 
-use futures::{StreamExt, TryStreamExt};
-use tokio::sync::OnceCell;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::etcd::api::{Compare, CompareOp, Op};
 use crate::etcd::client::Cluster;
-use crate::mirror::writer::{DestWriter, TxnOutcome};
-use crate::mirror::JobError;
-use crate::model::keys::MetaKeys;
+use crate::mirror::error::JobError;
+use crate::mirror::fenced::{FencedWriter, TxnOutcome};
+use crate::model::ids::Ids;
+use crate::model::lease_book::{Effect, Failure, History, Input, LeaseCore, Want};
 use crate::model::schema::LeaseRecord;
-use crate::telemetry::metrics::JobMetrics;
 
-/// etcd raises shorter TTLs to its minimum anyway (`minLeaseTTL`, a few
-/// seconds); a destination lease never gets less.
-const MIN_DEST_TTL_SECONDS: i64 = 5;
-/// Lease records written per txn: well under etcd's default 128 ops.
-const RECORDS_PER_TXN: usize = 64;
-/// Grants, TTL reads and keepalives in flight at once.
-const CONCURRENT_LEASE_CALLS: usize = 32;
-const MIN_TICK: Duration = Duration::from_millis(500);
-const MAX_TICK: Duration = Duration::from_secs(5);
+/// Probes, grants, renewals and revokes in flight at once.
+pub const CONCURRENT_LEASE_CALLS: usize = 32;
 
-/// One mirrored source lease.
-#[derive(Debug, Clone, Copy)]
-struct Mirrored {
-    record: LeaseRecord,
-    /// The record is on the destination (written by this leader, or read).
-    recorded: bool,
-    /// `None`: renew at the next tick (a lease loaded from the records).
-    last_renewed: Option<Instant>,
+type Error = Arc<JobError>;
+type Reply = Result<BTreeMap<i64, i64>, Failure<Error>>;
+
+/// What the executor is told.
+enum Command {
+    Perform(Effect<Error>),
+    /// The keeper started: tick now.
+    Tick,
 }
 
-/// A mirrored lease whose source lease is gone: renewed until the
-/// destination reflects its keys' deletes, then revoked.
-#[derive(Debug, Clone, Copy)]
-struct Retiring {
-    source_lease: i64,
-    mirrored: Mirrored,
-    /// The source revision by which the source lease was seen gone.
-    /// `None` after a full sync: the source may have another history now
-    /// (rebuilt or replaced), so the next list observes it again.
-    gone_at: Option<i64>,
-}
-
-/// One keepalive to send.
-#[derive(Debug, Clone, Copy)]
-struct Renewal {
-    source_lease: i64,
-    dest_lease: i64,
-    retiring: bool,
-}
-
-/// The lease list read under `header` and the checkpoint count in one
-/// source history: the same cluster, and not behind the checkpoint (a
-/// revision never goes down within a history).
-fn same_history(state: &BookState, header: crate::etcd::api::Header) -> bool {
-    header.cluster_id == state.committed_cluster && header.revision >= state.committed_revision
-}
-
-impl Retiring {
-    fn done(&self, committed: i64) -> bool {
-        self.gone_at.is_some_and(|gone_at| committed >= gone_at)
-    }
-}
-
-impl Mirrored {
-    fn renewal_due(&self, now: Instant) -> bool {
-        let period = Duration::from_secs((self.record.dest_ttl.max(1) as u64).div_ceil(3));
-        self.last_renewed
-            .is_none_or(|last| now.saturating_duration_since(last) >= period)
-    }
-}
-
+/// What the book shares with the job loop outside the core.
 #[derive(Default)]
-struct BookState {
-    leases: BTreeMap<i64, Mirrored>,
-    /// Source leases seen gone. Kept apart from `leases`: a source rebuilt
-    /// from a backup may hand the same ID out again, and that is a new
-    /// lease needing a destination lease of its own.
-    retiring: Vec<Retiring>,
-    /// One grant at a time per source lease, shared by concurrent writers.
-    granting: HashMap<i64, Arc<OnceCell<()>>>,
-    /// The source revision the destination's checkpoint holds.
-    committed_revision: i64,
-    /// The source cluster whose history `committed_revision` counts in
-    /// (0: not known yet, e.g. before the first checkpoint was read).
-    committed_cluster: u64,
-    /// Source leases whose destination lease was found gone.
+struct Shared {
+    /// Source leases whose destination lease was found lost.
     lost: BTreeSet<i64>,
-    /// (source lease, destination lease) pairs found dead: a record naming
-    /// one (its deletion may have failed) is never adopted again. Pairs,
-    /// because an expired destination ID can be granted again for another.
-    dead: BTreeSet<(i64, i64)>,
     /// The attempt to interrupt when a lease is lost.
     attempt: Option<CancellationToken>,
     /// Leased keys (hash of the key below the job prefix → source lease),
@@ -133,18 +77,24 @@ struct BookState {
     leased_keys: HashMap<u64, i64>,
 }
 
-/// The leader's view of the job's mirrored leases, shared by the writer
-/// (which resolves leases before each txn) and the keepalive task.
+/// One leadership's mirrored leases.
 pub struct LeaseBook {
-    /// Stops the running keepalive task.
-    keeper: Mutex<Option<CancellationToken>>,
     job: String,
-    keys: MetaKeys,
+    /// The one key whose count-only read is the source's head.
+    probe_prefix: Vec<u8>,
     source: Cluster,
-    dest: Cluster,
-    grace_seconds: i64,
-    metrics: JobMetrics,
-    state: Mutex<BookState>,
+    fenced: Arc<FencedWriter>,
+    ids: Ids,
+    core: Mutex<LeaseCore<Error>>,
+    /// To the executor task, which lives as long as the job's leadership.
+    commands: mpsc::UnboundedSender<Command>,
+    /// Set while the keeper runs: the executor ticks, and sends keepalives.
+    keeper: Mutex<Option<CancellationToken>>,
+    replies: Mutex<BTreeMap<u64, oneshot::Sender<Reply>>>,
+    /// The executor has ended: no effect will be performed, no request answered.
+    closed: AtomicBool,
+    next_request: AtomicU64,
+    shared: Mutex<Shared>,
 }
 
 impl std::fmt::Debug for LeaseBook {
@@ -155,96 +105,122 @@ impl std::fmt::Debug for LeaseBook {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn key_hash(suffix: &[u8]) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     suffix.hash(&mut hasher);
     hasher.finish()
 }
 
-impl BookState {
-    /// The destination lease keys on `source_lease` go to: its mapping,
-    /// else its retiring destination lease.
-    fn mapped(&self, source_lease: i64) -> Option<i64> {
-        self.leases
-            .get(&source_lease)
-            .map(|m| m.record.dest_lease)
-            .or_else(|| {
-                self.retiring
-                    .iter()
-                    .rev()
-                    .find(|r| r.source_lease == source_lease)
-                    .map(|r| r.mirrored.record.dest_lease)
-            })
-    }
-
-    fn is_retiring(&self, source_lease: i64) -> bool {
-        self.retiring.iter().any(|r| r.source_lease == source_lease)
-    }
-}
-
 impl LeaseBook {
+    /// A book whose executor runs until `cancel` (the job's token for this
+    /// leadership); the keeper's ticks start with [`Self::ensure_keeper`].
     pub fn new(
         job: &str,
-        keys: MetaKeys,
+        source_prefix: Vec<u8>,
         source: Cluster,
-        dest: Cluster,
-        grace: Duration,
-        metrics: JobMetrics,
-    ) -> Self {
-        Self {
-            keeper: Mutex::new(None),
+        fenced: Arc<FencedWriter>,
+        grace: std::time::Duration,
+        ids: Ids,
+        cancel: &CancellationToken,
+    ) -> Arc<Self> {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let book = Arc::new(Self {
             job: job.to_string(),
-            keys,
+            probe_prefix: source_prefix,
             source,
-            dest,
-            grace_seconds: grace.as_secs() as i64,
-            metrics,
-            state: Mutex::new(BookState::default()),
-        }
+            fenced,
+            ids,
+            core: Mutex::new(LeaseCore::new(grace)),
+            commands,
+            keeper: Mutex::new(None),
+            replies: Mutex::new(BTreeMap::new()),
+            closed: AtomicBool::new(false),
+            next_request: AtomicU64::new(1),
+            shared: Mutex::new(Shared::default()),
+        });
+        // The task holds the book only weakly: a book nobody uses any more
+        // ends its executor.
+        tokio::spawn(run(Arc::downgrade(&book), receiver, cancel.child_token()));
+        book
     }
 
-    fn state(&self) -> MutexGuard<'_, BookState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Whether the keeper runs: ticks, probes, renewals and revokes go out.
+    fn keeping(&self) -> bool {
+        lock(&self.keeper)
+            .as_ref()
+            .is_some_and(|token| !token.is_cancelled())
+    }
+
+    /// Steps the core with `input` and hands out what it decided: replies
+    /// and losses here, I/O to the executor.
+    fn input(&self, input: Input<Error>) {
+        let effects = {
+            let mut core = lock(&self.core);
+            let effects = core.step(Instant::now(), input);
+            self.fenced
+                .metrics()
+                .leases_mirrored
+                .set(core.mirrored_count() as i64);
+            effects
+        };
+        for effect in effects {
+            match effect {
+                Effect::Reply { request, outcome } => {
+                    if let Some(reply) = lock(&self.replies).remove(&request) {
+                        // The writer may have given up (cancelled): fine.
+                        let _ = reply.send(outcome);
+                    }
+                }
+                Effect::Lost { leases } => {
+                    warn!(
+                        job = %self.job,
+                        leases = leases.len(),
+                        "Destination leases expired while the destination still needed them (an outage longer than TTL + --lease-grace?); a full sync restores their keys."
+                    );
+                    let mut shared = lock(&self.shared);
+                    shared.lost.extend(leases);
+                    if let Some(attempt) = &shared.attempt {
+                        attempt.cancel();
+                    }
+                }
+                other => {
+                    // No executor any more (the leadership ended): nothing to do.
+                    let _ = self.commands.send(Command::Perform(other));
+                }
+            }
+        }
     }
 
     /// Adopts the records read from the destination (a new leader, or a
-    /// new attempt); leases already known keep their renewal state.
+    /// new attempt); leases already known keep their state.
     pub fn load(&self, records: &BTreeMap<i64, LeaseRecord>) {
-        let mut state = self.state();
-        for (source_lease, record) in records {
-            let retiring = state.retiring.iter().any(|r| {
-                r.source_lease == *source_lease && r.mirrored.record.dest_lease == record.dest_lease
-            });
-            if retiring
-                || state.lost.contains(source_lease)
-                || state.dead.contains(&(*source_lease, record.dest_lease))
-            {
-                continue;
-            }
-            state.leases.entry(*source_lease).or_insert(Mirrored {
-                record: *record,
-                recorded: true,
-                last_renewed: None,
-            });
-        }
-        self.metrics.leases_mirrored.set(state.leases.len() as i64);
+        self.input(Input::Load {
+            records: records.iter().map(|(s, r)| (*s, *r)).collect(),
+        });
     }
 
-    /// Starts the keepalive task under `parent` unless it runs already.
-    pub fn ensure_keeper(self: &Arc<Self>, writer: Arc<DestWriter>, parent: &CancellationToken) {
-        let mut keeper = self.keeper.lock().unwrap_or_else(|p| p.into_inner());
+    /// Starts the keeper (ticks: probes, renewals, revokes) until `parent`
+    /// is cancelled, unless it runs already; the first tick is at once, so
+    /// a new leader renews the recorded leases well within their grace.
+    pub fn ensure_keeper(&self, parent: &CancellationToken) {
+        let mut keeper = lock(&self.keeper);
         if keeper.as_ref().is_some_and(|token| !token.is_cancelled()) {
             return;
         }
-        let token = parent.child_token();
-        *keeper = Some(token.clone());
-        tokio::spawn(self.clone().keep(writer, token));
+        *keeper = Some(parent.child_token());
+        let _ = self.commands.send(Command::Tick);
     }
 
+    /// Stops the keeper (promoted): no probe, renewal or revoke goes out
+    /// once this returns.
     pub fn stop_keeper(&self) {
-        if let Some(token) = self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(token) = lock(&self.keeper).take() {
             token.cancel();
         }
     }
@@ -252,553 +228,377 @@ impl LeaseBook {
     /// Forgets everything (the job was promoted: nothing is renewed, and
     /// `promote --undo` starts again from the records).
     pub fn clear(&self) {
-        let mut state = self.state();
-        state.leases.clear();
-        state.retiring.clear();
-        state.granting.clear();
-        // After the promotion the records are the truth again.
-        state.dead.clear();
-        state.lost.clear();
-        self.metrics.leases_mirrored.set(0);
+        self.input(Input::Clear {
+            error: Arc::new(JobError::Promoted),
+        });
+        self.fenced.metrics().leases_mirrored.set(0);
     }
 
-    /// The destination lease mirroring `source_lease`, if it has one.
+    /// The destination lease a key on `want.lease` goes to, for a state of
+    /// the source at `want.at` (see [`LeaseCore::target`]).
+    pub fn target(&self, want: Want) -> Option<i64> {
+        lock(&self.core).target(want)
+    }
+
+    /// The destination lease mirroring `source_lease`, if it is mapped (not
+    /// retiring) and recorded.
     pub fn dest_lease_of(&self, source_lease: i64) -> Option<i64> {
-        self.state().mapped(source_lease)
+        self.target(Want {
+            lease: source_lease,
+            at: i64::MAX,
+        })
     }
 
-    /// Every mapping known now (for a consistency check's lease rule).
+    /// Every recorded mapping that takes keys.
     pub fn mapping(&self) -> HashMap<i64, i64> {
-        self.state()
-            .leases
-            .iter()
-            .map(|(source, m)| (*source, m.record.dest_lease))
-            .collect()
+        lock(&self.core).mapping().into_iter().collect()
     }
 
     pub fn mirrored_count(&self) -> usize {
-        self.state().leases.len()
+        lock(&self.core).mirrored_count()
     }
 
-    /// The destination now reflects the source up to `revision` (of the
-    /// source's current history: it may go down when the source changes).
+    pub fn retiring_count(&self) -> usize {
+        lock(&self.core).retiring_count()
+    }
+
+    /// The destination now reflects the source up to `revision`.
     pub fn committed(&self, revision: i64) {
-        self.state().committed_revision = revision;
+        self.input(Input::Committed { revision });
     }
 
     /// The job (re)starts from a checkpoint of `cluster_id`'s history at
-    /// `revision`. Until then, and while the source answers with another
-    /// cluster id or a revision below it (replaced or rebuilt, which the
-    /// job's resume check is about to find), no lease is judged gone.
+    /// `revision`; until then nothing is judged gone.
     pub fn resumed(&self, cluster_id: u64, revision: i64) {
-        let mut state = self.state();
-        state.committed_cluster = cluster_id;
-        state.committed_revision = revision;
+        self.input(Input::Resumed {
+            history: History {
+                cluster_id,
+                revision,
+            },
+        });
     }
 
-    /// A full sync finished at `revision` of `cluster_id`: revisions of the
-    /// source's earlier history (if it was rebuilt or replaced) mean
-    /// nothing now.
+    /// A full sync of `cluster_id`'s history begins (before it pins its
+    /// revision): retiring leases stop taking keys.
+    pub fn full_sync_started(&self, cluster_id: u64) {
+        self.input(Input::FullSyncStarted { cluster_id });
+    }
+
+    /// A full sync finished at `revision` of `cluster_id`.
     pub fn full_sync_done(&self, cluster_id: u64, revision: i64) {
-        let mut state = self.state();
-        state.committed_cluster = cluster_id;
-        state.committed_revision = revision;
-        for retiring in &mut state.retiring {
-            retiring.gone_at = None;
-        }
+        self.input(Input::FullSyncDone {
+            history: History {
+                cluster_id,
+                revision,
+            },
+        });
     }
 
     /// Interrupt `attempt` when a destination lease is found lost.
     pub fn watch_attempt(&self, attempt: CancellationToken) {
-        let mut state = self.state();
-        if !state.lost.is_empty() {
+        let mut shared = lock(&self.shared);
+        if !shared.lost.is_empty() {
             attempt.cancel();
         }
-        state.attempt = Some(attempt);
+        shared.attempt = Some(attempt);
     }
 
     /// Source leases whose destination lease was lost since the last call.
     pub fn take_lost(&self) -> Vec<i64> {
-        std::mem::take(&mut self.state().lost).into_iter().collect()
+        std::mem::take(&mut lock(&self.shared).lost)
+            .into_iter()
+            .collect()
     }
 
     /// A key below the job prefix is now on `lease` (0: none), or deleted (`None`).
     pub fn observe_key(&self, suffix: &[u8], lease: Option<i64>) {
-        let mut state = self.state();
+        let mut shared = lock(&self.shared);
         match lease {
             Some(lease) if lease != 0 => {
-                state.leased_keys.insert(key_hash(suffix), lease);
+                shared.leased_keys.insert(key_hash(suffix), lease);
             }
             _ => {
-                state.leased_keys.remove(&key_hash(suffix));
+                shared.leased_keys.remove(&key_hash(suffix));
             }
         }
-        self.metrics
+        self.fenced
+            .metrics()
             .lease_backed_keys
-            .set(state.leased_keys.len() as i64);
+            .set(shared.leased_keys.len() as i64);
     }
 
     /// A full sync starts: it observes every source key again.
     pub fn forget_keys(&self) {
-        let mut state = self.state();
-        state.leased_keys.clear();
-        self.metrics.lease_backed_keys.set(0);
+        lock(&self.shared).leased_keys.clear();
+        self.fenced.metrics().lease_backed_keys.set(0);
     }
 
-    /// Destination leases for `source_leases`: granted where missing, and
-    /// recorded (fenced, through `writer`) before the caller attaches keys.
+    /// Destination leases for `wants`: granted where missing, and recorded
+    /// (fenced) before the caller may attach keys.
     ///
     /// # Cancel-Safety
-    /// Cancel-safe: a grant whose record is never written leaves a
-    /// destination lease without keys, which expires on its own.
-    pub async fn resolve(
-        &self,
-        writer: &DestWriter,
-        source_leases: impl IntoIterator<Item = i64>,
-    ) -> Result<HashMap<i64, i64>, JobError> {
-        let wanted: BTreeSet<i64> = source_leases.into_iter().filter(|l| *l != 0).collect();
-        if wanted.is_empty() {
+    /// Cancel-safe: the request stays with the core until answered, and a
+    /// grant whose record is never used leaves a lease without keys, which
+    /// expires on its own.
+    pub async fn resolve(&self, wants: Vec<Want>) -> Result<HashMap<i64, i64>, JobError> {
+        if wants.iter().all(|w| w.lease == 0) {
             return Ok(HashMap::new());
         }
-        let unknown: Vec<(i64, Arc<OnceCell<()>>)> = {
-            let mut state = self.state();
-            let state = &mut *state;
-            wanted
-                .iter()
-                .filter(|lease| !state.leases.contains_key(lease))
-                .map(|lease| (*lease, state.granting.entry(*lease).or_default().clone()))
-                .collect()
-        };
-        futures::stream::iter(unknown)
-            .map(|(lease, cell)| async move {
-                cell.get_or_try_init(|| self.grant(lease)).await?;
-                self.state().granting.remove(&lease);
-                Ok::<(), JobError>(())
-            })
-            .buffer_unordered(CONCURRENT_LEASE_CALLS)
-            .try_collect::<Vec<()>>()
-            .await?;
-
-        let unrecorded: Vec<(i64, LeaseRecord)> = {
-            let state = self.state();
-            wanted
-                .iter()
-                .filter_map(|lease| state.leases.get(lease).map(|m| (*lease, *m)))
-                .filter(|(_, m)| !m.recorded)
-                .map(|(lease, m)| (lease, m.record))
-                .collect()
-        };
-        for chunk in unrecorded.chunks(RECORDS_PER_TXN) {
-            let ops = chunk
-                .iter()
-                .map(|(lease, record)| Op::put(self.keys.lease_record(*lease), record.encode()))
-                .collect();
-            match writer.commit("record mirrored leases", vec![], ops).await? {
-                TxnOutcome::Committed(_) => {
-                    let mut state = self.state();
-                    for (lease, _) in chunk {
-                        if let Some(mirrored) = state.leases.get_mut(lease) {
-                            mirrored.recorded = true;
-                        }
-                    }
-                }
-                TxnOutcome::GuardFailed(failure) => {
-                    return Err(writer.explain(&failure, "lease records"));
-                }
-            }
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        lock(&self.replies).insert(request, reply);
+        self.input(Input::Resolve { request, wants });
+        if self.closed.load(Ordering::SeqCst) {
+            // Nothing will answer (the leadership ended); the executor
+            // dropped every waiting reply when it stopped.
+            lock(&self.replies).remove(&request);
         }
-
-        let state = self.state();
-        wanted
-            .into_iter()
-            .map(|lease| match state.mapped(lease) {
-                Some(dest_lease) => Ok((lease, dest_lease)),
-                // Lost between the grant and now: the job is being sent to
-                // a full sync; this txn must not attach keys to nothing.
-                None => {
-                    debug!(job = %self.job, source_lease = lease, "Mirrored lease vanished while resolving.");
-                    Err(JobError::DestLeaseLost { leases: 1 })
-                }
-            })
-            .collect()
+        match answer.await {
+            Ok(Ok(mapping)) => Ok(mapping.into_iter().collect()),
+            Ok(Err(Failure::Lost)) => Err(JobError::DestLeaseLost { leases: 1 }),
+            Ok(Err(Failure::Effect(error))) => Err(JobError::Shared(error)),
+            // The book was cleared (promoted) or its leadership ended.
+            Err(_) => Err(JobError::Cancelled),
+        }
     }
 
-    /// Grants the destination lease for `source_lease`.
-    async fn grant(&self, source_lease: i64) -> Result<(), JobError> {
-        let source_ttl = self.source.lease_time_to_live(source_lease).await?;
-        if source_ttl.is_none() && self.state().is_retiring(source_lease) {
-            // A key put before the lease went: it joins the other keys of
-            // that lease on their retiring destination lease, and goes with
-            // them when the source's deletes arrive.
-            return Ok(());
-        }
-        // Gone already (and never mapped): its keys' DELETE events follow;
-        // the keepalive task keeps this lease until they are applied. Alive
-        // while retiring: the source handed the ID out again (a source
-        // rebuilt from a backup), a new lease that needs its own.
-        let source_ttl = source_ttl.map_or(0, |ttl| ttl.granted);
-        let dest_ttl = (source_ttl + self.grace_seconds).max(MIN_DEST_TTL_SECONDS);
-        let dest_lease = match self.dest.lease_grant(dest_ttl, source_lease).await {
-            Ok(id) => id,
-            Err(error) if error.is_lease_exists() => self.dest.lease_grant(dest_ttl, 0).await?,
-            Err(error) => return Err(error.into()),
-        };
-        debug!(job = %self.job, source_lease, dest_lease, dest_ttl, "Mirroring a source lease.");
-        let mut state = self.state();
-        // A pair that died and was granted again (the same free ID) is live.
-        state.dead.remove(&(source_lease, dest_lease));
-        // The destination handed out an ID another mapping names: that
-        // lease had expired (records adopted before the keepalive task got
-        // to them). Its keys are gone; a live one is lost.
-        let stale: Vec<(i64, LeaseRecord)> = state
-            .leases
-            .iter()
-            .filter(|(source, m)| **source != source_lease && m.record.dest_lease == dest_lease)
-            .map(|(source, m)| (*source, m.record))
-            .collect();
-        for (source, _) in &stale {
-            state.leases.remove(source);
-            state.dead.insert((*source, dest_lease));
-            state.lost.insert(*source);
-        }
-        let stale_retiring: Vec<i64> = state
-            .retiring
-            .iter()
-            .filter(|r| r.mirrored.record.dest_lease == dest_lease)
-            .map(|r| r.source_lease)
-            .collect();
-        for source in stale_retiring {
-            state.dead.insert((source, dest_lease));
-        }
-        state
-            .retiring
-            .retain(|r| r.mirrored.record.dest_lease != dest_lease);
-        if !stale.is_empty() {
-            if let Some(attempt) = &state.attempt {
-                attempt.cancel();
-            }
-        }
-        state.leases.insert(
-            source_lease,
-            Mirrored {
-                record: LeaseRecord {
-                    dest_lease,
-                    source_ttl,
-                    dest_ttl,
-                    grant: rand::random(),
-                },
-                recorded: false,
-                last_renewed: Some(Instant::now()),
-            },
-        );
-        self.metrics.leases_mirrored.set(state.leases.len() as i64);
-        Ok(())
-    }
-
-    /// Forgets the mappings whose destination lease is gone (of
-    /// `dest_leases`), as lost, with their records; returns how many.
-    pub async fn evict_dead(
-        &self,
-        writer: &DestWriter,
-        dest_leases: impl IntoIterator<Item = i64>,
-    ) -> usize {
+    /// Reads back which of `dest_leases` are gone (a txn met one) and
+    /// drops their mappings; returns how many were gone.
+    pub async fn evict_dead(&self, dest_leases: impl IntoIterator<Item = i64>) -> usize {
         let mut dead = Vec::new();
         for dest_lease in dest_leases.into_iter().collect::<BTreeSet<i64>>() {
-            if let Ok(None) = self.dest.lease_time_to_live(dest_lease).await {
+            if let Ok(None) = self.fenced.dest().lease_time_to_live(dest_lease).await {
                 dead.push(dest_lease);
             }
         }
-        let lost = self.mark_dead(&dead);
-        self.forget_records(writer, &lost).await;
-        lost.len()
-    }
-
-    /// Drops every use of the `dead` destination leases; returns the live
-    /// mappings that were lost with them.
-    fn mark_dead(&self, dead: &[i64]) -> Vec<(i64, LeaseRecord)> {
-        let mut state = self.state();
-        // Retiring ones only stop being used: their keys are on their way out.
-        let dead_retiring: Vec<(i64, i64)> = state
-            .retiring
-            .iter()
-            .filter(|r| dead.contains(&r.mirrored.record.dest_lease))
-            .map(|r| (r.source_lease, r.mirrored.record.dest_lease))
-            .collect();
-        state.dead.extend(dead_retiring);
-        state
-            .retiring
-            .retain(|r| !dead.contains(&r.mirrored.record.dest_lease));
-        let lost: Vec<(i64, LeaseRecord)> = state
-            .leases
-            .iter()
-            .filter(|(_, m)| dead.contains(&m.record.dest_lease))
-            .map(|(source, m)| (*source, m.record))
-            .collect();
-        for (source, record) in &lost {
-            state.leases.remove(source);
-            state.dead.insert((*source, record.dest_lease));
+        let count = dead.len();
+        if count > 0 {
+            self.input(Input::DestGone { dests: dead });
         }
-        state.lost.extend(lost.iter().map(|(source, _)| *source));
-        self.metrics.leases_mirrored.set(state.leases.len() as i64);
-        lost
+        count
     }
 
-    fn tick_period(&self) -> Duration {
-        let shortest = self
-            .state()
-            .leases
-            .values()
-            .map(|m| m.record.dest_ttl)
-            .min()
-            .unwrap_or(i64::MAX);
-        Duration::from_secs((shortest.max(1) as u64).div_ceil(6)).clamp(MIN_TICK, MAX_TICK)
-    }
-
-    /// Keeps the destination leases alive while their source leases live,
-    /// and revokes them once the source's have gone and the checkpoint
-    /// passed that point. Runs until `cancel`.
-    ///
-    /// # Cancel-Safety
-    /// Stops at the next await; a keepalive or revoke in flight either
-    /// happened or not, and the next leader starts from the records.
-    pub async fn keep(self: Arc<Self>, writer: Arc<DestWriter>, cancel: CancellationToken) {
-        let mut first = true;
-        loop {
-            if !first {
-                let period = self.tick_period();
-                tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(period) => {}
-                }
-            }
-            first = false;
-            // Biased: once stopped (promoted, deposed), no renewal goes out,
-            // even one due at the same instant.
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return,
-                _ = self.tick(&writer) => {}
-            }
-        }
-    }
-
-    async fn tick(&self, writer: &DestWriter) {
-        {
-            let state = self.state();
-            if state.leases.is_empty() && state.retiring.is_empty() {
-                return;
-            }
-        }
-        let (header, live) = match self.source.lease_list().await {
-            Ok((header, live)) => (header, live.into_iter().collect::<BTreeSet<i64>>()),
-            Err(error) => {
-                // Nothing is renewed blind: the grace covers a short outage.
-                self.metrics.error(crate::mirror::client_error_kind(&error));
-                warn!(job = %self.job, %error, "Cannot list the source's leases; keepalives wait.");
-                return;
-            }
-        };
-        let now = Instant::now();
-        let (renew, retire) = {
-            let mut state = self.state();
-            let state = &mut *state;
-            // Unknown until the job has read its checkpoint: renew what
-            // lives, judge nothing gone.
-            let history_known = state.committed_cluster != 0;
-            if history_known && !same_history(state, header) {
-                // A source lease missing from another history says nothing
-                // about this one: revoking on its word would delete keys
-                // the destination still mirrors (and, after a promotion,
-                // keys the replicator may no longer touch).
-                warn!(
-                    job = %self.job,
-                    source_cluster_id = header.cluster_id,
-                    source_revision = header.revision,
-                    checkpoint_cluster_id = state.committed_cluster,
-                    checkpoint_revision = state.committed_revision,
-                    "The source's lease list comes from another history than the checkpoint (replaced or rebuilt?); keepalives wait for the job to re-sync."
-                );
-                return;
-            }
-            let gone: Vec<i64> = state
-                .leases
-                .keys()
-                .filter(|lease| history_known && !live.contains(lease))
-                .copied()
-                .collect();
-            for source_lease in gone {
-                if let Some(mirrored) = state.leases.remove(&source_lease) {
-                    state.retiring.push(Retiring {
-                        source_lease,
-                        mirrored,
-                        gone_at: Some(header.revision),
-                    });
-                }
-            }
-            if history_known {
-                for retiring in &mut state.retiring {
-                    retiring.gone_at.get_or_insert(header.revision);
-                }
-            }
-            let committed = state.committed_revision;
-            let renew: Vec<Renewal> = state
-                .leases
-                .iter()
-                .filter(|(source, m)| live.contains(source) && m.renewal_due(now))
-                .map(|(source, m)| Renewal {
-                    source_lease: *source,
-                    dest_lease: m.record.dest_lease,
-                    retiring: false,
+    /// One effect's I/O, answering with the input it leads to.
+    fn perform(&self, effect: Effect<Error>) -> BoxFuture<'static, Option<Input<Error>>> {
+        let source = self.source.clone();
+        let fenced = self.fenced.clone();
+        let job = self.job.clone();
+        match effect {
+            Effect::Probe { lease, serial } => async move {
+                let outcome = source
+                    .lease_time_to_live_hedged(lease)
+                    .await
+                    .map(|ttl| ttl.map(|ttl| ttl.granted))
+                    .map_err(|error| Arc::new(JobError::from(error)));
+                Some(Input::Probed {
+                    lease,
+                    serial,
+                    outcome,
                 })
-                .chain(
-                    state
-                        .retiring
-                        .iter()
-                        .filter(|r| !r.done(committed) && r.mirrored.renewal_due(now))
-                        .map(|r| Renewal {
-                            source_lease: r.source_lease,
-                            dest_lease: r.mirrored.record.dest_lease,
-                            retiring: true,
-                        }),
-                )
-                .collect();
-            let (retire, keep): (Vec<Retiring>, Vec<Retiring>) =
-                state.retiring.drain(..).partition(|r| r.done(committed));
-            state.retiring = keep;
-            (renew, retire)
-        };
-
-        let renewed: Vec<(Renewal, Result<bool, _>)> = futures::stream::iter(renew)
-            .map(|target| async move { (target, self.dest.lease_renew(target.dest_lease).await) })
-            .buffer_unordered(CONCURRENT_LEASE_CALLS)
-            .collect()
-            .await;
-        let mut lost = Vec::new();
-        {
-            let mut state = self.state();
-            for (
-                Renewal {
-                    source_lease,
-                    dest_lease,
-                    retiring,
-                },
-                outcome,
-            ) in renewed
-            {
-                self.metrics.lease_keepalives_total.inc();
-                match outcome {
-                    Ok(true) if retiring => {
-                        for r in state
-                            .retiring
-                            .iter_mut()
-                            .filter(|r| r.mirrored.record.dest_lease == dest_lease)
-                        {
-                            r.mirrored.last_renewed = Some(now);
-                        }
+            }
+            .boxed(),
+            Effect::Grant { lease, ttl } => {
+                let ids = self.ids.clone();
+                async move {
+                    let dest = fenced.dest();
+                    let granted = match dest.lease_grant(ttl, lease).await {
+                        Err(error) if error.is_lease_exists() => dest.lease_grant(ttl, 0).await,
+                        granted => granted,
+                    };
+                    if let Ok(dest_lease) = &granted {
+                        debug!(job = %job, source_lease = lease, dest_lease, dest_ttl = ttl, "Mirroring a source lease.");
                     }
-                    Ok(true) => {
-                        if let Some(mirrored) = state.leases.get_mut(&source_lease) {
-                            mirrored.last_renewed = Some(now);
-                        }
+                    let outcome = granted
+                        .map(|dest_lease| (dest_lease, ids.next()))
+                        .map_err(|error| Arc::new(JobError::from(error)));
+                    Some(Input::Granted { lease, outcome })
+                }
+                .boxed()
+            }
+            Effect::Record { batch, records } => async move {
+                let ops = records
+                    .iter()
+                    .map(|(lease, record)| {
+                        Op::put(fenced.keys().lease_record(*lease), record.encode())
+                    })
+                    .collect();
+                let outcome = match fenced.commit("record mirrored leases", vec![], ops).await {
+                    Ok(TxnOutcome::Committed(_)) => Ok(()),
+                    Ok(TxnOutcome::GuardFailed(failure)) => {
+                        Err(Arc::new(fenced.explain(&failure, "lease records")))
                     }
-                    // Its source lease is gone too: the keys it still holds
-                    // are being deleted on the source; nothing to restore.
-                    Ok(false) if retiring => {
-                        self.metrics.lease_keepalive_failures_total.inc();
-                        state
-                            .retiring
-                            .retain(|r| r.mirrored.record.dest_lease != dest_lease);
-                    }
-                    Ok(false) => {
-                        self.metrics.lease_keepalive_failures_total.inc();
-                        state.dead.insert((source_lease, dest_lease));
-                        if let Some(mirrored) = state.leases.remove(&source_lease) {
-                            lost.push((source_lease, mirrored.record));
-                        }
-                    }
+                    Err(error) => Err(Arc::new(error)),
+                };
+                Some(Input::Recorded { batch, outcome })
+            }
+            .boxed(),
+            Effect::ReadHead { batch } => {
+                let prefix = self.probe_prefix.clone();
+                async move {
+                    let outcome = source
+                        .head(&prefix)
+                        .await
+                        .map(|head| History {
+                            cluster_id: head.cluster_id,
+                            revision: head.revision,
+                        })
+                        .map_err(|error| Arc::new(JobError::from(error)));
+                    Some(Input::Head { batch, outcome })
+                }
+                .boxed()
+            }
+            Effect::Renew { serial, dest } => async move {
+                let metrics = fenced.metrics();
+                metrics.lease_keepalives_total.inc();
+                let outcome = fenced.dest().lease_renew_hedged(dest).await;
+                match &outcome {
+                    Ok(true) => {}
+                    Ok(false) => metrics.lease_keepalive_failures_total.inc(),
                     Err(error) => {
-                        self.metrics.lease_keepalive_failures_total.inc();
-                        debug!(job = %self.job, source_lease, %error, "Lease keepalive failed; retrying next tick.");
+                        metrics.lease_keepalive_failures_total.inc();
+                        debug!(job = %job, dest_lease = dest, %error, "Lease keepalive failed; retrying next tick.");
                     }
                 }
+                Some(Input::Renewed {
+                    serial,
+                    outcome: outcome.map_err(|error| Arc::new(JobError::from(error))),
+                })
             }
-            self.metrics.leases_mirrored.set(state.leases.len() as i64);
-        }
-
-        let mut forget = Vec::new();
-        for retiring in retire {
-            let in_use = self
-                .state()
-                .leases
-                .values()
-                .any(|m| m.record.dest_lease == retiring.mirrored.record.dest_lease);
-            if in_use {
-                // Expired and granted again for another source lease.
-                forget.push((retiring.source_lease, retiring.mirrored.record));
-                continue;
+            .boxed(),
+            Effect::Revoke { serial, dest } => async move {
+                let outcome = match fenced.dest().lease_revoke(dest).await {
+                    Ok(()) => Ok(()),
+                    Err(error) if error.is_lease_not_found() => Ok(()),
+                    Err(error) => {
+                        debug!(job = %job, dest_lease = dest, %error, "Revoking a retired lease failed; retrying next tick.");
+                        Err(Arc::new(JobError::from(error)))
+                    }
+                };
+                Some(Input::Revoked { serial, outcome })
             }
-            match self
-                .dest
-                .lease_revoke(retiring.mirrored.record.dest_lease)
-                .await
-            {
-                Ok(()) => {}
-                Err(error) if error.to_string().contains("lease not found") => {}
-                Err(error) => {
-                    debug!(job = %self.job, dest_lease = retiring.mirrored.record.dest_lease, %error, "Revoking a retired lease failed; retrying next tick.");
-                    self.state().retiring.push(retiring);
-                    continue;
-                }
+            .boxed(),
+            Effect::Forget { records } => async move {
+                forget_records(&job, &fenced, &records).await;
+                None
             }
-            forget.push((retiring.source_lease, retiring.mirrored.record));
-        }
-        forget.extend(lost.iter().copied());
-        self.forget_records(writer, &forget).await;
-
-        if !lost.is_empty() {
-            warn!(
-                job = %self.job,
-                leases = lost.len(),
-                "Destination leases expired while their source leases live (an outage longer than TTL + --lease-grace?); a full sync restores their keys."
-            );
-            let mut state = self.state();
-            state.lost.extend(lost.iter().map(|(source, _)| *source));
-            if let Some(attempt) = &state.attempt {
-                attempt.cancel();
-            }
+            .boxed(),
+            // Handed out by `input`, never queued.
+            Effect::Reply { .. } | Effect::Lost { .. } => async { None }.boxed(),
         }
     }
+}
 
-    /// Deletes the records of `records` (fenced), each only if it still
-    /// holds what was retired (the same source ID may have a new mapping
-    /// by now). A failure leaves them for the next leader, who finds the
-    /// leases gone and retries.
-    async fn forget_records(&self, writer: &DestWriter, records: &[(i64, LeaseRecord)]) {
-        for (source_lease, record) in records {
-            if self.state().leases.contains_key(source_lease) {
-                // Mapped again since: the record is the new mapping's.
-                continue;
-            }
-            let key = self.keys.lease_record(*source_lease);
-            let guard = vec![Compare::value(
-                key.clone(),
-                CompareOp::Equal,
-                record.encode(),
-            )];
-            match writer
-                .commit("forget mirrored lease", guard, vec![Op::delete(key)])
-                .await
-            {
-                Ok(_) => {}
-                Err(error) => {
-                    debug!(job = %self.job, %error, "Forgetting a lease record failed; the next leader retries.");
-                    return;
+/// The executor: performs effects (at most [`CONCURRENT_LEASE_CALLS`] at a
+/// time), feeds their answers back, and ticks the keeper. Runs until
+/// `cancel`, or until the book is dropped.
+///
+/// # Cancel-Safety
+/// Stops at once; an effect in flight either happened or not, and the
+/// core (or the next leader, from the records) decides again.
+async fn run(
+    book: std::sync::Weak<LeaseBook>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    cancel: CancellationToken,
+) {
+    let mut queue: VecDeque<Effect<Error>> = VecDeque::new();
+    let mut inflight: FuturesUnordered<BoxFuture<'static, Option<Input<Error>>>> =
+        FuturesUnordered::new();
+    let mut next_tick = Instant::now();
+    executor_loop(
+        &book,
+        &mut commands,
+        &cancel,
+        &mut queue,
+        &mut inflight,
+        &mut next_tick,
+    )
+    .await;
+    if let Some(book) = book.upgrade() {
+        book.closed.store(true, Ordering::SeqCst);
+        // Writers waiting for an answer get none: they fail (cancelled).
+        lock(&book.replies).clear();
+    }
+}
+
+async fn executor_loop(
+    book: &std::sync::Weak<LeaseBook>,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    cancel: &CancellationToken,
+    queue: &mut VecDeque<Effect<Error>>,
+    inflight: &mut FuturesUnordered<BoxFuture<'static, Option<Input<Error>>>>,
+    next_tick: &mut Instant,
+) {
+    loop {
+        {
+            let Some(book) = book.upgrade() else { return };
+            let keeping = book.keeping();
+            while inflight.len() < CONCURRENT_LEASE_CALLS {
+                match queue.pop_front() {
+                    // Once stopped (promoted, deposed), no keepalive,
+                    // probe or revoke goes out, even one already queued.
+                    Some(
+                        Effect::Probe {
+                            serial: Some(_), ..
+                        }
+                        | Effect::Renew { .. }
+                        | Effect::Revoke { .. }
+                        | Effect::ReadHead { .. },
+                    ) if !keeping => {}
+                    Some(effect) => inflight.push(book.perform(effect)),
+                    None => break,
                 }
             }
         }
-        if !records.is_empty() {
-            info!(job = %self.job, leases = records.len(), "Retired mirrored leases.");
+        let tick = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            command = commands.recv() => match command {
+                Some(Command::Perform(effect)) => {
+                    queue.push_back(effect);
+                    false
+                }
+                Some(Command::Tick) => true,
+                None => return,
+            },
+            Some(answer) = inflight.next(), if !inflight.is_empty() => {
+                if let (Some(input), Some(book)) = (answer, book.upgrade()) {
+                    book.input(input);
+                }
+                false
+            }
+            _ = tokio::time::sleep_until(*next_tick) => true,
+        };
+        if tick {
+            let Some(book) = book.upgrade() else { return };
+            if book.keeping() {
+                book.input(Input::Tick);
+            }
+            *next_tick = Instant::now() + lock(&book.core).tick_period();
         }
+    }
+}
+
+/// Deletes the records of `records` (fenced), each only if it still holds
+/// what was retired (the same source ID may have a new mapping by now). A
+/// failure leaves them for the next leader, who finds the leases gone and
+/// retries.
+async fn forget_records(job: &str, fenced: &FencedWriter, records: &[(i64, LeaseRecord)]) {
+    for (source_lease, record) in records {
+        let key = fenced.keys().lease_record(*source_lease);
+        let guard = vec![Compare::value(
+            key.clone(),
+            CompareOp::Equal,
+            record.encode(),
+        )];
+        if let Err(error) = fenced
+            .commit("forget mirrored lease", guard, vec![Op::delete(key)])
+            .await
+        {
+            debug!(job = %job, %error, "Forgetting a lease record failed; the next leader retries.");
+            return;
+        }
+    }
+    if !records.is_empty() {
+        info!(job = %job, leases = records.len(), "Retired mirrored leases.");
     }
 }

@@ -6,7 +6,7 @@ use crate::etcd::api::{Compare, CompareOp};
 
 pub use crate::etcd::meta::read_job_meta;
 use crate::model::keys::MetaKeys;
-pub use crate::model::schema::{now_rfc3339, Checkpoint, FullSyncMarker, JobMeta};
+pub use crate::model::schema::{Checkpoint, FullSyncMarker, JobMeta};
 
 /// What a key must hold for a txn to apply: the value we last saw or wrote,
 /// or nothing at all.
@@ -101,7 +101,7 @@ mod tests {
         let checkpoint = Checkpoint {
             last_synced_rev: 42,
             source_cluster_id: u64::MAX,
-            updated_at: now_rfc3339(),
+            updated_at: crate::telemetry::clock::now_rfc3339(),
             instance: "pod-0".into(),
             source_prefix: "/app/".into(),
             dest_prefix: Some("/copy/".into()),

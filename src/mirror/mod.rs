@@ -13,6 +13,9 @@
 //! point this loop is interrupted at, the next Resolve finds the destination
 //! equal to the source at the checkpoint revision.
 
+pub mod context;
+pub mod error;
+pub mod fenced;
 pub mod full_sync;
 pub mod history_window;
 pub mod incremental;
@@ -22,7 +25,9 @@ pub mod periodic_check;
 pub mod rate;
 pub mod writer;
 
-use std::sync::Arc;
+pub use context::JobContext;
+pub use error::{client_error_kind, Action, JobError, Policy, SlowPathReason};
+
 use std::time::Duration;
 
 // tokio's clock, so the simulator's paused time governs every deadline.
@@ -31,376 +36,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{
-    CheckSettings, JobSettings, LeaseMode, LeaseSettings, Side, Tuning, TxnLimits,
-};
 use crate::etcd::api::{Op, RangeRequest, TxnRequest};
-use crate::etcd::client::{ClientError, Cluster, ClusterHead, FailureKind};
-use crate::mirror::meta::{now_rfc3339, read_job_meta, Checkpoint, Fence, JobMeta, KeyGuard};
-use crate::mirror::writer::DestWriter;
-use crate::model::keys::{prefixes_overlap, KeyRewrite, MetaKeys};
+use crate::etcd::client::{Cluster, ClusterHead, FailureKind};
+use crate::mirror::meta::{read_job_meta, Checkpoint, Fence, JobMeta, KeyGuard};
+use crate::model::keys::{prefixes_overlap, MetaKeys};
 use crate::model::schema::EventStamp;
-use crate::telemetry::health::Health;
-use crate::telemetry::metrics::{JobMetrics, JobState};
-
-/// Everything one job needs, shared by its phases.
-#[derive(Clone)]
-pub struct JobContext {
-    pub job: JobSettings,
-    pub keys: MetaKeys,
-    pub rewrite: KeyRewrite,
-    pub meta_prefix: Vec<u8>,
-    pub source: Cluster,
-    pub dest: Cluster,
-    pub writer: Arc<DestWriter>,
-    pub limits: TxnLimits,
-    pub tuning: Tuning,
-    pub max_prune_ratio: f64,
-    pub metrics: JobMetrics,
-    pub instance_id: String,
-    pub health: Arc<Health>,
-    pub checks: CheckSettings,
-    /// The workarounds the source's etcd version needs.
-    pub quirks: crate::model::versions::Quirks,
-    pub lease_settings: LeaseSettings,
-    /// The oldest source head not yet reflected, kept across attempts.
-    pub lag_origin: incremental::LagOrigin,
-}
-
-impl JobContext {
-    pub fn heartbeat(&self) {
-        self.health.heartbeat(&self.job.name);
-    }
-
-    /// Sleeps `delay` (a backoff step) while still telling /healthz the job
-    /// loop is alive. Returns false if cancelled first.
-    ///
-    /// # Cancel-Safety
-    /// Cancel-safe: it only sleeps.
-    pub async fn pause(&self, delay: Duration, cancel: &CancellationToken) -> bool {
-        let alive = || {
-            self.heartbeat();
-            self.publish_lag_while_stopped();
-        };
-        crate::etcd::retry::sleep_alive(delay, &alive, cancel).await
-    }
-
-    /// Between attempts nothing applies: the lag keeps growing from the
-    /// oldest head the destination does not reflect, so lag alerts fire
-    /// on a job that retries for ever.
-    fn publish_lag_while_stopped(&self) {
-        let origin = self.lag_origin.lock().ok().and_then(|o| *o);
-        if let Some((revision, seen)) = origin {
-            if revision > self.metrics.last_synced_revision.get() {
-                self.metrics.lag_seconds.set(seen.elapsed().as_secs_f64());
-            }
-        }
-    }
-
-    /// The same job writing under `fence` (the lock this instance now
-    /// holds), with a lease book of its own unless `--leases strip`; a wait
-    /// for the write-rate limit ends when `cancel` (the job's token) fires.
-    pub fn fenced(&self, fence: Fence, cancel: &CancellationToken) -> JobContext {
-        let mut ctx = self.clone();
-        let book = (self.lease_settings.mode == LeaseMode::Faithful).then(|| {
-            Arc::new(leases::LeaseBook::new(
-                &self.job.name,
-                self.keys.clone(),
-                self.source.clone(),
-                self.dest.clone(),
-                self.lease_settings.grace,
-                self.metrics.clone(),
-            ))
-        });
-        ctx.writer = Arc::new(
-            DestWriter::new(
-                self.dest.clone(),
-                self.keys.clone(),
-                fence,
-                self.metrics.clone(),
-            )
-            .with_leases(book)
-            .with_rate(self.writer.rate().cloned(), cancel.clone()),
-        );
-        ctx
-    }
-
-    /// The lease book of this leadership (`None` with `--leases strip`).
-    pub fn leases(&self) -> Option<&Arc<leases::LeaseBook>> {
-        self.writer.leases()
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum JobError {
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    #[error("source history is compacted up to revision {compact_revision}, past the checkpoint; a full sync is needed")]
-    Compacted { compact_revision: i64 },
-    #[error("source watch failed: {source}")]
-    Watch { source: etcd_client::Error },
-    #[error("source closed the watch stream")]
-    WatchClosed,
-    #[error("source canceled the watch: {reason}")]
-    WatchCanceled { reason: String },
-    #[error("source watch delivered nothing for {idle:?}, not even a progress answer")]
-    WatchStalled { idle: Duration },
-    #[error("write fenced: {reason}")]
-    Fenced { reason: &'static str },
-    #[error("the job is promoted (a promoted marker exists on the destination); replication stays stopped until `promote --undo`")]
-    Promoted,
-    #[error("the {what} changed underneath this instance")]
-    GuardMoved { what: &'static str },
-    #[error("the source's history at revision {pinned_rev} changed: {what}; starting over")]
-    SourceChanged { pinned_rev: i64, what: &'static str },
-    #[error(
-        "mass-delete guard: this full sync would delete {would_delete} of {dest_keys} destination keys, \
-         more than --max-prune-ratio {max_prune_ratio} allows; nothing was deleted. If the source really \
-         lost these keys, rerun with a higher --max-prune-ratio (1 allows all)"
-    )]
-    PruneGuard {
-        would_delete: u64,
-        dest_keys: u64,
-        max_prune_ratio: f64,
-    },
-    #[error("source and destination are the same cluster (id {cluster_id:x}) and the job's prefixes overlap: mirroring would copy the mirror into itself")]
-    Loop { cluster_id: u64 },
-    #[error("a reset was requested (--reset-last-synced-rev)")]
-    ResetRequested,
-    #[error("{0}")]
-    HistoryDiffers(SlowPathReason),
-    #[error("{leases} mirrored destination lease(s) expired while their source leases live; a full sync restores their keys")]
-    DestLeaseLost { leases: usize },
-    #[error("cancelled")]
-    Cancelled,
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl From<crate::etcd::pager::PageError> for JobError {
-    fn from(error: crate::etcd::pager::PageError) -> Self {
-        match error {
-            crate::etcd::pager::PageError::Client(error) => JobError::Client(error),
-            crate::etcd::pager::PageError::Cancelled => JobError::Cancelled,
-            other @ crate::etcd::pager::PageError::StoppedEarly => {
-                JobError::Internal(other.to_string())
-            }
-        }
-    }
-}
-
-/// What to do about an error: the one decision every loop follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Transient: back off (capped, jittered) and resume from the checkpoint.
-    Retry,
-    /// An operator must act (credentials, quota, the prune guard, a bug):
-    /// keep retrying slowly, log at ERROR.
-    NeedsOperator,
-    /// The checkpoint's history is gone or a reset was asked for: full sync now.
-    Resync,
-    /// The job is promoted: write nothing, poll for `promote --undo`.
-    Promoted,
-    /// Another instance leads: stop writing, campaign again.
-    StepDown,
-    /// Cannot go on (configuration): stop the process with `exit_code`.
-    Exit,
-    /// Cancelled: stop quietly.
-    Stop,
-}
-
-/// How an error is handled, counted, logged and reported at exit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
-    pub action: Action,
-    /// `etcd_syncer_errors_total{kind}`.
-    pub label: &'static str,
-    pub level: tracing::Level,
-    /// The process exit code if this error ends the process.
-    pub exit_code: u8,
-}
-
-impl Policy {
-    const fn new(action: Action, label: &'static str, level: tracing::Level) -> Self {
-        let exit_code = match action {
-            Action::Exit => 2,
-            _ => 1,
-        };
-        Self {
-            action,
-            label,
-            level,
-            exit_code,
-        }
-    }
-}
-
-impl JobError {
-    /// The one place that decides, per error, what happens next.
-    pub fn policy(&self) -> Policy {
-        use tracing::Level;
-        match self {
-            JobError::Client(error) => client_policy(error),
-            JobError::Compacted { .. } => Policy::new(Action::Resync, "compacted", Level::INFO),
-            JobError::Watch { source } => match crate::etcd::client::classify(source) {
-                FailureKind::Auth => Policy::new(Action::NeedsOperator, "auth", Level::ERROR),
-                FailureKind::Compacted => Policy::new(Action::Resync, "compacted", Level::INFO),
-                _ => Policy::new(Action::Retry, "source_unavailable", Level::WARN),
-            },
-            JobError::WatchClosed | JobError::WatchCanceled { .. } => {
-                Policy::new(Action::Retry, "source_unavailable", Level::WARN)
-            }
-            JobError::WatchStalled { .. } => {
-                Policy::new(Action::Retry, "watch_stalled", Level::WARN)
-            }
-            JobError::Fenced { .. } => Policy::new(Action::StepDown, "fenced", Level::WARN),
-            JobError::Promoted => Policy::new(Action::Promoted, "promoted", Level::WARN),
-            JobError::GuardMoved { .. } => {
-                Policy::new(Action::Retry, "checkpoint_moved", Level::WARN)
-            }
-            JobError::SourceChanged { .. } => {
-                Policy::new(Action::Retry, "source_changed", Level::WARN)
-            }
-            JobError::PruneGuard { .. } => {
-                Policy::new(Action::NeedsOperator, "prune_guard", Level::ERROR)
-            }
-            JobError::Loop { .. } => Policy::new(Action::Exit, "loop", Level::ERROR),
-            JobError::ResetRequested => Policy::new(Action::Resync, "reset", Level::INFO),
-            JobError::HistoryDiffers(_) => {
-                Policy::new(Action::Resync, "history_differs", Level::WARN)
-            }
-            JobError::DestLeaseLost { .. } => {
-                Policy::new(Action::Resync, "dest_lease_expired", Level::WARN)
-            }
-            JobError::Cancelled => Policy::new(Action::Stop, "cancelled", Level::DEBUG),
-            JobError::Internal(_) => Policy::new(Action::NeedsOperator, "internal", Level::ERROR),
-        }
-    }
-
-    /// The destination refused a write for lack of space (NOSPACE alarm).
-    pub fn is_dest_out_of_space(&self) -> bool {
-        matches!(self, JobError::Client(error) if error.kind() == FailureKind::QuotaExceeded)
-    }
-
-    /// Low-cardinality label for `etcd_syncer_errors_total{kind}`.
-    pub fn kind(&self) -> &'static str {
-        self.policy().label
-    }
-}
-
-fn client_policy(error: &ClientError) -> Policy {
-    use tracing::Level;
-    let label = client_error_kind(error);
-    match error.kind() {
-        FailureKind::Unavailable => Policy::new(Action::Retry, label, Level::WARN),
-        FailureKind::Compacted => Policy::new(Action::Resync, label, Level::INFO),
-        FailureKind::Auth | FailureKind::QuotaExceeded | FailureKind::Rejected => {
-            Policy::new(Action::NeedsOperator, label, Level::ERROR)
-        }
-    }
-}
-
-/// The `errors_total{kind}` label of a client error.
-pub fn client_error_kind(error: &ClientError) -> &'static str {
-    match (error.kind(), error.side()) {
-        (FailureKind::Auth, _) => "auth",
-        (FailureKind::Compacted, _) => "compacted",
-        (FailureKind::QuotaExceeded, _) => "dest_quota_exceeded",
-        (FailureKind::Rejected, _) => "rejected",
-        (FailureKind::Unavailable, Some(Side::Destination)) => "dest_unavailable",
-        (FailureKind::Unavailable, _) => "source_unavailable",
-    }
-}
-
-/// Why a full sync is needed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SlowPathReason {
-    NoCheckpoint,
-    UnreadableCheckpoint,
-    Reset,
-    Interrupted {
-        pinned_rev: Option<i64>,
-    },
-    SourceReplaced {
-        checkpoint_cluster_id: u64,
-        source_cluster_id: u64,
-    },
-    SourceBehind {
-        checkpoint_rev: i64,
-        source_rev: i64,
-    },
-    Compacted,
-    /// The source's history at the checkpoint is not the destination's.
-    HistoryDiffers {
-        detail: String,
-    },
-    /// Destination leases expired on their own: the destination lost keys.
-    DestLeasesExpired {
-        leases: usize,
-    },
-    /// `--leases` changed since the checkpoint was written.
-    LeaseModeChanged {
-        leases_mirrored: bool,
-    },
-}
-
-impl SlowPathReason {
-    /// Whether the source's history made this full sync necessary: what a
-    /// resync loop is made of (an interrupted full sync too: compaction
-    /// retention shorter than a full sync takes restarts it for ever).
-    pub fn forced_by_source(&self) -> bool {
-        matches!(
-            self,
-            SlowPathReason::Compacted
-                | SlowPathReason::SourceReplaced { .. }
-                | SlowPathReason::SourceBehind { .. }
-                | SlowPathReason::HistoryDiffers { .. }
-                | SlowPathReason::Interrupted { .. }
-        )
-    }
-}
-
-impl std::fmt::Display for SlowPathReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SlowPathReason::NoCheckpoint => write!(f, "no checkpoint on the destination"),
-            SlowPathReason::UnreadableCheckpoint => write!(f, "the checkpoint is unreadable"),
-            SlowPathReason::Reset => write!(f, "--reset-last-synced-rev was requested"),
-            SlowPathReason::Interrupted { pinned_rev: Some(rev) } => {
-                write!(f, "a full sync at revision {rev} was interrupted")
-            }
-            SlowPathReason::Interrupted { pinned_rev: None } => write!(f, "a full sync was interrupted"),
-            SlowPathReason::SourceReplaced {
-                checkpoint_cluster_id,
-                source_cluster_id,
-            } => write!(
-                f,
-                "the source cluster changed (checkpoint from cluster {checkpoint_cluster_id:x}, source is {source_cluster_id:x})"
-            ),
-            SlowPathReason::SourceBehind { checkpoint_rev, source_rev } => write!(
-                f,
-                "the source revision {source_rev} is behind the checkpoint {checkpoint_rev} (restored from a backup?)"
-            ),
-            SlowPathReason::Compacted => write!(f, "the source compacted the history at or after the checkpoint (a watch from there could miss a delete: etcd-io/etcd#18089)"),
-            SlowPathReason::LeaseModeChanged { leases_mirrored: true } => write!(
-                f,
-                "--leases faithful: the destination's keys were written without their leases (by --leases strip, or a version that did not mirror leases)"
-            ),
-            SlowPathReason::LeaseModeChanged { leases_mirrored: false } => write!(
-                f,
-                "--leases strip: the destination's keys sit on mirrored leases that nothing renews any more"
-            ),
-            SlowPathReason::DestLeasesExpired { leases } => write!(
-                f,
-                "{leases} mirrored lease(s) expired on the destination while their source leases live (no replica ran for longer than TTL + --lease-grace?)"
-            ),
-            SlowPathReason::HistoryDiffers { detail } => write!(
-                f,
-                "the source's history differs from what the destination reflects ({detail}); was the source rebuilt or restored with the same cluster id?"
-            ),
-        }
-    }
-}
+use crate::telemetry::clock::now_rfc3339;
+use crate::telemetry::metrics::JobState;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -716,7 +358,7 @@ async fn run_once(
         // A new leader renews the recorded leases at once, well within
         // their grace, before anything else.
         book.load(&meta.leases);
-        book.ensure_keeper(ctx.writer.clone(), leadership);
+        book.ensure_keeper(leadership);
     }
     let head = ctx.source.head(ctx.rewrite.source_prefix()).await?;
     if head.cluster_id != 0
@@ -737,7 +379,7 @@ async fn run_once(
     // the history the destination reflects.
     let forced = forced.or_else(|| lease_mode_changed(&meta, ctx.leases().is_some()));
     let decision = decide(&meta, head, forced);
-    let (guard, revision, last_event, cluster_id) = match decision {
+    let (guard, revision, last_event, cluster_id, start) = match decision {
         Decision::Resume(checkpoint) => {
             ctx.metrics.fast_path_total.inc();
             info!(
@@ -756,6 +398,7 @@ async fn run_once(
                 checkpoint.last_synced_rev,
                 checkpoint.last_event,
                 checkpoint.source_cluster_id,
+                incremental::Start::Resume,
             )
         }
         Decision::FullSync(reason) => {
@@ -768,8 +411,8 @@ async fn run_once(
             if let Some(book) = ctx.leases() {
                 // Until it finishes the destination reflects no revision of
                 // the history it copies: no retiring lease may be revoked
-                // on an old checkpoint's word.
-                book.resumed(head.cluster_id, 0);
+                // on an old checkpoint's word, and none takes keys.
+                book.full_sync_started(head.cluster_id);
             }
             let synced = full_sync::run(ctx, &meta, &reason, cancel).await?;
             if let Some(book) = ctx.leases() {
@@ -783,6 +426,7 @@ async fn run_once(
                 synced.checkpoint.last_synced_rev,
                 synced.checkpoint.last_event,
                 synced.checkpoint.source_cluster_id,
+                incremental::Start::AfterFullSync,
             )
         }
     };
@@ -800,12 +444,12 @@ async fn run_once(
         );
     }
     // `incremental::run` reports Watching once the resume is verified.
-    incremental::run(ctx, guard, revision, last_event, cluster_id, cancel).await?;
+    incremental::run(ctx, guard, revision, last_event, cluster_id, start, cancel).await?;
     Ok(())
 }
 
 /// What the source and the destination say about a checkpoint's revision.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ResumeEvidence {
     /// Source keys in the prefix at the checkpoint revision (meta keys excluded).
     pub source_keys: i64,
@@ -817,14 +461,28 @@ pub struct ResumeEvidence {
     /// When the last event is a delete: whether the key existed on the
     /// source just before it (`None` when that revision is compacted).
     pub existed_before_delete: Option<bool>,
+    /// When the last event is a delete: whether the key was absent at the
+    /// delete's revision (`None` when not read).
+    pub absent_at_delete: Option<bool>,
+    /// Mirrored source keys at the checkpoint changed after the last event
+    /// (`None` when the stamp is not known to be the newest).
+    pub newer_than_last_event: Option<u64>,
+    /// Keys that differ between the source at the checkpoint and the
+    /// destination, compared one by one (`None`: the prefix is larger than
+    /// `--resume-exact-max-keys`' tuning, so not compared).
+    pub differing_keys: Option<u64>,
 }
 
-/// Reads the evidence: count-only ranges on both sides and, when the
-/// checkpoint names its last event, that key at the checkpoint revision.
+/// Reads the evidence: count-only ranges on both sides; when the prefix is
+/// small, the source at the checkpoint revision against the destination,
+/// key by key; else the checkpoint's last event and whether any mirrored
+/// key changed after it.
 pub(crate) async fn read_resume_evidence(
     ctx: &JobContext,
     at: i64,
     last_event: Option<&EventStamp>,
+    compare_keys: bool,
+    cancel: &CancellationToken,
 ) -> Result<ResumeEvidence, JobError> {
     let source_prefix = ctx.rewrite.source_prefix();
     let count_at = |prefix: &[u8], revision: i64| {
@@ -888,7 +546,36 @@ pub(crate) async fn read_resume_evidence(
             .await?
             .count;
     }
-    let mut last_event_key = None;
+    let mut evidence = ResumeEvidence {
+        source_keys,
+        dest_keys,
+        ..ResumeEvidence::default()
+    };
+    if source_keys != dest_keys {
+        return Ok(evidence);
+    }
+    if compare_keys
+        && u64::try_from(source_keys).is_ok_and(|keys| keys <= ctx.tuning.resume_exact_max_keys)
+    {
+        let target = crate::check::CheckTarget {
+            job: ctx.job.name.clone(),
+            rewrite: ctx.rewrite.clone(),
+            keys: ctx.keys.clone(),
+            meta_prefix: ctx.meta_prefix.clone(),
+            // Values decide which history it is; lease attachments are the
+            // full sync's and the check's business.
+            leases: crate::check::LeaseCheck::Ignore,
+        };
+        let options = crate::check::CheckOptions {
+            page_size: ctx.tuning.page_size,
+            ..crate::check::CheckOptions::default()
+        };
+        let report = crate::check::compare_at(&ctx.source, &ctx.dest, &target, at, options, cancel)
+            .await
+            .map_err(resume_read_error)?;
+        evidence.differing_keys = Some(report.total_differences());
+        return Ok(evidence);
+    }
     if let Some(key) = last_event.and_then(|e| e.key()) {
         let response = ctx
             .source
@@ -897,7 +584,7 @@ pub(crate) async fn read_resume_evidence(
                 RangeRequest::key(key).at_revision(at),
             )
             .await?;
-        last_event_key = response
+        evidence.last_event_key = response
             .kvs
             .into_iter()
             .next()
@@ -905,66 +592,130 @@ pub(crate) async fn read_resume_evidence(
     }
     // A delete leaves no key to compare: a rebuilt history with the key
     // absent at the checkpoint would pass. The key must have existed just
-    // before the deleting revision.
-    let mut existed_before_delete = None;
+    // before the deleting revision, and not at it.
     if let Some(event) = last_event.filter(|e| e.value_hash.is_none() && e.mod_revision > 1) {
         if let Some(key) = event.key() {
+            let count_at = |revision: i64| {
+                RangeRequest::key(key.clone())
+                    .count_only()
+                    .at_revision(revision)
+            };
             let before = ctx
                 .source
                 .range(
                     "read the last deleted key before its delete",
-                    RangeRequest::key(key)
-                        .count_only()
-                        .at_revision(event.mod_revision - 1),
+                    count_at(event.mod_revision - 1),
                 )
                 .await;
-            existed_before_delete = match before {
+            evidence.existed_before_delete = match before {
                 Ok(response) => Some(response.count > 0),
+                Err(error) if error.kind() == FailureKind::Compacted => None,
+                Err(error) => return Err(error.into()),
+            };
+            let at_delete = ctx
+                .source
+                .range(
+                    "read the last deleted key at its delete",
+                    count_at(event.mod_revision),
+                )
+                .await;
+            evidence.absent_at_delete = match at_delete {
+                Ok(response) => Some(response.count == 0),
                 Err(error) if error.kind() == FailureKind::Compacted => None,
                 Err(error) => return Err(error.into()),
             };
         }
     }
-    Ok(ResumeEvidence {
-        source_keys,
-        dest_keys,
-        last_event_key,
-        existed_before_delete,
-    })
+    // The stamp is the newest mirrored change: in the same history nothing
+    // mirrored changed after it up to the checkpoint. (etcd reads the
+    // whole range to apply the filter; only the keys cross the link.)
+    let newest = last_event.map_or(Some(0), |e| e.newest.then_some(e.mod_revision));
+    if let Some(newest) = newest {
+        let newer = ctx
+            .source
+            .range(
+                "read the keys changed after the last event",
+                RangeRequest::prefix(source_prefix)
+                    .at_revision(at)
+                    .keys_only()
+                    .with_min_mod_revision(newest + 1),
+            )
+            .await?;
+        evidence.newer_than_last_event = Some(
+            newer
+                .kvs
+                .iter()
+                .filter(|kv| {
+                    !kv.key.starts_with(&ctx.meta_prefix)
+                        && !ctx.rewrite.is_excluded_source(&kv.key)
+                })
+                .count() as u64,
+        );
+    }
+    Ok(evidence)
+}
+
+/// A failed resume comparison as the job's error (a compacted checkpoint
+/// revision keeps its policy: a full sync).
+fn resume_read_error(error: crate::check::CheckError) -> JobError {
+    match error {
+        crate::check::CheckError::Client(error) => JobError::Client(error),
+        crate::check::CheckError::Cancelled => JobError::Cancelled,
+        other => JobError::Internal(other.to_string()),
+    }
 }
 
 /// Whether the fast path is still safe, from the evidence; `Some(reason)`
-/// sends the job down the slow path (a diff-only full sync). Key counts
-/// that differ, or a last event that is not where the checkpoint says,
-/// mean the source's history is not the one the destination came from (a
-/// source rebuilt or restored with the same cluster id).
+/// sends the job down the slow path (a diff-only full sync).
+///
+/// The proof: key counts agree, and either the source at the checkpoint
+/// equals the destination key by key (small prefixes: exact, whatever
+/// happened to the source), or the checkpoint's last event is on the source
+/// at its revision (for a delete: the key existed before and not at it)
+/// and no mirrored key changed after it. A source rebuilt or restored with
+/// the same cluster id has another history; it passes the second proof
+/// only if it made the same change to the same key at the same revision.
 pub fn verify_resume(
     revision: i64,
     last_event: Option<&EventStamp>,
     evidence: &ResumeEvidence,
 ) -> Option<SlowPathReason> {
+    let differs = |detail: String| Some(SlowPathReason::HistoryDiffers { detail });
     if evidence.source_keys != evidence.dest_keys {
-        return Some(SlowPathReason::HistoryDiffers {
-            detail: format!(
-                "the source prefix held {} keys at revision {revision} but the destination holds {}",
-                evidence.source_keys, evidence.dest_keys
-            ),
-        });
+        return differs(format!(
+            "the source prefix held {} keys at revision {revision} but the destination holds {}",
+            evidence.source_keys, evidence.dest_keys
+        ));
+    }
+    match evidence.differing_keys {
+        Some(0) => return None,
+        Some(keys) => {
+            return differs(format!(
+            "{keys} keys of the source prefix at revision {revision} differ from the destination's"
+        ))
+        }
+        None => {}
+    }
+    if let Some(newer) = evidence.newer_than_last_event.filter(|n| *n > 0) {
+        return differs(format!(
+            "{newer} keys of the source prefix changed after the last event the destination applied, at or before revision {revision}"
+        ));
     }
     let event = last_event?;
     let found = evidence
         .last_event_key
         .as_ref()
         .map(|(r, v)| (*r, v.as_slice()));
-    if event.matches(found) && evidence.existed_before_delete != Some(false) {
+    if event.matches(found)
+        && evidence.existed_before_delete != Some(false)
+        && evidence.absent_at_delete != Some(false)
+    {
         None
     } else {
-        Some(SlowPathReason::HistoryDiffers {
-            detail: format!(
-                "the last event the destination applied (revision {}) is not in the source's history",
-                event.mod_revision
-            ),
-        })
+        differs(format!(
+            "the last event the destination applied (revision {}) is not in the source's history",
+            event.mod_revision
+        ))
     }
 }
 
@@ -1064,7 +815,7 @@ mod tests {
             source_keys,
             dest_keys,
             last_event_key: last.map(|(r, v)| (r, v.to_vec())),
-            existed_before_delete: None,
+            ..ResumeEvidence::default()
         };
         assert_eq!(verify_resume(&checkpoint, &evidence(3, 3, None)), None);
         assert!(matches!(
@@ -1103,6 +854,56 @@ mod tests {
             ..evidence(3, 3, None)
         };
         assert_eq!(verify_resume(&checkpoint, &existed), None);
+        // Deleted at another revision of another history: present at it.
+        let present_at_delete = ResumeEvidence {
+            existed_before_delete: Some(true),
+            absent_at_delete: Some(false),
+            ..evidence(3, 3, None)
+        };
+        assert!(verify_resume(&checkpoint, &present_at_delete).is_some());
+        // A mirrored key changed after the newest event: another history.
+        let newer = ResumeEvidence {
+            newer_than_last_event: Some(1),
+            ..evidence(3, 3, None)
+        };
+        assert!(verify_resume(&checkpoint, &newer).is_some());
+        let none_newer = ResumeEvidence {
+            newer_than_last_event: Some(0),
+            ..evidence(3, 3, None)
+        };
+        assert_eq!(verify_resume(&checkpoint, &none_newer), None);
+    }
+
+    /// A small prefix is compared key by key: equal is proof enough (even
+    /// without a last event), one differing key is another history, and
+    /// counts that differ say so first.
+    #[test]
+    fn a_key_by_key_comparison_decides_the_resume() {
+        let checkpoint = checkpoint(90, 7);
+        let compared = |source_keys, dest_keys, differing| ResumeEvidence {
+            source_keys,
+            dest_keys,
+            differing_keys: Some(differing),
+            ..ResumeEvidence::default()
+        };
+        assert_eq!(
+            super::verify_resume(90, checkpoint.last_event.as_ref(), &compared(5, 5, 0)),
+            None
+        );
+        let stamp = crate::model::schema::EventStamp::put(b"/app/k", b"v", 88);
+        // Equal key by key: the stamp is not needed (it may be stale).
+        assert_eq!(
+            super::verify_resume(90, Some(&stamp), &compared(5, 5, 0)),
+            None
+        );
+        assert!(matches!(
+            super::verify_resume(90, Some(&stamp), &compared(5, 5, 1)),
+            Some(SlowPathReason::HistoryDiffers { detail }) if detail.contains("1 keys")
+        ));
+        assert!(matches!(
+            super::verify_resume(90, Some(&stamp), &compared(5, 6, 0)),
+            Some(SlowPathReason::HistoryDiffers { detail }) if detail.contains("held 5 keys")
+        ));
     }
 
     #[test]

@@ -100,7 +100,7 @@ fn record(ctx: &JobContext, report: &CheckReport) {
     metrics
         .check_dest_read_bytes_total
         .inc_by(report.dest_bytes_read);
-    let now = std::time::SystemTime::now()
+    let now = crate::telemetry::clock::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
     metrics.check_last_success_timestamp_seconds.set(now);

@@ -18,99 +18,83 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use tokio::task::{JoinHandle, JoinSet};
-use tokio_util::sync::CancellationToken;
 
-use crate::etcd::api::{Compare, Op, TxnRequest, TxnResponse};
+use crate::etcd::api::{Compare, Op};
 use crate::etcd::client::Cluster;
+use crate::mirror::context::JobContext;
+use crate::mirror::error::JobError;
+use crate::mirror::fenced::FencedWriter;
 use crate::mirror::leases::LeaseBook;
-use crate::mirror::meta::{now_rfc3339, Checkpoint, Fence, KeyGuard};
+use crate::mirror::meta::{Checkpoint, Fence, KeyGuard};
 use crate::mirror::rate::WriteRate;
-use crate::mirror::{JobContext, JobError};
 use crate::model::batch::{Batch, Mutation};
 use crate::model::keys::MetaKeys;
+use crate::model::lease_book::Want;
 use crate::model::schema::EventStamp;
+use crate::telemetry::clock::now_rfc3339;
 use crate::telemetry::metrics::JobMetrics;
 
-/// Why a guarded txn did not apply, read in the same txn's failure branch.
-#[derive(Debug, Clone)]
-pub struct GuardFailure {
-    pub promoted: bool,
-    pub lock_held: bool,
-}
+pub use crate::mirror::fenced::{GuardFailure, TxnOutcome};
 
-#[derive(Debug)]
-pub enum TxnOutcome {
-    /// With the success branch's responses.
-    Committed(TxnResponse),
-    GuardFailed(GuardFailure),
-}
-
-/// Sends fenced txns for one job.
+/// Sends one job's fenced txns, attaching leased keys to their mirrored
+/// destination leases.
 pub struct DestWriter {
-    dest: Cluster,
-    keys: MetaKeys,
-    fence: Fence,
-    metrics: JobMetrics,
+    fenced: Arc<FencedWriter>,
     /// `None` with `--leases strip`: keys are written without a lease.
     leases: Option<Arc<LeaseBook>>,
-    /// `None` without a write-rate limit.
-    rate: Option<Arc<WriteRate>>,
-    /// Ends a wait for the rate limit: the job's token.
-    cancel: CancellationToken,
 }
 
 impl DestWriter {
     pub fn new(dest: Cluster, keys: MetaKeys, fence: Fence, metrics: JobMetrics) -> Self {
         Self {
-            dest,
-            keys,
-            fence,
-            metrics,
+            fenced: Arc::new(FencedWriter::new(dest, keys, fence, metrics)),
             leases: None,
-            rate: None,
-            cancel: CancellationToken::new(),
         }
     }
 
-    /// The same writer, waiting for `rate` before each txn until `cancel` fires.
-    pub fn with_rate(mut self, rate: Option<Arc<WriteRate>>, cancel: CancellationToken) -> Self {
-        self.rate = rate;
-        self.cancel = cancel;
-        self
+    /// A writer over `fenced` (shared with the lease book that writes its
+    /// records through it), attaching leased keys through `leases`.
+    pub fn over(fenced: Arc<FencedWriter>, leases: Option<Arc<LeaseBook>>) -> Self {
+        Self { fenced, leases }
+    }
+
+    /// The fenced txns every write of this writer goes through.
+    pub fn fenced(&self) -> &Arc<FencedWriter> {
+        &self.fenced
     }
 
     /// The write-rate limit, shared by every leadership of the job.
     pub fn rate(&self) -> Option<&Arc<WriteRate>> {
-        self.rate.as_ref()
-    }
-
-    /// The same writer, attaching leased keys to leases from `book`.
-    pub fn with_leases(mut self, book: Option<Arc<LeaseBook>>) -> Self {
-        self.leases = book;
-        self
+        self.fenced.rate()
     }
 
     pub fn leases(&self) -> Option<&Arc<LeaseBook>> {
         self.leases.as_ref()
     }
 
-    /// One txn of mutations, then `tail`: every leased key is attached to
-    /// the destination lease that mirrors its source lease (granted and
-    /// recorded first if new).
+    /// One txn of mutations that reflect the source at revision `at`, then
+    /// `tail`: every leased key is attached to the destination lease that
+    /// mirrors its source lease (granted and recorded first if new).
     pub async fn commit_mutations(
         &self,
         operation: &'static str,
         guards: Vec<Compare>,
         mutations: Vec<Mutation>,
         tail: Vec<Op>,
+        at: i64,
     ) -> Result<TxnOutcome, JobError> {
         let leases = match &self.leases {
             Some(book) => {
-                let wanted = mutations.iter().filter_map(|m| match m {
-                    Mutation::Put { lease, .. } => Some(*lease),
-                    Mutation::Delete { .. } => None,
-                });
-                book.resolve(self, wanted).await?
+                let wanted = mutations
+                    .iter()
+                    .filter_map(|m| match m {
+                        Mutation::Put { lease, .. } if *lease != 0 => {
+                            Some(Want { lease: *lease, at })
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                book.resolve(wanted).await?
             }
             None => HashMap::new(),
         };
@@ -120,17 +104,15 @@ impl DestWriter {
             .collect();
         ops.extend(tail);
         match self.commit(operation, guards, ops).await {
-            // A destination lease expired since it was mapped (the keepalive
-            // task had not noticed yet): drop the dead ones, so the full sync
+            // A destination lease expired since it was mapped (no renewal
+            // had found it gone yet): drop the dead ones, so the full sync
             // this error leads to grants them again.
-            Err(JobError::Client(error))
-                if !leases.is_empty() && error.to_string().contains("lease not found") =>
-            {
+            Err(JobError::Client(error)) if !leases.is_empty() && error.is_lease_not_found() => {
                 let book = self
                     .leases
                     .as_ref()
                     .expect("leases resolved through the book");
-                let lost = book.evict_dead(self, leases.values().copied()).await;
+                let lost = book.evict_dead(leases.values().copied()).await;
                 tracing::debug!(%error, ?leases, lost, "A destination lease was gone when a txn used it.");
                 Err(JobError::DestLeaseLost {
                     leases: lost.max(1),
@@ -141,11 +123,11 @@ impl DestWriter {
     }
 
     pub fn keys(&self) -> &MetaKeys {
-        &self.keys
+        self.fenced.keys()
     }
 
     pub fn metrics(&self) -> &JobMetrics {
-        &self.metrics
+        self.fenced.metrics()
     }
 
     /// One txn: the fence and `guards` must hold for `ops` to apply.
@@ -155,57 +137,12 @@ impl DestWriter {
         guards: Vec<Compare>,
         ops: Vec<Op>,
     ) -> Result<TxnOutcome, JobError> {
-        let op_count = ops.len();
-        if let Some(rate) = &self.rate {
-            let bytes = ops.iter().map(Op::encoded_len).sum();
-            if !rate.acquire(op_count, bytes, &self.cancel).await {
-                return Err(JobError::Cancelled);
-            }
-        }
-        let mut compares = self.fence.compares();
-        compares.extend(guards);
-        let mut failure_reads = vec![Op::get(self.fence.promoted_key())];
-        if let Some(lock) = self.fence.lock() {
-            failure_reads.push(Op::get(lock.key.as_str()));
-        }
-        let txn = TxnRequest::new()
-            .when(compares)
-            .and_then(ops)
-            .or_else(failure_reads);
-        let started = Instant::now();
-        let response = self.dest.txn(operation, txn).await?;
-        self.metrics
-            .txn_duration_seconds
-            .observe(started.elapsed().as_secs_f64());
-        if response.succeeded {
-            self.metrics.txns_total.inc();
-            self.metrics.txn_ops.observe(op_count as f64);
-            return Ok(TxnOutcome::Committed(response));
-        }
-        let reads: Vec<bool> = response.ranges().map(|r| !r.kvs.is_empty()).collect();
-        let promoted = reads.first().copied().unwrap_or(false);
-        let lock_held = match self.fence.lock() {
-            None => true,
-            Some(_) => reads.get(1).copied().unwrap_or(false),
-        };
-        Ok(TxnOutcome::GuardFailed(GuardFailure {
-            promoted,
-            lock_held,
-        }))
+        self.fenced.commit(operation, guards, ops).await
     }
 
-    /// The error a failed guard stands for. A moved checkpoint is retryable:
-    /// the job re-reads it and resumes from whatever committed.
+    /// The error a failed guard stands for.
     pub fn explain(&self, failure: &GuardFailure, what: &'static str) -> JobError {
-        if failure.promoted {
-            JobError::Promoted
-        } else if !failure.lock_held {
-            JobError::Fenced {
-                reason: "this instance no longer holds the job lock",
-            }
-        } else {
-            JobError::GuardMoved { what }
-        }
+        self.fenced.explain(failure, what)
     }
 }
 
@@ -354,7 +291,7 @@ impl Pipeline {
             min_spacing: send_spacing,
             send_spacing,
             last_send: Instant::now(),
-            next_write_id: rand::random(),
+            next_write_id: ctx.ids.next(),
             tail_guard: committed_guard,
             tail_event: committed_event,
             tail_revision: committed_revision,
@@ -447,7 +384,12 @@ impl Pipeline {
             batch.partial_revision.is_some(),
             events + 1,
         ));
-        let task = self.spawn_commit(guards.clone(), batch.mutations.clone(), tail.clone());
+        let task = self.spawn_commit(
+            guards.clone(),
+            batch.mutations.clone(),
+            tail.clone(),
+            batch.through_revision,
+        );
         self.last_send = Instant::now();
         self.tail_guard = KeyGuard::Holds(checkpoint_bytes);
         self.tail_revision = batch.through_revision;
@@ -469,11 +411,12 @@ impl Pipeline {
         guards: Vec<Compare>,
         mutations: Vec<Mutation>,
         tail: Vec<Op>,
+        through_revision: i64,
     ) -> JoinHandle<Result<TxnOutcome, JobError>> {
         let writer = self.writer.clone();
         tokio::spawn(async move {
             writer
-                .commit_mutations("apply batch", guards, mutations, tail)
+                .commit_mutations("apply batch", guards, mutations, tail, through_revision)
                 .await
         })
     }
@@ -558,6 +501,7 @@ impl Pipeline {
                 entry.guards.clone(),
                 entry.mutations.clone(),
                 entry.tail.clone(),
+                entry.through_revision,
             );
             let entry = &mut self.inflight[index];
             entry.task = task;
@@ -584,6 +528,8 @@ impl Pipeline {
 /// Full-sync writes: disjoint keys, no ordering, bounded concurrency.
 pub struct UnorderedWrites {
     writer: Arc<DestWriter>,
+    /// The source revision every write reflects (the full sync's pin).
+    pinned_rev: i64,
     marker_key: String,
     marker_guard: KeyGuard,
     max_inflight: usize,
@@ -603,10 +549,16 @@ pub struct WriteTrace {
 }
 
 impl UnorderedWrites {
-    pub fn new(writer: Arc<DestWriter>, marker_guard: KeyGuard, max_inflight: usize) -> Self {
+    pub fn new(
+        writer: Arc<DestWriter>,
+        pinned_rev: i64,
+        marker_guard: KeyGuard,
+        max_inflight: usize,
+    ) -> Self {
         let marker_key = writer.keys().full_sync();
         Self {
             writer,
+            pinned_rev,
             marker_key,
             marker_guard,
             max_inflight: max_inflight.max(1),
@@ -622,11 +574,12 @@ impl UnorderedWrites {
         }
         let guards = vec![self.marker_guard.compare(&self.marker_key)];
         let writer = self.writer.clone();
+        let at = self.pinned_rev;
         self.tasks.spawn(async move {
             // A measurement only (wall clock, also under the simulator's paused time).
             let started = std::time::Instant::now();
             let outcome = writer
-                .commit_mutations("full sync write", guards, mutations, vec![])
+                .commit_mutations("full sync write", guards, mutations, vec![], at)
                 .await;
             (outcome, started.elapsed())
         });

@@ -54,6 +54,11 @@ pub struct EventStamp {
     /// FNV-1a 64 of the value; `None` for a delete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_hash: Option<u64>,
+    /// No mirrored key changed after it up to the checkpoint that carries
+    /// it: the newest mirrored event. False in stamps written before this
+    /// field existed (a full sync then stamped the first key instead).
+    #[serde(default)]
+    pub newest: bool,
 }
 
 impl EventStamp {
@@ -62,6 +67,7 @@ impl EventStamp {
             key_hex: hex(key),
             mod_revision,
             value_hash: Some(fnv1a(value)),
+            newest: true,
         }
     }
 
@@ -70,6 +76,7 @@ impl EventStamp {
             key_hex: hex(key),
             mod_revision,
             value_hash: None,
+            newest: true,
         }
     }
 
@@ -321,10 +328,6 @@ pub struct JobMeta {
 pub struct LockValue {
     pub instance: String,
     pub campaigning_since: String,
-}
-
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
 impl JobMeta {

@@ -11,9 +11,10 @@ use serde::Serialize;
 
 use crate::etcd::api::{Compare, CompareOp, Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster};
-use crate::mirror::meta::{now_rfc3339, Checkpoint, FullSyncMarker};
+use crate::mirror::meta::{Checkpoint, FullSyncMarker};
 use crate::model::keys::MetaKeys;
 use crate::model::schema::{LockValue, PromotionRecord, RevisionSample};
+use crate::telemetry::clock::now_rfc3339;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {

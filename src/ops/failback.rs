@@ -43,7 +43,8 @@ use crate::model::failback::{
 use crate::model::keys::{
     key_successor, prefix_range_end, prefix_range_start, KeyRewrite, MetaKeys,
 };
-use crate::model::schema::{now_rfc3339, Checkpoint, EventStamp, FailbackFence, PromotionRecord};
+use crate::model::schema::{Checkpoint, EventStamp, FailbackFence, PromotionRecord};
+use crate::telemetry::clock::now_rfc3339;
 
 /// Keys read per txn of point reads, and written per txn: well under
 /// etcd's default `--max-txn-ops` (128), compares included.

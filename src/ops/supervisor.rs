@@ -27,6 +27,7 @@ use crate::etcd::client::Cluster;
 use crate::etcd::routes::{connect_preferred, file_fingerprint, Routes};
 use crate::ha::election::leave;
 use crate::ha::replica::{run_replica, Instance};
+use crate::mirror::fenced::FencedWriter;
 use crate::mirror::meta::Fence;
 use crate::mirror::rate::WriteRate;
 use crate::mirror::writer::DestWriter;
@@ -153,15 +154,18 @@ impl Supervisor {
         let keys = MetaKeys::new(&settings.meta_prefix, &job.name);
         let cancel = self.cancel.child_token();
         // Writes need the job lock; the replica adds it to the fence once elected.
-        let writer = Arc::new(
-            DestWriter::new(
-                self.shared.dest.clone(),
-                keys.clone(),
-                Fence::new(&keys, None),
-                metrics.clone(),
-            )
-            .with_rate(WriteRate::new(job.write_rate).map(Arc::new), cancel.clone()),
-        );
+        let writer = Arc::new(DestWriter::over(
+            Arc::new(
+                FencedWriter::new(
+                    self.shared.dest.clone(),
+                    keys.clone(),
+                    Fence::new(&keys, None),
+                    metrics.clone(),
+                )
+                .with_rate(WriteRate::new(job.write_rate).map(Arc::new), cancel.clone()),
+            ),
+            None,
+        ));
         let template = JobContext {
             job: job.clone(),
             rewrite: KeyRewrite::new(job.prefix.as_bytes(), job.dest_prefix.as_bytes())
@@ -181,6 +185,7 @@ impl Supervisor {
             quirks: self.shared.quirks,
             lease_settings: settings.leases,
             lag_origin: Default::default(),
+            ids: Default::default(),
         };
         let name = job.name.clone();
         let instance = self.shared.instance.clone();

@@ -2,6 +2,7 @@
 //! over `--log-level` when set. Metrics and health state live here too:
 //! they are the operational surface every layer above reports to.
 
+pub mod clock;
 pub mod health;
 pub mod metrics;
 
