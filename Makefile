@@ -69,11 +69,15 @@ chart-test: chart-tools
 unit: deps
 	$(CARGO) test --workspace --lib --bins
 
-## make sim SEEDS=100000: more simulated fault schedules (release build).
-## One seed: make sim SEED=1234 (prints its actions; SIM_LOG=debug for logs).
+## make sim SEEDS=100000 [FIRST=100001]: more simulated fault schedules
+## (release build). One seed: make sim SEED=1234 (prints its actions and
+## digest; SIM_LOG=debug for logs). A failure prints the command that
+## replays it in the profile that ran it: PROFILE=dev is `make test`'s
+## (the schedule is the same in both; the code that runs is not).
 SEEDS ?= 10000
+PROFILE ?= release
 sim:
-	SIM_SEEDS=$(SEEDS) $(if $(SEED),SIM_SEED=$(SEED)) $(CARGO) test --release --test sim -- --nocapture
+	SIM_SEEDS=$(SEEDS) $(if $(SEED),SIM_SEED=$(SEED)) $(if $(FIRST),SIM_FIRST_SEED=$(FIRST)) $(CARGO) test $(if $(filter release,$(PROFILE)),--release) --test sim simulation -- --nocapture
 
 ## make mutants: cargo-mutants over the safety code (.cargo/mutants.toml),
 ## with the unit, regression and simulation tests only. `make mutants-core`

@@ -12,7 +12,8 @@ use etcd_syncer::etcd::api::{Etcd, Op, TxnRequest};
 use etcd_syncer::etcd::memory::{new_store, Faults, Link, MemoryEtcd, SharedStore};
 use etcd_syncer::etcd::Cluster;
 use etcd_syncer::mirror::meta::{Fence, KeyGuard};
-use etcd_syncer::mirror::writer::{DestWriter, Pipeline};
+use etcd_syncer::mirror::pipeline::Pipeline;
+use etcd_syncer::mirror::writer::DestWriter;
 use etcd_syncer::mirror::{run_job, JobContext, JobError};
 use etcd_syncer::model::batch::Batch;
 use etcd_syncer::model::keys::{KeyRewrite, MetaKeys};
@@ -683,7 +684,7 @@ async fn the_pipeline_bounds_and_spaces_what_it_sends() {
 /// the checkpoint: the job stops and re-reads it.
 #[tokio::test(start_paused = true)]
 async fn a_chain_refusal_is_a_reorder_once_then_an_error() {
-    use etcd_syncer::mirror::writer::Acked;
+    use etcd_syncer::mirror::pipeline::Acked;
     let (source, dest) = (new_store(1), new_store(2));
     let ctx = context(&source, &dest, NO_CHECKS, 1.0);
     // Someone wrote the checkpoint this pipeline believes absent.
@@ -705,7 +706,7 @@ async fn a_chain_refusal_is_a_reorder_once_then_an_error() {
 /// doubled gap; a clean shutdown drains what is in flight and reports it.
 #[tokio::test(start_paused = true)]
 async fn a_reordered_window_is_resent_spaced_and_drained() {
-    use etcd_syncer::mirror::writer::Acked;
+    use etcd_syncer::mirror::pipeline::Acked;
     let (source, dest) = (new_store(1), new_store(2));
     let mut ctx = context(&source, &dest, NO_CHECKS, 1.0);
     ctx.tuning.max_inflight_txns = 4;

@@ -362,6 +362,46 @@ impl EtcdCluster {
         self.endpoints().join(",")
     }
 
+    /// The client endpoint of member `index`.
+    pub fn member_endpoint(&self, index: usize) -> String {
+        format!(
+            "{}://127.0.0.1:{}",
+            self.scheme(),
+            self.members[index].client_port
+        )
+    }
+
+    /// Which member leads now (by index), as the members themselves say.
+    pub async fn leader_index(&self) -> Result<usize> {
+        let mut client = self
+            .connect_to(std::slice::from_ref(&self.member_endpoint(0)))
+            .await?;
+        let status = tokio::time::timeout(Duration::from_secs(2), client.status()).await??;
+        let leader = status.leader();
+        let members = tokio::time::timeout(Duration::from_secs(2), client.member_list()).await??;
+        let name = members
+            .members()
+            .iter()
+            .find(|m| m.id() == leader)
+            .map(|m| m.name().to_string())
+            .context("no leader in the member list")?;
+        self.members
+            .iter()
+            .position(|m| m.name == name)
+            .context("the leader is not one of our members")
+    }
+
+    /// Sends `signal` to member `index` (SIGSTOP freezes it: its port still
+    /// accepts connections, nothing answers; SIGCONT thaws it).
+    pub fn signal_member(&self, index: usize, signal: nix::sys::signal::Signal) -> Result<()> {
+        let child = self.members[index]
+            .child
+            .as_ref()
+            .context("member not running")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)?;
+        Ok(())
+    }
+
     pub fn tls(&self) -> Option<&TlsMaterial> {
         self.options.tls.as_ref()
     }

@@ -99,6 +99,14 @@ impl LeaseRenewer {
         }
     }
 
+    /// Renews `leases` too from the next pass on.
+    pub fn add(&self, leases: &[i64]) {
+        self.alive
+            .lock()
+            .expect("lease set")
+            .extend(leases.iter().copied());
+    }
+
     /// Stops renewing `leases` (their keys expire after the TTL).
     pub fn release(&self, leases: &[i64]) {
         let mut alive = self.alive.lock().expect("lease set");

@@ -249,7 +249,7 @@ async fn a_takeover_after_kill_9_loses_no_lease() -> Result<()> {
     let dest = EtcdCluster::start_dest().await?;
     let (_leases, renewer) = registry(&source, 50, 6).await?;
     let replica = |id: &str| {
-        let mut args = syncer_args(&source, &dest, "3s");
+        let mut args = syncer_args(&source, &dest, "5s");
         args.extend(e2e::args(&[
             "--instance-id",
             id,
@@ -274,7 +274,7 @@ async fn a_takeover_after_kill_9_loses_no_lease() -> Result<()> {
 
     a.signal(Signal::SIGKILL)?;
     wait_job_state(&b, JOB, "watching").await?;
-    // Longer than a destination lease's TTL (6 s + 3 s grace) after the kill.
+    // Longer than a destination lease's TTL (6 s + 5 s grace) after the kill.
     tokio::time::sleep(Duration::from_secs(15)).await;
     let after = leased_keys(&mut dst, PREFIX).await?;
     for (key, (value, lease, created)) in &before {
@@ -318,12 +318,12 @@ async fn an_outage_longer_than_ttl_and_grace_is_repaired_on_restart() -> Result<
     let source = EtcdCluster::start_source().await?;
     let dest = EtcdCluster::start_dest().await?;
     let (leases, renewer) = registry(&source, 40, 6).await?;
-    let syncer = Syncer::start("first", &syncer_args(&source, &dest, "3s")).await?;
+    let syncer = Syncer::start("first", &syncer_args(&source, &dest, "5s")).await?;
     let all: Vec<String> = (0..40).map(instance_key).collect();
     wait_mirrored(&dest, &all).await?;
     syncer.finish().await?;
 
-    // Nothing renews the destination leases: past 6 s + 3 s they expire.
+    // Nothing renews the destination leases: past 6 s + 5 s they expire.
     // Meanwhile five instances die on the source.
     renewer.release(&leases[..5]);
     let mut dst = dest.client().await?;
@@ -338,7 +338,7 @@ async fn an_outage_longer_than_ttl_and_grace_is_repaired_on_restart() -> Result<
         "plain keys never expire"
     );
 
-    let syncer = Syncer::start("second", &syncer_args(&source, &dest, "3s")).await?;
+    let syncer = Syncer::start("second", &syncer_args(&source, &dest, "5s")).await?;
     let survivors: Vec<String> = (5..40).map(instance_key).collect();
     converge(&source, PREFIX, &dest, PREFIX, WAIT).await?;
     wait_mirrored(&dest, &survivors).await?;
@@ -361,7 +361,7 @@ async fn after_promote_mirrored_leased_keys_expire() -> Result<()> {
     let source = EtcdCluster::start_source().await?;
     let dest = EtcdCluster::start_dest().await?;
     let (_leases, renewer) = registry(&source, 30, 6).await?;
-    let syncer = Syncer::start("syncer", &syncer_args(&source, &dest, "3s")).await?;
+    let syncer = Syncer::start("syncer", &syncer_args(&source, &dest, "5s")).await?;
     let all: Vec<String> = (0..30).map(instance_key).collect();
     wait_mirrored(&dest, &all).await?;
     syncer.finish().await?;
@@ -394,7 +394,7 @@ async fn promote_with_detach_leases_keeps_mirrored_keys() -> Result<()> {
     let source = EtcdCluster::start_source().await?;
     let dest = EtcdCluster::start_dest().await?;
     let (_leases, renewer) = registry(&source, 30, 6).await?;
-    let syncer = Syncer::start("syncer", &syncer_args(&source, &dest, "3s")).await?;
+    let syncer = Syncer::start("syncer", &syncer_args(&source, &dest, "5s")).await?;
     let all: Vec<String> = (0..30).map(instance_key).collect();
     wait_mirrored(&dest, &all).await?;
     syncer.finish().await?;
@@ -418,8 +418,8 @@ async fn promote_with_detach_leases_keeps_mirrored_keys() -> Result<()> {
         lease_record_count(&mut dst, JOB).await? == 0,
         "lease records removed"
     );
-    // Past the destination leases' TTL (6 s + 3 s).
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    // Past the destination leases' TTL (6 s + 5 s).
+    tokio::time::sleep(Duration::from_secs(14)).await;
     let keys: HashMap<String, (Vec<u8>, i64, i64)> = leased_keys(&mut dst, PREFIX).await?;
     for key in all.iter().chain(
         PLAIN_KEYS
@@ -456,7 +456,7 @@ async fn promote_stops_renewals_and_undo_restores_the_leased_keys() -> Result<()
     let source = EtcdCluster::start_source().await?;
     let dest = EtcdCluster::start_dest().await?;
     let (_leases, renewer) = registry(&source, 30, 6).await?;
-    let mut syncer = Syncer::start("syncer", &syncer_args(&source, &dest, "3s")).await?;
+    let mut syncer = Syncer::start("syncer", &syncer_args(&source, &dest, "5s")).await?;
     let all: Vec<String> = (0..30).map(instance_key).collect();
     wait_mirrored(&dest, &all).await?;
 
@@ -501,7 +501,7 @@ async fn undo_after_detach_mirrors_the_leases_again() -> Result<()> {
     let source = EtcdCluster::start_source().await?;
     let dest = EtcdCluster::start_dest().await?;
     let (_leases, renewer) = registry(&source, 30, 6).await?;
-    let mut syncer = Syncer::start("syncer", &syncer_args(&source, &dest, "3s")).await?;
+    let mut syncer = Syncer::start("syncer", &syncer_args(&source, &dest, "5s")).await?;
     let all: Vec<String> = (0..30).map(instance_key).collect();
     wait_mirrored(&dest, &all).await?;
 
@@ -648,15 +648,15 @@ async fn switching_from_faithful_to_strip_keeps_the_keys() -> Result<()> {
     let source = EtcdCluster::start_source().await?;
     let dest = EtcdCluster::start_dest().await?;
     let (_leases, renewer) = registry(&source, 10, 6).await?;
-    let syncer = Syncer::start("faithful", &syncer_args(&source, &dest, "3s")).await?;
+    let syncer = Syncer::start("faithful", &syncer_args(&source, &dest, "5s")).await?;
     let all: Vec<String> = (0..10).map(instance_key).collect();
     wait_mirrored(&dest, &all).await?;
     syncer.finish().await?;
-    let mut strip = syncer_args(&source, &dest, "3s");
+    let mut strip = syncer_args(&source, &dest, "5s");
     strip.extend(e2e::args(&["--leases", "strip"]));
     let syncer = Syncer::start("strip", &strip).await?;
     wait_job_state(&syncer, JOB, "watching").await?;
-    // Past the old destination leases' TTL (6 s + 3 s).
+    // Past the old destination leases' TTL (6 s + 5 s).
     tokio::time::sleep(Duration::from_secs(20)).await;
     let keys = leased_keys(&mut dest.client().await?, PREFIX).await?;
     ensure!(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tracing::info;
 
-use super::AppError;
+use crate::cli::error::AppError;
 use crate::config::{load_auth_passwords, AuthPasswords, ClusterSettings, PromoteAuthArgs};
 use crate::etcd::auth::RealAuth;
 use crate::etcd::client::Cluster;

@@ -2,8 +2,8 @@
 
 use tokio_util::sync::CancellationToken;
 
-use super::AppError;
 use crate::check::{check, CheckOptions, CheckReport, CheckTarget, LeaseCheck};
+use crate::cli::error::AppError;
 use crate::config::{CheckArgs, ConfigError, LeaseMode, OutputFormat};
 use crate::etcd::client::Cluster;
 use crate::model::keys::{KeyRewrite, MetaKeys};

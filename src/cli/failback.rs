@@ -3,7 +3,7 @@
 
 use tokio_util::sync::CancellationToken;
 
-use super::AppError;
+use crate::cli::error::AppError;
 use crate::config::{FailbackArgs, LeaseMode, OutputFormat};
 use crate::etcd::client::Cluster;
 use crate::ops::failback::{failback, FailbackJob, FailbackOptions, FailbackReport, Method};

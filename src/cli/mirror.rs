@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::AppError;
+use crate::cli::error::AppError;
 use crate::config::{ClusterSettings, MirrorArgs, Settings, Side};
 use crate::etcd::client::{ClientError, Cluster, FailureKind};
 use crate::ha::election::SessionManager;

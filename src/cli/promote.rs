@@ -3,8 +3,8 @@
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::AppError;
 use crate::check::{check, CheckOptions, CheckReport, CheckTarget, LeaseCheck};
+use crate::cli::error::AppError;
 use crate::config::{OutputFormat, PromoteArgs};
 use crate::etcd::client::Cluster;
 use crate::model::keys::{KeyRewrite, MetaKeys};
@@ -36,7 +36,7 @@ pub async fn run_promote(args: PromoteArgs) -> Result<(), AppError> {
             .map(|s| s.job)
             .collect(),
     };
-    super::auth::sync_auth_before_promote(
+    crate::cli::auth::sync_auth_before_promote(
         &args.auth,
         args.undo,
         &args.meta_prefix,

@@ -1,6 +1,6 @@
 //! `reset`: request one full sync per job, consumed by the job's next leader.
 
-use super::AppError;
+use crate::cli::error::AppError;
 use crate::config::ResetArgs;
 use crate::etcd::client::Cluster;
 use crate::mirror::{request_reset, JobError};

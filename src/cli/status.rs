@@ -1,6 +1,6 @@
 //! `status`: each job's leader, checkpoint and lag, from the destination's meta keys.
 
-use super::AppError;
+use crate::cli::error::AppError;
 use crate::config::{OutputFormat, StatusArgs};
 use crate::etcd::client::Cluster;
 use crate::ops::admin::{add_history_window, add_source_lag, collect_status, render_text};

@@ -9,10 +9,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use super::file::FileCluster;
-use super::settings::{ClusterSettings, DEFAULT_META_PREFIX};
-use super::validation::{cluster_settings, ClusterFlags, ConfigError};
-use crate::model::Side;
+use super::settings::{LeaseMode, DEFAULT_META_PREFIX};
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
@@ -135,7 +132,7 @@ pub struct CheckArgs {
     /// How the job mirrors leases: with `faithful` (the default) a key on
     /// another lease than its mirror counts as a lease mismatch.
     #[arg(long, value_enum, env = "ETCD_SYNCER_LEASES")]
-    pub leases: Option<crate::config::LeaseMode>,
+    pub leases: Option<LeaseMode>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -391,9 +388,10 @@ pub struct MirrorArgs {
     /// destination lease kept alive while the source lease lives; `strip`:
     /// every key is written without a lease (mirrored keys never expire).
     #[arg(long, value_enum, env = "ETCD_SYNCER_LEASES")]
-    pub leases: Option<crate::config::LeaseMode>,
+    pub leases: Option<LeaseMode>,
     /// Added to each mirrored lease's TTL on the destination, so live keys
-    /// survive a replicator outage shorter than this (whole seconds, default 30s).
+    /// survive a replicator outage shorter than this (whole seconds, 5s to 1h,
+    /// default 30s).
     #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_LEASE_GRACE")]
     pub lease_grace: Option<Duration>,
 
@@ -427,6 +425,17 @@ pub struct MirrorArgs {
 /// flattened group, so [`SourceArgs`] (`--src-*`, `ETCD_SYNCER_SRC_*`) and
 /// [`DestArgs`] (`--dst-*`, `ETCD_SYNCER_DST_*`) are generated from this
 /// template. Flag names come from the field names, so those are spelled out.
+/// One side's connection flags, whichever side they came from.
+pub struct ClusterFlags {
+    pub endpoints: Option<Vec<String>>,
+    pub endpoint_groups: Vec<String>,
+    pub cacert: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
 macro_rules! cluster_args {
     (
         $(#[$meta:meta])*
@@ -519,19 +528,6 @@ macro_rules! cluster_args {
                     user: self.$user,
                     password: self.$password,
                 }
-            }
-
-            /// Settings for commands where this side is optional (`status`,
-            /// `promote`): `None` without endpoints.
-            pub fn into_optional_settings(self) -> Result<Option<ClusterSettings>, ConfigError> {
-                if self.$endpoints.is_none() && self.$groups.is_empty() {
-                    return Ok(None);
-                }
-                self.into_settings().map(Some)
-            }
-
-            pub fn into_settings(self) -> Result<ClusterSettings, ConfigError> {
-                cluster_settings($side, self.flags(), FileCluster::default())
             }
         }
     };

@@ -8,7 +8,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
-use super::validation::ConfigError;
+use super::error::ConfigError;
+use super::settings::LeaseMode;
 
 /// The config file. Unknown fields are rejected so a typo cannot silently
 /// fall back to a default.
@@ -46,7 +47,7 @@ pub struct FileConfig {
     pub lock_ttl: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub rebalance_interval: Option<Duration>,
-    pub leases: Option<crate::config::LeaseMode>,
+    pub leases: Option<LeaseMode>,
     #[serde(default, with = "humantime_serde")]
     pub lease_grace: Option<Duration>,
     pub sync_auth: Option<bool>,

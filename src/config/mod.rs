@@ -9,6 +9,7 @@
 //! - [`validation`]: flags + file into settings, and every check.
 
 pub mod args;
+pub mod error;
 pub mod file;
 pub mod reload;
 pub mod settings;
@@ -29,7 +30,7 @@ pub use settings::{
     DEFAULT_MAX_TXN_BYTES, DEFAULT_MAX_TXN_OPS, DEFAULT_META_PREFIX, DEFAULT_METRICS_ADDR,
     DEFAULT_REBALANCE_INTERVAL, MAX_CHECK_INTERVAL, MAX_LEASE_GRACE, MAX_LIVENESS_TIMEOUT,
     MAX_LOCK_TTL, MAX_PIPELINE_SPACING, MAX_PROGRESS_INTERVAL, MAX_REBALANCE_INTERVAL,
-    MAX_REQUEST_TIMEOUT, MAX_WAIT_TIMEOUT, MAX_WATCH_IDLE_TIMEOUT,
+    MAX_REQUEST_TIMEOUT, MAX_WAIT_TIMEOUT, MAX_WATCH_IDLE_TIMEOUT, MIN_LEASE_GRACE,
 };
 pub use validation::{
     check_exclude_prefixes, check_tls_files, load_auth_passwords, loop_error, parse_auth_passwords,

@@ -32,6 +32,10 @@ pub const MAX_PIPELINE_SPACING: Duration = Duration::from_secs(1);
 /// `--lock-ttl`: whole seconds, at least 2s, at most 1h.
 pub const MAX_LOCK_TTL: Duration = Duration::from_secs(HOUR);
 pub const MAX_LEASE_GRACE: Duration = Duration::from_secs(HOUR);
+/// `--lease-grace` at least: a leader's takeover (the lock TTL, 5 s by
+/// default) must fit in it, or a failover lets mirrored leases expire and
+/// the standby drops live registrations.
+pub const MIN_LEASE_GRACE: Duration = Duration::from_secs(5);
 /// `--rebalance-interval`: at most 24h.
 pub const MAX_REBALANCE_INTERVAL: Duration = Duration::from_secs(DAY);
 /// `--check-interval`: at most 7 days (0 disables the check).

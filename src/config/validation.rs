@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 
-use super::args::{CheckArgs, MirrorArgs, PromoteArgs, ResetArgs, StatusArgs};
+use super::args::{
+    CheckArgs, ClusterFlags, DestArgs, MirrorArgs, PromoteArgs, ResetArgs, SourceArgs, StatusArgs,
+};
+pub use super::error::ConfigError;
 use super::file::{load_file, FileCluster, FileConfig};
 use super::settings::*;
 use crate::model::keys::{is_valid_job_name, job_name_from_prefix, prefixes_overlap};
@@ -77,30 +80,30 @@ fn check_request_timeout(value: Duration) -> Result<(), ConfigError> {
     check_at_most("--request-timeout", value, MAX_REQUEST_TIMEOUT)
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{field} is required: {fix}")]
-    Missing {
-        field: &'static str,
-        fix: &'static str,
-    },
-    #[error("{field} = {value:?} is invalid: {reason}")]
-    Invalid {
-        field: String,
-        value: String,
-        reason: String,
-    },
-    #[error("{fields} conflict: {reason}")]
-    Conflict { fields: String, reason: String },
-    #[error("cannot read {field} file {path}: {source}")]
-    ReadFile {
-        field: String,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+/// The settings of one side's connection flags, for the commands that read
+/// no config file.
+macro_rules! cluster_settings_of {
+    ($args:ident, $side:expr) => {
+        impl $args {
+            /// Settings for commands where this side is optional (`status`,
+            /// `promote`): `None` without endpoints.
+            pub fn into_optional_settings(self) -> Result<Option<ClusterSettings>, ConfigError> {
+                let flags = self.flags();
+                if flags.endpoints.is_none() && flags.endpoint_groups.is_empty() {
+                    return Ok(None);
+                }
+                cluster_settings($side, flags, FileCluster::default()).map(Some)
+            }
+
+            pub fn into_settings(self) -> Result<ClusterSettings, ConfigError> {
+                cluster_settings($side, self.flags(), FileCluster::default())
+            }
+        }
+    };
 }
+
+cluster_settings_of!(SourceArgs, Side::Source);
+cluster_settings_of!(DestArgs, Side::Destination);
 
 impl MirrorArgs {
     /// Reads the config file named by `--config` (if any), then merges and validates.
@@ -456,11 +459,13 @@ impl MirrorArgs {
             .lease_grace
             .or(file.lease_grace)
             .unwrap_or(LeaseSettings::default().grace);
-        if lease_grace > MAX_LEASE_GRACE || lease_grace.subsec_nanos() != 0 {
+        if !(MIN_LEASE_GRACE..=MAX_LEASE_GRACE).contains(&lease_grace)
+            || lease_grace.subsec_nanos() != 0
+        {
             return Err(invalid(
                 &origin("lease-grace", self.lease_grace.is_some()),
                 &humantime::format_duration(lease_grace).to_string(),
-                "must be whole seconds and at most 1h (etcd leases have second granularity); the default is 30s",
+                "must be whole seconds from 5s to 1h (etcd leases have second granularity; a leader's takeover must fit in the grace or a failover drops live registrations); the default is 30s",
             ));
         }
         let leases = LeaseSettings {
@@ -808,17 +813,6 @@ fn invalid(field: &str, value: &str, reason: &str) -> ConfigError {
         value: value.to_string(),
         reason: reason.to_string(),
     }
-}
-
-/// One side's connection flags, whichever side they came from.
-pub(super) struct ClusterFlags {
-    pub(super) endpoints: Option<Vec<String>>,
-    pub(super) endpoint_groups: Vec<String>,
-    pub(super) cacert: Option<PathBuf>,
-    pub(super) cert: Option<PathBuf>,
-    pub(super) key: Option<PathBuf>,
-    pub(super) user: Option<String>,
-    pub(super) password: Option<String>,
 }
 
 pub(super) fn cluster_settings(
@@ -1572,6 +1566,31 @@ mod tests {
         assert_eq!(settings.lock_ttl, Duration::from_secs(2));
     }
 
+    /// L8: a grace below 5 s is refused (a failover at the default lock
+    /// TTL let mirrored leases expire and the standby dropped live keys);
+    /// 5 s and 1 h are the bounds, and the file's key is named too.
+    #[test]
+    fn lease_grace_is_whole_seconds_from_5s_to_1h() {
+        for bad in ["0s", "4s", "5500ms", "3601s"] {
+            let text = error_text(with_base(&["--lease-grace", bad]));
+            assert!(
+                text.contains("--lease-grace") && text.contains("from 5s to 1h"),
+                "{bad}: {text}"
+            );
+        }
+        for good in ["5s", "1h"] {
+            let settings = with_base(&["--lease-grace", good]).unwrap();
+            assert_eq!(
+                settings.leases.grace,
+                humantime::parse_duration(good).unwrap()
+            );
+        }
+        let text = error_text(file(
+            "lease-grace = \"1s\"\n[source]\nendpoints=[\"http://h:1\"]\n[destination]\nendpoints=[\"http://h:2\"]\n[[jobs]]\nprefix=\"/a/\"\n",
+        ));
+        assert!(text.contains("lease-grace (config file)"), "{text}");
+    }
+
     #[test]
     fn file_durations_are_bounded_and_name_the_key() {
         let text = error_text(file(
@@ -1978,9 +1997,9 @@ mod auth_tests {
             "/app/",
         ];
         argv.extend_from_slice(extra);
-        let cli = crate::config::Cli::try_parse_from(argv).expect("flags parse");
+        let cli = crate::config::args::Cli::try_parse_from(argv).expect("flags parse");
         match cli.command {
-            crate::config::Command::MirrorPlus(args) => args.into_settings(),
+            crate::config::args::Command::MirrorPlus(args) => args.into_settings(),
             _ => unreachable!("mirror-plus"),
         }
     }

@@ -123,12 +123,15 @@ pub enum CompareTarget {
     Value(Vec<u8>),
 }
 
-/// One txn condition on one key.
+/// One txn condition on one key, or on every key of a range.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compare {
     pub key: Vec<u8>,
     pub op: CompareOp,
     pub target: CompareTarget,
+    /// Empty: `key` alone. Else every live key of `[key, range_end)` must
+    /// hold the condition (as etcd, an empty range compares a missing key).
+    pub range_end: Vec<u8>,
 }
 
 impl Compare {
@@ -137,6 +140,7 @@ impl Compare {
             key: key.into(),
             op,
             target: CompareTarget::Version(version),
+            range_end: Vec::new(),
         }
     }
 
@@ -145,6 +149,7 @@ impl Compare {
             key: key.into(),
             op,
             target: CompareTarget::CreateRevision(revision),
+            range_end: Vec::new(),
         }
     }
 
@@ -153,6 +158,7 @@ impl Compare {
             key: key.into(),
             op,
             target: CompareTarget::ModRevision(revision),
+            range_end: Vec::new(),
         }
     }
 
@@ -161,7 +167,14 @@ impl Compare {
             key: key.into(),
             op,
             target: CompareTarget::Value(value.into()),
+            range_end: Vec::new(),
         }
+    }
+
+    /// The same condition on every key of `[key, range_end)`.
+    pub fn over_range(mut self, range_end: impl Into<Vec<u8>>) -> Self {
+        self.range_end = range_end.into();
+        self
     }
 }
 

@@ -13,6 +13,7 @@ use crate::etcd::api::{
     Etcd, Header, LeaseKeeper, LeaseTtl, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
     WatchRequest, WatchStream,
 };
+use crate::etcd::real::RealEtcd;
 use crate::model::Side;
 
 /// HTTP/2 pings detect a dead or half-open connection. etcd's default
@@ -341,7 +342,7 @@ impl Cluster {
         settings: &ClusterSettings,
         request_timeout: Duration,
     ) -> Result<Self, ClientError> {
-        crate::etcd::routes::connect_preferred(settings, request_timeout)
+        connect_preferred(settings, request_timeout)
             .await
             .map(|(cluster, _)| cluster)
     }
@@ -432,7 +433,7 @@ impl Cluster {
         self.connection().backend
     }
 
-    /// The backend requests go to now (for [`crate::etcd::routes`]).
+    /// The backend requests go to now (for the endpoint-group routes).
     pub(crate) fn current_backend(&self) -> Arc<dyn Etcd> {
         self.backend()
     }
@@ -601,6 +602,41 @@ where
             }
         }
     }
+}
+
+/// Connects through the first group that connects, in order of
+/// preference. Without auth the channel is lazy, so this is the first
+/// group, and the health checks move off it if it does not answer.
+/// Returns the cluster and the index of the group it uses.
+pub async fn connect_preferred(
+    settings: &ClusterSettings,
+    request_timeout: Duration,
+) -> Result<(Cluster, usize), ClientError> {
+    let mut first_error = None;
+    for (index, group) in settings.groups.iter().enumerate() {
+        let through = settings.through_group(index);
+        match connect_client(&through, request_timeout, "connect").await {
+            Ok(client) => {
+                if index > 0 {
+                    tracing::warn!(side = %settings.side, group = %group.name, "Connected through a fallback endpoint group: the preferred ones did not connect.");
+                }
+                let cluster = Cluster::with_backend(
+                    settings.side,
+                    group.endpoints.join(","),
+                    Arc::new(RealEtcd::new(client)),
+                    request_timeout,
+                );
+                return Ok((cluster, index));
+            }
+            Err(error) => {
+                if settings.groups.len() > 1 {
+                    tracing::warn!(side = %settings.side, group = %group.name, %error, "Endpoint group does not connect; trying the next.");
+                }
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    Err(first_error.expect("at least one endpoint group"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

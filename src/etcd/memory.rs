@@ -333,7 +333,24 @@ impl Store {
     }
 
     fn compare(&self, compare: &Compare) -> bool {
-        let kv = self.live(&compare.key);
+        if !compare.range_end.is_empty() {
+            // etcd: every live key of the range holds it; none, and the
+            // condition is judged on a missing key.
+            let live: Vec<&KeyValue> = self
+                .keys_in(&compare.key, &compare.range_end)
+                .filter_map(|(_, versions)| live_at(versions, self.revision))
+                .collect();
+            if live.is_empty() {
+                return self.compare_one(compare, None);
+            }
+            return live
+                .into_iter()
+                .all(|kv| self.compare_one(compare, Some(kv)));
+        }
+        self.compare_one(compare, self.live(&compare.key))
+    }
+
+    fn compare_one(&self, compare: &Compare, kv: Option<&KeyValue>) -> bool {
         let ordering = match (&compare.target, kv) {
             (CompareTarget::Value(_), None) => return false,
             (CompareTarget::Value(value), Some(kv)) => kv.value.as_slice().cmp(value.as_slice()),
@@ -1197,6 +1214,37 @@ mod tests {
         assert_eq!(got.kvs[0].mod_revision, 3);
     }
 
+    /// A compare over a range holds when every live key of it holds it;
+    /// an empty range is judged as a missing key (etcd's `applyCompare`).
+    #[tokio::test(start_paused = true)]
+    async fn range_compares_hold_for_every_key() {
+        let store = new_store(7);
+        let etcd = client(&store);
+        etcd.txn(put("/p/a", "1")).await.unwrap();
+        etcd.txn(put("/p/b", "2")).await.unwrap();
+        let before = store.lock().unwrap().revision();
+        etcd.txn(put("/q/c", "3")).await.unwrap();
+        let unchanged = |from: &str, to: &str| {
+            TxnRequest::new().when(vec![Compare::mod_revision(
+                from,
+                CompareOp::Less,
+                before + 1,
+            )
+            .over_range(to)])
+        };
+        assert!(etcd.txn(unchanged("/p/", "/p0")).await.unwrap().succeeded);
+        assert!(
+            !etcd.txn(unchanged("/", "/r")).await.unwrap().succeeded,
+            "/q/c is newer"
+        );
+        assert!(
+            etcd.txn(unchanged("/x/", "/x0")).await.unwrap().succeeded,
+            "empty range"
+        );
+        etcd.txn(put("/p/b", "changed")).await.unwrap();
+        assert!(!etcd.txn(unchanged("/p/", "/p0")).await.unwrap().succeeded);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn compares_on_a_missing_key_follow_etcd() {
         let store = new_store(7);
@@ -1206,6 +1254,7 @@ mod tests {
                 key: b"/none".to_vec(),
                 op: CompareOp::Equal,
                 target,
+                range_end: Vec::new(),
             }])
         };
         assert!(

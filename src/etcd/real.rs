@@ -110,13 +110,18 @@ fn compare(compare: Compare) -> etcd_client::Compare {
         CompareOp::Greater => etcd_client::CompareOp::Greater,
         CompareOp::Less => etcd_client::CompareOp::Less,
     };
-    match compare.target {
+    let single = match compare.target {
         CompareTarget::Version(v) => etcd_client::Compare::version(compare.key, op, v),
         CompareTarget::CreateRevision(r) => {
             etcd_client::Compare::create_revision(compare.key, op, r)
         }
         CompareTarget::ModRevision(r) => etcd_client::Compare::mod_revision(compare.key, op, r),
         CompareTarget::Value(v) => etcd_client::Compare::value(compare.key, op, v),
+    };
+    if compare.range_end.is_empty() {
+        single
+    } else {
+        single.with_range(compare.range_end)
     }
 }
 

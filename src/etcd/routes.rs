@@ -31,45 +31,11 @@ use tracing::{error, info, warn};
 use crate::config::settings::{FailoverSettings, FILE_CHECK_INTERVAL};
 use crate::config::ClusterSettings;
 use crate::etcd::api::Etcd;
-use crate::etcd::client::{connect_client, ClientError, Cluster, FailureKind};
+pub use crate::etcd::client::connect_preferred;
+use crate::etcd::client::{connect_client, Cluster, FailureKind};
 use crate::etcd::real::RealEtcd;
 use crate::model::failover::{GroupSelector, SwitchReason};
 use crate::telemetry::metrics::RouteMetrics;
-
-/// Connects through the first group that connects, in order of
-/// preference. Without auth the channel is lazy, so this is the first
-/// group, and the health checks move off it if it does not answer.
-/// Returns the cluster and the index of the group it uses.
-pub async fn connect_preferred(
-    settings: &ClusterSettings,
-    request_timeout: Duration,
-) -> Result<(Cluster, usize), ClientError> {
-    let mut first_error = None;
-    for (index, group) in settings.groups.iter().enumerate() {
-        let through = settings.through_group(index);
-        match connect_client(&through, request_timeout, "connect").await {
-            Ok(client) => {
-                if index > 0 {
-                    warn!(side = %settings.side, group = %group.name, "Connected through a fallback endpoint group: the preferred ones did not connect.");
-                }
-                let cluster = Cluster::with_backend(
-                    settings.side,
-                    group.endpoints.join(","),
-                    Arc::new(RealEtcd::new(client)),
-                    request_timeout,
-                );
-                return Ok((cluster, index));
-            }
-            Err(error) => {
-                if settings.groups.len() > 1 {
-                    warn!(side = %settings.side, group = %group.name, %error, "Endpoint group does not connect; trying the next.");
-                }
-                first_error.get_or_insert(error);
-            }
-        }
-    }
-    Err(first_error.expect("at least one endpoint group"))
-}
 
 /// One endpoint group and its own connection (for health checks, and for
 /// requests once it is switched to).

@@ -8,7 +8,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{CheckSettings, JobSettings, LeaseMode, LeaseSettings, Tuning, TxnLimits};
 use crate::etcd::client::Cluster;
 use crate::mirror::fenced::FencedWriter;
-use crate::mirror::incremental::LagOrigin;
 use crate::mirror::leases::LeaseBook;
 use crate::mirror::meta::Fence;
 use crate::mirror::writer::DestWriter;
@@ -16,6 +15,11 @@ use crate::model::ids::Ids;
 use crate::model::keys::{KeyRewrite, MetaKeys};
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics::JobMetrics;
+
+/// The oldest source head the destination did not reflect yet, and when it
+/// was seen; shared by a job's attempts (so the lag keeps growing across
+/// retries).
+pub type LagOrigin = std::sync::Arc<std::sync::Mutex<Option<(i64, tokio::time::Instant)>>>;
 
 /// Everything one job needs, shared by its phases.
 #[derive(Clone)]

@@ -23,9 +23,10 @@ use tracing::info;
 
 use crate::etcd::api::{Op, RangeRequest};
 use crate::etcd::pager::{next_page, spawn_pager_with_stats, PagerStats, PagerTotals, Skipped};
+use crate::mirror::context::JobContext;
+use crate::mirror::error::{JobError, SlowPathReason};
 use crate::mirror::meta::{Checkpoint, FullSyncMarker, JobMeta, KeyGuard};
 use crate::mirror::writer::{TxnOutcome, UnorderedWrites, WriteTrace};
-use crate::mirror::{JobContext, JobError, SlowPathReason};
 use crate::model::batch::Mutation;
 use crate::model::diff::{LeaseRule, SortedMerge, Step};
 use crate::model::lease_book::Want;

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::etcd::api::RangeRequest;
 use crate::etcd::client::ClientError;
 use crate::etcd::meta::{age_seconds, oldest_readable_index};
-use crate::mirror::JobContext;
+use crate::mirror::context::JobContext;
 use crate::model::schema::RevisionSample;
 
 /// Every `--revision-map-interval` (new samples arrive no faster); the

@@ -26,9 +26,10 @@ use tracing::{debug, info, warn};
 use crate::check::CheckReport;
 use crate::etcd::api::{EventType, WatchRequest, WatchResponse};
 use crate::etcd::FailureKind;
+use crate::mirror::context::JobContext;
+use crate::mirror::error::JobError;
 use crate::mirror::meta::KeyGuard;
-use crate::mirror::writer::{Acked, Pipeline};
-use crate::mirror::{JobContext, JobError};
+use crate::mirror::pipeline::{Acked, Pipeline};
 use crate::model::batch::{BatchLimits, Coalescer, Mutation, SourceRevision};
 use crate::model::keys::{prefix_range_end, prefix_range_start};
 use crate::model::schema::EventStamp;
@@ -90,7 +91,7 @@ pub async fn run(
     //   with a compaction error, whose policy is a full sync.)
     // - a source rebuilt or restored with the same cluster id has another
     //   history: the key counts and the last applied event must agree.
-    let evidence = crate::mirror::read_resume_evidence(
+    let evidence = crate::mirror::resume::read_resume_evidence(
         ctx,
         committed_revision,
         committed_event.as_ref(),
@@ -98,9 +99,11 @@ pub async fn run(
         cancel,
     )
     .await?;
-    if let Some(reason) =
-        crate::mirror::verify_resume(committed_revision, committed_event.as_ref(), &evidence)
-    {
+    if let Some(reason) = crate::mirror::resume::verify_resume(
+        committed_revision,
+        committed_event.as_ref(),
+        &evidence,
+    ) {
         return Err(JobError::HistoryDiffers(reason));
     }
     // Only now: before, the job still reads both sides and may yet fall
@@ -222,7 +225,7 @@ pub async fn run(
                 // sync and now): its revisions are not the checkpoint's.
                 let cluster_id = response.header.cluster_id;
                 if cluster_id != 0 && source_cluster_id != 0 && cluster_id != source_cluster_id {
-                    return Err(JobError::HistoryDiffers(crate::mirror::SlowPathReason::SourceReplaced {
+                    return Err(JobError::HistoryDiffers(crate::mirror::error::SlowPathReason::SourceReplaced {
                         checkpoint_cluster_id: source_cluster_id,
                         source_cluster_id: cluster_id,
                     }));
@@ -327,7 +330,7 @@ fn spawn_marker_watch(ctx: JobContext, cancel: CancellationToken) -> mpsc::Recei
             }
             let checked = tokio::select! {
                 _ = cancel.cancelled() => return,
-                checked = crate::mirror::check_operator_markers(&ctx) => checked,
+                checked = crate::mirror::meta::check_operator_markers(&ctx.dest, &ctx.keys) => checked,
             };
             if let Err(error) = checked {
                 let _ = found.send(error).await;
@@ -586,9 +589,7 @@ struct LagClock {
     origin: LagOrigin,
 }
 
-/// The oldest source head the destination did not reflect yet, and when it
-/// was seen; shared by a job's attempts.
-pub type LagOrigin = std::sync::Arc<std::sync::Mutex<Option<(i64, Instant)>>>;
+pub use crate::mirror::context::LagOrigin;
 
 impl Drop for LagClock {
     fn drop(&mut self) {

@@ -181,7 +181,7 @@ impl LeaseBook {
                     warn!(
                         job = %self.job,
                         leases = leases.len(),
-                        "Destination leases expired while the destination still needed them (an outage longer than TTL + --lease-grace?); a full sync restores their keys."
+                        "Destination leases expired while their source leases live, or before their keys' deletes were applied (an outage longer than TTL + --lease-grace?); a full sync restores their keys."
                     );
                     let mut shared = lock(&self.shared);
                     shared.lost.extend(leases);

@@ -2,7 +2,10 @@
 //! the promoted marker and a pending reset request, and the compares that
 //! guard every write.
 
-use crate::etcd::api::{Compare, CompareOp};
+use crate::etcd::api::{Compare, CompareOp, Op, RangeRequest, TxnRequest};
+use crate::etcd::client::Cluster;
+use crate::mirror::error::JobError;
+use crate::telemetry::clock::now_rfc3339;
 
 pub use crate::etcd::meta::read_job_meta;
 use crate::model::keys::MetaKeys;
@@ -89,6 +92,46 @@ impl JobMeta {
 
     pub fn full_sync_guard(&self) -> KeyGuard {
         KeyGuard::of(self.full_sync_raw.as_deref())
+    }
+}
+
+/// Leaves a reset request under the job's meta prefix. Whichever instance
+/// leads the job next consumes it in the txn that starts the full sync (a
+/// leader already replicating notices it within a progress interval), so
+/// the reset happens exactly once, whichever instance was given the flag.
+pub async fn request_reset(
+    dest: &Cluster,
+    keys: &MetaKeys,
+    instance: &str,
+) -> Result<(), JobError> {
+    let value =
+        serde_json::json!({ "requested_at": now_rfc3339(), "instance": instance }).to_string();
+    let txn = TxnRequest::new()
+        .when(Fence::new(keys, None).compares())
+        .and_then(vec![Op::put(keys.reset_request(), value)]);
+    let response = dest.txn("request reset", txn).await?;
+    if response.succeeded {
+        Ok(())
+    } else {
+        Err(JobError::Promoted)
+    }
+}
+
+/// Reads the markers an operator may set while the job runs.
+///
+/// # Cancel-Safety
+/// Cancel-safe: a single read.
+pub async fn check_operator_markers(dest: &Cluster, keys: &MetaKeys) -> Result<(), JobError> {
+    let txn = TxnRequest::new().and_then(vec![
+        Op::Range(RangeRequest::key(keys.promoted()).count_only()),
+        Op::Range(RangeRequest::key(keys.reset_request()).count_only()),
+    ]);
+    let response = dest.txn("read operator markers", txn).await?;
+    let present: Vec<bool> = response.ranges().map(|r| r.count > 0).collect();
+    match present.as_slice() {
+        [true, _] => Err(JobError::Promoted),
+        [_, true] => Err(JobError::ResetRequested),
+        _ => Ok(()),
     }
 }
 

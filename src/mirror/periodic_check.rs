@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::check::{check, CheckError, CheckOptions, CheckReport, CheckTarget};
-use crate::mirror::JobContext;
+use crate::mirror::context::JobContext;
 
 pub fn target_of(ctx: &JobContext) -> CheckTarget {
     CheckTarget {

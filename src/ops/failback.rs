@@ -248,6 +248,67 @@ impl Side<'_> {
         key
     }
 
+    /// Compares that hold while no data key of the prefix (meta and
+    /// excluded ranges left out) was written after `revision`.
+    fn unchanged_since(&self, revision: i64) -> Vec<Compare> {
+        let mut holes: Vec<(Vec<u8>, Vec<u8>)> = self
+            .excluded
+            .iter()
+            .map(|p| (prefix_range_start(p), prefix_range_end(p)))
+            .collect();
+        if self.meta_prefix.starts_with(self.prefix) {
+            holes.push((
+                prefix_range_start(self.meta_prefix),
+                prefix_range_end(self.meta_prefix),
+            ));
+        }
+        holes.sort();
+        let end = prefix_range_end(self.prefix);
+        // "\0" as a range end is "to the end of the keyspace".
+        let before_end = |key: &[u8]| end == [0] || key < end.as_slice();
+        let unchanged = |from: Vec<u8>, to: Vec<u8>| {
+            Compare::mod_revision(from, CompareOp::Less, revision + 1).over_range(to)
+        };
+        let mut compares = Vec::new();
+        let mut start = prefix_range_start(self.prefix);
+        for (hole_start, hole_end) in holes {
+            if hole_start > start {
+                compares.push(unchanged(start.clone(), hole_start));
+            }
+            if hole_end > start || hole_end == [0] {
+                start = hole_end;
+            }
+            if start == [0] {
+                return compares;
+            }
+        }
+        if before_end(&start) {
+            compares.push(unchanged(start, end));
+        }
+        compares
+    }
+
+    /// A data key of the prefix written after `revision`, by name.
+    async fn changed_after(&self, revision: i64) -> Result<String, ClientError> {
+        let changed = self
+            .cluster
+            .range(
+                "find the key written meanwhile",
+                RangeRequest::prefix(self.prefix)
+                    .keys_only()
+                    .with_min_mod_revision(revision + 1),
+            )
+            .await?;
+        Ok(changed
+            .kvs
+            .iter()
+            .find(|kv| self.is_data(&kv.key))
+            .map_or_else(
+                || "(unknown)".to_string(),
+                |kv| String::from_utf8_lossy(&kv.key).into_owned(),
+            ))
+    }
+
     /// Keys in the prefix at `revision` (meta keys left out).
     async fn count_at(&self, revision: i64) -> Result<i64, ClientError> {
         let count = |prefix: &[u8]| {
@@ -811,8 +872,21 @@ pub async fn failback(
         .await?;
     }
 
-    // 6. Hand over to the reverse job.
-    let old_keys = old_primary.count_at(0).await?;
+    // 6. Hand over to the reverse job, once proved: the old primary's
+    // prefix changed only by this run's writes since it was read (a client
+    // still writing to it is not stopped by the fence), and the handover
+    // itself applies only if nothing changed it since that proof.
+    let verified_at = old_primary_cluster.head(old_primary.prefix).await?.revision;
+    verify_only_ours(
+        name,
+        &old_primary,
+        old_revision,
+        verified_at,
+        &found,
+        cancel,
+    )
+    .await?;
+    let old_keys = old_primary.count_at(verified_at).await?;
     let standby_keys = standby.count_at(standby_revision).await?;
     if old_keys != standby_keys {
         return Err(FailbackError::CountMismatch {
@@ -843,20 +917,68 @@ pub async fn failback(
         range_end: prefix_range_end(prefix.as_bytes()),
         key: prefix.into_bytes(),
     };
-    let handover = TxnRequest::new().when(vec![fence_compare]).and_then(vec![
-        Op::put(keys.checkpoint(), reverse.encode()),
-        Op::delete(keys.full_sync()),
-        Op::delete(keys.reset_request()),
-        range_delete(keys.lease_records()),
-        range_delete(keys.revision_map()),
-        Op::delete(keys.promoted()),
-    ]);
+    let mut compares = vec![fence_compare.clone()];
+    compares.extend(old_primary.unchanged_since(verified_at));
+    let reverse_bytes = reverse.encode();
+    let handover = TxnRequest::new()
+        .when(compares)
+        .and_then(vec![
+            Op::put(keys.checkpoint(), reverse_bytes.clone()),
+            Op::delete(keys.full_sync()),
+            Op::delete(keys.reset_request()),
+            range_delete(keys.lease_records()),
+            range_delete(keys.revision_map()),
+            Op::delete(keys.promoted()),
+        ])
+        .or_else(vec![Op::get(keys.promoted())]);
     let response = old_primary_cluster
         .txn("write the reverse job's checkpoint", handover)
         .await?;
     if !response.succeeded {
-        return Err(FailbackError::Fenced {
+        let fence_holds = response
+            .ranges()
+            .next()
+            .and_then(|r| r.kvs.first())
+            .is_some_and(|kv| kv.value == fence_bytes);
+        if !fence_holds {
+            return Err(FailbackError::Fenced {
+                job: name.to_string(),
+            });
+        }
+        return Err(FailbackError::Conflict {
             job: name.to_string(),
+            key: old_primary.changed_after(verified_at).await?,
+        });
+    }
+    // A delete leaves no mod revision to compare: the count just before
+    // the handover says whether one happened after the proof. If so, the
+    // fence goes back up (the reverse job must not start from a checkpoint
+    // the old primary does not match) and the key is named.
+    let handed_over = response.header.revision;
+    if old_primary.count_at(handed_over - 1).await? != old_keys {
+        let refence = TxnRequest::new()
+            .when(vec![Compare::value(
+                keys.checkpoint(),
+                CompareOp::Equal,
+                reverse_bytes,
+            )])
+            .and_then(vec![
+                Op::put(keys.promoted(), fence_bytes.clone()),
+                Op::delete(keys.checkpoint()),
+            ]);
+        old_primary_cluster
+            .txn("fence the old primary again", refence)
+            .await?;
+        let deleted = changes_since(name, &old_primary, verified_at, handed_over - 1, cancel)
+            .await?
+            .and_then(|changes| changes.deleted.keys().next().cloned())
+            .map_or_else(
+                || "(a key deleted meanwhile)".to_string(),
+                |suffix| String::from_utf8_lossy(&old_primary.key(&suffix)).into_owned(),
+            );
+        return Err(FailbackError::Conflict {
+            job: name.to_string(),
+            key: deleted,
         });
     }
     report.final_old_primary_revision = Some(response.header.revision);
@@ -871,6 +993,52 @@ pub async fn failback(
         "Failback done: the old primary equals the standby; reverse replication can resume from the checkpoint."
     );
     Ok(report)
+}
+
+/// Proves the old primary's prefix changed only by this run's writes
+/// between `read_at` (when its state was read) and `verified_at`: every key
+/// changed since is one this run wrote, and holds what it wrote.
+async fn verify_only_ours(
+    job: &str,
+    old_primary: &Side<'_>,
+    read_at: i64,
+    verified_at: i64,
+    written: &[Divergence],
+    cancel: &CancellationToken,
+) -> Result<(), FailbackError> {
+    let Some(changes) = changes_since(job, old_primary, read_at, verified_at, cancel).await? else {
+        return Err(FailbackError::History {
+            job: job.to_string(),
+            side: "old primary",
+            what: format!(
+                "since revision {read_at} is compacted: failback cannot prove nothing else wrote there while it ran; raise the old primary's compaction retention and run failback again"
+            ),
+        });
+    };
+    let ours: BTreeMap<&[u8], Option<&Held>> = written
+        .iter()
+        .map(|d| (d.suffix.as_slice(), d.standby.as_ref()))
+        .collect();
+    let foreign = changes
+        .written
+        .iter()
+        .find(|(suffix, now)| {
+            !matches!(ours.get(suffix.as_slice()), Some(Some(held)) if held.value == now.value)
+        })
+        .map(|(suffix, _)| suffix)
+        .or_else(|| {
+            changes
+                .deleted
+                .keys()
+                .find(|suffix| !matches!(ours.get(suffix.as_slice()), Some(None)))
+        });
+    match foreign {
+        None => Ok(()),
+        Some(suffix) => Err(FailbackError::Conflict {
+            job: job.to_string(),
+            key: String::from_utf8_lossy(&old_primary.key(suffix)).into_owned(),
+        }),
+    }
 }
 
 /// Splits the writes into txns within the job's `--max-txn-ops` (one op

@@ -1,0 +1,674 @@
+//! One job's loop (one prefix): resolve the path, run it, decide what an
+//! error means, and go round again.
+//!
+//! ```text
+//!            ┌──────────────── error: back off, re-read the checkpoint ───────────────┐
+//!            ▼                                                                        │
+//!   Resolve ─┬─ checkpoint usable ──────────────────────────────▶ Watch (fast path) ──┤
+//!            └─ none / reset / interrupted / replaced / behind ─▶ FullSync ─▶ Watch ──┤
+//!                                      ▲                                              │
+//!                                      └──────────── watch reports compaction ────────┘
+//! ```
+//!
+//! Every txn that moves the checkpoint carries the data it completes, so
+//! whatever point this loop is interrupted at, the next Resolve finds the
+//! destination equal to the source at the checkpoint revision (a full sync
+//! removes the checkpoint first, and writes it back only when it is true).
+
+use std::time::Duration;
+
+// tokio's clock, so the simulator's paused time governs every deadline.
+use tokio::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::etcd::client::ClusterHead;
+use crate::mirror::context::JobContext;
+use crate::mirror::error::{Action, JobError, SlowPathReason};
+use crate::mirror::meta::{read_job_meta, Checkpoint, JobMeta, KeyGuard};
+use crate::mirror::{full_sync, incremental};
+use crate::model::keys::prefixes_overlap;
+use crate::telemetry::metrics::JobState;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Watch from the checkpoint; copy nothing.
+    Resume(Checkpoint),
+    FullSync(SlowPathReason),
+}
+
+/// Chooses the fast or the slow path from what the destination and source say.
+pub fn decide(meta: &JobMeta, source: ClusterHead, forced: Option<SlowPathReason>) -> Decision {
+    if let Some(reason) = forced {
+        return Decision::FullSync(reason);
+    }
+    if meta.reset_request.is_some() {
+        return Decision::FullSync(SlowPathReason::Reset);
+    }
+    if meta.full_sync_raw.is_some() {
+        return Decision::FullSync(SlowPathReason::Interrupted {
+            pinned_rev: meta.full_sync.as_ref().map(|m| m.pinned_rev),
+        });
+    }
+    match &meta.checkpoint {
+        None if meta.checkpoint_raw.is_some() => {
+            Decision::FullSync(SlowPathReason::UnreadableCheckpoint)
+        }
+        None => Decision::FullSync(SlowPathReason::NoCheckpoint),
+        Some(checkpoint) if checkpoint.source_cluster_id != source.cluster_id => {
+            Decision::FullSync(SlowPathReason::SourceReplaced {
+                checkpoint_cluster_id: checkpoint.source_cluster_id,
+                source_cluster_id: source.cluster_id,
+            })
+        }
+        Some(checkpoint) if source.revision < checkpoint.last_synced_rev => {
+            Decision::FullSync(SlowPathReason::SourceBehind {
+                checkpoint_rev: checkpoint.last_synced_rev,
+                source_rev: source.revision,
+            })
+        }
+        Some(checkpoint) => Decision::Resume(checkpoint.clone()),
+    }
+}
+
+/// A checkpoint written under the other `--leases` mode: the destination's
+/// keys sit on leases they should not (or not on those they should), which
+/// only a full sync's diff can put right.
+pub fn lease_mode_changed(meta: &JobMeta, leases_mirrored: bool) -> Option<SlowPathReason> {
+    let checkpoint = meta.checkpoint.as_ref()?;
+    (checkpoint.leases_mirrored != leases_mirrored)
+        .then_some(SlowPathReason::LeaseModeChanged { leases_mirrored })
+}
+
+/// Capped at 10 s: after a long outage replication resumes within seconds
+/// of the link coming back, while a dead cluster still sees only a few
+/// requests a minute from each job.
+fn job_backoff() -> impl Iterator<Item = Duration> {
+    crate::etcd::retry::backoff(Duration::from_secs(10))
+}
+
+/// An attempt that ran this long before failing made progress: start the
+/// backoff again from its minimum.
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
+const PROMOTED_POLL: Duration = Duration::from_secs(10);
+/// A job the mass-delete guard stopped waits for an operator; it looks for
+/// a reset request or a new leader this often, without scanning anything.
+pub const PRUNE_GUARD_POLL: Duration = Duration::from_secs(60);
+/// A destination out of space is tried again this often.
+pub const NO_SPACE_POLL: Duration = Duration::from_secs(15);
+
+/// Runs one job until cancelled, retrying every transient fault with capped,
+/// jittered backoff and resuming from the checkpoint each time.
+///
+/// # Cancel-Safety
+/// Returns promptly once `cancel` fires; an in-flight txn either commits with
+/// its checkpoint or not at all.
+pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), JobError> {
+    // Whatever this leadership starts (the lease keepalives) ends with it.
+    let leadership = cancel.child_token();
+    let _end_leadership = leadership.clone().drop_guard();
+    let mut forced: Option<SlowPathReason> = None;
+    let mut backoff = job_backoff();
+    let mut promoted_logged = false;
+    let mut consecutive_resyncs = 0u32;
+    let mut resync_loop = ResyncLoop {
+        full_syncs: 0,
+        seen: ctx.metrics.forced_full_syncs(),
+    };
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        let attempt_started = Instant::now();
+        // Cancelled early when a mirrored lease is found lost on the
+        // destination: the attempt gives way to a full sync.
+        let attempt = leadership.child_token();
+        if let Some(book) = ctx.leases() {
+            book.watch_attempt(attempt.clone());
+        }
+        let once = run_once(&ctx, forced.take(), &attempt, &leadership);
+        let result = watch_stability(&ctx, once, &cancel, &mut resync_loop).await;
+        if let Some(book) = ctx.leases().filter(|_| !cancel.is_cancelled()) {
+            let lost = book.take_lost();
+            if !lost.is_empty() {
+                ctx.metrics.error("dest_lease_expired");
+                forced = Some(SlowPathReason::DestLeasesExpired { leases: lost.len() });
+                consecutive_resyncs += 1;
+                if consecutive_resyncs > 2 {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    if !ctx.pause(delay, &cancel).await {
+                        return Ok(());
+                    }
+                }
+                continue;
+            }
+        }
+        let error = match result {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        ctx.heartbeat();
+        let policy = error.policy();
+        if attempt_started.elapsed() >= BACKOFF_RESET_AFTER {
+            backoff = job_backoff();
+            consecutive_resyncs = 0;
+        }
+        let delay = match policy.action {
+            Action::Stop => return Ok(()),
+            Action::StepDown | Action::Exit => {
+                ctx.metrics.error(policy.label);
+                ctx.metrics.set_state(JobState::Error);
+                return Err(error);
+            }
+            Action::Resync => {
+                // A full sync that keeps failing the same way right away
+                // must not spin: from the third in a row, back off.
+                consecutive_resyncs += 1;
+                if consecutive_resyncs > 2 {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    warn!(job = %ctx.job.name, %error, retry_in = ?delay, "Full syncs keep being interrupted; backing off.");
+                    if !ctx.pause(delay, &cancel).await {
+                        return Ok(());
+                    }
+                }
+                if let JobError::ResetRequested = error {
+                    info!(job = %ctx.job.name, "Reset requested while replicating; taking the slow path.");
+                } else if let JobError::HistoryDiffers(reason) = error {
+                    ctx.metrics.error(policy.label);
+                    forced = Some(reason);
+                } else if let JobError::DestLeaseLost { leases } = error {
+                    ctx.metrics.error(policy.label);
+                    forced = Some(SlowPathReason::DestLeasesExpired { leases });
+                } else {
+                    ctx.metrics.error(policy.label);
+                    info!(job = %ctx.job.name, %error, "Source history is compacted past the checkpoint; starting a full sync.");
+                    forced = Some(SlowPathReason::Compacted);
+                }
+                continue;
+            }
+            Action::Promoted => {
+                ctx.metrics.error(policy.label);
+                ctx.metrics.set_state(JobState::Promoted);
+                // Nothing renews a promoted job's leases: mirrored keys
+                // expire after TTL + grace, as they would have on the primary.
+                if let Some(book) = ctx.leases() {
+                    book.stop_keeper();
+                    book.clear();
+                }
+                if !promoted_logged {
+                    warn!(job = %ctx.job.name, "Job is promoted; replication is stopped until the marker is removed with `promote --undo`.");
+                    promoted_logged = true;
+                }
+                PROMOTED_POLL
+            }
+            Action::Retry | Action::NeedsOperator => {
+                ctx.metrics.error(policy.label);
+                promoted_logged = false;
+                let delay = if matches!(error, JobError::PruneGuard { .. }) {
+                    ctx.metrics.set_state(JobState::PruneGuard);
+                    PRUNE_GUARD_POLL
+                } else if error.is_dest_out_of_space() {
+                    // Nothing will apply until an operator compacts,
+                    // defragments and disarms the alarm: park, and look
+                    // again now and then.
+                    ctx.metrics.set_state(JobState::NoSpace);
+                    NO_SPACE_POLL
+                } else {
+                    ctx.metrics.set_state(JobState::Error);
+                    backoff.next().unwrap_or(Duration::from_secs(30))
+                };
+                if policy.level == tracing::Level::ERROR {
+                    error!(job = %ctx.job.name, %error, retry_in = ?delay, "Replication failed; operator action needed.");
+                } else {
+                    warn!(job = %ctx.job.name, %error, retry_in = ?delay, "Replication interrupted; retrying from the checkpoint.");
+                }
+                delay
+            }
+        };
+        if !ctx.pause(delay, &cancel).await {
+            return Ok(());
+        }
+    }
+}
+
+/// How often a running attempt counts new full syncs and looks whether its
+/// watch has become stable: a sixtieth of the stable period (10 s for the
+/// default 10m), within 1 s to 1 min, so a loop is flagged and cleared a
+/// little late rather than every job waking each second.
+fn stability_poll(stable_period: Duration) -> Duration {
+    (stable_period / 60).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// Full syncs in a row without a stable watch (`--resync-loop-full-syncs`,
+/// `--resync-loop-stable-period`): a source compacting faster than the job
+/// resumes, or a source that keeps being replaced, makes every attempt a
+/// full sync; correct, but the standby is never caught up for long.
+#[derive(Debug)]
+struct ResyncLoop {
+    full_syncs: u64,
+    /// Source-forced full syncs as far as already counted (a first sync, a
+    /// reset, a lease-mode change or lost destination leases are not the
+    /// source's doing and start no loop).
+    seen: u64,
+}
+
+impl ResyncLoop {
+    /// A watch stayed up for the stable period: the loop (if any) is over.
+    fn stable(&mut self, ctx: &JobContext) {
+        self.full_syncs = 0;
+        self.seen = ctx.metrics.forced_full_syncs();
+        if ctx.metrics.in_resync_loop() {
+            ctx.metrics.set_resync_loop(false);
+            info!(job = %ctx.job.name, stable_for = ?ctx.tuning.resync_loop_stable_period, "The watch stayed up; the resync loop is over.");
+        }
+    }
+
+    /// Counts the full syncs started since the last look; enough of them in
+    /// a row start the loop.
+    fn observe(&mut self, ctx: &JobContext) {
+        let started = ctx.metrics.forced_full_syncs();
+        if started <= self.seen {
+            return;
+        }
+        self.full_syncs += started - self.seen;
+        self.seen = started;
+        if self.full_syncs >= u64::from(ctx.tuning.resync_loop_full_syncs)
+            && !ctx.metrics.in_resync_loop()
+        {
+            ctx.metrics.set_resync_loop(true);
+            ctx.metrics.resync_loops_total.inc();
+            error!(
+                job = %ctx.job.name,
+                full_syncs = self.full_syncs,
+                stable_period = ?ctx.tuning.resync_loop_stable_period,
+                "Resync loop: full sync after full sync without the watch staying up in between. Usually the source compacts its history before the job resumes: raise the source's --auto-compaction-retention (keep at least an hour of history). Otherwise the source keeps being replaced or restored (a new cluster or history each time): find what replaces it."
+            );
+        }
+    }
+}
+
+/// Runs `attempt` to its end, counting the full syncs it starts and ending
+/// a resync loop as soon as its watch has stayed up for the stable period.
+///
+/// # Cancel-Safety
+/// On cancellation the attempt is still awaited: it stops on the same token
+/// and finishes its in-flight txns.
+async fn watch_stability(
+    ctx: &JobContext,
+    attempt: impl std::future::Future<Output = Result<(), JobError>>,
+    cancel: &CancellationToken,
+    resync_loop: &mut ResyncLoop,
+) -> Result<(), JobError> {
+    tokio::pin!(attempt);
+    let mut stable = false;
+    let mut poll = tokio::time::interval(stability_poll(ctx.tuning.resync_loop_stable_period));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stable_now = || {
+        ctx.metrics
+            .watching_for()
+            .is_some_and(|up| up >= ctx.tuning.resync_loop_stable_period)
+    };
+    let result = loop {
+        tokio::select! {
+            biased;
+            result = &mut attempt => break result,
+            _ = cancel.cancelled() => break (&mut attempt).await,
+            _ = poll.tick() => {
+                resync_loop.observe(ctx);
+                if !stable && stable_now() {
+                    stable = true;
+                    resync_loop.stable(ctx);
+                }
+            }
+        }
+    };
+    resync_loop.observe(ctx);
+    if !stable && stable_now() {
+        resync_loop.stable(ctx);
+    }
+    result
+}
+
+async fn run_once(
+    ctx: &JobContext,
+    forced: Option<SlowPathReason>,
+    cancel: &CancellationToken,
+    leadership: &CancellationToken,
+) -> Result<(), JobError> {
+    ctx.metrics.set_state(JobState::Starting);
+    let meta = read_job_meta(&ctx.dest, &ctx.keys).await?;
+    if meta.promoted.is_some() {
+        return Err(JobError::Promoted);
+    }
+    if let Some(book) = ctx.leases() {
+        // A new leader renews the recorded leases at once, well within
+        // their grace, before anything else.
+        book.load(&meta.leases);
+        book.ensure_keeper(leadership);
+    }
+    let head = ctx.source.head(ctx.rewrite.source_prefix()).await?;
+    if head.cluster_id != 0
+        && head.cluster_id == meta.dest_cluster_id
+        && prefixes_overlap(ctx.rewrite.source_prefix(), ctx.rewrite.dest_prefix())
+    {
+        return Err(JobError::Loop {
+            cluster_id: head.cluster_id,
+        });
+    }
+    ctx.metrics.set_progress(
+        meta.checkpoint.as_ref().map_or(0, |c| c.last_synced_rev),
+        head.revision,
+    );
+
+    // Whichever path: once the watch exists, `incremental::run` checks
+    // that the source still has the checkpoint's history, and that it is
+    // the history the destination reflects.
+    let forced = forced.or_else(|| lease_mode_changed(&meta, ctx.leases().is_some()));
+    let decision = decide(&meta, head, forced);
+    let (guard, revision, last_event, cluster_id, start) = match decision {
+        Decision::Resume(checkpoint) => {
+            ctx.metrics.fast_path_total.inc();
+            info!(
+                job = %ctx.job.name,
+                path = "fast",
+                last_synced_revision = checkpoint.last_synced_rev,
+                source_revision = head.revision,
+                "Resuming from the checkpoint."
+            );
+            let raw = meta
+                .checkpoint_raw
+                .clone()
+                .expect("a parsed checkpoint has raw bytes");
+            (
+                KeyGuard::Holds(raw),
+                checkpoint.last_synced_rev,
+                checkpoint.last_event,
+                checkpoint.source_cluster_id,
+                incremental::Start::Resume,
+            )
+        }
+        Decision::FullSync(reason) => {
+            ctx.metrics.slow_path_total.inc();
+            if reason.forced_by_source() {
+                ctx.metrics.count_forced_full_sync();
+            }
+            ctx.metrics.set_state(JobState::FullSync);
+            info!(job = %ctx.job.name, path = "slow", %reason, "Taking the slow path.");
+            if let Some(book) = ctx.leases() {
+                // Until it finishes the destination reflects no revision of
+                // the history it copies: no retiring lease may be revoked
+                // on an old checkpoint's word, and none takes keys.
+                book.full_sync_started(head.cluster_id);
+            }
+            let synced = full_sync::run(ctx, &meta, &reason, cancel).await?;
+            if let Some(book) = ctx.leases() {
+                book.full_sync_done(
+                    synced.checkpoint.source_cluster_id,
+                    synced.checkpoint.last_synced_rev,
+                );
+            }
+            (
+                KeyGuard::Holds(synced.checkpoint_bytes),
+                synced.checkpoint.last_synced_rev,
+                synced.checkpoint.last_event,
+                synced.checkpoint.source_cluster_id,
+                incremental::Start::AfterFullSync,
+            )
+        }
+    };
+    ctx.metrics.set_progress(revision, head.revision);
+    if let Some(book) = ctx.leases() {
+        // A checkpoint from before cluster ids were recorded resumes on the
+        // head's word (the resume check compares the rest).
+        book.resumed(
+            if cluster_id != 0 {
+                cluster_id
+            } else {
+                head.cluster_id
+            },
+            revision,
+        );
+    }
+    // `incremental::run` reports Watching once the resume is verified.
+    incremental::run(ctx, guard, revision, last_event, cluster_id, start, cancel).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mirror::meta::FullSyncMarker;
+    use crate::mirror::resume::ResumeEvidence;
+    use crate::telemetry::clock::now_rfc3339;
+
+    fn checkpoint(rev: i64, cluster: u64) -> Checkpoint {
+        Checkpoint {
+            last_synced_rev: rev,
+            source_cluster_id: cluster,
+            updated_at: now_rfc3339(),
+            instance: "i".into(),
+            source_prefix: "/app/".into(),
+            dest_prefix: None,
+            partial_revision: None,
+            write_id: 1,
+            last_event: None,
+            leases_mirrored: false,
+        }
+    }
+
+    fn meta_with(checkpoint: Option<Checkpoint>) -> JobMeta {
+        JobMeta {
+            checkpoint_raw: checkpoint.as_ref().map(Checkpoint::encode),
+            checkpoint,
+            ..JobMeta::default()
+        }
+    }
+
+    const HEAD: ClusterHead = ClusterHead {
+        cluster_id: 7,
+        revision: 100,
+    };
+
+    #[test]
+    fn resumes_from_a_usable_checkpoint() {
+        let meta = meta_with(Some(checkpoint(90, 7)));
+        assert_eq!(
+            decide(&meta, HEAD, None),
+            Decision::Resume(meta.checkpoint.clone().unwrap())
+        );
+        // The source at exactly the checkpoint revision is still resumable.
+        let at_head = meta_with(Some(checkpoint(100, 7)));
+        assert!(matches!(decide(&at_head, HEAD, None), Decision::Resume(_)));
+    }
+
+    #[test]
+    fn resume_verification() {
+        use crate::model::schema::EventStamp;
+        let mut checkpoint = checkpoint(90, 7);
+        let verify_resume = |c: &Checkpoint, e: &ResumeEvidence| {
+            crate::mirror::resume::verify_resume(c.last_synced_rev, c.last_event.as_ref(), e)
+        };
+        let evidence = |source_keys, dest_keys, last: Option<(i64, &[u8])>| ResumeEvidence {
+            source_keys,
+            dest_keys,
+            last_event_key: last.map(|(r, v)| (r, v.to_vec())),
+            ..ResumeEvidence::default()
+        };
+        assert_eq!(verify_resume(&checkpoint, &evidence(3, 3, None)), None);
+        assert!(matches!(
+            verify_resume(&checkpoint, &evidence(3, 4, None)),
+            Some(SlowPathReason::HistoryDiffers { .. })
+        ));
+        checkpoint.last_event = Some(EventStamp::put(b"/app/k", b"v", 88));
+        assert_eq!(
+            verify_resume(&checkpoint, &evidence(3, 3, Some((88, b"v")))),
+            None
+        );
+        for rebuilt in [
+            None,
+            Some((88, b"w".as_slice())),
+            Some((89, b"v".as_slice())),
+        ] {
+            assert!(
+                matches!(
+                    verify_resume(&checkpoint, &evidence(3, 3, rebuilt)),
+                    Some(SlowPathReason::HistoryDiffers { .. })
+                ),
+                "{rebuilt:?}"
+            );
+        }
+        checkpoint.last_event = Some(EventStamp::delete(b"/app/k", 88));
+        assert_eq!(verify_resume(&checkpoint, &evidence(3, 3, None)), None);
+        assert!(verify_resume(&checkpoint, &evidence(3, 3, Some((80, b"v")))).is_some());
+        // A rebuilt history where the deleted key never existed.
+        let never_existed = ResumeEvidence {
+            existed_before_delete: Some(false),
+            ..evidence(3, 3, None)
+        };
+        assert!(verify_resume(&checkpoint, &never_existed).is_some());
+        let existed = ResumeEvidence {
+            existed_before_delete: Some(true),
+            ..evidence(3, 3, None)
+        };
+        assert_eq!(verify_resume(&checkpoint, &existed), None);
+        // Deleted at another revision of another history: present at it.
+        let present_at_delete = ResumeEvidence {
+            existed_before_delete: Some(true),
+            absent_at_delete: Some(false),
+            ..evidence(3, 3, None)
+        };
+        assert!(verify_resume(&checkpoint, &present_at_delete).is_some());
+        // A mirrored key changed after the newest event: another history.
+        let newer = ResumeEvidence {
+            newer_than_last_event: Some(1),
+            ..evidence(3, 3, None)
+        };
+        assert!(verify_resume(&checkpoint, &newer).is_some());
+        let none_newer = ResumeEvidence {
+            newer_than_last_event: Some(0),
+            ..evidence(3, 3, None)
+        };
+        assert_eq!(verify_resume(&checkpoint, &none_newer), None);
+    }
+
+    /// A small prefix is compared key by key: equal is proof enough (even
+    /// without a last event), one differing key is another history, and
+    /// counts that differ say so first.
+    #[test]
+    fn a_key_by_key_comparison_decides_the_resume() {
+        let checkpoint = checkpoint(90, 7);
+        let compared = |source_keys, dest_keys, differing| ResumeEvidence {
+            source_keys,
+            dest_keys,
+            differing_keys: Some(differing),
+            ..ResumeEvidence::default()
+        };
+        assert_eq!(
+            crate::mirror::resume::verify_resume(
+                90,
+                checkpoint.last_event.as_ref(),
+                &compared(5, 5, 0)
+            ),
+            None
+        );
+        let stamp = crate::model::schema::EventStamp::put(b"/app/k", b"v", 88);
+        // Equal key by key: the stamp is not needed (it may be stale).
+        assert_eq!(
+            crate::mirror::resume::verify_resume(90, Some(&stamp), &compared(5, 5, 0)),
+            None
+        );
+        assert!(matches!(
+            crate::mirror::resume::verify_resume(90, Some(&stamp), &compared(5, 5, 1)),
+            Some(SlowPathReason::HistoryDiffers { detail }) if detail.contains("1 keys")
+        ));
+        assert!(matches!(
+            crate::mirror::resume::verify_resume(90, Some(&stamp), &compared(5, 6, 0)),
+            Some(SlowPathReason::HistoryDiffers { detail }) if detail.contains("held 5 keys")
+        ));
+    }
+
+    #[test]
+    fn only_the_source_forces_the_full_syncs_a_resync_loop_counts() {
+        let forced = [
+            SlowPathReason::Compacted,
+            SlowPathReason::Interrupted { pinned_rev: None },
+            SlowPathReason::SourceReplaced {
+                checkpoint_cluster_id: 1,
+                source_cluster_id: 2,
+            },
+            SlowPathReason::SourceBehind {
+                checkpoint_rev: 9,
+                source_rev: 3,
+            },
+            SlowPathReason::HistoryDiffers { detail: "x".into() },
+        ];
+        assert!(forced.iter().all(SlowPathReason::forced_by_source));
+        let chosen = [
+            SlowPathReason::NoCheckpoint,
+            SlowPathReason::UnreadableCheckpoint,
+            SlowPathReason::Reset,
+            SlowPathReason::DestLeasesExpired { leases: 1 },
+            SlowPathReason::LeaseModeChanged {
+                leases_mirrored: true,
+            },
+        ];
+        assert!(!chosen.iter().any(SlowPathReason::forced_by_source));
+    }
+
+    #[test]
+    fn slow_path_reasons() {
+        assert_eq!(
+            decide(&meta_with(None), HEAD, None),
+            Decision::FullSync(SlowPathReason::NoCheckpoint)
+        );
+        assert!(matches!(
+            decide(&meta_with(Some(checkpoint(90, 8))), HEAD, None),
+            Decision::FullSync(SlowPathReason::SourceReplaced { .. })
+        ));
+        assert!(matches!(
+            decide(&meta_with(Some(checkpoint(120, 7))), HEAD, None),
+            Decision::FullSync(SlowPathReason::SourceBehind { .. })
+        ));
+        assert_eq!(
+            decide(
+                &meta_with(Some(checkpoint(90, 7))),
+                HEAD,
+                Some(SlowPathReason::Compacted)
+            ),
+            Decision::FullSync(SlowPathReason::Compacted)
+        );
+        let mut reset = meta_with(Some(checkpoint(90, 7)));
+        reset.reset_request = Some(b"{}".to_vec());
+        assert_eq!(
+            decide(&reset, HEAD, None),
+            Decision::FullSync(SlowPathReason::Reset)
+        );
+        let mut interrupted = meta_with(None);
+        let marker = FullSyncMarker {
+            id: 1,
+            pinned_rev: 50,
+            source_cluster_id: 7,
+            started_at: now_rfc3339(),
+            instance: "i".into(),
+            reason: "test".into(),
+            baseline_dest_keys: None,
+            baseline_revision: None,
+            prune_blocked: None,
+        };
+        interrupted.full_sync_raw = Some(marker.encode());
+        interrupted.full_sync = Some(marker);
+        assert_eq!(
+            decide(&interrupted, HEAD, None),
+            Decision::FullSync(SlowPathReason::Interrupted {
+                pinned_rev: Some(50)
+            })
+        );
+        let mut garbled = meta_with(None);
+        garbled.checkpoint_raw = Some(b"garbage".to_vec());
+        assert_eq!(
+            decide(&garbled, HEAD, None),
+            Decision::FullSync(SlowPathReason::UnreadableCheckpoint)
+        );
+    }
+}
