@@ -248,11 +248,26 @@ pub async fn run(
     }
 
     // Every page was read "at R"; make sure R still means the same history
-    // (a source rebuilt with the same cluster id mid-sync has another one).
+    // (a source rebuilt with the same cluster id mid-sync has another one,
+    // and pages read before and after it mix the two): the same proof a
+    // resume makes, against what this sync wrote.
     if source_fingerprint(ctx, pinned_rev).await? != pinned_fingerprint {
         return Err(JobError::SourceChanged {
             pinned_rev,
             what: "the key count or first key at the pinned revision changed during the full sync",
+        });
+    }
+    let newest = counts
+        .newest
+        .as_ref()
+        .map(|(mod_revision, key, value)| EventStamp::put(key, value, *mod_revision));
+    let evidence =
+        crate::mirror::resume::read_resume_evidence(ctx, pinned_rev, newest.as_ref(), true, cancel)
+            .await?;
+    if crate::mirror::resume::verify_resume(pinned_rev, newest.as_ref(), &evidence).is_some() {
+        return Err(JobError::SourceChanged {
+            pinned_rev,
+            what: "the source at the pinned revision is not what the full sync copied",
         });
     }
     // An attempt cancelled meanwhile (a destination lease it wrote keys

@@ -12,22 +12,25 @@
 //!    destination acknowledged, so a new leader knows every lease a key
 //!    sits on. A mapping whose record is not committed is never retired,
 //!    revoked, renewed or handed out.
-//! 2. **No revoke on a stale word.** A destination lease is revoked only
-//!    when (a) a probe of its source lease, sent after the mapping was
-//!    recorded, found it gone (`LeaseTimeToLive`, which etcd answers on the
-//!    leader after applying what it committed), (b) a linearizable read sent
-//!    *after* that answer returned revision G of the checkpoint's history,
-//!    and (c) the checkpoint reached G: every key the source lease had was
-//!    deleted at or before G, and those deletes are on the destination, so
-//!    revoking deletes nothing the source still has. A lease list
-//!    (`LeaseLeases`) is answered by whichever member receives it, from its
-//!    own lessor, and lags behind the leader: it is never used.
-//! 3. **A put goes where its incarnation lives.** A put on source lease S
-//!    that survives in a source state at revision `at` proves that S's
-//!    incarnation was alive at `at` (its revoke would have deleted the key
-//!    in that state). So a retiring mapping, whose S was gone by G, takes
-//!    puts with `at <= G` only; a later one is a new incarnation of the ID
-//!    and gets a new mapping.
+//! 2. **No revoke on a stale word.** A key on source lease S that survives
+//!    in a source state at revision `at` proves S was alive at `at` (its
+//!    revoke would have deleted the key in that state). A destination lease
+//!    is revoked only when (a) a linearizable read of the source's head
+//!    returned H0, (b) a probe of S sent after it found no S alive
+//!    (`LeaseTimeToLive`, which etcd answers on the leader after applying
+//!    what it committed), (c) every key ever attached to the lease was
+//!    wanted at `at <= H0`, (d) a head read sent after the probe's answer
+//!    returned G, and (e) the checkpoint reached G. Whatever incarnation of
+//!    S each key belonged to was alive at or before H0 and dead by the probe,
+//!    so its keys were deleted at or before G, and those deletes are on the
+//!    destination: revoking deletes nothing the source still has, even if
+//!    the ID was granted again meanwhile (a replaced or rebuilt source hands
+//!    the same IDs out). A lease list (`LeaseLeases`) is answered by
+//!    whichever member receives it, from its own lessor, and lags behind
+//!    the leader: it is never used.
+//! 3. **A put goes where its incarnation lives.** A retiring mapping takes
+//!    puts with `at <= H0` only (their incarnation ended by G); a later one
+//!    may be a new incarnation of the ID and gets a new mapping.
 //! 4. **A full sync sees one book.** Retiring evidence counts in one source
 //!    history; a full sync may be on another (a rebuilt source), so when one
 //!    starts every retiring lease stops taking keys (a resume, which proves
@@ -235,11 +238,23 @@ struct Mapping {
     stalled: bool,
     /// `None`: due now (adopted, or its source lease was gone at the grant).
     renewed: Option<Instant>,
-    probing: bool,
+    /// A probe is out: `Some(h0)` if a head read returned H0 before it was sent.
+    probing: Option<Option<i64>>,
     renewing: bool,
-    /// A probe found the source lease gone; waiting for the head read
-    /// that follows it (`Some(batch)` once one was sent).
-    gone: Option<Option<u64>>,
+    /// The newest revision a key was wanted at for it (`None`: adopted from
+    /// the records; the checkpoint bounds it once the job resumes).
+    max_at: Option<i64>,
+    /// A probe sent after head H0 found no source lease of this ID alive;
+    /// it retires at the first head read sent after that answer.
+    gone: Option<GoneSeen>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GoneSeen {
+    /// H0 of the probe (`None`: no head read before it; judges nothing).
+    before: Option<i64>,
+    /// Head reads sent when the answer came: a later one's G counts.
+    heads_sent: u64,
 }
 
 /// A mapping whose source lease is gone by G: renewed until its keys'
@@ -249,10 +264,12 @@ struct Retiring {
     serial: u64,
     source: i64,
     record: LeaseRecord,
-    /// Every key of the source lease was deleted at or before this
-    /// revision, of the history it was read in.
+    /// Every key it holds was deleted at or before this revision, of the
+    /// history it was read in.
     g: i64,
-    /// It takes puts with `at <= g` and is revoked once the checkpoint
+    /// H0: it takes puts wanted at or before this revision.
+    before: i64,
+    /// It takes puts (`at <= before`) and is revoked once the checkpoint
     /// reaches g. False from the start of a full sync (which may be of
     /// another history) until a resume proves the history is the same.
     attachable: bool,
@@ -289,6 +306,8 @@ pub struct LeaseCore<E> {
     /// Record txns in flight: the (source, serial) pairs each holds.
     record_batches: BTreeMap<u64, Vec<(i64, u64)>>,
     head_in_flight: Option<u64>,
+    /// Head reads sent so far.
+    heads_sent: u64,
     next_batch: u64,
     next_serial: u64,
     /// `None` until the job has read its checkpoint: nothing is judged gone.
@@ -312,6 +331,7 @@ impl<E: Clone> LeaseCore<E> {
             requests: BTreeMap::new(),
             record_batches: BTreeMap::new(),
             head_in_flight: None,
+            heads_sent: 0,
             next_batch: 1,
             next_serial: 1,
             committed: None,
@@ -334,7 +354,7 @@ impl<E: Clone> LeaseCore<E> {
         self.retiring
             .iter()
             .rev()
-            .find(|r| r.source == want.lease && r.attachable && want.at <= r.g)
+            .find(|r| r.source == want.lease && r.attachable && want.at <= r.before)
             .map(|r| r.record.dest_lease)
     }
 
@@ -403,7 +423,7 @@ impl<E: Clone> LeaseCore<E> {
             } => self.probed(now, lease, serial, outcome, &mut effects),
             Input::Granted { lease, outcome } => self.granted(now, lease, outcome, &mut effects),
             Input::Recorded { batch, outcome } => self.recorded(batch, outcome, &mut effects),
-            Input::Head { batch, outcome } => self.head(batch, outcome),
+            Input::Head { batch, outcome } => self.head(now, batch, outcome, &mut effects),
             Input::Renewed { serial, outcome } => self.renewed(now, serial, outcome, &mut effects),
             Input::Revoked { serial, outcome } => self.revoked(serial, outcome, &mut effects),
             Input::DestGone { dests } => {
@@ -418,6 +438,10 @@ impl<E: Clone> LeaseCore<E> {
             Input::Resumed { history } => {
                 self.committed = Some(history);
                 self.full_sync = false;
+                // Adopted mappings hold keys of states up to the checkpoint.
+                for mapping in self.mappings.values_mut() {
+                    mapping.max_at.get_or_insert(history.revision);
+                }
                 // The job proves the source's history is the checkpoint's
                 // before it applies any event (else it re-syncs, and says so).
                 for retiring in &mut self.retiring {
@@ -437,6 +461,12 @@ impl<E: Clone> LeaseCore<E> {
             Input::FullSyncDone { history } => {
                 self.committed = Some(history);
                 self.full_sync = false;
+                // Every key of the prefix is now where the sync put it, for
+                // the source at its revision (which may be of another
+                // history than earlier keys' revisions).
+                for mapping in self.mappings.values_mut() {
+                    mapping.max_at = Some(history.revision);
+                }
                 for retiring in &mut self.retiring {
                     retiring.attachable = false;
                     retiring.empty = true;
@@ -466,23 +496,61 @@ impl<E: Clone> LeaseCore<E> {
 
     fn resolve(&mut self, request: u64, wants: Vec<Want>, effects: &mut Vec<Effect<E>>) {
         for want in &wants {
-            if want.lease == 0 || self.target(*want).is_some() {
-                continue;
-            }
-            if let Some(mapping) = self.mappings.get_mut(&want.lease) {
-                mapping.stalled = false;
-            }
-            if self.mappings.contains_key(&want.lease) || self.grants.contains_key(&want.lease) {
-                // Its record or grant is under way: wait for it.
-                continue;
-            }
-            self.grants.insert(want.lease, PendingGrant::default());
-            effects.push(Effect::Probe {
-                lease: want.lease,
-                serial: None,
-            });
+            self.start(*want, effects);
         }
         self.requests.insert(request, wants);
+    }
+
+    /// Makes `want` attachable: nothing if it is; else its grant or record
+    /// goes ahead, or a retiring lease of its ID takes keys again.
+    fn start(&mut self, want: Want, effects: &mut Vec<Effect<E>>) {
+        if want.lease == 0 || self.target(want).is_some() {
+            return;
+        }
+        if let Some(mapping) = self.mappings.get_mut(&want.lease) {
+            // Its record is under way (or written again if it failed).
+            mapping.stalled = false;
+            return;
+        }
+        if self.grants.contains_key(&want.lease) {
+            return;
+        }
+        // A key of the ID wanted after the retiring lease's H0 (another
+        // incarnation of the ID: a replaced or rebuilt source hands IDs out
+        // again), or during a full sync: the retiring lease maps the ID
+        // again. A second destination lease would need a second record, and
+        // the ID has one; this one keeps its record, and it retires again
+        // only on a probe that sees past every key it was given.
+        let full_sync = self.full_sync;
+        let committed = self.committed;
+        if let Some(index) = self
+            .retiring
+            .iter()
+            .position(|r| r.source == want.lease && !r.revoking && !r.drained(committed, full_sync))
+        {
+            let retiring = self.retiring.remove(index);
+            self.mappings.insert(
+                want.lease,
+                Mapping {
+                    serial: retiring.serial,
+                    record: retiring.record,
+                    recorded: true,
+                    recording: false,
+                    stalled: false,
+                    renewed: retiring.renewed,
+                    probing: None,
+                    renewing: retiring.renewing,
+                    max_at: Some(retiring.before.max(want.at)),
+                    gone: None,
+                },
+            );
+            return;
+        }
+        self.grants.insert(want.lease, PendingGrant::default());
+        effects.push(Effect::Probe {
+            lease: want.lease,
+            serial: None,
+        });
     }
 
     fn load(&mut self, records: Vec<(i64, LeaseRecord)>) {
@@ -507,8 +575,9 @@ impl<E: Clone> LeaseCore<E> {
                     recording: false,
                     stalled: false,
                     renewed: None,
-                    probing: false,
+                    probing: None,
                     renewing: false,
+                    max_at: None,
                     gone: None,
                 },
             );
@@ -577,8 +646,9 @@ impl<E: Clone> LeaseCore<E> {
                 // Gone at the grant: probe it again at the next tick, so
                 // the evidence that retires it is newer than the mapping.
                 renewed: source_ttl.map(|_| now),
-                probing: false,
+                probing: None,
                 renewing: false,
+                max_at: Some(0),
                 gone: None,
             },
         );
@@ -669,6 +739,13 @@ impl<E: Clone> LeaseCore<E> {
                 .filter(|w| w.lease != 0)
                 .filter_map(|w| self.target(*w).map(|dest| (w.lease, dest)))
                 .collect();
+            // Keys go to the mapping now at these revisions: it may retire
+            // only on a head read at or after the newest (rule 2).
+            for want in wants.iter().filter(|w| w.lease != 0) {
+                if let Some(mapping) = self.mappings.get_mut(&want.lease) {
+                    mapping.max_at = mapping.max_at.map(|m| m.max(want.at));
+                }
+            }
             effects.push(Effect::Reply {
                 request,
                 outcome: Ok(outcome),
@@ -676,7 +753,7 @@ impl<E: Clone> LeaseCore<E> {
         }
         // A request waiting on a lease nothing is granting or recording
         // any more (its mapping was lost or retired meanwhile) starts it again.
-        let stranded: BTreeSet<i64> = self
+        let stranded: Vec<Want> = self
             .requests
             .values()
             .flatten()
@@ -684,14 +761,19 @@ impl<E: Clone> LeaseCore<E> {
             .filter(|w| {
                 !self.mappings.contains_key(&w.lease) && !self.grants.contains_key(&w.lease)
             })
-            .map(|w| w.lease)
+            .copied()
             .collect();
-        for lease in stranded {
-            self.grants.insert(lease, PendingGrant::default());
-            effects.push(Effect::Probe {
-                lease,
-                serial: None,
-            });
+        for want in stranded {
+            self.start(want, effects);
+        }
+        // A mapping revived for a waiting request may answer it now.
+        let revived = self.requests.iter().any(|(_, wants)| {
+            wants
+                .iter()
+                .all(|w| w.lease == 0 || self.target(*w).is_some())
+        });
+        if revived {
+            self.answer_requests(effects);
         }
     }
 
@@ -724,106 +806,137 @@ impl<E: Clone> LeaseCore<E> {
         outcome: Result<Option<i64>, E>,
         effects: &mut Vec<Effect<E>>,
     ) {
+        let heads_sent = self.heads_sent;
+        let full_sync = self.full_sync;
         let Some(mapping) = self.mappings.get_mut(&lease).filter(|m| m.serial == serial) else {
             // Answers about a mapping that is no longer there judge nothing.
             return;
         };
-        mapping.probing = false;
+        let before = mapping.probing.take().flatten();
         match outcome {
-            Ok(Some(_)) => {
-                mapping.gone = None;
-                if !mapping.renewing && renewal_due(mapping.renewed, mapping.record.dest_ttl, now) {
-                    mapping.renewing = true;
-                    effects.push(Effect::Renew {
-                        serial,
-                        dest: mapping.record.dest_lease,
-                    });
-                }
+            Ok(Some(_)) => mapping.gone = None,
+            // During a full sync nothing retires (rule 4): the next probe
+            // after it judges again.
+            Ok(None) if !full_sync => {
+                mapping.gone = Some(GoneSeen { before, heads_sent });
             }
-            Ok(None) => {
-                // During a full sync nothing retires (rule 4): the next
-                // probe after it judges again.
-                if mapping.gone.is_none() && !self.full_sync {
-                    mapping.gone = Some(None);
-                }
-                // Its keys stay until their deletes arrive: keep it alive
-                // while the head read that retires it is under way.
-                if !mapping.renewing && renewal_due(mapping.renewed, mapping.record.dest_ttl, now) {
-                    mapping.renewing = true;
-                    effects.push(Effect::Renew {
-                        serial,
-                        dest: mapping.record.dest_lease,
-                    });
-                }
-                self.read_head(effects);
-            }
+            Ok(None) => {}
             // Not renewed this round; the next tick probes again.
-            Err(_) => {}
+            Err(_) => return,
+        }
+        // Alive, or gone with keys that stay until their deletes arrive:
+        // renewed either way.
+        if !mapping.renewing && renewal_due(mapping.renewed, mapping.record.dest_ttl, now) {
+            mapping.renewing = true;
+            effects.push(Effect::Renew {
+                serial,
+                dest: mapping.record.dest_lease,
+            });
+        }
+        if mapping.gone.is_some() {
+            self.read_head(effects);
         }
     }
 
-    /// Sends one head read for every gone mapping waiting for one, unless
-    /// one is in flight (its answer may predate their evidence; the next
-    /// one is sent when it returns).
+    /// Sends a head read unless one is in flight (the next is sent when it
+    /// returns, if still needed). Its answer is G for gone answers that
+    /// came before it, and H0 for the probes sent after it.
     fn read_head(&mut self, effects: &mut Vec<Effect<E>>) {
-        if self.head_in_flight.is_some() || !self.mappings.values().any(|m| m.gone == Some(None)) {
+        if self.head_in_flight.is_some() {
             return;
         }
         let batch = self.batch();
-        for mapping in self.mappings.values_mut() {
-            if mapping.gone == Some(None) {
-                mapping.gone = Some(Some(batch));
-            }
-        }
+        self.heads_sent += 1;
         self.head_in_flight = Some(batch);
         effects.push(Effect::ReadHead { batch });
     }
 
-    fn head(&mut self, batch: u64, outcome: Result<History, E>) {
+    /// Mappings due for a probe now.
+    fn due(&self, now: Instant) -> impl Iterator<Item = (&i64, &Mapping)> {
+        self.mappings.iter().filter(move |(_, m)| {
+            m.recorded
+                && m.probing.is_none()
+                && !m.renewing
+                && m.gone.is_none()
+                && renewal_due(m.renewed, m.record.dest_ttl, now)
+        })
+    }
+
+    fn head(
+        &mut self,
+        now: Instant,
+        batch: u64,
+        outcome: Result<History, E>,
+        effects: &mut Vec<Effect<E>>,
+    ) {
         if self.head_in_flight != Some(batch) {
             return;
         }
         self.head_in_flight = None;
+        let sent_as = self.heads_sent;
         // The read must count in the checkpoint's history: the same
         // cluster, not behind the checkpoint (a source replaced or rebuilt
         // under the job says nothing about the history the destination
         // reflects; the job's resume check finds it and re-syncs). And no
         // mapping retires during a full sync (rule 4).
-        let usable = match (&outcome, self.committed) {
-            (Ok(head), Some(committed)) => {
-                !self.full_sync
-                    && head.cluster_id == committed.cluster_id
-                    && head.revision >= committed.revision
+        let head = match (&outcome, self.committed) {
+            (Ok(head), Some(committed))
+                if head.cluster_id == committed.cluster_id
+                    && head.revision >= committed.revision =>
+            {
+                Some(head.revision)
             }
-            _ => false,
+            _ => None,
         };
-        let g = outcome.as_ref().map_or(0, |head| head.revision);
-        let gone: Vec<i64> = self
+        let judged: Vec<i64> = self
             .mappings
             .iter()
-            .filter(|(_, m)| m.gone == Some(Some(batch)))
+            .filter(|(_, m)| m.gone.is_some_and(|g| g.heads_sent < sent_as))
             .map(|(source, _)| *source)
             .collect();
-        for source in gone {
-            if !usable {
-                // Judged again at its next probe.
-                if let Some(m) = self.mappings.get_mut(&source) {
-                    m.gone = None;
+        for source in judged {
+            let mapping = self.mappings.get_mut(&source).expect("listed");
+            let gone = mapping.gone.take().expect("listed");
+            let retire = match (head, gone.before, mapping.max_at) {
+                (Some(g), Some(before), Some(max_at)) if !self.full_sync && max_at <= before => {
+                    Some((g, before))
                 }
+                // Judged again at its next probe.
+                _ => None,
+            };
+            let Some((g, before)) = retire else {
                 continue;
-            }
+            };
             let mapping = self.mappings.remove(&source).expect("listed");
             self.retiring.push(Retiring {
                 serial: mapping.serial,
                 source,
                 record: mapping.record,
                 g,
+                before,
                 attachable: true,
                 empty: false,
                 renewed: mapping.renewed,
                 renewing: mapping.renewing,
                 revoking: false,
             });
+        }
+        // This head is H0 for the probes that go out now.
+        let due: Vec<(i64, u64)> = self
+            .due(now)
+            .map(|(source, m)| (*source, m.serial))
+            .collect();
+        for (source, serial) in due {
+            if let Some(mapping) = self.mappings.get_mut(&source) {
+                mapping.probing = Some(head);
+            }
+            effects.push(Effect::Probe {
+                lease: source,
+                serial: Some(serial),
+            });
+        }
+        if self.mappings.values().any(|m| m.gone.is_some()) {
+            self.read_head(effects);
         }
     }
 
@@ -867,6 +980,9 @@ impl<E: Clone> LeaseCore<E> {
         match outcome {
             Ok(()) => {
                 let retired = self.retiring.remove(index);
+                // Its record goes next; a load before that must not adopt it.
+                self.dead
+                    .insert((retired.source, retired.record.dest_lease));
                 self.forget(vec![(retired.source, retired.record)], effects);
             }
             // Tried again at the next tick.
@@ -928,9 +1044,10 @@ impl<E: Clone> LeaseCore<E> {
     }
 
     fn tick(&mut self, now: Instant, effects: &mut Vec<Effect<E>>) {
-        for (source, mapping) in &mut self.mappings {
+        let mut probes_due = false;
+        for mapping in self.mappings.values_mut() {
             let due = renewal_due(mapping.renewed, mapping.record.dest_ttl, now);
-            if !mapping.recorded || !due || mapping.probing || mapping.renewing {
+            if !mapping.recorded || !due || mapping.probing.is_some() || mapping.renewing {
                 continue;
             }
             if mapping.gone.is_some() {
@@ -942,11 +1059,7 @@ impl<E: Clone> LeaseCore<E> {
                     dest: mapping.record.dest_lease,
                 });
             } else {
-                mapping.probing = true;
-                effects.push(Effect::Probe {
-                    lease: *source,
-                    serial: Some(mapping.serial),
-                });
+                probes_due = true;
             }
         }
         let full_sync = self.full_sync;
@@ -971,7 +1084,11 @@ impl<E: Clone> LeaseCore<E> {
                 });
             }
         }
-        self.read_head(effects);
+        // Probes go out once a head read returns (their H0); gone answers
+        // wait for one sent after them.
+        if probes_due || self.mappings.values().any(|m| m.gone.is_some()) {
+            self.read_head(effects);
+        }
     }
 }
 
