@@ -917,7 +917,17 @@ impl World {
             };
             let _ = self
                 .writer
-                .txn(TxnRequest::new().and_then(vec![Op::put(key, format!("rebuilt{i}"))]))
+                // Each rebuild writes values of its own: two histories do not
+                // make the same change at the same revision by construction
+                // (a resume of a large prefix proves the history from its
+                // newest change alone).
+                .txn(TxnRequest::new().and_then(vec![Op::put(
+                    key,
+                    format!(
+                        "rebuilt{}.{i}",
+                        self.source_history.get(&id).map_or(0, Vec::len)
+                    ),
+                )]))
                 .await;
         }
         self.fault("source_rebuilt_same_id");
@@ -1293,12 +1303,12 @@ impl World {
             });
         }
         if let Some(episode) = self.episode.as_mut() {
-            if by_replica {
-                for key in &deleted_in_mirror {
-                    // Keys the full sync itself wrote are not the destination's to guard.
-                    if episode.before.remove(key) {
-                        episode.deleted += 1;
-                    }
+            for key in &deleted_in_mirror {
+                // Keys the full sync itself wrote are not the destination's
+                // to guard; nor is a key something else deleted (a lease
+                // expiry, an operator) and a full sync wrote again.
+                if episode.before.remove(key) && by_replica {
+                    episode.deleted += 1;
                 }
             }
             let allowed = (episode.ratio * episode.baseline as f64).floor() as u64;

@@ -341,3 +341,81 @@ async fn the_planned_switchover_round_trip_twice() -> Result<()> {
     converge(&a, "/app/", &b, "/app/", CONVERGE).await?;
     forward.finish().await
 }
+
+/// L5 (and the operator path O3): a client nobody stopped keeps writing to
+/// the old primary while `failback` runs. 7cd13c5 inferred equality from
+/// key counts, handed over with writes it never saw, and reverse
+/// replication resumed on the fast path with keys that differ from the
+/// standby (and were in no lost-writes file). Now the handover proves that
+/// nothing but failback's own writes changed the old primary's prefix since
+/// it was read (its history, a compare over the prefix in the handover
+/// txn, the count just before it): failback stops and names a key, the old
+/// primary stays fenced, and once the writer is stopped a second run hands
+/// over an exact copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_stops_on_a_forgotten_writer_and_names_the_key() -> Result<()> {
+    let world = diverged().await?;
+    let (a, b) = (&world.a, &world.b);
+    let dir = tempfile::tempdir()?;
+    let lost = dir.path().join("lost.jsonl");
+
+    // The forgotten client: an update on A every ~5 ms.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (mut client, stop) = (a.client().await?, stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let key = format!("/app/key-{:06}", 1000 + i % 500);
+                let _ = client.put(key, format!("forgotten-{i}"), None).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut argv = failback_args(a, b, &lost);
+    argv.extend(["--page-size".into(), "5".into()]);
+    let (code, output) = run_cli(&argv).await?;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await?;
+    ensure!(
+        code != 0,
+        "failback handed over under a live writer: {output}"
+    );
+    ensure!(
+        output.contains("changed on the old primary while failback ran")
+            && output.contains("/app/key-00"),
+        "the error names the key: {output}"
+    );
+    // Still fenced: a reverse job copies nothing and says so.
+    let meta_promoted = format!("{META_PREFIX}app/promoted");
+    let mut a_client = a.client().await?;
+    ensure!(
+        a_client.get(meta_promoted.as_str(), None).await?.count() == 1,
+        "the old primary stays fenced"
+    );
+    ensure!(
+        a_client
+            .get(format!("{META_PREFIX}app/checkpoint"), None)
+            .await?
+            .count()
+            == 0,
+        "no reverse checkpoint"
+    );
+
+    // The writer stopped: the second run (a new lost-writes file) hands over.
+    let lost_again = dir.path().join("lost-again.jsonl");
+    let (code, output) = run_cli(&failback_args(a, b, &lost_again)).await?;
+    ensure!(code == 0, "failback failed: {output}");
+    let comparison = compare(b, "/app/", a, "/app/").await?;
+    ensure!(comparison.is_equal(), "A differs from B: {comparison:?}");
+    let lost_keys: BTreeSet<String> = lost_write_keys(&lost_again)?
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    ensure!(
+        lost_keys.iter().any(|k| k.starts_with("/app/key-001")),
+        "the forgotten writer's changes are lost writes: {lost_keys:?}"
+    );
+    Ok(())
+}

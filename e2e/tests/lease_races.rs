@@ -31,12 +31,16 @@ async fn three_member_source() -> Result<EtcdCluster> {
 }
 
 fn syncer_args(source_endpoints: &str, dest: &EtcdCluster, extra: &[&str]) -> Vec<String> {
+    syncer_args_to(source_endpoints, &dest.endpoints_arg(), extra)
+}
+
+fn syncer_args_to(source_endpoints: &str, dest_endpoints: &str, extra: &[&str]) -> Vec<String> {
     let mut args = e2e::args(&[
         "mirror-plus",
         "--src-endpoints",
         source_endpoints,
         "--dst-endpoints",
-        &dest.endpoints_arg(),
+        dest_endpoints,
         "--prefix",
         PREFIX,
         "--progress-interval",
@@ -73,32 +77,37 @@ async fn leased_count(dest: &mut Client) -> Result<usize> {
         .count())
 }
 
-/// L2: a source member behind a 200 ms link answers `LeaseLeases` from its
-/// own lessor, so its list lacks leases the leader granted meanwhile. New
-/// registrations arrive on the standby through a direct member before that
-/// list does; 7cd13c5 judged them gone and revoked their destination
-/// leases once the checkpoint passed the list's revision, deleting live
-/// keys. No source lease is ever revoked here, so none may be on the standby.
+/// L2: a source member behind a 400 ms link answers `LeaseLeases` from its
+/// own lessor, so its list lacks leases the leader granted meanwhile. With
+/// the standby across a WAN too (its commits trail the source), new
+/// registrations are mapped before that list arrives and committed after
+/// it; 7cd13c5 judged them gone and revoked their destination leases once
+/// the checkpoint passed the list's revision, deleting live keys. No source
+/// lease is ever revoked here, so none may be on the standby.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_member_s_lease_list_revokes_nothing() -> Result<()> {
     let source = three_member_source().await?;
     let dest = EtcdCluster::start_dest().await?;
     let (slow, slow_endpoint) = LinkProxy::in_front_of(&source.member_endpoint(2)).await?;
-    slow.set_delay(Duration::from_millis(200));
+    slow.set_delay(Duration::from_millis(400));
+    let (wan, dest_endpoint) = LinkProxy::in_front_of(&dest.member_endpoint(0)).await?;
+    wan.set_delay(Duration::from_millis(100));
     let endpoints = format!(
         "{},{},{slow_endpoint}",
         source.member_endpoint(0),
         source.member_endpoint(1)
     );
-    let mut syncer = Syncer::start("syncer", &syncer_args(&endpoints, &dest, &[])).await?;
+    let mut syncer =
+        Syncer::start("syncer", &syncer_args_to(&endpoints, &dest_endpoint, &[])).await?;
     wait_job_state(&syncer, JOB, "watching").await?;
 
-    // Registrations every 10-40 ms for 30 s, on TTL-600 leases nobody revokes.
+    // Registrations every 60-140 ms for 40 s (few enough that each goes out
+    // at once), on TTL-600 leases nobody revokes.
     let mut client = source.client().await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(23);
     let started = Instant::now();
     let mut registered = 0usize;
-    while started.elapsed() < Duration::from_secs(30) {
+    while started.elapsed() < Duration::from_secs(40) {
         let lease = client.lease_grant(600, None).await?.id();
         put_leased(
             &mut client,
@@ -106,7 +115,7 @@ async fn a_lagging_member_s_lease_list_revokes_nothing() -> Result<()> {
         )
         .await?;
         registered += 1;
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(10..40))).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(60..140))).await;
     }
     let mut dst = dest.client().await?;
     eventually(WAIT, "every registration on the standby", || {
@@ -135,7 +144,7 @@ async fn a_lagging_member_s_lease_list_revokes_nothing() -> Result<()> {
     syncer.finish().await
 }
 
-/// L6: a follower of the source SIGSTOPped for 30 s (quorum intact, the
+/// L6: a follower of the source SIGSTOPped for 45 s (quorum intact, the
 /// registrations' lease kept alive through the leader). Requests sent its
 /// way hang until the request timeout; 7cd13c5's keeper waited on one list
 /// for it, renewed nothing, and the standby's leases (TTL 5 + 5 s grace)
@@ -173,7 +182,7 @@ async fn a_frozen_member_drops_no_registration() -> Result<()> {
     });
     let started = Instant::now();
     let mut fewest = 20;
-    while started.elapsed() < Duration::from_secs(30) {
+    while started.elapsed() < Duration::from_secs(45) {
         fewest = fewest.min(leased_count(&mut dst).await?);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

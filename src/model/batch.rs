@@ -132,6 +132,13 @@ impl Coalescer {
 
     pub fn push(&mut self, revision: SourceRevision) {
         debug_assert!(revision.revision > self.through_revision);
+        if revision.mutations.is_empty() {
+            // Every event of it was left out (excluded or meta keys): the
+            // checkpoint still moves past it, or it would stay behind and
+            // no idle advance would ever carry it (seed 23957).
+            self.advance_to(revision.revision);
+            return;
+        }
         let mutations = dedup_last_wins(revision.mutations);
         let (grown_ops, grown_bytes) = self.size_if_merged(&mutations);
         if !self.open.is_empty()
@@ -314,6 +321,37 @@ fn dedup_last_wins(mutations: Vec<Mutation>) -> Vec<Mutation> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A revision whose events were all left out still moves the
+    /// checkpoint: alone as an empty batch, or carried by an open one.
+    #[test]
+    fn a_revision_with_nothing_to_apply_still_moves_the_checkpoint() {
+        let limits = BatchLimits {
+            max_ops: 8,
+            max_bytes: 1 << 20,
+        };
+        let mut alone = Coalescer::new(limits, 9);
+        alone.push(SourceRevision {
+            revision: 10,
+            mutations: Vec::new(),
+        });
+        let batch = alone.next_batch().expect("an empty batch");
+        assert_eq!((batch.through_revision, batch.mutations.len()), (10, 0));
+        let mut carried = Coalescer::new(limits, 9);
+        carried.push(SourceRevision {
+            revision: 10,
+            mutations: vec![Mutation::Delete {
+                key: b"/a".to_vec(),
+            }],
+        });
+        carried.push(SourceRevision {
+            revision: 11,
+            mutations: Vec::new(),
+        });
+        let batch = carried.next_batch().expect("the open batch");
+        assert_eq!((batch.through_revision, batch.mutations.len()), (11, 1));
+        assert!(carried.next_batch().is_none());
+    }
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
