@@ -131,8 +131,7 @@ async fn rotated_client_certificates_are_used_without_a_restart() -> Result<()> 
     })
     .await?;
     put_many(&mut source.client().await?, "/app/", 300, 100, "v1").await?;
-    let mut syncer = Syncer::start("rotation", &mirror_args(&source, &dest, "/app/")).await?;
-    syncer.allow_error("do not load yet");
+    let syncer = Syncer::start("rotation", &mirror_args(&source, &dest, "/app/")).await?;
     wait_job_state(&syncer, "app", "watching").await?;
     let file = tls.client_cert.display().to_string();
     let expiry = || async {
@@ -150,9 +149,11 @@ async fn rotated_client_certificates_are_used_without_a_restart() -> Result<()> 
     std::fs::write(&tls.client_cert, "-----BEGIN CERTIFICATE-----\n")?;
     tokio::time::sleep(Duration::from_secs(12)).await;
     ensure!(
-        syncer.count_log_messages(
-            "TLS files changed but do not load yet; keeping the current connection until they do."
-        ) >= 1
+        syncer
+            .logs()
+            .iter()
+            .any(|l| l.contains("TLS files changed but")),
+        "the half-written files are kept out, with a WARN"
     );
     // (The test's own destination client reads the same files: the
     // syncer's progress is read off its metrics until they are whole.)
@@ -167,6 +168,53 @@ async fn rotated_client_certificates_are_used_without_a_restart() -> Result<()> 
             >= applied + 50.0)
     })
     .await?;
+
+    // O5: a rotation to a pair that expired already: refused like files
+    // that do not load (WARN naming "expired", counted), and replication
+    // goes on over the connection in use.
+    let refused = || async {
+        syncer
+            .metric(
+                "etcd_syncer_file_changes_refused_total",
+                &[("side", "destination"), ("reason", "invalid")],
+            )
+            .await
+    };
+    let refused_before = refused().await?;
+    tls.rotate_client(2021)?;
+    eventually(WAIT, "the expired pair refused", || async {
+        Ok(refused().await? > refused_before
+            && syncer
+                .logs()
+                .iter()
+                .any(|l| l.contains("cannot be used") && l.contains("expired at")))
+    })
+    .await?;
+    let applied = syncer
+        .metric("etcd_syncer_events_applied_total", &[("job", "app")])
+        .await?;
+    put_many(&mut source.client().await?, "/app/", 50, 100, "v2b").await?;
+    eventually(
+        WAIT,
+        "writes applied while the expired pair sits there",
+        || async {
+            Ok(syncer
+                .metric("etcd_syncer_events_applied_total", &[("job", "app")])
+                .await?
+                >= applied + 50.0)
+        },
+    )
+    .await?;
+    ensure!(
+        syncer
+            .metric(
+                "etcd_syncer_reconnects_total",
+                &[("side", "destination"), ("reason", "files_changed")]
+            )
+            .await?
+            == 0.0,
+        "never reconnected with the expired pair"
+    );
 
     // The rotated pair: valid until 2031-01-01T00:00:00Z.
     tls.rotate_client(2031)?;
@@ -195,6 +243,47 @@ async fn rotated_client_certificates_are_used_without_a_restart() -> Result<()> 
         "only the initial full sync"
     );
     syncer.finish().await
+}
+
+/// O5: starting with a client certificate that expired is a configuration
+/// error naming the flag and "expired" (exit 2), as `--validate-config`
+/// says before; a key that is not the certificate's is refused the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_or_mismatched_client_certificate_is_refused_at_start() -> Result<()> {
+    let tls = TlsMaterial::generate()?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_with(EtcdOptions {
+        role: Role::Dest,
+        tls: Some(tls.clone()),
+        ..EtcdOptions::default()
+    })
+    .await?;
+    tls.rotate_client(2021)?;
+    let args = mirror_args(&source, &dest, "/app/");
+    let mut syncer = Syncer::spawn("expired", &args, &[])?;
+    let status = syncer.wait_exit(Duration::from_secs(30)).await?;
+    let text = syncer.log_text();
+    ensure!(status.code() == Some(2), "exit {status}: {text}");
+    ensure!(
+        text.contains("--dst-cert") && text.contains("expired at"),
+        "{text}"
+    );
+
+    let mut validate = args.clone();
+    validate.push("--validate-config".into());
+    let key = tls.client_key.display().to_string();
+    tls.rotate_client(2031)?;
+    let (code, output) = run_cli(&validate).await?;
+    ensure!(code == 0, "a good pair validates: {output}");
+    // The key of another pair beside this certificate.
+    let other = TlsMaterial::generate()?;
+    std::fs::copy(&other.client_key, &key)?;
+    let (code, output) = run_cli(&validate).await?;
+    ensure!(
+        code == 2 && output.contains("--dst-key") && output.contains("does not match"),
+        "exit {code}: {output}"
+    );
+    Ok(())
 }
 
 fn config_text(source: &EtcdCluster, dest: &EtcdCluster, jobs: &str) -> String {

@@ -419,3 +419,56 @@ async fn failback_stops_on_a_forgotten_writer_and_names_the_key() -> Result<()> 
     );
     Ok(())
 }
+
+/// O8: a lost-writes file that cannot be written, or that exists, is
+/// refused before anything is written to the old primary: no fence is
+/// left behind (a reverse mirror would otherwise find the job "promoted"
+/// and copy nothing), exit 2 naming the flag; a good file then works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_checks_its_file_before_the_fence() -> Result<()> {
+    let Diverged { a, b, .. } = diverged().await?;
+    let dir = tempfile::tempdir()?;
+    let marker = format!("{META_PREFIX}app/promoted");
+    let fenced = || async {
+        let mut client = a.client().await?;
+        anyhow::Ok(client.get(marker.as_str(), None).await?.count() > 0)
+    };
+    let unwritable = dir.path().join("no-such-dir").join("lost.jsonl");
+    let (code, output) = run_cli(&failback_args(&a, &b, &unwritable)).await?;
+    ensure!(
+        code == 2 && output.contains("--lost-writes-file"),
+        "exit {code}: {output}"
+    );
+    ensure!(
+        !fenced().await?,
+        "an unwritable file left a fence on the old primary"
+    );
+
+    let existing = dir.path().join("lost.jsonl");
+    std::fs::write(&existing, "an earlier run\n")?;
+    let (code, output) = run_cli(&failback_args(&a, &b, &existing)).await?;
+    ensure!(
+        code == 2 && output.contains("the file exists"),
+        "exit {code}: {output}"
+    );
+    ensure!(
+        !fenced().await?,
+        "an existing file left a fence on the old primary"
+    );
+    ensure!(
+        std::fs::read_to_string(&existing)? == "an earlier run\n",
+        "the file is untouched"
+    );
+
+    let good = dir.path().join("lost-2.jsonl");
+    cli_ok(
+        &failback_args(&a, &b, &good)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .await?;
+    let comparison = compare(&a, "/app/", &b, "/app/").await?;
+    ensure!(comparison.is_equal(), "{comparison:?}");
+    Ok(())
+}

@@ -201,3 +201,77 @@ async fn a_point_the_standby_compacted_away_is_refused_and_nothing_is_written() 
     );
     Ok(())
 }
+
+/// O6: 100 keys mirrored at source revision R; the replicator stopped;
+/// 800 more keys and a compaction on the source; the restart runs a full
+/// sync of ~115 small txns. The states inside that full sync match no
+/// source revision, yet the one before it is still in the standby's
+/// history: `promote --at-source-revision R` restores it. A revision the
+/// standby never reached is refused (exit 2) and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_before_a_full_sync_is_reachable_and_a_future_one_is_refused() -> Result<()> {
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let mut src = source.client().await?;
+    for i in 0..100 {
+        src.put(format!("/app/first-{i:03}"), format!("v{i}"), None)
+            .await?;
+    }
+    let mut args_8 = mirror_args(&source, &dest, "/app/");
+    args_8.extend(args(&["--max-txn-ops", "8"]));
+    let syncer = Syncer::start("o6-first", &args_8).await?;
+    wait_job_state(&syncer, "app", "watching").await?;
+    let at_r = source.revision().await?;
+    eventually(CONVERGE, "checkpoint at R", || async {
+        Ok(checkpoint_rev(&dest).await? >= at_r)
+    })
+    .await?;
+    let expected = read_prefix(&mut dest.client().await?, "/app/").await?;
+    ensure!(expected.len() == 100);
+    syncer.finish().await?;
+
+    for i in 0..800 {
+        src.put(format!("/app/later-{i:03}"), "x", None).await?;
+    }
+    source.compact().await?;
+    let syncer = Syncer::start("o6-second", &args_8).await?;
+    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
+    ensure!(
+        syncer
+            .metric("etcd_syncer_slow_path_total", &[("job", "app")])
+            .await?
+            == 1.0,
+        "the restart ran a full sync"
+    );
+    drop(syncer);
+
+    let marker = format!("{META_PREFIX}app/promoted");
+    let (code, output) = run_cli(&promote_args(&dest, &["--at-source-revision", "999999"])).await?;
+    ensure!(
+        code == 2 && output.contains("has reached source revision"),
+        "exit {code}: {output}"
+    );
+    ensure!(
+        dest.client()
+            .await?
+            .get(marker.as_str(), None)
+            .await?
+            .count()
+            == 0,
+        "a refused promotion wrote the marker"
+    );
+
+    let (code, output) = run_cli(&promote_args(
+        &dest,
+        &["--at-source-revision", &at_r.to_string()],
+    ))
+    .await?;
+    ensure!(code == 0, "exit {code}: {output}");
+    let restored = read_prefix(&mut dest.client().await?, "/app/").await?;
+    ensure!(
+        restored == expected,
+        "the standby holds {} keys, not the 100 of revision {at_r}",
+        restored.len()
+    );
+    Ok(())
+}

@@ -41,6 +41,8 @@ pub enum CheckError {
     DestCompacted { job: String, attempts: usize },
     #[error("range reader stopped before the end of the prefix")]
     StoppedEarly,
+    #[error("{0}; the cluster was replaced behind its endpoints: check again")]
+    OtherCluster(String),
     #[error("cancelled")]
     Cancelled,
 }
@@ -50,6 +52,7 @@ impl From<PageError> for CheckError {
         match error {
             PageError::Client(error) => CheckError::Client(error),
             PageError::StoppedEarly => CheckError::StoppedEarly,
+            other @ PageError::OtherCluster { .. } => CheckError::OtherCluster(other.to_string()),
             PageError::Cancelled => CheckError::Cancelled,
         }
     }
@@ -352,7 +355,7 @@ async fn compare(
         target.job.clone(),
         source.clone(),
         target.rewrite.source_prefix().to_vec(),
-        Some(source_revision),
+        (Some(source_revision), None),
         options.page_size,
         Skipped {
             meta_prefix: target.meta_prefix.clone(),
@@ -365,7 +368,7 @@ async fn compare(
         target.job.clone(),
         dest.clone(),
         target.rewrite.dest_prefix().to_vec(),
-        Some(dest_revision),
+        (Some(dest_revision), None),
         options.page_size,
         Skipped {
             meta_prefix: target.meta_prefix.clone(),

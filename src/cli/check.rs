@@ -24,6 +24,10 @@ pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
             } else {
                 args.dest_prefix.clone().unwrap_or_else(|| prefix.clone())
             };
+            // A job the destination has never heard of is a wrong name (or
+            // --meta-prefix), not a first full sync in progress: the error
+            // names the jobs there are.
+            collect_status(&dest, &args.meta_prefix, Some(&job)).await?;
             (job, prefix.clone(), dest_prefix)
         }
         (None, Some(job)) => {

@@ -1,7 +1,7 @@
 //! What a command can fail with, and the exit code each failure means.
 
 use crate::config::ConfigError;
-use crate::etcd::client::{ClientError, FailureKind};
+use crate::etcd::client::ClientError;
 use crate::mirror::JobError;
 use crate::ops::admin::AdminError;
 
@@ -30,24 +30,28 @@ pub enum AppError {
 }
 
 impl AppError {
-    /// Exit code 2 for anything an operator fixes in the configuration.
+    /// One policy for every command (docs/operations.md, "Exit codes"):
+    /// 2 when the command could not do what was asked — the configuration,
+    /// the request, or a cluster that does not answer or refuses it; 1 when
+    /// it ran and the answer is a failure (a job stopped, a failback found
+    /// a writer, `check` found differences).
     pub fn exit_code(&self) -> i32 {
         match self {
             AppError::Config(_) | AppError::Bind(_) => 2,
             AppError::Job { source, .. } => i32::from(source.policy().exit_code),
-            AppError::Client(error) if error.kind() == FailureKind::Rejected => 2,
+            AppError::Client(_) => 2,
+            AppError::Admin(AdminError::Client(_)) => 2,
+            AppError::Admin(AdminError::Page(crate::etcd::pager::PageError::Client(_))) => 2,
             AppError::Admin(
                 AdminError::NoJobs { .. }
                 | AdminError::UnknownJob { .. }
-                | AdminError::OutsideWindow { .. },
+                | AdminError::OutsideWindow { .. }
+                | AdminError::NotReached { .. },
             ) => 2,
+            AppError::Check(_) => 2,
             AppError::AuthSync(error) if error.label() == "rejected" => 2,
             AppError::Failback(error) if error.is_usage() => 2,
-            AppError::Failback(crate::ops::failback::FailbackError::Client(error))
-                if error.kind() == FailureKind::Rejected =>
-            {
-                2
-            }
+            AppError::Failback(crate::ops::failback::FailbackError::Client(_)) => 2,
             _ => 1,
         }
     }

@@ -6,11 +6,17 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::error::AppError;
 use crate::config::{FailbackArgs, LeaseMode, OutputFormat};
 use crate::etcd::client::Cluster;
-use crate::ops::failback::{failback, FailbackJob, FailbackOptions, FailbackReport, Method};
+use crate::ops::failback::{
+    check_lost_writes_file, failback, FailbackJob, FailbackOptions, FailbackReport, Method,
+};
 
 /// `etcd-syncer failback`.
 pub async fn run_failback(args: FailbackArgs, cancel: CancellationToken) -> Result<(), AppError> {
     let settings = args.job.into_settings()?;
+    // Before connecting, let alone fencing anything.
+    if let (Some(path), false) = (&args.lost_writes_file, args.dry_run) {
+        check_lost_writes_file(path, false)?;
+    }
     let old_primary = Cluster::connect(&settings.source, settings.tuning.request_timeout).await?;
     let standby = Cluster::connect(&settings.destination, settings.tuning.request_timeout).await?;
     let mut reports = Vec::new();

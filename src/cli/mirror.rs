@@ -125,6 +125,8 @@ pub async fn run_mirror(
         }
     }
     let jobs = settings.jobs.clone();
+    let (source_for_pin, dest_for_pin, meta_prefix) =
+        (source.clone(), dest.clone(), settings.meta_prefix.clone());
     let mut supervisor = Supervisor::new(
         Shared {
             source,
@@ -139,6 +141,7 @@ pub async fn run_mirror(
         reload.map(|args| ReloadSource { args }),
         cancel.clone(),
     );
+    learn_source_cluster(&source_for_pin, &dest_for_pin, &jobs, &meta_prefix).await;
     // Endpoint-group failover and rotated files, for each side.
     supervisor.start_routes(Side::Source, source_group);
     supervisor.start_routes(Side::Destination, dest_group);
@@ -159,6 +162,33 @@ pub async fn run_mirror(
     failure.map_or(Ok(()), |JobFailure { job, source }| {
         Err(AppError::Job { job, source })
     })
+}
+
+/// How many jobs' checkpoints are read at start for the source's cluster id.
+const PIN_READS: usize = 8;
+
+/// Before any endpoint group is health-checked: the cluster id the jobs'
+/// checkpoints name, so a fallback group answering as another cluster is
+/// never switched to while the preferred group is down at start. One try
+/// each (the jobs learn it again when they read their checkpoints); a
+/// destination that does not answer yet leaves it to them.
+async fn learn_source_cluster(
+    source: &Cluster,
+    dest: &Cluster,
+    jobs: &[crate::config::JobSettings],
+    meta_prefix: &str,
+) {
+    for job in jobs.iter().take(PIN_READS) {
+        let keys = MetaKeys::new(meta_prefix, &job.name);
+        match crate::etcd::meta::read_checkpoint(dest, &keys).await {
+            Ok(Some(checkpoint)) => {
+                source.learn_cluster_id(checkpoint.source_cluster_id);
+                return;
+            }
+            Ok(None) => continue,
+            Err(_) => return,
+        }
+    }
 }
 
 /// `--sync-auth`: one loop per process, working while this instance leads
@@ -329,7 +359,11 @@ async fn probe_readiness(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let (source_ok, dest_ok) = tokio::join!(source.head(&source_probe), dest.head(&dest_probe));
+        // Cancel-safe: the reads are dropped unanswered.
+        let (source_ok, dest_ok) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            both = async { tokio::join!(source.head_hedged(&source_probe), dest.head_hedged(&dest_probe)) } => both,
+        };
         for (side, result) in [(Side::Source, source_ok), (Side::Destination, dest_ok)] {
             let reachable = result.is_ok();
             if health.reachable(side) && !reachable {

@@ -1035,8 +1035,88 @@ pub fn check_tls_files(side: Side, tls: &TlsFiles) -> Result<(), ConfigError> {
     if let Some((cert, key)) = &tls.cert_and_key {
         check_pem(&flag("cert"), cert, PemKind::Certificate)?;
         check_pem(&flag("key"), key, PemKind::PrivateKey)?;
+        check_client_certificate(&flag("cert"), cert, &flag("key"), key)?;
     }
     Ok(())
+}
+
+/// The client certificate is valid now and `key` is its private key: a
+/// handshake with anything else fails as a bare "transport error".
+fn check_client_certificate(
+    cert_field: &str,
+    cert: &Path,
+    key_field: &str,
+    key: &Path,
+) -> Result<(), ConfigError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let read = |field: &str, path: &Path| {
+        std::fs::read(path).map_err(|source| ConfigError::ReadFile {
+            field: field.to_string(),
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let shown = cert.display().to_string();
+    let cert_der = CertificateDer::pem_slice_iter(&read(cert_field, cert)?)
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| invalid(cert_field, &shown, "the file holds no PEM certificate"))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der).map_err(|_| {
+        invalid(
+            cert_field,
+            &shown,
+            "the first certificate in the file is not valid X.509 DER; re-issue it",
+        )
+    })?;
+    let now = crate::telemetry::clock::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let validity = parsed.validity();
+    if validity.not_after.timestamp() < now {
+        return Err(invalid(
+            cert_field,
+            &shown,
+            &format!(
+                "the certificate expired at {} (notAfter); point {cert_field} and {key_field} at a renewed pair",
+                validity.not_after
+            ),
+        ));
+    }
+    if validity.not_before.timestamp() > now {
+        return Err(invalid(
+            cert_field,
+            &shown,
+            &format!(
+                "the certificate is not valid until {} (notBefore); check this machine's clock or the issuer's",
+                validity.not_before
+            ),
+        ));
+    }
+    let key_der = PrivateKeyDer::from_pem_slice(&read(key_field, key)?).map_err(|_| {
+        invalid(
+            key_field,
+            &key.display().to_string(),
+            "the file holds no PEM private key",
+        )
+    })?;
+    let public = rustls::crypto::ring::sign::any_supported_type(&key_der)
+        .ok()
+        .and_then(|signing| signing.public_key().map(|spki| spki.as_ref().to_vec()));
+    match public {
+        Some(public) if public == parsed.tbs_certificate.subject_pki.raw => Ok(()),
+        Some(_) => Err(invalid(
+            key_field,
+            &key.display().to_string(),
+            &format!("the key does not match the certificate in {cert_field} ({shown}); give the key the certificate was issued for"),
+        )),
+        None => Err(invalid(
+            key_field,
+            &key.display().to_string(),
+            "the key's type is not supported (RSA, ECDSA P-256/P-384 or Ed25519 are)",
+        )),
+    }
 }
 
 fn check_pem(field: &str, path: &Path, kind: PemKind) -> Result<(), ConfigError> {
@@ -2110,6 +2190,64 @@ mod auth_tests {
             .to_string();
         assert!(
             error.contains("auth-sync-interval (config file)"),
+            "{error}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod certificate_tests {
+    use super::*;
+
+    /// A key pair and a certificate for it, valid over `[not_before, not_after]`.
+    fn issue(dir: &Path, name: &str, years: (i32, i32)) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params.not_before = rcgen::date_time_ymd(years.0, 1, 1);
+        params.not_after = rcgen::date_time_ymd(years.1, 1, 1);
+        let cert = params.self_signed(&key).expect("cert");
+        let (cert_path, key_path) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}-key.pem")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
+    fn check(cert: &Path, key: &Path) -> Result<(), String> {
+        let tls = TlsFiles {
+            ca: None,
+            cert_and_key: Some((cert.to_path_buf(), key.to_path_buf())),
+        };
+        check_tls_files(Side::Source, &tls).map_err(|e| e.to_string())
+    }
+
+    /// O5: an expired (or not yet valid) client certificate, or a key that
+    /// is not the certificate's, is a configuration error naming the field
+    /// and the reason, not a "transport error" at the first request.
+    #[test]
+    fn client_certificates_must_be_valid_now_and_match_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (good, good_key) = issue(dir.path(), "good", (2020, 2100));
+        let (expired, expired_key) = issue(dir.path(), "expired", (2020, 2021));
+        let (future, future_key) = issue(dir.path(), "future", (2090, 2100));
+        let (_, other_key) = issue(dir.path(), "other", (2020, 2100));
+        assert_eq!(check(&good, &good_key), Ok(()));
+        let error = check(&expired, &expired_key).unwrap_err();
+        assert!(
+            error.contains("--src-cert") && error.contains("expired at"),
+            "{error}"
+        );
+        let error = check(&future, &future_key).unwrap_err();
+        assert!(
+            error.contains("--src-cert") && error.contains("not valid until"),
+            "{error}"
+        );
+        let error = check(&good, &other_key).unwrap_err();
+        assert!(
+            error.contains("--src-key") && error.contains("does not match"),
             "{error}"
         );
     }

@@ -187,6 +187,12 @@ struct Route {
     current: std::sync::RwLock<Connection>,
     /// Bumped at every switch; open watches end when it moves.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Requests go through a fallback endpoint group (not the preferred).
+    on_fallback: std::sync::atomic::AtomicBool,
+    /// The cluster id the jobs' checkpoints name (0: none known yet): the
+    /// cluster a group must answer as before it is switched to, while the
+    /// group in use has not answered (a preferred group down at start).
+    expected_cluster_id: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone)]
@@ -363,9 +369,46 @@ impl Cluster {
                     backend,
                 }),
                 generation: tokio::sync::watch::Sender::new(0),
+                on_fallback: std::sync::atomic::AtomicBool::new(false),
+                expected_cluster_id: std::sync::atomic::AtomicU64::new(0),
             }),
             request_timeout,
         }
+    }
+
+    /// Whether requests go through a fallback endpoint group.
+    pub fn on_fallback(&self) -> bool {
+        self.route
+            .on_fallback
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Records whether the group in use is a fallback (set by whoever
+    /// switches groups).
+    pub fn set_on_fallback(&self, fallback: bool) {
+        self.route
+            .on_fallback
+            .store(fallback, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The cluster id a job's checkpoint names: the cluster this side is
+    /// known to be (the jobs of a process share their source).
+    pub fn learn_cluster_id(&self, cluster_id: u64) {
+        if cluster_id != 0 {
+            self.route
+                .expected_cluster_id
+                .store(cluster_id, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The cluster id learnt from a checkpoint, if any.
+    pub fn expected_cluster_id(&self) -> Option<u64> {
+        Some(
+            self.route
+                .expected_cluster_id
+                .load(std::sync::atomic::Ordering::SeqCst),
+        )
+        .filter(|id| *id != 0)
     }
 
     pub fn side(&self) -> Side {
@@ -514,6 +557,13 @@ impl Cluster {
         hedged(HEDGE_AFTER, HEDGED_COPIES, || self.lease_renew(id)).await
     }
 
+    /// [`Self::head`], hedged (see [`hedged`]): what a health probe asks, so
+    /// one dead member (every other request sent its way fails) does not
+    /// make the cluster look down.
+    pub async fn head_hedged(&self, prefix: &[u8]) -> Result<ClusterHead, ClientError> {
+        hedged(HEDGE_AFTER, HEDGED_COPIES, || self.head(prefix)).await
+    }
+
     /// The server's version, or `None` when it will not say (etcd 3.4.42 /
     /// 3.5.28 and later want root for it when auth is on).
     pub async fn server_version(&self) -> Option<crate::model::versions::Version> {
@@ -626,6 +676,7 @@ pub async fn connect_preferred(
                     Arc::new(RealEtcd::new(client)),
                     request_timeout,
                 );
+                cluster.set_on_fallback(index > 0);
                 return Ok((cluster, index));
             }
             Err(error) => {

@@ -31,6 +31,20 @@ pub async fn read_job_meta(dest: &Cluster, keys: &MetaKeys) -> Result<JobMeta, C
     ))
 }
 
+/// The job's checkpoint, if one is there and reads.
+pub async fn read_checkpoint(
+    dest: &Cluster,
+    keys: &MetaKeys,
+) -> Result<Option<crate::model::schema::Checkpoint>, ClientError> {
+    let response = dest
+        .range("read the checkpoint", RangeRequest::key(keys.checkpoint()))
+        .await?;
+    Ok(response
+        .kvs
+        .first()
+        .and_then(|kv| serde_json::from_slice(&kv.value).ok()))
+}
+
 /// Whether the destination can still be read at `revision` (it is not
 /// compacted away).
 pub async fn readable_at(dest: &Cluster, probe: &str, revision: i64) -> Result<bool, ClientError> {

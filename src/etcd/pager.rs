@@ -24,6 +24,10 @@ pub enum PageError {
     Client(#[from] ClientError),
     #[error("range reader stopped before the end of the prefix")]
     StoppedEarly,
+    /// A page came from another cluster than the one the read is pinned
+    /// to (replaced behind the same endpoints): its revisions are not the pin's.
+    #[error("a page was answered by cluster {answered:x}, not the pinned cluster {pinned:x}")]
+    OtherCluster { pinned: u64, answered: u64 },
     #[error("cancelled")]
     Cancelled,
 }
@@ -112,7 +116,7 @@ pub fn spawn_pager(
         job,
         cluster,
         prefix,
-        revision,
+        (revision, None),
         page_size,
         skipped,
         Arc::default(),
@@ -120,13 +124,14 @@ pub fn spawn_pager(
     )
 }
 
-/// [`spawn_pager`], counting what it reads into `stats`.
+/// [`spawn_pager`], counting what it reads into `stats`; `pin` is the
+/// revision and, when given, the cluster every page must come from.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_pager_with_stats(
     job: String,
     cluster: Cluster,
     prefix: Vec<u8>,
-    revision: Option<i64>,
+    pin: (Option<i64>, Option<u64>),
     page_size: usize,
     skipped: Skipped,
     stats: Arc<PagerStats>,
@@ -136,6 +141,7 @@ pub fn spawn_pager_with_stats(
         meta_prefix,
         rewrite,
     } = skipped;
+    let (revision, pinned_cluster) = pin;
     let (pages, receiver) = mpsc::channel(2);
     tokio::spawn(async move {
         let end = prefix_range_end(&prefix);
@@ -181,6 +187,15 @@ pub fn spawn_pager_with_stats(
                     return;
                 }
             };
+            let answered = response.header.cluster_id;
+            if let Some(pinned) =
+                pinned_cluster.filter(|p| *p != 0 && answered != 0 && *p != answered)
+            {
+                let _ = pages
+                    .send(Err(PageError::OtherCluster { pinned, answered }))
+                    .await;
+                return;
+            }
             stats
                 .read_nanos
                 .fetch_add(read_started.elapsed().as_nanos() as u64, Ordering::Relaxed);

@@ -155,6 +155,7 @@ impl Routes {
     /// Stops at the next await; a switch is one assignment, never half made.
     pub async fn run(mut self, active: usize, cancel: CancellationToken) {
         let files = self.settings.watched_files();
+        self.cluster.set_on_fallback(active > 0);
         self.set_active(active);
         self.record_expiry();
         let groups = self.settings.groups.len();
@@ -192,6 +193,7 @@ impl Routes {
                         let to = &slots[switch.to];
                         let backend = to.backend.clone().expect("a group that answered is connected");
                         self.cluster.switch_to(to.settings.endpoints().join(","), backend);
+                        self.cluster.set_on_fallback(switch.to > 0);
                         self.set_active(switch.to);
                         self.metrics
                             .group_switches_total
@@ -269,7 +271,11 @@ impl Routes {
                 slot.cluster_id = Some(*id).filter(|id| *id != 0);
             }
         }
-        let active_id = slots[active].cluster_id;
+        // Until the group in use answers (a preferred group down at start),
+        // the cluster the checkpoints name is the one to match.
+        let active_id = slots[active]
+            .cluster_id
+            .or_else(|| self.cluster.expected_cluster_id());
         let mut healthy = Vec::with_capacity(slots.len());
         for (slot, (_, answered, _)) in slots.iter().zip(&results) {
             let other_cluster =
@@ -280,7 +286,7 @@ impl Routes {
                     group = %slot.name,
                     cluster_id = slot.cluster_id.unwrap_or(0),
                     in_use_cluster_id = active_id.unwrap_or(0),
-                    "Endpoint group answers as another cluster than the group in use; it is never switched to. Fix its endpoints."
+                    "Endpoint group answers as another cluster than the group in use (or than the checkpoints name); it is never switched to. Fix its endpoints."
                 );
             }
             let ok = *answered && !other_cluster;
@@ -293,9 +299,19 @@ impl Routes {
         healthy
     }
 
+    fn refused(&self, reason: &str) {
+        self.metrics
+            .file_changes_refused_total
+            .with_label_values(&[self.side().as_str(), reason])
+            .inc();
+    }
+
     /// The TLS or password files changed: rebuilds the connection of the
     /// group in use with them, and drops the others' (rebuilt at their next
-    /// check). False (and the old connection kept) when they do not load.
+    /// check). False (and the old connection kept, with a WARN and
+    /// `etcd_syncer_file_changes_refused_total`) when they do not load or
+    /// the cluster does not answer with them: files that cannot work are
+    /// never switched to.
     async fn reload_files(&mut self, slots: &mut [Slot], active: usize) -> bool {
         let mut settings = self.settings.clone();
         if let (Some(path), Some(credentials)) = (
@@ -306,25 +322,43 @@ impl Routes {
                 Ok(password) => credentials.password = password,
                 Err(error) => {
                     warn!(side = %settings.side, %error, "The password file changed but does not read; keeping the current connection.");
+                    self.refused("invalid");
                     return false;
                 }
             }
         }
         if let Err(reason) = check_files_load(&settings) {
-            warn!(side = %settings.side, %reason, "TLS files changed but do not load yet; keeping the current connection until they do.");
+            warn!(side = %settings.side, %reason, "TLS files changed but cannot be used (see reason); keeping the current connection until they can.");
+            self.refused("invalid");
             return false;
         }
         let through = settings.through_group(active);
-        let client = match connect_client(&through, self.cluster.request_timeout(), "reconnect")
-            .await
-        {
+        let timeout = self.cluster.request_timeout();
+        let client = match connect_client(&through, timeout, "reconnect").await {
             Ok(client) => client,
             Err(error) => {
                 warn!(side = %settings.side, %error, "Reconnecting with the changed files failed; keeping the current connection, retrying at the next check.");
+                self.refused("no_answer");
                 return false;
             }
         };
         let backend: Arc<dyn Etcd> = Arc::new(RealEtcd::new(client));
+        // Without a user the channel connects lazily: one read proves the
+        // handshake works before anything depends on it. An answer that
+        // refuses the role still proves the files.
+        let probe = Cluster::with_backend(
+            settings.side,
+            through.endpoints().join(","),
+            backend.clone(),
+            timeout,
+        );
+        if let Err(error) = probe.head_hedged(&self.probe_prefix).await {
+            if error.kind() != FailureKind::Auth {
+                warn!(side = %settings.side, %error, "The cluster does not answer with the changed files; keeping the current connection, retrying at the next check.");
+                self.refused("no_answer");
+                return false;
+            }
+        }
         for (i, slot) in slots.iter_mut().enumerate() {
             slot.settings = settings.through_group(i);
             slot.backend = (i == active).then(|| backend.clone());

@@ -42,6 +42,16 @@ pub enum JobError {
     Loop { cluster_id: u64 },
     #[error("a reset was requested (--reset-last-synced-rev)")]
     ResetRequested,
+    #[error(
+        "the source is reached through a fallback endpoint group ({endpoints}) that answers as cluster \
+         {answered:x}, not the checkpoint's cluster {checkpoint_cluster_id:x}: another cluster, never \
+         mirrored from. Waiting for the preferred group; fix the group's endpoints"
+    )]
+    FallbackIsAnotherCluster {
+        endpoints: String,
+        answered: u64,
+        checkpoint_cluster_id: u64,
+    },
     #[error("{0}")]
     HistoryDiffers(SlowPathReason),
     #[error("{leases} mirrored destination lease(s) expired while their source leases live; a full sync restores their keys")]
@@ -61,6 +71,15 @@ impl From<crate::etcd::pager::PageError> for JobError {
         match error {
             crate::etcd::pager::PageError::Client(error) => JobError::Client(error),
             crate::etcd::pager::PageError::Cancelled => JobError::Cancelled,
+            // The source was replaced behind its endpoints mid-read: what
+            // was read is not the pinned revision's; start over from the
+            // cluster that answers now.
+            crate::etcd::pager::PageError::OtherCluster { pinned, answered } => {
+                JobError::HistoryDiffers(SlowPathReason::SourceReplaced {
+                    checkpoint_cluster_id: pinned,
+                    source_cluster_id: answered,
+                })
+            }
             other @ crate::etcd::pager::PageError::StoppedEarly => {
                 JobError::Internal(other.to_string())
             }
@@ -146,6 +165,11 @@ impl JobError {
             }
             JobError::Loop { .. } => Policy::new(Action::Exit, "loop", Level::ERROR),
             JobError::ResetRequested => Policy::new(Action::Resync, "reset", Level::INFO),
+            JobError::FallbackIsAnotherCluster { .. } => Policy::new(
+                Action::NeedsOperator,
+                "source_group_other_cluster",
+                Level::ERROR,
+            ),
             JobError::HistoryDiffers(_) => {
                 Policy::new(Action::Resync, "history_differs", Level::WARN)
             }
@@ -226,6 +250,14 @@ pub enum SlowPathReason {
     LeaseModeChanged {
         leases_mirrored: bool,
     },
+    /// `--prefix` or `--dest-prefix` changed since the checkpoint was
+    /// written: the destination holds another prefix's copy, or none.
+    PrefixChanged {
+        /// (the checkpoint's, now), when the source prefix changed.
+        source: Option<(String, String)>,
+        /// (the checkpoint's, now), when the destination prefix changed.
+        dest: Option<(String, String)>,
+    },
 }
 
 impl SlowPathReason {
@@ -278,6 +310,17 @@ impl std::fmt::Display for SlowPathReason {
                 f,
                 "{leases} mirrored lease(s) expired on the destination while their source leases live (no replica ran for longer than TTL + --lease-grace?)"
             ),
+            SlowPathReason::PrefixChanged { source, dest } => {
+                write!(f, "the job's prefixes changed since the checkpoint (")?;
+                if let Some((was, now)) = source {
+                    write!(f, "--prefix {was} -> {now}")?;
+                }
+                if let Some((was, now)) = dest {
+                    let sep = if source.is_some() { "; " } else { "" };
+                    write!(f, "{sep}--dest-prefix {was} -> {now}: the copies under {was} stay there")?;
+                }
+                write!(f, ")")
+            }
             SlowPathReason::HistoryDiffers { detail } => write!(
                 f,
                 "the source's history differs from what the destination reflects ({detail}); was the source rebuilt or restored with the same cluster id?"

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::etcd::api::{Op, RangeRequest};
 use crate::etcd::pager::{next_page, spawn_pager_with_stats, PagerStats, PagerTotals, Skipped};
@@ -30,7 +30,7 @@ use crate::mirror::writer::{TxnOutcome, UnorderedWrites, WriteTrace};
 use crate::model::batch::Mutation;
 use crate::model::diff::{LeaseRule, SortedMerge, Step};
 use crate::model::lease_book::Want;
-use crate::model::schema::{prune_allowance, EventStamp, PruneBlock};
+use crate::model::schema::{prune_allowance, EventStamp, LeftBehind, PruneBlock};
 use crate::telemetry::clock::now_rfc3339;
 
 /// Where the destination stands once a full sync has committed.
@@ -159,7 +159,7 @@ pub async fn run(
         baseline_revision: inherited.as_ref().and_then(|m| m.baseline_revision),
         prune_blocked: None,
     };
-    let pinned_fingerprint = source_fingerprint(ctx, pinned_rev).await?;
+    let pinned_fingerprint = source_fingerprint(ctx, (pinned_rev, head.cluster_id)).await?;
     let mut marker_guard = begin(ctx, meta, &mut marker).await?;
     info!(job = %ctx.job.name, pinned_revision = pinned_rev, %reason, baseline_dest_keys = marker.baseline_dest_keys, "Full sync started.");
 
@@ -171,7 +171,7 @@ pub async fn run(
     let mut pending = PendingDeletes::with_budget(ctx.tuning.full_sync_delete_memory);
     merge_pass(
         ctx,
-        pinned_rev,
+        (pinned_rev, head.cluster_id),
         &marker_guard,
         Pass::PutsOnly(&mut pending),
         &mut counts,
@@ -208,7 +208,7 @@ pub async fn run(
         // sync (those only go away, or come back with a new create
         // revision); a source rebuilt under us could, so check before and
         // count during.
-        if source_fingerprint(ctx, pinned_rev).await? != pinned_fingerprint {
+        if source_fingerprint(ctx, (pinned_rev, head.cluster_id)).await? != pinned_fingerprint {
             return Err(JobError::SourceChanged {
                 pinned_rev,
                 what:
@@ -235,7 +235,7 @@ pub async fn run(
             None => {
                 merge_pass(
                     ctx,
-                    pinned_rev,
+                    (pinned_rev, head.cluster_id),
                     &marker_guard,
                     Pass::All,
                     &mut counts,
@@ -251,7 +251,7 @@ pub async fn run(
     // (a source rebuilt with the same cluster id mid-sync has another one,
     // and pages read before and after it mix the two): the same proof a
     // resume makes, against what this sync wrote.
-    if source_fingerprint(ctx, pinned_rev).await? != pinned_fingerprint {
+    if source_fingerprint(ctx, (pinned_rev, head.cluster_id)).await? != pinned_fingerprint {
         return Err(JobError::SourceChanged {
             pinned_rev,
             what: "the key count or first key at the pinned revision changed during the full sync",
@@ -317,7 +317,7 @@ pub async fn run(
 /// key (with mod revision and value).
 async fn source_fingerprint(
     ctx: &JobContext,
-    revision: i64,
+    (revision, cluster_id): (i64, u64),
 ) -> Result<(i64, Option<EventStamp>), JobError> {
     let first = ctx
         .source
@@ -328,6 +328,14 @@ async fn source_fingerprint(
                 .with_limit(1),
         )
         .await?;
+    let answered = first.header.cluster_id;
+    if answered != 0 && cluster_id != 0 && answered != cluster_id {
+        // Replaced behind the same endpoints since the pin was read.
+        return Err(JobError::HistoryDiffers(SlowPathReason::SourceReplaced {
+            checkpoint_cluster_id: cluster_id,
+            source_cluster_id: answered,
+        }));
+    }
     // A meta key (a source that is itself a mirror's destination) or an
     // excluded key is never applied, so later changes to it would not update the stamp: skip it.
     let stamp = first
@@ -367,6 +375,25 @@ async fn begin(
     let excluded: Vec<Vec<u8>> = ctx.rewrite.excluded_dest_prefixes().collect();
     for prefix in &excluded {
         ops.push(Op::Range(RangeRequest::prefix(prefix).count_only()));
+    }
+    // The copies under a destination prefix the job no longer mirrors to
+    // stay where they are: recorded with the checkpoint that described
+    // them, in the txn that drops it, so `status` names them.
+    if let Some(checkpoint) = &meta.checkpoint {
+        let change = checkpoint.prefix_change(ctx.rewrite.source_prefix(), dest_prefix);
+        if let Some((was, now)) = change.dest {
+            warn!(job = %ctx.job.name, old_dest_prefix = %was, dest_prefix = %now, "--dest-prefix changed: the copies under the old prefix stay there (no longer updated); delete them once nothing reads them. `status` lists them.");
+            let entry = LeftBehind {
+                dest_prefix: was,
+                source_prefix: checkpoint.source_prefix.clone(),
+                last_synced_at: checkpoint.updated_at.clone(),
+                last_synced_rev: checkpoint.last_synced_rev,
+            };
+            ops.push(Op::put(
+                keys.left_behind(),
+                LeftBehind::append(&meta.left_behind, entry),
+            ));
+        }
     }
     let marker_bytes = marker.encode();
     ops.extend([
@@ -649,7 +676,7 @@ async fn delete_remembered(
 
 async fn merge_pass(
     ctx: &JobContext,
-    pinned_rev: i64,
+    (pinned_rev, pinned_cluster): (i64, u64),
     marker_guard: &KeyGuard,
     mut pass: Pass<'_>,
     counts: &mut Counts,
@@ -668,7 +695,7 @@ async fn merge_pass(
         ctx.job.name.clone(),
         ctx.source.clone(),
         ctx.rewrite.source_prefix().to_vec(),
-        Some(pinned_rev),
+        (Some(pinned_rev), Some(pinned_cluster)),
         page_size,
         Skipped {
             meta_prefix: ctx.meta_prefix.clone(),
@@ -681,7 +708,7 @@ async fn merge_pass(
         ctx.job.name.clone(),
         ctx.dest.clone(),
         ctx.rewrite.dest_prefix().to_vec(),
-        None,
+        (None, None),
         page_size,
         Skipped {
             meta_prefix: ctx.meta_prefix.clone(),

@@ -28,7 +28,7 @@ use crate::mirror::context::JobContext;
 use crate::mirror::error::{Action, JobError, SlowPathReason};
 use crate::mirror::meta::{read_job_meta, Checkpoint, JobMeta, KeyGuard};
 use crate::mirror::{full_sync, incremental};
-use crate::model::keys::prefixes_overlap;
+use crate::model::keys::{prefixes_overlap, KeyRewrite};
 use crate::telemetry::metrics::JobState;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +39,21 @@ pub enum Decision {
 }
 
 /// Chooses the fast or the slow path from what the destination and source say.
-pub fn decide(meta: &JobMeta, source: ClusterHead, forced: Option<SlowPathReason>) -> Decision {
+pub fn decide(
+    meta: &JobMeta,
+    source: ClusterHead,
+    rewrite: &KeyRewrite,
+    forced: Option<SlowPathReason>,
+) -> Decision {
+    // Before anything the last attempt asked for: whatever that was, the
+    // destination holds another prefix's copy.
+    if let Some(reason) = meta
+        .checkpoint
+        .as_ref()
+        .and_then(|c| prefix_changed(c, rewrite))
+    {
+        return Decision::FullSync(reason);
+    }
     if let Some(reason) = forced {
         return Decision::FullSync(reason);
     }
@@ -70,6 +84,15 @@ pub fn decide(meta: &JobMeta, source: ClusterHead, forced: Option<SlowPathReason
         }
         Some(checkpoint) => Decision::Resume(checkpoint.clone()),
     }
+}
+
+/// The checkpoint was written for other prefixes than the job's.
+pub fn prefix_changed(checkpoint: &Checkpoint, rewrite: &KeyRewrite) -> Option<SlowPathReason> {
+    let change = checkpoint.prefix_change(rewrite.source_prefix(), rewrite.dest_prefix());
+    (!change.is_none()).then_some(SlowPathReason::PrefixChanged {
+        source: change.source,
+        dest: change.dest,
+    })
 }
 
 /// A checkpoint written under the other `--leases` mode: the destination's
@@ -347,6 +370,13 @@ async fn run_once(
         book.load(&meta.leases);
         book.ensure_keeper(leadership);
     }
+    if let Some(checkpoint) = &meta.checkpoint {
+        // Endpoint groups are matched against it while the preferred group
+        // has not answered (down at start): learnt before the source is.
+        ctx.source.learn_cluster_id(checkpoint.source_cluster_id);
+    }
+    // A reload may not move the destination to another cluster.
+    ctx.dest.learn_cluster_id(meta.dest_cluster_id);
     let head = ctx.source.head(ctx.rewrite.source_prefix()).await?;
     if head.cluster_id != 0
         && head.cluster_id == meta.dest_cluster_id
@@ -365,7 +395,23 @@ async fn run_once(
     // that the source still has the checkpoint's history, and that it is
     // the history the destination reflects.
     let forced = forced.or_else(|| lease_mode_changed(&meta, ctx.leases().is_some()));
-    let decision = decide(&meta, head, forced);
+    let decision = decide(&meta, head, &ctx.rewrite, forced);
+    if let Some(checkpoint) = &meta.checkpoint {
+        // Another cluster behind a fallback group is a misconfiguration,
+        // not a replaced source: copying it would overwrite the standby.
+        if matches!(
+            decision,
+            Decision::FullSync(SlowPathReason::SourceReplaced { .. })
+        ) && ctx.source.on_fallback()
+            && head.cluster_id != checkpoint.source_cluster_id
+        {
+            return Err(JobError::FallbackIsAnotherCluster {
+                endpoints: ctx.source.endpoints(),
+                answered: head.cluster_id,
+                checkpoint_cluster_id: checkpoint.source_cluster_id,
+            });
+        }
+    }
     let (guard, revision, last_event, cluster_id, start) = match decision {
         Decision::Resume(checkpoint) => {
             ctx.metrics.fast_path_total.inc();
@@ -465,6 +511,10 @@ mod tests {
         }
     }
 
+    fn app() -> KeyRewrite {
+        KeyRewrite::new("/app/", "/app/")
+    }
+
     const HEAD: ClusterHead = ClusterHead {
         cluster_id: 7,
         revision: 100,
@@ -474,12 +524,15 @@ mod tests {
     fn resumes_from_a_usable_checkpoint() {
         let meta = meta_with(Some(checkpoint(90, 7)));
         assert_eq!(
-            decide(&meta, HEAD, None),
+            decide(&meta, HEAD, &app(), None),
             Decision::Resume(meta.checkpoint.clone().unwrap())
         );
         // The source at exactly the checkpoint revision is still resumable.
         let at_head = meta_with(Some(checkpoint(100, 7)));
-        assert!(matches!(decide(&at_head, HEAD, None), Decision::Resume(_)));
+        assert!(matches!(
+            decide(&at_head, HEAD, &app(), None),
+            Decision::Resume(_)
+        ));
     }
 
     #[test]
@@ -612,6 +665,10 @@ mod tests {
             SlowPathReason::LeaseModeChanged {
                 leases_mirrored: true,
             },
+            SlowPathReason::PrefixChanged {
+                source: None,
+                dest: Some(("/a/".into(), "/b/".into())),
+            },
         ];
         assert!(!chosen.iter().any(SlowPathReason::forced_by_source));
     }
@@ -619,21 +676,22 @@ mod tests {
     #[test]
     fn slow_path_reasons() {
         assert_eq!(
-            decide(&meta_with(None), HEAD, None),
+            decide(&meta_with(None), HEAD, &app(), None),
             Decision::FullSync(SlowPathReason::NoCheckpoint)
         );
         assert!(matches!(
-            decide(&meta_with(Some(checkpoint(90, 8))), HEAD, None),
+            decide(&meta_with(Some(checkpoint(90, 8))), HEAD, &app(), None),
             Decision::FullSync(SlowPathReason::SourceReplaced { .. })
         ));
         assert!(matches!(
-            decide(&meta_with(Some(checkpoint(120, 7))), HEAD, None),
+            decide(&meta_with(Some(checkpoint(120, 7))), HEAD, &app(), None),
             Decision::FullSync(SlowPathReason::SourceBehind { .. })
         ));
         assert_eq!(
             decide(
                 &meta_with(Some(checkpoint(90, 7))),
                 HEAD,
+                &app(),
                 Some(SlowPathReason::Compacted)
             ),
             Decision::FullSync(SlowPathReason::Compacted)
@@ -641,7 +699,7 @@ mod tests {
         let mut reset = meta_with(Some(checkpoint(90, 7)));
         reset.reset_request = Some(b"{}".to_vec());
         assert_eq!(
-            decide(&reset, HEAD, None),
+            decide(&reset, HEAD, &app(), None),
             Decision::FullSync(SlowPathReason::Reset)
         );
         let mut interrupted = meta_with(None);
@@ -659,7 +717,7 @@ mod tests {
         interrupted.full_sync_raw = Some(marker.encode());
         interrupted.full_sync = Some(marker);
         assert_eq!(
-            decide(&interrupted, HEAD, None),
+            decide(&interrupted, HEAD, &app(), None),
             Decision::FullSync(SlowPathReason::Interrupted {
                 pinned_rev: Some(50)
             })
@@ -667,8 +725,62 @@ mod tests {
         let mut garbled = meta_with(None);
         garbled.checkpoint_raw = Some(b"garbage".to_vec());
         assert_eq!(
-            decide(&garbled, HEAD, None),
+            decide(&garbled, HEAD, &app(), None),
             Decision::FullSync(SlowPathReason::UnreadableCheckpoint)
         );
+    }
+
+    /// O1: a checkpoint written for other prefixes is never resumed from,
+    /// whatever the counts say, and the reason names the change.
+    #[test]
+    fn a_changed_prefix_takes_the_slow_path_and_says_so() {
+        let meta = meta_with(Some(checkpoint(90, 7)));
+        let other_source = KeyRewrite::new("/other/", "/app/");
+        let reason = match decide(&meta, HEAD, &other_source, Some(SlowPathReason::Compacted)) {
+            Decision::FullSync(reason) => reason,
+            resumed => panic!("resumed from another prefix's checkpoint: {resumed:?}"),
+        };
+        assert_eq!(
+            reason,
+            SlowPathReason::PrefixChanged {
+                source: Some(("/app/".into(), "/other/".into())),
+                dest: None
+            }
+        );
+        let text = reason.to_string();
+        assert!(text.contains("--prefix /app/ -> /other/"), "{text}");
+        assert!(!text.contains("rebuilt"), "{text}");
+        let moved = KeyRewrite::new("/app/", "/copy/");
+        let reason = match decide(&meta, HEAD, &moved, None) {
+            Decision::FullSync(reason) => reason,
+            resumed => panic!("{resumed:?}"),
+        };
+        assert!(
+            reason
+                .to_string()
+                .contains("the copies under /app/ stay there"),
+            "{reason}"
+        );
+        // A checkpoint that names its destination prefix is held to it.
+        let mut copied = checkpoint(90, 7);
+        copied.dest_prefix = Some("/copy/".into());
+        assert!(matches!(
+            decide(&meta_with(Some(copied.clone())), HEAD, &moved, None),
+            Decision::Resume(_)
+        ));
+        assert!(matches!(
+            decide(&meta_with(Some(copied)), HEAD, &app(), None),
+            Decision::FullSync(SlowPathReason::PrefixChanged {
+                source: None,
+                dest: Some(_)
+            })
+        ));
+        // A checkpoint from before prefixes were recorded is the job's.
+        let mut old = checkpoint(90, 7);
+        old.source_prefix = String::new();
+        assert!(matches!(
+            decide(&meta_with(Some(old)), HEAD, &other_source, None),
+            Decision::Resume(_)
+        ));
     }
 }

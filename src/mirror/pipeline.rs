@@ -109,6 +109,11 @@ impl RevisionMapWriter {
 
 struct InFlight {
     through_revision: i64,
+    /// The source revision whose state the mutations reflect: the partial
+    /// revision of a split one, else `through_revision`. A leased key's
+    /// lease is wanted at it (a lease retired on a probe answered before it
+    /// must not take the key).
+    state_revision: i64,
     events: usize,
     /// Kept to re-send the txn unchanged if etcd evaluated it before its predecessor.
     guards: Vec<Compare>,
@@ -255,18 +260,19 @@ impl Pipeline {
             batch.partial_revision.is_some(),
             events + 1,
         ));
+        let state_revision = batch.partial_revision.unwrap_or(batch.through_revision);
         let task = self.spawn_commit(
             guards.clone(),
             batch.mutations.clone(),
             tail.clone(),
-            batch.through_revision,
+            state_revision,
         );
         self.last_send = Instant::now();
         self.tail_guard = KeyGuard::Holds(checkpoint_bytes);
         self.tail_revision = batch.through_revision;
         self.inflight.push_back(InFlight {
             through_revision: batch.through_revision,
-
+            state_revision,
             events,
             guards,
             mutations: batch.mutations,
@@ -282,12 +288,12 @@ impl Pipeline {
         guards: Vec<Compare>,
         mutations: Vec<Mutation>,
         tail: Vec<Op>,
-        through_revision: i64,
+        state_revision: i64,
     ) -> JoinHandle<Result<TxnOutcome, JobError>> {
         let writer = self.writer.clone();
         tokio::spawn(async move {
             writer
-                .commit_mutations("apply batch", guards, mutations, tail, through_revision)
+                .commit_mutations("apply batch", guards, mutations, tail, state_revision)
                 .await
         })
     }
@@ -372,7 +378,7 @@ impl Pipeline {
                 entry.guards.clone(),
                 entry.mutations.clone(),
                 entry.tail.clone(),
-                entry.through_revision,
+                entry.state_revision,
             );
             let entry = &mut self.inflight[index];
             entry.task = task;

@@ -187,6 +187,12 @@ impl MetaKeys {
         format!("{}reset-request", self.job_root)
     }
 
+    /// Destination prefixes the job mirrored to before `--dest-prefix`
+    /// changed (see [`crate::model::schema::LeftBehind`]).
+    pub fn left_behind(&self) -> String {
+        format!("{}left-behind", self.job_root)
+    }
+
     /// One record per mirrored source lease: which destination lease
     /// stands for it (see [`crate::model::schema::LeaseRecord`]).
     pub fn lease_records(&self) -> String {

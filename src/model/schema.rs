@@ -125,6 +125,37 @@ impl Checkpoint {
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a checkpoint always serializes")
     }
+
+    /// How the job's prefixes differ from the ones this checkpoint was
+    /// written for. A checkpoint that does not record its source prefix
+    /// (written before the field existed) is taken to be the job's; one
+    /// without a destination prefix mirrored to the same prefix.
+    pub fn prefix_change(&self, source_prefix: &[u8], dest_prefix: &[u8]) -> PrefixChange {
+        let was_source = Some(self.source_prefix.clone()).filter(|p| !p.is_empty());
+        let was_dest = self.dest_prefix.clone().or_else(|| was_source.clone());
+        let changed = |was: Option<String>, now: &[u8]| {
+            let now = String::from_utf8_lossy(now).into_owned();
+            was.filter(|w| *w != now).map(|w| (w, now))
+        };
+        PrefixChange {
+            source: changed(was_source, source_prefix),
+            dest: changed(was_dest, dest_prefix),
+        }
+    }
+}
+
+/// Prefixes a checkpoint was written for, (then, now), where they differ
+/// from the job's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefixChange {
+    pub source: Option<(String, String)>,
+    pub dest: Option<(String, String)>,
+}
+
+impl PrefixChange {
+    pub fn is_none(&self) -> bool {
+        self.source.is_none() && self.dest.is_none()
+    }
 }
 
 /// Present while a full sync is under way; its exact value fences that full
@@ -305,6 +336,37 @@ impl RevisionSample {
     }
 }
 
+/// A destination prefix the job mirrored to before `--dest-prefix` changed
+/// (`<meta-prefix><job>/left-behind`, a JSON list): its copies stay where
+/// they are, for the operator to delete once nothing reads them, and
+/// `status` names them until then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeftBehind {
+    pub dest_prefix: String,
+    /// The source prefix those copies came from.
+    pub source_prefix: String,
+    /// RFC 3339: the last checkpoint written under that prefix.
+    pub last_synced_at: String,
+    pub last_synced_rev: i64,
+}
+
+impl LeftBehind {
+    /// The list with `entry` added (once per prefix: the newest record wins).
+    pub fn append(list: &[LeftBehind], entry: LeftBehind) -> Vec<u8> {
+        let mut list: Vec<LeftBehind> = list
+            .iter()
+            .filter(|l| l.dest_prefix != entry.dest_prefix)
+            .cloned()
+            .collect();
+        list.push(entry);
+        serde_json::to_vec(&list).expect("a list of prefixes always serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Vec<LeftBehind> {
+        serde_json::from_slice(bytes).unwrap_or_default()
+    }
+}
+
 /// Everything under `<meta-prefix><job>/`, read in one range so it is one snapshot.
 #[derive(Debug, Clone, Default)]
 pub struct JobMeta {
@@ -321,6 +383,8 @@ pub struct JobMeta {
     /// Mirrored leases: source lease → its record. Unreadable records are
     /// skipped (their destination lease then expires on its own).
     pub leases: std::collections::BTreeMap<i64, LeaseRecord>,
+    /// Destination prefixes the job left copies under.
+    pub left_behind: Vec<LeftBehind>,
 }
 
 /// What an instance writes in its lock key; shown by `status`.
@@ -345,11 +409,12 @@ impl JobMeta {
             dest_cluster_id,
             ..JobMeta::default()
         };
-        let (checkpoint_key, full_sync_key, promoted_key, reset_key) = (
+        let (checkpoint_key, full_sync_key, promoted_key, reset_key, left_behind_key) = (
             keys.checkpoint(),
             keys.full_sync(),
             keys.promoted(),
             keys.reset_request(),
+            keys.left_behind(),
         );
         for (key, value) in entries {
             if key == checkpoint_key.as_bytes() {
@@ -368,6 +433,8 @@ impl JobMeta {
                 meta.promoted = Some(value.to_vec());
             } else if key == reset_key.as_bytes() {
                 meta.reset_request = Some(value.to_vec());
+            } else if key == left_behind_key.as_bytes() {
+                meta.left_behind = LeftBehind::decode(value);
             } else if let Some(source_lease) = keys.lease_of_record(key) {
                 match serde_json::from_slice::<LeaseRecord>(value) {
                     Ok(record) => {

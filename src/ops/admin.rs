@@ -13,7 +13,7 @@ use crate::etcd::api::{Compare, CompareOp, Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster};
 use crate::mirror::meta::{Checkpoint, FullSyncMarker};
 use crate::model::keys::MetaKeys;
-use crate::model::schema::{LockValue, PromotionRecord, RevisionSample};
+use crate::model::schema::{LeftBehind, LockValue, PromotionRecord, RevisionSample};
 use crate::telemetry::clock::now_rfc3339;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,14 @@ pub enum AdminError {
         requested: String,
         /// "source revision N (updated_at)", or why nothing is reachable.
         reachable: String,
+    },
+    /// A point-in-time promotion asked for a source revision the standby
+    /// never reached.
+    #[error("job {job}: the standby has reached source revision {reached}; what the source held at revision {requested} is not known here, so nothing was written. Ask for a revision at or before {reached}, or run `promote` without --at-source-revision for the newest state")]
+    NotReached {
+        job: String,
+        requested: i64,
+        reached: i64,
     },
     #[error("job {job}: the checkpoint reached revision {reached} but not the source revision {target} within {timeout:?}; nothing was promoted")]
     SyncTimeout {
@@ -84,6 +92,21 @@ pub struct JobStatus {
     pub lag_revisions: Option<i64>,
     /// With `--src-endpoints`: seconds since the checkpoint was written.
     pub checkpoint_age_seconds: Option<f64>,
+    /// Destination prefixes the job mirrored to before `--dest-prefix`
+    /// changed that still hold keys (no longer updated).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub left_behind: Vec<LeftBehindStatus>,
+}
+
+/// Copies a `--dest-prefix` change left where they were.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct LeftBehindStatus {
+    pub dest_prefix: String,
+    pub source_prefix: String,
+    /// Keys under `dest_prefix` now.
+    pub keys: i64,
+    pub last_synced_at: String,
+    pub last_synced_rev: i64,
 }
 
 /// A job behind the source whose checkpoint has not moved for this long is
@@ -261,6 +284,18 @@ pub async fn collect_status(
                 }
             }
             "reset-request" => status.reset_pending = true,
+            "left-behind" => {
+                status.left_behind = LeftBehind::decode(&kv.value)
+                    .into_iter()
+                    .map(|l| LeftBehindStatus {
+                        dest_prefix: l.dest_prefix,
+                        source_prefix: l.source_prefix,
+                        keys: 0,
+                        last_synced_at: l.last_synced_at,
+                        last_synced_rev: l.last_synced_rev,
+                    })
+                    .collect();
+            }
             record if record.starts_with("leases/") => status.mirrored_leases += 1,
             lock if lock.starts_with("lock/") => {
                 status.instances += 1;
@@ -293,14 +328,37 @@ pub async fn collect_status(
             });
         }
     }
-    Ok(jobs
+    let mut statuses: Vec<JobStatus> = jobs
         .into_values()
         .filter(|(status, _)| job.is_none_or(|j| j == status.job))
         .map(|(mut status, leader)| {
             status.leader = leader.map(|l| l.instance);
             status
         })
-        .collect())
+        .collect();
+    for status in &mut statuses {
+        // Only prefixes that still hold copies are worth a line; the one
+        // mirrored to now is never "left behind" (changed back).
+        let current = status.dest_prefix.clone();
+        let mut left = Vec::new();
+        for mut entry in std::mem::take(&mut status.left_behind) {
+            if current.as_deref() == Some(entry.dest_prefix.as_str()) {
+                continue;
+            }
+            entry.keys = dest
+                .range(
+                    "count keys under a left-behind prefix",
+                    RangeRequest::prefix(entry.dest_prefix.as_bytes()).count_only(),
+                )
+                .await?
+                .count;
+            if entry.keys > 0 {
+                left.push(entry);
+            }
+        }
+        status.left_behind = left;
+    }
+    Ok(statuses)
 }
 
 /// Adds the source's current revision and the lag in revisions.
@@ -381,6 +439,12 @@ fn render_details(status: &JobStatus) -> String {
                 status.job, fence.id, fence.started_at, fence.by, fence.standby_cluster_id
             ));
         }
+    }
+    for left in &status.left_behind {
+        out.push_str(&format!(
+            "job {}: left behind: {} holds {} keys mirrored from {} until {} (source revision {}), no longer updated since --dest-prefix changed; delete them (`etcdctl del --prefix {}`) once nothing reads them\n",
+            status.job, left.dest_prefix, left.keys, left.source_prefix, left.last_synced_at, left.last_synced_rev, left.dest_prefix
+        ));
     }
     let map = &status.revision_map;
     if let (Some(oldest), Some(newest)) = (&map.oldest, &map.newest) {

@@ -72,11 +72,13 @@ pub enum FailbackError {
     SameCluster { job: String, cluster_id: u64 },
     #[error("--lost-writes-file {path}: the file exists (it may hold an earlier run's lost writes); move it away or name another file")]
     LostWritesFileExists { path: PathBuf },
-    #[error("--lost-writes-file {path}: {source}; nothing was changed on the old primary")]
+    #[error("--lost-writes-file {path}: {source}; nothing was changed on the old primary. Name a file in a writable directory")]
     LostWritesFile {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("--lost-writes-file {path}: {what}; the old primary is fenced by this run but nothing else was written to it. Fix the file and run failback again (it replaces its fence)")]
+    LostWritesFileAfterFence { path: PathBuf, what: String },
     #[error("job {job}: the fence on the old primary changed (another failback, or a promotion of the old primary); this run stops and writes nothing more")]
     Fenced { job: String },
     #[error("job {job}: key {key:?} changed on the old primary while failback ran; its writers are not stopped. Stop every client writing to the old primary, then run failback again")]
@@ -113,6 +115,7 @@ impl FailbackError {
                 | FailbackError::PrefixMismatch { .. }
                 | FailbackError::SameCluster { .. }
                 | FailbackError::LostWritesFileExists { .. }
+                | FailbackError::LostWritesFile { .. }
         )
     }
 }
@@ -706,6 +709,11 @@ pub async fn failback(
         && synced.is_some_and(|c| c <= old_head.revision);
     let standby_revision = standby_head.revision;
 
+    // Everything that can be checked is, before the first write.
+    if let (Some(path), false) = (&options.lost_writes_file, options.dry_run) {
+        check_lost_writes_file(path, options.append_lost_writes)?;
+    }
+
     // 2. The fence.
     let fence_bytes = if options.dry_run {
         None
@@ -854,7 +862,15 @@ pub async fn failback(
         return Ok(report);
     };
     if let Some(path) = &options.lost_writes_file {
-        save_lost_writes(path, &report.lost, options.append_lost_writes)?;
+        save_lost_writes(path, &report.lost, options.append_lost_writes).map_err(|error| {
+            FailbackError::LostWritesFileAfterFence {
+                path: path.clone(),
+                what: match error {
+                    FailbackError::LostWritesFile { source, .. } => source.to_string(),
+                    other => other.to_string(),
+                },
+            }
+        })?;
         report.lost_writes_file = Some(path.clone());
     }
 
@@ -1172,6 +1188,44 @@ async fn write_chunk(
 /// disk, so they are saved before the first overwrite.
 /// The first job of a run creates the file (never over an existing one);
 /// later jobs of the same run append to it.
+/// Whether the lost writes can be saved to `path`: a new file (or, with
+/// `append`, an existing one) that can be written. Creates nothing that
+/// stays: a probe file is created and removed.
+pub fn check_lost_writes_file(path: &Path, append: bool) -> Result<(), FailbackError> {
+    let file_error = |source: std::io::Error| FailbackError::LostWritesFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    if append {
+        return std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop)
+            .map_err(file_error);
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(FailbackError::LostWritesFileExists {
+            path: path.to_path_buf(),
+        });
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+    {
+        Ok(file) => {
+            drop(file);
+            std::fs::remove_file(path).map_err(file_error)
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(FailbackError::LostWritesFileExists {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(error) => Err(file_error(error)),
+    }
+}
+
 fn save_lost_writes(path: &Path, lost: &[LostWrite], append: bool) -> Result<(), FailbackError> {
     let file_error = |source: std::io::Error| FailbackError::LostWritesFile {
         path: path.to_path_buf(),
@@ -1436,6 +1490,56 @@ mod tests {
             world.run(false).await,
             Err(FailbackError::LostWritesFileExists { .. })
         ));
+    }
+
+    /// O8: a lost-writes file that exists, or cannot be created, is
+    /// refused before the fence: the old primary is not written at all.
+    #[tokio::test]
+    async fn a_bad_lost_writes_file_is_refused_before_the_fence() {
+        let world = diverged().await;
+        let before = world.a.lock().unwrap().revision();
+        std::fs::write(world.dir.path().join("lost.jsonl"), "earlier run\n").unwrap();
+        assert!(matches!(
+            world.run(false).await,
+            Err(FailbackError::LostWritesFileExists { .. })
+        ));
+        assert_eq!(
+            world.a.lock().unwrap().revision(),
+            before,
+            "nothing written"
+        );
+        std::fs::remove_file(world.dir.path().join("lost.jsonl")).unwrap();
+        let unwritable = FailbackOptions {
+            dry_run: false,
+            lost_writes_file: Some(world.dir.path().join("no-such-dir/lost.jsonl")),
+            append_lost_writes: false,
+            instance: "ops".into(),
+        };
+        let refused = failback(
+            &world.old_primary,
+            &world.standby,
+            &world.job,
+            &unwritable,
+            &CancellationToken::new(),
+        )
+        .await;
+        assert!(
+            matches!(&refused, Err(error @ FailbackError::LostWritesFile { .. }) if error.is_usage()),
+            "{refused:?}"
+        );
+        assert_eq!(
+            world.a.lock().unwrap().revision(),
+            before,
+            "nothing written"
+        );
+        assert!(
+            !world.dir.path().join("lost.jsonl").exists(),
+            "the probe leaves no file"
+        );
+        world
+            .run(false)
+            .await
+            .expect("a good file: the failback runs");
     }
 
     #[tokio::test]

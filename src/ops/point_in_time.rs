@@ -102,9 +102,50 @@ async fn oldest_readable(dest: &Cluster, probe: &str, high: i64) -> Result<i64, 
     Ok(low)
 }
 
+/// Guards the walk back over full syncs (each step goes to an earlier
+/// full sync; more than a few in the readable history is not expected).
+const MAX_FULL_SYNCS_BACK: usize = 64;
+
+/// The state in effect at destination revision `revision`: the checkpoint
+/// the destination held then, with the revision of the txn that wrote it.
+/// A full sync deletes the checkpoint in the txn that puts its marker and
+/// writes one back only when it finishes: between the two the data is
+/// half copied and matches no source revision, so the state in effect is
+/// the last checkpoint before the marker was created (at its create
+/// revision minus one). `None` before the first checkpoint, or when that
+/// state is compacted away (older than `oldest`).
+async fn state_at(
+    dest: &Cluster,
+    keys: &MetaKeys,
+    revision: i64,
+    oldest: i64,
+) -> Result<Option<(Checkpoint, i64)>, ClientError> {
+    let mut at = revision;
+    for _ in 0..MAX_FULL_SYNCS_BACK {
+        if let Some(found) = checkpoint_at(dest, keys, at).await? {
+            return Ok(Some(found));
+        }
+        let marker = dest
+            .range(
+                "read the full-sync marker in the destination's history",
+                RangeRequest::key(keys.full_sync()).at_revision(at),
+            )
+            .await?;
+        match marker.kvs.first() {
+            Some(kv) if kv.create_revision > oldest && kv.create_revision <= at => {
+                at = kv.create_revision - 1;
+            }
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
 /// Finds the newest destination state at or before `target` among the
 /// destination revisions up to `newest` (the promotion's base revision),
-/// or says how far back the history reaches.
+/// or says how far back the history reaches. A source revision the
+/// standby never reached is refused: what the source held there is not
+/// known here.
 ///
 /// `samples` (the revision map) narrow the search: a sample's destination
 /// revision holds exactly its source revision.
@@ -123,6 +164,18 @@ pub async fn find_point(
         requested: target.requested(),
         reachable,
     };
+    if let PointTarget::SourceRevision(revision) = target {
+        let reached = state_at(dest, keys, newest, oldest)
+            .await?
+            .map_or(0, |(checkpoint, _)| checkpoint.last_synced_rev);
+        if reached < *revision {
+            return Err(AdminError::NotReached {
+                job: job.to_string(),
+                requested: *revision,
+                reached,
+            });
+        }
+    }
     let (mut low, mut high) = (oldest, newest);
     if let PointTarget::SourceRevision(revision) = target {
         for sample in samples
@@ -142,14 +195,14 @@ pub async fn find_point(
             .as_ref()
             .is_none_or(|(checkpoint, _)| target.admits(checkpoint))
     };
-    let at_low = checkpoint_at(dest, keys, low).await?;
+    let at_low = state_at(dest, keys, low, oldest).await?;
     if !admitted(&at_low) || high < low {
         return Err(outside(oldest_reachable(dest, keys, oldest, newest).await?));
     }
     // The largest admitted revision in [low, high].
     while low < high {
         let mid = low + (high - low + 1) / 2;
-        if admitted(&checkpoint_at(dest, keys, mid).await?) {
+        if admitted(&state_at(dest, keys, mid, oldest).await?) {
             low = mid;
         } else {
             high = mid - 1;
@@ -159,7 +212,7 @@ pub async fn find_point(
     // source revision: step back to the checkpoint txn before it.
     let mut at = low;
     loop {
-        match checkpoint_at(dest, keys, at).await? {
+        match state_at(dest, keys, at, oldest).await? {
             Some((checkpoint, written)) if written >= oldest => {
                 if checkpoint.partial_revision.is_none() {
                     return Ok(FoundPoint {
@@ -626,6 +679,67 @@ mod tests {
             .map(|f| (f.checkpoint.last_synced_rev, f.dest_revision))
     }
 
+    /// O6: a full sync deletes the checkpoint while it copies (the data
+    /// matches no source revision until it finishes). The state in effect
+    /// there is the checkpoint before it, so a point before the full sync
+    /// is still found, and one inside it is the state before it.
+    #[tokio::test]
+    async fn a_point_before_a_full_sync_is_found_across_it() {
+        let (dest, _store) = dest();
+        let k = keys();
+        let r101 = checkpoint_txn(&dest, checkpoint(101, None), vec![Op::put("/app/a", "1")]).await;
+        let txn = |ops: Vec<Op>| TxnRequest::new().and_then(ops);
+        // The full sync: marker in, checkpoint out; copies; marker out, checkpoint in.
+        dest.txn(
+            "begin",
+            txn(vec![
+                Op::delete(k.checkpoint()),
+                Op::put(k.full_sync(), "m1"),
+            ]),
+        )
+        .await
+        .unwrap();
+        for i in 0..20 {
+            dest.txn(
+                "copy",
+                txn(vec![
+                    Op::put(format!("/app/n{i:02}"), "x"),
+                    Op::put(k.full_sync(), format!("m{i}")),
+                ]),
+            )
+            .await
+            .unwrap();
+        }
+        let r901 = checkpoint_txn(
+            &dest,
+            checkpoint(901, None),
+            vec![Op::delete(k.full_sync())],
+        )
+        .await;
+        let samples = [sample(101, r101), sample(901, r901)];
+        for samples in [&samples[..], &[]] {
+            let at = |r| found(&dest, PointTarget::SourceRevision(r), samples, r901);
+            assert_eq!(at(101).await.expect("101"), (101, r101), "{samples:?}");
+            assert_eq!(at(500).await.expect("500"), (101, r101));
+            assert_eq!(at(901).await.expect("901"), (901, r901));
+            assert!(matches!(
+                at(902).await,
+                Err(AdminError::NotReached { reached: 901, .. })
+            ));
+        }
+        // Promoted mid full sync: the base is a revision inside it.
+        assert_eq!(
+            found(&dest, PointTarget::SourceRevision(101), &[], r901 - 5)
+                .await
+                .expect("mid"),
+            (101, r101)
+        );
+        assert!(matches!(
+            found(&dest, PointTarget::SourceRevision(901), &[], r901 - 5).await,
+            Err(AdminError::NotReached { reached: 101, .. })
+        ));
+    }
+
     #[tokio::test]
     async fn the_search_finds_the_newest_state_at_or_before_the_request() {
         let (dest, _store) = dest();
@@ -651,7 +765,20 @@ mod tests {
             // Past a half-applied revision: the state before it.
             assert_eq!(at(39).await.expect("39"), (30, r30));
             assert_eq!(at(40).await.expect("40"), (40, r40));
-            assert_eq!(at(1000).await.expect("1000"), (40, r40));
+            // O6: a revision the standby never reached is refused, not
+            // quietly the newest state.
+            let beyond = at(1000).await;
+            assert!(
+                matches!(
+                    beyond,
+                    Err(AdminError::NotReached {
+                        requested: 1000,
+                        reached: 40,
+                        ..
+                    })
+                ),
+                "{beyond:?}"
+            );
         }
         // Before the job's first checkpoint: refused.
         let early = found(&dest, PointTarget::SourceRevision(5), &[], r40).await;

@@ -68,7 +68,9 @@ pub struct JobFailure {
 }
 
 struct Running {
-    settings: JobSettings,
+    /// Where its lock and checkpoint are: under the meta prefix it started
+    /// with (a reload may have changed the prefix since).
+    keys: MetaKeys,
     /// Its series (`Metrics::job` again would reset its state to starting).
     metrics: JobMetrics,
     cancel: CancellationToken,
@@ -195,7 +197,7 @@ impl Supervisor {
         self.running.insert(
             job.name.clone(),
             Running {
-                settings: job.clone(),
+                keys: MetaKeys::new(&settings.meta_prefix, &job.name),
                 metrics: metrics.clone(),
                 cancel,
             },
@@ -236,9 +238,11 @@ impl Supervisor {
         let Some(running) = self.running.remove(name) else {
             return;
         };
-        let keys = MetaKeys::new(&self.settings.meta_prefix, &running.settings.name);
         if let Some(session) = self.shared.instance.sessions.existing().await {
-            let left = tokio::time::timeout(STOP_GRACE, leave(&self.shared.dest, &keys, &session));
+            let left = tokio::time::timeout(
+                STOP_GRACE,
+                leave(&self.shared.dest, &running.keys, &session),
+            );
             match left.await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
@@ -336,6 +340,35 @@ impl Supervisor {
         failure
     }
 
+    /// Whether `new` reaches the cluster the destination is now: moving
+    /// to another one would leave this process's sessions, locks and
+    /// leases behind (their keepalives and fences name the old one).
+    async fn same_destination(&self, new: &Cluster, probe: &str) -> Result<(), String> {
+        let new_id = new
+            .head_hedged(probe.as_bytes())
+            .await
+            .map_err(|error| format!("the new destination does not answer: {error}"))?
+            .cluster_id;
+        let old_id = match self.shared.dest.expected_cluster_id() {
+            Some(id) => id,
+            None => self
+                .shared
+                .dest
+                .head_hedged(probe.as_bytes())
+                .await
+                .map_err(|error| {
+                    format!("the destination in use does not answer, so it cannot be told apart from the new one: {error}")
+                })?
+                .cluster_id,
+        };
+        if new_id != old_id && new_id != 0 && old_id != 0 {
+            return Err(format!(
+                "the new [destination] is another cluster (id {new_id:x}; the one in use is {old_id:x})"
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads and applies the configuration again; on any error the running
     /// configuration stays as it is.
     async fn reload(&mut self, trigger: &'static str) {
@@ -372,6 +405,16 @@ impl Supervisor {
                     error!(%side, %error, "Configuration reload refused: the cluster does not connect with the new settings; the running configuration stays.");
                     return;
                 }
+            }
+        }
+        if let Some((_, cluster, _)) = reconnected
+            .iter()
+            .find(|(side, _, _)| *side == Side::Destination)
+        {
+            if let Err(reason) = self.same_destination(cluster, &new.meta_prefix).await {
+                self.shared.metrics.config_reloaded("error");
+                error!(%reason, "Configuration reload refused: [destination] must stay the same cluster while running (the jobs' locks, sessions, leases and checkpoints live there); the running configuration stays. Restart the process to mirror to another destination.");
+                return;
             }
         }
         let old = std::mem::replace(&mut self.settings, new);

@@ -692,6 +692,8 @@ pub struct RouteMetrics {
     pub group_healthy: IntGaugeVec,
     pub group_switches_total: IntCounterVec,
     pub reconnects_total: IntCounterVec,
+    /// Changed TLS or password files not switched to (the old connection stays).
+    pub file_changes_refused_total: IntCounterVec,
     pub tls_cert_expiry_timestamp_seconds: prometheus::GaugeVec,
 }
 
@@ -734,6 +736,13 @@ impl Metrics {
                 ),
                 &["side", "reason"],
             )),
+            file_changes_refused_total: must(IntCounterVec::new(
+                Opts::new(
+                    "etcd_syncer_file_changes_refused_total",
+                    "Changed TLS or password files not switched to, by reason (invalid: do not load, expired, key not the certificate's; no_answer: the cluster does not answer with them); the old connection stays",
+                ),
+                &["side", "reason"],
+            )),
             tls_cert_expiry_timestamp_seconds: must(prometheus::GaugeVec::new(
                 Opts::new(
                     "etcd_syncer_tls_cert_expiry_timestamp_seconds",
@@ -742,11 +751,12 @@ impl Metrics {
                 &["side", "file"],
             )),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 5] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 6] = [
             Box::new(metrics.group_active.clone()),
             Box::new(metrics.group_healthy.clone()),
             Box::new(metrics.group_switches_total.clone()),
             Box::new(metrics.reconnects_total.clone()),
+            Box::new(metrics.file_changes_refused_total.clone()),
             Box::new(metrics.tls_cert_expiry_timestamp_seconds.clone()),
         ];
         for collector in collectors {
