@@ -25,7 +25,17 @@
 //! 6. no replica ever writes a key under an `exclude-prefixes` range, and
 //!    the destination's own keys there survive unchanged;
 //! 7. a revision-map sample is written only in the txn that writes the
-//!    checkpoint of the same whole source revision.
+//!    checkpoint of the same whole source revision;
+//! 8. nothing from another cluster behind a misconfigured fallback group
+//!    reaches the destination (no checkpoint or full sync of it, none of
+//!    its values).
+//!
+//! In a quarter of the worlds the operator moves the job now and then
+//! (another `--prefix` within the source prefix, another `--dest-prefix`,
+//! both) and restarts every replica; invariant 2 compares each checkpointed
+//! state with the prefixes its checkpoint names. In a quarter a replica
+//! starts on a fallback group that reaches another cluster, until its
+//! preferred group answers again.
 //!
 //! Invariants 2 and 5 compare modulo the excluded ranges (drawn from the
 //! seed with their own generator, so the rest of each seed's world is the
@@ -97,6 +107,54 @@ const LIVENESS_BOUND: Duration = Duration::from_secs(180);
 /// Suffix → (value, lease): on the source its lease, on the destination
 /// the lease it is attached to there.
 type Prefix = BTreeMap<Vec<u8>, (Vec<u8>, i64)>;
+
+/// The other destination prefix an operator may move the job to.
+const ALT_DEST_PREFIX: &str = "/mirror2/";
+
+/// The prefixes the job runs with: `--prefix SOURCE_PREFIX+scope` and
+/// `--dest-prefix dest+scope`. A scope narrows the job to part of the
+/// source's key space with the same suffixes (`k0` covers `k00`-`k09`), so
+/// every shape's state is a slice of the one source history the world keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Shape {
+    scope: &'static str,
+    dest: String,
+}
+
+impl Shape {
+    fn source_prefix(&self) -> String {
+        format!("{SOURCE_PREFIX}{}", self.scope)
+    }
+
+    fn dest_prefix(&self) -> String {
+        format!("{}{}", self.dest, self.scope)
+    }
+
+    /// The shape a checkpoint was written for (`None`: not one of ours).
+    fn of(checkpoint: &Checkpoint) -> Option<Shape> {
+        let scope = checkpoint.source_prefix.strip_prefix(SOURCE_PREFIX)?;
+        let scope = ["", "k0"].into_iter().find(|s| *s == scope)?;
+        let dest_full = checkpoint
+            .dest_prefix
+            .clone()
+            .unwrap_or_else(|| checkpoint.source_prefix.clone());
+        let dest = dest_full.strip_suffix(scope)?.to_string();
+        Some(Shape { scope, dest })
+    }
+}
+
+/// Operator moves and misconfigurations for `seed`, from a generator of
+/// their own (so other worlds are what they were): in a quarter of the
+/// worlds the operator changes `--prefix` / `--dest-prefix` and restarts
+/// every replica now and then; in a quarter a replica (re)starts on a
+/// fallback endpoint group that is another cluster (a decoy, with data of
+/// its own under the same prefix) until its preferred group answers again.
+fn draw_operator_world(seed: u64) -> (StdRng, bool, bool) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x6f70_6572_6174_6f72);
+    let shapes = rng.gen_bool(0.25);
+    let decoys = rng.gen_bool(0.25);
+    (rng, shapes, decoys)
+}
 
 /// What one seed chose.
 #[derive(Debug, Clone)]
@@ -273,6 +331,16 @@ struct World {
     digest: std::collections::hash_map::DefaultHasher,
     /// Stops the churning clients when faults stop.
     churn: CancellationToken,
+    /// The prefixes the replicas run with now.
+    shape: Shape,
+    /// Draws for operator moves (see [`draw_operator_world`]).
+    operator_rng: StdRng,
+    shape_changes: bool,
+    decoys: bool,
+    /// Another cluster a misconfigured fallback group reaches.
+    decoy: SharedStore,
+    /// Faults (and so decoys) are still being drawn.
+    faulting: bool,
 }
 
 /// The lease races' world for `seed`, from a generator of its own (so the
@@ -357,6 +425,12 @@ impl World {
             source_id,
             vec![BTreeMap::from([(1, Arc::new(Prefix::new()))])],
         );
+        let (operator_rng, shape_changes, decoys) = draw_operator_world(seed);
+        let decoy = new_store(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let shape = Shape {
+            scope: "",
+            dest: profile.dest_prefix.clone(),
+        };
         let mut world = Self {
             seed,
             rng,
@@ -391,6 +465,12 @@ impl World {
             marker_since: None,
             digest: std::collections::hash_map::DefaultHasher::new(),
             churn: CancellationToken::new(),
+            shape,
+            operator_rng,
+            shape_changes,
+            decoys,
+            decoy,
+            faulting: true,
         };
         for i in 0..world.profile.replicas {
             let name = format!("r{i}");
@@ -445,6 +525,20 @@ impl World {
 
     fn start(&mut self, index: usize) {
         let profile = self.profile.clone();
+        let shape = self.shape.clone();
+        let rewrite = self.job_rewrite(&shape);
+        let exclude_prefixes = self.job_excluded(&shape);
+        // A misconfigured fallback group: the preferred one is down at
+        // start and the next one reaches another cluster, until the
+        // preferred group answers again (what the routes do). Only once the
+        // destination holds this job's state: a first sync has nothing to
+        // tell the clusters apart by.
+        let job_state = self
+            .dest_now
+            .contains_key(self.keys.checkpoint().as_bytes())
+            || self.dest_now.contains_key(self.keys.full_sync().as_bytes());
+        let on_decoy = self.decoys && self.faulting && job_state && self.operator_rng.gen_bool(0.3);
+        let decoy_for = Duration::from_millis(self.operator_rng.gen_range(500..5_000));
         let replica = &mut self.replicas[index];
         replica.incarnation += 1;
         let instance_id = format!("{}.{}", replica.name, replica.incarnation);
@@ -472,15 +566,37 @@ impl World {
                 .wrapping_add(replica.incarnation as u64 * 13 + index as u64),
         );
         let timeout = Duration::from_secs(2);
+        let preferred: Arc<dyn Etcd> = Arc::new(MemoryEtcd::new(
+            self.source.clone(),
+            replica.src_link.clone(),
+        ));
         let source = Cluster::with_backend(
             Side::Source,
             format!("{instance_id}->source"),
-            Arc::new(MemoryEtcd::new(
-                self.source.clone(),
-                replica.src_link.clone(),
-            )),
+            preferred.clone(),
             timeout,
         );
+        if on_decoy {
+            source.switch_to(
+                format!("{instance_id}->decoy"),
+                Arc::new(MemoryEtcd::new(
+                    self.decoy.clone(),
+                    replica.src_link.clone(),
+                )),
+            );
+            source.set_on_fallback(true);
+            let (source, deferred, name) =
+                (source.clone(), self.deferred.clone(), instance_id.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(decoy_for).await;
+                source.switch_to(format!("{name}->source"), preferred);
+                source.set_on_fallback(false);
+                deferred
+                    .lock()
+                    .unwrap()
+                    .push(format!("{name} back on its preferred source group"));
+            });
+        }
         let dest = Cluster::with_backend(
             Side::Destination,
             format!("{instance_id}->dest"),
@@ -492,9 +608,9 @@ impl World {
         let template = JobContext {
             job: JobSettings {
                 name: JOB.into(),
-                prefix: SOURCE_PREFIX.into(),
-                dest_prefix: profile.dest_prefix.clone(),
-                exclude_prefixes: profile.excluded.clone(),
+                prefix: shape.source_prefix(),
+                dest_prefix: shape.dest_prefix(),
+                exclude_prefixes,
                 ..Default::default()
             },
             writer: Arc::new(DestWriter::new(
@@ -504,7 +620,7 @@ impl World {
                 metrics.clone(),
             )),
             keys,
-            rewrite: self.rewrite.clone(),
+            rewrite,
             meta_prefix: META.as_bytes().to_vec(),
             source,
             dest: dest.clone(),
@@ -569,7 +685,95 @@ impl World {
             }
         }));
         let ratio = replica.max_prune_ratio;
-        self.note(format!("start {instance_id} (max-prune-ratio {ratio})"));
+        if on_decoy {
+            self.fault("fallback_other_cluster");
+        }
+        self.note(format!(
+            "start {instance_id} (max-prune-ratio {ratio}, --prefix {} --dest-prefix {}){}",
+            shape.source_prefix(),
+            shape.dest_prefix(),
+            if on_decoy {
+                format!(" on a fallback group that is another cluster, for {decoy_for:?}")
+            } else {
+                String::new()
+            }
+        ));
+    }
+
+    /// The excluded prefixes a job of `shape` runs with: those inside its
+    /// source prefix.
+    fn job_excluded(&self, shape: &Shape) -> Vec<String> {
+        let source_prefix = shape.source_prefix();
+        self.profile
+            .excluded
+            .iter()
+            .filter(|e| e.starts_with(&source_prefix) && e.len() > source_prefix.len())
+            .cloned()
+            .collect()
+    }
+
+    fn job_rewrite(&self, shape: &Shape) -> KeyRewrite {
+        KeyRewrite::new(
+            shape.source_prefix().as_bytes(),
+            shape.dest_prefix().as_bytes(),
+        )
+        .excluding(self.job_excluded(shape))
+    }
+
+    /// The operator moves the job (another `--prefix`, `--dest-prefix`, or
+    /// both) and restarts every replica with it.
+    fn change_shape(&mut self) {
+        // A scope an excluded prefix covers would be excluded whole.
+        let scopes: Vec<&'static str> = ["", "k0"]
+            .into_iter()
+            .filter(|scope| {
+                scope.is_empty()
+                    || !self
+                        .profile
+                        .excluded
+                        .iter()
+                        .any(|e| format!("{SOURCE_PREFIX}{scope}").starts_with(e.as_str()))
+            })
+            .collect();
+        let dests = [
+            self.profile.dest_prefix.clone(),
+            ALT_DEST_PREFIX.to_string(),
+        ];
+        let next = Shape {
+            scope: scopes[self.operator_rng.gen_range(0..scopes.len())],
+            dest: dests[self.operator_rng.gen_range(0..dests.len())].clone(),
+        };
+        if next == self.shape {
+            return;
+        }
+        self.fault("prefix_changed");
+        self.note(format!(
+            "operator moves the job to --prefix {} --dest-prefix {} and restarts every replica",
+            next.source_prefix(),
+            next.dest_prefix()
+        ));
+        self.shape = next;
+        // A full sync under way restarts for the new prefixes with a
+        // baseline of its own (the one counted for the old prefix does not
+        // apply): so does the mass-delete episode.
+        if let Some(episode) = self.episode.as_mut() {
+            let before: BTreeSet<Vec<u8>> = self
+                .dest_now
+                .keys()
+                .filter(|k| {
+                    k.starts_with(self.shape.dest_prefix().as_bytes())
+                        && !k.starts_with(META.as_bytes())
+                })
+                .cloned()
+                .collect();
+            episode.baseline = before.len() as u64;
+            episode.before = before;
+            episode.deleted = 0;
+        }
+        for index in 0..self.replicas.len() {
+            let down_for = Duration::from_millis(self.operator_rng.gen_range(0..1_000));
+            self.crash(index, down_for);
+        }
     }
 
     fn crash(&mut self, index: usize, down_for: Duration) {
@@ -824,7 +1028,8 @@ impl World {
             return;
         }
         let suffix = format!("k{:02}", self.rng.gen_range(0..KEY_SPACE + 4));
-        let key = self.rewrite.suffix_to_dest(suffix.as_bytes());
+        // Under the copy the job keeps now (the suffix of the whole source prefix).
+        let key = format!("{}{suffix}", self.shape.dest).into_bytes();
         let op = if self.rng.gen_bool(0.3) {
             Op::delete(key.clone())
         } else {
@@ -1035,12 +1240,16 @@ impl World {
         }
     }
 
-    fn dest_prefix_state(&self) -> Prefix {
-        let dest_prefix = self.profile.dest_prefix.as_bytes();
+    /// The destination's copy of a job of `shape`: suffixes below its
+    /// destination prefix, excluded ranges left out.
+    fn dest_prefix_state(&self, shape: &Shape) -> Prefix {
+        let rewrite = self.job_rewrite(shape);
+        let dest_prefix = shape.dest_prefix();
+        let dest_prefix = dest_prefix.as_bytes();
         self.dest_now
             .iter()
             .filter(|(k, _)| k.starts_with(dest_prefix) && !k.starts_with(META.as_bytes()))
-            .filter(|(k, _)| !self.rewrite.is_excluded_suffix(&k[dest_prefix.len()..]))
+            .filter(|(k, _)| !rewrite.is_excluded_suffix(&k[dest_prefix.len()..]))
             .map(|(k, v)| {
                 let lease = self.dest_leases.get(k).copied().unwrap_or(0);
                 (k[dest_prefix.len()..].to_vec(), (v.clone(), lease))
@@ -1048,20 +1257,27 @@ impl World {
             .collect()
     }
 
-    /// The destination state `source` should be mirrored as: each source
-    /// lease replaced by the destination lease its record names (`-1`, which
-    /// no key has, when there is no record), or by none with `--leases strip`.
-    fn expected_dest(&self, source: &Prefix) -> Prefix {
+    /// The destination state `source` (the whole source prefix) should be
+    /// mirrored as by a job of `shape`: its scope's keys, each source lease
+    /// replaced by the destination lease its record names (`-1`, which no
+    /// key has, when there is no record), or by none with `--leases strip`.
+    fn expected_dest(&self, source: &Prefix, shape: &Shape) -> Prefix {
         let records = self.lease_records();
+        let rewrite = self.job_rewrite(shape);
         source
             .iter()
-            .filter(|(suffix, _)| !self.rewrite.is_excluded_suffix(suffix))
+            .filter_map(|(suffix, entry)| {
+                suffix
+                    .strip_prefix(shape.scope.as_bytes())
+                    .map(|s| (s.to_vec(), entry))
+            })
+            .filter(|(suffix, _)| !rewrite.is_excluded_suffix(suffix))
             .map(|(suffix, (value, lease))| {
                 let dest_lease = match (self.profile.leases, *lease) {
                     (LeaseMode::Strip, _) | (_, 0) => 0,
                     (LeaseMode::Faithful, lease) => records.get(&lease).copied().unwrap_or(-1),
                 };
-                (suffix.clone(), (value.clone(), dest_lease))
+                (suffix, (value.clone(), dest_lease))
             })
             .collect()
     }
@@ -1080,8 +1296,16 @@ impl World {
             .collect()
     }
 
+    /// Under the destination prefix the job runs with now.
     fn in_mirror(&self, key: &[u8]) -> bool {
-        key.starts_with(self.profile.dest_prefix.as_bytes()) && !key.starts_with(META.as_bytes())
+        key.starts_with(self.shape.dest_prefix().as_bytes()) && !key.starts_with(META.as_bytes())
+    }
+
+    /// Under any destination prefix the job may run with.
+    fn in_any_mirror(&self, key: &[u8]) -> bool {
+        (key.starts_with(self.profile.dest_prefix.as_bytes())
+            || key.starts_with(ALT_DEST_PREFIX.as_bytes()))
+            && !key.starts_with(META.as_bytes())
     }
 
     /// Checks invariants 1 to 4 on every destination commit since the last call.
@@ -1162,7 +1386,7 @@ impl World {
         let lock_prefix = self.keys.lock_prefix().into_bytes();
         let by_replica = commit.by.starts_with('r');
         let touches_mirror = commit.events.iter().any(|e| {
-            self.in_mirror(&e.kv.key) || e.kv.key == checkpoint_key || e.kv.key == marker_key
+            self.in_any_mirror(&e.kv.key) || e.kv.key == checkpoint_key || e.kv.key == marker_key
         });
         // Invariant 6: excluded keys are not the job's.
         let excluded_key = |key: &[u8]| {
@@ -1185,6 +1409,29 @@ impl World {
             }
             // The world changed it (tampering): no longer the local original.
             self.local_keys.remove(&event.kv.key);
+        }
+        // Invariant 8: nothing from a fallback group that is another
+        // cluster reaches the destination: no checkpoint or full sync of
+        // it, none of its values.
+        let decoy_id = self.decoy.lock().unwrap().cluster_id();
+        for event in commit.events.iter().filter(|e| e.kind == EventType::Put) {
+            let names_decoy = if event.kv.key == checkpoint_key {
+                serde_json::from_slice::<Checkpoint>(&event.kv.value)
+                    .is_ok_and(|c| c.source_cluster_id == decoy_id)
+            } else if event.kv.key == marker_key {
+                serde_json::from_slice::<FullSyncMarker>(&event.kv.value)
+                    .is_ok_and(|m| m.source_cluster_id == decoy_id)
+            } else {
+                self.in_any_mirror(&event.kv.key) && event.kv.value.starts_with(b"decoy-")
+            };
+            if names_decoy {
+                return err(format!(
+                    "invariant 8 (one source cluster): {} wrote {:?} from the other cluster behind a fallback group at destination revision {}",
+                    commit.by,
+                    String::from_utf8_lossy(&event.kv.key),
+                    commit.revision
+                ));
+            }
         }
         // Invariant 3: only the lock holder writes, and nobody while promoted.
         if by_replica && touches_mirror {
@@ -1256,14 +1503,16 @@ impl World {
                 self.expired.remove(key);
             }
         }
-        if commit.by == "lease-expiry" && commit.events.iter().any(|e| self.in_mirror(&e.kv.key)) {
+        if commit.by == "lease-expiry"
+            && commit.events.iter().any(|e| self.in_any_mirror(&e.kv.key))
+        {
             // A mirrored lease ran out on the destination: no replica renewed
             // it for TTL + grace (a long outage or a promotion). Those keys
             // are the destination's loss until a full sync that begins after
             // this restores them.
             self.fault("dest_lease_expired");
             for event in &commit.events {
-                if self.in_mirror(&event.kv.key) {
+                if self.in_any_mirror(&event.kv.key) {
                     self.expired.insert(event.kv.key.clone(), commit.revision);
                 }
             }
@@ -1271,7 +1520,7 @@ impl World {
         if commit.by == "operator" {
             // Tampering, or writes on a promoted standby: not the mirror's.
             for event in &commit.events {
-                if self.in_mirror(&event.kv.key) {
+                if self.in_any_mirror(&event.kv.key) {
                     self.tampered.insert(event.kv.key.clone());
                 }
             }
@@ -1377,16 +1626,25 @@ impl World {
             if candidates.is_empty() {
                 return Ok(());
             }
-            let actual = self.dest_prefix_state();
+            // The prefixes the checkpoint was written for, whatever the
+            // job runs with now.
+            let Some(shape) = Shape::of(&checkpoint) else {
+                return err(format!(
+                    "invariant 2 (checkpointed state): at destination revision {} (by {}) the checkpoint names prefixes no job ran with ({:?} -> {:?})",
+                    commit.revision, commit.by, checkpoint.source_prefix, checkpoint.dest_prefix
+                ));
+            };
+            let rewrite = self.job_rewrite(&shape);
+            let actual = self.dest_prefix_state(&shape);
             let tampered: BTreeSet<Vec<u8>> = self
                 .tampered
                 .iter()
                 .chain(self.expired.keys())
-                .filter_map(|k| self.rewrite.dest_suffix(k).map(<[u8]>::to_vec))
+                .filter_map(|k| rewrite.dest_suffix(k).map(<[u8]>::to_vec))
                 .collect();
             let candidates: Vec<Prefix> = candidates
                 .into_iter()
-                .map(|source| self.expected_dest(source))
+                .map(|source| self.expected_dest(source, &shape))
                 .collect();
             let differs = |expected: &Prefix| -> Option<String> {
                 let suffixes: BTreeSet<&Vec<u8>> = expected.keys().chain(actual.keys()).collect();
@@ -1441,12 +1699,15 @@ impl World {
                     .map(|s| (s.to_vec(), (kv.value, kv.lease)))
             })
             .collect();
-        let expected = self.expected_dest(&source);
+        let expected = self.expected_dest(&source, &self.shape);
         let checkpoint_ok = self
             .dest_now
-            .contains_key(self.keys.checkpoint().as_bytes())
+            .get(self.keys.checkpoint().as_bytes())
+            .and_then(|v| serde_json::from_slice::<Checkpoint>(v).ok())
+            .and_then(|c| Shape::of(&c))
+            .is_some_and(|shape| shape == self.shape)
             && !self.dest_now.contains_key(self.keys.full_sync().as_bytes());
-        checkpoint_ok && self.dest_prefix_state() == expected
+        checkpoint_ok && self.dest_prefix_state(&self.shape) == expected
     }
 
     async fn restart_due(&mut self) {
@@ -1465,6 +1726,20 @@ impl World {
         {
             self.promoted_until = None;
             self.note("promote --undo".into());
+        }
+    }
+
+    /// The decoy cluster holds a prefix of its own under the job's.
+    async fn seed_decoy(&mut self) {
+        let writer = MemoryEtcd::new(self.decoy.clone(), Link::new("decoy-writer", self.seed ^ 3));
+        let ops: Vec<Op> = (0..KEY_SPACE)
+            .map(|i| Op::put(format!("{SOURCE_PREFIX}k{i:02}"), format!("decoy-{i}")))
+            .collect();
+        for chunk in ops.chunks(4) {
+            writer
+                .txn(TxnRequest::new().and_then(chunk.to_vec()))
+                .await
+                .expect("seeding the decoy");
         }
     }
 
@@ -1600,6 +1875,9 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
     let started = Instant::now();
     world.note(format!("profile {:?}", world.profile));
     world.seed_destination().await;
+    if world.decoys {
+        world.seed_decoy().await;
+    }
     for replica in &world.replicas {
         replica
             .src_link
@@ -1626,10 +1904,14 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
         }
         world.restart_due().await;
         world.random_action().await;
+        if world.shape_changes && world.operator_rng.gen_bool(0.012) {
+            world.change_shape();
+        }
     }
     // Faults stop: heal every link, undo a promotion, bring every replica
     // back; an operator overrides a prune guard that tripped.
     world.note("faults stop".into());
+    world.faulting = false;
     world.churn.cancel();
     for replica in &world.replicas {
         replica
@@ -1678,7 +1960,7 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
             let source = world.source.lock().unwrap().current().len();
             let message = format!(
                 "invariant 5 (liveness): not converged {LIVENESS_BOUND:?} after faults stopped (source keys {source}, destination mirror {:?}, checkpoint {:?}, marker {:?})",
-                world.dest_prefix_state().len(),
+                world.dest_prefix_state(&world.shape).len(),
                 world.dest_now.get(world.keys.checkpoint().as_bytes()).map(|v| String::from_utf8_lossy(v).into_owned()),
                 world.dest_now.get(world.keys.full_sync().as_bytes()).map(|v| String::from_utf8_lossy(v).into_owned()),
             );

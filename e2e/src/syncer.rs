@@ -52,7 +52,11 @@ impl Syncer {
             .args(args)
             .arg("--log-format")
             .arg("json")
-            .env("RUST_LOG", "info")
+            // E2E_RUST_LOG (e.g. etcd_syncer=debug) to read a failure's trace.
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

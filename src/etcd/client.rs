@@ -193,12 +193,56 @@ struct Route {
     /// cluster a group must answer as before it is switched to, while the
     /// group in use has not answered (a preferred group down at start).
     expected_cluster_id: std::sync::atomic::AtomicU64,
+    /// Which member a hedged request asks first (rotates, to spread them).
+    next_member: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Clone)]
 struct Connection {
     endpoints: Arc<str>,
     backend: Arc<dyn Etcd>,
+    /// The group's members one by one, for hedged requests (empty: the
+    /// in-memory model, or a group of one endpoint).
+    members: Arc<[Member]>,
+}
+
+/// One member of a group on its own channel, connected at its first use
+/// (with auth a connect is a request, and a member that does not answer
+/// must only hold the copy that asked it).
+struct Member {
+    settings: ClusterSettings,
+    backend: tokio::sync::OnceCell<Arc<dyn Etcd>>,
+}
+
+impl Member {
+    /// The members of `settings`' first group, when it has more than one.
+    fn of(settings: &ClusterSettings) -> Arc<[Member]> {
+        let endpoints = settings.endpoints();
+        if endpoints.len() < 2 {
+            return Arc::from(Vec::new());
+        }
+        endpoints
+            .iter()
+            .map(|endpoint| {
+                let mut settings = settings.through_group(0);
+                settings.groups[0].endpoints = vec![endpoint.clone()];
+                Member {
+                    settings,
+                    backend: tokio::sync::OnceCell::new(),
+                }
+            })
+            .collect()
+    }
+
+    async fn backend(&self, timeout: Duration) -> Result<Arc<dyn Etcd>, ClientError> {
+        self.backend
+            .get_or_try_init(|| async {
+                let client = connect_client(&self.settings, timeout, "connect to a member").await?;
+                Ok(Arc::new(crate::etcd::real::RealEtcd::new(client)) as Arc<dyn Etcd>)
+            })
+            .await
+            .cloned()
+    }
 }
 
 impl std::fmt::Debug for Cluster {
@@ -367,13 +411,36 @@ impl Cluster {
                 current: std::sync::RwLock::new(Connection {
                     endpoints: endpoints.into(),
                     backend,
+                    members: Arc::from(Vec::new()),
                 }),
                 generation: tokio::sync::watch::Sender::new(0),
                 on_fallback: std::sync::atomic::AtomicBool::new(false),
                 expected_cluster_id: std::sync::atomic::AtomicU64::new(0),
+                next_member: std::sync::atomic::AtomicUsize::new(0),
             }),
             request_timeout,
         }
+    }
+
+    /// A cluster over `backend`, a real client of `settings`' first group,
+    /// whose hedged requests go to its members one by one.
+    pub fn with_group(
+        settings: &ClusterSettings,
+        backend: Arc<dyn Etcd>,
+        request_timeout: Duration,
+    ) -> Self {
+        let cluster = Self::with_backend(
+            settings.side,
+            settings.endpoints().join(","),
+            backend,
+            request_timeout,
+        );
+        cluster.set_connection(Connection {
+            endpoints: settings.endpoints().join(",").into(),
+            backend: cluster.backend(),
+            members: Member::of(settings),
+        });
+        cluster
     }
 
     /// Whether requests go through a fallback endpoint group.
@@ -436,15 +503,37 @@ impl Cluster {
     /// watches open now end (their callers re-open them here).
     pub fn switch_to(&self, endpoints: impl Into<String>, backend: Arc<dyn Etcd>) {
         let endpoints: String = endpoints.into();
+        self.set_connection(Connection {
+            endpoints: endpoints.into(),
+            backend,
+            members: Arc::from(Vec::new()),
+        });
+        self.route.generation.send_modify(|g| *g += 1);
+    }
+
+    /// [`Self::switch_to`] a real client of `settings`' first group (its
+    /// members answer hedged requests one by one).
+    pub fn switch_to_group(&self, settings: &ClusterSettings, backend: Arc<dyn Etcd>) {
+        self.set_connection(Connection {
+            endpoints: settings.endpoints().join(",").into(),
+            backend,
+            members: Member::of(settings),
+        });
+        self.route.generation.send_modify(|g| *g += 1);
+    }
+
+    /// [`Self::switch_to`] wherever `other` sends its requests now.
+    pub fn switch_like(&self, other: &Cluster) {
+        self.set_connection(other.connection());
+        self.route.generation.send_modify(|g| *g += 1);
+    }
+
+    fn set_connection(&self, connection: Connection) {
         *self
             .route
             .current
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Connection {
-            endpoints: endpoints.into(),
-            backend,
-        };
-        self.route.generation.send_modify(|g| *g += 1);
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = connection;
     }
 
     /// How many times the connection was switched.
@@ -544,24 +633,85 @@ impl Cluster {
             .await
     }
 
-    /// [`Self::lease_time_to_live`], hedged (see [`hedged`]).
+    /// [`Self::lease_time_to_live`], hedged (see [`Self::hedged`]).
     pub async fn lease_time_to_live_hedged(
         &self,
         id: i64,
     ) -> Result<Option<LeaseTtl>, ClientError> {
-        hedged(HEDGE_AFTER, HEDGED_COPIES, || self.lease_time_to_live(id)).await
+        self.hedged("read lease TTL", |backend| async move {
+            backend.lease_time_to_live(id).await
+        })
+        .await
     }
 
-    /// [`Self::lease_renew`], hedged (see [`hedged`]): a keepalive is idempotent.
+    /// [`Self::lease_renew`], hedged (see [`Self::hedged`]): a keepalive is idempotent.
     pub async fn lease_renew_hedged(&self, id: i64) -> Result<bool, ClientError> {
-        hedged(HEDGE_AFTER, HEDGED_COPIES, || self.lease_renew(id)).await
+        self.hedged("renew lease", |backend| async move {
+            backend.lease_renew(id).await
+        })
+        .await
     }
 
-    /// [`Self::head`], hedged (see [`hedged`]): what a health probe asks, so
-    /// one dead member (every other request sent its way fails) does not
-    /// make the cluster look down.
+    /// [`Self::head`], hedged (see [`Self::hedged`]): what a health probe
+    /// and the lease keeper ask, so one dead member (every other request
+    /// sent its way fails) neither makes the cluster look down nor holds a
+    /// renewal past the lease's TTL.
     pub async fn head_hedged(&self, prefix: &[u8]) -> Result<ClusterHead, ClientError> {
-        hedged(HEDGE_AFTER, HEDGED_COPIES, || self.head(prefix)).await
+        let request = head_request(prefix);
+        let response = self
+            .hedged("read current revision", |backend| {
+                let request = request.clone();
+                async move { backend.range(request).await }
+            })
+            .await?;
+        Ok(ClusterHead {
+            cluster_id: response.header.cluster_id,
+            revision: response.header.revision,
+        })
+    }
+
+    /// Runs an idempotent request [`hedged`]: copy `n` goes to the group's
+    /// member `start + n` (a rotating start), each under the request
+    /// deadline, so a member that stops answering holds one copy and the
+    /// next copy reaches another member for certain. Without members (the
+    /// in-memory model, one endpoint) every copy goes to the group.
+    ///
+    /// # Cancel-Safety
+    /// Cancel-safe: dropping it drops every copy (the request is idempotent).
+    async fn hedged<T, F, Fut>(&self, operation: &'static str, request: F) -> Result<T, ClientError>
+    where
+        F: Fn(Arc<dyn Etcd>) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let connection = self.connection();
+        let start = self
+            .route
+            .next_member
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let copies = HEDGED_COPIES.max(connection.members.len().min(HEDGED_COPIES_MAX));
+        hedged(HEDGE_AFTER, copies, |copy| {
+            let connection = connection.clone();
+            let request = &request;
+            async move {
+                let members = &connection.members;
+                if members.is_empty() {
+                    return self
+                        .call(operation, request(connection.backend.clone()))
+                        .await;
+                }
+                let member = &members[(start + copy) % members.len()];
+                let backend = member.backend(self.request_timeout).await?;
+                within_deadline(
+                    self.side,
+                    &member.settings.endpoints().join(","),
+                    self.request_timeout,
+                    operation,
+                    request(backend),
+                )
+                .await
+            }
+        })
+        .await
     }
 
     /// The server's version, or `None` when it will not say (etcd 3.4.42 /
@@ -585,12 +735,7 @@ impl Cluster {
     /// walking every key in it, a million index entries for a job that size.
     pub async fn head(&self, probe_prefix: &[u8]) -> Result<ClusterHead, ClientError> {
         let response = self
-            .range(
-                "read current revision",
-                // The prefix's first possible key ("\0" for the whole keyspace).
-                RangeRequest::key(crate::model::keys::prefix_range_start(probe_prefix))
-                    .count_only(),
-            )
+            .range("read current revision", head_request(probe_prefix))
             .await?;
         Ok(ClusterHead {
             cluster_id: response.header.cluster_id,
@@ -599,15 +744,23 @@ impl Cluster {
     }
 }
 
+/// A count-only read of `probe_prefix`'s first possible key ("\0" for the
+/// whole keyspace): its header is the cluster's id and revision.
+fn head_request(probe_prefix: &[u8]) -> RangeRequest {
+    RangeRequest::key(crate::model::keys::prefix_range_start(probe_prefix)).count_only()
+}
+
 /// A hedged request's next copy goes out after this long without an answer:
 /// well above a WAN round trip, well below the request timeout.
 pub const HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
-/// Copies of a hedged request at most.
+/// Copies of a hedged request at least.
 pub const HEDGED_COPIES: usize = 3;
+/// Copies of a hedged request at most (one per member of a large group).
+pub const HEDGED_COPIES_MAX: usize = 5;
 
 /// Runs an idempotent request, sending another copy whenever `after`
 /// passes without an answer (up to `copies`), or at once after a retryable
-/// error; the first success wins.
+/// error; the first success wins. `request(n)` sends copy `n` (from 0).
 ///
 /// Why: `etcd-client` spreads requests over a cluster's members, and a
 /// member that stops answering (a SIGSTOPped or wedged process still
@@ -623,12 +776,12 @@ pub async fn hedged<T, F, Fut>(
     request: F,
 ) -> Result<T, ClientError>
 where
-    F: Fn() -> Fut,
+    F: Fn(usize) -> Fut,
     Fut: Future<Output = Result<T, ClientError>>,
 {
     use futures::stream::{FuturesUnordered, StreamExt};
     let mut pending = FuturesUnordered::new();
-    pending.push(request());
+    pending.push(request(0));
     let mut sent = 1;
     let mut next_copy = tokio::time::Instant::now() + after;
     loop {
@@ -638,7 +791,7 @@ where
                 Some(Err(error)) if !error.is_retryable() || (sent >= copies && pending.is_empty()) => return Err(error),
                 Some(Err(_)) => {
                     if pending.is_empty() {
-                        pending.push(request());
+                        pending.push(request(sent));
                         sent += 1;
                         next_copy = tokio::time::Instant::now() + after;
                     }
@@ -646,7 +799,7 @@ where
                 None => unreachable!("a copy is always pending here"),
             },
             _ = tokio::time::sleep_until(next_copy), if sent < copies => {
-                pending.push(request());
+                pending.push(request(sent));
                 sent += 1;
                 next_copy = tokio::time::Instant::now() + after;
             }
@@ -670,12 +823,8 @@ pub async fn connect_preferred(
                 if index > 0 {
                     tracing::warn!(side = %settings.side, group = %group.name, "Connected through a fallback endpoint group: the preferred ones did not connect.");
                 }
-                let cluster = Cluster::with_backend(
-                    settings.side,
-                    group.endpoints.join(","),
-                    Arc::new(RealEtcd::new(client)),
-                    request_timeout,
-                );
+                let cluster =
+                    Cluster::with_group(&through, Arc::new(RealEtcd::new(client)), request_timeout);
                 cluster.set_on_fallback(index > 0);
                 return Ok((cluster, index));
             }
@@ -711,6 +860,42 @@ mod tests {
     /// After `switch_to`, every clone's requests reach the new backend, and
     /// a watch opened before the switch ends (as a closed stream) instead
     /// of staying on the path that was left; one opened after it lives.
+    /// A copy that never answers holds nothing: the next copy (told its
+    /// index, so it goes to another member) answers; the copies are
+    /// numbered 0, 1, 2 and no more go out than asked.
+    #[tokio::test(start_paused = true)]
+    async fn a_hedged_request_is_answered_past_a_silent_copy() {
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let answer = hedged(Duration::from_millis(500), 3, |copy| {
+            asked.lock().unwrap().push(copy);
+            async move {
+                if copy == 0 {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, ClientError>(copy)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(answer, 1, "the second copy answers");
+        assert_eq!(*asked.lock().unwrap(), vec![0, 1]);
+        asked.lock().unwrap().clear();
+        let never = tokio::time::timeout(
+            Duration::from_secs(60),
+            hedged(Duration::from_millis(500), 3, |copy| {
+                asked.lock().unwrap().push(copy);
+                std::future::pending::<Result<(), ClientError>>()
+            }),
+        )
+        .await;
+        assert!(never.is_err(), "no copy answered");
+        assert_eq!(
+            *asked.lock().unwrap(),
+            vec![0, 1, 2],
+            "three copies, no more"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_switch_moves_requests_and_ends_old_watches() {
         use crate::etcd::memory::{new_store, Link, MemoryEtcd};

@@ -192,7 +192,7 @@ impl Routes {
                     if let Some(switch) = selector.observe(started.elapsed(), &healthy) {
                         let to = &slots[switch.to];
                         let backend = to.backend.clone().expect("a group that answered is connected");
-                        self.cluster.switch_to(to.settings.endpoints().join(","), backend);
+                        self.cluster.switch_to_group(&to.settings, backend);
                         self.cluster.set_on_fallback(switch.to > 0);
                         self.set_active(switch.to);
                         self.metrics
@@ -363,8 +363,7 @@ impl Routes {
             slot.settings = settings.through_group(i);
             slot.backend = (i == active).then(|| backend.clone());
         }
-        self.cluster
-            .switch_to(through.endpoints().join(","), backend);
+        self.cluster.switch_to_group(&through, backend);
         self.settings = settings;
         self.metrics
             .reconnects_total

@@ -125,8 +125,19 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<Synced, JobError> {
     let started = Instant::now();
-    // An interrupted or refused full sync hands its guard state on.
-    let inherited = meta.full_sync.clone();
+    // An interrupted or refused full sync hands its guard state on, when
+    // it was for the same prefixes: its baseline counts another prefix.
+    let prefixes = (
+        String::from_utf8_lossy(ctx.rewrite.source_prefix()).into_owned(),
+        String::from_utf8_lossy(ctx.rewrite.dest_prefix()).into_owned(),
+    );
+    let inherited = meta
+        .full_sync
+        .clone()
+        .filter(|m| m.prefixes.as_ref().is_none_or(|p| *p == prefixes));
+    if meta.full_sync.is_some() && inherited.is_none() {
+        info!(job = %ctx.job.name, "The interrupted full sync was for other prefixes: its mass-delete baseline and decision do not apply; this one counts its own.");
+    }
     if let Some(block) = inherited.as_ref().and_then(|m| m.prune_blocked.as_ref()) {
         // The decision stands until an operator overrides it: a higher
         // --max-prune-ratio, or an explicit reset. Until then nothing is
@@ -158,6 +169,7 @@ pub async fn run(
         baseline_dest_keys: inherited.as_ref().and_then(|m| m.baseline_dest_keys),
         baseline_revision: inherited.as_ref().and_then(|m| m.baseline_revision),
         prune_blocked: None,
+        prefixes: Some(prefixes),
     };
     let pinned_fingerprint = source_fingerprint(ctx, (pinned_rev, head.cluster_id)).await?;
     let mut marker_guard = begin(ctx, meta, &mut marker).await?;
@@ -381,7 +393,11 @@ async fn begin(
     // them, in the txn that drops it, so `status` names them.
     if let Some(checkpoint) = &meta.checkpoint {
         let change = checkpoint.prefix_change(ctx.rewrite.source_prefix(), dest_prefix);
-        if let Some((was, now)) = change.dest {
+        // (A prefix inside the new one is the new full sync's to diff.)
+        if let Some((was, now)) = change
+            .dest
+            .filter(|(was, now)| !was.starts_with(now.as_str()))
+        {
             warn!(job = %ctx.job.name, old_dest_prefix = %was, dest_prefix = %now, "--dest-prefix changed: the copies under the old prefix stay there (no longer updated); delete them once nothing reads them. `status` lists them.");
             let entry = LeftBehind {
                 dest_prefix: was,

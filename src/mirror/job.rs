@@ -370,10 +370,18 @@ async fn run_once(
         book.load(&meta.leases);
         book.ensure_keeper(leadership);
     }
-    if let Some(checkpoint) = &meta.checkpoint {
-        // Endpoint groups are matched against it while the preferred group
-        // has not answered (down at start): learnt before the source is.
-        ctx.source.learn_cluster_id(checkpoint.source_cluster_id);
+    // The source cluster the destination's state belongs to: the
+    // checkpoint's, or an interrupted full sync's. Endpoint groups are
+    // matched against it while the preferred group has not answered (down
+    // at start): learnt before the source is read.
+    let known_source = meta
+        .checkpoint
+        .as_ref()
+        .map(|c| c.source_cluster_id)
+        .or(meta.full_sync.as_ref().map(|m| m.source_cluster_id))
+        .filter(|id| *id != 0);
+    if let Some(cluster_id) = known_source {
+        ctx.source.learn_cluster_id(cluster_id);
     }
     // A reload may not move the destination to another cluster.
     ctx.dest.learn_cluster_id(meta.dest_cluster_id);
@@ -396,19 +404,15 @@ async fn run_once(
     // the history the destination reflects.
     let forced = forced.or_else(|| lease_mode_changed(&meta, ctx.leases().is_some()));
     let decision = decide(&meta, head, &ctx.rewrite, forced);
-    if let Some(checkpoint) = &meta.checkpoint {
+    if let Some(known) = known_source {
         // Another cluster behind a fallback group is a misconfiguration,
-        // not a replaced source: copying it would overwrite the standby.
-        if matches!(
-            decision,
-            Decision::FullSync(SlowPathReason::SourceReplaced { .. })
-        ) && ctx.source.on_fallback()
-            && head.cluster_id != checkpoint.source_cluster_id
-        {
+        // not a replaced source: copying it would overwrite the standby. A
+        // replaced source is followed only through the preferred group.
+        if ctx.source.on_fallback() && head.cluster_id != 0 && head.cluster_id != known {
             return Err(JobError::FallbackIsAnotherCluster {
                 endpoints: ctx.source.endpoints(),
                 answered: head.cluster_id,
-                checkpoint_cluster_id: checkpoint.source_cluster_id,
+                checkpoint_cluster_id: known,
             });
         }
     }
@@ -713,6 +717,7 @@ mod tests {
             baseline_dest_keys: None,
             baseline_revision: None,
             prune_blocked: None,
+            prefixes: None,
         };
         interrupted.full_sync_raw = Some(marker.encode());
         interrupted.full_sync = Some(marker);

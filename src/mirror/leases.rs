@@ -16,8 +16,11 @@
 //!   fenced txn before any key is attached to it.
 //! - **Keepalive.** A destination lease is renewed a third of its TTL after
 //!   the last renewal, once a `LeaseTimeToLive` of its source lease (which
-//!   etcd answers on the leader) found it alive. Probes and renewals are
-//!   hedged: a member that stops answering holds one copy, not the answer.
+//!   etcd answers on the leader) found it alive, after a read of the
+//!   source's head. Heads, probes and renewals are hedged over distinct
+//!   members: a member that stops answering holds one copy, not the
+//!   answer (a SIGSTOPped follower once held a head read past the
+//!   destination lease's TTL).
 //! - **End of a lease.** A probe that finds the source lease gone, then a
 //!   linearizable read of the source's head (revision G), retire it; it is
 //!   revoked once the checkpoint reaches G, when its keys' deletes are on
@@ -436,7 +439,7 @@ impl LeaseBook {
                 let prefix = self.probe_prefix.clone();
                 async move {
                     let outcome = source
-                        .head(&prefix)
+                        .head_hedged(&prefix)
                         .await
                         .map(|head| History {
                             cluster_id: head.cluster_id,

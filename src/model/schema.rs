@@ -187,6 +187,12 @@ pub struct FullSyncMarker {
     /// (a higher `--max-prune-ratio`, or a `reset`) instead of re-scanning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prune_blocked: Option<PruneBlock>,
+    /// The job's prefixes (source, destination) when the first attempt
+    /// began: the baseline counts that destination prefix, and a retry for
+    /// other prefixes starts a baseline of its own. `None` in markers
+    /// written before this field existed: the job's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefixes: Option<(String, String)>,
 }
 
 /// What the mass-delete guard refused.

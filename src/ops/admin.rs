@@ -345,13 +345,23 @@ pub async fn collect_status(
             if current.as_deref() == Some(entry.dest_prefix.as_str()) {
                 continue;
             }
-            entry.keys = dest
-                .range(
+            let count = |prefix: String| async move {
+                dest.range(
                     "count keys under a left-behind prefix",
-                    RangeRequest::prefix(entry.dest_prefix.as_bytes()).count_only(),
+                    RangeRequest::prefix(prefix.as_bytes()).count_only(),
                 )
-                .await?
-                .count;
+                .await
+                .map(|r| r.count)
+            };
+            entry.keys = count(entry.dest_prefix.clone()).await?;
+            // The prefix mirrored to now may lie inside the old one: its
+            // keys are not left behind.
+            if let Some(current) = current
+                .as_ref()
+                .filter(|c| c.starts_with(entry.dest_prefix.as_str()))
+            {
+                entry.keys -= count(current.clone()).await?;
+            }
             if entry.keys > 0 {
                 left.push(entry);
             }

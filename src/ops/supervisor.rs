@@ -423,7 +423,7 @@ impl Supervisor {
                 Side::Source => &self.shared.source,
                 Side::Destination => &self.shared.dest,
             };
-            shared.switch_to(cluster.endpoints(), cluster.current_backend());
+            shared.switch_like(&cluster);
             self.start_routes(side, group);
         }
         for name in &plan.stop {

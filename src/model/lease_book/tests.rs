@@ -658,6 +658,475 @@ fn a_destination_id_granted_again_loses_the_old_mapping() {
     );
 }
 
+/// Lease 42 mapped to 420 (keys wanted at 11) and retired at H0 = 25, G =
+/// 30, with the checkpoint at 10. Returns the core and the time it retired.
+fn retiring_42() -> (Core, Instant) {
+    let now = t0();
+    let mut core = Core::new(Duration::from_secs(5));
+    core.step(
+        now,
+        Input::Resumed {
+            history: history(10),
+        },
+    );
+    map_one(&mut core, now, 42, 420, 11);
+    let later = now + Duration::from_secs(5);
+    retire_42(&mut core, later, 25, 30);
+    (core, later)
+}
+
+/// The record txn of the effects, checked to hold exactly `records`.
+fn record_txn(effects: &[Effect<String>], expected: &[(i64, LeaseRecord)]) -> u64 {
+    match effects {
+        [Effect::Record { batch, records }] => {
+            assert_eq!(records.as_slice(), expected);
+            *batch
+        }
+        other => panic!("expected one record txn, got {other:?}"),
+    }
+}
+
+/// The keeper's idle check: a mapped or a retiring lease still needs ticks.
+#[test]
+fn the_core_is_idle_only_without_mapped_or_retiring_leases() {
+    let now = t0();
+    let mut core = Core::new(Duration::from_secs(5));
+    assert!(core.is_idle());
+    core.step(
+        now,
+        Input::Resumed {
+            history: history(10),
+        },
+    );
+    map_one(&mut core, now, 42, 420, 11);
+    assert!(!core.is_idle(), "a mapped lease needs renewals");
+    let later = now + Duration::from_secs(5);
+    let serial = retire_42(&mut core, later, 25, 30);
+    assert!(core.mapping().is_empty());
+    assert!(!core.is_idle(), "a retiring lease needs its revoke");
+    core.step(later, Input::Committed { revision: 30 });
+    assert_eq!(revokes(&core.step(later, Input::Tick)), vec![420]);
+    core.step(
+        later,
+        Input::Revoked {
+            serial,
+            outcome: Ok(()),
+        },
+    );
+    assert!(core.is_idle());
+}
+
+/// A writer's new leases go out in one record txn once all are granted,
+/// and a key without a lease (ID 0) in the same request holds none back.
+#[test]
+fn a_request_with_a_key_without_lease_is_recorded_in_one_txn() {
+    let now = t0();
+    let mut core = Core::new(Duration::from_secs(5));
+    core.step(
+        now,
+        Input::Resumed {
+            history: history(10),
+        },
+    );
+    let effects = core.step(
+        now,
+        Input::Resolve {
+            request: 1,
+            wants: vec![
+                Want { lease: 5, at: 11 },
+                Want { lease: 6, at: 11 },
+                Want { lease: 0, at: 11 },
+            ],
+        },
+    );
+    assert_eq!(
+        effects,
+        vec![
+            Effect::Probe {
+                lease: 5,
+                serial: None
+            },
+            Effect::Probe {
+                lease: 6,
+                serial: None
+            },
+        ]
+    );
+    for (lease, dest) in [(5, 500), (6, 600)] {
+        let effects = core.step(
+            now,
+            Input::Probed {
+                lease,
+                serial: None,
+                outcome: Ok(Some(10)),
+            },
+        );
+        assert_eq!(effects, vec![Effect::Grant { lease, ttl: 15 }]);
+        let effects = core.step(
+            now,
+            Input::Granted {
+                lease,
+                outcome: Ok((dest, 1)),
+            },
+        );
+        if lease == 5 {
+            assert!(effects.is_empty(), "waits for lease 6: {effects:?}");
+        } else {
+            let batch = record_txn(&effects, &[(5, record(500)), (6, record(600))]);
+            let effects = core.step(
+                now,
+                Input::Recorded {
+                    batch,
+                    outcome: Ok(()),
+                },
+            );
+            assert_eq!(
+                effects,
+                vec![Effect::Reply {
+                    request: 1,
+                    outcome: Ok([(5, 500), (6, 600)].into()),
+                }]
+            );
+        }
+    }
+}
+
+/// A failed grant fails only the writers waiting on that lease, not one
+/// waiting on another lease's grant.
+#[test]
+fn a_failed_grant_fails_only_the_writers_waiting_on_it() {
+    let now = t0();
+    let mut core = Core::new(Duration::from_secs(5));
+    core.step(
+        now,
+        Input::Resumed {
+            history: history(10),
+        },
+    );
+    for (request, lease) in [(1, 5), (2, 6)] {
+        core.step(
+            now,
+            Input::Resolve {
+                request,
+                wants: vec![Want { lease, at: 11 }],
+            },
+        );
+    }
+    let effects = core.step(
+        now,
+        Input::Probed {
+            lease: 5,
+            serial: None,
+            outcome: Err("unavailable".into()),
+        },
+    );
+    assert_eq!(
+        effects,
+        vec![Effect::Reply {
+            request: 1,
+            outcome: Err(Failure::Effect("unavailable".into())),
+        }]
+    );
+    core.step(
+        now,
+        Input::Probed {
+            lease: 6,
+            serial: None,
+            outcome: Ok(Some(10)),
+        },
+    );
+    let effects = core.step(
+        now,
+        Input::Granted {
+            lease: 6,
+            outcome: Ok((600, 1)),
+        },
+    );
+    let batch = record_txn(&effects, &[(6, record(600))]);
+    let effects = core.step(
+        now,
+        Input::Recorded {
+            batch,
+            outcome: Ok(()),
+        },
+    );
+    assert_eq!(
+        effects,
+        vec![Effect::Reply {
+            request: 2,
+            outcome: Ok([(6, 600)].into()),
+        }]
+    );
+}
+
+/// A lease that retires while a writer waits on another lease (the
+/// writer's key on it is newer than the probe's H0, and not counted yet)
+/// is mapped again for it: the writer is recorded and answered, not stuck.
+#[test]
+fn a_lease_retired_under_a_waiting_writer_is_mapped_again() {
+    let now = t0();
+    let mut core = Core::new(Duration::from_secs(5));
+    core.step(
+        now,
+        Input::Resumed {
+            history: history(10),
+        },
+    );
+    map_one(&mut core, now, 42, 420, 11);
+    let later = now + Duration::from_secs(5);
+    let [(42, serial)] = round(&mut core, later, 20)[..] else {
+        panic!("one probe")
+    };
+    let effects = core.step(
+        later,
+        Input::Resolve {
+            request: 9,
+            wants: vec![Want { lease: 42, at: 22 }, Want { lease: 43, at: 22 }],
+        },
+    );
+    assert_eq!(
+        effects,
+        vec![Effect::Probe {
+            lease: 43,
+            serial: None
+        }]
+    );
+    let effects = core.step(
+        later,
+        Input::Probed {
+            lease: 42,
+            serial: Some(serial),
+            outcome: Ok(None),
+        },
+    );
+    let batch = head_batch(&effects).expect("a head read after the gone answer");
+    // The head read retires 42 (every key it was given is older than H0).
+    core.step(
+        later,
+        Input::Head {
+            batch,
+            outcome: Ok(history(30)),
+        },
+    );
+    core.step(
+        later,
+        Input::Probed {
+            lease: 43,
+            serial: None,
+            outcome: Ok(Some(10)),
+        },
+    );
+    let effects = core.step(
+        later,
+        Input::Granted {
+            lease: 43,
+            outcome: Ok((430, 1)),
+        },
+    );
+    let batch = record_txn(&effects, &[(43, record(430))]);
+    let effects = core.step(
+        later,
+        Input::Recorded {
+            batch,
+            outcome: Ok(()),
+        },
+    );
+    assert_eq!(
+        effects,
+        vec![Effect::Reply {
+            request: 9,
+            outcome: Ok([(42, 420), (43, 430)].into()),
+        }]
+    );
+}
+
+/// L3: a resume lets the retiring leases a full sync stopped take keys and
+/// be revoked again, but not those a finished full sync emptied.
+#[test]
+fn a_resume_restores_retiring_leases_a_full_sync_only_started() {
+    // Started, then the job resumes: 42 is revoked once the checkpoint is at G.
+    let (mut core, later) = retiring_42();
+    core.step(
+        later,
+        Input::FullSyncStarted {
+            cluster_id: CLUSTER,
+        },
+    );
+    core.step(
+        later,
+        Input::Resumed {
+            history: history(30),
+        },
+    );
+    let effects = core.step(later + Duration::from_secs(1), Input::Tick);
+    assert_eq!(revokes(&effects), vec![420], "{effects:?}");
+    // Finished, then the job resumes: 42 holds no key and takes none.
+    let (mut core, later) = retiring_42();
+    core.step(
+        later,
+        Input::FullSyncStarted {
+            cluster_id: CLUSTER,
+        },
+    );
+    core.step(
+        later,
+        Input::FullSyncDone {
+            history: history(26),
+        },
+    );
+    core.step(
+        later,
+        Input::Resumed {
+            history: history(26),
+        },
+    );
+    let effects = core.step(
+        later,
+        Input::Resolve {
+            request: 7,
+            wants: vec![Want { lease: 42, at: 25 }],
+        },
+    );
+    assert_eq!(
+        effects,
+        vec![Effect::Probe {
+            lease: 42,
+            serial: None
+        }],
+        "a new grant, not the emptied lease"
+    );
+}
+
+/// A retiring lease's own record read again (a new attempt) is not
+/// adopted: the lease is still revoked, its record forgotten, and a later
+/// key on its ID gets a new grant.
+#[test]
+fn a_retiring_lease_s_record_read_again_is_not_adopted() {
+    let (mut core, later) = retiring_42();
+    core.step(
+        later,
+        Input::Load {
+            records: vec![(42, record(420))],
+        },
+    );
+    core.step(later, Input::Committed { revision: 30 });
+    let effects = core.step(later, Input::Tick);
+    assert_eq!(effects.len(), 1, "only the revoke: {effects:?}");
+    let serial = match effects[0] {
+        Effect::Revoke { serial, dest: 420 } => serial,
+        ref other => panic!("expected the revoke of 420, got {other:?}"),
+    };
+    let effects = core.step(
+        later,
+        Input::Revoked {
+            serial,
+            outcome: Ok(()),
+        },
+    );
+    assert_eq!(
+        effects,
+        vec![Effect::Forget {
+            records: vec![(42, record(420))]
+        }]
+    );
+    let effects = core.step(
+        later,
+        Input::Resolve {
+            request: 7,
+            wants: vec![Want { lease: 42, at: 31 }],
+        },
+    );
+    assert_eq!(
+        effects,
+        vec![Effect::Probe {
+            lease: 42,
+            serial: None
+        }]
+    );
+}
+
+/// A record that maps a retiring lease's source ID to another destination
+/// lease is adopted: keys may sit on that lease.
+#[test]
+fn a_record_of_a_retiring_source_id_on_another_lease_is_adopted() {
+    let (mut core, later) = retiring_42();
+    core.step(
+        later,
+        Input::Load {
+            records: vec![(42, record(421))],
+        },
+    );
+    let effects = core.step(
+        later,
+        Input::Resolve {
+            request: 7,
+            wants: vec![Want { lease: 42, at: 26 }],
+        },
+    );
+    assert_eq!(
+        effects,
+        vec![Effect::Reply {
+            request: 7,
+            outcome: Ok([(42, 421)].into()),
+        }]
+    );
+}
+
+/// L3: a gone answer during a full sync judges nothing (no mapping retires
+/// while one runs): no head read follows it, and the lease is probed again
+/// once the sync is done.
+#[test]
+fn a_gone_answer_during_a_full_sync_judges_nothing() {
+    let now = t0();
+    let mut core = Core::new(Duration::from_secs(5));
+    core.step(
+        now,
+        Input::Resumed {
+            history: history(10),
+        },
+    );
+    map_one(&mut core, now, 42, 420, 11);
+    let later = now + Duration::from_secs(5);
+    let [(42, serial)] = round(&mut core, later, 20)[..] else {
+        panic!("one probe")
+    };
+    core.step(
+        later,
+        Input::FullSyncStarted {
+            cluster_id: CLUSTER,
+        },
+    );
+    let effects = core.step(
+        later,
+        Input::Probed {
+            lease: 42,
+            serial: Some(serial),
+            outcome: Ok(None),
+        },
+    );
+    assert_eq!(
+        effects,
+        vec![Effect::Renew { serial, dest: 420 }],
+        "renewed, and no head read to retire it on"
+    );
+    core.step(
+        later,
+        Input::Renewed {
+            serial,
+            outcome: Ok(true),
+        },
+    );
+    core.step(
+        later,
+        Input::FullSyncDone {
+            history: history(15),
+        },
+    );
+    let later = later + Duration::from_secs(5);
+    assert_eq!(round(&mut core, later, 30), vec![(42, serial)]);
+    assert_eq!(core.mapping(), [(42, 420)].into());
+}
+
 // ---------------------------------------------------------------------
 // The property test: a model of the source (leases with incarnations,
 // revisions, the deletes a lease's end makes), the destination (leases,
