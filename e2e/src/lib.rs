@@ -351,14 +351,20 @@ pub async fn wait_job_state(syncer: &Syncer, job: &str, state: &str) -> Result<(
 
 /// Instances queued for a job's lock on the destination.
 pub async fn lock_holders(dest: &EtcdCluster, job: &str) -> Result<usize> {
-    let mut client = dest.client().await?;
-    let response = client
+    Ok(count_prefix(dest, &format!("{META_PREFIX}{job}/lock/")).await? as usize)
+}
+
+/// Keys under `prefix` on `cluster` now.
+pub async fn count_prefix(cluster: &EtcdCluster, prefix: &str) -> Result<i64> {
+    let response = cluster
+        .client()
+        .await?
         .get(
-            format!("{META_PREFIX}{job}/lock/"),
+            prefix,
             Some(GetOptions::new().with_prefix().with_count_only()),
         )
         .await?;
-    Ok(response.count() as usize)
+    Ok(response.count())
 }
 
 /// Puts `count` keys `<prefix>key-NNNNNN` with `value_size`-byte values, in

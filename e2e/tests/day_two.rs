@@ -298,22 +298,6 @@ fn job(name: &str, extra: &str) -> String {
     format!("[[jobs]]\nname = \"{name}\"\nprefix = \"/{name}/\"\n{extra}\n")
 }
 
-async fn dest_keys(dest: &EtcdCluster, prefix: &str) -> Result<i64> {
-    let response = dest
-        .client()
-        .await?
-        .get(
-            prefix,
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_count_only(),
-            ),
-        )
-        .await?;
-    Ok(response.count())
-}
-
 /// SIGHUP and a changed config file reload the configuration in place:
 /// a job added starts, a job removed stops (its lock key goes, its
 /// checkpoint stays, its metrics go), a changed job resumes from its
@@ -346,7 +330,7 @@ async fn reload_adds_removes_and_changes_jobs_without_a_restart() -> Result<()> 
     wait_job_state(&syncer, "b", "watching").await?;
 
     ensure!(
-        dest_keys(&dest, "/-etcd-syncer-meta-/b/lock/").await? == 1,
+        count_prefix(&dest, "/-etcd-syncer-meta-/b/lock/").await? == 1,
         "b's lock key is there while it runs"
     );
     // a changes (a write-rate limit), b goes, c comes: on SIGHUP.
@@ -366,11 +350,11 @@ async fn reload_adds_removes_and_changes_jobs_without_a_restart() -> Result<()> 
     })
     .await?;
     ensure!(
-        dest_keys(&dest, "/-etcd-syncer-meta-/b/lock/").await? == 0,
+        count_prefix(&dest, "/-etcd-syncer-meta-/b/lock/").await? == 0,
         "b's lock key deleted"
     );
     ensure!(
-        dest_keys(&dest, "/-etcd-syncer-meta-/b/checkpoint").await? == 1,
+        count_prefix(&dest, "/-etcd-syncer-meta-/b/checkpoint").await? == 1,
         "b's checkpoint kept"
     );
     wait_job_state(&syncer, "a", "watching").await?;

@@ -220,22 +220,6 @@ async fn a_fallback_group_on_another_cluster_is_never_used_at_start() -> Result<
     second.finish().await
 }
 
-async fn count_keys(cluster: &EtcdCluster, prefix: &str) -> Result<i64> {
-    let response = cluster
-        .client()
-        .await?
-        .get(
-            prefix,
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_count_only(),
-            ),
-        )
-        .await?;
-    Ok(response.count())
-}
-
 /// O7: `meta-prefix` changes on a reload. The job restarts under the new
 /// prefix and its lock under the old one goes with the old job (not
 /// looked for under the new prefix): `status` on the old prefix no
@@ -269,7 +253,7 @@ async fn a_meta_prefix_reload_releases_the_old_lock() -> Result<()> {
     let syncer = Syncer::start("o7", &args).await?;
     wait_job_state(&syncer, "app", "watching").await?;
     converge(&source, "/app/", &dest, "/app/", WAIT).await?;
-    ensure!(count_keys(&dest, "/-m1-/app/lock/").await? == 1);
+    ensure!(count_prefix(&dest, "/-m1-/app/lock/").await? == 1);
 
     write_config("/-m2-/")?;
     syncer.signal(nix::sys::signal::Signal::SIGHUP)?;
@@ -277,15 +261,15 @@ async fn a_meta_prefix_reload_releases_the_old_lock() -> Result<()> {
         WAIT,
         "the job leading under the new meta prefix",
         || async {
-            Ok(count_keys(&dest, "/-m2-/app/lock/").await? == 1
-                && count_keys(&dest, "/-m2-/app/checkpoint").await? == 1)
+            Ok(count_prefix(&dest, "/-m2-/app/lock/").await? == 1
+                && count_prefix(&dest, "/-m2-/app/checkpoint").await? == 1)
         },
     )
     .await?;
     eventually(
         Duration::from_secs(30),
         "the lock under the old meta prefix released",
-        || async { Ok(count_keys(&dest, "/-m1-/app/lock/").await? == 0) },
+        || async { Ok(count_prefix(&dest, "/-m1-/app/lock/").await? == 0) },
     )
     .await?;
     let (code, out) = run_cli(&e2e::args(&[
@@ -355,7 +339,7 @@ async fn a_reload_to_another_destination_cluster_is_refused() -> Result<()> {
     put_tagged(&source, "/app/more/", 10, "b").await?;
     converge(&source, "/app/", &dest, "/app/", WAIT).await?;
     ensure!(
-        count_keys(&other, "/").await? == 0,
+        count_prefix(&other, "/").await? == 0,
         "the other cluster was written to"
     );
     ensure!(
@@ -461,4 +445,46 @@ async fn a_dead_source_member_does_not_flap_readiness() -> Result<()> {
         not_ready.join("\n")
     );
     syncer.finish().await
+}
+
+/// An exclude removed across a restart: the copy the checkpoint describes
+/// never held the keys under it. The destination also holds as many keys
+/// of its own as were left out, so a resume that only compared counts
+/// would take the fast path and the keys would never arrive; the job
+/// takes a full sync that names the prefix, and the standby ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_exclude_takes_a_full_sync_that_names_it() -> Result<()> {
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    put_tagged(&source, "/app/", 10, "a").await?;
+    put_tagged(&source, "/app/private/", 10, "p").await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config.toml");
+    let write_config = |extra: &str| {
+        std::fs::write(
+            &config,
+            config_text(&source, &dest, "", &(job("app", "/app/", "/app/") + extra)),
+        )
+    };
+    let args = e2e::args(&["mirror-plus", "--config", config.to_str().unwrap()]);
+    write_config("exclude-prefixes = [\"/app/private/\"]\n")?;
+    let first = Syncer::start("exclude-first", &args).await?;
+    wait_job_state(&first, "app", "watching").await?;
+    first.finish().await?;
+    ensure!(count_prefix(&dest, "/app/private/").await? == 0);
+    let mut dst = dest.client().await?;
+    for i in 1..=10 {
+        dst.put(format!("/app/local/k{i:02}"), "local", None)
+            .await?;
+    }
+
+    write_config("")?;
+    let second = Syncer::start("exclude-second", &args).await?;
+    let line = first_of(&second, &[RESUMED, SLOW_PATH]).await?;
+    ensure!(
+        line.contains(SLOW_PATH) && line.contains("no longer leaves out /app/private/"),
+        "a removed exclude must take the slow path naming it, got: {line}"
+    );
+    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    second.finish().await
 }

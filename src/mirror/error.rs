@@ -258,6 +258,11 @@ pub enum SlowPathReason {
         /// (the checkpoint's, now), when the destination prefix changed.
         dest: Option<(String, String)>,
     },
+    /// `exclude-prefixes` no longer leaves these out: the copy the
+    /// checkpoint describes never held their keys.
+    ExcludeRemoved {
+        prefixes: Vec<String>,
+    },
 }
 
 impl SlowPathReason {
@@ -321,6 +326,11 @@ impl std::fmt::Display for SlowPathReason {
                 }
                 write!(f, ")")
             }
+            SlowPathReason::ExcludeRemoved { prefixes } => write!(
+                f,
+                "exclude-prefixes no longer leaves out {}: the destination never held their keys",
+                prefixes.join(", ")
+            ),
             SlowPathReason::HistoryDiffers { detail } => write!(
                 f,
                 "the source's history differs from what the destination reflects ({detail}); was the source rebuilt or restored with the same cluster id?"

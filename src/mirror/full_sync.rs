@@ -489,6 +489,7 @@ async fn finish(
         write_id: ctx.ids.next(),
         last_event,
         leases_mirrored: ctx.leases().is_some(),
+        excluded: Some(ctx.rewrite.excluded_source_strings()),
     };
     let checkpoint_bytes = checkpoint.encode();
     let mut ops = vec![

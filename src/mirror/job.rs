@@ -86,13 +86,18 @@ pub fn decide(
     }
 }
 
-/// The checkpoint was written for other prefixes than the job's.
+/// The checkpoint was written for other prefixes than the job's, or left
+/// out a prefix the job copies now.
 pub fn prefix_changed(checkpoint: &Checkpoint, rewrite: &KeyRewrite) -> Option<SlowPathReason> {
     let change = checkpoint.prefix_change(rewrite.source_prefix(), rewrite.dest_prefix());
-    (!change.is_none()).then_some(SlowPathReason::PrefixChanged {
-        source: change.source,
-        dest: change.dest,
-    })
+    if !change.is_none() {
+        return Some(SlowPathReason::PrefixChanged {
+            source: change.source,
+            dest: change.dest,
+        });
+    }
+    let removed = checkpoint.excludes_removed(&rewrite.excluded_source_strings());
+    (!removed.is_empty()).then_some(SlowPathReason::ExcludeRemoved { prefixes: removed })
 }
 
 /// A checkpoint written under the other `--leases` mode: the destination's
@@ -504,6 +509,7 @@ mod tests {
             write_id: 1,
             last_event: None,
             leases_mirrored: false,
+            excluded: None,
         }
     }
 
@@ -733,6 +739,41 @@ mod tests {
             decide(&garbled, HEAD, &app(), None),
             Decision::FullSync(SlowPathReason::UnreadableCheckpoint)
         );
+    }
+
+    /// A prefix no longer excluded was never copied: a full sync, naming it.
+    #[test]
+    fn a_removed_exclude_takes_the_slow_path_and_an_added_one_does_not() {
+        let mut excluding = checkpoint(90, 7);
+        excluding.excluded = Some(vec!["/app/private/".into()]);
+        let meta = meta_with(Some(excluding));
+        let still = app().excluding(["/app/private/"]);
+        assert!(matches!(
+            decide(&meta, HEAD, &still, None),
+            Decision::Resume(_)
+        ));
+        let reason = match decide(&meta, HEAD, &app(), None) {
+            Decision::FullSync(reason) => reason,
+            resumed => panic!("resumed a copy that never held /app/private/: {resumed:?}"),
+        };
+        assert_eq!(
+            reason,
+            SlowPathReason::ExcludeRemoved {
+                prefixes: vec!["/app/private/".into()]
+            }
+        );
+        assert!(reason.to_string().contains("/app/private/"), "{reason}");
+        // Excluding more leaves keys behind, loses none: no full sync.
+        let more = app().excluding(["/app/private/", "/app/tmp/"]);
+        assert!(matches!(
+            decide(&meta, HEAD, &more, None),
+            Decision::Resume(_)
+        ));
+        // A checkpoint that does not say what it left out is not judged.
+        assert!(matches!(
+            decide(&meta_with(Some(checkpoint(90, 7))), HEAD, &app(), None),
+            Decision::Resume(_)
+        ));
     }
 
     /// O1: a checkpoint written for other prefixes is never resumed from,

@@ -152,6 +152,7 @@ mod tests {
             write_id: 7,
             last_event: Some(crate::model::schema::EventStamp::put(b"/app/k", b"v", 41)),
             leases_mirrored: true,
+            excluded: None,
         };
         let decoded: Checkpoint = serde_json::from_slice(&checkpoint.encode()).unwrap();
         assert_eq!(decoded, checkpoint);

@@ -39,6 +39,7 @@ pub struct Pipeline {
     source_cluster_id: u64,
     source_prefix: String,
     dest_prefix: String,
+    excluded: Vec<String>,
     instance: String,
     max_inflight: usize,
     /// The configured gap; the floor of the adaptive one.
@@ -162,6 +163,7 @@ impl Pipeline {
             source_cluster_id,
             source_prefix: String::from_utf8_lossy(ctx.rewrite.source_prefix()).into_owned(),
             dest_prefix: String::from_utf8_lossy(ctx.rewrite.dest_prefix()).into_owned(),
+            excluded: ctx.rewrite.excluded_source_strings(),
             instance: ctx.instance_id.clone(),
             max_inflight: ctx.tuning.max_inflight_txns.max(1),
             min_spacing: send_spacing,
@@ -246,6 +248,7 @@ impl Pipeline {
             write_id: self.next_write_id,
             last_event: last_event.or_else(|| self.tail_event.clone()),
             leases_mirrored: self.writer.leases().is_some(),
+            excluded: Some(self.excluded.clone()),
         };
         self.tail_event = checkpoint.last_event.clone();
         self.next_write_id = self.next_write_id.wrapping_add(1);

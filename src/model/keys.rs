@@ -98,6 +98,14 @@ impl KeyRewrite {
         self.excluded.iter().map(|e| self.suffix_to_source(e))
     }
 
+    /// The excluded ranges as source prefixes, as text (what a checkpoint
+    /// records).
+    pub fn excluded_source_strings(&self) -> Vec<String> {
+        self.excluded_source_prefixes()
+            .map(|p| String::from_utf8_lossy(&p).into_owned())
+            .collect()
+    }
+
     /// The excluded ranges as destination prefixes.
     pub fn excluded_dest_prefixes(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
         self.excluded.iter().map(|e| self.suffix_to_dest(e))

@@ -43,6 +43,11 @@ pub struct Checkpoint {
     /// mirrored, like `strip`: a change of mode takes one full sync.
     #[serde(default)]
     pub leases_mirrored: bool,
+    /// The source prefixes left out (`exclude-prefixes`) when it was
+    /// written (`None` before this field existed: not known). One no longer
+    /// excluded was never copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub excluded: Option<Vec<String>>,
 }
 
 /// One source event, small enough to ride in every checkpoint.
@@ -141,6 +146,20 @@ impl Checkpoint {
             source: changed(was_source, source_prefix),
             dest: changed(was_dest, dest_prefix),
         }
+    }
+}
+
+impl Checkpoint {
+    /// The prefixes this checkpoint's copy left out that the job copies now
+    /// (`excluded_now`: the job's excluded source prefixes): their keys were
+    /// never copied. Empty when the checkpoint does not say.
+    pub fn excludes_removed(&self, excluded_now: &[String]) -> Vec<String> {
+        self.excluded
+            .iter()
+            .flatten()
+            .filter(|was| !excluded_now.contains(was))
+            .cloned()
+            .collect()
     }
 }
 

@@ -928,6 +928,7 @@ pub async fn failback(
         write_id: rand::random(),
         last_event,
         leases_mirrored: job.leases_faithful && report.written_without_lease == 0,
+        excluded: None,
     };
     let range_delete = |prefix: String| Op::Delete {
         range_end: prefix_range_end(prefix.as_bytes()),
@@ -1310,6 +1311,7 @@ mod tests {
             write_id: 1,
             last_event: None,
             leases_mirrored: false,
+            excluded: None,
         };
         let meta = MetaKeys::new(META, "app");
         apply(

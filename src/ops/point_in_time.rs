@@ -609,6 +609,7 @@ mod tests {
             write_id: revision as u64,
             last_event: None,
             leases_mirrored: false,
+            excluded: None,
         }
     }
 

@@ -28,6 +28,34 @@ fn record(dest: i64) -> LeaseRecord {
     }
 }
 
+/// A lease probed alive, granted `dest` and recorded: the effects of the
+/// record's commit (the replies it lets out).
+fn grant_recorded(core: &mut Core, now: Instant, lease: i64, dest: i64) -> Vec<Effect<String>> {
+    core.step(
+        now,
+        Input::Probed {
+            lease,
+            serial: None,
+            outcome: Ok(Some(10)),
+        },
+    );
+    let effects = core.step(
+        now,
+        Input::Granted {
+            lease,
+            outcome: Ok((dest, 1)),
+        },
+    );
+    let batch = record_txn(&effects, &[(lease, record(dest))]);
+    core.step(
+        now,
+        Input::Recorded {
+            batch,
+            outcome: Ok(()),
+        },
+    )
+}
+
 /// Drives one lease from a writer's request to a reply: probe, grant,
 /// record. Returns the effects of the last step (the reply).
 fn map_one(core: &mut Core, now: Instant, lease: i64, dest: i64, at: i64) -> Vec<Effect<String>> {
@@ -827,29 +855,7 @@ fn a_failed_grant_fails_only_the_writers_waiting_on_it() {
             outcome: Err(Failure::Effect("unavailable".into())),
         }]
     );
-    core.step(
-        now,
-        Input::Probed {
-            lease: 6,
-            serial: None,
-            outcome: Ok(Some(10)),
-        },
-    );
-    let effects = core.step(
-        now,
-        Input::Granted {
-            lease: 6,
-            outcome: Ok((600, 1)),
-        },
-    );
-    let batch = record_txn(&effects, &[(6, record(600))]);
-    let effects = core.step(
-        now,
-        Input::Recorded {
-            batch,
-            outcome: Ok(()),
-        },
-    );
+    let effects = grant_recorded(&mut core, now, 6, 600);
     assert_eq!(
         effects,
         vec![Effect::Reply {
@@ -908,29 +914,7 @@ fn a_lease_retired_under_a_waiting_writer_is_mapped_again() {
             outcome: Ok(history(30)),
         },
     );
-    core.step(
-        later,
-        Input::Probed {
-            lease: 43,
-            serial: None,
-            outcome: Ok(Some(10)),
-        },
-    );
-    let effects = core.step(
-        later,
-        Input::Granted {
-            lease: 43,
-            outcome: Ok((430, 1)),
-        },
-    );
-    let batch = record_txn(&effects, &[(43, record(430))]);
-    let effects = core.step(
-        later,
-        Input::Recorded {
-            batch,
-            outcome: Ok(()),
-        },
-    );
+    let effects = grant_recorded(&mut core, later, 43, 430);
     assert_eq!(
         effects,
         vec![Effect::Reply {
