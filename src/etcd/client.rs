@@ -700,15 +700,39 @@ impl Cluster {
                         .await;
                 }
                 let member = &members[(start + copy) % members.len()];
-                let backend = member.backend(self.request_timeout).await?;
-                within_deadline(
-                    self.side,
-                    &member.settings.endpoints().join(","),
-                    self.request_timeout,
-                    operation,
-                    request(backend),
-                )
-                .await
+                let endpoint = member.settings.endpoints().join(",");
+                // The connect and the request share one deadline.
+                let deadline = tokio::time::Instant::now() + self.request_timeout;
+                let copy = async {
+                    match member.backend(self.request_timeout).await {
+                        Ok(backend) => {
+                            within_deadline(
+                                self.side,
+                                &endpoint,
+                                self.request_timeout,
+                                operation,
+                                request(backend),
+                            )
+                            .await
+                        }
+                        // A member that does not connect (down, or files
+                        // changed on disk that the group's connection does
+                        // not use yet) sends this copy through the group.
+                        Err(_) => {
+                            self.call(operation, request(connection.backend.clone()))
+                                .await
+                        }
+                    }
+                };
+                match tokio::time::timeout_at(deadline, copy).await {
+                    Ok(answer) => answer,
+                    Err(_) => Err(ClientError::Timeout {
+                        side: self.side,
+                        endpoints: endpoint,
+                        operation,
+                        timeout: self.request_timeout,
+                    }),
+                }
             }
         })
         .await

@@ -189,6 +189,11 @@ impl Routes {
                 _ = cancel.cancelled() => return,
                 _ = checks.tick(), if groups > 1 => {
                     let healthy = self.check_groups(&mut slots, selector.active()).await;
+                    // Replaced meanwhile (a reload): switching now would
+                    // undo the new task's connection.
+                    if cancel.is_cancelled() {
+                        return;
+                    }
                     if let Some(switch) = selector.observe(started.elapsed(), &healthy) {
                         let to = &slots[switch.to];
                         let backend = to.backend.clone().expect("a group that answered is connected");
@@ -219,7 +224,7 @@ impl Routes {
                 }
                 _ = file_checks.tick(), if !files.is_empty() => {
                     let now = fingerprint(&files);
-                    if now != loaded && self.reload_files(&mut slots, selector.active()).await {
+                    if now != loaded && self.reload_files(&mut slots, selector.active(), &cancel).await {
                         loaded = now;
                     }
                 }
@@ -312,7 +317,12 @@ impl Routes {
     /// `etcd_syncer_file_changes_refused_total`) when they do not load or
     /// the cluster does not answer with them: files that cannot work are
     /// never switched to.
-    async fn reload_files(&mut self, slots: &mut [Slot], active: usize) -> bool {
+    async fn reload_files(
+        &mut self,
+        slots: &mut [Slot],
+        active: usize,
+        cancel: &CancellationToken,
+    ) -> bool {
         let mut settings = self.settings.clone();
         if let (Some(path), Some(credentials)) = (
             settings.password_file.clone(),
@@ -362,6 +372,11 @@ impl Routes {
         for (i, slot) in slots.iter_mut().enumerate() {
             slot.settings = settings.through_group(i);
             slot.backend = (i == active).then(|| backend.clone());
+        }
+        // Replaced meanwhile (a reload): switching now would undo the new
+        // task's connection.
+        if cancel.is_cancelled() {
+            return false;
         }
         self.cluster.switch_to_group(&through, backend);
         self.settings = settings;

@@ -115,7 +115,8 @@ async fn keep_alive(dest: Cluster, lease_id: i64, ttl: Duration, lost: Cancellat
         let mut keeper = match opened {
             Ok(Ok(keeper)) => keeper,
             Ok(Err(error)) => {
-                if error.to_string().contains("lease not found") {
+                // By its gRPC code (NotFound), not its text.
+                if error.is_lease_not_found() {
                     break;
                 }
                 debug!(%error, "Lease keepalive stream failed; retrying.");

@@ -763,11 +763,21 @@ mod tests {
             }
         );
         assert!(reason.to_string().contains("/app/private/"), "{reason}");
-        // Excluding more leaves keys behind, loses none: no full sync.
-        let more = app().excluding(["/app/private/", "/app/tmp/"]);
+        // Excluding more (another prefix, or a wider one) leaves keys
+        // behind, loses none: no full sync.
+        for more in [
+            app().excluding(["/app/private/", "/app/tmp/"]),
+            app().excluding(["/app/priv"]),
+        ] {
+            assert!(matches!(
+                decide(&meta, HEAD, &more, None),
+                Decision::Resume(_)
+            ));
+        }
+        // A narrower one copies what the rest held: a full sync.
         assert!(matches!(
-            decide(&meta, HEAD, &more, None),
-            Decision::Resume(_)
+            decide(&meta, HEAD, &app().excluding(["/app/private/x/"]), None),
+            Decision::FullSync(SlowPathReason::ExcludeRemoved { .. })
         ));
         // A checkpoint that does not say what it left out is not judged.
         assert!(matches!(

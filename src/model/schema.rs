@@ -151,13 +151,15 @@ impl Checkpoint {
 
 impl Checkpoint {
     /// The prefixes this checkpoint's copy left out that the job copies now
-    /// (`excluded_now`: the job's excluded source prefixes): their keys were
-    /// never copied. Empty when the checkpoint does not say.
+    /// (`excluded_now`: the job's excluded source prefixes; one that still
+    /// falls inside an excluded prefix, a widened exclude, is still left
+    /// out): their keys were never copied. Empty when the checkpoint does
+    /// not say.
     pub fn excludes_removed(&self, excluded_now: &[String]) -> Vec<String> {
         self.excluded
             .iter()
             .flatten()
-            .filter(|was| !excluded_now.contains(was))
+            .filter(|was| !excluded_now.iter().any(|now| was.starts_with(now.as_str())))
             .cloned()
             .collect()
     }

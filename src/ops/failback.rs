@@ -928,7 +928,15 @@ pub async fn failback(
         write_id: rand::random(),
         last_event,
         leases_mirrored: job.leases_faithful && report.written_without_lease == 0,
-        excluded: None,
+        // The reverse job's source is the standby: the same ranges, as its
+        // prefixes (left out here, so a reverse job that copies them
+        // takes a full sync).
+        excluded: Some(
+            rewrite
+                .excluded_dest_prefixes()
+                .map(|p| String::from_utf8_lossy(&p).into_owned())
+                .collect(),
+        ),
     };
     let range_delete = |prefix: String| Op::Delete {
         range_end: prefix_range_end(prefix.as_bytes()),
