@@ -1591,6 +1591,61 @@ mod leases {
         stop.cancel();
     }
 
+    /// A source rebuilt with its cluster id hands a retiring lease's ID out
+    /// again. The full sync of it must not put the new lease's keys on the
+    /// retiring destination lease as it stands (revoked once the new
+    /// history's checkpoint passes where the old lease was seen gone: live
+    /// keys deleted): once a full sync starts, retiring leases take no key,
+    /// and one wanted again is mapped again.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_sync_puts_no_live_key_on_a_retiring_lease() {
+        let (source, dest) = (new_store(1), new_store(2));
+        let (ctx, book, ids, _) = one_lease_mirrored_past_other_writes(&source, &dest).await;
+        let clients = MemoryEtcd::new(source.clone(), Link::new("clients", 3));
+        clients.lease_revoke(ids[0]).await.expect("revoke");
+        let stop = CancellationToken::new();
+        book.ensure_keeper(&stop);
+        until_retired(&book, &source, &[], 1).await;
+        // Rebuilt: the same id, lower revisions, the same lease ID alive.
+        *source.lock().unwrap() = etcd_syncer::etcd::memory::Store::new(1);
+        clients.lease_grant(10, ids[0]).await.expect("the same ID");
+        clients
+            .txn(TxnRequest::new().and_then(vec![Op::put_with_lease(
+                "/app/l0/k0",
+                "again",
+                ids[0],
+            )]))
+            .await
+            .expect("put");
+        book.full_sync_started(1);
+        let meta = read_job_meta(&ctx.dest, &ctx.keys).await.expect("meta");
+        let synced = etcd_syncer::mirror::full_sync::run(
+            &ctx,
+            &meta,
+            &etcd_syncer::mirror::SlowPathReason::Reset,
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("full sync");
+        book.full_sync_done(1, synced.checkpoint.last_synced_rev);
+        // The new history moves past where the old lease was seen gone,
+        // and its checkpoint follows.
+        for i in 0..40 {
+            put(&source, &[("/other/k", format!("{i}").as_str())]).await;
+        }
+        book.committed(rev(&source));
+        run_for(&source, &ids[..1], 30).await;
+        let on = dest_leases_of_keys(&dest)
+            .get(b"/app/l0/k0".as_slice())
+            .copied();
+        assert!(
+            on.is_some_and(|lease| alive(&dest, lease)),
+            "the live key was deleted with the retiring lease it was put on"
+        );
+        assert_eq!(book.retiring_count(), 0);
+        stop.cancel();
+    }
+
     /// The source is replaced (another cluster id) or rebuilt (the same id,
     /// revisions below the checkpoint) while the job still counts in the
     /// old history: a probe there finds no mirrored lease, but its head read
