@@ -1858,6 +1858,58 @@ mod leases {
         second.cancel();
     }
 
+    /// Effects queued behind the concurrency limit when the keeper stops
+    /// (promoted, deposed) are dropped: only the calls already sent land.
+    #[tokio::test(start_paused = true)]
+    async fn a_stopped_keeper_sends_nothing_it_had_queued() {
+        const LEASES: usize = etcd_syncer::mirror::leases::CONCURRENT_LEASE_CALLS + 8;
+        let (source, dest) = (new_store(1), new_store(2));
+        let ids = leased_source(&source, LEASES, 1, 10).await;
+        let (ctx, dest_link) = leader_over(&source, &dest);
+        ctx.writer
+            .commit_mutations(
+                "test",
+                vec![],
+                source_mutations(&source),
+                vec![],
+                rev(&source),
+            )
+            .await
+            .expect("commit");
+        let book = ctx.leases().unwrap().clone();
+        // Renewals take 200 ms to land and as long to answer (below the
+        // 500 ms after which a hedged copy would go out): the first round
+        // fills every slot.
+        dest_link.set_faults(Faults {
+            delay: (Duration::from_millis(200), Duration::from_millis(200)),
+            ..Faults::default()
+        });
+        let keeper = CancellationToken::new();
+        book.ensure_keeper(&keeper);
+        let ttl_reads = requests(&source, "ttl");
+        for _ in 0..200 {
+            if requests(&source, "ttl") >= ttl_reads + LEASES as u64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            renew_source(&source, &ids);
+        }
+        assert!(
+            requests(&source, "ttl") >= ttl_reads + LEASES as u64,
+            "every lease probed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before = requests(&dest, "renew");
+        book.stop_keeper();
+        run_for(&source, &ids, 10).await;
+        assert_eq!(
+            requests(&dest, "renew") - before,
+            etcd_syncer::mirror::leases::CONCURRENT_LEASE_CALLS as u64,
+            "the queued renewals went out after the stop"
+        );
+        keeper.cancel();
+    }
+
     /// A new attempt reads the records again: a lease already retiring
     /// (its source lease gone) stays retiring, not adopted as a live
     /// mapping beside it (found by mutation testing).
