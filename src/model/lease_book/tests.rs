@@ -865,6 +865,67 @@ fn a_failed_grant_fails_only_the_writers_waiting_on_it() {
     );
 }
 
+/// A writer waits on a new lease and on one that retires meanwhile (its
+/// keys older than the probe's H0: it could still take them); a full sync
+/// then starts, so the retiring lease takes no key. When the new lease's
+/// record commits, the retiring one is mapped again for the writer and the
+/// writer is answered at once (nothing else would wake it).
+#[test]
+fn a_writer_waiting_on_a_retired_lease_is_answered_when_it_is_mapped_again() {
+    let now = t0();
+    let mut core = Core::new(Duration::from_secs(5));
+    core.step(
+        now,
+        Input::Resumed {
+            history: history(10),
+        },
+    );
+    map_one(&mut core, now, 42, 420, 11);
+    let later = now + Duration::from_secs(5);
+    let [(42, serial)] = round(&mut core, later, 20)[..] else {
+        panic!("one probe")
+    };
+    core.step(
+        later,
+        Input::Resolve {
+            request: 9,
+            wants: vec![Want { lease: 42, at: 15 }, Want { lease: 43, at: 15 }],
+        },
+    );
+    let effects = core.step(
+        later,
+        Input::Probed {
+            lease: 42,
+            serial: Some(serial),
+            outcome: Ok(None),
+        },
+    );
+    let batch = head_batch(&effects).expect("a head read after the gone answer");
+    core.step(
+        later,
+        Input::Head {
+            batch,
+            outcome: Ok(history(30)),
+        },
+    );
+    assert_eq!(core.retiring_count(), 1, "42 retired");
+    core.step(
+        later,
+        Input::FullSyncStarted {
+            cluster_id: CLUSTER,
+        },
+    );
+    let effects = grant_recorded(&mut core, later, 43, 430);
+    assert!(
+        effects.contains(&Effect::Reply {
+            request: 9,
+            outcome: Ok([(42, 420), (43, 430)].into()),
+        }),
+        "the writer is not answered: {effects:?}"
+    );
+    assert_eq!(core.retiring_count(), 0, "42 mapped again");
+}
+
 /// A lease that retires while a writer waits on another lease (the
 /// writer's key on it is newer than the probe's H0, and not counted yet)
 /// is mapped again for it: the writer is recorded and answered, not stuck.
