@@ -422,6 +422,10 @@ async fn drill_destination_quota_exceeded() -> Result<()> {
                 .context("last_synced_rev")?,
         ))
     };
+    // A write after the alarm can never reach the destination (the big
+    // puts before it may all have landed, in txns applied before the
+    // backend's size caught up with them).
+    src.put("/app/after-the-alarm", "x", None).await?;
     wait_job_state(&syncer, "app", "no_space").await?;
     let (stuck_mod_revision, stuck_at) = read_checkpoint().await?;
     // A negative check: nothing can flake here, only a bug can show.
