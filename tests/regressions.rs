@@ -2214,6 +2214,29 @@ impl Etcd for RebuiltMidSync {
     }
 }
 
+/// Eight source keys, twelve on the destination (four the source does not
+/// hold, after the eight it does), and a job whose source is rebuilt (or
+/// replaced) at its `rebuild_at`-th fingerprint read.
+async fn rebuilt_mid_sync(rebuild_at: usize, replaced: bool) -> (JobContext, SharedStore) {
+    let (source, dest) = (new_store(1), new_store(2));
+    put_numbered(&source, 0..8).await;
+    put_numbered(&dest, 0..12).await;
+    let mut ctx = context(&source, &dest, NO_CHECKS, 1.0);
+    ctx.source = Cluster::with_backend(
+        Side::Source,
+        "source",
+        Arc::new(RebuiltMidSync {
+            inner: MemoryEtcd::new(source.clone(), Link::new("source", 7)),
+            store: source.clone(),
+            fingerprints: Default::default(),
+            rebuild_at,
+            replaced,
+        }),
+        Duration::from_secs(2),
+    );
+    (ctx, dest)
+}
+
 /// A source rebuilt (same cluster id) between a full sync's copy pass and
 /// its deletions: the deletions were found against the old history, so
 /// none runs; the attempt stops before them, and says why. Rebuilt after
@@ -2221,23 +2244,7 @@ impl Etcd for RebuiltMidSync {
 #[tokio::test(start_paused = true)]
 async fn a_source_rebuilt_before_the_deletions_deletes_nothing() {
     for (rebuild_at, stage) in [(2, "before the deletions"), (3, "during the full sync")] {
-        let (source, dest) = (new_store(1), new_store(2));
-        put_numbered(&source, 0..8).await;
-        // Four keys the source does not hold, after the eight it does.
-        put_numbered(&dest, 0..12).await;
-        let mut ctx = context(&source, &dest, NO_CHECKS, 1.0);
-        ctx.source = Cluster::with_backend(
-            Side::Source,
-            "source",
-            Arc::new(RebuiltMidSync {
-                inner: MemoryEtcd::new(source.clone(), Link::new("source", 7)),
-                store: source.clone(),
-                fingerprints: Default::default(),
-                rebuild_at,
-                replaced: false,
-            }),
-            Duration::from_secs(2),
-        );
+        let (ctx, dest) = rebuilt_mid_sync(rebuild_at, false).await;
         let error = first_full_sync(&ctx)
             .await
             .expect_err("the source was rebuilt");
@@ -2260,22 +2267,7 @@ async fn a_source_rebuilt_before_the_deletions_deletes_nothing() {
     }
     // Replaced by another cluster that holds the same keys: the reads say
     // so by their cluster id, and the attempt stops before it deletes.
-    let (source, dest) = (new_store(1), new_store(2));
-    put_numbered(&source, 0..8).await;
-    put_numbered(&dest, 0..12).await;
-    let mut ctx = context(&source, &dest, NO_CHECKS, 1.0);
-    ctx.source = Cluster::with_backend(
-        Side::Source,
-        "source",
-        Arc::new(RebuiltMidSync {
-            inner: MemoryEtcd::new(source.clone(), Link::new("source", 7)),
-            store: source.clone(),
-            fingerprints: Default::default(),
-            rebuild_at: 2,
-            replaced: true,
-        }),
-        Duration::from_secs(2),
-    );
+    let (ctx, dest) = rebuilt_mid_sync(2, true).await;
     match first_full_sync(&ctx).await {
         Err(JobError::HistoryDiffers(etcd_syncer::mirror::SlowPathReason::SourceReplaced {
             checkpoint_cluster_id: 1,
