@@ -280,6 +280,11 @@ struct Episode {
     baseline: u64,
     deleted: u64,
     ratio: f64,
+    /// The prefixes of the full-sync marker that opened it: a marker for
+    /// other prefixes (a full sync after a prefix change) opens another,
+    /// with a baseline of its own; the same marker found again after the
+    /// job came back to its prefixes continues it, as the code inherits it.
+    prefixes: Option<serde_json::Value>,
 }
 
 struct World {
@@ -753,23 +758,8 @@ impl World {
             next.dest_prefix()
         ));
         self.shape = next;
-        // A full sync under way restarts for the new prefixes with a
-        // baseline of its own (the one counted for the old prefix does not
-        // apply): so does the mass-delete episode.
-        if let Some(episode) = self.episode.as_mut() {
-            let before: BTreeSet<Vec<u8>> = self
-                .dest_now
-                .keys()
-                .filter(|k| {
-                    k.starts_with(self.shape.dest_prefix().as_bytes())
-                        && !k.starts_with(META.as_bytes())
-                })
-                .cloned()
-                .collect();
-            episode.baseline = before.len() as u64;
-            episode.before = before;
-            episode.deleted = 0;
-        }
+        // A full sync for the new prefixes writes a marker of its own, which
+        // opens a mass-delete episode with its own baseline (invariant 4).
         for index in 0..self.replicas.len() {
             let down_for = Duration::from_millis(self.operator_rng.gen_range(0..1_000));
             self.crash(index, down_for);
@@ -1454,7 +1444,20 @@ impl World {
         }
         // Invariant 4, before applying: a marker appearing opens an episode.
         let marker_before = self.dest_now.contains_key(&marker_key);
-        let mirror_before: BTreeSet<Vec<u8>> = if marker_before {
+        // The prefixes of a marker this commit writes.
+        let marker_prefixes = commit
+            .events
+            .iter()
+            .filter(|e| e.kv.key == marker_key && e.kind == EventType::Put)
+            .filter_map(|e| serde_json::from_slice::<serde_json::Value>(&e.kv.value).ok())
+            .map(|marker| marker.get("prefixes").cloned().unwrap_or_default())
+            .next_back();
+        let new_episode = match (&self.episode, &marker_prefixes) {
+            (_, None) => !marker_before,
+            (Some(episode), Some(prefixes)) => episode.prefixes.as_ref() != Some(prefixes),
+            (None, Some(_)) => true,
+        };
+        let mirror_before: BTreeSet<Vec<u8>> = if !new_episode {
             BTreeSet::new()
         } else {
             self.dest_now
@@ -1538,7 +1541,7 @@ impl World {
             let since = self.marker_since.unwrap_or(0);
             self.expired.retain(|_, at| *at > since);
         }
-        if !marker_before && marker_after {
+        if marker_after && new_episode {
             let ratio = self
                 .replicas
                 .iter()
@@ -1549,6 +1552,7 @@ impl World {
                 before: mirror_before,
                 deleted: 0,
                 ratio,
+                prefixes: marker_prefixes,
             });
         }
         if let Some(episode) = self.episode.as_mut() {
@@ -2195,7 +2199,9 @@ fn simulation() {
 /// out again; a full sync copied a source it had not pinned); 23957 the
 /// checkpoint stayed behind after a revision of excluded keys only;
 /// 25833, 48976, 117149, 126538, 138255, 1000976, 1021489 the prune
-/// guard's accounting; 1014108 two rebuilds wrote the same values;
+/// guard's accounting (1005971, 1006676, 1010948 across prefix changes:
+/// an interrupted full sync's marker found again when the job came back
+/// to its prefixes keeps its baseline); 1014108 two rebuilds wrote the same values;
 /// 184264 a source replaced between a full sync's pin and its reads (same
 /// revision numbers on both); 196248 a lease wanted at the checkpoint's
 /// revision instead of the split revision's, so a lease retired on an
@@ -2203,7 +2209,8 @@ fn simulation() {
 /// 67093, 72612, 78921, 86823 the lease book's first races.
 const ONCE_FAILED: &[u64] = &[
     140, 340, 3036, 10917, 23957, 24671, 25833, 26704, 40328, 40896, 43664, 48976, 54653, 67093,
-    72612, 78921, 86823, 117149, 126538, 138255, 184264, 196248, 1000976, 1014108, 1021489,
+    72612, 78921, 86823, 117149, 126538, 138255, 184264, 196248, 1000976, 1005971, 1006676,
+    1010948, 1014108, 1021489,
 ];
 
 #[test]
