@@ -214,6 +214,17 @@ struct Member {
     backend: tokio::sync::OnceCell<Arc<dyn Etcd>>,
 }
 
+impl Connection {
+    /// A real client of `settings`' first group, with its members.
+    fn of_group(settings: &ClusterSettings, backend: Arc<dyn Etcd>) -> Self {
+        Connection {
+            endpoints: settings.endpoints().join(",").into(),
+            backend,
+            members: Member::of(settings),
+        }
+    }
+}
+
 impl Member {
     /// The members of `settings`' first group, when it has more than one.
     fn of(settings: &ClusterSettings) -> Arc<[Member]> {
@@ -405,14 +416,22 @@ impl Cluster {
         request_timeout: Duration,
     ) -> Self {
         let endpoints: String = endpoints.into();
+        Self::over(
+            side,
+            Connection {
+                endpoints: endpoints.into(),
+                backend,
+                members: Arc::from(Vec::new()),
+            },
+            request_timeout,
+        )
+    }
+
+    fn over(side: Side, connection: Connection, request_timeout: Duration) -> Self {
         Self {
             side,
             route: Arc::new(Route {
-                current: std::sync::RwLock::new(Connection {
-                    endpoints: endpoints.into(),
-                    backend,
-                    members: Arc::from(Vec::new()),
-                }),
+                current: std::sync::RwLock::new(connection),
                 generation: tokio::sync::watch::Sender::new(0),
                 on_fallback: std::sync::atomic::AtomicBool::new(false),
                 expected_cluster_id: std::sync::atomic::AtomicU64::new(0),
@@ -429,18 +448,11 @@ impl Cluster {
         backend: Arc<dyn Etcd>,
         request_timeout: Duration,
     ) -> Self {
-        let cluster = Self::with_backend(
+        Self::over(
             settings.side,
-            settings.endpoints().join(","),
-            backend,
+            Connection::of_group(settings, backend),
             request_timeout,
-        );
-        cluster.set_connection(Connection {
-            endpoints: settings.endpoints().join(",").into(),
-            backend: cluster.backend(),
-            members: Member::of(settings),
-        });
-        cluster
+        )
     }
 
     /// Whether requests go through a fallback endpoint group.
@@ -503,37 +515,31 @@ impl Cluster {
     /// watches open now end (their callers re-open them here).
     pub fn switch_to(&self, endpoints: impl Into<String>, backend: Arc<dyn Etcd>) {
         let endpoints: String = endpoints.into();
-        self.set_connection(Connection {
+        self.switch(Connection {
             endpoints: endpoints.into(),
             backend,
             members: Arc::from(Vec::new()),
         });
-        self.route.generation.send_modify(|g| *g += 1);
     }
 
     /// [`Self::switch_to`] a real client of `settings`' first group (its
     /// members answer hedged requests one by one).
     pub fn switch_to_group(&self, settings: &ClusterSettings, backend: Arc<dyn Etcd>) {
-        self.set_connection(Connection {
-            endpoints: settings.endpoints().join(",").into(),
-            backend,
-            members: Member::of(settings),
-        });
-        self.route.generation.send_modify(|g| *g += 1);
+        self.switch(Connection::of_group(settings, backend));
     }
 
     /// [`Self::switch_to`] wherever `other` sends its requests now.
     pub fn switch_like(&self, other: &Cluster) {
-        self.set_connection(other.connection());
-        self.route.generation.send_modify(|g| *g += 1);
+        self.switch(other.connection());
     }
 
-    fn set_connection(&self, connection: Connection) {
+    fn switch(&self, connection: Connection) {
         *self
             .route
             .current
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = connection;
+        self.route.generation.send_modify(|g| *g += 1);
     }
 
     /// How many times the connection was switched.
