@@ -2106,6 +2106,9 @@ struct RebuiltMidSync {
     rebuild_at: usize,
     /// Replaced instead: another cluster id, the same keys and values.
     replaced: bool,
+    /// Cancelled instead, at the first read of one key at a revision (a
+    /// full sync makes it only to prove its end, after every pass).
+    cancel_at_key_read: Option<CancellationToken>,
 }
 
 impl Etcd for RebuiltMidSync {
@@ -2117,7 +2120,11 @@ impl Etcd for RebuiltMidSync {
         etcd_syncer::etcd::api::EtcdResult<etcd_syncer::etcd::api::RangeResponse>,
     > {
         let fingerprint = request.limit == 1 && request.revision > 0 && !request.count_only;
+        let key_read = request.range_end.is_empty() && request.revision > 0;
         Box::pin(async move {
+            if let Some(cancel) = self.cancel_at_key_read.as_ref().filter(|_| key_read) {
+                cancel.cancel();
+            }
             if fingerprint
                 && self
                     .fingerprints
@@ -2231,10 +2238,65 @@ async fn rebuilt_mid_sync(rebuild_at: usize, replaced: bool) -> (JobContext, Sha
             fingerprints: Default::default(),
             rebuild_at,
             replaced,
+            cancel_at_key_read: None,
         }),
         Duration::from_secs(2),
     );
     (ctx, dest)
+}
+
+/// An attempt cancelled after its passes (a destination lease it wrote
+/// keys on was found lost, a step-down) claims no checkpoint: the
+/// destination may no longer hold what the passes wrote. The cancel lands
+/// during the last read that proves the sync's end, which does not watch
+/// the token: only the check before the checkpoint sees it.
+#[tokio::test(start_paused = true)]
+async fn a_full_sync_cancelled_after_its_passes_claims_no_checkpoint() {
+    let (source, dest) = (new_store(1), new_store(2));
+    put_numbered(&source, 0..8).await;
+    let mut ctx = context(&source, &dest, NO_CHECKS, 1.0);
+    // The end is proved by the newest key's value, not a full compare
+    // (which watches the token itself).
+    ctx.tuning.resume_exact_max_keys = 0;
+    let cancel = CancellationToken::new();
+    ctx.source = Cluster::with_backend(
+        Side::Source,
+        "source",
+        Arc::new(RebuiltMidSync {
+            inner: MemoryEtcd::new(source.clone(), Link::new("source", 7)),
+            store: source.clone(),
+            fingerprints: Default::default(),
+            rebuild_at: usize::MAX,
+            replaced: false,
+            cancel_at_key_read: Some(cancel.clone()),
+        }),
+        Duration::from_secs(2),
+    );
+    let meta = etcd_syncer::etcd::meta::read_job_meta(&ctx.dest, &ctx.keys)
+        .await
+        .expect("meta");
+    let outcome = etcd_syncer::mirror::full_sync::run(
+        &ctx,
+        &meta,
+        &etcd_syncer::mirror::SlowPathReason::NoCheckpoint,
+        &cancel,
+    )
+    .await;
+    assert!(cancel.is_cancelled(), "the end-proving read was made");
+    assert!(
+        matches!(outcome, Err(JobError::Cancelled)),
+        "cancelled after the passes: {outcome:?}"
+    );
+    let held = dest.lock().unwrap().current();
+    assert_eq!(
+        held.keys().filter(|k| k.starts_with(b"/app/k")).count(),
+        8,
+        "the passes ran"
+    );
+    assert!(
+        !held.contains_key(ctx.keys.checkpoint().as_bytes()),
+        "a cancelled attempt claimed the checkpoint"
+    );
 }
 
 /// A source rebuilt (same cluster id) between a full sync's copy pass and

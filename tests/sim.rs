@@ -1423,8 +1423,18 @@ impl World {
                 ));
             }
         }
+        // A revoke cannot be fenced (etcd has no lease operation in a txn),
+        // so one sent before a promotion or a change of leader may land
+        // after it. The keeper revokes a lease only once its source lease
+        // is gone and the deletes of its keys are on the destination, so
+        // such a revoke may delete only copies outside the job's prefixes
+        // (left behind by a prefix change) that the lease's expiry after a
+        // promotion deletes anyway: judged as that expiry.
+        let late_revoke = by_replica
+            && commit.lease_end.is_some()
+            && commit.events.iter().all(|e| !self.in_mirror(&e.kv.key));
         // Invariant 3: only the lock holder writes, and nobody while promoted.
-        if by_replica && touches_mirror {
+        if by_replica && touches_mirror && !late_revoke {
             if self.dest_now.contains_key(&promoted_key) {
                 return err(format!(
                     "invariant 3 (promoted fence): {} wrote at destination revision {} while the job was promoted",
@@ -1466,7 +1476,10 @@ impl World {
                 .cloned()
                 .collect()
         };
-        let mut deleted_in_mirror = Vec::new();
+        // Every key deleted, whatever prefixes the job runs with now: an
+        // episode's keys are those of its marker's prefixes (a lease expiry
+        // while the job ran elsewhere still took one from its baseline).
+        let mut deleted = Vec::new();
         for event in &commit.events {
             let key = &event.kv.key;
             if key.starts_with(&lock_prefix) {
@@ -1496,8 +1509,8 @@ impl World {
                 }
                 EventType::Delete => {
                     self.dest_leases.remove(key);
-                    if self.dest_now.remove(key).is_some() && self.in_mirror(key) {
-                        deleted_in_mirror.push(key.clone());
+                    if self.dest_now.remove(key).is_some() {
+                        deleted.push(key.clone());
                     }
                 }
             }
@@ -1506,14 +1519,18 @@ impl World {
                 self.expired.remove(key);
             }
         }
-        if commit.by == "lease-expiry"
+        if (commit.by == "lease-expiry" || late_revoke)
             && commit.events.iter().any(|e| self.in_any_mirror(&e.kv.key))
         {
             // A mirrored lease ran out on the destination: no replica renewed
             // it for TTL + grace (a long outage or a promotion). Those keys
             // are the destination's loss until a full sync that begins after
             // this restores them.
-            self.fault("dest_lease_expired");
+            self.fault(if late_revoke {
+                "dest_lease_revoked_left_behind_copies"
+            } else {
+                "dest_lease_expired"
+            });
             for event in &commit.events {
                 if self.in_any_mirror(&event.kv.key) {
                     self.expired.insert(event.kv.key.clone(), commit.revision);
@@ -1556,7 +1573,7 @@ impl World {
             });
         }
         if let Some(episode) = self.episode.as_mut() {
-            for key in &deleted_in_mirror {
+            for key in &deleted {
                 // Keys the full sync itself wrote are not the destination's
                 // to guard; nor is a key something else deleted (a lease
                 // expiry, an operator) and a full sync wrote again.
@@ -2201,7 +2218,11 @@ fn simulation() {
 /// 25833, 48976, 117149, 126538, 138255, 1000976, 1021489 the prune
 /// guard's accounting (1005971, 1006676, 1010948 across prefix changes:
 /// an interrupted full sync's marker found again when the job came back
-/// to its prefixes keeps its baseline); 1014108 two rebuilds wrote the same values;
+/// to its prefixes keeps its baseline; 1006886 a lease expiry while the
+/// job ran under another prefix still took a key from the episode's
+/// baseline); 1014108 two rebuilds wrote the same values;
+/// 1025282, 1044768 a revoke sent before a promotion landed after it and
+/// took copies left behind by a prefix change (etcd cannot fence a revoke);
 /// 184264 a source replaced between a full sync's pin and its reads (same
 /// revision numbers on both); 196248 a lease wanted at the checkpoint's
 /// revision instead of the split revision's, so a lease retired on an
@@ -2210,7 +2231,7 @@ fn simulation() {
 const ONCE_FAILED: &[u64] = &[
     140, 340, 3036, 10917, 23957, 24671, 25833, 26704, 40328, 40896, 43664, 48976, 54653, 67093,
     72612, 78921, 86823, 117149, 126538, 138255, 184264, 196248, 1000976, 1005971, 1006676,
-    1010948, 1014108, 1021489,
+    1006886, 1010948, 1014108, 1021489, 1025282, 1044768,
 ];
 
 #[test]

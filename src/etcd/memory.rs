@@ -99,6 +99,10 @@ pub struct CommitRecord {
     /// The link (client) that made it; `"lease-expiry"` for an expiry.
     pub by: String,
     pub events: Vec<Event>,
+    /// The lease whose end (a revoke, or its expiry) deleted these keys:
+    /// etcd cannot fence a revoke in a txn, so the simulator judges those
+    /// deletions by what they delete.
+    pub lease_end: Option<i64>,
 }
 
 /// One etcd cluster's state.
@@ -507,7 +511,7 @@ impl Store {
             }
         }
         if !events.is_empty() {
-            self.commit(next, events, by);
+            self.commit(next, events, by, None);
         }
         Ok(TxnResponse {
             header: self.header(),
@@ -537,7 +541,7 @@ impl Store {
         }
     }
 
-    fn commit(&mut self, revision: i64, events: Vec<Event>, by: &str) {
+    fn commit(&mut self, revision: i64, events: Vec<Event>, by: &str, lease_end: Option<i64>) {
         self.revision_times.push((Instant::now(), revision));
         self.revision = revision;
         self.log.insert(revision, events.clone());
@@ -554,6 +558,7 @@ impl Store {
             revision,
             by: by.to_string(),
             events,
+            lease_end,
         });
     }
 
@@ -681,7 +686,7 @@ impl Store {
             .iter()
             .map(|key| self.delete_key(key, next))
             .collect();
-        self.commit(next, events, by);
+        self.commit(next, events, by, Some(id));
         Ok(())
     }
 
