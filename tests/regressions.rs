@@ -317,28 +317,28 @@ async fn a_destination_compacted_during_a_check_keeps_it_exact() {
     cancel.cancel();
     job.await.expect("joined").expect("clean stop");
 
-    let checker_link = Link::new("checker", 3);
-    checker_link.set_faults(Faults {
-        delay: (Duration::from_millis(5), Duration::from_millis(5)),
-        ..Faults::default()
+    // Just before the check's first destination page: the destination
+    // writes and compacts, once, so the page's snapshot is gone.
+    let pages = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (compacting, read) = (dest.clone(), pages.clone());
+    let checker_dest = BeforeRange::cluster(Side::Destination, "checker", &dest, move |request| {
+        let page = request.revision > 0 && !request.count_only && request.key.starts_with(b"/app/");
+        let first = page && {
+            let mut read = read.lock().unwrap();
+            read.push(request.revision);
+            read.len() == 1
+        };
+        let compacting = compacting.clone();
+        Box::pin(async move {
+            if first {
+                put(&compacting, &[("/elsewhere", "x")]).await;
+                let mut store = compacting.lock().unwrap();
+                let head = store.revision();
+                store.compact(head);
+            }
+        })
     });
-    let checker_dest = Cluster::with_backend(
-        Side::Destination,
-        "checker",
-        Arc::new(MemoryEtcd::new(dest.clone(), checker_link)),
-        Duration::from_secs(2),
-    );
     let checker_source = cluster(Side::Source, &source, "checker-source");
-    // Between the meta read and the first page: the destination writes and
-    // compacts, once.
-    let compacting = dest.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(12)).await;
-        put(&compacting, &[("/elsewhere", "x")]).await;
-        let mut store = compacting.lock().unwrap();
-        let head = store.revision();
-        store.compact(head);
-    });
     let options = CheckOptions {
         page_size: 2,
         ..CheckOptions::default()
@@ -352,6 +352,12 @@ async fn a_destination_compacted_during_a_check_keeps_it_exact() {
     )
     .await
     .expect("check");
+    // The first page's snapshot was compacted away: the check read a fresh one.
+    let pages = pages.lock().unwrap().clone();
+    assert!(
+        pages.iter().any(|revision| *revision > pages[0]),
+        "no page read from a fresh snapshot: {pages:?}"
+    );
     assert!(
         report.exact,
         "a destination compaction made the check approximate"
@@ -2095,23 +2101,41 @@ async fn full_syncs_without_a_stable_watch_are_a_resync_loop() {
     job.await.expect("joined").expect("clean stop");
 }
 
-/// A source rebuilt with its cluster id (another history) just before it
-/// answers its `rebuild_at`-th fingerprint read (a one-key range of the
-/// prefix at a revision: the full sync reads one at its pin, one before
-/// its deletions and one at its end; its pages read two keys).
-struct RebuiltMidSync {
+/// A store whose reads run a hook first (a rebuild, a compaction, a
+/// cancel), at the exact point of a job's work the hook picks by the request.
+struct BeforeRange {
     inner: MemoryEtcd,
-    store: SharedStore,
-    fingerprints: std::sync::atomic::AtomicUsize,
-    rebuild_at: usize,
-    /// Replaced instead: another cluster id, the same keys and values.
-    replaced: bool,
-    /// Cancelled instead, at the first read of one key at a revision (a
-    /// full sync makes it only to prove its end, after every pass).
-    cancel_at_key_read: Option<CancellationToken>,
+    #[allow(clippy::type_complexity)]
+    hook: Box<
+        dyn Fn(&etcd_syncer::etcd::api::RangeRequest) -> futures::future::BoxFuture<'static, ()>
+            + Send
+            + Sync,
+    >,
 }
 
-impl Etcd for RebuiltMidSync {
+impl BeforeRange {
+    fn cluster(
+        side: Side,
+        name: &str,
+        store: &SharedStore,
+        hook: impl Fn(&etcd_syncer::etcd::api::RangeRequest) -> futures::future::BoxFuture<'static, ()>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Cluster {
+        Cluster::with_backend(
+            side,
+            name,
+            Arc::new(BeforeRange {
+                inner: MemoryEtcd::new(store.clone(), Link::new(name, 7)),
+                hook: Box::new(hook),
+            }),
+            Duration::from_secs(2),
+        )
+    }
+}
+
+impl Etcd for BeforeRange {
     fn range(
         &self,
         request: etcd_syncer::etcd::api::RangeRequest,
@@ -2119,35 +2143,9 @@ impl Etcd for RebuiltMidSync {
         '_,
         etcd_syncer::etcd::api::EtcdResult<etcd_syncer::etcd::api::RangeResponse>,
     > {
-        let fingerprint = request.limit == 1 && request.revision > 0 && !request.count_only;
-        let key_read = request.range_end.is_empty() && request.revision > 0;
+        let hook = (self.hook)(&request);
         Box::pin(async move {
-            if let Some(cancel) = self.cancel_at_key_read.as_ref().filter(|_| key_read) {
-                cancel.cancel();
-            }
-            if fingerprint
-                && self
-                    .fingerprints
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-                    + 1
-                    == self.rebuild_at
-            {
-                let id = self.store.lock().unwrap().cluster_id();
-                if self.replaced {
-                    *self.store.lock().unwrap() = etcd_syncer::etcd::memory::Store::new(id + 1);
-                    put_numbered(&self.store, 0..8).await;
-                } else {
-                    // The same id and revisions, other keys: the old
-                    // history's first keys are gone and two new ones lead.
-                    *self.store.lock().unwrap() = etcd_syncer::etcd::memory::Store::new(id);
-                    put(
-                        &self.store,
-                        &[("/app/a0", "rebuilt"), ("/app/a1", "rebuilt")],
-                    )
-                    .await;
-                    put_numbered(&self.store, 4..12).await;
-                }
-            }
+            hook.await;
             self.inner.range(request).await
         })
     }
@@ -2222,26 +2220,41 @@ impl Etcd for RebuiltMidSync {
 }
 
 /// Eight source keys, twelve on the destination (four the source does not
-/// hold, after the eight it does), and a job whose source is rebuilt (or
-/// replaced) at its `rebuild_at`-th fingerprint read.
+/// hold, after the eight it does), and a job whose source is rebuilt with
+/// its cluster id (another history), or replaced by another cluster that
+/// holds the same keys, just before it answers its `rebuild_at`-th
+/// fingerprint read (a one-key range of the prefix at a revision: the full
+/// sync reads one at its pin, one before its deletions and one at its end;
+/// its pages read two keys).
 async fn rebuilt_mid_sync(rebuild_at: usize, replaced: bool) -> (JobContext, SharedStore) {
     let (source, dest) = (new_store(1), new_store(2));
     put_numbered(&source, 0..8).await;
     put_numbered(&dest, 0..12).await;
     let mut ctx = context(&source, &dest, NO_CHECKS, 1.0);
-    ctx.source = Cluster::with_backend(
-        Side::Source,
-        "source",
-        Arc::new(RebuiltMidSync {
-            inner: MemoryEtcd::new(source.clone(), Link::new("source", 7)),
-            store: source.clone(),
-            fingerprints: Default::default(),
-            rebuild_at,
-            replaced,
-            cancel_at_key_read: None,
-        }),
-        Duration::from_secs(2),
-    );
+    let fingerprints = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let store = source.clone();
+    ctx.source = BeforeRange::cluster(Side::Source, "source", &source, move |request| {
+        let fingerprint = request.limit == 1 && request.revision > 0 && !request.count_only;
+        let store = store.clone();
+        let now = fingerprint
+            && fingerprints.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == rebuild_at;
+        Box::pin(async move {
+            if !now {
+                return;
+            }
+            let id = store.lock().unwrap().cluster_id();
+            if replaced {
+                *store.lock().unwrap() = etcd_syncer::etcd::memory::Store::new(id + 1);
+                put_numbered(&store, 0..8).await;
+            } else {
+                // The same id and revisions, other keys: the old history's
+                // first keys are gone and two new ones lead.
+                *store.lock().unwrap() = etcd_syncer::etcd::memory::Store::new(id);
+                put(&store, &[("/app/a0", "rebuilt"), ("/app/a1", "rebuilt")]).await;
+                put_numbered(&store, 4..12).await;
+            }
+        })
+    });
     (ctx, dest)
 }
 
@@ -2259,19 +2272,15 @@ async fn a_full_sync_cancelled_after_its_passes_claims_no_checkpoint() {
     // (which watches the token itself).
     ctx.tuning.resume_exact_max_keys = 0;
     let cancel = CancellationToken::new();
-    ctx.source = Cluster::with_backend(
-        Side::Source,
-        "source",
-        Arc::new(RebuiltMidSync {
-            inner: MemoryEtcd::new(source.clone(), Link::new("source", 7)),
-            store: source.clone(),
-            fingerprints: Default::default(),
-            rebuild_at: usize::MAX,
-            replaced: false,
-            cancel_at_key_read: Some(cancel.clone()),
-        }),
-        Duration::from_secs(2),
-    );
+    // The first read of one key at a revision: a full sync makes it only
+    // to prove its end, after every pass.
+    let at_end = cancel.clone();
+    ctx.source = BeforeRange::cluster(Side::Source, "source", &source, move |request| {
+        if request.range_end.is_empty() && request.revision > 0 {
+            at_end.cancel();
+        }
+        Box::pin(async {})
+    });
     let meta = etcd_syncer::etcd::meta::read_job_meta(&ctx.dest, &ctx.keys)
         .await
         .expect("meta");

@@ -201,20 +201,46 @@ async fn every_dashboard_query_and_alert_works_against_a_real_prometheus() -> Re
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(chart_file(
         "dashboards/etcd-syncer.json",
     ))?)?;
-    let variable = &dashboard["templating"]["list"][1]["query"]["query"];
-    let mut checked = 0;
-    if let Some(query) = variable.as_str() {
-        // label_values(metric, label) is Grafana's; the series behind it must exist.
+    // Every query variable (label_values(metric, label) is Grafana's): the
+    // series behind it must exist. Found by type, not by position, and at
+    // least the job variable must be there, so a moved layout fails here.
+    let mut variables = 0;
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .context("templating.list")?
+        .iter()
+        .filter(|v| v["type"] == "query")
+    {
+        let query = variable["query"]["query"]
+            .as_str()
+            .or_else(|| variable["query"].as_str())
+            .with_context(|| format!("variable {:?} has no query", variable["name"]))?;
         let metric = query
-            .trim_start_matches("label_values(")
-            .split(',')
-            .next()
-            .unwrap_or_default();
+            .strip_prefix("label_values(")
+            .and_then(|rest| rest.split(',').next())
+            .with_context(|| {
+                format!(
+                    "variable {:?}: not label_values(…): {query}",
+                    variable["name"]
+                )
+            })?;
         ensure!(
             !prometheus.query(metric).await?.is_empty(),
-            "job variable: {metric} has no series"
+            "variable {:?}: {metric} has no series",
+            variable["name"]
         );
+        variables += 1;
     }
+    ensure!(
+        dashboard["templating"]["list"]
+            .as_array()
+            .is_some_and(|list| list
+                .iter()
+                .any(|v| v["name"] == "job" && v["type"] == "query")),
+        "the dashboard has no query variable named job"
+    );
+    println!("{variables} dashboard variables have series");
+    let mut checked = 0;
     for panel in dashboard["panels"].as_array().context("panels")? {
         for target in panel["targets"].as_array().context("targets")? {
             let expr = expand(target["expr"].as_str().context("expr")?);

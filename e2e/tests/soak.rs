@@ -95,6 +95,12 @@ async fn chaos_soak_with_repeated_failovers() -> Result<()> {
     ensure!(code == 0, "{output}");
     monotonic_checkpoint_history(&dest, "app").await?;
     println!("{round} failovers, takeover times (s): {takeovers:.2?}");
+    // A soak with no leader found to kill proved nothing about failover:
+    // every 30 s round should have had one (ten rounds in 300 s).
+    ensure!(
+        round >= 8,
+        "only {round} failovers in 300 s: a leader was missing in most rounds"
+    );
     for replica in replicas {
         replica.finish().await?;
     }
