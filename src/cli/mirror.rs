@@ -280,7 +280,7 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
-    let mut backoff = crate::etcd::retry::backoff(Duration::from_secs(30));
+    let mut backoff = crate::etcd::retry::Policy::CONNECT.backoff();
     let heartbeat = || health.heartbeat_all();
     loop {
         heartbeat();
@@ -322,7 +322,7 @@ async fn request_reset_with_retry(
     instance: &str,
     cancel: &CancellationToken,
 ) -> bool {
-    let mut backoff = crate::etcd::retry::backoff(Duration::from_secs(30));
+    let mut backoff = crate::etcd::retry::Policy::CONNECT.backoff();
     loop {
         match request_reset(dest, keys, instance).await {
             Ok(()) => {

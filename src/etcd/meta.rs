@@ -69,16 +69,30 @@ pub async fn oldest_readable_index(
     probe: &str,
     dest_revisions: &[i64],
 ) -> Result<Option<usize>, ClientError> {
-    let (mut low, mut high) = (0usize, dest_revisions.len());
+    let first = first_readable(dest, probe, dest_revisions.len(), |i| dest_revisions[i]).await?;
+    Ok((first < dest_revisions.len()).then_some(first))
+}
+
+/// The first of `count` candidates, in ascending revision order
+/// (`revision_of`), that the destination can still read; `count` when none
+/// can. Readability only grows with the revision, so a binary search
+/// takes about log2(count) reads.
+pub async fn first_readable(
+    dest: &Cluster,
+    probe: &str,
+    count: usize,
+    revision_of: impl Fn(usize) -> i64,
+) -> Result<usize, ClientError> {
+    let (mut low, mut high) = (0usize, count);
     while low < high {
-        let mid = (low + high) / 2;
-        if readable_at(dest, probe, dest_revisions[mid]).await? {
+        let mid = low + (high - low) / 2;
+        if readable_at(dest, probe, revision_of(mid)).await? {
             high = mid;
         } else {
             low = mid + 1;
         }
     }
-    Ok((low < dest_revisions.len()).then_some(low))
+    Ok(low)
 }
 
 /// Seconds from an RFC 3339 time to now; `None` when unreadable or ahead.

@@ -18,6 +18,7 @@ pub mod client;
 pub mod memory;
 pub mod meta;
 pub mod pager;
+pub mod periodic;
 pub mod real;
 pub mod retry;
 pub mod routes;

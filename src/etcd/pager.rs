@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -176,7 +176,7 @@ pub fn spawn_pager_with_stats(
             let response = tokio::select! {
                 _ = cancel.cancelled() => return,
                 response = read
-                    .retry(page_retry())
+                    .retry(crate::etcd::retry::Policy::PAGE_READ.builder())
                     .when(|e: &ClientError| e.is_retryable())
                     .notify(|error, delay| warn!(%job, %error, retry_in = ?delay, "Page read failed; retrying.")) => response,
             };
@@ -349,14 +349,6 @@ fn window_end(
     // "\0" as an end means the end of the keyspace.
     let before_end = end == [0] || bound.as_slice() < end;
     (bound.as_slice() > from && bound != [0] && before_end).then_some(bound)
-}
-
-fn page_retry() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_jitter()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_max_times(6)
 }
 
 #[cfg(test)]

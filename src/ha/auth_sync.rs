@@ -16,6 +16,7 @@ use crate::config::{AuthPasswords, ClusterSettings};
 use crate::etcd::api::{Op, RangeRequest, TxnRequest};
 use crate::etcd::auth::{apply_change, read_snapshot, EtcdAuth, RealAuth};
 use crate::etcd::client::{ClientError, Cluster};
+use crate::etcd::periodic::{First, Rounds};
 use crate::ha::auth_plan::{plan, MirroredNames, PlanRules, Straddling};
 use crate::model::keys::KeyRewrite;
 use crate::model::versions::Version;
@@ -271,17 +272,12 @@ pub async fn run_auth_sync(
     leads: Arc<dyn Fn() -> bool + Send + Sync>,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(config.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut backoff = crate::etcd::retry::backoff(config.interval);
+    let mut rounds = Rounds::new(config.interval, First::Now, &cancel);
+    let mut backoff = crate::etcd::retry::Policy::forever(config.interval).backoff();
     let mut connected: Option<AuthSync> = None;
     let mut previous: Option<PassReport> = None;
     let mut was_leading = false;
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    while rounds.next().await {
         let leading = leads();
         if leading != was_leading {
             if leading {
@@ -307,9 +303,8 @@ pub async fn run_auth_sync(
                 let sync = connected.as_ref().ok_or(AuthSyncError::Cancelled)?;
                 sync_once(sync).await
             };
-            let result = tokio::select! {
-                _ = cancel.cancelled() => return,
-                result = attempt => result,
+            let Some(result) = rounds.run(attempt).await else {
+                return;
             };
             match result {
                 Ok(report) => {
@@ -328,7 +323,7 @@ pub async fn run_auth_sync(
                     }
                     report_pass(&report, previous.as_ref());
                     previous = Some(report);
-                    backoff = crate::etcd::retry::backoff(config.interval);
+                    backoff = crate::etcd::retry::Policy::forever(config.interval).backoff();
                     break;
                 }
                 Err(error) => {

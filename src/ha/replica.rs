@@ -241,7 +241,7 @@ impl Drop for RebalanceTicket {
 }
 
 fn retry_backoff() -> impl Iterator<Item = Duration> {
-    crate::etcd::retry::backoff(Duration::from_secs(30))
+    crate::etcd::retry::Policy::CONNECT.backoff()
 }
 
 #[cfg(test)]

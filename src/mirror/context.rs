@@ -9,7 +9,7 @@ use crate::config::{CheckSettings, JobSettings, LeaseMode, LeaseSettings, Tuning
 use crate::etcd::client::Cluster;
 use crate::mirror::fenced::FencedWriter;
 use crate::mirror::leases::LeaseBook;
-use crate::mirror::meta::Fence;
+use crate::mirror::meta::{CheckpointOf, Fence};
 use crate::mirror::writer::DestWriter;
 use crate::model::ids::Ids;
 use crate::model::keys::{KeyRewrite, MetaKeys};
@@ -109,5 +109,16 @@ impl JobContext {
     /// The lease book of this leadership (`None` with `--leases strip`).
     pub fn leases(&self) -> Option<&Arc<LeaseBook>> {
         self.writer.leases()
+    }
+
+    /// What this job's checkpoints say about it.
+    pub fn checkpoint_of(&self) -> CheckpointOf {
+        CheckpointOf {
+            instance: self.instance_id.clone(),
+            source_prefix: String::from_utf8_lossy(self.rewrite.source_prefix()).into_owned(),
+            dest_prefix: String::from_utf8_lossy(self.rewrite.dest_prefix()).into_owned(),
+            excluded: self.rewrite.excluded_source_strings(),
+            leases_mirrored: self.leases().is_some(),
+        }
     }
 }

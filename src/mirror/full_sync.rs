@@ -478,19 +478,9 @@ async fn finish(
     last_event: Option<EventStamp>,
 ) -> Result<Synced, JobError> {
     let keys = ctx.writer.keys();
-    let checkpoint = Checkpoint {
-        last_synced_rev: pinned_rev,
-        source_cluster_id: cluster_id,
-        updated_at: now_rfc3339(),
-        instance: ctx.instance_id.clone(),
-        source_prefix: String::from_utf8_lossy(ctx.rewrite.source_prefix()).into_owned(),
-        dest_prefix: Some(String::from_utf8_lossy(ctx.rewrite.dest_prefix()).into_owned()),
-        partial_revision: None,
-        write_id: ctx.ids.next(),
-        last_event,
-        leases_mirrored: ctx.leases().is_some(),
-        excluded: Some(ctx.rewrite.excluded_source_strings()),
-    };
+    let checkpoint =
+        ctx.checkpoint_of()
+            .at((pinned_rev, cluster_id), ctx.ids.next(), last_event, None);
     let checkpoint_bytes = checkpoint.encode();
     let mut ops = vec![
         Op::put(keys.checkpoint(), checkpoint_bytes.clone()),

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::etcd::api::RangeRequest;
 use crate::etcd::client::ClientError;
 use crate::etcd::meta::{age_seconds, oldest_readable_index};
+use crate::etcd::periodic::{First, Rounds};
 use crate::mirror::context::JobContext;
 use crate::model::schema::RevisionSample;
 
@@ -22,16 +23,10 @@ pub fn spawn(ctx: JobContext, cancel: CancellationToken) {
         return;
     }
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let measured = tokio::select! {
-                _ = cancel.cancelled() => return,
-                measured = measure(&ctx) => measured,
+        let mut rounds = Rounds::new(interval, First::AfterOnePeriod, &cancel);
+        while rounds.next().await {
+            let Some(measured) = rounds.run(measure(&ctx)).await else {
+                return;
             };
             match measured {
                 Ok(Some(seconds)) => ctx.metrics.history_window_seconds.set(seconds),

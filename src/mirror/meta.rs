@@ -9,7 +9,47 @@ use crate::telemetry::clock::now_rfc3339;
 
 pub use crate::etcd::meta::read_job_meta;
 use crate::model::keys::MetaKeys;
+use crate::model::schema::EventStamp;
 pub use crate::model::schema::{Checkpoint, FullSyncMarker, JobMeta};
+
+/// What every checkpoint one writer puts says about its job: the prefixes,
+/// the ranges left out, whether keys sit on mirrored leases, and who wrote
+/// it. Every [`Checkpoint`] is built here, so a new field is added once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointOf {
+    pub instance: String,
+    pub source_prefix: String,
+    pub dest_prefix: String,
+    /// The source prefixes left out.
+    pub excluded: Vec<String>,
+    pub leases_mirrored: bool,
+}
+
+impl CheckpointOf {
+    /// Every source revision up to `revision` of cluster `source_cluster_id`
+    /// applied (but `partial_revision`, half applied), written now.
+    pub fn at(
+        &self,
+        (revision, source_cluster_id): (i64, u64),
+        write_id: u64,
+        last_event: Option<EventStamp>,
+        partial_revision: Option<i64>,
+    ) -> Checkpoint {
+        Checkpoint {
+            last_synced_rev: revision,
+            source_cluster_id,
+            updated_at: now_rfc3339(),
+            instance: self.instance.clone(),
+            source_prefix: self.source_prefix.clone(),
+            dest_prefix: Some(self.dest_prefix.clone()),
+            partial_revision,
+            write_id,
+            last_event,
+            leases_mirrored: self.leases_mirrored,
+            excluded: Some(self.excluded.clone()),
+        }
+    }
+}
 
 /// What a key must hold for a txn to apply: the value we last saw or wrote,
 /// or nothing at all.

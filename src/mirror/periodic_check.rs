@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::check::{check, CheckError, CheckOptions, CheckReport, CheckTarget};
+use crate::etcd::periodic::{First, Rounds};
 use crate::mirror::context::JobContext;
 
 pub fn target_of(ctx: &JobContext) -> CheckTarget {
@@ -40,19 +41,13 @@ pub fn spawn(ctx: JobContext, cancel: CancellationToken) -> mpsc::Receiver<Check
             sample_limit: ctx.checks.sample_size,
             ..CheckOptions::default()
         };
-        let mut tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + ctx.checks.interval,
-            ctx.checks.interval,
-        );
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let checked = tokio::select! {
-                _ = cancel.cancelled() => return,
-                checked = check(&ctx.source, &ctx.dest, &target, options, &cancel) => checked,
+        let mut rounds = Rounds::new(ctx.checks.interval, First::AfterOnePeriod, &cancel);
+        while rounds.next().await {
+            let Some(checked) = rounds
+                .run(check(&ctx.source, &ctx.dest, &target, options, &cancel))
+                .await
+            else {
+                return;
             };
             let report = match checked {
                 Ok(report) => report,

@@ -21,7 +21,7 @@ use crate::etcd::api::{Compare, Op};
 use crate::mirror::context::JobContext;
 use crate::mirror::error::JobError;
 use crate::mirror::fenced::TxnOutcome;
-use crate::mirror::meta::{Checkpoint, KeyGuard};
+use crate::mirror::meta::{CheckpointOf, KeyGuard};
 use crate::mirror::writer::DestWriter;
 use crate::model::batch::{Batch, Mutation};
 use crate::model::keys::MetaKeys;
@@ -37,10 +37,7 @@ pub const MAX_SEND_SPACING: Duration = Duration::from_millis(25);
 pub struct Pipeline {
     writer: Arc<DestWriter>,
     source_cluster_id: u64,
-    source_prefix: String,
-    dest_prefix: String,
-    excluded: Vec<String>,
-    instance: String,
+    checkpoint_of: CheckpointOf,
     max_inflight: usize,
     /// The configured gap; the floor of the adaptive one.
     min_spacing: Duration,
@@ -161,10 +158,7 @@ impl Pipeline {
         Self {
             writer: ctx.writer.clone(),
             source_cluster_id,
-            source_prefix: String::from_utf8_lossy(ctx.rewrite.source_prefix()).into_owned(),
-            dest_prefix: String::from_utf8_lossy(ctx.rewrite.dest_prefix()).into_owned(),
-            excluded: ctx.rewrite.excluded_source_strings(),
-            instance: ctx.instance_id.clone(),
+            checkpoint_of: ctx.checkpoint_of(),
             max_inflight: ctx.tuning.max_inflight_txns.max(1),
             min_spacing: send_spacing,
             send_spacing,
@@ -235,21 +229,14 @@ impl Pipeline {
                 self.tail_revision, batch.through_revision
             )));
         }
-        let checkpoint = Checkpoint {
-            // A partial batch leaves the previous revision as the resume point:
-            // on restart the whole oversized revision is applied again.
-            last_synced_rev: batch.through_revision,
-            source_cluster_id: self.source_cluster_id,
-            updated_at: now_rfc3339(),
-            instance: self.instance.clone(),
-            source_prefix: self.source_prefix.clone(),
-            dest_prefix: Some(self.dest_prefix.clone()),
-            partial_revision: batch.partial_revision,
-            write_id: self.next_write_id,
-            last_event: last_event.or_else(|| self.tail_event.clone()),
-            leases_mirrored: self.writer.leases().is_some(),
-            excluded: Some(self.excluded.clone()),
-        };
+        // A partial batch leaves the previous revision as the resume point:
+        // on restart the whole oversized revision is applied again.
+        let checkpoint = self.checkpoint_of.at(
+            (batch.through_revision, self.source_cluster_id),
+            self.next_write_id,
+            last_event.or_else(|| self.tail_event.clone()),
+            batch.partial_revision,
+        );
         self.tail_event = checkpoint.last_event.clone();
         self.next_write_id = self.next_write_id.wrapping_add(1);
         let checkpoint_bytes = checkpoint.encode();

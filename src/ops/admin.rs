@@ -391,12 +391,6 @@ pub async fn add_source_lag(
     Ok(())
 }
 
-/// Whether the destination can still be read at `revision` (it is not
-/// compacted away).
-pub async fn readable_at(dest: &Cluster, probe: &str, revision: i64) -> Result<bool, AdminError> {
-    Ok(crate::etcd::meta::readable_at(dest, probe, revision).await?)
-}
-
 /// Fills each job's `oldest_reachable` sample and window: the oldest
 /// revision-map sample whose destination revision is not compacted.
 /// Readability only grows with the revision, so a binary search over the

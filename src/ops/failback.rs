@@ -36,6 +36,7 @@ use crate::etcd::api::{Compare, CompareOp, KeyValue, Op, RangeRequest, TxnReques
 use crate::etcd::client::{ClientError, Cluster, ClusterHead, FailureKind};
 use crate::etcd::meta::read_job_meta;
 use crate::etcd::pager::{next_page, spawn_pager, PageError, Skipped};
+use crate::mirror::meta::CheckpointOf;
 use crate::model::diff::{SortedMerge, Step};
 use crate::model::failback::{
     dirty_set, divergences, Bytes, Changes, Divergence, Held, Knowledge, Loss, LostWrite, SideState,
@@ -43,7 +44,7 @@ use crate::model::failback::{
 use crate::model::keys::{
     key_successor, prefix_range_end, prefix_range_start, KeyRewrite, MetaKeys,
 };
-use crate::model::schema::{Checkpoint, EventStamp, FailbackFence, PromotionRecord};
+use crate::model::schema::{EventStamp, FailbackFence, PromotionRecord};
 use crate::telemetry::clock::now_rfc3339;
 
 /// Keys read per txn of point reads, and written per txn: well under
@@ -917,27 +918,25 @@ pub async fn failback(
         .map(|(suffix, held)| {
             EventStamp::put(&standby.key(suffix), &held.value, held.mod_revision)
         });
-    let reverse = Checkpoint {
-        last_synced_rev: standby_revision,
-        source_cluster_id: standby_head.cluster_id,
-        updated_at: now_rfc3339(),
+    let reverse = CheckpointOf {
         instance: options.instance.clone(),
         source_prefix: job.dest_prefix.clone(),
-        dest_prefix: Some(job.prefix.clone()),
-        partial_revision: None,
-        write_id: rand::random(),
-        last_event,
-        leases_mirrored: job.leases_faithful && report.written_without_lease == 0,
+        dest_prefix: job.prefix.clone(),
         // The reverse job's source is the standby: the same ranges, as its
         // prefixes (left out here, so a reverse job that copies them
         // takes a full sync).
-        excluded: Some(
-            rewrite
-                .excluded_dest_prefixes()
-                .map(|p| String::from_utf8_lossy(&p).into_owned())
-                .collect(),
-        ),
-    };
+        excluded: rewrite
+            .excluded_dest_prefixes()
+            .map(|p| String::from_utf8_lossy(&p).into_owned())
+            .collect(),
+        leases_mirrored: job.leases_faithful && report.written_without_lease == 0,
+    }
+    .at(
+        (standby_revision, standby_head.cluster_id),
+        rand::random(),
+        last_event,
+        None,
+    );
     let range_delete = |prefix: String| Op::Delete {
         range_end: prefix_range_end(prefix.as_bytes()),
         key: prefix.into_bytes(),
@@ -1271,6 +1270,7 @@ mod tests {
 
     use super::*;
     use crate::etcd::memory::{new_store, Link, MemoryEtcd, SharedStore};
+    use crate::model::schema::Checkpoint;
     use crate::model::Side as Role;
 
     const META: &str = "/meta/";

@@ -16,13 +16,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::etcd::api::{Compare, CompareOp, Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster};
+use crate::etcd::meta::first_readable;
 use crate::etcd::pager::{next_page, spawn_pager};
 use crate::mirror::meta::Checkpoint;
 use crate::model::diff::{SortedMerge, Step};
 use crate::model::keys::MetaKeys;
 use crate::model::schema::{PointInTime, PromotionRecord};
 use crate::ops::admin::{
-    collect_status, guarded_chunk, promote, readable_at, AdminError, GuardedWrite, PromoteOutcome,
+    collect_status, guarded_chunk, promote, AdminError, GuardedWrite, PromoteOutcome,
     RevisionPoint, DETACH_OPS_PER_TXN,
 };
 
@@ -90,16 +91,11 @@ async fn checkpoint_at(
 /// The oldest readable destination revision in `[1, high]` (readability
 /// only grows with the revision): about log2(high) probes.
 async fn oldest_readable(dest: &Cluster, probe: &str, high: i64) -> Result<i64, AdminError> {
-    let (mut low, mut high) = (1, high.max(1));
-    while low < high {
-        let mid = low + (high - low) / 2;
-        if readable_at(dest, probe, mid).await? {
-            high = mid;
-        } else {
-            low = mid + 1;
-        }
-    }
-    Ok(low)
+    // Candidates 1 ..= high - 1 (index i is revision i + 1); none readable
+    // leaves `high` itself.
+    let below = usize::try_from(high.max(1) - 1).unwrap_or(0);
+    let first = first_readable(dest, probe, below, |i| i as i64 + 1).await?;
+    Ok(first as i64 + 1)
 }
 
 /// Guards the walk back over full syncs (each step goes to an earlier
