@@ -12,7 +12,6 @@
 //! (an empty batch) and repairs all go through it, so the checkpoint each
 //! txn carries only ever moves forward.
 
-use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 // tokio's clock, so the simulator's paused time governs every deadline.
@@ -24,13 +23,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::check::CheckReport;
-use crate::etcd::api::{EventType, WatchRequest, WatchResponse};
+use crate::etcd::api::WatchRequest;
+use crate::etcd::periodic::{First, Rounds};
 use crate::etcd::FailureKind;
 use crate::mirror::context::JobContext;
 use crate::mirror::error::JobError;
 use crate::mirror::meta::KeyGuard;
 use crate::mirror::pipeline::{Acked, Pipeline};
-use crate::model::batch::{BatchLimits, Coalescer, Mutation, SourceRevision};
+use crate::mirror::watch_state::{RepairRead, WatchState, WatchView};
+use crate::model::batch::{BatchLimits, Mutation};
 use crate::model::keys::{prefix_range_end, prefix_range_start};
 use crate::model::schema::EventStamp;
 
@@ -45,12 +46,6 @@ const MAX_SEALED_BACKLOG_FACTOR: usize = 2;
 #[derive(Debug)]
 pub enum Stopped {
     Cancelled,
-}
-
-/// Source values for a repair, read at `at_revision`.
-struct RepairRead {
-    at_revision: i64,
-    mutations: Vec<(Mutation, &'static str)>,
 }
 
 /// How a watch phase came to its checkpoint.
@@ -123,8 +118,6 @@ pub async fn run(
     // Closed when periodic checks are off: then that arm must not spin.
     let mut checks_open = true;
     let mut repair_read: Option<JoinHandle<Result<Option<RepairRead>, JobError>>> = None;
-    // Keys the watch changed since the pending repair read's revision.
-    let mut touched_since_read: Option<HashSet<Vec<u8>>> = None;
 
     let limits = BatchLimits {
         // The checkpoint, and room for a revision-map sample and its
@@ -140,21 +133,24 @@ pub async fn run(
             .saturating_sub(CHECKPOINT_RESERVE_BYTES)
             .max(1024),
     };
-    let mut coalescer = Coalescer::new(limits, committed_revision);
+    let mut state = WatchState::new(
+        WatchView {
+            rewrite: ctx.rewrite.clone(),
+            meta_prefix: ctx.meta_prefix.clone(),
+            leases: ctx.leases().is_some(),
+        },
+        limits,
+        committed_revision,
+        ctx.tuning.idle_checkpoint_interval,
+        ctx.quirks.progress_may_overtake_events,
+        Instant::now(),
+    );
     let mut pipeline = Pipeline::new(
         ctx,
         source_cluster_id,
         committed_guard,
         committed_revision,
         committed_event,
-    );
-    // The last mirrored event of each revision pushed but not yet sent.
-    let mut stamps: VecDeque<(i64, EventStamp)> = VecDeque::new();
-    let mut assembling: Option<SourceRevision> = None;
-    let mut reported_splits = 0u64;
-    let mut idle = IdleCheckpoint::new(
-        ctx.tuning.idle_checkpoint_interval,
-        ctx.quirks.progress_may_overtake_events,
     );
     // etcd-io/etcd#17507: on old servers a silent watch may just be one that
     // never gets a progress answer. It is probed with a read (off the loop)
@@ -168,13 +164,12 @@ pub async fn run(
 
     loop {
         let mut send_at = None;
-        while !coalescer.is_empty() {
+        while state.has_batches() {
             match pipeline.send_slot() {
                 Some(Ok(())) => {
-                    let Some(batch) = coalescer.next_batch() else {
+                    let Some((batch, last_event)) = state.next_batch() else {
                         break;
                     };
-                    let last_event = last_event_through(&mut stamps, &batch);
                     pipeline.send(batch, last_event)?;
                 }
                 Some(Err(at)) => {
@@ -184,15 +179,11 @@ pub async fn run(
                 None => break,
             }
         }
-        let splits = coalescer.split_revisions();
-        if splits > reported_splits {
-            ctx.metrics
-                .split_revisions_total
-                .inc_by(splits - reported_splits);
-            warn!(job = %ctx.job.name, revision = coalescer.through_revision(), "A source revision exceeded the txn limits and was applied across several txns.");
-            reported_splits = splits;
+        if let Some((splits, revision)) = state.new_splits() {
+            ctx.metrics.split_revisions_total.inc_by(splits);
+            warn!(job = %ctx.job.name, revision, "A source revision exceeded the txn limits and was applied across several txns.");
         }
-        let reading = coalescer.sealed_len() < max_backlog;
+        let reading = state.reading(max_backlog);
         let mut resend = false;
 
         tokio::select! {
@@ -230,7 +221,14 @@ pub async fn run(
                         source_cluster_id: cluster_id,
                     }));
                 }
-                handle_response(ctx, response, &mut assembling, &mut coalescer, &mut idle, &mut lag, &pipeline, &mut touched_since_read, &mut stamps)?;
+                let delivered = state.on_response(response, !pipeline.is_idle(), Instant::now())?;
+                lag.saw_head(delivered.head);
+                ctx.metrics.set_progress(pipeline.committed_revision(), delivered.head);
+                if let Some(book) = ctx.leases() {
+                    for (suffix, lease) in &delivered.observed {
+                        book.observe_key(suffix, *lease);
+                    }
+                }
             }
             _ = tokio::time::sleep_until(send_at.unwrap_or_else(Instant::now)), if send_at.is_some() => {}
             report = checks.recv(), if checks_open => {
@@ -238,18 +236,22 @@ pub async fn run(
                     checks_open = false;
                 }
                 if let Some(report) = report {
-                    if repair_read.is_none() {
-                        touched_since_read = Some(HashSet::new());
-                        repair_read = Some(tokio::spawn(read_repair(ctx.clone(), report, coalescer.through_revision())));
+                    if !state.repair_read_pending() {
+                        let at = state.start_repair_read();
+                        repair_read = Some(tokio::spawn(read_repair(ctx.clone(), report, at)));
                     }
                 }
             }
             read = async { repair_read.as_mut().expect("guarded").await }, if repair_read.is_some() => {
                 repair_read = None;
-                let touched = touched_since_read.take().unwrap_or_default();
                 let read = read.map_err(|e| JobError::Internal(format!("repair read task failed: {e}")))??;
-                if let Some(read) = read {
-                    queue_repair(ctx, &mut coalescer, read, &touched);
+                let at_revision = read.as_ref().map(|r| r.at_revision);
+                let kinds = state.finish_repair_read(read);
+                for kind in &kinds {
+                    ctx.metrics.repaired(kind, 1);
+                }
+                if !kinds.is_empty() {
+                    info!(job = %ctx.job.name, keys = kinds.len(), read_at_revision = at_revision, applied_at_revision = state.through_revision(), "Repairing keys the consistency check found different.");
                 }
             }
             probed = async { stall_probe.as_mut().expect("guarded").await }, if stall_probe.is_some() => {
@@ -297,40 +299,20 @@ pub async fn run(
     }
 }
 
-/// The last mirrored event a batch completes: that of the newest revision
-/// at or below its revision. A partial batch completes no revision.
-fn last_event_through(
-    stamps: &mut VecDeque<(i64, EventStamp)>,
-    batch: &crate::model::batch::Batch,
-) -> Option<EventStamp> {
-    if batch.partial_revision.is_some() {
-        return None;
-    }
-    let mut last = None;
-    while stamps
-        .front()
-        .is_some_and(|(revision, _)| *revision <= batch.through_revision)
-    {
-        last = stamps.pop_front().map(|(_, stamp)| stamp);
-    }
-    last
-}
-
 /// Polls the operator markers (promoted, reset request) on the destination
 /// every progress interval, in its own task; reports the first one seen.
 fn spawn_marker_watch(ctx: JobContext, cancel: CancellationToken) -> mpsc::Receiver<JobError> {
     let (found, receiver) = mpsc::channel(1);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(ctx.tuning.progress_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let checked = tokio::select! {
-                _ = cancel.cancelled() => return,
-                checked = crate::mirror::meta::check_operator_markers(&ctx.dest, &ctx.keys) => checked,
+        let mut rounds = Rounds::new(ctx.tuning.progress_interval, First::Now, &cancel);
+        while rounds.next().await {
+            let Some(checked) = rounds
+                .run(crate::mirror::meta::check_operator_markers(
+                    &ctx.dest, &ctx.keys,
+                ))
+                .await
+            else {
+                return;
             };
             if let Err(error) = checked {
                 let _ = found.send(error).await;
@@ -390,191 +372,10 @@ async fn read_repair(
     }))
 }
 
-/// Queues repair mutations behind everything already pushed. A key the
-/// watch changed after the read's revision is left out: that event already
-/// carries its value at the coalescer's revision. Every other key held the
-/// same value from the read's revision to now, so once the batch commits,
-/// the keys hold exactly what the checkpoint it carries says.
-fn queue_repair(
-    ctx: &JobContext,
-    coalescer: &mut Coalescer,
-    read: RepairRead,
-    touched: &HashSet<Vec<u8>>,
-) {
-    let mut mutations = Vec::with_capacity(read.mutations.len());
-    for (mutation, kind) in read.mutations {
-        if touched.contains(mutation.key()) {
-            continue;
-        }
-        ctx.metrics.repaired(kind, 1);
-        mutations.push(mutation);
-    }
-    if mutations.is_empty() {
-        return;
-    }
-    info!(job = %ctx.job.name, keys = mutations.len(), read_at_revision = read.at_revision, applied_at_revision = coalescer.through_revision(), "Repairing keys the consistency check found different.");
-    coalescer.push_repair(mutations);
-}
-
 fn record_commit(ctx: &JobContext, revision: i64, events: usize, lag: &mut LagClock) {
     ctx.metrics.events_applied_total.inc_by(events as u64);
     lag.committed(revision);
     lag.publish(ctx, revision);
-}
-
-#[allow(clippy::too_many_arguments)]
-fn handle_response(
-    ctx: &JobContext,
-    response: WatchResponse,
-    assembling: &mut Option<SourceRevision>,
-    coalescer: &mut Coalescer,
-    idle: &mut IdleCheckpoint,
-    lag: &mut LagClock,
-    pipeline: &Pipeline,
-    touched: &mut Option<HashSet<Vec<u8>>>,
-    stamps: &mut VecDeque<(i64, EventStamp)>,
-) -> Result<(), JobError> {
-    if response.canceled {
-        if response.compact_revision > 0 {
-            return Err(JobError::Compacted {
-                compact_revision: response.compact_revision,
-            });
-        }
-        return Err(JobError::WatchCanceled {
-            reason: response.cancel_reason,
-        });
-    }
-    let header_revision = response.header.revision;
-    lag.saw_head(header_revision);
-    ctx.metrics
-        .set_progress(pipeline.committed_revision(), header_revision);
-    if response.events.is_empty() {
-        if !response.created && header_revision > 0 {
-            let quiet = assembling.is_none() && coalescer.is_empty() && pipeline.is_idle();
-            if let Some(revision) =
-                idle.on_progress(header_revision, quiet, coalescer.through_revision())
-            {
-                // An idle advance is an empty batch: the coalescer stays the
-                // one owner of the revision the next txn carries.
-                coalescer.advance_to(revision);
-            }
-        }
-        return Ok(());
-    }
-    idle.on_events();
-    for event in response.events {
-        let revision = event.kv.mod_revision;
-        if revision <= coalescer.through_revision() {
-            // Already applied (a duplicate delivery after a resume): applying
-            // it again would move a key back in time.
-            continue;
-        }
-        if assembling.as_ref().is_some_and(|r| r.revision != revision) {
-            coalescer.push(assembling.take().expect("checked"));
-        }
-        let current = assembling.get_or_insert_with(|| SourceRevision {
-            revision,
-            mutations: Vec::new(),
-        });
-        if event.kv.key.starts_with(&ctx.meta_prefix) {
-            // The source may itself be a mirror's destination: its meta keys stay there.
-            continue;
-        }
-        if ctx.rewrite.is_excluded_source(&event.kv.key) {
-            // `exclude-prefixes`: neither applied nor recorded as the last event.
-            continue;
-        }
-        let Some(dest_key) = ctx.rewrite.to_dest(&event.kv.key) else {
-            continue;
-        };
-        if let Some(touched) = touched.as_mut() {
-            touched.insert(dest_key.clone());
-        }
-        let stamp = match event.kind {
-            EventType::Put => EventStamp::put(&event.kv.key, &event.kv.value, revision),
-            EventType::Delete => EventStamp::delete(&event.kv.key, revision),
-        };
-        match stamps.back_mut() {
-            Some((at, last)) if *at == revision => *last = stamp,
-            _ => stamps.push_back((revision, stamp)),
-        }
-        if let Some(book) = ctx.leases() {
-            let suffix = &event.kv.key[ctx.rewrite.source_prefix().len()..];
-            book.observe_key(
-                suffix,
-                (event.kind == EventType::Put).then_some(event.kv.lease),
-            );
-        }
-        current.mutations.push(match event.kind {
-            EventType::Put => Mutation::Put {
-                key: dest_key,
-                value: event.kv.value,
-                lease: event.kv.lease,
-            },
-            EventType::Delete => Mutation::Delete { key: dest_key },
-        });
-    }
-    // A revision is only known complete once its response is not a fragment:
-    // etcd never splits one revision across unfragmented responses.
-    if !response.fragment {
-        if let Some(revision) = assembling.take() {
-            coalescer.push(revision);
-        }
-    }
-    Ok(())
-}
-
-/// Decides when a quiet prefix may move its checkpoint to the source head.
-///
-/// etcd 3.4 before 3.4.24 answers a progress request from a side channel
-/// with the store's current revision, which can be ahead of events still
-/// queued for this watcher (etcd-io/etcd#15220). So a head revision is only
-/// used after a *later* progress answer arrived with no event in between: by
-/// then anything queued at the first answer has been delivered.
-#[derive(Debug)]
-struct IdleCheckpoint {
-    interval: Duration,
-    /// Whether an answer must be confirmed by a later one (etcd-io/etcd#15220).
-    confirm: bool,
-    candidate: Option<i64>,
-    last_advanced: Instant,
-}
-
-impl IdleCheckpoint {
-    fn new(interval: Duration, confirm: bool) -> Self {
-        Self {
-            interval,
-            confirm,
-            candidate: None,
-            last_advanced: Instant::now(),
-        }
-    }
-
-    fn on_events(&mut self) {
-        self.candidate = None;
-    }
-
-    /// Returns the revision to checkpoint now, if any.
-    fn on_progress(&mut self, head: i64, quiet: bool, tail_revision: i64) -> Option<i64> {
-        if !quiet {
-            self.candidate = None;
-            return None;
-        }
-        let confirmed = if self.confirm {
-            self.candidate.filter(|c| *c > tail_revision && *c <= head)
-        } else {
-            // A fixed server answers progress only after every queued event.
-            Some(head).filter(|h| *h > tail_revision)
-        };
-        self.candidate = Some(head);
-        match confirmed {
-            Some(revision) if self.last_advanced.elapsed() >= self.interval => {
-                self.last_advanced = Instant::now();
-                Some(revision)
-            }
-            _ => None,
-        }
-    }
 }
 
 /// Tracks `etcd_syncer_lag_seconds`: how long ago the destination last
@@ -643,50 +444,6 @@ impl LagClock {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn idle_checkpoint_needs_a_confirming_second_answer() {
-        let mut idle = IdleCheckpoint::new(Duration::ZERO, true);
-        assert_eq!(
-            idle.on_progress(100, true, 50),
-            None,
-            "first answer is only a candidate"
-        );
-        assert_eq!(idle.on_progress(120, true, 50), Some(100));
-        idle.on_events();
-        assert_eq!(
-            idle.on_progress(130, true, 120),
-            None,
-            "events reset the candidate"
-        );
-        assert_eq!(
-            idle.on_progress(140, false, 120),
-            None,
-            "busy pipeline never advances"
-        );
-        assert_eq!(idle.on_progress(150, true, 120), None);
-        assert_eq!(idle.on_progress(150, true, 120), Some(150));
-        assert_eq!(
-            idle.on_progress(150, true, 150),
-            None,
-            "nothing new to advance to"
-        );
-    }
-
-    #[test]
-    fn idle_checkpoint_respects_its_interval() {
-        let mut idle = IdleCheckpoint::new(Duration::from_secs(3600), true);
-        idle.on_progress(10, true, 1);
-        assert_eq!(idle.on_progress(20, true, 1), None);
-    }
-
-    #[test]
-    fn a_fixed_server_needs_no_confirming_answer() {
-        let mut idle = IdleCheckpoint::new(Duration::ZERO, false);
-        assert_eq!(idle.on_progress(100, true, 50), Some(100));
-        assert_eq!(idle.on_progress(100, true, 100), None, "nothing new");
-        assert_eq!(idle.on_progress(120, false, 100), None, "busy");
-    }
 
     #[test]
     fn lag_clock_measures_from_the_oldest_unreflected_head() {

@@ -109,11 +109,8 @@ pub fn lease_mode_changed(meta: &JobMeta, leases_mirrored: bool) -> Option<SlowP
         .then_some(SlowPathReason::LeaseModeChanged { leases_mirrored })
 }
 
-/// Capped at 10 s: after a long outage replication resumes within seconds
-/// of the link coming back, while a dead cluster still sees only a few
-/// requests a minute from each job.
 fn job_backoff() -> impl Iterator<Item = Duration> {
-    crate::etcd::retry::backoff(Duration::from_secs(10))
+    crate::etcd::retry::Policy::JOB.backoff()
 }
 
 /// An attempt that ran this long before failing made progress: start the
@@ -126,8 +123,181 @@ pub const PRUNE_GUARD_POLL: Duration = Duration::from_secs(60);
 /// A destination out of space is tried again this often.
 pub const NO_SPACE_POLL: Duration = Duration::from_secs(15);
 
+/// How the last attempt ended, as the job loop sees it.
+#[derive(Debug)]
+pub enum AttemptEnd<'a> {
+    /// The lease book found mirrored leases lost on the destination while
+    /// it ran (whatever the attempt itself returned).
+    LeasesLost {
+        leases: usize,
+    },
+    /// It returned: cancelled, or the job is over.
+    Done,
+    Failed(&'a JobError),
+}
+
+/// What the loop does after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Go round again (after the effects, pauses included).
+    Again,
+    /// Return `Ok(())`.
+    Stop,
+    /// Return the attempt's error (step down, or exit).
+    Fail,
+}
+
+/// How long a pause is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delay {
+    /// The next delay of the job's capped, jittered backoff.
+    Backoff,
+    Fixed(Duration),
+}
+
+/// What the shell logs (with the attempt's error and the pause it takes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Note {
+    ResyncsKeepFailing,
+    ResetWhileReplicating,
+    Compacted,
+    Promoted,
+    NeedsOperator,
+    Retrying,
+}
+
+/// One thing the shell does, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Start the backoff again from its minimum.
+    ResetBackoff,
+    CountError(&'static str),
+    SetState(JobState),
+    /// Promoted: nothing renews the job's leases any more (mirrored keys
+    /// expire after TTL + grace, as they would have on the primary).
+    ReleaseLeases,
+    Log(Note),
+    /// Sleep (ending the job if cancelled meanwhile), logging `note` with
+    /// the delay first.
+    Pause {
+        delay: Delay,
+        note: Option<Note>,
+    },
+}
+
+/// The job loop's state between attempts: what the next attempt must do,
+/// how many full syncs in a row were forced, whether the promotion was
+/// already reported. [`JobLoop::step`] decides; [`run_job`] performs.
+#[derive(Debug, Default)]
+pub struct JobLoop {
+    /// The slow path the next attempt must take.
+    pub forced: Option<SlowPathReason>,
+    consecutive_resyncs: u32,
+    promoted_logged: bool,
+}
+
+impl JobLoop {
+    /// The attempt ended as `end` after running for `ran_for`.
+    pub fn step(&mut self, end: AttemptEnd<'_>, ran_for: Duration) -> (Next, Vec<Effect>) {
+        let mut effects = Vec::new();
+        let error = match end {
+            AttemptEnd::LeasesLost { leases } => {
+                effects.push(Effect::CountError("dest_lease_expired"));
+                self.forced = Some(SlowPathReason::DestLeasesExpired { leases });
+                self.resync_backoff(&mut effects, None);
+                return (Next::Again, effects);
+            }
+            AttemptEnd::Done => return (Next::Stop, effects),
+            AttemptEnd::Failed(error) => error,
+        };
+        let policy = error.policy();
+        // An attempt that ran this long made progress.
+        if ran_for >= BACKOFF_RESET_AFTER {
+            effects.push(Effect::ResetBackoff);
+            self.consecutive_resyncs = 0;
+        }
+        match policy.action {
+            Action::Stop => return (Next::Stop, effects),
+            Action::StepDown | Action::Exit => {
+                effects.push(Effect::CountError(policy.label));
+                effects.push(Effect::SetState(JobState::Error));
+                return (Next::Fail, effects);
+            }
+            Action::Resync => {
+                self.resync_backoff(&mut effects, Some(Note::ResyncsKeepFailing));
+                if let JobError::ResetRequested = error {
+                    effects.push(Effect::Log(Note::ResetWhileReplicating));
+                } else {
+                    effects.push(Effect::CountError(policy.label));
+                    self.forced = Some(match error {
+                        JobError::HistoryDiffers(reason) => reason.clone(),
+                        JobError::DestLeaseLost { leases } => {
+                            SlowPathReason::DestLeasesExpired { leases: *leases }
+                        }
+                        _ => {
+                            effects.push(Effect::Log(Note::Compacted));
+                            SlowPathReason::Compacted
+                        }
+                    });
+                }
+            }
+            Action::Promoted => {
+                effects.push(Effect::CountError(policy.label));
+                effects.push(Effect::SetState(JobState::Promoted));
+                effects.push(Effect::ReleaseLeases);
+                if !self.promoted_logged {
+                    effects.push(Effect::Log(Note::Promoted));
+                    self.promoted_logged = true;
+                }
+                effects.push(Effect::Pause {
+                    delay: Delay::Fixed(PROMOTED_POLL),
+                    note: None,
+                });
+            }
+            Action::Retry | Action::NeedsOperator => {
+                effects.push(Effect::CountError(policy.label));
+                self.promoted_logged = false;
+                let (state, delay) = if matches!(error, JobError::PruneGuard { .. }) {
+                    (JobState::PruneGuard, Delay::Fixed(PRUNE_GUARD_POLL))
+                } else if error.is_dest_out_of_space() {
+                    // Nothing will apply until an operator compacts,
+                    // defragments and disarms the alarm: park, and look
+                    // again now and then.
+                    (JobState::NoSpace, Delay::Fixed(NO_SPACE_POLL))
+                } else {
+                    (JobState::Error, Delay::Backoff)
+                };
+                effects.push(Effect::SetState(state));
+                let note = if policy.level == tracing::Level::ERROR {
+                    Note::NeedsOperator
+                } else {
+                    Note::Retrying
+                };
+                effects.push(Effect::Pause {
+                    delay,
+                    note: Some(note),
+                });
+            }
+        }
+        (Next::Again, effects)
+    }
+
+    /// A full sync that keeps failing the same way right away must not
+    /// spin: from the third in a row, back off.
+    fn resync_backoff(&mut self, effects: &mut Vec<Effect>, note: Option<Note>) {
+        self.consecutive_resyncs += 1;
+        if self.consecutive_resyncs > 2 {
+            effects.push(Effect::Pause {
+                delay: Delay::Backoff,
+                note,
+            });
+        }
+    }
+}
+
 /// Runs one job until cancelled, retrying every transient fault with capped,
-/// jittered backoff and resuming from the checkpoint each time.
+/// jittered backoff and resuming from the checkpoint each time: the shell
+/// of [`JobLoop`], which runs attempts and performs the effects.
 ///
 /// # Cancel-Safety
 /// Returns promptly once `cancel` fires; an in-flight txn either commits with
@@ -136,10 +306,8 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
     // Whatever this leadership starts (the lease keepalives) ends with it.
     let leadership = cancel.child_token();
     let _end_leadership = leadership.clone().drop_guard();
-    let mut forced: Option<SlowPathReason> = None;
+    let mut state = JobLoop::default();
     let mut backoff = job_backoff();
-    let mut promoted_logged = false;
-    let mut consecutive_resyncs = 0u32;
     let mut resync_loop = ResyncLoop {
         full_syncs: 0,
         seen: ctx.metrics.forced_full_syncs(),
@@ -155,107 +323,79 @@ pub async fn run_job(ctx: JobContext, cancel: CancellationToken) -> Result<(), J
         if let Some(book) = ctx.leases() {
             book.watch_attempt(attempt.clone());
         }
-        let once = run_once(&ctx, forced.take(), &attempt, &leadership);
+        let once = run_once(&ctx, state.forced.take(), &attempt, &leadership);
         let result = watch_stability(&ctx, once, &cancel, &mut resync_loop).await;
-        if let Some(book) = ctx.leases().filter(|_| !cancel.is_cancelled()) {
-            let lost = book.take_lost();
-            if !lost.is_empty() {
-                ctx.metrics.error("dest_lease_expired");
-                forced = Some(SlowPathReason::DestLeasesExpired { leases: lost.len() });
-                consecutive_resyncs += 1;
-                if consecutive_resyncs > 2 {
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+        let lost = ctx
+            .leases()
+            .filter(|_| !cancel.is_cancelled())
+            .map_or(0, |book| book.take_lost().len());
+        let end = match &result {
+            _ if lost > 0 => AttemptEnd::LeasesLost { leases: lost },
+            Ok(()) => AttemptEnd::Done,
+            Err(error) => {
+                ctx.heartbeat();
+                AttemptEnd::Failed(error)
+            }
+        };
+        let (next, effects) = state.step(end, attempt_started.elapsed());
+        let error = result.as_ref().err();
+        for effect in effects {
+            match effect {
+                Effect::ResetBackoff => backoff = job_backoff(),
+                Effect::CountError(label) => ctx.metrics.error(label),
+                Effect::SetState(job_state) => ctx.metrics.set_state(job_state),
+                Effect::ReleaseLeases => {
+                    if let Some(book) = ctx.leases() {
+                        book.stop_keeper();
+                        book.clear();
+                    }
+                }
+                Effect::Log(note) => log_note(&ctx, note, error, None),
+                Effect::Pause { delay, note } => {
+                    let delay = match delay {
+                        Delay::Backoff => backoff.next().unwrap_or(Duration::from_secs(30)),
+                        Delay::Fixed(delay) => delay,
+                    };
+                    if let Some(note) = note {
+                        log_note(&ctx, note, error, Some(delay));
+                    }
                     if !ctx.pause(delay, &cancel).await {
                         return Ok(());
                     }
                 }
-                continue;
             }
         }
-        let error = match result {
-            Ok(()) => return Ok(()),
-            Err(error) => error,
-        };
-        ctx.heartbeat();
-        let policy = error.policy();
-        if attempt_started.elapsed() >= BACKOFF_RESET_AFTER {
-            backoff = job_backoff();
-            consecutive_resyncs = 0;
+        match (next, result) {
+            (Next::Again, _) => {}
+            (Next::Stop, _) | (Next::Fail, Ok(())) => return Ok(()),
+            (Next::Fail, Err(error)) => return Err(error),
         }
-        let delay = match policy.action {
-            Action::Stop => return Ok(()),
-            Action::StepDown | Action::Exit => {
-                ctx.metrics.error(policy.label);
-                ctx.metrics.set_state(JobState::Error);
-                return Err(error);
-            }
-            Action::Resync => {
-                // A full sync that keeps failing the same way right away
-                // must not spin: from the third in a row, back off.
-                consecutive_resyncs += 1;
-                if consecutive_resyncs > 2 {
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                    warn!(job = %ctx.job.name, %error, retry_in = ?delay, "Full syncs keep being interrupted; backing off.");
-                    if !ctx.pause(delay, &cancel).await {
-                        return Ok(());
-                    }
-                }
-                if let JobError::ResetRequested = error {
-                    info!(job = %ctx.job.name, "Reset requested while replicating; taking the slow path.");
-                } else if let JobError::HistoryDiffers(reason) = error {
-                    ctx.metrics.error(policy.label);
-                    forced = Some(reason);
-                } else if let JobError::DestLeaseLost { leases } = error {
-                    ctx.metrics.error(policy.label);
-                    forced = Some(SlowPathReason::DestLeasesExpired { leases });
-                } else {
-                    ctx.metrics.error(policy.label);
-                    info!(job = %ctx.job.name, %error, "Source history is compacted past the checkpoint; starting a full sync.");
-                    forced = Some(SlowPathReason::Compacted);
-                }
-                continue;
-            }
-            Action::Promoted => {
-                ctx.metrics.error(policy.label);
-                ctx.metrics.set_state(JobState::Promoted);
-                // Nothing renews a promoted job's leases: mirrored keys
-                // expire after TTL + grace, as they would have on the primary.
-                if let Some(book) = ctx.leases() {
-                    book.stop_keeper();
-                    book.clear();
-                }
-                if !promoted_logged {
-                    warn!(job = %ctx.job.name, "Job is promoted; replication is stopped until the marker is removed with `promote --undo`.");
-                    promoted_logged = true;
-                }
-                PROMOTED_POLL
-            }
-            Action::Retry | Action::NeedsOperator => {
-                ctx.metrics.error(policy.label);
-                promoted_logged = false;
-                let delay = if matches!(error, JobError::PruneGuard { .. }) {
-                    ctx.metrics.set_state(JobState::PruneGuard);
-                    PRUNE_GUARD_POLL
-                } else if error.is_dest_out_of_space() {
-                    // Nothing will apply until an operator compacts,
-                    // defragments and disarms the alarm: park, and look
-                    // again now and then.
-                    ctx.metrics.set_state(JobState::NoSpace);
-                    NO_SPACE_POLL
-                } else {
-                    ctx.metrics.set_state(JobState::Error);
-                    backoff.next().unwrap_or(Duration::from_secs(30))
-                };
-                if policy.level == tracing::Level::ERROR {
-                    error!(job = %ctx.job.name, %error, retry_in = ?delay, "Replication failed; operator action needed.");
-                } else {
-                    warn!(job = %ctx.job.name, %error, retry_in = ?delay, "Replication interrupted; retrying from the checkpoint.");
-                }
-                delay
-            }
-        };
-        if !ctx.pause(delay, &cancel).await {
-            return Ok(());
+    }
+}
+
+fn log_note(ctx: &JobContext, note: Note, error: Option<&JobError>, retry_in: Option<Duration>) {
+    let job = &ctx.job.name;
+    let error = error.map(tracing::field::display);
+    // Only the notes of a pause are logged with one.
+    let retry_in = retry_in.unwrap_or_default();
+    match note {
+        Note::ResyncsKeepFailing => {
+            warn!(%job, error, retry_in = ?retry_in, "Full syncs keep being interrupted; backing off.")
+        }
+        Note::ResetWhileReplicating => {
+            info!(%job, "Reset requested while replicating; taking the slow path.")
+        }
+        Note::Compacted => {
+            info!(%job, error, "Source history is compacted past the checkpoint; starting a full sync.")
+        }
+        Note::Promoted => {
+            warn!(%job, "Job is promoted; replication is stopped until the marker is removed with `promote --undo`.")
+        }
+        Note::NeedsOperator => {
+            error!(%job, error, retry_in = ?retry_in, "Replication failed; operator action needed.")
+        }
+        Note::Retrying => {
+            warn!(%job, error, retry_in = ?retry_in, "Replication interrupted; retrying from the checkpoint.")
         }
     }
 }
@@ -488,6 +628,151 @@ async fn run_once(
     // `incremental::run` reports Watching once the resume is verified.
     incremental::run(ctx, guard, revision, last_event, cluster_id, start, cancel).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod loop_tests {
+    //! The job loop's transitions, without I/O or timers.
+    use super::*;
+
+    const QUICK: Duration = Duration::from_secs(1);
+
+    fn pauses(effects: &[Effect]) -> Vec<Delay> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Pause { delay, .. } => Some(*delay),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn full_syncs_that_keep_failing_back_off_from_the_third_until_one_makes_progress() {
+        let mut state = JobLoop::default();
+        let compacted = JobError::Compacted {
+            compact_revision: 9,
+        };
+        for round in 1..=4 {
+            let (next, effects) = state.step(AttemptEnd::Failed(&compacted), QUICK);
+            assert_eq!(next, Next::Again);
+            assert_eq!(state.forced.take(), Some(SlowPathReason::Compacted));
+            let expected = if round > 2 {
+                vec![Delay::Backoff]
+            } else {
+                vec![]
+            };
+            assert_eq!(pauses(&effects), expected, "round {round}");
+            assert!(effects.contains(&Effect::CountError("compacted")));
+        }
+        // Lost leases count as a forced full sync in the same row.
+        let (_, effects) = state.step(AttemptEnd::LeasesLost { leases: 2 }, QUICK);
+        assert_eq!(pauses(&effects), vec![Delay::Backoff]);
+        assert_eq!(
+            state.forced.take(),
+            Some(SlowPathReason::DestLeasesExpired { leases: 2 })
+        );
+        // An attempt that ran a minute made progress: the row starts again.
+        let (_, effects) = state.step(AttemptEnd::Failed(&compacted), BACKOFF_RESET_AFTER);
+        assert_eq!(effects.first(), Some(&Effect::ResetBackoff));
+        assert!(pauses(&effects).is_empty());
+    }
+
+    #[test]
+    fn a_resync_forces_the_slow_path_it_names() {
+        let mut state = JobLoop::default();
+        let reason = SlowPathReason::SourceReplaced {
+            checkpoint_cluster_id: 1,
+            source_cluster_id: 2,
+        };
+        state.step(
+            AttemptEnd::Failed(&JobError::HistoryDiffers(reason.clone())),
+            QUICK,
+        );
+        assert_eq!(state.forced.take(), Some(reason));
+        state.step(
+            AttemptEnd::Failed(&JobError::DestLeaseLost { leases: 3 }),
+            QUICK,
+        );
+        assert_eq!(
+            state.forced.take(),
+            Some(SlowPathReason::DestLeasesExpired { leases: 3 })
+        );
+        // A reset request is read from the destination by the next attempt.
+        let mut state = JobLoop::default();
+        let (next, effects) = state.step(AttemptEnd::Failed(&JobError::ResetRequested), QUICK);
+        assert_eq!(next, Next::Again);
+        assert_eq!(state.forced, None);
+        assert_eq!(effects, vec![Effect::Log(Note::ResetWhileReplicating)]);
+    }
+
+    #[test]
+    fn a_promoted_job_releases_its_leases_polls_and_says_so_once() {
+        let mut state = JobLoop::default();
+        let poll = Effect::Pause {
+            delay: Delay::Fixed(PROMOTED_POLL),
+            note: None,
+        };
+        let (next, first) = state.step(AttemptEnd::Failed(&JobError::Promoted), QUICK);
+        assert_eq!(next, Next::Again);
+        assert_eq!(
+            first,
+            vec![
+                Effect::CountError("promoted"),
+                Effect::SetState(JobState::Promoted),
+                Effect::ReleaseLeases,
+                Effect::Log(Note::Promoted),
+                poll.clone(),
+            ]
+        );
+        let (_, again) = state.step(AttemptEnd::Failed(&JobError::Promoted), QUICK);
+        assert!(!again.contains(&Effect::Log(Note::Promoted)), "said once");
+        assert!(again.contains(&poll));
+        // Any other error in between: the next promotion is reported again.
+        state.step(AttemptEnd::Failed(&JobError::WatchClosed), QUICK);
+        let (_, after) = state.step(AttemptEnd::Failed(&JobError::Promoted), QUICK);
+        assert!(after.contains(&Effect::Log(Note::Promoted)));
+    }
+
+    #[test]
+    fn errors_park_retry_step_down_or_stop() {
+        let mut state = JobLoop::default();
+        let guard = JobError::PruneGuard {
+            would_delete: 5,
+            dest_keys: 10,
+            max_prune_ratio: 0.1,
+        };
+        let (next, effects) = state.step(AttemptEnd::Failed(&guard), QUICK);
+        assert_eq!(next, Next::Again);
+        assert!(effects.contains(&Effect::SetState(JobState::PruneGuard)));
+        assert!(effects.contains(&Effect::Pause {
+            delay: Delay::Fixed(PRUNE_GUARD_POLL),
+            note: Some(Note::NeedsOperator),
+        }));
+        let (_, effects) = state.step(AttemptEnd::Failed(&JobError::WatchClosed), QUICK);
+        assert!(effects.contains(&Effect::SetState(JobState::Error)));
+        assert!(effects.contains(&Effect::Pause {
+            delay: Delay::Backoff,
+            note: Some(Note::Retrying),
+        }));
+        let fenced = JobError::Fenced { reason: "test" };
+        let (next, effects) = state.step(AttemptEnd::Failed(&fenced), QUICK);
+        assert_eq!(next, Next::Fail);
+        assert_eq!(
+            effects,
+            vec![
+                Effect::CountError("fenced"),
+                Effect::SetState(JobState::Error)
+            ]
+        );
+        assert_eq!(
+            state
+                .step(AttemptEnd::Failed(&JobError::Cancelled), QUICK)
+                .0,
+            Next::Stop
+        );
+        assert_eq!(state.step(AttemptEnd::Done, QUICK), (Next::Stop, vec![]));
+    }
 }
 
 #[cfg(test)]

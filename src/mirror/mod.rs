@@ -16,6 +16,7 @@ pub mod periodic_check;
 pub mod pipeline;
 pub mod rate;
 pub mod resume;
+pub mod watch_state;
 pub mod writer;
 
 // The layer's surface for the layers above (files in this one name the
