@@ -417,6 +417,67 @@ fn a_lease_is_revoked_only_after_a_gone_probe_a_later_head_and_the_checkpoint() 
     assert!(core.is_idle());
 }
 
+/// The head read that judges a gone answer is one sent after it (G
+/// follows the answer): a head read already out when the answer came
+/// judges nothing; the next one, sent when it returns, does.
+#[test]
+fn a_head_read_sent_before_the_gone_answer_judges_nothing() {
+    let now = t0();
+    let mut core = Core::new(Duration::from_secs(5));
+    core.step(
+        now,
+        Input::Resumed {
+            history: history(10),
+        },
+    );
+    map_one(&mut core, now, 42, 420, 11);
+    // Due two seconds after 42: its round's head read is the early one.
+    map_one(&mut core, now + Duration::from_secs(2), 43, 430, 12);
+    let later = now + Duration::from_secs(5);
+    let [(42, serial)] = round(&mut core, later, 25)[..] else {
+        panic!("one probe")
+    };
+    let effects = core.step(later + Duration::from_secs(2), Input::Tick);
+    let early = head_batch(&effects).expect("43's round sends a head read");
+    let effects = core.step(
+        later,
+        Input::Probed {
+            lease: 42,
+            serial: Some(serial),
+            outcome: Ok(None),
+        },
+    );
+    assert_eq!(head_batch(&effects), None, "one head read at a time");
+    let effects = core.step(
+        later,
+        Input::Head {
+            batch: early,
+            outcome: Ok(history(26)),
+        },
+    );
+    assert_eq!(
+        core.target(Want { lease: 42, at: 27 }),
+        Some(420),
+        "not judged on a head read sent before the answer"
+    );
+    let batch = head_batch(&effects).expect("the next head read, after the answer");
+    core.step(
+        later,
+        Input::Head {
+            batch,
+            outcome: Ok(history(30)),
+        },
+    );
+    assert_eq!(core.target(Want { lease: 42, at: 27 }), None, "retiring");
+    core.step(later, Input::Committed { revision: 29 });
+    assert!(
+        revokes(&core.step(later, Input::Tick)).is_empty(),
+        "G is 30, not the early read's 26"
+    );
+    core.step(later, Input::Committed { revision: 30 });
+    assert_eq!(revokes(&core.step(later, Input::Tick)), vec![420]);
+}
+
 /// Seed 10917: a replaced source hands the same lease IDs out. A key
 /// wanted on the ID after the probe's head read may belong to a new
 /// incarnation the probe did not see: the lease does not retire on that
