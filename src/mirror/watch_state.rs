@@ -342,7 +342,8 @@ mod tests {
 
     fn view() -> WatchView {
         WatchView {
-            rewrite: KeyRewrite::new(b"/app/".to_vec(), b"/copy/".to_vec()).excluding(["/app/skip/"]),
+            rewrite: KeyRewrite::new(b"/app/".to_vec(), b"/copy/".to_vec())
+                .excluding(["/app/skip/"]),
             meta_prefix: b"/meta/".to_vec(),
             leases: true,
         }

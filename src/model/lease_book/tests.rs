@@ -478,6 +478,52 @@ fn a_head_read_sent_before_the_gone_answer_judges_nothing() {
     assert_eq!(revokes(&core.step(later, Input::Tick)), vec![420]);
 }
 
+/// One renewal per lease in flight: a tick while a lease's renewal (or
+/// probe) is out sends nothing more for it (keepalive traffic stays at one
+/// renewal per lease per third of its TTL).
+#[test]
+fn a_lease_with_a_renewal_in_flight_is_not_renewed_again() {
+    let now = t0();
+    let mut core = Core::new(Duration::from_secs(5));
+    core.step(
+        now,
+        Input::Resumed {
+            history: history(10),
+        },
+    );
+    map_one(&mut core, now, 42, 420, 11);
+    let later = now + Duration::from_secs(5);
+    let [(42, serial)] = round(&mut core, later, 25)[..] else {
+        panic!("one probe")
+    };
+    assert!(
+        core.step(later, Input::Tick).is_empty(),
+        "probe out: nothing more"
+    );
+    let renewals = |effects: &[Effect<String>]| {
+        effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Renew { .. }))
+            .count()
+    };
+    // Found gone: renewed at once while the head read that judges it is out.
+    let effects = core.step(
+        later,
+        Input::Probed {
+            lease: 42,
+            serial: Some(serial),
+            outcome: Ok(None),
+        },
+    );
+    assert_eq!(renewals(&effects), 1);
+    let due = later + Duration::from_secs(5);
+    assert_eq!(
+        renewals(&core.step(due, Input::Tick)),
+        0,
+        "its renewal is still out"
+    );
+}
+
 /// Seed 10917: a replaced source hands the same lease IDs out. A key
 /// wanted on the ID after the probe's head read may belong to a new
 /// incarnation the probe did not see: the lease does not retire on that
