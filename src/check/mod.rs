@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::etcd::api::{KeyValue, Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster, FailureKind};
 use crate::etcd::meta::read_job_meta;
-use crate::etcd::pager::{next_page, spawn_pager_with_stats, PageError, PagerStats, Skipped};
-use crate::model::diff::{Difference, LeaseRule, SortedMerge, Step};
+use crate::etcd::pager::{Merged, MergedPages, PageError, PagedRead, Skipped};
+use crate::model::diff::{Difference, LeaseRule, SortedMerge};
 use crate::model::keys::{KeyRewrite, MetaKeys};
 use crate::model::Side;
 
@@ -347,35 +347,30 @@ async fn compare(
             dest.head(target.rewrite.dest_prefix()).await?.revision,
         ),
     };
-    let pagers = cancel.child_token();
-    let _stop_pagers = pagers.clone().drop_guard();
-    let source_stats = std::sync::Arc::new(PagerStats::default());
-    let dest_stats = std::sync::Arc::new(PagerStats::default());
-    let mut source_pages = spawn_pager_with_stats(
-        target.job.clone(),
-        source.clone(),
-        target.rewrite.source_prefix().to_vec(),
-        (Some(source_revision), None),
-        options.page_size,
-        Skipped {
-            meta_prefix: target.meta_prefix.clone(),
-            rewrite: target.rewrite.clone(),
-        },
-        source_stats.clone(),
-        pagers.clone(),
+    let skipped = || Skipped {
+        meta_prefix: target.meta_prefix.clone(),
+        rewrite: target.rewrite.clone(),
+    };
+    let source_read = PagedRead::new(
+        source,
+        target.rewrite.source_prefix(),
+        Some(source_revision),
+        skipped(),
     );
-    let mut dest_pages = spawn_pager_with_stats(
-        target.job.clone(),
-        dest.clone(),
-        target.rewrite.dest_prefix().to_vec(),
-        (Some(dest_revision), None),
+    let dest_read = PagedRead::new(
+        dest,
+        target.rewrite.dest_prefix(),
+        Some(dest_revision),
+        skipped(),
+    );
+    let (source_stats, dest_stats) = (source_read.stats.clone(), dest_read.stats.clone());
+    let mut merged = MergedPages::start(
+        &target.job,
+        source_read,
+        dest_read,
         options.page_size,
-        Skipped {
-            meta_prefix: target.meta_prefix.clone(),
-            rewrite: target.rewrite.clone(),
-        },
-        dest_stats.clone(),
-        pagers,
+        SortedMerge::with_leases(lease_rule(leases)),
+        cancel,
     );
     let mut report = CheckReport {
         job: target.job.clone(),
@@ -384,25 +379,20 @@ async fn compare(
         exact: true,
         ..CheckReport::default()
     };
-    let mut merge = SortedMerge::with_leases(lease_rule(leases));
     loop {
-        match merge.step() {
-            Step::NeedSource => match next_page(&mut source_pages, cancel).await? {
-                Some(page) => {
-                    report.source_keys += page.len() as u64;
-                    merge.push_source(page);
-                }
-                None => merge.source_exhausted(),
-            },
-            Step::NeedDest => match next_page(&mut dest_pages, cancel).await? {
-                Some(page) => {
-                    report.dest_keys += page.len() as u64;
-                    merge.push_dest(page);
-                }
-                None => merge.dest_exhausted(),
-            },
-            Step::Same => {}
-            Step::Differ(difference) => {
+        let mut pages = (0, 0);
+        let next = merged
+            .next(cancel, |side, page| match side {
+                Side::Source => pages.0 += page.len() as u64,
+                Side::Destination => pages.1 += page.len() as u64,
+            })
+            .await
+            .map_err(|e| e.error)?;
+        report.source_keys += pages.0;
+        report.dest_keys += pages.1;
+        match next {
+            Some(Merged::Same) => {}
+            Some(Merged::Differ(difference)) => {
                 let kind = match &difference {
                     Difference::MissingAtDest { .. } => DifferenceKind::DstMiss,
                     Difference::ExtraAtDest { .. } => DifferenceKind::SrcMiss,
@@ -411,7 +401,7 @@ async fn compare(
                 };
                 report.record(difference.suffix(), kind, options.sample_limit);
             }
-            Step::Done => {
+            None => {
                 report.source_bytes_read = source_stats.totals().bytes;
                 report.dest_bytes_read = dest_stats.totals().bytes;
                 return Ok(report);

@@ -15,8 +15,9 @@ use tracing::warn;
 
 use crate::etcd::api::RangeRequest;
 use crate::etcd::client::{ClientError, Cluster};
-use crate::model::diff::Entry;
+use crate::model::diff::{Difference, Entry, SortedMerge, Step};
 use crate::model::keys::{key_successor, prefix_range_end, prefix_range_start, KeyRewrite};
+use crate::model::side::Side;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PageError {
@@ -349,6 +350,148 @@ fn window_end(
     // "\0" as an end means the end of the keyspace.
     let before_end = end == [0] || bound.as_slice() < end;
     (bound.as_slice() > from && bound != [0] && before_end).then_some(bound)
+}
+
+/// One prefix read page by page for a [`MergedPages`]: where, at which
+/// revision (and pinned to which cluster), what to leave out.
+pub struct PagedRead {
+    pub cluster: Cluster,
+    pub prefix: Vec<u8>,
+    pub pin: (Option<i64>, Option<u64>),
+    pub skipped: Skipped,
+    pub stats: Arc<PagerStats>,
+}
+
+impl PagedRead {
+    pub fn new(cluster: &Cluster, prefix: &[u8], revision: Option<i64>, skipped: Skipped) -> Self {
+        PagedRead {
+            cluster: cluster.clone(),
+            prefix: prefix.to_vec(),
+            pin: (revision, None),
+            skipped,
+            stats: Arc::new(PagerStats::default()),
+        }
+    }
+}
+
+/// What the merge found at the next key.
+#[derive(Debug)]
+pub enum Merged {
+    Same,
+    Differ(Difference),
+}
+
+/// A page read that failed, and on which side of the merge.
+#[derive(Debug)]
+pub struct MergeReadError {
+    pub side: Side,
+    pub error: PageError,
+}
+
+/// The one two-pager merge: a source prefix at one revision and a
+/// destination prefix at another, each read one page ahead by its own
+/// pager, merged in key order ([`SortedMerge`]). Used by the check, the
+/// full sync, failback and point-in-time restore. Dropping it stops both
+/// pagers.
+pub struct MergedPages {
+    source: mpsc::Receiver<PageResult>,
+    dest: mpsc::Receiver<PageResult>,
+    merge: SortedMerge,
+    /// Wall-clock time spent waiting for each side's pages (a measurement:
+    /// the simulator's paused clock would stand still).
+    pub source_wait: Duration,
+    pub dest_wait: Duration,
+    _stop_pagers: tokio_util::sync::DropGuard,
+}
+
+impl MergedPages {
+    pub fn start(
+        job: &str,
+        source: PagedRead,
+        dest: PagedRead,
+        page_size: usize,
+        merge: SortedMerge,
+        cancel: &CancellationToken,
+    ) -> Self {
+        let pagers = cancel.child_token();
+        let spawn = |read: PagedRead| {
+            spawn_pager_with_stats(
+                job.to_string(),
+                read.cluster,
+                read.prefix,
+                read.pin,
+                page_size,
+                read.skipped,
+                read.stats,
+                pagers.clone(),
+            )
+        };
+        MergedPages {
+            source: spawn(source),
+            dest: spawn(dest),
+            merge,
+            source_wait: Duration::ZERO,
+            dest_wait: Duration::ZERO,
+            _stop_pagers: pagers.clone().drop_guard(),
+        }
+    }
+
+    /// The next key's verdict, `None` once both sides are exhausted.
+    /// `on_page` sees each page before the merge takes it, and an empty one
+    /// when a side ends.
+    ///
+    /// # Cancel-Safety
+    /// Cancel-safe between calls; a call dropped while it waits for a page
+    /// loses that page (a merge is then abandoned, never resumed).
+    pub async fn next(
+        &mut self,
+        cancel: &CancellationToken,
+        mut on_page: impl FnMut(Side, &[Entry]),
+    ) -> Result<Option<Merged>, MergeReadError> {
+        loop {
+            match self.merge.step() {
+                Step::NeedSource => {
+                    let waited = std::time::Instant::now();
+                    let page = next_page(&mut self.source, cancel).await;
+                    self.source_wait += waited.elapsed();
+                    match page.map_err(|error| MergeReadError {
+                        side: Side::Source,
+                        error,
+                    })? {
+                        Some(page) => {
+                            on_page(Side::Source, &page);
+                            self.merge.push_source(page);
+                        }
+                        None => {
+                            on_page(Side::Source, &[]);
+                            self.merge.source_exhausted();
+                        }
+                    }
+                }
+                Step::NeedDest => {
+                    let waited = std::time::Instant::now();
+                    let page = next_page(&mut self.dest, cancel).await;
+                    self.dest_wait += waited.elapsed();
+                    match page.map_err(|error| MergeReadError {
+                        side: Side::Destination,
+                        error,
+                    })? {
+                        Some(page) => {
+                            on_page(Side::Destination, &page);
+                            self.merge.push_dest(page);
+                        }
+                        None => {
+                            on_page(Side::Destination, &[]);
+                            self.merge.dest_exhausted();
+                        }
+                    }
+                }
+                Step::Same => return Ok(Some(Merged::Same)),
+                Step::Differ(difference) => return Ok(Some(Merged::Differ(difference))),
+                Step::Done => return Ok(None),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@
 //!    deleted and the job reports the guard.
 //! 4. One last txn writes the checkpoint R and removes the marker.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 // tokio's clock, so the simulator's paused time governs every deadline.
@@ -22,15 +21,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::etcd::api::{Op, RangeRequest};
-use crate::etcd::pager::{next_page, spawn_pager_with_stats, PagerStats, PagerTotals, Skipped};
+use crate::etcd::pager::{Merged, MergedPages, PagedRead, PagerTotals, Skipped};
 use crate::mirror::context::JobContext;
 use crate::mirror::error::{JobError, SlowPathReason};
 use crate::mirror::meta::{Checkpoint, FullSyncMarker, JobMeta, KeyGuard};
 use crate::mirror::writer::{TxnOutcome, UnorderedWrites, WriteTrace};
 use crate::model::batch::Mutation;
-use crate::model::diff::{LeaseRule, SortedMerge, Step};
+use crate::model::diff::{LeaseRule, SortedMerge};
 use crate::model::lease_book::Want;
 use crate::model::schema::{prune_allowance, EventStamp, LeftBehind, PruneBlock};
+use crate::model::Side;
 use crate::telemetry::clock::now_rfc3339;
 
 /// Where the destination stands once a full sync has committed.
@@ -692,38 +692,19 @@ async fn merge_pass(
 ) -> Result<(), JobError> {
     let mut pass_trace = Trace::default();
     let pass_started = std::time::Instant::now();
-    let source_stats = Arc::new(PagerStats::default());
-    let dest_stats = Arc::new(PagerStats::default());
-    let pagers = cancel.child_token();
-    // Dropping the guard stops both pagers however this pass ends.
-    let _stop_pagers = pagers.clone().drop_guard();
-    let page_size = ctx.tuning.page_size;
-    let mut source_pages = spawn_pager_with_stats(
-        ctx.job.name.clone(),
-        ctx.source.clone(),
-        ctx.rewrite.source_prefix().to_vec(),
-        (Some(pinned_rev), Some(pinned_cluster)),
-        page_size,
-        Skipped {
-            meta_prefix: ctx.meta_prefix.clone(),
-            rewrite: ctx.rewrite.clone(),
-        },
-        source_stats.clone(),
-        pagers.clone(),
+    let skipped = || Skipped {
+        meta_prefix: ctx.meta_prefix.clone(),
+        rewrite: ctx.rewrite.clone(),
+    };
+    let mut source_read = PagedRead::new(
+        &ctx.source,
+        ctx.rewrite.source_prefix(),
+        Some(pinned_rev),
+        skipped(),
     );
-    let mut dest_pages = spawn_pager_with_stats(
-        ctx.job.name.clone(),
-        ctx.dest.clone(),
-        ctx.rewrite.dest_prefix().to_vec(),
-        (None, None),
-        page_size,
-        Skipped {
-            meta_prefix: ctx.meta_prefix.clone(),
-            rewrite: ctx.rewrite.clone(),
-        },
-        dest_stats.clone(),
-        pagers,
-    );
+    source_read.pin.1 = Some(pinned_cluster);
+    let dest_read = PagedRead::new(&ctx.dest, ctx.rewrite.dest_prefix(), None, skipped());
+    let (source_stats, dest_stats) = (source_read.stats.clone(), dest_read.stats.clone());
     let mut writes = UnorderedWrites::new(
         ctx.writer.clone(),
         pinned_rev,
@@ -731,7 +712,7 @@ async fn merge_pass(
         ctx.tuning.max_inflight_txns,
     );
     let mut batcher = TxnBatcher::new(ctx);
-    let mut merge = match ctx.leases() {
+    let merge = match ctx.leases() {
         // A key is where it belongs when it sits on the lease its source
         // lease's key would be attached to now, for the source at R.
         Some(book) => {
@@ -747,72 +728,68 @@ async fn merge_pass(
         // faithful run left on (now unrenewed) leases are rewritten.
         None => SortedMerge::with_leases(LeaseRule::Unleased),
     };
+    // Dropping it stops both pagers however this pass ends.
+    let mut merged = MergedPages::start(
+        &ctx.job.name,
+        source_read,
+        dest_read,
+        ctx.tuning.page_size,
+        merge,
+        cancel,
+    );
     let started = Instant::now();
     let mut last_log = Instant::now();
 
     loop {
-        let mutation = match merge.step() {
-            Step::NeedSource => {
-                let waited = std::time::Instant::now();
-                let page = next_page(&mut source_pages, cancel).await?;
-                pass_trace.source_wait += waited.elapsed();
-                match page {
-                    Some(page) => {
-                        if pass.is_copy() {
-                            counts.scanned += page.len() as u64;
-                            for entry in &page {
-                                if counts
-                                    .newest
-                                    .as_ref()
-                                    .is_none_or(|(m, _, _)| entry.mod_revision > *m)
-                                {
-                                    counts.newest = Some((
-                                        entry.mod_revision,
-                                        ctx.rewrite.suffix_to_source(&entry.suffix),
-                                        entry.value.clone(),
-                                    ));
-                                }
-                            }
-                            if let Some(book) = ctx.leases() {
-                                for entry in &page {
-                                    book.observe_key(&entry.suffix, Some(entry.lease));
-                                }
+        let copy = pass.is_copy();
+        let next = merged
+            .next(cancel, |side, page| match side {
+                Side::Source => {
+                    if copy {
+                        counts.scanned += page.len() as u64;
+                        for entry in page {
+                            if counts
+                                .newest
+                                .as_ref()
+                                .is_none_or(|(m, _, _)| entry.mod_revision > *m)
+                            {
+                                counts.newest = Some((
+                                    entry.mod_revision,
+                                    ctx.rewrite.suffix_to_source(&entry.suffix),
+                                    entry.value.clone(),
+                                ));
                             }
                         }
-                        merge.push_source(page);
-                    }
-                    None => merge.source_exhausted(),
-                }
-                ctx.heartbeat();
-                None
-            }
-            Step::NeedDest => {
-                let waited = std::time::Instant::now();
-                let page = next_page(&mut dest_pages, cancel).await?;
-                pass_trace.dest_wait += waited.elapsed();
-                match page {
-                    Some(page) => {
-                        if pass.is_copy() {
-                            counts.dest_keys += page.len() as u64;
-                            counts.guarded_present +=
-                                page.iter()
-                                    .filter(|e| e.create_revision <= counts.baseline_revision)
-                                    .count() as u64;
+                        if let Some(book) = ctx.leases() {
+                            for entry in page {
+                                book.observe_key(&entry.suffix, Some(entry.lease));
+                            }
                         }
-                        merge.push_dest(page);
                     }
-                    None => merge.dest_exhausted(),
+                    ctx.heartbeat();
                 }
-                None
-            }
-            Step::Same => {
+                Side::Destination => {
+                    if copy {
+                        counts.dest_keys += page.len() as u64;
+                        counts.guarded_present += page
+                            .iter()
+                            .filter(|e| e.create_revision <= counts.baseline_revision)
+                            .count() as u64;
+                    }
+                }
+            })
+            .await
+            .map_err(|e| e.error)?;
+        let mutation = match next {
+            None => break,
+            Some(Merged::Same) => {
                 if pass.is_copy() {
                     counts.unchanged += 1;
                     ctx.metrics.full_sync_unchanged.inc();
                 }
                 None
             }
-            Step::Differ(difference) => match difference.into_put() {
+            Some(Merged::Differ(difference)) => match difference.into_put() {
                 Ok((suffix, value, lease)) => {
                     counts.put += 1;
                     ctx.metrics.full_sync_put.inc();
@@ -840,7 +817,6 @@ async fn merge_pass(
                     }
                 },
             },
-            Step::Done => break,
         };
         if let Some(sealed) = mutation.and_then(|m| batcher.push(m)) {
             writes.submit(sealed).await?;
@@ -864,6 +840,8 @@ async fn merge_pass(
         writes.submit(rest).await?;
     }
     writes.finish().await?;
+    pass_trace.source_wait = merged.source_wait;
+    pass_trace.dest_wait = merged.dest_wait;
     pass_trace.wall = pass_started.elapsed();
     pass_trace.source = source_stats.totals();
     pass_trace.dest = dest_stats.totals();

@@ -35,9 +35,9 @@ use tracing::{info, warn};
 use crate::etcd::api::{Compare, CompareOp, KeyValue, Op, RangeRequest, TxnRequest, WatchRequest};
 use crate::etcd::client::{ClientError, Cluster, ClusterHead, FailureKind};
 use crate::etcd::meta::read_job_meta;
-use crate::etcd::pager::{next_page, spawn_pager, PageError, Skipped};
+use crate::etcd::pager::{Merged, MergedPages, PageError, PagedRead, Skipped};
 use crate::mirror::meta::CheckpointOf;
-use crate::model::diff::{SortedMerge, Step};
+use crate::model::diff::SortedMerge;
 use crate::model::failback::{
     dirty_set, divergences, Bytes, Changes, Divergence, Held, Knowledge, Loss, LostWrite, SideState,
 };
@@ -45,6 +45,7 @@ use crate::model::keys::{
     key_successor, prefix_range_end, prefix_range_start, KeyRewrite, MetaKeys,
 };
 use crate::model::schema::{EventStamp, FailbackFence, PromotionRecord};
+use crate::model::Side as Role;
 use crate::telemetry::clock::now_rfc3339;
 
 /// Keys read per txn of point reads, and written per txn: well under
@@ -218,7 +219,7 @@ impl Traffic {
 
 /// One side of the failback: a cluster, the job's prefix there and the
 /// meta prefix to leave out.
-struct Side<'a> {
+struct SideView<'a> {
     name: &'static str,
     cluster: &'a Cluster,
     prefix: &'a [u8],
@@ -235,7 +236,7 @@ struct Side<'a> {
     traffic: Traffic,
 }
 
-impl Side<'_> {
+impl SideView<'_> {
     fn is_data(&self, key: &[u8]) -> bool {
         key.starts_with(self.prefix)
             && !key.starts_with(self.meta_prefix)
@@ -392,7 +393,7 @@ fn held_of(kv: &KeyValue) -> Held {
 /// (etcd-io/etcd#18089 loses a delete on a watch from exactly there).
 async fn changes_since(
     job: &str,
-    side: &Side<'_>,
+    side: &SideView<'_>,
     base: i64,
     at: i64,
     cancel: &CancellationToken,
@@ -548,77 +549,68 @@ async fn changes_since(
 /// (old primary at `old_revision`, standby at `standby_revision`).
 async fn diff_candidates(
     job: &str,
-    old_primary: &Side<'_>,
+    old_primary: &SideView<'_>,
     old_revision: i64,
-    standby: &Side<'_>,
+    standby: &SideView<'_>,
     standby_revision: i64,
     page_size: usize,
     cancel: &CancellationToken,
 ) -> Result<Vec<Vec<u8>>, FailbackError> {
-    let pagers = cancel.child_token();
-    let _stop_pagers = pagers.clone().drop_guard();
-    let pager = |side: &Side<'_>, revision| {
-        spawn_pager(
-            job.to_string(),
-            side.cluster.clone(),
-            side.prefix.to_vec(),
+    let read = |side: &SideView<'_>, revision| {
+        PagedRead::new(
+            side.cluster,
+            side.prefix,
             Some(revision),
-            page_size,
             Skipped {
                 meta_prefix: side.meta_prefix.to_vec(),
                 rewrite: side.rewrite.clone(),
             },
-            pagers.clone(),
         )
     };
-    let mut standby_pages = pager(standby, standby_revision);
-    let mut old_pages = pager(old_primary, old_revision);
-    let page_error = |side: &Side<'_>, error: PageError| match error {
-        PageError::Client(error) => FailbackError::Client(error),
-        PageError::Cancelled => FailbackError::Cancelled,
-        other => FailbackError::Pager {
-            job: job.to_string(),
-            side: side.name,
-            what: other.to_string(),
-        },
-    };
+    // The standby is what the old primary must become: the merge's source.
+    let mut merged = MergedPages::start(
+        job,
+        read(standby, standby_revision),
+        read(old_primary, old_revision),
+        page_size,
+        SortedMerge::new(),
+        cancel,
+    );
     let entries_bytes = |page: &[crate::model::diff::Entry], prefix: usize| -> usize {
         page.iter()
             .map(|e| prefix + e.suffix.len() + e.value.len())
             .sum()
     };
-    // The standby is what the old primary must become: the merge's source.
-    let mut merge = SortedMerge::new();
     let mut differing = Vec::new();
     loop {
-        match merge.step() {
-            Step::NeedSource => match next_page(&mut standby_pages, cancel)
-                .await
-                .map_err(|e| page_error(standby, e))?
-            {
-                Some(page) => {
-                    standby
-                        .traffic
-                        .add(entries_bytes(&page, standby.prefix.len()));
-                    merge.push_source(page);
+        let next = merged
+            .next(cancel, |role, page| {
+                let side = match role {
+                    Role::Source => standby,
+                    Role::Destination => old_primary,
+                };
+                side.traffic.add(entries_bytes(page, side.prefix.len()));
+            })
+            .await
+            .map_err(|e| {
+                let side = match e.side {
+                    Role::Source => standby,
+                    Role::Destination => old_primary,
+                };
+                match e.error {
+                    PageError::Client(error) => FailbackError::Client(error),
+                    PageError::Cancelled => FailbackError::Cancelled,
+                    other => FailbackError::Pager {
+                        job: job.to_string(),
+                        side: side.name,
+                        what: other.to_string(),
+                    },
                 }
-                None => merge.source_exhausted(),
-            },
-            Step::NeedDest => match next_page(&mut old_pages, cancel)
-                .await
-                .map_err(|e| page_error(old_primary, e))?
-            {
-                Some(page) => {
-                    old_primary
-                        .traffic
-                        .add(entries_bytes(&page, old_primary.prefix.len()));
-                    merge.push_dest(page);
-                }
-                None => merge.dest_exhausted(),
-            },
-            Step::Same => {}
-            Step::Differ(difference) => differing.push(difference.suffix().to_vec()),
-            Step::Done => return Ok(differing),
+            })?;
+        match next {
+            Some(Merged::Same) => {}
+            Some(Merged::Differ(difference)) => differing.push(difference.suffix().to_vec()),
+            None => return Ok(differing),
         }
     }
 }
@@ -635,7 +627,7 @@ pub async fn failback(
     let keys = MetaKeys::new(&job.meta_prefix, name);
     let rewrite = KeyRewrite::new(job.prefix.as_bytes(), job.dest_prefix.as_bytes())
         .excluding(&job.exclude_prefixes);
-    let old_primary = Side {
+    let old_primary = SideView {
         name: "old primary",
         cluster: old_primary_cluster,
         prefix: job.prefix.as_bytes(),
@@ -645,7 +637,7 @@ pub async fn failback(
         page: job.page_size.max(1) as i64,
         traffic: Traffic::default(),
     };
-    let standby = Side {
+    let standby = SideView {
         name: "standby",
         cluster: standby_cluster,
         prefix: job.dest_prefix.as_bytes(),
@@ -1024,7 +1016,7 @@ pub async fn failback(
 /// changed since is one this run wrote, and holds what it wrote.
 async fn verify_only_ours(
     job: &str,
-    old_primary: &Side<'_>,
+    old_primary: &SideView<'_>,
     read_at: i64,
     verified_at: i64,
     written: &[Divergence],
@@ -1134,7 +1126,7 @@ async fn fence(
 /// One txn of writes to the old primary, each guarded on its key as read.
 async fn write_chunk(
     cluster: &Cluster,
-    side: &Side<'_>,
+    side: &SideView<'_>,
     keys: &MetaKeys,
     fence_compare: &Compare,
     job: &str,
@@ -1271,7 +1263,6 @@ mod tests {
     use super::*;
     use crate::etcd::memory::{new_store, Link, MemoryEtcd, SharedStore};
     use crate::model::schema::Checkpoint;
-    use crate::model::Side as Role;
 
     const META: &str = "/meta/";
 
@@ -1620,7 +1611,7 @@ mod tests {
             .await
             .expect("fence");
         let rewrite = KeyRewrite::new("/app/", "/copy/");
-        let old_primary = Side {
+        let old_primary = SideView {
             name: "old primary",
             cluster: &world.old_primary,
             prefix: b"/app/",
@@ -1743,8 +1734,8 @@ mod tests {
     }
 
     /// The old primary as a failback side, reading written keys 2 a page.
-    fn side_of<'a>(cluster: &'a Cluster, rewrite: &'a KeyRewrite) -> Side<'a> {
-        Side {
+    fn side_of<'a>(cluster: &'a Cluster, rewrite: &'a KeyRewrite) -> SideView<'a> {
+        SideView {
             name: "old primary",
             cluster,
             prefix: b"/app/",

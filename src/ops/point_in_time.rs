@@ -17,11 +17,12 @@ use tokio_util::sync::CancellationToken;
 use crate::etcd::api::{Compare, CompareOp, Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster};
 use crate::etcd::meta::first_readable;
-use crate::etcd::pager::{next_page, spawn_pager};
+use crate::etcd::pager::{Merged, MergedPages, PagedRead};
 use crate::mirror::meta::Checkpoint;
-use crate::model::diff::{SortedMerge, Step};
+use crate::model::diff::SortedMerge;
 use crate::model::keys::MetaKeys;
 use crate::model::schema::{PointInTime, PromotionRecord};
+use crate::model::Side;
 use crate::ops::admin::{
     collect_status, guarded_chunk, promote, AdminError, GuardedWrite, PromoteOutcome,
     RevisionPoint, DETACH_OPS_PER_TXN,
@@ -297,27 +298,29 @@ pub async fn restore(
     cancel: &CancellationToken,
 ) -> Result<RestoreCounts, AdminError> {
     let keys = &MetaKeys::new(meta_prefix, job);
-    let pagers = cancel.child_token();
-    let _stop_pagers = pagers.clone().drop_guard();
-    let pager = |revision| {
-        spawn_pager(
-            job.to_string(),
-            dest.clone(),
-            dest_prefix.as_bytes().to_vec(),
+    let read = |revision| {
+        PagedRead::new(
+            dest,
+            dest_prefix.as_bytes(),
             revision,
-            page_size,
             // The whole destination prefix goes back: `promote` has no job
             // config, so `exclude-prefixes` ranges are restored too.
             crate::etcd::pager::Skipped {
                 meta_prefix: meta_prefix.as_bytes().to_vec(),
                 rewrite: crate::model::keys::KeyRewrite::new(dest_prefix, dest_prefix),
             },
-            pagers.clone(),
         )
     };
-    let mut then_pages = pager(Some(read_revision));
-    let mut now_pages = pager(None);
-    let mut merge = SortedMerge::new();
+    // Then is what the prefix must become (the merge's source), now is
+    // what it holds.
+    let mut merged = MergedPages::start(
+        job,
+        read(Some(read_revision)),
+        read(None),
+        page_size,
+        SortedMerge::new(),
+        cancel,
+    );
     // The current page's mod revisions, for the guards; the merge asks for
     // a page only once it consumed the previous one, so a page bounds it.
     let mut current: VecDeque<(Vec<u8>, i64)> = VecDeque::new();
@@ -327,21 +330,19 @@ pub async fn restore(
     let mut deletes = Batch::new(dest, keys, job);
     let key_of = |suffix: &[u8]| [dest_prefix.as_bytes(), suffix].concat();
     loop {
-        match merge.step() {
-            Step::NeedSource => match next_page(&mut then_pages, cancel).await? {
-                Some(page) => merge.push_source(page),
-                None => merge.source_exhausted(),
-            },
-            Step::NeedDest => match next_page(&mut now_pages, cancel).await? {
-                Some(page) => {
+        let next = merged
+            .next(cancel, |side, page| {
+                if side == Side::Destination && !page.is_empty() {
                     current.clear();
                     current.extend(page.iter().map(|e| (e.suffix.clone(), e.mod_revision)));
-                    merge.push_dest(page);
                 }
-                None => merge.dest_exhausted(),
-            },
-            Step::Same => {}
-            Step::Differ(difference) => match difference.into_put() {
+            })
+            .await
+            .map_err(|e| e.error)?;
+        match next {
+            None => break,
+            Some(Merged::Same) => {}
+            Some(Merged::Differ(difference)) => match difference.into_put() {
                 Err((suffix, _)) => {
                     let key = key_of(&suffix);
                     deletes
@@ -380,7 +381,6 @@ pub async fn restore(
                     .await?;
                 }
             },
-            Step::Done => break,
         }
     }
     puts.flush().await?;
