@@ -615,7 +615,39 @@ async fn diff_candidates(
     }
 }
 
-/// The whole failback of one job. See the module docs for the steps.
+/// Phase 1: where the histories part (what the standby mirrored, up to
+/// which revision, and whether the old primary still has that history).
+struct Parting {
+    record: PromotionRecord,
+    /// The source revision the standby had applied (0: unknown).
+    checkpoint_revision: i64,
+    mirrored_cluster: Option<u64>,
+    /// The old primary is the cluster the standby mirrored, not behind it.
+    same_history: bool,
+    old_head: ClusterHead,
+    standby_head: ClusterHead,
+}
+
+/// Phase 3: every key either side changed since the histories parted.
+struct Dirty {
+    old_revision: i64,
+    old_changes: Option<Changes>,
+    standby_base: Option<i64>,
+    standby_changes: Option<Changes>,
+    method: Method,
+    candidates: Vec<Vec<u8>>,
+}
+
+/// Phase 4: what to write, and what would be lost.
+struct Plan {
+    found: Vec<Divergence>,
+    standby_state: BTreeMap<Vec<u8>, Held>,
+    report: FailbackReport,
+}
+
+/// The whole failback of one job, phase by phase (see the module docs):
+/// where the histories part, the fence, the dirty set, the plan, the
+/// writes, the handover. A dry run stops after the plan, unfenced.
 pub async fn failback(
     old_primary_cluster: &Cluster,
     standby_cluster: &Cluster,
@@ -647,9 +679,105 @@ pub async fn failback(
         page: job.page_size.max(1) as i64,
         traffic: Traffic::default(),
     };
+    let parting = where_histories_part(job, &keys, &old_primary, &standby).await?;
+    // Everything that can be checked is, before the first write.
+    if let (Some(path), false) = (&options.lost_writes_file, options.dry_run) {
+        check_lost_writes_file(path, options.append_lost_writes)?;
+    }
+    // Phase 2, the fence: nothing writes the old primary's prefix behind
+    // it but this run (a dry run plans unfenced and writes nothing).
+    let fence_bytes = if options.dry_run {
+        None
+    } else {
+        Some(
+            fence(
+                old_primary_cluster,
+                &keys,
+                name,
+                parting.standby_head.cluster_id,
+                &options.instance,
+            )
+            .await?,
+        )
+    };
+    let dirty = dirty_keys(
+        name,
+        &parting,
+        &old_primary,
+        &standby,
+        job.page_size,
+        cancel,
+    )
+    .await?;
+    let mut plan = plan(name, options, &parting, dirty, &old_primary, &standby).await?;
+    let Some(fence_bytes) = fence_bytes else {
+        plan.report.bytes_read_old_primary = old_primary.traffic.get();
+        plan.report.bytes_read_standby = standby.traffic.get();
+        return Ok(plan.report);
+    };
+    if let Some(path) = &options.lost_writes_file {
+        save_lost_writes(path, &plan.report.lost, options.append_lost_writes).map_err(|error| {
+            FailbackError::LostWritesFileAfterFence {
+                path: path.clone(),
+                what: match error {
+                    FailbackError::LostWritesFile { source, .. } => source.to_string(),
+                    other => other.to_string(),
+                },
+            }
+        })?;
+        plan.report.lost_writes_file = Some(path.clone());
+    }
+    // Phase 5, the writes.
+    let fence_compare = Compare::value(keys.promoted(), CompareOp::Equal, fence_bytes.clone());
+    for chunk in txn_chunks(&plan.found, job.max_txn_ops, job.max_txn_bytes) {
+        write_chunk(
+            old_primary_cluster,
+            &old_primary,
+            &keys,
+            &fence_compare,
+            name,
+            chunk,
+        )
+        .await?;
+    }
+    let handed_over = hand_over(
+        job,
+        options,
+        &keys,
+        &parting,
+        &plan,
+        &old_primary,
+        &standby,
+        &fence_bytes,
+        cancel,
+    )
+    .await?;
+    let mut report = plan.report;
+    report.final_old_primary_revision = Some(handed_over);
+    report.bytes_read_old_primary = old_primary.traffic.get();
+    report.bytes_read_standby = standby.traffic.get();
+    info!(
+        job = %name,
+        puts = report.puts,
+        deletes = report.deletes,
+        lost_writes = report.lost_writes,
+        checkpoint = parting.standby_head.revision,
+        "Failback done: the old primary equals the standby; reverse replication can resume from the checkpoint."
+    );
+    Ok(report)
+}
 
-    // 1. Where the histories part.
-    let meta = read_job_meta(standby_cluster, &keys).await?;
+/// Phase 1, where the histories part: the promotion record and the checkpoint on
+/// the standby, both heads, and the refusals (not promoted, the wrong
+/// direction, other prefixes, the same cluster).
+async fn where_histories_part(
+    job: &FailbackJob,
+    keys: &MetaKeys,
+    old_primary: &SideView<'_>,
+    standby: &SideView<'_>,
+) -> Result<Parting, FailbackError> {
+    let name = job.name.as_str();
+    let meta = read_job_meta(standby.cluster, keys).await?;
     let record = match &meta.promoted {
         None => {
             return Err(FailbackError::NotPromoted {
@@ -689,8 +817,8 @@ pub async fn failback(
     let mirrored_cluster = record
         .source_cluster_id
         .or(checkpoint.as_ref().map(|c| c.source_cluster_id));
-    let old_head = old_primary_cluster.head(old_primary.prefix).await?;
-    let standby_head: ClusterHead = standby_cluster.head(standby.prefix).await?;
+    let old_head = old_primary.cluster.head(old_primary.prefix).await?;
+    let standby_head: ClusterHead = standby.cluster.head(standby.prefix).await?;
     if old_head.cluster_id == standby_head.cluster_id {
         return Err(FailbackError::SameCluster {
             job: name.to_string(),
@@ -700,40 +828,41 @@ pub async fn failback(
     let checkpoint_revision = synced.unwrap_or(0);
     let same_history = mirrored_cluster == Some(old_head.cluster_id)
         && synced.is_some_and(|c| c <= old_head.revision);
+    Ok(Parting {
+        record,
+        checkpoint_revision,
+        mirrored_cluster,
+        same_history,
+        old_head,
+        standby_head,
+    })
+}
+
+/// Phase 3, the dirty set: the keys either side changed since the histories
+/// parted, from both histories when both still have them, else from a full
+/// diff of both prefixes (and why).
+async fn dirty_keys(
+    name: &str,
+    parting: &Parting,
+    old_primary: &SideView<'_>,
+    standby: &SideView<'_>,
+    page_size: usize,
+    cancel: &CancellationToken,
+) -> Result<Dirty, FailbackError> {
+    let Parting {
+        record,
+        checkpoint_revision,
+        mirrored_cluster,
+        same_history,
+        old_head,
+        standby_head,
+        ..
+    } = parting;
+    let (checkpoint_revision, same_history) = (*checkpoint_revision, *same_history);
     let standby_revision = standby_head.revision;
-
-    // Everything that can be checked is, before the first write.
-    if let (Some(path), false) = (&options.lost_writes_file, options.dry_run) {
-        check_lost_writes_file(path, options.append_lost_writes)?;
-    }
-
-    // 2. The fence.
-    let fence_bytes = if options.dry_run {
-        None
-    } else {
-        Some(
-            fence(
-                old_primary_cluster,
-                &keys,
-                name,
-                standby_head.cluster_id,
-                &options.instance,
-            )
-            .await?,
-        )
-    };
-    let old_revision = old_primary_cluster.head(old_primary.prefix).await?.revision;
-
-    // 3. The dirty set.
+    let old_revision = old_primary.cluster.head(old_primary.prefix).await?.revision;
     let old_changes = if same_history {
-        changes_since(
-            name,
-            &old_primary,
-            checkpoint_revision,
-            old_revision,
-            cancel,
-        )
-        .await?
+        changes_since(name, old_primary, checkpoint_revision, old_revision, cancel).await?
     } else {
         None
     };
@@ -745,14 +874,14 @@ pub async fn failback(
         .map(|pit| pit.read_dest_revision)
         .or(record.base_dest_revision);
     let standby_changes = match standby_base {
-        Some(base) => changes_since(name, &standby, base, standby_revision, cancel).await?,
+        Some(base) => changes_since(name, standby, base, standby_revision, cancel).await?,
         None => None,
     };
     let method = match (&old_changes, &standby_changes) {
         (Some(_), Some(_)) => Method::History,
         _ => Method::Diff {
             reason: if !same_history {
-                match mirrored_cluster {
+                match *mirrored_cluster {
                     Some(id) if id != old_head.cluster_id => format!(
                         "the old primary is cluster {:x}, not {id:x} that the standby mirrored (rebuilt or restored?)",
                         old_head.cluster_id
@@ -781,18 +910,46 @@ pub async fn failback(
             warn!(job = %name, %reason, "Failback falls back to the full diff of both prefixes.");
             diff_candidates(
                 name,
-                &old_primary,
+                old_primary,
                 old_revision,
-                &standby,
+                standby,
                 standby_revision,
-                job.page_size,
+                page_size,
                 cancel,
             )
             .await?
         }
     };
+    Ok(Dirty {
+        old_revision,
+        old_changes,
+        standby_base,
+        standby_changes,
+        method,
+        candidates,
+    })
+}
 
-    // 4. Both sides' state of every candidate; the lost writes.
+/// Phase 4, the plan: both sides' state of every candidate, the writes that make
+/// the old primary equal the standby, and the lost writes.
+async fn plan(
+    name: &str,
+    options: &FailbackOptions,
+    parting: &Parting,
+    dirty: Dirty,
+    old_primary: &SideView<'_>,
+    standby: &SideView<'_>,
+) -> Result<Plan, FailbackError> {
+    let Dirty {
+        old_revision,
+        old_changes,
+        standby_base,
+        standby_changes,
+        method,
+        candidates,
+    } = dirty;
+    let (checkpoint_revision, same_history) = (parting.checkpoint_revision, parting.same_history);
+    let standby_revision = parting.standby_head.revision;
     let old_state = old_primary.read_at(&candidates, old_revision).await?;
     let standby_state = standby.read_at(&candidates, standby_revision).await?;
     // Without the old primary's history, the standby's state at its base
@@ -825,7 +982,7 @@ pub async fn failback(
             standby: SideState::of(d.standby.as_ref(), None),
         })
         .collect();
-    let mut report = FailbackReport {
+    let report = FailbackReport {
         job: name.to_string(),
         dry_run: options.dry_run,
         method,
@@ -849,49 +1006,44 @@ pub async fn failback(
         lost_writes_file: None,
         lost,
     };
-    let Some(fence_bytes) = fence_bytes else {
-        report.bytes_read_old_primary = old_primary.traffic.get();
-        report.bytes_read_standby = standby.traffic.get();
-        return Ok(report);
-    };
-    if let Some(path) = &options.lost_writes_file {
-        save_lost_writes(path, &report.lost, options.append_lost_writes).map_err(|error| {
-            FailbackError::LostWritesFileAfterFence {
-                path: path.clone(),
-                what: match error {
-                    FailbackError::LostWritesFile { source, .. } => source.to_string(),
-                    other => other.to_string(),
-                },
-            }
-        })?;
-        report.lost_writes_file = Some(path.clone());
-    }
+    Ok(Plan {
+        found,
+        standby_state,
+        report,
+    })
+}
 
-    // 5. The writes.
-    let fence_compare = Compare::value(keys.promoted(), CompareOp::Equal, fence_bytes.clone());
-    for chunk in txn_chunks(&found, job.max_txn_ops, job.max_txn_bytes) {
-        write_chunk(
-            old_primary_cluster,
-            &old_primary,
-            &keys,
-            &fence_compare,
-            name,
-            chunk,
-        )
-        .await?;
-    }
-
-    // 6. Hand over to the reverse job, once proved: the old primary's
-    // prefix changed only by this run's writes since it was read (a client
-    // still writing to it is not stopped by the fence), and the handover
-    // itself applies only if nothing changed it since that proof.
+/// Phase 6, the handover to the reverse job, once proved: the old primary's prefix
+/// changed only by this run's writes since it was read (a client still
+/// writing to it is not stopped by the fence), and the handover itself
+/// applies only if nothing changed it since that proof. Returns the
+/// handover's revision.
+#[allow(clippy::too_many_arguments)]
+async fn hand_over(
+    job: &FailbackJob,
+    options: &FailbackOptions,
+    keys: &MetaKeys,
+    parting: &Parting,
+    plan: &Plan,
+    old_primary: &SideView<'_>,
+    standby: &SideView<'_>,
+    fence_bytes: &[u8],
+    cancel: &CancellationToken,
+) -> Result<i64, FailbackError> {
+    let name = job.name.as_str();
+    let old_revision = plan.report.old_primary_revision;
+    let standby_revision = parting.standby_head.revision;
+    let standby_head = &parting.standby_head;
+    let rewrite = old_primary.rewrite;
+    let old_primary_cluster = old_primary.cluster;
+    let fence_compare = Compare::value(keys.promoted(), CompareOp::Equal, fence_bytes.to_vec());
     let verified_at = old_primary_cluster.head(old_primary.prefix).await?.revision;
     verify_only_ours(
         name,
-        &old_primary,
+        old_primary,
         old_revision,
         verified_at,
-        &found,
+        &plan.found,
         cancel,
     )
     .await?;
@@ -904,7 +1056,8 @@ pub async fn failback(
             standby: standby_keys,
         });
     }
-    let last_event = standby_state
+    let last_event = plan
+        .standby_state
         .iter()
         .max_by_key(|(_, held)| held.mod_revision)
         .map(|(suffix, held)| {
@@ -921,7 +1074,7 @@ pub async fn failback(
             .excluded_dest_prefixes()
             .map(|p| String::from_utf8_lossy(&p).into_owned())
             .collect(),
-        leases_mirrored: job.leases_faithful && report.written_without_lease == 0,
+        leases_mirrored: job.leases_faithful && plan.report.written_without_lease == 0,
     }
     .at(
         (standby_revision, standby_head.cluster_id),
@@ -979,13 +1132,13 @@ pub async fn failback(
                 reverse_bytes,
             )])
             .and_then(vec![
-                Op::put(keys.promoted(), fence_bytes.clone()),
+                Op::put(keys.promoted(), fence_bytes.to_vec()),
                 Op::delete(keys.checkpoint()),
             ]);
         old_primary_cluster
             .txn("fence the old primary again", refence)
             .await?;
-        let deleted = changes_since(name, &old_primary, verified_at, handed_over - 1, cancel)
+        let deleted = changes_since(name, old_primary, verified_at, handed_over - 1, cancel)
             .await?
             .and_then(|changes| changes.deleted.keys().next().cloned())
             .map_or_else(
@@ -997,18 +1150,7 @@ pub async fn failback(
             key: deleted,
         });
     }
-    report.final_old_primary_revision = Some(response.header.revision);
-    report.bytes_read_old_primary = old_primary.traffic.get();
-    report.bytes_read_standby = standby.traffic.get();
-    info!(
-        job = %name,
-        puts = report.puts,
-        deletes = report.deletes,
-        lost_writes = report.lost_writes,
-        checkpoint = standby_revision,
-        "Failback done: the old primary equals the standby; reverse replication can resume from the checkpoint."
-    );
-    Ok(report)
+    Ok(response.header.revision)
 }
 
 /// Proves the old primary's prefix changed only by this run's writes
