@@ -2385,3 +2385,39 @@ async fn a_moved_destination_prefix_records_the_copies_left_behind() {
         ]
     );
 }
+
+/// A full sync into /copy/ interrupted (its marker there, the checkpoint
+/// already dropped), then the job moved to /copy2/: the copies the
+/// interrupted sync wrote under /copy/ are recorded as left behind too.
+#[tokio::test(start_paused = true)]
+async fn an_interrupted_full_sync_s_copies_are_left_behind_when_the_prefix_moves() {
+    let (source, dest) = (new_store(1), new_store(2));
+    put_numbered(&source, 0..4).await;
+    put(&dest, &[("/copy/k00", "v"), ("/copy/k01", "v")]).await;
+    let mut ctx = context(&source, &dest, NO_CHECKS, 1.0);
+    let marker = etcd_syncer::mirror::meta::FullSyncMarker {
+        id: 1,
+        pinned_rev: 3,
+        source_cluster_id: 1,
+        started_at: "2026-01-01T00:00:00Z".into(),
+        instance: "earlier".into(),
+        reason: "test".into(),
+        baseline_dest_keys: Some(0),
+        baseline_revision: Some(1),
+        prune_blocked: None,
+        prefixes: Some(("/app/".into(), "/copy/".into())),
+    };
+    let encoded = String::from_utf8(marker.encode()).expect("json");
+    put(&dest, &[(ctx.keys.full_sync().as_str(), encoded.as_str())]).await;
+    ctx.rewrite = KeyRewrite::new(b"/app/".to_vec(), b"/copy2/".to_vec());
+    first_full_sync(&ctx).await.expect("full sync");
+    let meta = etcd_syncer::etcd::meta::read_job_meta(&ctx.dest, &ctx.keys)
+        .await
+        .expect("meta");
+    let left: Vec<(String, String, i64)> = meta
+        .left_behind
+        .iter()
+        .map(|e| (e.dest_prefix.clone(), e.source_prefix.clone(), e.last_synced_rev))
+        .collect();
+    assert_eq!(left, vec![("/copy/".into(), "/app/".into(), 3)]);
+}

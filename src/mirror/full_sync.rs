@@ -390,9 +390,27 @@ async fn begin(
     }
     // The copies under a destination prefix the job no longer mirrors to
     // stay where they are: recorded with the checkpoint that described
-    // them, in the txn that drops it, so `status` names them.
-    if let Some(checkpoint) = &meta.checkpoint {
-        let change = checkpoint.prefix_change(ctx.rewrite.source_prefix(), dest_prefix);
+    // them (or the interrupted full sync that was writing them), in the
+    // txn that drops it, so `status` names them.
+    let left = match (&meta.checkpoint, &meta.full_sync) {
+        (Some(checkpoint), _) => Some((
+            checkpoint.prefix_change(ctx.rewrite.source_prefix(), dest_prefix),
+            checkpoint.source_prefix.clone(),
+            checkpoint.updated_at.clone(),
+            checkpoint.last_synced_rev,
+        )),
+        (None, Some(interrupted)) => Some((
+            interrupted.prefix_change(ctx.rewrite.source_prefix(), dest_prefix),
+            interrupted
+                .prefixes
+                .as_ref()
+                .map_or_else(String::new, |(source, _)| source.clone()),
+            interrupted.started_at.clone(),
+            interrupted.pinned_rev,
+        )),
+        (None, None) => None,
+    };
+    if let Some((change, source_prefix, last_synced_at, last_synced_rev)) = left {
         // (A prefix inside the new one is the new full sync's to diff.)
         if let Some((was, now)) = change
             .dest
@@ -401,9 +419,9 @@ async fn begin(
             warn!(job = %ctx.job.name, old_dest_prefix = %was, dest_prefix = %now, "--dest-prefix changed: the copies under the old prefix stay there (no longer updated); delete them once nothing reads them. `status` lists them.");
             let entry = LeftBehind {
                 dest_prefix: was,
-                source_prefix: checkpoint.source_prefix.clone(),
-                last_synced_at: checkpoint.updated_at.clone(),
-                last_synced_rev: checkpoint.last_synced_rev,
+                source_prefix,
+                last_synced_at,
+                last_synced_rev,
             };
             ops.push(Op::put(
                 keys.left_behind(),

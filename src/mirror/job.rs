@@ -54,6 +54,19 @@ pub fn decide(
     {
         return Decision::FullSync(reason);
     }
+    // Or a full sync for other prefixes was interrupted (its checkpoint
+    // already dropped): the destination holds part of that copy.
+    if let Some(change) = meta
+        .full_sync
+        .as_ref()
+        .map(|m| m.prefix_change(rewrite.source_prefix(), rewrite.dest_prefix()))
+        .filter(|change| !change.is_none())
+    {
+        return Decision::FullSync(SlowPathReason::PrefixChanged {
+            source: change.source,
+            dest: change.dest,
+        });
+    }
     if let Some(reason) = forced {
         return Decision::FullSync(reason);
     }
@@ -1018,6 +1031,26 @@ mod tests {
                 pinned_rev: Some(50)
             })
         );
+        // Interrupted while copying to other prefixes (the checkpoint was
+        // dropped when it began): the change is named, not the interruption.
+        let mut moved = interrupted.clone();
+        if let Some(marker) = moved.full_sync.as_mut() {
+            marker.prefixes = Some(("/app/".into(), "/copy/".into()));
+        }
+        assert_eq!(
+            decide(&moved, HEAD, &app(), None),
+            Decision::FullSync(SlowPathReason::PrefixChanged {
+                source: None,
+                dest: Some(("/copy/".into(), "/app/".into())),
+            })
+        );
+        if let Some(marker) = moved.full_sync.as_mut() {
+            marker.prefixes = Some(("/app/".into(), "/app/".into()));
+        }
+        assert!(matches!(
+            decide(&moved, HEAD, &app(), None),
+            Decision::FullSync(SlowPathReason::Interrupted { .. })
+        ));
         let mut garbled = meta_with(None);
         garbled.checkpoint_raw = Some(b"garbage".to_vec());
         assert_eq!(

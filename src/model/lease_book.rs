@@ -503,17 +503,19 @@ impl<E: Clone> LeaseCore<E> {
 
     /// Makes `want` attachable: nothing if it is; else its grant or record
     /// goes ahead, or a retiring lease of its ID takes keys again.
-    fn start(&mut self, want: Want, effects: &mut Vec<Effect<E>>) {
+    /// Returns whether a retiring lease was mapped again (the only way a
+    /// start makes a want attachable at once).
+    fn start(&mut self, want: Want, effects: &mut Vec<Effect<E>>) -> bool {
         if want.lease == 0 || self.target(want).is_some() {
-            return;
+            return false;
         }
         if let Some(mapping) = self.mappings.get_mut(&want.lease) {
             // Its record is under way (or written again if it failed).
             mapping.stalled = false;
-            return;
+            return false;
         }
         if self.grants.contains_key(&want.lease) {
-            return;
+            return false;
         }
         // A key of the ID wanted after the retiring lease's H0 (another
         // incarnation of the ID: a replaced or rebuilt source hands IDs out
@@ -544,13 +546,14 @@ impl<E: Clone> LeaseCore<E> {
                     gone: None,
                 },
             );
-            return;
+            return true;
         }
         self.grants.insert(want.lease, PendingGrant::default());
         effects.push(Effect::Probe {
             lease: want.lease,
             serial: None,
         });
+        false
     }
 
     fn load(&mut self, records: Vec<(i64, LeaseRecord)>) {
@@ -722,58 +725,58 @@ impl<E: Clone> LeaseCore<E> {
 
     /// Answers every request whose leases all have targets now.
     fn answer_requests(&mut self, effects: &mut Vec<Effect<E>>) {
-        let ready: Vec<u64> = self
-            .requests
-            .iter()
-            .filter(|(_, wants)| {
-                wants
-                    .iter()
-                    .all(|w| w.lease == 0 || self.target(*w).is_some())
-            })
-            .map(|(request, _)| *request)
-            .collect();
-        for request in ready {
-            let wants = self.requests.remove(&request).unwrap_or_default();
-            let outcome = wants
-                .iter()
-                .filter(|w| w.lease != 0)
-                .filter_map(|w| self.target(*w).map(|dest| (w.lease, dest)))
-                .collect();
-            // Keys go to the mapping now at these revisions: it may retire
-            // only on a head read at or after the newest (rule 2).
-            for want in wants.iter().filter(|w| w.lease != 0) {
-                if let Some(mapping) = self.mappings.get_mut(&want.lease) {
-                    mapping.max_at = mapping.max_at.map(|m| m.max(want.at));
+        // One pass over every waiting want per round (this runs after every
+        // input, with thousands of wants waiting during a leased full sync).
+        loop {
+            let mut ready = Vec::new();
+            // A request waiting on a lease nothing is granting or recording
+            // any more (its mapping was lost or retired meanwhile) starts it
+            // again.
+            let mut stranded = Vec::new();
+            for (request, wants) in &self.requests {
+                let mut all = true;
+                for want in wants.iter().filter(|w| w.lease != 0) {
+                    if self.target(*want).is_none() {
+                        all = false;
+                        if !self.mappings.contains_key(&want.lease)
+                            && !self.grants.contains_key(&want.lease)
+                        {
+                            stranded.push(*want);
+                        }
+                    }
+                }
+                if all {
+                    ready.push(*request);
                 }
             }
-            effects.push(Effect::Reply {
-                request,
-                outcome: Ok(outcome),
-            });
-        }
-        // A request waiting on a lease nothing is granting or recording
-        // any more (its mapping was lost or retired meanwhile) starts it again.
-        let stranded: Vec<Want> = self
-            .requests
-            .values()
-            .flatten()
-            .filter(|w| w.lease != 0 && self.target(**w).is_none())
-            .filter(|w| {
-                !self.mappings.contains_key(&w.lease) && !self.grants.contains_key(&w.lease)
-            })
-            .copied()
-            .collect();
-        for want in stranded {
-            self.start(want, effects);
-        }
-        // A mapping revived for a waiting request may answer it now.
-        let revived = self.requests.iter().any(|(_, wants)| {
-            wants
-                .iter()
-                .all(|w| w.lease == 0 || self.target(*w).is_some())
-        });
-        if revived {
-            self.answer_requests(effects);
+            for request in ready {
+                let wants = self.requests.remove(&request).unwrap_or_default();
+                let outcome = wants
+                    .iter()
+                    .filter(|w| w.lease != 0)
+                    .filter_map(|w| self.target(*w).map(|dest| (w.lease, dest)))
+                    .collect();
+                // Keys go to the mapping now at these revisions: it may
+                // retire only on a head read at or after the newest (rule 2).
+                for want in wants.iter().filter(|w| w.lease != 0) {
+                    if let Some(mapping) = self.mappings.get_mut(&want.lease) {
+                        mapping.max_at = mapping.max_at.map(|m| m.max(want.at));
+                    }
+                }
+                effects.push(Effect::Reply {
+                    request,
+                    outcome: Ok(outcome),
+                });
+            }
+            let mut revived = false;
+            for want in stranded {
+                revived |= self.start(want, effects);
+            }
+            // A mapping revived for a waiting request may answer it now;
+            // nothing else a start does makes a want attachable.
+            if !revived {
+                return;
+            }
         }
     }
 

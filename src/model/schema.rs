@@ -246,6 +246,22 @@ impl FullSyncMarker {
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a marker always serializes")
     }
+
+    /// How the job's prefixes differ from the ones this full sync was
+    /// copying (none known: a marker written before the field existed).
+    pub fn prefix_change(&self, source_prefix: &[u8], dest_prefix: &[u8]) -> PrefixChange {
+        let changed = |was: &str, now: &[u8]| {
+            let now = String::from_utf8_lossy(now).into_owned();
+            (was != now).then(|| (was.to_string(), now))
+        };
+        match &self.prefixes {
+            Some((was_source, was_dest)) => PrefixChange {
+                source: changed(was_source, source_prefix),
+                dest: changed(was_dest, dest_prefix),
+            },
+            None => PrefixChange::default(),
+        }
+    }
 }
 
 /// Which destination lease mirrors one source lease, under
