@@ -2414,10 +2414,21 @@ async fn an_interrupted_full_sync_s_copies_are_left_behind_when_the_prefix_moves
     let meta = etcd_syncer::etcd::meta::read_job_meta(&ctx.dest, &ctx.keys)
         .await
         .expect("meta");
-    let left: Vec<(String, String, i64)> = meta
+    let left: Vec<(String, String, i64, bool)> = meta
         .left_behind
         .iter()
-        .map(|e| (e.dest_prefix.clone(), e.source_prefix.clone(), e.last_synced_rev))
+        .map(|e| {
+            (
+                e.dest_prefix.clone(),
+                e.source_prefix.clone(),
+                e.last_synced_rev,
+                e.partial,
+            )
+        })
         .collect();
-    assert_eq!(left, vec![("/copy/".into(), "/app/".into(), 3)]);
+    assert_eq!(
+        left,
+        vec![("/copy/".into(), "/app/".into(), 3, true)],
+        "a partial copy, said so"
+    );
 }

@@ -316,7 +316,7 @@ impl std::fmt::Display for SlowPathReason {
                 "{leases} mirrored lease(s) expired on the destination while their source leases live (no replica ran for longer than TTL + --lease-grace?)"
             ),
             SlowPathReason::PrefixChanged { source, dest } => {
-                write!(f, "the job's prefixes changed since the checkpoint (")?;
+                write!(f, "the job's prefixes changed since the destination's copy was made (")?;
                 if let Some((was, now)) = source {
                     write!(f, "--prefix {was} -> {now}")?;
                 }

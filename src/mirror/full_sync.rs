@@ -398,6 +398,7 @@ async fn begin(
             checkpoint.source_prefix.clone(),
             checkpoint.updated_at.clone(),
             checkpoint.last_synced_rev,
+            false,
         )),
         (None, Some(interrupted)) => Some((
             interrupted.prefix_change(ctx.rewrite.source_prefix(), dest_prefix),
@@ -407,10 +408,11 @@ async fn begin(
                 .map_or_else(String::new, |(source, _)| source.clone()),
             interrupted.started_at.clone(),
             interrupted.pinned_rev,
+            true,
         )),
         (None, None) => None,
     };
-    if let Some((change, source_prefix, last_synced_at, last_synced_rev)) = left {
+    if let Some((change, source_prefix, last_synced_at, last_synced_rev, partial)) = left {
         // (A prefix inside the new one is the new full sync's to diff.)
         if let Some((was, now)) = change
             .dest
@@ -422,6 +424,7 @@ async fn begin(
                 source_prefix,
                 last_synced_at,
                 last_synced_rev,
+                partial,
             };
             ops.push(Op::put(
                 keys.left_behind(),

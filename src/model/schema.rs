@@ -388,9 +388,16 @@ pub struct LeftBehind {
     pub dest_prefix: String,
     /// The source prefix those copies came from.
     pub source_prefix: String,
-    /// RFC 3339: the last checkpoint written under that prefix.
+    /// RFC 3339: the last checkpoint written under that prefix (for a
+    /// partial copy, when the interrupted full sync began).
     pub last_synced_at: String,
+    /// The source revision that checkpoint held (for a partial copy, the
+    /// one the interrupted full sync was pinned at).
     pub last_synced_rev: i64,
+    /// Written by a full sync that was interrupted: some of its puts, none
+    /// of its deletions; a snapshot of the source at no revision.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
 }
 
 impl LeftBehind {

@@ -107,6 +107,8 @@ pub struct LeftBehindStatus {
     pub keys: i64,
     pub last_synced_at: String,
     pub last_synced_rev: i64,
+    /// A partial copy, left by an interrupted full sync.
+    pub partial: bool,
 }
 
 /// A job behind the source whose checkpoint has not moved for this long is
@@ -293,6 +295,7 @@ pub async fn collect_status(
                         keys: 0,
                         last_synced_at: l.last_synced_at,
                         last_synced_rev: l.last_synced_rev,
+                        partial: l.partial,
                     })
                     .collect();
             }
@@ -445,9 +448,20 @@ fn render_details(status: &JobStatus) -> String {
         }
     }
     for left in &status.left_behind {
+        let when = if left.partial {
+            format!(
+                "a partial copy (a full sync pinned at source revision {} from {} was interrupted: some keys, no deletions)",
+                left.last_synced_rev, left.last_synced_at
+            )
+        } else {
+            format!(
+                "until {} (source revision {})",
+                left.last_synced_at, left.last_synced_rev
+            )
+        };
         out.push_str(&format!(
-            "job {}: left behind: {} holds {} keys mirrored from {} until {} (source revision {}), no longer updated since --dest-prefix changed; delete them (`etcdctl del --prefix {}`) once nothing reads them\n",
-            status.job, left.dest_prefix, left.keys, left.source_prefix, left.last_synced_at, left.last_synced_rev, left.dest_prefix
+            "job {}: left behind: {} holds {} keys mirrored from {} {when}, no longer updated since --dest-prefix changed; delete them (`etcdctl del --prefix {}`) once nothing reads them\n",
+            status.job, left.dest_prefix, left.keys, left.source_prefix, left.dest_prefix
         ));
     }
     let map = &status.revision_map;
