@@ -671,13 +671,16 @@ impl<E: Clone> LeaseCore<E> {
             .flatten()
             .map(|w| w.lease)
             .collect();
-        let pending: Vec<(i64, u64, LeaseRecord)> = self
-            .mappings
+        // The wanted leases' mappings, in the same (source) order as a walk
+        // of every mapping, without one (this runs after every input).
+        let pending: Vec<(i64, u64, LeaseRecord)> = wanted
             .iter()
-            .filter(|(source, m)| {
-                !m.recorded && !m.recording && !m.stalled && wanted.contains(source)
+            .filter_map(|source| {
+                self.mappings
+                    .get(source)
+                    .filter(|m| !m.recorded && !m.recording && !m.stalled)
+                    .map(|m| (*source, m.serial, m.record))
             })
-            .map(|(source, m)| (*source, m.serial, m.record))
             .collect();
         for chunk in pending.chunks(RECORDS_PER_TXN) {
             let batch = self.batch();
