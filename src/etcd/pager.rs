@@ -450,40 +450,25 @@ impl MergedPages {
     ) -> Result<Option<Merged>, MergeReadError> {
         loop {
             match self.merge.step() {
-                Step::NeedSource => {
+                step @ (Step::NeedSource | Step::NeedDest) => {
+                    let side = match step {
+                        Step::NeedSource => Side::Source,
+                        _ => Side::Destination,
+                    };
+                    let (pages, wait) = match side {
+                        Side::Source => (&mut self.source, &mut self.source_wait),
+                        Side::Destination => (&mut self.dest, &mut self.dest_wait),
+                    };
                     let waited = std::time::Instant::now();
-                    let page = next_page(&mut self.source, cancel).await;
-                    self.source_wait += waited.elapsed();
-                    match page.map_err(|error| MergeReadError {
-                        side: Side::Source,
-                        error,
-                    })? {
-                        Some(page) => {
-                            on_page(Side::Source, &page);
-                            self.merge.push_source(page);
-                        }
-                        None => {
-                            on_page(Side::Source, &[]);
-                            self.merge.source_exhausted();
-                        }
-                    }
-                }
-                Step::NeedDest => {
-                    let waited = std::time::Instant::now();
-                    let page = next_page(&mut self.dest, cancel).await;
-                    self.dest_wait += waited.elapsed();
-                    match page.map_err(|error| MergeReadError {
-                        side: Side::Destination,
-                        error,
-                    })? {
-                        Some(page) => {
-                            on_page(Side::Destination, &page);
-                            self.merge.push_dest(page);
-                        }
-                        None => {
-                            on_page(Side::Destination, &[]);
-                            self.merge.dest_exhausted();
-                        }
+                    let page = next_page(pages, cancel).await;
+                    *wait += waited.elapsed();
+                    let page = page.map_err(|error| MergeReadError { side, error })?;
+                    on_page(side, page.as_deref().unwrap_or_default());
+                    match (side, page) {
+                        (Side::Source, Some(page)) => self.merge.push_source(page),
+                        (Side::Source, None) => self.merge.source_exhausted(),
+                        (Side::Destination, Some(page)) => self.merge.push_dest(page),
+                        (Side::Destination, None) => self.merge.dest_exhausted(),
                     }
                 }
                 Step::Same => return Ok(Some(Merged::Same)),

@@ -581,22 +581,21 @@ async fn diff_candidates(
             .map(|e| prefix + e.suffix.len() + e.value.len())
             .sum()
     };
+    // The merge's source is the standby, its destination the old primary.
+    let view = |role: Role| match role {
+        Role::Source => standby,
+        Role::Destination => old_primary,
+    };
     let mut differing = Vec::new();
     loop {
         let next = merged
             .next(cancel, |role, page| {
-                let side = match role {
-                    Role::Source => standby,
-                    Role::Destination => old_primary,
-                };
+                let side = view(role);
                 side.traffic.add(entries_bytes(page, side.prefix.len()));
             })
             .await
             .map_err(|e| {
-                let side = match e.side {
-                    Role::Source => standby,
-                    Role::Destination => old_primary,
-                };
+                let side = view(e.side);
                 match e.error {
                     PageError::Client(error) => FailbackError::Client(error),
                     PageError::Cancelled => FailbackError::Cancelled,
