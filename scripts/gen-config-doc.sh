@@ -26,6 +26,14 @@ render() {
     echo '```'
   done
   echo
+  echo "## Settings"
+  echo
+  echo "Each setting \`mirror-plus\` runs with, from the settings table"
+  echo "(\`src/config/table.rs\`): its flag, variable and file key, its default, and"
+  echo "what a live reload (SIGHUP or a changed \`--config\` file) does when it changes."
+  echo
+  "$BIN" settings-table
+  echo
   echo "## Config file"
   echo
   echo "Every key, with its default value:"

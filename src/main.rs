@@ -36,6 +36,15 @@ fn main() -> ExitCode {
                 let settings = args.clone().into_settings()?;
                 run_mirror(settings, Some(*args), cancel).await
             }
+            Command::SettingsTable => {
+                use clap::CommandFactory;
+                let command = etcd_syncer::config::Cli::command();
+                let mirror = command
+                    .find_subcommand("mirror-plus")
+                    .expect("mirror-plus is a subcommand");
+                print!("{}", etcd_syncer::config::table::reference(mirror));
+                Ok(())
+            }
             Command::Status(args) => run_status(*args).await,
             Command::Promote(args) => run_promote(*args).await,
             Command::Reset(args) => run_reset(*args).await,

@@ -12,8 +12,9 @@ use crate::ops::admin::collect_status;
 /// `etcd-syncer check`: true when the destination is consistent.
 pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
     args.validate()?;
-    let source = Cluster::connect(&args.source.into_settings()?, args.request_timeout).await?;
-    let dest = Cluster::connect(&args.dest.into_settings()?, args.request_timeout).await?;
+    let source =
+        Cluster::connect(&args.source.flags().into_settings()?, args.request_timeout).await?;
+    let dest = Cluster::connect(&args.dest.flags().into_settings()?, args.request_timeout).await?;
     let (job, prefix, dest_prefix) = match (&args.prefix, &args.job_name) {
         (Some(prefix), job) => {
             let job = job

@@ -17,8 +17,8 @@ const RESTORE_PAGE: usize = 1000;
 /// `etcd-syncer promote`.
 pub async fn run_promote(args: PromoteArgs) -> Result<(), AppError> {
     args.validate()?;
-    let dest_settings = args.dest.into_settings()?;
-    let source_settings = args.source.into_optional_settings()?;
+    let dest_settings = args.dest.flags().into_settings()?;
+    let source_settings = args.source.flags().into_optional_settings()?;
     let dest = Cluster::connect(&dest_settings, args.request_timeout).await?;
     let source = match &source_settings {
         Some(settings) => Some(Cluster::connect(settings, args.request_timeout).await?),

@@ -8,8 +8,8 @@ use crate::ops::admin::{add_history_window, add_source_lag, collect_status, rend
 /// `etcd-syncer status`.
 pub async fn run_status(args: StatusArgs) -> Result<(), AppError> {
     args.validate()?;
-    let dest_settings = args.dest.into_settings()?;
-    let source_settings = args.source.into_optional_settings()?;
+    let dest_settings = args.dest.flags().into_settings()?;
+    let source_settings = args.source.flags().into_optional_settings()?;
     let dest = Cluster::connect(&dest_settings, args.request_timeout).await?;
     let mut statuses = collect_status(&dest, &args.meta_prefix, args.job_name.as_deref()).await?;
     add_history_window(&dest, &args.meta_prefix, &mut statuses).await?;

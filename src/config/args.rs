@@ -2,7 +2,6 @@
 //! come from its `ETCD_SYNCER_*` variable. Turning these into settings is
 //! [`super::validation`]'s job.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,6 +9,8 @@ use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::settings::{LeaseMode, DEFAULT_META_PREFIX};
+use super::table::{LimitFlags, MetaFlags, RunFlags};
+use crate::model::Side;
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
@@ -49,6 +50,10 @@ pub enum Command {
     /// consumed by whichever replica leads the job next. For one-off repairs,
     /// e.g. from a Kubernetes Job, without restarting the replicas.
     Reset(Box<ResetArgs>),
+    /// Print the settings table (flag, variable, file key, default, what a
+    /// reload does) as docs/configuration.md shows it.
+    #[command(hide = true)]
+    SettingsTable,
 }
 
 #[derive(Debug, Args)]
@@ -293,9 +298,9 @@ pub struct MirrorArgs {
     /// Job name (default: derived from the prefix); names the meta keys and metric labels.
     #[arg(long, env = "ETCD_SYNCER_JOB_NAME")]
     pub job_name: Option<String>,
-    /// Destination prefix for the syncer's own keys (checkpoint, locks).
-    #[arg(long, env = "ETCD_SYNCER_META_PREFIX")]
-    pub meta_prefix: Option<String>,
+    /// `--meta-prefix`, from the settings table.
+    #[command(flatten)]
+    pub meta: MetaFlags,
     /// Leave keys under this sub-prefix of --prefix out of the job (repeat
     /// or comma-separate for several): never copied, never pruned on the
     /// destination, never reported by the check.
@@ -314,15 +319,9 @@ pub struct MirrorArgs {
     #[arg(long, env = "ETCD_SYNCER_MAX_WRITE_BYTES_PER_SECOND")]
     pub max_write_bytes_per_second: Option<ByteSize>,
 
-    /// Most ops in one destination txn, checkpoint included (etcd's --max-txn-ops, 128 by default).
-    #[arg(long, env = "ETCD_SYNCER_MAX_TXN_OPS")]
-    pub max_txn_ops: Option<usize>,
-    /// Most bytes in one destination txn (etcd's request limit is 1.5MiB).
-    #[arg(long, env = "ETCD_SYNCER_MAX_TXN_BYTES")]
-    pub max_txn_bytes: Option<ByteSize>,
-    /// A full sync that would delete more than this share of the job's destination keys deletes nothing.
-    #[arg(long, env = "ETCD_SYNCER_MAX_PRUNE_RATIO")]
-    pub max_prune_ratio: Option<f64>,
+    /// Txn limits and the prune guard, from the settings table.
+    #[command(flatten)]
+    pub limits: LimitFlags,
     /// Request one full sync per job (repair runs): whichever replica leads a
     /// job next drops its checkpoint, once, whatever instance got the flag.
     #[arg(long, env = "ETCD_SYNCER_RESET_LAST_SYNCED_REV")]
@@ -333,92 +332,9 @@ pub struct MirrorArgs {
     #[arg(long)]
     pub validate_config: bool,
 
-    /// Address of the /metrics, /healthz and /readyz endpoints (port 0 picks a free port).
-    #[arg(long, env = "ETCD_SYNCER_METRICS_ADDR")]
-    pub metrics_addr: Option<SocketAddr>,
-    /// Identity shown in logs and status (default: POD_NAME, else hostname-pid).
-    #[arg(long, env = "ETCD_SYNCER_INSTANCE_ID")]
-    pub instance_id: Option<String>,
-
-    /// Keys per range page during a full sync.
-    #[arg(long, env = "ETCD_SYNCER_PAGE_SIZE")]
-    pub page_size: Option<usize>,
-    /// Destination txns in flight at once (ordered and chained, see docs/architecture.md).
-    #[arg(long, env = "ETCD_SYNCER_MAX_INFLIGHT_TXNS")]
-    pub max_inflight_txns: Option<usize>,
-    /// How often an idle watch asks the source for progress.
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_PROGRESS_INTERVAL")]
-    pub progress_interval: Option<Duration>,
-    /// A watch that delivers nothing, not even progress, for this long is re-created.
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_WATCH_IDLE_TIMEOUT")]
-    pub watch_idle_timeout: Option<Duration>,
-    /// Per-request deadline towards either cluster.
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
-    pub request_timeout: Option<Duration>,
-    /// TTL of the lease behind each job lock: how long a dead leader keeps its jobs.
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_LOCK_TTL")]
-    pub lock_ttl: Option<Duration>,
-    /// How often a leader checks whether it leads more than its share of jobs.
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_REBALANCE_INTERVAL")]
-    pub rebalance_interval: Option<Duration>,
-    /// Gap between consecutive pipelined txns, so etcd applies them in the order sent.
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_PIPELINE_SPACING")]
-    pub pipeline_spacing: Option<Duration>,
-    /// This many full syncs in a row, without a watch staying up for
-    /// --resync-loop-stable-period in between, put the job in state
-    /// resync_loop (default 3).
-    #[arg(long, env = "ETCD_SYNCER_RESYNC_LOOP_FULL_SYNCS")]
-    pub resync_loop_full_syncs: Option<u32>,
-    /// How long a watch must stay up to count as stable and end a resync loop (default 10m).
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_RESYNC_LOOP_STABLE_PERIOD")]
-    pub resync_loop_stable_period: Option<Duration>,
-    /// How often the leader of each job runs an exact consistency check (0 disables it).
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_CHECK_INTERVAL")]
-    pub check_interval: Option<Duration>,
-    /// Rewrite the keys an exact check finds different, through the normal fenced write path.
-    #[arg(long, env = "ETCD_SYNCER_CHECK_REPAIR")]
-    pub check_repair: bool,
-    /// Sample keys of each kind of difference shown in check logs.
-    #[arg(long, env = "ETCD_SYNCER_CHECK_SAMPLE_SIZE")]
-    pub check_sample_size: Option<usize>,
-    /// /healthz fails when a job's loop (leading or standby) has not woken for this long.
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_LIVENESS_TIMEOUT")]
-    pub liveness_timeout: Option<Duration>,
-    /// `faithful` (default): a key on a source lease is written on a
-    /// destination lease kept alive while the source lease lives; `strip`:
-    /// every key is written without a lease (mirrored keys never expire).
-    #[arg(long, value_enum, env = "ETCD_SYNCER_LEASES")]
-    pub leases: Option<LeaseMode>,
-    /// Added to each mirrored lease's TTL on the destination, so live keys
-    /// survive a replicator outage shorter than this (whole seconds, 5s to 1h,
-    /// default 30s).
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_LEASE_GRACE")]
-    pub lease_grace: Option<Duration>,
-
-    /// Mirror auth roles (with their permissions, dest-prefix rewritten) and
-    /// users (with their role grants) to the destination, cluster-wide; run
-    /// by the leader of the first job. Needs the root role on both sides.
-    #[arg(long, env = "ETCD_SYNCER_SYNC_AUTH")]
-    pub sync_auth: bool,
-    /// How often --sync-auth compares and mirrors roles and users (default 1m).
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_AUTH_SYNC_INTERVAL")]
-    pub auth_sync_interval: Option<Duration>,
-    /// TOML file of `user = "password"` lines: passwords for users --sync-auth
-    /// creates on the destination (etcd never reveals password hashes).
-    #[arg(long, env = "ETCD_SYNCER_AUTH_PASSWORDS_FILE")]
-    pub auth_passwords_file: Option<PathBuf>,
-    /// How often every endpoint group of each side is health-checked
-    /// (default 5s).
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_ENDPOINT_CHECK_INTERVAL")]
-    pub endpoint_check_interval: Option<Duration>,
-    /// Failed health checks in a row of the endpoint group in use before
-    /// switching to the most preferred healthy group (default 3).
-    #[arg(long, env = "ETCD_SYNCER_ENDPOINT_FAILOVER_AFTER")]
-    pub endpoint_failover_after: Option<u32>,
-    /// How long a more preferred endpoint group must stay healthy before
-    /// switching back to it (default 1m).
-    #[arg(long, value_parser = humantime::parse_duration, env = "ETCD_SYNCER_ENDPOINT_FAILBACK_AFTER")]
-    pub endpoint_failback_after: Option<Duration>,
+    /// Everything else the process runs with, from the settings table.
+    #[command(flatten)]
+    pub run: RunFlags,
 }
 
 /// Writes the connection flags of one side once: clap cannot prefix a
@@ -427,6 +343,7 @@ pub struct MirrorArgs {
 /// template. Flag names come from the field names, so those are spelled out.
 /// One side's connection flags, whichever side they came from.
 pub struct ClusterFlags {
+    pub side: Side,
     pub endpoints: Option<Vec<String>>,
     pub endpoint_groups: Vec<String>,
     pub cacert: Option<PathBuf>,
@@ -518,8 +435,10 @@ macro_rules! cluster_args {
         }
 
         impl $name {
-            pub(super) fn flags(self) -> ClusterFlags {
+            /// The flags as one side's, for `validation.rs` to check.
+            pub fn flags(self) -> ClusterFlags {
                 ClusterFlags {
+                    side: $side,
                     endpoints: self.$endpoints,
                     endpoint_groups: self.$groups,
                     cacert: self.$cacert,

@@ -27,3 +27,23 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
 }
+
+/// A value that breaks its rule: the field the operator has to edit, what it
+/// holds, and why it cannot work.
+pub(super) fn invalid(field: &str, value: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_string(),
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// How a setting is named in errors: its flag, or its key when the value
+/// came from the config file.
+pub(super) fn origin(name: &str, from_flag: bool) -> String {
+    if from_flag {
+        format!("--{name}")
+    } else {
+        format!("{name} (config file)")
+    }
+}

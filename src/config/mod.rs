@@ -4,15 +4,19 @@
 //! `main` turns into exit code 2.
 //!
 //! - [`args`]: the clap structs of every subcommand.
-//! - [`file`]: the TOML config file.
+//! - [`table`]: every global setting declared once (flag, variable, file
+//!   key, default, rule, place, reload); flags, file keys, merge, reload
+//!   plan and reference derive from it.
+//! - [`file`]: the config file's sections (sides, jobs).
 //! - [`settings`]: the validated result and its defaults.
-//! - [`validation`]: flags + file into settings, and every check.
+//! - [`validation`]: flags + file into settings, and the checks between settings.
 
 pub mod args;
 pub mod error;
 pub mod file;
 pub mod reload;
 pub mod settings;
+pub mod table;
 pub mod validation;
 
 pub use crate::model::Side;
@@ -22,7 +26,7 @@ pub use args::{
     CheckArgs, Cli, Command, DestArgs, FailbackArgs, MirrorArgs, OutputFormat, PromoteArgs,
     PromoteAuthArgs, ResetArgs, SourceArgs, StatusArgs, TelemetryArgs,
 };
-pub use file::{load_file, FileCluster, FileConfig, FileJob};
+pub use file::{FileCluster, FileJob};
 pub use settings::{
     default_instance_id, AuthPasswords, AuthSyncSettings, CheckSettings, ClusterSettings,
     Credentials, JobSettings, LeaseMode, LeaseSettings, Settings, TlsFiles, Tuning, TxnLimits,
@@ -32,6 +36,7 @@ pub use settings::{
     MAX_LOCK_TTL, MAX_PIPELINE_SPACING, MAX_PROGRESS_INTERVAL, MAX_REBALANCE_INTERVAL,
     MAX_REQUEST_TIMEOUT, MAX_WAIT_TIMEOUT, MAX_WATCH_IDLE_TIMEOUT, MIN_LEASE_GRACE,
 };
+pub use table::{load_file, FileConfig};
 pub use validation::{
     check_exclude_prefixes, check_tls_files, load_auth_passwords, loop_error, parse_auth_passwords,
     read_password_file, ConfigError,

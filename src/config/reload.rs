@@ -14,6 +14,7 @@
 //!   `--sync-auth`) is reported, and the running value stays.
 
 use super::settings::{JobSettings, Settings};
+use super::table::{self, Reload};
 use crate::model::Side;
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -24,7 +25,7 @@ pub struct ReloadPlan {
     pub restart: Vec<JobSettings>,
     pub reconnect: Vec<Side>,
     /// Fields whose new value needs a restart of the process.
-    pub needs_restart: Vec<&'static str>,
+    pub needs_restart: Vec<String>,
 }
 
 impl ReloadPlan {
@@ -37,21 +38,11 @@ impl ReloadPlan {
     }
 }
 
-/// Settings every job runs with.
-fn shared_by_jobs(s: &Settings) -> impl PartialEq + '_ {
-    (
-        &s.meta_prefix,
-        s.limits,
-        s.max_prune_ratio,
-        s.checks,
-        s.tuning,
-        s.leases,
-    )
-}
-
 pub fn plan(old: &Settings, new: &Settings) -> ReloadPlan {
     let mut plan = ReloadPlan::default();
-    let all_restart = shared_by_jobs(old) != shared_by_jobs(new);
+    let changed = table::changed(old, new);
+    let all_restart = changed.iter().any(|spec| spec.reload == Reload::Jobs);
+    let reconnect_both = changed.iter().any(|spec| spec.reload == Reload::Reconnect);
     for job in &new.jobs {
         match old.jobs.iter().find(|j| j.name == job.name) {
             None => plan.start.push(job.clone()),
@@ -65,49 +56,36 @@ pub fn plan(old: &Settings, new: &Settings) -> ReloadPlan {
         .filter(|j| !new.jobs.iter().any(|n| n.name == j.name))
         .map(|j| j.name.clone())
         .collect();
-    if old.source != new.source || old.failover != new.failover {
+    if old.source != new.source || reconnect_both {
         plan.reconnect.push(Side::Source);
     }
-    if old.destination != new.destination || old.failover != new.failover {
+    if old.destination != new.destination || reconnect_both {
         plan.reconnect.push(Side::Destination);
     }
-    let fixed: [(&'static str, bool); 6] = [
-        ("--metrics-addr", old.metrics_addr != new.metrics_addr),
-        ("--instance-id", old.instance_id != new.instance_id),
-        (
-            "--lock-ttl / --rebalance-interval",
-            old.lock_ttl != new.lock_ttl || old.rebalance_interval != new.rebalance_interval,
-        ),
-        (
-            "--liveness-timeout",
-            old.liveness_timeout != new.liveness_timeout,
-        ),
-        (
-            "--sync-auth / --auth-sync-interval / --auth-passwords-file",
-            old.auth != new.auth,
-        ),
-        (
-            "--reset-last-synced-rev",
-            old.reset_last_synced_rev != new.reset_last_synced_rev,
-        ),
-    ];
-    plan.needs_restart = fixed
-        .into_iter()
-        .filter(|(_, changed)| *changed)
-        .map(|(field, _)| field)
+    plan.needs_restart = changed
+        .iter()
+        .filter(|spec| spec.reload == Reload::Process)
+        .map(|spec| spec.flag())
         .collect();
+    // Not table settings: the passwords behind an unchanged file name, and
+    // a request made to this run.
+    if old.auth.passwords != new.auth.passwords
+        && old.auth.passwords_file == new.auth.passwords_file
+    {
+        plan.needs_restart.push("--auth-passwords-file".to_string());
+    }
+    if old.reset_last_synced_rev != new.reset_last_synced_rev {
+        plan.needs_restart
+            .push("--reset-last-synced-rev".to_string());
+    }
     plan
 }
 
 /// The new settings with what a running process cannot change put back to
 /// the running values (after [`plan`] has reported them).
 pub fn keep_fixed(old: &Settings, mut new: Settings) -> Settings {
-    new.metrics_addr = old.metrics_addr;
-    new.instance_id = old.instance_id.clone();
-    new.lock_ttl = old.lock_ttl;
-    new.rebalance_interval = old.rebalance_interval;
-    new.liveness_timeout = old.liveness_timeout;
-    new.auth = old.auth.clone();
+    table::keep_fixed(old, &mut new);
+    new.auth.passwords = old.auth.passwords.clone();
     new.reset_last_synced_rev = old.reset_last_synced_rev;
     new
 }
@@ -201,10 +179,7 @@ mod tests {
         let old = settings(&[], TWO);
         let new = settings(&["--metrics-addr", "127.0.0.1:1", "--lock-ttl", "9s"], TWO);
         let plan = plan(&old, &new);
-        assert_eq!(
-            plan.needs_restart,
-            ["--metrics-addr", "--lock-ttl / --rebalance-interval"]
-        );
+        assert_eq!(plan.needs_restart, ["--metrics-addr", "--lock-ttl"]);
         let kept = keep_fixed(&old, new);
         assert_eq!(kept.metrics_addr, old.metrics_addr);
         assert_eq!(kept.lock_ttl, old.lock_ttl);

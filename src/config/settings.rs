@@ -273,6 +273,42 @@ pub struct Settings {
 }
 
 /// How keys attached to source leases are mirrored.
+impl Settings {
+    /// Both sides, no jobs, and every other field at its default: the
+    /// settings table (`table.rs`) then fills each of its places from the
+    /// flag, the file or its own default.
+    pub fn skeleton(source: ClusterSettings, destination: ClusterSettings) -> Self {
+        Self {
+            source,
+            destination,
+            jobs: Vec::new(),
+            meta_prefix: DEFAULT_META_PREFIX.to_string(),
+            limits: TxnLimits {
+                max_ops: DEFAULT_MAX_TXN_OPS,
+                max_bytes: DEFAULT_MAX_TXN_BYTES as usize,
+            },
+            max_prune_ratio: DEFAULT_MAX_PRUNE_RATIO,
+            reset_last_synced_rev: false,
+            metrics_addr: DEFAULT_METRICS_ADDR
+                .parse()
+                .expect("default metrics address parses"),
+            instance_id: String::new(),
+            lock_ttl: DEFAULT_LOCK_TTL,
+            rebalance_interval: DEFAULT_REBALANCE_INTERVAL,
+            liveness_timeout: crate::telemetry::health::DEFAULT_LIVENESS_TIMEOUT,
+            checks: CheckSettings {
+                interval: DEFAULT_CHECK_INTERVAL,
+                repair: false,
+                sample_size: 10,
+            },
+            tuning: Tuning::default(),
+            leases: LeaseSettings::default(),
+            auth: AuthSyncSettings::default(),
+            failover: FailoverSettings::default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LeaseMode {
@@ -304,6 +340,8 @@ impl Default for LeaseSettings {
 pub struct AuthSyncSettings {
     pub enabled: bool,
     pub interval: Duration,
+    /// `--auth-passwords-file`, read into `passwords`.
+    pub passwords_file: Option<PathBuf>,
     pub passwords: AuthPasswords,
 }
 
@@ -312,6 +350,7 @@ impl Default for AuthSyncSettings {
         Self {
             enabled: false,
             interval: DEFAULT_AUTH_SYNC_INTERVAL,
+            passwords_file: None,
             passwords: AuthPasswords::default(),
         }
     }

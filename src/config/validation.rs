@@ -2,17 +2,15 @@
 //! the way. Anything wrong is a [`ConfigError`], exit code 2.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use bytesize::ByteSize;
-
-use super::args::{
-    CheckArgs, ClusterFlags, DestArgs, MirrorArgs, PromoteArgs, ResetArgs, SourceArgs, StatusArgs,
-};
+use super::args::{CheckArgs, ClusterFlags, MirrorArgs, PromoteArgs, ResetArgs, StatusArgs};
 pub use super::error::ConfigError;
-use super::file::{load_file, FileCluster, FileConfig};
+use super::error::{invalid, origin};
+use super::file::FileCluster;
 use super::settings::*;
+use super::table::{load_file, rules, FileConfig, FromFlag};
 use crate::model::keys::{is_valid_job_name, job_name_from_prefix, prefixes_overlap};
 use crate::model::Side;
 
@@ -25,11 +23,8 @@ impl ResetArgs {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
-        let destination = cluster_settings(
-            Side::Destination,
-            self.dest.flags(),
-            file.destination.unwrap_or_default(),
-        )?;
+        let destination =
+            cluster_settings(self.dest.flags(), file.destination.unwrap_or_default())?;
         let meta_prefix = self
             .meta_prefix
             .or(file.meta_prefix)
@@ -82,28 +77,20 @@ fn check_request_timeout(value: Duration) -> Result<(), ConfigError> {
 
 /// The settings of one side's connection flags, for the commands that read
 /// no config file.
-macro_rules! cluster_settings_of {
-    ($args:ident, $side:expr) => {
-        impl $args {
-            /// Settings for commands where this side is optional (`status`,
-            /// `promote`): `None` without endpoints.
-            pub fn into_optional_settings(self) -> Result<Option<ClusterSettings>, ConfigError> {
-                let flags = self.flags();
-                if flags.endpoints.is_none() && flags.endpoint_groups.is_empty() {
-                    return Ok(None);
-                }
-                cluster_settings($side, flags, FileCluster::default()).map(Some)
-            }
-
-            pub fn into_settings(self) -> Result<ClusterSettings, ConfigError> {
-                cluster_settings($side, self.flags(), FileCluster::default())
-            }
+impl ClusterFlags {
+    /// Settings for commands where this side is optional (`status`,
+    /// `promote`): `None` without endpoints.
+    pub fn into_optional_settings(self) -> Result<Option<ClusterSettings>, ConfigError> {
+        if self.endpoints.is_none() && self.endpoint_groups.is_empty() {
+            return Ok(None);
         }
-    };
-}
+        self.into_settings().map(Some)
+    }
 
-cluster_settings_of!(SourceArgs, Side::Source);
-cluster_settings_of!(DestArgs, Side::Destination);
+    pub fn into_settings(self) -> Result<ClusterSettings, ConfigError> {
+        cluster_settings(self, FileCluster::default())
+    }
+}
 
 impl MirrorArgs {
     /// Reads the config file named by `--config` (if any), then merges and validates.
@@ -115,29 +102,19 @@ impl MirrorArgs {
         self.merge(file)
     }
 
-    pub fn merge(self, file: FileConfig) -> Result<Settings, ConfigError> {
-        let source = cluster_settings(
-            Side::Source,
-            self.source.flags(),
-            file.source.unwrap_or_default(),
-        )?;
+    pub fn merge(self, mut file: FileConfig) -> Result<Settings, ConfigError> {
+        let source = cluster_settings(self.source.flags(), file.source.take().unwrap_or_default())?;
         let destination = cluster_settings(
-            Side::Destination,
             self.dest.flags(),
-            file.destination.unwrap_or_default(),
+            file.destination.take().unwrap_or_default(),
         )?;
-
-        let meta_prefix = self
-            .meta_prefix
-            .or(file.meta_prefix)
-            .unwrap_or_else(|| DEFAULT_META_PREFIX.to_string());
-        if meta_prefix.is_empty() {
-            return Err(invalid(
-                "--meta-prefix",
-                "",
-                "must not be empty; the default is /-etcd-syncer-meta-/",
-            ));
-        }
+        let mut settings = Settings::skeleton(source, destination);
+        let mut from_flag = FromFlag::default();
+        self.meta.apply(&mut file, &mut settings, &mut from_flag)?;
+        self.limits
+            .apply(&mut file, &mut settings, &mut from_flag)?;
+        self.run.apply(&mut file, &mut settings, &mut from_flag)?;
+        settings.reset_last_synced_rev = self.reset_last_synced_rev;
 
         let jobs = match self.prefix {
             Some(prefix) => {
@@ -202,365 +179,70 @@ impl MirrorArgs {
                 fix: "give --prefix for one job, or a [[jobs]] list with a prefix each in --config",
             });
         }
-        validate_jobs(&jobs, &meta_prefix, &source, &destination)?;
-
-        let max_ops = self
-            .max_txn_ops
-            .or(file.max_txn_ops)
-            .unwrap_or(DEFAULT_MAX_TXN_OPS);
-        if !(2..=100_000).contains(&max_ops) {
-            return Err(invalid(
-                "--max-txn-ops",
-                &max_ops.to_string(),
-                "must be between 2 and 100000 and not above the destination's --max-txn-ops (128 by default)",
-            ));
-        }
-        let max_bytes = self
-            .max_txn_bytes
-            .or(file.max_txn_bytes)
-            .map(|b| b.as_u64())
-            .unwrap_or(DEFAULT_MAX_TXN_BYTES);
-        if !(16 * 1024..=64 * 1024 * 1024).contains(&max_bytes) {
-            return Err(invalid(
-                "--max-txn-bytes",
-                &ByteSize(max_bytes).to_string(),
-                "must be between 16KiB and 64MiB and below the destination's --max-request-bytes (1.5MiB by default)",
-            ));
-        }
-        let max_prune_ratio = self
-            .max_prune_ratio
-            .or(file.max_prune_ratio)
-            .unwrap_or(DEFAULT_MAX_PRUNE_RATIO);
-        if !(0.0..=1.0).contains(&max_prune_ratio) || max_prune_ratio.is_nan() {
-            return Err(invalid(
-                "--max-prune-ratio",
-                &max_prune_ratio.to_string(),
-                "must be between 0 and 1 (1 allows a full sync to delete every destination key)",
-            ));
-        }
-
-        // Bounds first, so nothing below (or a timer at run time) does
-        // arithmetic on an absurd duration: 2^63 s used to overflow here.
-        for (name, flag, file, max) in [
-            (
-                "progress-interval",
-                self.progress_interval,
-                file.progress_interval,
-                MAX_PROGRESS_INTERVAL,
-            ),
-            (
-                "watch-idle-timeout",
-                self.watch_idle_timeout,
-                file.watch_idle_timeout,
-                MAX_WATCH_IDLE_TIMEOUT,
-            ),
-            (
-                "request-timeout",
-                self.request_timeout,
-                file.request_timeout,
-                MAX_REQUEST_TIMEOUT,
-            ),
-            (
-                "pipeline-spacing",
-                self.pipeline_spacing,
-                file.pipeline_spacing,
-                MAX_PIPELINE_SPACING,
-            ),
-            ("lock-ttl", self.lock_ttl, file.lock_ttl, MAX_LOCK_TTL),
-            (
-                "rebalance-interval",
-                self.rebalance_interval,
-                file.rebalance_interval,
-                MAX_REBALANCE_INTERVAL,
-            ),
-            (
-                "check-interval",
-                self.check_interval,
-                file.check_interval,
-                MAX_CHECK_INTERVAL,
-            ),
-            (
-                "liveness-timeout",
-                self.liveness_timeout,
-                file.liveness_timeout,
-                MAX_LIVENESS_TIMEOUT,
-            ),
-            (
-                "resync-loop-stable-period",
-                self.resync_loop_stable_period,
-                file.resync_loop_stable_period,
-                MAX_RESYNC_LOOP_STABLE_PERIOD,
-            ),
-        ] {
-            if let Some(value) = flag.or(file) {
-                check_at_most(&origin(name, flag.is_some()), value, max)?;
-            }
-        }
-
-        let defaults = Tuning::default();
-        let tuning = Tuning {
-            page_size: self
-                .page_size
-                .or(file.page_size)
-                .unwrap_or(defaults.page_size),
-            max_inflight_txns: self
-                .max_inflight_txns
-                .or(file.max_inflight_txns)
-                .unwrap_or(defaults.max_inflight_txns),
-            progress_interval: self
-                .progress_interval
-                .or(file.progress_interval)
-                .unwrap_or(defaults.progress_interval),
-            watch_idle_timeout: self
-                .watch_idle_timeout
-                .or(file.watch_idle_timeout)
-                .unwrap_or(defaults.watch_idle_timeout),
-            request_timeout: self
-                .request_timeout
-                .or(file.request_timeout)
-                .unwrap_or(defaults.request_timeout),
-            pipeline_send_spacing: self
-                .pipeline_spacing
-                .or(file.pipeline_spacing)
-                .unwrap_or(defaults.pipeline_send_spacing),
-            resync_loop_full_syncs: self
-                .resync_loop_full_syncs
-                .or(file.resync_loop_full_syncs)
-                .unwrap_or(defaults.resync_loop_full_syncs),
-            resync_loop_stable_period: self
-                .resync_loop_stable_period
-                .or(file.resync_loop_stable_period)
-                .unwrap_or(defaults.resync_loop_stable_period),
-            ..defaults
-        };
-        if !(1..=100).contains(&tuning.resync_loop_full_syncs) {
-            return Err(invalid(
-                &origin(
-                    "resync-loop-full-syncs",
-                    self.resync_loop_full_syncs.is_some(),
-                ),
-                &tuning.resync_loop_full_syncs.to_string(),
-                "must be between 1 and 100; the default is 3",
-            ));
-        }
-        if tuning.resync_loop_stable_period.is_zero() {
-            return Err(invalid(
-                &origin(
-                    "resync-loop-stable-period",
-                    self.resync_loop_stable_period.is_some(),
-                ),
-                "0s",
-                "must be longer than zero; the default is 10m",
-            ));
-        }
-        if !(1..=100_000).contains(&tuning.page_size) {
-            return Err(invalid(
-                "--page-size",
-                &tuning.page_size.to_string(),
-                "must be between 1 and 100000",
-            ));
-        }
-        if !(1..=64).contains(&tuning.max_inflight_txns) {
-            return Err(invalid(
-                "--max-inflight-txns",
-                &tuning.max_inflight_txns.to_string(),
-                "must be between 1 and 64",
-            ));
-        }
-        for (field, value) in [
-            ("--progress-interval", tuning.progress_interval),
-            ("--watch-idle-timeout", tuning.watch_idle_timeout),
-            ("--request-timeout", tuning.request_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(invalid(field, "0s", "must be longer than zero, e.g. 5s"));
-            }
-        }
-        if tuning.watch_idle_timeout <= tuning.progress_interval {
-            return Err(ConfigError::Conflict {
-                fields: "--watch-idle-timeout and --progress-interval".into(),
-                reason: format!(
-                    "the idle timeout ({}) must be longer than the progress interval ({}), or every idle watch looks stalled",
-                    humantime::format_duration(tuning.watch_idle_timeout),
-                    humantime::format_duration(tuning.progress_interval)
-                ),
-            });
-        }
-
-        let lock_ttl = self.lock_ttl.or(file.lock_ttl).unwrap_or(DEFAULT_LOCK_TTL);
-        if lock_ttl < Duration::from_secs(2)
-            || lock_ttl > MAX_LOCK_TTL
-            || lock_ttl.subsec_nanos() != 0
-        {
-            return Err(invalid(
-                &origin("lock-ttl", self.lock_ttl.is_some()),
-                &humantime::format_duration(lock_ttl).to_string(),
-                "must be whole seconds, at least 2s and at most 1h (etcd leases have second granularity); the default is 5s",
-            ));
-        }
-        let rebalance_interval = self
-            .rebalance_interval
-            .or(file.rebalance_interval)
-            .unwrap_or(DEFAULT_REBALANCE_INTERVAL);
-        if rebalance_interval < lock_ttl {
-            return Err(ConfigError::Conflict {
-                fields: "--rebalance-interval and --lock-ttl".into(),
-                reason: "rebalancing more often than the lock TTL would hand jobs back and forth; use at least the TTL".into(),
-            });
-        }
-        let checks = CheckSettings {
-            interval: self
-                .check_interval
-                .or(file.check_interval)
-                .unwrap_or(DEFAULT_CHECK_INTERVAL),
-            repair: self.check_repair || file.check_repair.unwrap_or(false),
-            sample_size: self
-                .check_sample_size
-                .or(file.check_sample_size)
-                .unwrap_or(10),
-        };
-        if checks.sample_size > 1000 {
-            return Err(invalid(
-                "--check-sample-size",
-                &checks.sample_size.to_string(),
-                "must be at most 1000",
-            ));
-        }
-        if checks.repair && checks.interval.is_zero() {
-            return Err(ConfigError::Conflict {
-                fields: "--check-repair and --check-interval 0".into(),
-                reason: "repairs come from the periodic check, which is disabled; set a --check-interval".into(),
-            });
-        }
-        let liveness_timeout = self
-            .liveness_timeout
-            .or(file.liveness_timeout)
-            .unwrap_or(crate::telemetry::health::DEFAULT_LIVENESS_TIMEOUT);
-        if liveness_timeout < Duration::from_secs(5)
-            || liveness_timeout <= tuning.progress_interval.saturating_mul(2)
-        {
-            return Err(invalid(
-                "--liveness-timeout",
-                &humantime::format_duration(liveness_timeout).to_string(),
-                "must be at least 5s and more than twice --progress-interval, or healthy job loops look wedged between their wake-ups",
-            ));
-        }
-        let metrics_addr = match self.metrics_addr.or(file.metrics_addr) {
-            Some(addr) => addr,
-            None => DEFAULT_METRICS_ADDR
-                .parse()
-                .expect("default metrics address parses"),
-        };
-        let instance_id = self
-            .instance_id
-            .or(file.instance_id)
-            .unwrap_or_else(default_instance_id);
-        let lease_grace = self
-            .lease_grace
-            .or(file.lease_grace)
-            .unwrap_or(LeaseSettings::default().grace);
-        if !(MIN_LEASE_GRACE..=MAX_LEASE_GRACE).contains(&lease_grace)
-            || lease_grace.subsec_nanos() != 0
-        {
-            return Err(invalid(
-                &origin("lease-grace", self.lease_grace.is_some()),
-                &humantime::format_duration(lease_grace).to_string(),
-                "must be whole seconds from 5s to 1h (etcd leases have second granularity; a leader's takeover must fit in the grace or a failover drops live registrations); the default is 30s",
-            ));
-        }
-        let leases = LeaseSettings {
-            mode: self.leases.or(file.leases).unwrap_or_default(),
-            grace: lease_grace,
-        };
-        let auth = auth_sync_settings(
-            (
-                self.sync_auth,
-                self.auth_sync_interval,
-                self.auth_passwords_file,
-            ),
-            (
-                file.sync_auth,
-                file.auth_sync_interval,
-                file.auth_passwords_file,
-            ),
+        validate_jobs(
+            &jobs,
+            &settings.meta_prefix,
+            &settings.source,
+            &settings.destination,
         )?;
-
-        let failover = failover_settings(
-            (
-                self.endpoint_check_interval,
-                self.endpoint_failover_after,
-                self.endpoint_failback_after,
-            ),
-            (
-                file.endpoint_check_interval,
-                file.endpoint_failover_after,
-                file.endpoint_failback_after,
-            ),
-        )?;
-
-        Ok(Settings {
-            source,
-            destination,
-            jobs,
-            meta_prefix,
-            limits: TxnLimits {
-                max_ops,
-                max_bytes: max_bytes as usize,
-            },
-            max_prune_ratio,
-            reset_last_synced_rev: self.reset_last_synced_rev,
-            metrics_addr,
-            instance_id,
-            lock_ttl,
-            rebalance_interval,
-            liveness_timeout,
-            checks,
-            tuning,
-            leases,
-            auth,
-            failover,
-        })
+        settings.jobs = jobs;
+        between_settings(&mut settings, from_flag)?;
+        Ok(settings)
     }
 }
 
-/// `--endpoint-check-interval`, `--endpoint-failover-after` and
-/// `--endpoint-failback-after`, from the flags or the file.
-fn failover_settings(
-    (interval_flag, after_flag, back_flag): (Option<Duration>, Option<u32>, Option<Duration>),
-    (interval_file, after_file, back_file): (Option<Duration>, Option<u32>, Option<Duration>),
-) -> Result<FailoverSettings, ConfigError> {
-    let defaults = FailoverSettings::default();
-    let check_interval = interval_flag
-        .or(interval_file)
-        .unwrap_or(defaults.check_interval);
-    let interval_field = origin("endpoint-check-interval", interval_flag.is_some());
-    if check_interval < MIN_ENDPOINT_CHECK_INTERVAL {
+/// The rules that tie two settings together, once the table has filled
+/// each (its own rules hold by then), and the passwords file read.
+fn between_settings(settings: &mut Settings, from_flag: FromFlag) -> Result<(), ConfigError> {
+    let tuning = &settings.tuning;
+    if tuning.watch_idle_timeout <= tuning.progress_interval {
+        return Err(ConfigError::Conflict {
+            fields: "--watch-idle-timeout and --progress-interval".into(),
+            reason: format!(
+                "the idle timeout ({}) must be longer than the progress interval ({}), or every idle watch looks stalled",
+                humantime::format_duration(tuning.watch_idle_timeout),
+                humantime::format_duration(tuning.progress_interval)
+            ),
+        });
+    }
+    if settings.rebalance_interval < settings.lock_ttl {
+        return Err(ConfigError::Conflict {
+            fields: "--rebalance-interval and --lock-ttl".into(),
+            reason: "rebalancing more often than the lock TTL would hand jobs back and forth; use at least the TTL".into(),
+        });
+    }
+    if settings.checks.repair && settings.checks.interval.is_zero() {
+        return Err(ConfigError::Conflict {
+            fields: "--check-repair and --check-interval 0".into(),
+            reason:
+                "repairs come from the periodic check, which is disabled; set a --check-interval"
+                    .into(),
+        });
+    }
+    let liveness_timeout = settings.liveness_timeout;
+    if liveness_timeout < Duration::from_secs(5)
+        || liveness_timeout <= tuning.progress_interval.saturating_mul(2)
+    {
         return Err(invalid(
-            &interval_field,
-            &humantime::format_duration(check_interval).to_string(),
-            "must be at least 100ms; the default is 5s",
+            &origin("liveness-timeout", from_flag.liveness_timeout),
+            &humantime::format_duration(liveness_timeout).to_string(),
+            "must be at least 5s and more than twice --progress-interval, or healthy job loops look wedged between their wake-ups",
         ));
     }
-    check_at_most(&interval_field, check_interval, MAX_ENDPOINT_CHECK_INTERVAL)?;
-    let failover_after = after_flag.or(after_file).unwrap_or(defaults.failover_after);
-    if failover_after == 0 {
-        return Err(invalid(
-            &origin("endpoint-failover-after", after_flag.is_some()),
-            "0",
-            "must be at least 1 failed check; the default is 3",
-        ));
+    let auth = &mut settings.auth;
+    if let Some(path) = &auth.passwords_file {
+        if !auth.enabled {
+            return Err(ConfigError::Conflict {
+                fields: "--auth-passwords-file without --sync-auth".into(),
+                reason: "the passwords are only used to create mirrored users; add --sync-auth (sync-auth = true in the config file) or drop the file".into(),
+            });
+        }
+        auth.passwords = load_passwords_from(
+            &origin("auth-passwords-file", from_flag.auth_passwords_file),
+            path,
+        )?;
     }
-    let failback_after = back_flag.or(back_file).unwrap_or(defaults.failback_after);
-    check_at_most(
-        &origin("endpoint-failback-after", back_flag.is_some()),
-        failback_after,
-        MAX_ENDPOINT_FAILBACK_AFTER,
-    )?;
-    Ok(FailoverSettings {
-        check_interval,
-        failover_after,
-        failback_after,
-    })
+    Ok(())
 }
 
 /// `NAME=URL[,URL...]` of `--src-endpoint-group`.
@@ -683,50 +365,6 @@ fn endpoint_groups(
     Ok(groups)
 }
 
-/// `--sync-auth`, `--auth-sync-interval` and `--auth-passwords-file`, from
-/// the flags or the file.
-fn auth_sync_settings(
-    (sync_auth, interval_flag, passwords_flag): (bool, Option<Duration>, Option<PathBuf>),
-    (file_sync_auth, file_interval, file_passwords): (
-        Option<bool>,
-        Option<Duration>,
-        Option<PathBuf>,
-    ),
-) -> Result<AuthSyncSettings, ConfigError> {
-    let enabled = sync_auth || file_sync_auth.unwrap_or(false);
-    let interval = interval_flag
-        .or(file_interval)
-        .unwrap_or(DEFAULT_AUTH_SYNC_INTERVAL);
-    let interval_field = origin("auth-sync-interval", interval_flag.is_some());
-    check_at_most(&interval_field, interval, MAX_AUTH_SYNC_INTERVAL)?;
-    if interval < MIN_AUTH_SYNC_INTERVAL {
-        return Err(invalid(
-            &interval_field,
-            &humantime::format_duration(interval).to_string(),
-            "must be at least 1s; the default is 1m",
-        ));
-    }
-    let from_flag = passwords_flag.is_some();
-    let passwords_path = passwords_flag.or(file_passwords);
-    let passwords = match &passwords_path {
-        Some(path) => {
-            if !enabled {
-                return Err(ConfigError::Conflict {
-                    fields: "--auth-passwords-file without --sync-auth".into(),
-                    reason: "the passwords are only used to create mirrored users; add --sync-auth (sync-auth = true in the config file) or drop the file".into(),
-                });
-            }
-            load_passwords_from(&origin("auth-passwords-file", from_flag), path)?
-        }
-        None => AuthPasswords::default(),
-    };
-    Ok(AuthSyncSettings {
-        enabled,
-        interval,
-        passwords,
-    })
-}
-
 /// Reads and checks `--auth-passwords-file` (for `promote --sync-auth`).
 pub fn load_auth_passwords(path: &Path) -> Result<AuthPasswords, ConfigError> {
     load_passwords_from("--auth-passwords-file", path)
@@ -777,49 +415,26 @@ pub fn parse_auth_passwords(text: &str) -> Result<AuthPasswords, String> {
     Ok(AuthPasswords::new(passwords))
 }
 
-/// How a setting is named in errors: its flag, or its key when the value
-/// came from the config file.
-fn origin(name: &str, from_flag: bool) -> String {
-    if from_flag {
-        format!("--{name}")
-    } else {
-        format!("{name} (config file)")
-    }
-}
-
 /// Rejects a duration above its documented bound (see `settings::MAX_*`).
 pub(super) fn check_at_most(
     field: &str,
     value: Duration,
     max: Duration,
 ) -> Result<(), ConfigError> {
-    if value <= max {
-        return Ok(());
-    }
-    Err(invalid(
-        field,
-        &humantime::format_duration(value).to_string(),
-        &format!(
-            "must be at most {}; use a shorter duration such as {}",
-            humantime::format_duration(max),
-            humantime::format_duration(max / 2),
-        ),
-    ))
-}
-
-fn invalid(field: &str, value: &str, reason: &str) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.to_string(),
-        value: value.to_string(),
-        reason: reason.to_string(),
-    }
+    rules::at_most(value, max).map_err(|reason| {
+        invalid(
+            field,
+            &humantime::format_duration(value).to_string(),
+            &reason,
+        )
+    })
 }
 
 pub(super) fn cluster_settings(
-    side: Side,
     flags: ClusterFlags,
     file: FileCluster,
 ) -> Result<ClusterSettings, ConfigError> {
+    let side = flags.side;
     let groups = endpoint_groups(side, &flags, &file)?;
 
     let cacert = flags.cacert.or(file.cacert);
@@ -2179,15 +1794,31 @@ mod auth_tests {
             file.path().to_str().unwrap()
         ))
         .unwrap();
-        let from_file = |c: FileConfig| (c.sync_auth, c.auth_sync_interval, c.auth_passwords_file);
-        let settings = auth_sync_settings((false, None, None), from_file(config)).unwrap();
+        let args = |extra: &[&str]| {
+            let mut argv = vec![
+                "etcd-syncer",
+                "mirror-plus",
+                "--src-endpoints",
+                "http://127.0.0.1:1",
+                "--dst-endpoints",
+                "http://127.0.0.1:2",
+                "--prefix",
+                "/app/",
+            ];
+            argv.extend_from_slice(extra);
+            let cli = crate::config::Cli::try_parse_from(argv).expect("flags parse");
+            let crate::config::Command::MirrorPlus(args) = cli.command else {
+                panic!("parsed as another command")
+            };
+            args
+        };
+        let settings = args(&[]).merge(config).unwrap().auth;
         assert!(settings.enabled);
         assert_eq!(settings.interval, Duration::from_secs(300));
+        assert_eq!(settings.passwords.get("app"), Some("s3cret"));
         let config: FileConfig =
             toml::from_str("sync-auth = true\nauth-sync-interval = \"0s\"\n").unwrap();
-        let error = auth_sync_settings((false, None, None), from_file(config))
-            .unwrap_err()
-            .to_string();
+        let error = args(&[]).merge(config).unwrap_err().to_string();
         assert!(
             error.contains("auth-sync-interval (config file)"),
             "{error}"
@@ -2198,6 +1829,7 @@ mod auth_tests {
 #[cfg(test)]
 mod certificate_tests {
     use super::*;
+    use std::path::PathBuf;
 
     /// A key pair and a certificate for it, valid over `[not_before, not_after]`.
     fn issue(dir: &Path, name: &str, years: (i32, i32)) -> (PathBuf, PathBuf) {
