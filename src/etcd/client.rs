@@ -14,6 +14,7 @@ use crate::etcd::api::{
     WatchRequest, WatchStream,
 };
 use crate::etcd::real::RealEtcd;
+use crate::etcd::rpctypes::{self, ServerError};
 use crate::model::Side;
 
 /// HTTP/2 pings detect a dead or half-open connection. etcd's default
@@ -53,22 +54,16 @@ pub fn classify(error: &etcd_client::Error) -> FailureKind {
     use etcd_client::Error as E;
     use tonic::Code;
     match error {
-        E::GRpcStatus(status) => {
-            let message = status.message();
-            if message.contains("required revision has been compacted") {
-                return FailureKind::Compacted;
-            }
-            if message.contains("database space exceeded") || message.contains("NOSPACE") {
-                return FailureKind::QuotaExceeded;
-            }
-            if message.contains("authentication failed")
-                || message.contains("permission denied")
-                || message.contains("user name is empty")
-                || message.contains("invalid auth token")
-            {
-                return FailureKind::Auth;
-            }
-            match status.code() {
+        E::GRpcStatus(status) => match rpctypes::identify(status) {
+            Some(ServerError::Compacted) => FailureKind::Compacted,
+            Some(ServerError::NoSpace) => FailureKind::QuotaExceeded,
+            Some(
+                ServerError::AuthFailed
+                | ServerError::UserEmpty
+                | ServerError::PermissionDenied
+                | ServerError::InvalidAuthToken,
+            ) => FailureKind::Auth,
+            _ => match status.code() {
                 Code::Unauthenticated | Code::PermissionDenied => FailureKind::Auth,
                 Code::OutOfRange => FailureKind::Compacted,
                 Code::ResourceExhausted => FailureKind::QuotaExceeded,
@@ -76,8 +71,8 @@ pub fn classify(error: &etcd_client::Error) -> FailureKind {
                     FailureKind::Rejected
                 }
                 _ => FailureKind::Unavailable,
-            }
-        }
+            },
+        },
         E::InvalidArgs(_) | E::InvalidUri(_) | E::Utf8Error(_) | E::InvalidMetadataValue(_) => {
             FailureKind::Rejected
         }
@@ -136,28 +131,24 @@ impl ClientError {
         }
     }
 
-    /// The gRPC code of a request etcd answered with an error.
-    fn code(&self) -> Option<tonic::Code> {
+    /// The etcd server error this is, if it is one.
+    pub fn server_error(&self) -> Option<ServerError> {
         match self {
-            ClientError::Request {
-                source: etcd_client::Error::GRpcStatus(status),
-                ..
-            } => Some(status.code()),
+            ClientError::Request { source, .. } => rpctypes::server_error(source),
             _ => None,
         }
     }
 
     /// A lease grant with a chosen ID that the cluster already has
-    /// (`ErrGRPCLeaseExist`: FailedPrecondition, the only one a grant gets).
+    /// (`ErrGRPCLeaseExist`).
     pub fn is_lease_exists(&self) -> bool {
-        self.code() == Some(tonic::Code::FailedPrecondition)
+        self.server_error() == Some(ServerError::LeaseExists)
     }
 
     /// A lease the request names is not on the cluster
-    /// (`ErrGRPCLeaseNotFound`: NotFound, which etcd uses for nothing else a
-    /// put, revoke or keepalive can get).
+    /// (`ErrGRPCLeaseNotFound`).
     pub fn is_lease_not_found(&self) -> bool {
-        self.code() == Some(tonic::Code::NotFound)
+        self.server_error() == Some(ServerError::LeaseNotFound)
     }
 
     pub fn is_retryable(&self) -> bool {

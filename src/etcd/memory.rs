@@ -57,6 +57,7 @@ use crate::etcd::api::{
     LeaseKeeper, LeaseTtl, Op, OpResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
     WatchRequest, WatchResponse, WatchStream,
 };
+use crate::etcd::rpctypes::{self, ServerError};
 
 /// etcd's defaults: `--max-txn-ops` 128, `--max-request-bytes` 1.5 MiB.
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;
@@ -64,6 +65,11 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
 
 fn status(code: Code, message: &str) -> etcd_client::Error {
     etcd_client::Error::GRpcStatus(Status::new(code, message))
+}
+
+/// etcd's own error, as its server sends it.
+fn server_error(error: ServerError) -> etcd_client::Error {
+    etcd_client::Error::GRpcStatus(rpctypes::status_of(error))
 }
 
 fn unavailable() -> etcd_client::Error {
@@ -275,16 +281,10 @@ impl Store {
             head
         };
         if revision < self.compact_revision {
-            return Err(status(
-                Code::OutOfRange,
-                "etcdserver: mvcc: required revision has been compacted",
-            ));
+            return Err(server_error(ServerError::Compacted));
         }
         if revision > head {
-            return Err(status(
-                Code::OutOfRange,
-                "etcdserver: mvcc: required revision is a future revision",
-            ));
+            return Err(server_error(ServerError::FutureRevision));
         }
         let mut kvs: Vec<KeyValue> = self
             .keys_in(&request.key, &request.range_end)
@@ -375,10 +375,7 @@ impl Store {
             || request.success.len() > self.max_txn_ops
             || request.failure.len() > self.max_txn_ops
         {
-            return Err(status(
-                Code::InvalidArgument,
-                "etcdserver: too many operations in txn request",
-            ));
+            return Err(server_error(ServerError::TooManyOps));
         }
         let bytes: usize = request
             .success
@@ -398,10 +395,7 @@ impl Store {
                 })
                 .sum::<usize>();
         if bytes > self.max_request_bytes {
-            return Err(status(
-                Code::InvalidArgument,
-                "etcdserver: request is too large",
-            ));
+            return Err(server_error(ServerError::RequestTooLarge));
         }
         for branch in [&request.success, &request.failure] {
             let mut written = BTreeSet::new();
@@ -433,10 +427,7 @@ impl Store {
         for op in ops {
             if let Op::Put { lease, .. } = op {
                 if *lease != 0 && !self.leases.contains_key(lease) {
-                    return Err(status(
-                        Code::NotFound,
-                        "etcdserver: requested lease not found",
-                    ));
+                    return Err(server_error(ServerError::LeaseNotFound));
                 }
             }
         }
@@ -640,10 +631,7 @@ impl Store {
             id
         };
         if self.leases.contains_key(&id) {
-            return Err(status(
-                Code::FailedPrecondition,
-                "etcdserver: lease already exists",
-            ));
+            return Err(server_error(ServerError::LeaseExists));
         }
         self.leases.insert(
             id,
@@ -669,10 +657,7 @@ impl Store {
 
     fn revoke(&mut self, id: i64, by: &str) -> EtcdResult<()> {
         let Some(lease) = self.leases.remove(&id) else {
-            return Err(status(
-                Code::NotFound,
-                "etcdserver: requested lease not found",
-            ));
+            return Err(server_error(ServerError::LeaseNotFound));
         };
         if let Some((_, ended)) = self.lease_times.get_mut(&id) {
             *ended = Some(Instant::now());
@@ -1018,8 +1003,7 @@ impl Etcd for MemoryEtcd {
         async move {
             self.link.send().await;
             let version = self.with_store(|store| store.version.clone());
-            let result = version
-                .ok_or_else(|| status(Code::PermissionDenied, "etcdserver: permission denied"));
+            let result = version.ok_or_else(|| server_error(ServerError::PermissionDenied));
             self.link.answer(result).await
         }
         .boxed()

@@ -5,6 +5,8 @@
 //! - [`real`]: the backend over `etcd-client`.
 //! - [`memory`]: the in-memory etcd model (for the simulator and tests).
 //! - [`client`]: [`Cluster`], deadlines, error classification.
+//! - [`rpctypes`]: etcd's server errors as types (the one place a status
+//!   is told apart by its description, as etcd's own client does).
 //! - [`routes`]: endpoint-group failover and reconnects on rotated TLS
 //!   and password files, swapping the connection under a [`Cluster`].
 //! - [`retry`]: the one backoff and sleep helper every loop uses.
@@ -22,5 +24,6 @@ pub mod periodic;
 pub mod real;
 pub mod retry;
 pub mod routes;
+pub mod rpctypes;
 
 pub use client::{ClientError, Cluster, ClusterHead, FailureKind};

@@ -14,6 +14,7 @@ use crate::etcd::api::{
     LeaseKeeper, LeaseTtl, Op, OpResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
     WatchRequest, WatchResponse, WatchStream,
 };
+use crate::etcd::rpctypes::{self, ServerError};
 
 /// Large enough for a page of big values or a fragmented watch response;
 /// etcd itself caps a request at 1.5 MiB by default.
@@ -143,21 +144,14 @@ fn txn_op(op: Op) -> etcd_client::TxnOp {
     }
 }
 
-/// etcd refuses a token minted before an auth-store change ("revision of
-/// auth store is old" on 3.4, "auth: revision in header is old" on 3.5);
-/// etcd-client re-authenticates only on an invalid or expired token. Either way: authenticate again, retry once.
+/// etcd refuses a token minted before an auth-store change, or an expired
+/// one; etcd-client re-authenticates only on some of these. Either way:
+/// authenticate again, retry once.
 pub(crate) fn auth_is_stale(error: &etcd_client::Error) -> bool {
-    match error {
-        etcd_client::Error::GRpcStatus(status) => {
-            let message = status.message();
-            // 3.4: "revision of auth store is old" (InvalidArgument);
-            // 3.5: "auth: revision in header is old" (Unknown).
-            message.contains("revision of auth store is old")
-                || message.contains("revision in header is old")
-                || message.contains("invalid auth token")
-        }
-        _ => false,
-    }
+    matches!(
+        rpctypes::server_error(error),
+        Some(ServerError::AuthOldRevision | ServerError::InvalidAuthToken)
+    )
 }
 
 impl RealEtcd {
@@ -268,7 +262,7 @@ impl Etcd for RealEtcd {
     fn lease_keep_alive(&self, id: i64) -> BoxFuture<'_, EtcdResult<Box<dyn LeaseKeeper>>> {
         let mut lease = self.client.lease_client();
         async move {
-            let (keeper, stream) = lease.keep_alive(id).await?;
+            let (keeper, stream) = lease.keep_alive(id).await.map_err(keepalive_error)?;
             Ok(Box::new(RealKeeper { keeper, stream }) as Box<dyn LeaseKeeper>)
         }
         .boxed()
@@ -313,15 +307,29 @@ impl Etcd for RealEtcd {
             // dropping the keeper closes the stream.
             match lease.keep_alive(id).await {
                 Ok(_keeper_and_stream) => Ok(true),
-                Err(etcd_client::Error::LeaseKeepAliveError(message))
-                    if message.contains("not found") =>
-                {
-                    Ok(false)
-                }
-                Err(error) => Err(error),
+                Err(error) => match keepalive_error(error) {
+                    error if rpctypes::server_error(&error) == Some(ServerError::LeaseNotFound) => {
+                        Ok(false)
+                    }
+                    error => Err(error),
+                },
             }
         }
         .boxed()
+    }
+}
+
+/// etcd-client reports a keepalive's "no such lease" (the first answer has
+/// TTL 0) as its own `LeaseKeepAliveError`; this makes it etcd's
+/// `ErrGRPCLeaseNotFound`, as every other lease request gets it. (Its other
+/// use, a failed send into the fresh request channel, cannot happen: the
+/// receiver lives until the stream starts.)
+fn keepalive_error(error: etcd_client::Error) -> etcd_client::Error {
+    match error {
+        etcd_client::Error::LeaseKeepAliveError(_) => {
+            etcd_client::Error::GRpcStatus(rpctypes::status_of(ServerError::LeaseNotFound))
+        }
+        other => other,
     }
 }
 

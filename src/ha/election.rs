@@ -115,7 +115,7 @@ async fn keep_alive(dest: Cluster, lease_id: i64, ttl: Duration, lost: Cancellat
         let mut keeper = match opened {
             Ok(Ok(keeper)) => keeper,
             Ok(Err(error)) => {
-                // By its gRPC code (NotFound), not its text.
+                // By its type (`ErrGRPCLeaseNotFound`), not its text.
                 if error.is_lease_not_found() {
                     break;
                 }
