@@ -36,7 +36,7 @@ pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
                 .await?
                 .remove(0);
             let prefix = status.source_prefix.ok_or(ConfigError::Missing {
-                field: "--prefix",
+                field: "--prefix".into(),
                 fix: "the job has no checkpoint that records its prefix yet; give --prefix (and --dest-prefix if it differs)",
             })?;
             let dest_prefix = status.dest_prefix.unwrap_or_else(|| prefix.clone());

@@ -6,10 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{field} is required: {fix}")]
-    Missing {
-        field: &'static str,
-        fix: &'static str,
-    },
+    Missing { field: String, fix: &'static str },
     #[error("{field} = {value:?} is invalid: {reason}")]
     Invalid {
         field: String,
@@ -45,5 +42,13 @@ pub(super) fn origin(name: &str, from_flag: bool) -> String {
         format!("--{name}")
     } else {
         format!("{name} (config file)")
+    }
+}
+
+/// A setting that needs another one given with it.
+pub(super) fn missing(field: impl Into<String>, fix: &'static str) -> ConfigError {
+    ConfigError::Missing {
+        field: field.into(),
+        fix,
     }
 }

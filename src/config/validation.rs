@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::args::{CheckArgs, ClusterFlags, MirrorArgs, PromoteArgs, ResetArgs, StatusArgs};
 pub use super::error::ConfigError;
-use super::error::{invalid, origin};
+use super::error::{invalid, missing, origin};
 use super::file::FileCluster;
 use super::settings::*;
 use super::table::{load_file, rules, FileConfig, FromFlag};
@@ -174,10 +174,10 @@ impl MirrorArgs {
             }
         };
         if jobs.is_empty() {
-            return Err(ConfigError::Missing {
-                field: "--prefix",
-                fix: "give --prefix for one job, or a [[jobs]] list with a prefix each in --config",
-            });
+            return Err(missing(
+                "--prefix",
+                "give --prefix for one job, or a [[jobs]] list with a prefix each in --config",
+            ));
         }
         validate_jobs(
             &jobs,
@@ -346,13 +346,10 @@ fn endpoint_groups(
                 && flags.endpoint_groups.is_empty()
                 && file.endpoint_groups.is_empty();
             if only_default {
-                return Err(ConfigError::Missing {
-                    field: match side {
-                        Side::Source => "--src-endpoints",
-                        Side::Destination => "--dst-endpoints",
-                    },
-                    fix: "list the cluster's client URLs, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379 (or endpoints = [...] in the config file)",
-                });
+                return Err(missing(
+                    format!("--{p}-endpoints"),
+                    "list the cluster's client URLs, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379 (or endpoints = [...] in the config file)",
+                ));
             }
             return Err(invalid(
                 &field,
@@ -440,28 +437,15 @@ pub(super) fn cluster_settings(
     let cacert = flags.cacert.or(file.cacert);
     let cert = flags.cert.or(file.cert);
     let key = flags.key.or(file.key);
-    let cert_and_key = match (cert, key) {
-        (Some(cert), Some(key)) => Some((cert, key)),
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(ConfigError::Missing {
-                field: match side {
-                    Side::Source => "--src-key",
-                    Side::Destination => "--dst-key",
-                },
-                fix: "a client certificate needs its private key; give both or neither",
-            })
-        }
-        (None, Some(_)) => {
-            return Err(ConfigError::Missing {
-                field: match side {
-                    Side::Source => "--src-cert",
-                    Side::Destination => "--dst-cert",
-                },
-                fix: "a private key needs its client certificate; give both or neither",
-            })
-        }
-    };
+    let p = side.flag_prefix();
+    let cert_and_key = both_or_neither(
+        (cert, key),
+        (format!("--{p}-cert"), format!("--{p}-key")),
+        (
+            "a private key needs its client certificate; give both or neither",
+            "a client certificate needs its private key; give both or neither",
+        ),
+    )?;
     let tls = (cacert.is_some() || cert_and_key.is_some()).then_some(TlsFiles {
         ca: cacert,
         cert_and_key,
@@ -507,28 +491,19 @@ pub(super) fn cluster_settings(
         (None, Some(path)) => (Some(read_password_file(side, &path)?), Some(path)),
         (None, None) => (None, None),
     };
-    let credentials = match (flags.user.or(file.user), password) {
-        (Some(user), Some(password)) if !user.is_empty() => Some(Credentials { user, password }),
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(ConfigError::Missing {
-                field: match side {
-                    Side::Source => "--src-password",
-                    Side::Destination => "--dst-password",
-                },
-                fix: "a user needs a password (flag, ETCD_SYNCER_*_PASSWORD, or password-file in the config file)",
-            })
-        }
-        (_, Some(_)) => {
-            return Err(ConfigError::Missing {
-                field: match side {
-                    Side::Source => "--src-user",
-                    Side::Destination => "--dst-user",
-                },
-                fix: "a password was given without a user name",
-            })
-        }
-    };
+    let user = flags
+        .user
+        .or(file.user)
+        .filter(|user| !user.is_empty() || password.is_none());
+    let credentials = both_or_neither(
+        (user, password),
+        (format!("--{p}-user"), format!("--{p}-password")),
+        (
+            "a password was given without a user name",
+            "a user needs a password (flag, ETCD_SYNCER_*_PASSWORD, or password-file in the config file)",
+        ),
+    )?
+    .map(|(user, password)| Credentials { user, password });
 
     Ok(ClusterSettings {
         side,
@@ -537,6 +512,21 @@ pub(super) fn cluster_settings(
         credentials,
         password_file,
     })
+}
+
+/// Two settings that only work together (a certificate and its key, a user
+/// and its password): both, or neither; else the missing one is named.
+fn both_or_neither<A, B>(
+    (a, b): (Option<A>, Option<B>),
+    (a_field, b_field): (String, String),
+    (fix_a, fix_b): (&'static str, &'static str),
+) -> Result<Option<(A, B)>, ConfigError> {
+    match (a, b) {
+        (Some(a), Some(b)) => Ok(Some((a, b))),
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(missing(a_field, fix_a)),
+        (Some(_), None) => Err(missing(b_field, fix_b)),
+    }
 }
 
 /// A `password-file` (a mounted Secret), trailing newline trimmed; read at

@@ -30,7 +30,7 @@ use crate::mirror::context::JobContext;
 use crate::mirror::error::JobError;
 use crate::mirror::meta::KeyGuard;
 use crate::mirror::pipeline::{Acked, Pipeline};
-use crate::mirror::watch_state::{RepairRead, WatchState, WatchView};
+use crate::mirror::watch_state::{RepairRead, Tick, WatchState, WatchTiming, WatchView};
 use crate::model::batch::{BatchLimits, Mutation};
 use crate::model::keys::{prefix_range_end, prefix_range_start};
 use crate::model::schema::EventStamp;
@@ -141,8 +141,12 @@ pub async fn run(
         },
         limits,
         committed_revision,
-        ctx.tuning.idle_checkpoint_interval,
-        ctx.quirks.progress_may_overtake_events,
+        WatchTiming {
+            idle_checkpoint: ctx.tuning.idle_checkpoint_interval,
+            confirm_progress: ctx.quirks.progress_may_overtake_events,
+            idle_timeout: ctx.tuning.watch_idle_timeout,
+            probe_silence: ctx.quirks.progress_may_never_come,
+        },
         Instant::now(),
     );
     let mut pipeline = Pipeline::new(
@@ -159,7 +163,6 @@ pub async fn run(
     let mut lag = LagClock::resume(ctx.lag_origin.clone(), committed_revision);
     let mut progress_tick = tokio::time::interval(ctx.tuning.progress_interval);
     progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_message = Instant::now();
     let max_backlog = ctx.tuning.max_inflight_txns * MAX_SEALED_BACKLOG_FACTOR;
 
     loop {
@@ -209,7 +212,6 @@ pub async fn run(
                 let Some(response) = message.map_err(|source| JobError::Watch { source })? else {
                     return Err(JobError::WatchClosed);
                 };
-                last_message = Instant::now();
                 ctx.heartbeat();
                 // The watch may have reconnected to another cluster behind
                 // the same endpoints (the source replaced between the full
@@ -256,23 +258,17 @@ pub async fn run(
             }
             probed = async { stall_probe.as_mut().expect("guarded").await }, if stall_probe.is_some() => {
                 stall_probe = None;
-                match probed {
-                    // The source answers: the watch is quiet, not dead.
-                    Ok(Ok(())) => {
-                        debug!(job = %ctx.job.name, "Watch silent but the source answers; keeping it (etcd-io/etcd#17507).");
-                        last_message = Instant::now();
-                    }
-                    _ => return Err(JobError::WatchStalled { idle: last_message.elapsed() }),
-                }
+                let answered = matches!(probed, Ok(Ok(())));
+                state.on_probe(answered, Instant::now())?;
+                debug!(job = %ctx.job.name, "Watch silent but the source answers; keeping it (etcd-io/etcd#17507).");
             }
             _ = progress_tick.tick() => {
                 ctx.heartbeat();
                 lag.publish(ctx, pipeline.committed_revision());
-                if last_message.elapsed() > ctx.tuning.watch_idle_timeout {
-                    if !ctx.quirks.progress_may_never_come {
-                        return Err(JobError::WatchStalled { idle: last_message.elapsed() });
-                    }
-                    if stall_probe.is_none() {
+                match state.on_tick(Instant::now()) {
+                    Tick::Alive => {}
+                    Tick::Stalled { idle } => return Err(JobError::WatchStalled { idle }),
+                    Tick::Probe => {
                         let source = ctx.source.clone();
                         let prefix = ctx.rewrite.source_prefix().to_vec();
                         stall_probe = Some(tokio::spawn(async move {

@@ -40,6 +40,42 @@ pub struct Delivered {
     pub idle_advance: Option<i64>,
 }
 
+/// The watch phase's clocks: when a quiet prefix may move the checkpoint,
+/// and when a silent watch counts as stalled.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchTiming {
+    /// How often an idle checkpoint may be written on a quiet prefix.
+    pub idle_checkpoint: Duration,
+    /// Servers whose progress answers may overtake events
+    /// (etcd-io/etcd#15220): an idle checkpoint needs a confirming answer.
+    pub confirm_progress: bool,
+    /// A watch that answers nothing, not even progress, for this long is stalled.
+    pub idle_timeout: Duration,
+    /// Servers that may never answer a progress request on a new watch
+    /// (etcd-io/etcd#17507): a silent watch is first probed with a read.
+    pub probe_silence: bool,
+}
+
+/// What a progress tick asks of the shell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tick {
+    /// Nothing beyond asking the watch for progress.
+    Alive,
+    /// Read the source once (off the loop) and report with [`WatchState::on_probe`].
+    Probe,
+    /// Silent past the timeout: the watch must be recreated.
+    Stalled { idle: Duration },
+}
+
+/// Whether the watch still answers.
+#[derive(Debug)]
+struct Liveness {
+    last_answer: Instant,
+    idle_timeout: Duration,
+    probe_silence: bool,
+    probing: bool,
+}
+
 /// Source values for a repair, read at `at_revision`.
 pub struct RepairRead {
     pub at_revision: i64,
@@ -56,28 +92,64 @@ pub struct WatchState {
     /// Keys the watch changed since the pending repair read's revision.
     touched: Option<HashSet<Vec<u8>>>,
     reported_splits: u64,
+    liveness: Liveness,
 }
 
 impl WatchState {
-    /// From the checkpoint at `committed_revision`; `confirm_progress` for
-    /// servers whose progress answers may overtake events (etcd-io/etcd#15220).
+    /// From the checkpoint at `committed_revision`, with a watch just created at `now`.
     pub fn new(
         view: WatchView,
         limits: BatchLimits,
         committed_revision: i64,
-        idle_interval: Duration,
-        confirm_progress: bool,
+        timing: WatchTiming,
         now: Instant,
     ) -> Self {
         Self {
             view,
             assembling: None,
             coalescer: Coalescer::new(limits, committed_revision),
-            idle: IdleCheckpoint::new(idle_interval, confirm_progress, now),
+            idle: IdleCheckpoint::new(timing.idle_checkpoint, timing.confirm_progress, now),
             stamps: VecDeque::new(),
             touched: None,
             reported_splits: 0,
+            liveness: Liveness {
+                last_answer: now,
+                idle_timeout: timing.idle_timeout,
+                probe_silence: timing.probe_silence,
+                probing: false,
+            },
         }
+    }
+
+    /// A progress tick: is the watch still answering?
+    pub fn on_tick(&mut self, now: Instant) -> Tick {
+        let live = &mut self.liveness;
+        let idle = now.saturating_duration_since(live.last_answer);
+        if idle <= live.idle_timeout {
+            return Tick::Alive;
+        }
+        if !live.probe_silence {
+            return Tick::Stalled { idle };
+        }
+        if live.probing {
+            return Tick::Alive;
+        }
+        live.probing = true;
+        Tick::Probe
+    }
+
+    /// The probe's answer: a source that answers means a quiet watch, not a
+    /// dead one (etcd-io/etcd#17507); one that does not means a stall.
+    pub fn on_probe(&mut self, source_answered: bool, now: Instant) -> Result<(), JobError> {
+        let live = &mut self.liveness;
+        live.probing = false;
+        if source_answered {
+            live.last_answer = now;
+            return Ok(());
+        }
+        Err(JobError::WatchStalled {
+            idle: now.saturating_duration_since(live.last_answer),
+        })
     }
 
     /// The revision the next batch carries.
@@ -121,6 +193,7 @@ impl WatchState {
         sending: bool,
         now: Instant,
     ) -> Result<Delivered, JobError> {
+        self.liveness.last_answer = now;
         if response.canceled {
             if response.compact_revision > 0 {
                 return Err(JobError::Compacted {
@@ -349,19 +422,21 @@ mod tests {
         }
     }
 
+    fn timing(probe_silence: bool) -> WatchTiming {
+        WatchTiming {
+            idle_checkpoint: Duration::ZERO,
+            confirm_progress: true,
+            idle_timeout: Duration::from_secs(20),
+            probe_silence,
+        }
+    }
+
     fn state(committed: i64) -> WatchState {
         let limits = BatchLimits {
             max_ops: 100,
             max_bytes: 1 << 20,
         };
-        WatchState::new(
-            view(),
-            limits,
-            committed,
-            Duration::ZERO,
-            true,
-            Instant::now(),
-        )
+        WatchState::new(view(), limits, committed, timing(false), Instant::now())
     }
 
     fn put(key: &str, revision: i64, lease: i64) -> Event {
@@ -543,5 +618,51 @@ mod tests {
             None,
             "nothing new to advance to"
         );
+    }
+
+    #[test]
+    fn a_silent_watch_stalls_after_the_idle_timeout_and_any_answer_keeps_it() {
+        let start = Instant::now();
+        let limits = BatchLimits {
+            max_ops: 100,
+            max_bytes: 1 << 20,
+        };
+        let mut state = WatchState::new(view(), limits, 5, timing(false), start);
+        let at = |secs| start + Duration::from_secs(secs);
+        assert_eq!(state.on_tick(at(20)), Tick::Alive, "up to the timeout");
+        // A progress answer at 15 s starts the silence again.
+        state
+            .on_response(response(vec![], 5, false), false, at(15))
+            .unwrap();
+        assert_eq!(state.on_tick(at(35)), Tick::Alive);
+        assert_eq!(
+            state.on_tick(at(36)),
+            Tick::Stalled {
+                idle: Duration::from_secs(21)
+            }
+        );
+    }
+
+    #[test]
+    fn on_servers_that_may_never_answer_progress_a_silent_watch_is_probed_once() {
+        let start = Instant::now();
+        let limits = BatchLimits {
+            max_ops: 100,
+            max_bytes: 1 << 20,
+        };
+        let mut state = WatchState::new(view(), limits, 5, timing(true), start);
+        let at = |secs| start + Duration::from_secs(secs);
+        assert_eq!(state.on_tick(at(21)), Tick::Probe);
+        // One probe at a time.
+        assert_eq!(state.on_tick(at(26)), Tick::Alive);
+        // The source answers: quiet, not dead; the silence starts again.
+        state.on_probe(true, at(27)).unwrap();
+        assert_eq!(state.on_tick(at(47)), Tick::Alive);
+        assert_eq!(state.on_tick(at(48)), Tick::Probe);
+        // It does not: stalled, with the silence since the last answer.
+        match state.on_probe(false, at(50)) {
+            Err(JobError::WatchStalled { idle }) => assert_eq!(idle, Duration::from_secs(23)),
+            other => panic!("expected a stall, got {other:?}"),
+        }
     }
 }
