@@ -2,6 +2,7 @@
 //! and an oracle written independently of the product's own checker.
 
 pub mod etcd;
+pub mod fixture;
 pub mod leases;
 pub mod load;
 pub mod proxy;
@@ -16,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, WatchOptions};
 
 pub use etcd::{EtcdCluster, EtcdOptions, Role};
+pub use fixture::{Clusters, Mirror, MirrorOptions, Preload, ProxySide};
 pub use syncer::Syncer;
 pub use tls::TlsMaterial;
 
