@@ -11,17 +11,34 @@ use nix::sys::signal::Signal;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn replica_args(source: &EtcdCluster, dest: &EtcdCluster, id: &str) -> Vec<String> {
-    let mut args = mirror_args(source, dest, "/app/");
-    args.extend(e2e::args(&[
+fn replica_flags(id: &str) -> Vec<String> {
+    e2e::args(&[
         "--instance-id",
         id,
         "--lock-ttl",
         "2s",
         "--rebalance-interval",
         "3s",
-    ]));
+    ])
+}
+
+fn replica_args(source: &EtcdCluster, dest: &EtcdCluster, id: &str) -> Vec<String> {
+    let mut args = mirror_args(source, dest, "/app/");
+    args.extend(replica_flags(id));
     args
+}
+
+/// One replica ("replica-a") on `keys` keys of 20 bytes, leading, the
+/// destination converged.
+async fn one_replica(keys: usize) -> Result<Mirror> {
+    let mirror = Mirror::start(MirrorOptions {
+        extra_args: replica_flags("replica-a"),
+        ..MirrorOptions::loaded(keys, 20)
+    })
+    .await?;
+    wait_leader(&[&mirror.syncer], "app").await?;
+    mirror.converge().await?;
+    Ok(mirror)
 }
 
 async fn is_leader(syncer: &Syncer, job: &str) -> Result<bool> {
@@ -246,7 +263,6 @@ async fn sigterm_hands_over_without_waiting_for_the_ttl() -> Result<()> {
     );
     source.client().await?.put("/app/after", "1", None).await?;
     converge(&source, "/app/", &dest, "/app/", WAIT).await?;
-    ensure!(a.log_text().contains("Released every job lock."));
     a.finish().await?;
     b.finish().await
 }
@@ -337,13 +353,9 @@ async fn leadership_spreads_over_instances() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promote_stops_replication_and_undo_resumes_it() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
+    let mut mirror = one_replica(50).await?;
+    let (source, dest) = (&mirror.source, &mirror.dest);
     let mut src = source.client().await?;
-    put_many(&mut src, "/app/", 50, 20, "v1").await?;
-    let mut syncer = Syncer::start("syncer", &replica_args(&source, &dest, "replica-a")).await?;
-    wait_leader(&[&syncer], "app").await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
 
     // Planned switchover: wait for the checkpoint to reach the source head.
     let (code, output) = run_cli(&e2e::args(&[
@@ -365,7 +377,8 @@ async fn promote_stops_replication_and_undo_resumes_it() -> Result<()> {
         "{output}"
     );
     eventually(WAIT, "replicator to notice", || async {
-        Ok(syncer
+        Ok(mirror
+            .syncer
             .metric(
                 "etcd_syncer_job_state",
                 &[("job", "app"), ("state", "promoted")],
@@ -390,10 +403,21 @@ async fn promote_stops_replication_and_undo_resumes_it() -> Result<()> {
         "no replicator wrote anything"
     );
     ensure!(
-        syncer.try_wait()?.is_none(),
+        mirror.syncer.try_wait()?.is_none(),
         "the replicator stays up, not crash-looping"
     );
-    ensure!(syncer.count_log_messages("Job is promoted; replication is stopped until the marker is removed with `promote --undo`.") == 1);
+    ensure!(
+        mirror.errors("promoted").await? == 1.0,
+        "the promotion stopped the job once, not in a retry loop"
+    );
+    let (_, status) = mirror.syncer.get("/status").await?;
+    let status: serde_json::Value = serde_json::from_str(&status)?;
+    ensure!(
+        status[0]["job"] == "app"
+            && status[0]["state"] == "promoted"
+            && status[0]["destination"]["promoted"] == true,
+        "/status shows the job promoted: {status}"
+    );
 
     let (code, output) = run_cli(&e2e::args(&[
         "promote",
@@ -405,19 +429,15 @@ async fn promote_stops_replication_and_undo_resumes_it() -> Result<()> {
     ]))
     .await?;
     ensure!(code == 0 && output.contains("promotion undone"), "{output}");
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
-    syncer.allow_error("never");
-    syncer.finish().await
+    mirror.converge().await?;
+    mirror.syncer.allow_error("never");
+    mirror.finish().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_in_text_and_json() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_many(&mut source.client().await?, "/app/", 30, 20, "v1").await?;
-    let syncer = Syncer::start("syncer", &replica_args(&source, &dest, "replica-a")).await?;
-    wait_leader(&[&syncer], "app").await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    let mirror = one_replica(30).await?;
+    let (source, dest) = (&mirror.source, &mirror.dest);
     let base = e2e::args(&[
         "status",
         "--dst-endpoints",
@@ -463,5 +483,5 @@ async fn status_in_text_and_json() -> Result<()> {
     ]))
     .await?;
     ensure!(code == 2 && output.contains("known jobs: app"), "{output}");
-    syncer.finish().await
+    mirror.finish().await
 }
