@@ -158,7 +158,8 @@ pub struct Clusters {
     pub dest: EtcdCluster,
     /// With [`MirrorOptions::proxy`].
     pub proxy: Option<LinkProxy>,
-    proxied: Option<String>,
+    /// The proxy's endpoint, which the syncer is given for that side.
+    pub proxied: Option<String>,
     pub options: MirrorOptions,
 }
 
