@@ -24,8 +24,8 @@ use anyhow::{ensure, Result};
 
 use crate::proxy::LinkProxy;
 use crate::{
-    converge, mirror_args, put_many, replace_flag, wait_job_state, EtcdCluster, EtcdOptions,
-    Role, Syncer,
+    converge, eventually, mirror_args, put_many, replace_flag, wait_job_state, EtcdCluster,
+    EtcdOptions, Role, Syncer,
 };
 
 /// Keys put on the source before the syncer starts, with [`put_many`]:
@@ -355,4 +355,24 @@ impl Mirror {
     pub async fn finish(self) -> Result<()> {
         self.syncer.finish().await
     }
+}
+
+/// Waits until `proxy` holds its link (after [`LinkProxy::hold_after_forwarding`])
+/// and checks that `syncer` is in a full sync of `job` then: the freeze
+/// landed mid full sync.
+pub async fn wait_frozen_mid_full_sync(proxy: &LinkProxy, syncer: &Syncer, job: &str) -> Result<()> {
+    eventually(
+        Duration::from_secs(120),
+        "the link to freeze mid full sync",
+        || async { Ok(proxy.is_holding()) },
+    )
+    .await?;
+    let in_progress = syncer
+        .metric("etcd_syncer_full_sync_in_progress", &[("job", job)])
+        .await?;
+    ensure!(
+        in_progress == 1.0,
+        "the syncer is in a full sync when its link freezes"
+    );
+    Ok(())
 }

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, WatchOptions};
 
 pub use etcd::{EtcdCluster, EtcdOptions, Role};
-pub use fixture::{Clusters, Mirror, MirrorOptions, Preload, ProxySide};
+pub use fixture::{wait_frozen_mid_full_sync, Clusters, Mirror, MirrorOptions, Preload, ProxySide};
 pub use syncer::Syncer;
 pub use tls::TlsMaterial;
 

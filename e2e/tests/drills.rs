@@ -102,18 +102,7 @@ async fn drill_sigterm_during_a_full_sync() -> Result<()> {
         Ok(args)
     };
     let mut a = Syncer::start("a", &replica("replica-a", true)?).await?;
-    eventually(
-        WAIT,
-        "the destination link to freeze mid full sync",
-        || async { Ok(proxy.is_holding()) },
-    )
-    .await?;
-    ensure!(
-        a.metric("etcd_syncer_full_sync_in_progress", &[("job", "app")])
-            .await?
-            == 1.0,
-        "the leader is in a full sync when its link freezes"
-    );
+    wait_frozen_mid_full_sync(proxy, &a, "app").await?;
     let marker = dest
         .client()
         .await?

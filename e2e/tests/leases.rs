@@ -164,17 +164,8 @@ async fn check_consistent(source: &EtcdCluster, dest: &EtcdCluster) -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_expires_on_the_standby_as_on_the_primary() -> Result<()> {
-    let (
-        Mirror {
-            source,
-            dest,
-            syncer,
-            ..
-        },
-        leases,
-        renewer,
-        _all,
-    ) = mirrored_registry("syncer", 200, 10).await?;
+    let (mirror, leases, renewer, _all) = mirrored_registry("syncer", 200, 10).await?;
+    let Mirror { source, dest, syncer, .. } = mirror;
     converge(&source, PREFIX, &dest, PREFIX, WAIT).await?;
 
     // Each destination lease: the recorded one, granted the source's TTL + grace.
@@ -345,17 +336,8 @@ async fn a_takeover_after_kill_9_loses_no_lease() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_ttl_and_grace_is_repaired_on_restart() -> Result<()> {
-    let (
-        Mirror {
-            source,
-            dest,
-            syncer,
-            ..
-        },
-        leases,
-        renewer,
-        _all,
-    ) = mirrored_registry("first", 40, 6).await?;
+    let (mirror, leases, renewer, _all) = mirrored_registry("first", 40, 6).await?;
+    let Mirror { source, dest, syncer, .. } = mirror;
     syncer.finish().await?;
 
     // Nothing renews the destination leases: past 6 s + 5 s they expire.
@@ -397,17 +379,8 @@ async fn an_outage_longer_than_ttl_and_grace_is_repaired_on_restart() -> Result<
 /// have on the primary; plain keys stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_promote_mirrored_leased_keys_expire() -> Result<()> {
-    let (
-        Mirror {
-            source: _source,
-            dest,
-            syncer,
-            ..
-        },
-        _leases,
-        renewer,
-        _all,
-    ) = mirrored_registry("syncer", 30, 6).await?;
+    let (mirror, _leases, renewer, _all) = mirrored_registry("syncer", 30, 6).await?;
+    let Mirror { source: _source, dest, syncer, .. } = mirror;
     syncer.finish().await?;
     renewer.stop();
 
@@ -435,17 +408,8 @@ async fn after_promote_mirrored_leased_keys_expire() -> Result<()> {
 /// lease keeps that lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promote_with_detach_leases_keeps_mirrored_keys() -> Result<()> {
-    let (
-        Mirror {
-            source: _source,
-            dest,
-            syncer,
-            ..
-        },
-        _leases,
-        renewer,
-        all,
-    ) = mirrored_registry("syncer", 30, 6).await?;
+    let (mirror, _leases, renewer, all) = mirrored_registry("syncer", 30, 6).await?;
+    let Mirror { source: _source, dest, syncer, .. } = mirror;
     syncer.finish().await?;
     renewer.stop();
 
@@ -502,17 +466,8 @@ async fn promote_with_detach_leases_keeps_mirrored_keys() -> Result<()> {
 /// restores everything with one full sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promote_stops_renewals_and_undo_restores_the_leased_keys() -> Result<()> {
-    let (
-        Mirror {
-            source,
-            dest,
-            mut syncer,
-            ..
-        },
-        _leases,
-        renewer,
-        all,
-    ) = mirrored_registry("syncer", 30, 6).await?;
+    let (mirror, _leases, renewer, all) = mirrored_registry("syncer", 30, 6).await?;
+    let Mirror { source, dest, mut syncer, .. } = mirror;
 
     let (code, output) = run_cli(&promote_args(&dest, &[])).await?;
     ensure!(
@@ -552,17 +507,8 @@ async fn promote_stops_renewals_and_undo_restores_the_leased_keys() -> Result<()
 /// replicator's full sync puts the keys back on mirrored leases by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undo_after_detach_mirrors_the_leases_again() -> Result<()> {
-    let (
-        Mirror {
-            source,
-            dest,
-            mut syncer,
-            ..
-        },
-        _leases,
-        renewer,
-        all,
-    ) = mirrored_registry("syncer", 30, 6).await?;
+    let (mirror, _leases, renewer, all) = mirrored_registry("syncer", 30, 6).await?;
+    let Mirror { source, dest, mut syncer, .. } = mirror;
 
     let (code, output) = run_cli(&promote_args(&dest, &["--detach-leases"])).await?;
     ensure!(
@@ -704,17 +650,8 @@ async fn switching_from_strip_to_faithful() -> Result<()> {
 /// leases run out (found by this test: the keys used to vanish).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_from_faithful_to_strip_keeps_the_keys() -> Result<()> {
-    let (
-        Mirror {
-            source,
-            dest,
-            syncer,
-            ..
-        },
-        _leases,
-        renewer,
-        all,
-    ) = mirrored_registry("faithful", 10, 6).await?;
+    let (mirror, _leases, renewer, all) = mirrored_registry("faithful", 10, 6).await?;
+    let Mirror { source, dest, syncer, .. } = mirror;
     syncer.finish().await?;
     let mut strip = syncer_args(&source, &dest, "5s");
     strip.extend(e2e::args(&["--leases", "strip"]));

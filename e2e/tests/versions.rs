@@ -8,7 +8,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use e2e::proxy::LinkProxy;
 use e2e::*;
 use etcd_client::{
     Client, CompactionOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
@@ -531,47 +530,41 @@ async fn an_auth_change_during_a_full_sync_is_survived() -> Result<()> {
     const KEYS: usize = 20_000;
     let started = Instant::now();
     let keys = tempfile::tempdir()?;
-    let mut source = EtcdCluster::start_with(EtcdOptions {
-        role: Role::Source,
-        extra_args: jwt_token_args(keys.path())?,
-        ..EtcdOptions::default()
+    let mut clusters = Clusters::start(MirrorOptions {
+        source: EtcdOptions {
+            extra_args: jwt_token_args(keys.path())?,
+            ..EtcdOptions::default()
+        },
+        proxy: Some(ProxySide::Dest),
+        extra_args: e2e::args(&[
+            "--src-user",
+            "syncer",
+            "--src-password",
+            "s3cret",
+            "--page-size",
+            "200",
+        ]),
+        wait_watching: false,
+        ..MirrorOptions::default()
     })
     .await?;
-    let dest = EtcdCluster::start_dest().await?;
-    source.enable_auth("syncer", "s3cret", "/app/").await?;
-    put_many(&mut source.client().await?, "/app/", KEYS, 50, "v1").await?;
-    let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
+    clusters.source.enable_auth("syncer", "s3cret", "/app/").await?;
+    put_many(&mut clusters.source.client().await?, "/app/", KEYS, 50, "v1").await?;
     // Over 1.3 MB of puts: a quarter MiB in, the full sync is under way and
     // far from done.
-    proxy.hold_after_forwarding(256 * 1024);
-    let mut args = mirror_args(&source, &dest, "/app/");
-    args.extend(e2e::args(&[
-        "--src-user",
-        "syncer",
-        "--src-password",
-        "s3cret",
-        "--page-size",
-        "200",
-    ]));
-    let args = replace_flag(args, "--dst-endpoints", &proxied)?;
-    let syncer = Syncer::start("syncer", &args).await?;
-    eventually(
-        WAIT,
-        "the destination link to freeze mid full sync",
-        || async { Ok(proxy.is_holding()) },
-    )
-    .await?;
-    ensure!(
-        syncer
-            .metric("etcd_syncer_full_sync_in_progress", &[("job", "app")])
-            .await?
-            == 1.0,
-        "the syncer is in a full sync when its link freezes"
-    );
+    clusters
+        .proxy
+        .as_ref()
+        .context("proxy")?
+        .hold_after_forwarding(256 * 1024);
+    let mirror = clusters.mirror().await?;
+    let (source, syncer) = (&mirror.source, &mirror.syncer);
+    let proxy = mirror.proxy.as_ref().context("proxy")?;
+    wait_frozen_mid_full_sync(proxy, syncer, "app").await?;
 
     // Three auth-store changes; tokens issued before them are now stale.
     // A fresh client (token) for each: each change makes the last stale.
-    let refused_before = stale_token_refusals(&source).await?;
+    let refused_before = stale_token_refusals(source).await?;
     source
         .client()
         .await?
@@ -585,10 +578,11 @@ async fn an_auth_change_during_a_full_sync_is_survived() -> Result<()> {
         .await?;
     proxy.restore();
 
-    wait_job_state(&syncer, "app", "watching")
+    mirror
+        .wait_state("watching")
         .await
         .with_context(|| syncer.log_text())?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    mirror.converge().await?;
     let auth_errors = syncer
         .metric(
             "etcd_syncer_errors_total",
@@ -611,7 +605,7 @@ async fn an_auth_change_during_a_full_sync_is_survived() -> Result<()> {
     // The premise, seen from the source: the syncer's stale token was
     // really refused (etcd answers InvalidArgument, "revision of auth store
     // is old"), and retried with a fresh one.
-    let refused = stale_token_refusals(&source).await? - refused_before;
+    let refused = stale_token_refusals(source).await? - refused_before;
     ensure!(
         refused >= 1.0,
         "the source never refused a stale token: the auth change missed the full sync"
@@ -622,10 +616,10 @@ async fn an_auth_change_during_a_full_sync_is_survived() -> Result<()> {
         .filter(|l| l.contains("auth store is old"))
         .count();
     println!("auth store changed mid full sync; the source refused {refused} request(s) with the stale token; {stale} syncer log lines mention it");
-    syncer.finish().await?;
+    let version = source.version().to_string();
+    mirror.finish().await?;
     println!(
-        "etcd {}: auth change during a full sync: {:.1} s",
-        source.version(),
+        "etcd {version}: auth change during a full sync: {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
