@@ -132,7 +132,11 @@ impl MirrorOptions {
 
     /// The job the syncer runs for this prefix.
     pub fn job_name(&self) -> String {
-        if let Some(job) = self.job.clone().or(self.flag("--job-name").map(String::from)) {
+        if let Some(job) = self
+            .job
+            .clone()
+            .or(self.flag("--job-name").map(String::from))
+        {
             return job;
         }
         let trimmed = self.prefix.trim_matches('/');
@@ -360,7 +364,11 @@ impl Mirror {
 /// Waits until `proxy` holds its link (after [`LinkProxy::hold_after_forwarding`])
 /// and checks that `syncer` is in a full sync of `job` then: the freeze
 /// landed mid full sync.
-pub async fn wait_frozen_mid_full_sync(proxy: &LinkProxy, syncer: &Syncer, job: &str) -> Result<()> {
+pub async fn wait_frozen_mid_full_sync(
+    proxy: &LinkProxy,
+    syncer: &Syncer,
+    job: &str,
+) -> Result<()> {
     eventually(
         Duration::from_secs(120),
         "the link to freeze mid full sync",

@@ -223,6 +223,24 @@ pub async fn converge(
     }
 }
 
+/// The `last_synced_rev` of `job`'s checkpoint on the destination now, if
+/// there is a checkpoint.
+pub async fn checkpoint_rev(dest: &EtcdCluster, job: &str) -> Result<Option<i64>> {
+    let mut client = dest.client().await?;
+    let response = client
+        .get(format!("{META_PREFIX}{job}/checkpoint"), None)
+        .await?;
+    let Some(kv) = response.kvs().first() else {
+        return Ok(None);
+    };
+    let value: serde_json::Value = serde_json::from_slice(kv.value())?;
+    Ok(Some(
+        value["last_synced_rev"]
+            .as_i64()
+            .context("last_synced_rev")?,
+    ))
+}
+
 /// Every version the checkpoint key ever had: (destination revision, checkpoint JSON).
 pub async fn checkpoint_history(
     dest: &EtcdCluster,

@@ -96,15 +96,13 @@ async fn endpoint_groups_fail_over_and_back_without_a_full_sync() -> Result<()> 
     load.await??;
     mirror.converge().await?;
 
-    let switches = |reason: &'static str| {
-        async move {
-            syncer
-                .metric(
-                    "etcd_syncer_endpoint_group_switches_total",
-                    &[("side", "source"), ("reason", reason)],
-                )
-                .await
-        }
+    let switches = |reason: &'static str| async move {
+        syncer
+            .metric(
+                "etcd_syncer_endpoint_group_switches_total",
+                &[("side", "source"), ("reason", reason)],
+            )
+            .await
     };
     // One switch each way (the failover's WARN line is not read: this
     // counter is what an alert reads).

@@ -211,8 +211,10 @@ async fn drill_severed_line_while_streaming() -> Result<()> {
     load.ops_per_writer = 100;
     load.run(&[mirror.source.client().await?]).await?;
     eventually(WAIT, "the stall to be noticed", || async {
-        Ok(mirror.errors("watch_stalled").await? + mirror.errors("source_unavailable").await?
-            >= 1.0)
+        Ok(
+            mirror.errors("watch_stalled").await? + mirror.errors("source_unavailable").await?
+                >= 1.0,
+        )
     })
     .await?;
     println!(
@@ -295,7 +297,10 @@ async fn drill_source_replaced() -> Result<()> {
     converge(&new_source, "/app/", &mirror.dest, "/app/", WAIT).await?;
     ensure!(mirror.paths().await?.0 == 1.0);
     ensure!(
-        mirror.syncer.log_text().contains("the source cluster changed"),
+        mirror
+            .syncer
+            .log_text()
+            .contains("the source cluster changed"),
         "the reason is logged"
     );
     mirror.finish().await

@@ -38,7 +38,11 @@ async fn leader_and_standby(keys: usize) -> Result<(Mirror, Syncer)> {
     })
     .await?;
     wait_leader(&[&mirror.syncer], "app").await?;
-    let b = Syncer::start("b", &replica_args(&mirror.source, &mirror.dest, "replica-b")).await?;
+    let b = Syncer::start(
+        "b",
+        &replica_args(&mirror.source, &mirror.dest, "replica-b"),
+    )
+    .await?;
     eventually(WAIT, "both queued", || async {
         Ok(lock_holders(&mirror.dest, "app").await? == 2)
     })

@@ -54,15 +54,21 @@ async fn registry(
     Ok((leases, renewer))
 }
 
+/// A mirrored registry: source, destination, the syncer, the instance
+/// leases, their renewer and the instance keys.
+type Registry = (
+    EtcdCluster,
+    EtcdCluster,
+    Syncer,
+    Vec<i64>,
+    LeaseRenewer,
+    Vec<String>,
+);
+
 /// [`registry`] with `count` instances on `ttl`-second leases, mirrored
 /// with `--lease-grace 5s` by a syncer named `name`, until the destination
-/// holds every instance key on a mirrored lease. Returns the mirror, the
-/// instance leases, their renewer and the instance keys.
-async fn mirrored_registry(
-    name: &str,
-    count: usize,
-    ttl: i64,
-) -> Result<(Mirror, Vec<i64>, LeaseRenewer, Vec<String>)> {
+/// holds every instance key on a mirrored lease.
+async fn mirrored_registry(name: &str, count: usize, ttl: i64) -> Result<Registry> {
     let clusters = Clusters::start(MirrorOptions {
         name: name.into(),
         prefix: PREFIX.into(),
@@ -76,7 +82,13 @@ async fn mirrored_registry(
     let mirror = clusters.mirror().await?;
     let all: Vec<String> = (0..count).map(instance_key).collect();
     wait_mirrored(&mirror.dest, &all).await?;
-    Ok((mirror, leases, renewer, all))
+    let Mirror {
+        source,
+        dest,
+        syncer,
+        ..
+    } = mirror;
+    Ok((source, dest, syncer, leases, renewer, all))
 }
 
 fn instance_key(i: usize) -> String {
@@ -164,8 +176,8 @@ async fn check_consistent(source: &EtcdCluster, dest: &EtcdCluster) -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_expires_on_the_standby_as_on_the_primary() -> Result<()> {
-    let (mirror, leases, renewer, _all) = mirrored_registry("syncer", 200, 10).await?;
-    let Mirror { source, dest, syncer, .. } = mirror;
+    let (source, dest, syncer, leases, renewer, _all) =
+        mirrored_registry("syncer", 200, 10).await?;
     converge(&source, PREFIX, &dest, PREFIX, WAIT).await?;
 
     // Each destination lease: the recorded one, granted the source's TTL + grace.
@@ -336,8 +348,7 @@ async fn a_takeover_after_kill_9_loses_no_lease() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_ttl_and_grace_is_repaired_on_restart() -> Result<()> {
-    let (mirror, leases, renewer, _all) = mirrored_registry("first", 40, 6).await?;
-    let Mirror { source, dest, syncer, .. } = mirror;
+    let (source, dest, syncer, leases, renewer, _all) = mirrored_registry("first", 40, 6).await?;
     syncer.finish().await?;
 
     // Nothing renews the destination leases: past 6 s + 5 s they expire.
@@ -379,8 +390,8 @@ async fn an_outage_longer_than_ttl_and_grace_is_repaired_on_restart() -> Result<
 /// have on the primary; plain keys stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_promote_mirrored_leased_keys_expire() -> Result<()> {
-    let (mirror, _leases, renewer, _all) = mirrored_registry("syncer", 30, 6).await?;
-    let Mirror { source: _source, dest, syncer, .. } = mirror;
+    let (_source, dest, syncer, _leases, renewer, _all) =
+        mirrored_registry("syncer", 30, 6).await?;
     syncer.finish().await?;
     renewer.stop();
 
@@ -408,8 +419,7 @@ async fn after_promote_mirrored_leased_keys_expire() -> Result<()> {
 /// lease keeps that lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promote_with_detach_leases_keeps_mirrored_keys() -> Result<()> {
-    let (mirror, _leases, renewer, all) = mirrored_registry("syncer", 30, 6).await?;
-    let Mirror { source: _source, dest, syncer, .. } = mirror;
+    let (_source, dest, syncer, _leases, renewer, all) = mirrored_registry("syncer", 30, 6).await?;
     syncer.finish().await?;
     renewer.stop();
 
@@ -466,8 +476,8 @@ async fn promote_with_detach_leases_keeps_mirrored_keys() -> Result<()> {
 /// restores everything with one full sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promote_stops_renewals_and_undo_restores_the_leased_keys() -> Result<()> {
-    let (mirror, _leases, renewer, all) = mirrored_registry("syncer", 30, 6).await?;
-    let Mirror { source, dest, mut syncer, .. } = mirror;
+    let (source, dest, mut syncer, _leases, renewer, all) =
+        mirrored_registry("syncer", 30, 6).await?;
 
     let (code, output) = run_cli(&promote_args(&dest, &[])).await?;
     ensure!(
@@ -507,8 +517,8 @@ async fn promote_stops_renewals_and_undo_restores_the_leased_keys() -> Result<()
 /// replicator's full sync puts the keys back on mirrored leases by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undo_after_detach_mirrors_the_leases_again() -> Result<()> {
-    let (mirror, _leases, renewer, all) = mirrored_registry("syncer", 30, 6).await?;
-    let Mirror { source, dest, mut syncer, .. } = mirror;
+    let (source, dest, mut syncer, _leases, renewer, all) =
+        mirrored_registry("syncer", 30, 6).await?;
 
     let (code, output) = run_cli(&promote_args(&dest, &["--detach-leases"])).await?;
     ensure!(
@@ -650,8 +660,8 @@ async fn switching_from_strip_to_faithful() -> Result<()> {
 /// leases run out (found by this test: the keys used to vanish).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_from_faithful_to_strip_keeps_the_keys() -> Result<()> {
-    let (mirror, _leases, renewer, all) = mirrored_registry("faithful", 10, 6).await?;
-    let Mirror { source, dest, syncer, .. } = mirror;
+    let (source, dest, syncer, _leases, renewer, all) =
+        mirrored_registry("faithful", 10, 6).await?;
     syncer.finish().await?;
     let mut strip = syncer_args(&source, &dest, "5s");
     strip.extend(e2e::args(&["--leases", "strip"]));

@@ -14,16 +14,6 @@ const CONVERGE: Duration = Duration::from_secs(60);
 const KEYS: usize = 1000;
 const DELETED: usize = 500;
 
-async fn checkpoint_rev(dest: &EtcdCluster) -> Result<i64> {
-    let mut client = dest.client().await?;
-    let response = client
-        .get(format!("{META_PREFIX}app/checkpoint"), None)
-        .await?;
-    let kv = response.kvs().first().context("no checkpoint")?;
-    let value: serde_json::Value = serde_json::from_slice(kv.value())?;
-    value["last_synced_rev"].as_i64().context("last_synced_rev")
-}
-
 /// A mirrored pair after a mass delete: (source, dest, syncer, the source
 /// revision before the delete, a time between the two).
 async fn mirrored_mass_delete() -> Result<(EtcdCluster, EtcdCluster, Syncer, i64, SystemTime)> {
@@ -53,7 +43,7 @@ async fn mirrored_mass_delete() -> Result<(EtcdCluster, EtcdCluster, Syncer, i64
     eventually(
         CONVERGE,
         "checkpoint at the revision before the delete",
-        || async { Ok(checkpoint_rev(&dest).await? >= before) },
+        || async { Ok(checkpoint_rev(&dest, "app").await? >= Some(before)) },
     )
     .await?;
     let between = SystemTime::now();
@@ -232,7 +222,7 @@ async fn a_point_before_a_full_sync_is_reachable_and_a_future_one_is_refused() -
     let mut mirror = clusters.mirror().await?;
     let at_r = mirror.source.revision().await?;
     eventually(CONVERGE, "checkpoint at R", || async {
-        Ok(checkpoint_rev(&mirror.dest).await? >= at_r)
+        Ok(checkpoint_rev(&mirror.dest, "app").await? >= Some(at_r))
     })
     .await?;
     let expected = read_prefix(&mut mirror.dest.client().await?, "/app/").await?;

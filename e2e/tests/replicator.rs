@@ -10,18 +10,6 @@ use etcd_client::{DeleteOptions, GetOptions, Txn, TxnOp};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-async fn checkpoint_rev(dest: &EtcdCluster, job: &str) -> Result<Option<i64>> {
-    let mut client = dest.client().await?;
-    let response = client
-        .get(format!("{META_PREFIX}{job}/checkpoint"), None)
-        .await?;
-    let Some(kv) = response.kvs().first() else {
-        return Ok(None);
-    };
-    let value: serde_json::Value = serde_json::from_slice(kv.value())?;
-    Ok(value["last_synced_rev"].as_i64())
-}
-
 /// The first syncer ("first") on `keys` keys of `value_size` bytes, the
 /// destination converged.
 async fn first_run(keys: usize, value_size: usize) -> Result<Mirror> {
@@ -191,7 +179,12 @@ async fn dest_prefix_rewrite_and_no_dest_prefix() -> Result<()> {
         ..MirrorOptions::loaded(50, 20)
     })
     .await?;
-    mirror.source.client().await?.put("/app/live", "1", None).await?;
+    mirror
+        .source
+        .client()
+        .await?
+        .put("/app/live", "1", None)
+        .await?;
     // From /app/ to /copy/.
     mirror.converge().await?;
     let Mirror { source, syncer, .. } = mirror;
@@ -349,7 +342,12 @@ async fn mutual_tls_on_both_sides() -> Result<()> {
         ..MirrorOptions::loaded(100, 20)
     })
     .await?;
-    mirror.source.client().await?.put("/app/live", "1", None).await?;
+    mirror
+        .source
+        .client()
+        .await?
+        .put("/app/live", "1", None)
+        .await?;
     mirror.converge().await?;
     mirror.finish().await
 }
@@ -357,8 +355,14 @@ async fn mutual_tls_on_both_sides() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_password_auth_and_a_wrong_password() -> Result<()> {
     let mut clusters = Clusters::start(MirrorOptions::default()).await?;
-    clusters.source.enable_auth("syncer", "s3cret", "/app/").await?;
-    clusters.dest.enable_auth("syncer", "d3cret", "/app/").await?;
+    clusters
+        .source
+        .enable_auth("syncer", "s3cret", "/app/")
+        .await?;
+    clusters
+        .dest
+        .enable_auth("syncer", "d3cret", "/app/")
+        .await?;
     let mut src = clusters.source.client().await?;
     put_many(&mut src, "/app/", 50, 20, "v1").await?;
     let credentials = |src_password: &str| {

@@ -15,23 +15,6 @@ use etcd_client::{
 
 const WAIT: Duration = Duration::from_secs(120);
 
-/// The checkpoint's `last_synced_rev` on the destination, if there is one.
-async fn checkpoint_rev(dest: &EtcdCluster, job: &str) -> Result<Option<i64>> {
-    let mut client = dest.client().await?;
-    let response = client
-        .get(format!("{META_PREFIX}{job}/checkpoint"), None)
-        .await?;
-    let Some(kv) = response.kvs().first() else {
-        return Ok(None);
-    };
-    let value: serde_json::Value = serde_json::from_slice(kv.value())?;
-    Ok(Some(
-        value["last_synced_rev"]
-            .as_i64()
-            .context("last_synced_rev")?,
-    ))
-}
-
 /// Waits until the (idle) checkpoint names the source's head revision, and
 /// returns it. Nothing may write to the source meanwhile.
 async fn wait_checkpoint_at_head(
@@ -443,8 +426,14 @@ async fn tokens_are_renewed() -> Result<()> {
         ..MirrorOptions::default()
     })
     .await?;
-    clusters.source.enable_auth("syncer", "s3cret", "/app/").await?;
-    clusters.dest.enable_auth("syncer", "d3cret", "/app/").await?;
+    clusters
+        .source
+        .enable_auth("syncer", "s3cret", "/app/")
+        .await?;
+    clusters
+        .dest
+        .enable_auth("syncer", "d3cret", "/app/")
+        .await?;
     put_many(&mut clusters.source.client().await?, "/app/", 50, 20, "v1").await?;
     let mirror = clusters.mirror().await?;
     let (source, syncer) = (&mirror.source, &mirror.syncer);
@@ -548,8 +537,18 @@ async fn an_auth_change_during_a_full_sync_is_survived() -> Result<()> {
         ..MirrorOptions::default()
     })
     .await?;
-    clusters.source.enable_auth("syncer", "s3cret", "/app/").await?;
-    put_many(&mut clusters.source.client().await?, "/app/", KEYS, 50, "v1").await?;
+    clusters
+        .source
+        .enable_auth("syncer", "s3cret", "/app/")
+        .await?;
+    put_many(
+        &mut clusters.source.client().await?,
+        "/app/",
+        KEYS,
+        50,
+        "v1",
+    )
+    .await?;
     // Over 1.3 MB of puts: a quarter MiB in, the full sync is under way and
     // far from done.
     clusters
