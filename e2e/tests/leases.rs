@@ -66,14 +66,15 @@ type Registry = (
 );
 
 /// [`registry`] with `count` instances on `ttl`-second leases, mirrored
-/// with `--lease-grace 5s` by a syncer named `name`, until the destination
-/// holds every instance key on a mirrored lease.
+/// with `--lease-grace 5s` by a syncer named `name`, until the job is
+/// watching (its first full sync checkpointed: a test that stops the syncer
+/// next must not interrupt that full sync) and the destination holds every
+/// instance key on a mirrored lease.
 async fn mirrored_registry(name: &str, count: usize, ttl: i64) -> Result<Registry> {
     let clusters = Clusters::start(MirrorOptions {
         name: name.into(),
         prefix: PREFIX.into(),
         extra_args: e2e::args(&["--lease-grace", "5s"]),
-        wait_watching: false,
         timeout: WAIT,
         ..MirrorOptions::default()
     })
