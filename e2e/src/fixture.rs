@@ -139,11 +139,22 @@ impl MirrorOptions {
         {
             return job;
         }
-        let trimmed = self.prefix.trim_matches('/');
-        if trimmed.is_empty() {
+        // The syncer's rule: `/registry/services/` → `registry-services`,
+        // `/` → `root`. Written out here, not taken from the product, so a
+        // change to the rule shows in the tests.
+        let mut name = String::new();
+        for ch in self.prefix.chars() {
+            if ch.is_ascii_alphanumeric() || ch == '.' || ch == '_' {
+                name.push(ch);
+            } else if !name.is_empty() && !name.ends_with('-') {
+                name.push('-');
+            }
+        }
+        let name = name.trim_end_matches('-');
+        if name.is_empty() {
             "root".into()
         } else {
-            trimmed.replace('/', "-")
+            name.into()
         }
     }
 
@@ -383,4 +394,25 @@ pub async fn wait_frozen_mid_full_sync(
         "the syncer is in a full sync when its link freezes"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_names_follow_the_prefix_or_the_flag() {
+        let name = |prefix: &str, extra: &[&str]| {
+            MirrorOptions {
+                prefix: prefix.into(),
+                extra_args: crate::args(extra),
+                ..MirrorOptions::default()
+            }
+            .job_name()
+        };
+        assert_eq!(name("/app/", &[]), "app");
+        assert_eq!(name("/", &[]), "root");
+        assert_eq!(name("/registry/services/", &[]), "registry-services");
+        assert_eq!(name("/app/", &["--job-name", "other"]), "other");
+    }
 }
