@@ -2,6 +2,7 @@
 //! and an oracle written independently of the product's own checker.
 
 pub mod etcd;
+pub mod fixture;
 pub mod leases;
 pub mod load;
 pub mod proxy;
@@ -16,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, WatchOptions};
 
 pub use etcd::{EtcdCluster, EtcdOptions, Role};
+pub use fixture::{wait_frozen_mid_full_sync, Clusters, Mirror, MirrorOptions, Preload, ProxySide};
 pub use syncer::Syncer;
 pub use tls::TlsMaterial;
 
@@ -219,6 +221,24 @@ pub async fn converge(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The `last_synced_rev` of `job`'s checkpoint on the destination now, if
+/// there is a checkpoint.
+pub async fn checkpoint_rev(dest: &EtcdCluster, job: &str) -> Result<Option<i64>> {
+    let mut client = dest.client().await?;
+    let response = client
+        .get(format!("{META_PREFIX}{job}/checkpoint"), None)
+        .await?;
+    let Some(kv) = response.kvs().first() else {
+        return Ok(None);
+    };
+    let value: serde_json::Value = serde_json::from_slice(kv.value())?;
+    Ok(Some(
+        value["last_synced_rev"]
+            .as_i64()
+            .context("last_synced_rev")?,
+    ))
 }
 
 /// Every version the checkpoint key ever had: (destination revision, checkpoint JSON).

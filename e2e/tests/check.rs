@@ -24,24 +24,14 @@ async fn check_json(source: &EtcdCluster, dest: &EtcdCluster) -> Result<(i32, se
 }
 
 async fn synced_pair(keys: usize, extra: &[&str]) -> Result<(EtcdCluster, EtcdCluster, Syncer)> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_many(&mut source.client().await?, "/app/", keys, 40, "v1").await?;
-    let mut args = mirror_args(&source, &dest, "/app/");
-    args.extend(e2e::args(extra));
-    let syncer = Syncer::start("syncer", &args).await?;
-    eventually(WAIT, "watching", || async {
-        Ok(syncer
-            .metric(
-                "etcd_syncer_job_state",
-                &[("job", "app"), ("state", "watching")],
-            )
-            .await?
-            == 1.0)
+    let mirror = Mirror::start(MirrorOptions {
+        extra_args: e2e::args(extra),
+        timeout: WAIT,
+        ..MirrorOptions::loaded(keys, 40)
     })
     .await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
-    Ok((source, dest, syncer))
+    mirror.converge().await?;
+    Ok((mirror.source, mirror.dest, mirror.syncer))
 }
 
 async fn diverge(dest: &EtcdCluster) -> Result<()> {
@@ -317,11 +307,16 @@ async fn metrics_and_status_endpoints_after_a_sync() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_fails_while_the_source_is_down() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut source = source;
-    put_many(&mut source.client().await?, "/app/", 20, 20, "v1").await?;
-    let mut syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
+    let Mirror {
+        mut source,
+        dest,
+        mut syncer,
+        ..
+    } = Mirror::start(MirrorOptions {
+        wait_watching: false,
+        ..MirrorOptions::loaded(20, 20)
+    })
+    .await?;
     eventually(WAIT, "ready", || async {
         Ok(syncer.get("/readyz").await?.0 == 200)
     })

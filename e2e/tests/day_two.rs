@@ -36,35 +36,37 @@ async fn active_group(syncer: &Syncer, group: &str, priority: &str) -> Result<bo
 /// sync, exact equality.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_groups_fail_over_and_back_without_a_full_sync() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_many(&mut source.client().await?, "/app/", 500, 100, "v1").await?;
-    let (private, private_url) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
-    let (_public, public_url) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
-    let mut args = with_endpoint_groups(
-        mirror_args(&source, &dest, "/app/"),
+    let clusters = Clusters::start(MirrorOptions {
+        name: "groups".into(),
+        extra_args: e2e::args(&[
+            "--endpoint-check-interval",
+            "500ms",
+            "--endpoint-failover-after",
+            "3",
+            "--endpoint-failback-after",
+            "3s",
+        ]),
+        allow_errors: e2e::args(&["source_unavailable"]),
+        ..MirrorOptions::loaded(500, 100)
+    })
+    .await?;
+    let (private, private_url) = LinkProxy::in_front_of(&clusters.source.endpoints()[0]).await?;
+    let (_public, public_url) = LinkProxy::in_front_of(&clusters.source.endpoints()[0]).await?;
+    let args = with_endpoint_groups(
+        clusters.args()?,
         "src",
         &[("private", &private_url), ("public", &public_url)],
     );
-    args.extend([
-        "--endpoint-check-interval".to_string(),
-        "500ms".into(),
-        "--endpoint-failover-after".into(),
-        "3".into(),
-        "--endpoint-failback-after".into(),
-        "3s".into(),
-    ]);
-    let mut syncer = Syncer::start("groups", &args).await?;
-    syncer.allow_error("source_unavailable");
-    wait_job_state(&syncer, "app", "watching").await?;
-    ensure!(active_group(&syncer, "private", "0").await?);
+    let mirror = clusters.mirror_with(args).await?;
+    let syncer = &mirror.syncer;
+    ensure!(active_group(syncer, "private", "0").await?);
 
-    let clients = vec![source.client().await?];
+    let clients = vec![mirror.source.client().await?];
     let load = tokio::spawn(async move { moderate_load("/app/").run(&clients).await });
     tokio::time::sleep(Duration::from_secs(2)).await;
     private.reset();
     eventually(WAIT, "the public group in use", || async {
-        active_group(&syncer, "public", "1").await
+        active_group(syncer, "public", "1").await
     })
     .await?;
     let healthy_private = syncer
@@ -88,32 +90,26 @@ async fn endpoint_groups_fail_over_and_back_without_a_full_sync() -> Result<()> 
     tokio::time::sleep(Duration::from_secs(2)).await;
     private.restore();
     eventually(WAIT, "back on the private line", || async {
-        active_group(&syncer, "private", "0").await
+        active_group(syncer, "private", "0").await
     })
     .await?;
     load.await??;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    mirror.converge().await?;
 
-    let switches = |reason: &'static str| {
-        let syncer = &syncer;
-        async move {
-            syncer
-                .metric(
-                    "etcd_syncer_endpoint_group_switches_total",
-                    &[("side", "source"), ("reason", reason)],
-                )
-                .await
-        }
+    let switches = |reason: &'static str| async move {
+        syncer
+            .metric(
+                "etcd_syncer_endpoint_group_switches_total",
+                &[("side", "source"), ("reason", reason)],
+            )
+            .await
     };
+    // One switch each way (the failover's WARN line is not read: this
+    // counter is what an alert reads).
     ensure!(switches("failover").await? == 1.0);
     ensure!(switches("failback").await? == 1.0);
-    ensure_resumed_without_full_sync(&syncer, "app").await?;
-    ensure!(
-        syncer.count_log_messages(
-            "Endpoint group stopped answering; switched to the next healthy one. Jobs resume from their checkpoints."
-        ) == 1
-    );
-    syncer.finish().await
+    ensure_resumed_without_full_sync(syncer, "app").await?;
+    mirror.finish().await
 }
 
 /// The destination's client certificate is replaced on disk (a rotated
@@ -123,16 +119,16 @@ async fn endpoint_groups_fail_over_and_back_without_a_full_sync() -> Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_client_certificates_are_used_without_a_restart() -> Result<()> {
     let tls = TlsMaterial::generate()?;
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_with(EtcdOptions {
-        role: Role::Dest,
-        tls: Some(tls.clone()),
-        ..EtcdOptions::default()
+    let mirror = Mirror::start(MirrorOptions {
+        name: "rotation".into(),
+        dest: EtcdOptions {
+            tls: Some(tls.clone()),
+            ..EtcdOptions::default()
+        },
+        ..MirrorOptions::loaded(300, 100)
     })
     .await?;
-    put_many(&mut source.client().await?, "/app/", 300, 100, "v1").await?;
-    let syncer = Syncer::start("rotation", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
+    let (source, syncer) = (&mirror.source, &mirror.syncer);
     let file = tls.client_cert.display().to_string();
     let expiry = || async {
         syncer
@@ -144,16 +140,25 @@ async fn rotated_client_certificates_are_used_without_a_restart() -> Result<()> 
     };
     let first = expiry().await?;
     ensure!(first > 1.0e9, "the first certificate's expiry: {first}");
+    let refused = || async {
+        syncer
+            .metric(
+                "etcd_syncer_file_changes_refused_total",
+                &[("side", "destination"), ("reason", "invalid")],
+            )
+            .await
+    };
 
     // Half-written files: kept out, the old connection stays.
+    let refused_before = refused().await?;
     std::fs::write(&tls.client_cert, "-----BEGIN CERTIFICATE-----\n")?;
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    eventually(WAIT, "the half-written files refused", || async {
+        Ok(refused().await? > refused_before)
+    })
+    .await?;
     ensure!(
-        syncer
-            .logs()
-            .iter()
-            .any(|l| l.contains("TLS files changed but")),
-        "the half-written files are kept out, with a WARN"
+        expiry().await? == first,
+        "still on the first certificate after the half-written files"
     );
     // (The test's own destination client reads the same files: the
     // syncer's progress is read off its metrics until they are whole.)
@@ -172,14 +177,6 @@ async fn rotated_client_certificates_are_used_without_a_restart() -> Result<()> 
     // O5: a rotation to a pair that expired already: refused like files
     // that do not load (WARN naming "expired", counted), and replication
     // goes on over the connection in use.
-    let refused = || async {
-        syncer
-            .metric(
-                "etcd_syncer_file_changes_refused_total",
-                &[("side", "destination"), ("reason", "invalid")],
-            )
-            .await
-    };
     let refused_before = refused().await?;
     tls.rotate_client(2021)?;
     eventually(WAIT, "the expired pair refused", || async {
@@ -232,7 +229,7 @@ async fn rotated_client_certificates_are_used_without_a_restart() -> Result<()> 
             == 1.0
     );
     put_many(&mut source.client().await?, "/app/", 50, 100, "v3").await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    mirror.converge().await?;
     // The destination's connection changed under the leader's writes: its
     // source watch went on, so there was not even a resume.
     ensure!(
@@ -242,7 +239,7 @@ async fn rotated_client_certificates_are_used_without_a_restart() -> Result<()> 
             == 1.0,
         "only the initial full sync"
     );
-    syncer.finish().await
+    mirror.finish().await
 }
 
 /// O5: starting with a client certificate that expired is a configuration
@@ -372,14 +369,13 @@ async fn reload_adds_removes_and_changes_jobs_without_a_restart() -> Result<()> 
             >= 1.0)
     })
     .await?;
-    // The line reaches the test through the process's stdout pipe: it may
-    // arrive after the scrape that saw the count.
-    eventually(WAIT, "the refused reload logged", || async {
-        Ok(syncer.count_log_messages(
-            "Configuration reload refused: the running configuration stays. Fix the config and reload again (`--validate-config` checks it first)."
-        ) == 1)
-    })
-    .await?;
+    ensure!(
+        syncer
+            .metric("etcd_syncer_config_reloads_total", &[("result", "error")])
+            .await?
+            == 1.0,
+        "one refused reload"
+    );
     put_many(&mut source.client().await?, "/c/", 20, 50, "v2").await?;
     converge(&source, "/c/", &dest, "/c/", WAIT).await?;
 
@@ -410,7 +406,18 @@ async fn reload_adds_removes_and_changes_jobs_without_a_restart() -> Result<()> 
             .await?
             == 2.0
     );
-    ensure!(syncer.count_log_messages("Configuration reloaded.") == 2);
+
+    // So far only a resumed from its checkpoint (its restart with the new
+    // settings); c and d run on from their first full sync.
+    for (name, resumes) in [("a", 1.0), ("c", 0.0), ("d", 0.0)] {
+        let fast = syncer
+            .metric("etcd_syncer_fast_path_total", &[("job", name)])
+            .await?;
+        ensure!(
+            fast == resumes,
+            "job {name}: {resumes} resumes from its checkpoint expected, {fast} counted"
+        );
+    }
 
     // The source's endpoint changes (to a proxy in front of it): the source
     // is reconnected under the running jobs, none restarts.
@@ -427,6 +434,9 @@ async fn reload_adds_removes_and_changes_jobs_without_a_restart() -> Result<()> 
     .await?;
     put_many(&mut source.client().await?, "/d/", 20, 50, "v3").await?;
     converge(&source, "/d/", &dest, "/d/", WAIT).await?;
+    // No metric tells a job restarted by a reload from one whose watch the
+    // reconnect interrupted (both resume from the checkpoint), so this
+    // reads the log.
     ensure!(
         syncer.count_log_messages(
             "Job restarted with its new settings; it resumes from its checkpoint."

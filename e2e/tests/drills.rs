@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use e2e::load::Load;
-use e2e::proxy::LinkProxy;
 use e2e::*;
 use etcd_client::GetOptions;
 use nix::sys::signal::Signal;
@@ -23,52 +22,51 @@ fn moderate_load(prefix: &str) -> Load {
     load
 }
 
-async fn drill_under_load(source: &EtcdCluster, dest: &EtcdCluster, name: &str) -> Result<()> {
-    put_many(&mut source.client().await?, "/app/", 2_000, 100, "v1").await?;
-    let syncer = Syncer::start(name, &mirror_args(source, dest, "/app/")).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
+async fn drill_under_load(options: MirrorOptions) -> Result<()> {
+    let mirror = Mirror::start(MirrorOptions {
+        load: Some(Preload::keys(2_000, 100)),
+        ..options
+    })
+    .await?;
     let report = moderate_load("/app/")
-        .run(&[source.client().await?])
+        .run(&[mirror.source.client().await?])
         .await?;
-    converge(source, "/app/", dest, "/app/", WAIT).await?;
+    mirror.converge().await?;
     println!(
-        "{name}: {} source revisions mirrored under load",
-        report.operations
+        "{}: {} source revisions mirrored under load",
+        mirror.options.name, report.operations
     );
-    syncer.finish().await
+    mirror.finish().await
 }
 
 /// Drill 1a: plain http, a three-member source cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_http_with_a_three_member_source() -> Result<()> {
-    let source = EtcdCluster::start_with(EtcdOptions {
-        role: Role::Source,
-        members: 3,
-        ..EtcdOptions::default()
+    drill_under_load(MirrorOptions {
+        name: "http".into(),
+        source: EtcdOptions {
+            members: 3,
+            ..EtcdOptions::default()
+        },
+        ..MirrorOptions::default()
     })
-    .await?;
-    let dest = EtcdCluster::start_dest().await?;
-    drill_under_load(&source, &dest, "http").await
+    .await
 }
 
 /// Drill 1b: mutual TLS on both clusters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_https_with_mutual_tls() -> Result<()> {
-    let options = EtcdOptions {
+    let tls = EtcdOptions {
         tls: Some(TlsMaterial::generate()?),
         ..EtcdOptions::default()
     };
-    let source = EtcdCluster::start_with(EtcdOptions {
-        role: Role::Source,
-        ..options.clone()
+    drill_under_load(MirrorOptions {
+        name: "https".into(),
+        source: tls.clone(),
+        dest: tls,
+        ..MirrorOptions::default()
     })
-    .await?;
-    let dest = EtcdCluster::start_with(EtcdOptions {
-        role: Role::Dest,
-        ..options
-    })
-    .await?;
-    drill_under_load(&source, &dest, "https").await
+    .await
 }
 
 /// Drill 3: SIGTERM of the leader during a full sync; the standby finishes it.
@@ -79,37 +77,32 @@ async fn drill_https_with_mutual_tls() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_sigterm_during_a_full_sync() -> Result<()> {
     const KEYS: usize = 20_000;
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_many(&mut source.client().await?, "/app/", KEYS, 50, "v1").await?;
-    let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
+    let clusters = Clusters::start(MirrorOptions {
+        proxy: Some(ProxySide::Dest),
+        ..MirrorOptions::loaded(KEYS, 50)
+    })
+    .await?;
+    let (source, dest) = (&clusters.source, &clusters.dest);
+    let proxy = clusters.proxy.as_ref().context("proxy")?;
     // The full sync sends over 1.3 MB of puts; a quarter MiB in, it is
     // certainly under way and certainly not done.
     proxy.hold_after_forwarding(256 * 1024);
     let replica = |id: &str, through_proxy: bool| -> Result<Vec<String>> {
-        let mut args = mirror_args(&source, &dest, "/app/");
+        let mut args = if through_proxy {
+            clusters.args()?
+        } else {
+            mirror_args(source, dest, "/app/")
+        };
         // A TTL that outlasts the freeze: the leader still leads when the
         // SIGTERM arrives, and hands over by revoking its lease.
         args.extend(e2e::args(&["--instance-id", id, "--lock-ttl", "10s"]));
         if through_proxy {
             args.extend(e2e::args(&["--page-size", "200"]));
-            args = replace_flag(args, "--dst-endpoints", &proxied)?;
         }
         Ok(args)
     };
     let mut a = Syncer::start("a", &replica("replica-a", true)?).await?;
-    eventually(
-        WAIT,
-        "the destination link to freeze mid full sync",
-        || async { Ok(proxy.is_holding()) },
-    )
-    .await?;
-    ensure!(
-        a.metric("etcd_syncer_full_sync_in_progress", &[("job", "app")])
-            .await?
-            == 1.0,
-        "the leader is in a full sync when its link freezes"
-    );
+    wait_frozen_mid_full_sync(proxy, &a, "app").await?;
     let marker = dest
         .client()
         .await?
@@ -122,7 +115,7 @@ async fn drill_sigterm_during_a_full_sync() -> Result<()> {
 
     let b = Syncer::start("b", &replica("replica-b", false)?).await?;
     eventually(WAIT, "standby queued", || async {
-        Ok(lock_holders(&dest, "app").await? == 2)
+        Ok(lock_holders(dest, "app").await? == 2)
     })
     .await?;
     let stopped = Instant::now();
@@ -145,7 +138,7 @@ async fn drill_sigterm_during_a_full_sync() -> Result<()> {
         "SIGTERM exits 0 mid full sync"
     );
     wait_job_state(&b, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    converge(source, "/app/", dest, "/app/", WAIT).await?;
     ensure!(
         b.metric("etcd_syncer_slow_path_total", &[("job", "app")])
             .await?
@@ -156,7 +149,7 @@ async fn drill_sigterm_during_a_full_sync() -> Result<()> {
         b.log_text().contains("was interrupted"),
         "the reason is logged"
     );
-    let history = monotonic_checkpoint_history(&dest, "app").await?;
+    let history = monotonic_checkpoint_history(dest, "app").await?;
     ensure!(
         history
             .last()
@@ -171,19 +164,14 @@ async fn drill_sigterm_during_a_full_sync() -> Result<()> {
 /// Drill 4: the source link is cut (connections reset) for 10 s under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_short_outage_resumes_on_the_fast_path() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_many(&mut source.client().await?, "/app/", 500, 100, "v1").await?;
-    let (proxy, proxied) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
-    let args = replace_flag(
-        mirror_args(&source, &dest, "/app/"),
-        "--src-endpoints",
-        &proxied,
-    )?;
-    let syncer = Syncer::start("syncer", &args).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
+    let mirror = Mirror::start(MirrorOptions {
+        proxy: Some(ProxySide::Source),
+        ..MirrorOptions::loaded(500, 100)
+    })
+    .await?;
+    let proxy = mirror.proxy.as_ref().context("proxy")?;
 
-    let clients = vec![source.client().await?];
+    let clients = vec![mirror.source.client().await?];
     let load = tokio::spawn(async move {
         let mut load = moderate_load("/app/");
         load.ops_per_writer = 600;
@@ -195,71 +183,38 @@ async fn drill_short_outage_resumes_on_the_fast_path() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(10)).await;
     proxy.restore();
     load.await??;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    mirror.converge().await?;
     println!(
         "short outage: converged {:.1} s after the cut ended",
         cut.elapsed().as_secs_f64() - 10.0
     );
-    ensure!(
-        syncer
-            .metric(
-                "etcd_syncer_errors_total",
-                &[("job", "app"), ("kind", "source_unavailable")]
-            )
-            .await?
-            >= 1.0
-    );
-    ensure!(
-        syncer
-            .metric("etcd_syncer_slow_path_total", &[("job", "app")])
-            .await?
-            == 1.0,
-        "only the initial full sync"
-    );
-    ensure!(
-        syncer
-            .metric("etcd_syncer_fast_path_total", &[("job", "app")])
-            .await?
-            >= 1.0,
-        "resumed from the checkpoint"
-    );
-    syncer.finish().await
+    ensure!(mirror.errors("source_unavailable").await? >= 1.0);
+    let (slow, fast) = mirror.paths().await?;
+    ensure!(slow == 1.0, "only the initial full sync");
+    ensure!(fast >= 1.0, "resumed from the checkpoint");
+    mirror.finish().await
 }
 
 /// Drill 7: a half-open line (bytes held, no reset) for 2 minutes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_severed_line_while_streaming() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_many(&mut source.client().await?, "/app/", 200, 100, "v1").await?;
-    let (proxy, proxied) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
-    let args = replace_flag(
-        mirror_args(&source, &dest, "/app/"),
-        "--src-endpoints",
-        &proxied,
-    )?;
-    let syncer = Syncer::start("syncer", &args).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
+    let mirror = Mirror::start(MirrorOptions {
+        proxy: Some(ProxySide::Source),
+        ..MirrorOptions::loaded(200, 100)
+    })
+    .await?;
+    let proxy = mirror.proxy.as_ref().context("proxy")?;
 
     proxy.hold();
     let held = Instant::now();
     let mut load = moderate_load("/app/");
     load.ops_per_writer = 100;
-    load.run(&[source.client().await?]).await?;
+    load.run(&[mirror.source.client().await?]).await?;
     eventually(WAIT, "the stall to be noticed", || async {
-        let stalled = syncer
-            .metric(
-                "etcd_syncer_errors_total",
-                &[("job", "app"), ("kind", "watch_stalled")],
-            )
-            .await?;
-        let unavailable = syncer
-            .metric(
-                "etcd_syncer_errors_total",
-                &[("job", "app"), ("kind", "source_unavailable")],
-            )
-            .await?;
-        Ok(stalled + unavailable >= 1.0)
+        Ok(
+            mirror.errors("watch_stalled").await? + mirror.errors("source_unavailable").await?
+                >= 1.0,
+        )
     })
     .await?;
     println!(
@@ -270,111 +225,100 @@ async fn drill_severed_line_while_streaming() -> Result<()> {
     tokio::time::sleep(remaining).await;
     proxy.restore();
     let restored = Instant::now();
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    mirror.converge().await?;
     println!(
         "converged {:.1} s after the line came back",
         restored.elapsed().as_secs_f64()
     );
-    ensure!(
-        syncer
-            .metric("etcd_syncer_slow_path_total", &[("job", "app")])
-            .await?
-            == 1.0,
-        "no extra full sync"
-    );
-    syncer.finish().await
+    ensure!(mirror.paths().await?.0 == 1.0, "no extra full sync");
+    mirror.finish().await
 }
 
 /// Drill 8: 30 ms RTT and 1 MiB/s to the destination.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_weak_network() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_many(&mut source.client().await?, "/app/", 20_000, 100, "v1").await?;
-    let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
+    let clusters = Clusters::start(MirrorOptions {
+        proxy: Some(ProxySide::Dest),
+        ..MirrorOptions::loaded(20_000, 100)
+    })
+    .await?;
+    let proxy = clusters.proxy.as_ref().context("proxy")?;
     proxy.set_delay(Duration::from_millis(15));
     proxy.set_bandwidth(1024 * 1024);
-    let args = replace_flag(
-        mirror_args(&source, &dest, "/app/"),
-        "--dst-endpoints",
-        &proxied,
-    )?;
     let started = Instant::now();
-    let syncer = Syncer::start("syncer", &args).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
+    let mirror = clusters.mirror().await?;
     println!(
         "weak network: full sync of 20,000 keys in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     let load_started = Instant::now();
     let report = moderate_load("/app/")
-        .run(&[source.client().await?])
+        .run(&[mirror.source.client().await?])
         .await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    mirror.converge().await?;
     println!(
         "weak network: {} revisions in {:.1} s, destination caught up {:.2} s after the load ended",
         report.operations,
         report.elapsed.as_secs_f64(),
         (load_started.elapsed() - report.elapsed).as_secs_f64()
     );
-    syncer.finish().await
+    mirror.finish().await
 }
 
 /// Drill 10: the syncer is pointed at a fresh source cluster (a new cluster
 /// id): it must not watch from a meaningless revision.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_source_replaced() -> Result<()> {
-    let old_source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_many(&mut old_source.client().await?, "/app/", 300, 50, "old").await?;
-    let mut first = Syncer::start("first", &mirror_args(&old_source, &dest, "/app/")).await?;
-    wait_job_state(&first, "app", "watching").await?;
-    converge(&old_source, "/app/", &dest, "/app/", WAIT).await?;
+    let mut mirror = Mirror::start(MirrorOptions {
+        name: "first".into(),
+        load: Some(Preload {
+            tag: "old".into(),
+            ..Preload::keys(300, 50)
+        }),
+        ..MirrorOptions::default()
+    })
+    .await?;
+    mirror.converge().await?;
     // Many revisions on the old source, so the new one starts far behind the checkpoint.
-    let mut client = old_source.client().await?;
+    let mut client = mirror.source.client().await?;
     for i in 0..50 {
         client
             .put(format!("/app/key-{i:06}"), format!("old-{i}"), None)
             .await?;
     }
-    converge(&old_source, "/app/", &dest, "/app/", WAIT).await?;
-    first.stop().await?;
-    first.finish().await?;
+    mirror.converge().await?;
+    mirror.stop().await?;
 
     let new_source = EtcdCluster::start_source().await?;
-    ensure!(new_source.cluster_id().await? != old_source.cluster_id().await?);
+    ensure!(new_source.cluster_id().await? != mirror.source.cluster_id().await?);
     put_many(&mut new_source.client().await?, "/app/", 280, 50, "new").await?;
-    let second = Syncer::start("second", &mirror_args(&new_source, &dest, "/app/")).await?;
-    wait_job_state(&second, "app", "watching").await?;
-    converge(&new_source, "/app/", &dest, "/app/", WAIT).await?;
+    let args = mirror_args(&new_source, &mirror.dest, "/app/");
+    mirror.start_again_with("second", &args).await?;
+    converge(&new_source, "/app/", &mirror.dest, "/app/", WAIT).await?;
+    ensure!(mirror.paths().await?.0 == 1.0);
     ensure!(
-        second
-            .metric("etcd_syncer_slow_path_total", &[("job", "app")])
-            .await?
-            == 1.0
-    );
-    ensure!(
-        second.log_text().contains("the source cluster changed"),
+        mirror
+            .syncer
+            .log_text()
+            .contains("the source cluster changed"),
         "the reason is logged"
     );
-    second.finish().await
+    mirror.finish().await
 }
 
 /// Drill 11: the destination runs out of quota, then gets more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_destination_quota_exceeded() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let mut dest = EtcdCluster::start_with(EtcdOptions {
-        role: Role::Dest,
-        quota_backend_bytes: Some(4 * 1024 * 1024),
-        ..EtcdOptions::default()
+    let mut mirror = Mirror::start(MirrorOptions {
+        dest: EtcdOptions {
+            quota_backend_bytes: Some(4 * 1024 * 1024),
+            ..EtcdOptions::default()
+        },
+        allow_errors: e2e::args(&["database space exceeded", "backend quota is full"]),
+        ..MirrorOptions::loaded(10, 100)
     })
     .await?;
-    put_many(&mut source.client().await?, "/app/", 10, 100, "v1").await?;
-    let mut syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
-    syncer.allow_error("database space exceeded");
-    syncer.allow_error("backend quota is full");
-    wait_job_state(&syncer, "app", "watching").await?;
+    let (source, dest) = (&mirror.source, &mirror.dest);
 
     let mut src = source.client().await?;
     let big = vec![b'q'; 200_000];
@@ -383,13 +327,7 @@ async fn drill_destination_quota_exceeded() -> Result<()> {
             .await?;
     }
     eventually(WAIT, "quota errors", || async {
-        Ok(syncer
-            .metric(
-                "etcd_syncer_errors_total",
-                &[("job", "app"), ("kind", "dest_quota_exceeded")],
-            )
-            .await?
-            >= 1.0)
+        Ok(mirror.errors("dest_quota_exceeded").await? >= 1.0)
     })
     .await?;
     // Once the NOSPACE alarm reads back as raised (alarm requests go
@@ -426,7 +364,7 @@ async fn drill_destination_quota_exceeded() -> Result<()> {
     // puts before it may all have landed, in txns applied before the
     // backend's size caught up with them).
     src.put("/app/after-the-alarm", "x", None).await?;
-    wait_job_state(&syncer, "app", "no_space").await?;
+    mirror.wait_state("no_space").await?;
     let (stuck_mod_revision, stuck_at) = read_checkpoint().await?;
     // A negative check: nothing can flake here, only a bug can show.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -439,13 +377,13 @@ async fn drill_destination_quota_exceeded() -> Result<()> {
         "the checkpoint stays behind the source"
     );
 
-    dest.raise_quota(256 * 1024 * 1024).await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
+    mirror.dest.raise_quota(256 * 1024 * 1024).await?;
+    mirror.converge().await?;
+    mirror.wait_state("watching").await?;
     println!(
         "quota drill: stuck at revision {stuck_at} until the quota was raised, then converged"
     );
-    syncer.finish().await
+    mirror.finish().await
 }
 
 /// Drill 13: A → B and B → C, mirroring the whole keyspace, each with its

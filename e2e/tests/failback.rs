@@ -20,17 +20,35 @@ struct Diverged {
     changed_on_a: BTreeSet<String>,
 }
 
+/// A (source) mirrored into B (destination) by "forward", `keys` keys of
+/// `value_size` bytes, converged; then the replicator killed (kill -9).
+async fn mirrored_then_killed(
+    keys: usize,
+    value_size: usize,
+    timeout: Duration,
+) -> Result<(EtcdCluster, EtcdCluster)> {
+    let mirror = Mirror::start(MirrorOptions {
+        name: "forward".into(),
+        timeout,
+        ..MirrorOptions::loaded(keys, value_size)
+    })
+    .await?;
+    mirror.converge().await?;
+    let Mirror {
+        source: a,
+        dest: b,
+        mut syncer,
+        ..
+    } = mirror;
+    syncer.kill9()?;
+    Ok((a, b))
+}
+
 /// A mirrored into B, the replicator killed, 50 changes on A (20 new keys,
 /// 20 updates, 10 deletes), B promoted, then 7 writes on B to other keys.
 async fn diverged() -> Result<Diverged> {
-    let a = EtcdCluster::start_source().await?;
-    let b = EtcdCluster::start_dest().await?;
+    let (a, b) = mirrored_then_killed(KEYS, 100, CONVERGE).await?;
     let mut a_client = a.client().await?;
-    put_many(&mut a_client, "/app/", KEYS, 100, "v1").await?;
-    let mut syncer = Syncer::start("forward", &mirror_args(&a, &b, "/app/")).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
-    converge(&a, "/app/", &b, "/app/", CONVERGE).await?;
-    syncer.kill9()?;
 
     let mut changed_on_a = BTreeSet::new();
     for i in 0..20 {
@@ -177,14 +195,8 @@ async fn failback_cost_at_100k_keys_with_1_percent_changed() -> Result<()> {
         .unwrap_or(100_000);
     let changed = keys / 100;
     let run = |compact: bool| async move {
-        let a = EtcdCluster::start_source().await?;
-        let b = EtcdCluster::start_dest().await?;
+        let (a, b) = mirrored_then_killed(keys, 100, Duration::from_secs(600)).await?;
         let mut a_client = a.client().await?;
-        put_many(&mut a_client, "/app/", keys, 100, "v1").await?;
-        let mut syncer = Syncer::start("forward", &mirror_args(&a, &b, "/app/")).await?;
-        wait_job_state(&syncer, "app", "watching").await?;
-        converge(&a, "/app/", &b, "/app/", Duration::from_secs(600)).await?;
-        syncer.kill9()?;
         // 1% changed: a third new keys, a third updates, a third deletes.
         for i in 0..changed {
             let key = format!("/app/key-{:06}", i * 97 % keys);
@@ -271,11 +283,16 @@ async fn fast_path_replica(name: &str, from: &EtcdCluster, to: &EtcdCluster) -> 
 /// The runbook's planned switchover, A → B and back, as one procedure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_planned_switchover_round_trip_twice() -> Result<()> {
-    let a = EtcdCluster::start_source().await?;
-    let b = EtcdCluster::start_dest().await?;
-    put_many(&mut a.client().await?, "/app/", 500, 50, "v1").await?;
-    let forward = Syncer::start("forward", &mirror_args(&a, &b, "/app/")).await?;
-    wait_job_state(&forward, "app", "watching").await?;
+    let Mirror {
+        source: a,
+        dest: b,
+        syncer: forward,
+        ..
+    } = Mirror::start(MirrorOptions {
+        name: "forward".into(),
+        ..MirrorOptions::loaded(500, 50)
+    })
+    .await?;
 
     // Writers drained on A: promote B once it has everything.
     let (a_end, b_end) = (a.endpoints_arg(), b.endpoints_arg());

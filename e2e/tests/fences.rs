@@ -86,12 +86,18 @@ async fn park_a_txn_and_freeze(
         || async { Ok(proxy.pending_to_server() >= parked_at_least) },
     )
     .await?;
-    leader.signal(Signal::SIGSTOP)?;
+    // Read before the freeze: a frozen process answers no scrape.
     ensure!(
-        leader.count_log_messages("Destination lease lost: no keepalive succeeded within its TTL.")
-            == 0,
+        leader
+            .metric(
+                "etcd_syncer_errors_total",
+                &[("job", "app"), ("kind", "lease_lost")]
+            )
+            .await?
+            == 0.0,
         "the leader gave up its lease before it was frozen; its parked txn may be cancelled"
     );
+    leader.signal(Signal::SIGSTOP)?;
     println!(
         "parked {} bytes towards the destination, leader frozen",
         proxy.pending_to_server()
@@ -131,31 +137,37 @@ async fn put_revisions(dest: &EtcdCluster, key: &str) -> Result<Vec<i64>> {
     Ok(revisions)
 }
 
+/// Replica A on `options`, its destination link through a proxy, the
+/// destination converged.
+async fn proxied_replica_a(options: MirrorOptions) -> Result<Mirror> {
+    let mirror = Mirror::start(MirrorOptions {
+        proxy: Some(ProxySide::Dest),
+        timeout: WAIT,
+        ..options
+    })
+    .await?;
+    mirror.converge().await?;
+    Ok(mirror)
+}
+
 /// A deposed leader's parked txn meets a destination where the chain still
 /// matches (the new leader has not written yet) and nobody promoted: only
 /// the lock fence can reject it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_fence_alone_rejects_a_deposed_leaders_txn() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_many(&mut source.client().await?, "/app/", 50, 50, "v1").await?;
-    let (dest_link_a, dest_via_a) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
-    let mut args_a = mirror_args(&source, &dest, "/app/");
-    args_a.extend(e2e::args(&[
-        "--instance-id",
-        "replica-a",
-        "--lock-ttl",
-        "4s",
-    ]));
-    let args_a = replace_flag(args_a, "--dst-endpoints", &dest_via_a)?;
-    let a = Syncer::start("a", &args_a).await?;
-    wait_job_state(&a, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    let mirror = proxied_replica_a(MirrorOptions {
+        name: "a".into(),
+        extra_args: e2e::args(&["--instance-id", "replica-a", "--lock-ttl", "4s"]),
+        ..MirrorOptions::loaded(50, 50)
+    })
+    .await?;
+    let (source, dest, a) = (&mirror.source, &mirror.dest, &mirror.syncer);
+    let dest_link_a = mirror.proxy.as_ref().context("proxy")?;
 
-    park_a_txn_and_freeze(&source, &dest, &dest_link_a, &a).await?;
+    park_a_txn_and_freeze(source, dest, dest_link_a, a).await?;
     // Frozen, A sends no keepalive: its lease expires and its lock goes.
     eventually(WAIT, "A's lease to expire", || async {
-        Ok(lock_holders(&dest, "app").await? == 0)
+        Ok(lock_holders(dest, "app").await? == 0)
     })
     .await?;
 
@@ -163,7 +175,7 @@ async fn lock_fence_alone_rejects_a_deposed_leaders_txn() -> Result<()> {
     // connection, so it cannot resolve where to resume from.
     let (source_link_b, source_via_b) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
     source_link_b.reset();
-    let mut args_b = mirror_args(&source, &dest, "/app/");
+    let mut args_b = mirror_args(source, dest, "/app/");
     args_b.extend(e2e::args(&[
         "--instance-id",
         "replica-b",
@@ -176,13 +188,13 @@ async fn lock_fence_alone_rejects_a_deposed_leaders_txn() -> Result<()> {
         Ok(b.metric("etcd_syncer_is_leader", &[("job", "app")]).await? == 1.0)
     })
     .await?;
-    let held_locks = locks(&dest).await?;
+    let held_locks = locks(dest).await?;
     ensure!(held_locks.len() == 1, "only B's lock: {held_locks:?}");
     let b_lock_revision = held_locks[0].1;
 
     // The premise: the checkpoint is still the one A last wrote, so A's
     // parked txn passes the chain compare, and nobody promoted.
-    let (checkpoint_revision, checkpoint) = checkpoint_now(&dest).await?;
+    let (checkpoint_revision, checkpoint) = checkpoint_now(dest).await?;
     let checkpoint: serde_json::Value = serde_json::from_slice(&checkpoint)?;
     ensure!(
         checkpoint["instance"] == "replica-a" && checkpoint_revision < b_lock_revision,
@@ -190,7 +202,7 @@ async fn lock_fence_alone_rejects_a_deposed_leaders_txn() -> Result<()> {
     );
     let head_before = dest.revision().await?;
 
-    release_and_wait_for_answer(&dest, &dest_link_a).await?;
+    release_and_wait_for_answer(dest, dest_link_a).await?;
     ensure!(
         dest.revision().await? == head_before,
         "A's parked txn was applied after B took the lock (destination moved from revision {head_before} to {})",
@@ -209,11 +221,11 @@ async fn lock_fence_alone_rejects_a_deposed_leaders_txn() -> Result<()> {
 
     // B catches up, including the change A could not write.
     source_link_b.restore();
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    mirror.converge().await?;
 
     // The whole history: nothing A wrote is newer than B's lock, and the
     // stale key was only ever written in a txn of B's.
-    let history = monotonic_checkpoint_history(&dest, "app").await?;
+    let history = monotonic_checkpoint_history(dest, "app").await?;
     let late_from_a: Vec<_> = history
         .iter()
         .filter(|(revision, value)| *revision > b_lock_revision && value["instance"] == "replica-a")
@@ -222,7 +234,7 @@ async fn lock_fence_alone_rejects_a_deposed_leaders_txn() -> Result<()> {
         late_from_a.is_empty(),
         "checkpoints written by A after B's lock (revision {b_lock_revision}): {late_from_a:?}"
     );
-    for revision in put_revisions(&dest, STALE_KEY).await? {
+    for revision in put_revisions(dest, STALE_KEY).await? {
         let writer = history
             .iter()
             .find(|(r, _)| *r == revision)
@@ -235,7 +247,7 @@ async fn lock_fence_alone_rejects_a_deposed_leaders_txn() -> Result<()> {
     println!("B's lock at revision {b_lock_revision}; A's parked txn was rejected");
 
     b.finish().await?;
-    a.finish().await
+    mirror.finish().await
 }
 
 /// A replicator's parked txn meets a destination where its lease and lock
@@ -243,28 +255,25 @@ async fn lock_fence_alone_rejects_a_deposed_leaders_txn() -> Result<()> {
 /// meanwhile: only the promoted fence can reject it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promoted_fence_alone_rejects_a_held_txn() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_many(&mut source.client().await?, "/app/", 50, 50, "v1").await?;
-    let (dest_link, dest_via_link) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
-    let mut args = mirror_args(&source, &dest, "/app/");
-    // A lease that outlives the whole freeze, so the lock fence still passes.
-    args.extend(e2e::args(&[
-        "--instance-id",
-        "replica-a",
-        "--lock-ttl",
-        "120s",
-        "--rebalance-interval",
-        "120s",
-    ]));
-    let args = replace_flag(args, "--dst-endpoints", &dest_via_link)?;
-    let syncer = Syncer::start("syncer", &args).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    let mirror = proxied_replica_a(MirrorOptions {
+        // A lease that outlives the whole freeze, so the lock fence still passes.
+        extra_args: e2e::args(&[
+            "--instance-id",
+            "replica-a",
+            "--lock-ttl",
+            "120s",
+            "--rebalance-interval",
+            "120s",
+        ]),
+        ..MirrorOptions::loaded(50, 50)
+    })
+    .await?;
+    let (source, dest, syncer) = (&mirror.source, &mirror.dest, &mirror.syncer);
+    let dest_link = mirror.proxy.as_ref().context("proxy")?;
 
-    park_a_txn_and_freeze(&source, &dest, &dest_link, &syncer).await?;
-    let locks_before = locks(&dest).await?;
-    let (checkpoint_revision, _) = checkpoint_now(&dest).await?;
+    park_a_txn_and_freeze(source, dest, dest_link, syncer).await?;
+    let locks_before = locks(dest).await?;
+    let (checkpoint_revision, _) = checkpoint_now(dest).await?;
 
     // Promote directly against the destination, not through the held link.
     let (code, output) = run_cli(&e2e::args(&[
@@ -291,16 +300,16 @@ async fn promoted_fence_alone_rejects_a_held_txn() -> Result<()> {
     // The premise: the lock and the checkpoint are as the replicator knows
     // them, so its parked txn passes the lock and chain compares.
     ensure!(
-        locks(&dest).await? == locks_before && locks_before.len() == 1,
+        locks(dest).await? == locks_before && locks_before.len() == 1,
         "the replicator's lock changed while it was frozen: {locks_before:?}"
     );
     ensure!(
-        checkpoint_now(&dest).await?.0 == checkpoint_revision,
+        checkpoint_now(dest).await?.0 == checkpoint_revision,
         "the checkpoint moved while the replicator was frozen"
     );
     ensure!(dest.revision().await? == promoted_revision);
 
-    release_and_wait_for_answer(&dest, &dest_link).await?;
+    release_and_wait_for_answer(dest, dest_link).await?;
     ensure!(
         dest.revision().await? == promoted_revision,
         "the destination was written after the promoted marker (revision {promoted_revision} -> {})",
@@ -313,11 +322,11 @@ async fn promoted_fence_alone_rejects_a_held_txn() -> Result<()> {
 
     // Thawed, the replicator notices the promotion and stops replicating.
     syncer.signal(Signal::SIGCONT)?;
-    wait_job_state(&syncer, "app", "promoted").await?;
+    mirror.wait_state("promoted").await?;
     ensure!(
         dest.revision().await? == promoted_revision,
         "the destination was written after the promoted marker"
     );
     println!("promoted at revision {promoted_revision}; the parked txn was rejected");
-    syncer.finish().await
+    mirror.finish().await
 }

@@ -5,23 +5,62 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use e2e::load::Load;
-use e2e::proxy::LinkProxy;
 use e2e::*;
 use nix::sys::signal::Signal;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn replica_args(source: &EtcdCluster, dest: &EtcdCluster, id: &str) -> Vec<String> {
-    let mut args = mirror_args(source, dest, "/app/");
-    args.extend(e2e::args(&[
+fn replica_flags(id: &str) -> Vec<String> {
+    e2e::args(&[
         "--instance-id",
         id,
         "--lock-ttl",
         "2s",
         "--rebalance-interval",
         "3s",
-    ]));
+    ])
+}
+
+fn replica_args(source: &EtcdCluster, dest: &EtcdCluster, id: &str) -> Vec<String> {
+    let mut args = mirror_args(source, dest, "/app/");
+    args.extend(replica_flags(id));
     args
+}
+
+/// Replica A ("replica-a") leading on `keys` keys of 50 bytes, and B
+/// ("replica-b") queued behind it as the standby.
+async fn leader_and_standby(keys: usize) -> Result<(Mirror, Syncer)> {
+    let mirror = Mirror::start(MirrorOptions {
+        name: "a".into(),
+        extra_args: replica_flags("replica-a"),
+        wait_watching: false,
+        ..MirrorOptions::loaded(keys, 50)
+    })
+    .await?;
+    wait_leader(&[&mirror.syncer], "app").await?;
+    let b = Syncer::start(
+        "b",
+        &replica_args(&mirror.source, &mirror.dest, "replica-b"),
+    )
+    .await?;
+    eventually(WAIT, "both queued", || async {
+        Ok(lock_holders(&mirror.dest, "app").await? == 2)
+    })
+    .await?;
+    Ok((mirror, b))
+}
+
+/// One replica ("replica-a") on `keys` keys of 20 bytes, leading, the
+/// destination converged.
+async fn one_replica(keys: usize) -> Result<Mirror> {
+    let mirror = Mirror::start(MirrorOptions {
+        extra_args: replica_flags("replica-a"),
+        ..MirrorOptions::loaded(keys, 20)
+    })
+    .await?;
+    wait_leader(&[&mirror.syncer], "app").await?;
+    mirror.converge().await?;
+    Ok(mirror)
 }
 
 async fn is_leader(syncer: &Syncer, job: &str) -> Result<bool> {
@@ -54,16 +93,13 @@ fn slow_load() -> Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_under_load_fails_over_on_the_fast_path() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_many(&mut source.client().await?, "/app/", 200, 50, "v1").await?;
-    let mut a = Syncer::start("a", &replica_args(&source, &dest, "replica-a")).await?;
-    wait_leader(&[&a], "app").await?;
-    let b = Syncer::start("b", &replica_args(&source, &dest, "replica-b")).await?;
-    eventually(WAIT, "both queued", || async {
-        Ok(lock_holders(&dest, "app").await? == 2)
-    })
-    .await?;
+    let (mirror, b) = leader_and_standby(200).await?;
+    let Mirror {
+        source,
+        dest,
+        syncer: mut a,
+        ..
+    } = mirror;
     ensure!(!is_leader(&b, "app").await?, "the standby waits");
 
     let clients = vec![source.client().await?];
@@ -97,45 +133,41 @@ async fn kill_9_of_the_leader_under_load_fails_over_on_the_fast_path() -> Result
 /// full sync, so the kill lands mid full sync however fast the machine is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_during_a_full_sync() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_many(&mut source.client().await?, "/app/", 20_000, 50, "v1").await?;
-    let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
+    let clusters = Clusters::start(MirrorOptions {
+        proxy: Some(ProxySide::Dest),
+        ..MirrorOptions::loaded(20_000, 50)
+    })
+    .await?;
+    let (source, dest) = (&clusters.source, &clusters.dest);
+    let proxy = clusters.proxy.as_ref().context("proxy")?;
     // Over 1.3 MB of puts in all: a quarter MiB in, the full sync is
     // certainly under way and certainly not done.
     proxy.hold_after_forwarding(256 * 1024);
-    let mut args = replace_flag(
-        replica_args(&source, &dest, "replica-a"),
-        "--dst-endpoints",
-        &proxied,
-    )?;
-    // Its lease outlives the freeze, so it is still the leader when killed.
-    args = replace_flag(args, "--lock-ttl", "5s")?;
-    args = replace_flag(args, "--rebalance-interval", "5s")?;
-    args.extend(e2e::args(&["--page-size", "200"]));
+    // Through the proxy. Its lease outlives the freeze, so it is still the
+    // leader when killed.
+    let mut args = clusters.args()?;
+    args.extend(e2e::args(&[
+        "--instance-id",
+        "replica-a",
+        "--lock-ttl",
+        "5s",
+        "--rebalance-interval",
+        "5s",
+        "--page-size",
+        "200",
+    ]));
     let mut a = Syncer::start("a", &args).await?;
-    eventually(
-        WAIT,
-        "the destination link to freeze mid full sync",
-        || async { Ok(proxy.is_holding()) },
-    )
-    .await?;
-    ensure!(
-        a.metric("etcd_syncer_full_sync_in_progress", &[("job", "app")])
-            .await?
-            == 1.0,
-        "the leader is in a full sync when its link freezes"
-    );
-    let b = Syncer::start("b", &replica_args(&source, &dest, "replica-b")).await?;
+    wait_frozen_mid_full_sync(proxy, &a, "app").await?;
+    let b = Syncer::start("b", &replica_args(source, dest, "replica-b")).await?;
     eventually(WAIT, "both queued", || async {
-        Ok(lock_holders(&dest, "app").await? == 2)
+        Ok(lock_holders(dest, "app").await? == 2)
     })
     .await?;
     a.kill9()?;
     wait_leader(&[&b], "app").await?;
     // Whatever the dead leader left in the line arrives late: fenced.
     proxy.restore();
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    converge(source, "/app/", dest, "/app/", WAIT).await?;
     ensure!(
         b.metric("etcd_syncer_slow_path_total", &[("job", "app")])
             .await?
@@ -146,22 +178,19 @@ async fn kill_9_of_the_leader_during_a_full_sync() -> Result<()> {
         b.log_text().contains("was interrupted"),
         "the reason is logged"
     );
-    monotonic_checkpoint_history(&dest, "app").await?;
+    monotonic_checkpoint_history(dest, "app").await?;
     b.finish().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_is_fenced_and_never_rolls_back() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_many(&mut source.client().await?, "/app/", 100, 50, "v1").await?;
-    let mut a = Syncer::start("a", &replica_args(&source, &dest, "replica-a")).await?;
-    wait_leader(&[&a], "app").await?;
-    let b = Syncer::start("b", &replica_args(&source, &dest, "replica-b")).await?;
-    eventually(WAIT, "both queued", || async {
-        Ok(lock_holders(&dest, "app").await? == 2)
-    })
-    .await?;
+    let (mirror, b) = leader_and_standby(100).await?;
+    let Mirror {
+        source,
+        dest,
+        syncer: mut a,
+        ..
+    } = mirror;
 
     let clients = vec![source.client().await?];
     let load = tokio::spawn(async move { slow_load().run(&clients).await });
@@ -246,7 +275,6 @@ async fn sigterm_hands_over_without_waiting_for_the_ttl() -> Result<()> {
     );
     source.client().await?.put("/app/after", "1", None).await?;
     converge(&source, "/app/", &dest, "/app/", WAIT).await?;
-    ensure!(a.log_text().contains("Released every job lock."));
     a.finish().await?;
     b.finish().await
 }
@@ -337,13 +365,9 @@ async fn leadership_spreads_over_instances() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promote_stops_replication_and_undo_resumes_it() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
+    let mut mirror = one_replica(50).await?;
+    let (source, dest) = (&mirror.source, &mirror.dest);
     let mut src = source.client().await?;
-    put_many(&mut src, "/app/", 50, 20, "v1").await?;
-    let mut syncer = Syncer::start("syncer", &replica_args(&source, &dest, "replica-a")).await?;
-    wait_leader(&[&syncer], "app").await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
 
     // Planned switchover: wait for the checkpoint to reach the source head.
     let (code, output) = run_cli(&e2e::args(&[
@@ -365,7 +389,8 @@ async fn promote_stops_replication_and_undo_resumes_it() -> Result<()> {
         "{output}"
     );
     eventually(WAIT, "replicator to notice", || async {
-        Ok(syncer
+        Ok(mirror
+            .syncer
             .metric(
                 "etcd_syncer_job_state",
                 &[("job", "app"), ("state", "promoted")],
@@ -390,10 +415,21 @@ async fn promote_stops_replication_and_undo_resumes_it() -> Result<()> {
         "no replicator wrote anything"
     );
     ensure!(
-        syncer.try_wait()?.is_none(),
+        mirror.syncer.try_wait()?.is_none(),
         "the replicator stays up, not crash-looping"
     );
-    ensure!(syncer.count_log_messages("Job is promoted; replication is stopped until the marker is removed with `promote --undo`.") == 1);
+    ensure!(
+        mirror.errors("promoted").await? == 1.0,
+        "the promotion stopped the job once, not in a retry loop"
+    );
+    let (_, status) = mirror.syncer.get("/status").await?;
+    let status: serde_json::Value = serde_json::from_str(&status)?;
+    ensure!(
+        status[0]["job"] == "app"
+            && status[0]["state"] == "promoted"
+            && status[0]["destination"]["promoted"] == true,
+        "/status shows the job promoted: {status}"
+    );
 
     let (code, output) = run_cli(&e2e::args(&[
         "promote",
@@ -405,19 +441,15 @@ async fn promote_stops_replication_and_undo_resumes_it() -> Result<()> {
     ]))
     .await?;
     ensure!(code == 0 && output.contains("promotion undone"), "{output}");
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
-    syncer.allow_error("never");
-    syncer.finish().await
+    mirror.converge().await?;
+    mirror.syncer.allow_error("never");
+    mirror.finish().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_in_text_and_json() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_many(&mut source.client().await?, "/app/", 30, 20, "v1").await?;
-    let syncer = Syncer::start("syncer", &replica_args(&source, &dest, "replica-a")).await?;
-    wait_leader(&[&syncer], "app").await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    let mirror = one_replica(30).await?;
+    let (source, dest) = (&mirror.source, &mirror.dest);
     let base = e2e::args(&[
         "status",
         "--dst-endpoints",
@@ -463,5 +495,5 @@ async fn status_in_text_and_json() -> Result<()> {
     ]))
     .await?;
     ensure!(code == 2 && output.contains("known jobs: app"), "{output}");
-    syncer.finish().await
+    mirror.finish().await
 }

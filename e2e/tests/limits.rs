@@ -16,15 +16,14 @@ use e2e::*;
 async fn the_write_rate_limit_slows_a_full_sync() -> Result<()> {
     const KEYS: usize = 6000;
     const LIMIT: f64 = 1000.0;
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
-    put_many(&mut src, "/app/", KEYS, 100, "v1").await?;
-
-    let mut args = mirror_args(&source, &dest, "/app/");
-    args.extend(e2e::args(&["--max-write-ops-per-second", "1000"]));
-    let syncer = Syncer::start("syncer", &args).await?;
-    let mut dst = dest.client().await?;
+    let mirror = Mirror::start(MirrorOptions {
+        extra_args: e2e::args(&["--max-write-ops-per-second", "1000"]),
+        // The measurement starts while the full sync runs.
+        wait_watching: false,
+        ..MirrorOptions::loaded(KEYS, 100)
+    })
+    .await?;
+    let mut dst = mirror.dest.client().await?;
     // The window runs from the last poll that saw no key (before the first
     // write) to the first that saw them all, so it can only overstate the
     // sync's duration, and a sync done between two polls still measures fast.
@@ -53,9 +52,10 @@ async fn the_write_rate_limit_slows_a_full_sync() -> Result<()> {
         rate <= 1.5 * LIMIT,
         "measured {rate:.0} keys/s over {window:.2} s, above 1.5 x the {LIMIT} ops/s limit"
     );
-    wait_job_state(&syncer, "app", "watching").await?;
+    mirror.wait_state("watching").await?;
     assert_eq!(
-        syncer
+        mirror
+            .syncer
             .metric(
                 "etcd_syncer_full_sync_keys_total",
                 &[("job", "app"), ("op", "put")]
@@ -65,9 +65,14 @@ async fn the_write_rate_limit_slows_a_full_sync() -> Result<()> {
         "every key came through the rate-limited full sync"
     );
     // The watch is limited too, but only slowed: a write still arrives.
-    src.put("/app/after", "a", None).await?;
-    converge(&source, "/app/", &dest, "/app/", Duration::from_secs(60)).await?;
-    syncer.finish().await
+    mirror
+        .source
+        .client()
+        .await?
+        .put("/app/after", "a", None)
+        .await?;
+    mirror.converge().await?;
+    mirror.finish().await
 }
 
 /// `--exclude-prefix /app/local/`: the source's keys there are not copied
@@ -75,18 +80,19 @@ async fn the_write_rate_limit_slows_a_full_sync() -> Result<()> {
 /// not pruned, and `check --exclude-prefix` finds the job consistent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn excluded_prefixes_are_neither_copied_nor_pruned() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
-    let mut dst = dest.client().await?;
+    let clusters = Clusters::start(MirrorOptions::with_args(&[
+        "--exclude-prefix",
+        "/app/local/",
+    ]))
+    .await?;
+    let mut src = clusters.source.client().await?;
+    let mut dst = clusters.dest.client().await?;
     src.put("/app/a", "1", None).await?;
     src.put("/app/local/from-source", "s", None).await?;
     dst.put("/app/local/destination-own", "d", None).await?;
 
-    let mut args = mirror_args(&source, &dest, "/app/");
-    args.extend(e2e::args(&["--exclude-prefix", "/app/local/"]));
-    let syncer = Syncer::start("syncer", &args).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
+    let mirror = clusters.mirror().await?;
+    let (source, dest) = (&mirror.source, &mirror.dest);
     src.put("/app/b", "2", None).await?;
     src.put("/app/local/later", "s", None).await?;
     src.put("/app/c", "3", None).await?;
@@ -111,13 +117,13 @@ async fn excluded_prefixes_are_neither_copied_nor_pruned() -> Result<()> {
         } else {
             &["--prefix", "/app/"]
         };
-        check_args(&source, &dest, extra)
+        check_args(source, dest, extra)
     };
     let (code, output) = run_cli(&check(true)).await?;
     assert_eq!(code, 0, "consistent modulo the excluded range:\n{output}");
     let (code, output) = run_cli(&check(false)).await?;
     assert_eq!(code, 1, "without the exclusion they differ:\n{output}");
-    syncer.finish().await
+    mirror.finish().await
 }
 
 async fn count_prefix(client: &mut etcd_client::Client, prefix: &str) -> Result<usize> {

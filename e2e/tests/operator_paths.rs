@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use e2e::*;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -144,52 +144,58 @@ async fn a_changed_prefix_takes_a_full_sync_that_names_it() -> Result<()> {
 /// back the job resumes from its checkpoint (no full sync).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fallback_group_on_another_cluster_is_never_used_at_start() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
+    let clusters = Clusters::start(MirrorOptions {
+        name: "o2-first".into(),
+        proxy: Some(ProxySide::Source),
+        extra_args: e2e::args(&[
+            "--endpoint-check-interval",
+            "300ms",
+            "--endpoint-failover-after",
+            "2",
+        ]),
+        allow_errors: e2e::args(&["another cluster"]),
+        ..MirrorOptions::default()
+    })
+    .await?;
     let other = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    ensure!(source.cluster_id().await? != other.cluster_id().await?);
-    put_tagged(&source, "/app/", 20, "a").await?;
+    ensure!(clusters.source.cluster_id().await? != other.cluster_id().await?);
+    put_tagged(&clusters.source, "/app/", 20, "a").await?;
     put_tagged(&other, "/app/", 30, "b").await?;
-    let (private, private_url) = e2e::proxy::LinkProxy::in_front_of(&source.endpoints()[0]).await?;
-    let mut args = with_endpoint_groups(
-        mirror_args(&source, &dest, "/app/"),
+    // The proxied source endpoint is the private line; the fallback is B.
+    let private_url = clusters.proxied.clone().context("proxied")?;
+    let args = with_endpoint_groups(
+        clusters.args()?,
         "src",
         &[("private", &private_url), ("public", &other.endpoints()[0])],
     );
-    args.extend(e2e::args(&[
-        "--endpoint-check-interval",
-        "300ms",
-        "--endpoint-failover-after",
-        "2",
-    ]));
-    let mut first = Syncer::start("o2-first", &args).await?;
-    first.allow_error("another cluster");
-    wait_job_state(&first, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
-    first.finish().await?;
+    let mut mirror = clusters.mirror_with(args.clone()).await?;
+    mirror.converge().await?;
+    mirror.stop().await?;
 
+    let private = mirror.proxy.as_ref().context("proxy")?;
     private.reset();
     let mut second = Syncer::start("o2-second", &args).await?;
     second.allow_error("another cluster");
     second.allow_error("source_unavailable");
+    let (source, dest) = (&mirror.source, &mirror.dest);
+    // The series must be there (an absent one reads as 0): the fallback
+    // answers, so only its cluster id can make it unhealthy.
     eventually(
         WAIT,
         "the fallback group refused as another cluster",
         || async {
-            Ok(second
-                .metric(
-                    "etcd_syncer_endpoint_group_healthy",
-                    &[("side", "source"), ("group", "public")],
-                )
-                .await?
-                == 0.0
-                && second.log_text().contains("answers as another cluster"))
+            Ok(second.scrape().await?.lines().any(|line| {
+                line.starts_with("etcd_syncer_endpoint_group_healthy{")
+                    && line.contains("side=\"source\"")
+                    && line.contains("group=\"public\"")
+                    && line.ends_with("} 0")
+            }))
         },
     )
     .await?;
     // Well past the failover threshold: still nothing of B copied.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let diff = compare(&source, "/app/", &dest, "/app/").await?;
+    let diff = compare(source, "/app/", dest, "/app/").await?;
     ensure!(
         diff.is_equal(),
         "the standby changed while the line was cut: {diff:?}"
@@ -203,8 +209,8 @@ async fn a_fallback_group_on_another_cluster_is_never_used_at_start() -> Result<
     );
 
     private.restore();
-    put_tagged(&source, "/app/new/", 5, "a2").await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    put_tagged(source, "/app/new/", 5, "a2").await?;
+    mirror.converge().await?;
     ensure!(
         second
             .metric("etcd_syncer_slow_path_total", &[("job", "app")])
@@ -364,11 +370,18 @@ fn dead_endpoint() -> Result<String> {
 /// (one exit-code policy: `check`'s 1 means differences).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_jobs_are_named_and_unreachable_clusters_exit_2_everywhere() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_tagged(&source, "/app/", 10, "a").await?;
-    let syncer = Syncer::start("o9", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
+    let clusters = Clusters::start(MirrorOptions {
+        name: "o9".into(),
+        ..MirrorOptions::default()
+    })
+    .await?;
+    put_tagged(&clusters.source, "/app/", 10, "a").await?;
+    let Mirror {
+        source,
+        dest,
+        syncer,
+        ..
+    } = clusters.mirror().await?;
     syncer.finish().await?;
 
     let (code, output) = run_cli(&check_args(
@@ -417,17 +430,19 @@ async fn unknown_jobs_are_named_and_unreachable_clusters_exit_2_everywhere() -> 
 /// with every request the balancer still sends to that member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_source_member_does_not_flap_readiness() -> Result<()> {
-    let source = EtcdCluster::start_with(EtcdOptions {
-        members: 3,
-        role: Role::Source,
-        ..EtcdOptions::default()
+    let clusters = Clusters::start(MirrorOptions {
+        name: "o9-ready".into(),
+        source: EtcdOptions {
+            members: 3,
+            ..EtcdOptions::default()
+        },
+        allow_errors: e2e::args(&["source_unavailable"]),
+        ..MirrorOptions::default()
     })
     .await?;
-    let dest = EtcdCluster::start_dest().await?;
-    put_tagged(&source, "/app/", 10, "a").await?;
-    let mut syncer = Syncer::start("o9-ready", &mirror_args(&source, &dest, "/app/")).await?;
-    syncer.allow_error("source_unavailable");
-    wait_job_state(&syncer, "app", "watching").await?;
+    put_tagged(&clusters.source, "/app/", 10, "a").await?;
+    let mirror = clusters.mirror().await?;
+    let (source, syncer) = (&mirror.source, &mirror.syncer);
     let leader = source.leader_index().await?;
     let dead = (leader + 1) % 3;
     source.signal_member(dead, nix::sys::signal::Signal::SIGKILL)?;
@@ -444,7 +459,7 @@ async fn a_dead_source_member_does_not_flap_readiness() -> Result<()> {
         "/readyz flapped with one member dead:\n{}",
         not_ready.join("\n")
     );
-    syncer.finish().await
+    mirror.finish().await
 }
 
 /// An exclude removed across a restart: the copy the checkpoint describes

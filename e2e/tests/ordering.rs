@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use e2e::load::Load;
-use e2e::proxy::LinkProxy;
 use e2e::*;
 
 /// Load rounds tried before giving up on seeing a reorder.
@@ -19,22 +18,23 @@ const MAX_ROUNDS: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_only_passes_through_source_states() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
-    proxy.set_delay(Duration::from_millis(15));
-    let mut args = replace_flag(
-        mirror_args(&source, &dest, "/app/"),
-        "--dst-endpoints",
-        &proxied,
-    )?;
-    // No gap between pipelined sends: etcd runs the newest request first, so
-    // txns sent back to back get applied out of order and the chain has to
-    // catch it. (After a reorder the writer widens the gap to 1 ms, doubling
-    // up to 25 ms, and shrinks it back on clean commits.)
-    args.extend(e2e::args(&["--pipeline-spacing", "0s"]));
-    let syncer = Syncer::start("syncer", &args).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
+    let clusters = Clusters::start(MirrorOptions {
+        proxy: Some(ProxySide::Dest),
+        // No gap between pipelined sends: etcd runs the newest request first, so
+        // txns sent back to back get applied out of order and the chain has to
+        // catch it. (After a reorder the writer widens the gap to 1 ms, doubling
+        // up to 25 ms, and shrinks it back on clean commits.)
+        extra_args: e2e::args(&["--pipeline-spacing", "0s"]),
+        ..MirrorOptions::default()
+    })
+    .await?;
+    clusters
+        .proxy
+        .as_ref()
+        .context("proxy")?
+        .set_delay(Duration::from_millis(15));
+    let mirror = clusters.mirror().await?;
+    let (source, syncer) = (&mirror.source, &mirror.syncer);
 
     // Many writers, many small txns, no rate limit: the source produces
     // revisions far faster than one 30 ms round trip per txn could carry,
@@ -59,7 +59,7 @@ async fn destination_only_passes_through_source_states() -> Result<()> {
         load.tag = format!("round-{rounds}");
         let clients = vec![source.client().await?, source.client().await?];
         load.run(&clients).await?;
-        converge(&source, "/app/", &dest, "/app/", Duration::from_secs(60)).await?;
+        mirror.converge().await?;
         rounds += 1;
     }
     let txns = syncer
@@ -68,6 +68,12 @@ async fn destination_only_passes_through_source_states() -> Result<()> {
     let reorders = reorders().await?;
     println!("{rounds} load round(s): {txns} txns, {reorders} reorder re-sends");
     ensure!(reorders >= 1.0);
+    let Mirror {
+        source,
+        dest,
+        syncer,
+        ..
+    } = mirror;
     syncer.finish().await?;
 
     let history = monotonic_checkpoint_history(&dest, "app").await?;

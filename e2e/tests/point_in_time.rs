@@ -14,23 +14,15 @@ const CONVERGE: Duration = Duration::from_secs(60);
 const KEYS: usize = 1000;
 const DELETED: usize = 500;
 
-async fn checkpoint_rev(dest: &EtcdCluster) -> Result<i64> {
-    let mut client = dest.client().await?;
-    let response = client
-        .get(format!("{META_PREFIX}app/checkpoint"), None)
-        .await?;
-    let kv = response.kvs().first().context("no checkpoint")?;
-    let value: serde_json::Value = serde_json::from_slice(kv.value())?;
-    value["last_synced_rev"].as_i64().context("last_synced_rev")
-}
-
 /// A mirrored pair after a mass delete: (source, dest, syncer, the source
 /// revision before the delete, a time between the two).
 async fn mirrored_mass_delete() -> Result<(EtcdCluster, EtcdCluster, Syncer, i64, SystemTime)> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
-    put_many(&mut src, "/app/", KEYS, 50, "v1").await?;
+    let clusters = Clusters::start(MirrorOptions {
+        timeout: CONVERGE,
+        ..MirrorOptions::loaded(KEYS, 50)
+    })
+    .await?;
+    let mut src = clusters.source.client().await?;
     // Leased keys too: their lease still lives on the standby.
     let lease = src.lease_grant(600, None).await?.id();
     src.put(
@@ -39,14 +31,19 @@ async fn mirrored_mass_delete() -> Result<(EtcdCluster, EtcdCluster, Syncer, i64
         Some(etcd_client::PutOptions::new().with_lease(lease)),
     )
     .await?;
-    let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
+    let mirror = clusters.mirror().await?;
+    mirror.converge().await?;
+    let Mirror {
+        source,
+        dest,
+        syncer,
+        ..
+    } = mirror;
     let before = source.revision().await?;
     eventually(
         CONVERGE,
         "checkpoint at the revision before the delete",
-        || async { Ok(checkpoint_rev(&dest).await? >= before) },
+        || async { Ok(checkpoint_rev(&dest, "app").await? >= Some(before)) },
     )
     .await?;
     let between = SystemTime::now();
@@ -210,39 +207,44 @@ async fn a_point_the_standby_compacted_away_is_refused_and_nothing_is_written() 
 /// standby never reached is refused (exit 2) and nothing is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_point_before_a_full_sync_is_reachable_and_a_future_one_is_refused() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
+    let clusters = Clusters::start(MirrorOptions {
+        name: "o6-first".into(),
+        extra_args: args(&["--max-txn-ops", "8"]),
+        timeout: CONVERGE,
+        ..MirrorOptions::default()
+    })
+    .await?;
+    let mut src = clusters.source.client().await?;
     for i in 0..100 {
         src.put(format!("/app/first-{i:03}"), format!("v{i}"), None)
             .await?;
     }
-    let mut args_8 = mirror_args(&source, &dest, "/app/");
-    args_8.extend(args(&["--max-txn-ops", "8"]));
-    let syncer = Syncer::start("o6-first", &args_8).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
-    let at_r = source.revision().await?;
+    let mut mirror = clusters.mirror().await?;
+    let at_r = mirror.source.revision().await?;
     eventually(CONVERGE, "checkpoint at R", || async {
-        Ok(checkpoint_rev(&dest).await? >= at_r)
+        Ok(checkpoint_rev(&mirror.dest, "app").await? >= Some(at_r))
     })
     .await?;
-    let expected = read_prefix(&mut dest.client().await?, "/app/").await?;
+    let expected = read_prefix(&mut mirror.dest.client().await?, "/app/").await?;
     ensure!(expected.len() == 100);
-    syncer.finish().await?;
+    mirror.stop().await?;
 
     for i in 0..800 {
         src.put(format!("/app/later-{i:03}"), "x", None).await?;
     }
-    source.compact().await?;
-    let syncer = Syncer::start("o6-second", &args_8).await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
+    mirror.source.compact().await?;
+    mirror.start_again("o6-second", &[]).await?;
+    mirror.converge().await?;
     ensure!(
-        syncer
-            .metric("etcd_syncer_slow_path_total", &[("job", "app")])
-            .await?
-            == 1.0,
+        mirror.paths().await?.0 == 1.0,
         "the restart ran a full sync"
     );
+    let Mirror {
+        source: _source,
+        dest,
+        syncer,
+        ..
+    } = mirror;
     drop(syncer);
 
     let marker = format!("{META_PREFIX}app/promoted");

@@ -150,24 +150,27 @@ fn selectors(expr: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_and_alert_works_against_a_real_prometheus() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
     // TLS and two endpoint groups on the destination, so the certificate
     // and endpoint-group series exist for their alerts.
-    let dest = EtcdCluster::start_with(EtcdOptions {
-        role: Role::Dest,
-        tls: Some(e2e::tls::TlsMaterial::generate()?),
-        ..EtcdOptions::default()
+    let clusters = Clusters::start(MirrorOptions {
+        dest: EtcdOptions {
+            tls: Some(e2e::tls::TlsMaterial::generate()?),
+            ..EtcdOptions::default()
+        },
+        extra_args: e2e::args(&["--check-interval", "1s"]),
+        // Prometheus scrapes from the start; the test waits for its samples.
+        wait_watching: false,
+        ..MirrorOptions::loaded(200, 50)
     })
     .await?;
-    put_many(&mut source.client().await?, "/app/", 200, 50, "v1").await?;
-    let url = dest.endpoints()[0].clone();
-    let mut args = with_endpoint_groups(
-        mirror_args(&source, &dest, "/app/"),
+    let url = clusters.dest.endpoints()[0].clone();
+    let args = with_endpoint_groups(
+        clusters.args()?,
         "dst",
         &[("preferred", &url), ("fallback", &url)],
     );
-    args.extend(e2e::args(&["--check-interval", "1s"]));
-    let syncer = Syncer::start("syncer", &args).await?;
+    let mirror = clusters.mirror_with(args).await?;
+    let (source, syncer) = (&mirror.source, &mirror.syncer);
     let prometheus = Prometheus::start(syncer.metrics_addr()?).await?;
 
     // Keep txns flowing so rate() and histogram panels have samples.
@@ -307,7 +310,7 @@ async fn every_dashboard_query_and_alert_works_against_a_real_prometheus() -> Re
     }
     println!("{checked} dashboard queries and alert expressions evaluated");
     writer.abort();
-    syncer.finish().await
+    mirror.finish().await
 }
 
 #[test]

@@ -8,28 +8,42 @@ use e2e::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redacting_run_logs_no_key_text() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
-    let mut dst = dest.client().await?;
+    let clusters = Clusters::start(MirrorOptions {
+        extra_args: e2e::args(&["--check-interval", "1s", "--redact-keys"]),
+        allow_errors: e2e::args(&["Consistency check found differences."]),
+        ..MirrorOptions::default()
+    })
+    .await?;
+    let mut src = clusters.source.client().await?;
     src.put("/app/acme-secret-1", "value-one", None).await?;
     src.put("/app/acme-secret-2", "value-two", None).await?;
-
-    let mut args = mirror_args(&source, &dest, "/app/");
-    args.extend(e2e::args(&["--check-interval", "1s", "--redact-keys"]));
-    let mut syncer = Syncer::start("syncer", &args).await?;
-    syncer.allow_error("Consistency check found differences.");
-    wait_job_state(&syncer, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", Duration::from_secs(60)).await?;
+    let mirror = clusters.mirror().await?;
+    let (source, dest, syncer) = (&mirror.source, &mirror.dest, &mirror.syncer);
+    mirror.converge().await?;
     // Differences the check reports (no repair): a destination-only key
     // and a changed value.
+    let mut dst = dest.client().await?;
     dst.put("/app/zz-dest-only-secret", "local", None).await?;
     dst.put("/app/acme-secret-1", "tampered-secret-value", None)
         .await?;
     eventually(
         Duration::from_secs(60),
-        "a check to report the differences",
-        || async { Ok(syncer.count_log_messages("Consistency check found differences.") > 0) },
+        "a check to find both differences",
+        || async {
+            Ok(mirror.job_metric("etcd_syncer_src_miss_keys").await? == 1.0
+                && mirror.job_metric("etcd_syncer_mismatch_keys").await? == 1.0)
+        },
+    )
+    .await?;
+    // The check's ERROR line is what this test reads: wait for the next
+    // check's line (it finds both differences too), which comes through
+    // the stderr pipe after the metrics.
+    const FOUND: &str = "Consistency check found differences.";
+    let logged = syncer.count_log_messages(FOUND);
+    eventually(
+        Duration::from_secs(60),
+        "the next check's line logged",
+        || async { Ok(syncer.count_log_messages(FOUND) > logged) },
     )
     .await?;
     let logs = syncer.log_text();
@@ -47,8 +61,8 @@ async fn a_redacting_run_logs_no_key_text() -> Result<()> {
     );
 
     let (code, output) = run_cli(&check_args(
-        &source,
-        &dest,
+        source,
+        dest,
         &["--prefix", "/app/", "--redact-keys"],
     ))
     .await?;
@@ -58,5 +72,5 @@ async fn a_redacting_run_logs_no_key_text() -> Result<()> {
         "the check shows a key:\n{output}"
     );
     assert!(output.contains("<key:"), "{output}");
-    syncer.finish().await
+    mirror.finish().await
 }

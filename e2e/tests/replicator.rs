@@ -10,41 +10,36 @@ use etcd_client::{DeleteOptions, GetOptions, Txn, TxnOp};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-async fn job_metric(syncer: &Syncer, name: &str, job: &str) -> Result<f64> {
-    syncer.metric(name, &[("job", job)]).await
-}
-
-async fn checkpoint_rev(dest: &EtcdCluster, job: &str) -> Result<Option<i64>> {
-    let mut client = dest.client().await?;
-    let response = client
-        .get(format!("{META_PREFIX}{job}/checkpoint"), None)
-        .await?;
-    let Some(kv) = response.kvs().first() else {
-        return Ok(None);
-    };
-    let value: serde_json::Value = serde_json::from_slice(kv.value())?;
-    Ok(value["last_synced_rev"].as_i64())
+/// The first syncer ("first") on `keys` keys of `value_size` bytes, the
+/// destination converged.
+async fn first_run(keys: usize, value_size: usize) -> Result<Mirror> {
+    let mirror = Mirror::start(MirrorOptions {
+        name: "first".into(),
+        ..MirrorOptions::loaded(keys, value_size)
+    })
+    .await?;
+    mirror.converge().await?;
+    Ok(mirror)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_sync_copies_prunes_and_keeps_outside_keys() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
-    let mut dst = dest.client().await?;
-    put_many(&mut src, "/app/", 500, 100, "v1").await?;
+    let clusters = Clusters::start(MirrorOptions {
+        load: Some(Preload::keys(500, 100)),
+        ..MirrorOptions::default()
+    })
+    .await?;
+    let mut dst = clusters.dest.client().await?;
     // Stale and wrong keys under the prefix, and a key outside it.
     dst.put("/app/stale-1", "x", None).await?;
     dst.put("/app/key-000007", "wrong", None).await?;
     dst.put("/other/keep", "y", None).await?;
 
-    let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
-    assert_eq!(
-        job_metric(&syncer, "etcd_syncer_slow_path_total", "app").await?,
-        1.0
-    );
+    let mirror = clusters.mirror().await?;
+    let (source, dest, syncer) = (&mirror.source, &mirror.dest, &mirror.syncer);
+    let mut src = source.client().await?;
+    mirror.converge().await?;
+    assert_eq!(mirror.paths().await?.0, 1.0);
     assert_eq!(
         syncer
             .metric(
@@ -69,7 +64,7 @@ async fn full_sync_copies_prunes_and_keeps_outside_keys() -> Result<()> {
         1,
         "keys outside the prefix are untouched"
     );
-    let pinned = checkpoint_rev(&dest, "app")
+    let pinned = checkpoint_rev(dest, "app")
         .await?
         .context("checkpoint written")?;
     assert!(pinned >= source.revision().await? - 1);
@@ -85,83 +80,60 @@ async fn full_sync_copies_prunes_and_keeps_outside_keys() -> Result<()> {
     src.delete("/app/key-0001", Some(DeleteOptions::new().with_prefix()))
         .await?;
     src.put("/elsewhere", "not mirrored", None).await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
+    mirror.converge().await?;
     assert_eq!(dst.get("/elsewhere", None).await?.kvs().len(), 0);
     eventually(CONVERGE, "checkpoint to reach the source head", || async {
-        Ok(checkpoint_rev(&dest, "app").await? >= Some(source.revision().await? - 1))
+        Ok(checkpoint_rev(dest, "app").await? >= Some(source.revision().await? - 1))
     })
     .await?;
-    syncer.finish().await
+    mirror.finish().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_resumes_on_the_fast_path_without_copying() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
-    put_many(&mut src, "/app/", 300, 50, "v1").await?;
-    let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&first, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
-    assert!(first.stop().await?.success(), "SIGTERM exits cleanly");
-    first.finish().await?;
-
+    let mut mirror = first_run(300, 50).await?;
+    let mut src = mirror.source.client().await?;
     // Changes while it is down are picked up from the watch history.
+    mirror.stop().await?;
     src.put("/app/while-down", "1", None).await?;
     src.delete("/app/key-000003", None).await?;
-    let second = Syncer::start("second", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&second, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
+    mirror.start_again("second", &[]).await?;
+    mirror.converge().await?;
+    assert_eq!(mirror.paths().await?, (0.0, 1.0), "(full syncs, resumes)");
     assert_eq!(
-        job_metric(&second, "etcd_syncer_fast_path_total", "app").await?,
-        1.0
-    );
-    assert_eq!(
-        job_metric(&second, "etcd_syncer_slow_path_total", "app").await?,
-        0.0
-    );
-    assert_eq!(
-        second
-            .metric("etcd_syncer_full_sync_keys_total", &[("job", "app")])
+        mirror
+            .job_metric("etcd_syncer_full_sync_keys_total")
             .await?,
         0.0,
         "nothing re-copied"
     );
     assert_eq!(
-        job_metric(&second, "etcd_syncer_events_applied_total", "app").await?,
+        mirror
+            .job_metric("etcd_syncer_events_applied_total")
+            .await?,
         2.0
     );
-    second.finish().await
+    mirror.finish().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_during_downtime_forces_one_full_sync() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
-    put_many(&mut src, "/app/", 200, 50, "v1").await?;
-    let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&first, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
-    first.stop().await?;
-    first.finish().await?;
-
+    let mut mirror = first_run(200, 50).await?;
+    mirror.stop().await?;
+    let mut src = mirror.source.client().await?;
     // Deletes and changes that the watch history will no longer hold.
     for i in 100..140 {
         src.delete(format!("/app/key-{i:06}"), None).await?;
     }
     put_many(&mut src, "/app/", 60, 50, "v2").await?;
-    source.compact().await?;
+    mirror.source.compact().await?;
 
-    let second = Syncer::start("second", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&second, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
+    mirror.start_again("second", &[]).await?;
+    mirror.converge().await?;
+    assert_eq!(mirror.paths().await?.0, 1.0);
     assert_eq!(
-        job_metric(&second, "etcd_syncer_slow_path_total", "app").await?,
-        1.0
-    );
-    assert_eq!(
-        second
+        mirror
+            .syncer
             .metric(
                 "etcd_syncer_full_sync_keys_total",
                 &[("job", "app"), ("op", "delete")]
@@ -170,44 +142,24 @@ async fn compaction_during_downtime_forces_one_full_sync() -> Result<()> {
         40.0,
         "src miss keys are removed automatically"
     );
-    assert!(
-        second
-            .metric(
-                "etcd_syncer_errors_total",
-                &[("job", "app"), ("kind", "compacted")]
-            )
-            .await?
-            >= 1.0
-    );
-    second.finish().await
+    assert!(mirror.errors("compacted").await? >= 1.0);
+    mirror.finish().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_last_synced_rev_repairs_a_diverged_destination() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
-    let mut dst = dest.client().await?;
-    put_many(&mut src, "/app/", 100, 50, "v1").await?;
-    let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&first, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
-    first.stop().await?;
-    first.finish().await?;
-
+    let mut mirror = first_run(100, 50).await?;
+    mirror.stop().await?;
+    let mut dst = mirror.dest.client().await?;
     dst.delete("/app/key-000010", None).await?;
     dst.put("/app/stray", "s", None).await?;
     dst.put("/app/key-000011", "tampered", None).await?;
     // A plain restart trusts the checkpoint: the divergence stays.
-    let mut args = mirror_args(&source, &dest, "/app/");
-    args.push("--reset-last-synced-rev".into());
-    let second = Syncer::start("second", &args).await?;
-    wait_job_state(&second, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
-    assert_eq!(
-        job_metric(&second, "etcd_syncer_slow_path_total", "app").await?,
-        1.0
-    );
+    mirror
+        .start_again("second", &["--reset-last-synced-rev"])
+        .await?;
+    mirror.converge().await?;
+    assert_eq!(mirror.paths().await?.0, 1.0);
     assert_eq!(
         dst.get(format!("{META_PREFIX}app/reset-request"), None)
             .await?
@@ -216,22 +168,26 @@ async fn reset_last_synced_rev_repairs_a_diverged_destination() -> Result<()> {
         0,
         "the reset request is consumed"
     );
-    second.finish().await
+    mirror.finish().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dest_prefix_rewrite_and_no_dest_prefix() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
-    put_many(&mut src, "/app/", 50, 20, "v1").await?;
-
-    let mut rewrite = mirror_args(&source, &dest, "/app/");
-    rewrite.extend(args(&["--dest-prefix", "/copy/"]));
-    let syncer = Syncer::start("rewrite", &rewrite).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
-    src.put("/app/live", "1", None).await?;
-    converge(&source, "/app/", &dest, "/copy/", CONVERGE).await?;
+    let mirror = Mirror::start(MirrorOptions {
+        name: "rewrite".into(),
+        extra_args: args(&["--dest-prefix", "/copy/"]),
+        ..MirrorOptions::loaded(50, 20)
+    })
+    .await?;
+    mirror
+        .source
+        .client()
+        .await?
+        .put("/app/live", "1", None)
+        .await?;
+    // From /app/ to /copy/.
+    mirror.converge().await?;
+    let Mirror { source, syncer, .. } = mirror;
     syncer.finish().await?;
 
     // A fresh destination: stripping mirrors onto its whole keyspace.
@@ -254,15 +210,18 @@ async fn dest_prefix_rewrite_and_no_dest_prefix() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meta_prefix_is_never_copied_nor_pruned() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
+    let clusters = Clusters::start(MirrorOptions {
+        prefix: "/".into(),
+        ..MirrorOptions::default()
+    })
+    .await?;
+    let mut src = clusters.source.client().await?;
     // The source is itself some other mirror's destination.
     src.put(format!("{META_PREFIX}upstream/checkpoint"), "theirs", None)
         .await?;
     src.put("/app/a", "1", None).await?;
-    let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/")).await?;
-    wait_job_state(&syncer, "root", "watching").await?;
+    // Job "root".
+    let mirror = clusters.mirror().await?;
     src.put(
         format!("{META_PREFIX}upstream/checkpoint"),
         "theirs-2",
@@ -270,8 +229,8 @@ async fn meta_prefix_is_never_copied_nor_pruned() -> Result<()> {
     )
     .await?;
     src.put("/app/b", "2", None).await?;
-    converge(&source, "/", &dest, "/", CONVERGE).await?;
-    let mut dst = dest.client().await?;
+    mirror.converge().await?;
+    let mut dst = mirror.dest.client().await?;
     let meta = dst
         .get(META_PREFIX, Some(GetOptions::new().with_prefix()))
         .await?;
@@ -288,28 +247,22 @@ async fn meta_prefix_is_never_copied_nor_pruned() -> Result<()> {
         keys.iter().any(|k| k.ends_with("root/checkpoint")),
         "own checkpoint kept: {keys:?}"
     );
-    syncer.finish().await
+    mirror.finish().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mass_delete_guard_holds_until_overridden() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
-    put_many(&mut src, "/app/", 100, 20, "v1").await?;
-    let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&first, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
-    first.stop().await?;
-    first.finish().await?;
+    let mut mirror = first_run(100, 20).await?;
+    mirror.stop().await?;
 
     // The source prefix comes back empty and its history is gone.
+    let mut src = mirror.source.client().await?;
     src.delete("/app/", Some(DeleteOptions::new().with_prefix()))
         .await?;
     src.put("/unrelated", "moves the revision past the delete", None)
         .await?;
-    source.compact().await?;
-    let mut guarded = Syncer::start("guarded", &mirror_args(&source, &dest, "/app/")).await?;
+    mirror.source.compact().await?;
+    let mut guarded = Syncer::start("guarded", &mirror.args).await?;
     guarded.allow_error("mass-delete guard");
     eventually(CONVERGE, "prune guard to trip", || async {
         Ok(guarded
@@ -330,7 +283,7 @@ async fn mass_delete_guard_holds_until_overridden() -> Result<()> {
             .await?,
         1.0
     );
-    let mut dst = dest.client().await?;
+    let mut dst = mirror.dest.client().await?;
     assert_eq!(
         read_prefix(&mut dst, "/app/").await?.len(),
         100,
@@ -342,87 +295,91 @@ async fn mass_delete_guard_holds_until_overridden() -> Result<()> {
     );
     guarded.finish().await?;
 
-    let mut args = mirror_args(&source, &dest, "/app/");
-    args.extend(e2e::args(&["--max-prune-ratio", "1"]));
-    let overridden = Syncer::start("overridden", &args).await?;
-    wait_job_state(&overridden, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
+    mirror
+        .start_again("overridden", &["--max-prune-ratio", "1"])
+        .await?;
+    mirror.converge().await?;
     assert_eq!(read_prefix(&mut dst, "/app/").await?.len(), 0);
-    overridden.finish().await
+    mirror.finish().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revisions_larger_than_one_txn_are_split_and_counted() -> Result<()> {
-    let source = EtcdCluster::start_with(EtcdOptions {
-        role: Role::Source,
-        max_txn_ops: Some(1000),
-        ..EtcdOptions::default()
+    let mirror = Mirror::start(MirrorOptions {
+        source: EtcdOptions {
+            max_txn_ops: Some(1000),
+            ..EtcdOptions::default()
+        },
+        ..MirrorOptions::default()
     })
     .await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
-    let mut src = source.client().await?;
+    let mut src = mirror.source.client().await?;
     let ops: Vec<TxnOp> = (0..300)
         .map(|i| TxnOp::put(format!("/app/big-{i:04}"), "x", None))
         .collect();
     src.txn(Txn::new().and_then(ops)).await?;
     // A value bigger than the default 1 MiB txn budget goes out on its own.
     src.put("/app/huge", vec![b'h'; 1_200_000], None).await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
+    mirror.converge().await?;
     assert_eq!(
-        job_metric(&syncer, "etcd_syncer_split_revisions_total", "app").await?,
+        mirror
+            .job_metric("etcd_syncer_split_revisions_total")
+            .await?,
         1.0
     );
-    syncer.finish().await
+    mirror.finish().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_on_both_sides() -> Result<()> {
-    let tls = TlsMaterial::generate()?;
-    let options = EtcdOptions {
-        tls: Some(tls),
+    let tls = EtcdOptions {
+        tls: Some(TlsMaterial::generate()?),
         ..EtcdOptions::default()
     };
-    let source = EtcdCluster::start_with(EtcdOptions {
-        role: Role::Source,
-        ..options.clone()
+    let mirror = Mirror::start(MirrorOptions {
+        source: tls.clone(),
+        dest: tls,
+        ..MirrorOptions::loaded(100, 20)
     })
     .await?;
-    let dest = EtcdCluster::start_with(EtcdOptions {
-        role: Role::Dest,
-        ..options
-    })
-    .await?;
-    let mut src = source.client().await?;
-    put_many(&mut src, "/app/", 100, 20, "v1").await?;
-    let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
-    src.put("/app/live", "1", None).await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
-    syncer.finish().await
+    mirror
+        .source
+        .client()
+        .await?
+        .put("/app/live", "1", None)
+        .await?;
+    mirror.converge().await?;
+    mirror.finish().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_password_auth_and_a_wrong_password() -> Result<()> {
-    let mut source = EtcdCluster::start_source().await?;
-    let mut dest = EtcdCluster::start_dest().await?;
-    source.enable_auth("syncer", "s3cret", "/app/").await?;
-    dest.enable_auth("syncer", "d3cret", "/app/").await?;
-    let mut src = source.client().await?;
+    let mut clusters = Clusters::start(MirrorOptions::default()).await?;
+    clusters
+        .source
+        .enable_auth("syncer", "s3cret", "/app/")
+        .await?;
+    clusters
+        .dest
+        .enable_auth("syncer", "d3cret", "/app/")
+        .await?;
+    let mut src = clusters.source.client().await?;
     put_many(&mut src, "/app/", 50, 20, "v1").await?;
+    let credentials = |src_password: &str| {
+        args(&[
+            "--src-user",
+            "syncer",
+            "--src-password",
+            src_password,
+            "--dst-user",
+            "syncer",
+            "--dst-password",
+            "d3cret",
+        ])
+    };
 
-    let mut wrong = mirror_args(&source, &dest, "/app/");
-    wrong.extend(args(&[
-        "--src-user",
-        "syncer",
-        "--src-password",
-        "nope",
-        "--dst-user",
-        "syncer",
-        "--dst-password",
-        "d3cret",
-    ]));
+    let mut wrong = clusters.args()?;
+    wrong.extend(credentials("nope"));
     let mut rejected = Syncer::start("wrong-password", &wrong).await?;
     rejected.allow_error("Authentication failed");
     eventually(CONVERGE, "auth errors to be counted", || async {
@@ -443,26 +400,15 @@ async fn user_password_auth_and_a_wrong_password() -> Result<()> {
     );
     rejected.finish().await?;
 
-    let mut right = mirror_args(&source, &dest, "/app/");
-    right.extend(args(&[
-        "--src-user",
-        "syncer",
-        "--src-password",
-        "s3cret",
-        "--dst-user",
-        "syncer",
-        "--dst-password",
-        "d3cret",
-    ]));
-    let syncer = Syncer::start("syncer", &right).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
+    clusters.options.extra_args = credentials("s3cret");
+    let mirror = clusters.mirror().await?;
     src.put("/app/live", "1", None).await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
+    mirror.converge().await?;
     eventually(CONVERGE, "ready", || async {
-        Ok(syncer.get("/readyz").await?.0 == 200)
+        Ok(mirror.syncer.get("/readyz").await?.0 == 200)
     })
     .await?;
-    syncer.finish().await
+    mirror.finish().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -581,32 +527,31 @@ async fn config_errors_exit_2_naming_the_field() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_destination_is_retried_and_not_ready() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let mut dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
-    put_many(&mut src, "/app/", 20, 20, "v1").await?;
-    dest.kill();
-    let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
+    let mut clusters = Clusters::start(MirrorOptions {
+        wait_watching: false,
+        ..MirrorOptions::loaded(20, 20)
+    })
+    .await?;
+    clusters.dest.kill();
+    let mut mirror = clusters.mirror().await?;
     eventually(CONVERGE, "dest_unavailable errors", || async {
-        Ok(syncer
-            .metric(
-                "etcd_syncer_errors_total",
-                &[("job", "app"), ("kind", "dest_unavailable")],
-            )
-            .await?
-            >= 1.0)
+        Ok(mirror.errors("dest_unavailable").await? >= 1.0)
     })
     .await?;
-    assert_eq!(syncer.get("/readyz").await?.0, 503);
-    assert_eq!(syncer.get("/healthz").await?.0, 200, "alive while retrying");
-    dest.restart().await?;
-    wait_job_state(&syncer, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", CONVERGE).await?;
+    assert_eq!(mirror.syncer.get("/readyz").await?.0, 503);
+    assert_eq!(
+        mirror.syncer.get("/healthz").await?.0,
+        200,
+        "alive while retrying"
+    );
+    mirror.dest.restart().await?;
+    mirror.wait_state("watching").await?;
+    mirror.converge().await?;
     eventually(CONVERGE, "ready", || async {
-        Ok(syncer.get("/readyz").await?.0 == 200)
+        Ok(mirror.syncer.get("/readyz").await?.0 == 200)
     })
     .await?;
-    syncer.finish().await
+    mirror.finish().await
 }
 
 /// A value the destination refuses (larger than its request limit) stops
@@ -615,21 +560,24 @@ async fn unreachable_destination_is_retried_and_not_ready() -> Result<()> {
 /// each one, so the lag alert never fired), and the job reports an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_grows_while_the_destination_refuses_every_write() -> Result<()> {
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_with(EtcdOptions {
-        role: Role::Dest,
-        extra_args: vec!["--max-request-bytes".into(), "65536".into()],
-        ..EtcdOptions::default()
+    let mirror = Mirror::start(MirrorOptions {
+        dest: EtcdOptions {
+            extra_args: args(&["--max-request-bytes", "65536"]),
+            ..EtcdOptions::default()
+        },
+        allow_errors: args(&["Replication failed; operator action needed."]),
+        ..MirrorOptions::loaded(10, 10)
     })
     .await?;
-    let mut src = source.client().await?;
-    put_many(&mut src, "/app/", 10, 10, "v1").await?;
-    let mut syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/app/")).await?;
-    syncer.allow_error("Replication failed; operator action needed.");
-    wait_job_state(&syncer, "app", "watching").await?;
-    src.put("/app/huge", "x".repeat(200 * 1024), None).await?;
+    mirror
+        .source
+        .client()
+        .await?
+        .put("/app/huge", "x".repeat(200 * 1024), None)
+        .await?;
     eventually(CONVERGE, "the job to fail on the refused value", || async {
-        Ok(syncer
+        Ok(mirror
+            .syncer
             .metric(
                 "etcd_syncer_job_state",
                 &[("job", "app"), ("state", "error")],
@@ -640,11 +588,8 @@ async fn lag_grows_while_the_destination_refuses_every_write() -> Result<()> {
     .await?;
     // Several retries later the lag still measures from the refused write.
     eventually(CONVERGE, "the lag to pass 15 s", || async {
-        Ok(syncer
-            .metric("etcd_syncer_lag_seconds", &[("job", "app")])
-            .await?
-            > 15.0)
+        Ok(mirror.job_metric("etcd_syncer_lag_seconds").await? > 15.0)
     })
     .await?;
-    syncer.finish().await
+    mirror.finish().await
 }

@@ -8,30 +8,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use e2e::proxy::LinkProxy;
 use e2e::*;
 use etcd_client::{
     Client, CompactionOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// The checkpoint's `last_synced_rev` on the destination, if there is one.
-async fn checkpoint_rev(dest: &EtcdCluster, job: &str) -> Result<Option<i64>> {
-    let mut client = dest.client().await?;
-    let response = client
-        .get(format!("{META_PREFIX}{job}/checkpoint"), None)
-        .await?;
-    let Some(kv) = response.kvs().first() else {
-        return Ok(None);
-    };
-    let value: serde_json::Value = serde_json::from_slice(kv.value())?;
-    Ok(Some(
-        value["last_synced_rev"]
-            .as_i64()
-            .context("last_synced_rev")?,
-    ))
-}
 
 /// Waits until the (idle) checkpoint names the source's head revision, and
 /// returns it. Nothing may write to the source meanwhile.
@@ -50,15 +32,39 @@ async fn wait_checkpoint_at_head(
     Ok(head.into_inner())
 }
 
-/// The `reason` of every "Taking the slow path." line, in order.
-fn slow_path_reasons(syncer: &Syncer) -> Vec<String> {
-    syncer
-        .logs()
-        .iter()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|v| v["message"] == "Taking the slow path." && v["path"] == "slow")
-        .map(|v| v["reason"].as_str().unwrap_or_default().to_string())
-        .collect()
+/// A first syncer ("first") on `/app/`, with `keys` keys of 50 bytes.
+fn first_options(keys: usize) -> MirrorOptions {
+    MirrorOptions {
+        name: "first".into(),
+        load: (keys > 0).then(|| Preload::keys(keys, 50)),
+        ..MirrorOptions::default()
+    }
+}
+
+/// The first syncer ("first") on the clusters, the destination converged
+/// and the idle checkpoint at the source head; then stopped. Returns the
+/// checkpoint's revision.
+async fn first_run_to_head(mirror: &mut Mirror) -> Result<i64> {
+    mirror.converge().await?;
+    wait_checkpoint_at_head(&mirror.source, &mirror.dest, &mirror.job).await?;
+    mirror.stop().await?;
+    checkpoint_rev(&mirror.dest, &mirror.job)
+        .await?
+        .context("checkpoint")
+}
+
+/// A restarted syncer's one full sync came from `kind` errors (e.g.
+/// `compacted`: the resume found the checkpoint's history gone, which is
+/// the slow path's reason), after one resume from the checkpoint.
+async fn ensure_forced_full_sync(mirror: &Mirror, kind: &str) -> Result<()> {
+    let (slow, fast) = mirror.paths().await?;
+    let errors = mirror.errors(kind).await?;
+    ensure!(
+        slow == 1.0 && fast == 1.0 && errors >= 1.0,
+        "expected one resume, then one full sync forced by {kind} errors: {slow} full syncs, {fast} resumes, {errors} {kind} errors\n{}",
+        mirror.syncer.log_text()
+    );
+    Ok(())
 }
 
 async fn key_count(cluster: &EtcdCluster, key: &str) -> Result<i64> {
@@ -82,26 +88,15 @@ async fn compact_at(source: &EtcdCluster, revision: i64) -> Result<()> {
 
 /// The restarted syncer converges, took the slow path because of the
 /// compaction, and logged no ERROR.
-async fn restart_and_expect_compaction_slow_path(
-    source: &EtcdCluster,
-    dest: &EtcdCluster,
-    gone: &str,
-) -> Result<()> {
-    let second = Syncer::start("second", &mirror_args(source, dest, "/app/")).await?;
-    wait_job_state(&second, "app", "watching").await?;
-    converge(source, "/app/", dest, "/app/", WAIT).await?;
+async fn restart_and_expect_compaction_slow_path(mirror: &mut Mirror, gone: &str) -> Result<()> {
+    mirror.start_again("second", &[]).await?;
+    mirror.converge().await?;
     ensure!(
-        key_count(dest, gone).await? == 0,
+        key_count(&mirror.dest, gone).await? == 0,
         "{gone} is still on the destination"
     );
-    let reasons = slow_path_reasons(&second);
-    ensure!(
-        reasons.iter().any(|r| r.contains("compacted")),
-        "the restart took the slow path because of the compaction; slow-path reasons: {reasons:?}\n{}",
-        second.log_text()
-    );
-    println!("slow path after the restart: {reasons:?}");
-    second.finish().await
+    ensure_forced_full_sync(mirror, "compacted").await?;
+    mirror.stop().await
 }
 
 /// etcd-io/etcd#18089: the checkpoint is at D-1, the delete is at D and the
@@ -110,17 +105,10 @@ async fn restart_and_expect_compaction_slow_path(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_at_the_compaction_revision_is_not_lost() -> Result<()> {
     let started = Instant::now();
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
+    let mut mirror = Mirror::start(first_options(20)).await?;
+    let checkpoint = first_run_to_head(&mut mirror).await?;
+    let source = &mirror.source;
     let mut src = source.client().await?;
-    put_many(&mut src, "/app/", 20, 50, "v1").await?;
-    let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&first, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
-    wait_checkpoint_at_head(&source, &dest, "app").await?;
-    first.stop().await?;
-    first.finish().await?;
-    let checkpoint = checkpoint_rev(&dest, "app").await?.context("checkpoint")?;
 
     let victim = "/app/key-000007";
     let deleted = src.delete(victim, None).await?;
@@ -130,12 +118,12 @@ async fn a_delete_at_the_compaction_revision_is_not_lost() -> Result<()> {
         delete_rev == checkpoint + 1,
         "the delete ({delete_rev}) is the first revision after the checkpoint ({checkpoint})"
     );
-    compact_at(&source, delete_rev).await?;
+    compact_at(source, delete_rev).await?;
 
-    restart_and_expect_compaction_slow_path(&source, &dest, victim).await?;
+    restart_and_expect_compaction_slow_path(&mut mirror, victim).await?;
     println!(
         "etcd {}: delete at the compaction revision {delete_rev}: {:.1} s",
-        source.version(),
+        mirror.source.version(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -145,10 +133,8 @@ async fn a_delete_at_the_compaction_revision_is_not_lost() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leased_key_expiring_at_the_compaction_revision_is_not_lost() -> Result<()> {
     let started = Instant::now();
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
-    put_many(&mut src, "/app/", 20, 50, "v1").await?;
+    let clusters = Clusters::start(first_options(20)).await?;
+    let mut src = clusters.source.client().await?;
     // A 2 s lease kept alive while the syncer mirrors it, left to expire
     // once the syncer is down.
     let lease = src.lease_grant(2, None).await?.id();
@@ -170,19 +156,16 @@ async fn a_leased_key_expiring_at_the_compaction_revision_is_not_lost() -> Resul
     )
     .await?;
 
-    let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&first, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
-    ensure!(key_count(&dest, leased).await? == 1);
-    wait_checkpoint_at_head(&source, &dest, "app").await?;
-    first.stop().await?;
-    first.finish().await?;
-    let checkpoint = checkpoint_rev(&dest, "app").await?.context("checkpoint")?;
+    let mut mirror = clusters.mirror().await?;
+    mirror.converge().await?;
+    ensure!(key_count(&mirror.dest, leased).await? == 1);
+    let checkpoint = first_run_to_head(&mut mirror).await?;
+    let source = &mirror.source;
 
     keep_alive.abort();
     let _ = keep_alive.await;
     eventually(WAIT, "the lease to expire", || async {
-        Ok(key_count(&source, leased).await? == 0)
+        Ok(key_count(source, leased).await? == 0)
     })
     .await?;
     // Nothing else writes: the revision after the expiry is its DELETE.
@@ -201,12 +184,12 @@ async fn a_leased_key_expiring_at_the_compaction_revision_is_not_lost() -> Resul
         before.count() == 1,
         "the key existed just before {expiry_rev}"
     );
-    compact_at(&source, expiry_rev).await?;
+    compact_at(source, expiry_rev).await?;
 
-    restart_and_expect_compaction_slow_path(&source, &dest, leased).await?;
+    restart_and_expect_compaction_slow_path(&mut mirror, leased).await?;
     println!(
         "etcd {}: lease expiry at the compaction revision {expiry_rev}: {:.1} s",
-        source.version(),
+        mirror.source.version(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -219,21 +202,22 @@ async fn a_leased_key_expiring_at_the_compaction_revision_is_not_lost() -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_rebuilt_with_the_same_identity_is_detected() -> Result<()> {
     let started = Instant::now();
-    let mut source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
-    put_many(&mut src, "/app/", 20, 50, "old").await?;
+    let clusters = Clusters::start(MirrorOptions {
+        load: Some(Preload {
+            tag: "old".into(),
+            ..Preload::keys(20, 50)
+        }),
+        ..first_options(0)
+    })
+    .await?;
+    let mut src = clusters.source.client().await?;
     for i in 0..60 {
         src.put(format!("/app/key-{:06}", i % 20), format!("old-{i}"), None)
             .await?;
     }
-    let mut first = Syncer::start("first", &mirror_args(&source, &dest, "/app/")).await?;
-    wait_job_state(&first, "app", "watching").await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
-    wait_checkpoint_at_head(&source, &dest, "app").await?;
-    first.stop().await?;
-    first.finish().await?;
-    let checkpoint = checkpoint_rev(&dest, "app").await?.context("checkpoint")?;
+    let mut mirror = clusters.mirror().await?;
+    let checkpoint = first_run_to_head(&mut mirror).await?;
+    let source = &mut mirror.source;
     let old_cluster_id = source.cluster_id().await?;
     let old_endpoints = source.endpoints();
 
@@ -267,14 +251,11 @@ async fn a_source_rebuilt_with_the_same_identity_is_detected() -> Result<()> {
 
     // Every key the destination has is one the new source lacks: the
     // mass-delete guard would (rightly) park the job without this.
-    let mut args = mirror_args(&source, &dest, "/app/");
-    args.extend(e2e::args(&["--max-prune-ratio", "1"]));
-    let second = Syncer::start("second", &args).await?;
-    wait_job_state(&second, "app", "watching")
-        .await
-        .with_context(|| second.log_text())?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
-    let on_dest = read_prefix(&mut dest.client().await?, "/app/").await?;
+    mirror
+        .start_again("second", &["--max-prune-ratio", "1"])
+        .await?;
+    mirror.converge().await?;
+    let on_dest = read_prefix(&mut mirror.dest.client().await?, "/app/").await?;
     ensure!(
         on_dest.len() == 30 && on_dest.keys().all(|k| k.starts_with(b"new-")),
         "only the new source's keys: {:?}",
@@ -283,18 +264,12 @@ async fn a_source_rebuilt_with_the_same_identity_is_detected() -> Result<()> {
             .map(|k| String::from_utf8_lossy(k))
             .collect::<Vec<_>>()
     );
-    let reasons = slow_path_reasons(&second);
-    ensure!(
-        reasons.iter().any(|r| r.contains("history differs")
-            || r.contains("rebuilt or restored with the same cluster id")),
-        "the reason names the rebuilt history; slow-path reasons: {reasons:?}\n{}",
-        second.log_text()
-    );
-    println!("slow path after the rebuild: {reasons:?}");
-    second.finish().await?;
+    // The resume found another history behind the same cluster id.
+    ensure_forced_full_sync(&mirror, "history_differs").await?;
+    let version = mirror.source.version().to_string();
+    mirror.finish().await?;
     println!(
-        "etcd {}: rebuilt source detected: {:.1} s",
-        source.version(),
+        "etcd {version}: rebuilt source detected: {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -310,12 +285,15 @@ async fn a_revision_larger_than_a_watch_message_is_reassembled() -> Result<()> {
     const KEYS: usize = 60;
     const KEY_BYTES: usize = 100 * 1024;
     let started = Instant::now();
-    let source = EtcdCluster::start_source().await?;
-    let dest = EtcdCluster::start_dest().await?;
-    let mut src = source.client().await?;
+    let clusters = Clusters::start(MirrorOptions {
+        prefix: "/big/".into(),
+        ..MirrorOptions::default()
+    })
+    .await?;
+    let mut src = clusters.source.client().await?;
     src.put("/big/small", "seed", None).await?;
-    let syncer = Syncer::start("syncer", &mirror_args(&source, &dest, "/big/")).await?;
-    wait_job_state(&syncer, "big", "watching").await?;
+    let mirror = clusters.mirror().await?;
+    let split = || mirror.job_metric("etcd_syncer_split_revisions_total");
 
     let big_key = |i: usize| {
         let mut key = format!("/big/{i:03}-");
@@ -330,21 +308,16 @@ async fn a_revision_larger_than_a_watch_message_is_reassembled() -> Result<()> {
             .collect();
         src.txn(Txn::new().and_then(ops)).await?;
     }
-    converge(&source, "/big/", &dest, "/big/", WAIT).await?;
-    let split_before = syncer
-        .metric("etcd_syncer_split_revisions_total", &[("job", "big")])
-        .await?;
-    let split_logs_before = syncer.count_log_messages(
-        "A source revision exceeded the txn limits and was applied across several txns.",
-    );
+    mirror.converge().await?;
+    let split_before = split().await?;
 
     let deleted = src
         .delete("/big/", Some(DeleteOptions::new().with_prefix()))
         .await?;
     ensure!(deleted.deleted() == KEYS as i64 + 1);
     let delete_rev = deleted.header().context("header")?.revision();
-    converge(&source, "/big/", &dest, "/big/", WAIT).await?;
-    ensure!(read_prefix(&mut dest.client().await?, "/big/")
+    mirror.converge().await?;
+    ensure!(read_prefix(&mut mirror.dest.client().await?, "/big/")
         .await?
         .is_empty());
 
@@ -356,23 +329,18 @@ async fn a_revision_larger_than_a_watch_message_is_reassembled() -> Result<()> {
         "revision {delete_rev} came in {fragments} watch response(s), not fragmented"
     );
 
-    let split_after = syncer
-        .metric("etcd_syncer_split_revisions_total", &[("job", "big")])
-        .await?;
-    let split_logs_after = syncer.count_log_messages(
-        "A source revision exceeded the txn limits and was applied across several txns.",
-    );
+    let split_after = split().await?;
     println!(
-        "revision {delete_rev}: {fragments} watch fragments; etcd_syncer_split_revisions_total {split_before} -> {split_after}; split log lines {split_logs_before} -> {split_logs_after}"
+        "revision {delete_rev}: {fragments} watch fragments; etcd_syncer_split_revisions_total {split_before} -> {split_after}"
     );
     ensure!(
-        split_after > split_before && split_logs_after > split_logs_before,
+        split_after > split_before,
         "the delete revision was split across txns by the syncer's txn limits"
     );
-    syncer.finish().await?;
+    let version = mirror.source.version().to_string();
+    mirror.finish().await?;
     println!(
-        "etcd {}: fragmented revision reassembled: {:.1} s",
-        source.version(),
+        "etcd {version}: fragmented revision reassembled: {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -447,21 +415,28 @@ fn auth_args(source_password: &str, dest_password: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_renewed() -> Result<()> {
     let started = Instant::now();
-    let options = |role| EtcdOptions {
-        role,
+    let tokens = EtcdOptions {
         extra_args: args(&["--auth-token", "simple", "--auth-token-ttl", "3"]),
         ..EtcdOptions::default()
     };
-    let mut source = EtcdCluster::start_with(options(Role::Source)).await?;
-    let mut dest = EtcdCluster::start_with(options(Role::Dest)).await?;
-    source.enable_auth("syncer", "s3cret", "/app/").await?;
-    dest.enable_auth("syncer", "d3cret", "/app/").await?;
-    let mut src = source.client().await?;
-    put_many(&mut src, "/app/", 50, 20, "v1").await?;
-    let mut args = mirror_args(&source, &dest, "/app/");
-    args.extend(auth_args("s3cret", "d3cret"));
-    let syncer = Syncer::start("syncer", &args).await?;
-    wait_job_state(&syncer, "app", "watching").await?;
+    let mut clusters = Clusters::start(MirrorOptions {
+        source: tokens.clone(),
+        dest: tokens,
+        extra_args: auth_args("s3cret", "d3cret"),
+        ..MirrorOptions::default()
+    })
+    .await?;
+    clusters
+        .source
+        .enable_auth("syncer", "s3cret", "/app/")
+        .await?;
+    clusters
+        .dest
+        .enable_auth("syncer", "d3cret", "/app/")
+        .await?;
+    put_many(&mut clusters.source.client().await?, "/app/", 50, 20, "v1").await?;
+    let mirror = clusters.mirror().await?;
+    let (source, syncer) = (&mirror.source, &mirror.syncer);
 
     // 15 s of writes: bursts, and pauses longer than the token TTL so both
     // sides' tokens expire in between.
@@ -479,11 +454,11 @@ async fn tokens_are_renewed() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(4500)).await;
     }
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    mirror.converge().await?;
     // And once more after everything was idle past the TTL.
     tokio::time::sleep(Duration::from_secs(5)).await;
     source.client().await?.put("/app/last", "1", None).await?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    mirror.converge().await?;
 
     let auth_errors = syncer
         .metric(
@@ -504,10 +479,10 @@ async fn tokens_are_renewed() -> Result<()> {
         "only the initial full sync"
     );
     println!("{i} writes over 15 s with 3 s tokens");
-    syncer.finish().await?;
+    let version = source.version().to_string();
+    mirror.finish().await?;
     println!(
-        "etcd {}: tokens renewed: {:.1} s",
-        source.version(),
+        "etcd {version}: tokens renewed: {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -544,47 +519,51 @@ async fn an_auth_change_during_a_full_sync_is_survived() -> Result<()> {
     const KEYS: usize = 20_000;
     let started = Instant::now();
     let keys = tempfile::tempdir()?;
-    let mut source = EtcdCluster::start_with(EtcdOptions {
-        role: Role::Source,
-        extra_args: jwt_token_args(keys.path())?,
-        ..EtcdOptions::default()
+    let mut clusters = Clusters::start(MirrorOptions {
+        source: EtcdOptions {
+            extra_args: jwt_token_args(keys.path())?,
+            ..EtcdOptions::default()
+        },
+        proxy: Some(ProxySide::Dest),
+        extra_args: e2e::args(&[
+            "--src-user",
+            "syncer",
+            "--src-password",
+            "s3cret",
+            "--page-size",
+            "200",
+        ]),
+        wait_watching: false,
+        ..MirrorOptions::default()
     })
     .await?;
-    let dest = EtcdCluster::start_dest().await?;
-    source.enable_auth("syncer", "s3cret", "/app/").await?;
-    put_many(&mut source.client().await?, "/app/", KEYS, 50, "v1").await?;
-    let (proxy, proxied) = LinkProxy::in_front_of(&dest.endpoints()[0]).await?;
-    // Over 1.3 MB of puts: a quarter MiB in, the full sync is under way and
-    // far from done.
-    proxy.hold_after_forwarding(256 * 1024);
-    let mut args = mirror_args(&source, &dest, "/app/");
-    args.extend(e2e::args(&[
-        "--src-user",
-        "syncer",
-        "--src-password",
-        "s3cret",
-        "--page-size",
-        "200",
-    ]));
-    let args = replace_flag(args, "--dst-endpoints", &proxied)?;
-    let syncer = Syncer::start("syncer", &args).await?;
-    eventually(
-        WAIT,
-        "the destination link to freeze mid full sync",
-        || async { Ok(proxy.is_holding()) },
+    clusters
+        .source
+        .enable_auth("syncer", "s3cret", "/app/")
+        .await?;
+    put_many(
+        &mut clusters.source.client().await?,
+        "/app/",
+        KEYS,
+        50,
+        "v1",
     )
     .await?;
-    ensure!(
-        syncer
-            .metric("etcd_syncer_full_sync_in_progress", &[("job", "app")])
-            .await?
-            == 1.0,
-        "the syncer is in a full sync when its link freezes"
-    );
+    // Over 1.3 MB of puts: a quarter MiB in, the full sync is under way and
+    // far from done.
+    clusters
+        .proxy
+        .as_ref()
+        .context("proxy")?
+        .hold_after_forwarding(256 * 1024);
+    let mirror = clusters.mirror().await?;
+    let (source, syncer) = (&mirror.source, &mirror.syncer);
+    let proxy = mirror.proxy.as_ref().context("proxy")?;
+    wait_frozen_mid_full_sync(proxy, syncer, "app").await?;
 
     // Three auth-store changes; tokens issued before them are now stale.
     // A fresh client (token) for each: each change makes the last stale.
-    let refused_before = stale_token_refusals(&source).await?;
+    let refused_before = stale_token_refusals(source).await?;
     source
         .client()
         .await?
@@ -598,10 +577,11 @@ async fn an_auth_change_during_a_full_sync_is_survived() -> Result<()> {
         .await?;
     proxy.restore();
 
-    wait_job_state(&syncer, "app", "watching")
+    mirror
+        .wait_state("watching")
         .await
         .with_context(|| syncer.log_text())?;
-    converge(&source, "/app/", &dest, "/app/", WAIT).await?;
+    mirror.converge().await?;
     let auth_errors = syncer
         .metric(
             "etcd_syncer_errors_total",
@@ -624,7 +604,7 @@ async fn an_auth_change_during_a_full_sync_is_survived() -> Result<()> {
     // The premise, seen from the source: the syncer's stale token was
     // really refused (etcd answers InvalidArgument, "revision of auth store
     // is old"), and retried with a fresh one.
-    let refused = stale_token_refusals(&source).await? - refused_before;
+    let refused = stale_token_refusals(source).await? - refused_before;
     ensure!(
         refused >= 1.0,
         "the source never refused a stale token: the auth change missed the full sync"
@@ -635,10 +615,10 @@ async fn an_auth_change_during_a_full_sync_is_survived() -> Result<()> {
         .filter(|l| l.contains("auth store is old"))
         .count();
     println!("auth store changed mid full sync; the source refused {refused} request(s) with the stale token; {stale} syncer log lines mention it");
-    syncer.finish().await?;
+    let version = source.version().to_string();
+    mirror.finish().await?;
     println!(
-        "etcd {}: auth change during a full sync: {:.1} s",
-        source.version(),
+        "etcd {version}: auth change during a full sync: {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
