@@ -338,3 +338,47 @@ impl std::fmt::Display for SlowPathReason {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every `kind` label the policies give is documented in docs/metrics.md
+    /// (read from this file's `Policy::new` and client-kind arms, so a new
+    /// label cannot be added without its row).
+    #[test]
+    fn every_error_kind_is_documented() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let code = std::fs::read_to_string(root.join("src/mirror/error.rs")).expect("read");
+        let doc = std::fs::read_to_string(root.join("docs/metrics.md")).expect("read");
+        let code = &code[..code.find("#[cfg(test)]").expect("tests below the code")];
+        let mut labels = Vec::new();
+        for (at, _) in code.match_indices('"') {
+            let before = code[..at].trim_end();
+            let is_label = before.ends_with("=>")
+                || (before.ends_with(',')
+                    && code[..at].rfind("Policy::new(").is_some_and(|p| {
+                        !code[p..at].contains(';') && code[p..at].matches('"').count() == 0
+                    }));
+            if !is_label {
+                continue;
+            }
+            let rest = &code[at + 1..];
+            let label = &rest[..rest.find('"').expect("closing quote")];
+            if !label.is_empty() && label.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                labels.push(label.to_string());
+            }
+        }
+        assert!(labels.len() >= 15, "found only {labels:?}");
+        for label in labels {
+            if label == "cancelled" {
+                continue; // a stop, never counted
+            }
+            let documented = doc.contains(&format!("| `{label}` |"))
+                || doc.contains(&format!("`{label}`, `"))
+                || doc.contains(&format!(", `{label}` |"));
+            assert!(
+                documented,
+                "errors_total kind `{label}` is not in docs/metrics.md"
+            );
+        }
+    }
+}
