@@ -67,7 +67,7 @@ compile_error!(
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -669,7 +669,7 @@ impl World {
         let instance = Arc::new(Instance {
             sessions: Arc::new(SessionManager::new(dest, profile.lock_ttl)),
             leading: AtomicUsize::new(0),
-            rebalancing: AtomicBool::new(false),
+            rebalancing: AtomicUsize::new(0),
             total_jobs: 1.into(),
             lock_ttl: profile.lock_ttl,
             rebalance_interval: Duration::from_secs(30),

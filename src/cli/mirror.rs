@@ -1,7 +1,7 @@
 //! `mirror-plus`: connects both clusters, serves the HTTP endpoints, and runs
 //! one task per job until cancelled.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,7 +102,7 @@ pub async fn run_mirror(
     let instance = Arc::new(Instance {
         sessions: sessions.clone(),
         leading: AtomicUsize::new(0),
-        rebalancing: AtomicBool::new(false),
+        rebalancing: AtomicUsize::new(0),
         total_jobs: AtomicUsize::new(settings.jobs.len()),
         lock_ttl: settings.lock_ttl,
         rebalance_interval: settings.rebalance_interval,

@@ -2,12 +2,12 @@
 //! while leading, step down when the lease is lost, a write is fenced, the
 //! process shuts down, or this instance leads more than its share.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::ha::election::{
     campaign, queued_instances, release, ElectionError, Leadership, Session, SessionManager,
@@ -21,8 +21,9 @@ pub struct Instance {
     pub sessions: Arc<SessionManager>,
     /// Jobs this instance leads right now.
     pub leading: AtomicUsize,
-    /// Set while one job steps down to rebalance, so only one does at a time.
-    pub rebalancing: AtomicBool,
+    /// Jobs of this instance stepping down to rebalance now: together they
+    /// take it down to its share, never below it.
+    pub rebalancing: AtomicUsize,
     /// Jobs configured now (a reload changes it).
     pub total_jobs: AtomicUsize,
     pub lock_ttl: Duration,
@@ -86,6 +87,22 @@ pub async fn run_replica(
             }
         };
         backoff = retry_backoff();
+        // Won while already at its share, with another instance queued
+        // behind: hand the job on before running it, so jobs released by
+        // an instance over its share (or unled at a simultaneous start)
+        // reach the instances under theirs in one round, not one per
+        // rebalance interval. Only with someone behind, so a job is never
+        // left without a candidate.
+        if hands_on(&template, &instance).await {
+            debug!(job = %name, "Won the job lock at this instance's share; handing it on.");
+            if let Err(error) = release(&template.dest, &leadership).await {
+                warn!(job = %name, %error, "Could not release the job lock; it goes with the lease.");
+            }
+            if !template.pause(instance.lock_ttl, &cancel).await {
+                return Ok(());
+            }
+            continue;
+        }
         info!(job = %name, lock = %leadership.key, lock_revision = leadership.create_revision, "Leadership acquired.");
         metrics.is_leader.set(1);
         metrics.leader_changes_total.inc();
@@ -98,8 +115,13 @@ pub async fn run_replica(
         );
         let job = run_job(ctx, job_cancel.clone());
         tokio::pin!(job);
-        let mut rebalance_tick = tokio::time::interval(instance.rebalance_interval);
-        rebalance_tick.reset();
+        // The first look at the share comes one lock TTL after the win
+        // (jobs won before other instances queued, at a simultaneous start,
+        // go back then), the next ones every rebalance interval.
+        let mut rebalance_tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + instance.lock_ttl.min(instance.rebalance_interval),
+            instance.rebalance_interval,
+        );
         let mut stepping_down: Option<StepDown> = None;
         // Held while this job steps down to rebalance; dropping it (on any
         // path) lets another job of this instance rebalance later.
@@ -139,6 +161,8 @@ pub async fn run_replica(
         }
         job_cancel.cancel();
         instance.leading.fetch_sub(1, Ordering::SeqCst);
+        // No longer led: it counts against the lead through `leading` now.
+        drop(ticket.take());
         metrics.is_leader.set(0);
         metrics.leader_changes_total.inc();
         let reason = match (cancel.is_cancelled(), stepping_down, result) {
@@ -161,12 +185,10 @@ pub async fn run_replica(
                 if let Err(error) = release(&template.dest, &leadership).await {
                     warn!(job = %name, %error, "Could not release the job lock; it goes with the lease.");
                 }
-                // Let a standby take the lock before queueing again; only
-                // then may another job of this instance step down.
+                // Let a standby take the lock before queueing again.
                 if !template.pause(instance.lock_ttl, &cancel).await {
                     return Ok(());
                 }
-                drop(ticket);
             }
             StepDown::Failed(error) if error.policy().action == Action::StepDown => {
                 warn!(job = %name, %error, "A write was fenced: another instance leads this job now; campaigning again.");
@@ -178,6 +200,21 @@ pub async fn run_replica(
             }
         }
     }
+}
+
+/// Whether a lock just won goes on to the next queued instance: this
+/// instance leads its share already and another instance is queued. A
+/// failed read keeps the job (the rebalance round corrects it later).
+async fn hands_on(template: &JobContext, instance: &Instance) -> bool {
+    match queued_instances(&template.dest, &template.keys).await {
+        Ok(queued) => over_share_at_win(instance.leading.load(Ordering::SeqCst), queued, instance),
+        Err(_) => false,
+    }
+}
+
+/// The rule of [`hands_on`]: `queued` counts this instance.
+fn over_share_at_win(leading: usize, queued: usize, instance: &Instance) -> bool {
+    queued > 1 && leading >= instance.fair_share(queued)
 }
 
 /// Campaigns, after a pause if this instance already leads its share.
@@ -211,32 +248,36 @@ async fn elect(
     }
 }
 
-/// The right to step down for rebalancing: one job of an instance at a
-/// time. Released when dropped, whichever way the step-down ends.
+/// The right to step down for rebalancing. An instance over its share
+/// hands back every job above it in one round (one job per round took
+/// about three hours to spread 500 jobs), but never more: a job stepping
+/// down counts against the lead until it stops leading. Released when
+/// dropped (then), whichever way the step-down ends.
 struct RebalanceTicket {
     instance: Arc<Instance>,
 }
 
 impl RebalanceTicket {
-    /// A ticket when this instance leads more than its share of the
-    /// `instances` queued and no other job of it holds one.
+    /// A ticket when this instance, less the jobs already stepping down,
+    /// leads more than its share of the `instances` queued.
     fn take(instance: &Arc<Instance>, instances: usize) -> Option<Self> {
-        let leading = instance.leading.load(Ordering::SeqCst);
-        let over_share = leading > instance.fair_share(instances);
-        (over_share
-            && instance
-                .rebalancing
-                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok())
-        .then(|| Self {
-            instance: instance.clone(),
-        })
+        let share = instance.fair_share(instances);
+        instance
+            .rebalancing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |stepping| {
+                let leading = instance.leading.load(Ordering::SeqCst);
+                (leading.saturating_sub(stepping) > share).then_some(stepping + 1)
+            })
+            .ok()
+            .map(|_| Self {
+                instance: instance.clone(),
+            })
     }
 }
 
 impl Drop for RebalanceTicket {
     fn drop(&mut self) {
-        self.instance.rebalancing.store(false, Ordering::SeqCst);
+        self.instance.rebalancing.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -261,32 +302,66 @@ mod tests {
         Arc::new(Instance {
             sessions: Arc::new(SessionManager::new(dest, Duration::from_secs(5))),
             leading: AtomicUsize::new(leading),
-            rebalancing: AtomicBool::new(false),
+            rebalancing: AtomicUsize::new(0),
             total_jobs: AtomicUsize::new(total_jobs),
             lock_ttl: Duration::from_secs(5),
             rebalance_interval: Duration::from_secs(30),
         })
     }
 
-    /// B6: the rebalancing flag is released on every step-down path, not
-    /// only after a clean rebalance (a fenced write used to leave it set, so
-    /// the instance never rebalanced again).
+    /// B6: a ticket is released on every step-down path, not only after a
+    /// clean rebalance (a fenced write used to leave the flag set, so the
+    /// instance never rebalanced again).
     #[test]
     fn a_rebalance_ticket_is_released_however_the_step_down_ends() {
-        let instance = instance(4, 4);
+        let instance = instance(4, 3);
         let first = RebalanceTicket::take(&instance, 2).expect("over its share of 2");
         assert!(
             RebalanceTicket::take(&instance, 2).is_none(),
-            "one job at a time"
+            "one over its share: one step-down"
         );
         // The step-down ended with a fenced write: the ticket goes with it.
         drop(first);
-        assert!(!instance.rebalancing.load(Ordering::SeqCst));
+        assert_eq!(instance.rebalancing.load(Ordering::SeqCst), 0);
         assert!(RebalanceTicket::take(&instance, 2).is_some());
-        // Within its share: no ticket, flag untouched.
+        // Within its share: no ticket, count untouched.
         let fair = self::instance(4, 2);
         assert!(RebalanceTicket::take(&fair, 2).is_none());
-        assert!(!fair.rebalancing.load(Ordering::SeqCst));
+        assert_eq!(fair.rebalancing.load(Ordering::SeqCst), 0);
+    }
+
+    /// 500 jobs all led by the first instance up, 3 instances: one round
+    /// hands back every job above the share (167), and not one more.
+    #[test]
+    fn an_instance_far_over_its_share_hands_back_every_extra_job_in_one_round() {
+        let instance = instance(500, 495);
+        let tickets: Vec<RebalanceTicket> = (0..495)
+            .map_while(|_| RebalanceTicket::take(&instance, 3))
+            .collect();
+        assert_eq!(tickets.len(), 495 - 167);
+        // As each job stops leading, its ticket goes with the lead it held.
+        instance.leading.store(167, Ordering::SeqCst);
+        drop(tickets);
+        assert_eq!(instance.rebalancing.load(Ordering::SeqCst), 0);
+        assert!(
+            RebalanceTicket::take(&instance, 3).is_none(),
+            "at its share"
+        );
+    }
+
+    /// At a simultaneous start the first instance up wins every lock; once
+    /// others queue behind, a win at its share goes on to them.
+    #[test]
+    fn a_lock_won_at_the_share_goes_on_only_with_someone_behind() {
+        let instance = instance(500, 0);
+        // Alone in the queue: keeps it, whatever it leads.
+        assert!(!over_share_at_win(400, 1, &instance));
+        // Three queued, share 167.
+        assert!(!over_share_at_win(166, 3, &instance));
+        assert!(over_share_at_win(167, 3, &instance));
+        // After one of three dies, two queued: share 250.
+        assert!(!over_share_at_win(167, 2, &instance));
+        assert!(over_share_at_win(250, 2, &instance));
     }
 
     #[test]

@@ -930,6 +930,19 @@ async fn main() -> Result<()> {
     if std::env::var("BENCH_FULL_SYNC_ONLY").is_ok() {
         return full_sync_vs_ceiling().await;
     }
+    if std::env::var("BENCH_JOBS_ONLY").is_ok() {
+        // `make bench-jobs`: many jobs on three replicas, spliced into
+        // docs/benchmarks.md.
+        println!("[1/1] many jobs on three replicas");
+        let section = many_jobs_section().await?;
+        println!("\n{section}");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
+        let existing = std::fs::read_to_string(&path).unwrap_or_default();
+        let spliced = splice_section(&existing, JOBS_HEADING, &section);
+        std::fs::write(&path, keep_written_sections(&spliced, &existing))?;
+        println!("written to {}", path.display());
+        return Ok(());
+    }
     if std::env::var("BENCH_LEASES_ONLY").is_ok() {
         // `make bench-leases`: only the lease scenario, spliced into the
         // existing docs/benchmarks.md.
@@ -1805,11 +1818,247 @@ async fn lease_section(sizes: &Sizes) -> Result<(String, LeaseFigures)> {
 /// `report` with its lease section (from the heading to the end) replaced
 /// by `section`, or `section` appended.
 fn splice_lease_section(report: &str, section: &str) -> String {
-    let kept = match report.find(LEASES_HEADING) {
-        Some(at) => &report[..at],
-        None => report,
+    splice_section(report, LEASES_HEADING, section)
+}
+
+/// `report` with its `heading` section (to the next `## ` or the end)
+/// replaced by `section`, or `section` appended.
+fn splice_section(report: &str, heading: &str, section: &str) -> String {
+    let Some(at) = report.find(heading) else {
+        return format!("{}\n\n{section}", report.trim_end());
     };
-    format!("{}\n\n{section}", kept.trim_end())
+    let rest = &report[at + heading.len()..];
+    let after = rest.find("\n## ").map(|end| &rest[end + 1..]).unwrap_or("");
+    let mut out = format!("{}\n\n{}", report[..at].trim_end(), section.trim_end());
+    if !after.is_empty() {
+        out.push_str("\n\n");
+        out.push_str(after);
+    }
+    out
+}
+
+const JOBS_HEADING: &str = "## Many jobs on three replicas";
+
+/// Every replica's led-job count, and how many of the jobs are watching.
+async fn led_and_watching(replicas: &[Option<Syncer>]) -> (Vec<f64>, f64) {
+    let mut led = Vec::new();
+    let mut watching = 0.0;
+    for replica in replicas {
+        let Some(replica) = replica else {
+            led.push(0.0);
+            continue;
+        };
+        led.push(
+            replica
+                .metric("etcd_syncer_is_leader", &[])
+                .await
+                .unwrap_or(0.0),
+        );
+        watching += replica
+            .metric("etcd_syncer_job_state", &[("state", "watching")])
+            .await
+            .unwrap_or(0.0);
+    }
+    (led, watching)
+}
+
+/// Each live replica leads its share of `jobs` within 10%, and every job
+/// has a leader.
+fn fair(led: &[f64], live: usize, jobs: usize) -> bool {
+    let share = jobs as f64 / live as f64;
+    let total: f64 = led.iter().sum();
+    total as usize == jobs
+        && led.iter().filter(|n| **n > 0.0).count() == live
+        && led
+            .iter()
+            .filter(|n| **n > 0.0)
+            .all(|n| (n - share).abs() <= share * 0.10)
+}
+
+/// Each replica's slow paths (full syncs) so far; 0 for one not running.
+async fn slow_paths(replicas: &[Option<Syncer>]) -> Vec<f64> {
+    let mut counts = Vec::new();
+    for replica in replicas {
+        counts.push(match replica {
+            Some(replica) => replica
+                .metric("etcd_syncer_slow_path_total", &[])
+                .await
+                .unwrap_or(0.0),
+            None => 0.0,
+        });
+    }
+    counts
+}
+
+/// 500 jobs (one prefix of 100 keys each) on three replicas started at
+/// once; then kill -9 of the replica leading most.
+async fn many_jobs_section() -> Result<String> {
+    use std::fmt::Write as _;
+    const JOBS: usize = 500;
+    const KEYS: usize = 100;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let mut client = source.client().await?;
+    for job in 0..JOBS {
+        e2e::put_many(&mut client, &format!("/jobs/j{job:03}/"), KEYS, 100, "v").await?;
+    }
+    let dir = tempfile::tempdir()?;
+    let mut config = format!(
+        "[source]\nendpoints = {:?}\n[destination]\nendpoints = {:?}\n",
+        source.endpoints(),
+        dest.endpoints()
+    );
+    for job in 0..JOBS {
+        writeln!(
+            config,
+            "[[jobs]]\nname = \"j{job:03}\"\nprefix = \"/jobs/j{job:03}/\""
+        )?;
+    }
+    let path = dir.path().join("jobs.toml");
+    std::fs::write(&path, config)?;
+    let args = |n: usize| {
+        e2e::args(&[
+            "mirror-plus",
+            "--config",
+            path.to_str().expect("utf-8 path"),
+            "--instance-id",
+            &format!("r{n}"),
+        ])
+    };
+    let started = Instant::now();
+    let (args0, args1, args2) = (args(0), args(1), args(2));
+    let (a, b, c) = futures::join!(
+        Syncer::start("r0", &args0),
+        Syncer::start("r1", &args1),
+        Syncer::start("r2", &args2)
+    );
+    let mut replicas = vec![Some(a?), Some(b?), Some(c?)];
+    let mut all_watching = None;
+    let mut fair_at = None;
+    let mut samples = Vec::new();
+    while started.elapsed() < Duration::from_secs(180) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (led, watching) = led_and_watching(&replicas).await;
+        let at = started.elapsed();
+        samples.push((at, led.clone()));
+        if all_watching.is_none() && watching as usize == JOBS {
+            all_watching = Some(at);
+        }
+        if fair_at.is_none() && fair(&led, 3, JOBS) {
+            fair_at = Some(at);
+        }
+        if all_watching.is_some() && fair_at.is_some() {
+            break;
+        }
+    }
+    let full_syncs = slow_paths(&replicas).await;
+    let rss: Vec<f64> = replicas
+        .iter()
+        .flatten()
+        .map(|r| peak_rss_mib(r.pid().expect("pid").as_raw() as u32).unwrap_or(0.0))
+        .collect();
+    let (led_before, _) = led_and_watching(&replicas).await;
+    // kill -9 the replica leading most.
+    let victim = led_before
+        .iter()
+        .enumerate()
+        .max_by(|x, y| x.1.total_cmp(y.1))
+        .map(|(i, _)| i)
+        .expect("three replicas");
+    let victim_jobs = led_before[victim];
+    let full_syncs_before: f64 = full_syncs.iter().sum();
+    let survivors_before: f64 = full_syncs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, n)| n)
+        .sum();
+    replicas[victim].as_mut().expect("alive").kill9()?;
+    replicas[victim] = None;
+    let killed = Instant::now();
+    let mut taken_over = None;
+    let mut fair_after = None;
+    while killed.elapsed() < Duration::from_secs(180) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (led, _) = led_and_watching(&replicas).await;
+        let total: f64 = led.iter().sum();
+        if taken_over.is_none() && total as usize == JOBS {
+            taken_over = Some(killed.elapsed());
+        }
+        if fair_after.is_none() && fair(&led, 2, JOBS) {
+            fair_after = Some(killed.elapsed());
+        }
+        if taken_over.is_some() && fair_after.is_some() {
+            break;
+        }
+    }
+    let survivors_after: f64 = slow_paths(&replicas).await.iter().sum();
+    let show = |d: Option<Duration>| {
+        d.map(|d| format!("{:.0} s", d.as_secs_f64()))
+            .unwrap_or_else(|| "not within 180 s".to_string())
+    };
+    let mut out = String::new();
+    writeln!(out, "{JOBS_HEADING}\n")?;
+    writeln!(
+        out,
+        "Produced by `make bench-jobs` on {}; {}. {JOBS} jobs (one prefix of {KEYS} keys of 100 B each, {} keys in all) in one config file, three replicas started at once (`--lock-ttl 5s`, `--rebalance-interval 30s`, the defaults); each replica's led jobs are read from `etcd_syncer_is_leader` every 5 s. Fair: every replica within 10% of its share.\n",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+        machine()?,
+        JOBS * KEYS
+    )?;
+    writeln!(out, "| measure | result | target |\n|---|---|---|")?;
+    writeln!(
+        out,
+        "| every job watching after the start | {} | 60 s |",
+        show(all_watching)
+    )?;
+    writeln!(
+        out,
+        "| fair split after the start | {} | 120 s |",
+        show(fair_at)
+    )?;
+    writeln!(
+        out,
+        "| peak RSS per replica | {} | 256 MiB |",
+        rss.iter()
+            .map(|r| format!("{r:.0} MiB"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
+    writeln!(
+        out,
+        "| jobs of the killed replica ({victim_jobs:.0}) led again after kill -9 | {} | 2 × lock TTL = 10 s |",
+        show(taken_over)
+    )?;
+    writeln!(
+        out,
+        "| fair split of the two left | {} | 120 s |",
+        show(fair_after)
+    )?;
+    writeln!(
+        out,
+        "| full syncs: start (each job's first), then after the takeover | {full_syncs_before:.0}, +{:.0} | {JOBS}, +0 |",
+        survivors_after - survivors_before
+    )?;
+    writeln!(
+        out,
+        "\nJobs led per replica over the first minutes (r0, r1, r2):\n"
+    )?;
+    for (at, led) in samples.iter().take(24) {
+        writeln!(
+            out,
+            "- {:>3.0} s: {}",
+            at.as_secs_f64(),
+            led.iter()
+                .map(|n| format!("{n:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        )?;
+    }
+    for replica in replicas.into_iter().flatten() {
+        replica.finish().await?;
+    }
+    Ok(out)
 }
 
 /// `report` followed by every `## ` section of `existing` it does not
