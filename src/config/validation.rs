@@ -1670,7 +1670,8 @@ mod auth_tests {
     use super::*;
     use clap::Parser;
 
-    fn mirror(extra: &[&str]) -> Result<Settings, ConfigError> {
+    /// `mirror-plus` with both sides, `--prefix /app/` and `extra`.
+    fn mirror_args(extra: &[&str]) -> MirrorArgs {
         let mut argv = vec![
             "etcd-syncer",
             "mirror-plus",
@@ -1684,9 +1685,13 @@ mod auth_tests {
         argv.extend_from_slice(extra);
         let cli = crate::config::args::Cli::try_parse_from(argv).expect("flags parse");
         match cli.command {
-            crate::config::args::Command::MirrorPlus(args) => args.into_settings(),
+            crate::config::args::Command::MirrorPlus(args) => *args,
             _ => unreachable!("mirror-plus"),
         }
+    }
+
+    fn mirror(extra: &[&str]) -> Result<Settings, ConfigError> {
+        mirror_args(extra).into_settings()
     }
 
     fn passwords_file(text: &str) -> tempfile::NamedTempFile {
@@ -1784,31 +1789,13 @@ mod auth_tests {
             file.path().to_str().unwrap()
         ))
         .unwrap();
-        let args = |extra: &[&str]| {
-            let mut argv = vec![
-                "etcd-syncer",
-                "mirror-plus",
-                "--src-endpoints",
-                "http://127.0.0.1:1",
-                "--dst-endpoints",
-                "http://127.0.0.1:2",
-                "--prefix",
-                "/app/",
-            ];
-            argv.extend_from_slice(extra);
-            let cli = crate::config::Cli::try_parse_from(argv).expect("flags parse");
-            let crate::config::Command::MirrorPlus(args) = cli.command else {
-                panic!("parsed as another command")
-            };
-            args
-        };
-        let settings = args(&[]).merge(config).unwrap().auth;
+        let settings = mirror_args(&[]).merge(config).unwrap().auth;
         assert!(settings.enabled);
         assert_eq!(settings.interval, Duration::from_secs(300));
         assert_eq!(settings.passwords.get("app"), Some("s3cret"));
         let config: FileConfig =
             toml::from_str("sync-auth = true\nauth-sync-interval = \"0s\"\n").unwrap();
-        let error = args(&[]).merge(config).unwrap_err().to_string();
+        let error = mirror_args(&[]).merge(config).unwrap_err().to_string();
         assert!(
             error.contains("auth-sync-interval (config file)"),
             "{error}"
