@@ -30,6 +30,8 @@ struct LinkState {
     pending_to_client: AtomicU64,
     /// Bytes written to the upstream server since the proxy started.
     forwarded_to_server: AtomicU64,
+    /// Bytes written back to the clients since the proxy started.
+    forwarded_to_client: AtomicU64,
     /// When non-zero: switch to HOLD before forwarding a byte beyond this
     /// many towards the server (see [`LinkProxy::hold_after_forwarding`]).
     hold_after: AtomicU64,
@@ -167,6 +169,11 @@ impl LinkProxy {
     pub fn forwarded_to_server(&self) -> u64 {
         self.state.forwarded_to_server.load(Ordering::SeqCst)
     }
+
+    /// Bytes written back to the clients since the proxy started.
+    pub fn forwarded_to_client(&self) -> u64 {
+        self.state.forwarded_to_client.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for LinkProxy {
@@ -249,11 +256,11 @@ async fn pump(
             if written.is_err() {
                 return;
             }
-            if let Direction::ToServer = direction {
-                state
-                    .forwarded_to_server
-                    .fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            match direction {
+                Direction::ToServer => &state.forwarded_to_server,
+                Direction::ToClient => &state.forwarded_to_client,
             }
+            .fetch_add(chunk.len() as u64, Ordering::SeqCst);
             let bandwidth = state.bandwidth.load(Ordering::SeqCst);
             if bandwidth > 0 {
                 tokio::time::sleep(Duration::from_secs_f64(

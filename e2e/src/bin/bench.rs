@@ -930,6 +930,19 @@ async fn main() -> Result<()> {
     if std::env::var("BENCH_FULL_SYNC_ONLY").is_ok() {
         return full_sync_vs_ceiling().await;
     }
+    if std::env::var("BENCH_KEEPER_ONLY").is_ok() {
+        // `make bench-keeper`: the lease keeper's source traffic against
+        // listing every lease, spliced into docs/benchmarks.md.
+        println!("[1/1] lease keeper traffic");
+        let section = keeper_traffic_section().await?;
+        println!("\n{section}");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
+        let existing = std::fs::read_to_string(&path).unwrap_or_default();
+        let spliced = splice_section(&existing, KEEPER_HEADING, &section);
+        std::fs::write(&path, keep_written_sections(&spliced, &existing))?;
+        println!("written to {}", path.display());
+        return Ok(());
+    }
     if std::env::var("BENCH_JOBS_ONLY").is_ok() {
         // `make bench-jobs`: many jobs on three replicas, spliced into
         // docs/benchmarks.md.
@@ -1838,6 +1851,124 @@ fn splice_section(report: &str, heading: &str, section: &str) -> String {
 }
 
 const JOBS_HEADING: &str = "## Many jobs on three replicas";
+const KEEPER_HEADING: &str = "## Lease keeper traffic";
+
+/// 100,000 leases on the source, 1,000 of them under the job's prefix: the
+/// syncer's whole source traffic per minute in steady state (keeper probes
+/// and head reads, and the watch's progress requests), through a link
+/// proxy, against listing every source lease (`LeaseLeases`) once per
+/// keeper tick, what a keeper that listed the source's leases would send.
+async fn keeper_traffic_section() -> Result<String> {
+    use std::fmt::Write as _;
+    const ALL: usize = 100_000;
+    const USED: usize = 1_000;
+    const TTL: i64 = 60;
+    const PREFIX: &str = "/keeper/";
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let client = source.client().await?;
+    // The used leases are renewed; the others outlive the run on their own.
+    let used = e2e::leases::grant_leases(&client, USED, TTL).await?;
+    e2e::leases::grant_leases(&client, ALL - USED, 3_600).await?;
+    let renewer = e2e::leases::LeaseRenewer::start(
+        source.client().await?,
+        &used,
+        Duration::from_secs(TTL as u64 / 3),
+    );
+    let entries: Vec<(String, String, i64)> = used
+        .iter()
+        .enumerate()
+        .map(|(i, lease)| (format!("{PREFIX}k{i:04}"), "v".repeat(100), *lease))
+        .collect();
+    e2e::leases::put_leased(&mut source.client().await?, &entries).await?;
+
+    let endpoint = source.endpoints()[0].clone();
+    let (proxy, proxied) = e2e::proxy::LinkProxy::in_front_of(&endpoint).await?;
+    let mut args = e2e::replace_flag(
+        mirror_args(&source, &dest, PREFIX),
+        "--src-endpoints",
+        &proxied,
+    )?;
+    // The default intervals, as deployed (the test harness shortens them).
+    args = e2e::replace_flag(args, "--progress-interval", "5s")?;
+    args = e2e::replace_flag(args, "--watch-idle-timeout", "20s")?;
+    args.extend(e2e::args(&[
+        "--job-name",
+        "bench",
+        "--check-interval",
+        "0s",
+    ]));
+    let syncer = Syncer::start("keeper", &args).await?;
+    wait_watching(&syncer).await?;
+    let mirrored = syncer
+        .metric("etcd_syncer_leases_mirrored", &[("job", "bench")])
+        .await?;
+    // Past the first renewals of the leases the full sync granted.
+    tokio::time::sleep(Duration::from_secs(TTL as u64)).await;
+    let bytes = || proxy.forwarded_to_server() + proxy.forwarded_to_client();
+    let (before, probes_before) = (
+        bytes(),
+        syncer
+            .metric("etcd_syncer_lease_keepalives_total", &[("job", "bench")])
+            .await?,
+    );
+    let window = Duration::from_secs(60);
+    tokio::time::sleep(window).await;
+    let per_minute = (bytes() - before) as f64;
+    let renewals = syncer
+        .metric("etcd_syncer_lease_keepalives_total", &[("job", "bench")])
+        .await?
+        - probes_before;
+    syncer.finish().await?;
+    renewer.stop();
+
+    // One listing of every lease, through a proxy of its own.
+    let (list_proxy, list_endpoint) = e2e::proxy::LinkProxy::in_front_of(&endpoint).await?;
+    let mut lister = etcd_client::Client::connect([list_endpoint], None).await?;
+    lister.status().await?;
+    let listed_before = list_proxy.forwarded_to_server() + list_proxy.forwarded_to_client();
+    let listed = lister.leases().await?.leases().len();
+    let listing = (list_proxy.forwarded_to_server() + list_proxy.forwarded_to_client()
+        - listed_before) as f64;
+    // The keeper ticks every sixth of the shortest destination TTL (TTL +
+    // 30 s grace), at least every second.
+    let ticks_per_minute = 60.0 / ((TTL as f64 + 30.0) / 6.0).ceil().max(1.0);
+    let listing_per_minute = listing * ticks_per_minute;
+
+    let mut out = String::new();
+    writeln!(out, "{KEEPER_HEADING}\n")?;
+    writeln!(
+        out,
+        "Produced by `make bench-keeper` on {}; {}. The source holds {} leases; {} of them (TTL {TTL} s, renewed by the bench) carry the job's {} keys, the rest have no key under the prefix. The syncer reaches the source through a link proxy that counts bytes both ways; `--progress-interval 5s`, no periodic check. Steady state, one minute, after the first renewals.\n",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+        machine()?,
+        group(listed as u64),
+        group(USED as u64),
+        group(USED as u64),
+    )?;
+    writeln!(out, "| measure | bytes | |\n|---|---|---|")?;
+    writeln!(
+        out,
+        "| the syncer's source traffic per minute (keeper probes and head reads, watch progress) | {} | {mirrored:.0} leases mirrored, {renewals:.0} destination renewals in the minute |",
+        group(per_minute as u64)
+    )?;
+    writeln!(
+        out,
+        "| one listing of every source lease (`LeaseLeases`) | {} | |",
+        group(listing as u64)
+    )?;
+    writeln!(
+        out,
+        "| listing every lease each keeper tick ({ticks_per_minute:.0} per minute) | {} | the reference |",
+        group(listing_per_minute as u64)
+    )?;
+    writeln!(
+        out,
+        "| **ratio** | **{:.1}%** | target ≤ 10% |",
+        100.0 * per_minute / listing_per_minute
+    )?;
+    Ok(out)
+}
 
 /// Every replica's led-job count, and how many of the jobs are watching.
 async fn led_and_watching(replicas: &[Option<Syncer>]) -> (Vec<f64>, f64) {
