@@ -936,12 +936,7 @@ async fn main() -> Result<()> {
         println!("[1/1] lease keeper traffic");
         let section = keeper_traffic_section().await?;
         println!("\n{section}");
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
-        let existing = std::fs::read_to_string(&path).unwrap_or_default();
-        let spliced = splice_section(&existing, KEEPER_HEADING, &section);
-        std::fs::write(&path, keep_written_sections(&spliced, &existing))?;
-        println!("written to {}", path.display());
-        return Ok(());
+        return write_section(KEEPER_HEADING, &section);
     }
     if std::env::var("BENCH_JOBS_ONLY").is_ok() {
         // `make bench-jobs`: many jobs on three replicas, spliced into
@@ -949,12 +944,7 @@ async fn main() -> Result<()> {
         println!("[1/1] many jobs on three replicas");
         let section = many_jobs_section().await?;
         println!("\n{section}");
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
-        let existing = std::fs::read_to_string(&path).unwrap_or_default();
-        let spliced = splice_section(&existing, JOBS_HEADING, &section);
-        std::fs::write(&path, keep_written_sections(&spliced, &existing))?;
-        println!("written to {}", path.display());
-        return Ok(());
+        return write_section(JOBS_HEADING, &section);
     }
     if std::env::var("BENCH_LEASES_ONLY").is_ok() {
         // `make bench-leases`: only the lease scenario, spliced into the
@@ -1850,6 +1840,17 @@ fn splice_section(report: &str, heading: &str, section: &str) -> String {
     out
 }
 
+/// Replaces (or appends) `heading`'s section of docs/benchmarks.md,
+/// keeping every other section.
+fn write_section(heading: &str, section: &str) -> Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
+    let existing = std::fs::read_to_string(&path).unwrap_or_default();
+    let spliced = splice_section(&existing, heading, section);
+    std::fs::write(&path, keep_written_sections(&spliced, &existing))?;
+    println!("written to {}", path.display());
+    Ok(())
+}
+
 const JOBS_HEADING: &str = "## Many jobs on three replicas";
 const KEEPER_HEADING: &str = "## Lease keeper traffic";
 
@@ -2218,6 +2219,25 @@ fn keep_written_sections(report: &str, existing: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A section is replaced where it stands (the ones after it kept), or
+    /// appended when the report lacks it.
+    #[test]
+    fn a_section_is_replaced_in_place_or_appended() {
+        let report = "# B\n\n## Many jobs on three replicas\n\nold\n\n## Failback\n\nby hand\n";
+        assert_eq!(
+            splice_section(
+                report,
+                JOBS_HEADING,
+                "## Many jobs on three replicas\n\nnew\n"
+            ),
+            "# B\n\n## Many jobs on three replicas\n\nnew\n\n## Failback\n\nby hand\n"
+        );
+        assert_eq!(
+            splice_section("# B\n", KEEPER_HEADING, "## Lease keeper traffic\n\nx\n"),
+            "# B\n\n## Lease keeper traffic\n\nx\n"
+        );
+    }
 
     /// A new report keeps the sections only the old file had, in order,
     /// and replaces the ones it writes itself.
