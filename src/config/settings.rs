@@ -14,6 +14,7 @@ pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9091";
 pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(5);
 pub const DEFAULT_REBALANCE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(300);
+pub const DEFAULT_CHECK_SAMPLE_SIZE: usize = 10;
 
 // Upper bounds of the duration settings. Anything longer is a typo, and
 // unbounded values overflowed timer arithmetic (2^63 s panicked); a value
@@ -299,7 +300,7 @@ impl Settings {
             checks: CheckSettings {
                 interval: DEFAULT_CHECK_INTERVAL,
                 repair: false,
-                sample_size: 10,
+                sample_size: DEFAULT_CHECK_SAMPLE_SIZE,
             },
             tuning: Tuning::default(),
             leases: LeaseSettings::default(),

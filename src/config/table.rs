@@ -514,7 +514,7 @@ settings_table! {
             check rules::any;
         /// Sample keys of each kind of difference shown in check logs.
         #[arg(long, env = "ETCD_SYNCER_CHECK_SAMPLE_SIZE")]
-        check_sample_size: Option<usize> => usize = 10,
+        check_sample_size: Option<usize> => usize = DEFAULT_CHECK_SAMPLE_SIZE,
             into checks.sample_size,
             reload Jobs,
             check |v| rules::between(*v, 0, 1000, "must be at most 1000");

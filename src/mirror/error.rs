@@ -350,23 +350,16 @@ mod tests {
         let code = std::fs::read_to_string(root.join("src/mirror/error.rs")).expect("read");
         let doc = std::fs::read_to_string(root.join("docs/metrics.md")).expect("read");
         let code = &code[..code.find("#[cfg(test)]").expect("tests below the code")];
-        let mut labels = Vec::new();
-        for (at, _) in code.match_indices('"') {
-            let before = code[..at].trim_end();
-            let is_label = before.ends_with("=>")
-                || (before.ends_with(',')
-                    && code[..at].rfind("Policy::new(").is_some_and(|p| {
-                        !code[p..at].contains(';') && code[p..at].matches('"').count() == 0
-                    }));
-            if !is_label {
-                continue;
-            }
-            let rest = &code[at + 1..];
-            let label = &rest[..rest.find('"').expect("closing quote")];
-            if !label.is_empty() && label.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
-                labels.push(label.to_string());
-            }
-        }
+        // The label is the first literal of each `Policy::new(…)` and the
+        // literal of each `=> "…"` arm (the client kinds).
+        let literal = |text: &str| text.split('"').next().map(str::to_string);
+        let mut labels: Vec<String> = code
+            .split("Policy::new(")
+            .skip(1)
+            .filter_map(|call| call.split('"').nth(1).map(str::to_string))
+            .collect();
+        labels.extend(code.split("=> \"").skip(1).filter_map(literal));
+        labels.retain(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
         assert!(labels.len() >= 15, "found only {labels:?}");
         for label in labels {
             if label == "cancelled" {

@@ -432,11 +432,16 @@ mod tests {
     }
 
     fn state(committed: i64) -> WatchState {
+        state_at(committed, timing(false), Instant::now())
+    }
+
+    /// A state whose watch was created at `start`.
+    fn state_at(committed: i64, timing: WatchTiming, start: Instant) -> WatchState {
         let limits = BatchLimits {
             max_ops: 100,
             max_bytes: 1 << 20,
         };
-        WatchState::new(view(), limits, committed, timing(false), Instant::now())
+        WatchState::new(view(), limits, committed, timing, start)
     }
 
     fn put(key: &str, revision: i64, lease: i64) -> Event {
@@ -623,11 +628,7 @@ mod tests {
     #[test]
     fn a_silent_watch_stalls_after_the_idle_timeout_and_any_answer_keeps_it() {
         let start = Instant::now();
-        let limits = BatchLimits {
-            max_ops: 100,
-            max_bytes: 1 << 20,
-        };
-        let mut state = WatchState::new(view(), limits, 5, timing(false), start);
+        let mut state = state_at(5, timing(false), start);
         let at = |secs| start + Duration::from_secs(secs);
         assert_eq!(state.on_tick(at(20)), Tick::Alive, "up to the timeout");
         // A progress answer at 15 s starts the silence again.
@@ -646,11 +647,7 @@ mod tests {
     #[test]
     fn on_servers_that_may_never_answer_progress_a_silent_watch_is_probed_once() {
         let start = Instant::now();
-        let limits = BatchLimits {
-            max_ops: 100,
-            max_bytes: 1 << 20,
-        };
-        let mut state = WatchState::new(view(), limits, 5, timing(true), start);
+        let mut state = state_at(5, timing(true), start);
         let at = |secs| start + Duration::from_secs(secs);
         assert_eq!(state.on_tick(at(21)), Tick::Probe);
         // One probe at a time.
