@@ -123,8 +123,8 @@ pub async fn run_replica(
             instance.rebalance_interval,
         );
         let mut stepping_down: Option<StepDown> = None;
-        // Held while this job steps down to rebalance; dropping it (on any
-        // path) lets another job of this instance rebalance later.
+        // Held while this job steps down to rebalance: it counts against
+        // the instance's lead until the job stops leading.
         let mut ticket: Option<RebalanceTicket> = None;
         // The count of queued instances, read off the select loop so the
         // job is never starved while the destination answers.
