@@ -9,11 +9,13 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::etcd::Cluster;
 use crate::ha::election::{
     campaign, queued_instances, release, ElectionError, Leadership, Session, SessionManager,
 };
 use crate::mirror::meta::Fence;
 use crate::mirror::{run_job, Action, JobContext, JobError};
+use crate::model::keys::MetaKeys;
 use crate::telemetry::metrics::JobState;
 
 /// What every replica of this instance shares.
@@ -93,7 +95,7 @@ pub async fn run_replica(
         // reach the instances under theirs in one round, not one per
         // rebalance interval. Only with someone behind, so a job is never
         // left without a candidate.
-        if hands_on(&template, &instance).await {
+        if hands_on(&template.dest, &template.keys, &instance).await {
             debug!(job = %name, "Won the job lock at this instance's share; handing it on.");
             if let Err(error) = release(&template.dest, &leadership).await {
                 warn!(job = %name, %error, "Could not release the job lock; it goes with the lease.");
@@ -205,8 +207,8 @@ pub async fn run_replica(
 /// Whether a lock just won goes on to the next queued instance: this
 /// instance leads its share already and another instance is queued. A
 /// failed read keeps the job (the rebalance round corrects it later).
-async fn hands_on(template: &JobContext, instance: &Instance) -> bool {
-    match queued_instances(&template.dest, &template.keys).await {
+async fn hands_on(dest: &Cluster, keys: &MetaKeys, instance: &Instance) -> bool {
+    match queued_instances(dest, keys).await {
         Ok(queued) => over_share_at_win(instance.leading.load(Ordering::SeqCst), queued, instance),
         Err(_) => false,
     }
@@ -289,18 +291,22 @@ fn retry_backoff() -> impl Iterator<Item = Duration> {
 mod tests {
     use super::*;
 
-    fn instance(total_jobs: usize, leading: usize) -> Arc<Instance> {
+    /// A destination in memory.
+    fn memory_dest() -> Cluster {
         let store = crate::etcd::memory::new_store(1);
         let client =
             crate::etcd::memory::MemoryEtcd::new(store, crate::etcd::memory::Link::new("t", 1));
-        let dest = crate::etcd::Cluster::with_backend(
+        Cluster::with_backend(
             crate::model::Side::Destination,
             "memory",
             Arc::new(client),
             Duration::from_secs(1),
-        );
+        )
+    }
+
+    fn instance(total_jobs: usize, leading: usize) -> Arc<Instance> {
         Arc::new(Instance {
-            sessions: Arc::new(SessionManager::new(dest, Duration::from_secs(5))),
+            sessions: Arc::new(SessionManager::new(memory_dest(), Duration::from_secs(5))),
             leading: AtomicUsize::new(leading),
             rebalancing: AtomicUsize::new(0),
             total_jobs: AtomicUsize::new(total_jobs),
@@ -354,14 +360,43 @@ mod tests {
     #[test]
     fn a_lock_won_at_the_share_goes_on_only_with_someone_behind() {
         let instance = instance(500, 0);
-        // Alone in the queue: keeps it, whatever it leads.
+        // Alone in the queue: keeps it, whatever it leads (even every job).
         assert!(!over_share_at_win(400, 1, &instance));
+        assert!(!over_share_at_win(500, 1, &instance));
         // Three queued, share 167.
         assert!(!over_share_at_win(166, 3, &instance));
         assert!(over_share_at_win(167, 3, &instance));
         // After one of three dies, two queued: share 250.
         assert!(!over_share_at_win(167, 2, &instance));
         assert!(over_share_at_win(250, 2, &instance));
+    }
+
+    /// The queue is read from the job's lock keys: a win at the share is
+    /// handed on once a second instance is queued, and kept below it.
+    #[tokio::test]
+    async fn a_win_is_handed_on_from_what_the_lock_queue_holds() {
+        use crate::etcd::api::{Op, TxnRequest};
+        let dest = memory_dest();
+        let keys = MetaKeys::new("/meta/", "job");
+        let queue = |lease: u32| {
+            TxnRequest::new().and_then(vec![Op::put(
+                format!("{}{lease:016x}", keys.lock_prefix()),
+                "i",
+            )])
+        };
+        // Two jobs: the share of two queued instances is one.
+        let at_share = instance(2, 1);
+        dest.txn("queue", queue(1)).await.unwrap();
+        assert!(
+            !hands_on(&dest, &keys, &at_share).await,
+            "alone in the queue"
+        );
+        dest.txn("queue", queue(2)).await.unwrap();
+        assert!(hands_on(&dest, &keys, &at_share).await);
+        assert!(
+            !hands_on(&dest, &keys, &instance(2, 0)).await,
+            "below its share"
+        );
     }
 
     #[test]
