@@ -93,6 +93,9 @@ pub struct EtcdOptions {
     pub max_txn_ops: Option<usize>,
     /// Any other server flags, passed as given (e.g. `--auth-token-ttl 3`).
     pub extra_args: Vec<String>,
+    /// Start from this snapshot (`etcdctl snapshot save`), restored with
+    /// `etcdctl snapshot restore` into each member's data directory.
+    pub restore_from: Option<PathBuf>,
 }
 
 struct Member {
@@ -187,6 +190,9 @@ impl EtcdCluster {
             _dir: dir,
             credentials: None,
         };
+        if let Some(snapshot) = cluster.options.restore_from.clone() {
+            cluster.restore(&snapshot)?;
+        }
         for i in 0..cluster.members.len() {
             cluster.spawn_member(i, "new")?;
         }
@@ -202,13 +208,77 @@ impl EtcdCluster {
         }
     }
 
-    fn spawn_member(&mut self, index: usize, state: &str) -> Result<()> {
-        let initial_cluster = self
-            .members
+    /// Restores `snapshot` into every member's data directory, as an
+    /// operator seeds a standby: same keys, revisions and leases.
+    fn restore(&self, snapshot: &Path) -> Result<()> {
+        let initial_cluster = self.initial_cluster();
+        for member in &self.members {
+            let output = Command::new(etcdctl_binary())
+                .env("ETCDCTL_API", "3")
+                .arg("snapshot")
+                .arg("restore")
+                .arg(snapshot)
+                .arg("--name")
+                .arg(&member.name)
+                .arg("--data-dir")
+                .arg(&member.data_dir)
+                .arg("--initial-cluster")
+                .arg(&initial_cluster)
+                .arg("--initial-cluster-token")
+                .arg(&self.token)
+                .arg("--initial-advertise-peer-urls")
+                .arg(format!("http://127.0.0.1:{}", member.peer_port))
+                .output()
+                .context("run etcdctl snapshot restore")?;
+            if !output.status.success() {
+                bail!(
+                    "etcdctl snapshot restore failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `etcdctl snapshot save` of the first member into `path`.
+    pub fn snapshot_save(&self, path: &Path) -> Result<()> {
+        let mut command = Command::new(etcdctl_binary());
+        command
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.member_endpoint(0))
+            .arg("snapshot")
+            .arg("save")
+            .arg(path);
+        if let Some(tls) = &self.options.tls {
+            command
+                .arg("--cacert")
+                .arg(&tls.ca_cert)
+                .arg("--cert")
+                .arg(&tls.client_cert)
+                .arg("--key")
+                .arg(&tls.client_key);
+        }
+        let output = command.output().context("run etcdctl snapshot save")?;
+        if !output.status.success() {
+            bail!(
+                "etcdctl snapshot save failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members
             .iter()
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect::<Vec<_>>()
-            .join(",");
+            .join(",")
+    }
+
+    fn spawn_member(&mut self, index: usize, state: &str) -> Result<()> {
+        let initial_cluster = self.initial_cluster();
         let scheme = self.scheme();
         let member = &self.members[index];
         let client_url = format!("{scheme}://127.0.0.1:{}", member.client_port);

@@ -293,6 +293,13 @@ pub async fn monotonic_checkpoint_history(
 }
 
 /// Runs an `etcd-syncer` command to completion: (exit code, stdout + stderr).
+/// `etcd-syncer <argv>`, which must exit 0; returns its output.
+pub async fn cli_ok(argv: &[&str]) -> Result<String> {
+    let (code, output) = run_cli(&args(argv)).await?;
+    anyhow::ensure!(code == 0, "{argv:?} exited {code}: {output}");
+    Ok(output)
+}
+
 pub async fn run_cli(argv: &[String]) -> Result<(i32, String)> {
     let output = tokio::process::Command::new(syncer::binary())
         .args(argv)

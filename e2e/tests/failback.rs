@@ -264,12 +264,6 @@ async fn failback_cost_at_100k_keys_with_1_percent_changed() -> Result<()> {
     Ok(())
 }
 
-async fn cli_ok(argv: &[&str]) -> Result<String> {
-    let (code, output) = run_cli(&args(argv)).await?;
-    ensure!(code == 0, "{argv:?} exited {code}: {output}");
-    Ok(output)
-}
-
 async fn fast_path_replica(name: &str, from: &EtcdCluster, to: &EtcdCluster) -> Result<Syncer> {
     let syncer = Syncer::start(name, &mirror_args(from, to, "/app/")).await?;
     wait_job_state(&syncer, "app", "watching").await?;

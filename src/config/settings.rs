@@ -271,6 +271,8 @@ pub struct Settings {
     pub leases: LeaseSettings,
     pub auth: AuthSyncSettings,
     pub failover: FailoverSettings,
+    /// `--revision-exact`: one whole-keyspace job replayed revision by revision.
+    pub revision_exact: bool,
 }
 
 /// How keys attached to source leases are mirrored.
@@ -306,6 +308,7 @@ impl Settings {
             leases: LeaseSettings::default(),
             auth: AuthSyncSettings::default(),
             failover: FailoverSettings::default(),
+            revision_exact: false,
         }
     }
 }

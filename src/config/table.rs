@@ -541,6 +541,17 @@ settings_table! {
             reload Jobs,
             check |v| rules::whole_seconds(*v, MIN_LEASE_GRACE, MAX_LEASE_GRACE, "must be whole seconds from 5s to 1h (etcd leases have second granularity; a leader's takeover must fit in the grace or a failover drops live registrations); the default is 30s");
 
+        /// Keep the destination revision-exact: the whole keyspace (but the
+        /// meta prefix), one destination txn per source revision, so revisions,
+        /// create/mod revisions, versions and lease IDs are the source's. The
+        /// destination starts as a snapshot restore of the source (see
+        /// docs/operations.md, "Revision-exact standby").
+        #[arg(long, env = "ETCD_SYNCER_REVISION_EXACT")]
+        revision_exact: bool => bool = false,
+            into revision_exact,
+            reload Process,
+            check rules::any;
+
         /// Mirror auth roles (with their permissions, dest-prefix rewritten) and
         /// users (with their role grants) to the destination, cluster-wide; run
         /// by the leader of the first job. Needs the root role on both sides.

@@ -116,7 +116,12 @@ impl MirrorArgs {
         self.run.apply(&mut file, &mut settings, &mut from_flag)?;
         settings.reset_last_synced_rev = self.reset_last_synced_rev;
 
-        let jobs = match self.prefix {
+        // Revision-exact mirrors the whole keyspace as one job: no --prefix
+        // needed (and any other is refused below).
+        let prefix = self
+            .prefix
+            .or_else(|| (settings.revision_exact && file.jobs.is_empty()).then(String::new));
+        let jobs = match prefix {
             Some(prefix) => {
                 let dest_prefix = if self.no_dest_prefix {
                     Some(String::new())
@@ -187,8 +192,66 @@ impl MirrorArgs {
         )?;
         settings.jobs = jobs;
         between_settings(&mut settings, from_flag)?;
+        exact_settings(&settings)?;
         Ok(settings)
     }
+}
+
+/// `--revision-exact` keeps every revision of the source, so nothing that
+/// leaves keys out, moves them, or writes outside a replay txn goes with it.
+fn exact_settings(settings: &Settings) -> Result<(), ConfigError> {
+    if !settings.revision_exact {
+        return Ok(());
+    }
+    let conflict = |fields: &str, reason: &str| {
+        Err(ConfigError::Conflict {
+            fields: format!("--revision-exact and {fields}"),
+            reason: format!("{reason}; revision-exact mirrors the whole keyspace unchanged, one txn per source revision"),
+        })
+    };
+    let [job] = settings.jobs.as_slice() else {
+        return conflict(
+            "several [[jobs]]",
+            "one job replays every revision; drop the [[jobs]] list",
+        );
+    };
+    if !job.prefix.is_empty() {
+        return conflict(
+            &format!("--prefix {:?}", job.prefix),
+            "drop --prefix (or the job's prefix)",
+        );
+    }
+    if !job.dest_prefix.is_empty() {
+        return conflict(
+            &format!("--dest-prefix {:?}", job.dest_prefix),
+            "keys keep their names; drop --dest-prefix",
+        );
+    }
+    if !job.exclude_prefixes.is_empty() {
+        return conflict(
+            "--exclude-prefix",
+            "a key left out would leave its revisions out too; drop the excludes",
+        );
+    }
+    if settings.leases.mode == LeaseMode::Strip {
+        return conflict(
+            "--leases strip",
+            "keys keep their source lease IDs; use --leases faithful (the default)",
+        );
+    }
+    if settings.reset_last_synced_rev {
+        return conflict(
+            "--reset-last-synced-rev",
+            "there is no full sync to start again from; re-seed the standby from a snapshot instead (docs/operations.md)",
+        );
+    }
+    if settings.checks.repair {
+        return conflict(
+            "--check-repair",
+            "a repair would be a write of the destination's own",
+        );
+    }
+    Ok(())
 }
 
 /// The rules that tie two settings together, once the table has filled
@@ -954,6 +1017,76 @@ mod tests {
 
     fn error_text(result: Result<Settings, ConfigError>) -> String {
         result.expect_err("must be rejected").to_string()
+    }
+
+    /// `--revision-exact` is one whole-keyspace job; everything that
+    /// leaves keys out, renames them or writes on its own is refused,
+    /// naming the field.
+    #[test]
+    fn revision_exact_is_one_unchanged_whole_keyspace_job() {
+        let base = [
+            "--src-endpoints",
+            "http://s:1",
+            "--dst-endpoints",
+            "http://d:1",
+            "--revision-exact",
+        ];
+        let exact = |extra: &[&str]| {
+            let mut argv = base.to_vec();
+            argv.extend_from_slice(extra);
+            args(&argv)
+        };
+        let settings = exact(&[]).expect("no --prefix needed");
+        assert!(settings.revision_exact);
+        assert_eq!(settings.jobs.len(), 1);
+        assert_eq!(
+            (
+                settings.jobs[0].prefix.as_str(),
+                settings.jobs[0].dest_prefix.as_str()
+            ),
+            ("", "")
+        );
+        assert!(exact(&["--prefix", ""]).is_ok());
+        for (extra, field) in [
+            (&["--prefix", "/a/"][..], "--prefix"),
+            (&["--dest-prefix", "/x/"][..], "--dest-prefix"),
+            (
+                &["--prefix", "", "--exclude-prefix", "/b/"][..],
+                "--exclude-prefix",
+            ),
+            (&["--leases", "strip"][..], "--leases strip"),
+            (&["--reset-last-synced-rev"][..], "--reset-last-synced-rev"),
+            (
+                &["--check-repair", "--check-interval", "1m"][..],
+                "--check-repair",
+            ),
+        ] {
+            let text = error_text(exact(extra));
+            assert!(
+                text.contains("--revision-exact") && text.contains(field),
+                "{extra:?}: {text}"
+            );
+        }
+        // Several [[jobs]] in the file, with the flag in the file too.
+        let cli = Cli::try_parse_from(["etcd-syncer", "mirror-plus"]).expect("flags parse");
+        let Command::MirrorPlus(flags) = cli.command else {
+            panic!("parsed as another command")
+        };
+        let file = r#"
+            revision-exact = true
+            [source]
+            endpoints = ["http://s:1"]
+            [destination]
+            endpoints = ["http://d:1"]
+            [[jobs]]
+            prefix = "/a/"
+            [[jobs]]
+            prefix = "/b/"
+        "#;
+        let text = error_text(flags.merge(toml::from_str(file).expect("toml")));
+        assert!(text.contains("several [[jobs]]"), "{text}");
+        // Without the flag, none of it applies.
+        assert!(!with_base(&[]).unwrap().revision_exact);
     }
 
     #[test]

@@ -56,6 +56,15 @@ pub enum JobError {
     HistoryDiffers(SlowPathReason),
     #[error("{leases} mirrored destination lease(s) expired while their source leases live; a full sync restores their keys")]
     DestLeaseLost { leases: usize },
+    /// `--revision-exact`: the destination is no longer the source's store
+    /// at its checkpoint; nothing more is written until it is re-seeded.
+    #[error("parity lost: {0}; re-seed the standby from a snapshot of the source (docs/operations.md, \"Revision-exact standby\")")]
+    ParityLost(crate::model::exact::ParityLost),
+    /// `--revision-exact` cannot go on without an operator (a revision too
+    /// big for one txn, compacted history to resume from, another source):
+    /// the destination still equals the source at its checkpoint.
+    #[error("revision-exact replay stopped: {0}")]
+    ExactBlocked(String),
     #[error("cancelled")]
     Cancelled,
     /// One failure several waiters share (a lease grant or record txn
@@ -175,6 +184,12 @@ impl JobError {
             }
             JobError::DestLeaseLost { .. } => {
                 Policy::new(Action::Resync, "dest_lease_expired", Level::WARN)
+            }
+            JobError::ParityLost(_) => {
+                Policy::new(Action::NeedsOperator, "parity_lost", Level::ERROR)
+            }
+            JobError::ExactBlocked(_) => {
+                Policy::new(Action::NeedsOperator, "exact_blocked", Level::ERROR)
             }
             JobError::Cancelled => Policy::new(Action::Stop, "cancelled", Level::DEBUG),
             JobError::Internal(_) => Policy::new(Action::NeedsOperator, "internal", Level::ERROR),

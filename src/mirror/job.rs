@@ -808,6 +808,7 @@ mod tests {
             last_event: None,
             leases_mirrored: false,
             excluded: None,
+            revision_exact: false,
         }
     }
 

@@ -47,6 +47,7 @@ impl CheckpointOf {
             last_event,
             leases_mirrored: self.leases_mirrored,
             excluded: Some(self.excluded.clone()),
+            revision_exact: false,
         }
     }
 }
@@ -193,6 +194,7 @@ mod tests {
             last_event: Some(crate::model::schema::EventStamp::put(b"/app/k", b"v", 41)),
             leases_mirrored: true,
             excluded: None,
+            revision_exact: true,
         };
         let decoded: Checkpoint = serde_json::from_slice(&checkpoint.encode()).unwrap();
         assert_eq!(decoded, checkpoint);

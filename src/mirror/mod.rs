@@ -5,6 +5,7 @@
 
 pub mod context;
 pub mod error;
+pub mod exact;
 pub mod fenced;
 pub mod full_sync;
 pub mod history_window;

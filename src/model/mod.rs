@@ -2,6 +2,7 @@
 //!
 //! - [`batch`]: coalescing source revisions into destination txns.
 //! - [`diff`]: merging two sorted key streams into differences.
+//! - [`exact`]: revision-exact replay: whole revisions, one txn each, parity.
 //! - [`failback`]: the keys that can differ after a promotion, the lost
 //!   writes of the old primary, and what makes it equal the standby.
 //! - [`failover`]: which endpoint group of a cluster to use.
@@ -14,6 +15,7 @@
 
 pub mod batch;
 pub mod diff;
+pub mod exact;
 pub mod failback;
 pub mod failover;
 pub mod ids;

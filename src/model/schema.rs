@@ -48,6 +48,11 @@ pub struct Checkpoint {
     /// excluded was never copied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub excluded: Option<Vec<String>>,
+    /// Written by a `--revision-exact` replay: the destination's revision
+    /// is the source's, so the checkpoint's own `mod_revision` equals
+    /// `last_synced_rev` while parity holds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revision_exact: bool,
 }
 
 /// One source event, small enough to ride in every checkpoint.

@@ -1452,6 +1452,7 @@ mod tests {
             last_event: None,
             leases_mirrored: false,
             excluded: None,
+            revision_exact: false,
         };
         let meta = MetaKeys::new(META, "app");
         apply(

@@ -192,8 +192,20 @@ impl Supervisor {
         let name = job.name.clone();
         let instance = self.shared.instance.clone();
         let replica_cancel = cancel.clone();
-        self.jobs
-            .spawn(async move { (name, run_replica(template, instance, replica_cancel).await) });
+        if settings.revision_exact {
+            // Its own lease-only lock: a lock key would move the standby's revision.
+            let lock_ttl = settings.lock_ttl;
+            self.jobs.spawn(async move {
+                (
+                    name,
+                    crate::mirror::exact::run(template, lock_ttl, replica_cancel).await,
+                )
+            });
+        } else {
+            self.jobs.spawn(async move {
+                (name, run_replica(template, instance, replica_cancel).await)
+            });
+        }
         self.running.insert(
             job.name.clone(),
             Running {

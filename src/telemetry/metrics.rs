@@ -436,10 +436,13 @@ pub enum JobState {
     /// Full syncs again and again without a stable watch in between.
     ResyncLoop,
     Promoted,
+    /// `--revision-exact`: the destination's revisions are no longer the
+    /// source's; writes stopped until it is re-seeded.
+    ParityLost,
 }
 
 impl JobState {
-    pub const ALL: [JobState; 9] = [
+    pub const ALL: [JobState; 10] = [
         JobState::Starting,
         JobState::Standby,
         JobState::FullSync,
@@ -449,6 +452,7 @@ impl JobState {
         JobState::NoSpace,
         JobState::ResyncLoop,
         JobState::Promoted,
+        JobState::ParityLost,
     ];
 
     pub fn label(self) -> &'static str {
@@ -462,6 +466,7 @@ impl JobState {
             JobState::NoSpace => "no_space",
             JobState::ResyncLoop => "resync_loop",
             JobState::Promoted => "promoted",
+            JobState::ParityLost => "parity_lost",
         }
     }
 }

@@ -1,0 +1,743 @@
+//! `--revision-exact`: the shell around [`crate::model::exact`].
+//!
+//! ```text
+//!   Campaign (lease-only lock) ─▶ Resolve ─┬─ checkpoint, parity holds ─────────▶ Replay
+//!        ▲                                 └─ none: seed check at dest revision ─▶ Replay
+//!        └──── error: retry, or park (parity lost, blocked, promoted) ◀────────────┘
+//! ```
+//!
+//! Nothing here writes a destination revision except a replay txn: the lock
+//! is a lease with a fixed ID (a grant fails while another replica holds it,
+//! and leases move no revision), the checkpoint travels inside each replay
+//! txn, and the parity state is derived (the destination's revision against
+//! the checkpoint's), never stored.
+//!
+//! Fencing: every replay txn compares the checkpoint's `mod_revision` with
+//! the revision it continues from and the promoted marker's absence. Any
+//! writer can only ever write the one next source revision, and only once;
+//! after a promotion, nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::etcd::api::{Compare, CompareOp, Op, RangeRequest, TxnRequest, WatchRequest};
+use crate::etcd::client::{Cluster, FailureKind};
+use crate::mirror::context::JobContext;
+use crate::mirror::error::{Action, JobError};
+use crate::model::exact::{
+    compare_states, parity, parity_at_resume, plan, ExactEvent, ExactKey, Grouper, ParityLost,
+    PutOf, ReplayLimits, ReplayOp, Revision,
+};
+use crate::model::schema::Checkpoint;
+use crate::telemetry::metrics::JobState;
+
+/// Keys per page when the seed check reads both stores.
+const PAGE: i64 = 5_000;
+/// A parked job (parity lost, blocked) looks again this often: an operator
+/// who re-seeded the standby needs no restart.
+const PARKED_POLL: Duration = Duration::from_secs(30);
+/// Room for the fence compares and the checkpoint put in every txn.
+const RESERVE_BYTES: usize = 4096;
+/// Leases read or renewed at once.
+const LEASE_CONCURRENCY: usize = 64;
+
+/// The lock's lease ID: fixed per meta prefix and job, so a grant with it
+/// fails while any replica holds it. Kept in the upper half of the ID
+/// space with bit 62 set, away from etcd's own IDs (member-ID bits over a
+/// time-based counter), and checked against the source's leases anyway.
+pub fn lock_lease_id(job_root: &str) -> i64 {
+    // FNV-1a: stable across builds and platforms.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in job_root.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    ((hash & 0x3fff_ffff_ffff_ffff) | 0x4000_0000_0000_0000) as i64
+}
+
+/// Runs the job until cancelled: campaign, lead, and decide what each end
+/// of a leadership means.
+pub async fn run(
+    ctx: JobContext,
+    lock_ttl: Duration,
+    cancel: CancellationToken,
+) -> Result<(), JobError> {
+    let mut backoff = crate::etcd::retry::Policy::JOB.backoff();
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        ctx.metrics.set_state(JobState::Standby);
+        let lock = match campaign(&ctx, lock_ttl, &cancel).await {
+            Ok(Some(lock)) => lock,
+            Ok(None) => return Ok(()),
+            Err(error) => {
+                ctx.metrics.error(error.kind());
+                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                warn!(job = %ctx.job.name, %error, retry_in = ?delay, "Campaign for the revision-exact lock failed; retrying.");
+                if !ctx.pause(delay, &cancel).await {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        info!(job = %ctx.job.name, lock_lease = lock.id, "Leading the revision-exact replay.");
+        let started = Instant::now();
+        let result = lead(&ctx, &lock.held, &cancel).await;
+        lock.release().await;
+        let Err(error) = result else {
+            return Ok(());
+        };
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = crate::etcd::retry::Policy::JOB.backoff();
+        }
+        let policy = error.policy();
+        if policy.action == Action::Stop {
+            return Ok(());
+        }
+        ctx.metrics.error(policy.label);
+        let delay = match (&error, policy.action) {
+            (JobError::ParityLost(_), _) => {
+                ctx.metrics.set_state(JobState::ParityLost);
+                error!(job = %ctx.job.name, %error, "Revision parity lost; writes stopped.");
+                PARKED_POLL
+            }
+            (_, Action::Promoted) => {
+                ctx.metrics.set_state(JobState::Promoted);
+                info!(job = %ctx.job.name, "The standby is promoted; replay stays stopped.");
+                PARKED_POLL
+            }
+            (_, Action::NeedsOperator | Action::Resync | Action::Exit) => {
+                ctx.metrics.set_state(JobState::Error);
+                error!(job = %ctx.job.name, %error, "Revision-exact replay needs an operator; the standby stays at its checkpoint.");
+                PARKED_POLL
+            }
+            _ => {
+                ctx.metrics.set_state(JobState::Error);
+                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                warn!(job = %ctx.job.name, %error, retry_in = ?delay, "Revision-exact replay failed; retrying.");
+                delay
+            }
+        };
+        if !ctx.pause(delay, &cancel).await {
+            return Ok(());
+        }
+    }
+}
+
+/// The lease-only lock this replica holds, and its keeper.
+struct ExactLock {
+    dest: Cluster,
+    id: i64,
+    /// Cancelled when the lock is lost (or released).
+    held: CancellationToken,
+    _keeper: tokio_util::sync::DropGuard,
+}
+
+impl ExactLock {
+    /// Revokes the lock's lease (it has no keys: no revision moves), so a
+    /// standby replica takes over at its next try.
+    async fn release(self) {
+        self.held.cancel();
+        if let Err(error) = self.dest.lease_revoke(self.id).await {
+            debug!(%error, "Could not revoke the revision-exact lock lease; it expires on its own.");
+        }
+    }
+}
+
+/// Tries for the lock every quarter TTL until granted (`None` when cancelled).
+async fn campaign(
+    ctx: &JobContext,
+    ttl: Duration,
+    cancel: &CancellationToken,
+) -> Result<Option<ExactLock>, JobError> {
+    let id = lock_lease_id(ctx.keys.job_root());
+    let ttl_seconds = ttl.as_secs().max(2) as i64;
+    let mut tries = tokio::time::interval(ttl / 4);
+    tries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(None),
+            _ = tries.tick() => {}
+        }
+        ctx.heartbeat();
+        match ctx.dest.lease_grant(ttl_seconds, id).await {
+            Ok(_) => break,
+            Err(error) if error.is_lease_exists() => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let held = cancel.child_token();
+    let keeper = held.clone();
+    let dest = ctx.dest.clone();
+    let name = ctx.job.name.clone();
+    tokio::spawn(async move {
+        // Renew every third of the TTL; the lock is lost when the lease is
+        // gone, or when no renewal got through for most of the TTL (the
+        // lease may be expiring on the server this very moment).
+        let mut last_renewed = Instant::now();
+        let mut rounds = tokio::time::interval(ttl / 3);
+        loop {
+            tokio::select! {
+                biased;
+                _ = keeper.cancelled() => return,
+                _ = rounds.tick() => {}
+            }
+            match dest.lease_renew(id).await {
+                Ok(true) => last_renewed = Instant::now(),
+                Ok(false) => {
+                    warn!(job = %name, "The revision-exact lock lease is gone; stepping down.");
+                    keeper.cancel();
+                    return;
+                }
+                Err(error) if last_renewed.elapsed() > ttl * 2 / 3 => {
+                    warn!(job = %name, %error, "The revision-exact lock could not be renewed in time; stepping down.");
+                    keeper.cancel();
+                    return;
+                }
+                Err(error) => debug!(job = %name, %error, "Lock renewal failed; trying again."),
+            }
+        }
+    });
+    Ok(Some(ExactLock {
+        dest: ctx.dest.clone(),
+        id,
+        _keeper: held.clone().drop_guard(),
+        held,
+    }))
+}
+
+/// Where a leadership starts replaying from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Resolved {
+    /// The source revision the destination holds (and its own revision).
+    applied: i64,
+    /// Whether a checkpoint exists (the first replay txn creates it).
+    has_checkpoint: bool,
+    source_cluster_id: u64,
+}
+
+async fn lead(
+    ctx: &JobContext,
+    held: &CancellationToken,
+    cancel: &CancellationToken,
+) -> Result<(), JobError> {
+    ctx.metrics.set_state(JobState::Starting);
+    let resolved = resolve(ctx).await?;
+    let leases = ExactLeases::new(ctx.clone(), lock_lease_id(ctx.keys.job_root()));
+    leases.mirror_all().await?;
+    let keeper_stop = held.child_token();
+    let _stop_keeper = keeper_stop.clone().drop_guard();
+    let keeper = tokio::spawn(leases.clone().keep(keeper_stop.clone()));
+    let replayed = replay(ctx, &leases, resolved, held).await;
+    keeper_stop.cancel();
+    let _ = keeper.await;
+    match replayed {
+        // Lost the lock (not cancelled): campaign again.
+        Ok(()) if !cancel.is_cancelled() => Err(JobError::Fenced {
+            reason: "the revision-exact lock was lost",
+        }),
+        other => other,
+    }
+}
+
+/// Reads the checkpoint and proves the destination is the source's store
+/// at it; without a checkpoint, proves the seed (a snapshot restore, or an
+/// empty history) equal to the source at the destination's revision.
+async fn resolve(ctx: &JobContext) -> Result<Resolved, JobError> {
+    let read = ctx
+        .dest
+        .range(
+            "read checkpoint",
+            RangeRequest::key(ctx.keys.checkpoint().into_bytes()),
+        )
+        .await?;
+    let promoted = ctx
+        .dest
+        .range(
+            "read promoted marker",
+            RangeRequest::key(ctx.keys.promoted().into_bytes()).count_only(),
+        )
+        .await?;
+    if promoted.count > 0 {
+        return Err(JobError::Promoted);
+    }
+    let source = ctx.source.head(b"").await?;
+    let dest_revision = read.header.revision;
+    if let Some(kv) = read.kvs.first() {
+        let checkpoint: Checkpoint = serde_json::from_slice(&kv.value).map_err(|e| {
+            JobError::ExactBlocked(format!(
+                "the checkpoint at {} is unreadable ({e}); re-seed the standby",
+                ctx.keys.checkpoint()
+            ))
+        })?;
+        if !checkpoint.revision_exact {
+            return Err(JobError::ExactBlocked(format!(
+                "the destination's checkpoint at {} was written by a prefix mirror, not a revision-exact replay; \
+                 seed a new standby from a snapshot (or use another --meta-prefix)",
+                ctx.keys.checkpoint()
+            )));
+        }
+        if checkpoint.source_cluster_id != source.cluster_id {
+            return Err(JobError::ExactBlocked(format!(
+                "the source answers as cluster {:x}, but the standby holds cluster {:x}'s history; \
+                 check --src-endpoints, or re-seed from a snapshot of this source",
+                source.cluster_id, checkpoint.source_cluster_id
+            )));
+        }
+        parity_at_resume(checkpoint.last_synced_rev, kv.mod_revision, dest_revision)
+            .map_err(JobError::ParityLost)?;
+        if source.revision < checkpoint.last_synced_rev {
+            return Err(JobError::ExactBlocked(format!(
+                "the source is at revision {} but the standby at {}: the source lost history \
+                 (restored from an older backup?); re-seed the standby",
+                source.revision, checkpoint.last_synced_rev
+            )));
+        }
+        return Ok(Resolved {
+            applied: checkpoint.last_synced_rev,
+            has_checkpoint: true,
+            source_cluster_id: source.cluster_id,
+        });
+    }
+    if source.revision < dest_revision {
+        return Err(JobError::ExactBlocked(format!(
+            "the destination is at revision {dest_revision}, past the source's {}: it is not a copy of this source; \
+             seed it from a snapshot of the source",
+            source.revision
+        )));
+    }
+    ctx.metrics.set_state(JobState::FullSync);
+    info!(job = %ctx.job.name, revision = dest_revision, "No checkpoint: checking the seed against the source at the destination's revision.");
+    let source_keys = read_store(&ctx.source, dest_revision, &ctx.meta_prefix)
+        .await
+        .map_err(|error| match error {
+            JobError::Client(e) if e.kind() == FailureKind::Compacted => {
+                JobError::ExactBlocked(format!(
+                    "the source's history at the seed's revision {dest_revision} is compacted: \
+                     replay cannot start there; take a new snapshot of the source and restore the standby from it"
+                ))
+            }
+            other => other,
+        })?;
+    let dest_keys = read_store(&ctx.dest, dest_revision, &ctx.meta_prefix).await?;
+    let report = compare_states(&source_keys, &dest_keys);
+    if !report.is_equal() {
+        return Err(JobError::ParityLost(ParityLost::Differs {
+            revision: dest_revision,
+            report,
+        }));
+    }
+    info!(job = %ctx.job.name, revision = dest_revision, keys = source_keys.len(), "The seed equals the source; replaying from here.");
+    Ok(Resolved {
+        applied: dest_revision,
+        has_checkpoint: false,
+        source_cluster_id: source.cluster_id,
+    })
+}
+
+/// Every key of a store at `revision` but the meta prefix, with its
+/// metadata, in key order.
+pub async fn read_store(
+    cluster: &Cluster,
+    revision: i64,
+    meta_prefix: &[u8],
+) -> Result<Vec<ExactKey>, JobError> {
+    let mut keys = Vec::new();
+    let mut from = vec![0u8];
+    loop {
+        let page = cluster
+            .range(
+                "read the whole keyspace",
+                RangeRequest {
+                    key: from.clone(),
+                    range_end: vec![0],
+                    revision,
+                    limit: PAGE,
+                    ..RangeRequest::default()
+                },
+            )
+            .await?;
+        let Some(last) = page.kvs.last() else {
+            return Ok(keys);
+        };
+        from = crate::model::keys::key_successor(&last.key);
+        let more = page.more;
+        keys.extend(
+            page.kvs
+                .into_iter()
+                .filter(|kv| !kv.key.starts_with(meta_prefix))
+                .map(|kv| ExactKey {
+                    key: kv.key,
+                    value: kv.value,
+                    create_revision: kv.create_revision,
+                    mod_revision: kv.mod_revision,
+                    version: kv.version,
+                    lease: kv.lease,
+                }),
+        );
+        if !more {
+            return Ok(keys);
+        }
+    }
+}
+
+/// Watches the whole source keyspace from the revision after `applied`
+/// and replays each revision as one txn, until the lock is lost.
+async fn replay(
+    ctx: &JobContext,
+    leases: &ExactLeases,
+    resolved: Resolved,
+    held: &CancellationToken,
+) -> Result<(), JobError> {
+    let mut stream = ctx
+        .source
+        .watch(
+            "create watch",
+            WatchRequest {
+                key: vec![0],
+                range_end: vec![0],
+                start_revision: resolved.applied + 1,
+                progress_notify: true,
+                fragment: true,
+            },
+        )
+        .await?;
+    ctx.metrics.set_state(JobState::Watching);
+    ctx.metrics.set_progress(resolved.applied, resolved.applied);
+    info!(job = %ctx.job.name, from_revision = resolved.applied + 1, "Replaying source revisions one txn each.");
+    let limits = ReplayLimits {
+        max_ops: ctx.limits.max_ops.saturating_sub(1).max(1),
+        max_bytes: ctx.limits.max_bytes.saturating_sub(RESERVE_BYTES).max(1024),
+    };
+    let mut grouper = Grouper::new(resolved.applied);
+    let mut has_checkpoint = resolved.has_checkpoint;
+    let mut applied = resolved.applied;
+    let mut progress_tick = tokio::time::interval(ctx.tuning.progress_interval);
+    progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    loop {
+        let response = tokio::select! {
+            biased;
+            _ = held.cancelled() => return Ok(()),
+            _ = progress_tick.tick() => {
+                ctx.heartbeat();
+                if last_heard.elapsed() > ctx.tuning.watch_idle_timeout {
+                    return Err(JobError::WatchStalled { idle: last_heard.elapsed() });
+                }
+                stream.request_progress().await.map_err(|source| JobError::Watch { source })?;
+                continue;
+            }
+            message = stream.message() => message.map_err(|source| JobError::Watch { source })?,
+        };
+        let Some(response) = response else {
+            return Err(JobError::WatchClosed);
+        };
+        last_heard = Instant::now();
+        ctx.heartbeat();
+        if response.canceled {
+            if response.compact_revision > 0 {
+                return Err(JobError::ExactBlocked(format!(
+                    "the source compacted its history to revision {} past the standby's {applied}: \
+                     the revisions in between cannot be replayed; re-seed the standby from a new snapshot",
+                    response.compact_revision
+                )));
+            }
+            return Err(JobError::WatchCanceled {
+                reason: response.cancel_reason,
+            });
+        }
+        let cluster_id = response.header.cluster_id;
+        if cluster_id != 0 && cluster_id != resolved.source_cluster_id {
+            return Err(JobError::ExactBlocked(format!(
+                "the source watch answers as cluster {cluster_id:x}, not {:x}; check --src-endpoints",
+                resolved.source_cluster_id
+            )));
+        }
+        let head = response.header.revision;
+        let events = response.events.into_iter().map(|event| ExactEvent {
+            revision: event.kv.mod_revision,
+            put: (event.kind == crate::etcd::api::EventType::Put).then(|| PutOf {
+                value: event.kv.value.clone(),
+                lease: event.kv.lease,
+            }),
+            key: event.kv.key,
+        });
+        let revisions = grouper
+            .push(events, response.fragment)
+            .map_err(|gap| JobError::ExactBlocked(gap.to_string()))?;
+        for revision in revisions {
+            if held.is_cancelled() {
+                return Ok(());
+            }
+            apply(
+                ctx,
+                leases,
+                &revision,
+                applied,
+                has_checkpoint,
+                limits,
+                resolved.source_cluster_id,
+            )
+            .await?;
+            has_checkpoint = true;
+            applied = revision.revision;
+            ctx.metrics
+                .events_applied_total
+                .inc_by(revision.events.len() as u64);
+        }
+        ctx.metrics.set_progress(applied, head.max(applied));
+        if head <= applied {
+            ctx.metrics.lag_seconds.set(0.0);
+        }
+    }
+}
+
+/// Replays one source revision as one destination txn and checks parity.
+async fn apply(
+    ctx: &JobContext,
+    leases: &ExactLeases,
+    revision: &Revision,
+    applied: i64,
+    has_checkpoint: bool,
+    limits: ReplayLimits,
+    source_cluster_id: u64,
+) -> Result<(), JobError> {
+    leases.ensure(&revision.leases()).await?;
+    // Only a revision over the op limit needs the destination's keys
+    // between its deleted keys (to fold them into range deletes).
+    let deleted: BTreeSet<&[u8]> = revision
+        .events
+        .iter()
+        .filter(|e| e.put.is_none())
+        .map(|e| e.key.as_slice())
+        .collect();
+    let span = match (
+        revision.events.len() > limits.max_ops,
+        deleted.first(),
+        deleted.last(),
+    ) {
+        (true, Some(first), Some(last)) => {
+            let held = ctx
+                .dest
+                .range(
+                    "read keys to fold a large delete",
+                    RangeRequest {
+                        key: first.to_vec(),
+                        range_end: crate::model::keys::key_successor(last),
+                        revision: applied,
+                        keys_only: true,
+                        ..RangeRequest::default()
+                    },
+                )
+                .await?;
+            held.kvs.into_iter().map(|kv| kv.key).collect()
+        }
+        _ => Vec::new(),
+    };
+    let ops = plan(revision, &ctx.meta_prefix, limits, |_, _| span)
+        .map_err(|too_big| JobError::ExactBlocked(too_big.to_string()))?;
+    let mut checkpoint = ctx.checkpoint_of().at(
+        (revision.revision, source_cluster_id),
+        ctx.ids.next(),
+        None,
+        None,
+    );
+    checkpoint.revision_exact = true;
+    let checkpoint_key = ctx.keys.checkpoint();
+    let guard = if has_checkpoint {
+        Compare::mod_revision(checkpoint_key.as_bytes(), CompareOp::Equal, applied)
+    } else {
+        Compare::version(checkpoint_key.as_bytes(), CompareOp::Equal, 0)
+    };
+    let mut success: Vec<Op> = ops.into_iter().map(to_op).collect();
+    success.push(Op::put(checkpoint_key.as_bytes(), checkpoint.encode()));
+    let txn = TxnRequest::new()
+        .when(vec![
+            Compare::version(ctx.keys.promoted().into_bytes(), CompareOp::Equal, 0),
+            guard,
+        ])
+        .and_then(success);
+    let response = ctx.dest.txn("replay a source revision", txn).await?;
+    if response.succeeded {
+        return parity(revision.revision, response.header.revision).map_err(JobError::ParityLost);
+    }
+    // Not applied: promoted, or another writer moved the checkpoint (a
+    // replica that took over, or something that must not be there).
+    let promoted = ctx
+        .dest
+        .range(
+            "read promoted marker",
+            RangeRequest::key(ctx.keys.promoted().into_bytes()).count_only(),
+        )
+        .await?;
+    if promoted.count > 0 {
+        return Err(JobError::Promoted);
+    }
+    Err(JobError::GuardMoved {
+        what: "revision-exact checkpoint",
+    })
+}
+
+fn to_op(op: ReplayOp) -> Op {
+    match op {
+        ReplayOp::Put { key, value, lease } => Op::put_with_lease(key, value, lease),
+        ReplayOp::Delete { key } => Op::delete(key),
+        ReplayOp::DeleteRange { from, to } => Op::Delete {
+            key: from,
+            range_end: to,
+        },
+    }
+}
+
+/// The source's leases, granted on the destination under the same IDs and
+/// kept alive while the source's live.
+#[derive(Clone)]
+struct ExactLeases {
+    ctx: JobContext,
+    lock_id: i64,
+    /// Granted (or found) on the destination: ID to the TTL it was given.
+    granted: std::sync::Arc<tokio::sync::Mutex<BTreeMap<i64, i64>>>,
+}
+
+impl ExactLeases {
+    fn new(ctx: JobContext, lock_id: i64) -> Self {
+        Self {
+            ctx,
+            lock_id,
+            granted: Default::default(),
+        }
+    }
+
+    fn grace(&self) -> i64 {
+        self.ctx.lease_settings.grace.as_secs() as i64
+    }
+
+    /// Grants every live source lease missing on the destination.
+    async fn mirror_all(&self) -> Result<(), JobError> {
+        let (_, source) = self.ctx.source.lease_list().await?;
+        let source: BTreeSet<i64> = source.into_iter().collect();
+        self.ensure(&source).await?;
+        Ok(())
+    }
+
+    /// Makes sure each lease exists on the destination before a txn puts
+    /// a key on it: granted with the source's ID and TTL plus the grace
+    /// (a lease the source already revoked gets the grace alone: the
+    /// source's deletes of its keys follow in later revisions).
+    async fn ensure(&self, leases: &BTreeSet<i64>) -> Result<(), JobError> {
+        let missing: Vec<i64> = {
+            let granted = self.granted.lock().await;
+            leases
+                .iter()
+                .copied()
+                .filter(|id| !granted.contains_key(id))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if missing.contains(&self.lock_id) {
+            return Err(JobError::ExactBlocked(format!(
+                "the source has a lease with the ID of the syncer's lock ({:x}); use another --meta-prefix or --job-name",
+                self.lock_id
+            )));
+        }
+        let results: Vec<Result<(i64, i64), JobError>> = futures::stream::iter(missing)
+            .map(|id| async move {
+                let ttl = match self.ctx.source.lease_time_to_live(id).await? {
+                    Some(ttl) => ttl.granted + self.grace(),
+                    None => self.grace(),
+                };
+                match self.ctx.dest.lease_grant(ttl, id).await {
+                    Ok(_) => Ok((id, ttl)),
+                    // Restored with the snapshot, or granted by a replica before.
+                    Err(error) if error.is_lease_exists() => Ok((id, ttl)),
+                    Err(error) => Err(error.into()),
+                }
+            })
+            .buffer_unordered(LEASE_CONCURRENCY)
+            .collect()
+            .await;
+        let mut granted = self.granted.lock().await;
+        for result in results {
+            let (id, ttl) = result?;
+            granted.insert(id, ttl);
+        }
+        Ok(())
+    }
+
+    /// Renews, every third of the shortest TTL (at most every 10 s), each
+    /// destination lease whose source lease lives; grants the source's new
+    /// ones. A lease the source no longer has is left to expire: its keys'
+    /// deletes arrive as source revisions first, and a lease without keys
+    /// expires without moving the destination's revision.
+    async fn keep(self, stop: CancellationToken) {
+        loop {
+            let shortest = self
+                .granted
+                .lock()
+                .await
+                .values()
+                .copied()
+                .min()
+                .unwrap_or(30);
+            let every = Duration::from_secs((shortest / 3).clamp(1, 10) as u64);
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let live = match self.ctx.source.lease_list().await {
+                Ok((_, live)) => live.into_iter().collect::<BTreeSet<i64>>(),
+                Err(error) => {
+                    warn!(job = %self.ctx.job.name, %error, "Could not list the source's leases; renewing the destination's as they are.");
+                    self.granted.lock().await.keys().copied().collect()
+                }
+            };
+            if let Err(error) = self.ensure(&live).await {
+                warn!(job = %self.ctx.job.name, %error, "Could not grant a source lease on the destination; trying again.");
+            }
+            let dest = &self.ctx.dest;
+            let renewals: Vec<(i64, bool)> = futures::stream::iter(live)
+                .map(|id| async move {
+                    let renewed = dest.lease_renew(id).await.unwrap_or(true);
+                    (id, renewed)
+                })
+                .buffer_unordered(LEASE_CONCURRENCY)
+                .collect()
+                .await;
+            let gone: Vec<i64> = renewals
+                .iter()
+                .filter(|(_, renewed)| !renewed)
+                .map(|(id, _)| *id)
+                .collect();
+            if !gone.is_empty() {
+                warn!(job = %self.ctx.job.name, leases = gone.len(), "Destination leases expired while their source leases live; if they had keys, parity is lost (the next replay txn will tell).");
+                let mut granted = self.granted.lock().await;
+                for id in gone {
+                    granted.remove(&id);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_lease_id_is_stable_positive_and_per_job() {
+        let a = lock_lease_id("/meta/jobs/exact");
+        assert_eq!(a, lock_lease_id("/meta/jobs/exact"));
+        assert!(a > 0);
+        assert_ne!(a, lock_lease_id("/other/jobs/exact"));
+    }
+}
