@@ -53,7 +53,7 @@ demo: release
 test: deps chart-tools
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --lib --bins
-	$(CARGO) test --test sim --test regressions --test layers --test redact -- --nocapture
+	$(CARGO) test --test sim --test sim_exact --test regressions --test layers --test redact -- --nocapture
 	ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) scripts/gen-config-doc.sh --check
 	$(MAKE) e2e
 	$(MAKE) chart-test

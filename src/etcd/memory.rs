@@ -177,6 +177,37 @@ impl Store {
         }
     }
 
+    /// A new cluster `cluster_id` restored from a snapshot of this one (as
+    /// `etcdctl snapshot restore` does): the same keys with their history
+    /// back to the compaction, the same revision and leases, each lease
+    /// alive for its TTL from `now` (etcd refreshes them when a leader is
+    /// elected); no watchers, no commit records.
+    pub fn restore(&self, cluster_id: u64, now: Instant) -> Self {
+        let mut restored = Self::new(cluster_id);
+        restored.revision = self.revision;
+        restored.compact_revision = self.compact_revision;
+        restored.keys = self.keys.clone();
+        restored.log = self.log.clone();
+        restored.next_lease_id = self.next_lease_id;
+        restored.leases = self
+            .leases
+            .iter()
+            .map(|(id, lease)| {
+                let mut lease = lease.clone();
+                lease.expires_at = now + Duration::from_secs(lease.ttl.max(1) as u64);
+                (*id, lease)
+            })
+            .collect();
+        for id in restored.leases.keys() {
+            restored.lease_times.insert(*id, (now, None));
+        }
+        restored.max_txn_ops = self.max_txn_ops;
+        restored.max_request_bytes = self.max_request_bytes;
+        restored.fragment_events = self.fragment_events;
+        restored.version = self.version.clone();
+        restored
+    }
+
     /// The leases a member lagging `lag` behind lists now, with the
     /// revision it has applied: what the store held `lag` ago. etcd answers
     /// `LeaseLeases` from whichever member receives it, from its own lessor.

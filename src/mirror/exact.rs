@@ -657,8 +657,13 @@ impl ExactLeases {
                 };
                 match self.ctx.dest.lease_grant(ttl, id).await {
                     Ok(_) => Ok((id, ttl)),
-                    // Restored with the snapshot, or granted by a replica before.
-                    Err(error) if error.is_lease_exists() => Ok((id, ttl)),
+                    // Restored with the snapshot (with the source's TTL, no
+                    // grace), or granted by a replica before: renewed at a
+                    // third of the TTL it really has.
+                    Err(error) if error.is_lease_exists() => {
+                        let held = self.ctx.dest.lease_time_to_live(id).await?;
+                        Ok((id, held.map_or(ttl, |held| held.granted)))
+                    }
                     Err(error) => Err(error.into()),
                 }
             })
@@ -679,21 +684,16 @@ impl ExactLeases {
     /// deletes arrive as source revisions first, and a lease without keys
     /// expires without moving the destination's revision.
     async fn keep(self, stop: CancellationToken) {
+        // The first round at once: leases restored with a snapshot may be
+        // a third of their TTL from expiring already.
+        let mut every = Duration::ZERO;
         loop {
-            let shortest = self
-                .granted
-                .lock()
-                .await
-                .values()
-                .copied()
-                .min()
-                .unwrap_or(30);
-            let every = Duration::from_secs((shortest / 3).clamp(1, 10) as u64);
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
+            let round = Instant::now();
             let live = match self.ctx.source.lease_list().await {
                 Ok((_, live)) => live.into_iter().collect::<BTreeSet<i64>>(),
                 Err(error) => {
@@ -725,6 +725,18 @@ impl ExactLeases {
                     granted.remove(&id);
                 }
             }
+            // A third of the shortest TTL between the starts of two rounds
+            // (the shortest etcd grants is about 2 s).
+            let shortest = self
+                .granted
+                .lock()
+                .await
+                .values()
+                .copied()
+                .min()
+                .unwrap_or(30);
+            let period = Duration::from_millis((shortest * 1000 / 3).clamp(500, 10_000) as u64);
+            every = period.saturating_sub(round.elapsed());
         }
     }
 }
