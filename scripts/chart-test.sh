@@ -215,5 +215,11 @@ mkdir -p "$root/auth-passwords"
 echo 'app = "secret"' > "$root/auth-passwords/passwords.toml"
 sed "s#/etc/etcd-syncer/#$root/#g" "$out/full.toml" > "$out/full-local.toml"
 "$BIN" mirror-plus --config "$out/full-local.toml" --validate-config
+# revisionExact renders the flag and no [[jobs]], and the result validates.
+"$HELM" template release "$CHART" --set revisionExact=true --show-only templates/configmap.yaml \
+  | "$PY" -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["data"]["config.toml"])' > "$out/exact.toml"
+grep -q '^revision-exact = true$' "$out/exact.toml" || { echo "revisionExact must render revision-exact = true" >&2; exit 1; }
+grep -q '^\[\[jobs\]\]' "$out/exact.toml" && { echo "revisionExact must not render [[jobs]]" >&2; exit 1; }
+"$BIN" mirror-plus --config "$out/exact.toml" --validate-config
 grep -q '^\[\[destination.endpoint-groups\]\]$' "$out/full.toml" || { echo "full values must render endpoint groups" >&2; exit 1; }
 echo "chart-test: all checks passed"

@@ -2167,6 +2167,12 @@ impl Etcd for BeforeRange {
     > {
         self.inner.watch(request)
     }
+    fn compact(
+        &self,
+        revision: i64,
+    ) -> futures::future::BoxFuture<'_, etcd_syncer::etcd::api::EtcdResult<()>> {
+        self.inner.compact(revision)
+    }
     fn lease_grant(
         &self,
         ttl: i64,

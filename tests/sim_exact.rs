@@ -27,7 +27,9 @@
 //!    finds it: no txn can compare the store's revision), and none after a
 //!    promotion;
 //! 4. a destination lease expires on its own only in a world that cut
-//!    every replica off for longer than the lease's TTL and grace.
+//!    every replica off for longer than the lease's TTL and grace;
+//! 5. the standby is never compacted past the primary, and once the
+//!    faults stop it is compacted exactly where the primary is.
 //!
 //! When the faults stop, a world without a foreign commit converges: the
 //! destination reaches the source's revision and every revision from the
@@ -504,6 +506,15 @@ impl World {
         if let Some(fatal) = self.fatal.lock().unwrap().first() {
             return Err(fatal.clone());
         }
+        let (source_compacted, dest_compacted) = (
+            self.source.lock().unwrap().compact_revision(),
+            self.dest.lock().unwrap().compact_revision(),
+        );
+        if dest_compacted > source_compacted {
+            return Err(format!(
+                "the standby is compacted at {dest_compacted}, past the primary's {source_compacted}"
+            ));
+        }
         let checkpoint_key = MetaKeys::new(META, JOB).checkpoint().into_bytes();
         let commits = self.dest.lock().unwrap().take_commits();
         for commit in commits {
@@ -723,6 +734,16 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
                 if dest != source {
                     return failed(&mut world, format!("revision {revision} reads differently"));
                 }
+            }
+            // 5. The standby keeps the primary's history window.
+            let (source_compacted, dest_compacted) = (
+                world.source.lock().unwrap().compact_revision(),
+                world.dest.lock().unwrap().compact_revision(),
+            );
+            if dest_compacted != source_compacted {
+                return failed(&mut world, format!(
+                    "the standby is compacted at {dest_compacted}, the primary at {source_compacted}"
+                ));
             }
             if !states.contains(&"watching") {
                 return failed(&mut world, format!("no replica is watching: {states:?}"));

@@ -315,6 +315,23 @@ async fn kubernetes_storage_contract_survives_promotion() -> Result<()> {
     keeper.keep_alive().await?;
     let last = wait_parity(&source, &dest).await?;
 
+    // The standby keeps the primary's history window: compacted where the
+    // primary is (so a watch from before it fails on both alike).
+    eventually(
+        WAIT,
+        "the standby to be compacted where the primary is",
+        || async {
+            let mut standby = dest.client().await?;
+            let below = standby
+                .get(
+                    "compact_rev_key",
+                    Some(GetOptions::new().with_revision(compact_at - 1)),
+                )
+                .await;
+            Ok(below.is_err())
+        },
+    )
+    .await?;
     // Every revision the two keep is the same store.
     let mut primary = source.client().await?;
     let mut standby = dest.client().await?;
@@ -532,4 +549,86 @@ async fn an_empty_standby_is_seeded_by_replay_from_revision_one() -> Result<()> 
         );
     }
     syncer.finish().await
+}
+
+/// Two replicas: the leader is killed -9 under writes; the other takes the
+/// lease-only lock over within the lock TTL (plus its quarter-TTL poll)
+/// and replays on, with no revision of the standby's own in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_takes_over_when_the_leader_is_killed() -> Result<()> {
+    let (source, dest, _snapshot) = primary_and_standby().await?;
+    let mut first = Syncer::start("exact-a", &exact_args(&source, &dest)).await?;
+    wait_job_state(&first, JOB, "watching").await?;
+    let second = Syncer::start("exact-b", &exact_args(&source, &dest)).await?;
+    wait_job_state(&second, JOB, "standby").await?;
+    let mut client = source.client().await?;
+    for i in 0..50 {
+        client
+            .put(format!("/registry/before/{i}"), "v", None)
+            .await?;
+    }
+    wait_parity(&source, &dest).await?;
+    first.kill9()?;
+    let killed = std::time::Instant::now();
+    for i in 0..50 {
+        client
+            .put(format!("/registry/after/{i}"), "v", None)
+            .await?;
+    }
+    wait_job_state(&second, JOB, "watching").await?;
+    let took = killed.elapsed();
+    // --lock-ttl 3s: the lease outlives the leader by at most 3 s, and the
+    // standby tries every 750 ms.
+    ensure!(took < Duration::from_secs(8), "takeover took {took:?}");
+    wait_parity(&source, &dest).await?;
+    let mut primary = source.client().await?;
+    let mut standby = dest.client().await?;
+    ensure!(
+        store_at(&mut primary, 0).await? == store_at(&mut standby, 0).await?,
+        "equal after the takeover"
+    );
+    second.finish().await
+}
+
+/// Every replica away for longer than a lease's TTL plus the grace: the
+/// standby's copy of the lease expires on its own and deletes its key (a
+/// revision of the standby's own). A restarted syncer finds the standby's
+/// revision past its checkpoint's and stops: parity lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_that_expires_on_the_standby_is_parity_lost() -> Result<()> {
+    let (source, dest, _snapshot) = primary_and_standby().await?;
+    let mut args = exact_args(&source, &dest);
+    args.extend(["--lease-grace".into(), "5s".into()]);
+    let mut syncer = Syncer::start("exact", &args).await?;
+    wait_job_state(&syncer, JOB, "watching").await?;
+    let mut client = source.client().await?;
+    let lease = client.lease_grant(3, None).await?.id();
+    let renewer =
+        e2e::leases::LeaseRenewer::start(source.client().await?, &[lease], Duration::from_secs(1));
+    client
+        .put(
+            "/registry/masterleases/10.0.0.2",
+            "ip",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await?;
+    wait_parity(&source, &dest).await?;
+    syncer.kill9()?;
+    // 3 s TTL + 5 s grace, and some.
+    let before = dest.revision().await?;
+    eventually(
+        WAIT,
+        "the standby's copy of the lease to expire",
+        || async { Ok(dest.revision().await? > before) },
+    )
+    .await?;
+    let mut again = Syncer::start("exact-again", &args).await?;
+    again.allow_error("parity lost");
+    wait_job_state(&again, JOB, "parity_lost").await?;
+    ensure!(
+        again.log_text().contains("written by something else"),
+        "the log says why"
+    );
+    renewer.stop();
+    again.finish().await
 }

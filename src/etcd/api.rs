@@ -371,6 +371,9 @@ pub trait Etcd: Send + Sync {
     /// One keepalive round trip on a stream of its own: true when renewed,
     /// false when the lease does not exist (etcd answers TTL 0).
     fn lease_renew(&self, id: i64) -> BoxFuture<'_, EtcdResult<bool>>;
+    /// Compacts the store's history below `revision` (`Compact`; no
+    /// revision moves). A revision already compacted fails as etcd does.
+    fn compact(&self, revision: i64) -> BoxFuture<'_, EtcdResult<()>>;
     /// The server's version string (e.g. "3.5.1"). May be refused to a
     /// user without root from etcd 3.4.42 / 3.5.28 on, with auth enabled.
     fn server_version(&self) -> BoxFuture<'_, EtcdResult<String>>;

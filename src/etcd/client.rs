@@ -610,6 +610,24 @@ impl Cluster {
             .await
     }
 
+    pub async fn compact(&self, revision: i64) -> Result<(), ClientError> {
+        self.call("compact history", self.backend().compact(revision))
+            .await
+    }
+
+    /// Whether history at `revision` is still readable (a one-key read
+    /// there: etcd checks the compaction before it looks at any key).
+    pub async fn readable_at(&self, revision: i64) -> Result<bool, ClientError> {
+        let probe = RangeRequest::key(vec![0])
+            .at_revision(revision)
+            .count_only();
+        match self.range("probe the compaction", probe).await {
+            Ok(_) => Ok(true),
+            Err(error) if error.kind() == FailureKind::Compacted => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     pub async fn lease_revoke(&self, id: i64) -> Result<(), ClientError> {
         self.call("revoke lease", self.backend().lease_revoke(id))
             .await

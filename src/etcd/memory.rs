@@ -1040,6 +1040,24 @@ impl Etcd for MemoryEtcd {
         .boxed()
     }
 
+    fn compact(&self, revision: i64) -> BoxFuture<'_, EtcdResult<()>> {
+        async move {
+            self.link.send().await;
+            let result = self.with_store(|store| {
+                if revision <= store.compact_revision() {
+                    return Err(server_error(ServerError::Compacted));
+                }
+                if revision > store.revision() {
+                    return Err(server_error(ServerError::FutureRevision));
+                }
+                store.compact(revision);
+                Ok(())
+            });
+            self.link.answer(result).await
+        }
+        .boxed()
+    }
+
     fn lease_revoke(&self, id: i64) -> BoxFuture<'_, EtcdResult<()>> {
         async move {
             self.link.send().await;

@@ -277,6 +277,15 @@ impl Etcd for RealEtcd {
         .boxed()
     }
 
+    fn compact(&self, revision: i64) -> BoxFuture<'_, EtcdResult<()>> {
+        let mut kv = self.client.kv_client();
+        async move {
+            kv.compact(revision, None).await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
     fn lease_list(&self) -> BoxFuture<'_, EtcdResult<(Header, Vec<i64>)>> {
         let mut lease = self.client.lease_client();
         async move {

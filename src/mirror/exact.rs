@@ -45,6 +45,9 @@ const PARKED_POLL: Duration = Duration::from_secs(30);
 const RESERVE_BYTES: usize = 4096;
 /// Leases read or renewed at once.
 const LEASE_CONCURRENCY: usize = 64;
+/// How often the standby's compaction is brought to the primary's
+/// (Kubernetes compacts every 5 minutes).
+pub const COMPACTION_FOLLOW_EVERY: Duration = Duration::from_secs(20);
 
 /// The lock's lease ID: fixed per meta prefix and job, so a grant with it
 /// fails while any replica holds it. Kept in the upper half of the ID
@@ -88,7 +91,9 @@ pub async fn run(
         };
         info!(job = %ctx.job.name, lock_lease = lock.id, "Leading the revision-exact replay.");
         let started = Instant::now();
+        ctx.metrics.is_leader.set(1);
         let result = lead(&ctx, &lock.held, &cancel).await;
+        ctx.metrics.is_leader.set(0);
         lock.release().await;
         let Err(error) = result else {
             return Ok(());
@@ -235,7 +240,13 @@ async fn lead(
     let keeper_stop = held.child_token();
     let _stop_keeper = keeper_stop.clone().drop_guard();
     let keeper = tokio::spawn(leases.clone().keep(keeper_stop.clone()));
-    let replayed = replay(ctx, &leases, resolved, held).await;
+    let applied = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(resolved.applied));
+    tokio::spawn(follow_compaction(
+        ctx.clone(),
+        applied.clone(),
+        keeper_stop.clone(),
+    ));
+    let replayed = replay(ctx, &leases, resolved, &applied, held).await;
     keeper_stop.cancel();
     let _ = keeper.await;
     match replayed {
@@ -394,6 +405,7 @@ async fn replay(
     ctx: &JobContext,
     leases: &ExactLeases,
     resolved: Resolved,
+    published: &std::sync::atomic::AtomicI64,
     held: &CancellationToken,
 ) -> Result<(), JobError> {
     let mut stream = ctx
@@ -488,6 +500,7 @@ async fn replay(
             .await?;
             has_checkpoint = true;
             applied = revision.revision;
+            published.store(applied, std::sync::atomic::Ordering::SeqCst);
             ctx.metrics
                 .events_applied_total
                 .inc_by(revision.events.len() as u64);
@@ -583,6 +596,75 @@ async fn apply(
     Err(JobError::GuardMoved {
         what: "revision-exact checkpoint",
     })
+}
+
+/// Brings the standby's compaction to the primary's, so both keep the same
+/// history window: each round finds the source's compaction revision
+/// between the last one applied and the replayed checkpoint (a binary
+/// search of one-key reads) and compacts the standby there. Compaction
+/// moves no revision.
+async fn follow_compaction(
+    ctx: JobContext,
+    applied: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    stop: CancellationToken,
+) {
+    use crate::etcd::periodic::{First, Rounds};
+    let mut known = 1;
+    let mut rounds = Rounds::new(COMPACTION_FOLLOW_EVERY, First::Now, &stop);
+    while rounds.next().await {
+        let upper = applied.load(std::sync::atomic::Ordering::SeqCst);
+        let found = match rounds
+            .run(source_compaction(&ctx.source, known, upper))
+            .await
+        {
+            None => return,
+            Some(Ok(found)) => found,
+            Some(Err(error)) => {
+                debug!(job = %ctx.job.name, %error, "Could not read the source's compaction; trying next round.");
+                continue;
+            }
+        };
+        let Some(revision) = found else {
+            continue;
+        };
+        match rounds.run(ctx.dest.compact(revision)).await {
+            None => return,
+            Some(Ok(())) => {
+                info!(job = %ctx.job.name, revision, "Compacted the standby where the primary is compacted.");
+                known = revision;
+            }
+            // Already compacted there (by an earlier leader).
+            Some(Err(error)) if error.kind() == FailureKind::Compacted => known = revision,
+            Some(Err(error)) => {
+                warn!(job = %ctx.job.name, %error, revision, "Could not compact the standby; trying next round.")
+            }
+        }
+    }
+}
+
+/// The source's compaction revision if it lies in `(known, upper]`: the
+/// smallest revision there still readable. `None` when nothing new is
+/// compacted, or when the compaction passed `upper` (the replay cannot go
+/// on then, and says so itself).
+pub async fn source_compaction(
+    source: &Cluster,
+    known: i64,
+    upper: i64,
+) -> Result<Option<i64>, crate::etcd::client::ClientError> {
+    if upper <= known || source.readable_at(known).await? || !source.readable_at(upper).await? {
+        return Ok(None);
+    }
+    // Unreadable at `low`, readable at `high`.
+    let (mut low, mut high) = (known, upper);
+    while high - low > 1 {
+        let middle = low + (high - low) / 2;
+        if source.readable_at(middle).await? {
+            high = middle;
+        } else {
+            low = middle;
+        }
+    }
+    Ok(Some(high))
 }
 
 fn to_op(op: ReplayOp) -> Op {
@@ -751,5 +833,10 @@ mod tests {
         assert_eq!(a, lock_lease_id("/meta/jobs/exact"));
         assert!(a > 0);
         assert_ne!(a, lock_lease_id("/other/jobs/exact"));
+        // Pinned: replicas of different builds must campaign for one lease.
+        assert_eq!(
+            lock_lease_id("/-etcd-syncer-meta-/root/"),
+            8_389_795_588_916_225_769
+        );
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// What the destination reflects. Written in the same txn as the data it
 /// describes, so it can never run ahead of it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// Every source revision up to this one is applied.
     pub last_synced_rev: i64,

@@ -96,6 +96,24 @@ pub struct JobStatus {
     /// changed that still hold keys (no longer updated).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub left_behind: Vec<LeftBehindStatus>,
+    /// `--revision-exact` jobs: whether the destination is still the
+    /// source's store at the checkpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision_exact: Option<ExactStatus>,
+}
+
+/// The parity of a revision-exact standby, derived (never stored: a write
+/// would move its revision): the destination's revision must be the one
+/// its checkpoint was written at, and that the checkpoint's source revision.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ExactStatus {
+    pub parity: bool,
+    /// The destination's revision when status read it.
+    pub dest_revision: i64,
+    /// The destination revision the checkpoint was written at.
+    pub checkpoint_written_at: i64,
+    /// A replica holds the lease-only lock.
+    pub lock_held: bool,
 }
 
 /// Copies a `--dest-prefix` change left where they were.
@@ -134,8 +152,18 @@ impl JobStatus {
         } else if self.full_sync_in_progress {
             state.push("full sync".to_string());
         }
-        if self.leader.is_none() && !self.promoted {
-            state.push("no leader".to_string());
+        match &self.revision_exact {
+            // Promoted: its own revisions follow, by design.
+            Some(exact) if !exact.parity && !self.promoted => state.push(format!(
+                "parity lost (source revision {} written at destination revision {}, destination now at {})",
+                self.last_synced_revision.unwrap_or_default(),
+                exact.checkpoint_written_at,
+                exact.dest_revision
+            )),
+            Some(exact) if !exact.lock_held && !self.promoted => state.push("no leader".to_string()),
+            Some(_) => {}
+            None if self.leader.is_none() && !self.promoted => state.push("no leader".to_string()),
+            None => {}
         }
         if let (Some(lag), Some(age)) = (self.lag_revisions, self.checkpoint_age_seconds) {
             if lag > 0
@@ -158,7 +186,9 @@ impl JobStatus {
         if self.last_synced_revision.is_none() && !self.full_sync_in_progress {
             state.push("no checkpoint".to_string());
         }
-        if state.is_empty() {
+        if state.is_empty() && self.revision_exact.is_some() {
+            state.push("replicating, revision-exact".to_string());
+        } else if state.is_empty() {
             state.push("replicating".to_string());
         }
         if self.mirrored_leases > 0 {
@@ -257,6 +287,19 @@ pub async fn collect_status(
                         .or_else(|| Some(checkpoint.source_prefix.clone()));
                     status.source_prefix = Some(checkpoint.source_prefix);
                     status.partial_revision = checkpoint.partial_revision;
+                    if checkpoint.revision_exact {
+                        status.revision_exact = Some(ExactStatus {
+                            parity: crate::model::exact::parity_at_resume(
+                                checkpoint.last_synced_rev,
+                                kv.mod_revision,
+                                response.header.revision,
+                            )
+                            .is_ok(),
+                            dest_revision: response.header.revision,
+                            checkpoint_written_at: kv.mod_revision,
+                            lock_held: false,
+                        });
+                    }
                 }
             }
             "full-sync" => {
@@ -340,6 +383,12 @@ pub async fn collect_status(
         })
         .collect();
     for status in &mut statuses {
+        if let Some(exact) = &mut status.revision_exact {
+            let lock = crate::mirror::exact::lock_lease_id(
+                MetaKeys::new(meta_prefix, &status.job).job_root(),
+            );
+            exact.lock_held = dest.lease_time_to_live(lock).await?.is_some();
+        }
         // Only prefixes that still hold copies are worth a line; the one
         // mirrored to now is never "left behind" (changed back).
         let current = status.dest_prefix.clone();
@@ -508,7 +557,11 @@ pub fn render_text(statuses: &[JobStatus]) -> String {
         let state = status.state().join(", ");
         rows.push([
             status.job.clone(),
-            status.leader.clone().unwrap_or_else(|| "(none)".into()),
+            match &status.revision_exact {
+                // The lock is a bare lease: it names no instance.
+                Some(exact) if exact.lock_held => "(lease lock held)".into(),
+                _ => status.leader.clone().unwrap_or_else(|| "(none)".into()),
+            },
             status.instances.to_string(),
             status
                 .last_synced_revision
@@ -1055,6 +1108,50 @@ mod tests {
         }
         let b = get(&dest, "/app/b").await.expect("b kept");
         assert_eq!(b.value, b"client", "the client's write wins");
+    }
+
+    /// A revision-exact standby's parity is read, never stored: the
+    /// destination's revision against the one its checkpoint was written at.
+    #[tokio::test]
+    async fn status_derives_revision_exact_parity() {
+        let dest = dest();
+        let keys = MetaKeys::new("/meta/", "root");
+        put(&dest, Op::put("/k", "v")).await;
+        let revision = dest.head(b"").await.expect("head").revision + 1;
+        let checkpoint = Checkpoint {
+            last_synced_rev: revision,
+            revision_exact: true,
+            ..Checkpoint::default()
+        };
+        put(&dest, Op::put(keys.checkpoint(), checkpoint.encode())).await;
+        let status = collect_status(&dest, "/meta/", Some("root"))
+            .await
+            .expect("status")
+            .remove(0);
+        let exact = status.revision_exact.clone().expect("an exact job");
+        assert!(exact.parity && !exact.lock_held);
+        assert_eq!(status.state(), ["no leader"]);
+        // A replica holds the lease-only lock.
+        dest.lease_grant(10, crate::mirror::exact::lock_lease_id(keys.job_root()))
+            .await
+            .expect("lock");
+        let status = collect_status(&dest, "/meta/", Some("root"))
+            .await
+            .expect("status")
+            .remove(0);
+        assert_eq!(status.state(), ["replicating, revision-exact"]);
+        // A write of the destination's own.
+        put(&dest, Op::put("/stray", "x")).await;
+        let status = collect_status(&dest, "/meta/", Some("root"))
+            .await
+            .expect("status")
+            .remove(0);
+        assert!(!status.revision_exact.clone().expect("exact").parity);
+        assert!(
+            status.state()[0].starts_with("parity lost"),
+            "{:?}",
+            status.state()
+        );
     }
 
     #[tokio::test]
