@@ -347,6 +347,21 @@ async fn kubernetes_storage_contract_survives_promotion() -> Result<()> {
             "revision {at} reads the same on both"
         );
     }
+    // `check` compares both stores at the checkpoint with their metadata,
+    // and the history at sampled revisions.
+    let (code, output) = run_cli(&check_args(
+        &source,
+        &dest,
+        &["--job-name", JOB, "--history-samples", "20"],
+    ))
+    .await?;
+    ensure!(code == 0, "check exited {code}: {output}");
+    ensure!(
+        output.contains("parity: holds")
+            && output.contains("revisions sampled, 0 differ")
+            && output.ends_with("consistent\n"),
+        "check output: {output}"
+    );
     // The client's watch history on the primary...
     // (From the revision after the compaction: etcd before 3.5.18 misses
     // deletes made at the compaction revision, etcd-io/etcd#18089.)
@@ -478,6 +493,11 @@ async fn a_stray_write_on_the_standby_is_parity_lost() -> Result<()> {
         "parity_lost counted"
     );
     client.put("/registry/c", "1", None).await?;
+    let (code, output) = run_cli(&check_args(&source, &dest, &["--job-name", JOB])).await?;
+    ensure!(
+        code == 1 && output.contains("parity: LOST"),
+        "check exited {code}: {output}"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut standby = dest.client().await?;
     ensure!(

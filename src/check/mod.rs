@@ -10,6 +10,8 @@
 //! with the current source, re-checks only the differing keys after a short
 //! delay, and reports the result as approximate.
 
+pub mod exact;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

@@ -35,6 +35,25 @@ pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
             let status = collect_status(&dest, &args.meta_prefix, Some(job))
                 .await?
                 .remove(0);
+            if let (Some(exact), Some(at)) = (&status.revision_exact, status.last_synced_revision) {
+                let report = crate::check::exact::check_exact(
+                    &source,
+                    &dest,
+                    args.meta_prefix.as_bytes(),
+                    (at, exact.checkpoint_written_at, exact.dest_revision),
+                    status.promoted,
+                    args.history_samples,
+                )
+                .await?;
+                match args.output {
+                    OutputFormat::Json => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).unwrap_or_default()
+                    ),
+                    OutputFormat::Text => print!("{}", render_exact(job, &report)),
+                }
+                return Ok(report.is_consistent());
+            }
             let prefix = status.source_prefix.ok_or(ConfigError::Missing {
                 field: "--prefix".into(),
                 fix: "the job has no checkpoint that records its prefix yet; give --prefix (and --dest-prefix if it differs)",
@@ -70,6 +89,50 @@ pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
         OutputFormat::Text => print!("{}", render_check(&report)),
     }
     Ok(report.is_consistent())
+}
+
+fn render_exact(job: &str, report: &crate::check::exact::ExactCheckReport) -> String {
+    let mut out = format!(
+        "job {job}: revision-exact, checkpoint at source revision {}\n",
+        report.checkpoint
+    );
+    out.push_str(&match (report.parity, report.promoted) {
+        (true, _) => format!(
+            "parity: holds (the destination is at revision {})\n",
+            report.dest_revision
+        ),
+        (false, true) => format!(
+            "parity: promoted (the standby's own revisions follow {}; it is at {})\n",
+            report.checkpoint, report.dest_revision
+        ),
+        (false, false) => format!(
+            "parity: LOST (checkpoint written at destination revision {}, destination at {})\n",
+            report.checkpoint_written_at, report.dest_revision
+        ),
+    });
+    out.push_str(&format!(
+        "at {}: {} keys compared with value, create/mod revision, version and lease: {} missing, {} extra, {} with another value, {} with other metadata\n",
+        report.checkpoint, report.keys, report.missing, report.extra, report.values, report.metadata
+    ));
+    out.push_str(&format!(
+        "history: {} revisions sampled, {} differ{}\n",
+        report.history_sampled.len(),
+        report.history_differs.len(),
+        if report.history_differs.is_empty() {
+            String::new()
+        } else {
+            format!(" ({:?})", report.history_differs)
+        }
+    ));
+    for example in &report.examples {
+        out.push_str(&format!("  {example}\n"));
+    }
+    out.push_str(if report.is_consistent() {
+        "consistent\n"
+    } else {
+        "INCONSISTENT\n"
+    });
+    out
 }
 
 fn render_check(report: &CheckReport) -> String {

@@ -138,6 +138,10 @@ pub struct CheckArgs {
     /// another lease than its mirror counts as a lease mismatch.
     #[arg(long, value_enum, env = "ETCD_SYNCER_LEASES")]
     pub leases: Option<LeaseMode>,
+    /// A revision-exact job: revisions besides the checkpoint's at which the
+    /// whole history is compared too (spread over what both still hold).
+    #[arg(long, default_value = "10")]
+    pub history_samples: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -628,6 +628,27 @@ impl Cluster {
         }
     }
 
+    /// The compaction revision if it lies in `(known, upper]`: the
+    /// smallest revision there still readable, found by a binary search of
+    /// one-key reads. `None` when history at `known` is still readable
+    /// (nothing newer compacted), or when even `upper` is compacted.
+    pub async fn compaction_in(&self, known: i64, upper: i64) -> Result<Option<i64>, ClientError> {
+        if upper <= known || self.readable_at(known).await? || !self.readable_at(upper).await? {
+            return Ok(None);
+        }
+        // Unreadable at `low`, readable at `high`.
+        let (mut low, mut high) = (known, upper);
+        while high - low > 1 {
+            let middle = low + (high - low) / 2;
+            if self.readable_at(middle).await? {
+                high = middle;
+            } else {
+                low = middle;
+            }
+        }
+        Ok(Some(high))
+    }
+
     pub async fn lease_revoke(&self, id: i64) -> Result<(), ClientError> {
         self.call("revoke lease", self.backend().lease_revoke(id))
             .await

@@ -25,19 +25,18 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::check::exact::read_store;
 use crate::etcd::api::{Compare, CompareOp, Op, RangeRequest, TxnRequest, WatchRequest};
 use crate::etcd::client::{Cluster, FailureKind};
 use crate::mirror::context::JobContext;
 use crate::mirror::error::{Action, JobError};
 use crate::model::exact::{
-    compare_states, parity, parity_at_resume, plan, ExactEvent, ExactKey, Grouper, ParityLost,
-    PutOf, ReplayLimits, ReplayOp, Revision,
+    compare_states, parity, parity_at_resume, plan, ExactEvent, Grouper, ParityLost, PutOf,
+    ReplayLimits, ReplayOp, Revision,
 };
 use crate::model::schema::Checkpoint;
 use crate::telemetry::metrics::JobState;
 
-/// Keys per page when the seed check reads both stores.
-const PAGE: i64 = 5_000;
 /// A parked job (parity lost, blocked) looks again this often: an operator
 /// who re-seeded the standby needs no restart.
 const PARKED_POLL: Duration = Duration::from_secs(30);
@@ -329,13 +328,13 @@ async fn resolve(ctx: &JobContext) -> Result<Resolved, JobError> {
     let source_keys = read_store(&ctx.source, dest_revision, &ctx.meta_prefix)
         .await
         .map_err(|error| match error {
-            JobError::Client(e) if e.kind() == FailureKind::Compacted => {
+            e if e.kind() == FailureKind::Compacted => {
                 JobError::ExactBlocked(format!(
                     "the source's history at the seed's revision {dest_revision} is compacted: \
                      replay cannot start there; take a new snapshot of the source and restore the standby from it"
                 ))
             }
-            other => other,
+            other => JobError::from(other),
         })?;
     let dest_keys = read_store(&ctx.dest, dest_revision, &ctx.meta_prefix).await?;
     let report = compare_states(&source_keys, &dest_keys);
@@ -351,52 +350,6 @@ async fn resolve(ctx: &JobContext) -> Result<Resolved, JobError> {
         has_checkpoint: false,
         source_cluster_id: source.cluster_id,
     })
-}
-
-/// Every key of a store at `revision` but the meta prefix, with its
-/// metadata, in key order.
-pub async fn read_store(
-    cluster: &Cluster,
-    revision: i64,
-    meta_prefix: &[u8],
-) -> Result<Vec<ExactKey>, JobError> {
-    let mut keys = Vec::new();
-    let mut from = vec![0u8];
-    loop {
-        let page = cluster
-            .range(
-                "read the whole keyspace",
-                RangeRequest {
-                    key: from.clone(),
-                    range_end: vec![0],
-                    revision,
-                    limit: PAGE,
-                    ..RangeRequest::default()
-                },
-            )
-            .await?;
-        let Some(last) = page.kvs.last() else {
-            return Ok(keys);
-        };
-        from = crate::model::keys::key_successor(&last.key);
-        let more = page.more;
-        keys.extend(
-            page.kvs
-                .into_iter()
-                .filter(|kv| !kv.key.starts_with(meta_prefix))
-                .map(|kv| ExactKey {
-                    key: kv.key,
-                    value: kv.value,
-                    create_revision: kv.create_revision,
-                    mod_revision: kv.mod_revision,
-                    version: kv.version,
-                    lease: kv.lease,
-                }),
-        );
-        if !more {
-            return Ok(keys);
-        }
-    }
 }
 
 /// Watches the whole source keyspace from the revision after `applied`
@@ -613,10 +566,7 @@ async fn follow_compaction(
     let mut rounds = Rounds::new(COMPACTION_FOLLOW_EVERY, First::Now, &stop);
     while rounds.next().await {
         let upper = applied.load(std::sync::atomic::Ordering::SeqCst);
-        let found = match rounds
-            .run(source_compaction(&ctx.source, known, upper))
-            .await
-        {
+        let found = match rounds.run(ctx.source.compaction_in(known, upper)).await {
             None => return,
             Some(Ok(found)) => found,
             Some(Err(error)) => {
@@ -640,31 +590,6 @@ async fn follow_compaction(
             }
         }
     }
-}
-
-/// The source's compaction revision if it lies in `(known, upper]`: the
-/// smallest revision there still readable. `None` when nothing new is
-/// compacted, or when the compaction passed `upper` (the replay cannot go
-/// on then, and says so itself).
-pub async fn source_compaction(
-    source: &Cluster,
-    known: i64,
-    upper: i64,
-) -> Result<Option<i64>, crate::etcd::client::ClientError> {
-    if upper <= known || source.readable_at(known).await? || !source.readable_at(upper).await? {
-        return Ok(None);
-    }
-    // Unreadable at `low`, readable at `high`.
-    let (mut low, mut high) = (known, upper);
-    while high - low > 1 {
-        let middle = low + (high - low) / 2;
-        if source.readable_at(middle).await? {
-            high = middle;
-        } else {
-            low = middle;
-        }
-    }
-    Ok(Some(high))
 }
 
 fn to_op(op: ReplayOp) -> Op {

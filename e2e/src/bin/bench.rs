@@ -938,6 +938,14 @@ async fn main() -> Result<()> {
         println!("\n{section}");
         return write_section(KEEPER_HEADING, &section);
     }
+    if std::env::var("BENCH_EXACT_ONLY").is_ok() {
+        // `make bench-exact`: revision-exact replay next to the prefix
+        // mirror and the source alone, spliced into docs/benchmarks.md.
+        println!("[1/1] revision-exact replay");
+        let section = exact_replay_section(&sizes).await?;
+        println!("\n{section}");
+        return write_section(EXACT_HEADING, &section);
+    }
     if std::env::var("BENCH_JOBS_ONLY").is_ok() {
         // `make bench-jobs`: many jobs on three replicas, spliced into
         // docs/benchmarks.md.
@@ -1852,6 +1860,124 @@ fn write_section(heading: &str, section: &str) -> Result<()> {
 }
 
 const JOBS_HEADING: &str = "## Many jobs on three replicas";
+const EXACT_HEADING: &str = "## Revision-exact replay";
+
+/// `--revision-exact` under the incremental load (16 writers, single-key
+/// revisions, loopback), from an empty standby replaying from revision 1:
+/// the rate it replays and the lag at the end, next to the prefix mirror
+/// (the incremental mode) on the same load and the writers against the
+/// source alone, all in this run.
+async fn exact_replay_section(sizes: &Sizes) -> Result<String> {
+    use std::fmt::Write as _;
+    let revisions = sizes.incremental_revisions;
+    let mut load = Load::new(PREFIX, 16, revisions / 16);
+    load.value_size = 100;
+    let alone = source_alone_rate(&load).await?;
+    let cap = sizes.make_mirror_cap;
+    // Revision-exact: done when the standby's revision is the source's.
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let mut args = mirror_args(&source, &dest, "");
+    let at = args
+        .iter()
+        .position(|a| a == "--prefix")
+        .context("--prefix")?;
+    args.drain(at..at + 2);
+    args.push("--revision-exact".into());
+    args.extend(extra_syncer_args());
+    let exact = Syncer::start("exact", &args).await?;
+    e2e::eventually(
+        Duration::from_secs(120),
+        "exact replay watching",
+        || async {
+            Ok(exact
+                .metric(
+                    "etcd_syncer_job_state",
+                    &[("job", "root"), ("state", "watching")],
+                )
+                .await?
+                == 1.0)
+        },
+    )
+    .await?;
+    let report = load.run(&load_clients(&source).await?).await?;
+    let load_done = Instant::now();
+    let head = source.revision().await?;
+    let caught_up = loop {
+        if dest.revision().await? >= head {
+            break Some(load_done.elapsed());
+        }
+        if load_done.elapsed() > cap {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let behind = head - dest.revision().await?;
+    let exact_txns = exact
+        .metric("etcd_syncer_events_applied_total", &[("job", "root")])
+        .await?;
+    let exact_load_rate = rate(report.operations as f64, report.elapsed);
+    let exact_rate = rate(
+        (report.operations as i64 - behind.max(0)) as f64,
+        report.elapsed + caught_up.unwrap_or(cap),
+    );
+    exact.finish().await?;
+    drop((source, dest));
+    // The prefix mirror on the same load.
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let mirror = start_syncer(&source, &dest, None, "incremental").await?;
+    wait_watching(&mirror).await?;
+    let incremental = incremental(&source, &dest, &load, cap).await?;
+    mirror.finish().await?;
+    let lag = |after: Option<Duration>| match after {
+        Some(after) => format!("{:.2} s", after.as_secs_f64()),
+        None => format!(
+            "> {:.0} s, {} revisions behind",
+            cap.as_secs_f64(),
+            group(behind.max(0) as u64)
+        ),
+    };
+    let mut out = String::new();
+    writeln!(out, "{EXACT_HEADING}\n")?;
+    writeln!(
+        out,
+        "`make bench-exact`: {} single-key revisions from 16 writers on loopback (100 B values); the revision-exact standby starts empty and replays from revision 1, one destination txn per source revision, in order. Measured in the same run:\n",
+        group(revisions as u64)
+    )?;
+    writeln!(
+        out,
+        "| | replayed / mirrored | lag at the end | writers' rate meanwhile |"
+    )?;
+    writeln!(out, "|---|---|---|---|")?;
+    writeln!(
+        out,
+        "| revision-exact (`--revision-exact`) | {} ({exact_txns} events, one txn each) | {} | {} |",
+        fmt_rate(exact_rate, "rev/s"),
+        lag(caught_up),
+        fmt_rate(exact_load_rate, "rev/s")
+    )?;
+    writeln!(
+        out,
+        "| prefix mirror (incremental mode, coalesced txns) | {} | {} | {} |",
+        fmt_rate(incremental.rate, "rev/s"),
+        incremental.lag,
+        fmt_rate(incremental.load_rate, "rev/s")
+    )?;
+    writeln!(
+        out,
+        "| the writers against the source alone | | | {} |",
+        fmt_rate(alone, "rev/s")
+    )?;
+    writeln!(
+        out,
+        "\nReplay is {:.0}% of the prefix mirror's rate and {:.0}% of what the writers reach alone; target: keeps up (lag < 1 s at the end): {}.",
+        100.0 * exact_rate / incremental.rate,
+        100.0 * exact_rate / alone,
+        if caught_up.is_some_and(|d| d < Duration::from_secs(1)) { "met" } else { "not met" }
+    )?;
+    Ok(out)
+}
 const KEEPER_HEADING: &str = "## Lease keeper traffic";
 
 /// 100,000 leases on the source, 1,000 of them under the job's prefix: the
