@@ -567,8 +567,8 @@ impl World {
                 };
                 if self.replays_after_foreign > allowed {
                     return Err(format!(
-                        "{} replay commits after the foreign commit at {at} by {by} (allowed {allowed}); the last at {}",
-                        self.replays_after_foreign, commit.revision
+                        "{} replay commits after the foreign commit at {at} by {by} (allowed {allowed}); the last at {}, of source revision {checkpoint}, by {}",
+                        self.replays_after_foreign, commit.revision, commit.by
                     ));
                 }
                 continue;

@@ -218,12 +218,13 @@ async fn campaign(
 }
 
 /// Where a leadership starts replaying from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Resolved {
     /// The source revision the destination holds (and its own revision).
     applied: i64,
-    /// Whether a checkpoint exists (the first replay txn creates it).
-    has_checkpoint: bool,
+    /// The checkpoint's bytes as read (`None`: the first replay txn
+    /// creates it); the first txn is chained on them.
+    checkpoint: Option<Vec<u8>>,
     source_cluster_id: u64,
 }
 
@@ -312,7 +313,7 @@ async fn resolve(ctx: &JobContext) -> Result<Resolved, JobError> {
         }
         return Ok(Resolved {
             applied: checkpoint.last_synced_rev,
-            has_checkpoint: true,
+            checkpoint: Some(kv.value.clone()),
             source_cluster_id: source.cluster_id,
         });
     }
@@ -347,13 +348,36 @@ async fn resolve(ctx: &JobContext) -> Result<Resolved, JobError> {
     info!(job = %ctx.job.name, revision = dest_revision, keys = source_keys.len(), "The seed equals the source; replaying from here.");
     Ok(Resolved {
         applied: dest_revision,
-        has_checkpoint: false,
+        checkpoint: None,
         source_cluster_id: source.cluster_id,
     })
 }
 
+/// Revisions whose txns are sent and not yet answered, oldest first; each
+/// future answers with its revision.
+type InFlight<'a> = futures::stream::FuturesOrdered<
+    futures::future::BoxFuture<
+        'a,
+        (
+            Revision,
+            Vec<u8>,
+            Result<crate::etcd::api::TxnResponse, crate::etcd::client::ClientError>,
+        ),
+    >,
+>;
+
 /// Watches the whole source keyspace from the revision after `applied`
 /// and replays each revision as one txn, until the lock is lost.
+///
+/// Txns are pipelined: up to `--max-inflight-txns` are in flight, each
+/// chained on the checkpoint the txn before it writes (its exact bytes,
+/// and its `mod_revision` being the revision before), so etcd applies them
+/// only in order, and none after a txn that did not apply. (The revision
+/// alone would not do: after a write from elsewhere a later txn's revision
+/// can match a checkpoint written one revision late.) One the server
+/// reordered fails its compare, as does every later one; the checkpoint is
+/// then read back, and if it is what the last answered txn wrote, the
+/// failed ones are sent again.
 async fn replay(
     ctx: &JobContext,
     leases: &ExactLeases,
@@ -381,103 +405,193 @@ async fn replay(
         max_ops: ctx.limits.max_ops.saturating_sub(1).max(1),
         max_bytes: ctx.limits.max_bytes.saturating_sub(RESERVE_BYTES).max(1024),
     };
+    let window = ctx.tuning.max_inflight_txns.max(1);
     let mut grouper = Grouper::new(resolved.applied);
-    let mut has_checkpoint = resolved.has_checkpoint;
+    // Answered and in parity: the destination's revision.
     let mut applied = resolved.applied;
+    // What the last applied txn wrote (`None`: the first txn of a seed
+    // creates the checkpoint), and what the next one sent is chained on.
+    let mut committed = resolved.checkpoint.clone();
+    let mut chain = committed.clone();
+    let mut waiting: std::collections::VecDeque<Revision> = Default::default();
+    let mut inflight: InFlight<'_> = Default::default();
+    let mut head = resolved.applied;
     let mut progress_tick = tokio::time::interval(ctx.tuning.progress_interval);
     progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     loop {
-        let response = tokio::select! {
+        // Fill the window, in revision order.
+        while inflight.len() < window && !held.is_cancelled() {
+            let Some(revision) = waiting.pop_front() else {
+                break;
+            };
+            let (txn, written) = prepare(
+                ctx,
+                leases,
+                &revision,
+                chain.as_deref(),
+                limits,
+                resolved.source_cluster_id,
+            )
+            .await?;
+            chain = Some(written.clone());
+            let dest = ctx.dest.clone();
+            inflight.push_back(Box::pin(async move {
+                let response = dest.txn("replay a source revision", txn).await;
+                (revision, written, response)
+            }));
+        }
+        let reading = waiting.len() < window * 4;
+        tokio::select! {
             biased;
+            // Txns already sent may still apply: each is the one right
+            // revision, compared on the one before.
             _ = held.cancelled() => return Ok(()),
+            answered = inflight.next(), if !inflight.is_empty() => {
+                let (revision, written, response) = answered.expect("guarded: not empty");
+                let response = response?;
+                if response.succeeded {
+                    parity(revision.revision, response.header.revision).map_err(JobError::ParityLost)?;
+                    committed = Some(written);
+                    applied = revision.revision;
+                    published.store(applied, std::sync::atomic::Ordering::SeqCst);
+                    ctx.metrics.txns_total.inc();
+                    ctx.metrics.events_applied_total.inc_by(revision.events.len() as u64);
+                    ctx.metrics.set_progress(applied, head.max(applied));
+                    if head <= applied {
+                        ctx.metrics.lag_seconds.set(0.0);
+                    }
+                    continue;
+                }
+                // Not applied: the rest fail too. Collect them (each is
+                // answered within the request timeout), then read where
+                // the checkpoint is; losing the lock meanwhile ends it.
+                let settle = async {
+                    let mut again = vec![revision];
+                    while let Some((revision, _, response)) = inflight.next().await {
+                        if response.is_ok_and(|r| r.succeeded) {
+                            // Only a writer that applied the one before
+                            // could make it apply: re-resolve.
+                            return Err(JobError::GuardMoved { what: "revision-exact checkpoint" });
+                        }
+                        again.push(revision);
+                    }
+                    resend_or_stop(ctx, committed.as_deref()).await.map(|()| again)
+                };
+                let again = tokio::select! {
+                    biased;
+                    _ = held.cancelled() => return Ok(()),
+                    settled = settle => settled?,
+                };
+                ctx.metrics.txn_reorders_total.inc();
+                debug!(job = %ctx.job.name, revisions = again.len(), from = again[0].revision, "A replay txn was applied out of order; sending again.");
+                for revision in again.into_iter().rev() {
+                    waiting.push_front(revision);
+                }
+                chain = committed.clone();
+            }
             _ = progress_tick.tick() => {
                 ctx.heartbeat();
                 if last_heard.elapsed() > ctx.tuning.watch_idle_timeout {
                     return Err(JobError::WatchStalled { idle: last_heard.elapsed() });
                 }
+                // Only queues a request on the open stream.
                 stream.request_progress().await.map_err(|source| JobError::Watch { source })?;
-                continue;
             }
-            message = stream.message() => message.map_err(|source| JobError::Watch { source })?,
-        };
-        let Some(response) = response else {
-            return Err(JobError::WatchClosed);
-        };
-        last_heard = Instant::now();
-        ctx.heartbeat();
-        if response.canceled {
-            if response.compact_revision > 0 {
-                return Err(JobError::ExactBlocked(format!(
-                    "the source compacted its history to revision {} past the standby's {applied}: \
-                     the revisions in between cannot be replayed; re-seed the standby from a new snapshot",
-                    response.compact_revision
-                )));
+            message = stream.message(), if reading => {
+                let Some(response) = message.map_err(|source| JobError::Watch { source })? else {
+                    return Err(JobError::WatchClosed);
+                };
+                last_heard = Instant::now();
+                ctx.heartbeat();
+                if response.canceled {
+                    if response.compact_revision > 0 {
+                        return Err(JobError::ExactBlocked(format!(
+                            "the source compacted its history to revision {} past the standby's {applied}: \
+                             the revisions in between cannot be replayed; re-seed the standby from a new snapshot",
+                            response.compact_revision
+                        )));
+                    }
+                    return Err(JobError::WatchCanceled {
+                        reason: response.cancel_reason,
+                    });
+                }
+                let cluster_id = response.header.cluster_id;
+                if cluster_id != 0 && cluster_id != resolved.source_cluster_id {
+                    return Err(JobError::ExactBlocked(format!(
+                        "the source watch answers as cluster {cluster_id:x}, not {:x}; check --src-endpoints",
+                        resolved.source_cluster_id
+                    )));
+                }
+                head = head.max(response.header.revision);
+                let events = response.events.into_iter().map(|event| ExactEvent {
+                    revision: event.kv.mod_revision,
+                    put: (event.kind == crate::etcd::api::EventType::Put).then(|| PutOf {
+                        value: event.kv.value.clone(),
+                        lease: event.kv.lease,
+                    }),
+                    key: event.kv.key,
+                });
+                let revisions = grouper
+                    .push(events, response.fragment)
+                    .map_err(|gap| JobError::ExactBlocked(gap.to_string()))?;
+                waiting.extend(revisions);
+                ctx.metrics.set_progress(applied, head.max(applied));
+                if head <= applied {
+                    ctx.metrics.lag_seconds.set(0.0);
+                }
             }
-            return Err(JobError::WatchCanceled {
-                reason: response.cancel_reason,
-            });
-        }
-        let cluster_id = response.header.cluster_id;
-        if cluster_id != 0 && cluster_id != resolved.source_cluster_id {
-            return Err(JobError::ExactBlocked(format!(
-                "the source watch answers as cluster {cluster_id:x}, not {:x}; check --src-endpoints",
-                resolved.source_cluster_id
-            )));
-        }
-        let head = response.header.revision;
-        let events = response.events.into_iter().map(|event| ExactEvent {
-            revision: event.kv.mod_revision,
-            put: (event.kind == crate::etcd::api::EventType::Put).then(|| PutOf {
-                value: event.kv.value.clone(),
-                lease: event.kv.lease,
-            }),
-            key: event.kv.key,
-        });
-        let revisions = grouper
-            .push(events, response.fragment)
-            .map_err(|gap| JobError::ExactBlocked(gap.to_string()))?;
-        for revision in revisions {
-            if held.is_cancelled() {
-                return Ok(());
-            }
-            apply(
-                ctx,
-                leases,
-                &revision,
-                applied,
-                has_checkpoint,
-                limits,
-                resolved.source_cluster_id,
-            )
-            .await?;
-            has_checkpoint = true;
-            applied = revision.revision;
-            published.store(applied, std::sync::atomic::Ordering::SeqCst);
-            ctx.metrics
-                .events_applied_total
-                .inc_by(revision.events.len() as u64);
-        }
-        ctx.metrics.set_progress(applied, head.max(applied));
-        if head <= applied {
-            ctx.metrics.lag_seconds.set(0.0);
         }
     }
 }
 
-/// Replays one source revision as one destination txn and checks parity.
-async fn apply(
+/// After a replay txn failed its compare: `Ok` when the checkpoint is what
+/// the last applied txn wrote (`committed`; `None` when none was yet) (the
+/// server reordered the pipeline: send again), else promoted, or moved by
+/// another writer.
+async fn resend_or_stop(ctx: &JobContext, committed: Option<&[u8]>) -> Result<(), JobError> {
+    let read = ctx
+        .dest
+        .txn(
+            "read checkpoint and promoted marker",
+            TxnRequest::new().and_then(vec![
+                Op::get(ctx.keys.checkpoint().into_bytes()),
+                Op::Range(RangeRequest::key(ctx.keys.promoted().into_bytes()).count_only()),
+            ]),
+        )
+        .await?;
+    let mut ranges = read.ranges();
+    let checkpoint = ranges.next().and_then(|r| r.kvs.first().cloned());
+    if ranges.next().is_some_and(|r| r.count > 0) {
+        return Err(JobError::Promoted);
+    }
+    if checkpoint.as_ref().map(|kv| kv.value.as_slice()) == committed {
+        Ok(())
+    } else {
+        Err(JobError::GuardMoved {
+            what: "revision-exact checkpoint",
+        })
+    }
+}
+
+/// The one destination txn that replays `revision`, and the checkpoint it
+/// writes: its ops (deletes folded into range deletes when it is bigger
+/// than one txn), the checkpoint put, and the compares that let it apply
+/// only right after the txn that wrote `previous` (`None`: no checkpoint
+/// yet), and never after a promotion. Leases its keys go on are granted
+/// first.
+async fn prepare(
     ctx: &JobContext,
     leases: &ExactLeases,
     revision: &Revision,
-    applied: i64,
-    has_checkpoint: bool,
+    previous: Option<&[u8]>,
     limits: ReplayLimits,
     source_cluster_id: u64,
-) -> Result<(), JobError> {
+) -> Result<(TxnRequest, Vec<u8>), JobError> {
     leases.ensure(&revision.leases()).await?;
-    // Only a revision over the op limit needs the destination's keys
-    // between its deleted keys (to fold them into range deletes).
+    // Only a revision over the op limit needs the keys between its deleted
+    // keys, read from the source at the revision before (the destination
+    // holds the same there, and may not have reached it yet).
     let deleted: BTreeSet<&[u8]> = revision
         .events
         .iter()
@@ -491,13 +605,13 @@ async fn apply(
     ) {
         (true, Some(first), Some(last)) => {
             let held = ctx
-                .dest
+                .source
                 .range(
                     "read keys to fold a large delete",
                     RangeRequest {
                         key: first.to_vec(),
                         range_end: crate::model::keys::key_successor(last),
-                        revision: applied,
+                        revision: revision.revision - 1,
                         keys_only: true,
                         ..RangeRequest::default()
                     },
@@ -517,38 +631,34 @@ async fn apply(
     );
     checkpoint.revision_exact = true;
     let checkpoint_key = ctx.keys.checkpoint();
-    let guard = if has_checkpoint {
-        Compare::mod_revision(checkpoint_key.as_bytes(), CompareOp::Equal, applied)
-    } else {
-        Compare::version(checkpoint_key.as_bytes(), CompareOp::Equal, 0)
-    };
+    let mut compares = vec![Compare::version(
+        ctx.keys.promoted().into_bytes(),
+        CompareOp::Equal,
+        0,
+    )];
+    match previous {
+        None => compares.push(Compare::version(
+            checkpoint_key.as_bytes(),
+            CompareOp::Equal,
+            0,
+        )),
+        Some(previous) => {
+            compares.push(Compare::value(
+                checkpoint_key.as_bytes(),
+                CompareOp::Equal,
+                previous,
+            ));
+            compares.push(Compare::mod_revision(
+                checkpoint_key.as_bytes(),
+                CompareOp::Equal,
+                revision.revision - 1,
+            ));
+        }
+    }
+    let written = checkpoint.encode();
     let mut success: Vec<Op> = ops.into_iter().map(to_op).collect();
-    success.push(Op::put(checkpoint_key.as_bytes(), checkpoint.encode()));
-    let txn = TxnRequest::new()
-        .when(vec![
-            Compare::version(ctx.keys.promoted().into_bytes(), CompareOp::Equal, 0),
-            guard,
-        ])
-        .and_then(success);
-    let response = ctx.dest.txn("replay a source revision", txn).await?;
-    if response.succeeded {
-        return parity(revision.revision, response.header.revision).map_err(JobError::ParityLost);
-    }
-    // Not applied: promoted, or another writer moved the checkpoint (a
-    // replica that took over, or something that must not be there).
-    let promoted = ctx
-        .dest
-        .range(
-            "read promoted marker",
-            RangeRequest::key(ctx.keys.promoted().into_bytes()).count_only(),
-        )
-        .await?;
-    if promoted.count > 0 {
-        return Err(JobError::Promoted);
-    }
-    Err(JobError::GuardMoved {
-        what: "revision-exact checkpoint",
-    })
+    success.push(Op::put(checkpoint_key.as_bytes(), written.clone()));
+    Ok((TxnRequest::new().when(compares).and_then(success), written))
 }
 
 /// Brings the standby's compaction to the primary's, so both keep the same
