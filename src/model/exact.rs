@@ -112,12 +112,7 @@ impl Grouper {
         for event in std::mem::take(&mut self.open) {
             match done.last_mut() {
                 Some(current) if current.revision == event.revision => current.events.push(event),
-                Some(current) if current.revision > event.revision => {
-                    return Err(Gap {
-                        after: current.revision,
-                        got: event.revision,
-                    })
-                }
+                // The next revision, or a gap (an earlier one out of order too).
                 _ => {
                     let expected = done.last().map_or(self.last, |r| r.revision) + 1;
                     if event.revision != expected {
@@ -623,6 +618,107 @@ mod tests {
         assert_eq!(parity_at_resume(7, 7, 7), Ok(()));
         assert!(parity_at_resume(7, 7, 8).is_err());
         assert!(parity_at_resume(7, 6, 7).is_err());
+    }
+
+    #[test]
+    fn a_revision_needs_the_leases_of_its_puts_only() {
+        let revision = Revision {
+            revision: 3,
+            events: vec![
+                put(3, "a", 7),
+                put(3, "b", 0),
+                put(3, "c", 7),
+                put(3, "d", 9),
+                delete(3, "e"),
+            ],
+        };
+        assert_eq!(revision.leases().into_iter().collect::<Vec<_>>(), [7, 9]);
+    }
+
+    #[test]
+    fn limits_hold_exactly_at_their_bounds() {
+        // Exactly max_ops ops: no fold (no destination read), no error.
+        let deletes = Revision {
+            revision: 3,
+            events: (0..4).map(|i| delete(3, &format!("k{i}"))).collect(),
+        };
+        let at_ops = ReplayLimits {
+            max_ops: 4,
+            max_bytes: 1 << 20,
+        };
+        assert_eq!(
+            plan(&deletes, b"/meta/", at_ops, |_, _| unreachable!(
+                "no fold at the limit"
+            ))
+            .unwrap()
+            .len(),
+            4
+        );
+        let puts = Revision {
+            revision: 3,
+            events: (0..4).map(|i| put(3, &format!("k{i}"), 0)).collect(),
+        };
+        assert!(plan(&puts, b"/meta/", at_ops, |_, _| Vec::new()).is_ok());
+        // Bytes: each put is its key, its value and the framing.
+        let bytes = 4 * (OP_OVERHEAD + 2 + 1);
+        let exact = ReplayLimits {
+            max_ops: 10,
+            max_bytes: bytes,
+        };
+        assert!(plan(&puts, b"/meta/", exact, |_, _| Vec::new()).is_ok());
+        let short = ReplayLimits {
+            max_ops: 10,
+            max_bytes: bytes - 1,
+        };
+        assert_eq!(
+            plan(&puts, b"/meta/", short, |_, _| Vec::new()),
+            Err(TooBig::Bytes {
+                revision: 3,
+                bytes,
+                max_bytes: bytes - 1
+            })
+        );
+        // A folded range counts both its ends.
+        assert_eq!(
+            op_bytes(&ReplayOp::DeleteRange {
+                from: b"ab".to_vec(),
+                to: b"abc".to_vec()
+            }),
+            OP_OVERHEAD + 5
+        );
+        assert_eq!(
+            op_bytes(&ReplayOp::Delete {
+                key: b"abc".to_vec()
+            }),
+            OP_OVERHEAD + 3
+        );
+    }
+
+    #[test]
+    fn a_moved_destination_says_by_how_much() {
+        assert_eq!(
+            parity_at_resume(7, 7, 10),
+            Err(ParityLost::Moved {
+                checkpoint: 7,
+                dest_revision: 10,
+                moved: 3
+            })
+        );
+    }
+
+    #[test]
+    fn compare_states_counts_every_key_on_either_side() {
+        let key = |k: &str| ExactKey {
+            key: k.into(),
+            value: b"v".to_vec(),
+            ..ExactKey::default()
+        };
+        let report = compare_states(&[key("a"), key("b"), key("c")], &[]);
+        assert_eq!((report.compared, report.missing), (3, 3));
+        let report = compare_states(&[key("b")], &[key("a"), key("b")]);
+        assert_eq!((report.compared, report.missing, report.extra), (2, 0, 1));
+        let report = compare_states(&[], &[key("a")]);
+        assert_eq!((report.compared, report.extra), (1, 1));
     }
 
     #[test]
