@@ -30,19 +30,19 @@ async fn store_at(client: &mut Client, revision: i64) -> Result<Stored> {
         .kvs()
         .iter()
         .filter(|kv| !kv.key().starts_with(b"/-etcd-syncer-meta-/"))
-        .map(|kv| {
-            (
-                kv.key().to_vec(),
-                (
-                    kv.value().to_vec(),
-                    kv.create_revision(),
-                    kv.mod_revision(),
-                    kv.version(),
-                    kv.lease(),
-                ),
-            )
-        })
+        .map(|kv| (kv.key().to_vec(), metadata(kv)))
         .collect())
+}
+
+/// A key's value with its create and mod revision, version and lease.
+fn metadata(kv: &etcd_client::KeyValue) -> (Vec<u8>, i64, i64, i64, i64) {
+    (
+        kv.value().to_vec(),
+        kv.create_revision(),
+        kv.mod_revision(),
+        kv.version(),
+        kv.lease(),
+    )
 }
 
 /// The flags of a revision-exact job between the two clusters.
@@ -144,11 +144,7 @@ async fn mod_revision(client: &mut Client, key: &str) -> Result<i64> {
 type SeenEvent = (
     bool,
     Vec<u8>,
-    Vec<u8>,
-    i64,
-    i64,
-    i64,
-    i64,
+    (Vec<u8>, i64, i64, i64, i64),
     Option<(Vec<u8>, i64)>,
 );
 
@@ -184,11 +180,7 @@ async fn history(
                 seen.push((
                     event.event_type() == EventType::Put,
                     kv.key().to_vec(),
-                    kv.value().to_vec(),
-                    kv.create_revision(),
-                    kv.mod_revision(),
-                    kv.version(),
-                    kv.lease(),
+                    metadata(kv),
                     event
                         .prev_kv()
                         .map(|p| (p.value().to_vec(), p.mod_revision())),

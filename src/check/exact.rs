@@ -11,7 +11,8 @@ use serde::Serialize;
 
 use crate::etcd::api::RangeRequest;
 use crate::etcd::client::{ClientError, Cluster};
-use crate::model::exact::{compare_states, ExactKey, StateReport};
+use crate::model::exact::{compare_states, StateReport};
+use crate::model::kv::KeyValue;
 
 /// Keys per page when a whole store is read.
 const PAGE: i64 = 5_000;
@@ -22,7 +23,7 @@ pub async fn read_store(
     cluster: &Cluster,
     revision: i64,
     meta_prefix: &[u8],
-) -> Result<Vec<ExactKey>, ClientError> {
+) -> Result<Vec<KeyValue>, ClientError> {
     let mut keys = Vec::new();
     let mut from = vec![0u8];
     loop {
@@ -46,15 +47,7 @@ pub async fn read_store(
         keys.extend(
             page.kvs
                 .into_iter()
-                .filter(|kv| !kv.key.starts_with(meta_prefix))
-                .map(|kv| ExactKey {
-                    key: kv.key,
-                    value: kv.value,
-                    create_revision: kv.create_revision,
-                    mod_revision: kv.mod_revision,
-                    version: kv.version,
-                    lease: kv.lease,
-                }),
+                .filter(|kv| !kv.key.starts_with(meta_prefix)),
         );
         if !more {
             return Ok(keys);

@@ -12,17 +12,9 @@ use futures::future::BoxFuture;
 
 pub type EtcdResult<T> = Result<T, etcd_client::Error>;
 
-/// A key as etcd stores it (`mvccpb.KeyValue`).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct KeyValue {
-    pub key: Vec<u8>,
-    pub value: Vec<u8>,
-    pub create_revision: i64,
-    pub mod_revision: i64,
-    pub version: i64,
-    /// 0 when the key is not attached to a lease.
-    pub lease: i64,
-}
+/// A key as etcd stores it (`mvccpb.KeyValue`); plain data, so the model
+/// layer compares it too.
+pub use crate::model::kv::KeyValue;
 
 /// The response header fields the replicator reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -22,6 +22,8 @@
 
 use std::collections::BTreeSet;
 
+use crate::model::kv::KeyValue;
+
 /// One source event, as the watch delivered it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExactEvent {
@@ -367,17 +369,6 @@ pub fn parity_at_resume(
     }
 }
 
-/// One key with everything revision-exact compares.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ExactKey {
-    pub key: Vec<u8>,
-    pub value: Vec<u8>,
-    pub create_revision: i64,
-    pub mod_revision: i64,
-    pub version: i64,
-    pub lease: i64,
-}
-
 /// How two keyspaces differ, with the first few keys of each kind.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StateReport {
@@ -419,7 +410,7 @@ impl std::fmt::Display for StateReport {
 }
 
 /// Compares two keyspaces sorted by key, metadata included.
-pub fn compare_states(source: &[ExactKey], dest: &[ExactKey]) -> StateReport {
+pub fn compare_states(source: &[KeyValue], dest: &[KeyValue]) -> StateReport {
     let mut report = StateReport::default();
     let (mut s, mut d) = (0, 0);
     while s < source.len() || d < dest.len() {
@@ -708,10 +699,10 @@ mod tests {
 
     #[test]
     fn compare_states_counts_every_key_on_either_side() {
-        let key = |k: &str| ExactKey {
+        let key = |k: &str| KeyValue {
             key: k.into(),
             value: b"v".to_vec(),
-            ..ExactKey::default()
+            ..KeyValue::default()
         };
         let report = compare_states(&[key("a"), key("b"), key("c")], &[]);
         assert_eq!((report.compared, report.missing), (3, 3));
@@ -723,7 +714,7 @@ mod tests {
 
     #[test]
     fn compare_states_tells_values_from_metadata() {
-        let key = |k: &str, v: &str, m: i64| ExactKey {
+        let key = |k: &str, v: &str, m: i64| KeyValue {
             key: k.into(),
             value: v.into(),
             create_revision: 2,

@@ -6,6 +6,7 @@
 //! - [`failback`]: the keys that can differ after a promotion, the lost
 //!   writes of the old primary, and what makes it equal the standby.
 //! - [`failover`]: which endpoint group of a cluster to use.
+//! - [`kv`]: a key with its revisions, version and lease, as etcd stores it.
 //! - [`keys`]: prefix ranges, the dest-prefix rewrite, the meta key layout.
 //! - [`redact`]: how keys and values appear in logs (`--redact-keys`).
 //! - [`schema`]: what the syncer stores on the destination (checkpoint,
@@ -20,6 +21,7 @@ pub mod failback;
 pub mod failover;
 pub mod ids;
 pub mod keys;
+pub mod kv;
 pub mod lease_book;
 pub mod redact;
 pub mod schema;
