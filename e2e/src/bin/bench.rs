@@ -1992,7 +1992,11 @@ async fn exact_replay_section(sizes: &Sizes) -> Result<(String, Target)> {
             fmt_rate(alone, "rev/s")
         ),
         target: "keeps up (lag < 1 s at the end)".into(),
-        result: format!("{} replayed, lag at end {}", fmt_rate(exact_rate, "rev/s"), lag(caught_up)),
+        result: format!(
+            "{} replayed, lag at end {}",
+            fmt_rate(exact_rate, "rev/s"),
+            lag(caught_up)
+        ),
         met,
     };
     Ok((out, target))
