@@ -30,6 +30,7 @@ use crate::etcd::api::{Compare, CompareOp, Op, RangeRequest, TxnRequest, WatchRe
 use crate::etcd::client::{Cluster, FailureKind};
 use crate::mirror::context::JobContext;
 use crate::mirror::error::{Action, JobError};
+use crate::mirror::watch_state::{Liveness, Tick};
 use crate::model::exact::{
     compare_states, parity, parity_at_resume, plan, ExactEvent, Grouper, ParityLost, PutOf,
     ReplayLimits, ReplayOp, Revision,
@@ -418,7 +419,14 @@ async fn replay(
     let mut head = resolved.applied;
     let mut progress_tick = tokio::time::interval(ctx.tuning.progress_interval);
     progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
+    let mut liveness = Liveness::new(
+        ctx.tuning.watch_idle_timeout,
+        ctx.quirks.progress_may_never_come,
+        Instant::now(),
+    );
+    // etcd-io/etcd#17507: a silent watch on such a server is probed with a
+    // read (off the loop) instead of being recreated over and over.
+    let mut probe: Option<tokio::task::JoinHandle<bool>> = None;
     loop {
         // Fill the window, in revision order.
         while inflight.len() < window && !held.is_cancelled() {
@@ -490,10 +498,19 @@ async fn replay(
                 }
                 chain = committed.clone();
             }
+            probed = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
+                probe = None;
+                liveness.on_probe(matches!(probed, Ok(true)), Instant::now())?;
+            }
             _ = progress_tick.tick() => {
                 ctx.heartbeat();
-                if last_heard.elapsed() > ctx.tuning.watch_idle_timeout {
-                    return Err(JobError::WatchStalled { idle: last_heard.elapsed() });
+                match liveness.on_tick(Instant::now()) {
+                    Tick::Alive => {}
+                    Tick::Stalled { idle } => return Err(JobError::WatchStalled { idle }),
+                    Tick::Probe => {
+                        let source = ctx.source.clone();
+                        probe = Some(tokio::spawn(async move { source.head(b"").await.is_ok() }));
+                    }
                 }
                 // Only queues a request on the open stream.
                 stream.request_progress().await.map_err(|source| JobError::Watch { source })?;
@@ -502,7 +519,7 @@ async fn replay(
                 let Some(response) = message.map_err(|source| JobError::Watch { source })? else {
                     return Err(JobError::WatchClosed);
                 };
-                last_heard = Instant::now();
+                liveness.answered(Instant::now());
                 ctx.heartbeat();
                 if response.canceled {
                     if response.compact_revision > 0 {

@@ -67,13 +67,60 @@ pub enum Tick {
     Stalled { idle: Duration },
 }
 
-/// Whether the watch still answers.
+/// Whether a watch still answers: silent past `idle_timeout` it is
+/// stalled, or first probed with a read where the server may never answer
+/// progress requests. Also the revision-exact replay's.
 #[derive(Debug)]
-struct Liveness {
+pub struct Liveness {
     last_answer: Instant,
     idle_timeout: Duration,
     probe_silence: bool,
     probing: bool,
+}
+
+impl Liveness {
+    pub fn new(idle_timeout: Duration, probe_silence: bool, now: Instant) -> Self {
+        Self {
+            last_answer: now,
+            idle_timeout,
+            probe_silence,
+            probing: false,
+        }
+    }
+
+    /// The watch answered (events or progress).
+    pub fn answered(&mut self, now: Instant) {
+        self.last_answer = now;
+    }
+
+    /// What a progress tick asks of the shell.
+    pub fn on_tick(&mut self, now: Instant) -> Tick {
+        let idle = now.saturating_duration_since(self.last_answer);
+        if idle <= self.idle_timeout {
+            return Tick::Alive;
+        }
+        if !self.probe_silence {
+            return Tick::Stalled { idle };
+        }
+        if self.probing {
+            return Tick::Alive;
+        }
+        self.probing = true;
+        Tick::Probe
+    }
+
+    /// The probe's answer: a source that answers means a quiet watch, not a
+    /// dead one (etcd-io/etcd#17507); one that does not means a stall.
+    pub fn on_probe(&mut self, source_answered: bool, now: Instant) -> Result<(), JobError> {
+        self.probing = false;
+        if source_answered {
+            self.last_answer = now;
+            return Ok(());
+        }
+        Err(JobError::WatchStalled {
+            idle: now.saturating_duration_since(self.last_answer),
+        })
+    }
 }
 
 /// Source values for a repair, read at `at_revision`.
@@ -112,44 +159,18 @@ impl WatchState {
             stamps: VecDeque::new(),
             touched: None,
             reported_splits: 0,
-            liveness: Liveness {
-                last_answer: now,
-                idle_timeout: timing.idle_timeout,
-                probe_silence: timing.probe_silence,
-                probing: false,
-            },
+            liveness: Liveness::new(timing.idle_timeout, timing.probe_silence, now),
         }
     }
 
     /// A progress tick: is the watch still answering?
     pub fn on_tick(&mut self, now: Instant) -> Tick {
-        let live = &mut self.liveness;
-        let idle = now.saturating_duration_since(live.last_answer);
-        if idle <= live.idle_timeout {
-            return Tick::Alive;
-        }
-        if !live.probe_silence {
-            return Tick::Stalled { idle };
-        }
-        if live.probing {
-            return Tick::Alive;
-        }
-        live.probing = true;
-        Tick::Probe
+        self.liveness.on_tick(now)
     }
 
-    /// The probe's answer: a source that answers means a quiet watch, not a
-    /// dead one (etcd-io/etcd#17507); one that does not means a stall.
+    /// The probe's answer (see [`Liveness::on_probe`]).
     pub fn on_probe(&mut self, source_answered: bool, now: Instant) -> Result<(), JobError> {
-        let live = &mut self.liveness;
-        live.probing = false;
-        if source_answered {
-            live.last_answer = now;
-            return Ok(());
-        }
-        Err(JobError::WatchStalled {
-            idle: now.saturating_duration_since(live.last_answer),
-        })
+        self.liveness.on_probe(source_answered, now)
     }
 
     /// The revision the next batch carries.
@@ -193,7 +214,7 @@ impl WatchState {
         sending: bool,
         now: Instant,
     ) -> Result<Delivered, JobError> {
-        self.liveness.last_answer = now;
+        self.liveness.answered(now);
         if response.canceled {
             if response.compact_revision > 0 {
                 return Err(JobError::Compacted {
