@@ -149,7 +149,8 @@ pub enum ReplayOp {
         key: Vec<u8>,
     },
     /// `[from, to)`: exactly the deleted keys, nothing else the destination
-    /// holds (the caller proved it from a read at the replayed revision).
+    /// holds (the caller read the keys between from the source at the
+    /// revision before, which the destination equals).
     DeleteRange {
         from: Vec<u8>,
         to: Vec<u8>,
