@@ -220,6 +220,9 @@ sed "s#/etc/etcd-syncer/#$root/#g" "$out/full.toml" > "$out/full-local.toml"
   | "$PY" -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["data"]["config.toml"])' > "$out/exact.toml"
 grep -q '^revision-exact = true$' "$out/exact.toml" || { echo "revisionExact must render revision-exact = true" >&2; exit 1; }
 grep -q '^\[\[jobs\]\]' "$out/exact.toml" && { echo "revisionExact must not render [[jobs]]" >&2; exit 1; }
+grep -q '^exact-gap = "catch-up"$' "$out/exact.toml" || { echo "revisionExact must render exact-gap" >&2; exit 1; }
 "$BIN" mirror-plus --config "$out/exact.toml" --validate-config
+"$HELM" template release "$CHART" --set revisionExact=true --set exactGap=later >/dev/null 2>&1 \
+  && { echo "the schema must refuse exactGap=later" >&2; exit 1; }
 grep -q '^\[\[destination.endpoint-groups\]\]$' "$out/full.toml" || { echo "full values must render endpoint groups" >&2; exit 1; }
 echo "chart-test: all checks passed"

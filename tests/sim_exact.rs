@@ -7,7 +7,9 @@
 //! [`etcd_syncer::mirror::exact::run`], and clients writing to the source:
 //! puts, deletes, txns of several keys, range deletes bigger than one
 //! destination txn, keys on leases that are revoked, kept alive or left to
-//! expire, and compaction behind the standby. Faults drawn from the seed:
+//! expire, and compaction behind the standby or past it (at the source's
+//! head, so a replica that lags or restarts must catch up over the
+//! compacted stretch, `--exact-gap catch-up`). Faults drawn from the seed:
 //! txns delayed (applied out of order), dropped, or applied with their
 //! response lost; a replica partitioned, frozen past its lock TTL, crashed
 //! and restarted; and, in some worlds, one of the two things that must end
@@ -21,19 +23,23 @@
 //!    happened, a replay commit lands at exactly the source revision its
 //!    checkpoint names, and the destination then equals the source at that
 //!    revision, key by key with value, create and mod revision, version and
-//!    lease;
+//!    lease; after a catch-up ([`CaughtUp`]), the keys it explains may
+//!    differ in revisions and version only, every key the source did not
+//!    change in the stretch is exact, and while a catch-up is unfinished
+//!    (the checkpoint short of its end) only the revision is checked;
 //! 2. the checkpoint never decreases;
 //! 3. after a foreign commit at most one replay commits (the one that
 //!    finds it: no txn can compare the store's revision), and none after a
 //!    promotion;
 //! 4. a destination lease expires on its own only in a world that cut
 //!    every replica off for longer than the lease's TTL and grace;
-//! 5. the standby is never compacted past the primary, and once the
-//!    faults stop it is compacted exactly where the primary is.
+//! 5. the standby is never compacted past the primary (or the end of its
+//!    last catch-up), and once the faults stop it is compacted exactly
+//!    there.
 //!
 //! When the faults stop, a world without a foreign commit converges: the
 //! destination reaches the source's revision and every revision from the
-//! seed's on reads the same on both sides. A world with one ends with the
+//! seed's (or the last catch-up's end) on reads the same on both sides. A world with one ends with the
 //! job in `parity_lost` (or `promoted`) on every running replica. A replica
 //! task that returns, or any task that panics, fails the seed.
 //!
@@ -55,14 +61,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use etcd_syncer::config::{
-    CheckSettings, JobSettings, LeaseMode, LeaseSettings, Tuning, TxnLimits,
+    CheckSettings, ExactGap, JobSettings, LeaseMode, LeaseSettings, Tuning, TxnLimits,
 };
 use etcd_syncer::etcd::api::{Etcd, EventType, KeyValue, Op, TxnRequest};
 use etcd_syncer::etcd::memory::{new_store, Faults, Link, MemoryEtcd, SharedStore};
 use etcd_syncer::etcd::Cluster;
+use etcd_syncer::mirror::exact::ExactOptions;
 use etcd_syncer::mirror::meta::Fence;
 use etcd_syncer::mirror::writer::DestWriter;
 use etcd_syncer::mirror::JobContext;
+use etcd_syncer::model::exact::{compare_states, explained_by, CaughtUp};
 use etcd_syncer::model::ids::Ids;
 use etcd_syncer::model::keys::{KeyRewrite, MetaKeys};
 use etcd_syncer::model::schema::Checkpoint;
@@ -120,6 +128,15 @@ struct World {
     checkpoint: i64,
     /// The revision the destination started at (the snapshot's).
     seeded_at: i64,
+    /// The catch-ups the last replay checkpoint records.
+    gaps: Vec<CaughtUp>,
+    catch_ups: u64,
+    /// A replay commit was seen: the checkpoint exists.
+    replayed: bool,
+    /// The source was compacted past the seed before any replay: without
+    /// a checkpoint nothing proves the standby a copy of this source, so
+    /// the job must stop (`exact_blocked`) rather than catch up.
+    seed_compacted: bool,
     fatal: Arc<Mutex<Vec<String>>>,
     hasher: std::collections::hash_map::DefaultHasher,
     commits: u64,
@@ -130,6 +147,39 @@ fn meta_free(state: BTreeMap<Vec<u8>, KeyValue>) -> BTreeMap<Vec<u8>, KeyValue> 
         .into_iter()
         .filter(|(key, _)| !key.starts_with(META.as_bytes()))
         .collect()
+}
+
+/// After catch-ups: the stores hold the same keys, values and leases;
+/// metadata differs only where a catch-up explains it, and every key the
+/// source left alone during the last one is exact.
+fn exact_but_caught_up(
+    source: &BTreeMap<Vec<u8>, KeyValue>,
+    dest: &BTreeMap<Vec<u8>, KeyValue>,
+    gaps: &[CaughtUp],
+) -> Result<(), String> {
+    let (source_kvs, dest_kvs): (Vec<KeyValue>, Vec<KeyValue>) = (
+        source.values().cloned().collect(),
+        dest.values().cloned().collect(),
+    );
+    let report = compare_states(&source_kvs, &dest_kvs, gaps);
+    if !report.is_equal() {
+        return Err(format!(
+            "the destination differs from the source after a catch-up: {report}"
+        ));
+    }
+    let (last, earlier) = gaps.split_last().expect("a catch-up");
+    for (key, kv) in source {
+        let other = &dest[key];
+        if kv.mod_revision <= last.from && kv != other && !explained_by(earlier, kv, other) {
+            return Err(format!(
+                "the catch-up over {}..{} rewrote {}, which the source did not change there",
+                last.from,
+                last.to,
+                String::from_utf8_lossy(key)
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl World {
@@ -161,6 +211,10 @@ impl World {
             outage: false,
             checkpoint: 0,
             seeded_at: 0,
+            gaps: Vec::new(),
+            catch_ups: 0,
+            replayed: false,
+            seed_compacted: false,
             fatal: Default::default(),
             hasher: Default::default(),
             commits: 0,
@@ -267,10 +321,19 @@ impl World {
             }
             _ => {
                 // Compaction behind the standby's checkpoint (a Kubernetes
-                // source compacts every five minutes).
-                let behind = self.checkpoint.max(self.seeded_at) - self.rng.gen_range(0..4);
-                if behind > 1 {
-                    self.source.lock().unwrap().compact(behind);
+                // source compacts every five minutes), or at the head,
+                // past a standby that lags.
+                let head = self.source.lock().unwrap().revision();
+                let at = if self.rng.gen_bool(0.3) {
+                    head
+                } else {
+                    self.checkpoint.max(self.seeded_at) - self.rng.gen_range(0..4)
+                };
+                if at > 1 && at > self.source.lock().unwrap().compact_revision() {
+                    self.source.lock().unwrap().compact(at);
+                    if at > self.seeded_at && !self.replayed {
+                        self.seed_compacted = true;
+                    }
                 }
                 Ok(())
             }
@@ -358,7 +421,11 @@ impl World {
         let fatal = self.fatal.clone();
         replica.task = Some(tokio::spawn(async move {
             // It parks on every error; returning at all is a failure.
-            let result = etcd_syncer::mirror::exact::run(ctx, LOCK_TTL, cancel.clone()).await;
+            let options = ExactOptions {
+                lock_ttl: LOCK_TTL,
+                gap: ExactGap::CatchUp,
+            };
+            let result = etcd_syncer::mirror::exact::run(ctx, options, cancel.clone()).await;
             if !cancel.is_cancelled() {
                 fatal
                     .lock()
@@ -506,15 +573,6 @@ impl World {
         if let Some(fatal) = self.fatal.lock().unwrap().first() {
             return Err(fatal.clone());
         }
-        let (source_compacted, dest_compacted) = (
-            self.source.lock().unwrap().compact_revision(),
-            self.dest.lock().unwrap().compact_revision(),
-        );
-        if dest_compacted > source_compacted {
-            return Err(format!(
-                "the standby is compacted at {dest_compacted}, past the primary's {source_compacted}"
-            ));
-        }
         let checkpoint_key = MetaKeys::new(META, JOB).checkpoint().into_bytes();
         let commits = self.dest.lock().unwrap().take_commits();
         for commit in commits {
@@ -525,15 +583,18 @@ impl World {
                 .iter()
                 .find(|e| e.kind == EventType::Put && e.kv.key == checkpoint_key)
                 .map(|e| {
-                    serde_json::from_slice::<Checkpoint>(&e.kv.value)
-                        .expect("checkpoint parses")
-                        .last_synced_rev
+                    serde_json::from_slice::<Checkpoint>(&e.kv.value).expect("checkpoint parses")
                 });
-            let Some(checkpoint) = written else {
+            let Some((checkpoint, gaps)) =
+                written.map(|written| (written.last_synced_rev, written.exact_gaps))
+            else {
                 // After a promotion the standby's clients keep its leases;
                 // after parity is lost nothing does.
+                // A job blocked at its seed keeps no lease alive either.
+                let blocked_at_seed = self.seed_compacted && !self.replayed;
                 if commit.by == "lease-expiry"
                     && !self.outage
+                    && !blocked_at_seed
                     && !self.promoted
                     && self.foreign.is_none()
                 {
@@ -558,6 +619,14 @@ impl World {
                 ));
             }
             self.checkpoint = checkpoint;
+            self.replayed = true;
+            if gaps.len() > self.gaps.len() || gaps.last() != self.gaps.last() {
+                if gaps.last().map(|g| g.from) != self.gaps.last().map(|g| g.from) {
+                    self.catch_ups += 1;
+                }
+                self.note(format!("catch-up recorded: {:?}", gaps.last()));
+            }
+            self.gaps = gaps;
             if let Some((at, by)) = &self.foreign {
                 self.replays_after_foreign += 1;
                 let allowed = if self.promoted && by.starts_with("operator") {
@@ -581,6 +650,15 @@ impl World {
             }
             let dest = meta_free(self.dest.lock().unwrap().state_at(commit.revision));
             let source = self.source.lock().unwrap().state_at(checkpoint);
+            if let Some(last) = self.gaps.last().copied() {
+                if last.to > checkpoint {
+                    // Mid catch-up: part of a difference, by design.
+                    continue;
+                }
+                exact_but_caught_up(&source, &dest, &self.gaps)
+                    .map_err(|error| format!("at {checkpoint}: {error}"))?;
+                continue;
+            }
             if dest != source {
                 let differs: Vec<_> = source
                     .iter()
@@ -597,6 +675,16 @@ impl World {
                     "the destination at {checkpoint} differs from the source: {differs:?}"
                 ));
             }
+        }
+        let (source_compacted, dest_compacted) = (
+            self.source.lock().unwrap().compact_revision(),
+            self.dest.lock().unwrap().compact_revision(),
+        );
+        let caught_up_to = self.gaps.last().map_or(0, |gap| gap.to);
+        if dest_compacted > source_compacted.max(caught_up_to) {
+            return Err(format!(
+                "the standby is compacted at {dest_compacted}, past the primary's {source_compacted} and the last catch-up's end {caught_up_to}"
+            ));
         }
         Ok(())
     }
@@ -623,6 +711,8 @@ struct Outcome {
     digest: u64,
     commits: u64,
     ending: Ending,
+    /// Catch-ups over compacted history the replay checkpoints recorded.
+    catch_ups: u64,
 }
 
 async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<String>)> {
@@ -709,6 +799,22 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
     }
     let states = world.states();
     match (&world.foreign, world.ending) {
+        // No replay commit at all (`replayed` is false): the job stopped,
+        // blocked, or on what else it found first (a stray write, a
+        // promotion).
+        (_, _) if world.seed_compacted && !world.replayed => {
+            let stopped = ["error", "parity_lost", "promoted"];
+            if states
+                .iter()
+                .any(|s| !stopped.contains(s) && *s != "standby")
+                || !states.iter().any(|s| stopped.contains(s))
+            {
+                let message = format!(
+                    "the seed's history was compacted before any replay, yet the states are {states:?}"
+                );
+                return failed(&mut world, message);
+            }
+        }
         (None, ending) => {
             let (source_rev, dest_rev) = (
                 world.source.lock().unwrap().revision(),
@@ -727,11 +833,18 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
                 );
                 return failed(&mut world, message);
             }
-            // Every revision from the seed's on reads the same.
-            for revision in world.seeded_at..=source_rev {
+            // Every revision from the seed's (or the last catch-up's end)
+            // on reads the same.
+            let caught_up_to = world.gaps.last().map_or(0, |gap| gap.to);
+            for revision in world.seeded_at.max(caught_up_to)..=source_rev {
                 let dest = meta_free(world.dest.lock().unwrap().state_at(revision));
                 let source = world.source.lock().unwrap().state_at(revision);
-                if dest != source {
+                let same = if world.gaps.is_empty() {
+                    dest == source
+                } else {
+                    exact_but_caught_up(&source, &dest, &world.gaps).is_ok()
+                };
+                if !same {
                     return failed(&mut world, format!("revision {revision} reads differently"));
                 }
             }
@@ -740,9 +853,9 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
                 world.source.lock().unwrap().compact_revision(),
                 world.dest.lock().unwrap().compact_revision(),
             );
-            if dest_compacted != source_compacted {
+            if dest_compacted != source_compacted.max(caught_up_to) {
                 return failed(&mut world, format!(
-                    "the standby is compacted at {dest_compacted}, the primary at {source_compacted}"
+                    "the standby is compacted at {dest_compacted}, the primary at {source_compacted}, the last catch-up ended at {caught_up_to}"
                 ));
             }
             if !states.contains(&"watching") {
@@ -775,6 +888,7 @@ async fn simulate(seed: u64, verbose: bool) -> Result<Outcome, (String, Vec<Stri
         digest: world.hasher.finish(),
         commits: world.commits,
         ending: world.ending,
+        catch_ups: world.catch_ups,
     })
 }
 
@@ -879,12 +993,20 @@ fn exact_simulation() {
         *endings.entry(format!("{:?}", outcome.ending)).or_default() += 1;
     }
     let commits: u64 = results.values().map(|o| o.commits).sum();
+    let caught_up = results.values().filter(|o| o.catch_ups > 0).count();
+    // The catch-up must be exercised, not merely allowed.
+    if count >= 100 {
+        assert!(
+            caught_up * 20 >= count as usize,
+            "only {caught_up} of {count} worlds caught up over compacted history"
+        );
+    }
     let mut digest = std::collections::hash_map::DefaultHasher::new();
     for (seed, outcome) in &results {
         (seed, outcome.digest).hash(&mut digest);
     }
     eprintln!(
-        "exact simulation: {count} seeds from {first}, {commits} destination commits, endings {endings:?}, digest {:016x}",
+        "exact simulation: {count} seeds from {first}, {commits} destination commits, endings {endings:?}, {caught_up} worlds caught up, digest {:016x}",
         digest.finish()
     );
 }

@@ -644,3 +644,168 @@ async fn a_lease_that_expires_on_the_standby_is_parity_lost() -> Result<()> {
     renewer.stop();
     again.finish().await
 }
+
+/// A syncer outage longer than the source's compaction interval (a
+/// Kubernetes source compacts every 5 minutes): the standby catches up over
+/// the compacted stretch in exactly its revisions, is compacted at its end,
+/// and replays on; keys the source left alone stay exact, the keys changed
+/// in the stretch keep value and lease. With `--exact-gap stop` it waits
+/// for a re-seed instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outage_past_the_source_compaction_is_caught_up() -> Result<()> {
+    let (source, dest, _snapshot) = primary_and_standby().await?;
+    let args = exact_args(&source, &dest);
+    let mut syncer = Syncer::start("exact", &args).await?;
+    wait_job_state(&syncer, JOB, "watching").await?;
+    let mut client = source.client().await?;
+    let lease = client.lease_grant(120, None).await?.id();
+    client.put("/registry/a", "1", None).await?;
+    client
+        .put(
+            "/registry/leased",
+            "1",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await?;
+    let from = wait_parity(&source, &dest).await?;
+    syncer.kill9()?;
+
+    // The outage: changes, then a compaction at the head.
+    for value in ["2", "3", "4"] {
+        client.put("/registry/a", value, None).await?;
+    }
+    client.put("/registry/new", "1", None).await?;
+    client
+        .put(
+            "/registry/leased",
+            "2",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await?;
+    client.delete("/registry/pods/default/p1", None).await?;
+    // The same value again: a new revision, nothing to write.
+    client.put("/registry/pods/default/p2", "v2", None).await?;
+    let to = source.compact().await?;
+
+    let mut again = Syncer::start("exact-again", &args).await?;
+    let caught_up = wait_parity(&source, &dest).await?;
+    ensure!(
+        caught_up == to,
+        "caught up to the source's head {to}, at {caught_up}"
+    );
+    ensure!(
+        again.log_text().contains("Caught up"),
+        "the log says it caught up"
+    );
+    ensure!(
+        again
+            .metric("etcd_syncer_exact_catch_ups_total", &[("job", JOB)])
+            .await?
+            == 1.0,
+        "one catch-up counted"
+    );
+    let (primary, standby) = (
+        store_at(&mut client, 0).await?,
+        store_at(&mut dest.client().await?, 0).await?,
+    );
+    ensure!(
+        primary.keys().eq(standby.keys()),
+        "the same keys: {:?} against {:?}",
+        primary.keys().collect::<Vec<_>>(),
+        standby.keys().collect::<Vec<_>>()
+    );
+    for (key, (value, create, modified, version, lease_id)) in &primary {
+        let other = &standby[key];
+        ensure!(
+            (&other.0, other.4) == (value, *lease_id),
+            "value and lease of {} equal",
+            String::from_utf8_lossy(key)
+        );
+        if *modified <= from {
+            ensure!(
+                *other == (value.clone(), *create, *modified, *version, *lease_id),
+                "{} was not changed in the stretch: exact",
+                String::from_utf8_lossy(key)
+            );
+        }
+    }
+    let a = &standby[b"/registry/a".as_slice()];
+    ensure!(
+        a.2 > from && a.2 <= to && a.3 == 2,
+        "/registry/a was caught up once inside ({from}, {to}]: {a:?}"
+    );
+    // The stretch is not the source's history: compacted on the standby.
+    let mut standby_client = dest.client().await?;
+    let read = standby_client
+        .get(
+            "/registry/a",
+            Some(GetOptions::new().with_revision(from + 1)),
+        )
+        .await;
+    ensure!(
+        read.as_ref()
+            .err()
+            .is_some_and(|e| e.to_string().contains("compacted")),
+        "a read inside the caught-up stretch is refused as compacted: {read:?}"
+    );
+
+    // Replay goes on, exact.
+    client.put("/registry/after", "1", None).await?;
+    client.put("/registry/a", "5", None).await?;
+    wait_parity(&source, &dest).await?;
+    let (primary, standby) = (
+        store_at(&mut client, 0).await?,
+        store_at(&mut standby_client, 0).await?,
+    );
+    ensure!(
+        primary[b"/registry/after".as_slice()] == standby[b"/registry/after".as_slice()],
+        "a key written after the catch-up is exact"
+    );
+    ensure!(
+        primary[b"/registry/a".as_slice()].2 == standby[b"/registry/a".as_slice()].2,
+        "a caught-up key's mod revision is exact again once it changes"
+    );
+    let status = cli_ok(&["status", "--dst-endpoints", &dest.endpoints_arg()]).await?;
+    ensure!(
+        status.contains(&format!(
+            "caught up over compacted history {}..{to}",
+            from + 1
+        )),
+        "status names the stretch: {status}"
+    );
+    let (code, output) = run_cli(&check_args(&source, &dest, &["--job-name", JOB])).await?;
+    // For the runbook (docs/operations.md, "Revision-exact standby").
+    eprintln!("e2e: catch-up log:");
+    for line in again.log_text().lines().filter(|l| l.contains("atch")) {
+        eprintln!("  {line}");
+    }
+    eprintln!("e2e: status after a catch-up:\n{status}\ne2e: check after a catch-up:\n{output}");
+    ensure!(
+        code == 0 && output.contains("metadata-inexact") && output.contains("consistent"),
+        "check exited {code}: {output}"
+    );
+    again.kill9()?;
+
+    // The same outage with --exact-gap stop: blocked, nothing written.
+    client.put("/registry/a", "6", None).await?;
+    client.put("/registry/a", "7", None).await?;
+    source.compact().await?;
+    let before = dest.revision().await?;
+    let mut strict = args.clone();
+    strict.extend(["--exact-gap".into(), "stop".into()]);
+    let mut stopped = Syncer::start("exact-strict", &strict).await?;
+    stopped.allow_error("re-seed");
+    eventually(WAIT, "the strict job to stop", || async {
+        Ok(stopped
+            .log_text()
+            .contains("re-seed the standby from a new snapshot"))
+    })
+    .await?;
+    ensure!(
+        dest.revision().await? == before,
+        "nothing written by a job told to stop"
+    );
+    stopped.finish().await?;
+    again.finish().await?;
+    syncer.finish().await
+}

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::etcd::api::RangeRequest;
 use crate::etcd::client::{ClientError, Cluster};
-use crate::model::exact::{compare_states, StateReport};
+use crate::model::exact::{compare_states, CaughtUp, StateReport};
 use crate::model::kv::KeyValue;
 
 /// Keys per page when a whole store is read.
@@ -72,6 +72,8 @@ pub struct ExactCheckReport {
     pub extra: u64,
     pub values: u64,
     pub metadata: u64,
+    /// Metadata differences a catch-up over compacted history explains.
+    pub inexact: u64,
     pub examples: Vec<String>,
     /// Revisions compared besides C, and those that differed.
     pub history_sampled: Vec<i64>,
@@ -90,6 +92,7 @@ impl ExactCheckReport {
         self.extra += report.extra;
         self.values += report.values;
         self.metadata += report.metadata;
+        self.inexact += report.inexact;
         self.examples.extend(
             report
                 .examples
@@ -109,6 +112,7 @@ pub async fn check_exact(
     dest: &Cluster,
     meta_prefix: &[u8],
     (at, written_at, dest_revision): (i64, i64, i64),
+    gaps: &[CaughtUp],
     promoted: bool,
     samples: usize,
 ) -> Result<ExactCheckReport, ClientError> {
@@ -123,7 +127,7 @@ pub async fn check_exact(
     let source_keys = read_store(source, at, meta_prefix).await?;
     let dest_keys = read_store(dest, at, meta_prefix).await?;
     report.keys = source_keys.len().max(dest_keys.len()) as u64;
-    report.add(&compare_states(&source_keys, &dest_keys));
+    report.add(&compare_states(&source_keys, &dest_keys, gaps));
     // The history both hold: from the later compaction on.
     let low = source
         .compaction_in(1, at)
@@ -135,6 +139,7 @@ pub async fn check_exact(
         let state = compare_states(
             &read_store(source, revision, meta_prefix).await?,
             &read_store(dest, revision, meta_prefix).await?,
+            gaps,
         );
         report.history_sampled.push(revision);
         if !state.is_equal() {

@@ -41,6 +41,7 @@ pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
                     &dest,
                     args.meta_prefix.as_bytes(),
                     (at, exact.checkpoint_written_at, exact.dest_revision),
+                    &exact.caught_up,
                     status.promoted,
                     args.history_samples,
                 )
@@ -114,6 +115,12 @@ fn render_exact(job: &str, report: &crate::check::exact::ExactCheckReport) -> St
         "at {}: {} keys compared with value, create/mod revision, version and lease: {} missing, {} extra, {} with another value, {} with other metadata\n",
         report.checkpoint, report.keys, report.missing, report.extra, report.values, report.metadata
     ));
+    if report.inexact > 0 {
+        out.push_str(&format!(
+            "{} keys metadata-inexact (same value and lease; revisions or version written by a catch-up over compacted history)\n",
+            report.inexact
+        ));
+    }
     out.push_str(&format!(
         "history: {} revisions sampled, {} differ{}\n",
         report.history_sampled.len(),

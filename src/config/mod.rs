@@ -29,8 +29,8 @@ pub use args::{
 pub use file::{FileCluster, FileJob};
 pub use settings::{
     default_instance_id, AuthPasswords, AuthSyncSettings, CheckSettings, ClusterSettings,
-    Credentials, JobSettings, LeaseMode, LeaseSettings, Settings, TlsFiles, Tuning, TxnLimits,
-    WriteRateLimit, DEFAULT_CHECK_INTERVAL, DEFAULT_LOCK_TTL, DEFAULT_MAX_PRUNE_RATIO,
+    Credentials, ExactGap, JobSettings, LeaseMode, LeaseSettings, Settings, TlsFiles, Tuning,
+    TxnLimits, WriteRateLimit, DEFAULT_CHECK_INTERVAL, DEFAULT_LOCK_TTL, DEFAULT_MAX_PRUNE_RATIO,
     DEFAULT_MAX_TXN_BYTES, DEFAULT_MAX_TXN_OPS, DEFAULT_META_PREFIX, DEFAULT_METRICS_ADDR,
     DEFAULT_REBALANCE_INTERVAL, MAX_CHECK_INTERVAL, MAX_LEASE_GRACE, MAX_LIVENESS_TIMEOUT,
     MAX_LOCK_TTL, MAX_PIPELINE_SPACING, MAX_PROGRESS_INTERVAL, MAX_REBALANCE_INTERVAL,

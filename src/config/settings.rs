@@ -273,6 +273,7 @@ pub struct Settings {
     pub failover: FailoverSettings,
     /// `--revision-exact`: one whole-keyspace job replayed revision by revision.
     pub revision_exact: bool,
+    pub exact_gap: ExactGap,
 }
 
 /// How keys attached to source leases are mirrored.
@@ -309,6 +310,7 @@ impl Settings {
             auth: AuthSyncSettings::default(),
             failover: FailoverSettings::default(),
             revision_exact: false,
+            exact_gap: ExactGap::CatchUp,
         }
     }
 }
@@ -321,6 +323,22 @@ pub enum LeaseMode {
     Faithful,
     /// Without a lease: mirrored keys never expire on the destination.
     Strip,
+}
+
+/// `--exact-gap`: what a revision-exact job does when the source compacted
+/// history it has not replayed yet (after an outage longer than the
+/// source's compaction interval).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExactGap {
+    /// Write the difference as exactly the missing revisions, compact the
+    /// standby there, and replay on: keys changed in the gap keep their
+    /// values and leases but not their revisions and versions.
+    #[default]
+    CatchUp,
+    /// Stop in `exact_blocked` until the standby is re-seeded from a new
+    /// snapshot.
+    Stop,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

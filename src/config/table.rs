@@ -118,6 +118,7 @@ from_file_by_serde!(
     ByteSize,
     SocketAddr,
     LeaseMode,
+    ExactGap,
     Option<PathBuf>,
     Option<String>
 );
@@ -155,14 +156,19 @@ impl Shown for Duration {
     }
 }
 
-impl Shown for LeaseMode {
-    fn shown(&self) -> String {
-        use clap::ValueEnum;
-        self.to_possible_value()
-            .map(|v| v.get_name().to_string())
-            .unwrap_or_default()
-    }
+macro_rules! shown_by_value_enum {
+    ($($t:ty),*) => {$(
+        impl Shown for $t {
+            fn shown(&self) -> String {
+                use clap::ValueEnum;
+                self.to_possible_value()
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default()
+            }
+        }
+    )*};
 }
+shown_by_value_enum!(LeaseMode, ExactGap);
 
 impl Shown for Option<PathBuf> {
     fn shown(&self) -> String {
@@ -549,6 +555,16 @@ settings_table! {
         #[arg(long, env = "ETCD_SYNCER_REVISION_EXACT")]
         revision_exact: bool => bool = false,
             into revision_exact,
+            reload Process,
+            check rules::any;
+        /// With --revision-exact, when the source compacted history not yet
+        /// replayed (an outage longer than its compaction interval): catch-up
+        /// writes the difference as exactly the missing revisions and compacts
+        /// the standby there (keys changed in the gap keep value and lease, not
+        /// revisions and version); stop waits for a re-seed (default catch-up).
+        #[arg(long, value_enum, env = "ETCD_SYNCER_EXACT_GAP")]
+        exact_gap: Option<ExactGap> => ExactGap = ExactGap::CatchUp,
+            into exact_gap,
             reload Process,
             check rules::any;
 

@@ -1,8 +1,9 @@
 //! `--revision-exact`: the shell around [`crate::model::exact`].
 //!
 //! ```text
-//!   Campaign (lease-only lock) ─▶ Resolve ─┬─ checkpoint, parity holds ─────────▶ Replay
-//!        ▲                                 └─ none: seed check at dest revision ─▶ Replay
+//!   Campaign (lease-only lock) ─▶ Resolve ─┬─ checkpoint, parity holds ─────────▶ Replay ◀──┐
+//!        ▲                                 └─ none: seed check at dest revision ─▶ Replay    │
+//!        │                          source compacted past the checkpoint: Catch-up ──────────┘
 //!        └──── error: retry, or park (parity lost, blocked, promoted) ◀────────────┘
 //! ```
 //!
@@ -26,14 +27,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::check::exact::read_store;
+use crate::config::ExactGap;
 use crate::etcd::api::{Compare, CompareOp, Op, RangeRequest, TxnRequest, WatchRequest};
 use crate::etcd::client::{Cluster, FailureKind};
 use crate::mirror::context::JobContext;
 use crate::mirror::error::{Action, JobError};
 use crate::mirror::watch_state::{Liveness, Tick};
 use crate::model::exact::{
-    compare_states, parity, parity_at_resume, plan, ExactEvent, Grouper, ParityLost, PutOf,
-    ReplayLimits, ReplayOp, Revision,
+    catch_up, compare_states, parity, parity_at_resume, plan, record_gap, CaughtUp, ExactEvent,
+    Grouper, ParityLost, PutOf, ReplayLimits, ReplayOp, Revision,
 };
 use crate::model::schema::Checkpoint;
 use crate::telemetry::metrics::JobState;
@@ -63,13 +65,23 @@ pub fn lock_lease_id(job_root: &str) -> i64 {
     ((hash & 0x3fff_ffff_ffff_ffff) | 0x4000_0000_0000_0000) as i64
 }
 
+/// The settings only a revision-exact job reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExactOptions {
+    /// The lease-only lock's TTL (`--lock-ttl`).
+    pub lock_ttl: Duration,
+    /// What to do when the source compacted history not yet replayed.
+    pub gap: ExactGap,
+}
+
 /// Runs the job until cancelled: campaign, lead, and decide what each end
 /// of a leadership means.
 pub async fn run(
     ctx: JobContext,
-    lock_ttl: Duration,
+    options: ExactOptions,
     cancel: CancellationToken,
 ) -> Result<(), JobError> {
+    let lock_ttl = options.lock_ttl;
     let mut backoff = crate::etcd::retry::Policy::JOB.backoff();
     loop {
         if cancel.is_cancelled() {
@@ -92,7 +104,7 @@ pub async fn run(
         info!(job = %ctx.job.name, lock_lease = lock.id, "Leading the revision-exact replay.");
         let started = Instant::now();
         ctx.metrics.is_leader.set(1);
-        let result = lead(&ctx, &lock.held, &cancel).await;
+        let result = lead(&ctx, options.gap, &lock.held, &cancel).await;
         ctx.metrics.is_leader.set(0);
         lock.release().await;
         let Err(error) = result else {
@@ -227,15 +239,27 @@ struct Resolved {
     /// creates it); the first txn is chained on them.
     checkpoint: Option<Vec<u8>>,
     source_cluster_id: u64,
+    /// The catch-ups the checkpoint records; every replay txn carries them
+    /// on. The last one is unfinished while its end is past `applied`.
+    gaps: Vec<CaughtUp>,
+}
+
+impl Resolved {
+    /// A catch-up was cut short: the destination holds part of a
+    /// difference, which no source revision may be replayed onto.
+    fn catching_up(&self) -> bool {
+        self.gaps.last().is_some_and(|gap| gap.to > self.applied)
+    }
 }
 
 async fn lead(
     ctx: &JobContext,
+    gap: ExactGap,
     held: &CancellationToken,
     cancel: &CancellationToken,
 ) -> Result<(), JobError> {
     ctx.metrics.set_state(JobState::Starting);
-    let resolved = resolve(ctx).await?;
+    let mut resolved = resolve(ctx).await?;
     let leases = ExactLeases::new(ctx.clone(), lock_lease_id(ctx.keys.job_root()));
     leases.mirror_all().await?;
     let keeper_stop = held.child_token();
@@ -247,7 +271,39 @@ async fn lead(
         applied.clone(),
         keeper_stop.clone(),
     ));
-    let replayed = replay(ctx, &leases, resolved, &applied, held).await;
+    let replayed = loop {
+        if resolved.catching_up() {
+            resolved = catch_up_over(ctx, &leases, resolved, &applied, held).await?;
+        }
+        if let Some(last) = resolved.gaps.last() {
+            // Again at every leadership: the one that caught up may have
+            // died before it compacted.
+            compact_at(ctx, last.to).await?;
+        }
+        match replay(ctx, &leases, resolved.clone(), &applied, held).await {
+            Err(JobError::Compacted { compact_revision }) => {
+                let at = applied.load(std::sync::atomic::Ordering::SeqCst);
+                if gap == ExactGap::Stop {
+                    break Err(JobError::ExactBlocked(format!(
+                        "the source compacted its history to revision {compact_revision} past the standby's {at}: \
+                         the revisions in between cannot be replayed; re-seed the standby from a new snapshot \
+                         (or let it catch up: --exact-gap catch-up)"
+                    )));
+                }
+                info!(job = %ctx.job.name, compact_revision, applied = at, "The source compacted history not yet replayed; catching up.");
+                // Txns the replay left in flight may have applied since:
+                // start from the checkpoint as it is now, and catch up
+                // only if the watch still cannot start after it.
+                let now = resolve(ctx).await?;
+                resolved = if now.applied + 1 >= compact_revision {
+                    now
+                } else {
+                    catch_up_over(ctx, &leases, now, &applied, held).await?
+                };
+            }
+            other => break other,
+        }
+    };
     keeper_stop.cancel();
     let _ = keeper.await;
     match replayed {
@@ -316,6 +372,7 @@ async fn resolve(ctx: &JobContext) -> Result<Resolved, JobError> {
             applied: checkpoint.last_synced_rev,
             checkpoint: Some(kv.value.clone()),
             source_cluster_id: source.cluster_id,
+            gaps: checkpoint.exact_gaps,
         });
     }
     if source.revision < dest_revision {
@@ -339,7 +396,7 @@ async fn resolve(ctx: &JobContext) -> Result<Resolved, JobError> {
             other => JobError::from(other),
         })?;
     let dest_keys = read_store(&ctx.dest, dest_revision, &ctx.meta_prefix).await?;
-    let report = compare_states(&source_keys, &dest_keys);
+    let report = compare_states(&source_keys, &dest_keys, &[]);
     if !report.is_equal() {
         return Err(JobError::ParityLost(ParityLost::Differs {
             revision: dest_revision,
@@ -351,6 +408,7 @@ async fn resolve(ctx: &JobContext) -> Result<Resolved, JobError> {
         applied: dest_revision,
         checkpoint: None,
         source_cluster_id: source.cluster_id,
+        gaps: Vec::new(),
     })
 }
 
@@ -402,10 +460,7 @@ async fn replay(
     ctx.metrics.set_state(JobState::Watching);
     ctx.metrics.set_progress(resolved.applied, resolved.applied);
     info!(job = %ctx.job.name, from_revision = resolved.applied + 1, "Replaying source revisions one txn each.");
-    let limits = ReplayLimits {
-        max_ops: ctx.limits.max_ops.saturating_sub(1).max(1),
-        max_bytes: ctx.limits.max_bytes.saturating_sub(RESERVE_BYTES).max(1024),
-    };
+    let limits = replay_limits(ctx);
     let window = ctx.tuning.max_inflight_txns.max(1);
     let mut grouper = Grouper::new(resolved.applied);
     // Answered and in parity: the destination's revision.
@@ -439,7 +494,7 @@ async fn replay(
                 &revision,
                 chain.as_deref(),
                 limits,
-                resolved.source_cluster_id,
+                (resolved.source_cluster_id, &resolved.gaps),
             )
             .await?;
             chain = Some(written.clone());
@@ -523,11 +578,11 @@ async fn replay(
                 ctx.heartbeat();
                 if response.canceled {
                     if response.compact_revision > 0 {
-                        return Err(JobError::ExactBlocked(format!(
-                            "the source compacted its history to revision {} past the standby's {applied}: \
-                             the revisions in between cannot be replayed; re-seed the standby from a new snapshot",
-                            response.compact_revision
-                        )));
+                        // Txns in flight may still apply; `lead` re-reads
+                        // the checkpoint before it catches up.
+                        return Err(JobError::Compacted {
+                            compact_revision: response.compact_revision,
+                        });
                     }
                     return Err(JobError::WatchCanceled {
                         reason: response.cancel_reason,
@@ -559,6 +614,116 @@ async fn replay(
                 }
             }
         }
+    }
+}
+
+/// What one replay txn may carry besides its fence compares and checkpoint.
+fn replay_limits(ctx: &JobContext) -> ReplayLimits {
+    ReplayLimits {
+        max_ops: ctx.limits.max_ops.saturating_sub(1).max(1),
+        max_bytes: ctx.limits.max_bytes.saturating_sub(RESERVE_BYTES).max(1024),
+    }
+}
+
+/// Brings the standby over history the source compacted before it was
+/// replayed (`--exact-gap catch-up`): reads the source's store at its head
+/// `S` and the standby's at its checkpoint `C`, and writes the difference
+/// as exactly `S - C` revisions (checkpoint-only ones fill the rest), each
+/// chained on the one before like a replay txn, so the standby's revision
+/// is the source's again at `S` and replay goes on from there. The
+/// checkpoint records the stretch ([`CaughtUp`]); `lead` then compacts the
+/// standby at `S`, so nobody reads the revisions in between: they are not
+/// the source's. A catch-up cut short is finished the same way, from
+/// wherever it got to, before any source revision is replayed.
+async fn catch_up_over(
+    ctx: &JobContext,
+    leases: &ExactLeases,
+    resolved: Resolved,
+    published: &std::sync::atomic::AtomicI64,
+    held: &CancellationToken,
+) -> Result<Resolved, JobError> {
+    ctx.metrics.set_state(JobState::FullSync);
+    let from = resolved.applied;
+    let source = ctx.source.head(b"").await?;
+    let to = source.revision;
+    if to == from && !resolved.catching_up() {
+        return Ok(resolved);
+    }
+    let mut gaps = resolved.gaps.clone();
+    match gaps.last_mut() {
+        // Cut short: the same stretch, to the source's revision now.
+        Some(last) if last.to > from => {
+            if to < last.to {
+                return Err(JobError::ExactBlocked(format!(
+                    "the source is at revision {to}, before the {} an earlier catch-up reached: \
+                     the source lost history (restored from an older backup?); re-seed the standby",
+                    last.to
+                )));
+            }
+            last.to = to;
+        }
+        _ => record_gap(&mut gaps, CaughtUp { from, to }),
+    }
+    let source_keys = read_store(&ctx.source, to, &ctx.meta_prefix).await?;
+    let dest_keys = read_store(&ctx.dest, from, &ctx.meta_prefix).await?;
+    let limits = replay_limits(ctx);
+    let revisions = catch_up(from, to, &source_keys, &dest_keys, limits)
+        .map_err(|error| JobError::ExactBlocked(error.to_string()))?;
+    let written: usize = revisions.iter().map(|r| r.events.len()).sum();
+    info!(job = %ctx.job.name, from, to, keys = written, "Catching up over compacted source history: the difference as exactly the missing revisions.");
+    ctx.metrics.exact_catch_ups_total.inc();
+    let mut chain = resolved.checkpoint.clone();
+    for revision in revisions {
+        if held.is_cancelled() {
+            return Err(JobError::Fenced {
+                reason: "the revision-exact lock was lost",
+            });
+        }
+        let puts = revision.events.iter().filter(|e| e.put.is_some()).count() as u64;
+        let deletes = revision.events.len() as u64 - puts;
+        let (txn, written) = prepare(
+            ctx,
+            leases,
+            &revision,
+            chain.as_deref(),
+            limits,
+            (resolved.source_cluster_id, &gaps),
+        )
+        .await?;
+        let response = ctx.dest.txn("catch up over compacted history", txn).await?;
+        if !response.succeeded {
+            // Promoted, or written by another writer (or a retry of this
+            // very txn): re-resolve.
+            resend_or_stop(ctx, chain.as_deref()).await?;
+            return Err(JobError::GuardMoved {
+                what: "revision-exact checkpoint",
+            });
+        }
+        parity(revision.revision, response.header.revision).map_err(JobError::ParityLost)?;
+        chain = Some(written);
+        published.store(revision.revision, std::sync::atomic::Ordering::SeqCst);
+        ctx.metrics.txns_total.inc();
+        ctx.metrics.full_sync_put.inc_by(puts);
+        ctx.metrics.full_sync_delete.inc_by(deletes);
+        ctx.metrics.set_progress(revision.revision, to);
+        ctx.heartbeat();
+    }
+    info!(job = %ctx.job.name, from, to, "Caught up; keys changed in between keep their values and leases, not their revisions and versions.");
+    Ok(Resolved {
+        applied: to,
+        checkpoint: chain,
+        source_cluster_id: resolved.source_cluster_id,
+        gaps,
+    })
+}
+
+/// Compacts the standby at `revision` (already compacted there or past it
+/// is as good).
+async fn compact_at(ctx: &JobContext, revision: i64) -> Result<(), JobError> {
+    match ctx.dest.compact(revision).await {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == FailureKind::Compacted => Ok(()),
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -603,7 +768,7 @@ async fn prepare(
     revision: &Revision,
     previous: Option<&[u8]>,
     limits: ReplayLimits,
-    source_cluster_id: u64,
+    (source_cluster_id, gaps): (u64, &[CaughtUp]),
 ) -> Result<(TxnRequest, Vec<u8>), JobError> {
     leases.ensure(&revision.leases()).await?;
     // Only a revision over the op limit needs the keys between its deleted
@@ -633,7 +798,17 @@ async fn prepare(
                         ..RangeRequest::default()
                     },
                 )
-                .await?;
+                .await
+                .map_err(|error| match error.kind() {
+                    // Compacted since the watch delivered it: the revision
+                    // can no longer be replayed as one txn, so it is caught
+                    // up over (`lead` does when history up to and including
+                    // it is behind the checkpoint).
+                    FailureKind::Compacted => JobError::Compacted {
+                        compact_revision: revision.revision + 1,
+                    },
+                    _ => error.into(),
+                })?;
             held.kvs.into_iter().map(|kv| kv.key).collect()
         }
         _ => Vec::new(),
@@ -647,6 +822,7 @@ async fn prepare(
         None,
     );
     checkpoint.revision_exact = true;
+    checkpoint.exact_gaps = gaps.to_vec();
     let checkpoint_key = ctx.keys.checkpoint();
     let mut compares = vec![Compare::version(
         ctx.keys.promoted().into_bytes(),

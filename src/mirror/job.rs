@@ -809,6 +809,7 @@ mod tests {
             leases_mirrored: false,
             excluded: None,
             revision_exact: false,
+            exact_gaps: Vec::new(),
         }
     }
 

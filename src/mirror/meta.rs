@@ -48,6 +48,7 @@ impl CheckpointOf {
             leases_mirrored: self.leases_mirrored,
             excluded: Some(self.excluded.clone()),
             revision_exact: false,
+            exact_gaps: Vec::new(),
         }
     }
 }
@@ -195,6 +196,7 @@ mod tests {
             leases_mirrored: true,
             excluded: None,
             revision_exact: true,
+            exact_gaps: vec![crate::model::exact::CaughtUp { from: 3, to: 9 }],
         };
         let decoded: Checkpoint = serde_json::from_slice(&checkpoint.encode()).unwrap();
         assert_eq!(decoded, checkpoint);

@@ -18,7 +18,9 @@
 //! - [`parity`]: whether a committed txn left the destination at the
 //!   source's revision;
 //! - [`compare_states`]: whether two keyspaces are equal with all their
-//!   metadata (the seed check and the exact `check`).
+//!   metadata (the seed check and the exact `check`);
+//! - [`catch_up`]: the destination revisions that bring a standby over a
+//!   stretch of history the source compacted before it was replayed.
 
 use std::collections::BTreeSet;
 
@@ -380,6 +382,9 @@ pub struct StateReport {
     pub values: u64,
     /// Same key and value, other revisions, version or lease.
     pub metadata: u64,
+    /// Same key, value and lease, other revisions or version, on a key a
+    /// catch-up may have written ([`CaughtUp`]): expected, not a failure.
+    pub inexact: u64,
     pub examples: Vec<String>,
 }
 
@@ -403,6 +408,13 @@ impl std::fmt::Display for StateReport {
             "{} keys compared: {} missing on the destination, {} extra, {} with another value, {} with other metadata",
             self.compared, self.missing, self.extra, self.values, self.metadata
         )?;
+        if self.inexact > 0 {
+            write!(
+                f,
+                ", {} metadata-inexact since a catch-up over compacted history",
+                self.inexact
+            )?;
+        }
         if !self.examples.is_empty() {
             write!(f, " (e.g. {})", self.examples.join(", "))?;
         }
@@ -410,8 +422,11 @@ impl std::fmt::Display for StateReport {
     }
 }
 
-/// Compares two keyspaces sorted by key, metadata included.
-pub fn compare_states(source: &[KeyValue], dest: &[KeyValue]) -> StateReport {
+/// Compares two keyspaces sorted by key, metadata included. After the
+/// catch-ups in `gaps`, a key with the same value and lease whose
+/// revisions or version differ is counted `inexact` rather than
+/// `metadata` when a catch-up can explain it (see [`explained_by`]).
+pub fn compare_states(source: &[KeyValue], dest: &[KeyValue], gaps: &[CaughtUp]) -> StateReport {
     let mut report = StateReport::default();
     let (mut s, mut d) = (0, 0);
     while s < source.len() || d < dest.len() {
@@ -421,6 +436,8 @@ pub fn compare_states(source: &[KeyValue], dest: &[KeyValue]) -> StateReport {
                 if a.value != b.value {
                     report.values += 1;
                     report.note("value differs:", &a.key);
+                } else if a != b && a.lease == b.lease && explained_by(gaps, a, b) {
+                    report.inexact += 1;
                 } else if a != b {
                     report.metadata += 1;
                     report.note("metadata differs:", &a.key);
@@ -447,6 +464,184 @@ pub fn compare_states(source: &[KeyValue], dest: &[KeyValue]) -> StateReport {
         }
     }
     report
+}
+
+/// A stretch of destination revisions `(from, to]` written by a catch-up:
+/// the source had compacted those revisions before they were replayed, so
+/// they were written as the difference between the two stores. At `to`
+/// the destination equals the source's store by key, value and lease, and
+/// every revision from `to` on is the source's again; the keys the
+/// catch-up wrote carry its revisions and versions until they change
+/// again (`mod_revision`) or are deleted and created again (the rest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CaughtUp {
+    pub from: i64,
+    pub to: i64,
+}
+
+impl CaughtUp {
+    fn holds(&self, revision: i64) -> bool {
+        self.from < revision && revision <= self.to
+    }
+}
+
+/// How many catch-ups a checkpoint remembers; older ones merge into one
+/// wider stretch (which explains more, never less).
+pub const MAX_GAPS: usize = 16;
+
+/// Adds a catch-up to those a checkpoint carries.
+pub fn record_gap(gaps: &mut Vec<CaughtUp>, gap: CaughtUp) {
+    gaps.push(gap);
+    if gaps.len() > MAX_GAPS {
+        let merged = CaughtUp {
+            from: gaps[0].from,
+            to: gaps[1].to,
+        };
+        gaps.splice(0..2, [merged]);
+    }
+}
+
+/// Whether a catch-up can explain that `source` and `dest` (same key,
+/// value and lease) differ in revisions or version: one of their create or
+/// mod revisions falls in a caught-up stretch, or only the version differs
+/// on a key that lived across one (the catch-up put it once where the
+/// source put it several times, and later puts add the same to both).
+pub fn explained_by(gaps: &[CaughtUp], source: &KeyValue, dest: &KeyValue) -> bool {
+    let revisions = [
+        source.create_revision,
+        source.mod_revision,
+        dest.create_revision,
+        dest.mod_revision,
+    ];
+    gaps.iter().any(|gap| {
+        revisions.iter().any(|r| gap.holds(*r))
+            || (source.create_revision == dest.create_revision
+                && source.mod_revision == dest.mod_revision
+                && source.create_revision <= gap.to)
+    })
+}
+
+/// A catch-up that cannot be written in the revisions it has.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CatchUpError {
+    #[error(
+        "catching up from revision {from} to {to} changes {changed} keys, {needed} txns of at most \
+         {max_ops} ops, but only {} revisions lie between: raise the destination etcd's \
+         --max-txn-ops (and the syncer's --max-txn-ops), or re-seed the standby from a new snapshot",
+        to - from
+    )]
+    TooMany {
+        from: i64,
+        to: i64,
+        changed: usize,
+        needed: usize,
+        max_ops: usize,
+    },
+    #[error(
+        "catching up writes {key} with {bytes} bytes; the destination takes {max_bytes} per \
+         request: raise the destination etcd's --max-request-bytes (and the syncer's) above {bytes}"
+    )]
+    TooLarge {
+        key: String,
+        bytes: usize,
+        max_bytes: usize,
+    },
+}
+
+/// The destination revisions `from + 1 ..= to` that take a destination
+/// holding the source's store at `from` (`dest`) to the source's store at
+/// `to` (`source`), both sorted by key, without the meta prefix: every key
+/// whose value or lease differs is put, every key the source no longer has
+/// is deleted, packed in key order into as few txns as the limits allow,
+/// and the rest of the `to - from` revisions are checkpoint-only. Exactly
+/// `to - from` revisions, so the destination's revision is the source's
+/// again at `to`.
+pub fn catch_up(
+    from: i64,
+    to: i64,
+    source: &[KeyValue],
+    dest: &[KeyValue],
+    limits: ReplayLimits,
+) -> Result<Vec<Revision>, CatchUpError> {
+    let mut changes: Vec<(Vec<u8>, Option<PutOf>)> = Vec::new();
+    let (mut s, mut d) = (0, 0);
+    loop {
+        let put = |kv: &KeyValue| {
+            Some(PutOf {
+                value: kv.value.clone(),
+                lease: kv.lease,
+            })
+        };
+        match (source.get(s), dest.get(d)) {
+            (None, None) => break,
+            (Some(a), Some(b)) if a.key == b.key => {
+                if a.value != b.value || a.lease != b.lease {
+                    changes.push((a.key.clone(), put(a)));
+                }
+                s += 1;
+                d += 1;
+            }
+            (Some(a), Some(b)) if a.key < b.key => {
+                changes.push((a.key.clone(), put(a)));
+                s += 1;
+            }
+            (Some(a), None) => {
+                changes.push((a.key.clone(), put(a)));
+                s += 1;
+            }
+            (_, Some(b)) => {
+                changes.push((b.key.clone(), None));
+                d += 1;
+            }
+        }
+    }
+    let changed = changes.len();
+    let mut txns: Vec<Vec<ExactEvent>> = Vec::new();
+    let mut bytes = 0;
+    for (key, put) in changes {
+        let size = OP_OVERHEAD + key.len() + put.as_ref().map_or(0, |p| p.value.len());
+        if size > limits.max_bytes {
+            return Err(CatchUpError::TooLarge {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                bytes: size,
+                max_bytes: limits.max_bytes,
+            });
+        }
+        let fits = txns
+            .last()
+            .is_some_and(|txn| txn.len() < limits.max_ops && bytes + size <= limits.max_bytes);
+        if !fits {
+            txns.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        txns.last_mut().expect("pushed").push(ExactEvent {
+            revision: 0,
+            key,
+            put,
+        });
+    }
+    let free = usize::try_from(to - from).unwrap_or(0);
+    if txns.len() > free {
+        return Err(CatchUpError::TooMany {
+            from,
+            to,
+            changed,
+            needed: txns.len(),
+            max_ops: limits.max_ops,
+        });
+    }
+    txns.resize_with(free, Vec::new);
+    Ok(txns
+        .into_iter()
+        .zip(from + 1..)
+        .map(|(mut events, revision)| {
+            for event in &mut events {
+                event.revision = revision;
+            }
+            Revision { revision, events }
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -705,11 +900,11 @@ mod tests {
             value: b"v".to_vec(),
             ..KeyValue::default()
         };
-        let report = compare_states(&[key("a"), key("b"), key("c")], &[]);
+        let report = compare_states(&[key("a"), key("b"), key("c")], &[], &[]);
         assert_eq!((report.compared, report.missing), (3, 3));
-        let report = compare_states(&[key("b")], &[key("a"), key("b")]);
+        let report = compare_states(&[key("b")], &[key("a"), key("b")], &[]);
         assert_eq!((report.compared, report.missing, report.extra), (2, 0, 1));
-        let report = compare_states(&[], &[key("a")]);
+        let report = compare_states(&[], &[key("a")], &[]);
         assert_eq!((report.compared, report.extra), (1, 1));
     }
 
@@ -725,15 +920,256 @@ mod tests {
         };
         let source = [key("a", "1", 2), key("b", "1", 3), key("c", "1", 4)];
         let dest = [key("b", "2", 3), key("c", "1", 5), key("d", "1", 6)];
-        let report = compare_states(&source, &dest);
+        let report = compare_states(&source, &dest, &[]);
         assert_eq!(
             (report.missing, report.extra, report.values, report.metadata),
             (1, 1, 1, 1)
         );
-        assert!(compare_states(&source, &source).is_equal());
+        assert!(compare_states(&source, &source, &[]).is_equal());
+    }
+
+    fn kv(
+        key: &str,
+        value: &str,
+        lease: i64,
+        create: i64,
+        modified: i64,
+        version: i64,
+    ) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: value.into(),
+            create_revision: create,
+            mod_revision: modified,
+            version,
+            lease,
+        }
+    }
+
+    /// Applies catch-up revisions to a store (key to value and lease).
+    fn apply(
+        store: &mut std::collections::BTreeMap<Vec<u8>, (Vec<u8>, i64)>,
+        revisions: &[Revision],
+    ) {
+        for revision in revisions {
+            for event in &revision.events {
+                match &event.put {
+                    Some(put) => {
+                        store.insert(event.key.clone(), (put.value.clone(), put.lease));
+                    }
+                    None => {
+                        store.remove(&event.key);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_catch_up_fills_exactly_the_gap_with_checkpoint_only_revisions() {
+        let limits = ReplayLimits {
+            max_ops: 2,
+            max_bytes: 10_000,
+        };
+        let dest = [
+            kv("a", "1", 0, 2, 2, 1),
+            kv("b", "1", 0, 3, 3, 1),
+            kv("c", "1", 0, 4, 4, 1),
+        ];
+        let source = [
+            kv("a", "1", 0, 2, 2, 1),
+            kv("b", "2", 0, 3, 9, 4),
+            kv("d", "1", 7, 8, 8, 1),
+        ];
+        let revisions = catch_up(4, 10, &source, &dest, limits).unwrap();
+        assert_eq!(
+            revisions.iter().map(|r| r.revision).collect::<Vec<_>>(),
+            vec![5, 6, 7, 8, 9, 10]
+        );
+        // b put, c deleted, d put on lease 7: two txns of at most two ops.
+        assert_eq!(
+            revisions.iter().map(|r| r.events.len()).collect::<Vec<_>>(),
+            vec![2, 1, 0, 0, 0, 0]
+        );
+        assert!(revisions[0].events.iter().all(|e| e.revision == 5));
+        assert_eq!(revisions[1].events[0].put.as_ref().unwrap().lease, 7);
+        assert_eq!(revisions[0].events[1].put, None, "c is deleted");
+    }
+
+    #[test]
+    fn a_catch_up_too_big_for_its_gap_names_the_setting() {
+        let limits = ReplayLimits {
+            max_ops: 1,
+            max_bytes: 10_000,
+        };
+        let source = [kv("a", "1", 0, 5, 5, 1), kv("b", "1", 0, 6, 6, 1)];
+        let error = catch_up(4, 5, &source, &[], limits).unwrap_err();
+        assert_eq!(
+            error,
+            CatchUpError::TooMany {
+                from: 4,
+                to: 5,
+                changed: 2,
+                needed: 2,
+                max_ops: 1
+            }
+        );
+        assert!(error.to_string().contains("--max-txn-ops"));
+        assert_eq!(catch_up(4, 6, &source, &[], limits).unwrap().len(), 2);
+        let tight = ReplayLimits {
+            max_ops: 10,
+            max_bytes: OP_OVERHEAD + 1,
+        };
+        let error = catch_up(4, 9, &source, &[], tight).unwrap_err();
+        assert!(matches!(error, CatchUpError::TooLarge { bytes, .. } if bytes == OP_OVERHEAD + 2));
+        assert!(error.to_string().contains("--max-request-bytes"));
+        // Exactly at the limit it fits.
+        let exact = ReplayLimits {
+            max_ops: 10,
+            max_bytes: OP_OVERHEAD + 2,
+        };
+        assert_eq!(
+            catch_up(4, 6, &source, &[], exact).unwrap()[1].events.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_catch_up_excuses_only_what_it_can_explain() {
+        let gaps = [CaughtUp { from: 10, to: 20 }];
+        // Written by the catch-up: its mod revision lies in the stretch.
+        let source = [kv("a", "1", 0, 2, 14, 5)];
+        let dest = [kv("a", "1", 0, 2, 11, 2)];
+        let report = compare_states(&source, &dest, &gaps);
+        assert_eq!((report.inexact, report.metadata), (1, 0));
+        assert!(report.is_equal());
+        assert!(report.to_string().contains("1 metadata-inexact"));
+        // Without a catch-up it is a difference.
+        assert_eq!(compare_states(&source, &dest, &[]).metadata, 1);
+        // Changed again after it: only the version still differs.
+        let report = compare_states(
+            &[kv("a", "1", 0, 2, 30, 6)],
+            &[kv("a", "1", 0, 2, 30, 3)],
+            &gaps,
+        );
+        assert_eq!(report.inexact, 1);
+        // A key created after the stretch has no excuse.
+        let report = compare_states(
+            &[kv("a", "1", 0, 25, 30, 2)],
+            &[kv("a", "1", 0, 25, 30, 1)],
+            &gaps,
+        );
+        assert_eq!(report.metadata, 1);
+        // Nor a lease, nor revisions outside every stretch.
+        let report = compare_states(
+            &[kv("a", "1", 1, 2, 14, 5)],
+            &[kv("a", "1", 2, 2, 14, 5)],
+            &gaps,
+        );
+        assert_eq!(report.metadata, 1);
+        let report = compare_states(
+            &[kv("a", "1", 0, 2, 9, 5)],
+            &[kv("a", "1", 0, 2, 21, 5)],
+            &gaps,
+        );
+        assert_eq!(report.metadata, 1);
+        // Both ends of the stretch: `from` is the standby's own, `to` caught up.
+        let report = compare_states(
+            &[kv("a", "1", 0, 3, 10, 5)],
+            &[kv("a", "1", 0, 3, 9, 4)],
+            &gaps,
+        );
+        assert_eq!(report.metadata, 1);
+        let report = compare_states(
+            &[kv("a", "1", 0, 3, 20, 5)],
+            &[kv("a", "1", 0, 3, 9, 4)],
+            &gaps,
+        );
+        assert_eq!(report.inexact, 1);
+        // Values are never excused.
+        let report = compare_states(
+            &[kv("a", "1", 0, 2, 14, 5)],
+            &[kv("a", "2", 0, 2, 14, 5)],
+            &gaps,
+        );
+        assert_eq!((report.values, report.inexact), (1, 0));
+    }
+
+    #[test]
+    fn old_gaps_merge_into_one_wider_stretch() {
+        let mut gaps = Vec::new();
+        for i in 0..MAX_GAPS as i64 {
+            record_gap(
+                &mut gaps,
+                CaughtUp {
+                    from: i * 10,
+                    to: i * 10 + 5,
+                },
+            );
+        }
+        assert_eq!(gaps.len(), MAX_GAPS);
+        record_gap(
+            &mut gaps,
+            CaughtUp {
+                from: 1000,
+                to: 1005,
+            },
+        );
+        assert_eq!(gaps.len(), MAX_GAPS);
+        assert_eq!(gaps[0], CaughtUp { from: 0, to: 15 });
+        assert_eq!(gaps[1], CaughtUp { from: 20, to: 25 });
+        assert_eq!(
+            gaps[MAX_GAPS - 1],
+            CaughtUp {
+                from: 1000,
+                to: 1005
+            }
+        );
     }
 
     proptest! {
+        /// A catch-up takes the destination to the source's store by
+        /// value and lease, in exactly the revisions of the gap, each txn
+        /// within the limits, or says why it cannot.
+        #[test]
+        fn a_catch_up_ends_at_the_source_in_exactly_the_gap(
+            before in proptest::collection::btree_map(0u8..40, (0u8..3, 0i64..3), 0..30),
+            after in proptest::collection::btree_map(0u8..40, (0u8..3, 0i64..3), 0..30),
+            gap in 1i64..20,
+            max_ops in 1usize..6,
+        ) {
+            let store = |m: &std::collections::BTreeMap<u8, (u8, i64)>| -> Vec<KeyValue> {
+                m.iter().map(|(k, (v, l))| kv(&format!("k{k:02}"), &v.to_string(), *l, 1, 1, 1)).collect()
+            };
+            let (dest, source) = (store(&before), store(&after));
+            let limits = ReplayLimits { max_ops, max_bytes: 10_000 };
+            match catch_up(100, 100 + gap, &source, &dest, limits) {
+                Ok(revisions) => {
+                    prop_assert_eq!(revisions.len() as i64, gap);
+                    let mut got: std::collections::BTreeMap<Vec<u8>, (Vec<u8>, i64)> =
+                        dest.iter().map(|kv| (kv.key.clone(), (kv.value.clone(), kv.lease))).collect();
+                    apply(&mut got, &revisions);
+                    let want: std::collections::BTreeMap<Vec<u8>, (Vec<u8>, i64)> =
+                        source.iter().map(|kv| (kv.key.clone(), (kv.value.clone(), kv.lease))).collect();
+                    prop_assert_eq!(got, want);
+                    for (i, revision) in revisions.iter().enumerate() {
+                        prop_assert_eq!(revision.revision, 101 + i as i64);
+                        prop_assert!(revision.events.len() <= max_ops);
+                        prop_assert!(revision.events.iter().all(|e| e.revision == revision.revision));
+                    }
+                    // Only keys that differ are written, each once.
+                    let written: usize = revisions.iter().map(|r| r.events.len()).sum();
+                    let report = compare_states(&source, &dest, &[]);
+                    prop_assert_eq!(written as u64, report.missing + report.extra + report.values
+                        + source.iter().filter(|a| dest.iter().any(|b| b.key == a.key && b.value == a.value && b.lease != a.lease)).count() as u64);
+                }
+                Err(CatchUpError::TooMany { needed, .. }) => {
+                    prop_assert!(needed as i64 > gap);
+                }
+                Err(other) => prop_assert!(false, "unexpected {other}"),
+            }
+        }
+
         /// Whatever the split into responses and fragments, the grouper
         /// hands out every revision once, whole, in order.
         #[test]

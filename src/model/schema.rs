@@ -53,6 +53,12 @@ pub struct Checkpoint {
     /// `last_synced_rev` while parity holds.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub revision_exact: bool,
+    /// Revision-exact only: the stretches a catch-up wrote after the source
+    /// compacted history not yet replayed (see
+    /// [`crate::model::exact::CaughtUp`]); the keys changed in them are
+    /// metadata-inexact.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exact_gaps: Vec<crate::model::exact::CaughtUp>,
 }
 
 /// One source event, small enough to ride in every checkpoint.

@@ -114,6 +114,10 @@ pub struct ExactStatus {
     pub checkpoint_written_at: i64,
     /// A replica holds the lease-only lock.
     pub lock_held: bool,
+    /// Stretches written by a catch-up over compacted source history: the
+    /// keys changed in them are metadata-inexact.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub caught_up: Vec<crate::model::exact::CaughtUp>,
 }
 
 /// Copies a `--dest-prefix` change left where they were.
@@ -190,6 +194,17 @@ impl JobStatus {
             state.push("replicating, revision-exact".to_string());
         } else if state.is_empty() {
             state.push("replicating".to_string());
+        }
+        if let Some(gap) = self
+            .revision_exact
+            .as_ref()
+            .and_then(|exact| exact.caught_up.last())
+        {
+            state.push(format!(
+                "caught up over compacted history {}..{} (keys changed there are metadata-inexact)",
+                gap.from + 1,
+                gap.to
+            ));
         }
         if self.mirrored_leases > 0 {
             state.push(format!("{} leases mirrored", self.mirrored_leases));
@@ -298,6 +313,7 @@ pub async fn collect_status(
                             dest_revision: response.header.revision,
                             checkpoint_written_at: kv.mod_revision,
                             lock_held: false,
+                            caught_up: checkpoint.exact_gaps.clone(),
                         });
                     }
                 }

@@ -1453,6 +1453,7 @@ mod tests {
             leases_mirrored: false,
             excluded: None,
             revision_exact: false,
+            exact_gaps: Vec::new(),
         };
         let meta = MetaKeys::new(META, "app");
         apply(

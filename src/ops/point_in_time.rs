@@ -607,6 +607,7 @@ mod tests {
             leases_mirrored: false,
             excluded: None,
             revision_exact: false,
+            exact_gaps: Vec::new(),
         }
     }
 

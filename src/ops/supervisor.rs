@@ -194,11 +194,14 @@ impl Supervisor {
         let replica_cancel = cancel.clone();
         if settings.revision_exact {
             // Its own lease-only lock: a lock key would move the standby's revision.
-            let lock_ttl = settings.lock_ttl;
+            let options = crate::mirror::exact::ExactOptions {
+                lock_ttl: settings.lock_ttl,
+                gap: settings.exact_gap,
+            };
             self.jobs.spawn(async move {
                 (
                     name,
-                    crate::mirror::exact::run(template, lock_ttl, replica_cancel).await,
+                    crate::mirror::exact::run(template, options, replica_cancel).await,
                 )
             });
         } else {

@@ -32,6 +32,7 @@ pub struct Metrics {
     txn_duration_seconds: HistogramVec,
     split_revisions_total: IntCounterVec,
     txn_reorders_total: IntCounterVec,
+    exact_catch_ups_total: IntCounterVec,
     errors_total: IntCounterVec,
     leader_changes_total: IntCounterVec,
     job_state: IntGaugeVec,
@@ -142,6 +143,11 @@ impl Metrics {
             txn_reorders_total: counter(
                 "etcd_syncer_txn_reorders_total",
                 "Pipelined txns etcd evaluated before their predecessor, re-sent unchanged",
+                &["job"],
+            ),
+            exact_catch_ups_total: counter(
+                "etcd_syncer_exact_catch_ups_total",
+                "Revision-exact catch-ups over source history compacted before it was replayed",
                 &["job"],
             ),
             errors_total: counter(
@@ -273,6 +279,7 @@ impl Metrics {
             txn_duration_seconds: self.txn_duration_seconds.with_label_values(&labels),
             split_revisions_total: self.split_revisions_total.with_label_values(&labels),
             txn_reorders_total: self.txn_reorders_total.with_label_values(&labels),
+            exact_catch_ups_total: self.exact_catch_ups_total.with_label_values(&labels),
             errors_total: self.errors_total.clone(),
             leader_changes_total: self.leader_changes_total.with_label_values(&labels),
             job_state: self.job_state.clone(),
@@ -339,6 +346,7 @@ impl Metrics {
             txn_duration_seconds,
             split_revisions_total,
             txn_reorders_total,
+            exact_catch_ups_total,
             leader_changes_total,
             src_miss_keys,
             dst_miss_keys,
@@ -500,6 +508,7 @@ pub struct JobMetrics {
     pub txn_duration_seconds: Histogram,
     pub split_revisions_total: IntCounter,
     pub txn_reorders_total: IntCounter,
+    pub exact_catch_ups_total: IntCounter,
     errors_total: IntCounterVec,
     pub leader_changes_total: IntCounter,
     job_state: IntGaugeVec,
