@@ -8,6 +8,7 @@ pub mod load;
 pub mod proxy;
 pub mod syncer;
 pub mod tls;
+pub mod zk;
 
 use std::collections::BTreeMap;
 use std::future::Future;
