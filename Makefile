@@ -19,7 +19,7 @@ ETCD_35 := E2E_ETCD_BIN=$(ETCD35_BIN) E2E_ETCDCTL_BIN=$(ETCD35_CTL)
 ## One version on both sides: no per-side override from the caller's environment.
 SAME := E2E_SOURCE_ETCD_BIN= E2E_DEST_ETCD_BIN=
 ## The scenarios run again on 3.4 and on mixed pairs.
-E2E_CORE := --test exact --test replicator --test ha --test fences --test ordering --test versions --test leases --test failback --test point_in_time --test day_two --test operator_paths
+E2E_CORE := --test exact --test zk2etcd --test replicator --test ha --test fences --test ordering --test versions --test leases --test failback --test point_in_time --test day_two --test operator_paths
 E2E_MIXED := --test replicator
 E2E_TEST = ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) $(CARGO) test -p e2e --no-fail-fast
 ## make bench ETCD=3.5 (or demo): which etcd the bench and demo servers run.

@@ -16,7 +16,7 @@ render() {
   echo "given with \`--config\`; flags override the file. Durations are humantime"
   echo "(\`5s\`, \`1m30s\`), sizes are like \`1MiB\`. Invalid settings exit with code 2"
   echo "and a message naming the field."
-  for command in "" mirror-plus status promote check reset failback; do
+  for command in "" mirror-plus status promote check reset failback zk2etcd; do
     echo
     if [ -z "$command" ]; then echo "## etcd-syncer"; else echo "## etcd-syncer $command"; fi
     echo

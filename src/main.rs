@@ -7,8 +7,8 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use etcd_syncer::cli::{
-    run_check, run_failback, run_mirror, run_promote, run_reset, run_status, validate_config,
-    AppError,
+    run_check, run_failback, run_mirror, run_promote, run_reset, run_status, run_zk2etcd,
+    validate_config, AppError,
 };
 use etcd_syncer::config::{Cli, Command, LogFormat};
 
@@ -46,6 +46,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Status(args) => run_status(*args).await,
+            Command::Zk2etcd(args) => run_zk2etcd(*args, cancel).await,
             Command::Promote(args) => run_promote(*args).await,
             Command::Reset(args) => run_reset(*args).await,
             Command::Failback(args) => run_failback(*args, cancel).await,

@@ -9,13 +9,10 @@
 
 use serde::Serialize;
 
-use crate::etcd::api::RangeRequest;
 use crate::etcd::client::{ClientError, Cluster};
+use crate::etcd::pager::read_range;
 use crate::model::exact::{compare_states, CaughtUp, StateReport};
 use crate::model::kv::KeyValue;
-
-/// Keys per page when a whole store is read.
-const PAGE: i64 = 5_000;
 
 /// Every key of a store at `revision` but the meta prefix, with its
 /// metadata, in key order.
@@ -24,35 +21,16 @@ pub async fn read_store(
     revision: i64,
     meta_prefix: &[u8],
 ) -> Result<Vec<KeyValue>, ClientError> {
-    let mut keys = Vec::new();
-    let mut from = vec![0u8];
-    loop {
-        let page = cluster
-            .range(
-                "read the whole keyspace",
-                RangeRequest {
-                    key: from.clone(),
-                    range_end: vec![0],
-                    revision,
-                    limit: PAGE,
-                    ..RangeRequest::default()
-                },
-            )
-            .await?;
-        let Some(last) = page.kvs.last() else {
-            return Ok(keys);
-        };
-        from = crate::model::keys::key_successor(&last.key);
-        let more = page.more;
-        keys.extend(
-            page.kvs
-                .into_iter()
-                .filter(|kv| !kv.key.starts_with(meta_prefix)),
-        );
-        if !more {
-            return Ok(keys);
-        }
-    }
+    let mut keys = read_range(
+        cluster,
+        "read the whole keyspace",
+        vec![0],
+        vec![0],
+        revision,
+    )
+    .await?;
+    keys.retain(|kv| !kv.key.starts_with(meta_prefix));
+    Ok(keys)
 }
 
 /// What `check` found for a revision-exact job.

@@ -13,6 +13,7 @@ pub mod mirror;
 pub mod promote;
 pub mod reset;
 pub mod status;
+pub mod zk2etcd;
 
 pub use check::run_check;
 pub use failback::run_failback;
@@ -20,5 +21,6 @@ pub use mirror::{run_mirror, validate_config};
 pub use promote::run_promote;
 pub use reset::run_reset;
 pub use status::run_status;
+pub use zk2etcd::run_zk2etcd;
 
 pub use error::AppError;

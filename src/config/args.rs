@@ -46,6 +46,10 @@ pub enum Command {
     /// primary resumes without a full sync. Takes the job's own flags or
     /// config: the source is the old primary, the destination the standby.
     Failback(Box<FailbackArgs>),
+    /// Mirror ZooKeeper prefixes into etcd (the field report's zk2etcd):
+    /// node path to key, data to value, ephemeral nodes on a lease per
+    /// ZooKeeper session; writes only keys it owns, beside other writers.
+    Zk2etcd(Box<Zk2EtcdArgs>),
     /// Request one full sync per job (what --reset-last-synced-rev does),
     /// consumed by whichever replica leads the job next. For one-off repairs,
     /// e.g. from a Kubernetes Job, without restarting the replicas.
@@ -76,6 +80,71 @@ pub struct FailbackArgs {
     pub dry_run: bool,
     #[arg(long, value_enum, default_value = "text")]
     pub output: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct Zk2EtcdArgs {
+    #[command(flatten)]
+    pub dest: DestArgs,
+    /// ZooKeeper servers, `host:port,host:port` (a chroot suffix is not
+    /// supported: give the paths in --zk-prefix).
+    #[arg(long, env = "ETCD_SYNCER_ZK_SERVERS")]
+    pub zk_servers: String,
+    /// ZooKeeper paths to mirror (repeat or comma-separate), e.g. `/dubbo`.
+    #[arg(
+        long = "zk-prefix",
+        value_delimiter = ',',
+        required = true,
+        env = "ETCD_SYNCER_ZK_PREFIXES"
+    )]
+    pub zk_prefixes: Vec<String>,
+    /// The etcd prefix the (single) --zk-prefix maps to (default: the same path).
+    #[arg(long, env = "ETCD_SYNCER_DEST_PREFIX")]
+    pub dest_prefix: Option<String>,
+    /// ZooKeeper subtrees left out (repeat or comma-separate).
+    #[arg(
+        long = "exclude-prefix",
+        value_delimiter = ',',
+        env = "ETCD_SYNCER_EXCLUDE_PREFIXES"
+    )]
+    pub exclude_prefixes: Vec<String>,
+    /// Ephemeral znodes: `lease` (one destination lease per ZooKeeper session,
+    /// kept alive while its nodes exist) or `plain` keys.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "lease",
+        env = "ETCD_SYNCER_EPHEMERAL"
+    )]
+    pub ephemeral: super::settings::EphemeralMode,
+    /// TTL of a session's lease: how long its keys outlive every replica of
+    /// zk2etcd (the provider's session timeout plus a grace).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "40s", env = "ETCD_SYNCER_EPHEMERAL_TTL")]
+    pub ephemeral_ttl: Duration,
+    /// The session timeout zk2etcd asks ZooKeeper for.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", env = "ETCD_SYNCER_ZK_SESSION_TIMEOUT")]
+    pub zk_session_timeout: Duration,
+    /// `user:password` for ZooKeeper digest auth.
+    #[arg(long, env = "ETCD_SYNCER_ZK_DIGEST", hide_env_values = true)]
+    pub zk_digest: Option<String>,
+    /// A full diff of the tree against etcd this often (besides every reconnect).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m", env = "ETCD_SYNCER_RESYNC_INTERVAL")]
+    pub resync_interval: Duration,
+    #[arg(long, env = "ETCD_SYNCER_JOB_NAME", default_value = "zk2etcd")]
+    pub job_name: String,
+    #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
+    pub meta_prefix: String,
+    /// The job lock's lease TTL: a standby replica takes over within it.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s", env = "ETCD_SYNCER_LOCK_TTL")]
+    pub lock_ttl: Duration,
+    /// Share of the keys it owns that one diff may delete.
+    #[arg(long, default_value = "0.5", env = "ETCD_SYNCER_MAX_PRUNE_RATIO")]
+    pub max_prune_ratio: f64,
+    /// This replica's name in the lock.
+    #[arg(long, env = "ETCD_SYNCER_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -341,6 +341,40 @@ pub enum ExactGap {
     Stop,
 }
 
+/// How ephemeral znodes are mirrored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EphemeralMode {
+    /// On a destination lease per ZooKeeper session, kept alive while the
+    /// session's nodes exist: they leave etcd as they leave ZooKeeper, and
+    /// expire if every replica of the syncer dies.
+    #[default]
+    Lease,
+    /// As plain keys (deleted when ZooKeeper deletes them, never expiring).
+    Plain,
+}
+
+/// One zk2etcd job's settings.
+#[derive(Debug, Clone)]
+pub struct ZkJob {
+    pub name: String,
+    /// ZooKeeper connect string (`host:port,host:port`).
+    pub servers: String,
+    /// `user:password` for digest auth, if any.
+    pub digest: Option<String>,
+    pub prefixes: Vec<crate::model::zk::ZkPrefix>,
+    pub ephemeral: EphemeralMode,
+    /// TTL of the lease standing for a ZooKeeper session.
+    pub ephemeral_ttl: Duration,
+    /// The session timeout zk2etcd asks ZooKeeper for.
+    pub session_timeout: Duration,
+    /// A full diff this often, besides every reconnect.
+    pub resync_interval: Duration,
+    /// The mass-delete guard: the share of the keys it owns that one diff
+    /// may delete.
+    pub max_prune_ratio: f64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseSettings {
     pub mode: LeaseMode,

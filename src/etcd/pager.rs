@@ -33,6 +33,47 @@ pub enum PageError {
     Cancelled,
 }
 
+/// Keys per page of [`read_range`].
+const RANGE_PAGE: i64 = 5_000;
+
+/// Every key of `[key, range_end)` with its metadata, in key order, read
+/// page by page at one revision: `revision`, or (0) the first page's.
+pub async fn read_range(
+    cluster: &Cluster,
+    operation: &'static str,
+    key: Vec<u8>,
+    range_end: Vec<u8>,
+    revision: i64,
+) -> Result<Vec<crate::model::kv::KeyValue>, ClientError> {
+    let mut keys = Vec::new();
+    let mut from = key;
+    let mut revision = revision;
+    loop {
+        let page = cluster
+            .range(
+                operation,
+                RangeRequest {
+                    key: from.clone(),
+                    range_end: range_end.clone(),
+                    revision,
+                    limit: RANGE_PAGE,
+                    ..RangeRequest::default()
+                },
+            )
+            .await?;
+        revision = page.header.revision;
+        let Some(last) = page.kvs.last() else {
+            return Ok(keys);
+        };
+        from = key_successor(&last.key);
+        let more = page.more;
+        keys.extend(page.kvs);
+        if !more {
+            return Ok(keys);
+        }
+    }
+}
+
 /// A page of entries, or `Ok(None)` once the prefix is exhausted.
 pub type PageResult = Result<Option<Vec<Entry>>, PageError>;
 

@@ -6,3 +6,4 @@ pub mod auth_plan;
 pub mod auth_sync;
 pub mod election;
 pub mod replica;
+pub mod zk_replica;

@@ -19,6 +19,7 @@ pub mod rate;
 pub mod resume;
 pub mod watch_state;
 pub mod writer;
+pub mod zk2etcd;
 
 // The layer's surface for the layers above (files in this one name the
 // file an item lives in, so no two files here use each other in a circle).

@@ -207,6 +207,20 @@ impl MetaKeys {
         format!("{}leases/", self.job_root)
     }
 
+    /// zk2etcd's ownership records: `<job root>zk-owned/<etcd key>`, one
+    /// per key it wrote (see [`crate::model::zk`]). Sorts after every other
+    /// item of the job root, so status reads never page through them.
+    pub fn zk_owned_prefix(&self) -> String {
+        format!("{}zk-owned/", self.job_root)
+    }
+
+    /// The ownership record of destination key `key`.
+    pub fn zk_owned(&self, key: &[u8]) -> Vec<u8> {
+        let mut record = self.zk_owned_prefix().into_bytes();
+        record.extend_from_slice(key);
+        record
+    }
+
     /// The record of source lease `source_lease` (16 hex digits, so the
     /// records sort by ID).
     pub fn lease_record(&self, source_lease: i64) -> String {

@@ -27,5 +27,6 @@ pub mod redact;
 pub mod schema;
 pub mod side;
 pub mod versions;
+pub mod zk;
 
 pub use side::Side;

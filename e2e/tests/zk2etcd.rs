@@ -1,0 +1,428 @@
+//! zk2etcd drills against a real ZooKeeper 3.8 (e2e/src/zk.rs) and real
+//! etcd: a dubbo-shaped registry (200 providers as ephemeral nodes of 20
+//! sessions, persistent configuration), full sync, churn, a session closed,
+//! keys of another writer under the same prefix, odd input; then two
+//! replicas with the leader killed -9 under churn, a ZooKeeper restart, and
+//! every replica gone (the providers' keys expire). After each, the tree
+//! and the etcd prefix are compared exactly.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use e2e::zk::ZkServer;
+use e2e::*;
+use etcd_client::GetOptions;
+use zookeeper_client as zk;
+
+const WAIT: Duration = Duration::from_secs(60);
+const SERVICES: usize = 20;
+const PROVIDERS_PER_SESSION: usize = 10;
+/// Left out with --exclude-prefix.
+const EXCLUDED: &str = "/dubbo/internal";
+
+fn persistent() -> zk::CreateOptions<'static> {
+    zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all())
+}
+
+fn ephemeral() -> zk::CreateOptions<'static> {
+    zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all())
+}
+
+/// A provider's node name: a dubbo URL, url-encoded as dubbo does.
+fn provider(service: usize, host: usize) -> String {
+    format!("dubbo%3A%2F%2F10.0.{service}.{host}%3A20880%2Forg.demo.Service{service}%3Fanyhost%3Dtrue%26side%3Dprovider")
+}
+
+/// The registry's persistent skeleton and configuration.
+async fn build_registry(client: &zk::Client) -> Result<()> {
+    client.create("/dubbo", b"", &persistent()).await?;
+    for service in 0..SERVICES {
+        let root = format!("/dubbo/org.demo.Service{service}");
+        client.create(&root, b"", &persistent()).await?;
+        for kind in ["providers", "consumers", "configurators", "routers"] {
+            client
+                .create(&format!("{root}/{kind}"), b"", &persistent())
+                .await?;
+        }
+        client
+            .create(
+                &format!("{root}/configurators/override%3A%2F%2F0.0.0.0%2Ftimeout%3D{service}"),
+                format!("timeout={service}").as_bytes(),
+                &persistent(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Every node under `root` but [`EXCLUDED`] (data and whether ephemeral), by path.
+async fn zk_tree(client: &zk::Client, root: &str) -> Result<BTreeMap<String, (Vec<u8>, bool)>> {
+    let mut tree = BTreeMap::new();
+    let mut level = vec![root.to_string()];
+    while let Some(path) = level.pop() {
+        let (data, stat) = match client.get_data(&path).await {
+            Ok(read) => read,
+            Err(zk::Error::NoNode) => continue,
+            Err(error) => return Err(error.into()),
+        };
+        if path == EXCLUDED || path.starts_with(&format!("{EXCLUDED}/")) {
+            continue;
+        }
+        tree.insert(path.clone(), (data, stat.ephemeral_owner != 0));
+        match client.list_children(&path).await {
+            Ok(children) => level.extend(children.into_iter().map(|c| format!("{path}/{c}"))),
+            Err(zk::Error::NoNode) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(tree)
+}
+
+/// Every key under `prefix` (value and whether on a lease), by key.
+async fn etcd_prefix(
+    dest: &EtcdCluster,
+    prefix: &str,
+) -> Result<BTreeMap<String, (Vec<u8>, bool)>> {
+    let mut client = dest.client().await?;
+    let response = client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await?;
+    Ok(response
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                (kv.value().to_vec(), kv.lease() != 0),
+            )
+        })
+        .collect())
+}
+
+/// The tree and the prefix hold the same, but for `foreign` keys (another
+/// writer's), which must hold exactly what that writer put.
+async fn wait_mirrored(
+    zk_client: &zk::Client,
+    dest: &EtcdCluster,
+    foreign: &BTreeMap<String, Vec<u8>>,
+    what: &str,
+) -> Result<()> {
+    let last = std::sync::Mutex::new(String::new());
+    let result = eventually(WAIT, what, || async {
+        let mut tree = zk_tree(zk_client, "/dubbo").await?;
+        let mut keys = etcd_prefix(dest, "/dubbo").await?;
+        for (key, value) in foreign {
+            let held = keys.remove(key).map(|(v, _)| v);
+            tree.remove(key);
+            if held.as_ref() != Some(value) {
+                *last.lock().unwrap() = format!("foreign key {key} holds {held:?}");
+                return Ok(false);
+            }
+        }
+        if tree != keys {
+            let missing: Vec<_> = tree
+                .keys()
+                .filter(|k| !keys.contains_key(*k))
+                .take(3)
+                .collect();
+            let extra: Vec<_> = keys
+                .keys()
+                .filter(|k| !tree.contains_key(*k))
+                .take(3)
+                .collect();
+            let differ: Vec<_> = tree
+                .iter()
+                .filter(|(k, v)| keys.get(*k).is_some_and(|w| w != *v))
+                .map(|(k, _)| k)
+                .take(3)
+                .collect();
+            *last.lock().unwrap() = format!(
+                "{} nodes, {} keys; missing {missing:?}, extra {extra:?}, differ {differ:?}",
+                tree.len(),
+                keys.len()
+            );
+            return Ok(false);
+        }
+        Ok(true)
+    })
+    .await;
+    result.with_context(|| last.lock().unwrap().clone())
+}
+
+fn zk2etcd_args(zk: &ZkServer, dest: &EtcdCluster, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "zk2etcd",
+        "--zk-servers",
+        &zk.connect_string(),
+        "--dst-endpoints",
+        &dest.endpoints_arg(),
+        "--zk-prefix",
+        "/dubbo",
+        "--exclude-prefix",
+        EXCLUDED,
+        "--lock-ttl",
+        "3s",
+        "--ephemeral-ttl",
+        "6s",
+        "--resync-interval",
+        "20s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+async fn wait_log(syncer: &Syncer, text: &str) -> Result<()> {
+    eventually(WAIT, text, || async {
+        Ok(syncer.log_text().contains(text))
+    })
+    .await
+}
+
+/// 20 provider sessions with 10 ephemeral nodes each (on 10 services).
+async fn start_providers(server: &ZkServer) -> Result<Vec<zk::Client>> {
+    let mut sessions = Vec::new();
+    for host in 0..SERVICES {
+        let session = server
+            .client_with_session_timeout(Duration::from_secs(10))
+            .await?;
+        for offset in 0..PROVIDERS_PER_SESSION {
+            let service = (host + offset) % SERVICES;
+            session
+                .create(
+                    &format!(
+                        "/dubbo/org.demo.Service{service}/providers/{}",
+                        provider(service, host)
+                    ),
+                    b"",
+                    &ephemeral(),
+                )
+                .await?;
+        }
+        sessions.push(session);
+    }
+    Ok(sessions)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dubbo_registry_is_mirrored_with_its_sessions() -> Result<()> {
+    let server = ZkServer::start().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let admin = server.client().await?;
+    build_registry(&admin).await?;
+    let sessions = start_providers(&server).await?;
+    // Odd input, mirrored exactly: binary data, a deep path, a large node.
+    admin
+        .create("/dubbo/bin", &[0xff, 0x00, 0xfe], &persistent())
+        .await?;
+    let mut deep = String::from("/dubbo/deep");
+    admin.create(&deep, b"", &persistent()).await?;
+    for level in 0..30 {
+        deep.push_str(&format!("/l{level}"));
+        admin.create(&deep, b"d", &persistent()).await?;
+    }
+    // ZooKeeper's own limit is just under 1 MiB (jute.maxbuffer).
+    admin
+        .create("/dubbo/big", &vec![b'x'; 1_000_000], &persistent())
+        .await?;
+    admin
+        .create("/dubbo/big2", &vec![b'y'; 1_000_000], &persistent())
+        .await?;
+    admin
+        .create("/dubbo/internal", b"left out", &persistent())
+        .await?;
+    // Another writer's keys under the same prefix, one of them a path
+    // ZooKeeper also has: neither is ever changed or deleted by zk2etcd.
+    let mut etcd = dest.client().await?;
+    etcd.put(
+        "/dubbo/org.demo.Service0/routers/owned-by-mirror",
+        "mirror",
+        None,
+    )
+    .await?;
+    etcd.put(
+        "/dubbo/org.demo.Service1/configurators",
+        "mirror's value",
+        None,
+    )
+    .await?;
+    let foreign: BTreeMap<String, Vec<u8>> = [
+        (
+            "/dubbo/org.demo.Service0/routers/owned-by-mirror".to_string(),
+            b"mirror".to_vec(),
+        ),
+        (
+            "/dubbo/org.demo.Service1/configurators".to_string(),
+            b"mirror's value".to_vec(),
+        ),
+    ]
+    .into();
+
+    let syncer = Syncer::spawn("zk2etcd", &zk2etcd_args(&server, &dest, &[]), &[])?;
+    wait_log(&syncer, "Diffed the ZooKeeper tree").await?;
+    wait_mirrored(&admin, &dest, &foreign, "the full sync").await?;
+    let keys = etcd_prefix(&dest, "/dubbo").await?;
+    let leased = keys.values().filter(|(_, on_lease)| *on_lease).count();
+    ensure!(
+        leased == SERVICES * PROVIDERS_PER_SESSION,
+        "the 200 providers are on leases, nothing else: {leased}"
+    );
+    ensure!(
+        !keys.contains_key("/dubbo/internal"),
+        "the excluded subtree is left out"
+    );
+    ensure!(
+        keys["/dubbo/bin"].0 == vec![0xff, 0x00, 0xfe],
+        "binary data as it is"
+    );
+
+    // Live churn: providers come and go, configuration changes.
+    for round in 0..5 {
+        let host = 100 + round;
+        sessions[round]
+            .create(
+                &format!(
+                    "/dubbo/org.demo.Service{round}/providers/{}",
+                    provider(round, host)
+                ),
+                b"",
+                &ephemeral(),
+            )
+            .await?;
+        sessions[round + 1]
+            .delete(
+                &format!(
+                    "/dubbo/org.demo.Service{}/providers/{}",
+                    (round + 1) % SERVICES,
+                    provider((round + 1) % SERVICES, round + 1)
+                ),
+                None,
+            )
+            .await?;
+        admin
+            .set_data(
+                &format!("/dubbo/org.demo.Service{round}/configurators/override%3A%2F%2F0.0.0.0%2Ftimeout%3D{round}"),
+                format!("timeout={}", round * 100).as_bytes(),
+                None,
+            )
+            .await?;
+    }
+    admin.delete(&deep, None).await?;
+    wait_mirrored(&admin, &dest, &foreign, "the churn").await?;
+
+    // A provider's session closes: its nodes leave ZooKeeper, then etcd.
+    let mut sessions = sessions;
+    let closed = sessions.remove(7);
+    drop(closed);
+    wait_mirrored(
+        &admin,
+        &dest,
+        &foreign,
+        "the closed session's providers gone",
+    )
+    .await?;
+    ensure!(
+        etcd_prefix(&dest, "/dubbo")
+            .await?
+            .values()
+            .filter(|(_, l)| *l)
+            .count()
+            == (SERVICES - 1) * PROVIDERS_PER_SESSION,
+        "19 sessions' providers remain on leases"
+    );
+    // For the runbook (docs/operations.md, "ZooKeeper to etcd").
+    eprintln!("e2e: zk2etcd log:");
+    for line in syncer
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("ZooKeeper") || l.contains("zk2etcd"))
+    {
+        eprintln!("  {line}");
+    }
+    let keys = etcd_prefix(&dest, "/dubbo/org.demo.Service3/").await?;
+    eprintln!("e2e: keys under /dubbo/org.demo.Service3/:");
+    for (key, (value, leased)) in keys {
+        eprintln!(
+            "  {key} = {:?} {}",
+            String::from_utf8_lossy(&value),
+            if leased { "(on a session's lease)" } else { "" }
+        );
+    }
+    drop(syncer);
+    drop(sessions);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_replica_takes_over_and_zookeeper_restarts() -> Result<()> {
+    let mut server = ZkServer::start().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let admin = server
+        .client_with_session_timeout(Duration::from_secs(30))
+        .await?;
+    build_registry(&admin).await?;
+    let providers = start_providers(&server).await?;
+    let none = BTreeMap::new();
+    let mut first = Syncer::spawn(
+        "zk2etcd-a",
+        &zk2etcd_args(&server, &dest, &["--instance-id", "a"]),
+        &[],
+    )?;
+    wait_log(&first, "Diffed the ZooKeeper tree").await?;
+    let second = Syncer::spawn(
+        "zk2etcd-b",
+        &zk2etcd_args(&server, &dest, &["--instance-id", "b"]),
+        &[],
+    )?;
+    wait_mirrored(&admin, &dest, &none, "the full sync").await?;
+
+    // Kill -9 the leader under churn; the standby takes over.
+    for i in 0..20 {
+        admin
+            .create(
+                &format!("/dubbo/org.demo.Service0/consumers/c{i}"),
+                b"",
+                &persistent(),
+            )
+            .await?;
+        if i == 5 {
+            first.kill9()?;
+        }
+    }
+    wait_log(&second, "Leading the zk2etcd job.").await?;
+    wait_mirrored(&admin, &dest, &none, "the takeover").await?;
+
+    // ZooKeeper restarts: the clients reconnect, changes made after it
+    // reach etcd (the watch is added again and the tree walked again).
+    server.restart().await?;
+    wait_log(&second, "Reconnected to ZooKeeper").await?;
+    admin
+        .create("/dubbo/after-restart", b"1", &persistent())
+        .await?;
+    admin
+        .delete("/dubbo/org.demo.Service0/consumers/c0", None)
+        .await?;
+    wait_mirrored(&admin, &dest, &none, "after the ZooKeeper restart").await?;
+
+    // Every replica gone: the providers' keys expire with their leases
+    // (--ephemeral-ttl 6s); the persistent ones stay.
+    drop(second);
+    eventually(WAIT, "the providers' keys to expire", || async {
+        Ok(etcd_prefix(&dest, "/dubbo")
+            .await?
+            .values()
+            .all(|(_, leased)| !leased))
+    })
+    .await?;
+    ensure!(
+        etcd_prefix(&dest, "/dubbo")
+            .await?
+            .contains_key("/dubbo/after-restart"),
+        "persistent keys stay"
+    );
+    drop(providers);
+    Ok(())
+}
