@@ -164,15 +164,42 @@ fn zk2etcd_args(zk: &ZkServer, dest: &EtcdCluster, extra: &[&str]) -> Vec<String
         "--lock-ttl",
         "3s",
         "--ephemeral-ttl",
-        "6s",
+        "10s",
+        // Longer than any wait here: changes must arrive as events.
         "--resync-interval",
-        "20s",
+        "5m",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
     args
+}
+
+/// `check --source zookeeper://…/dubbo`: its exit code and output.
+async fn check_zk(zk: &ZkServer, dest: &EtcdCluster) -> Result<(i32, String)> {
+    run_cli(&args(&[
+        "check",
+        "--source",
+        &format!("zookeeper://{}/dubbo", zk.connect_string()),
+        "--exclude-prefix",
+        EXCLUDED,
+        "--dst-endpoints",
+        &dest.endpoints_arg(),
+    ]))
+    .await
+}
+
+/// `check` says the tree and the prefix are equal.
+async fn expect_consistent(zk: &ZkServer, dest: &EtcdCluster, foreign: usize) -> Result<()> {
+    let (code, output) = check_zk(zk, dest).await?;
+    ensure!(
+        code == 0
+            && output.contains("consistent")
+            && output.contains(&format!("{foreign} keys held by another writer")),
+        "check exited {code}: {output}"
+    );
+    Ok(())
 }
 
 async fn wait_log(syncer: &Syncer, text: &str) -> Result<()> {
@@ -261,9 +288,17 @@ async fn a_dubbo_registry_is_mirrored_with_its_sessions() -> Result<()> {
     ]
     .into();
 
+    // Nothing mirrored yet: check finds every node missing.
+    let (code, output) = check_zk(&server, &dest).await?;
+    ensure!(
+        code == 1 && output.contains("INCONSISTENT") && output.contains("missing:"),
+        "check before the sync exited {code}: {output}"
+    );
+
     let syncer = Syncer::spawn("zk2etcd", &zk2etcd_args(&server, &dest, &[]), &[])?;
     wait_log(&syncer, "Diffed the ZooKeeper tree").await?;
     wait_mirrored(&admin, &dest, &foreign, "the full sync").await?;
+    expect_consistent(&server, &dest, 2).await?;
     let keys = etcd_prefix(&dest, "/dubbo").await?;
     let leased = keys.values().filter(|(_, on_lease)| *on_lease).count();
     ensure!(
@@ -312,6 +347,7 @@ async fn a_dubbo_registry_is_mirrored_with_its_sessions() -> Result<()> {
     }
     admin.delete(&deep, None).await?;
     wait_mirrored(&admin, &dest, &foreign, "the churn").await?;
+    expect_consistent(&server, &dest, 2).await?;
 
     // A provider's session closes: its nodes leave ZooKeeper, then etcd.
     let mut sessions = sessions;
@@ -324,6 +360,7 @@ async fn a_dubbo_registry_is_mirrored_with_its_sessions() -> Result<()> {
         "the closed session's providers gone",
     )
     .await?;
+    expect_consistent(&server, &dest, 2).await?;
     ensure!(
         etcd_prefix(&dest, "/dubbo")
             .await?
@@ -378,8 +415,26 @@ async fn a_second_replica_takes_over_and_zookeeper_restarts() -> Result<()> {
         &[],
     )?;
     wait_mirrored(&admin, &dest, &none, "the full sync").await?;
+    expect_consistent(&server, &dest, 0).await?;
 
-    // Kill -9 the leader under churn; the standby takes over.
+    // Kill -9 the leader under churn; the standby takes over before the
+    // providers' leases run out: sampled all along, none goes missing.
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let (sampling, endpoints) = (sampling.clone(), dest.endpoints_arg());
+        tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect([endpoints], None).await?;
+            let mut fewest = usize::MAX;
+            while !sampling.is_cancelled() {
+                let response = client
+                    .get("/dubbo", Some(GetOptions::new().with_prefix()))
+                    .await?;
+                fewest = fewest.min(response.kvs().iter().filter(|kv| kv.lease() != 0).count());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::Ok(fewest)
+        })
+    };
     for i in 0..20 {
         admin
             .create(
@@ -394,6 +449,14 @@ async fn a_second_replica_takes_over_and_zookeeper_restarts() -> Result<()> {
     }
     wait_log(&second, "Leading the zk2etcd job.").await?;
     wait_mirrored(&admin, &dest, &none, "the takeover").await?;
+    expect_consistent(&server, &dest, 0).await?;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    sampling.cancel();
+    let fewest = sampler.await??;
+    ensure!(
+        fewest == SERVICES * PROVIDERS_PER_SESSION,
+        "during the takeover only {fewest} providers were on etcd"
+    );
 
     // ZooKeeper restarts: the clients reconnect, changes made after it
     // reach etcd (the watch is added again and the tree walked again).
@@ -406,15 +469,14 @@ async fn a_second_replica_takes_over_and_zookeeper_restarts() -> Result<()> {
         .delete("/dubbo/org.demo.Service0/consumers/c0", None)
         .await?;
     wait_mirrored(&admin, &dest, &none, "after the ZooKeeper restart").await?;
+    expect_consistent(&server, &dest, 0).await?;
 
     // Every replica gone: the providers' keys expire with their leases
-    // (--ephemeral-ttl 6s); the persistent ones stay.
+    // (--ephemeral-ttl 10s); the persistent ones stay.
     drop(second);
     eventually(WAIT, "the providers' keys to expire", || async {
-        Ok(etcd_prefix(&dest, "/dubbo")
-            .await?
-            .values()
-            .all(|(_, leased)| !leased))
+        let keys = etcd_prefix(&dest, "/dubbo").await?;
+        Ok(keys.keys().all(|k| !k.contains("/providers/")))
     })
     .await?;
     ensure!(

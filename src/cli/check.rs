@@ -12,6 +12,9 @@ use crate::ops::admin::collect_status;
 /// `etcd-syncer check`: true when the destination is consistent.
 pub async fn run_check(args: CheckArgs) -> Result<bool, AppError> {
     args.validate()?;
+    if let Some(url) = args.zk_source.clone() {
+        return check_zookeeper(args, &url).await;
+    }
     let source =
         Cluster::connect(&args.source.flags().into_settings()?, args.request_timeout).await?;
     let dest = Cluster::connect(&args.dest.flags().into_settings()?, args.request_timeout).await?;
@@ -175,4 +178,46 @@ fn render_check(report: &CheckReport) -> String {
         }
     }
     out
+}
+
+/// `check --source zookeeper://…`: a zk2etcd job's tree against its prefix.
+async fn check_zookeeper(args: CheckArgs, url: &str) -> Result<bool, AppError> {
+    let (servers, path) = crate::config::zk::parse_zk_source("--source", url)?;
+    let prefix = crate::model::zk::ZkPrefix {
+        zk: path.clone(),
+        dest: args
+            .dest_prefix
+            .clone()
+            .unwrap_or_else(|| path.clone())
+            .into_bytes(),
+        excluded: args
+            .exclude_prefixes
+            .iter()
+            .filter(|ex| path == "/" || ex.starts_with(&format!("{path}/")))
+            .cloned()
+            .collect(),
+    };
+    let job = crate::config::ZkJob {
+        name: args.job_name.clone().unwrap_or_else(|| "zk2etcd".into()),
+        servers,
+        digest: None,
+        prefixes: vec![prefix.clone()],
+        ephemeral: crate::config::EphemeralMode::Lease,
+        ephemeral_ttl: std::time::Duration::from_secs(40),
+        session_timeout: args.request_timeout.max(std::time::Duration::from_secs(4)),
+        resync_interval: std::time::Duration::from_secs(300),
+        max_prune_ratio: 0.0,
+    };
+    let dest = Cluster::connect(&args.dest.flags().into_settings()?, args.request_timeout).await?;
+    let report =
+        crate::ops::zk_check::check_tree(&job, &dest, &MetaKeys::new(&args.meta_prefix, &job.name))
+            .await?;
+    match args.output {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        ),
+        OutputFormat::Text => print!("{}", crate::ops::zk_check::render(&prefix, &report)),
+    }
+    Ok(report.is_consistent())
 }

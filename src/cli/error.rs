@@ -27,6 +27,8 @@ pub enum AppError {
     AuthSync(#[from] crate::ha::auth_sync::AuthSyncError),
     #[error(transparent)]
     Failback(#[from] crate::ops::failback::FailbackError),
+    #[error(transparent)]
+    Zk(#[from] crate::mirror::zk2etcd::ZkError),
 }
 
 impl AppError {
@@ -48,7 +50,7 @@ impl AppError {
                 | AdminError::OutsideWindow { .. }
                 | AdminError::NotReached { .. },
             ) => 2,
-            AppError::Check(_) => 2,
+            AppError::Check(_) | AppError::Zk(_) => 2,
             AppError::AuthSync(error) if error.label() == "rejected" => 2,
             AppError::Failback(error) if error.is_usage() => 2,
             AppError::Failback(crate::ops::failback::FailbackError::Client(_)) => 2,

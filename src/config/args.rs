@@ -175,14 +175,25 @@ pub struct CheckArgs {
     /// Source prefix of the job (default: read from the job's checkpoint).
     #[arg(long, env = "ETCD_SYNCER_PREFIX")]
     pub prefix: Option<String>,
-    /// Destination prefix (default: the same as --prefix).
-    #[arg(long, requires = "prefix", conflicts_with = "no_dest_prefix")]
+    /// Destination prefix (default: the same as --prefix, or the
+    /// ZooKeeper path of --source).
+    #[arg(long, conflicts_with = "no_dest_prefix")]
     pub dest_prefix: Option<String>,
+    /// Compare a ZooKeeper tree with the destination instead (a zk2etcd
+    /// job): `zookeeper://host:port[,host:port]/path`. Keys another writer
+    /// holds are counted apart, not as differences.
+    #[arg(
+        long = "source",
+        env = "ETCD_SYNCER_CHECK_SOURCE",
+        conflicts_with = "prefix"
+    )]
+    pub zk_source: Option<String>,
     /// The job mirrors to the root of the destination.
     #[arg(long, requires = "prefix")]
     pub no_dest_prefix: bool,
-    /// The job whose checkpoint pins the comparison (default: derived from --prefix).
-    #[arg(long, env = "ETCD_SYNCER_JOB_NAME", required_unless_present = "prefix")]
+    /// The job whose checkpoint pins the comparison (default: derived from
+    /// --prefix; with --source zookeeper://, zk2etcd).
+    #[arg(long, env = "ETCD_SYNCER_JOB_NAME", required_unless_present_any = ["prefix", "zk_source"])]
     pub job_name: Option<String>,
     #[arg(long, env = "ETCD_SYNCER_META_PREFIX", default_value = DEFAULT_META_PREFIX)]
     pub meta_prefix: String,

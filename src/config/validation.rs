@@ -57,8 +57,15 @@ impl PromoteArgs {
 }
 
 impl CheckArgs {
-    /// The checks clap cannot do: duration bounds.
+    /// The checks clap cannot do: duration bounds, and what --dest-prefix
+    /// goes with.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.dest_prefix.is_some() && self.prefix.is_none() && self.zk_source.is_none() {
+            return Err(ConfigError::Conflict {
+                fields: "--dest-prefix".into(),
+                reason: "it goes with --prefix (or --source zookeeper://); with --job-name alone the checkpoint names it".into(),
+            });
+        }
         check_request_timeout(self.request_timeout)
     }
 }

@@ -15,6 +15,24 @@ fn check_path(field: &str, path: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `zookeeper://host:port[,host:port]/path` into the servers and the path.
+pub fn parse_zk_source(field: &str, url: &str) -> Result<(String, String), ConfigError> {
+    let fix =
+        "give zookeeper://host:port[,host:port]/path, e.g. zookeeper://zk1:2181,zk2:2181/dubbo";
+    let rest = url
+        .strip_prefix("zookeeper://")
+        .ok_or_else(|| invalid(field, url, fix))?;
+    let (servers, path) = match rest.find('/') {
+        Some(at) => (&rest[..at], &rest[at..]),
+        None => (rest, "/"),
+    };
+    if servers.is_empty() || servers.split(',').any(|s| !s.contains(':')) {
+        return Err(invalid(field, url, fix));
+    }
+    check_path(field, path)?;
+    Ok((servers.to_string(), path.to_string()))
+}
+
 impl Zk2EtcdArgs {
     pub fn to_job(&self) -> Result<ZkJob, ConfigError> {
         if self.zk_servers.trim().is_empty() {
@@ -155,6 +173,27 @@ mod tests {
         match cli.command {
             crate::config::Command::Zk2etcd(args) => args.to_job().map_err(|e| e.to_string()),
             _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_zookeeper_source_url_names_servers_and_path() {
+        assert_eq!(
+            parse_zk_source("--source", "zookeeper://a:1,b:2/dubbo").unwrap(),
+            ("a:1,b:2".to_string(), "/dubbo".to_string())
+        );
+        assert_eq!(
+            parse_zk_source("--source", "zookeeper://a:1").unwrap().1,
+            "/"
+        );
+        for bad in [
+            "http://a:1/x",
+            "zookeeper:///x",
+            "zookeeper://a/x",
+            "zookeeper://a:1/x/",
+        ] {
+            let error = parse_zk_source("--source", bad).unwrap_err().to_string();
+            assert!(error.contains("--source"), "{bad}: {error}");
         }
     }
 

@@ -47,7 +47,12 @@ pub async fn run_zk_replica(
                     return;
                 }
                 Err(error) => {
-                    warn!(job = %job.name, %error, "Campaign failed; starting a new session.");
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    warn!(job = %job.name, %error, retry_in = ?delay, "Campaign failed; starting a new session.");
+                    session.resign().await;
+                    if !pause(delay, &cancel).await {
+                        return;
+                    }
                     break;
                 }
             };
@@ -102,7 +107,6 @@ fn error_kind(error: &ZkError) -> &'static str {
     match error {
         ZkError::Zk { .. } => "zookeeper",
         ZkError::SessionEnded(_) => "zookeeper_session",
-        ZkError::PruneGuard { .. } => "prune_guard",
         ZkError::Job(error) => error.policy().label,
     }
 }

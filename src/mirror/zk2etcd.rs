@@ -29,7 +29,7 @@ use std::time::Duration;
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use zookeeper_client as zk;
 
 pub use crate::config::{EphemeralMode, ZkJob};
@@ -62,12 +62,6 @@ pub enum ZkError {
     },
     #[error("the zookeeper session ended ({0:?}); connecting a new one")]
     SessionEnded(zk::SessionState),
-    #[error("a diff would delete {deletes} of the {owned} keys zk2etcd owns, more than --max-prune-ratio {max_prune_ratio} allows; nothing deleted (is --zk-servers the right ensemble, or the tree emptied by mistake?)")]
-    PruneGuard {
-        deletes: usize,
-        owned: usize,
-        max_prune_ratio: f64,
-    },
     #[error(transparent)]
     Job(#[from] JobError),
 }
@@ -104,6 +98,10 @@ pub async fn connect(job: &ZkJob) -> Result<zk::Client, ZkError> {
 struct SessionBook {
     leases: HashMap<i64, i64>,
     keys: BTreeMap<Vec<u8>, i64>,
+    /// When each session's lease was last handed out for a write: a lease
+    /// is revoked only after a whole TTL without keys or writes, so a put
+    /// in flight on it never loses it.
+    used: HashMap<i64, tokio::time::Instant>,
 }
 
 #[derive(Clone)]
@@ -116,8 +114,12 @@ struct SessionLeases {
 impl SessionLeases {
     /// The lease for `session`, granted on first use.
     async fn lease_for(&self, session: i64) -> Result<i64, ZkError> {
-        if let Some(lease) = self.book.lock().expect("book").leases.get(&session) {
-            return Ok(*lease);
+        {
+            let mut book = self.book.lock().expect("book");
+            book.used.insert(session, tokio::time::Instant::now());
+            if let Some(lease) = book.leases.get(&session) {
+                return Ok(*lease);
+            }
         }
         let lease = self
             .dest
@@ -150,6 +152,19 @@ impl SessionLeases {
             .or_insert(lease);
     }
 
+    /// Takes over the leases the destination's keys of ours are on.
+    fn adopt_all(&self, dest: &DestKeys, owned: &OwnedKeys) {
+        for (key, owned) in owned {
+            if owned.record.session == 0 {
+                continue;
+            }
+            if let Some(entry) = dest.get(key).filter(|e| e.lease != 0) {
+                self.adopt(owned.record.session, entry.lease);
+            }
+            self.wrote(key, owned.record.session);
+        }
+    }
+
     fn wrote(&self, key: &[u8], session: i64) {
         let mut book = self.book.lock().expect("book");
         if session == 0 {
@@ -176,15 +191,26 @@ impl SessionLeases {
             }
             type SessionLease = (i64, i64);
             let (live, idle): (Vec<SessionLease>, Vec<SessionLease>) = {
-                let book = self.book.lock().expect("book");
-                let used: BTreeSet<i64> = book.keys.values().copied().collect();
-                book.leases
+                let mut book = self.book.lock().expect("book");
+                let with_keys: BTreeSet<i64> = book.keys.values().copied().collect();
+                let recent = |session: &i64| {
+                    book.used
+                        .get(session)
+                        .is_some_and(|at| at.elapsed() < self.ttl)
+                };
+                let (live, idle): (Vec<SessionLease>, Vec<SessionLease>) = book
+                    .leases
                     .iter()
                     .map(|(s, l)| (*s, *l))
-                    .partition(|(session, _)| used.contains(session))
+                    .partition(|(session, _)| with_keys.contains(session) || recent(session));
+                // Forgotten under the lock: a put from now on grants anew.
+                for (session, _) in &idle {
+                    book.leases.remove(session);
+                    book.used.remove(session);
+                }
+                (live, idle)
             };
-            for (session, lease) in idle {
-                self.forget(session);
+            for (_, lease) in idle {
                 if let Err(error) = self.dest.lease_revoke(lease).await {
                     debug!(%error, "Could not revoke an idle session lease; it expires on its own.");
                 }
@@ -226,6 +252,10 @@ pub async fn lead(
         ttl: job.ephemeral_ttl,
         book: Default::default(),
     };
+    // Adopt the sessions' leases before anything slow (connect, the walk):
+    // the last leader's renewals stopped when it did.
+    let (dest_keys, owned) = read_destination(writer.dest(), &keys, &job.prefixes).await?;
+    leases.adopt_all(&dest_keys, &owned);
     let keeper_stop = held.child_token();
     let _stop = keeper_stop.clone().drop_guard();
     tokio::spawn(leases.clone().keep(keeper_stop));
@@ -339,11 +369,9 @@ impl Leading<'_> {
                 let Some(key) = self.key_of(&event.path) else {
                     return Ok(None);
                 };
-                let node = if event.event_type == EventType::NodeDeleted {
-                    None
-                } else {
-                    read_node(client, &event.path, self.job.ephemeral).await?
-                };
+                // Read even after a delete: the node may be back already,
+                // and a delete must not rest on older evidence than that.
+                let node = read_node(client, &event.path, self.job.ephemeral).await?;
                 let tree: BTreeMap<Vec<u8>, TreeNode> =
                     node.into_iter().map(|n| (key.clone(), n)).collect();
                 let (dest, owned) = self.read_keys(std::slice::from_ref(&key)).await?;
@@ -361,24 +389,19 @@ impl Leading<'_> {
         tree: BTreeMap<Vec<u8>, TreeNode>,
         raced: &BTreeSet<Vec<u8>>,
     ) -> Result<ZkPlan, ZkError> {
-        let (dest, owned) = self.read_prefixes().await?;
-        for (key, owned) in &owned {
-            if owned.record.session != 0 {
-                if let Some(entry) = dest.get(key).filter(|e| e.lease != 0) {
-                    self.leases.adopt(owned.record.session, entry.lease);
-                }
-                self.leases.wrote(key, owned.record.session);
-            }
-        }
-        let plan = plan(&tree, &dest, &owned, raced);
+        let (dest, owned) =
+            read_destination(self.writer.dest(), &self.keys, &self.job.prefixes).await?;
+        self.leases.adopt_all(&dest, &owned);
+        let mut plan = plan(&tree, &dest, &owned, raced);
         let allowed =
             crate::model::schema::prune_allowance(owned.len() as u64, self.job.max_prune_ratio, 0);
-        if plan.deletes() as u64 > allowed && plan.deletes() > 0 {
-            return Err(ZkError::PruneGuard {
-                deletes: plan.deletes(),
-                owned: owned.len(),
-                max_prune_ratio: self.job.max_prune_ratio,
-            });
+        let deletes = plan.deletes();
+        if deletes as u64 > allowed {
+            // The mass-delete guard: the deletes wait for an operator; puts
+            // and events go on, so new registrations still arrive.
+            plan.ops.retain(|op| !matches!(op, ZkOp::Delete { .. }));
+            self.writer.metrics().error("prune_guard");
+            error!(job = %self.job.name, deletes, owned = owned.len(), max_prune_ratio = self.job.max_prune_ratio, "A diff would delete more of the keys zk2etcd owns than --max-prune-ratio allows: those deletes are skipped (is --zk-servers the right ensemble, or was the tree emptied by mistake?); raise --max-prune-ratio to let them through.");
         }
         for foreign in plan.foreign.iter().take(5) {
             warn!(job = %self.job.name, key = %String::from_utf8_lossy(foreign), "ZooKeeper has this node, but another writer holds the key: left as it is.");
@@ -387,62 +410,8 @@ impl Leading<'_> {
         Ok(plan)
     }
 
-    /// Every key under the destination prefixes, and every ownership record.
-    async fn read_prefixes(
-        &self,
-    ) -> Result<(BTreeMap<Vec<u8>, DestEntry>, BTreeMap<Vec<u8>, Owned>), ZkError> {
-        let dest = self.writer.dest();
-        let mut entries = BTreeMap::new();
-        for prefix in &self.job.prefixes {
-            // The prefix's own node maps to the prefix key itself.
-            for kv in read_range(
-                dest,
-                "read the zk2etcd prefix",
-                prefix.dest.clone(),
-                prefix_range_end(&prefix.dest),
-                0,
-            )
-            .await?
-            {
-                entries.insert(
-                    kv.key.clone(),
-                    DestEntry {
-                        value: kv.value,
-                        lease: kv.lease,
-                    },
-                );
-            }
-        }
-        let owned_prefix = self.keys.zk_owned_prefix().into_bytes();
-        let mut owned = BTreeMap::new();
-        for kv in read_range(
-            dest,
-            "read zk2etcd ownership records",
-            owned_prefix.clone(),
-            prefix_range_end(&owned_prefix),
-            0,
-        )
-        .await?
-        {
-            let key = kv.key[owned_prefix.len()..].to_vec();
-            if let Ok(record) = serde_json::from_slice::<OwnedRecord>(&kv.value) {
-                owned.insert(
-                    key,
-                    Owned {
-                        record,
-                        revision: kv.mod_revision,
-                    },
-                );
-            }
-        }
-        Ok((entries, owned))
-    }
-
     /// `keys` and their ownership records, read in one txn.
-    async fn read_keys(
-        &self,
-        keys: &[Vec<u8>],
-    ) -> Result<(BTreeMap<Vec<u8>, DestEntry>, BTreeMap<Vec<u8>, Owned>), ZkError> {
+    async fn read_keys(&self, keys: &[Vec<u8>]) -> Result<(DestKeys, OwnedKeys), ZkError> {
         let mut ops = Vec::new();
         for key in keys {
             ops.push(Op::get(key.clone()));
@@ -466,6 +435,7 @@ impl Leading<'_> {
                     DestEntry {
                         value: kv.value,
                         lease: kv.lease,
+                        mod_revision: kv.mod_revision,
                     },
                 );
             }
@@ -530,6 +500,7 @@ impl Leading<'_> {
                     value,
                     record,
                     guard,
+                    present,
                 } => {
                     let lease = if record.session != 0 && self.job.ephemeral == EphemeralMode::Lease
                     {
@@ -548,11 +519,20 @@ impl Leading<'_> {
                                 0,
                             ));
                         }
-                        Some(revision) => guards.push(Compare::mod_revision(
-                            record_key.clone(),
-                            CompareOp::Equal,
-                            *revision,
-                        )),
+                        Some(revision) => {
+                            guards.push(Compare::mod_revision(
+                                record_key.clone(),
+                                CompareOp::Equal,
+                                *revision,
+                            ));
+                            // Nobody wrote the key since we did (or it is
+                            // still gone): it is ours.
+                            guards.push(if *present {
+                                Compare::mod_revision(key.clone(), CompareOp::Equal, *revision)
+                            } else {
+                                Compare::create_revision(key.clone(), CompareOp::Equal, 0)
+                            });
+                        }
                     }
                     let record = serde_json::to_vec(record).expect("a record serializes");
                     // The record on the key's lease: they go together.
@@ -565,15 +545,17 @@ impl Leading<'_> {
                         CompareOp::Equal,
                         *guard,
                     ));
+                    guards.push(Compare::mod_revision(key.clone(), CompareOp::Equal, *guard));
                     writes.push(Op::delete(key.clone()));
                     writes.push(Op::delete(record_key));
                 }
-                ZkOp::Forget { guard, .. } => {
+                ZkOp::Forget { key, guard } => {
                     guards.push(Compare::mod_revision(
                         record_key.clone(),
                         CompareOp::Equal,
                         *guard,
                     ));
+                    guards.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
                     writes.push(Op::delete(record_key));
                 }
             }
@@ -613,6 +595,66 @@ impl Leading<'_> {
     }
 }
 
+/// A destination as zk2etcd reads it: its keys with value and lease by key.
+pub type DestKeys = BTreeMap<Vec<u8>, DestEntry>;
+/// Its ownership records, by the key they are for.
+pub type OwnedKeys = BTreeMap<Vec<u8>, Owned>;
+
+/// Every key under the destination prefixes, and every ownership record of
+/// the job. (Read one after the other: every write is guarded on the
+/// record, so a key or record that moved in between fails its guard.)
+pub async fn read_destination(
+    dest: &Cluster,
+    keys: &MetaKeys,
+    prefixes: &[ZkPrefix],
+) -> Result<(DestKeys, OwnedKeys), ClientError> {
+    let mut entries = BTreeMap::new();
+    for prefix in prefixes {
+        // The prefix's own node maps to the prefix key itself.
+        for kv in read_range(
+            dest,
+            "read the zk2etcd prefix",
+            prefix.dest.clone(),
+            prefix_range_end(&prefix.dest),
+            0,
+        )
+        .await?
+        {
+            entries.insert(
+                kv.key.clone(),
+                DestEntry {
+                    value: kv.value,
+                    lease: kv.lease,
+                    mod_revision: kv.mod_revision,
+                },
+            );
+        }
+    }
+    let owned_prefix = keys.zk_owned_prefix().into_bytes();
+    let mut owned = BTreeMap::new();
+    for kv in read_range(
+        dest,
+        "read zk2etcd ownership records",
+        owned_prefix.clone(),
+        prefix_range_end(&owned_prefix),
+        0,
+    )
+    .await?
+    {
+        let key = kv.key[owned_prefix.len()..].to_vec();
+        if let Ok(record) = serde_json::from_slice::<OwnedRecord>(&kv.value) {
+            owned.insert(
+                key,
+                Owned {
+                    record,
+                    revision: kv.mod_revision,
+                },
+            );
+        }
+    }
+    Ok((entries, owned))
+}
+
 /// Reads one node: its data, `mzxid` and (in lease mode) its ephemeral
 /// owner; `None` if it is gone.
 async fn read_node(
@@ -644,7 +686,7 @@ type WalkedNode = (String, Option<TreeNode>, Vec<String>);
 /// Every node under the prefixes (not excluded), by etcd key: breadth
 /// first, [`WALK_CONCURRENCY`] nodes at a time. A node deleted while the
 /// walk reaches it is simply not there.
-async fn walk(
+pub async fn walk(
     client: &zk::Client,
     prefixes: &[ZkPrefix],
     mode: EphemeralMode,

@@ -8,8 +8,10 @@
 //! **Ownership without Redis.** zk2etcd may share its etcd paths with other
 //! writers (an etcd mirror job, people). Every key it writes has an
 //! ownership record under the job's meta root, written and deleted in the
-//! same txn as the key ([`Owned`]); zk2etcd overwrites or deletes only keys
-//! it holds a record for, guarded on that record's `mod_revision` as read.
+//! same txn as the key ([`Owned`]), so both carry the same `mod_revision`;
+//! zk2etcd overwrites or deletes only keys it holds a record for whose key
+//! still carries the record's revision (nobody wrote it since), guarded on
+//! both as read.
 //! A key another writer holds is left alone, even when the tree has it.
 //!
 //! [`plan`] decides what one comparison of (part of) the tree with the
@@ -80,6 +82,8 @@ pub struct TreeNode {
 pub struct DestEntry {
     pub value: Vec<u8>,
     pub lease: i64,
+    /// Equal to its record's when zk2etcd wrote it last.
+    pub mod_revision: i64,
 }
 
 /// zk2etcd's record that it wrote a key: what it wrote it from.
@@ -102,18 +106,24 @@ pub struct Owned {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ZkOp {
     /// Put the key and its record: the key is absent and unrecorded (guard:
-    /// neither exists), or recorded as ours (guard: the record unchanged).
+    /// neither exists), or recorded as ours (guard: the record unchanged,
+    /// and the key at the record's revision, or absent when `present` is
+    /// false).
     Put {
         key: Vec<u8>,
         value: Vec<u8>,
         record: OwnedRecord,
         /// The record's revision as read; `None`: no record (create).
         guard: Option<i64>,
+        /// The key existed when read (at the record's revision).
+        present: bool,
     },
-    /// Delete a key of ours the tree no longer has, with its record.
+    /// Delete a key of ours the tree no longer has, with its record
+    /// (guard: both at the record's revision).
     Delete { key: Vec<u8>, guard: i64 },
     /// Drop a record whose key is gone already (its lease expired, or
-    /// someone deleted it) and that the tree no longer has.
+    /// someone deleted it) and that the tree no longer has (guard: the
+    /// record unchanged, the key absent).
     Forget { key: Vec<u8>, guard: i64 },
 }
 
@@ -161,7 +171,13 @@ pub fn plan(
             plan.raced += 1;
             continue;
         }
-        let ours = owned.get(key);
+        // A record whose key another writer wrote since is not ours any more.
+        let ours = owned
+            .get(key)
+            .filter(|o| dest.get(key).is_none_or(|e| e.mod_revision == o.revision));
+        if ours.is_none() && owned.contains_key(key) && !tree.contains_key(key) {
+            continue;
+        }
         match (tree.get(key), dest.get(key), ours) {
             (Some(node), _, Some(owned)) if node.mzxid < owned.record.mzxid => {
                 // The record is newer than what the walk read: an event
@@ -181,6 +197,7 @@ pub fn plan(
                         value: node.data.clone(),
                         record,
                         guard: Some(owned.revision),
+                        present: true,
                     });
                 }
             }
@@ -192,6 +209,7 @@ pub fn plan(
                     session: node.session,
                 },
                 guard: owned.map(|o| o.revision),
+                present: false,
             }),
             (Some(_), Some(_), None) => plan.foreign.push(key.clone()),
             (None, Some(_), Some(owned)) => plan.ops.push(ZkOp::Delete {
@@ -202,10 +220,83 @@ pub fn plan(
                 key: key.clone(),
                 guard: owned.revision,
             }),
-            (None, _, None) => unreachable!("keys come from the tree or the records"),
+            // Keys come from the tree or the records (and a record no
+            // longer ours is skipped above).
+            (None, _, None) => {}
         }
     }
     plan
+}
+
+/// What `check --source zookeeper://` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TreeReport {
+    pub nodes: u64,
+    /// Nodes without their key.
+    pub missing: u64,
+    /// Keys zk2etcd owns whose node is gone.
+    pub extra: u64,
+    /// Keys zk2etcd owns with another value than the node's, or on a lease
+    /// where its record says persistent (or the other way round).
+    pub differ: u64,
+    /// Keys another writer holds (with or without a node): not differences.
+    pub foreign: u64,
+    pub examples: Vec<String>,
+}
+
+impl TreeReport {
+    pub fn is_consistent(&self) -> bool {
+        self.missing + self.extra + self.differ == 0
+    }
+
+    fn note(&mut self, what: &str, key: &[u8]) {
+        if self.examples.len() < 10 {
+            self.examples
+                .push(format!("{what} {}", String::from_utf8_lossy(key)));
+        }
+    }
+}
+
+/// Compares a tree with the destination keys and zk2etcd's records.
+pub fn compare_tree(
+    tree: &BTreeMap<Vec<u8>, TreeNode>,
+    dest: &BTreeMap<Vec<u8>, DestEntry>,
+    owned: &BTreeMap<Vec<u8>, Owned>,
+) -> TreeReport {
+    let mut report = TreeReport {
+        nodes: tree.len() as u64,
+        ..TreeReport::default()
+    };
+    // Recorded and still at the record's revision: ours.
+    let ours = |key: &Vec<u8>| {
+        owned
+            .get(key)
+            .filter(|o| dest.get(key).is_none_or(|e| e.mod_revision == o.revision))
+    };
+    for (key, node) in tree {
+        match (dest.get(key), ours(key)) {
+            (None, _) => {
+                report.missing += 1;
+                report.note("missing:", key);
+            }
+            (Some(_), None) => report.foreign += 1,
+            (Some(entry), Some(owned)) => {
+                if entry.value != node.data || (entry.lease != 0) != (owned.record.session != 0) {
+                    report.differ += 1;
+                    report.note("differs:", key);
+                }
+            }
+        }
+    }
+    for key in dest.keys().filter(|k| !tree.contains_key(*k)) {
+        if ours(key).is_some() {
+            report.extra += 1;
+            report.note("extra:", key);
+        } else {
+            report.foreign += 1;
+        }
+    }
+    report
 }
 
 #[cfg(test)]
@@ -251,10 +342,17 @@ mod tests {
         }
     }
 
+    /// A key another writer put (or one with no record).
     fn entry(value: &str, lease: i64) -> DestEntry {
+        mine(value, lease, 0)
+    }
+
+    /// A key written with its record at `revision`.
+    fn mine(value: &str, lease: i64, revision: i64) -> DestEntry {
         DestEntry {
             value: value.into(),
             lease,
+            mod_revision: revision,
         }
     }
 
@@ -282,11 +380,14 @@ mod tests {
             ("/gone-key", node("5", 8, 0)),
         ]);
         let dest = map(&[
-            ("/mine", entry("old", 0)),
-            ("/same", entry("3", 0)),
+            ("/mine", mine("old", 0, 10)),
+            ("/same", mine("3", 0, 11)),
             ("/theirs", entry("x", 0)),
-            ("/deleted", entry("d", 0)),
+            ("/deleted", mine("d", 0, 12)),
             ("/foreign-only", entry("f", 0)),
+            // Recorded as ours, but another writer put it since.
+            ("/taken", entry("t", 0)),
+            ("/taken-gone", entry("t", 0)),
         ]);
         let records = map(&[
             ("/mine", owned(3, 0, 10)),
@@ -294,9 +395,16 @@ mod tests {
             ("/deleted", owned(2, 0, 12)),
             ("/gone-key", owned(1, 0, 13)),
             ("/forgotten", owned(1, 0, 14)),
+            ("/taken", owned(1, 0, 15)),
+            ("/taken-gone", owned(1, 0, 16)),
         ]);
+        let tree = {
+            let mut tree = tree;
+            tree.insert(b"/taken".to_vec(), node("z", 9, 0));
+            tree
+        };
         let plan = plan(&tree, &dest, &records, &BTreeSet::new());
-        assert_eq!(plan.foreign, vec![b"/theirs".to_vec()]);
+        assert_eq!(plan.foreign, vec![b"/taken".to_vec(), b"/theirs".to_vec()]);
         let ops: BTreeMap<Vec<u8>, ZkOp> = plan
             .ops
             .iter()
@@ -314,6 +422,7 @@ mod tests {
             &ops[b"/gone-key".as_slice()],
             ZkOp::Put {
                 guard: Some(13),
+                present: false,
                 ..
             }
         ));
@@ -333,13 +442,13 @@ mod tests {
         let records = map(&[("/k", owned(1, 0, 10))]);
         // Same data, now ephemeral: rewritten on a lease.
         let plan_of = |tree, dest| plan(&map(tree), &map(dest), &records, &BTreeSet::new());
-        let p = plan_of(&[("/k", node("v", 2, 77))], &[("/k", entry("v", 0))]);
+        let p = plan_of(&[("/k", node("v", 2, 77))], &[("/k", mine("v", 0, 10))]);
         assert!(matches!(&p.ops[0], ZkOp::Put { record, .. } if record.session == 77));
         // Unchanged ephemeral on its lease: nothing.
         let records2 = map(&[("/k", owned(2, 77, 10))]);
         let p = plan(
             &map(&[("/k", node("v", 2, 77))]),
-            &map(&[("/k", entry("v", 9))]),
+            &map(&[("/k", mine("v", 9, 10))]),
             &records2,
             &BTreeSet::new(),
         );
@@ -347,7 +456,7 @@ mod tests {
         // Another session now owns it: rewritten (onto that session's lease).
         let p = plan(
             &map(&[("/k", node("v", 3, 78))]),
-            &map(&[("/k", entry("v", 9))]),
+            &map(&[("/k", mine("v", 9, 10))]),
             &records2,
             &BTreeSet::new(),
         );
@@ -357,7 +466,7 @@ mod tests {
     #[test]
     fn a_stale_walk_or_a_raced_key_decides_nothing() {
         let tree = map(&[("/a", node("old", 5, 0)), ("/b", node("x", 9, 0))]);
-        let dest = map(&[("/a", entry("new", 0)), ("/c", entry("c", 0))]);
+        let dest = map(&[("/a", mine("new", 0, 10)), ("/c", mine("c", 0, 11))]);
         let records = map(&[("/a", owned(6, 0, 10)), ("/c", owned(3, 0, 11))]);
         let raced: BTreeSet<Vec<u8>> = [b"/b".to_vec(), b"/c".to_vec()].into();
         let p = plan(&tree, &dest, &records, &raced);
@@ -369,6 +478,53 @@ mod tests {
         value: impl Strategy<Value = V>,
     ) -> impl Strategy<Value = BTreeMap<Vec<u8>, V>> {
         proptest::collection::btree_map((0u8..12).prop_map(|k| vec![b'k', k]), value, 0..10)
+    }
+
+    #[test]
+    fn a_tree_check_counts_each_kind_apart() {
+        let tree = map(&[
+            ("/ok", node("1", 1, 0)),
+            ("/missing", node("2", 1, 0)),
+            ("/differs", node("3", 1, 0)),
+            ("/leased", node("4", 1, 5)),
+            ("/theirs", node("5", 1, 0)),
+        ]);
+        let dest = map(&[
+            ("/ok", mine("1", 0, 1)),
+            ("/differs", mine("x", 0, 2)),
+            ("/leased", mine("4", 0, 3)),
+            ("/theirs", entry("y", 0)),
+            ("/extra", mine("e", 0, 4)),
+            ("/other", entry("o", 0)),
+            // Recorded, but another writer put it since: theirs now.
+            ("/taken", entry("t", 0)),
+        ]);
+        let records = map(&[
+            ("/ok", owned(1, 0, 1)),
+            ("/differs", owned(1, 0, 2)),
+            ("/leased", owned(1, 5, 3)),
+            ("/extra", owned(1, 0, 4)),
+            ("/taken", owned(1, 0, 5)),
+        ]);
+        let report = compare_tree(&tree, &dest, &records);
+        assert_eq!(
+            (
+                report.nodes,
+                report.missing,
+                report.differ,
+                report.extra,
+                report.foreign
+            ),
+            (5, 1, 2, 1, 3)
+        );
+        assert!(!report.is_consistent());
+        let same = compare_tree(
+            &map(&[("/ok", node("1", 1, 0))]),
+            &map(&[("/ok", mine("1", 0, 1))]),
+            &map(&[("/ok", owned(1, 0, 1))]),
+        );
+        assert!(same.is_consistent());
+        assert_eq!(same.examples, Vec::<String>::new());
     }
 
     /// A world for [`a_mirror_with_lost_events_and_resyncs_converges`]:
@@ -393,13 +549,23 @@ mod tests {
             for op in &plan.ops {
                 let key = op.key().to_vec();
                 let record_revision = self.owned.get(&key).map(|o| o.revision);
+                let key_revision = self.dest.get(&key).map(|e| e.mod_revision);
+                // The shell's compares (zk2etcd.rs, `commit`).
                 let holds = match op {
                     ZkOp::Put { guard: None, .. } => {
-                        !self.dest.contains_key(&key) && record_revision.is_none()
+                        key_revision.is_none() && record_revision.is_none()
                     }
-                    ZkOp::Put { guard: Some(g), .. }
-                    | ZkOp::Delete { guard: g, .. }
-                    | ZkOp::Forget { guard: g, .. } => record_revision == Some(*g),
+                    ZkOp::Put {
+                        guard: Some(g),
+                        present,
+                        ..
+                    } => record_revision == Some(*g) && key_revision == present.then_some(*g),
+                    ZkOp::Delete { guard: g, .. } => {
+                        record_revision == Some(*g) && key_revision == Some(*g)
+                    }
+                    ZkOp::Forget { guard: g, .. } => {
+                        record_revision == Some(*g) && key_revision.is_none()
+                    }
                 };
                 if !holds {
                     continue;
@@ -419,6 +585,7 @@ mod tests {
                             DestEntry {
                                 value: value.clone(),
                                 lease: i64::from(record.session != 0),
+                                mod_revision: self.revision,
                             },
                         );
                         self.owned.insert(
@@ -536,11 +703,13 @@ mod tests {
                             world.on_event(&key);
                         }
                     }
-                    // Another writer claims a key nobody holds.
+                    // Another writer claims a key nobody holds, or (`flag`)
+                    // overwrites any key, one of zk2etcd's too.
                     4 => {
                         let claimed = vec![b'k', key];
-                        if !world.dest.contains_key(&claimed) && !world.owned.contains_key(&claimed) {
-                            world.dest.insert(claimed.clone(), DestEntry { value: vec![100 + value], lease: 0 });
+                        if flag || (!world.dest.contains_key(&claimed) && !world.owned.contains_key(&claimed)) {
+                            world.revision += 1;
+                            world.dest.insert(claimed.clone(), DestEntry { value: vec![100 + value], lease: 0, mod_revision: world.revision });
                             world.foreign.insert(claimed, vec![100 + value]);
                         }
                     }
@@ -582,13 +751,25 @@ mod tests {
         #[test]
         fn a_plan_keeps_to_what_it_owns(
             tree in arb_map((0u8..3, 1i64..5, 0i64..2).prop_map(|(d, z, s)| TreeNode { data: vec![d], mzxid: z, session: s })),
-            dest in arb_map((0u8..3, 0i64..2).prop_map(|(v, l)| DestEntry { value: vec![v], lease: l })),
-            owned_keys in proptest::collection::btree_set((0u8..12).prop_map(|k| vec![b'k', k]), 0..10),
+            values in arb_map((0u8..3, 0i64..2)),
+            records in arb_map((1i64..5, 0i64..2)),
+            stolen in proptest::collection::btree_set((0u8..12).prop_map(|k| vec![b'k', k]), 0..4),
             raced in proptest::collection::btree_set((0u8..12).prop_map(|k| vec![b'k', k]), 0..3),
         ) {
-            let owned: BTreeMap<Vec<u8>, Owned> = owned_keys.iter().enumerate()
-                .map(|(i, k)| (k.clone(), Owned { record: OwnedRecord { mzxid: 1, session: 0 }, revision: 100 + i as i64 }))
+            let owned: BTreeMap<Vec<u8>, Owned> = records.iter().enumerate()
+                .map(|(i, (k, (mzxid, session)))| (k.clone(), Owned { record: OwnedRecord { mzxid: *mzxid, session: *session }, revision: 100 + i as i64 }))
                 .collect();
+            // A key is at its record's revision unless another writer took it.
+            let dest: BTreeMap<Vec<u8>, DestEntry> = values.iter()
+                .map(|(k, (v, l))| {
+                    let revision = match owned.get(k) {
+                        Some(o) if !stolen.contains(k) => o.revision,
+                        _ => 1,
+                    };
+                    (k.clone(), DestEntry { value: vec![*v], lease: *l, mod_revision: revision })
+                })
+                .collect();
+            let ours = |key: &[u8]| owned.get(key).filter(|o| dest.get(key).is_none_or(|e| e.mod_revision == o.revision));
             let p = plan(&tree, &dest, &owned, &raced);
             for op in &p.ops {
                 let key = op.key();
@@ -597,36 +778,44 @@ mod tests {
                     ZkOp::Put { guard: None, .. } => {
                         prop_assert!(!dest.contains_key(key) && !owned.contains_key(key));
                     }
-                    ZkOp::Put { guard: Some(g), .. } | ZkOp::Delete { guard: g, .. } | ZkOp::Forget { guard: g, .. } => {
-                        prop_assert_eq!(owned.get(key).map(|o| o.revision), Some(*g));
+                    ZkOp::Put { guard: Some(g), present, .. } => {
+                        prop_assert_eq!(ours(key).map(|o| o.revision), Some(*g));
+                        prop_assert_eq!(*present, dest.contains_key(key));
+                    }
+                    ZkOp::Delete { guard: g, .. } => {
+                        prop_assert_eq!(ours(key).map(|o| o.revision), Some(*g));
+                        prop_assert!(dest.contains_key(key));
+                    }
+                    ZkOp::Forget { guard: g, .. } => {
+                        prop_assert_eq!(ours(key).map(|o| o.revision), Some(*g));
+                        prop_assert!(!dest.contains_key(key));
                     }
                 }
             }
-            // Applied: every key of ours (or nobody's) the tree has holds its data.
             let mut after = dest.clone();
             for op in &p.ops {
                 match op {
-                    ZkOp::Put { key, value, record, .. } => { after.insert(key.clone(), DestEntry { value: value.clone(), lease: i64::from(record.session != 0) }); }
+                    ZkOp::Put { key, value, record, .. } => { after.insert(key.clone(), DestEntry { value: value.clone(), lease: i64::from(record.session != 0), mod_revision: 0 }); }
                     ZkOp::Delete { key, .. } => { after.remove(key); }
                     ZkOp::Forget { .. } => {}
                 }
             }
-            for (key, node) in &tree {
-                if raced.contains(key) { continue; }
-                if dest.contains_key(key) && !owned.contains_key(key) {
-                    prop_assert_eq!(after.get(key), dest.get(key), "a foreign key is left as it was");
-                } else {
-                    prop_assert_eq!(after.get(key).map(|e| e.value.clone()), Some(node.data.clone()));
+            for (key, value) in &dest {
+                if ours(key).is_none() {
+                    prop_assert_eq!(after.get(key), Some(value), "another writer's key is never changed");
                 }
+            }
+            for (key, node) in &tree {
+                let stale = ours(key).is_some_and(|o| node.mzxid < o.record.mzxid);
+                if raced.contains(key) || stale || (dest.contains_key(key) && ours(key).is_none()) {
+                    continue;
+                }
+                prop_assert_eq!(after.get(key).map(|e| e.value.clone()), Some(node.data.clone()));
+                prop_assert_eq!(after[key].lease != 0, node.session != 0);
             }
             for key in owned.keys() {
-                if !tree.contains_key(key) && !raced.contains(key) {
+                if !tree.contains_key(key) && !raced.contains(key) && ours(key).is_some() {
                     prop_assert!(!after.contains_key(key), "a key of ours the tree lost is deleted");
-                }
-            }
-            for (key, value) in &dest {
-                if !owned.contains_key(key) {
-                    prop_assert_eq!(after.get(key), Some(value), "another writer's key is never changed");
                 }
             }
         }

@@ -8,3 +8,4 @@ pub mod failback;
 pub mod http;
 pub mod point_in_time;
 pub mod supervisor;
+pub mod zk_check;
