@@ -1032,6 +1032,26 @@ mod tests {
             catch_up(4, 6, &source, &[], exact).unwrap()[1].events.len(),
             1
         );
+        // Bytes add up: three ops of one size fill a txn of three times it.
+        let three = [
+            kv("a", "1", 0, 5, 5, 1),
+            kv("b", "1", 0, 6, 6, 1),
+            kv("c", "1", 0, 7, 7, 1),
+        ];
+        let roomy = ReplayLimits {
+            max_ops: 10,
+            max_bytes: 3 * (OP_OVERHEAD + 2),
+        };
+        let packed = catch_up(4, 6, &three, &[], roomy).unwrap();
+        assert_eq!(
+            packed.iter().map(|r| r.events.len()).collect::<Vec<_>>(),
+            vec![3, 0]
+        );
+        let snug = ReplayLimits {
+            max_bytes: 3 * (OP_OVERHEAD + 2) - 1,
+            ..roomy
+        };
+        assert_eq!(catch_up(4, 6, &three, &[], snug).unwrap()[0].events.len(), 2);
     }
 
     #[test]
