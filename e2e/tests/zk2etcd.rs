@@ -193,6 +193,7 @@ async fn check_zk(zk: &ZkServer, dest: &EtcdCluster) -> Result<(i32, String)> {
 /// `check` says the tree and the prefix are equal.
 async fn expect_consistent(zk: &ZkServer, dest: &EtcdCluster, foreign: usize) -> Result<()> {
     let (code, output) = check_zk(zk, dest).await?;
+    eprint!("e2e: check --source zookeeper://: {output}");
     ensure!(
         code == 0
             && output.contains("consistent")
