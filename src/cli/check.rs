@@ -134,14 +134,35 @@ fn render_exact(job: &str, report: &crate::check::exact::ExactCheckReport) -> St
             format!(" ({:?})", report.history_differs)
         }
     ));
-    for example in &report.examples {
+    footer(&mut out, &report.examples, report.is_consistent());
+    out
+}
+
+/// Sample keys, then the verdict line.
+fn footer(out: &mut String, examples: &[String], consistent: bool) {
+    for example in examples {
         out.push_str(&format!("  {example}\n"));
     }
-    out.push_str(if report.is_consistent() {
+    out.push_str(if consistent {
         "consistent\n"
     } else {
         "INCONSISTENT\n"
     });
+}
+
+/// A zk2etcd job's tree against its prefix, as `check` prints it.
+fn render_zk(prefix: &crate::model::zk::ZkPrefix, report: &crate::model::zk::TreeReport) -> String {
+    let mut out = format!(
+        "zookeeper {} against etcd {}: {} nodes; {} missing, {} extra, {} differ; {} keys held by another writer\n",
+        prefix.zk,
+        String::from_utf8_lossy(&prefix.dest),
+        report.nodes,
+        report.missing,
+        report.extra,
+        report.differ,
+        report.foreign
+    );
+    footer(&mut out, &report.examples, report.is_consistent());
     out
 }
 
@@ -217,7 +238,7 @@ async fn check_zookeeper(args: CheckArgs, url: &str) -> Result<bool, AppError> {
             "{}",
             serde_json::to_string_pretty(&report).unwrap_or_default()
         ),
-        OutputFormat::Text => print!("{}", crate::ops::zk_check::render(&prefix, &report)),
+        OutputFormat::Text => print!("{}", render_zk(&prefix, &report)),
     }
     Ok(report.is_consistent())
 }

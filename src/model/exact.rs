@@ -1051,7 +1051,10 @@ mod tests {
             max_bytes: 3 * (OP_OVERHEAD + 2) - 1,
             ..roomy
         };
-        assert_eq!(catch_up(4, 6, &three, &[], snug).unwrap()[0].events.len(), 2);
+        assert_eq!(
+            catch_up(4, 6, &three, &[], snug).unwrap()[0].events.len(),
+            2
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use crate::etcd::client::Cluster;
 use crate::mirror::zk2etcd::{connect, read_destination, walk, ZkError};
 use crate::model::keys::MetaKeys;
-use crate::model::zk::{compare_tree, TreeReport, ZkPrefix};
+use crate::model::zk::{compare_tree, TreeReport};
 
 /// Walks the tree of `job.prefixes` and reads the destination and the
 /// job's ownership records, then compares them.
@@ -18,27 +18,4 @@ pub async fn check_tree(
     let tree = walk(&client, &job.prefixes, job.ephemeral).await?;
     let (entries, owned) = read_destination(dest, keys, &job.prefixes).await?;
     Ok(compare_tree(&tree, &entries, &owned))
-}
-
-/// The report as `check` prints it.
-pub fn render(prefix: &ZkPrefix, report: &TreeReport) -> String {
-    let mut out = format!(
-        "zookeeper {} against etcd {}: {} nodes; {} missing, {} extra, {} differ; {} keys held by another writer\n",
-        prefix.zk,
-        String::from_utf8_lossy(&prefix.dest),
-        report.nodes,
-        report.missing,
-        report.extra,
-        report.differ,
-        report.foreign
-    );
-    for example in &report.examples {
-        out.push_str(&format!("  {example}\n"));
-    }
-    out.push_str(if report.is_consistent() {
-        "consistent\n"
-    } else {
-        "INCONSISTENT\n"
-    });
-    out
 }
