@@ -49,6 +49,8 @@ const KEYS_PER_TXN: usize = 50;
 const BYTES_PER_TXN: usize = 1024 * 1024;
 /// Nodes read at once during a walk.
 const WALK_CONCURRENCY: usize = 64;
+/// Session leases renewed at once.
+const RENEW_CONCURRENCY: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ZkError {
@@ -215,11 +217,22 @@ impl SessionLeases {
                     debug!(%error, "Could not revoke an idle session lease; it expires on its own.");
                 }
             }
-            for (session, lease) in live {
-                match self.dest.lease_renew(lease).await {
+            // At once, not one after the other: a round must fit in a
+            // third of the TTL however many sessions there are.
+            let dest = &self.dest;
+            let renewed: Vec<(i64, i64, Result<bool, ClientError>)> =
+                futures::stream::iter(live)
+                    .map(|(session, lease)| async move {
+                        (session, lease, dest.lease_renew(lease).await)
+                    })
+                    .buffer_unordered(RENEW_CONCURRENCY)
+                    .collect()
+                    .await;
+            for (session, lease, result) in renewed {
+                match result {
                     Ok(true) => {}
                     Ok(false) => {
-                        warn!(session = format!("{session:x}"), lease = format!("{lease:x}"), "A session's lease expired on the destination; its keys are put again on the next diff.");
+                        warn!(session = format!("{session:x}"), lease = format!("{lease:x}"), "A session's lease expired on the destination; its keys are put again on their next change or diff.");
                         self.forget(session);
                     }
                     Err(error) => {
@@ -267,10 +280,12 @@ pub async fn lead(
     };
     let client = connect(job).await?;
     info!(job = %job.name, servers = %job.servers, session = format!("{:x}", client.session_id().0), "Connected to ZooKeeper.");
+    let mut watching = None;
     loop {
-        match leading.cycle(&client, held).await? {
+        match leading.cycle(&client, held, &mut watching).await? {
             Cycle::Held => return Ok(()),
             Cycle::Resync => continue,
+            Cycle::Rewatch => watching = None,
         }
     }
 }
@@ -278,32 +293,31 @@ pub async fn lead(
 enum Cycle {
     /// The lock is gone (or cancelled): stop.
     Held,
-    /// Walk again.
+    /// Walk again (the watches stand).
     Resync,
+    /// Reconnected: add the watches again, then walk.
+    Rewatch,
 }
 
 type Events = SelectAll<BoxStream<'static, zk::WatchedEvent>>;
 
 impl Leading<'_> {
     /// One watch, walk, diff and the events after it, until a resync is due.
-    async fn cycle(&self, client: &zk::Client, held: &CancellationToken) -> Result<Cycle, ZkError> {
-        let mut events: Events = SelectAll::new();
-        for prefix in &self.job.prefixes {
-            let watcher = client
-                .watch(&prefix.zk, zk::AddWatchMode::PersistentRecursive)
-                .await
-                .map_err(zk_error("watch", &prefix.zk))?;
-            events.push(
-                futures::stream::unfold(watcher, |mut watcher| async move {
-                    let event = watcher.changed().await;
-                    let terminal = event.event_type == zk::EventType::Session
-                        && event.session_state.is_terminated();
-                    // After a terminal event the watcher must not be awaited again.
-                    (!terminal).then_some((event, watcher))
-                })
-                .boxed(),
-            );
-        }
+    ///
+    /// `watching` holds the watches between cycles: added again only after
+    /// a reconnect (zookeeper-client drops persistent watches then), since
+    /// dropping one and adding it again can race with the crate's
+    /// RemoveWatches and lose the new one.
+    async fn cycle(
+        &self,
+        client: &zk::Client,
+        held: &CancellationToken,
+        watching: &mut Option<Events>,
+    ) -> Result<Cycle, ZkError> {
+        let events = match watching {
+            Some(events) => events,
+            None => watching.insert(self.watch(client).await?),
+        };
         let tree = walk(client, &self.job.prefixes, self.job.ephemeral).await?;
         // Events that arrived during the walk: their keys are theirs.
         let mut pending = Vec::new();
@@ -325,20 +339,42 @@ impl Leading<'_> {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
         loop {
-            tokio::select! {
+            // Only picks; the event is applied outside the select.
+            let event = tokio::select! {
                 biased;
                 _ = held.cancelled() => return Ok(Cycle::Held),
                 _ = resync.tick() => return Ok(Cycle::Resync),
-                event = events.next() => {
-                    let Some(event) = event else {
-                        return Err(ZkError::SessionEnded(client.state()));
-                    };
-                    if let Some(next) = self.on_event(client, event).await? {
-                        return Ok(next);
-                    }
-                }
+                event = events.next() => event,
+            };
+            let Some(event) = event else {
+                return Err(ZkError::SessionEnded(client.state()));
+            };
+            if let Some(next) = self.on_event(client, event).await? {
+                return Ok(next);
             }
         }
+    }
+
+    /// A persistent recursive watch per prefix, merged.
+    async fn watch(&self, client: &zk::Client) -> Result<Events, ZkError> {
+        let mut events: Events = SelectAll::new();
+        for prefix in &self.job.prefixes {
+            let watcher = client
+                .watch(&prefix.zk, zk::AddWatchMode::PersistentRecursive)
+                .await
+                .map_err(zk_error("watch", &prefix.zk))?;
+            events.push(
+                futures::stream::unfold(watcher, |mut watcher| async move {
+                    let event = watcher.changed().await;
+                    let terminal = event.event_type == zk::EventType::Session
+                        && event.session_state.is_terminated();
+                    // After a terminal event the watcher must not be awaited again.
+                    (!terminal).then_some((event, watcher))
+                })
+                .boxed(),
+            );
+        }
+        Ok(events)
     }
 
     fn key_of(&self, path: &str) -> Option<Vec<u8>> {
@@ -356,7 +392,7 @@ impl Leading<'_> {
             EventType::Session => match event.session_state {
                 SessionState::SyncConnected => {
                     info!(job = %self.job.name, "Reconnected to ZooKeeper; events may have been lost: walking the tree again.");
-                    Ok(Some(Cycle::Resync))
+                    Ok(Some(Cycle::Rewatch))
                 }
                 SessionState::Disconnected => {
                     warn!(job = %self.job.name, "Disconnected from ZooKeeper; the client reconnects.");
@@ -489,6 +525,18 @@ impl Leading<'_> {
 
     /// One fenced txn for `ops`; `false` when a key's guard failed.
     async fn commit(&self, ops: &[ZkOp]) -> Result<bool, ZkError> {
+        // A session's lease that expired under us is forgotten by the first
+        // try; the second grants a new one.
+        for _ in 0..2 {
+            if let Some(applied) = self.commit_once(ops).await? {
+                return Ok(applied);
+            }
+        }
+        Ok(false)
+    }
+
+    /// One try of [`Self::commit`]; `None` when a lease was gone.
+    async fn commit_once(&self, ops: &[ZkOp]) -> Result<Option<bool>, ZkError> {
         let mut guards = Vec::new();
         let mut writes = Vec::new();
         let mut leased = Vec::new();
@@ -571,7 +619,7 @@ impl Leading<'_> {
                 for session in leased {
                     self.leases.forget(session);
                 }
-                return Ok(false);
+                return Ok(None);
             }
             Err(error) => return Err(error.into()),
         };
@@ -585,12 +633,12 @@ impl Leading<'_> {
                         }
                     }
                 }
-                Ok(true)
+                Ok(Some(true))
             }
             TxnOutcome::GuardFailed(failure) if failure.promoted || !failure.lock_held => {
                 Err(self.writer.explain(&failure, "zk2etcd keys").into())
             }
-            TxnOutcome::GuardFailed(_) => Ok(false),
+            TxnOutcome::GuardFailed(_) => Ok(Some(false)),
         }
     }
 }
