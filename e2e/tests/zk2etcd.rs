@@ -168,6 +168,9 @@ fn zk2etcd_args(zk: &ZkServer, dest: &EtcdCluster, extra: &[&str]) -> Vec<String
         // Longer than any wait here: changes must arrive as events.
         "--resync-interval",
         "5m",
+        // Never a fixed port: other servers run on these machines.
+        "--metrics-addr",
+        "127.0.0.1:0",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -296,10 +299,27 @@ async fn a_dubbo_registry_is_mirrored_with_its_sessions() -> Result<()> {
         "check before the sync exited {code}: {output}"
     );
 
-    let syncer = Syncer::spawn("zk2etcd", &zk2etcd_args(&server, &dest, &[]), &[])?;
+    let syncer = Syncer::start("zk2etcd", &zk2etcd_args(&server, &dest, &[])).await?;
     wait_log(&syncer, "Diffed the ZooKeeper tree").await?;
     wait_mirrored(&admin, &dest, &foreign, "the full sync").await?;
     expect_consistent(&server, &dest, 2).await?;
+    let metric = |name: &'static str| syncer.metric(name, &[("job", "zk2etcd")]);
+    ensure!(metric("etcd_syncer_is_leader").await? == 1.0, "it leads");
+    ensure!(
+        metric("etcd_syncer_zk_resyncs_total").await? >= 1.0,
+        "a resync counted"
+    );
+    // Every node but the excluded one and the other writer's path.
+    let owned = metric("etcd_syncer_zk_keys_owned").await?;
+    let nodes = zk_tree(&admin, "/dubbo").await?.len() - 1;
+    ensure!(
+        owned == nodes as f64,
+        "{owned} keys owned, {nodes} mirrored nodes"
+    );
+    eventually(WAIT, "the sessions gauge", || async {
+        Ok(metric("etcd_syncer_zk_sessions").await? == SERVICES as f64)
+    })
+    .await?;
     let keys = etcd_prefix(&dest, "/dubbo").await?;
     let leased = keys.values().filter(|(_, on_lease)| *on_lease).count();
     ensure!(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use super::settings::{LeaseMode, DEFAULT_META_PREFIX};
+use super::settings::{LeaseMode, DEFAULT_META_PREFIX, DEFAULT_METRICS_ADDR};
 use super::table::{LimitFlags, MetaFlags, RunFlags};
 use crate::model::Side;
 use crate::telemetry::LogFormat;
@@ -145,6 +145,9 @@ pub struct Zk2EtcdArgs {
     pub instance_id: Option<String>,
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", env = "ETCD_SYNCER_REQUEST_TIMEOUT")]
     pub request_timeout: Duration,
+    /// Where /metrics, /healthz, /readyz and /status are served (port 0: any).
+    #[arg(long, default_value = DEFAULT_METRICS_ADDR, env = "ETCD_SYNCER_METRICS_ADDR")]
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]

@@ -15,17 +15,33 @@ use crate::mirror::zk2etcd::{lead, ZkError, ZkJob};
 use crate::model::keys::MetaKeys;
 use crate::telemetry::metrics::JobMetrics;
 
+/// One zk2etcd replica's parts.
+pub struct ZkReplica {
+    pub dest: Cluster,
+    pub keys: MetaKeys,
+    pub instance: String,
+    pub job: ZkJob,
+    pub lock_ttl: Duration,
+    pub metrics: JobMetrics,
+    pub health: std::sync::Arc<crate::telemetry::health::Health>,
+}
+
 /// Runs until `cancel`: session, campaign, lead; errors are logged and
 /// retried with the job backoff.
-pub async fn run_zk_replica(
-    dest: Cluster,
-    keys: MetaKeys,
-    instance: String,
-    job: ZkJob,
-    lock_ttl: Duration,
-    metrics: JobMetrics,
-    cancel: CancellationToken,
-) {
+pub async fn run_zk_replica(replica: ZkReplica, cancel: CancellationToken) {
+    let ZkReplica {
+        dest,
+        keys,
+        instance,
+        job,
+        lock_ttl,
+        metrics,
+        health,
+    } = replica;
+    let beat = {
+        let name = job.name.clone();
+        move || health.heartbeat(&name)
+    };
     let mut backoff = crate::etcd::retry::Policy::JOB.backoff();
     while !cancel.is_cancelled() {
         let session = match Session::start(&dest, lock_ttl).await {
@@ -40,7 +56,19 @@ pub async fn run_zk_replica(
             }
         };
         loop {
-            let leadership = match campaign(&dest, &session, &keys, &instance, &cancel).await {
+            metrics.set_state(crate::telemetry::metrics::JobState::Standby);
+            beat();
+            // A standby waits here: it beats while it waits.
+            let campaigning = campaign(&dest, &session, &keys, &instance, &cancel);
+            tokio::pin!(campaigning);
+            let mut alive = tokio::time::interval(Duration::from_secs(5));
+            let campaigned = loop {
+                tokio::select! {
+                    result = &mut campaigning => break result,
+                    _ = alive.tick() => beat(),
+                }
+            };
+            let leadership = match campaigned {
                 Ok(leadership) => leadership,
                 Err(ElectionError::Cancelled) => {
                     session.resign().await;
@@ -75,7 +103,7 @@ pub async fn run_zk_replica(
                 Fence::new(&keys, Some(leadership.fence())),
                 metrics.clone(),
             );
-            let result = lead(&job, keys.clone(), &writer, &held).await;
+            let result = lead(&job, keys.clone(), &writer, &held, &beat).await;
             held.cancel();
             let _ = watch.await;
             metrics.is_leader.set(0);

@@ -111,6 +111,7 @@ struct SessionLeases {
     dest: Cluster,
     ttl: Duration,
     book: Arc<Mutex<SessionBook>>,
+    metrics: crate::telemetry::metrics::JobMetrics,
 }
 
 impl SessionLeases {
@@ -228,6 +229,9 @@ impl SessionLeases {
                     .buffer_unordered(RENEW_CONCURRENCY)
                     .collect()
                     .await;
+            self.metrics
+                .zk_sessions
+                .set(self.book.lock().expect("book").leases.len() as i64);
             for (session, lease, result) in renewed {
                 match result {
                     Ok(true) => {}
@@ -250,6 +254,8 @@ struct Leading<'a> {
     keys: MetaKeys,
     writer: &'a FencedWriter,
     leases: SessionLeases,
+    /// Tells the liveness probe the job is making progress.
+    beat: &'a (dyn Fn() + Send + Sync),
 }
 
 /// Leads the job until `held` fires (the lock is lost) or `cancel`:
@@ -259,11 +265,13 @@ pub async fn lead(
     keys: MetaKeys,
     writer: &FencedWriter,
     held: &CancellationToken,
+    beat: &(dyn Fn() + Send + Sync),
 ) -> Result<(), ZkError> {
     let leases = SessionLeases {
         dest: writer.dest().clone(),
         ttl: job.ephemeral_ttl,
         book: Default::default(),
+        metrics: writer.metrics().clone(),
     };
     // Adopt the sessions' leases before anything slow (connect, the walk):
     // the last leader's renewals stopped when it did.
@@ -277,6 +285,7 @@ pub async fn lead(
         keys,
         writer,
         leases,
+        beat,
     };
     let client = connect(job).await?;
     info!(job = %job.name, servers = %job.servers, session = format!("{:x}", client.session_id().0), "Connected to ZooKeeper.");
@@ -314,6 +323,10 @@ impl Leading<'_> {
         held: &CancellationToken,
         watching: &mut Option<Events>,
     ) -> Result<Cycle, ZkError> {
+        let metrics = self.writer.metrics();
+        metrics.set_state(crate::telemetry::metrics::JobState::FullSync);
+        metrics.zk_resyncs_total.inc();
+        (self.beat)();
         let events = match watching {
             Some(events) => events,
             None => watching.insert(self.watch(client).await?),
@@ -335,15 +348,21 @@ impl Leading<'_> {
                 return Ok(next);
             }
         }
+        metrics.set_state(crate::telemetry::metrics::JobState::Watching);
         let mut resync = tokio::time::interval(self.job.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
+        let mut alive = tokio::time::interval(Duration::from_secs(5));
         loop {
             // Only picks; the event is applied outside the select.
             let event = tokio::select! {
                 biased;
                 _ = held.cancelled() => return Ok(Cycle::Held),
                 _ = resync.tick() => return Ok(Cycle::Resync),
+                _ = alive.tick() => {
+                    (self.beat)();
+                    continue;
+                }
                 event = events.next() => event,
             };
             let Some(event) = event else {
@@ -413,6 +432,8 @@ impl Leading<'_> {
                 let (dest, owned) = self.read_keys(std::slice::from_ref(&key)).await?;
                 let plan = plan(&tree, &dest, &owned, &BTreeSet::new());
                 self.apply(&plan).await?;
+                self.writer.metrics().events_applied_total.inc();
+                (self.beat)();
                 Ok(None)
             }
             _ => Ok(None),
@@ -428,6 +449,7 @@ impl Leading<'_> {
         let (dest, owned) =
             read_destination(self.writer.dest(), &self.keys, &self.job.prefixes).await?;
         self.leases.adopt_all(&dest, &owned);
+        self.writer.metrics().zk_keys_owned.set(owned.len() as i64);
         let mut plan = plan(&tree, &dest, &owned, raced);
         let allowed =
             crate::model::schema::prune_allowance(owned.len() as u64, self.job.max_prune_ratio, 0);
@@ -625,10 +647,19 @@ impl Leading<'_> {
         };
         match outcome {
             TxnOutcome::Committed(_) => {
+                let owned = &self.writer.metrics().zk_keys_owned;
                 for op in ops {
                     match op {
-                        ZkOp::Put { key, record, .. } => self.leases.wrote(key, record.session),
+                        ZkOp::Put {
+                            key, record, guard, ..
+                        } => {
+                            if guard.is_none() {
+                                owned.inc();
+                            }
+                            self.leases.wrote(key, record.session)
+                        }
                         ZkOp::Delete { key, .. } | ZkOp::Forget { key, .. } => {
+                            owned.dec();
                             self.leases.deleted(key)
                         }
                     }
