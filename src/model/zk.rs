@@ -50,7 +50,8 @@ impl ZkPrefix {
             &path[self.zk.len()..]
         };
         let mut key = self.dest.clone();
-        if self.zk == "/" && key.last() == Some(&b'/') {
+        // One slash between them, whether the etcd prefix ends with one.
+        if key.last() == Some(&b'/') && rest.starts_with('/') {
             key.extend_from_slice(&rest.as_bytes()[1..]);
         } else {
             key.extend_from_slice(rest.as_bytes());
@@ -332,6 +333,13 @@ mod tests {
         };
         assert_eq!(all.key_of("/a/b"), Some(b"/zk/a/b".to_vec()));
         assert_eq!(all.key_of("/"), Some(b"/zk/".to_vec()));
+        let slashed = ZkPrefix {
+            zk: "/dubbo".into(),
+            dest: b"/registry/".to_vec(),
+            excluded: vec![],
+        };
+        assert_eq!(slashed.key_of("/dubbo/a"), Some(b"/registry/a".to_vec()));
+        assert_eq!(slashed.key_of("/dubbo"), Some(b"/registry/".to_vec()));
     }
 
     fn node(data: &str, mzxid: i64, session: i64) -> TreeNode {
@@ -435,6 +443,25 @@ mod tests {
             ZkOp::Forget { guard: 14, .. }
         ));
         assert_eq!(plan.deletes(), 1);
+        assert_eq!(ZkPlan::default().deletes(), 0);
+        let two = ZkPlan {
+            ops: vec![
+                ZkOp::Delete {
+                    key: b"/a".to_vec(),
+                    guard: 1,
+                },
+                ZkOp::Forget {
+                    key: b"/b".to_vec(),
+                    guard: 2,
+                },
+                ZkOp::Delete {
+                    key: b"/c".to_vec(),
+                    guard: 3,
+                },
+            ],
+            ..ZkPlan::default()
+        };
+        assert_eq!(two.deletes(), 2, "forgetting a record deletes no key");
     }
 
     #[test]
