@@ -63,7 +63,7 @@ chart-tools:
 
 ## make chart-test: helm lint/template, kubernetes-validate, promtool, rendered config.
 chart-test: chart-tools
-	$(CARGO) build --bins
+	$(CARGO) build --workspace --all-targets
 	ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) scripts/chart-test.sh
 
 unit: deps
@@ -94,8 +94,10 @@ mutants-core:
 ## make e2e: the version matrix, one suite after the other.
 e2e: e2e-35 e2e-34-core e2e-mixed
 
+## The same selection as `make test`'s first build: cargo unifies features
+## per selection, so any other one recompiles the crate and its dependencies.
 e2e-build: deps
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --all-targets
 
 ## Every e2e scenario against etcd 3.5.1.
 e2e-35: e2e-build

@@ -644,11 +644,11 @@ async fn catch_up_over(
 ) -> Result<Resolved, JobError> {
     ctx.metrics.set_state(JobState::FullSync);
     let from = resolved.applied;
-    let source = ctx.source.head(b"").await?;
-    let to = source.revision;
-    if to == from && !resolved.catching_up() {
+    let head = ctx.source.head(b"").await?.revision;
+    if head == from && !resolved.catching_up() {
         return Ok(resolved);
     }
+    let (to, source_keys) = source_at_head(ctx, head).await?;
     let mut gaps = resolved.gaps.clone();
     match gaps.last_mut() {
         // Cut short: the same stretch, to the source's revision now.
@@ -664,7 +664,6 @@ async fn catch_up_over(
         }
         _ => record_gap(&mut gaps, CaughtUp { from, to }),
     }
-    let source_keys = read_store(&ctx.source, to, &ctx.meta_prefix).await?;
     let dest_keys = read_store(&ctx.dest, from, &ctx.meta_prefix).await?;
     let limits = replay_limits(ctx);
     let revisions = catch_up(from, to, &source_keys, &dest_keys, limits)
@@ -715,6 +714,26 @@ async fn catch_up_over(
         source_cluster_id: resolved.source_cluster_id,
         gaps,
     })
+}
+
+/// The source's store at `head`; if a compaction overtakes the read (a
+/// Kubernetes source compacts close to its head), at its head again, a
+/// few times before giving up to the job's retry.
+async fn source_at_head(
+    ctx: &JobContext,
+    head: i64,
+) -> Result<(i64, Vec<crate::model::kv::KeyValue>), JobError> {
+    let mut head = head;
+    for _ in 0..3 {
+        match read_store(&ctx.source, head, &ctx.meta_prefix).await {
+            Ok(keys) => return Ok((head, keys)),
+            Err(error) if error.kind() == FailureKind::Compacted => {
+                head = ctx.source.head(b"").await?.revision;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok((head, read_store(&ctx.source, head, &ctx.meta_prefix).await?))
 }
 
 /// Compacts the standby at `revision` (already compacted there or past it

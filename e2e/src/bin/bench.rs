@@ -1929,6 +1929,43 @@ async fn exact_replay_section(sizes: &Sizes) -> Result<(String, Target)> {
         report.elapsed + caught_up.unwrap_or(cap),
     );
     exact.finish().await?;
+    // An outage past the source's compaction: the same load with the
+    // syncer down, the source compacted at its head, then the syncer
+    // started again: from its start to the standby at the source's
+    // revision (`--exact-gap catch-up`).
+    let from = dest.revision().await?;
+    let mut outage = load.clone();
+    outage.tag = "outage".into();
+    outage.run(&load_clients(&source).await?).await?;
+    let to = source.compact().await?;
+    let restarted = Instant::now();
+    let again = Syncer::start("exact-catch-up", &args).await?;
+    let caught_up_gap = loop {
+        if dest.revision().await? >= to {
+            break Some(restarted.elapsed());
+        }
+        if restarted.elapsed() > cap {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let gap_keys = again
+        .metric(
+            "etcd_syncer_full_sync_keys_total",
+            &[("job", "root"), ("op", "put")],
+        )
+        .await?
+        + again
+            .metric(
+                "etcd_syncer_full_sync_keys_total",
+                &[("job", "root"), ("op", "delete")],
+            )
+            .await?;
+    let catch_ups = again
+        .metric("etcd_syncer_exact_catch_ups_total", &[("job", "root")])
+        .await?;
+    again.finish().await?;
+    let gap = to - from;
     drop((source, dest));
     // The prefix mirror on the same load.
     let source = EtcdCluster::start_source().await?;
@@ -1983,6 +2020,17 @@ async fn exact_replay_section(sizes: &Sizes) -> Result<(String, Target)> {
         100.0 * exact_rate / incremental.rate,
         100.0 * exact_rate / alone,
         if met { "met" } else { "not met" }
+    )?;
+    let replaying_gap = gap as f64 / exact_rate.max(1e-9);
+    writeln!(
+        out,
+        "\nCatch-up after an outage past the source's compaction (the same load again with the syncer down, the source compacted at its head): {} revisions, {} keys changed, written as exactly {} standby revisions in {} catch-up(s); from the syncer's start to the standby at the source's revision: {}, against {:.1} s to replay as many revisions at the rate above (were they still there).",
+        group(gap as u64),
+        group(gap_keys as u64),
+        group(gap as u64),
+        catch_ups,
+        caught_up_gap.map_or_else(|| format!("> {:.0} s", cap.as_secs_f64()), |d| format!("{:.2} s", d.as_secs_f64())),
+        replaying_gap
     )?;
     let target = Target {
         measure: "revision-exact replay, single-key revisions, loopback".into(),
