@@ -1866,6 +1866,25 @@ fn write_section(heading: &str, section: &str) -> Result<()> {
 const JOBS_HEADING: &str = "## Many jobs on three replicas";
 const EXACT_HEADING: &str = "## Revision-exact replay";
 
+/// How long after `since` the destination's revision reached `target`
+/// (`None`: not within `cap` of it).
+async fn reach_revision(
+    dest: &EtcdCluster,
+    target: i64,
+    since: Instant,
+    cap: Duration,
+) -> Result<Option<Duration>> {
+    loop {
+        if dest.revision().await? >= target {
+            return Ok(Some(since.elapsed()));
+        }
+        if since.elapsed() > cap {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// `--revision-exact` under the incremental load (16 writers, single-key
 /// revisions, loopback), from an empty standby replaying from revision 1:
 /// the rate it replays and the lag at the end, next to the prefix mirror
@@ -1907,15 +1926,7 @@ async fn exact_replay_section(sizes: &Sizes) -> Result<(String, Target)> {
     let report = load.run(&load_clients(&source).await?).await?;
     let load_done = Instant::now();
     let head = source.revision().await?;
-    let caught_up = loop {
-        if dest.revision().await? >= head {
-            break Some(load_done.elapsed());
-        }
-        if load_done.elapsed() > cap {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let caught_up = reach_revision(&dest, head, load_done, cap).await?;
     let behind = head - dest.revision().await?;
     let exact_txns = exact
         .metric("etcd_syncer_txns_total", &[("job", "root")])
@@ -1940,15 +1951,7 @@ async fn exact_replay_section(sizes: &Sizes) -> Result<(String, Target)> {
     let to = source.compact().await?;
     let restarted = Instant::now();
     let again = Syncer::start("exact-catch-up", &args).await?;
-    let caught_up_gap = loop {
-        if dest.revision().await? >= to {
-            break Some(restarted.elapsed());
-        }
-        if restarted.elapsed() > cap {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let caught_up_gap = reach_revision(&dest, to, restarted, cap).await?;
     let gap_keys = again
         .metric(
             "etcd_syncer_full_sync_keys_total",
