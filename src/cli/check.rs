@@ -204,20 +204,8 @@ fn render_check(report: &CheckReport) -> String {
 /// `check --source zookeeper://…`: a zk2etcd job's tree against its prefix.
 async fn check_zookeeper(args: CheckArgs, url: &str) -> Result<bool, AppError> {
     let (servers, path) = crate::config::zk::parse_zk_source("--source", url)?;
-    let prefix = crate::model::zk::ZkPrefix {
-        zk: path.clone(),
-        dest: args
-            .dest_prefix
-            .clone()
-            .unwrap_or_else(|| path.clone())
-            .into_bytes(),
-        excluded: args
-            .exclude_prefixes
-            .iter()
-            .filter(|ex| path == "/" || ex.starts_with(&format!("{path}/")))
-            .cloned()
-            .collect(),
-    };
+    let prefix =
+        crate::config::zk::zk_prefix(&path, args.dest_prefix.as_deref(), &args.exclude_prefixes);
     let job = crate::config::ZkJob {
         name: args.job_name.clone().unwrap_or_else(|| "zk2etcd".into()),
         servers,

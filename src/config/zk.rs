@@ -15,6 +15,25 @@ fn check_path(field: &str, path: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `path` is in the subtree below `root` (not `root` itself).
+fn strictly_under(path: &str, root: &str) -> bool {
+    root == "/" || path.starts_with(&format!("{root}/"))
+}
+
+/// One ZooKeeper prefix: mapped to `dest` (default: the same path), with
+/// the excluded subtrees that lie below it.
+pub fn zk_prefix(zk: &str, dest: Option<&str>, excludes: &[String]) -> ZkPrefix {
+    ZkPrefix {
+        zk: zk.to_string(),
+        dest: dest.unwrap_or(zk).as_bytes().to_vec(),
+        excluded: excludes
+            .iter()
+            .filter(|ex| strictly_under(ex, zk))
+            .cloned()
+            .collect(),
+    }
+}
+
 /// `zookeeper://host:port[,host:port]/path` into the servers and the path.
 pub fn parse_zk_source(field: &str, url: &str) -> Result<(String, String), ConfigError> {
     let fix =
@@ -66,10 +85,7 @@ impl Zk2EtcdArgs {
         }
         for exclude in &self.exclude_prefixes {
             check_path("--exclude-prefix", exclude)?;
-            let under = self
-                .zk_prefixes
-                .iter()
-                .any(|p| p == "/" || exclude.starts_with(&format!("{p}/")));
+            let under = self.zk_prefixes.iter().any(|p| strictly_under(exclude, p));
             if !under {
                 return Err(invalid(
                     "--exclude-prefix",
@@ -132,20 +148,7 @@ impl Zk2EtcdArgs {
         let prefixes = self
             .zk_prefixes
             .iter()
-            .map(|zk| ZkPrefix {
-                zk: zk.clone(),
-                dest: self
-                    .dest_prefix
-                    .clone()
-                    .unwrap_or_else(|| zk.clone())
-                    .into_bytes(),
-                excluded: self
-                    .exclude_prefixes
-                    .iter()
-                    .filter(|ex| zk == "/" || ex.starts_with(&format!("{zk}/")))
-                    .cloned()
-                    .collect(),
-            })
+            .map(|zk| zk_prefix(zk, self.dest_prefix.as_deref(), &self.exclude_prefixes))
             .collect();
         Ok(ZkJob {
             name: self.job_name.clone(),
