@@ -21,7 +21,12 @@ SAME := E2E_SOURCE_ETCD_BIN= E2E_DEST_ETCD_BIN=
 ## The scenarios run again on 3.4 and on mixed pairs.
 E2E_CORE := --test exact --test zk2etcd --test replicator --test ha --test fences --test ordering --test versions --test leases --test failback --test point_in_time --test day_two --test operator_paths
 E2E_MIXED := --test replicator
-E2E_TEST = ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) $(CARGO) test -p e2e --no-fail-fast
+## Every e2e scenario, named one by one: `--workspace --test X` keeps the
+## feature selection of every other cargo command here (`-p e2e` or `--tests`
+## would resolve features for another selection and compile the crate and its
+## dependencies a second time, gigabytes of target/ on a CI disk).
+E2E_ALL := $(foreach t,$(sort $(basename $(notdir $(wildcard e2e/tests/*.rs)))),--test $(t))
+E2E_TEST = ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) $(CARGO) test --workspace --no-fail-fast
 ## make bench ETCD=3.5 (or demo): which etcd the bench and demo servers run.
 ETCD ?= 3.4
 ifeq ($(ETCD),3.5)
@@ -53,7 +58,7 @@ demo: release
 test: deps chart-tools
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --lib --bins
-	$(CARGO) test --test sim --test sim_exact --test regressions --test layers --test redact -- --nocapture
+	$(CARGO) test --workspace --test sim --test sim_exact --test regressions --test layers --test redact -- --nocapture
 	ETCD_SYNCER_BIN=$(abspath $(DEBUG_BIN)) scripts/gen-config-doc.sh --check
 	$(MAKE) e2e
 	$(MAKE) chart-test
@@ -77,7 +82,7 @@ unit: deps
 SEEDS ?= 10000
 PROFILE ?= release
 sim:
-	SIM_SEEDS=$(SEEDS) $(if $(SEED),SIM_SEED=$(SEED)) $(if $(FIRST),SIM_FIRST_SEED=$(FIRST)) $(CARGO) test $(if $(filter release,$(PROFILE)),--release) --test sim simulation -- --nocapture
+	SIM_SEEDS=$(SEEDS) $(if $(SEED),SIM_SEED=$(SEED)) $(if $(FIRST),SIM_FIRST_SEED=$(FIRST)) $(CARGO) test --workspace $(if $(filter release,$(PROFILE)),--release) --test sim simulation -- --nocapture
 
 ## make mutants: cargo-mutants over the safety code (.cargo/mutants.toml),
 ## with the unit, regression and simulation tests only. `make mutants-core`
@@ -101,7 +106,7 @@ e2e-build: deps
 
 ## Every e2e scenario against etcd 3.5.1.
 e2e-35: e2e-build
-	$(ETCD_35) $(SAME) $(E2E_TEST) --tests
+	$(ETCD_35) $(SAME) $(E2E_TEST) $(E2E_ALL)
 
 ## The core scenarios against Debian's etcd 3.4.
 e2e-34-core: e2e-build
@@ -114,7 +119,7 @@ e2e-mixed: e2e-build
 
 ## make e2e-long [ETCD=3.5]: the ignored long variants (soak).
 e2e-long: e2e-build
-	$(ETCD_ENV) $(E2E_TEST) --tests -- --ignored
+	$(ETCD_ENV) $(E2E_TEST) $(E2E_ALL) -- --ignored
 
 ## make failback-cost [ETCD=3.5]: failback of 100,000 keys with 1% changed,
 ## from both histories and by the full diff, next to a full reverse sync.
