@@ -12,6 +12,8 @@
 //!    deleted and the job reports the guard.
 //! 4. One last txn writes the checkpoint R and removes the marker.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 // tokio's clock, so the simulator's paused time governs every deadline.
@@ -21,9 +23,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::etcd::api::{Op, RangeRequest};
-use crate::etcd::pager::{Merged, MergedPages, PagedRead, PagerTotals, Skipped};
+use crate::etcd::pager::{
+    next_page, spawn_keys_pager, Merged, MergedPages, PagedRead, PagerTotals, Skipped,
+};
 use crate::mirror::context::JobContext;
 use crate::mirror::error::{JobError, SlowPathReason};
+use crate::mirror::leases::LeaseBook;
 use crate::mirror::meta::{Checkpoint, FullSyncMarker, JobMeta, KeyGuard};
 use crate::mirror::writer::{TxnOutcome, UnorderedWrites, WriteTrace};
 use crate::model::batch::Mutation;
@@ -702,6 +707,54 @@ async fn delete_remembered(
     Ok(())
 }
 
+/// Source leases the look-ahead keeps in progress (granted, not yet
+/// recorded) ahead of the copy: enough to cover the grant-and-record
+/// round trips at the copy's pace, few enough that the book's work per
+/// answer stays small.
+const LEASE_LOOKAHEAD: usize = 1_024;
+/// Keys per page of the look-ahead's keys-only reads.
+const LEASE_LOOKAHEAD_PAGE: usize = 2_000;
+
+/// `--leases faithful`: reads the source's keys (not their values) at the
+/// pinned revision ahead of the copy and has the book grant and record
+/// their leases, at most [`LEASE_LOOKAHEAD`] in progress at once. The
+/// copy's txns then find their leases ready instead of each waiting for a
+/// probe, a grant and a record (which made a leased full sync 5× slower
+/// than `--leases strip`). Only an optimisation: a read error ends it, and
+/// the copy resolves whatever it did not reach; every lease is still
+/// recorded before a key is attached to it.
+///
+/// # Cancel-Safety
+/// Its own task, until `cancel` (the pass's end); what it started
+/// completes in the book.
+async fn lease_lookahead(
+    book: Arc<LeaseBook>,
+    mut pages: tokio::sync::mpsc::Receiver<crate::etcd::pager::PageResult>,
+    pinned_rev: i64,
+    cancel: CancellationToken,
+) {
+    loop {
+        let page = match next_page(&mut pages, &cancel).await {
+            Ok(Some(page)) => page,
+            Ok(None) | Err(_) => return,
+        };
+        let leases: BTreeSet<i64> = page.iter().map(|e| e.lease).filter(|l| *l != 0).collect();
+        book.prefetch(
+            leases
+                .into_iter()
+                .map(|lease| Want {
+                    lease,
+                    at: pinned_rev,
+                })
+                .collect(),
+        );
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = book.prefetch_room(LEASE_LOOKAHEAD) => {}
+        }
+    }
+}
+
 async fn merge_pass(
     ctx: &JobContext,
     (pinned_rev, pinned_cluster): (i64, u64),
@@ -726,6 +779,26 @@ async fn merge_pass(
     source_read.pin.1 = Some(pinned_cluster);
     let dest_read = PagedRead::new(&ctx.dest, ctx.rewrite.dest_prefix(), None, skipped());
     let (source_stats, dest_stats) = (source_read.stats.clone(), dest_read.stats.clone());
+    // Ends with the pass, however it ends.
+    let lookahead = cancel.child_token();
+    let _stop_lookahead = lookahead.clone().drop_guard();
+    if let (true, Some(book)) = (pass.is_copy(), ctx.leases()) {
+        let keys = spawn_keys_pager(
+            ctx.job.name.clone(),
+            ctx.source.clone(),
+            ctx.rewrite.source_prefix().to_vec(),
+            pinned_rev,
+            LEASE_LOOKAHEAD_PAGE,
+            skipped(),
+            lookahead.clone(),
+        );
+        tokio::spawn(lease_lookahead(
+            book.clone(),
+            keys,
+            pinned_rev,
+            lookahead.clone(),
+        ));
+    }
     let mut writes = UnorderedWrites::new(
         ctx.writer.clone(),
         pinned_rev,

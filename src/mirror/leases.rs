@@ -56,7 +56,7 @@ use crate::model::lease_book::{Effect, Failure, History, Input, LeaseCore, Want}
 use crate::model::schema::LeaseRecord;
 
 /// Probes, grants, renewals and revokes in flight at once.
-pub const CONCURRENT_LEASE_CALLS: usize = 32;
+pub const CONCURRENT_LEASE_CALLS: usize = 64;
 
 type Error = Arc<JobError>;
 type Reply = Result<BTreeMap<i64, i64>, Failure<Error>>;
@@ -98,6 +98,8 @@ pub struct LeaseBook {
     closed: AtomicBool,
     next_request: AtomicU64,
     shared: Mutex<Shared>,
+    /// Notified after an input that may shrink the prefetch backlog.
+    progress: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for LeaseBook {
@@ -146,6 +148,7 @@ impl LeaseBook {
             closed: AtomicBool::new(false),
             next_request: AtomicU64::new(1),
             shared: Mutex::new(Shared::default()),
+            progress: tokio::sync::Notify::new(),
         });
         // The task holds the book only weakly: a book nobody uses any more
         // ends its executor.
@@ -163,6 +166,15 @@ impl LeaseBook {
     /// Steps the core with `input` and hands out what it decided: replies
     /// and losses here, I/O to the executor.
     fn input(&self, input: Input<Error>) {
+        // What can shrink the prefetch backlog (see `prefetch_room`).
+        let progress = matches!(
+            input,
+            Input::Probed { serial: None, .. }
+                | Input::Granted { .. }
+                | Input::Recorded { .. }
+                | Input::Tick
+                | Input::Clear { .. }
+        );
         let effects = {
             let mut core = lock(&self.core);
             let effects = core.step(Instant::now(), input);
@@ -172,6 +184,9 @@ impl LeaseBook {
                 .set(core.mirrored_count() as i64);
             effects
         };
+        if progress {
+            self.progress.notify_waiters();
+        }
         for effect in effects {
             match effect {
                 Effect::Reply { request, outcome } => {
@@ -365,6 +380,35 @@ impl LeaseBook {
         }
     }
 
+    /// Starts the grants and records `wants` will need, without waiting
+    /// for them: a full sync's look-ahead reads the source's keys ahead of
+    /// the copy, so the copy's txns find their leases granted and recorded
+    /// instead of waiting for a probe, a grant and a record each. A failure
+    /// is met again (and reported) by the resolve that needs the lease.
+    pub fn prefetch(&self, wants: Vec<Want>) {
+        self.input(Input::Prefetch { wants });
+    }
+
+    /// Prefetched leases not yet recorded (see [`LeaseCore::prefetch_backlog`]).
+    pub fn prefetch_backlog(&self) -> usize {
+        lock(&self.core).prefetch_backlog()
+    }
+
+    /// Waits until at most `limit` prefetched leases are in progress.
+    ///
+    /// # Cancel-Safety
+    /// Cancel-safe: it only waits.
+    pub async fn prefetch_room(&self, limit: usize) {
+        loop {
+            // Registered before the check, so a change between the two wakes it.
+            let changed = self.progress.notified();
+            if self.prefetch_backlog() <= limit || self.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     /// Reads back which of `dest_leases` are gone (a txn met one) and
     /// drops their mappings; returns how many were gone.
     pub async fn evict_dead(&self, dest_leases: impl IntoIterator<Item = i64>) -> usize {
@@ -518,6 +562,7 @@ async fn run(
     .await;
     if let Some(book) = book.upgrade() {
         book.closed.store(true, Ordering::SeqCst);
+        book.progress.notify_waiters();
         // Writers waiting for an answer get none: they fail (cancelled).
         lock(&book.replies).clear();
     }

@@ -4,7 +4,7 @@
 //! in parallel, each fenced on the exact full-sync marker). Incremental
 //! txns are chained through the checkpoint in [`crate::mirror::pipeline`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,7 +73,9 @@ impl DestWriter {
     ) -> Result<TxnOutcome, JobError> {
         let leases = match &self.leases {
             Some(book) => {
-                let wanted = mutations
+                // One want per lease, not per key: the book's work per
+                // answer it gets grows with the wants waiting.
+                let wanted: BTreeSet<Want> = mutations
                     .iter()
                     .filter_map(|m| match m {
                         Mutation::Put { lease, .. } if *lease != 0 => {
@@ -82,7 +84,7 @@ impl DestWriter {
                         _ => None,
                     })
                     .collect();
-                book.resolve(wanted).await?
+                book.resolve(wanted.into_iter().collect()).await?
             }
             None => HashMap::new(),
         };

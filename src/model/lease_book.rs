@@ -110,6 +110,11 @@ pub enum Input<E> {
         request: u64,
         wants: Vec<Want>,
     },
+    /// A full sync will need these leases soon: grant and record them
+    /// now, with nobody waiting (see [`LeaseCore::prefetch_backlog`]).
+    Prefetch {
+        wants: Vec<Want>,
+    },
     /// Records read from the destination (a new leader, a new attempt).
     Load {
         records: Vec<(i64, LeaseRecord)>,
@@ -318,6 +323,16 @@ pub struct LeaseCore<E> {
     /// deletion may have failed) is never adopted again. Pairs, because an
     /// expired destination ID can be granted again for another lease.
     dead: BTreeSet<(i64, i64)>,
+    /// Every destination lease a mapping or retiring lease has named since
+    /// the last clear (a superset of those named now): a grant answered
+    /// with an ID outside it needs no scan for a mapping it replaces.
+    dest_ids: BTreeSet<i64>,
+    /// Source leases prefetched and not yet recorded; ones given up on
+    /// otherwise (lost, retired) are swept out at the next tick.
+    prefetched: BTreeSet<i64>,
+    /// Prefetched leases granted since the last record txn for them: written
+    /// [`RECORDS_PER_TXN`] at a time, or when no grant is left in flight.
+    prefetch_granted: Vec<i64>,
     _error: std::marker::PhantomData<E>,
 }
 
@@ -337,6 +352,9 @@ impl<E: Clone> LeaseCore<E> {
             committed: None,
             full_sync: false,
             dead: BTreeSet::new(),
+            dest_ids: BTreeSet::new(),
+            prefetched: BTreeSet::new(),
+            prefetch_granted: Vec::new(),
             _error: std::marker::PhantomData,
         }
     }
@@ -410,6 +428,7 @@ impl<E: Clone> LeaseCore<E> {
         let mut effects = Vec::new();
         match input {
             Input::Resolve { request, wants } => self.resolve(request, wants, &mut effects),
+            Input::Prefetch { wants } => self.prefetch(wants, &mut effects),
             Input::Load { records } => self.load(records),
             Input::Probed {
                 lease,
@@ -484,6 +503,9 @@ impl<E: Clone> LeaseCore<E> {
                 self.retiring.clear();
                 self.grants.clear();
                 self.record_batches.clear();
+                self.prefetched.clear();
+                self.prefetch_granted.clear();
+                self.dest_ids.clear();
                 self.head_in_flight = None;
                 // After a promotion the records are the truth again.
                 self.dead.clear();
@@ -499,6 +521,44 @@ impl<E: Clone> LeaseCore<E> {
             self.start(*want, effects);
         }
         self.requests.insert(request, wants);
+    }
+
+    /// Starts what `wants` need, like a request nobody waits for; their
+    /// records are written in batches as the grants come back.
+    fn prefetch(&mut self, wants: Vec<Want>, effects: &mut Vec<Effect<E>>) {
+        for want in wants {
+            if want.lease == 0 || self.target(want).is_some() {
+                continue;
+            }
+            self.start(want, effects);
+            if self.target(want).is_none() {
+                self.prefetched.insert(want.lease);
+                // Granted already (its record failed, or is waiting for a
+                // request's other grants): recorded with the next batch.
+                if self.mappings.get(&want.lease).is_some_and(|m| !m.recorded) {
+                    self.prefetch_granted.push(want.lease);
+                }
+            }
+        }
+    }
+
+    /// Prefetched leases still being granted or recorded: a full sync's
+    /// look-ahead keeps this bounded. Leases leave it when recorded or
+    /// when their probe, grant or record fails, and at each tick if they
+    /// were given up on otherwise, so it always drains.
+    pub fn prefetch_backlog(&self) -> usize {
+        self.prefetched.len()
+    }
+
+    /// Drops prefetched leases nothing is granting or recording any more.
+    fn sweep_prefetched(&mut self) {
+        let (grants, mappings) = (&self.grants, &self.mappings);
+        self.prefetched.retain(|lease| {
+            grants.contains_key(lease)
+                || mappings
+                    .get(lease)
+                    .is_some_and(|m| !m.recorded && !m.stalled)
+        });
     }
 
     /// Makes `want` attachable: nothing if it is; else its grant or record
@@ -568,6 +628,7 @@ impl<E: Clone> LeaseCore<E> {
             {
                 continue;
             }
+            self.dest_ids.insert(record.dest_lease);
             let serial = self.serial();
             self.mappings.insert(
                 source,
@@ -606,6 +667,7 @@ impl<E: Clone> LeaseCore<E> {
             }
             Err(error) => {
                 self.grants.remove(&lease);
+                self.prefetched.remove(&lease);
                 self.fail_waiting(lease, Failure::Effect(error), effects);
             }
         }
@@ -623,15 +685,24 @@ impl<E: Clone> LeaseCore<E> {
         };
         let (dest, nonce) = match outcome {
             Ok(granted) => granted,
-            Err(error) => return self.fail_waiting(lease, Failure::Effect(error), effects),
+            Err(error) => {
+                self.prefetched.remove(&lease);
+                return self.fail_waiting(lease, Failure::Effect(error), effects);
+            }
         };
         let source_ttl = grant.source_ttl.flatten();
         // The destination handed out an ID another mapping names: that
         // lease had expired (records adopted before a renewal got to
         // them). Its keys are gone.
-        let dead: BTreeSet<i64> = [dest].into();
-        self.dests_gone(&dead, effects);
+        if self.dest_ids.contains(&dest) {
+            let dead: BTreeSet<i64> = [dest].into();
+            self.dests_gone(&dead, effects);
+        }
+        self.dest_ids.insert(dest);
         self.dead.remove(&(lease, dest));
+        if self.prefetched.contains(&lease) {
+            self.prefetch_granted.push(lease);
+        }
         let serial = self.serial();
         self.mappings.insert(
             lease,
@@ -671,6 +742,14 @@ impl<E: Clone> LeaseCore<E> {
             .flatten()
             .map(|w| w.lease)
             .collect();
+        // Prefetched grants, a txn's worth at a time (or the last few once
+        // no grant is left in flight).
+        let mut wanted = wanted;
+        if self.prefetch_granted.len() >= RECORDS_PER_TXN
+            || (!self.prefetch_granted.is_empty() && self.grants.is_empty())
+        {
+            wanted.extend(std::mem::take(&mut self.prefetch_granted));
+        }
         // The wanted leases' mappings, in the same (source) order as a walk
         // of every mapping, without one (this runs after every input).
         let pending: Vec<(i64, u64, LeaseRecord)> = wanted
@@ -705,6 +784,8 @@ impl<E: Clone> LeaseCore<E> {
             return;
         };
         for (source, serial) in members {
+            // Recorded, or stalled until a writer asks: out of the backlog.
+            self.prefetched.remove(&source);
             let Some(mapping) = self
                 .mappings
                 .get_mut(&source)
@@ -1050,6 +1131,7 @@ impl<E: Clone> LeaseCore<E> {
     }
 
     fn tick(&mut self, now: Instant, effects: &mut Vec<Effect<E>>) {
+        self.sweep_prefetched();
         let mut probes_due = false;
         for mapping in self.mappings.values_mut() {
             let due = renewal_due(mapping.renewed, mapping.record.dest_ttl, now);

@@ -1306,6 +1306,9 @@ enum Action {
     FullSync,
     /// A new attempt reads the records again.
     Load,
+    /// A full sync's look-ahead prefetches the lease of the `pick`th
+    /// source key alive at its pinned revision.
+    Prefetch(usize),
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -1318,6 +1321,7 @@ fn action() -> impl Strategy<Value = Action> {
         4 => (1u64..4000).prop_map(Action::Tick),
         1 => Just(Action::FullSync),
         1 => Just(Action::Load),
+        3 => any::<usize>().prop_map(Action::Prefetch),
     ]
 }
 
@@ -1733,6 +1737,21 @@ impl World {
                 self.step(Input::Tick)?;
             }
             Action::FullSync => self.start_full_sync()?,
+            Action::Prefetch(pick) => {
+                let Some(pinned) = self.full_sync.as_ref().map(|(r, _, _)| *r) else {
+                    return Ok(());
+                };
+                let alive: Vec<usize> = (0..self.source.len())
+                    .filter(|i| self.alive_at(*i, pinned))
+                    .collect();
+                if alive.is_empty() {
+                    return Ok(());
+                }
+                let lease = self.source[alive[pick % alive.len()]].id;
+                self.step(Input::Prefetch {
+                    wants: vec![Want { lease, at: pinned }],
+                })?;
+            }
             Action::Load => {
                 let records = self.records.iter().map(|(s, r)| (*s, *r)).collect();
                 self.step(Input::Load { records })?;
@@ -1881,4 +1900,202 @@ proptest! {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------
+// A full sync's look-ahead (`Input::Prefetch`).
+
+fn probed(core: &mut Core, lease: i64) -> Vec<Effect<String>> {
+    core.step(
+        t0(),
+        Input::Probed {
+            lease,
+            serial: None,
+            outcome: Ok(Some(10)),
+        },
+    )
+}
+
+fn granted(core: &mut Core, lease: i64, dest: i64) -> Vec<Effect<String>> {
+    core.step(
+        t0(),
+        Input::Granted {
+            lease,
+            outcome: Ok((dest, 1)),
+        },
+    )
+}
+
+fn full_syncing() -> Core {
+    let mut core = Core::new(Duration::from_secs(5));
+    core.step(
+        t0(),
+        Input::FullSyncStarted {
+            cluster_id: CLUSTER,
+        },
+    );
+    core
+}
+
+#[test]
+fn a_prefetched_lease_is_granted_and_recorded_before_a_writer_asks() {
+    let mut core = full_syncing();
+    let wants = vec![Want { lease: 1, at: 9 }, Want { lease: 2, at: 9 }];
+    let effects = core.step(
+        t0(),
+        Input::Prefetch {
+            wants: wants.clone(),
+        },
+    );
+    assert_eq!(
+        effects,
+        vec![
+            Effect::Probe {
+                lease: 1,
+                serial: None
+            },
+            Effect::Probe {
+                lease: 2,
+                serial: None
+            }
+        ]
+    );
+    assert_eq!(core.prefetch_backlog(), 2);
+    probed(&mut core, 1);
+    probed(&mut core, 2);
+    // One grant back, one in flight: no record txn for one lease yet.
+    assert_eq!(granted(&mut core, 1, 101), vec![]);
+    assert_eq!(core.target(wants[0]), None, "granted is not recorded");
+    // The last grant back: both records in one txn.
+    let effects = granted(&mut core, 2, 102);
+    let batch = record_txn(&effects, &[(1, record(101)), (2, record(102))]);
+    assert_eq!(core.prefetch_backlog(), 2, "still recording");
+    // Nobody waits: nothing to reply.
+    assert_eq!(
+        core.step(
+            t0(),
+            Input::Recorded {
+                batch,
+                outcome: Ok(())
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(core.prefetch_backlog(), 0);
+    assert_eq!(core.target(wants[0]), Some(101));
+    // A writer's txn now needs no I/O: its reply is the only effect.
+    let effects = core.step(t0(), Input::Resolve { request: 5, wants });
+    assert_eq!(
+        effects,
+        vec![Effect::Reply {
+            request: 5,
+            outcome: Ok([(1, 101), (2, 102)].into())
+        }]
+    );
+}
+
+#[test]
+fn prefetched_records_go_out_a_txn_s_worth_at_a_time() {
+    let mut core = full_syncing();
+    let count = RECORDS_PER_TXN as i64 + 1;
+    let wants = (1..=count).map(|lease| Want { lease, at: 9 }).collect();
+    core.step(t0(), Input::Prefetch { wants });
+    for lease in 1..=count {
+        probed(&mut core, lease);
+    }
+    let mut txns = Vec::new();
+    for lease in 1..=count {
+        for effect in granted(&mut core, lease, 100 + lease) {
+            if let Effect::Record { records, .. } = effect {
+                txns.push((lease, records.len()));
+            }
+        }
+    }
+    // The first RECORDS_PER_TXN grants fill a txn while one grant is still
+    // out; the last one goes alone once no grant is left.
+    assert_eq!(
+        txns,
+        vec![(RECORDS_PER_TXN as i64, RECORDS_PER_TXN), (count, 1)]
+    );
+}
+
+#[test]
+fn the_prefetch_backlog_drains_when_a_grant_or_record_fails() {
+    let mut core = full_syncing();
+    let wants = vec![Want { lease: 1, at: 9 }, Want { lease: 2, at: 9 }];
+    core.step(
+        t0(),
+        Input::Prefetch {
+            wants: wants.clone(),
+        },
+    );
+    // A failed probe: no grant, nobody to fail, not in the backlog.
+    assert_eq!(
+        core.step(
+            t0(),
+            Input::Probed {
+                lease: 1,
+                serial: None,
+                outcome: Err("unavailable".into())
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(core.prefetch_backlog(), 1);
+    probed(&mut core, 2);
+    let batch = record_txn(&granted(&mut core, 2, 102), &[(2, record(102))]);
+    core.step(
+        t0(),
+        Input::Recorded {
+            batch,
+            outcome: Err("unavailable".into()),
+        },
+    );
+    assert_eq!(
+        core.prefetch_backlog(),
+        0,
+        "a stalled record leaves the backlog"
+    );
+    assert_eq!(core.target(wants[1]), None, "never attachable unrecorded");
+    // A writer that needs it writes the record again.
+    let effects = core.step(
+        t0(),
+        Input::Resolve {
+            request: 5,
+            wants: vec![wants[1]],
+        },
+    );
+    record_txn(&effects, &[(2, record(102))]);
+}
+
+#[test]
+fn a_cleared_core_has_no_prefetch_backlog() {
+    let mut core = full_syncing();
+    core.step(
+        t0(),
+        Input::Prefetch {
+            wants: vec![Want { lease: 1, at: 9 }],
+        },
+    );
+    assert_eq!(core.prefetch_backlog(), 1);
+    core.step(
+        t0(),
+        Input::Clear {
+            error: "promoted".into(),
+        },
+    );
+    assert_eq!(core.prefetch_backlog(), 0);
+    // A lease already attachable is not prefetched again.
+    let mut core = full_syncing();
+    map_one(&mut core, t0(), 3, 103, 9);
+    assert_eq!(
+        core.step(
+            t0(),
+            Input::Prefetch {
+                wants: vec![Want { lease: 3, at: 9 }]
+            }
+        ),
+        vec![]
+    );
+    assert_eq!(core.prefetch_backlog(), 0);
 }
