@@ -553,11 +553,9 @@ impl<E: Clone> LeaseCore<E> {
     /// Drops prefetched leases nothing is granting or recording any more.
     fn sweep_prefetched(&mut self) {
         let (grants, mappings) = (&self.grants, &self.mappings);
+        // (A stalled record left the backlog when it failed.)
         self.prefetched.retain(|lease| {
-            grants.contains_key(lease)
-                || mappings
-                    .get(lease)
-                    .is_some_and(|m| !m.recorded && !m.stalled)
+            grants.contains_key(lease) || mappings.get(lease).is_some_and(|m| !m.recorded)
         });
     }
 

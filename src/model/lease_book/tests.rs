@@ -2069,6 +2069,62 @@ fn the_prefetch_backlog_drains_when_a_grant_or_record_fails() {
 }
 
 #[test]
+fn a_prefetch_writes_a_stalled_record_again() {
+    let mut core = full_syncing();
+    let want = Want { lease: 2, at: 9 };
+    core.step(t0(), Input::Prefetch { wants: vec![want] });
+    probed(&mut core, 2);
+    let batch = record_txn(&granted(&mut core, 2, 102), &[(2, record(102))]);
+    core.step(
+        t0(),
+        Input::Recorded {
+            batch,
+            outcome: Err("unavailable".into()),
+        },
+    );
+    // The next look-ahead that meets the lease writes its record again (no
+    // grant is left in flight, so at once), and counts it until it commits.
+    let effects = core.step(
+        t0(),
+        Input::Prefetch {
+            wants: vec![want, Want { lease: 0, at: 9 }],
+        },
+    );
+    let batch = record_txn(&effects, &[(2, record(102))]);
+    assert_eq!(
+        core.prefetch_backlog(),
+        1,
+        "lease 0 is no lease: never counted"
+    );
+    core.step(
+        t0(),
+        Input::Recorded {
+            batch,
+            outcome: Ok(()),
+        },
+    );
+    assert_eq!(core.prefetch_backlog(), 0);
+    assert_eq!(core.target(want), Some(102));
+}
+
+#[test]
+fn a_tick_sweeps_prefetched_leases_nothing_grants_or_records_any_more() {
+    let mut core = full_syncing();
+    let wants = (1..=3).map(|lease| Want { lease, at: 9 }).collect();
+    core.step(t0(), Input::Prefetch { wants });
+    // 1: granted, its record waiting for the other grants; 2: probe out;
+    // 3: granted, then its destination lease found gone (mapping dropped).
+    probed(&mut core, 1);
+    assert_eq!(granted(&mut core, 1, 101), vec![]);
+    probed(&mut core, 3);
+    granted(&mut core, 3, 103);
+    core.step(t0(), Input::DestGone { dests: vec![103] });
+    assert_eq!(core.prefetch_backlog(), 3, "counted until a tick looks");
+    core.step(t0(), Input::Tick);
+    assert_eq!(core.prefetch_backlog(), 2, "1 and 2 are still under way");
+}
+
+#[test]
 fn a_cleared_core_has_no_prefetch_backlog() {
     let mut core = full_syncing();
     core.step(
