@@ -180,16 +180,19 @@ pub fn spawn_pager_with_stats(
     cancel: CancellationToken,
 ) -> mpsc::Receiver<PageResult> {
     pager(
-        job, cluster, prefix, pin, page_size, skipped, stats, false, cancel,
+        job, cluster, prefix, pin, page_size, skipped, stats, false, None, cancel,
     )
 }
 
-/// [`spawn_pager`] without values (every entry's value is empty): what a
-/// reader of keys and their metadata only needs, at a fraction of the bytes.
+/// [`spawn_pager`] without values (every entry's value is empty), from
+/// `from` (a key under `prefix`) on: what a reader of keys and their
+/// metadata only needs, at a fraction of the bytes.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_keys_pager(
     job: String,
     cluster: Cluster,
     prefix: Vec<u8>,
+    from: Vec<u8>,
     revision: i64,
     page_size: usize,
     skipped: Skipped,
@@ -204,6 +207,7 @@ pub fn spawn_keys_pager(
         skipped,
         Arc::default(),
         true,
+        Some(from),
         cancel,
     )
 }
@@ -218,6 +222,7 @@ fn pager(
     skipped: Skipped,
     stats: Arc<PagerStats>,
     keys_only: bool,
+    from: Option<Vec<u8>>,
     cancel: CancellationToken,
 ) -> mpsc::Receiver<PageResult> {
     let Skipped {
@@ -228,7 +233,9 @@ fn pager(
     let (pages, receiver) = mpsc::channel(2);
     tokio::spawn(async move {
         let end = prefix_range_end(&prefix);
-        let mut start = prefix_range_start(&prefix);
+        let mut start = from
+            .filter(|from| from.starts_with(&prefix))
+            .unwrap_or_else(|| prefix_range_start(&prefix));
         // The end of the window being read (`None`: the prefix end), and
         // what it has returned so far; see [`window_end`].
         let mut window: Option<Vec<u8>> = None;

@@ -33,6 +33,7 @@ use crate::mirror::meta::{Checkpoint, FullSyncMarker, JobMeta, KeyGuard};
 use crate::mirror::writer::{TxnOutcome, UnorderedWrites, WriteTrace};
 use crate::model::batch::Mutation;
 use crate::model::diff::{LeaseRule, SortedMerge};
+use crate::model::keys::key_successor;
 use crate::model::lease_book::Want;
 use crate::model::schema::{prune_allowance, EventStamp, LeftBehind, PruneBlock};
 use crate::model::Side;
@@ -716,7 +717,8 @@ const LEASE_LOOKAHEAD: usize = 1_024;
 const LEASE_LOOKAHEAD_PAGE: usize = 2_000;
 
 /// `--leases faithful`: reads the source's keys (not their values) at the
-/// pinned revision ahead of the copy and has the book grant and record
+/// pinned revision ahead of the copy (from the first page that has a
+/// leased key) and has the book grant and record
 /// their leases, at most [`LEASE_LOOKAHEAD`] in progress at once. The
 /// copy's txns then find their leases ready instead of each waiting for a
 /// probe, a grant and a record (which made a leased full sync 5× slower
@@ -779,26 +781,12 @@ async fn merge_pass(
     source_read.pin.1 = Some(pinned_cluster);
     let dest_read = PagedRead::new(&ctx.dest, ctx.rewrite.dest_prefix(), None, skipped());
     let (source_stats, dest_stats) = (source_read.stats.clone(), dest_read.stats.clone());
-    // Ends with the pass, however it ends.
+    // Ends with the pass, however it ends. Started at the first source page
+    // with a leased key, from the key after that page: a prefix without
+    // leases costs no second read.
     let lookahead = cancel.child_token();
     let _stop_lookahead = lookahead.clone().drop_guard();
-    if let (true, Some(book)) = (pass.is_copy(), ctx.leases()) {
-        let keys = spawn_keys_pager(
-            ctx.job.name.clone(),
-            ctx.source.clone(),
-            ctx.rewrite.source_prefix().to_vec(),
-            pinned_rev,
-            LEASE_LOOKAHEAD_PAGE,
-            skipped(),
-            lookahead.clone(),
-        );
-        tokio::spawn(lease_lookahead(
-            book.clone(),
-            keys,
-            pinned_rev,
-            lookahead.clone(),
-        ));
-    }
+    let mut lookahead_started = false;
     let mut writes = UnorderedWrites::new(
         ctx.writer.clone(),
         pinned_rev,
@@ -857,6 +845,26 @@ async fn merge_pass(
                         if let Some(book) = ctx.leases() {
                             for entry in page {
                                 book.observe_key(&entry.suffix, Some(entry.lease));
+                            }
+                            if !lookahead_started && page.iter().any(|e| e.lease != 0) {
+                                lookahead_started = true;
+                                let last = &page.last().expect("a leased key").suffix;
+                                let keys = spawn_keys_pager(
+                                    ctx.job.name.clone(),
+                                    ctx.source.clone(),
+                                    ctx.rewrite.source_prefix().to_vec(),
+                                    key_successor(&ctx.rewrite.suffix_to_source(last)),
+                                    pinned_rev,
+                                    LEASE_LOOKAHEAD_PAGE,
+                                    skipped(),
+                                    lookahead.clone(),
+                                );
+                                tokio::spawn(lease_lookahead(
+                                    book.clone(),
+                                    keys,
+                                    pinned_rev,
+                                    lookahead.clone(),
+                                ));
                             }
                         }
                     }

@@ -938,6 +938,14 @@ async fn main() -> Result<()> {
         println!("\n{section}");
         return write_section(KEEPER_HEADING, &section);
     }
+    if std::env::var("BENCH_WAN_ONLY").is_ok() {
+        // `make bench-wan`: bytes across the source link per byte of source
+        // change, spliced into docs/benchmarks.md.
+        println!("[1/1] bytes across the source link");
+        let section = wan_bytes_section().await?;
+        println!("\n{section}");
+        return write_section(WAN_HEADING, &section);
+    }
     if std::env::var("BENCH_EXACT_ONLY").is_ok() {
         // `make bench-exact`: revision-exact replay next to the prefix
         // mirror and the source alone, spliced into docs/benchmarks.md.
@@ -2138,6 +2146,196 @@ async fn exact_replay_section(sizes: &Sizes) -> Result<(String, Target)> {
     Ok((out, target))
 }
 const KEEPER_HEADING: &str = "## Lease keeper traffic";
+const WAN_HEADING: &str = "## Bytes across the source link";
+
+/// Job `bench` mirroring `prefix`, the source reached at `proxied` (a link
+/// proxy that counts bytes), with the default intervals as deployed (the
+/// test harness shortens them) and no periodic check.
+fn deployed_via(
+    source: &EtcdCluster,
+    dest: &EtcdCluster,
+    prefix: &str,
+    proxied: &str,
+) -> Result<Vec<String>> {
+    let mut args = e2e::replace_flag(
+        mirror_args(source, dest, prefix),
+        "--src-endpoints",
+        proxied,
+    )?;
+    args = e2e::replace_flag(args, "--progress-interval", "5s")?;
+    args = e2e::replace_flag(args, "--watch-idle-timeout", "20s")?;
+    args.extend(e2e::args(&[
+        "--job-name",
+        "bench",
+        "--check-interval",
+        "0s",
+    ]));
+    Ok(args)
+}
+
+/// The syncer reaches the source through a link proxy that counts bytes
+/// both ways: what a full sync, an incremental load, an idle minute and
+/// one `check` cost on the (metered) link between regions, per byte of
+/// source change (keys plus values written).
+async fn wan_bytes_section() -> Result<String> {
+    const KEYS: usize = 100_000;
+    const WRITERS: usize = 16;
+    const PUTS_PER_WRITER: usize = 1_250;
+    const VALUE: usize = 100;
+    const IDLE: Duration = Duration::from_secs(30);
+    let source = loaded_source(KEYS).await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let (proxy, proxied) = LinkProxy::in_front_of(&source.endpoints()[0]).await?;
+    let bytes = || (proxy.forwarded_to_server(), proxy.forwarded_to_client());
+    let since = |before: (u64, u64)| {
+        let now = bytes();
+        (now.0 - before.0, now.1 - before.1)
+    };
+    let args = deployed_via(&source, &dest, PREFIX, &proxied)?;
+
+    // Full sync: from the process start (connects, member list, reads).
+    let full_change = (KEYS * (bench_key(0).len() + bench_value().len())) as f64;
+    let before = bytes();
+    let syncer = Syncer::start("wan", &args).await?;
+    wait_watching(&syncer).await?;
+    let full = since(before);
+
+    // Idle: nothing changes on the source.
+    let before = bytes();
+    tokio::time::sleep(IDLE).await;
+    let idle = since(before);
+    let idle_per_minute = (idle.0 + idle.1) as f64 * 60.0 / IDLE.as_secs_f64();
+
+    // Incremental: single-key puts from 16 writers, written directly to the
+    // source (not through the proxy), until the syncer applied them all.
+    let mut load = Load::new(PREFIX, WRITERS, PUTS_PER_WRITER);
+    load.value_size = VALUE;
+    load.tag = "wan".into();
+    let key_bytes = PREFIX.len() + "w00/0000000-00".len();
+    let incremental_change = (WRITERS * PUTS_PER_WRITER * (key_bytes + VALUE)) as f64;
+    let clients = load_clients(&source).await?;
+    let before = bytes();
+    let report = load.run(&clients).await?;
+    let applied_from = Instant::now();
+    while (syncer
+        .metric("etcd_syncer_last_synced_revision", &[("job", "bench")])
+        .await? as i64)
+        < report.last_revision
+    {
+        anyhow::ensure!(
+            applied_from.elapsed() < Duration::from_secs(300),
+            "the syncer did not apply the load"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let incremental = since(before);
+    syncer.finish().await?;
+
+    // One `check` of the whole prefix, the source through the proxy.
+    let before = bytes();
+    let status = Command::new(e2e::syncer::binary())
+        .args([
+            "check",
+            "--src-endpoints",
+            &proxied,
+            "--dst-endpoints",
+            &dest.endpoints_arg(),
+            "--job-name",
+            "bench",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "check after the load: {status}");
+    let check = since(before);
+    let check_keys = KEYS + WRITERS * PUTS_PER_WRITER;
+
+    let mut out = String::new();
+    writeln!(out, "{WAN_HEADING}\n")?;
+    writeln!(
+        out,
+        "Produced by `make bench-wan` on {}; {}. The syncer reaches the source through a link \
+         proxy that counts bytes both ways (to the source / from the source); the destination is \
+         direct. Source change: the bytes of keys plus values written. Default intervals \
+         (`--progress-interval 5s`), no periodic check in the mirror.\n",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+        machine()?,
+    )?;
+    writeln!(
+        out,
+        "| case | source change | bytes to / from the source | per byte of change |\n|---|---|---|---|"
+    )?;
+    let row = |case: String, change: Option<f64>, (up, down): (u64, u64)| {
+        format!(
+            "| {case} | {} | {} / {} | {} |",
+            change.map_or("none".to_string(), |c| format!("{} B", group(c as u64))),
+            group(up),
+            group(down),
+            change.map_or("—".to_string(), |c| format!(
+                "{:.2}",
+                (up + down) as f64 / c
+            )),
+        )
+    };
+    writeln!(
+        out,
+        "{}",
+        row(
+            format!(
+                "full sync of {} keys of 100 B, from process start",
+                group(KEYS as u64)
+            ),
+            Some(full_change),
+            full
+        )
+    )?;
+    writeln!(
+        out,
+        "{}",
+        row(
+            format!(
+                "incremental: {} single-key puts of {VALUE} B from {WRITERS} writers",
+                group((WRITERS * PUTS_PER_WRITER) as u64)
+            ),
+            Some(incremental_change),
+            incremental
+        )
+    )?;
+    writeln!(
+        out,
+        "{}",
+        row(
+            format!("idle, per minute ({} s measured)", IDLE.as_secs()),
+            None,
+            (
+                (idle.0 as f64 * 60.0 / IDLE.as_secs_f64()) as u64,
+                (idle.1 as f64 * 60.0 / IDLE.as_secs_f64()) as u64
+            )
+        )
+    )?;
+    writeln!(
+        out,
+        "{}",
+        row(
+            format!(
+                "one `check` of the prefix ({} keys)",
+                group(check_keys as u64)
+            ),
+            None,
+            check
+        )
+    )?;
+    writeln!(
+        out,
+        "\nIdle traffic is {} B per minute (watch progress notifications and keepalives of the \
+         gRPC connection). Compression: etcd 3.4.23 refuses gzip-compressed requests and 3.5.1 \
+         accepts them (see \"gRPC compression\" below); `etcd-client` has no compression setting, \
+         so none of these bytes are compressed.",
+        group(idle_per_minute as u64)
+    )?;
+    Ok(out)
+}
 
 /// 100,000 leases on the source, 1,000 of them under the job's prefix: the
 /// syncer's whole source traffic per minute in steady state (keeper probes
@@ -2170,20 +2368,7 @@ async fn keeper_traffic_section() -> Result<String> {
 
     let endpoint = source.endpoints()[0].clone();
     let (proxy, proxied) = e2e::proxy::LinkProxy::in_front_of(&endpoint).await?;
-    let mut args = e2e::replace_flag(
-        mirror_args(&source, &dest, PREFIX),
-        "--src-endpoints",
-        &proxied,
-    )?;
-    // The default intervals, as deployed (the test harness shortens them).
-    args = e2e::replace_flag(args, "--progress-interval", "5s")?;
-    args = e2e::replace_flag(args, "--watch-idle-timeout", "20s")?;
-    args.extend(e2e::args(&[
-        "--job-name",
-        "bench",
-        "--check-interval",
-        "0s",
-    ]));
+    let args = deployed_via(&source, &dest, PREFIX, &proxied)?;
     let syncer = Syncer::start("keeper", &args).await?;
     wait_watching(&syncer).await?;
     let mirrored = syncer
