@@ -509,3 +509,183 @@ async fn a_second_replica_takes_over_and_zookeeper_restarts() -> Result<()> {
     drop(providers);
     Ok(())
 }
+
+/// The field report's layout: zk2etcd and an etcd mirror job write under
+/// the same etcd prefix at once, and a provider's process pauses until
+/// its session expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn beside_an_etcd_mirror_with_a_paused_provider() -> Result<()> {
+    let server = ZkServer::start().await?;
+    let source = EtcdCluster::start_source().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    let admin = server.client().await?;
+    build_registry(&admin).await?;
+    let providers = start_providers(&server).await?;
+    // A provider whose link to ZooKeeper will freeze, as a paused process's
+    // would: it stops pinging, and the server expires its session.
+    let link = e2e::proxy::LinkProxy::start(server.connect_string().parse()?).await?;
+    let paused = tokio::time::timeout(
+        Duration::from_secs(10),
+        zk::Client::connector()
+            .with_session_timeout(Duration::from_secs(4))
+            .connect(&link.addr().to_string()),
+    )
+    .await
+    .context("connect through the link")??;
+    for path in ["/dubbo/org.demo.Paused", "/dubbo/org.demo.Paused/providers"] {
+        admin.create(path, b"", &persistent()).await?;
+    }
+    for i in 0..5 {
+        paused
+            .create(
+                &format!("/dubbo/org.demo.Paused/providers/p{i}"),
+                b"",
+                &ephemeral(),
+            )
+            .await?;
+    }
+    // Services already on etcd, under the same prefix on the mirror's
+    // source, half of them on a lease; and one path ZooKeeper has too.
+    let mut src = source.client().await?;
+    let lease = src.lease_grant(120, None).await?.id();
+    for service in 0..5 {
+        for host in 0..10 {
+            let on_lease =
+                (host % 2 == 0).then(|| etcd_client::PutOptions::new().with_lease(lease));
+            src.put(
+                format!("/dubbo/org.etcd.Native{service}/providers/h{host}"),
+                format!("etcd {service} {host}"),
+                on_lease,
+            )
+            .await?;
+        }
+    }
+    const SHARED: &str = "/dubbo/org.demo.Service1/configurators";
+    src.put(SHARED, "etcd's value", None).await?;
+
+    // zk2etcd first: the shared path is ZooKeeper's on etcd.
+    let zk2etcd = Syncer::start("zk2etcd", &zk2etcd_args(&server, &dest, &[])).await?;
+    wait_log(&zk2etcd, "Diffed the ZooKeeper tree").await?;
+    wait_mirrored(&admin, &dest, &BTreeMap::new(), "zk2etcd's full sync").await?;
+
+    // The mirror job's full sync over the same prefix while both sources
+    // change: it must neither prune nor overwrite a key zk2etcd holds.
+    let churn = {
+        let (zk_client, mut etcd) = (server.client().await?, source.client().await?);
+        tokio::spawn(async move {
+            for i in 0..40 {
+                zk_client
+                    .create(
+                        &format!("/dubbo/org.demo.Service2/consumers/c{i}"),
+                        b"",
+                        &persistent(),
+                    )
+                    .await?;
+                if i % 4 == 3 {
+                    zk_client
+                        .delete(
+                            &format!("/dubbo/org.demo.Service2/consumers/c{}", i - 2),
+                            None,
+                        )
+                        .await?;
+                }
+                etcd.put(
+                    format!("/dubbo/org.etcd.Native9/consumers/c{i}"),
+                    "etcd",
+                    None,
+                )
+                .await?;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mirror = Syncer::start("mirror", &mirror_args(&source, &dest, "/dubbo/")).await?;
+    churn.await??;
+    wait_log(&mirror, "Full sync finished.")
+        .await
+        .with_context(|| mirror.log_text())?;
+    ensure!(
+        !mirror.log_text().contains("\"held_by_zk2etcd\":0"),
+        "the mirror's full sync met zk2etcd's keys: {}",
+        mirror.log_text()
+    );
+    // Every etcd key the mirror's source has (read_prefix gives them below
+    // the prefix) but the shared path, as the source has it; every other
+    // key is ZooKeeper's.
+    let mirrored = |etcd: BTreeMap<Vec<u8>, Vec<u8>>| -> BTreeMap<String, Vec<u8>> {
+        etcd.into_iter()
+            .map(|(k, v)| (format!("/dubbo/{}", String::from_utf8_lossy(&k)), v))
+            .filter(|(k, _)| k != SHARED)
+            .collect()
+    };
+    let foreign = mirrored(read_prefix(&mut src, "/dubbo/").await?);
+    wait_mirrored(&admin, &dest, &foreign, "both writers' keys").await?;
+    expect_consistent(&server, &dest, foreign.len()).await?;
+    let (code, output) = run_cli(&check_args(&source, &dest, &["--prefix", "/dubbo/"])).await?;
+    eprint!("e2e: the mirror job's check: {output}");
+    ensure!(
+        code == 0 && output.contains("destination keys held by zk2etcd"),
+        "the mirror's check exited {code}: {output}"
+    );
+
+    // The provider pauses: its session expires on the server, its nodes
+    // leave ZooKeeper, then etcd. The mirror's keys stay.
+    let expired = etcd_prefix(&dest, "/dubbo/org.demo.Paused/providers/").await?;
+    ensure!(
+        expired.len() == 5,
+        "the paused provider's keys: {expired:?}"
+    );
+    link.hold();
+    eventually(
+        WAIT,
+        "the paused session's nodes to leave ZooKeeper",
+        || async {
+            Ok(admin
+                .list_children("/dubbo/org.demo.Paused/providers")
+                .await?
+                .is_empty())
+        },
+    )
+    .await?;
+    wait_mirrored(
+        &admin,
+        &dest,
+        &foreign,
+        "the expired session's providers gone",
+    )
+    .await?;
+    ensure!(
+        etcd_prefix(&dest, "/dubbo/org.demo.Paused/providers/")
+            .await?
+            .is_empty(),
+        "the expired session's keys left etcd"
+    );
+
+    // status lists both jobs; zk2etcd's with the keys it owns.
+    let (code, status) =
+        run_cli(&args(&["status", "--dst-endpoints", &dest.endpoints_arg()])).await?;
+    eprint!("e2e: status:\n{status}");
+    ensure!(
+        code == 0
+            && status.contains("job zk2etcd: zk2etcd into /dubbo: ")
+            && status.lines().any(|l| l.starts_with("dubbo ")),
+        "status exited {code}: {status}"
+    );
+    let applied = zk2etcd
+        .metric("etcd_syncer_zk_applied_zxid", &[("job", "zk2etcd")])
+        .await?;
+    ensure!(applied > 0.0, "the applied zxid is reported: {applied}");
+
+    // Both go on: a source delete and a ZooKeeper delete, each by its writer.
+    src.delete("/dubbo/org.etcd.Native0/providers/h1", None)
+        .await?;
+    admin
+        .delete("/dubbo/org.demo.Service2/consumers/c0", None)
+        .await?;
+    let foreign = mirrored(read_prefix(&mut src, "/dubbo/").await?);
+    wait_mirrored(&admin, &dest, &foreign, "a delete on each side").await?;
+    expect_consistent(&server, &dest, foreign.len()).await?;
+    drop((mirror, zk2etcd, paused, providers, link));
+    Ok(())
+}

@@ -110,6 +110,8 @@ pub struct CheckReport {
     pub src_miss: u64,
     pub mismatch: u64,
     pub lease_mismatch: u64,
+    /// Destination keys a zk2etcd job holds: not the job's, not compared.
+    pub held: u64,
     pub samples: Samples,
     pub duration_seconds: f64,
     /// Keys plus values read from each side by the compare (the check's
@@ -349,21 +351,22 @@ async fn compare(
             dest.head(target.rewrite.dest_prefix()).await?.revision,
         ),
     };
-    let skipped = || Skipped {
+    let skipped = |mark_held| Skipped {
         meta_prefix: target.meta_prefix.clone(),
         rewrite: target.rewrite.clone(),
+        mark_held,
     };
     let source_read = PagedRead::new(
         source,
         target.rewrite.source_prefix(),
         Some(source_revision),
-        skipped(),
+        skipped(false),
     );
     let dest_read = PagedRead::new(
         dest,
         target.rewrite.dest_prefix(),
         Some(dest_revision),
-        skipped(),
+        skipped(true),
     );
     let (source_stats, dest_stats) = (source_read.stats.clone(), dest_read.stats.clone());
     let mut merged = MergedPages::start(
@@ -394,6 +397,7 @@ async fn compare(
         report.dest_keys += pages.1;
         match next {
             Some(Merged::Same) => {}
+            Some(Merged::Held(_)) => report.held += 1,
             Some(Merged::Differ(difference)) => {
                 let kind = match &difference {
                     Difference::MissingAtDest { .. } => DifferenceKind::DstMiss,
@@ -465,6 +469,7 @@ async fn recheck(
         exact: false,
         source_keys: report.source_keys,
         dest_keys: report.dest_keys,
+        held: report.held,
         ..CheckReport::default()
     };
     let rule = lease_rule(leases.clone());

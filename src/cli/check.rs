@@ -182,6 +182,12 @@ fn render_check(report: &CheckReport) -> String {
         report.dest_keys,
         report.duration_seconds
     );
+    if report.held > 0 {
+        out.push_str(&format!(
+            "  {} destination keys held by zk2etcd: not the job's, left out of the comparison\n",
+            report.held
+        ));
+    }
     if !report.is_consistent() {
         out.push_str(&format!(
             "  dst miss (missing on the destination): {}\n  src miss (only on the destination):    {}\n  mismatch (values differ):              {}\n  lease mismatch (same value, lease not mirrored): {}\n",

@@ -4,6 +4,7 @@
 //! destination prefix side by side; a pager per side keeps the next page in
 //! flight while the merge works on the current one.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,9 @@ use tracing::warn;
 use crate::etcd::api::RangeRequest;
 use crate::etcd::client::{ClientError, Cluster};
 use crate::model::diff::{Difference, Entry, SortedMerge, Step};
-use crate::model::keys::{key_successor, prefix_range_end, prefix_range_start, KeyRewrite};
+use crate::model::keys::{
+    key_successor, prefix_range_end, prefix_range_start, zk2etcd_registry, KeyRewrite, MetaKeys,
+};
 use crate::model::side::Side;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,11 +101,15 @@ pub async fn next_page(
     }
 }
 
-/// The keys a pager leaves out: the meta prefix, and the job's excluded ranges.
+/// The keys a pager leaves out: the meta prefix, and the job's excluded
+/// ranges; and whether it marks the keys another writer holds.
 #[derive(Debug, Clone)]
 pub struct Skipped {
     pub meta_prefix: Vec<u8>,
     pub rewrite: KeyRewrite,
+    /// (A destination read.) Mark each key a zk2etcd job on this
+    /// destination holds ([`Entry::held`]): see [`mark_held`].
+    pub mark_held: bool,
 }
 
 /// What one pager read, for the full sync's trace and the check's report:
@@ -228,6 +235,7 @@ fn pager(
     let Skipped {
         meta_prefix,
         rewrite,
+        mark_held: marking,
     } = skipped;
     let (revision, pinned_cluster) = pin;
     let (pages, receiver) = mpsc::channel(2);
@@ -317,7 +325,7 @@ fn pager(
                 .map(|(first, last)| (first.key.clone(), last.key.clone()));
             window_keys += kvs.len() as u64;
             if !kvs.is_empty() {
-                let entries: Vec<Entry> = kvs
+                let mut entries: Vec<Entry> = kvs
                     .into_iter()
                     .filter(|kv| {
                         !kv.key.starts_with(&meta_prefix)
@@ -329,8 +337,35 @@ fn pager(
                         create_revision: kv.create_revision,
                         mod_revision: kv.mod_revision,
                         lease: kv.lease,
+                        held: false,
                     })
                     .collect();
+                if marking && !entries.is_empty() {
+                    let mark = || {
+                        let (cluster, entries) = (cluster.clone(), entries.clone());
+                        let (meta_prefix, prefix) = (meta_prefix.clone(), prefix.clone());
+                        async move {
+                            let mut entries = entries;
+                            mark_held(&cluster, &meta_prefix, &prefix, revision, &mut entries)
+                                .await
+                                .map(|()| entries)
+                        }
+                    };
+                    let marked = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        marked = mark
+                            .retry(crate::etcd::retry::Policy::PAGE_READ.builder())
+                            .when(|e: &ClientError| e.is_retryable())
+                            .notify(|error, delay| warn!(%job, %error, retry_in = ?delay, "Reading zk2etcd's ownership records failed; retrying.")) => marked,
+                    };
+                    match marked {
+                        Ok(marked) => entries = marked,
+                        Err(error) => {
+                            let _ = pages.send(Err(PageError::from(error))).await;
+                            return;
+                        }
+                    }
+                }
                 if pages.send(Ok(Some(entries))).await.is_err() {
                     return;
                 }
@@ -442,6 +477,78 @@ fn window_end(
     (bound.as_slice() > from && bound != [0] && before_end).then_some(bound)
 }
 
+/// Marks the keys of `entries` (a destination page of `prefix`, just read)
+/// that a zk2etcd job holds: one registered under the meta prefix whose
+/// ownership record for the key is at least as new as the key as read (the
+/// record is written in the key's txn; a later write by anyone else makes
+/// the key newer than it).
+///
+/// Read after the page, or at its pinned `revision`: a key the page saw was
+/// written with its record, and its job registered before its first write,
+/// so neither is missed. One small read of the registry, then one range per
+/// registered job over the page's span of records.
+pub async fn mark_held(
+    cluster: &Cluster,
+    meta_prefix: &[u8],
+    prefix: &[u8],
+    revision: Option<i64>,
+    entries: &mut [Entry],
+) -> Result<(), ClientError> {
+    let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+        return Ok(());
+    };
+    let meta = String::from_utf8_lossy(meta_prefix);
+    let registry = zk2etcd_registry(&meta).into_bytes();
+    let revision = revision.unwrap_or(0);
+    let jobs = cluster
+        .range(
+            "read the zk2etcd registry",
+            RangeRequest {
+                range_end: prefix_range_end(&registry),
+                key: registry.clone(),
+                revision,
+                keys_only: true,
+                ..RangeRequest::default()
+            },
+        )
+        .await?;
+    if jobs.kvs.is_empty() {
+        return Ok(());
+    }
+    let first = [prefix, &first.suffix].concat();
+    let last = key_successor(&[prefix, &last.suffix].concat());
+    let mut records: HashMap<Vec<u8>, i64> = HashMap::new();
+    for registered in &jobs.kvs {
+        let job = String::from_utf8_lossy(&registered.key[registry.len()..]);
+        let root = MetaKeys::new(&meta, &job).zk_owned_prefix().into_bytes();
+        let response = cluster
+            .range(
+                "read zk2etcd's ownership records",
+                RangeRequest {
+                    key: [root.as_slice(), &first].concat(),
+                    range_end: [root.as_slice(), &last].concat(),
+                    revision,
+                    keys_only: true,
+                    ..RangeRequest::default()
+                },
+            )
+            .await?;
+        for record in response.kvs {
+            let newest = records
+                .entry(record.key[root.len()..].to_vec())
+                .or_default();
+            *newest = (*newest).max(record.mod_revision);
+        }
+    }
+    for entry in entries {
+        let key = [prefix, &entry.suffix].concat();
+        entry.held = records
+            .get(&key)
+            .is_some_and(|record| *record >= entry.mod_revision);
+    }
+    Ok(())
+}
+
 /// One prefix read page by page for a [`MergedPages`]: where, at which
 /// revision (and pinned to which cluster), what to leave out.
 pub struct PagedRead {
@@ -469,6 +576,8 @@ impl PagedRead {
 pub enum Merged {
     Same,
     Differ(Difference),
+    /// Another writer holds the destination key (this suffix): left alone.
+    Held(Vec<u8>),
 }
 
 /// A page read that failed, and on which side of the merge.
@@ -562,6 +671,7 @@ impl MergedPages {
                     }
                 }
                 Step::Same => return Ok(Some(Merged::Same)),
+                Step::Held(suffix) => return Ok(Some(Merged::Held(suffix))),
                 Step::Differ(difference) => return Ok(Some(Merged::Differ(difference))),
                 Step::Done => return Ok(None),
             }
@@ -630,6 +740,7 @@ mod tests {
                 Skipped {
                     meta_prefix: b"/-meta-/".to_vec(),
                     rewrite: KeyRewrite::new(PREFIX, PREFIX),
+                    mark_held: false,
                 },
                 cancel.clone(),
             );
@@ -711,6 +822,78 @@ mod tests {
             eprintln!("{shape}: walked {walked} for {n} in {requests} requests");
             assert!(walked <= 6 * n, "{shape}: walked {walked} keys for {n}");
         }
+    }
+
+    /// A key is held while a registered zk2etcd job's record is at least
+    /// as new as the key: a record of an unregistered job, a record the
+    /// key was written over since, or no record, and the key is the job's.
+    #[test]
+    fn keys_a_registered_zk2etcd_job_wrote_last_are_held() {
+        let store = new_store(1);
+        let etcd = MemoryEtcd::new(store.clone(), Link::new("test", 1));
+        let cluster = Cluster::with_backend(
+            Side::Destination,
+            "memory",
+            Arc::new(MemoryEtcd::new(store, Link::new("test", 2))),
+            Duration::from_secs(5),
+        );
+        let zk = MetaKeys::new("/m/", "zk");
+        let stranger = MetaKeys::new("/m/", "unregistered");
+        let held = runtime().block_on(async {
+            let txn = |ops: Vec<Op>| etcd.txn(TxnRequest::new().and_then(ops));
+            txn(vec![Op::put(zk.zk2etcd_registration(), "{}")])
+                .await
+                .unwrap();
+            for key in ["/p/held", "/p/overwritten", "/p/later"] {
+                txn(vec![
+                    Op::put(key, "zk"),
+                    Op::put(zk.zk_owned(key.as_bytes()), "{}"),
+                ])
+                .await
+                .unwrap();
+            }
+            txn(vec![Op::put("/p/overwritten", "mirror")])
+                .await
+                .unwrap();
+            txn(vec![Op::put("/p/mine", "mirror")]).await.unwrap();
+            txn(vec![
+                Op::put("/p/theirs", "x"),
+                Op::put(stranger.zk_owned(b"/p/theirs"), "{}"),
+            ])
+            .await
+            .unwrap();
+            let mut entries: Vec<Entry> = cluster
+                .range("test", RangeRequest::prefix(PREFIX))
+                .await
+                .unwrap()
+                .kvs
+                .into_iter()
+                .map(|kv| Entry {
+                    suffix: kv.key[PREFIX.len()..].to_vec(),
+                    value: kv.value,
+                    create_revision: kv.create_revision,
+                    mod_revision: kv.mod_revision,
+                    lease: kv.lease,
+                    held: false,
+                })
+                .collect();
+            // zk2etcd writes a key again after the page was read: still its.
+            txn(vec![
+                Op::put("/p/later", "zk2"),
+                Op::put(zk.zk_owned(b"/p/later"), "{}"),
+            ])
+            .await
+            .unwrap();
+            mark_held(&cluster, b"/m/", PREFIX, None, &mut entries)
+                .await
+                .unwrap();
+            entries
+                .into_iter()
+                .filter(|e| e.held)
+                .map(|e| String::from_utf8(e.suffix).unwrap())
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(held, ["held", "later"]);
     }
 
     #[test]

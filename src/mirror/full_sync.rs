@@ -60,6 +60,8 @@ pub struct Counts {
     would_delete: u64,
     /// Keys already equal on both sides: not written.
     pub unchanged: u64,
+    /// Destination keys a zk2etcd job holds: neither written nor pruned.
+    pub held: u64,
     /// Of `would_delete`, the keys that predate this full sync.
     would_delete_guarded: u64,
     /// Destination keys that predate this full sync and are still there.
@@ -309,6 +311,7 @@ pub async fn run(
         put = counts.put,
         deleted = counts.deleted,
         unchanged = counts.unchanged,
+        held_by_zk2etcd = counts.held,
         duration = %humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64)),
         keys_per_second = rate(counts.scanned, elapsed),
         merge_ms = ms(trace.wall),
@@ -768,18 +771,20 @@ async fn merge_pass(
 ) -> Result<(), JobError> {
     let mut pass_trace = Trace::default();
     let pass_started = std::time::Instant::now();
-    let skipped = || Skipped {
+    // The destination read marks the keys a zk2etcd job holds there.
+    let skipped = |mark_held| Skipped {
         meta_prefix: ctx.meta_prefix.clone(),
         rewrite: ctx.rewrite.clone(),
+        mark_held,
     };
     let mut source_read = PagedRead::new(
         &ctx.source,
         ctx.rewrite.source_prefix(),
         Some(pinned_rev),
-        skipped(),
+        skipped(false),
     );
     source_read.pin.1 = Some(pinned_cluster);
-    let dest_read = PagedRead::new(&ctx.dest, ctx.rewrite.dest_prefix(), None, skipped());
+    let dest_read = PagedRead::new(&ctx.dest, ctx.rewrite.dest_prefix(), None, skipped(true));
     let (source_stats, dest_stats) = (source_read.stats.clone(), dest_read.stats.clone());
     // Ends with the pass, however it ends. Started at the first source page
     // with a leased key, from the key after that page: a prefix without
@@ -856,7 +861,7 @@ async fn merge_pass(
                                     key_successor(&ctx.rewrite.suffix_to_source(last)),
                                     pinned_rev,
                                     LEASE_LOOKAHEAD_PAGE,
-                                    skipped(),
+                                    skipped(false),
                                     lookahead.clone(),
                                 );
                                 tokio::spawn(lease_lookahead(
@@ -871,11 +876,13 @@ async fn merge_pass(
                     ctx.heartbeat();
                 }
                 Side::Destination => {
+                    // Keys another writer holds are not the job's: the
+                    // mass-delete guard counts without them.
                     if copy {
-                        counts.dest_keys += page.len() as u64;
+                        counts.dest_keys += page.iter().filter(|e| !e.held).count() as u64;
                         counts.guarded_present += page
                             .iter()
-                            .filter(|e| e.create_revision <= counts.baseline_revision)
+                            .filter(|e| !e.held && e.create_revision <= counts.baseline_revision)
                             .count() as u64;
                     }
                 }
@@ -888,6 +895,12 @@ async fn merge_pass(
                 if pass.is_copy() {
                     counts.unchanged += 1;
                     ctx.metrics.full_sync_unchanged.inc();
+                }
+                None
+            }
+            Some(Merged::Held(_)) => {
+                if pass.is_copy() {
+                    counts.held += 1;
                 }
                 None
             }

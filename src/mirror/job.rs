@@ -949,6 +949,17 @@ mod tests {
             crate::mirror::resume::verify_resume(90, Some(&stamp), &compared(5, 6, 0)),
             Some(SlowPathReason::HistoryDiffers { detail }) if detail.contains("held 5 keys")
         ));
+        // Beside zk2etcd the destination holds its keys too: the counts
+        // are no evidence, the comparison (which leaves them out) is.
+        let beside = |differing| ResumeEvidence {
+            co_writers: true,
+            ..compared(5, 9, differing)
+        };
+        assert_eq!(
+            crate::mirror::resume::verify_resume(90, Some(&stamp), &beside(0)),
+            None
+        );
+        assert!(crate::mirror::resume::verify_resume(90, Some(&stamp), &beside(1)).is_some());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::etcd::api::RangeRequest;
 use crate::etcd::client::FailureKind;
 use crate::mirror::context::JobContext;
 use crate::mirror::error::{JobError, SlowPathReason};
+use crate::model::keys::zk2etcd_registry;
 use crate::model::schema::EventStamp;
 
 /// What the source and the destination say about a checkpoint's revision.
@@ -34,6 +35,10 @@ pub struct ResumeEvidence {
     /// destination, compared one by one (`None`: the prefix is larger than
     /// `--resume-exact-max-keys`' tuning, so not compared).
     pub differing_keys: Option<u64>,
+    /// A zk2etcd job is registered on the destination: keys it holds are
+    /// under the prefix there, so the counts are no evidence (the key by
+    /// key comparison leaves those keys out; the last event still counts).
+    pub co_writers: bool,
 }
 
 /// Reads the evidence: count-only ranges on both sides; when the prefix is
@@ -109,12 +114,23 @@ pub(crate) async fn read_resume_evidence(
             .await?
             .count;
     }
+    let registry = zk2etcd_registry(&String::from_utf8_lossy(&ctx.meta_prefix)).into_bytes();
+    let co_writers = ctx
+        .dest
+        .range(
+            "read the zk2etcd registry",
+            RangeRequest::prefix(&registry).count_only(),
+        )
+        .await?
+        .count
+        > 0;
     let mut evidence = ResumeEvidence {
         source_keys,
         dest_keys,
+        co_writers,
         ..ResumeEvidence::default()
     };
-    if source_keys != dest_keys {
+    if source_keys != dest_keys && !co_writers {
         return Ok(evidence);
     }
     if compare_keys
@@ -244,7 +260,7 @@ pub fn verify_resume(
     evidence: &ResumeEvidence,
 ) -> Option<SlowPathReason> {
     let differs = |detail: String| Some(SlowPathReason::HistoryDiffers { detail });
-    if evidence.source_keys != evidence.dest_keys {
+    if evidence.source_keys != evidence.dest_keys && !evidence.co_writers {
         return differs(format!(
             "the source prefix held {} keys at revision {revision} but the destination holds {}",
             evidence.source_keys, evidence.dest_keys

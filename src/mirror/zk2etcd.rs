@@ -273,6 +273,9 @@ pub async fn lead(
         book: Default::default(),
         metrics: writer.metrics().clone(),
     };
+    // Registered before the first key, so an etcd mirror job sharing the
+    // destination honours the ownership records (model::keys::zk2etcd_registry).
+    register(job, &keys, writer).await?;
     // Adopt the sessions' leases before anything slow (connect, the walk):
     // the last leader's renewals stopped when it did.
     let (dest_keys, owned) = read_destination(writer.dest(), &keys, &job.prefixes).await?;
@@ -295,6 +298,27 @@ pub async fn lead(
             Cycle::Held => return Ok(()),
             Cycle::Resync => continue,
             Cycle::Rewatch => watching = None,
+        }
+    }
+}
+
+/// Writes the job's registry entry (fenced, like every write): its
+/// destination prefixes, for whoever reads the registry.
+async fn register(job: &ZkJob, keys: &MetaKeys, writer: &FencedWriter) -> Result<(), ZkError> {
+    let prefixes: Vec<String> = job
+        .prefixes
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.dest).into_owned())
+        .collect();
+    let value = serde_json::json!({ "dest_prefixes": prefixes }).to_string();
+    let put = Op::put(keys.zk2etcd_registration(), value);
+    match writer
+        .commit("register the zk2etcd job", Vec::new(), vec![put])
+        .await?
+    {
+        TxnOutcome::Committed(_) => Ok(()),
+        TxnOutcome::GuardFailed(failure) => {
+            Err(writer.explain(&failure, "zk2etcd registration").into())
         }
     }
 }
@@ -349,10 +373,14 @@ impl Leading<'_> {
             }
         }
         metrics.set_state(crate::telemetry::metrics::JobState::Watching);
+        // Caught up with the walk.
+        metrics.lag_seconds.set(0.0);
         let mut resync = tokio::time::interval(self.job.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
         let mut alive = tokio::time::interval(Duration::from_secs(5));
+        // No event for a whole tick: nothing known to be behind.
+        let mut quiet = false;
         loop {
             // Only picks; the event is applied outside the select.
             let event = tokio::select! {
@@ -361,10 +389,15 @@ impl Leading<'_> {
                 _ = resync.tick() => return Ok(Cycle::Resync),
                 _ = alive.tick() => {
                     (self.beat)();
+                    if quiet {
+                        metrics.lag_seconds.set(0.0);
+                    }
+                    quiet = true;
                     continue;
                 }
                 event = events.next() => event,
             };
+            quiet = false;
             let Some(event) = event else {
                 return Err(ZkError::SessionEnded(client.state()));
             };
@@ -427,12 +460,28 @@ impl Leading<'_> {
                 // Read even after a delete: the node may be back already,
                 // and a delete must not rest on older evidence than that.
                 let node = read_node(client, &event.path, self.job.ephemeral).await?;
+                let changed = node.as_ref().map(|(node, mtime)| (node.mzxid, *mtime));
                 let tree: BTreeMap<Vec<u8>, TreeNode> =
-                    node.into_iter().map(|n| (key.clone(), n)).collect();
+                    node.into_iter().map(|(n, _)| (key.clone(), n)).collect();
                 let (dest, owned) = self.read_keys(std::slice::from_ref(&key)).await?;
                 let plan = plan(&tree, &dest, &owned, &BTreeSet::new());
                 self.apply(&plan).await?;
-                self.writer.metrics().events_applied_total.inc();
+                let metrics = self.writer.metrics();
+                metrics.events_applied_total.inc();
+                // How far behind ZooKeeper: from the node's change (the
+                // server's clock) to its write here. A delete leaves no
+                // stat to time it by.
+                if let Some((mzxid, mtime)) = changed {
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64);
+                    metrics
+                        .lag_seconds
+                        .set((now_ms - mtime).max(0) as f64 / 1000.0);
+                    if mzxid > metrics.zk_applied_zxid.get() {
+                        metrics.zk_applied_zxid.set(mzxid);
+                    }
+                }
                 (self.beat)();
                 Ok(None)
             }
@@ -735,21 +784,25 @@ pub async fn read_destination(
 }
 
 /// Reads one node: its data, `mzxid` and (in lease mode) its ephemeral
-/// owner; `None` if it is gone.
+/// owner, with its `mtime` (ms since the epoch, the server's clock);
+/// `None` if it is gone.
 async fn read_node(
     client: &zk::Client,
     path: &str,
     mode: EphemeralMode,
-) -> Result<Option<TreeNode>, ZkError> {
+) -> Result<Option<(TreeNode, i64)>, ZkError> {
     match client.get_data(path).await {
-        Ok((data, stat)) => Ok(Some(TreeNode {
-            data,
-            mzxid: stat.mzxid,
-            session: match mode {
-                EphemeralMode::Lease => stat.ephemeral_owner,
-                EphemeralMode::Plain => 0,
+        Ok((data, stat)) => Ok(Some((
+            TreeNode {
+                data,
+                mzxid: stat.mzxid,
+                session: match mode {
+                    EphemeralMode::Lease => stat.ephemeral_owner,
+                    EphemeralMode::Plain => 0,
+                },
             },
-        })),
+            stat.mtime,
+        ))),
         Err(zk::Error::NoNode) => Ok(None),
         Err(source) => Err(ZkError::Zk {
             operation: "read",
@@ -777,7 +830,7 @@ pub async fn walk(
             let read: Vec<Result<WalkedNode, ZkError>> =
                 futures::stream::iter(level.into_iter().filter(|p| prefix.covers(p)))
                     .map(|path| async move {
-                        let node = read_node(client, &path, mode).await?;
+                        let node = read_node(client, &path, mode).await?.map(|(node, _)| node);
                         let children = match node {
                             None => Vec::new(),
                             Some(_) => match client.list_children(&path).await {

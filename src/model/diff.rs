@@ -20,6 +20,10 @@ pub struct Entry {
     pub mod_revision: i64,
     /// The lease the key is attached to on its own cluster (0 for none).
     pub lease: i64,
+    /// A destination key another writer holds (zk2etcd's ownership
+    /// record says it wrote the key last): the job neither compares, copies
+    /// over nor prunes it.
+    pub held: bool,
 }
 
 /// How the merge compares lease attachments.
@@ -129,6 +133,9 @@ pub enum Step {
     Differ(Difference),
     /// The key is on both sides with the same value.
     Same,
+    /// Another writer holds the destination key (see [`Entry::held`]):
+    /// left as it is, whatever the source has there.
+    Held(Vec<u8>),
     /// Feed the next source page (or call `source_exhausted`).
     NeedSource,
     /// Feed the next destination page (or call `dest_exhausted`).
@@ -205,8 +212,12 @@ impl SortedMerge {
                 let Entry {
                     suffix,
                     create_revision,
+                    held,
                     ..
                 } = self.dest.pop_front().expect("front checked");
+                if held {
+                    return Step::Held(suffix);
+                }
                 Step::Differ(Difference::ExtraAtDest {
                     suffix,
                     create_revision,
@@ -215,6 +226,9 @@ impl SortedMerge {
             Ordering::Equal => {
                 let source = self.source.pop_front().expect("front checked");
                 let dest = self.dest.pop_front().expect("front checked");
+                if dest.held {
+                    return Step::Held(dest.suffix);
+                }
                 let same_lease = self.leases.same(source.lease, dest.lease);
                 match (source.value == dest.value, same_lease) {
                     (true, true) => Step::Same,
@@ -249,6 +263,7 @@ mod tests {
                 create_revision: 0,
                 mod_revision: 0,
                 lease: 0,
+                held: false,
             })
             .collect();
         entries.chunks(page.max(1)).map(|c| c.to_vec()).collect()
@@ -276,6 +291,7 @@ mod tests {
                 },
                 Step::Differ(d) => diffs.push(d),
                 Step::Same => same += 1,
+                Step::Held(suffix) => panic!("nothing is held here: {suffix:?}"),
                 Step::Done => return (diffs, same),
             }
         }
@@ -342,6 +358,7 @@ mod tests {
                     mod_revision: 0,
                     // Destination lease 1 stands for the mapped one.
                     lease: if dest_side && *l == 1 { 10 } else { *l },
+                    held: false,
                 }).collect();
                 entries.chunks(page).map(|c| c.to_vec()).collect()
             };
@@ -379,6 +396,7 @@ mod tests {
                         patched.insert(suffix, (value, attached));
                     }
                     Step::Same => {}
+                    Step::Held(suffix) => panic!("nothing is held here: {suffix:?}"),
                     Step::Done => break,
                 }
             }
@@ -398,6 +416,65 @@ mod tests {
                 .count();
             prop_assert_eq!(patched, expected);
             prop_assert_eq!(lease_diffs, misattached);
+        }
+
+        /// Keys another writer holds are reported held, never as a
+        /// difference: applying the differences makes every other key equal
+        /// the source and leaves each held key as it was.
+        #[test]
+        fn held_keys_are_neither_written_nor_pruned(
+            source in arb_map(),
+            dest in arb_map(),
+            held_mask in proptest::collection::vec(any::<bool>(), 30),
+            page in 1usize..7,
+        ) {
+            let held: std::collections::BTreeSet<Vec<u8>> = dest
+                .keys()
+                .zip(&held_mask)
+                .filter(|(_, h)| **h)
+                .map(|(k, _)| k.clone())
+                .collect();
+            let mut dest_pages = pages(&dest, page).into_iter().map(|mut p| {
+                for entry in &mut p {
+                    entry.held = held.contains(&entry.suffix);
+                }
+                p
+            });
+            let mut source_pages = pages(&source, page).into_iter();
+            let mut merge = SortedMerge::new();
+            let mut patched = dest.clone();
+            let mut reported = std::collections::BTreeSet::new();
+            loop {
+                match merge.step() {
+                    Step::NeedSource => match source_pages.next() {
+                        Some(p) => merge.push_source(p),
+                        None => merge.source_exhausted(),
+                    },
+                    Step::NeedDest => match dest_pages.next() {
+                        Some(p) => merge.push_dest(p),
+                        None => merge.dest_exhausted(),
+                    },
+                    Step::Differ(d) => {
+                        prop_assert!(!held.contains(d.suffix()), "a held key differs: {:?}", d);
+                        match d.into_put() {
+                            Ok((suffix, value, _)) => { patched.insert(suffix, value); }
+                            Err((suffix, _)) => { patched.remove(&suffix); }
+                        }
+                    }
+                    Step::Held(suffix) => { prop_assert!(reported.insert(suffix)); }
+                    Step::Same => {}
+                    Step::Done => break,
+                }
+            }
+            prop_assert_eq!(&reported, &held);
+            let mut expected = source.clone();
+            for key in &held {
+                match dest.get(key) {
+                    Some(value) => { expected.insert(key.clone(), value.clone()); }
+                    None => { expected.remove(key); }
+                }
+            }
+            prop_assert_eq!(patched, expected);
         }
 
         #[test]

@@ -152,15 +152,26 @@ impl KeyRewrite {
     }
 }
 
+/// Where zk2etcd jobs register (`<meta-prefix>+zk2etcd/<job>`), written by
+/// each leader before its first key: an etcd mirror job on the same
+/// destination reads it to find whose ownership records to honour, so
+/// neither writer prunes or overwrites the other's keys. `+` is not a job
+/// name character, so no job root is inside it.
+pub fn zk2etcd_registry(meta_prefix: &str) -> String {
+    format!("{meta_prefix}+zk2etcd/")
+}
+
 /// Where one job keeps its state on the destination: `<meta-prefix><job>/…`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetaKeys {
+    meta_prefix: String,
     job_root: String,
 }
 
 impl MetaKeys {
     pub fn new(meta_prefix: &str, job_name: &str) -> Self {
         Self {
+            meta_prefix: meta_prefix.to_string(),
             job_root: format!("{meta_prefix}{job_name}/"),
         }
     }
@@ -219,6 +230,12 @@ impl MetaKeys {
         let mut record = self.zk_owned_prefix().into_bytes();
         record.extend_from_slice(key);
         record
+    }
+
+    /// This job's entry in the zk2etcd registry ([`zk2etcd_registry`]).
+    pub fn zk2etcd_registration(&self) -> String {
+        let job = &self.job_root[self.meta_prefix.len()..self.job_root.len() - 1];
+        format!("{}{job}", zk2etcd_registry(&self.meta_prefix))
     }
 
     /// The record of source lease `source_lease` (16 hex digits, so the
@@ -350,6 +367,19 @@ mod tests {
         assert_eq!(keys.revision_of_sample(sample.as_bytes()), Some(42));
         assert!(keys.revision_sample(9) < keys.revision_sample(10));
         assert_eq!(keys.revision_of_sample(keys.checkpoint().as_bytes()), None);
+    }
+
+    /// The registry is beside every job root, never inside one (`+` is not
+    /// a job name character), and names the job.
+    #[test]
+    fn the_zk2etcd_registry_is_outside_every_job_root() {
+        let keys = MetaKeys::new("/m/", "zk.jobs-1");
+        assert_eq!(keys.zk2etcd_registration(), "/m/+zk2etcd/zk.jobs-1");
+        assert!(!is_valid_job_name("+zk2etcd"));
+        assert!(keys
+            .zk2etcd_registration()
+            .starts_with(&zk2etcd_registry("/m/")));
+        assert!(!keys.zk2etcd_registration().starts_with(keys.job_root()));
     }
 
     #[test]

@@ -100,6 +100,18 @@ pub struct JobStatus {
     /// source's store at the checkpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revision_exact: Option<ExactStatus>,
+    /// A zk2etcd job (registered in the zk2etcd registry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zk2etcd: Option<ZkJobStatus>,
+}
+
+/// What `status` says of a zk2etcd job.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ZkJobStatus {
+    /// The etcd prefixes it mirrors ZooKeeper into (its registration).
+    pub dest_prefixes: Vec<String>,
+    /// Keys it holds an ownership record for.
+    pub keys_owned: i64,
 }
 
 /// The parity of a revision-exact standby, derived (never stored: a write
@@ -187,10 +199,16 @@ impl JobStatus {
         if self.reset_pending {
             state.push("reset pending".to_string());
         }
-        if self.last_synced_revision.is_none() && !self.full_sync_in_progress {
+        // zk2etcd keeps no checkpoint: ZooKeeper is walked again on start.
+        if self.last_synced_revision.is_none()
+            && !self.full_sync_in_progress
+            && self.zk2etcd.is_none()
+        {
             state.push("no checkpoint".to_string());
         }
-        if state.is_empty() && self.revision_exact.is_some() {
+        if state.is_empty() && self.zk2etcd.is_some() {
+            state.push("mirroring ZooKeeper".to_string());
+        } else if state.is_empty() && self.revision_exact.is_some() {
             state.push("replicating, revision-exact".to_string());
         } else if state.is_empty() {
             state.push("replicating".to_string());
@@ -261,20 +279,110 @@ struct LockCandidate {
     instance: String,
 }
 
+/// Every meta key under `meta_prefix`, page by page at one revision,
+/// but zk2etcd's ownership records (one per key it wrote: counted per job,
+/// not read); with that revision and the counts by job.
+async fn read_meta(
+    dest: &Cluster,
+    meta_prefix: &str,
+) -> Result<(Vec<crate::etcd::api::KeyValue>, i64, BTreeMap<String, i64>), AdminError> {
+    const PAGE: i64 = 1_000;
+    let end = crate::model::keys::prefix_range_end(meta_prefix.as_bytes());
+    let mut start = meta_prefix.as_bytes().to_vec();
+    let (mut kvs, mut revision, mut owned) = (Vec::new(), 0, BTreeMap::new());
+    loop {
+        let page = dest
+            .range(
+                "read meta keys",
+                RangeRequest {
+                    key: start.clone(),
+                    range_end: end.clone(),
+                    revision,
+                    limit: PAGE,
+                    ..RangeRequest::default()
+                },
+            )
+            .await?;
+        if revision == 0 {
+            revision = page.header.revision;
+        }
+        let more = page.more;
+        let mut jump = None;
+        for kv in page.kvs {
+            let job = kv
+                .key
+                .strip_prefix(meta_prefix.as_bytes())
+                .map(String::from_utf8_lossy)
+                .and_then(|rest| rest.split_once('/').map(|(job, _)| job.to_string()));
+            let records = job
+                .as_ref()
+                .map(|job| MetaKeys::new(meta_prefix, job).zk_owned_prefix())
+                .filter(|records| kv.key.starts_with(records.as_bytes()));
+            if let (Some(job), Some(records)) = (job, records) {
+                // The records sort last in the job root: count them, go on after them.
+                let records_end = crate::model::keys::prefix_range_end(records.as_bytes());
+                let counted = dest
+                    .range(
+                        "count zk2etcd's ownership records",
+                        RangeRequest {
+                            key: records.into_bytes(),
+                            range_end: records_end.clone(),
+                            revision,
+                            count_only: true,
+                            ..RangeRequest::default()
+                        },
+                    )
+                    .await?;
+                owned.insert(job, counted.count);
+                jump = Some(records_end);
+                break;
+            }
+            kvs.push(kv);
+        }
+        start = match (jump, kvs.last()) {
+            (Some(after_records), _) if after_records < end => after_records,
+            (None, Some(last)) if more => crate::model::keys::key_successor(&last.key),
+            _ => return Ok((kvs, revision, owned)),
+        };
+    }
+}
+
 /// Reads every job under `meta_prefix` (or only `job`).
 pub async fn collect_status(
     dest: &Cluster,
     meta_prefix: &str,
     job: Option<&str>,
 ) -> Result<Vec<JobStatus>, AdminError> {
-    let response = dest
-        .range(
-            "read meta keys",
-            RangeRequest::prefix(meta_prefix.as_bytes()),
-        )
-        .await?;
+    let (kvs, revision, zk_owned) = read_meta(dest, meta_prefix).await?;
     let mut jobs: BTreeMap<String, (JobStatus, Option<LockCandidate>)> = BTreeMap::new();
-    for kv in &response.kvs {
+    let registry = crate::model::keys::zk2etcd_registry(meta_prefix);
+    for kv in &kvs {
+        if let Some(job) = kv.key.strip_prefix(registry.as_bytes()) {
+            let job = String::from_utf8_lossy(job).into_owned();
+            let (status, _) = jobs.entry(job.clone()).or_insert_with(|| {
+                (
+                    JobStatus {
+                        job: job.clone(),
+                        ..JobStatus::default()
+                    },
+                    None,
+                )
+            });
+            let registration: serde_json::Value =
+                serde_json::from_slice(&kv.value).unwrap_or_default();
+            status.zk2etcd = Some(ZkJobStatus {
+                dest_prefixes: registration["dest_prefixes"]
+                    .as_array()
+                    .map(|p| {
+                        p.iter()
+                            .filter_map(|p| p.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                keys_owned: zk_owned.get(&job).copied().unwrap_or_default(),
+            });
+            continue;
+        }
         let Some(rest) = kv.key.strip_prefix(meta_prefix.as_bytes()) else {
             continue;
         };
@@ -307,10 +415,10 @@ pub async fn collect_status(
                             parity: crate::model::exact::parity_at_resume(
                                 checkpoint.last_synced_rev,
                                 kv.mod_revision,
-                                response.header.revision,
+                                revision,
                             )
                             .is_ok(),
-                            dest_revision: response.header.revision,
+                            dest_revision: revision,
                             checkpoint_written_at: kv.mod_revision,
                             lock_held: false,
                             caught_up: checkpoint.exact_gaps.clone(),
@@ -444,7 +552,8 @@ pub async fn add_source_lag(
     source: &Cluster,
     statuses: &mut [JobStatus],
 ) -> Result<(), AdminError> {
-    for status in statuses {
+    // A zk2etcd job's source is ZooKeeper: no revision to compare.
+    for status in statuses.iter_mut().filter(|s| s.zk2etcd.is_none()) {
         let prefix = status.source_prefix.clone().unwrap_or_default();
         let head = source.head(prefix.as_bytes()).await?;
         status.source_revision = Some(head.revision);
@@ -485,6 +594,14 @@ pub async fn add_history_window(
 /// back a point-in-time promotion can go.
 fn render_details(status: &JobStatus) -> String {
     let mut out = String::new();
+    if let Some(zk) = &status.zk2etcd {
+        out.push_str(&format!(
+            "job {}: zk2etcd into {}: {} keys owned (its ownership records; an etcd mirror job on the same prefix leaves them alone)\n",
+            status.job,
+            zk.dest_prefixes.join(", "),
+            zk.keys_owned
+        ));
+    }
     if let Some(record) = &status.promotion {
         let or_dash = |v: Option<i64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
         out.push_str(&format!(
@@ -1167,6 +1284,61 @@ mod tests {
             status.state()[0].starts_with("parity lost"),
             "{:?}",
             status.state()
+        );
+    }
+
+    /// zk2etcd's ownership records (one per key: many) are counted, not
+    /// read; the jobs around them, and a mirror job after them, are read in
+    /// full across pages.
+    #[tokio::test]
+    async fn status_counts_zk2etcd_records_and_reads_every_other_job() {
+        let dest = dest();
+        let zk = MetaKeys::new("/meta/", "b-zk");
+        put(
+            &dest,
+            Op::put(zk.zk2etcd_registration(), r#"{"dest_prefixes":["/dubbo"]}"#),
+        )
+        .await;
+        put(&dest, Op::put(zk.lock_prefix() + "1", "zk-replica")).await;
+        for i in 0..2_500 {
+            put(
+                &dest,
+                Op::put(zk.zk_owned(format!("/dubbo/{i:05}").as_bytes()), "{}"),
+            )
+            .await;
+        }
+        for (job, leases) in [("a-mirror", 3), ("c-mirror", 1_200)] {
+            let keys = MetaKeys::new("/meta/", job);
+            put(
+                &dest,
+                Op::put(keys.checkpoint(), Checkpoint::default().encode()),
+            )
+            .await;
+            for lease in 0..leases {
+                put(&dest, Op::put(keys.lease_record(lease + 1), "{}")).await;
+            }
+        }
+        let statuses = collect_status(&dest, "/meta/", None).await.expect("status");
+        let names: Vec<&str> = statuses.iter().map(|s| s.job.as_str()).collect();
+        assert_eq!(names, ["a-mirror", "b-zk", "c-mirror"]);
+        assert_eq!(
+            statuses[1].zk2etcd,
+            Some(ZkJobStatus {
+                dest_prefixes: vec!["/dubbo".into()],
+                keys_owned: 2_500
+            })
+        );
+        assert_eq!(statuses[1].leader.as_deref(), Some("zk-replica"));
+        assert_eq!(
+            (statuses[0].mirrored_leases, statuses[2].mirrored_leases),
+            (3, 1_200)
+        );
+        assert!(statuses[0].zk2etcd.is_none() && statuses[2].zk2etcd.is_none());
+        assert_eq!(statuses[1].state(), ["mirroring ZooKeeper"]);
+        let text = render_text(&statuses);
+        assert!(
+            text.contains("job b-zk: zk2etcd into /dubbo: 2500 keys owned"),
+            "{text}"
         );
     }
 

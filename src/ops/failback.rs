@@ -564,6 +564,7 @@ async fn diff_candidates(
             Skipped {
                 meta_prefix: side.meta_prefix.to_vec(),
                 rewrite: side.rewrite.clone(),
+                mark_held: false,
             },
         )
     };
@@ -607,7 +608,8 @@ async fn diff_candidates(
                 }
             })?;
         match next {
-            Some(Merged::Same) => {}
+            // These reads mark nothing held.
+            Some(Merged::Same | Merged::Held(_)) => {}
             Some(Merged::Differ(difference)) => differing.push(difference.suffix().to_vec()),
             None => return Ok(differing),
         }

@@ -308,6 +308,7 @@ pub async fn restore(
             crate::etcd::pager::Skipped {
                 meta_prefix: meta_prefix.as_bytes().to_vec(),
                 rewrite: crate::model::keys::KeyRewrite::new(dest_prefix, dest_prefix),
+                mark_held: false,
             },
         )
     };
@@ -341,7 +342,8 @@ pub async fn restore(
             .map_err(|e| e.error)?;
         match next {
             None => break,
-            Some(Merged::Same) => {}
+            // These reads mark nothing held.
+            Some(Merged::Same | Merged::Held(_)) => {}
             Some(Merged::Differ(difference)) => match difference.into_put() {
                 Err((suffix, _)) => {
                     let key = key_of(&suffix);

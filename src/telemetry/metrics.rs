@@ -50,6 +50,7 @@ pub struct Metrics {
     zk_keys_owned: IntGaugeVec,
     zk_sessions: IntGaugeVec,
     zk_resyncs_total: IntCounterVec,
+    zk_applied_zxid: IntGaugeVec,
     lease_backed_keys: IntGaugeVec,
     lease_keepalives_total: IntCounterVec,
     lease_keepalive_failures_total: IntCounterVec,
@@ -218,6 +219,10 @@ impl Metrics {
                 "zk2etcd: walks of the ZooKeeper tree diffed against the destination (start, reconnects, --resync-interval)",
                 &["job"],
             ),
+            zk_applied_zxid: int_gauge(
+                "etcd_syncer_zk_applied_zxid",
+                "zk2etcd: the newest node change (mzxid) written to the destination; compare with ZooKeeper's Zxid (srvr)",
+            ),
             leases_mirrored: int_gauge(
                 "etcd_syncer_leases_mirrored",
                 "Source leases this leader mirrors with a destination lease",
@@ -320,6 +325,7 @@ impl Metrics {
             zk_keys_owned: self.zk_keys_owned.with_label_values(&labels),
             zk_sessions: self.zk_sessions.with_label_values(&labels),
             zk_resyncs_total: self.zk_resyncs_total.with_label_values(&labels),
+            zk_applied_zxid: self.zk_applied_zxid.with_label_values(&labels),
             lease_backed_keys: self.lease_backed_keys.with_label_values(&labels),
             lease_keepalives_total: self.lease_keepalives_total.with_label_values(&labels),
             lease_keepalive_failures_total: self
@@ -379,6 +385,7 @@ impl Metrics {
             zk_keys_owned,
             zk_sessions,
             zk_resyncs_total,
+            zk_applied_zxid,
             lease_backed_keys,
             lease_keepalives_total,
             lease_keepalive_failures_total,
@@ -550,6 +557,7 @@ pub struct JobMetrics {
     pub zk_keys_owned: IntGauge,
     pub zk_sessions: IntGauge,
     pub zk_resyncs_total: IntCounter,
+    pub zk_applied_zxid: IntGauge,
     pub lease_backed_keys: IntGauge,
     pub lease_keepalives_total: IntCounter,
     pub lease_keepalive_failures_total: IntCounter,
