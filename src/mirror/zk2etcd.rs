@@ -569,7 +569,7 @@ impl Leading<'_> {
         for part in nodes.chunks(KEYS_PER_READ) {
             // Read even after a delete: the node may be back already, and
             // a delete must not rest on older evidence than that.
-            let read: Vec<Result<(Vec<u8>, Option<(TreeNode, zk::Stat)>), ZkError>> =
+            let read: Vec<Result<(Vec<u8>, Option<NodeRead>), ZkError>> =
                 futures::stream::iter(part)
                     .map(|(key, path)| async move {
                         Ok((
@@ -1143,6 +1143,9 @@ pub async fn read_destination(
     Ok((entries, owned))
 }
 
+/// A node as [`read_node`] found it.
+type NodeRead = (TreeNode, zk::Stat);
+
 /// Reads one node: its data, `mzxid` and (in lease mode) its ephemeral
 /// owner, with its stat (`mtime`, ms since the epoch on the server's
 /// clock; `num_children`); `None` if it is gone.
@@ -1150,7 +1153,7 @@ async fn read_node(
     client: &zk::Client,
     path: &str,
     mode: EphemeralMode,
-) -> Result<Option<(TreeNode, zk::Stat)>, ZkError> {
+) -> Result<Option<NodeRead>, ZkError> {
     match client.get_data(path).await {
         Ok((data, stat)) => Ok(Some((
             TreeNode {

@@ -837,7 +837,7 @@ mod tests {
             let part = |keep: &dyn Fn(&[u8]) -> bool| {
                 let t: BTreeMap<_, _> = tree.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
                 let d: BTreeMap<_, _> = dest.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
-                let o: BTreeMap<_, _> = owned.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+                let o: BTreeMap<_, _> = owned.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), *v)).collect();
                 plan(&t, &d, &o, &raced)
             };
             let mut ops = part(&|k: &[u8]| k == root.as_slice()).ops;
@@ -846,7 +846,7 @@ mod tests {
             }
             // Leftovers: records of keys outside every subtree walked.
             let covered = |k: &[u8]| k == root.as_slice() || child_below(&root, k).is_some_and(|c| children.contains(c));
-            let left: BTreeMap<_, _> = owned.iter().filter(|(k, _)| !covered(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+            let left: BTreeMap<_, _> = owned.iter().filter(|(k, _)| !covered(k)).map(|(k, v)| (k.clone(), *v)).collect();
             let left_dest: BTreeMap<_, _> = dest.iter().filter(|(k, _)| left.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
             ops.extend(plan(&BTreeMap::new(), &left_dest, &left, &raced).ops);
             ops.sort_by(|a, b| a.key().cmp(b.key()));
