@@ -569,17 +569,16 @@ impl Leading<'_> {
         for part in nodes.chunks(KEYS_PER_READ) {
             // Read even after a delete: the node may be back already, and
             // a delete must not rest on older evidence than that.
-            let read: Vec<Result<(Vec<u8>, Option<NodeRead>), ZkError>> =
-                futures::stream::iter(part)
-                    .map(|(key, path)| async move {
-                        Ok((
-                            key.clone(),
-                            read_node(client, path, self.job.ephemeral).await?,
-                        ))
-                    })
-                    .buffer_unordered(WALK_CONCURRENCY)
-                    .collect()
-                    .await;
+            let read: Vec<Result<KeyedRead, ZkError>> = futures::stream::iter(part)
+                .map(|(key, path)| async move {
+                    Ok((
+                        key.clone(),
+                        read_node(client, path, self.job.ephemeral).await?,
+                    ))
+                })
+                .buffer_unordered(WALK_CONCURRENCY)
+                .collect()
+                .await;
             let mut tree = BTreeMap::new();
             for result in read {
                 if let (key, Some((node, stat))) = result? {
@@ -1145,6 +1144,8 @@ pub async fn read_destination(
 
 /// A node as [`read_node`] found it.
 type NodeRead = (TreeNode, zk::Stat);
+/// A node's key, and the node as read (`None`: gone).
+type KeyedRead = (Vec<u8>, Option<NodeRead>);
 
 /// Reads one node: its data, `mzxid` and (in lease mode) its ephemeral
 /// owner, with its stat (`mtime`, ms since the epoch on the server's
