@@ -81,8 +81,46 @@ must_fail "nmae" "$HELM" template release "$CHART" --set 'destination.endpointGr
 for kind in ServiceMonitor PrometheusRule Job NetworkPolicy Pod; do
   grep -q "^kind: $kind\$" "$out/full.yaml" || { echo "full values must render every optional resource ($kind)" >&2; exit 1; }
 done
+# zk2etcd: its own Deployment and Service when enabled; servers and prefixes required.
+must_fail "zk2etcd.servers is required" "$HELM" template release "$CHART" --set zk2etcd.enabled=true
+must_fail "zk2etcd.prefixes is required" "$HELM" template release "$CHART" --set zk2etcd.enabled=true --set zk2etcd.servers=zk:2181
+must_fail "ephemeral" "$HELM" template release "$CHART" --set zk2etcd.ephemeral=sometimes
+"$HELM" template release "$CHART" -f "$CHART/ci/full-values.yaml" --set zk2etcd.enabled=true \
+  --set 'zk2etcd.servers=zk1:2181\,zk2:2181' --set 'zk2etcd.prefixes={/dubbo,/services}' \
+  --set 'zk2etcd.excludePrefixes={/dubbo/internal}' --set zk2etcd.digest.existingSecret=zk-digest > "$out/zk2etcd.yaml"
 # Strict: unknown fields fail. The CRD kinds (ServiceMonitor, PrometheusRule) have no offline schema and only warn.
-"$VALIDATE" --strict --quiet "$out/default.yaml" "$out/full.yaml" "$out/np-derived.yaml" "$out/np-ports.yaml"
+"$VALIDATE" --strict --quiet "$out/default.yaml" "$out/full.yaml" "$out/np-derived.yaml" "$out/np-ports.yaml" "$out/zk2etcd.yaml"
+"$PY" - "$out" "$BIN" <<'PY'
+import sys, pathlib, subprocess, yaml
+out, binary = pathlib.Path(sys.argv[1]), sys.argv[2]
+docs = [d for d in yaml.safe_load_all((out / "zk2etcd.yaml").read_text()) if d]
+deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+assert set(deployments) == {"release-etcd-syncer", "release-etcd-syncer-zk2etcd"}, set(deployments)
+mirror, zk = deployments["release-etcd-syncer"], deployments["release-etcd-syncer-zk2etcd"]
+zk_labels = zk["spec"]["template"]["metadata"]["labels"]
+# The mirror's Deployment never selects zk2etcd's pods, nor the other way round.
+assert not mirror["spec"]["selector"]["matchLabels"].items() <= zk_labels.items()
+assert not zk["spec"]["selector"]["matchLabels"].items() <= mirror["spec"]["template"]["metadata"]["labels"].items()
+[service] = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-zk2etcd")]
+assert service["spec"]["selector"].items() <= zk_labels.items()
+[monitor] = [d for d in docs if d["kind"] == "ServiceMonitor"]
+assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items(), "the ServiceMonitor scrapes zk2etcd"
+pod = zk["spec"]["template"]["spec"]
+[container] = pod["containers"]
+args = container["args"]
+for want in ("zk2etcd", "--zk-servers=zk1:2181,zk2:2181", "--zk-prefix=/dubbo", "--zk-prefix=/services", "--exclude-prefix=/dubbo/internal"):
+    assert want in args, (want, args)
+assert {"name": "ETCD_SYNCER_ZK_DIGEST", "valueFrom": {"secretKeyRef": {"name": "zk-digest", "key": "digest"}}} in container["env"]
+# Every flag as etcd-syncer parses it (clap rejects an unknown flag or a bad value before --help).
+parsed = subprocess.run([binary, *args, "--help"], capture_output=True, text=True)
+assert parsed.returncode == 0, parsed.stderr
+for arg in args:
+    for flag in ("--dst-cacert", "--dst-cert", "--dst-key"):
+        if arg.startswith(flag + "="):
+            path = arg.split("=", 1)[1]
+            assert any(path.startswith(m["mountPath"]) for m in container["volumeMounts"]), (arg, container["volumeMounts"])
+print("zk2etcd: Deployment, Service and flags as etcd-syncer parses them")
+PY
 
 echo "--- rendered NetworkPolicy, helm test, ServiceAccount token, PrometheusRule"
 "$PY" - "$out" "$CHART" <<'PY'

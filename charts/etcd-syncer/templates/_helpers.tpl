@@ -27,6 +27,12 @@ app.kubernetes.io/name: {{ include "etcd-syncer.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* zk2etcd's pods: a name of their own, so the mirror's Deployment never selects them. */}}
+{{- define "etcd-syncer.zk2etcdSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-zk2etcd" (include "etcd-syncer.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
 {{- define "etcd-syncer.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "etcd-syncer.fullname" .) .Values.serviceAccount.name -}}
