@@ -3,8 +3,10 @@
 //! sessions, persistent configuration), full sync, churn, a session closed,
 //! keys of another writer under the same prefix, odd input; then two
 //! replicas with the leader killed -9 under churn, a ZooKeeper restart, and
-//! every replica gone (the providers' keys expire). After each, the tree
-//! and the etcd prefix are compared exactly.
+//! every replica gone (the providers' keys expire); an etcd mirror job on
+//! the same prefix at the same time, and a provider paused until its
+//! session expires; an ensemble restored from an older snapshot. After
+//! each, the tree and the etcd prefix are compared exactly.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -694,5 +696,88 @@ async fn beside_an_etcd_mirror_with_a_paused_provider() -> Result<()> {
     wait_mirrored(&admin, &dest, &foreign, "a delete on each side").await?;
     expect_consistent(&server, &dest, foreign.len()).await?;
     drop((mirror, zk2etcd, paused, providers, link));
+    Ok(())
+}
+
+/// Copies a directory tree (a stopped ZooKeeper's data directory).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The reviewer's case: the ensemble is restored from an older snapshot.
+/// A node older than what zk2etcd mirrored from it is not written back over
+/// the newer value; the diff says so (ERROR, errors_total); new nodes still
+/// arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ensemble_restored_from_an_older_snapshot_is_named() -> Result<()> {
+    let mut server = ZkServer::start().await?;
+    let dest = EtcdCluster::start_dest().await?;
+    {
+        let admin = server.client().await?;
+        admin.create("/dubbo", b"", &persistent()).await?;
+        admin.create("/dubbo/config", b"1", &persistent()).await?;
+    }
+    // The snapshot: the data directory of the stopped server.
+    server.stop();
+    let backup = tempfile::tempdir()?;
+    copy_dir(server.data_dir(), backup.path())?;
+    server.restart().await?;
+    let admin = server.client().await?;
+    admin.set_data("/dubbo/config", b"2", None).await?;
+    let syncer = Syncer::start("zk2etcd", &zk2etcd_args(&server, &dest, &[])).await?;
+    let none = BTreeMap::new();
+    wait_mirrored(&admin, &dest, &none, "the newer value").await?;
+    drop(syncer);
+    drop(admin);
+
+    // Restored: the node is back at "1", with an older mzxid.
+    server.stop();
+    std::fs::remove_dir_all(server.data_dir())?;
+    copy_dir(backup.path(), server.data_dir())?;
+    server.restart().await?;
+    let admin = server.client().await?;
+    ensure!(admin.get_data("/dubbo/config").await?.0 == b"1", "restored");
+    let mut syncer = Syncer::start("zk2etcd-restored", &zk2etcd_args(&server, &dest, &[])).await?;
+    syncer.allow_error("ZooKeeper's nodes are older");
+    wait_log(
+        &syncer,
+        "ZooKeeper's nodes are older than what zk2etcd mirrored",
+    )
+    .await?;
+    ensure!(
+        syncer
+            .metric(
+                "etcd_syncer_errors_total",
+                &[("job", "zk2etcd"), ("kind", "zk_history_rewound")]
+            )
+            .await?
+            >= 1.0,
+        "errors_total counts it"
+    );
+    let keys = etcd_prefix(&dest, "/dubbo").await?;
+    ensure!(
+        keys["/dubbo/config"].0 == b"2",
+        "the newer value is not undone: {keys:?}"
+    );
+    // New nodes still arrive.
+    admin.create("/dubbo/new", b"n", &persistent()).await?;
+    eventually(WAIT, "a node created after the restore", || async {
+        Ok(etcd_prefix(&dest, "/dubbo")
+            .await?
+            .get("/dubbo/new")
+            .is_some_and(|(v, _)| v == b"n"))
+    })
+    .await?;
+    syncer.finish().await?;
     Ok(())
 }

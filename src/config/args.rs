@@ -191,6 +191,14 @@ pub struct CheckArgs {
         conflicts_with = "prefix"
     )]
     pub zk_source: Option<String>,
+    /// With --source zookeeper://: `user:password` for ZooKeeper digest auth.
+    #[arg(
+        long,
+        env = "ETCD_SYNCER_ZK_DIGEST",
+        hide_env_values = true,
+        requires = "zk_source"
+    )]
+    pub zk_digest: Option<String>,
     /// The job mirrors to the root of the destination.
     #[arg(long, requires = "prefix")]
     pub no_dest_prefix: bool,

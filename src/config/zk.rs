@@ -35,6 +35,16 @@ pub fn zk_prefix(zk: &str, dest: Option<&str>, excludes: &[String]) -> ZkPrefix 
 }
 
 /// `zookeeper://host:port[,host:port]/path` into the servers and the path.
+/// A ZooKeeper digest credential (`user:password`), checked.
+pub fn digest(field: &str, digest: Option<&str>) -> Result<Option<String>, ConfigError> {
+    match digest {
+        Some(digest) if !digest.contains(':') => {
+            Err(invalid(field, "(hidden)", "give user:password"))
+        }
+        digest => Ok(digest.map(str::to_string)),
+    }
+}
+
 pub fn parse_zk_source(field: &str, url: &str) -> Result<(String, String), ConfigError> {
     let fix =
         "give zookeeper://host:port[,host:port]/path, e.g. zookeeper://zk1:2181,zk2:2181/dubbo";
@@ -140,11 +150,7 @@ impl Zk2EtcdArgs {
                 "must be at least 1s",
             ));
         }
-        if let Some(digest) = &self.zk_digest {
-            if !digest.contains(':') {
-                return Err(invalid("--zk-digest", "(hidden)", "give user:password"));
-            }
-        }
+        let digest = digest("--zk-digest", self.zk_digest.as_deref())?;
         let prefixes = self
             .zk_prefixes
             .iter()
@@ -153,7 +159,7 @@ impl Zk2EtcdArgs {
         Ok(ZkJob {
             name: self.job_name.clone(),
             servers: self.zk_servers.clone(),
-            digest: self.zk_digest.clone(),
+            digest,
             prefixes,
             ephemeral: self.ephemeral,
             ephemeral_ttl: self.ephemeral_ttl,

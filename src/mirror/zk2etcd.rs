@@ -428,7 +428,7 @@ impl Leading<'_> {
         // they are applied after it.
         let mut pending = Vec::new();
         let diffed = self.resync(client, events, &mut pending).await?;
-        info!(job = %self.job.name, writes = diffed.writes, foreign = diffed.foreign, raced = diffed.raced, subtrees = diffed.chunks, "Diffed the ZooKeeper tree against the destination.");
+        info!(job = %self.job.name, writes = diffed.writes, foreign = diffed.foreign, raced = diffed.raced, stale = diffed.stale, subtrees = diffed.chunks, "Diffed the ZooKeeper tree against the destination.");
         if let Some(next) = self.on_events(client, pending).await? {
             return Ok(next);
         }
@@ -634,6 +634,14 @@ impl Leading<'_> {
             let Some(root_key) = prefix.key_of(&prefix.zk) else {
                 continue;
             };
+            // The server this session reads from catches up with the
+            // ensemble's leader first: every record was written from a
+            // read committed before now, so a node older than its record
+            // can only be a history that went back.
+            client
+                .sync(&prefix.zk)
+                .await
+                .map_err(zk_error("sync", &prefix.zk))?;
             let root = read_node(client, &prefix.zk, self.job.ephemeral).await?;
             let children = match root {
                 None => Vec::new(),
@@ -730,6 +738,10 @@ impl Leading<'_> {
             }
         }
         let metrics = self.writer.metrics();
+        if diffed.stale > 0 {
+            metrics.error("zk_history_rewound");
+            error!(job = %self.job.name, keys = diffed.stale, "ZooKeeper's nodes are older than what zk2etcd mirrored from them (a lower mzxid than the ownership record's, after a sync): was the ensemble restored from an older snapshot? Those keys keep etcd's values (a node older than its record is never written); see docs/operations.md (ZooKeeper to etcd) to take the restored tree as it is.");
+        }
         let allowed =
             crate::model::schema::prune_allowance(diffed.owned, self.job.max_prune_ratio, 0);
         if deletes.len() as u64 > allowed {
@@ -775,6 +787,7 @@ impl Leading<'_> {
         diffed.chunks += 1;
         diffed.owned += owned.len() as u64;
         diffed.raced += plan.raced;
+        diffed.stale += plan.stale;
         for foreign in plan
             .foreign
             .iter()
@@ -1014,6 +1027,9 @@ struct Diffed {
     foreign: usize,
     /// Keys left to an event that arrived during the walk.
     raced: usize,
+    /// Keys whose record is newer than the node (after a `sync`: the
+    /// ensemble's history went back).
+    stale: usize,
     /// Keys owned when read.
     owned: u64,
     /// Subtrees diffed one at a time.

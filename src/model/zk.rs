@@ -144,6 +144,11 @@ pub struct ZkPlan {
     pub foreign: Vec<Vec<u8>>,
     /// Keys skipped because an event arrived for them during the walk.
     pub raced: usize,
+    /// Keys skipped because their record is newer than the node the walk
+    /// read (`mzxid`): a walk from a server behind the one the record was
+    /// read from. After a `sync` it can only mean ZooKeeper's history went
+    /// back (an ensemble restored from an older snapshot).
+    pub stale: usize,
 }
 
 impl ZkPlan {
@@ -195,9 +200,9 @@ pub fn plan(
         }
         match (tree.get(key), dest.get(key), ours) {
             (Some(node), _, Some(owned)) if node.mzxid < owned.record.mzxid => {
-                // The record is newer than what the walk read: an event
-                // wrote it after the walk passed; the walk is stale here.
-                plan.raced += 1;
+                // The record is newer than what the walk read: the walk
+                // is stale here (see `ZkPlan::stale`).
+                plan.stale += 1;
             }
             (Some(node), Some(entry), Some(owned)) => {
                 let record = OwnedRecord {
@@ -512,7 +517,7 @@ mod tests {
         let raced: BTreeSet<Vec<u8>> = [b"/b".to_vec(), b"/c".to_vec()].into();
         let p = plan(&tree, &dest, &records, &raced);
         assert!(p.ops.is_empty(), "{p:?}");
-        assert_eq!(p.raced, 3);
+        assert_eq!((p.raced, p.stale), (2, 1));
     }
 
     /// Keys of a small tree under `/r`: the root, children, grandchildren,
