@@ -87,7 +87,8 @@ must_fail "zk2etcd.prefixes is required" "$HELM" template release "$CHART" --set
 must_fail "ephemeral" "$HELM" template release "$CHART" --set zk2etcd.ephemeral=sometimes
 "$HELM" template release "$CHART" -f "$CHART/ci/full-values.yaml" --set zk2etcd.enabled=true \
   --set 'zk2etcd.servers=zk1:2181\,zk2:2181' --set 'zk2etcd.prefixes={/dubbo,/services}' \
-  --set 'zk2etcd.excludePrefixes={/dubbo/internal}' --set zk2etcd.digest.existingSecret=zk-digest > "$out/zk2etcd.yaml"
+  --set 'zk2etcd.excludePrefixes={/dubbo/internal}' --set zk2etcd.digest.existingSecret=zk-digest \
+  --set zk2etcd.tls.existingSecret=zk-tls --set zk2etcd.tls.clientCertificate=true > "$out/zk2etcd.yaml"
 # Strict: unknown fields fail. The CRD kinds (ServiceMonitor, PrometheusRule) have no offline schema and only warn.
 "$VALIDATE" --strict --quiet "$out/default.yaml" "$out/full.yaml" "$out/np-derived.yaml" "$out/np-ports.yaml" "$out/zk2etcd.yaml"
 "$PY" - "$out" "$BIN" <<'PY'
@@ -108,14 +109,14 @@ assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]
 pod = zk["spec"]["template"]["spec"]
 [container] = pod["containers"]
 args = container["args"]
-for want in ("zk2etcd", "--zk-servers=zk1:2181,zk2:2181", "--zk-prefix=/dubbo", "--zk-prefix=/services", "--exclude-prefix=/dubbo/internal"):
+for want in ("zk2etcd", "--zk-cacert=/etc/etcd-syncer/zookeeper-tls/ca.crt", "--zk-key=/etc/etcd-syncer/zookeeper-tls/tls.key", "--zk-servers=zk1:2181,zk2:2181", "--zk-prefix=/dubbo", "--zk-prefix=/services", "--exclude-prefix=/dubbo/internal"):
     assert want in args, (want, args)
 assert {"name": "ETCD_SYNCER_ZK_DIGEST", "valueFrom": {"secretKeyRef": {"name": "zk-digest", "key": "digest"}}} in container["env"]
 # Every flag as etcd-syncer parses it (clap rejects an unknown flag or a bad value before --help).
 parsed = subprocess.run([binary, *args, "--help"], capture_output=True, text=True)
 assert parsed.returncode == 0, parsed.stderr
 for arg in args:
-    for flag in ("--dst-cacert", "--dst-cert", "--dst-key"):
+    for flag in ("--dst-cacert", "--dst-cert", "--dst-key", "--zk-cacert", "--zk-cert", "--zk-key"):
         if arg.startswith(flag + "="):
             path = arg.split("=", 1)[1]
             assert any(path.startswith(m["mountPath"]) for m in container["volumeMounts"]), (arg, container["volumeMounts"])

@@ -25,6 +25,9 @@ pub struct TlsMaterial {
 
 impl TlsMaterial {
     pub fn generate() -> Result<Self> {
+        // Both of rustls's providers are compiled in (zookeeper-client's
+        // TLS brings aws-lc-rs): this process's etcd clients need one picked.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::Builder::new()
             .prefix("etcd-syncer-tls-")
             .tempdir()?;

@@ -30,6 +30,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::etcd::kill_with_parent;
 
 /// Debian's server jar; its manifest names the jars it needs.
+/// Netty's jars for a TLS server, as Debian's libnetty-java installs them.
+const NETTY_JARS: [&str; 6] = [
+    "netty-buffer",
+    "netty-codec",
+    "netty-common",
+    "netty-handler",
+    "netty-resolver",
+    "netty-transport",
+];
 const DEBIAN_ZK_JAR: &str = "/usr/share/java/zookeeper.jar";
 /// A logging backend for the server's slf4j (Debian's libslf4j-java, a
 /// dependency of the package): plain lines on stderr.
@@ -61,6 +70,9 @@ fn free_port() -> Result<u16> {
 /// One standalone ZooKeeper server, our child process.
 pub struct ZkServer {
     port: u16,
+    /// With TLS: the `secureClientPort` (the plain port stays, for the
+    /// four-letter words that prove the server is ours).
+    secure_port: Option<u16>,
     child: Option<Child>,
     dir: tempfile::TempDir,
     data_dir: PathBuf,
@@ -73,10 +85,21 @@ pub struct ZkServer {
 impl ZkServer {
     /// Starts a fresh server and waits until it serves and is verified to be ours.
     pub async fn start() -> Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// [`Self::start`] with a TLS port too (Netty, PEM keystore from
+    /// `tls`'s server certificate and key, trust from its CA; client
+    /// certificates wanted when `client_auth`).
+    pub async fn start_tls(tls: &crate::tls::TlsMaterial, client_auth: bool) -> Result<Self> {
+        Self::start_with(Some((tls, client_auth))).await
+    }
+
+    async fn start_with(tls: Option<(&crate::tls::TlsMaterial, bool)>) -> Result<Self> {
         // A free port can be taken between our probe and the server's bind; try again.
         let mut last_error = None;
         for _ in 0..5 {
-            match Self::try_start().await {
+            match Self::try_start(tls).await {
                 Ok(server) => return Ok(server),
                 Err(error) => last_error = Some(error),
             }
@@ -84,7 +107,7 @@ impl ZkServer {
         Err(last_error.expect("at least one attempt"))
     }
 
-    async fn try_start() -> Result<Self> {
+    async fn try_start(tls: Option<(&crate::tls::TlsMaterial, bool)>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("etcd-syncer-e2e-zk-")
             .tempdir()?;
@@ -92,9 +115,36 @@ impl ZkServer {
         std::fs::create_dir_all(&data_dir)?;
         let port = free_port()?;
         let config_path = dir.path().join("zoo.cfg");
-        std::fs::write(&config_path, config_text(port, &data_dir))?;
+        let mut config = config_text(port, &data_dir);
+        let mut secure_port = None;
+        if let Some((tls, client_auth)) = tls {
+            let secure = free_port()?;
+            secure_port = Some(secure);
+            // ZooKeeper's PEM keystore: the certificate and its key in one file.
+            let keystore = dir.path().join("server.pem");
+            std::fs::write(
+                &keystore,
+                std::fs::read_to_string(&tls.server_cert)?
+                    + &std::fs::read_to_string(&tls.server_key)?,
+            )?;
+            config.push_str(&format!(
+                "secureClientPort={secure}\n\
+                 secureClientPortAddress=127.0.0.1\n\
+                 serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n\
+                 ssl.keyStore.location={}\n\
+                 ssl.keyStore.type=PEM\n\
+                 ssl.trustStore.location={}\n\
+                 ssl.trustStore.type=PEM\n\
+                 ssl.clientAuth={}\n",
+                keystore.display(),
+                tls.ca_cert.display(),
+                if client_auth { "need" } else { "none" }
+            ));
+        }
+        std::fs::write(&config_path, config)?;
         let mut server = Self {
             port,
+            secure_port,
             child: None,
             log_path: dir.path().join("zookeeper.log"),
             dir,
@@ -108,7 +158,14 @@ impl ZkServer {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let classpath = zk_classpath();
+        let mut classpath = zk_classpath();
+        if self.secure_port.is_some() {
+            // The Netty server (TLS) needs Netty: Debian's zookeeper
+            // package depends on libnetty-java.
+            for jar in NETTY_JARS {
+                classpath.push_str(&format!(":/usr/share/java/{jar}.jar"));
+            }
+        }
         if env_nonempty("E2E_ZK_CLASSPATH").is_none() && !Path::new(DEBIAN_ZK_JAR).exists() {
             bail!(
                 "ZooKeeper is not installed ({DEBIAN_ZK_JAR} missing): run scripts/ensure-deps.sh, or set E2E_ZK_CLASSPATH"
@@ -224,6 +281,11 @@ impl ZkServer {
     /// `127.0.0.1:<port>`, a ZooKeeper connect string.
     pub fn connect_string(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:<secureClientPort>` of a [`Self::start_tls`] server.
+    pub fn secure_connect_string(&self) -> Option<String> {
+        self.secure_port.map(|port| format!("127.0.0.1:{port}"))
     }
 
     pub fn port(&self) -> u16 {

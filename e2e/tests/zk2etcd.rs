@@ -781,3 +781,65 @@ async fn an_ensemble_restored_from_an_older_snapshot_is_named() -> Result<()> {
     syncer.finish().await?;
     Ok(())
 }
+
+/// TLS to ZooKeeper's secureClientPort, with a client certificate: the
+/// registry is mirrored and checked over it; an unreadable CA file is a
+/// config error naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_tls_with_a_client_certificate() -> Result<()> {
+    let material = e2e::tls::TlsMaterial::generate()?;
+    let server = ZkServer::start_tls(&material, true).await?;
+    let secure = server.secure_connect_string().context("a TLS port")?;
+    let dest = EtcdCluster::start_dest().await?;
+    let admin = server.client().await?;
+    build_registry(&admin).await?;
+    let tls_args = [
+        "--zk-cacert".to_string(),
+        material.ca_cert.display().to_string(),
+        "--zk-cert".to_string(),
+        material.client_cert.display().to_string(),
+        "--zk-key".to_string(),
+        material.client_key.display().to_string(),
+    ];
+    let mut zk_args = zk2etcd_args(&server, &dest, &[]);
+    zk_args = replace_flag(zk_args, "--zk-servers", &secure)?;
+    zk_args.extend(tls_args.iter().cloned());
+    let syncer = Syncer::start("zk2etcd-tls", &zk_args).await?;
+    wait_mirrored(&admin, &dest, &BTreeMap::new(), "the full sync over TLS")
+        .await
+        .with_context(|| format!("{}\n{}", syncer.log_text(), server.log_tail()))?;
+    ensure!(
+        syncer.log_text().contains(&secure),
+        "it connected to the TLS port: {}",
+        syncer.log_text()
+    );
+    let mut check = args(&[
+        "check",
+        "--source",
+        &format!("zookeeper://{secure}/dubbo"),
+        "--exclude-prefix",
+        EXCLUDED,
+        "--dst-endpoints",
+        &dest.endpoints_arg(),
+    ]);
+    check.extend(tls_args.iter().cloned());
+    let (code, output) = run_cli(&check).await?;
+    ensure!(
+        code == 0 && output.contains("consistent"),
+        "check over TLS exited {code}: {output}"
+    );
+    let mut bad = check.clone();
+    let at = bad
+        .iter()
+        .position(|a| a == "--zk-cacert")
+        .context("flag")?
+        + 1;
+    bad[at] = "/nonexistent/ca.pem".into();
+    let (code, output) = run_cli(&bad).await?;
+    ensure!(
+        code == 2 && output.contains("--zk-cacert") && output.contains("/nonexistent/ca.pem"),
+        "an unreadable CA exited {code}: {output}"
+    );
+    drop(syncer);
+    Ok(())
+}

@@ -216,6 +216,7 @@ async fn check_zookeeper(args: CheckArgs, url: &str) -> Result<bool, AppError> {
         name: args.job_name.clone().unwrap_or_else(|| "zk2etcd".into()),
         servers,
         digest: crate::config::zk::digest("--zk-digest", args.zk_digest.as_deref())?,
+        tls: args.zk_tls.read()?,
         prefixes: vec![prefix.clone()],
         ephemeral: crate::config::EphemeralMode::Lease,
         ephemeral_ttl: std::time::Duration::from_secs(40),

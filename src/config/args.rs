@@ -82,6 +82,20 @@ pub struct FailbackArgs {
     pub output: OutputFormat,
 }
 
+/// TLS to ZooKeeper (its `secureClientPort`): PEM files, as for etcd.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ZkTlsArgs {
+    /// CA bundle (PEM) that signed ZooKeeper's server certificate: turns TLS on.
+    #[arg(long, env = "ETCD_SYNCER_ZK_CACERT")]
+    pub zk_cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), when ZooKeeper asks for one (`ssl.clientAuth`).
+    #[arg(long, env = "ETCD_SYNCER_ZK_CERT", requires = "zk_key")]
+    pub zk_cert: Option<std::path::PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "ETCD_SYNCER_ZK_KEY", requires = "zk_cert")]
+    pub zk_key: Option<std::path::PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct Zk2EtcdArgs {
     #[command(flatten)]
@@ -127,6 +141,8 @@ pub struct Zk2EtcdArgs {
     /// `user:password` for ZooKeeper digest auth.
     #[arg(long, env = "ETCD_SYNCER_ZK_DIGEST", hide_env_values = true)]
     pub zk_digest: Option<String>,
+    #[command(flatten)]
+    pub zk_tls: ZkTlsArgs,
     /// A full diff of the tree against etcd this often (besides every reconnect).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5m", env = "ETCD_SYNCER_RESYNC_INTERVAL")]
     pub resync_interval: Duration,
@@ -199,6 +215,8 @@ pub struct CheckArgs {
         requires = "zk_source"
     )]
     pub zk_digest: Option<String>,
+    #[command(flatten)]
+    pub zk_tls: ZkTlsArgs,
     /// The job mirrors to the root of the destination.
     #[arg(long, requires = "prefix")]
     pub no_dest_prefix: bool,

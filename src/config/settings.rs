@@ -362,6 +362,8 @@ pub struct ZkJob {
     pub servers: String,
     /// `user:password` for digest auth, if any.
     pub digest: Option<String>,
+    /// TLS to ZooKeeper, if on.
+    pub tls: Option<ZkTls>,
     pub prefixes: Vec<crate::model::zk::ZkPrefix>,
     pub ephemeral: EphemeralMode,
     /// TTL of the lease standing for a ZooKeeper session.
@@ -373,6 +375,23 @@ pub struct ZkJob {
     /// The mass-delete guard: the share of the keys it owns that one diff
     /// may delete.
     pub max_prune_ratio: f64,
+}
+
+/// TLS to ZooKeeper: PEM text read from the files at start.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ZkTls {
+    pub ca: String,
+    /// Client certificate and key, when ZooKeeper asks for one.
+    pub identity: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for ZkTls {
+    // Never a key in a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZkTls")
+            .field("client_identity", &self.identity.is_some())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

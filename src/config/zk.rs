@@ -1,8 +1,8 @@
 //! `zk2etcd`'s flags into a [`ZkJob`], refusing what cannot work (exit 2).
 
-use super::args::Zk2EtcdArgs;
+use super::args::{Zk2EtcdArgs, ZkTlsArgs};
 use super::error::{invalid, ConfigError};
-use super::settings::ZkJob;
+use super::settings::{ZkJob, ZkTls};
 use crate::model::zk::ZkPrefix;
 
 /// A ZooKeeper path as ZooKeeper takes it: absolute, no trailing slash (but
@@ -35,6 +35,56 @@ pub fn zk_prefix(zk: &str, dest: Option<&str>, excludes: &[String]) -> ZkPrefix 
 }
 
 /// `zookeeper://host:port[,host:port]/path` into the servers and the path.
+impl ZkTlsArgs {
+    /// The PEM files, read and checked (`None`: no `--zk-cacert`, no TLS).
+    pub fn read(&self) -> Result<Option<ZkTls>, ConfigError> {
+        let Some(ca) = &self.zk_cacert else {
+            if self.zk_cert.is_some() {
+                return Err(invalid(
+                    "--zk-cert",
+                    &self
+                        .zk_cert
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    "a client certificate needs --zk-cacert too (TLS is on with a CA)",
+                ));
+            }
+            return Ok(None);
+        };
+        let pem = |field: &str, path: &std::path::Path, kind: &str| {
+            let text = std::fs::read_to_string(path).map_err(|error| {
+                invalid(
+                    field,
+                    &path.display().to_string(),
+                    &format!("cannot be read ({error}); give a readable PEM file"),
+                )
+            })?;
+            if !text.contains(&format!("-----BEGIN {kind}"))
+                && !(kind == "KEY" && text.contains("PRIVATE KEY-----"))
+            {
+                return Err(invalid(
+                    field,
+                    &path.display().to_string(),
+                    &format!("is not a PEM {} file", kind.to_lowercase()),
+                ));
+            }
+            Ok(text)
+        };
+        let identity = match (&self.zk_cert, &self.zk_key) {
+            (Some(cert), Some(key)) => Some((
+                pem("--zk-cert", cert, "CERTIFICATE")?,
+                pem("--zk-key", key, "KEY")?,
+            )),
+            _ => None,
+        };
+        Ok(Some(ZkTls {
+            ca: pem("--zk-cacert", ca, "CERTIFICATE")?,
+            identity,
+        }))
+    }
+}
+
 /// A ZooKeeper digest credential (`user:password`), checked.
 pub fn digest(field: &str, digest: Option<&str>) -> Result<Option<String>, ConfigError> {
     match digest {
@@ -151,6 +201,7 @@ impl Zk2EtcdArgs {
             ));
         }
         let digest = digest("--zk-digest", self.zk_digest.as_deref())?;
+        let tls = self.zk_tls.read()?;
         let prefixes = self
             .zk_prefixes
             .iter()
@@ -160,6 +211,7 @@ impl Zk2EtcdArgs {
             name: self.job_name.clone(),
             servers: self.zk_servers.clone(),
             digest,
+            tls,
             prefixes,
             ephemeral: self.ephemeral,
             ephemeral_ttl: self.ephemeral_ttl,

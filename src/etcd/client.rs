@@ -298,6 +298,17 @@ impl WatchStream for SwitchableWatch {
     }
 }
 
+/// Picks ring as rustls's process-wide crypto provider, once: with
+/// zookeeper-client's TLS, aws-lc-rs is compiled in too, and rustls then
+/// refuses to choose by itself (a panic at the first handshake).
+pub fn ensure_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err: one was installed already (by whoever embeds us): keep it.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// An `etcd-client` connection to one side: keepalives, token refresh, TLS
 /// files read with errors naming their flag, and the connect bounded by
 /// `request_timeout`. `operation` names the attempt in errors.
@@ -306,6 +317,7 @@ pub async fn connect_client(
     request_timeout: Duration,
     operation: &'static str,
 ) -> Result<Client, ClientError> {
+    ensure_tls_provider();
     let endpoints = settings.endpoints().join(",");
     let mut options = ConnectOptions::new()
         .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)

@@ -97,6 +97,23 @@ pub async fn connect(job: &ZkJob) -> Result<zk::Client, ZkError> {
     if let Some(digest) = &job.digest {
         connector = connector.with_auth("digest", digest.as_bytes());
     }
+    if let Some(tls) = &job.tls {
+        crate::etcd::client::ensure_tls_provider();
+        let mut options = zk::TlsOptions::new()
+            .with_pem_ca(&tls.ca)
+            .map_err(zk_error("read --zk-cacert for", &job.servers))?;
+        if let Some((cert, key)) = &tls.identity {
+            options = options
+                .with_pem_identity(cert, key)
+                .map_err(zk_error("read --zk-cert/--zk-key for", &job.servers))?;
+        }
+        // Every server of the connect string on TLS (unless it says tcp://).
+        return connector
+            .with_tls(options)
+            .secure_connect(&job.servers)
+            .await
+            .map_err(zk_error("connect with TLS to", &job.servers));
+    }
     connector
         .connect(&job.servers)
         .await
