@@ -60,9 +60,9 @@ impl ZkTlsArgs {
                     &format!("cannot be read ({error}); give a readable PEM file"),
                 )
             })?;
-            if !text.contains(&format!("-----BEGIN {kind}"))
-                && !(kind == "KEY" && text.contains("PRIVATE KEY-----"))
-            {
+            let is_pem = text.contains(&format!("-----BEGIN {kind}"))
+                || (kind == "KEY" && text.contains("PRIVATE KEY-----"));
+            if !is_pem {
                 return Err(invalid(
                     field,
                     &path.display().to_string(),
