@@ -839,8 +839,10 @@ mod tests {
         );
         let zk = MetaKeys::new("/m/", "zk");
         let stranger = MetaKeys::new("/m/", "unregistered");
-        let held = runtime().block_on(async {
+        let (held, pinned) = runtime().block_on(async {
             let txn = |ops: Vec<Op>| etcd.txn(TxnRequest::new().and_then(ops));
+            // A key that sorts before the registry is not a registration.
+            txn(vec![Op::put("/a", "x")]).await.unwrap();
             txn(vec![Op::put(zk.zk2etcd_registration(), "{}")])
                 .await
                 .unwrap();
@@ -884,16 +886,33 @@ mod tests {
             ])
             .await
             .unwrap();
-            mark_held(&cluster, b"/m/", PREFIX, None, &mut entries)
+            let names = |entries: &[Entry]| {
+                entries
+                    .iter()
+                    .filter(|e| e.held)
+                    .map(|e| String::from_utf8(e.suffix.clone()).unwrap())
+                    .collect::<Vec<_>>()
+            };
+            let mut latest = entries.clone();
+            mark_held(&cluster, b"/m/", PREFIX, None, &mut latest)
                 .await
                 .unwrap();
-            entries
-                .into_iter()
-                .filter(|e| e.held)
-                .map(|e| String::from_utf8(e.suffix).unwrap())
-                .collect::<Vec<_>>()
+            // A check pins its read: records and registry as at that
+            // revision, whatever changed since.
+            let at = cluster.head(b"").await.unwrap().revision;
+            txn(vec![
+                Op::delete(zk.zk_owned(b"/p/held")),
+                Op::delete(zk.zk2etcd_registration()),
+            ])
+            .await
+            .unwrap();
+            mark_held(&cluster, b"/m/", PREFIX, Some(at), &mut entries)
+                .await
+                .unwrap();
+            (names(&latest), names(&entries))
         });
         assert_eq!(held, ["held", "later"]);
+        assert_eq!(pinned, ["held", "later"]);
     }
 
     #[test]
