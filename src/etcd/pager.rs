@@ -331,14 +331,7 @@ fn pager(
                         !kv.key.starts_with(&meta_prefix)
                             && !rewrite.is_excluded_suffix(&kv.key[prefix.len()..])
                     })
-                    .map(|kv| Entry {
-                        suffix: kv.key[prefix.len()..].to_vec(),
-                        value: kv.value,
-                        create_revision: kv.create_revision,
-                        mod_revision: kv.mod_revision,
-                        lease: kv.lease,
-                        held: false,
-                    })
+                    .map(|kv| entry_below(prefix.len(), kv))
                     .collect();
                 if marking && !entries.is_empty() {
                     let mark = || {
@@ -475,6 +468,19 @@ fn window_end(
     // "\0" as an end means the end of the keyspace.
     let before_end = end == [0] || bound.as_slice() < end;
     (bound.as_slice() > from && bound != [0] && before_end).then_some(bound)
+}
+
+/// A key read under a prefix `prefix_len` bytes long, as the merge sees it
+/// (held or not is [`mark_held`]'s to say).
+fn entry_below(prefix_len: usize, kv: crate::etcd::api::KeyValue) -> Entry {
+    Entry {
+        suffix: kv.key[prefix_len..].to_vec(),
+        value: kv.value,
+        create_revision: kv.create_revision,
+        mod_revision: kv.mod_revision,
+        lease: kv.lease,
+        held: false,
+    }
 }
 
 /// Marks the keys of `entries` (a destination page of `prefix`, just read)
@@ -870,14 +876,7 @@ mod tests {
                 .unwrap()
                 .kvs
                 .into_iter()
-                .map(|kv| Entry {
-                    suffix: kv.key[PREFIX.len()..].to_vec(),
-                    value: kv.value,
-                    create_revision: kv.create_revision,
-                    mod_revision: kv.mod_revision,
-                    lease: kv.lease,
-                    held: false,
-                })
+                .map(|kv| entry_below(PREFIX.len(), kv))
                 .collect();
             // zk2etcd writes a key again after the page was read: still its.
             txn(vec![

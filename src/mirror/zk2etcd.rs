@@ -210,21 +210,9 @@ impl SessionLeases {
     /// sessions' keys are read to learn their leases, a page at a time.
     async fn adopt_recorded(&self, keys: &MetaKeys) -> Result<(), ZkError> {
         let records = keys.zk_owned_prefix().into_bytes();
-        let end = prefix_range_end(&records);
-        let mut from = records.clone();
-        loop {
-            let page = self
-                .dest
-                .range(
-                    "page through zk2etcd's ownership records",
-                    RangeRequest {
-                        key: from.clone(),
-                        range_end: end.clone(),
-                        limit: RECORDS_PAGE,
-                        ..RangeRequest::default()
-                    },
-                )
-                .await?;
+        let mut from = Some(records.clone());
+        while let Some(start) = from.take() {
+            let page = records_page(&self.dest, &records, start, false).await?;
             let sessions: Vec<(Vec<u8>, i64)> = page
                 .kvs
                 .iter()
@@ -247,11 +235,9 @@ impl SessionLeases {
                     self.wrote(key, *session);
                 }
             }
-            match page.kvs.last() {
-                Some(last) if page.more => from = key_successor(&last.key),
-                _ => return Ok(()),
-            }
+            from = next_page_from(&page);
         }
+        Ok(())
     }
 
     fn wrote(&self, key: &[u8], session: i64) {
@@ -714,23 +700,9 @@ impl Leading<'_> {
             })
         };
         let owned_prefix = self.keys.zk_owned_prefix().into_bytes();
-        let mut from = owned_prefix.clone();
-        let end = prefix_range_end(&owned_prefix);
-        loop {
-            let page = self
-                .writer
-                .dest()
-                .range(
-                    "page through zk2etcd's ownership records",
-                    RangeRequest {
-                        key: from.clone(),
-                        range_end: end.clone(),
-                        limit: RECORDS_PAGE,
-                        keys_only: true,
-                        ..RangeRequest::default()
-                    },
-                )
-                .await?;
+        let mut from = Some(owned_prefix.clone());
+        while let Some(start) = from.take() {
+            let page = records_page(self.writer.dest(), &owned_prefix, start, true).await?;
             let left: Vec<Vec<u8>> = page
                 .kvs
                 .iter()
@@ -749,10 +721,7 @@ impl Leading<'_> {
                 )
                 .await?;
             }
-            match page.kvs.last() {
-                Some(last) if page.more => from = key_successor(&last.key),
-                _ => break,
-            }
+            from = next_page_from(&page);
         }
         let metrics = self.writer.metrics();
         if diffed.stale > 0 {
@@ -1051,6 +1020,35 @@ struct Diffed {
     owned: u64,
     /// Subtrees diffed one at a time.
     chunks: usize,
+}
+
+/// One page of the job's ownership records (`records`, its prefix) from
+/// `from` on.
+async fn records_page(
+    dest: &Cluster,
+    records: &[u8],
+    from: Vec<u8>,
+    keys_only: bool,
+) -> Result<crate::etcd::api::RangeResponse, ClientError> {
+    dest.range(
+        "page through zk2etcd's ownership records",
+        RangeRequest {
+            key: from,
+            range_end: prefix_range_end(records),
+            limit: RECORDS_PAGE,
+            keys_only,
+            ..RangeRequest::default()
+        },
+    )
+    .await
+}
+
+/// Where the page after `page` starts (`None`: it was the last).
+fn next_page_from(page: &crate::etcd::api::RangeResponse) -> Option<Vec<u8>> {
+    page.kvs
+        .last()
+        .filter(|_| page.more)
+        .map(|last| key_successor(&last.key))
 }
 
 /// Ownership records per page when a resync looks for keys no subtree had.
