@@ -646,20 +646,7 @@ impl Leading<'_> {
                 .await
                 .map_err(zk_error("sync", &prefix.zk))?;
             let root = read_node(client, &prefix.zk, self.job.ephemeral).await?;
-            let children = match root {
-                None => Vec::new(),
-                Some(_) => match client.list_children(&prefix.zk).await {
-                    Ok(children) => children,
-                    Err(zk::Error::NoNode) => Vec::new(),
-                    Err(source) => {
-                        return Err(ZkError::Zk {
-                            operation: "list children of",
-                            path: prefix.zk.clone(),
-                            source,
-                        })
-                    }
-                },
-            };
+            let children = children_of(client, &prefix.zk, root.as_ref()).await?;
             let tree = root
                 .into_iter()
                 .map(|(node, _)| (root_key.clone(), node))
@@ -1207,6 +1194,28 @@ async fn read_node(
     }
 }
 
+/// The children of the node at `path`, as `read` found it: none when it
+/// is gone or a leaf (most of a registry: one read, not two), else listed
+/// (none if it went meanwhile).
+async fn children_of(
+    client: &zk::Client,
+    path: &str,
+    read: Option<&NodeRead>,
+) -> Result<Vec<String>, ZkError> {
+    if read.is_none_or(|(_, stat)| stat.num_children == 0) {
+        return Ok(Vec::new());
+    }
+    match client.list_children(path).await {
+        Ok(children) => Ok(children),
+        Err(zk::Error::NoNode) => Ok(Vec::new()),
+        Err(source) => Err(ZkError::Zk {
+            operation: "list children of",
+            path: path.to_string(),
+            source,
+        }),
+    }
+}
+
 /// A path as the walk read it: the node (if still there) and its children.
 type WalkedNode = (String, Option<TreeNode>, Vec<String>);
 
@@ -1226,24 +1235,8 @@ pub async fn walk(
                 futures::stream::iter(level.into_iter().filter(|p| prefix.covers(p)))
                     .map(|path| async move {
                         let read = read_node(client, &path, mode).await?;
-                        let leaf = read.as_ref().is_none_or(|(_, stat)| stat.num_children == 0);
+                        let children = children_of(client, &path, read.as_ref()).await?;
                         let node = read.map(|(node, _)| node);
-                        // A leaf (most of a registry) costs one read, not two.
-                        let children = match node {
-                            None => Vec::new(),
-                            Some(_) if leaf => Vec::new(),
-                            Some(_) => match client.list_children(&path).await {
-                                Ok(children) => children,
-                                Err(zk::Error::NoNode) => Vec::new(),
-                                Err(source) => {
-                                    return Err(ZkError::Zk {
-                                        operation: "list children of",
-                                        path,
-                                        source,
-                                    })
-                                }
-                            },
-                        };
                         Ok((path, node, children))
                     })
                     .buffer_unordered(WALK_CONCURRENCY)

@@ -252,7 +252,7 @@ impl SortedMerge {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     fn pages(map: &BTreeMap<Vec<u8>, Vec<u8>>, page: usize) -> Vec<Vec<Entry>> {
         let entries: Vec<Entry> = map
@@ -274,11 +274,28 @@ mod tests {
         dest: &BTreeMap<Vec<u8>, Vec<u8>>,
         page: usize,
     ) -> (Vec<Difference>, usize) {
+        let (diffs, same, held) = run_held(source, dest, &BTreeSet::new(), page);
+        assert!(held.is_empty(), "nothing is held here: {held:?}");
+        (diffs, same)
+    }
+
+    /// [`run`] with the destination keys of `held` marked held: the
+    /// differences, the same count, and the held keys reported, in order.
+    fn run_held(
+        source: &BTreeMap<Vec<u8>, Vec<u8>>,
+        dest: &BTreeMap<Vec<u8>, Vec<u8>>,
+        held: &BTreeSet<Vec<u8>>,
+        page: usize,
+    ) -> (Vec<Difference>, usize, Vec<Vec<u8>>) {
         let mut source_pages = pages(source, page).into_iter();
-        let mut dest_pages = pages(dest, page).into_iter();
+        let mut dest_pages = pages(dest, page).into_iter().map(|mut p| {
+            for entry in &mut p {
+                entry.held = held.contains(&entry.suffix);
+            }
+            p
+        });
         let mut merge = SortedMerge::new();
-        let mut diffs = Vec::new();
-        let mut same = 0;
+        let (mut diffs, mut same, mut reported) = (Vec::new(), 0, Vec::new());
         loop {
             match merge.step() {
                 Step::NeedSource => match source_pages.next() {
@@ -291,8 +308,8 @@ mod tests {
                 },
                 Step::Differ(d) => diffs.push(d),
                 Step::Same => same += 1,
-                Step::Held(suffix) => panic!("nothing is held here: {suffix:?}"),
-                Step::Done => return (diffs, same),
+                Step::Held(suffix) => reported.push(suffix),
+                Step::Done => return (diffs, same, reported),
             }
         }
     }
@@ -428,44 +445,25 @@ mod tests {
             held_mask in proptest::collection::vec(any::<bool>(), 30),
             page in 1usize..7,
         ) {
-            let held: std::collections::BTreeSet<Vec<u8>> = dest
+            let held: BTreeSet<Vec<u8>> = dest
                 .keys()
                 .zip(&held_mask)
                 .filter(|(_, h)| **h)
                 .map(|(k, _)| k.clone())
                 .collect();
-            let mut dest_pages = pages(&dest, page).into_iter().map(|mut p| {
-                for entry in &mut p {
-                    entry.held = held.contains(&entry.suffix);
-                }
-                p
-            });
-            let mut source_pages = pages(&source, page).into_iter();
-            let mut merge = SortedMerge::new();
+            let (diffs, _, reported) = run_held(&source, &dest, &held, page);
             let mut patched = dest.clone();
-            let mut reported = std::collections::BTreeSet::new();
-            loop {
-                match merge.step() {
-                    Step::NeedSource => match source_pages.next() {
-                        Some(p) => merge.push_source(p),
-                        None => merge.source_exhausted(),
-                    },
-                    Step::NeedDest => match dest_pages.next() {
-                        Some(p) => merge.push_dest(p),
-                        None => merge.dest_exhausted(),
-                    },
-                    Step::Differ(d) => {
-                        prop_assert!(!held.contains(d.suffix()), "a held key differs: {:?}", d);
-                        match d.into_put() {
-                            Ok((suffix, value, _)) => { patched.insert(suffix, value); }
-                            Err((suffix, _)) => { patched.remove(&suffix); }
-                        }
-                    }
-                    Step::Held(suffix) => { prop_assert!(reported.insert(suffix)); }
-                    Step::Same => {}
-                    Step::Done => break,
+            for d in diffs {
+                prop_assert!(!held.contains(d.suffix()), "a held key differs: {:?}", d);
+                match d.into_put() {
+                    Ok((suffix, value, _)) => { patched.insert(suffix, value); }
+                    Err((suffix, _)) => { patched.remove(&suffix); }
                 }
             }
+            // Each held key reported once.
+            let reported_once: BTreeSet<Vec<u8>> = reported.iter().cloned().collect();
+            prop_assert_eq!(reported_once.len(), reported.len());
+            let reported = reported_once;
             prop_assert_eq!(&reported, &held);
             let mut expected = source.clone();
             for key in &held {

@@ -347,6 +347,23 @@ async fn read_meta(
     }
 }
 
+/// The status being gathered for `job` (and its lock's oldest holder),
+/// started on first sight.
+fn job_entry<'a>(
+    jobs: &'a mut BTreeMap<String, (JobStatus, Option<LockCandidate>)>,
+    job: &str,
+) -> &'a mut (JobStatus, Option<LockCandidate>) {
+    jobs.entry(job.to_string()).or_insert_with(|| {
+        (
+            JobStatus {
+                job: job.to_string(),
+                ..JobStatus::default()
+            },
+            None,
+        )
+    })
+}
+
 /// Reads every job under `meta_prefix` (or only `job`).
 pub async fn collect_status(
     dest: &Cluster,
@@ -359,15 +376,7 @@ pub async fn collect_status(
     for kv in &kvs {
         if let Some(job) = kv.key.strip_prefix(registry.as_bytes()) {
             let job = String::from_utf8_lossy(job).into_owned();
-            let (status, _) = jobs.entry(job.clone()).or_insert_with(|| {
-                (
-                    JobStatus {
-                        job: job.clone(),
-                        ..JobStatus::default()
-                    },
-                    None,
-                )
-            });
+            let (status, _) = job_entry(&mut jobs, &job);
             let registration: serde_json::Value =
                 serde_json::from_slice(&kv.value).unwrap_or_default();
             status.zk2etcd = Some(ZkJobStatus {
@@ -390,15 +399,7 @@ pub async fn collect_status(
         let Some((name, item)) = rest.split_once('/') else {
             continue;
         };
-        let (status, leader) = jobs.entry(name.to_string()).or_insert_with(|| {
-            (
-                JobStatus {
-                    job: name.to_string(),
-                    ..JobStatus::default()
-                },
-                None,
-            )
-        });
+        let (status, leader) = job_entry(&mut jobs, name);
         match item {
             "checkpoint" => {
                 if let Ok(checkpoint) = serde_json::from_slice::<Checkpoint>(&kv.value) {

@@ -2676,7 +2676,6 @@ const ZK_HEADING: &str = "## zk2etcd: a ZooKeeper tree into etcd";
 /// Creates `nodes` persistent znodes of 100 B under `root`, 1,000 to a
 /// parent (`<root>/s0042/n000123`), 64 creates in flight.
 async fn zk_tree(client: &zookeeper_client::Client, root: &str, nodes: usize) -> Result<()> {
-    use futures::StreamExt;
     let persistent =
         zookeeper_client::CreateMode::Persistent.with_acls(zookeeper_client::Acls::anyone_all());
     client.create(root, b"", &persistent).await?;
@@ -2686,21 +2685,33 @@ async fn zk_tree(client: &zookeeper_client::Client, root: &str, nodes: usize) ->
             .await?;
     }
     let value = bench_value();
-    let results: Vec<Result<()>> = futures::stream::iter(0..nodes)
-        .map(|i| {
-            let (persistent, value) = (&persistent, &value);
-            async move {
-                client
-                    .create(
-                        &format!("{root}/s{:04}/n{i:06}", i / 1_000),
-                        value.as_bytes(),
-                        persistent,
-                    )
-                    .await?;
-                anyhow::Ok(())
-            }
-        })
-        .buffer_unordered(64)
+    on_every_node(nodes, 64, |i| {
+        let (persistent, value) = (&persistent, &value);
+        async move {
+            client
+                .create(&zk_node(root, i), value.as_bytes(), persistent)
+                .await?;
+            anyhow::Ok(())
+        }
+    })
+    .await
+}
+
+/// Node `i` of [`zk_tree`]'s tree under `root`.
+fn zk_node(root: &str, i: usize) -> String {
+    format!("{root}/s{:04}/n{i:06}", i / 1_000)
+}
+
+/// `op` for nodes `0..count`, `in_flight` at a time; the first error.
+async fn on_every_node<F, Fut>(count: usize, in_flight: usize, op: F) -> Result<()>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    use futures::StreamExt;
+    let results: Vec<Result<()>> = futures::stream::iter(0..count)
+        .map(op)
+        .buffer_unordered(in_flight)
         .collect()
         .await;
     results.into_iter().collect()
@@ -2800,31 +2811,20 @@ async fn zk_section() -> Result<String> {
     // must reach etcd; the lag is from the last change to the last write.
     let burst = 5_000.min(nodes);
     let changed = Instant::now();
-    {
-        use futures::StreamExt;
-        let value = format!("v2:{}", "w".repeat(97));
-        let results: Vec<Result<()>> = futures::stream::iter(0..burst)
-            .map(|i| {
-                let (admin, value) = (&admin, &value);
-                async move {
-                    admin
-                        .set_data(
-                            &format!("/large/s{:04}/n{i:06}", i / 1_000),
-                            value.as_bytes(),
-                            None,
-                        )
-                        .await?;
-                    anyhow::Ok(())
-                }
-            })
-            .buffer_unordered(32)
-            .collect()
-            .await;
-        results.into_iter().collect::<Result<()>>()?;
-    }
+    let value = format!("v2:{}", "w".repeat(97));
+    on_every_node(burst, 32, |i| {
+        let (admin, value) = (&admin, &value);
+        async move {
+            admin
+                .set_data(&zk_node("/large", i), value.as_bytes(), None)
+                .await?;
+            anyhow::Ok(())
+        }
+    })
+    .await?;
     let set_done = changed.elapsed();
     let mut client = dest.client().await?;
-    let last_key = format!("/large/s{:04}/n{:06}", (burst - 1) / 1_000, burst - 1);
+    let last_key = zk_node("/large", burst - 1);
     e2e::eventually(Duration::from_secs(120), "the burst mirrored", || async {
         let mut client = client.clone();
         let value = client.get(last_key.as_str(), None).await?;
@@ -2837,7 +2837,7 @@ async fn zk_section() -> Result<String> {
     // Every changed node, not only the last one.
     let mut behind = 0;
     for i in 0..burst {
-        let key = format!("/large/s{:04}/n{i:06}", i / 1_000);
+        let key = zk_node("/large", i);
         let kv = client.get(key.as_str(), None).await?;
         if !kv
             .kvs()
