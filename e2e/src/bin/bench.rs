@@ -934,7 +934,7 @@ async fn main() -> Result<()> {
         // `make bench-keeper`: the lease keeper's source traffic against
         // listing every lease, spliced into docs/benchmarks.md.
         println!("[1/1] lease keeper traffic");
-        let section = keeper_traffic_section().await?;
+        let (section, _) = keeper_traffic_section().await?;
         println!("\n{section}");
         return write_section(KEEPER_HEADING, &section);
     }
@@ -942,7 +942,7 @@ async fn main() -> Result<()> {
         // `make bench-wan`: bytes across the source link per byte of source
         // change, spliced into docs/benchmarks.md.
         println!("[1/1] bytes across the source link");
-        let section = wan_bytes_section().await?;
+        let (section, _) = wan_bytes_section().await?;
         println!("\n{section}");
         return write_section(WAN_HEADING, &section);
     }
@@ -958,7 +958,7 @@ async fn main() -> Result<()> {
         // `make bench-jobs`: many jobs on three replicas, spliced into
         // docs/benchmarks.md.
         println!("[1/1] many jobs on three replicas");
-        let section = many_jobs_section().await?;
+        let (section, _) = many_jobs_section().await?;
         println!("\n{section}");
         return write_section(JOBS_HEADING, &section);
     }
@@ -989,7 +989,7 @@ async fn main() -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     let mut targets: Vec<Target> = Vec::new();
-    const STEPS: usize = 12;
+    const STEPS: usize = 15;
 
     // 1. Full sync, loopback.
     println!(
@@ -1441,17 +1441,31 @@ async fn main() -> Result<()> {
         met: lease_figures.faithful_rss_mib < 64.0,
     });
     targets.push(lease_rate_target(&sizes, &lease_figures));
+    targets.push(keepalive_target(&sizes, &lease_figures));
     println!("[12/{STEPS}] revision-exact replay");
     let (exact, exact_target) = exact_replay_section(&sizes).await?;
     targets.push(exact_target);
+    println!("[13/{STEPS}] lease keeper traffic");
+    let (keeper, keeper_target) = keeper_traffic_section().await?;
+    targets.push(keeper_target);
+    println!("[14/{STEPS}] bytes across the source link");
+    let (wan, wan_target) = wan_bytes_section().await?;
+    targets.push(wan_target);
+    println!("[15/{STEPS}] many jobs on three replicas");
+    let (jobs, jobs_targets) = many_jobs_section().await?;
+    targets.extend(jobs_targets);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
+    let existing = std::fs::read_to_string(&path).unwrap_or_default();
+    targets.push(no_regression(&targets, &existing));
     let report = render(&rows, &notes)?;
     let report = format!("{}\n\n{}", report.trim_end(), render_targets(&targets)?);
     let report = splice_lease_section(&report, &leases);
     let report = splice_section(&report, EXACT_HEADING, &exact);
+    let report = splice_section(&report, KEEPER_HEADING, &keeper);
+    let report = splice_section(&report, WAN_HEADING, &wan);
+    let report = splice_section(&report, JOBS_HEADING, &jobs);
     println!("\n{report}");
     if std::env::var("BENCH_QUICK").is_err() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
-        let existing = std::fs::read_to_string(&path).unwrap_or_default();
         let report = keep_written_sections(&report, &existing);
         std::fs::write(&path, report)?;
         println!("written to {}", path.display());
@@ -1535,7 +1549,7 @@ impl AgainstCeiling<'_> {
     }
 }
 
-/// One row of the issue-15 targets table.
+/// One row of the targets table.
 struct Target {
     measure: String,
     reference: String,
@@ -1544,7 +1558,68 @@ struct Target {
     met: bool,
 }
 
-const TARGETS_HEADING: &str = "## The issue 15 targets, from this run";
+const TARGETS_HEADING: &str = "## The targets, from this run";
+/// The table's heading before issue 28's rows joined it; read once, to
+/// compare a new run with the last one.
+const OLD_TARGETS_HEADING: &str = "## The issue 15 targets, from this run";
+
+/// The `measure` and `met` columns of the targets table in `report` (the
+/// last written docs/benchmarks.md), by measure.
+fn previous_targets(report: &str) -> Vec<(String, bool)> {
+    let Some(at) = report
+        .find(TARGETS_HEADING)
+        .or_else(|| report.find(OLD_TARGETS_HEADING))
+    else {
+        return Vec::new();
+    };
+    let section = &report[at..];
+    let section = &section[..section[3..]
+        .find("\n## ")
+        .map_or(section.len(), |end| end + 3)];
+    section
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| measure"))
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split(" | ").map(str::trim).collect();
+            (cells.len() >= 5).then(|| (cells[0].to_string(), cells[cells.len() - 1] == "yes"))
+        })
+        .collect()
+}
+
+/// Issue 28's last target: every row the previous run met is met again.
+fn no_regression(targets: &[Target], previous: &str) -> Target {
+    let before = previous_targets(previous);
+    let compared: Vec<&Target> = targets
+        .iter()
+        .filter(|t| before.iter().any(|(m, _)| *m == t.measure))
+        .collect();
+    let regressed: Vec<&str> = compared
+        .iter()
+        .filter(|t| !t.met && before.iter().any(|(m, met)| *m == t.measure && *met))
+        .map(|t| t.measure.as_str())
+        .collect();
+    let improved = compared
+        .iter()
+        .filter(|t| t.met && before.iter().any(|(m, met)| *m == t.measure && !*met))
+        .count();
+    Target {
+        measure: "no regression".into(),
+        reference: format!(
+            "the targets table docs/benchmarks.md held before this run ({} rows)",
+            before.len()
+        ),
+        target: "every row met there is met again".into(),
+        result: if regressed.is_empty() {
+            format!(
+                "{} rows compared: none regressed, {improved} newly met",
+                compared.len()
+            )
+        } else {
+            format!("regressed: {}", regressed.join("; "))
+        },
+        met: !before.is_empty() && regressed.is_empty(),
+    }
+}
 
 fn render_targets(targets: &[Target]) -> Result<String> {
     let mut out = String::new();
@@ -1554,8 +1629,10 @@ fn render_targets(targets: &[Target]) -> Result<String> {
         "Each figure next to its reference measured in the same `make bench` run, on the machine and etcd named above. \
          A full sync is judged on its in-process rate (from the start of the full sync to its committed checkpoint), \
          because the ceiling too is timed from its first txn with its client connected; the rate from process start \
-         (connects, the lock, the meta reads) is shown next to it. Where a target is not met, \
-         \"Performance at the destination's limit\" below names the bottleneck with its evidence.\n"
+         (connects, the lock, the meta reads) is shown next to it. The rows from \"mirrored leases\" on are issue 28's \
+         (leases, the keeper, the WAN, many jobs, no regression); their sections below give the detail. Where a \
+         target is not met, \"Performance at the destination's limit\" and \"Leased full sync: where the time goes\" \
+         below name the bottleneck with its evidence.\n"
     )?;
     writeln!(
         out,
@@ -1931,6 +2008,36 @@ fn lease_rate_target(sizes: &Sizes, figures: &LeaseFigures) -> Target {
     }
 }
 
+/// Issue 28's keepalive target: in steady state at most one renewal per
+/// destination lease per third of its TTL.
+fn keepalive_target(sizes: &Sizes, figures: &LeaseFigures) -> Target {
+    let period = (LEASE_TTL + LEASE_GRACE) as f64 / 3.0;
+    let ceiling = sizes.lease_count as f64 / period;
+    // Renewals come in bursts (every lease was granted in the same full
+    // sync): a window's two ends may cut one burst, so one more renewal
+    // per lease than the window holds periods is still one per period.
+    let window = sizes.lease_window.as_secs_f64();
+    let per_lease = figures.keepalives_per_s * window / sizes.lease_count as f64;
+    Target {
+        measure: format!(
+            "mirrored leases: steady-state keepalives, {} leases",
+            group(sizes.lease_count as u64)
+        ),
+        reference: format!(
+            "one renewal per lease per third of its {} s TTL: {ceiling:.0}/s",
+            LEASE_TTL + LEASE_GRACE
+        ),
+        target: "at or below it (within one burst of renewals), no failures".into(),
+        result: format!(
+            "{:.0}/s: {per_lease:.1} renewals per lease in {window:.0} s ({:.1} periods); {} failures",
+            figures.keepalives_per_s,
+            window / period,
+            figures.failures
+        ),
+        met: per_lease <= window / period + 1.0 && figures.failures == 0.0,
+    }
+}
+
 /// `report` with its lease section (from the heading to the end) replaced
 /// by `section`, or `section` appended.
 fn splice_lease_section(report: &str, section: &str) -> String {
@@ -2185,7 +2292,7 @@ fn deployed_via(
 /// both ways: what a full sync, an incremental load, an idle minute and
 /// one `check` cost on the (metered) link between regions, per byte of
 /// source change (keys plus values written).
-async fn wan_bytes_section() -> Result<String> {
+async fn wan_bytes_section() -> Result<(String, Target)> {
     const KEYS: usize = 100_000;
     const WRITERS: usize = 16;
     const PUTS_PER_WRITER: usize = 1_250;
@@ -2342,7 +2449,22 @@ async fn wan_bytes_section() -> Result<String> {
          so none of these bytes are compressed.",
         group(idle_per_minute as u64)
     )?;
-    Ok(out)
+    let per_byte = |(up, down): (u64, u64), change: f64| (up + down) as f64 / change;
+    let target = Target {
+        measure: "bytes across the source link per byte of source change".into(),
+        reference: "the bytes of keys plus values written on the source".into(),
+        target: "reported for a full sync, an incremental load and one check; compression measured on and off".into(),
+        result: format!(
+            "full sync {:.2}, incremental {:.2} per byte of change; one check of {} keys {} B; idle {} B per minute",
+            per_byte(full, full_change),
+            per_byte(incremental, incremental_change),
+            group(check_keys as u64),
+            group(check.0 + check.1),
+            group(idle_per_minute as u64),
+        ),
+        met: true,
+    };
+    Ok((out, target))
 }
 
 /// 100,000 leases on the source, 1,000 of them under the job's prefix: the
@@ -2350,7 +2472,7 @@ async fn wan_bytes_section() -> Result<String> {
 /// and head reads, and the watch's progress requests), through a link
 /// proxy, against listing every source lease (`LeaseLeases`) once per
 /// keeper tick, what a keeper that listed the source's leases would send.
-async fn keeper_traffic_section() -> Result<String> {
+async fn keeper_traffic_section() -> Result<(String, Target)> {
     use std::fmt::Write as _;
     const ALL: usize = 100_000;
     const USED: usize = 1_000;
@@ -2441,12 +2563,30 @@ async fn keeper_traffic_section() -> Result<String> {
         "| listing every lease each keeper tick ({ticks_per_minute:.0} per minute) | {} | the reference |",
         group(listing_per_minute as u64)
     )?;
+    let share = per_minute / listing_per_minute;
     writeln!(
         out,
         "| **ratio** | **{:.1}%** | target ≤ 10% |",
-        100.0 * per_minute / listing_per_minute
+        100.0 * share
     )?;
-    Ok(out)
+    let target = Target {
+        measure: format!(
+            "lease keeper: {} source leases, {USED} of them the job's",
+            group(listed as u64)
+        ),
+        reference: format!(
+            "listing every source lease each keeper tick: {} B per minute",
+            group(listing_per_minute as u64)
+        ),
+        target: "the syncer's source traffic per minute ≤ 10% of it".into(),
+        result: format!(
+            "{} B per minute = {:.1}% ({mirrored:.0} leases mirrored, {renewals:.0} renewals in the minute)",
+            group(per_minute as u64),
+            100.0 * share
+        ),
+        met: share <= 0.10,
+    };
+    Ok((out, target))
 }
 
 /// Every replica's led-job count, and how many of the jobs are watching.
@@ -2500,18 +2640,274 @@ async fn slow_paths(replicas: &[Option<Syncer>]) -> Vec<f64> {
     counts
 }
 
-/// 500 jobs (one prefix of 100 keys each) on three replicas started at
-/// once; then kill -9 of the replica leading most.
-async fn many_jobs_section() -> Result<String> {
+/// Established TCP connections the server listening on `endpoint`'s port
+/// holds (its side of each socket), from /proc/net/tcp and tcp6.
+fn server_connections(endpoint: &str) -> Result<usize> {
+    let port: u16 = endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .context("endpoint port")?;
+    let mut count = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address is ADDR:PORT in hex; state 01 is ESTABLISHED.
+            let local_port = fields
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && fields.get(3) == Some(&"01") {
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
+}
+
+/// Per job, how many replicas report it watching (one scrape each).
+async fn watching_by_job(replicas: &[Option<Syncer>]) -> std::collections::HashMap<String, usize> {
+    let mut by_job = std::collections::HashMap::new();
+    for replica in replicas.iter().flatten() {
+        let Ok(text) = replica.scrape().await else {
+            continue;
+        };
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("etcd_syncer_job_state{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.split_once('}') else {
+                continue;
+            };
+            if !labels.split(',').any(|l| l == "state=\"watching\"")
+                || value.trim().parse::<f64>().unwrap_or(0.0) != 1.0
+            {
+                continue;
+            }
+            if let Some(job) = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("job=\""))
+                .map(|j| j.trim_end_matches('"').to_string())
+            {
+                *by_job.entry(job).or_insert(0) += 1;
+            }
+        }
+    }
+    by_job
+}
+
+/// What one phase of the jobs bench saw, timed from its event (start,
+/// kill, join, leave).
+struct Phase {
+    /// Every job had a leader again.
+    all_led: Option<Duration>,
+    /// Every job was watching on some replica.
+    all_watching: Option<Duration>,
+    /// Each live replica led its share within 10%.
+    fair: Option<Duration>,
+    /// The longest stretch any job had no replica watching it: from the
+    /// last sample that saw it watched to the next one that did, less one
+    /// sample period (so within one period of the real gap).
+    longest_gap: Duration,
+    gap_job: String,
+    samples: Vec<(Duration, Vec<f64>)>,
+}
+
+/// How often the jobs bench samples every replica.
+const JOBS_SAMPLE: Duration = Duration::from_secs(1);
+
+/// Marks the jobs watched now; returns the longest gap closed by this
+/// sample (with its job) and how many jobs no replica watches.
+fn note_watched(
+    by_job: &std::collections::HashMap<String, usize>,
+    jobs: &[String],
+    watched: &mut std::collections::HashMap<String, Instant>,
+    now: Instant,
+) -> (Duration, String, usize) {
+    let (mut longest, mut which, mut unwatched) = (Duration::ZERO, String::new(), 0);
+    for job in jobs {
+        if by_job.get(job).copied().unwrap_or(0) == 0 {
+            unwatched += 1;
+            continue;
+        }
+        // A job never watched before (the first start) closes no gap.
+        if let Some(last) = watched.insert(job.clone(), now) {
+            let gap = (now - last).saturating_sub(JOBS_SAMPLE);
+            if gap > longest {
+                (longest, which) = (gap, job.clone());
+            }
+        }
+    }
+    (longest, which, unwatched)
+}
+
+/// One sample right before an event, so gaps are timed from it.
+async fn mark_watched(
+    replicas: &[Option<Syncer>],
+    jobs: &[String],
+    watched: &mut std::collections::HashMap<String, Instant>,
+) {
+    let by_job = watching_by_job(replicas).await;
+    note_watched(&by_job, jobs, watched, Instant::now());
+}
+
+/// Samples every replica each [`JOBS_SAMPLE`] until every job is led and
+/// watched and the split over the live replicas is fair (or 180 s).
+async fn observe_phase(
+    replicas: &[Option<Syncer>],
+    jobs: &[String],
+    watched: &mut std::collections::HashMap<String, Instant>,
+) -> Phase {
+    let live = replicas.iter().flatten().count();
+    let started = Instant::now();
+    let mut phase = Phase {
+        all_led: None,
+        all_watching: None,
+        fair: None,
+        longest_gap: Duration::ZERO,
+        gap_job: String::new(),
+        samples: Vec::new(),
+    };
+    while started.elapsed() < Duration::from_secs(180) {
+        tokio::time::sleep(JOBS_SAMPLE).await;
+        let (led, _) = led_and_watching(replicas).await;
+        let by_job = watching_by_job(replicas).await;
+        let at = started.elapsed();
+        let (gap, job, unwatched) = note_watched(&by_job, jobs, watched, Instant::now());
+        if gap > phase.longest_gap {
+            (phase.longest_gap, phase.gap_job) = (gap, job);
+        }
+        let total: f64 = led.iter().sum();
+        if phase.all_led.is_none() && total as usize == jobs.len() {
+            phase.all_led = Some(at);
+        }
+        if phase.all_watching.is_none() && unwatched == 0 {
+            phase.all_watching = Some(at);
+        }
+        if phase.fair.is_none() && fair(&led, live, jobs.len()) {
+            phase.fair = Some(at);
+        }
+        phase.samples.push((at, led));
+        if phase.all_led.is_some() && phase.all_watching.is_some() && phase.fair.is_some() {
+            break;
+        }
+    }
+    phase
+}
+
+/// Full syncs the live replicas ran since `before` (the same replica
+/// indices; one gone since counts none, one new counts all of its own).
+fn full_syncs_since(before: &[f64], after: &[f64]) -> f64 {
+    after
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n - before.get(i).copied().unwrap_or(0.0)).max(0.0))
+        .sum()
+}
+
+/// Puts `puts` keys of 100 B spread over every job's prefix from 16
+/// writers, as fast as they go; returns the wall time.
+async fn spread_load(
+    source: &EtcdCluster,
+    jobs: usize,
+    puts: usize,
+    tag: &str,
+) -> Result<Duration> {
+    const WRITERS: usize = 16;
+    let clients = load_clients(source).await?;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for writer in 0..WRITERS {
+        let mut client = clients[writer % clients.len()].clone();
+        let tag = tag.to_string();
+        tasks.spawn(async move {
+            for i in (writer..puts).step_by(WRITERS) {
+                client
+                    .put(
+                        format!("/jobs/j{:03}/{tag}-{i:06}", i % jobs),
+                        "l".repeat(100),
+                        None,
+                    )
+                    .await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    Ok(started.elapsed())
+}
+
+/// Keys under `prefix` on `cluster` (a count-only range).
+async fn count_under(cluster: &EtcdCluster, prefix: &str) -> Result<i64> {
+    Ok(cluster
+        .client()
+        .await?
+        .get(
+            prefix,
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await?
+        .count())
+}
+
+fn show_within(d: Option<Duration>) -> String {
+    d.map(|d| format!("{:.0} s", d.as_secs_f64()))
+        .unwrap_or_else(|| "not within 180 s".to_string())
+}
+
+/// 500 jobs (one prefix of 100 keys each, every tenth on leases) on three
+/// replicas started at once; then kill -9 of the replica leading most, a
+/// new replica joining, a load spread over every job, and a replica
+/// leaving by SIGTERM. The source's CPU, connections and watch streams are
+/// measured against the same load with no syncer running.
+async fn many_jobs_section() -> Result<(String, Vec<Target>)> {
     use std::fmt::Write as _;
     const JOBS: usize = 500;
     const KEYS: usize = 100;
+    const LEASED_EVERY: usize = 10;
+    const LOAD_PUTS: usize = 20_000;
+    const LOCK_TTL: Duration = Duration::from_secs(5);
+    const IDLE: Duration = Duration::from_secs(20);
     let source = EtcdCluster::start_source().await?;
     let dest = EtcdCluster::start_dest().await?;
     let mut client = source.client().await?;
+    let leased_jobs = JOBS.div_ceil(LEASED_EVERY);
+    let leases = e2e::leases::grant_leases(&client, leased_jobs, 60).await?;
+    let renewer =
+        e2e::leases::LeaseRenewer::start(source.client().await?, &leases, Duration::from_secs(20));
     for job in 0..JOBS {
-        e2e::put_many(&mut client, &format!("/jobs/j{job:03}/"), KEYS, 100, "v").await?;
+        let prefix = format!("/jobs/j{job:03}/");
+        if job % LEASED_EVERY == 0 {
+            let entries: Vec<(String, String, i64)> = (0..KEYS)
+                .map(|k| {
+                    (
+                        format!("{prefix}k{k:03}"),
+                        "v".repeat(100),
+                        leases[job / LEASED_EVERY],
+                    )
+                })
+                .collect();
+            e2e::leases::put_leased(&mut client, &entries).await?;
+        } else {
+            e2e::put_many(&mut client, &prefix, KEYS, 100, "v").await?;
+        }
     }
+
+    // The source with no syncer: connections, idle CPU and the load's CPU.
+    let source_endpoint = source.endpoints()[0].clone();
+    let connections_alone = server_connections(&source_endpoint)?;
+    let cpu = etcd_cpu_seconds(&source).await?;
+    tokio::time::sleep(IDLE).await;
+    let idle_cpu_alone = etcd_cpu_seconds(&source).await? - cpu;
+    let cpu = etcd_cpu_seconds(&source).await?;
+    let load_alone = spread_load(&source, JOBS, LOAD_PUTS, "alone").await?;
+    let load_cpu_alone = etcd_cpu_seconds(&source).await? - cpu;
+
     let dir = tempfile::tempdir()?;
     let mut config = format!(
         "[source]\nendpoints = {:?}\n[destination]\nendpoints = {:?}\n",
@@ -2533,9 +2929,22 @@ async fn many_jobs_section() -> Result<String> {
             path.to_str().expect("utf-8 path"),
             "--instance-id",
             &format!("r{n}"),
+            "--lock-ttl",
+            &format!("{}s", LOCK_TTL.as_secs()),
         ])
     };
-    let started = Instant::now();
+    let jobs: Vec<String> = (0..JOBS).map(|j| format!("j{j:03}")).collect();
+    let mut watched = std::collections::HashMap::new();
+    let mut rss = Vec::new();
+    let mut note_rss = |replicas: &[Option<Syncer>]| {
+        for replica in replicas.iter().flatten() {
+            if let Some(pid) = replica.pid() {
+                rss.push(peak_rss_mib(pid.as_raw() as u32).unwrap_or(0.0));
+            }
+        }
+    };
+
+    // 1. Three replicas started at once.
     let (args0, args1, args2) = (args(0), args(1), args(2));
     let (a, b, c) = futures::join!(
         Syncer::start("r0", &args0),
@@ -2543,32 +2952,23 @@ async fn many_jobs_section() -> Result<String> {
         Syncer::start("r2", &args2)
     );
     let mut replicas = vec![Some(a?), Some(b?), Some(c?)];
-    let mut all_watching = None;
-    let mut fair_at = None;
-    let mut samples = Vec::new();
-    while started.elapsed() < Duration::from_secs(180) {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let (led, watching) = led_and_watching(&replicas).await;
-        let at = started.elapsed();
-        samples.push((at, led.clone()));
-        if all_watching.is_none() && watching as usize == JOBS {
-            all_watching = Some(at);
-        }
-        if fair_at.is_none() && fair(&led, 3, JOBS) {
-            fair_at = Some(at);
-        }
-        if all_watching.is_some() && fair_at.is_some() {
-            break;
-        }
-    }
-    let full_syncs = slow_paths(&replicas).await;
-    let rss: Vec<f64> = replicas
-        .iter()
-        .flatten()
-        .map(|r| peak_rss_mib(r.pid().expect("pid").as_raw() as u32).unwrap_or(0.0))
-        .collect();
+    let start = observe_phase(&replicas, &jobs, &mut watched).await;
+    let full_syncs_start: f64 = slow_paths(&replicas).await.iter().sum();
+    let connections_three = server_connections(&source_endpoint)?.saturating_sub(connections_alone);
+    let source_metrics = source.server_metrics().await?;
+    let watch_streams = e2e::metric_value(
+        &source_metrics,
+        "etcd_debugging_mvcc_watch_stream_total",
+        &[],
+    );
+    let watchers = e2e::metric_value(&source_metrics, "etcd_debugging_mvcc_watcher_total", &[]);
+    let cpu = etcd_cpu_seconds(&source).await?;
+    tokio::time::sleep(IDLE).await;
+    let idle_cpu_three = etcd_cpu_seconds(&source).await? - cpu;
+    note_rss(&replicas);
+
+    // 2. kill -9 of the replica leading most.
     let (led_before, _) = led_and_watching(&replicas).await;
-    // kill -9 the replica leading most.
     let victim = led_before
         .iter()
         .enumerate()
@@ -2576,85 +2976,227 @@ async fn many_jobs_section() -> Result<String> {
         .map(|(i, _)| i)
         .expect("three replicas");
     let victim_jobs = led_before[victim];
-    let full_syncs_before: f64 = full_syncs.iter().sum();
-    let survivors_before: f64 = full_syncs
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != victim)
-        .map(|(_, n)| n)
-        .sum();
+    let before = slow_paths(&replicas).await;
+    mark_watched(&replicas, &jobs, &mut watched).await;
     replicas[victim].as_mut().expect("alive").kill9()?;
     replicas[victim] = None;
-    let killed = Instant::now();
-    let mut taken_over = None;
-    let mut fair_after = None;
-    while killed.elapsed() < Duration::from_secs(180) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let (led, _) = led_and_watching(&replicas).await;
-        let total: f64 = led.iter().sum();
-        if taken_over.is_none() && total as usize == JOBS {
-            taken_over = Some(killed.elapsed());
-        }
-        if fair_after.is_none() && fair(&led, 2, JOBS) {
-            fair_after = Some(killed.elapsed());
-        }
-        if taken_over.is_some() && fair_after.is_some() {
-            break;
-        }
-    }
-    let survivors_after: f64 = slow_paths(&replicas).await.iter().sum();
-    let show = |d: Option<Duration>| {
-        d.map(|d| format!("{:.0} s", d.as_secs_f64()))
-            .unwrap_or_else(|| "not within 180 s".to_string())
+    let killed = observe_phase(&replicas, &jobs, &mut watched).await;
+    let full_syncs_kill = full_syncs_since(&before, &slow_paths(&replicas).await);
+
+    // 3. A new replica joins.
+    let before = slow_paths(&replicas).await;
+    mark_watched(&replicas, &jobs, &mut watched).await;
+    replicas.push(Some(Syncer::start("r3", &args(3)).await?));
+    let joined = observe_phase(&replicas, &jobs, &mut watched).await;
+    let full_syncs_join = full_syncs_since(&before, &slow_paths(&replicas).await);
+
+    // 4. A load spread over every job, with three replicas running.
+    let cpu = etcd_cpu_seconds(&source).await?;
+    let dest_cpu = etcd_cpu_seconds(&dest).await?;
+    let replicas_cpu = |replicas: &[Option<Syncer>]| -> f64 {
+        replicas
+            .iter()
+            .flatten()
+            .filter_map(|r| r.pid())
+            .map(|pid| process_cpu_seconds(pid.as_raw() as u32).unwrap_or(0.0))
+            .sum()
     };
+    let syncers_cpu = replicas_cpu(&replicas);
+    let mut txns = 0.0;
+    for replica in replicas.iter().flatten() {
+        txns -= replica.metric("etcd_syncer_txns_total", &[]).await?;
+    }
+    let load_with = spread_load(&source, JOBS, LOAD_PUTS, "with").await?;
+    let load_done = Instant::now();
+    let expected = count_under(&source, "/jobs/").await?;
+    let mut dest_client = dest.client().await?;
+    let lag = loop {
+        let reached = dest_client
+            .get(
+                "/jobs/",
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await?
+            .count();
+        if reached >= expected {
+            break Some(load_done.elapsed());
+        }
+        if load_done.elapsed() > Duration::from_secs(60) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let load_cpu_with = etcd_cpu_seconds(&source).await? - cpu;
+    let load_dest_cpu = etcd_cpu_seconds(&dest).await? - dest_cpu;
+    let load_syncers_cpu = replicas_cpu(&replicas) - syncers_cpu;
+    for replica in replicas.iter().flatten() {
+        txns += replica.metric("etcd_syncer_txns_total", &[]).await?;
+    }
+    note_rss(&replicas);
+
+    // 5. A replica leaves by SIGTERM, as in a rolling update.
+    let before = slow_paths(&replicas).await;
+    mark_watched(&replicas, &jobs, &mut watched).await;
+    let leaver = replicas
+        .iter()
+        .position(Option::is_some)
+        .expect("a live replica");
+    // Sampled while it shuts down: its jobs are unwatched from their
+    // step-down until a survivor watches them; the others never are.
+    let leaving = replicas[leaver].take().expect("alive");
+    let sigterm = Instant::now();
+    let exited = tokio::spawn(async move {
+        let finished = leaving.finish().await;
+        (finished, sigterm.elapsed())
+    });
+    let left = observe_phase(&replicas, &jobs, &mut watched).await;
+    let (finished, leaver_exit) = exited.await?;
+    finished?;
+    let full_syncs_leave = full_syncs_since(&before, &slow_paths(&replicas).await);
+    note_rss(&replicas);
+    let peak_rss = rss.iter().copied().fold(0.0, f64::max);
+    for replica in replicas.into_iter().flatten() {
+        replica.finish().await?;
+    }
+    renewer.stop();
+
+    let secs = |d: Duration| format!("{:.0} s", d.as_secs_f64());
+    let gap = |p: &Phase| format!("longest unwatched: {} ({})", secs(p.longest_gap), p.gap_job);
+    let within = |d: Option<Duration>, cap: Duration| d.is_some_and(|d| d <= cap);
+    let two_minutes = Duration::from_secs(120);
+    let mut targets = vec![
+        Target {
+            measure: format!("{JOBS} jobs on 3 replicas started at once: every job watching"),
+            reference: "—".into(),
+            target: "within 60 s".into(),
+            result: show_within(start.all_watching),
+            met: within(start.all_watching, Duration::from_secs(60)),
+        },
+        Target {
+            measure: format!("{JOBS} jobs on 3 replicas started at once: fair split (each within 10% of its share)"),
+            reference: format!("lock TTL {}", secs(LOCK_TTL)),
+            target: "within 120 s; no job unwatched longer than the lock TTL once watching".into(),
+            result: format!(
+                "{}; {}; {full_syncs_start:.0} full syncs ({JOBS} jobs' first, and those restarted by a new leader after a hand-over mid-sync)",
+                show_within(start.fair),
+                gap(&start)
+            ),
+            met: within(start.fair, two_minutes) && start.longest_gap <= LOCK_TTL,
+        },
+        Target {
+            measure: format!("kill -9 of the replica leading most ({victim_jobs:.0} jobs)"),
+            reference: format!("2 × lock TTL = {}", secs(2 * LOCK_TTL)),
+            target: "its jobs led again within 2 × lock TTL, no full sync; fair again within 120 s".into(),
+            result: format!(
+                "led again after {}; {}; fair after {}; +{full_syncs_kill:.0} full syncs",
+                show_within(killed.all_led),
+                gap(&killed),
+                show_within(killed.fair)
+            ),
+            met: within(killed.all_led, 2 * LOCK_TTL)
+                && within(killed.fair, two_minutes)
+                && full_syncs_kill == 0.0,
+        },
+    ];
+    for (event, phase, full_syncs) in [
+        ("a fourth replica joins the two", &joined, full_syncs_join),
+        (
+            "a replica leaves by SIGTERM (of three)",
+            &left,
+            full_syncs_leave,
+        ),
+    ] {
+        targets.push(Target {
+            measure: format!("{JOBS} jobs: {event}"),
+            reference: format!("lock TTL {}", secs(LOCK_TTL)),
+            target: "fair within 120 s, no full sync, no job unwatched longer than the lock TTL"
+                .into(),
+            result: format!(
+                "fair after {}; {}; +{full_syncs:.0} full syncs{}",
+                show_within(phase.fair),
+                gap(phase),
+                if std::ptr::eq(phase, &left) {
+                    format!(
+                        "; the leaver exited {:.1} s after SIGTERM",
+                        leaver_exit.as_secs_f64()
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+            met: within(phase.fair, two_minutes)
+                && full_syncs == 0.0
+                && phase.longest_gap <= LOCK_TTL,
+        });
+    }
+    targets.push(Target {
+        measure: format!("{JOBS} jobs: {} puts spread over every job, 16 writers", group(LOAD_PUTS as u64)),
+        reference: format!("the same load with no syncer: {}", fmt_rate(rate(LOAD_PUTS as f64, load_alone), "puts/s")),
+        target: "lag < 1 s at the end".into(),
+        result: format!(
+            "{} with three replicas; every job's keys on the destination {} after the last put; {txns:.0} destination txns; CPU s from the load's start to the end of the lag: source etcd {load_cpu_with:.2}, destination etcd {load_dest_cpu:.2}, the replicas {load_syncers_cpu:.2} (the two cores give {:.2})",
+            fmt_rate(rate(LOAD_PUTS as f64, load_with), "puts/s"),
+            lag.map_or("not within 60 s".to_string(), |l| format!("{:.2} s", l.as_secs_f64())),
+            2.0 * (load_with + lag.unwrap_or(Duration::from_secs(60))).as_secs_f64(),
+        ),
+        met: lag.is_some_and(|l| l < Duration::from_secs(1)),
+    });
+    targets.push(Target {
+        measure: format!("{JOBS} jobs: peak RSS per replica"),
+        reference: "—".into(),
+        target: "< 256 MiB".into(),
+        result: format!(
+            "{peak_rss:.0} MiB (the largest of every replica, sampled after each phase)"
+        ),
+        met: peak_rss < 256.0,
+    });
+    targets.push(Target {
+        measure: format!("{JOBS} jobs: the source's cost"),
+        reference: format!(
+            "no syncer: idle {:.2} CPU s per minute; the load {:.2} CPU s",
+            idle_cpu_alone * 60.0 / IDLE.as_secs_f64(),
+            load_cpu_alone
+        ),
+        target: "reported".into(),
+        result: format!(
+            "three replicas: idle {:.2} CPU s per minute; the load {:.2} CPU s; {connections_three} connections, {watch_streams:.0} watch streams, {watchers:.0} watchers",
+            idle_cpu_three * 60.0 / IDLE.as_secs_f64(),
+            load_cpu_with
+        ),
+        met: true,
+    });
+
     let mut out = String::new();
     writeln!(out, "{JOBS_HEADING}\n")?;
     writeln!(
         out,
-        "Produced by `make bench-jobs` on {}; {}. {JOBS} jobs (one prefix of {KEYS} keys of 100 B each, {} keys in all) in one config file, three replicas started at once (`--lock-ttl 5s`, `--rebalance-interval 30s`, the defaults); each replica's led jobs are read from `etcd_syncer_is_leader` every 5 s. Fair: every replica within 10% of its share.\n",
+        "Produced by `make bench-jobs` (also a step of `make bench`) on {}; {}. {JOBS} jobs (one prefix of {KEYS} keys of 100 B each, {} keys in all; every {LEASED_EVERY}th job's keys on a lease of its own, TTL 60 s, renewed by the bench) in one config file; three replicas started at once (`--lock-ttl {}s`, `--rebalance-interval 30s`); then kill -9 of the replica leading most, a fourth replica joining, a load spread over every job, and one replica leaving by SIGTERM. Every replica is sampled every {} s (`etcd_syncer_is_leader`, and `etcd_syncer_job_state` per job: a job is unwatched while no replica reports it watching). Fair: every live replica within 10% of its share.\n",
         humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
         machine()?,
-        JOBS * KEYS
-    )?;
-    writeln!(out, "| measure | result | target |\n|---|---|---|")?;
-    writeln!(
-        out,
-        "| every job watching after the start | {} | 60 s |",
-        show(all_watching)
+        group((JOBS * KEYS) as u64),
+        LOCK_TTL.as_secs(),
+        JOBS_SAMPLE.as_secs(),
     )?;
     writeln!(
         out,
-        "| fair split after the start | {} | 120 s |",
-        show(fair_at)
+        "| measure | reference | target | result | met |\n|---|---|---|---|---|"
     )?;
+    for t in &targets {
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            t.measure,
+            t.reference,
+            t.target,
+            t.result,
+            if t.met { "yes" } else { "**no**" }
+        )?;
+    }
     writeln!(
         out,
-        "| peak RSS per replica | {} | 256 MiB |",
-        rss.iter()
-            .map(|r| format!("{r:.0} MiB"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "\nThe source without the syncer held {connections_alone} connections (the bench's own clients); the three replicas added {connections_three}. Jobs led per replica after the start (r0, r1, r2):\n"
     )?;
-    writeln!(
-        out,
-        "| jobs of the killed replica ({victim_jobs:.0}) led again after kill -9 | {} | 2 × lock TTL = 10 s |",
-        show(taken_over)
-    )?;
-    writeln!(
-        out,
-        "| fair split of the two left | {} | 120 s |",
-        show(fair_after)
-    )?;
-    writeln!(
-        out,
-        "| full syncs: start (each job's first), then after the takeover | {full_syncs_before:.0}, +{:.0} | {JOBS}, +0 |",
-        survivors_after - survivors_before
-    )?;
-    writeln!(
-        out,
-        "\nJobs led per replica over the first minutes (r0, r1, r2):\n"
-    )?;
-    for (at, led) in samples.iter().take(24) {
+    for (at, led) in start.samples.iter().take(24) {
         writeln!(
             out,
             "- {:>3.0} s: {}",
@@ -2665,10 +3207,7 @@ async fn many_jobs_section() -> Result<String> {
                 .join(" / ")
         )?;
     }
-    for replica in replicas.into_iter().flatten() {
-        replica.finish().await?;
-    }
-    Ok(out)
+    Ok((out, targets))
 }
 
 const ZK_HEADING: &str = "## zk2etcd: a ZooKeeper tree into etcd";
@@ -2914,7 +3453,8 @@ fn keep_written_sections(report: &str, existing: &str) -> String {
         let end = starts.get(n + 1).copied().unwrap_or(existing.len());
         let section = &existing[start..end];
         let heading = section.lines().next().unwrap_or_default();
-        if !headings.contains(&heading) {
+        // The targets table's old heading: the new table replaces it.
+        if !headings.contains(&heading) && heading != OLD_TARGETS_HEADING {
             out.push_str("\n\n");
             out.push_str(section.trim_end());
         }
@@ -2944,6 +3484,31 @@ mod tests {
             splice_section("# B\n", KEEPER_HEADING, "## Lease keeper traffic\n\nx\n"),
             "# B\n\n## Lease keeper traffic\n\nx\n"
         );
+    }
+
+    /// A run is compared with the table the file held, under its old
+    /// heading too: a row met before and missed now is a regression.
+    #[test]
+    fn a_row_met_before_and_missed_now_regresses() {
+        let previous = "# B\n\n## The issue 15 targets, from this run\n\ntext\n\n| measure | reference in the same run | target | result | met |\n|---|---|---|---|---|\n| a | r | t | x | yes |\n| b | r | t | x | **no** |\n\n## Lease mirroring\n\n| a | r | t | x | **no** |\n";
+        assert_eq!(
+            previous_targets(previous),
+            vec![("a".to_string(), true), ("b".to_string(), false)]
+        );
+        let row = |measure: &str, met| Target {
+            measure: measure.into(),
+            reference: String::new(),
+            target: String::new(),
+            result: String::new(),
+            met,
+        };
+        let kept = no_regression(&[row("a", true), row("b", true), row("c", false)], previous);
+        assert!(kept.met);
+        assert_eq!(kept.result, "2 rows compared: none regressed, 1 newly met");
+        let lost = no_regression(&[row("a", false), row("b", false)], previous);
+        assert!(!lost.met);
+        assert_eq!(lost.result, "regressed: a");
+        assert!(!no_regression(&[row("a", true)], "# B\n").met);
     }
 
     /// A new report keeps the sections only the old file had, in order,
