@@ -93,6 +93,9 @@ pub struct EtcdOptions {
     pub max_txn_ops: Option<usize>,
     /// Any other server flags, passed as given (e.g. `--auth-token-ttl 3`).
     pub extra_args: Vec<String>,
+    /// This etcd binary, whatever the role and the environment name (a
+    /// bench comparing one version's feature inside another's run).
+    pub binary: Option<String>,
     /// Start from this snapshot (`etcdctl snapshot save`), restored with
     /// `etcdctl snapshot restore` into each member's data directory.
     pub restore_from: Option<PathBuf>,
@@ -163,7 +166,10 @@ impl EtcdCluster {
     }
 
     async fn try_start(options: EtcdOptions) -> Result<Self> {
-        let binary = etcd_binary(options.role);
+        let binary = options
+            .binary
+            .clone()
+            .unwrap_or_else(|| etcd_binary(options.role));
         let version = etcd_version(&binary)?;
         let dir = tempfile::Builder::new()
             .prefix("etcd-syncer-e2e-")
