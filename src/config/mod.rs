@@ -29,7 +29,7 @@ pub use args::{
 };
 pub use file::{FileCluster, FileJob};
 pub use settings::{
-    default_instance_id, AuthPasswords, AuthSyncSettings, CheckSettings, ClusterSettings,
+    default_instance_id, AuthPasswords, AuthSyncSettings, CheckSettings, ClusterSettings, Compression,
     Credentials, EphemeralMode, ExactGap, JobSettings, LeaseMode, LeaseSettings, Settings,
     TlsFiles, Tuning, TxnLimits, WriteRateLimit, ZkJob, DEFAULT_CHECK_INTERVAL, DEFAULT_LOCK_TTL,
     DEFAULT_MAX_PRUNE_RATIO, DEFAULT_MAX_TXN_BYTES, DEFAULT_MAX_TXN_OPS, DEFAULT_META_PREFIX,
