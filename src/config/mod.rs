@@ -29,14 +29,14 @@ pub use args::{
 };
 pub use file::{FileCluster, FileJob};
 pub use settings::{
-    default_instance_id, AuthPasswords, AuthSyncSettings, CheckSettings, ClusterSettings, Compression,
-    Credentials, EphemeralMode, ExactGap, JobSettings, LeaseMode, LeaseSettings, Settings,
-    TlsFiles, Tuning, TxnLimits, WriteRateLimit, ZkJob, DEFAULT_CHECK_INTERVAL, DEFAULT_LOCK_TTL,
-    DEFAULT_MAX_PRUNE_RATIO, DEFAULT_MAX_TXN_BYTES, DEFAULT_MAX_TXN_OPS, DEFAULT_META_PREFIX,
-    DEFAULT_METRICS_ADDR, DEFAULT_REBALANCE_INTERVAL, MAX_CHECK_INTERVAL, MAX_LEASE_GRACE,
-    MAX_LIVENESS_TIMEOUT, MAX_LOCK_TTL, MAX_PIPELINE_SPACING, MAX_PROGRESS_INTERVAL,
-    MAX_REBALANCE_INTERVAL, MAX_REQUEST_TIMEOUT, MAX_WAIT_TIMEOUT, MAX_WATCH_IDLE_TIMEOUT,
-    MIN_LEASE_GRACE,
+    default_instance_id, AuthPasswords, AuthSyncSettings, CheckSettings, ClusterSettings,
+    Compression, Credentials, EphemeralMode, ExactGap, JobSettings, LeaseMode, LeaseSettings,
+    Settings, TlsFiles, Tuning, TxnLimits, WriteRateLimit, ZkJob, DEFAULT_CHECK_INTERVAL,
+    DEFAULT_LOCK_TTL, DEFAULT_MAX_PRUNE_RATIO, DEFAULT_MAX_TXN_BYTES, DEFAULT_MAX_TXN_OPS,
+    DEFAULT_META_PREFIX, DEFAULT_METRICS_ADDR, DEFAULT_REBALANCE_INTERVAL, MAX_CHECK_INTERVAL,
+    MAX_LEASE_GRACE, MAX_LIVENESS_TIMEOUT, MAX_LOCK_TTL, MAX_PIPELINE_SPACING,
+    MAX_PROGRESS_INTERVAL, MAX_REBALANCE_INTERVAL, MAX_REQUEST_TIMEOUT, MAX_WAIT_TIMEOUT,
+    MAX_WATCH_IDLE_TIMEOUT, MIN_LEASE_GRACE,
 };
 pub use table::{load_file, FileConfig};
 pub use validation::{

@@ -1686,7 +1686,11 @@ mod tests {
         assert_eq!(settings.source.compression, Compression::Auto);
         assert_eq!(settings.destination.compression, Compression::Off);
 
-        let flags = [&endpoints[..], &["--src-compression", "off", "--dst-compression", "gzip"]].concat();
+        let flags = [
+            &endpoints[..],
+            &["--src-compression", "off", "--dst-compression", "gzip"],
+        ]
+        .concat();
         let settings = with_file("", &flags).unwrap();
         assert_eq!(settings.source.compression, Compression::Off);
         assert_eq!(settings.destination.compression, Compression::Gzip);
@@ -1699,13 +1703,9 @@ mod tests {
         let settings = with_file(file, &["--src-compression", "off"]).unwrap();
         assert_eq!(settings.source.compression, Compression::Off);
 
-        let error = Cli::try_parse_from([
-            "etcd-syncer",
-            "mirror-plus",
-            "--src-compression",
-            "zstd",
-        ])
-        .expect_err("not a compression");
+        let error =
+            Cli::try_parse_from(["etcd-syncer", "mirror-plus", "--src-compression", "zstd"])
+                .expect_err("not a compression");
         assert_eq!(error.exit_code(), 2);
         let text = error.to_string();
         assert!(text.contains("--src-compression"), "{text}");
@@ -1715,7 +1715,10 @@ mod tests {
             .expect_err("not a compression")
             .to_string();
         assert!(error.contains("compression"), "{error}");
-        assert!(error.contains("`auto`, `gzip`, `off`") || error.contains("auto"), "{error}");
+        assert!(
+            error.contains("`auto`, `gzip`, `off`") || error.contains("auto"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -301,14 +301,12 @@ where
 
 fn compress_request(request: Request) -> Request {
     let (mut parts, body) = request.into_parts();
-    parts.headers.insert(
-        "grpc-encoding",
-        http::HeaderValue::from_static(GZIP),
-    );
-    parts.headers.insert(
-        "grpc-accept-encoding",
-        http::HeaderValue::from_static(GZIP),
-    );
+    parts
+        .headers
+        .insert("grpc-encoding", http::HeaderValue::from_static(GZIP));
+    parts
+        .headers
+        .insert("grpc-accept-encoding", http::HeaderValue::from_static(GZIP));
     let body = TonicBody::new(Transcoded::new(body, Direction::Compress));
     Request::from_parts(parts, body)
 }
@@ -578,7 +576,10 @@ mod tests {
         assert_eq!(collected.trailers(), Some(&trailers));
         let on_wire = messages_of(&collected.to_bytes());
         assert_eq!(on_wire.len(), 1);
-        assert_eq!(gunzip(&on_wire[0].payload, 1 << 20).expect("inflate"), payload);
+        assert_eq!(
+            gunzip(&on_wire[0].payload, 1 << 20).expect("inflate"),
+            payload
+        );
 
         let frames: Vec<Result<Frame<Bytes>, Status>> = vec![
             Ok(Frame::data(bytes.slice(..3))),
