@@ -92,13 +92,15 @@ pub struct ClusterSettings {
 /// `--src-compression` / `--dst-compression`: gzip on a side's gRPC link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
+// Plain comments on the variants: doc comments would become clap's
+// per-value help and switch every subcommand's `--help` to the long layout.
 pub enum Compression {
-    /// gzip if every member of the endpoint group runs etcd 3.5 or later
-    /// (etcd 3.4 refuses compressed requests), else off.
+    // gzip if every member of the endpoint group runs etcd 3.5 or later
+    // (etcd 3.4 refuses compressed requests), else off.
     Auto,
-    /// Always gzip: etcd before 3.5 then refuses every request.
+    // Always gzip: etcd before 3.5 then refuses every request.
     Gzip,
-    /// Never compress.
+    // Never compress.
     Off,
 }
 
