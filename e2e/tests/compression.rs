@@ -166,3 +166,39 @@ async fn forced_gzip_on_etcd_3_4_names_the_flag() -> Result<()> {
     ensure!(count_prefix(&mirror.dest, "/app/").await? == 0);
     mirror.finish().await
 }
+
+/// `auto` on a group of three asks each member on its own connection
+/// (the balanced channel would pick one): all 3.5, gzip on; the mirror,
+/// whose hedged reads connect each member again, stays exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_asks_every_member_of_the_group() -> Result<()> {
+    let version = etcd_version(&etcd_binary(Role::Source))?;
+    let mirror = Mirror::start(MirrorOptions {
+        source: EtcdOptions {
+            members: 3,
+            ..EtcdOptions::default()
+        },
+        ..MirrorOptions::loaded(200, 100)
+    })
+    .await?;
+    mirror
+        .source
+        .client()
+        .await?
+        .put("/app/live", value(1), None)
+        .await?;
+    mirror.converge().await?;
+    let log = compression_log(&mirror.syncer, "source").unwrap_or_default();
+    if at_least_3_5(&version) {
+        ensure!(
+            log == "source: gzip compression on (every member is etcd >= 3.5)",
+            "{log:?}"
+        );
+    } else {
+        ensure!(
+            log.starts_with("source: gzip compression off (member "),
+            "{log:?}"
+        );
+    }
+    mirror.finish().await
+}

@@ -379,9 +379,17 @@ pub async fn connect_client(
     };
     gzip.store(on, Ordering::Relaxed);
     let on_off = if on { "on" } else { "off" };
-    // Every member's and every reconnect's connect decides again: tell
-    // only what changed.
-    if compress::record_in_use(settings.side, on) {
+    let previous = compress::record(
+        settings.side,
+        compress::Decision {
+            on,
+            why: why.clone(),
+        },
+    );
+    // The first decision is logged by whoever reports the connection (the
+    // mirror, with the versions); a later connect that decides otherwise
+    // (an upgrade, another group) is news.
+    if previous.is_some_and(|p| p.on != on) {
         tracing::info!(side = %settings.side, compression = on_off, "{}: gzip compression {on_off} ({why})", settings.side);
     } else {
         tracing::debug!(side = %settings.side, compression = on_off, "{}: gzip compression {on_off} ({why})", settings.side);

@@ -14,7 +14,7 @@
 //! length and the payload, and body frames cut across and join messages.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -354,27 +354,44 @@ impl BalancedChannelBuilder for GzipChannel {
     }
 }
 
-/// Whether the last connect of each side turned gzip on (0 unknown, 1 off,
-/// 2 on): for the hint on a refused request, the gauge, and to log a
-/// decision once rather than at every member's connect.
-static IN_USE: [AtomicU8; 2] = [AtomicU8::new(0), AtomicU8::new(0)];
+/// What a side's connect chose, and why (for the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub on: bool,
+    pub why: String,
+}
 
-fn slot(side: Side) -> &'static AtomicU8 {
+/// The last connect's decision per side: for the hint on a refused
+/// request, and to log a decision once rather than at every member's
+/// connect and reconnect.
+static DECISIONS: std::sync::Mutex<[Option<Decision>; 2]> = std::sync::Mutex::new([None, None]);
+
+fn index(side: Side) -> usize {
     match side {
-        Side::Source => &IN_USE[0],
-        Side::Destination => &IN_USE[1],
+        Side::Source => 0,
+        Side::Destination => 1,
     }
 }
 
-/// Records the side's decision; true if it differs from the last one.
-pub fn record_in_use(side: Side, on: bool) -> bool {
-    let value = if on { 2 } else { 1 };
-    slot(side).swap(value, Ordering::Relaxed) != value
+fn decisions() -> std::sync::MutexGuard<'static, [Option<Decision>; 2]> {
+    DECISIONS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Records the side's decision; returns the one it replaces.
+pub fn record(side: Side, decision: Decision) -> Option<Decision> {
+    decisions()[index(side)].replace(decision)
+}
+
+/// The side's last decision, if it connected.
+pub fn decision(side: Side) -> Option<Decision> {
+    decisions()[index(side)].clone()
 }
 
 /// Whether the side's requests go gzip-compressed.
 pub fn in_use(side: Side) -> bool {
-    slot(side).load(Ordering::Relaxed) == 2
+    decision(side).is_some_and(|d| d.on)
 }
 
 /// An etcd version as numbers: "3.5.1" is (3, 5, 1); a suffix after `-` or
