@@ -19,8 +19,8 @@ ETCD_35 := E2E_ETCD_BIN=$(ETCD35_BIN) E2E_ETCDCTL_BIN=$(ETCD35_CTL)
 ## One version on both sides: no per-side override from the caller's environment.
 SAME := E2E_SOURCE_ETCD_BIN= E2E_DEST_ETCD_BIN=
 ## The scenarios run again on 3.4 and on mixed pairs.
-E2E_CORE := --test exact --test zk2etcd --test replicator --test ha --test fences --test ordering --test versions --test leases --test failback --test point_in_time --test day_two --test operator_paths
-E2E_MIXED := --test replicator
+E2E_CORE := --test exact --test zk2etcd --test replicator --test ha --test fences --test ordering --test versions --test leases --test failback --test point_in_time --test day_two --test operator_paths --test compression
+E2E_MIXED := --test replicator --test compression
 ## Every e2e scenario, named one by one: `--workspace --test X` keeps the
 ## feature selection of every other cargo command here (`-p e2e` or `--tests`
 ## would resolve features for another selection and compile the crate and its

@@ -349,6 +349,21 @@ async fn mutual_tls_on_both_sides() -> Result<()> {
         .put("/app/live", "1", None)
         .await?;
     mirror.converge().await?;
+    // The source's default, auto, puts gzip under TLS on etcd 3.5.
+    let mut version = mirror
+        .source
+        .version()
+        .split('.')
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    if (version.next().unwrap_or(0), version.next().unwrap_or(0)) >= (3, 5) {
+        anyhow::ensure!(
+            mirror
+                .syncer
+                .count_log_messages("source: gzip compression on (every member is etcd >= 3.5)")
+                == 1,
+            "gzip on over TLS"
+        );
+    }
     mirror.finish().await
 }
 

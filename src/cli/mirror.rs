@@ -263,6 +263,12 @@ async fn detect_versions(source: &Cluster, dest: &Cluster) -> Quirks {
         workarounds = ?quirks.describe(),
         "etcd versions detected."
     );
+    for side in [Side::Source, Side::Destination] {
+        if let Some(decision) = crate::etcd::compress::decision(side) {
+            let on_off = if decision.on { "on" } else { "off" };
+            info!(side = %side, compression = on_off, "{side}: gzip compression {on_off} ({})", decision.why);
+        }
+    }
     quirks
 }
 

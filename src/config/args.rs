@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use super::settings::{LeaseMode, DEFAULT_META_PREFIX, DEFAULT_METRICS_ADDR};
+use super::settings::{Compression, LeaseMode, DEFAULT_META_PREFIX, DEFAULT_METRICS_ADDR};
 use super::table::{LimitFlags, MetaFlags, RunFlags};
 use crate::model::Side;
 use crate::telemetry::LogFormat;
@@ -464,6 +464,7 @@ pub struct ClusterFlags {
     pub key: Option<PathBuf>,
     pub user: Option<String>,
     pub password: Option<String>,
+    pub compression: Option<Compression>,
 }
 
 macro_rules! cluster_args {
@@ -478,6 +479,8 @@ macro_rules! cluster_args {
             // The cluster as help texts name it: "source" or "destination".
             cluster: $cluster:literal,
             endpoints_help: $endpoints_help:expr,
+            // The default of --<flag>-compression, as help shows it.
+            compression_default: $compression_default:literal,
             fields: [
                 $endpoints:ident,
                 $groups:ident,
@@ -485,7 +488,8 @@ macro_rules! cluster_args {
                 $cert:ident,
                 $key:ident,
                 $user:ident,
-                $password:ident $(,)?
+                $password:ident,
+                $compression:ident $(,)?
             ] $(,)?
         }
     ) => {
@@ -545,6 +549,14 @@ macro_rules! cluster_args {
                 help = concat!("Password of --", $flag, "-user")
             )]
             pub $password: Option<String>,
+            #[doc = concat!("gzip on the link to the ", $cluster, ": auto (on if every endpoint runs etcd >= 3.5), gzip, or off. Default: ", $compression_default, ".")]
+            #[arg(
+                long,
+                value_enum,
+                env = concat!("ETCD_SYNCER_", $env, "_COMPRESSION"),
+                help = concat!("gzip on the link to the ", $cluster, ": auto (on if every endpoint runs etcd >= 3.5; etcd 3.4 refuses gzip), gzip, or off [default: ", $compression_default, "]")
+            )]
+            pub $compression: Option<Compression>,
         }
 
         impl $name {
@@ -559,6 +571,7 @@ macro_rules! cluster_args {
                     key: self.$key,
                     user: self.$user,
                     password: self.$password,
+                    compression: self.$compression,
                 }
             }
         }
@@ -573,7 +586,8 @@ cluster_args! {
         env: "SRC",
         cluster: "source",
         endpoints_help: "Source cluster endpoints, comma separated (http://host:port or https://host:port)",
-        fields: [src_endpoints, src_endpoint_groups, src_cacert, src_cert, src_key, src_user, src_password],
+        compression_default: "auto",
+        fields: [src_endpoints, src_endpoint_groups, src_cacert, src_cert, src_key, src_user, src_password, src_compression],
     }
 }
 
@@ -585,6 +599,7 @@ cluster_args! {
         env: "DST",
         cluster: "destination",
         endpoints_help: "Destination cluster endpoints, comma separated",
-        fields: [dst_endpoints, dst_endpoint_groups, dst_cacert, dst_cert, dst_key, dst_user, dst_password],
+        compression_default: "off",
+        fields: [dst_endpoints, dst_endpoint_groups, dst_cacert, dst_cert, dst_key, dst_user, dst_password, dst_compression],
     }
 }

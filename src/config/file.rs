@@ -23,6 +23,7 @@ pub struct FileCluster {
     pub password: Option<String>,
     /// Read the password from a file (a mounted Secret), trailing newline trimmed.
     pub password_file: Option<PathBuf>,
+    pub compression: Option<super::settings::Compression>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

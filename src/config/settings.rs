@@ -85,6 +85,42 @@ pub struct ClusterSettings {
     pub credentials: Option<Credentials>,
     /// Where the password was read from, re-read when it changes.
     pub password_file: Option<PathBuf>,
+    /// gzip on this side's gRPC link.
+    pub compression: Compression,
+}
+
+/// `--src-compression` / `--dst-compression`: gzip on a side's gRPC link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+// Plain comments on the variants: doc comments would become clap's
+// per-value help and switch every subcommand's `--help` to the long layout.
+pub enum Compression {
+    // gzip if every member of the endpoint group runs etcd 3.5 or later
+    // (etcd 3.4 refuses compressed requests), else off.
+    Auto,
+    // Always gzip: etcd before 3.5 then refuses every request.
+    Gzip,
+    // Never compress.
+    Off,
+}
+
+impl Compression {
+    /// The source link is the one that crosses a WAN; the destination is
+    /// usually near, where compressing only costs CPU.
+    pub fn default_for(side: Side) -> Compression {
+        match side {
+            Side::Source => Compression::Auto,
+            Side::Destination => Compression::Off,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Compression::Auto => "auto",
+            Compression::Gzip => "gzip",
+            Compression::Off => "off",
+        }
+    }
 }
 
 /// The group name of `--src-endpoints` / `endpoints = [...]`.

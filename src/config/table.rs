@@ -689,7 +689,15 @@ mod tests {
         }
         for side in ["source", "destination"] {
             let section = table[side].as_table().expect("a section per side");
-            for key in ["cacert", "cert", "key", "user", "password", "password-file"] {
+            for key in [
+                "cacert",
+                "cert",
+                "key",
+                "user",
+                "password",
+                "password-file",
+                "compression",
+            ] {
                 assert!(section.contains_key(key), "{side}.{key} is not shown");
             }
         }
@@ -741,6 +749,7 @@ mod tests {
             tls: None,
             credentials: None,
             password_file: None,
+            compression: Compression::default_for(side),
         };
         let mut settings = Settings::skeleton(
             side(crate::model::Side::Source),

@@ -581,6 +581,10 @@ pub(super) fn cluster_settings(
         tls,
         credentials,
         password_file,
+        compression: flags
+            .compression
+            .or(file.compression)
+            .unwrap_or(Compression::default_for(side)),
     })
 }
 
@@ -1665,6 +1669,56 @@ mod tests {
             panic!("parsed as another command")
         };
         args.merge(toml::from_str(text).expect("toml"))
+    }
+
+    /// The source crosses the WAN (auto), the destination is near (off);
+    /// a flag wins over the file; a bad value names the flag and the
+    /// allowed values (clap's usage error, exit 2), or the file key.
+    #[test]
+    fn compression_per_side() {
+        let endpoints = [
+            "--src-endpoints",
+            "http://127.0.0.1:1",
+            "--dst-endpoints",
+            "http://127.0.0.1:2",
+        ];
+        let settings = with_file("", &endpoints).unwrap();
+        assert_eq!(settings.source.compression, Compression::Auto);
+        assert_eq!(settings.destination.compression, Compression::Off);
+
+        let flags = [
+            &endpoints[..],
+            &["--src-compression", "off", "--dst-compression", "gzip"],
+        ]
+        .concat();
+        let settings = with_file("", &flags).unwrap();
+        assert_eq!(settings.source.compression, Compression::Off);
+        assert_eq!(settings.destination.compression, Compression::Gzip);
+
+        let file = "[source]\nendpoints = [\"http://127.0.0.1:1\"]\ncompression = \"gzip\"\n\
+                    [destination]\nendpoints = [\"http://127.0.0.1:2\"]\ncompression = \"auto\"\n";
+        let settings = with_file(file, &[]).unwrap();
+        assert_eq!(settings.source.compression, Compression::Gzip);
+        assert_eq!(settings.destination.compression, Compression::Auto);
+        let settings = with_file(file, &["--src-compression", "off"]).unwrap();
+        assert_eq!(settings.source.compression, Compression::Off);
+
+        let error =
+            Cli::try_parse_from(["etcd-syncer", "mirror-plus", "--src-compression", "zstd"])
+                .expect_err("not a compression");
+        assert_eq!(error.exit_code(), 2);
+        let text = error.to_string();
+        assert!(text.contains("--src-compression"), "{text}");
+        assert!(text.contains("auto, gzip, off"), "{text}");
+
+        let error = toml::from_str::<FileConfig>("[source]\ncompression = \"zstd\"\n")
+            .expect_err("not a compression")
+            .to_string();
+        assert!(error.contains("compression"), "{error}");
+        assert!(
+            error.contains("`auto`, `gzip`, `off`") || error.contains("auto"),
+            "{error}"
+        );
     }
 
     #[test]

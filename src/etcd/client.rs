@@ -3,16 +3,18 @@
 //! every retry decision and the `errors_total{kind}` metric rely on.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
-use crate::config::ClusterSettings;
+use crate::config::{ClusterSettings, Compression};
 use crate::etcd::api::{
     Etcd, Header, LeaseKeeper, LeaseTtl, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
     WatchRequest, WatchStream,
 };
+use crate::etcd::compress::{self, GzipChannel};
 use crate::etcd::real::RealEtcd;
 use crate::etcd::rpctypes::{self, ServerError};
 use crate::model::Side;
@@ -82,7 +84,7 @@ pub fn classify(error: &etcd_client::Error) -> FailureKind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{side} cluster ({endpoints}): {operation} failed: {source}{hint}", hint = hint(*side, classify(source)))]
+    #[error("{side} cluster ({endpoints}): {operation} failed: {source}{hint}", hint = hint(*side, source))]
     Request {
         side: Side,
         endpoints: String,
@@ -105,9 +107,15 @@ pub enum ClientError {
     },
 }
 
-fn hint(side: Side, kind: FailureKind) -> String {
+fn hint(side: Side, source: &etcd_client::Error) -> String {
     let p = side.flag_prefix();
-    match kind {
+    // etcd 3.4 answers a gzip-compressed request Unimplemented.
+    if let etcd_client::Error::GRpcStatus(status) = source {
+        if status.code() == tonic::Code::Unimplemented && compress::in_use(side) {
+            return format!(" (etcd < 3.5 does not accept gzip: set --{p}-compression off)");
+        }
+    }
+    match classify(source) {
         FailureKind::Auth => format!(" (check --{p}-user/--{p}-password and that the user's role grants the prefix)"),
         FailureKind::Unavailable => format!(" (check --{p}-endpoints, the network path, and TLS settings)"),
         FailureKind::QuotaExceeded => " (the cluster's backend quota is full: compact and defragment it, or raise --quota-backend-bytes)".to_string(),
@@ -310,8 +318,9 @@ pub fn ensure_tls_provider() {
 }
 
 /// An `etcd-client` connection to one side: keepalives, token refresh, TLS
-/// files read with errors naming their flag, and the connect bounded by
-/// `request_timeout`. `operation` names the attempt in errors.
+/// files read with errors naming their flag, gzip as `--{p}-compression`
+/// says (for `auto`, after asking every member's version), and the connect
+/// bounded by `request_timeout`. `operation` names the attempt in errors.
 pub async fn connect_client(
     settings: &ClusterSettings,
     request_timeout: Duration,
@@ -319,6 +328,77 @@ pub async fn connect_client(
 ) -> Result<Client, ClientError> {
     ensure_tls_provider();
     let endpoints = settings.endpoints().join(",");
+    let options = connect_options(settings)?;
+    // `auto` connects with gzip off and turns it on once every member has
+    // said it runs etcd >= 3.5.
+    let gzip = Arc::new(AtomicBool::new(settings.compression == Compression::Gzip));
+    let connect = async {
+        match settings.compression {
+            Compression::Off => {
+                Client::connect(settings.endpoints().to_vec(), Some(options.clone())).await
+            }
+            Compression::Auto | Compression::Gzip => {
+                Client::connect_with_balanced_channel(
+                    settings.endpoints().to_vec(),
+                    Some(options.clone()),
+                    GzipChannel { on: gzip.clone() },
+                )
+                .await
+            }
+        }
+    };
+    let client = match tokio::time::timeout(request_timeout, connect).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(source)) => {
+            return Err(ClientError::Request {
+                side: settings.side,
+                endpoints,
+                operation,
+                source,
+            })
+        }
+        Err(_) => {
+            return Err(ClientError::Timeout {
+                side: settings.side,
+                endpoints,
+                operation,
+                timeout: request_timeout,
+            })
+        }
+    };
+    let p = settings.side.flag_prefix();
+    let (on, why) = match settings.compression {
+        Compression::Off => (false, format!("--{p}-compression off")),
+        Compression::Gzip => (true, format!("--{p}-compression gzip")),
+        Compression::Auto => {
+            match every_member_takes_gzip(settings, &client, &options, request_timeout).await {
+                Ok(()) => (true, "every member is etcd >= 3.5".to_string()),
+                Err(why) => (false, why),
+            }
+        }
+    };
+    gzip.store(on, Ordering::Relaxed);
+    let on_off = if on { "on" } else { "off" };
+    let previous = compress::record(
+        settings.side,
+        compress::Decision {
+            on,
+            why: why.clone(),
+        },
+    );
+    // The first decision is logged by whoever reports the connection (the
+    // mirror, with the versions); a later connect that decides otherwise
+    // (an upgrade, another group) is news.
+    if previous.is_some_and(|p| p.on != on) {
+        tracing::info!(side = %settings.side, compression = on_off, "{}: gzip compression {on_off} ({why})", settings.side);
+    } else {
+        tracing::debug!(side = %settings.side, compression = on_off, "{}: gzip compression {on_off} ({why})", settings.side);
+    }
+    Ok(client)
+}
+
+/// Keepalives, token refresh, and TLS files read with errors naming their flag.
+fn connect_options(settings: &ClusterSettings) -> Result<ConnectOptions, ClientError> {
     let mut options = ConnectOptions::new()
         .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
         // Pings without an open stream trip etcd's too_many_pings policy.
@@ -348,27 +428,50 @@ pub async fn connect_client(
         }
         options = options.with_tls(tls);
     }
-    let connect = Client::connect(settings.endpoints().to_vec(), Some(options));
-    let client = match tokio::time::timeout(request_timeout, connect).await {
-        Ok(Ok(client)) => client,
-        Ok(Err(source)) => {
-            return Err(ClientError::Request {
-                side: settings.side,
-                endpoints,
-                operation,
-                source,
-            })
-        }
-        Err(_) => {
-            return Err(ClientError::Timeout {
-                side: settings.side,
-                endpoints,
-                operation,
-                timeout: request_timeout,
-            })
+    Ok(options)
+}
+
+/// `auto`: Ok if every endpoint of the group answers a Status with etcd >=
+/// 3.5 (3.4 refuses gzip-compressed requests); else why not. A group of
+/// one asks through `client` itself (its gzip still off); a larger one asks
+/// each endpoint on a connection of its own, all at once, since the
+/// balanced channel picks the member. An endpoint that does not answer
+/// counts as no: it may be a 3.4 that comes back.
+async fn every_member_takes_gzip(
+    settings: &ClusterSettings,
+    client: &Client,
+    options: &ConnectOptions,
+    timeout: Duration,
+) -> Result<(), String> {
+    let ask = |endpoint: String| async move {
+        let status = async {
+            let mut client = match settings.endpoints() {
+                [_] => client.clone(),
+                _ => Client::connect(vec![endpoint.clone()], Some(options.clone())).await?,
+            };
+            client.status().await
+        };
+        let version = match tokio::time::timeout(timeout, status).await {
+            Ok(Ok(status)) => status.version().to_string(),
+            Ok(Err(error)) => {
+                return Err(format!(
+                    "member {endpoint} did not answer the version probe: {error}"
+                ))
+            }
+            Err(_) => {
+                return Err(format!(
+                    "member {endpoint} did not answer the version probe within {timeout:?}"
+                ))
+            }
+        };
+        match compress::parse_version(&version) {
+            Some(v) if v >= compress::FIRST_GZIP_VERSION => Ok(()),
+            Some(_) => Err(format!("member {endpoint} runs {version}")),
+            None => Err(format!("member {endpoint} reports version {version:?}")),
         }
     };
-    Ok(client)
+    let answers = futures::future::join_all(settings.endpoints().iter().cloned().map(ask)).await;
+    answers.into_iter().collect()
 }
 
 /// Runs `request` under `timeout`; an error or the deadline names the side,

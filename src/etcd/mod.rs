@@ -5,6 +5,7 @@
 //! - [`real`]: the backend over `etcd-client`.
 //! - [`memory`]: the in-memory etcd model (for the simulator and tests).
 //! - [`client`]: [`Cluster`], deadlines, error classification.
+//! - [`compress`]: gzip on the gRPC link, under `etcd-client`'s channel.
 //! - [`rpctypes`]: etcd's server errors as types (the one place a status
 //!   is told apart by its description, as etcd's own client does).
 //! - [`routes`]: endpoint-group failover and reconnects on rotated TLS
@@ -17,6 +18,7 @@
 pub mod api;
 pub mod auth;
 pub mod client;
+pub mod compress;
 pub mod memory;
 pub mod meta;
 pub mod pager;
