@@ -1634,6 +1634,12 @@ fn render_targets(targets: &[Target]) -> Result<String> {
          target is not met, \"Performance at the destination's limit\" and \"Leased full sync: where the time goes\" \
          below name the bottleneck with its evidence.\n"
     )?;
+    write_target_rows(&mut out, targets)?;
+    Ok(out)
+}
+
+/// A table of targets, each next to its reference from the same run.
+fn write_target_rows(out: &mut String, targets: &[Target]) -> Result<()> {
     writeln!(
         out,
         "| measure | reference in the same run | target | result | met |"
@@ -1650,7 +1656,7 @@ fn render_targets(targets: &[Target]) -> Result<String> {
             if t.met { "yes" } else { "**no**" }
         )?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The load's rate against a fresh source with nothing else running: the
@@ -3188,21 +3194,7 @@ async fn many_jobs_section() -> Result<(String, Vec<Target>)> {
         LOCK_TTL.as_secs(),
         JOBS_SAMPLE.as_secs(),
     )?;
-    writeln!(
-        out,
-        "| measure | reference | target | result | met |\n|---|---|---|---|---|"
-    )?;
-    for t in &targets {
-        writeln!(
-            out,
-            "| {} | {} | {} | {} | {} |",
-            t.measure,
-            t.reference,
-            t.target,
-            t.result,
-            if t.met { "yes" } else { "**no**" }
-        )?;
-    }
+    write_target_rows(&mut out, &targets)?;
     writeln!(
         out,
         "\nThe source without the syncer held {connections_alone} connections (the bench's own clients); the three replicas added {connections_three}. Jobs led per replica after the start (r0, r1, r2):\n"
