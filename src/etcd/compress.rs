@@ -563,8 +563,23 @@ mod tests {
         };
         let mut codec = Transcoder::new(Direction::Decompress { limit: 9_999 });
         assert_eq!(
-            codec.feed(framed(&[message]).as_slice()),
+            codec.feed(framed(std::slice::from_ref(&message)).as_slice()),
             Err(CodecError::TooLarge(9_999))
+        );
+        // Exactly at the limit is allowed, as tonic allows it.
+        let mut codec = Transcoder::new(Direction::Decompress { limit: 10_000 });
+        let back = codec
+            .feed(framed(&[message]).as_slice())
+            .expect("at the limit");
+        assert_eq!(messages_of(&back)[0].payload.len(), 10_000);
+        // Refused as tonic refuses an oversized message; anything else is internal.
+        assert_eq!(
+            Status::from(CodecError::TooLarge(1)).code(),
+            tonic::Code::ResourceExhausted
+        );
+        assert_eq!(
+            Status::from(CodecError::Truncated(1)).code(),
+            tonic::Code::Internal
         );
     }
 
@@ -626,10 +641,10 @@ mod tests {
         let inner = TonicBody::new(http_body_util::StreamBody::new(futures::stream::iter(
             frames,
         )));
-        let collected = Transcoded::new(inner, Direction::Compress)
-            .collect()
-            .await
-            .expect("body");
+        let body = Transcoded::new(inner, Direction::Compress);
+        // Not ended before it is read: h2 would send the request without it.
+        assert!(!body.is_end_stream());
+        let collected = body.collect().await.expect("body");
         assert_eq!(collected.trailers(), Some(&trailers));
         let on_wire = messages_of(&collected.to_bytes());
         assert_eq!(on_wire.len(), 1);
