@@ -3293,15 +3293,7 @@ async fn zk2etcd_full_sync(
     })
     .await?;
     let elapsed = started.elapsed();
-    let written = dest
-        .client()
-        .await?
-        .get(
-            root,
-            Some(GetOptions::new().with_prefix().with_count_only()),
-        )
-        .await?
-        .count();
+    let written = count_under(&dest, root).await?;
     // The root node is a key too.
     anyhow::ensure!(
         written as usize == nodes + nodes.div_ceil(1_000) + 1,
